@@ -1,0 +1,67 @@
+"""layerzero: one call per operation, the fastest correct kernel on this machine.
+
+    import layerzero as lz
+    out = lz.attention(q, k, v, is_causal=True)
+    y = lz.rms_norm(x, weight)
+    print(lz.explain(q, k, v, operation="attention.causal"))
+
+Selection, policy, dispatch, tuning and telemetry all share one runtime
+(:func:`layerzero.runtime.get_runtime`).
+"""
+
+from __future__ import annotations
+
+from layerzero.context import SelectionContext
+from layerzero.errors import (
+    AllKernelsFailedError,
+    CaptureError,
+    ConditionError,
+    ConfigError,
+    InvalidInputError,
+    KernelExecutionError,
+    KernelNotFoundError,
+    KernelNotSupportedError,
+    LayerZeroError,
+    NoKernelError,
+    PerfDBError,
+    PlanMismatchError,
+    PolicyError,
+    SelectionDivergenceError,
+)
+from layerzero.registry import (
+    BackendRegistry,
+    KernelRegistry,
+    get_global_backend_registry,
+    get_global_kernel_registry,
+    register_kernel,
+)
+from layerzero.spec import KernelSpec, Reason, ReasonCode
+from layerzero.ops import attention, gelu, layer_norm, rms_norm, rope, sample, silu, swiglu
+from layerzero.inspection import Explanation, explain, explain_context, list_kernels, select, validate, which
+from layerzero.policy.api import configure, disabled, enabled, lock, prefer, unlock
+from layerzero.doctor import doctor, readiness_check
+from layerzero.runtime import get_runtime
+from layerzero.backends import load_builtin_backends as _load_builtin_backends
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    # operations
+    "attention", "rms_norm", "layer_norm", "rope", "swiglu", "gelu", "silu", "sample",
+    # inspection
+    "explain", "explain_context", "which", "select", "list_kernels", "validate", "Explanation",
+    # policy
+    "lock", "unlock", "prefer", "disabled", "enabled", "configure",
+    # system
+    "doctor", "readiness_check", "get_runtime",
+    # kernels and registries
+    "KernelSpec", "Reason", "ReasonCode", "SelectionContext", "KernelRegistry", "BackendRegistry",
+    "get_global_kernel_registry", "get_global_backend_registry", "register_kernel",
+    # errors
+    "LayerZeroError", "InvalidInputError", "NoKernelError", "KernelNotFoundError", "KernelNotSupportedError",
+    "KernelExecutionError", "AllKernelsFailedError", "ConfigError", "PolicyError", "ConditionError",
+    "PlanMismatchError", "CaptureError", "SelectionDivergenceError", "PerfDBError",
+]
+
+_load_builtin_backends(get_global_kernel_registry(), get_global_backend_registry())

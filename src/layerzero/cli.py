@@ -1,0 +1,57 @@
+"""The ``layerzero`` command line (click).
+
+Subcommands live beside the code they drive; this module wires them together.
+Every command takes ``--json`` for machine-readable output. Exit codes: 0 ok,
+1 a check failed (invalid config, a failed budget), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+__all__ = ["main", "cli"]
+
+
+def emit(data: Any, as_json: bool, text: str | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(text if text is not None else str(data))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="layerzero")
+def cli() -> None:
+    """layerzero: kernel orchestration for PyTorch."""
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def doctor(as_json: bool) -> None:
+    """Devices, backends and versions, and which kernels can run here (and why not)."""
+    import layerzero as lz
+
+    report = lz.doctor()
+    emit(report.to_dict(), as_json, str(report))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="layerzero", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code or 0)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

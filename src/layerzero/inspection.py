@@ -1,0 +1,195 @@
+"""Inspection: ``lz.explain``, ``lz.which``, ``lz.select``, ``lz.list_kernels``, ``lz.validate``.
+
+``explain`` answers "which kernel runs for these inputs, and why": the
+selected kernel and its score, whether the plan is already cached, every
+candidate's rejection reasons, the policy rules that fired, and the measured
+times used (with where they came from).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from layerzero.context import SelectionContext
+from layerzero.errors import InvalidInputError, NoKernelError
+from layerzero.ops import op_for
+from layerzero.runtime import get_runtime
+from layerzero.selection.engine import CandidateDecision, Selection, format_context
+from layerzero.spec import KernelSpec, Reason
+
+__all__ = ["Explanation", "explain", "explain_context", "which", "select", "list_kernels", "validate",
+           "args_for", "cache_key"]
+
+
+@dataclass
+class Explanation:
+    """The answer of :func:`explain`. ``str(explanation)`` is a readable report."""
+
+    operation: str
+    context: SelectionContext
+    selected_kernel: str | None
+    score: float | None
+    cached: bool
+    candidates: list[tuple[str, float | None]]
+    rejection_reasons: dict[str, list[Reason]]
+    rules_fired: list[str]
+    locked_by: str | None
+    trace: list[CandidateDecision] = field(default_factory=list)
+    policy_digest: str = ""
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "operation": self.operation, "context": self.context.to_dict(), "selected_kernel": self.selected_kernel,
+            "score": self.score, "cached": self.cached,
+            "candidates": [{"kernel_id": k, "score": s} for k, s in self.candidates],
+            "rejection_reasons": {k: [r.to_dict() for r in v] for k, v in self.rejection_reasons.items()},
+            "rules_fired": self.rules_fired, "locked_by": self.locked_by, "policy_digest": self.policy_digest,
+            "trace": [d.to_dict() for d in self.trace], "error": self.error,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"layerzero: {format_context(self.operation, self.context)}"]
+        if self.selected_kernel is None:
+            lines.append(f"  no kernel selected: {self.error}")
+        else:
+            lines.append(f"  selected: {self.selected_kernel} (score {self.score:g}"
+                         f"{', cached plan' if self.cached else ', not cached yet'})")
+        if self.locked_by:
+            lines.append(f"  locked by: {self.locked_by}")
+        if self.candidates:
+            lines.append("  ranked candidates:")
+            for d in self.trace:
+                if d.accepted:
+                    timing = ""
+                    if d.measured_us is not None:
+                        timing = f", measured {d.measured_us:.2f} us +/- {d.measured_spread_us or 0:.2f} ({d.measured_source})"
+                    lines.append(f"    {d.rank + 1 if d.rank is not None else '-'}. {d.kernel_id} "
+                                 f"(score {d.score:g}{timing})")
+        if self.rejection_reasons:
+            lines.append("  rejected:")
+            for kid, reasons in self.rejection_reasons.items():
+                lines.append(f"    {kid}: " + "; ".join(f"{r.message} [{r.code}]" for r in reasons))
+        if self.rules_fired:
+            lines.append("  policy rules that fired:")
+            lines.extend(f"    {r}" for r in self.rules_fired)
+        return "\n".join(lines)
+
+
+def args_for(operation: str, tensors: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Canonical kernel arguments for ``operation`` from positional tensors and keyword options."""
+    op = op_for(operation)
+    kw = dict(kwargs)
+    layout = kw.pop("layout", "BHSD")
+    inputs = dict(zip(op.arg_names, tensors, strict=False))
+    if op.family == "attention" and layout == "BSHD":
+        inputs = {k: (v.transpose(1, 2) if isinstance(v, torch.Tensor) and k in ("q", "k", "v") else v)
+                  for k, v in inputs.items()}
+    if operation == "attention.causal":
+        kw["is_causal"] = True
+    return op.args_from_inputs(operation, inputs, kw)
+
+
+def cache_key(operation: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The key the operation's hot path would use for ``args`` (mirrors ``layerzero/ops``)."""
+    family = operation.split(".", 1)[0]
+    a = args
+    if family == "attention":
+        q, k, v, mask, is_causal, dropout_p, scale, window = a
+        return (operation, q.shape, k.shape, q.dtype, q.device, is_causal, dropout_p, window,
+                None if mask is None else (mask.shape, mask.dtype))
+    if family == "rms_norm":
+        return ("rms_norm", a[0].shape, a[0].dtype, a[0].device, a[1] is None)
+    if family == "layer_norm":
+        return ("layer_norm", a[0].shape, a[0].dtype, a[0].device, a[1] is None, a[2] is None)
+    if family == "rope":
+        return ("rope", a[0].shape, a[0].dtype, a[0].device, a[1].shape, a[3])
+    if family in ("swiglu", "silu"):
+        return (family, a[0].shape, a[0].dtype, a[0].device)
+    if family == "gelu":
+        return ("gelu", a[0].shape, a[0].dtype, a[0].device, a[1])
+    if family == "sample":
+        return (operation, a[0].shape, a[0].dtype, a[0].device)
+    return None
+
+
+def _explanation(operation: str, ctx: SelectionContext, cached: bool) -> Explanation:
+    rt = get_runtime()
+    try:
+        sel = rt.select(operation, ctx)
+    except NoKernelError as err:
+        return Explanation(operation, ctx, None, None, cached, [], err.rejections, [], None, [], "", str(err))
+    return _from_selection(sel, cached)
+
+
+def _from_selection(sel: Selection, cached: bool) -> Explanation:
+    top = sel.decision(sel.selected.kernel_id)
+    fired = sorted({r for d in sel.trace for r in d.rules})
+    return Explanation(sel.operation, sel.context, sel.selected.kernel_id, top.score if top else None, cached,
+                       [(d.kernel_id, d.score) for d in sel.trace if d.accepted], sel.rejections, fired,
+                       sel.locked_by, list(sel.trace), sel.policy_digest)
+
+
+def explain(*tensors: Any, operation: str, **kwargs: Any) -> Explanation:
+    """Explain the decision for a call with these tensors (nothing is run or cached).
+
+    Example:
+        >>> print(lz.explain(q, k, v, operation="attention.causal"))
+        >>> lz.explain(x, w, operation="rms_norm").selected_kernel
+    """
+    args = args_for(operation, tensors, kwargs)
+    op = op_for(operation)
+    op.validate(operation, args)
+    ctx = op.context(operation, args)
+    rt = get_runtime()
+    key = cache_key(operation, args)
+    scope_plans = rt.current_policy() is not rt.policy.policy
+    cached = key is not None and not scope_plans and key in rt.plans.data
+    return _explanation(operation, ctx, cached)
+
+
+def explain_context(operation: str, context: SelectionContext) -> Explanation:
+    """Explain the decision for an explicit context (for example a CUDA context on a CPU machine)."""
+    op_for(operation)
+    return _explanation(operation, context, False)
+
+
+def which(operation: str, *tensors: Any, **kwargs: Any) -> str:
+    """The kernel id that would run ``operation`` for these tensors.
+
+    Example:
+        >>> lz.which("attention.causal", q, k, v)
+        'torch_sdpa'
+    """
+    exp = explain(*tensors, operation=operation, **kwargs)
+    if exp.selected_kernel is None:
+        raise NoKernelError(exp.error or f"no kernel for {operation}", operation=operation,
+                            rejections=exp.rejection_reasons)
+    return exp.selected_kernel
+
+
+def select(operation: str, context: SelectionContext) -> Selection:
+    """Run selection for an explicit context: ``.selected``, ``.ranked``, ``.trace``, ``.rejections``."""
+    if not isinstance(context, SelectionContext):
+        raise InvalidInputError(f"select(): context must be a SelectionContext, got {type(context).__name__}")
+    return get_runtime().select(operation, context)
+
+
+def list_kernels(pattern: str = "*") -> list[KernelSpec]:
+    """Registered kernels whose id or operation matches the glob ``pattern``."""
+    return get_runtime().kernels.match(pattern)
+
+
+def validate(kernel_id: str, context: SelectionContext) -> tuple[bool, list[Reason]]:
+    """Can ``kernel_id`` run ``context``? ``(ok, reasons)``; availability and constraints, not policy."""
+    rt = get_runtime()
+    spec = rt.kernels.get(kernel_id)
+    reasons: list[Reason] = []
+    unavailable = rt.backends.unavailable_reason(spec.backend)
+    if unavailable is not None:
+        reasons.append(unavailable)
+    reasons.extend(spec.check(context))
+    return (not reasons, reasons)

@@ -1,0 +1,48 @@
+"""Public operations (``lz.attention``, ``lz.rms_norm``, ...) and their op definitions.
+
+Each operation validates nothing on a cache hit: it builds a key from tensor
+metadata, reads the plan from the runtime's cache and calls it. Validation,
+context building and selection run on a miss (``Runtime.miss``).
+"""
+
+from __future__ import annotations
+
+from layerzero.errors import InvalidInputError
+from layerzero.ops.attention import ATTENTION, attention
+from layerzero.ops.base import OpDef
+from layerzero.ops.elementwise import GELU, ROPE, SILU, SWIGLU, gelu, rope, silu, swiglu
+from layerzero.ops.norms import LAYER_NORM, RMS_NORM, layer_norm, rms_norm
+from layerzero.ops.sampling import SAMPLE, sample
+
+__all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "gelu", "silu", "sample", "OPS", "op_for",
+           "OpDef", "OPERATIONS"]
+
+OPS: dict[str, OpDef] = {
+    "attention": ATTENTION,
+    "rms_norm": RMS_NORM,
+    "layer_norm": LAYER_NORM,
+    "rope": ROPE,
+    "swiglu": SWIGLU,
+    "gelu": GELU,
+    "silu": SILU,
+    "sample": SAMPLE,
+}
+
+# Operation names with built-in meaning (kernels may serve a family prefix of these).
+OPERATIONS: tuple[str, ...] = (
+    "attention.causal", "attention.full", "attention.cross", "attention.decode", "attention.prefill",
+    "attention.sliding_window", "rms_norm", "layer_norm", "rope", "swiglu", "gelu", "silu",
+    "sample.greedy", "sample.temperature", "sample.top_k", "sample.top_p",
+)
+
+
+def op_for(operation: str) -> OpDef:
+    """The op definition serving ``operation`` (by its family, the part before the first dot)."""
+    if not isinstance(operation, str):
+        raise InvalidInputError(f"operation must be a string, got {type(operation).__name__}")
+    family = operation.split(".", 1)[0]
+    op = OPS.get(family)
+    if op is None:
+        raise InvalidInputError(f"unknown operation {operation!r}; operations have these families: "
+                                f"{', '.join(sorted(OPS))}")
+    return op

@@ -1,0 +1,213 @@
+"""``lz.attention``: scaled dot-product attention with kernel selection.
+
+Kernels of the ``attention`` family are called with the canonical arguments
+``(q, k, v, attn_mask, is_causal, dropout_p, scale, window)`` in BHSD layout
+(batch, heads, sequence, head_dim); BSHD inputs are handed over as transposed
+views and the output is transposed back, so it comes back in the caller's
+layout. ``is_causal`` means what it means in
+``F.scaled_dot_product_attention``: upper-left aligned when Sq != Sk.
+``window`` (sliding-window attention) lets each query see the ``window`` most
+recent keys up to its own position (causal).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from layerzero.context import SelectionContext
+from layerzero.ops._shared import window_mask
+from layerzero.ops.base import OpDef, pick
+from layerzero.policy.scope import SCOPE
+from layerzero.runtime import get_runtime
+
+__all__ = ["attention", "ATTENTION", "AttentionOp", "attention_reference", "window_mask"]
+
+_LAYOUTS = ("BHSD", "BSHD")
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                        is_causal: bool = False, dropout_p: float = 0.0, scale: float | None = None,
+                        window: int | None = None) -> torch.Tensor:
+    """Float64 reference in BHSD (no dropout): softmax(q k^T * scale + mask) v, GQA by head repetition."""
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq != hkv:
+        k64 = k64.repeat_interleave(hq // hkv, dim=1)
+        v64 = v64.repeat_interleave(hq // hkv, dim=1)
+    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q64 @ k64.transpose(-2, -1)) * s
+    keep = window_mask(q.shape[2], k.shape[2], window, is_causal, q.device)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.double()
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows give 0, like SDPA's math kernel on new torch
+    return probs @ v64
+
+
+class AttentionOp(OpDef):
+    family = "attention"
+    arg_names = ("q", "k", "v", "attn_mask", "is_causal", "dropout_p", "scale", "window")
+
+    def validate(self, operation: str, args: tuple[Any, ...]) -> None:
+        q, k, v, mask, is_causal, dropout_p, scale, window = args
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise self.invalid(operation, f"{name} must be a torch.Tensor, got {type(t).__name__}", args)
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 4:
+                raise self.invalid(operation, f"{name} must be 4-D (batch, heads, seq, head_dim), got {t.dim()}-D", args)
+        if not (q.dtype == k.dtype == v.dtype):
+            raise self.invalid(operation, f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}", args)
+        if not q.is_floating_point():
+            raise self.invalid(operation, f"attention needs floating-point inputs, got {q.dtype}", args)
+        if not (q.device == k.device == v.device):
+            raise self.invalid(operation, f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}", args)
+        b, hq, sq, d = q.shape
+        bk, hkv, sk, dk = k.shape
+        bv, hv, sv, dv = v.shape
+        if dk != d:
+            raise self.invalid(operation, f"q and k head dims differ: {d} vs {dk}", args)
+        if not (b == bk == bv):
+            raise self.invalid(operation, f"batch sizes differ: q={b}, k={bk}, v={bv}", args)
+        if hkv != hv or sk != sv:
+            raise self.invalid(operation, f"k and v must agree on heads and sequence length, got {tuple(k.shape)} "
+                                          f"and {tuple(v.shape)} (BHSD)", args)
+        if hkv == 0 or hq % hkv:
+            raise self.invalid(operation, f"query heads ({hq}) must be divisible by key/value heads ({hkv}) "
+                                          "for grouped-query attention", args)
+        if d == 0 or sq == 0 or sk == 0 or b == 0:
+            raise self.invalid(operation, "empty attention inputs (a zero-sized dimension)", args)
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise self.invalid(operation, f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}", args)
+            if mask.device != q.device:
+                raise self.invalid(operation, f"attn_mask is on {mask.device}, q on {q.device}", args)
+            if mask.dtype != torch.bool and mask.dtype != q.dtype:
+                raise self.invalid(operation, f"attn_mask must be bool or {q.dtype}, got {mask.dtype}", args)
+            try:
+                torch.broadcast_shapes(tuple(mask.shape), (b, hq, sq, sk))
+            except RuntimeError:
+                raise self.invalid(operation, f"attn_mask of shape {tuple(mask.shape)} does not broadcast to "
+                                              f"(batch, heads, seq_q, seq_k)=({b}, {hq}, {sq}, {sk})", args) from None
+        if not isinstance(is_causal, bool):
+            raise self.invalid(operation, f"is_causal must be a bool, got {type(is_causal).__name__}", args)
+        if mask is not None and is_causal:
+            raise self.invalid(operation, "attn_mask and is_causal=True cannot be combined (as in SDPA)", args)
+        if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0 or math.isnan(dropout_p):
+            raise self.invalid(operation, f"dropout_p must be in [0, 1), got {dropout_p!r}", args)
+        if scale is not None and (not isinstance(scale, (int, float)) or math.isnan(scale) or isinstance(scale, bool)):
+            raise self.invalid(operation, f"scale must be a number or None, got {scale!r}", args)
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            raise self.invalid(operation, f"window must be a positive int or None, got {window!r}", args)
+
+    def context(self, operation: str, args: tuple[Any, ...]) -> SelectionContext:
+        q, k, v, mask, is_causal, dropout_p, scale, window = args
+        return SelectionContext.from_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                                               scale=scale, layout="BHSD", window=window)
+
+    def check_output(self, operation: str, args: tuple[Any, ...], out: Any) -> str | None:
+        q, v = args[0], args[2]
+        return self.output_meta_check(operation, out, (*q.shape[:3], v.shape[-1]), q.dtype, q.device)
+
+    def reference(self, operation: str, args: tuple[Any, ...]) -> torch.Tensor:
+        return attention_reference(*args)
+
+    def make_inputs(self, operation: str, ctx: SelectionContext, generator: torch.Generator | None = None
+                    ) -> tuple[Any, ...]:
+        b = ctx.batch_size or 1
+        hq = ctx.num_heads or 8
+        hkv = ctx.num_kv_heads or hq
+        sq = ctx.seq_len_q or 16
+        sk = ctx.seq_len_k or sq
+        d = ctx.head_dim or 64
+        dv = ctx.head_dim_v or d
+        kw = dict(device=ctx.device, dtype=ctx.dtype or torch.float32, generator=generator)
+        q = torch.randn(b, hq, sq, d, **kw)
+        k = torch.randn(b, hkv, sk, d, **kw)
+        v = torch.randn(b, hkv, sk, dv, **kw)
+        mask = None
+        if ctx.mask_kind == "bool":
+            mask = torch.rand(sq, sk, device=ctx.device, generator=generator) > 0.2
+            mask[:, 0] = True
+        elif ctx.mask_kind == "additive":
+            mask = torch.randn(sq, sk, device=ctx.device, generator=generator).to(kw["dtype"])
+        is_causal = ctx.is_causal or operation == "attention.causal"
+        return (q, k, v, mask, is_causal, ctx.dropout_p, ctx.scale, ctx.window)
+
+    def args_from_inputs(self, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]
+                         ) -> tuple[Any, ...]:
+        merged = {**inputs, **kwargs}
+        q = pick(merged, "query", "q", operation=operation)
+        k = pick(merged, "key", "k", operation=operation)
+        v = pick(merged, "value", "v", operation=operation)
+        mask = pick(merged, "attn_mask", "mask", default=None)
+        is_causal = bool(merged.get("is_causal", False)) or operation.endswith(".causal")
+        return (q, k, v, mask, is_causal, float(merged.get("dropout_p", 0.0)), merged.get("scale"),
+                merged.get("window"))
+
+    def sample_contexts(self, operation: str, device: str = "cpu") -> list[SelectionContext]:
+        causal = operation.endswith("causal")
+        return [SelectionContext(device=device, dtype=torch.float32, batch_size=b, seq_len_q=sq, seq_len_k=sk,
+                                 num_heads=8, num_kv_heads=8, head_dim=64, is_causal=causal)
+                for b, sq, sk in ((1, 1, 128), (2, 64, 64), (4, 128, 128))]
+
+
+ATTENTION = AttentionOp()
+_RT = get_runtime()
+_OP_CAUSAL = "attention.causal"
+_OP_FULL = "attention.full"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+              is_causal: bool = False, dropout_p: float = 0.0, scale: float | None = None, layout: str = "BHSD",
+              window: int | None = None, operation: str | None = None) -> torch.Tensor:
+    """Scaled dot-product attention through the fastest correct kernel here.
+
+    Args:
+        q, k, v: ``(batch, heads, seq, head_dim)`` (``layout="BHSD"``, the default, as in
+            ``F.scaled_dot_product_attention``) or ``(batch, seq, heads, head_dim)`` (``"BSHD"``).
+            k and v may have fewer heads than q (GQA/MQA) when the query heads divide evenly.
+        attn_mask: boolean (True = attend) or additive float mask broadcastable to (B, H, Sq, Sk).
+        is_causal: causal mask, upper-left aligned when Sq != Sk (SDPA's meaning).
+        dropout_p: attention dropout probability (applied as SDPA does; use 0.0 for inference).
+        scale: softmax scale; ``1/sqrt(head_dim)`` when None.
+        layout: ``"BHSD"`` or ``"BSHD"``; the output comes back in the same layout.
+        window: sliding-window size (each query sees at most ``window`` keys ending at itself).
+        operation: override the operation name (``"attention.decode"``, ``"attention.prefill"``, ...);
+            ``attention.causal`` when ``is_causal`` else ``attention.full`` by default.
+
+    Example:
+        >>> out = lz.attention(q, k, v, is_causal=True)
+    """
+    if operation is None:
+        operation = _OP_CAUSAL if is_causal else _OP_FULL
+    elif operation == _OP_CAUSAL:
+        is_causal = True
+    bshd = layout == "BSHD"
+    try:
+        if bshd:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        elif layout != "BHSD":
+            raise ATTENTION.invalid(operation, f"layout must be one of {_LAYOUTS}, got {layout!r}", (q, k, v))
+        # ---- cached hot path: metadata key -> plan -> kernel ---------------------------------
+        key = (operation, q.shape, k.shape, q.dtype, q.device, is_causal, dropout_p, window,
+               None if attn_mask is None else (attn_mask.shape, attn_mask.dtype))
+        scope = SCOPE.get()
+        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
+    except AttributeError:  # a non-tensor argument: validation names it
+        plan = key = None
+    if plan is not None:
+        out = plan.run(q, k, v, attn_mask, is_causal, dropout_p, scale, window)
+    else:
+        out = _RT.miss(ATTENTION, operation, key, (q, k, v, attn_mask, is_causal, dropout_p, scale, window))
+    # ---------------------------------------------------------------------------------------
+    return out.transpose(1, 2) if bshd else out

@@ -1,0 +1,267 @@
+"""``lz.rope``, ``lz.swiglu``, ``lz.gelu``, ``lz.silu``: position encoding and activations.
+
+Canonical kernel arguments: rope ``(x, cos, sin, interleaved)``; swiglu
+``(gate, up)``; gelu ``(x, approximate)``; silu ``(x,)``.
+
+RoPE: ``x`` is ``(..., seq, head_dim)``; ``cos`` / ``sin`` broadcast against
+``x`` except in the last dimension, which is ``head_dim`` (HuggingFace's
+``cat(freqs, freqs)`` form) or ``head_dim // 2``. ``interleaved=False`` rotates
+halves (GPT-NeoX / Llama); ``interleaved=True`` rotates adjacent pairs (GPT-J).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from layerzero.context import SelectionContext
+from layerzero.ops._shared import half_cos_sin
+from layerzero.ops.base import OpDef, pick
+from layerzero.policy.scope import SCOPE
+from layerzero.runtime import get_runtime
+
+__all__ = ["rope", "swiglu", "gelu", "silu", "ROPE", "SWIGLU", "GELU", "SILU", "rope_reference", "half_cos_sin"]
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    x64 = x.double()
+    c, s = half_cos_sin(x, cos.double(), sin.double(), interleaved)
+    if interleaved:
+        x1, x2 = x64[..., 0::2], x64[..., 1::2]
+        o1 = x1 * c - x2 * s
+        o2 = x1 * s + x2 * c
+        return torch.stack((o1, o2), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    x1, x2 = x64[..., :half], x64[..., half:]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+class _UnaryLike(OpDef):
+    def _tensor(self, operation: str, args: tuple[Any, ...], name: str, t: Any) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise self.invalid(operation, f"{name} must be a torch.Tensor, got {type(t).__name__}", args)
+        if not t.is_floating_point():
+            raise self.invalid(operation, f"{name} must be floating point, got {t.dtype}", args)
+        return t
+
+    def context(self, operation: str, args: tuple[Any, ...]) -> SelectionContext:
+        x = args[0]
+        grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        return SelectionContext.from_rows(x, requires_grad=grad, **self._extra(args))
+
+    def _extra(self, args: tuple[Any, ...]) -> dict[str, Any]:
+        return {}
+
+    def check_output(self, operation: str, args: tuple[Any, ...], out: Any) -> str | None:
+        x = args[0]
+        return self.output_meta_check(operation, out, x.shape, x.dtype, x.device)
+
+    def sample_contexts(self, operation: str, device: str = "cpu") -> list[SelectionContext]:
+        return [SelectionContext(device=device, dtype=torch.float32, hidden_size=h, num_tokens=n, batch_size=n,
+                                 **self._ctx_extra())
+                for n, h in ((1, 4096), (16, 1024))]
+
+    def _ctx_extra(self) -> dict[str, Any]:
+        return {}
+
+
+class RopeOp(_UnaryLike):
+    family = "rope"
+    arg_names = ("x", "cos", "sin", "interleaved")
+
+    def validate(self, operation: str, args: tuple[Any, ...]) -> None:
+        x, cos, sin, interleaved = args
+        self._tensor(operation, args, "x", x)
+        self._tensor(operation, args, "cos", cos)
+        self._tensor(operation, args, "sin", sin)
+        d = x.shape[-1] if x.dim() else 0
+        if x.dim() < 2 or d == 0 or d % 2:
+            raise self.invalid(operation, f"x must be (..., seq, head_dim) with an even head_dim, got {tuple(x.shape)}", args)
+        if cos.shape != sin.shape:
+            raise self.invalid(operation, f"cos and sin shapes differ: {tuple(cos.shape)} vs {tuple(sin.shape)}", args)
+        if cos.shape[-1] not in (d, d // 2):
+            raise self.invalid(operation, f"cos/sin last dimension must be head_dim={d} or head_dim/2={d // 2}, "
+                                          f"got {cos.shape[-1]}", args)
+        try:
+            torch.broadcast_shapes(tuple(cos.shape[:-1]), tuple(x.shape[:-1]))
+        except RuntimeError:
+            raise self.invalid(operation, f"cos/sin of shape {tuple(cos.shape)} do not broadcast against "
+                                          f"x of shape {tuple(x.shape)}", args) from None
+        if cos.device != x.device or sin.device != x.device:
+            raise self.invalid(operation, f"cos/sin on {cos.device}, x on {x.device}", args)
+        if not isinstance(interleaved, bool):
+            raise self.invalid(operation, f"interleaved must be a bool, got {interleaved!r}", args)
+
+    def _extra(self, args: tuple[Any, ...]) -> dict[str, Any]:
+        return {"interleaved": bool(args[3]), "head_dim": args[0].shape[-1]}
+
+    def reference(self, operation: str, args: tuple[Any, ...]) -> torch.Tensor:
+        return rope_reference(*args)
+
+    def make_inputs(self, operation: str, ctx: SelectionContext, generator: torch.Generator | None = None
+                    ) -> tuple[Any, ...]:
+        kw = dict(device=ctx.device, dtype=ctx.dtype or torch.float32)
+        d = ctx.head_dim or ctx.hidden_size or 64
+        s = ctx.seq_len_q or ctx.num_tokens or 16
+        x = torch.randn(ctx.batch_size or 1, ctx.num_heads or 4, s, d, generator=generator, **kw)
+        pos = torch.arange(s, device=ctx.device, dtype=torch.float64).unsqueeze(-1)
+        inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=ctx.device, dtype=torch.float64) / d))
+        freqs = pos * inv
+        full = torch.cat((freqs, freqs), -1) if not ctx.interleaved else freqs.repeat_interleave(2, -1)
+        return (x, full.cos().to(kw["dtype"]), full.sin().to(kw["dtype"]), ctx.interleaved)
+
+    def args_from_inputs(self, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+        merged = {**inputs, **kwargs}
+        return (pick(merged, "x", "input", "q", operation=operation), pick(merged, "cos", operation=operation),
+                pick(merged, "sin", operation=operation), bool(merged.get("interleaved", False)))
+
+    def sample_contexts(self, operation: str, device: str = "cpu") -> list[SelectionContext]:
+        return [SelectionContext(device=device, dtype=torch.float32, head_dim=64, hidden_size=64, seq_len=s,
+                                 num_heads=4, batch_size=1, interleaved=il) for s in (1, 32) for il in (False, True)]
+
+
+class SwigluOp(_UnaryLike):
+    family = "swiglu"
+    arg_names = ("gate", "up")
+
+    def validate(self, operation: str, args: tuple[Any, ...]) -> None:
+        gate, up = args
+        self._tensor(operation, args, "gate", gate)
+        self._tensor(operation, args, "up", up)
+        if gate.shape != up.shape:
+            raise self.invalid(operation, f"gate and up shapes differ: {tuple(gate.shape)} vs {tuple(up.shape)}", args)
+        if gate.dtype != up.dtype or gate.device != up.device:
+            raise self.invalid(operation, "gate and up must share dtype and device", args)
+
+    def reference(self, operation: str, args: tuple[Any, ...]) -> torch.Tensor:
+        g, u = args[0].double(), args[1].double()
+        return g * torch.sigmoid(g) * u
+
+    def make_inputs(self, operation: str, ctx: SelectionContext, generator: torch.Generator | None = None
+                    ) -> tuple[Any, ...]:
+        kw = dict(device=ctx.device, dtype=ctx.dtype or torch.float32, generator=generator)
+        shape = (ctx.num_tokens or 4, ctx.hidden_size or 1024)
+        return (torch.randn(shape, **kw), torch.randn(shape, **kw))
+
+    def args_from_inputs(self, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+        merged = {**inputs, **kwargs}
+        return (pick(merged, "gate", "x", operation=operation), pick(merged, "up", "y", operation=operation))
+
+
+class GeluOp(_UnaryLike):
+    family = "gelu"
+    arg_names = ("x", "approximate")
+
+    def validate(self, operation: str, args: tuple[Any, ...]) -> None:
+        self._tensor(operation, args, "x", args[0])
+        if args[1] not in ("none", "tanh"):
+            raise self.invalid(operation, f"approximate must be 'none' or 'tanh', got {args[1]!r}", args)
+
+    def _extra(self, args: tuple[Any, ...]) -> dict[str, Any]:
+        return {"approximate": args[1]}
+
+    def reference(self, operation: str, args: tuple[Any, ...]) -> torch.Tensor:
+        x = args[0].double()
+        if args[1] == "tanh":
+            return 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x.pow(3))))
+        return 0.5 * x * (1 + torch.erf(x / 2**0.5))
+
+    def make_inputs(self, operation: str, ctx: SelectionContext, generator: torch.Generator | None = None
+                    ) -> tuple[Any, ...]:
+        kw = dict(device=ctx.device, dtype=ctx.dtype or torch.float32, generator=generator)
+        return (torch.randn(ctx.num_tokens or 4, ctx.hidden_size or 1024, **kw), ctx.approximate)
+
+    def args_from_inputs(self, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+        merged = {**inputs, **kwargs}
+        return (pick(merged, "x", "input", operation=operation), merged.get("approximate", "none"))
+
+
+class SiluOp(_UnaryLike):
+    family = "silu"
+    arg_names = ("x",)
+
+    def validate(self, operation: str, args: tuple[Any, ...]) -> None:
+        self._tensor(operation, args, "x", args[0])
+
+    def reference(self, operation: str, args: tuple[Any, ...]) -> torch.Tensor:
+        x = args[0].double()
+        return x * torch.sigmoid(x)
+
+    def make_inputs(self, operation: str, ctx: SelectionContext, generator: torch.Generator | None = None
+                    ) -> tuple[Any, ...]:
+        kw = dict(device=ctx.device, dtype=ctx.dtype or torch.float32, generator=generator)
+        return (torch.randn(ctx.num_tokens or 4, ctx.hidden_size or 1024, **kw),)
+
+    def args_from_inputs(self, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+        merged = {**inputs, **kwargs}
+        return (pick(merged, "x", "input", operation=operation),)
+
+
+ROPE = RopeOp()
+SWIGLU = SwigluOp()
+GELU = GeluOp()
+SILU = SiluOp()
+_RT = get_runtime()
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotary position embedding.
+
+    Example:
+        >>> q = lz.rope(q, cos, sin)                    # Llama-style halves
+        >>> q = lz.rope(q, cos, sin, interleaved=True)  # GPT-J-style pairs
+    """
+    try:
+        key = ("rope", x.shape, x.dtype, x.device, cos.shape, interleaved)
+        scope = SCOPE.get()
+        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
+    except AttributeError:
+        plan = key = None
+    if plan is not None:
+        return plan.run(x, cos, sin, interleaved)
+    return _RT.miss(ROPE, "rope", key, (x, cos, sin, interleaved))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: ``silu(gate) * up``.
+
+    Example:
+        >>> h = lz.swiglu(gate_proj(x), up_proj(x))
+    """
+    try:
+        key = ("swiglu", gate.shape, gate.dtype, gate.device)
+        scope = SCOPE.get()
+        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
+    except AttributeError:
+        plan = key = None
+    if plan is not None:
+        return plan.run(gate, up)
+    return _RT.miss(SWIGLU, "swiglu", key, (gate, up))
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU, exact (``"none"``) or tanh-approximated (``"tanh"``)."""
+    try:
+        key = ("gelu", x.shape, x.dtype, x.device, approximate)
+        scope = SCOPE.get()
+        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
+    except AttributeError:
+        plan = key = None
+    if plan is not None:
+        return plan.run(x, approximate)
+    return _RT.miss(GELU, "gelu", key, (x, approximate))
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU (swish): ``x * sigmoid(x)``."""
+    try:
+        key = ("silu", x.shape, x.dtype, x.device)
+        scope = SCOPE.get()
+        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
+    except AttributeError:
+        plan = key = None
+    if plan is not None:
+        return plan.run(x)
+    return _RT.miss(SILU, "silu", key, (x,))

@@ -1,0 +1,165 @@
+"""``lz.rms_norm`` and ``lz.layer_norm``: normalisation over the last dimension.
+
+Kernels receive ``(x, weight, eps)`` for rms_norm and ``(x, weight, bias, eps)``
+for layer_norm; ``weight`` / ``bias`` may be None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from layerzero.context import SelectionContext
+from layerzero.ops.base import OpDef, pick
+from layerzero.policy.scope import SCOPE
+from layerzero.runtime import get_runtime
+
+__all__ = ["rms_norm", "layer_norm", "RMS_NORM", "LAYER_NORM", "RMSNormOp", "LayerNormOp"]
+
+
+class _RowOp(OpDef):
+    """Shared validation for ops over the last dimension with optional per-channel params."""
+
+    params: tuple[str, ...] = ()
+
+    def _validate_rows(self, operation: str, args: tuple[Any, ...], x: Any, params: tuple[Any, ...], eps: Any) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise self.invalid(operation, f"x must be a torch.Tensor, got {type(x).__name__}", args)
+        if x.dim() < 1 or x.shape[-1] == 0:
+            raise self.invalid(operation, "x needs a non-empty last dimension", args)
+        if not x.is_floating_point():
+            raise self.invalid(operation, f"x must be floating point, got {x.dtype}", args)
+        for name, p in zip(self.params, params, strict=True):
+            if p is None:
+                continue
+            if not isinstance(p, torch.Tensor):
+                raise self.invalid(operation, f"{name} must be a torch.Tensor or None, got {type(p).__name__}", args)
+            if tuple(p.shape) != (x.shape[-1],):
+                raise self.invalid(operation, f"{name} must have shape ({x.shape[-1]},) to match x's last "
+                                              f"dimension, got {tuple(p.shape)}", args)
+            if p.device != x.device:
+                raise self.invalid(operation, f"{name} is on {p.device}, x on {x.device}", args)
+            if not p.is_floating_point():
+                raise self.invalid(operation, f"{name} must be floating point, got {p.dtype}", args)
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+            raise self.invalid(operation, f"eps must be a positive number, got {eps!r}", args)
+
+    def context(self, operation: str, args: tuple[Any, ...]) -> SelectionContext:
+        x = args[0]
+        grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        return SelectionContext.from_rows(x, requires_grad=grad)
+
+    def check_output(self, operation: str, args: tuple[Any, ...], out: Any) -> str | None:
+        x = args[0]
+        return self.output_meta_check(operation, out, x.shape, x.dtype, x.device)
+
+    def sample_contexts(self, operation: str, device: str = "cpu") -> list[SelectionContext]:
+        return [SelectionContext(device=device, dtype=torch.float32, hidden_size=h, num_tokens=n, batch_size=n)
+                for n, h in ((1, 4096), (8, 1024), (128, 512))]
+
+
+class RMSNormOp(_RowOp):
+    family = "rms_norm"
+    arg_names = ("x", "weight", "eps")
+    params = ("weight",)
+
+    def validate(self, operation: str, args: tuple[Any, ...]) -> None:
+        x, weight, eps = args
+        self._validate_rows(operation, args, x, (weight,), eps)
+
+    def reference(self, operation: str, args: tuple[Any, ...]) -> torch.Tensor:
+        x, weight, eps = args
+        x64 = x.double()
+        out = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+        return out * weight.double() if weight is not None else out
+
+    def make_inputs(self, operation: str, ctx: SelectionContext, generator: torch.Generator | None = None
+                    ) -> tuple[Any, ...]:
+        kw = dict(device=ctx.device, dtype=ctx.dtype or torch.float32, generator=generator)
+        h = ctx.hidden_size or 1024
+        x = torch.randn(ctx.num_tokens or 4, h, **kw)
+        w = torch.rand(h, **kw) + 0.5
+        return (x, w, 1e-6)
+
+    def args_from_inputs(self, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+        merged = {**inputs, **kwargs}
+        return (pick(merged, "x", "input", "hidden_states", operation=operation),
+                pick(merged, "weight", "w", default=None), float(merged.get("eps", 1e-6)))
+
+
+class LayerNormOp(_RowOp):
+    family = "layer_norm"
+    arg_names = ("x", "weight", "bias", "eps")
+    params = ("weight", "bias")
+
+    def validate(self, operation: str, args: tuple[Any, ...]) -> None:
+        x, weight, bias, eps = args
+        self._validate_rows(operation, args, x, (weight, bias), eps)
+
+    def reference(self, operation: str, args: tuple[Any, ...]) -> torch.Tensor:
+        x, weight, bias, eps = args
+        x64 = x.double()
+        mean = x64.mean(-1, keepdim=True)
+        var = x64.var(-1, unbiased=False, keepdim=True)
+        out = (x64 - mean) / torch.sqrt(var + eps)
+        if weight is not None:
+            out = out * weight.double()
+        if bias is not None:
+            out = out + bias.double()
+        return out
+
+    def make_inputs(self, operation: str, ctx: SelectionContext, generator: torch.Generator | None = None
+                    ) -> tuple[Any, ...]:
+        kw = dict(device=ctx.device, dtype=ctx.dtype or torch.float32, generator=generator)
+        h = ctx.hidden_size or 1024
+        x = torch.randn(ctx.num_tokens or 4, h, **kw)
+        return (x, torch.rand(h, **kw) + 0.5, torch.randn(h, **kw), 1e-5)
+
+    def args_from_inputs(self, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+        merged = {**inputs, **kwargs}
+        return (pick(merged, "x", "input", "hidden_states", operation=operation),
+                pick(merged, "weight", "w", default=None), pick(merged, "bias", "b", default=None),
+                float(merged.get("eps", 1e-5)))
+
+
+RMS_NORM = RMSNormOp()
+LAYER_NORM = LayerNormOp()
+_RT = get_runtime()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """RMS normalisation over the last dimension: ``x / sqrt(mean(x^2) + eps) * weight``.
+
+    Example:
+        >>> y = lz.rms_norm(x, weight, eps=1e-6)
+    """
+    # ---- cached hot path ----------------------------------------------------------------
+    try:
+        key = ("rms_norm", x.shape, x.dtype, x.device, weight is None)
+        scope = SCOPE.get()
+        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
+    except AttributeError:
+        plan = key = None
+    if plan is not None:
+        return plan.run(x, weight, eps)
+    return _RT.miss(RMS_NORM, "rms_norm", key, (x, weight, eps))
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               eps: float = 1e-5) -> torch.Tensor:
+    """Layer normalisation over the last dimension (as ``F.layer_norm(x, x.shape[-1:], weight, bias, eps)``).
+
+    Example:
+        >>> y = lz.layer_norm(x, weight, bias)
+    """
+    try:
+        key = ("layer_norm", x.shape, x.dtype, x.device, weight is None, bias is None)
+        scope = SCOPE.get()
+        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
+    except AttributeError:
+        plan = key = None
+    if plan is not None:
+        return plan.run(x, weight, bias, eps)
+    return _RT.miss(LAYER_NORM, "layer_norm", key, (x, weight, bias, eps))

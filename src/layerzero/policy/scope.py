@@ -1,0 +1,34 @@
+"""Scoped policy overrides through a ContextVar (thread- and task-local, restored on exit).
+
+``with lz.lock("attention.causal", "torch_sdpa_math"):`` pushes a :class:`Scope`
+whose rules come before the process-wide policy. Each distinct scoped policy
+gets its own plan dictionary (keyed by the policy digest, kept by the
+runtime), so the cached hot path stays a dictionary read inside a scope too.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
+
+from layerzero.policy.model import Policy
+
+__all__ = ["Scope", "current_scope", "SCOPE"]
+
+
+class Scope:
+    """One active layer of scoped policy."""
+
+    __slots__ = ("policy", "plans", "parent")
+
+    def __init__(self, policy: Policy, plans: dict[Any, Any], parent: Scope | None) -> None:
+        self.policy = policy
+        self.plans = plans
+        self.parent = parent
+
+
+SCOPE: ContextVar[Scope | None] = ContextVar("layerzero_policy_scope", default=None)
+
+
+def current_scope() -> Scope | None:
+    return SCOPE.get()

@@ -1,0 +1,407 @@
+"""The runtime: one object owning the registries, the policy in force, the plan
+cache, the circuit breakers and the telemetry.
+
+``lz.attention`` and friends, and every dispatcher built on the global
+registries, share the global runtime (:func:`get_runtime`): a breaker opened
+through ``dispatch()`` is open for ``lz.attention`` too.
+
+The cached hot path lives in the op functions (``layerzero/ops/*.py``): a key
+from tensor metadata, one dictionary read, ``plan.run(*args)``. Everything
+else (validation, context building, selection, output checks, fallback) is
+here, on the slow path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+
+from layerzero.context import SelectionContext
+from layerzero.dispatch.breaker import BreakerBoard, CircuitBreaker, CircuitBreakerConfig, CircuitState
+from layerzero.dispatch.config import DispatchConfig
+from layerzero.errors import AllKernelsFailedError, CaptureError, InvalidInputError, KernelExecutionError, LayerZeroError
+from layerzero.ops.base import OpDef
+from layerzero.policy.model import Policy
+from layerzero.policy.scope import SCOPE, Scope
+from layerzero.policy.state import PolicyState
+from layerzero.registry import (
+    BackendRegistry,
+    KernelRegistry,
+    get_global_backend_registry,
+    get_global_kernel_registry,
+)
+from layerzero.selection.cache import PlanCache
+from layerzero.selection.engine import Measurement, Selection, SelectionEngine, format_context
+from layerzero.selection.plan import ExecutionPlan
+from layerzero.spec import KernelSpec
+from layerzero.telemetry.core import Telemetry
+
+__all__ = ["Runtime", "get_runtime"]
+
+log = logging.getLogger("layerzero")
+
+MeasurementSource = Callable[[str, SelectionContext, tuple[KernelSpec, ...]], dict[str, Measurement]]
+
+
+class Runtime:
+    """Shared state for one set of registries.
+
+    Args:
+        kernel_registry / backend_registry: default to the global registries.
+        config: a :class:`DispatchConfig`; defaults to ``DispatchConfig.from_env()``.
+        clock: monotonic clock for breakers and TTLs (injectable for tests).
+    """
+
+    def __init__(self, kernel_registry: KernelRegistry | None = None, backend_registry: BackendRegistry | None = None,
+                 config: DispatchConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.kernels = kernel_registry or get_global_kernel_registry()
+        self.backends = backend_registry or get_global_backend_registry()
+        self.config = config or DispatchConfig.from_env()
+        self.clock = clock
+        self.telemetry = Telemetry()
+        self.telemetry.enabled = self.config.enable_telemetry
+        self.breakers = BreakerBoard(self._breaker_config(self.config), clock)
+        self.breakers.add_listener(self._on_breaker)
+        self.plans: PlanCache = self._make_cache(self.config)
+        self.telemetry.bind_cache(lambda: self.plans.stats())
+        self.policy = PolicyState()
+        self.measurement_source: MeasurementSource | None = None
+        self.engine = SelectionEngine(self.kernels, self.backends, measurements=self._measurements)
+        self._scoped: dict[str, dict[Hashable, ExecutionPlan]] = {}
+        self._interned: dict[tuple[Any, ...], ExecutionPlan] = {}
+        self._lock = threading.RLock()
+        self.version = 0
+        self.verify_first_calls = 0
+        self._verified: dict[str, int] = {}
+        self.on_miss: list[Callable[[str, SelectionContext], None]] = []
+        self.kernels.add_listener(lambda: self.invalidate("kernel registry changed"))
+        self.backends.add_listener(lambda: self.invalidate("backend registry changed"))
+        self.policy.add_listener(self._on_policy_change)
+
+    # -- configuration -----------------------------------------------------------
+    @staticmethod
+    def _breaker_config(config: DispatchConfig) -> CircuitBreakerConfig:
+        return CircuitBreakerConfig(config.failure_threshold, config.recovery_timeout_seconds, config.success_threshold)
+
+    def _make_cache(self, config: DispatchConfig) -> PlanCache:
+        capacity = config.cache_size if config.enable_cache else 0
+        return PlanCache(capacity, config.cache_ttl_seconds, clock=self.clock, on_evict=self.telemetry.record_eviction)
+
+    def configure(self, config: DispatchConfig) -> None:
+        """Apply a new DispatchConfig: rebuilds the cache and every plan runner."""
+        with self._lock:
+            self.config = config
+            self.telemetry.enabled = config.enable_telemetry
+            self.breakers.reconfigure(self._breaker_config(config))
+            self.plans = self._make_cache(config)
+            self.invalidate("dispatch config changed")
+
+    def invalidate(self, reason: str = "") -> None:
+        """Drop every cached plan (O(1)); the next call of each shape selects again."""
+        self.plans.invalidate()
+        for plans in list(self._scoped.values()):
+            plans.clear()  # live scopes hold these dicts: empty them in place
+        self._interned = {}
+        self.version += 1
+        self.telemetry.record_invalidation()
+        if reason:
+            log.debug("plan cache invalidated: %s", reason)
+
+    def _on_policy_change(self) -> None:
+        self.telemetry.record_policy_change()
+        log.info("policy changed digest=%s rules=%d", self.policy.policy.digest, len(self.policy.policy.rules))
+        self.invalidate("policy changed")
+
+    def _on_breaker(self, breaker: CircuitBreaker, old: CircuitState, new: CircuitState) -> None:
+        self.telemetry.record_breaker(breaker.kernel_id, old.name, new.name)
+
+    # -- policy & plans ----------------------------------------------------------
+    def current_policy(self) -> Policy:
+        scope = SCOPE.get()
+        if scope is None:
+            return self.policy.policy
+        return scope.policy + self.policy.policy
+
+    def scoped_plans(self, policy: Policy) -> dict[Hashable, ExecutionPlan]:
+        d = self._scoped.get(policy.digest)
+        if d is None:
+            d = self._scoped.setdefault(policy.digest, {})
+        return d
+
+    def _measurements(self, operation: str, ctx: SelectionContext, specs: tuple[KernelSpec, ...]
+                      ) -> dict[str, Measurement]:
+        src = self.measurement_source
+        if src is None:
+            return {}
+        try:
+            return src(operation, ctx, specs)
+        except Exception as exc:  # measurements are advisory: never fail a call over them
+            log.warning("performance data lookup failed (%s: %s); using priorities", type(exc).__name__, exc)
+            return {}
+
+    def select(self, operation: str, ctx: SelectionContext, *, policy: Policy | None = None,
+               use_measurements: bool = True) -> Selection:
+        """Run the selection engine with this runtime's policy and breakers."""
+        return self.engine.select(operation, ctx, policy=self.current_policy() if policy is None else policy,
+                                  breaker_open=self.breakers.is_open if self.config.circuit_breaker_enabled else None,
+                                  use_measurements=use_measurements)
+
+    def plan_for(self, op: OpDef, operation: str, ctx: SelectionContext, *, policy: Policy | None = None
+                 ) -> ExecutionPlan:
+        """Select and build a bound plan (not cached)."""
+        if ctx.cuda_graph_capturing:
+            raise CaptureError(
+                f"{format_context(operation, ctx)}: kernel selection was needed while a CUDA graph is being "
+                f"captured; run the same shapes once before capture (or lz.warmup) so the plan is cached")
+        for hook in self.on_miss:
+            hook(operation, ctx)
+        sel = self.select(operation, ctx, policy=policy)
+        ranked = sel.ranked
+        if not self.config.enable_fallback:
+            ranked = ranked[:1]
+        else:
+            ranked = ranked[: 1 + self.config.max_fallback_attempts]
+        intern_key = (operation, tuple(k.kernel_id for k in ranked), sel.locked_by, sel.policy_digest, self.version)
+        plan = self._interned.get(intern_key)
+        if plan is None:
+            plan = ExecutionPlan(operation, op, ranked, ctx, locked_by=sel.locked_by, policy_digest=sel.policy_digest)
+            self.bind(plan)
+            if len(self._interned) < 100_000:
+                self._interned[intern_key] = plan
+        self.telemetry.record_selection(operation, plan.kernel_id)
+        return plan
+
+    def bind(self, plan: ExecutionPlan) -> None:
+        """Compile ``plan.run`` for the current config: breaker check and telemetry only if enabled."""
+        spec = plan.kernels[0]
+        fn = spec.impl
+        rt = self
+        guard_grad = not spec.supports_autograd
+        guard_capture = not spec.cuda_graph_safe
+        guard_det = not spec.deterministic
+        if guard_grad or guard_capture or guard_det:
+            def run(*args: Any) -> Any:  # guarded: context flags the key does not carry
+                if _guard_trips(args, guard_grad, guard_capture, guard_det):
+                    return rt.run_uncached(plan.op, plan.operation, args)
+                return rt.run_plan(plan, args, 0)
+            plan.run = run
+            return
+        breaker = self.breakers.get(spec.kernel_id) if self.config.circuit_breaker_enabled else None
+        stats = self.telemetry.kernel(spec.kernel_id, plan.operation) if self.config.enable_telemetry else None
+        if self.config.record_timing or self.verify_first_calls:
+            plan.run = lambda *args: rt.run_plan(plan, args, 0)
+        elif breaker is not None and stats is not None:
+            def run(*args: Any) -> Any:
+                if breaker.blocked:
+                    return rt.run_plan(plan, args, 0)
+                stats.calls += 1
+                try:
+                    return fn(*args)
+                except Exception as exc:
+                    return rt.recover(plan, args, 0, exc)
+            plan.run = run
+        elif breaker is not None:
+            def run(*args: Any) -> Any:
+                if breaker.blocked:
+                    return rt.run_plan(plan, args, 0)
+                try:
+                    return fn(*args)
+                except Exception as exc:
+                    return rt.recover(plan, args, 0, exc)
+            plan.run = run
+        elif stats is not None:
+            def run(*args: Any) -> Any:
+                stats.calls += 1
+                try:
+                    return fn(*args)
+                except Exception as exc:
+                    return rt.recover(plan, args, 0, exc)
+            plan.run = run
+        else:
+            def run(*args: Any) -> Any:
+                try:
+                    return fn(*args)
+                except Exception as exc:
+                    return rt.recover(plan, args, 0, exc)
+            plan.run = run
+
+    # -- the slow path -------------------------------------------------------------
+    def miss(self, op: OpDef, operation: str, key: Hashable, args: tuple[Any, ...]) -> Any:
+        """Cache miss: validate, build the context, select, cache, then run with output checks."""
+        op.validate(operation, args)
+        ctx = op.context(operation, args)
+        scope = SCOPE.get()
+        policy = self.current_policy()
+        plan = self.plan_for(op, operation, ctx, policy=policy)
+        self.telemetry.record_miss()
+        out = self.run_plan(plan, args, 0, check_output=True)
+        if self.config.enable_cache and key is not None:
+            if scope is None:
+                self.plans.put(key, plan)
+            else:
+                target = self.scoped_plans(policy)
+                if len(target) < max(self.config.cache_size, 1):
+                    target[key] = plan
+                scope.plans = target
+        return out
+
+    def run_uncached(self, op: OpDef, operation: str, args: tuple[Any, ...]) -> Any:
+        op.validate(operation, args)
+        ctx = op.context(operation, args)
+        plan = self.plan_for(op, operation, ctx)
+        return self.run_plan(plan, args, 0, check_output=True)
+
+    def run_plan(self, plan: ExecutionPlan, args: tuple[Any, ...], start: int, *, check_output: bool = False,
+                 timing: list[int] | None = None) -> Any:
+        """Run the plan's kernels from ``start`` in order, skipping fenced-off ones, until one succeeds."""
+        attempts: list[tuple[str, BaseException]] = []
+        use_breakers = self.config.circuit_breaker_enabled
+        telemetry = self.config.enable_telemetry
+        prev: str | None = None
+        kernels = plan.kernels
+        for i in range(start, len(kernels)):
+            spec = kernels[i]
+            kid = spec.kernel_id
+            breaker = self.breakers.get(kid) if use_breakers else None
+            if breaker is not None and not breaker.allow():
+                attempts.append((kid, KernelExecutionError(f"circuit breaker for {kid} is open")))
+                continue
+            if prev is not None and telemetry:
+                self.telemetry.record_fallback(plan.operation, prev, kid)
+            if telemetry:
+                self.telemetry.kernel(kid, plan.operation).calls += 1
+            t0 = time.perf_counter_ns() if timing is not None or self.config.record_timing else 0
+            try:
+                out = spec.impl(*args)
+                problem = None
+                if check_output or self.verify_first_calls:
+                    problem = plan.op.check_output(plan.operation, args, out)
+                    if problem is None and self.verify_first_calls:
+                        problem = self._verify(plan, spec, args, out)
+                if problem is not None:
+                    raise KernelExecutionError(f"kernel {kid} for {plan.operation} {problem}")
+            except Exception as exc:
+                if isinstance(exc, InvalidInputError):
+                    raise
+                if not attempts:
+                    self._raise_if_bad_input(plan, args, exc)
+                self._failed(plan, kid, exc, breaker)
+                attempts.append((kid, exc))
+                prev = kid
+                if not self.config.enable_fallback:
+                    break
+                continue
+            if t0:
+                elapsed = time.perf_counter_ns() - t0
+                if timing is not None:
+                    timing.append(elapsed)
+                    timing.append(i)
+                if self.config.record_timing and telemetry:
+                    self.telemetry.kernel(kid, plan.operation).observe_us(elapsed / 1000.0)
+            if breaker is not None:
+                breaker.record_success()
+            return out
+        raise self._all_failed(plan, args, attempts)
+
+    def recover(self, plan: ExecutionPlan, args: tuple[Any, ...], index: int, exc: Exception) -> Any:
+        """The fast path's kernel raised: check the input, count the failure, fall back."""
+        if isinstance(exc, LayerZeroError) and isinstance(exc, InvalidInputError):
+            raise exc
+        self._raise_if_bad_input(plan, args, exc)
+        kid = plan.kernels[index].kernel_id
+        breaker = self.breakers.get(kid) if self.config.circuit_breaker_enabled else None
+        self._failed(plan, kid, exc, breaker)
+        if not self.config.enable_fallback or index + 1 >= len(plan.kernels):
+            raise self._all_failed(plan, args, [(kid, exc)])
+        if self.config.enable_telemetry:
+            self.telemetry.record_fallback(plan.operation, kid, plan.kernels[index + 1].kernel_id)
+        try:
+            return self.run_plan(plan, args, index + 1)
+        except AllKernelsFailedError as err:
+            raise self._all_failed(plan, args, [(kid, exc), *err.attempts]) from None
+
+    def _raise_if_bad_input(self, plan: ExecutionPlan, args: tuple[Any, ...], exc: BaseException) -> None:
+        try:
+            plan.op.validate(plan.operation, args)
+        except InvalidInputError as bad:
+            raise bad from exc
+
+    def _failed(self, plan: ExecutionPlan, kid: str, exc: BaseException, breaker: CircuitBreaker | None) -> None:
+        if breaker is not None:
+            breaker.record_failure(exc)
+        if self.config.enable_telemetry:
+            self.telemetry.record_failure(plan.operation, kid, exc)
+        if self.config.log_fallbacks:
+            nxt = [k.kernel_id for k in plan.kernels if k.kernel_id != kid]
+            log.warning("kernel failed operation=%s kernel=%s error=%s: %s next=%s", plan.operation, kid,
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", nxt[:1] or "none")
+
+    def _all_failed(self, plan: ExecutionPlan, args: tuple[Any, ...], attempts: list[tuple[str, BaseException]]
+                    ) -> AllKernelsFailedError:
+        lines = [f"every kernel failed for {plan.operation} (inputs: {plan.op.describe(args)}):"]
+        for kid, err in attempts:
+            lines.append(f"  {kid}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        if not attempts:
+            lines.append("  no kernel could be tried (all circuit breakers open)")
+        err = AllKernelsFailedError("\n".join(lines), operation=plan.operation, attempts=attempts)
+        if attempts:
+            err.__cause__ = attempts[-1][1]
+        return err
+
+    def _verify(self, plan: ExecutionPlan, spec: KernelSpec, args: tuple[Any, ...], out: Any) -> str | None:
+        """Verify mode: compare a kernel's first outputs with the float64 reference."""
+        seen = self._verified.get(spec.kernel_id, 0)
+        if seen >= self.verify_first_calls:
+            return None
+        self._verified[spec.kernel_id] = seen + 1
+        try:
+            ref = plan.op.reference(plan.operation, args)
+        except NotImplementedError:
+            return None
+        if not isinstance(out, torch.Tensor) or not isinstance(ref, torch.Tensor) or not out.is_floating_point():
+            return None
+        got = out.detach().to(torch.float64)
+        if torch.isnan(got).any() and not torch.isnan(ref).any():
+            return "returned NaN where the reference has none"
+        atol, rtol = spec.tolerance_for(out.dtype)
+        if not torch.allclose(got, ref.to(got.device), atol=atol * 4, rtol=rtol * 4, equal_nan=True):
+            err = (got - ref.to(got.device)).abs().max().item()
+            return f"returned values off the float64 reference by up to {err:.3g} (tolerance atol={atol:g})"
+        return None
+
+    # -- inspection --------------------------------------------------------------------
+    def circuit_stats(self, kernel_id: str) -> Any:
+        return self.breakers.get(kernel_id).stats()
+
+
+def _guard_trips(args: tuple[Any, ...], grad: bool, capture: bool, det: bool) -> bool:
+    if grad and torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return True
+    if det and torch.are_deterministic_algorithms_enabled():
+        return True
+    if capture:
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.is_cuda:
+                return bool(torch.cuda.is_current_stream_capturing())
+    return False
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """The global runtime shared by ``lz.*`` and the global dispatcher."""
+    global _runtime
+    rt = _runtime
+    if rt is None:
+        with _runtime_lock:
+            if _runtime is None:
+                _runtime = Runtime()
+            rt = _runtime
+    return rt

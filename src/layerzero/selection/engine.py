@@ -1,0 +1,308 @@
+"""The selection engine: a pure function from (operation, context, registries,
+policy, measurements, breaker state) to a ranked plan and a full decision trace.
+
+Order of work: policy locks -> constraint filter (backend availability, the
+spec's declared constraints, open breakers) -> allow/deny -> score (priority,
+``prefer``, boosts, measured times) -> rank. The engine keeps no state and
+reads no hardware: callers pass everything in, so tests can select for a fake
+sm_90 GPU on a CPU-only machine. Ties break by kernel id, so two processes
+with the same inputs always choose the same kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from layerzero.context import SelectionContext
+from layerzero.errors import KernelNotSupportedError, NoKernelError
+from layerzero.policy.model import EMPTY_POLICY, Policy, Rule, condition_env
+from layerzero.registry import BackendRegistry, KernelRegistry
+from layerzero.spec import KernelSpec, Reason, ReasonCode
+
+__all__ = ["SelectionEngine", "Selection", "CandidateDecision", "Measurement", "format_context"]
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """A measured kernel time for one shape bucket (from the performance database)."""
+
+    median_us: float
+    spread_us: float = 0.0
+    samples: int = 1
+    source: str = "perf-db"
+    failed: bool = False
+
+
+@dataclass(slots=True)
+class CandidateDecision:
+    """What selection decided about one candidate kernel."""
+
+    kernel_id: str
+    backend: str
+    accepted: bool
+    priority: int
+    score: float | None = None
+    measured_us: float | None = None
+    measured_spread_us: float | None = None
+    measured_source: str | None = None
+    reasons: list[Reason] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)
+    rank: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kernel_id": self.kernel_id, "backend": self.backend, "accepted": self.accepted,
+            "priority": self.priority, "score": self.score, "rank": self.rank,
+            "measured_us": self.measured_us, "measured_spread_us": self.measured_spread_us,
+            "measured_source": self.measured_source,
+            "reasons": [r.to_dict() for r in self.reasons], "rules": list(self.rules),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The engine's answer: ranked kernels (selected first) and the trace of every candidate."""
+
+    operation: str
+    context: SelectionContext
+    ranked: tuple[KernelSpec, ...]
+    trace: tuple[CandidateDecision, ...]
+    locked_by: str | None = None
+    policy_digest: str = ""
+
+    @property
+    def selected(self) -> KernelSpec:
+        return self.ranked[0]
+
+    @property
+    def rejections(self) -> dict[str, list[Reason]]:
+        return {d.kernel_id: list(d.reasons) for d in self.trace if not d.accepted}
+
+    def decision(self, kernel_id: str) -> CandidateDecision | None:
+        for d in self.trace:
+            if d.kernel_id == kernel_id:
+                return d
+        return None
+
+
+MeasurementLookup = Callable[[str, SelectionContext, tuple[KernelSpec, ...]], Mapping[str, Measurement]]
+BreakerProbe = Callable[[str], bool]
+
+
+def format_context(operation: str, ctx: SelectionContext) -> str:
+    """A one-line description of a call for error messages."""
+    parts = [f"device={ctx.platform}" + (f":{ctx.device_index}" if ctx.device_index is not None else "")]
+    if ctx.compute_capability:
+        parts.append(f"sm={ctx.sm}")
+    if ctx.dtype is not None:
+        parts.append(f"dtype={ctx.dtype_name}")
+    for name in ("batch_size", "seq_len_q", "seq_len_k", "num_heads", "num_kv_heads", "head_dim",
+                 "hidden_size", "num_tokens", "layout"):
+        value = getattr(ctx, name)
+        if value is not None:
+            parts.append(f"{name}={value}")
+    if ctx.is_causal:
+        parts.append("is_causal=True")
+    if ctx.mask_kind != "none":
+        parts.append(f"mask={ctx.mask_kind}")
+    if ctx.requires_grad:
+        parts.append("requires_grad=True")
+    return f"{operation}({', '.join(parts)})"
+
+
+class SelectionEngine:
+    """Selects kernels for an operation and context.
+
+    Args:
+        kernel_registry / backend_registry: where candidates and availability come from.
+        measurements: optional lookup of measured times per kernel for a context's bucket.
+
+    Example:
+        >>> engine = SelectionEngine(get_global_kernel_registry(), get_global_backend_registry())
+        >>> sel = engine.select("attention.causal", SelectionContext(device="cuda", compute_capability=90, ...))
+        >>> sel.selected.kernel_id, [d.kernel_id for d in sel.trace]
+    """
+
+    def __init__(self, kernel_registry: KernelRegistry, backend_registry: BackendRegistry,
+                 measurements: MeasurementLookup | None = None) -> None:
+        self.kernels = kernel_registry
+        self.backends = backend_registry
+        self.measurements = measurements
+
+    def select(self, operation: str, ctx: SelectionContext, *, policy: Policy = EMPTY_POLICY,
+               breaker_open: BreakerProbe | None = None, raise_on_empty: bool = True,
+               use_measurements: bool = True) -> Selection:
+        """Rank every kernel of ``operation`` for ``ctx``.
+
+        Raises:
+            NoKernelError: no candidate survives (when ``raise_on_empty``); lists every reason.
+            KernelNotSupportedError: a policy lock names a kernel that cannot run ``ctx``.
+        """
+        candidates = self.kernels.for_operation(operation)
+        rules = policy.for_operation(operation) if policy.rules else ()
+        env_base = condition_env(ctx, operation) if rules else None
+
+        decisions: list[CandidateDecision] = []
+        eligible: list[tuple[KernelSpec, CandidateDecision]] = []
+        for spec in candidates:
+            d = CandidateDecision(spec.kernel_id, spec.backend, False, spec.priority)
+            unavailable = self.backends.unavailable_reason(spec.backend)
+            if unavailable is not None:
+                d.reasons.append(unavailable)
+            d.reasons.extend(spec.check(ctx))
+            if breaker_open is not None and breaker_open(spec.kernel_id):
+                d.reasons.append(Reason(ReasonCode.CIRCUIT_OPEN,
+                                        f"circuit breaker for {spec.kernel_id} is open after repeated failures"))
+            decisions.append(d)
+            if not d.reasons:
+                eligible.append((spec, d))
+
+        locked_by: str | None = None
+        behind_lock: list[tuple[KernelSpec, CandidateDecision]] = []
+        if rules:
+            eligible, behind_lock, locked_by = self._apply_policy(operation, ctx, rules, env_base, eligible, decisions)
+
+        measured: Mapping[str, Measurement] = {}
+        if use_measurements and self.measurements is not None and eligible:
+            measured = self.measurements(operation, ctx, tuple(s for s, _ in eligible + behind_lock))
+            eligible = _drop_failed(eligible, measured)
+            behind_lock = _drop_failed(behind_lock, measured)
+
+        ranked = self._order(eligible, measured, rules, env_base) + self._order(behind_lock, measured, rules, env_base)
+        for i, (spec, d) in enumerate(ranked):
+            d.accepted = True
+            d.rank = i
+        trace = tuple(sorted(decisions, key=lambda d: (d.rank is None, d.rank or 0, d.kernel_id)))
+        if not ranked and raise_on_empty:
+            raise NoKernelError(_no_kernel_message(operation, ctx, trace), operation=operation,
+                                rejections={d.kernel_id: d.reasons for d in trace})
+        return Selection(operation, ctx, tuple(s for s, _ in ranked), trace, locked_by, policy.digest)
+
+    # ------------------------------------------------------------------
+    def _apply_policy(self, operation: str, ctx: SelectionContext, rules: tuple[Rule, ...], env_base: dict[str, Any] | None,
+                      eligible: list[tuple[KernelSpec, CandidateDecision]], decisions: list[CandidateDecision],
+                      ) -> tuple[list[tuple[KernelSpec, CandidateDecision]], list[tuple[KernelSpec, CandidateDecision]], str | None]:
+        """Returns (eligible, kept-behind-a-lock as fallbacks, the lock that fired)."""
+        if env_base is None:
+            env_base = condition_env(ctx, operation)
+        by_id = {d.kernel_id: d for d in decisions}
+        specs = {s.kernel_id: s for s in self.kernels.for_operation(operation)}
+
+        def env_for(spec: KernelSpec) -> dict[str, Any]:
+            env = dict(env_base)
+            env["backend"] = spec.backend
+            env["kernel"] = spec.kernel_id
+            return env
+
+        # 1. Locks: the first lock whose condition holds decides.
+        for rule in rules:
+            if rule.kind != "lock" or not rule.holds(env_base):
+                continue
+            targets = [s for s in specs.values() if rule.targets(s)]
+            if not targets:
+                raise KernelNotSupportedError(
+                    f"{rule.describe()}: no kernel {', '.join(rule.kernels or rule.backends)} serves {operation}",
+                    kernel_id=",".join(rule.kernels), reasons=[])
+            usable = [(s, by_id[s.kernel_id]) for s in targets if not by_id[s.kernel_id].reasons]
+            if not usable:
+                reasons = [r for s in targets for r in by_id[s.kernel_id].reasons]
+                detail = "; ".join(f"{s.kernel_id}: " + "; ".join(str(r) for r in by_id[s.kernel_id].reasons)
+                                   for s in targets)
+                raise KernelNotSupportedError(
+                    f"{format_context(operation, ctx)} is locked by {rule.describe()}, but it cannot run here: {detail}",
+                    kernel_id=",".join(s.kernel_id for s in targets), reasons=reasons)
+            locked_ids = {s.kernel_id for s, _ in usable}
+            for spec, d in usable:
+                d.rules.append(rule.describe())
+            # Other eligible kernels stay as runtime fallbacks behind the locked ones.
+            rest = [(s, d) for s, d in eligible if s.kernel_id not in locked_ids]
+            for _, d in rest:
+                d.rules.append(f"not selected: {rule.describe()} (kept as fallback)")
+            return usable, rest, rule.describe()
+
+        # 2. Deny and allow.
+        kept: list[tuple[KernelSpec, CandidateDecision]] = []
+        allows = [r for r in rules if r.kind == "allow" and r.holds(env_base)]
+        for spec, d in eligible:
+            env = env_for(spec)
+            denied = next((r for r in rules if r.kind == "deny" and r.targets(spec) and r.holds(env)), None)
+            if denied is not None:
+                d.reasons.append(Reason(ReasonCode.POLICY_DENIED, f"denied by policy: {denied.describe()}"))
+                continue
+            if allows and not any(r.targets(spec) for r in allows):
+                d.reasons.append(Reason(ReasonCode.POLICY_NOT_ALLOWED,
+                                        "not in the policy's allow list: " + "; ".join(r.describe() for r in allows)))
+                continue
+            kept.append((spec, d))
+        return kept, [], None
+
+    def _order(self, items: list[tuple[KernelSpec, CandidateDecision]], measured: Mapping[str, Measurement],
+               rules: tuple[Rule, ...], env_base: dict[str, Any] | None) -> list[tuple[KernelSpec, CandidateDecision]]:
+        if not items:
+            return []
+        boosts = [r for r in rules if r.kind in ("boost", "prefer")]
+        for spec, d in items:
+            priority = float(spec.priority)
+            factor = 1.0
+            if boosts:
+                env = dict(env_base or {})
+                env["backend"], env["kernel"] = spec.backend, spec.kernel_id
+                for r in boosts:
+                    if r.targets(spec) and r.holds(env):
+                        if r.kind == "prefer" and r.priority is not None:
+                            priority = float(r.priority)
+                        elif r.kind == "boost":
+                            factor *= r.factor
+                        d.rules.append(r.describe())
+            d.score = priority * factor
+            m = measured.get(spec.kernel_id)
+            if m is not None:
+                d.measured_us = m.median_us / factor
+                d.measured_spread_us = m.spread_us / factor
+                d.measured_source = m.source
+
+        timed = [(s, d) for s, d in items if d.measured_us is not None]
+        untimed = [(s, d) for s, d in items if d.measured_us is None]
+        untimed.sort(key=lambda sd: (-(sd[1].score or 0.0), sd[0].kernel_id))
+        if not timed:
+            return untimed
+        # Measured kernels: fastest first, but a kernel only overtakes a higher-scored one
+        # when it is faster beyond both kernels' spread; otherwise score and id decide.
+        timed.sort(key=lambda sd: (sd[1].measured_us, sd[0].kernel_id))
+        groups: list[list[tuple[KernelSpec, CandidateDecision]]] = []
+        for item in timed:
+            if groups:
+                lead = groups[-1][0][1]
+                d = item[1]
+                if d.measured_us - d.measured_spread_us <= lead.measured_us + lead.measured_spread_us:  # type: ignore[operator]
+                    groups[-1].append(item)
+                    continue
+            groups.append([item])
+        ordered: list[tuple[KernelSpec, CandidateDecision]] = []
+        for g in groups:
+            ordered.extend(sorted(g, key=lambda sd: (-(sd[1].score or 0.0), sd[0].kernel_id)))
+        return ordered + untimed
+
+
+def _drop_failed(items: list[tuple[KernelSpec, CandidateDecision]], measured: Mapping[str, Measurement],
+                 ) -> list[tuple[KernelSpec, CandidateDecision]]:
+    kept = []
+    for spec, d in items:
+        m = measured.get(spec.kernel_id)
+        if m is not None and m.failed:
+            d.reasons.append(Reason(ReasonCode.MEASURED_FAILED,
+                                    f"{spec.kernel_id} failed its correctness check when tuned ({m.source})"))
+            continue
+        kept.append((spec, d))
+    return kept
+
+
+def _no_kernel_message(operation: str, ctx: SelectionContext, trace: tuple[CandidateDecision, ...]) -> str:
+    if not trace:
+        return f"no kernel is registered for {operation!r} (call: {format_context(operation, ctx)})"
+    lines = [f"no kernel can run {format_context(operation, ctx)}; every candidate was rejected:"]
+    for d in trace:
+        lines.append(f"  {d.kernel_id}: " + "; ".join(str(r) for r in d.reasons))
+    return "\n".join(lines)

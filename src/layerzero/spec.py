@@ -1,0 +1,268 @@
+"""KernelSpec: one kernel of one operation, declared as a frozen value.
+
+A spec carries the callable and everything selection needs to know about it
+(platforms, compute capability, dtypes, head-dim range, masks, autograd, ...).
+``spec.check(ctx)`` answers with a list of :class:`Reason` objects, each with a
+stable ``code`` and a sentence naming the observed value and what is
+supported. An empty list means the kernel can run that context.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from layerzero.context import DTYPE_NAMES, SelectionContext, dtype_from_name
+
+__all__ = ["KernelSpec", "Reason", "ReasonCode"]
+
+_ID_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_OP_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
+
+
+class ReasonCode:
+    """The stable reason codes (plain strings; compare ``reason.code == ReasonCode.SM_TOO_OLD``)."""
+
+    PLATFORM_MISMATCH = "PLATFORM_MISMATCH"
+    SM_TOO_OLD = "SM_TOO_OLD"
+    SM_TOO_NEW = "SM_TOO_NEW"
+    DTYPE_UNSUPPORTED = "DTYPE_UNSUPPORTED"
+    HEAD_DIM_TOO_SMALL = "HEAD_DIM_TOO_SMALL"
+    HEAD_DIM_TOO_LARGE = "HEAD_DIM_TOO_LARGE"
+    HEAD_DIM_ALIGNMENT = "HEAD_DIM_ALIGNMENT"
+    HEAD_DIM_MISMATCH = "HEAD_DIM_MISMATCH"
+    SEQ_LEN_TOO_LONG = "SEQ_LEN_TOO_LONG"
+    BATCH_TOO_LARGE = "BATCH_TOO_LARGE"
+    HIDDEN_TOO_LARGE = "HIDDEN_TOO_LARGE"
+    GQA_UNSUPPORTED = "GQA_UNSUPPORTED"
+    MQA_UNSUPPORTED = "MQA_UNSUPPORTED"
+    MASK_UNSUPPORTED = "MASK_UNSUPPORTED"
+    CAUSAL_UNSUPPORTED = "CAUSAL_UNSUPPORTED"
+    CAUSAL_ALIGNMENT = "CAUSAL_ALIGNMENT"
+    WINDOW_UNSUPPORTED = "WINDOW_UNSUPPORTED"
+    DROPOUT_UNSUPPORTED = "DROPOUT_UNSUPPORTED"
+    LAYOUT_UNSUPPORTED = "LAYOUT_UNSUPPORTED"
+    NOT_CONTIGUOUS = "NOT_CONTIGUOUS"
+    GRAD_UNSUPPORTED = "GRAD_UNSUPPORTED"
+    NOT_DETERMINISTIC = "NOT_DETERMINISTIC"
+    CUDA_GRAPH_UNSAFE = "CUDA_GRAPH_UNSAFE"
+    COMPILE_UNSAFE = "COMPILE_UNSAFE"
+    VARIANT_UNSUPPORTED = "VARIANT_UNSUPPORTED"
+    BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
+    BACKEND_UNHEALTHY = "BACKEND_UNHEALTHY"
+    CIRCUIT_OPEN = "CIRCUIT_OPEN"
+    POLICY_DENIED = "POLICY_DENIED"
+    POLICY_NOT_ALLOWED = "POLICY_NOT_ALLOWED"
+    POLICY_LOCKED_OTHER = "POLICY_LOCKED_OTHER"
+    MEASURED_FAILED = "MEASURED_FAILED"
+    CUSTOM = "CUSTOM"
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """Why a kernel was rejected. ``str(reason)`` is the human sentence."""
+
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+def _names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(sorted(DTYPE_NAMES.get(d, str(d)) for d in dtypes))
+
+
+def _cc(cc: tuple[int, int]) -> str:
+    return f"{cc[0]}.{cc[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class KernelSpec:
+    """A kernel: identity, callable, and declared constraints (all permissive by default).
+
+    Only ``kernel_id``, ``operation``, ``backend`` and ``impl`` are required.
+    ``None`` for a constraint means "no limit". ``impl`` is called with the
+    operation's canonical positional arguments (see ``layerzero.ops``).
+
+    Example:
+        >>> KernelSpec("my_rms_norm", "rms_norm", "custom", my_fn, dtypes={torch.float16})
+    """
+
+    kernel_id: str
+    operation: str
+    backend: str
+    impl: Callable[..., Any] = field(compare=False, repr=False)
+    priority: int = 50
+    platforms: frozenset[str] | None = None
+    min_compute_capability: tuple[int, int] | None = None
+    max_compute_capability: tuple[int, int] | None = None
+    dtypes: frozenset[torch.dtype] | None = None
+    head_dim_min: int | None = None
+    head_dim_max: int | None = None
+    head_dim_multiple: int | None = None
+    head_dim_v_equal: bool = False
+    max_seq_len: int | None = None
+    max_batch_size: int | None = None
+    max_hidden_size: int | None = None
+    supports_gqa: bool = True
+    supports_mqa: bool = True
+    mask_kinds: frozenset[str] | None = None
+    supports_causal: bool = True
+    causal_alignment: str = "upper_left"
+    supports_window: bool = False
+    supports_dropout: bool = True
+    layouts: frozenset[str] | None = None
+    requires_contiguous: bool = False
+    supports_autograd: bool = True
+    deterministic: bool = True
+    cuda_graph_safe: bool = True
+    compile_safe: bool = True
+    supports_interleaved: bool | None = None
+    approximations: frozenset[str] | None = None
+    tolerance: dict[str, tuple[float, float]] | None = field(default=None, compare=False, hash=False)
+    extra_check: Callable[[SelectionContext], list[Reason]] | None = field(default=None, compare=False, repr=False)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not _ID_RE.match(self.kernel_id):
+            raise ValueError(f"KernelSpec.kernel_id must be snake_case, got {self.kernel_id!r}")
+        if not _OP_RE.match(self.operation):
+            raise ValueError(f"KernelSpec.operation must be a dotted lower-case name, got {self.operation!r}")
+        if not callable(self.impl):
+            raise ValueError(f"KernelSpec.impl of {self.kernel_id!r} must be callable, got {type(self.impl).__name__}")
+        if not 0 <= int(self.priority) <= 1000:
+            raise ValueError(f"KernelSpec.priority of {self.kernel_id!r} must be in 0..1000, got {self.priority}")
+        if self.causal_alignment not in ("upper_left", "lower_right"):
+            raise ValueError(f"KernelSpec.causal_alignment must be 'upper_left' or 'lower_right', got {self.causal_alignment!r}")
+        # Normalise iterables to frozensets so specs hash and compare by value.
+        for name in ("platforms", "mask_kinds", "layouts", "approximations"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, frozenset):
+                object.__setattr__(self, name, frozenset(value))
+        if self.dtypes is not None:
+            object.__setattr__(self, "dtypes", frozenset(dtype_from_name(d) for d in self.dtypes))
+
+    # -------------------------------------------------------------------------
+    def check(self, ctx: SelectionContext) -> list[Reason]:
+        """Every reason this kernel cannot run ``ctx`` (empty: it can)."""
+        out: list[Reason] = []
+        add = out.append
+        if self.platforms is not None and ctx.platform not in self.platforms:
+            add(Reason(ReasonCode.PLATFORM_MISMATCH,
+                       f"device is {ctx.platform}, kernel runs on {', '.join(sorted(self.platforms))}"))
+        cc = ctx.compute_capability
+        if ctx.platform == "cuda":
+            if self.min_compute_capability is not None:
+                if cc is None:
+                    add(Reason(ReasonCode.SM_TOO_OLD,
+                               f"needs compute capability >= {_cc(self.min_compute_capability)}, this GPU's is unknown"))
+                elif cc < self.min_compute_capability:
+                    add(Reason(ReasonCode.SM_TOO_OLD,
+                               f"needs compute capability >= {_cc(self.min_compute_capability)}, this GPU has {_cc(cc)}"))
+            if self.max_compute_capability is not None and cc is not None and cc > self.max_compute_capability:
+                add(Reason(ReasonCode.SM_TOO_NEW,
+                           f"supports compute capability <= {_cc(self.max_compute_capability)}, this GPU has {_cc(cc)}"))
+        if self.dtypes is not None and ctx.dtype is not None and ctx.dtype not in self.dtypes:
+            add(Reason(ReasonCode.DTYPE_UNSUPPORTED,
+                       f"dtype={ctx.dtype_name} (supported: {_names(self.dtypes)})"))
+        d = ctx.head_dim
+        if d is not None:
+            if self.head_dim_min is not None and d < self.head_dim_min:
+                add(Reason(ReasonCode.HEAD_DIM_TOO_SMALL, f"head_dim={d} < {self.head_dim_min} minimum"))
+            if self.head_dim_max is not None and d > self.head_dim_max:
+                add(Reason(ReasonCode.HEAD_DIM_TOO_LARGE, f"head_dim={d} > {self.head_dim_max} supported"))
+            if self.head_dim_multiple is not None and d % self.head_dim_multiple:
+                add(Reason(ReasonCode.HEAD_DIM_ALIGNMENT,
+                           f"head_dim={d} is not a multiple of {self.head_dim_multiple} (pad the head dimension)"))
+            if self.head_dim_v_equal and ctx.head_dim_v is not None and ctx.head_dim_v != d:
+                add(Reason(ReasonCode.HEAD_DIM_MISMATCH,
+                           f"value head_dim={ctx.head_dim_v} differs from query/key head_dim={d}"))
+        if self.max_seq_len is not None:
+            longest = max(ctx.seq_len_q or 0, ctx.seq_len_k or 0)
+            if longest > self.max_seq_len:
+                add(Reason(ReasonCode.SEQ_LEN_TOO_LONG, f"seq_len={longest} > {self.max_seq_len} supported"))
+        if self.max_batch_size is not None and (ctx.batch_size or 0) > self.max_batch_size:
+            add(Reason(ReasonCode.BATCH_TOO_LARGE, f"batch_size={ctx.batch_size} > {self.max_batch_size} supported"))
+        if self.max_hidden_size is not None and (ctx.hidden_size or 0) > self.max_hidden_size:
+            add(Reason(ReasonCode.HIDDEN_TOO_LARGE, f"hidden_size={ctx.hidden_size} > {self.max_hidden_size} supported"))
+        if not self.supports_gqa and ctx.is_gqa:
+            add(Reason(ReasonCode.GQA_UNSUPPORTED,
+                       f"grouped-query attention (num_heads={ctx.num_heads}, num_kv_heads={ctx.num_kv_heads}) is not supported"))
+        if not self.supports_mqa and ctx.is_mqa:
+            add(Reason(ReasonCode.MQA_UNSUPPORTED,
+                       f"multi-query attention (num_heads={ctx.num_heads}, num_kv_heads=1) is not supported"))
+        if self.mask_kinds is not None and ctx.mask_kind not in self.mask_kinds:
+            add(Reason(ReasonCode.MASK_UNSUPPORTED,
+                       f"mask={ctx.mask_kind} (supported: {', '.join(sorted(self.mask_kinds))})"))
+        if ctx.is_causal:
+            if not self.supports_causal:
+                add(Reason(ReasonCode.CAUSAL_UNSUPPORTED, "is_causal=True is not supported"))
+            elif (self.causal_alignment == "lower_right" and ctx.seq_len_q is not None
+                  and ctx.seq_len_k is not None and ctx.seq_len_q != ctx.seq_len_k):
+                add(Reason(ReasonCode.CAUSAL_ALIGNMENT,
+                           f"causal mask is aligned lower-right, which differs from SDPA's upper-left "
+                           f"when seq_len_q={ctx.seq_len_q} != seq_len_k={ctx.seq_len_k}"))
+        if ctx.window is not None and not self.supports_window:
+            add(Reason(ReasonCode.WINDOW_UNSUPPORTED, f"sliding window={ctx.window} is not supported"))
+        if ctx.dropout_p > 0 and not self.supports_dropout:
+            add(Reason(ReasonCode.DROPOUT_UNSUPPORTED, f"dropout_p={ctx.dropout_p} > 0 is not supported"))
+        if self.layouts is not None and ctx.layout is not None and ctx.layout not in self.layouts:
+            add(Reason(ReasonCode.LAYOUT_UNSUPPORTED,
+                       f"layout={ctx.layout} (supported: {', '.join(sorted(self.layouts))})"))
+        if self.requires_contiguous and not ctx.is_contiguous:
+            add(Reason(ReasonCode.NOT_CONTIGUOUS, "inputs are not contiguous in the last dimension (call .contiguous())"))
+        if ctx.requires_grad and not self.supports_autograd:
+            add(Reason(ReasonCode.GRAD_UNSUPPORTED, "inputs require grad and this kernel has no backward"))
+        if ctx.deterministic and not self.deterministic:
+            add(Reason(ReasonCode.NOT_DETERMINISTIC,
+                       "torch.use_deterministic_algorithms(True) is on and this kernel is not deterministic"))
+        if ctx.cuda_graph_capturing and not self.cuda_graph_safe:
+            add(Reason(ReasonCode.CUDA_GRAPH_UNSAFE, "a CUDA graph is being captured and this kernel is not capture-safe"))
+        if ctx.compiling and not self.compile_safe:
+            add(Reason(ReasonCode.COMPILE_UNSAFE, "torch.compile is tracing and this kernel is not compile-safe"))
+        if self.supports_interleaved is not None and ctx.interleaved != self.supports_interleaved:
+            want = "interleaved" if ctx.interleaved else "half-rotation"
+            add(Reason(ReasonCode.VARIANT_UNSUPPORTED, f"rope variant {want} is not supported by this kernel"))
+        if self.approximations is not None and ctx.approximate not in self.approximations:
+            add(Reason(ReasonCode.VARIANT_UNSUPPORTED,
+                       f"approximate={ctx.approximate!r} (supported: {', '.join(sorted(self.approximations))})"))
+        if self.extra_check is not None:
+            out.extend(self.extra_check(ctx))
+        return out
+
+    def tolerance_for(self, dtype: torch.dtype) -> tuple[float, float]:
+        """(atol, rtol) this kernel promises against a float64 reference."""
+        name = DTYPE_NAMES.get(dtype, str(dtype))
+        if self.tolerance and name in self.tolerance:
+            return self.tolerance[name]
+        return _DEFAULT_TOL.get(name, (1e-5, 1e-5))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description of the spec's declared constraints."""
+        out: dict[str, Any] = {}
+        for name in self.__slots__:  # type: ignore[attr-defined]
+            if name in ("impl", "extra_check", "tolerance"):
+                continue
+            value = getattr(self, name)
+            if isinstance(value, frozenset):
+                value = sorted(DTYPE_NAMES.get(v, str(v)) if isinstance(v, torch.dtype) else v for v in value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[name] = value
+        return out
+
+
+_DEFAULT_TOL: dict[str, tuple[float, float]] = {
+    "float64": (1e-9, 1e-9),
+    "float32": (2e-5, 2e-5),
+    "float16": (2e-3, 2e-3),
+    "bfloat16": (1.6e-2, 1.6e-2),
+}
