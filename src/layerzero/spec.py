@@ -36,6 +36,7 @@ class ReasonCode:
     HEAD_DIM_ALIGNMENT = "HEAD_DIM_ALIGNMENT"
     HEAD_DIM_MISMATCH = "HEAD_DIM_MISMATCH"
     SEQ_LEN_TOO_LONG = "SEQ_LEN_TOO_LONG"
+    SEQ_LEN_UNSUPPORTED = "SEQ_LEN_UNSUPPORTED"
     BATCH_TOO_LARGE = "BATCH_TOO_LARGE"
     HIDDEN_TOO_LARGE = "HIDDEN_TOO_LARGE"
     GQA_UNSUPPORTED = "GQA_UNSUPPORTED"
@@ -91,6 +92,9 @@ class KernelSpec:
     Only ``kernel_id``, ``operation``, ``backend`` and ``impl`` are required.
     ``None`` for a constraint means "no limit". ``impl`` is called with the
     operation's canonical positional arguments (see ``layerzero.ops``).
+    ``specialize(ctx) -> (key, fn)`` optionally returns a callable with the same
+    signature specialized for a context (constants bound ahead of time); plans
+    with equal ``key`` share one specialization.
 
     Example:
         >>> KernelSpec("my_rms_norm", "rms_norm", "custom", my_fn, dtypes={torch.float16})
@@ -129,6 +133,8 @@ class KernelSpec:
     approximations: frozenset[str] | None = None
     tolerance: dict[str, tuple[float, float]] | None = field(default=None, compare=False, hash=False)
     extra_check: Callable[[SelectionContext], list[Reason]] | None = field(default=None, compare=False, repr=False)
+    specialize: Callable[[SelectionContext], tuple[Any, Callable[..., Any]]] | None = field(
+        default=None, compare=False, repr=False)
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -249,7 +255,7 @@ class KernelSpec:
         """A JSON-ready description of the spec's declared constraints."""
         out: dict[str, Any] = {}
         for name in self.__slots__:  # type: ignore[attr-defined]
-            if name in ("impl", "extra_check", "tolerance"):
+            if name in ("impl", "extra_check", "tolerance", "specialize"):
                 continue
             value = getattr(self, name)
             if isinstance(value, frozenset):

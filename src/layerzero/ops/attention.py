@@ -205,9 +205,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: t
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
     except AttributeError:  # a non-tensor argument: validation names it
         plan = key = None
-    if plan is not None:
+    if plan is None:
+        out = _RT.miss(ATTENTION, operation, key, (q, k, v, attn_mask, is_causal, dropout_p, scale, window))
+    elif plan.gate.blocked:
         out = plan.run(q, k, v, attn_mask, is_causal, dropout_p, scale, window)
     else:
-        out = _RT.miss(ATTENTION, operation, key, (q, k, v, attn_mask, is_causal, dropout_p, scale, window))
+        plan.stats.calls += 1
+        try:
+            out = plan.fn(q, k, v, attn_mask, is_causal, dropout_p, scale, window)
+        except Exception as exc:
+            out = _RT.recover(plan, (q, k, v, attn_mask, is_causal, dropout_p, scale, window), 0, exc)
     # ---------------------------------------------------------------------------------------
     return out.transpose(1, 2) if bshd else out

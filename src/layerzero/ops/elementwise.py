@@ -219,9 +219,15 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
     except AttributeError:
         plan = key = None
-    if plan is not None:
+    if plan is None:
+        return _RT.miss(ROPE, "rope", key, (x, cos, sin, interleaved))
+    if plan.gate.blocked:
         return plan.run(x, cos, sin, interleaved)
-    return _RT.miss(ROPE, "rope", key, (x, cos, sin, interleaved))
+    plan.stats.calls += 1
+    try:
+        return plan.fn(x, cos, sin, interleaved)
+    except Exception as exc:
+        return _RT.recover(plan, (x, cos, sin, interleaved), 0, exc)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -236,9 +242,15 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
     except AttributeError:
         plan = key = None
-    if plan is not None:
+    if plan is None:
+        return _RT.miss(SWIGLU, "swiglu", key, (gate, up))
+    if plan.gate.blocked:
         return plan.run(gate, up)
-    return _RT.miss(SWIGLU, "swiglu", key, (gate, up))
+    plan.stats.calls += 1
+    try:
+        return plan.fn(gate, up)
+    except Exception as exc:
+        return _RT.recover(plan, (gate, up), 0, exc)
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -249,9 +261,15 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
     except AttributeError:
         plan = key = None
-    if plan is not None:
+    if plan is None:
+        return _RT.miss(GELU, "gelu", key, (x, approximate))
+    if plan.gate.blocked:
         return plan.run(x, approximate)
-    return _RT.miss(GELU, "gelu", key, (x, approximate))
+    plan.stats.calls += 1
+    try:
+        return plan.fn(x, approximate)
+    except Exception as exc:
+        return _RT.recover(plan, (x, approximate), 0, exc)
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -262,6 +280,12 @@ def silu(x: torch.Tensor) -> torch.Tensor:
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
     except AttributeError:
         plan = key = None
-    if plan is not None:
+    if plan is None:
+        return _RT.miss(SILU, "silu", key, (x,))
+    if plan.gate.blocked:
         return plan.run(x)
-    return _RT.miss(SILU, "silu", key, (x,))
+    plan.stats.calls += 1
+    try:
+        return plan.fn(x)
+    except Exception as exc:
+        return _RT.recover(plan, (x,), 0, exc)

@@ -142,9 +142,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
     except AttributeError:
         plan = key = None
-    if plan is not None:
+    if plan is None:
+        return _RT.miss(RMS_NORM, "rms_norm", key, (x, weight, eps))
+    if plan.gate.blocked:
         return plan.run(x, weight, eps)
-    return _RT.miss(RMS_NORM, "rms_norm", key, (x, weight, eps))
+    plan.stats.calls += 1
+    try:
+        return plan.fn(x, weight, eps)
+    except Exception as exc:
+        return _RT.recover(plan, (x, weight, eps), 0, exc)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -160,6 +166,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
     except AttributeError:
         plan = key = None
-    if plan is not None:
+    if plan is None:
+        return _RT.miss(LAYER_NORM, "layer_norm", key, (x, weight, bias, eps))
+    if plan.gate.blocked:
         return plan.run(x, weight, bias, eps)
-    return _RT.miss(LAYER_NORM, "layer_norm", key, (x, weight, bias, eps))
+    plan.stats.calls += 1
+    try:
+        return plan.fn(x, weight, bias, eps)
+    except Exception as exc:
+        return _RT.recover(plan, (x, weight, bias, eps), 0, exc)

@@ -128,6 +128,12 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
     except AttributeError:
         plan = key = None
-    if plan is not None:
+    if plan is None:
+        return _RT.miss(SAMPLE, operation, key, (logits, temperature, top_k, top_p, generator))
+    if plan.gate.blocked:
         return plan.run(logits, temperature, top_k, top_p, generator)
-    return _RT.miss(SAMPLE, operation, key, (logits, temperature, top_k, top_p, generator))
+    plan.stats.calls += 1
+    try:
+        return plan.fn(logits, temperature, top_k, top_p, generator)
+    except Exception as exc:
+        return _RT.recover(plan, (logits, temperature, top_k, top_p, generator), 0, exc)

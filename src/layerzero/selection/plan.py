@@ -1,9 +1,15 @@
 """ExecutionPlan: what the plan cache stores for one call shape.
 
 A plan is the ranked kernel list (selected first, then fallbacks), the context
-it was chosen for, and ``run``: a small closure that calls the selected kernel
-with the breaker check and telemetry count compiled in, falling back through
-the runtime when the kernel is fenced off or raises.
+it was chosen for, and what the cached hot path reads:
+
+* ``fn``: the selected kernel's callable (specialized for the plan's shapes when
+  the kernel offers it, e.g. ``torch.rms_norm`` with the normalized shape bound);
+* ``gate``: the kernel's circuit breaker, or a stand-in; while ``gate.blocked``
+  the op calls ``run`` instead (breaker open, timing or verify mode, or a guard
+  for a flag the cache key does not carry such as grad mode);
+* ``stats``: the kernel's telemetry counters (a throwaway sink when disabled);
+* ``run``: the slow runner with fallback, timing and checks.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ __all__ = ["ExecutionPlan"]
 class ExecutionPlan:
     """The selected kernel, its ranked fallbacks, and the runner that calls them."""
 
-    __slots__ = ("operation", "op", "kernels", "context", "locked_by", "policy_digest", "source", "run", "__weakref__")
+    __slots__ = ("operation", "op", "kernels", "context", "locked_by", "policy_digest", "source", "fn", "gate",
+                 "stats", "run", "__weakref__")
 
     def __init__(self, operation: str, op: OpDef, kernels: tuple[KernelSpec, ...], context: SelectionContext,
                  *, locked_by: str | None = None, policy_digest: str = "", source: str = "selection") -> None:
@@ -34,6 +41,9 @@ class ExecutionPlan:
         self.locked_by = locked_by
         self.policy_digest = policy_digest
         self.source = source
+        self.fn: Callable[..., Any] = kernels[0].impl
+        self.gate: Any = None
+        self.stats: Any = None
         self.run: Callable[..., Any] = _unbound
 
     @property
