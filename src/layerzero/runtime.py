@@ -59,8 +59,9 @@ class Runtime:
 
     def __init__(self, kernel_registry: KernelRegistry | None = None, backend_registry: BackendRegistry | None = None,
                  config: DispatchConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.kernels = kernel_registry or get_global_kernel_registry()
-        self.backends = backend_registry or get_global_backend_registry()
+        # ``is not None``: an empty registry is falsy (it has __len__) but is still the caller's registry.
+        self.kernels = kernel_registry if kernel_registry is not None else get_global_kernel_registry()
+        self.backends = backend_registry if backend_registry is not None else get_global_backend_registry()
         self.config = config or DispatchConfig.from_env()
         self.clock = clock
         self.telemetry = Telemetry()
@@ -79,6 +80,9 @@ class Runtime:
         self.verify_first_calls = 0
         self._verified: dict[str, int] = {}
         self.on_miss: list[Callable[[str, SelectionContext], None]] = []
+        # ``last_run.value = (plan, index)`` of the kernel that ran, set by :meth:`run_plan` only (the slow
+        # and fallback paths); dispatchers read it to report which kernel produced a result.
+        self.last_run = threading.local()
         self.kernels.add_listener(lambda: self.invalidate("kernel registry changed"))
         self.backends.add_listener(lambda: self.invalidate("backend registry changed"))
         self.policy.add_listener(self._on_policy_change)
@@ -305,6 +309,7 @@ class Runtime:
                     self.telemetry.kernel(kid, plan.operation).observe_us(elapsed / 1000.0)
             if breaker is not None:
                 breaker.record_success()
+            self.last_run.value = (plan, i)
             return out
         raise self._all_failed(plan, args, attempts)
 

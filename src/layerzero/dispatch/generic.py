@@ -1,0 +1,162 @@
+"""From a ``dispatch()`` inputs dict to kernel arguments and a plan-cache key.
+
+Operations of a known family (``attention.*``, ``rms_norm``, ...) go through
+their :class:`~layerzero.ops.base.OpDef`: ``args_from_inputs`` maps the
+documented input names to the canonical positional arguments, and the cache
+key is the one the ``lz.*`` hot path uses (:func:`layerzero.inspection.cache_key`),
+so ``dispatch()`` and ``lz.*`` share cached plans. Attention inputs given with
+``layout="BSHD"`` are handed over as transposed views and the output is
+transposed back.
+
+An operation with no family (a user's own operation name served by a user
+kernel) uses :data:`GENERIC`: its kernels are called with the inputs as keyword
+arguments, and its key is the inputs' names, shapes, dtypes and devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
+
+import torch
+
+from layerzero.context import SelectionContext
+from layerzero.errors import InvalidInputError
+from layerzero.inspection import cache_key
+from layerzero.ops import OPS
+from layerzero.ops.base import OpDef, describe_tensor
+from layerzero.spec import KernelSpec
+
+__all__ = ["GenericOp", "GENERIC", "op_for_dispatch", "map_inputs", "key_for", "kwargs_kernel", "INPUT_NAMES"]
+
+# The names ``dispatch()`` accepts per family (first match wins; ``None`` values count as absent).
+INPUT_NAMES: dict[str, str] = {
+    "attention": "query|q, key|k, value|v, attn_mask|mask, is_causal, dropout_p, scale, window, layout",
+    "rms_norm": "x|input|hidden_states, weight|w, eps",
+    "layer_norm": "x|input|hidden_states, weight|w, bias|b, eps",
+    "rope": "x|input|q, cos, sin, interleaved",
+    "swiglu": "gate|x, up|y",
+    "gelu": "x|input, approximate",
+    "silu": "x|input",
+    "sample": "logits|x, temperature, top_k, top_p, generator",
+}
+
+_QKV = frozenset({"query", "q", "key", "k", "value", "v"})
+
+
+class GenericOp(OpDef):
+    """An operation without a built-in family: kernels take the inputs as keyword arguments.
+
+    The canonical argument tuple is ``(inputs_dict,)``; kernels in its plans are
+    wrapped by :func:`kwargs_kernel` so each is called as ``fn(**inputs)``.
+    """
+
+    family = ""
+    arg_names = ("inputs",)
+
+    def validate(self, operation: str, args: tuple[Any, ...]) -> None:
+        if len(args) != 1 or not isinstance(args[0], Mapping):
+            raise InvalidInputError(f"{operation}: inputs must be a dict of named arguments, got {args!r}")
+
+    def context(self, operation: str, args: tuple[Any, ...]) -> SelectionContext:
+        for value in args[0].values():
+            if isinstance(value, torch.Tensor):
+                return SelectionContext.from_rows(value)
+        return SelectionContext()
+
+    def reference(self, operation: str, args: tuple[Any, ...]) -> Any:
+        raise NotImplementedError(f"{operation} has no reference implementation")
+
+    def args_from_inputs(self, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]
+                         ) -> tuple[Any, ...]:
+        return ({**inputs, **kwargs} if kwargs else dict(inputs),)
+
+    def describe(self, args: Any) -> str:
+        if len(args) == 1 and isinstance(args[0], Mapping):
+            return ", ".join(f"{k}={describe_tensor(v)}" for k, v in args[0].items())
+        return super().describe(args)
+
+
+GENERIC = GenericOp()
+
+
+def op_for_dispatch(operation: str) -> OpDef:
+    """The op definition of ``operation``'s family, or :data:`GENERIC` for a family layerzero does not know."""
+    if not isinstance(operation, str) or not operation:
+        raise InvalidInputError(f"dispatch(): operation must be a non-empty string, got {operation!r}")
+    return OPS.get(operation.split(".", 1)[0], GENERIC)
+
+
+def map_inputs(op: OpDef, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]
+               ) -> tuple[tuple[Any, ...], bool]:
+    """``(canonical args, transposed)``: ``transposed`` means the output must go back to BSHD."""
+    if not isinstance(inputs, Mapping):
+        raise InvalidInputError(f"dispatch({operation!r}): inputs must be a dict of tensors keyed by name "
+                                f"(for example {{'query': q, 'key': k, 'value': v}}), got {type(inputs).__name__}")
+    if op.family != "attention":
+        return op.args_from_inputs(operation, inputs, kwargs), False
+    layout = kwargs["layout"] if "layout" in kwargs else inputs.get("layout", "BHSD")
+    if layout == "BHSD":
+        return op.args_from_inputs(operation, inputs, kwargs), False
+    if layout != "BSHD":
+        raise InvalidInputError(f"{operation}: layout must be 'BHSD' or 'BSHD', got {layout!r}")
+    moved = {n: (t.transpose(1, 2) if n in _QKV and isinstance(t, torch.Tensor) and t.dim() == 4 else t)
+             for n, t in inputs.items()}
+    extra = {n: (t.transpose(1, 2) if n in _QKV and isinstance(t, torch.Tensor) and t.dim() == 4 else t)
+             for n, t in kwargs.items()}
+    return op.args_from_inputs(operation, moved, extra), True
+
+
+def key_for(op: OpDef, operation: str, args: tuple[Any, ...]) -> Hashable | None:
+    """The plan-cache key for ``args`` (``None``: not cacheable, e.g. a non-tensor where a tensor belongs)."""
+    try:
+        if op is GENERIC:
+            return (operation, "generic", *(
+                (n, v.shape, v.dtype, v.device) if isinstance(v, torch.Tensor) else (n, type(v))
+                for n, v in args[0].items()))
+        key = cache_key(operation, args)
+        if key is None:
+            key = (operation, *((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else type(a)
+                                for a in args))
+        return key
+    except (AttributeError, TypeError, IndexError, ValueError):  # malformed input: validation names it
+        return None
+
+
+_wrapped: dict[tuple[int, str], tuple[KernelSpec, KernelSpec]] = {}
+_wrapped_lock = threading.Lock()
+
+
+def kwargs_kernel(spec: KernelSpec) -> KernelSpec:
+    """The same spec (same id, same breaker) with an impl that takes ``(inputs_dict,)`` and calls ``fn(**inputs)``."""
+    key = (id(spec.impl), spec.kernel_id)
+    hit = _wrapped.get(key)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    fn = spec.impl
+
+    def call_with_kwargs(inputs: Mapping[str, Any]) -> Any:
+        return fn(**inputs)
+
+    call_with_kwargs.__name__ = getattr(fn, "__name__", spec.kernel_id)
+    wrapped = dataclasses.replace(spec, impl=call_with_kwargs, specialize=None) if _has_specialize(spec) \
+        else dataclasses.replace(spec, impl=call_with_kwargs)
+    with _wrapped_lock:
+        if len(_wrapped) > 4096:
+            _wrapped.clear()
+        _wrapped[key] = (spec, wrapped)
+    return wrapped
+
+
+def _has_specialize(spec: KernelSpec) -> bool:
+    return any(f.name == "specialize" for f in dataclasses.fields(spec))
+
+
+def unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The user's callable behind a :func:`kwargs_kernel` wrapper (itself otherwise)."""
+    for spec, wrapped in list(_wrapped.values()):
+        if wrapped.impl is fn:
+            return spec.impl
+    return fn
