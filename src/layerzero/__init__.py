@@ -41,6 +41,7 @@ from layerzero.inspection import Explanation, explain, explain_context, list_ker
 from layerzero.policy.api import configure, disabled, enabled, lock, prefer, unlock
 from layerzero.doctor import doctor, readiness_check
 from layerzero.runtime import get_runtime
+from layerzero.solve import PlanTable, compile, install_plan_table, solve, warmup
 from layerzero.backends import load_builtin_backends as _load_builtin_backends
 
 __version__ = "0.1.0"
@@ -54,7 +55,7 @@ __all__ = [
     # policy
     "lock", "unlock", "prefer", "disabled", "enabled", "configure",
     # system
-    "doctor", "readiness_check", "get_runtime",
+    "doctor", "readiness_check", "get_runtime", "solve", "compile", "warmup", "PlanTable", "install_plan_table",
     # kernels and registries
     "KernelSpec", "Reason", "ReasonCode", "SelectionContext", "KernelRegistry", "BackendRegistry",
     "get_global_kernel_registry", "get_global_backend_registry", "register_kernel",

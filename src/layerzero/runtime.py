@@ -6,9 +6,9 @@ registries, share the global runtime (:func:`get_runtime`): a breaker opened
 through ``dispatch()`` is open for ``lz.attention`` too.
 
 The cached hot path lives in the op functions (``layerzero/ops/*.py``): a key
-from tensor metadata, one dictionary read, ``plan.run(*args)``. Everything
-else (validation, context building, selection, output checks, fallback) is
-here, on the slow path.
+from tensor metadata, one dictionary read, a breaker flag, a counter, and the
+kernel call. Everything else (validation, context building, selection, output
+checks, fallback) is here, on the slow path.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from layerzero.selection.cache import PlanCache
 from layerzero.selection.engine import Measurement, Selection, SelectionEngine, format_context
 from layerzero.selection.plan import ExecutionPlan
 from layerzero.spec import KernelSpec
-from layerzero.telemetry.core import Telemetry
+from layerzero.telemetry.core import KernelStats, Telemetry
+from layerzero.telemetry.logs import log_event
 
 __all__ = ["Runtime", "get_runtime"]
 
@@ -80,6 +81,7 @@ class Runtime:
         self.verify_first_calls = 0
         self._verified: dict[str, int] = {}
         self.on_miss: list[Callable[[str, SelectionContext], None]] = []
+        self.baked: Any = None  # a layerzero.solve.PlanTable in force, or None
         # ``last_run.value = (plan, index)`` of the kernel that ran, set by :meth:`run_plan` only (the slow
         # and fallback paths); dispatchers read it to report which kernel produced a result.
         self.last_run = threading.local()
@@ -114,11 +116,12 @@ class Runtime:
         self.version += 1
         self.telemetry.record_invalidation()
         if reason:
-            log.debug("plan cache invalidated: %s", reason)
+            log_event("cache_invalidated", reason=reason)
 
     def _on_policy_change(self) -> None:
         self.telemetry.record_policy_change()
-        log.info("policy changed digest=%s rules=%d", self.policy.policy.digest, len(self.policy.policy.rules))
+        log_event("policy_change", digest=self.policy.policy.digest, rules=len(self.policy.policy.rules),
+                  document=self.policy.document_source)
         self.invalidate("policy changed")
 
     def _on_breaker(self, breaker: CircuitBreaker, old: CircuitState, new: CircuitState) -> None:
@@ -145,7 +148,8 @@ class Runtime:
         try:
             return src(operation, ctx, specs)
         except Exception as exc:  # measurements are advisory: never fail a call over them
-            log.warning("performance data lookup failed (%s: %s); using priorities", type(exc).__name__, exc)
+            log_event("perf_lookup_failed", operation=operation, error=type(exc).__name__, message=str(exc),
+                      action="using priorities")
             return {}
 
     def select(self, operation: str, ctx: SelectionContext, *, policy: Policy | None = None,
@@ -164,75 +168,78 @@ class Runtime:
                 f"captured; run the same shapes once before capture (or lz.warmup) so the plan is cached")
         for hook in self.on_miss:
             hook(operation, ctx)
-        sel = self.select(operation, ctx, policy=policy)
+        sel = self._baked_selection(operation, ctx, policy) if self.baked is not None else None
+        if sel is None:
+            sel = self.select(operation, ctx, policy=policy)
         ranked = sel.ranked
         if not self.config.enable_fallback:
             ranked = ranked[:1]
         else:
             ranked = ranked[: 1 + self.config.max_fallback_attempts]
-        intern_key = (operation, tuple(k.kernel_id for k in ranked), sel.locked_by, sel.policy_digest, self.version)
+        primary = ranked[0]
+        special_key, fn = primary.specialize(ctx) if primary.specialize is not None else (None, primary.impl)
+        intern_key = (operation, tuple(k.kernel_id for k in ranked), special_key, sel.locked_by, sel.policy_digest,
+                      self.version)
         plan = self._interned.get(intern_key)
         if plan is None:
             plan = ExecutionPlan(operation, op, ranked, ctx, locked_by=sel.locked_by, policy_digest=sel.policy_digest)
+            plan.fn = fn
             self.bind(plan)
             if len(self._interned) < 100_000:
                 self._interned[intern_key] = plan
         self.telemetry.record_selection(operation, plan.kernel_id)
         return plan
 
+    def _baked_selection(self, operation: str, ctx: SelectionContext, policy: Policy | None) -> Selection | None:
+        """A selection straight from the baked plan table (no scoring), or None when it has no usable entry.
+
+        Policy rules for the operation win over the table (the table is ignored for it)."""
+        pol = policy if policy is not None else self.current_policy()
+        if pol.rules and pol.for_operation(operation):
+            return None
+        ids = self.baked.lookup(operation, ctx)
+        if not ids:
+            return None
+        ranked = []
+        for kid in ids:
+            spec = self.kernels.find(kid)
+            if spec is None or self.backends.unavailable_reason(spec.backend) is not None or spec.check(ctx):
+                continue
+            if self.config.circuit_breaker_enabled and self.breakers.is_open(kid):
+                continue
+            ranked.append(spec)
+        if not ranked:
+            return None
+        return Selection(operation, ctx, tuple(ranked), (), "baked plan table", pol.digest)
+
     def bind(self, plan: ExecutionPlan) -> None:
-        """Compile ``plan.run`` for the current config: breaker check and telemetry only if enabled."""
+        """Set what the cached hot path reads: ``gate`` (breaker or stand-in), ``stats``, ``run``.
+
+        The op functions call ``plan.fn`` directly while ``plan.gate.blocked`` is False; otherwise
+        they call ``plan.run``, the slow runner (fallback, timing, verify mode, guards).
+        """
         spec = plan.kernels[0]
-        fn = spec.impl
         rt = self
         guard_grad = not spec.supports_autograd
         guard_capture = not spec.cuda_graph_safe
         guard_det = not spec.deterministic
+        cfg = self.config
+        plan.stats = self.telemetry.kernel(spec.kernel_id, plan.operation) if cfg.enable_telemetry else _SINK
         if guard_grad or guard_capture or guard_det:
-            def run(*args: Any) -> Any:  # guarded: context flags the key does not carry
+            def run(*args: Any) -> Any:  # flags the cache key does not carry: re-select when they trip
                 if _guard_trips(args, guard_grad, guard_capture, guard_det):
                     return rt.run_uncached(plan.op, plan.operation, args)
                 return rt.run_plan(plan, args, 0)
             plan.run = run
-            return
-        breaker = self.breakers.get(spec.kernel_id) if self.config.circuit_breaker_enabled else None
-        stats = self.telemetry.kernel(spec.kernel_id, plan.operation) if self.config.enable_telemetry else None
-        if self.config.record_timing or self.verify_first_calls:
-            plan.run = lambda *args: rt.run_plan(plan, args, 0)
-        elif breaker is not None and stats is not None:
-            def run(*args: Any) -> Any:
-                if breaker.blocked:
-                    return rt.run_plan(plan, args, 0)
-                stats.calls += 1
-                try:
-                    return fn(*args)
-                except Exception as exc:
-                    return rt.recover(plan, args, 0, exc)
-            plan.run = run
-        elif breaker is not None:
-            def run(*args: Any) -> Any:
-                if breaker.blocked:
-                    return rt.run_plan(plan, args, 0)
-                try:
-                    return fn(*args)
-                except Exception as exc:
-                    return rt.recover(plan, args, 0, exc)
-            plan.run = run
-        elif stats is not None:
-            def run(*args: Any) -> Any:
-                stats.calls += 1
-                try:
-                    return fn(*args)
-                except Exception as exc:
-                    return rt.recover(plan, args, 0, exc)
-            plan.run = run
+            plan.gate = _ALWAYS_SLOW
         else:
-            def run(*args: Any) -> Any:
-                try:
-                    return fn(*args)
-                except Exception as exc:
-                    return rt.recover(plan, args, 0, exc)
-            plan.run = run
+            plan.run = lambda *args: rt.run_plan(plan, args, 0)
+            if cfg.record_timing or self.verify_first_calls:
+                plan.gate = _ALWAYS_SLOW
+            elif cfg.circuit_breaker_enabled:
+                plan.gate = self.breakers.get(spec.kernel_id)
+            else:
+                plan.gate = _NEVER_SLOW
 
     # -- the slow path -------------------------------------------------------------
     def miss(self, op: OpDef, operation: str, key: Hashable, args: tuple[Any, ...]) -> Any:
@@ -258,6 +265,7 @@ class Runtime:
         op.validate(operation, args)
         ctx = op.context(operation, args)
         plan = self.plan_for(op, operation, ctx)
+        self.telemetry.record_miss()
         return self.run_plan(plan, args, 0, check_output=True)
 
     def run_plan(self, plan: ExecutionPlan, args: tuple[Any, ...], start: int, *, check_output: bool = False,
@@ -342,9 +350,11 @@ class Runtime:
         if self.config.enable_telemetry:
             self.telemetry.record_failure(plan.operation, kid, exc)
         if self.config.log_fallbacks:
-            nxt = [k.kernel_id for k in plan.kernels if k.kernel_id != kid]
-            log.warning("kernel failed operation=%s kernel=%s error=%s: %s next=%s", plan.operation, kid,
-                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", nxt[:1] or "none")
+            ids = [k.kernel_id for k in plan.kernels]
+            i = ids.index(kid) + 1 if kid in ids else len(ids)
+            nxt = ids[i] if self.config.enable_fallback and i < len(ids) else None
+            log_event("fallback" if nxt else "kernel_failed", operation=plan.operation, from_kernel=kid,
+                      to_kernel=nxt, error=type(exc).__name__, message=str(exc).splitlines()[0] if str(exc) else "")
 
     def _all_failed(self, plan: ExecutionPlan, args: tuple[Any, ...], attempts: list[tuple[str, BaseException]]
                     ) -> AllKernelsFailedError:
@@ -382,6 +392,20 @@ class Runtime:
     # -- inspection --------------------------------------------------------------------
     def circuit_stats(self, kernel_id: str) -> Any:
         return self.breakers.get(kernel_id).stats()
+
+
+class _Gate:
+    """Stand-in for a circuit breaker on the hot path."""
+
+    __slots__ = ("blocked",)
+
+    def __init__(self, blocked: bool) -> None:
+        self.blocked = blocked
+
+
+_ALWAYS_SLOW = _Gate(True)
+_NEVER_SLOW = _Gate(False)
+_SINK = KernelStats("__telemetry_disabled__")  # counts nobody reads, so the hot path needs no branch
 
 
 def _guard_trips(args: tuple[Any, ...], grad: bool, capture: bool, det: bool) -> bool:

@@ -1,0 +1,379 @@
+"""``layerzero bench``: the seed's benchmark format, and the overhead budgets checked side by side.
+
+Three parts:
+
+* results: end-to-end latency of ``lz.attention`` (causal prefill and decode)
+  and ``lz.rms_norm`` over a grid, with the plan-cache hit rate per row;
+* overhead: each layerzero path next to the call it replaces, interleaved in
+  one run, with p50/p99, the overhead in ns, the ratio, the budget and
+  PASS/MISS (static ``resolve``, static ``dispatch()``, dynamic cached
+  ``dispatch()``, ``lz.attention`` / ``lz.rms_norm`` from raw tensors, the plan
+  cache lookup, the breaker check + telemetry record);
+* memory and import: 50,000 cached plans under tracemalloc, memory over
+  1,000,000 cached calls, and ``import layerzero`` against ``import torch``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from layerzero.bench.timing import PairResult, interleaved, measure_calls
+
+__all__ = ["BenchOptions", "BenchReport", "run_bench", "OverheadRow", "ResultRow"]
+
+
+@dataclass
+class BenchOptions:
+    device: str = "cpu"
+    ops: tuple[str, ...] = ("attention.causal", "attention.decode", "rms_norm")
+    quick: bool = False
+    iterations: int | None = None
+    dtype: str | None = None
+    include_memory: bool = True
+    include_import: bool = True
+
+    @property
+    def n_iter(self) -> int:
+        if self.iterations:
+            return self.iterations
+        return 300 if self.quick else 2000
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype:
+            from layerzero.context import dtype_from_name
+
+            return dtype_from_name(self.dtype)
+        return torch.float16 if self.device.startswith("cuda") else torch.float32
+
+
+@dataclass
+class ResultRow:
+    operation: str
+    batch: int
+    seq_len: int
+    p50_us: float
+    p99_us: float
+    p999_us: float
+    cache_hit: float
+    kernel: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class OverheadRow:
+    path: str
+    direct: str
+    result: PairResult | None
+    budget: str
+    passed: bool
+    note: str = ""
+    value: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "direct": self.direct, "budget": self.budget, "passed": self.passed,
+                "note": self.note, "value": self.value, "result": self.result.to_dict() if self.result else None}
+
+
+@dataclass
+class BenchReport:
+    system: dict[str, Any]
+    config: dict[str, Any]
+    workload: dict[str, Any]
+    results: list[ResultRow] = field(default_factory=list)
+    overhead: list[OverheadRow] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def all_passed(self) -> bool:
+        return all(r.passed for r in self.overhead)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"system": self.system, "config": self.config, "workload": self.workload,
+                "results": [r.to_dict() for r in self.results], "overhead": [r.to_dict() for r in self.overhead],
+                "all_passed": self.all_passed, "elapsed_s": self.elapsed_s}
+
+
+def _sync_for(device: str) -> Callable[[], None] | None:
+    if device.startswith("cuda"):
+        return torch.cuda.synchronize
+    return None
+
+
+# -- the results grid -----------------------------------------------------------------------------
+
+def _grid(opts: BenchOptions) -> list[tuple[str, int, int]]:
+    gpu = opts.device.startswith("cuda")
+    rows: list[tuple[str, int, int]] = []
+    if "attention.causal" in opts.ops:
+        shapes = [(1, 512), (8, 512), (32, 2048), (8, 8192)] if gpu else [(1, 128), (4, 128), (1, 512)]
+        if opts.quick:
+            shapes = shapes[:2] if not gpu else shapes[:3]
+        rows += [("attention.causal", b, s) for b, s in shapes]
+    if "attention.decode" in opts.ops:
+        shapes = [(1, 2048), (32, 2048), (64, 8192)] if gpu else [(1, 128), (8, 512), (1, 2048)]
+        if opts.quick:
+            shapes = shapes[:2]
+        rows += [("attention.decode", b, s) for b, s in shapes]
+    if "rms_norm" in opts.ops:
+        shapes = [(1, 1), (8, 512), (32, 2048)] if gpu else [(1, 1), (4, 128), (8, 512)]
+        if opts.quick:
+            shapes = shapes[:2]
+        rows += [("rms_norm", b, s) for b, s in shapes]
+    return rows
+
+
+def _call_for(operation: str, batch: int, seq: int, device: str, dtype: torch.dtype
+              ) -> tuple[Callable[[], Any], Callable[[], str]]:
+    import layerzero as lz
+
+    kw = dict(device=device, dtype=dtype)
+    if operation == "attention.causal":
+        q = torch.randn(batch, 8, seq, 64, **kw)
+        k = torch.randn(batch, 8, seq, 64, **kw)
+        v = torch.randn(batch, 8, seq, 64, **kw)
+        return (lambda: lz.attention(q, k, v, is_causal=True)), (lambda: lz.which("attention.causal", q, k, v))
+    if operation == "attention.decode":
+        q = torch.randn(batch, 8, 1, 64, **kw)
+        k = torch.randn(batch, 8, seq, 64, **kw)
+        v = torch.randn(batch, 8, seq, 64, **kw)
+        return ((lambda: lz.attention(q, k, v, operation="attention.decode")),
+                (lambda: lz.which("attention.decode", q, k, v)))
+    x = torch.randn(batch, seq, 4096, **kw)
+    w = torch.randn(4096, **kw)
+    return (lambda: lz.rms_norm(x, w)), (lambda: lz.which("rms_norm", x, w))
+
+
+def run_results(opts: BenchOptions, progress: Callable[[str], None]) -> list[ResultRow]:
+    from layerzero.runtime import get_runtime
+
+    rt = get_runtime()
+    out = []
+    sync = _sync_for(opts.device)
+    for operation, batch, seq in _grid(opts):
+        progress(f"results {operation} b={batch} s={seq}")
+        fn, which = _call_for(operation, batch, seq, opts.device, opts.torch_dtype)
+        before = rt.telemetry.cache_stats
+        p = measure_calls(fn, opts.n_iter, warmup=max(10, opts.n_iter // 10), sync=sync)
+        after = rt.telemetry.cache_stats
+        hits, misses = after.hits - before.hits, after.misses - before.misses
+        rate = hits / (hits + misses) if hits + misses else 0.0
+        out.append(ResultRow(operation, batch, seq, p.p50_ns / 1e3, p.p99_ns / 1e3, p.p999_ns / 1e3, rate, which()))
+    return out
+
+
+# -- overhead budgets ----------------------------------------------------------------------------------
+
+def _pct(x: float) -> str:
+    return f"{(x - 1) * 100:+.1f}%"
+
+
+def _ratio_row(path: str, direct: str, res: PairResult, limit: float, note: str = "") -> OverheadRow:
+    return OverheadRow(path, direct, res, f"<= {limit * 100:.0f}% over direct (p50)", res.ratio <= 1 + limit, note,
+                       res.ratio)
+
+
+def run_overhead(opts: BenchOptions, progress: Callable[[str], None]) -> list[OverheadRow]:
+    import layerzero as lz
+    from layerzero.dispatch import StaticDispatcherBuilder, get_global_dispatcher
+    from layerzero.inspection import cache_key
+    from layerzero.runtime import get_runtime
+
+    rt = get_runtime()
+    dev = opts.device
+    dtype = opts.torch_dtype
+    sync = _sync_for(dev)
+    rounds = 100 if opts.quick else 400
+    batch = 20
+    kw = dict(device=dev, dtype=dtype)
+    q = torch.randn(1, 8, 1, 64, **kw)
+    k = torch.randn(1, 8, 128, 64, **kw)
+    v = torch.randn(1, 8, 128, 64, **kw)
+    x = torch.randn(1, 4096, **kw)
+    w = torch.randn(4096, **kw)
+    sdpa = F.scaled_dot_product_attention
+    frms = F.rms_norm
+    ns = (4096,)
+    rows: list[OverheadRow] = []
+
+    def pair(direct: Callable[[], Any], cand: Callable[[], Any]) -> PairResult:
+        return interleaved(direct, cand, rounds=rounds, batch=batch, sync=sync)
+
+    # ops API from raw tensors (the headline budget)
+    lz.attention(q, k, v)
+    lz.rms_norm(x, w)
+    attn_kernel = rt.plans.data[cache_key("attention.full", (q, k, v, None, False, 0.0, None, None))]
+    progress("overhead lz.attention")
+    att = pair(lambda: sdpa(q, k, v), lambda: lz.attention(q, k, v))
+    rows.append(_ratio_row("lz.attention(q, k, v) cached", "F.scaled_dot_product_attention", att, 0.05,
+                           f"kernel: {attn_kernel.kernel_id}"))
+    progress("overhead lz.rms_norm")
+    rms = pair(lambda: frms(x, ns, w, 1e-6), lambda: lz.rms_norm(x, w))
+    rms_plan = rt.plans.data[cache_key("rms_norm", (x, w, 1e-6))]
+    rows.append(_ratio_row("lz.rms_norm(x, w) cached", "F.rms_norm", rms, 0.05, f"kernel: {rms_plan.kernel_id}"))
+
+    # static dispatch: resolve returns the kernel itself
+    kernel = attn_kernel.kernels[0].impl
+    static = (StaticDispatcherBuilder().with_kernel(kernel, operation="attention.full", default=True)
+              .with_config(enable_telemetry=False).build())
+    resolved = static.resolve("attention.full")
+    args = (q, k, v, None, False, 0.0, None, None)
+    progress("overhead static resolve")
+    res = pair(lambda: kernel(*args), lambda: static.resolve("attention.full")(*args))
+    row = _ratio_row("static resolve(op)(...)", "the kernel itself", res, 0.02,
+                     "resolve returns the kernel itself" if resolved is kernel else "resolve returned a wrapper")
+    row.passed = row.passed and resolved is kernel
+    rows.append(row)
+    inputs = {"q": q, "k": k, "v": v}
+    progress("overhead static dispatch()")
+    res = pair(lambda: kernel(*args), lambda: static.dispatch("attention.full", inputs))
+    rows.append(_ratio_row("static dispatch(op, inputs)", "the kernel itself", res, 0.10))
+    gd = get_global_dispatcher()
+    gd.dispatch("attention.full", inputs)
+    progress("overhead dynamic dispatch()")
+    res = pair(lambda: sdpa(q, k, v), lambda: gd.dispatch("attention.full", inputs))
+    rows.append(_ratio_row("dynamic dispatch(op, inputs) cached", "F.scaled_dot_product_attention", res, 0.10))
+
+    # components, each against an empty loop body
+    key = cache_key("attention.full", (q, k, v, None, False, 0.0, None, None))
+    data = rt.plans.data
+
+    def noop() -> None:
+        return None
+
+    progress("overhead components")
+    res = interleaved(noop, lambda: data.get(key), rounds=rounds, batch=batch)
+    direct_ns = att.direct.p50_ns
+    rows.append(OverheadRow("plan-cache lookup", "empty call", res, "<= 1% of the direct SDPA call",
+                            res.overhead_ns <= 0.01 * direct_ns, f"{res.overhead_ns:.0f} ns",
+                            res.overhead_ns / direct_ns))
+    res = interleaved(noop, lambda: cache_key("attention.full", (q, k, v, None, False, 0.0, None, None)),
+                      rounds=rounds, batch=batch)
+    rows.append(OverheadRow("context key from tensors", "empty call", res, "<= 3% of the direct SDPA call",
+                            res.overhead_ns <= 0.03 * direct_ns, f"{res.overhead_ns:.0f} ns",
+                            res.overhead_ns / direct_ns))
+    plan = attn_kernel
+
+    def gate_and_count() -> None:
+        if plan.gate.blocked:
+            return
+        plan.stats.calls += 1
+
+    res = interleaved(noop, gate_and_count, rounds=rounds, batch=batch)
+    cached_ns = att.candidate.p50_ns
+    rows.append(OverheadRow("breaker check + telemetry record", "empty call", res,
+                            "<= 5% of the cached lz.attention call", res.overhead_ns <= 0.05 * cached_ns,
+                            f"{res.overhead_ns:.0f} ns", res.overhead_ns / cached_ns))
+    return rows
+
+
+def run_memory(opts: BenchOptions, progress: Callable[[str], None]) -> list[OverheadRow]:
+    import layerzero as lz
+    from layerzero.runtime import get_runtime
+
+    rt = get_runtime()
+    rows = []
+    n_plans = 50_000
+    progress(f"memory: {n_plans} cached plans")
+    saved = rt.config
+    if rt.config.cache_size < n_plans:
+        rt.configure(rt.config.replace(cache_size=n_plans))
+    rt.invalidate("bench memory")
+    xs = [torch.randn(1, 8) for _ in range(4)]
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for i in range(n_plans):
+        x = xs[i % 4].expand(i // 4 + 1, 8)  # a new shape per call: one plan-cache entry each
+        lz.silu(x)
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    size = len(rt.plans)
+    mb = used / 2**20
+    rows.append(OverheadRow(f"{size:,} cached plans", "tracemalloc", None, "<= 17 MB", mb <= 17.0 and size >= n_plans,
+                            f"{mb:.1f} MB ({used / max(size, 1):.0f} B/entry)", mb))
+    rt.configure(saved)
+
+    calls = 1_000_000
+    progress(f"memory: {calls:,} cached calls")
+    t = torch.randn(1, 8)
+    silu = lz.silu
+    for _ in range(1000):
+        silu(t)
+    tracemalloc.start()
+    for _ in range(calls // 10):
+        silu(t)
+    mid = tracemalloc.get_traced_memory()[0]
+    for _ in range(calls - calls // 10):
+        silu(t)
+    end = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    growth = (end - mid) / 1024
+    rows.append(OverheadRow(f"{calls:,} cached calls", "tracemalloc", None, "flat (< 64 KB growth)", growth < 64,
+                            f"{growth:+.1f} KB from call 100k to 1M", growth))
+    return rows
+
+
+def _time_import(module: str) -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return time.perf_counter() - t
+
+
+def run_import(opts: BenchOptions, progress: Callable[[str], None]) -> list[OverheadRow]:
+    progress("import time")
+    n = 3 if opts.quick else 7
+    torch_t, lz_t = [], []
+    for _ in range(n):
+        torch_t.append(_time_import("torch"))
+        lz_t.append(_time_import("layerzero"))
+    a, b = statistics.median(torch_t), statistics.median(lz_t)
+    return [OverheadRow("import layerzero", "import torch", None, "<= 10% over import torch", b <= a * 1.10,
+                        f"{b * 1e3:.0f} ms vs {a * 1e3:.0f} ms ({_pct(b / a)})", b / a)]
+
+
+def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None) -> BenchReport:
+    """Run the whole benchmark and return the report (``layerzero bench`` prints it)."""
+    from layerzero.doctor import hardware_info
+    from layerzero.runtime import get_runtime
+
+    say = progress or (lambda msg: None)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    if opts.device == "cpu":
+        torch.set_num_threads(1)  # single-thread, as the budget is stated; quieter on shared machines
+    rt = get_runtime()
+    cfg = rt.config
+    report = BenchReport(
+        system=hardware_info(),
+        config={"dispatch_mode": cfg.mode.name, "cache_enabled": cfg.enable_cache, "cache_size": cfg.cache_size,
+                "circuit_breaker": cfg.circuit_breaker_enabled, "telemetry": cfg.enable_telemetry,
+                "record_timing": cfg.record_timing},
+        workload={"operations": list(opts.ops), "device": opts.device, "dtype": str(opts.torch_dtype).removeprefix("torch."),
+                  "iterations": opts.n_iter, "warmup": max(10, opts.n_iter // 10), "torch_threads": 1 if opts.device == "cpu" else threads,
+                  "quick": opts.quick},
+    )
+    try:
+        report.results = run_results(opts, say)
+        report.overhead = run_overhead(opts, say)
+        if opts.include_memory:
+            report.overhead += run_memory(opts, say)
+        if opts.include_import:
+            report.overhead += run_import(opts, say)
+    finally:
+        torch.set_num_threads(threads)
+    report.elapsed_s = time.perf_counter() - t0
+    return report

@@ -1,0 +1,287 @@
+"""Baked plans and warm-up: ``lz.solve`` (alias ``lz.compile``), ``PlanTable``, ``lz.warmup``.
+
+``lz.solve`` runs selection once, ahead of time, for a fixed deployment's
+shapes and writes the answers into a flat table keyed by operation, dtype,
+device platform and shape bucket (``layerzero.tuning.buckets.bucket_of``: powers
+of two for batch and sequence, exact heads / head dim / hidden size). A
+deployment saves the table to a JSON file and installs it at start-up; from
+then on a cache miss whose bucket is in the table builds its plan straight
+from the table, with no selection. The table records the hardware fingerprint
+and library versions it was made for; installing it elsewhere raises
+``PlanMismatchError`` unless ``on_mismatch="dynamic"`` (ignore the table and
+select dynamically, with a warning).
+
+``lz.warmup`` runs each shape once through the operation so its plan is cached
+before traffic (and before any CUDA graph capture).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerzero.context import SelectionContext
+from layerzero.errors import ConfigError, InvalidInputError, PlanMismatchError
+from layerzero.ops import op_for
+from layerzero.runtime import Runtime, get_runtime
+
+__all__ = ["PlanTable", "solve", "compile", "warmup", "install_plan_table", "uninstall_plan_table"]
+
+log = logging.getLogger("layerzero")
+
+FORMAT_VERSION = 1
+_MAX_ENTRIES = 100_000
+
+ShapeSpec = SelectionContext | Mapping[str, Any]
+
+
+def _bucket(operation: str, ctx: SelectionContext) -> str:
+    from layerzero.tuning.buckets import bucket_of
+
+    return bucket_of(operation, ctx)
+
+
+def table_key(operation: str, ctx: SelectionContext) -> tuple[str, str, str, str]:
+    """The key a baked table uses: operation, dtype name, platform, shape bucket."""
+    return (operation, ctx.dtype_name or "-", ctx.platform, _bucket(operation, ctx))
+
+
+def _environment(device: str) -> dict[str, Any]:
+    from layerzero.tuning.fingerprint import hardware_fingerprint
+
+    fp = hardware_fingerprint(device)
+    return {"hardware": fp.to_dict(), "torch": torch.__version__,
+            "backends": {b.name: b.version for b in get_runtime().backends.all() if b.available}}
+
+
+@dataclass
+class PlanTable:
+    """A baked plan table: ``entries`` map (operation, dtype, platform, bucket) to ranked kernel ids."""
+
+    environment: dict[str, Any]
+    entries: dict[tuple[str, str, str, str], list[str]] = field(default_factory=dict)
+    policy_digest: str = ""
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(self, operation: str, ctx: SelectionContext) -> list[str] | None:
+        return self.entries.get(table_key(operation, ctx))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION, "environment": self.environment, "policy_digest": self.policy_digest,
+                "entries": [{"operation": o, "dtype": d, "platform": p, "bucket": b, "kernels": ks}
+                            for (o, d, p, b), ks in sorted(self.entries.items())]}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table as JSON."""
+        p = Path(path)
+        p.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True))
+        return p
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "plan table") -> PlanTable:
+        errors: list[str] = []
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: a plan table must be a JSON object, got {type(data).__name__}")
+        if data.get("format") != FORMAT_VERSION:
+            errors.append(f"format: must be {FORMAT_VERSION}, got {data.get('format')!r}")
+        env = data.get("environment")
+        if not isinstance(env, Mapping):
+            errors.append("environment: must be an object")
+        raw = data.get("entries")
+        entries: dict[tuple[str, str, str, str], list[str]] = {}
+        if not isinstance(raw, list):
+            errors.append("entries: must be a list")
+            raw = []
+        if len(raw) > _MAX_ENTRIES:
+            errors.append(f"entries: at most {_MAX_ENTRIES} entries, got {len(raw)}")
+            raw = []
+        for i, e in enumerate(raw):
+            if not isinstance(e, Mapping):
+                errors.append(f"entries[{i}]: must be an object")
+                continue
+            fields = [e.get(k) for k in ("operation", "dtype", "platform", "bucket")]
+            kernels = e.get("kernels")
+            if not all(isinstance(f, str) and 0 < len(f) < 512 for f in fields):
+                errors.append(f"entries[{i}]: operation, dtype, platform and bucket must be short strings")
+                continue
+            if not isinstance(kernels, list) or not kernels or not all(isinstance(k, str) for k in kernels):
+                errors.append(f"entries[{i}].kernels: must be a non-empty list of kernel ids")
+                continue
+            entries[tuple(fields)] = list(kernels)  # type: ignore[index]
+        if errors:
+            raise ConfigError(f"{source}: invalid plan table:\n  " + "\n  ".join(errors), errors=errors, source=source)
+        return cls(dict(env or {}), entries, str(data.get("policy_digest", "")))
+
+    @classmethod
+    def load(cls, path: str | Path) -> PlanTable:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read plan table {p}: {exc}") from None
+        if len(text) > 64 * 2**20:
+            raise ConfigError(f"plan table {p} is larger than 64 MiB")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"plan table {p} is not valid JSON: {exc}") from None
+        return cls.from_dict(data, str(p))
+
+    def mismatch(self, device: str | None = None) -> list[str]:
+        """How this machine differs from the one the table was made for (empty: it matches)."""
+        platform = next((p for (_, _, p, _) in self.entries), "cpu")
+        here = _environment(device or ("cuda" if platform == "cuda" and torch.cuda.is_available() else platform))
+        out = []
+        want, have = self.environment.get("hardware", {}), here["hardware"]
+        for k in ("platform", "device_name", "compute_capability", "driver_version", "cuda_version", "cpu_model"):
+            if want.get(k) != have.get(k):
+                out.append(f"{k}: table made for {want.get(k)!r}, this machine has {have.get(k)!r}")
+        if self.environment.get("torch") != here["torch"]:
+            out.append(f"torch: table made for {self.environment.get('torch')!r}, this machine has {here['torch']!r}")
+        for name, version in (self.environment.get("backends") or {}).items():
+            if here["backends"].get(name) != version:
+                out.append(f"backend {name}: table made for {version!r}, this machine has "
+                           f"{here['backends'].get(name)!r}")
+        return out
+
+    def install(self, *, on_mismatch: str = "error", runtime: Runtime | None = None) -> bool:
+        """Put the table in force; see :func:`install_plan_table`."""
+        return install_plan_table(self, on_mismatch=on_mismatch, runtime=runtime)
+
+
+def _contexts(operation: str, shapes: Iterable[ShapeSpec], device: str | None, dtype: Any) -> list[SelectionContext]:
+    out = []
+    for s in shapes:
+        if isinstance(s, SelectionContext):
+            ctx = s
+        elif isinstance(s, Mapping):
+            kw = dict(s)
+            kw.setdefault("device", device or "cpu")
+            if dtype is not None:
+                kw.setdefault("dtype", dtype)
+            if operation == "attention.causal":
+                kw.setdefault("is_causal", True)
+            try:
+                ctx = SelectionContext(**kw)
+            except TypeError as exc:
+                raise InvalidInputError(f"solve/warmup: bad shape {dict(s)!r} for {operation}: {exc}") from None
+        else:
+            raise InvalidInputError(f"solve/warmup: a shape is a SelectionContext or a dict of its fields, "
+                                    f"got {type(s).__name__}")
+        out.append(ctx)
+    return out
+
+
+def solve(plan: Mapping[str, Sequence[ShapeSpec]], *, device: str | None = None, dtype: Any = None,
+          path: str | Path | None = None) -> PlanTable:
+    """Bake selection for a fixed deployment.
+
+    Args:
+        plan: ``{operation: [shape, ...]}``; a shape is a :class:`SelectionContext` or a dict of its
+            fields (``{"batch_size": 8, "seq_len": 2048, "num_heads": 32, "num_kv_heads": 8,
+            "head_dim": 128}``).
+        device / dtype: defaults for dict shapes.
+        path: also save the table there.
+
+    Example:
+        >>> table = lz.solve({"rms_norm": [{"hidden_size": 4096, "num_tokens": 8}]}, dtype="float32")
+        >>> table.save("plans.json"); lz.PlanTable.load("plans.json").install()
+    """
+    rt = get_runtime()
+    platforms = set()
+    entries: dict[tuple[str, str, str, str], list[str]] = {}
+    for operation, shapes in plan.items():
+        op_for(operation)
+        for ctx in _contexts(operation, shapes, device, dtype):
+            sel = rt.select(operation, ctx)
+            entries[table_key(operation, ctx)] = [k.kernel_id for k in sel.ranked]
+            platforms.add(ctx.platform)
+    if len(platforms) > 1:
+        raise InvalidInputError(f"solve(): one table is for one device type, got {sorted(platforms)}")
+    dev = device or (next(iter(platforms)) if platforms else "cpu")
+    table = PlanTable(_environment(dev), entries, rt.current_policy().digest)
+    if path is not None:
+        table.save(path)
+    return table
+
+
+compile = solve  # noqa: A001  (the SPEC's name: lz.compile bakes a plan table)
+
+
+def install_plan_table(table: PlanTable | str | Path, *, on_mismatch: str = "error",
+                       runtime: Runtime | None = None) -> bool:
+    """Install a baked table into the runtime (cached plans are dropped).
+
+    Args:
+        on_mismatch: ``"error"`` raises ``PlanMismatchError`` when the table was made for other hardware
+            or library versions; ``"dynamic"`` logs a warning, installs nothing and keeps dynamic selection.
+
+    Returns:
+        True when the table is in force.
+    """
+    if on_mismatch not in ("error", "dynamic"):
+        raise InvalidInputError(f"on_mismatch must be 'error' or 'dynamic', got {on_mismatch!r}")
+    if not isinstance(table, PlanTable):
+        table = PlanTable.load(table)
+    problems = table.mismatch()
+    if problems:
+        msg = "baked plan table does not match this machine:\n  " + "\n  ".join(problems)
+        if on_mismatch == "error":
+            raise PlanMismatchError(msg + "\n(re-run lz.solve here, or install with on_mismatch='dynamic')")
+        log.warning("%s; using dynamic selection instead", msg.replace("\n", " "))
+        return False
+    rt = runtime or get_runtime()
+    rt.baked = table
+    rt.invalidate("baked plan table installed")
+    return True
+
+
+def uninstall_plan_table(runtime: Runtime | None = None) -> None:
+    rt = runtime or get_runtime()
+    rt.baked = None
+    rt.invalidate("baked plan table removed")
+
+
+def warmup(operation: str | Sequence[str], shapes: Sequence[ShapeSpec], *, device: str | None = None,
+           dtype: Any = None, progress: bool = True) -> int:
+    """Run each shape once through ``operation`` so its plan is cached (with a progress bar).
+
+    Returns the number of plans now cached for those shapes.
+
+    Example:
+        >>> lz.warmup("attention.causal", [{"batch_size": 1, "seq_len": 128, "num_heads": 8, "head_dim": 64}])
+    """
+    from layerzero.inspection import cache_key
+
+    ops = [operation] if isinstance(operation, str) else list(operation)
+    rt = get_runtime()
+    jobs = [(o, ctx) for o in ops for ctx in _contexts(o, shapes, device, dtype)]
+    done = 0
+    bar = None
+    if progress and jobs:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task("layerzero warmup", total=len(jobs))
+    try:
+        for o, ctx in jobs:
+            op = op_for(o)
+            args = op.make_inputs(o, ctx)
+            key = cache_key(o, args)
+            rt.miss(op, o, key, args)
+            done += key is not None and key in rt.plans.data
+            if bar is not None:
+                bar.advance(task)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return done
