@@ -1,0 +1,346 @@
+"""STATIC mode: a fixed operation -> kernel table, resolved once, no selection at call time.
+
+Two ways to build one:
+
+* ``StaticDispatcherBuilder().with_kernel(fn, operation="rms_norm", default=True).build()``:
+  ``fn`` is a :class:`KernelSpec`, a plain callable (wrapped into a spec of backend
+  ``"custom"``) or a registered kernel id. Without ``with_registries(...)`` the
+  dispatcher gets a runtime of its own, so ``with_config(enable_telemetry=False)``
+  does not change ``lz.*``.
+* ``create_static_dispatcher(config=DispatchConfig(mode=STATIC, static_kernel_map={...}))``:
+  kernel ids looked up in the registry (the global one by default, sharing the
+  global runtime's breakers and telemetry with ``lz.*``).
+
+Every named kernel is checked when the dispatcher is built (it exists, serves
+the operation, its library is installed); a bad entry fails then, with every
+problem listed, never at the first call. ``dispatcher.resolve(operation)``
+returns the kernel callable itself, so a hot loop can call it with no dispatch
+cost at all. ``dispatch()`` keeps the breaker check and fallback: further
+kernels given for the same operation (``default=False``) are its fallbacks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from layerzero.context import SelectionContext
+from layerzero.dispatch.config import DispatchConfig, DispatchMode
+from layerzero.dispatch.dispatcher import Dispatcher, runtime_for
+from layerzero.dispatch.generic import map_inputs
+from layerzero.dispatch.result import NOT_TIMED, DispatchResult, DispatchTiming
+from layerzero.errors import ConfigError, InvalidInputError, NoKernelError
+from layerzero.registry import (
+    BackendRegistry,
+    KernelRegistry,
+    get_global_backend_registry,
+    get_global_kernel_registry,
+    operation_matches,
+)
+from layerzero.runtime import Runtime
+from layerzero.selection.plan import ExecutionPlan
+from layerzero.spec import KernelSpec
+
+__all__ = ["StaticDispatcher", "StaticDispatcherBuilder", "create_static_dispatcher"]
+
+_NO_CONTEXT = SelectionContext()
+
+
+class StaticDispatcher(Dispatcher):
+    """Dispatch through a fixed table (see the module docstring).
+
+    Args:
+        runtime: the runtime whose breakers, telemetry and config apply.
+        table: operation -> kernels (the first is the default, the rest its fallbacks, in order).
+    """
+
+    mode = DispatchMode.STATIC
+    shares_plan_cache = True  # it caches nothing: plans are built once per operation
+
+    def __init__(self, runtime: Runtime, table: Mapping[str, tuple[KernelSpec, ...]]) -> None:
+        super().__init__(runtime)
+        self._table: dict[str, tuple[KernelSpec, ...]] = {op: tuple(specs) for op, specs in table.items()}
+        self._plans: dict[str, ExecutionPlan] = {}
+        self._bind_all()
+
+    def _bind_all(self) -> None:
+        self._plans = {op: self.make_plan(op, self._op(op), specs, _NO_CONTEXT, source="static")
+                       for op, specs in self._table.items()}
+
+    def _sync(self) -> None:
+        # A config change rebinds the runners (telemetry, breakers, timing); the table itself stays.
+        rt = self.runtime
+        self._config_seen = rt.config
+        self._timed = rt.config.record_timing
+        self._bind_all()
+        self._version = rt.version
+
+    def invalidate(self) -> None:
+        """Rebind every operation's runner (the table does not change)."""
+        self._bind_all()
+
+    @property
+    def operations(self) -> tuple[str, ...]:
+        """The operations this dispatcher serves."""
+        return tuple(self._table)
+
+    def serves(self, operation: str) -> bool:
+        return operation in self._table
+
+    def kernels_for(self, operation: str) -> tuple[KernelSpec, ...]:
+        """The default kernel and its fallbacks for ``operation``."""
+        specs = self._table.get(operation)
+        if specs is None:
+            raise self._missing(operation)
+        return specs
+
+    def resolve(self, operation: str) -> Callable[..., Any]:
+        """The default kernel's callable itself (``resolve(op) is fn``): call it directly in a hot loop.
+
+        It takes the operation's canonical arguments (``(q, k, v, attn_mask, is_causal, dropout_p, scale,
+        window)`` for attention, ``(x, weight, eps)`` for rms_norm, ...); for a user operation, the
+        keyword arguments it was written with.
+        """
+        return self.kernels_for(operation)[0].impl
+
+    def _missing(self, operation: str) -> NoKernelError:
+        served = ", ".join(sorted(self._table)) or "none"
+        return NoKernelError(f"the static dispatcher has no kernel for {operation!r} (it serves: {served}); add one "
+                             f"with StaticDispatcherBuilder().with_kernel(...) or DispatchConfig.static_kernel_map",
+                             operation=operation)
+
+    def dispatch(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None = None,
+                 **kwargs: Any) -> DispatchResult:
+        """Run the table's kernel for ``operation`` (``context`` is accepted and unused: nothing is selected)."""
+        rt = self.runtime
+        if rt.version != self._version:
+            self._sync()
+        plan = self._plans.get(operation)
+        if plan is None:
+            raise self._missing(operation)
+        if self._timed:
+            return self._static_timed(plan, operation, inputs, kwargs)
+        args, bshd = map_inputs(plan.op, operation, inputs, kwargs)
+        ran = None
+        if plan.gate.blocked:
+            note = rt.last_run
+            note.value = None
+            out = plan.run(*args)
+            ran = note.value
+        else:
+            plan.stats.calls += 1
+            try:
+                out = plan.fn(*args)
+            except Exception as exc:
+                note = rt.last_run
+                note.value = None
+                out = rt.recover(plan, args, 0, exc)
+                ran = note.value
+        if bshd:
+            out = out.transpose(1, 2)
+        if ran is None:
+            return DispatchResult(out, plan.kernels[0].kernel_id, operation, False, 1, NOT_TIMED, True, "static")
+        used, index = ran
+        return DispatchResult(out, used.kernels[index].kernel_id, operation, index > 0, index + 1, NOT_TIMED, True,
+                              "static")
+
+    def _static_timed(self, plan: ExecutionPlan, operation: str, inputs: Mapping[str, Any], kwargs: dict[str, Any]
+                      ) -> DispatchResult:
+        from layerzero.dispatch.dispatcher import _perf_ns
+
+        rt = self.runtime
+        t0 = _perf_ns()
+        args, bshd = map_inputs(plan.op, operation, inputs, kwargs)
+        t1 = _perf_ns()
+        note = rt.last_run
+        note.value = None
+        out = plan.run(*args)
+        ran = note.value
+        t2 = _perf_ns()
+        if bshd:
+            out = out.transpose(1, 2)
+        t3 = _perf_ns()
+        timing = DispatchTiming(selection_us=(t1 - t0) / 1000.0, execution_us=(t3 - t1) / 1000.0,
+                                total_us=(t3 - t0) / 1000.0, context_build_ns=t1 - t0, cache_lookup_ns=0,
+                                kernel_invoke_ns=t2 - t1, recorded=True)
+        used, index = ran if ran is not None else (plan, 0)
+        return DispatchResult(out, used.kernels[index].kernel_id, operation, index > 0, index + 1, timing, True,
+                              "static")
+
+
+# -- building --------------------------------------------------------------------------------------------------
+
+_ID_BAD = re.compile(r"[^a-z0-9_]+")
+
+
+def _spec_for_callable(fn: Callable[..., Any], operation: str, taken: set[str], kernel_id: str | None) -> KernelSpec:
+    if kernel_id is None:
+        base = _ID_BAD.sub("_", getattr(fn, "__name__", "kernel").lower()).strip("_") or "kernel"
+        if not base[0].isalpha():
+            base = f"custom_{base}"
+        kernel_id, n = base, 2
+        while kernel_id in taken:
+            kernel_id, n = f"{base}_{n}", n + 1
+    return KernelSpec(kernel_id, operation, "custom", fn, description=f"static kernel {getattr(fn, '__qualname__', fn)!r}")
+
+
+def _check_entry(where: str, spec: KernelSpec, operation: str, backends: BackendRegistry, errors: list[str]) -> None:
+    if not operation_matches(spec.operation, operation):
+        errors.append(f"{where}: kernel {spec.kernel_id!r} implements {spec.operation!r}, not {operation!r}")
+    why = backends.unavailable_reason(spec.backend)
+    if why is not None:
+        errors.append(f"{where}: kernel {spec.kernel_id!r} cannot run here: {why.message}")
+
+
+def _lookup(where: str, kernel_id: str, registry: KernelRegistry, errors: list[str]) -> KernelSpec | None:
+    spec = registry.find(kernel_id)
+    if spec is None:
+        import difflib
+
+        close = difflib.get_close_matches(kernel_id, [s.kernel_id for s in registry], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (layerzero list shows every kernel)"
+        errors.append(f"{where}: unknown kernel {kernel_id!r}{hint}")
+    return spec
+
+
+def _table_from_map(config: DispatchConfig, registry: KernelRegistry, backends: BackendRegistry,
+                    errors: list[str]) -> dict[str, list[KernelSpec]]:
+    table: dict[str, list[KernelSpec]] = {}
+    for operation, kernel_id in config.static_kernel_map.items():
+        where = f"static_kernel_map[{operation!r}]"
+        spec = _lookup(where, kernel_id, registry, errors)
+        if spec is not None:
+            _check_entry(where, spec, operation, backends, errors)
+            table[operation] = [spec]
+    return table
+
+
+def _raise(errors: list[str]) -> None:
+    if errors:
+        raise ConfigError("static dispatch table is invalid:\n  " + "\n  ".join(errors), errors=errors)
+
+
+def create_static_dispatcher(config: DispatchConfig | None = None, kernel_registry: KernelRegistry | None = None,
+                             backend_registry: BackendRegistry | None = None, *,
+                             runtime: Runtime | None = None) -> StaticDispatcher:
+    """A STATIC dispatcher for ``config.static_kernel_map`` (operation -> kernel id).
+
+    Raises:
+        ConfigError: listing every entry whose kernel is unknown, serves another operation, or cannot run here.
+
+    Example:
+        >>> d = create_static_dispatcher(DispatchConfig(mode=DispatchMode.STATIC,
+        ...                                             static_kernel_map={"rms_norm": "torch_rms_norm"}))
+        >>> d.resolve("rms_norm")  # the kernel callable itself
+    """
+    rt = runtime if runtime is not None else runtime_for(kernel_registry, backend_registry, config)
+    cfg = config if config is not None else rt.config
+    errors: list[str] = []
+    table = _table_from_map(cfg, rt.kernels, rt.backends, errors)
+    _raise(errors)
+    return StaticDispatcher(rt, {op: tuple(specs) for op, specs in table.items()})
+
+
+class StaticDispatcherBuilder:
+    """Builds a :class:`StaticDispatcher` kernel by kernel.
+
+    Example:
+        >>> dispatcher = (StaticDispatcherBuilder()
+        ...               .with_kernel(flash_attn, operation="attention.causal", default=True)
+        ...               .with_kernel(rms_norm, operation="rms_norm", default=True)
+        ...               .with_config(enable_telemetry=False)
+        ...               .build())
+        >>> dispatcher.resolve("rms_norm") is rms_norm
+        True
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[str, Any, bool, str | None]] = []
+        self._config: DispatchConfig | None = None
+        self._registries: tuple[KernelRegistry | None, BackendRegistry | None] | None = None
+
+    def with_kernel(self, kernel: KernelSpec | Callable[..., Any] | str, operation: str | None = None,
+                    default: bool = False, *, kernel_id: str | None = None) -> StaticDispatcherBuilder:
+        """Add a kernel for ``operation``.
+
+        Args:
+            kernel: a :class:`KernelSpec`, a plain callable taking the operation's canonical arguments, or the
+                id of a registered kernel.
+            operation: the operation it serves (defaults to the spec's own operation).
+            default: the kernel ``dispatch``/``resolve`` use for the operation; the others are fallbacks in the
+                order added (without any default, the first added is the default).
+            kernel_id: the id for a plain callable (default: its ``__name__``).
+        """
+        if operation is None:
+            if not isinstance(kernel, KernelSpec):
+                raise InvalidInputError("with_kernel(): operation= is required unless kernel is a KernelSpec")
+            operation = kernel.operation
+        if not isinstance(operation, str) or not operation:
+            raise InvalidInputError(f"with_kernel(): operation must be a non-empty string, got {operation!r}")
+        if not (isinstance(kernel, (KernelSpec, str)) or callable(kernel)):
+            raise InvalidInputError(f"with_kernel(): kernel must be a KernelSpec, a callable or a kernel id, "
+                                    f"got {type(kernel).__name__}")
+        self._entries.append((operation, kernel, bool(default), kernel_id))
+        return self
+
+    def with_config(self, config: DispatchConfig | None = None, **fields: Any) -> StaticDispatcherBuilder:
+        """Set the config (mode is always STATIC); ``fields`` change single settings."""
+        base = config if config is not None else (self._config or DispatchConfig.from_env())
+        self._config = base.replace(mode=DispatchMode.STATIC, **fields)
+        return self
+
+    def with_registries(self, kernel_registry: KernelRegistry | None = None,
+                        backend_registry: BackendRegistry | None = None) -> StaticDispatcherBuilder:
+        """Build on these registries' runtime (the global ones: share breakers and telemetry with ``lz.*``)
+        instead of a private runtime; kernel ids are looked up there, callables are registered there."""
+        self._registries = (kernel_registry, backend_registry)
+        return self
+
+    def build(self) -> StaticDispatcher:
+        """The dispatcher. Raises :class:`ConfigError` listing every bad entry."""
+        config = self._config or DispatchConfig.from_env(mode=DispatchMode.STATIC)
+        if self._registries is not None:
+            rt = runtime_for(*self._registries, config)
+            lookup, backends, target = rt.kernels, rt.backends, rt.kernels
+        else:  # a runtime of its own: its config (say, telemetry off) must not change lz.*
+            rt = Runtime(KernelRegistry(), BackendRegistry(), config)
+            lookup, backends, target = get_global_kernel_registry(), get_global_backend_registry(), rt.kernels
+        errors: list[str] = []
+        table = _table_from_map(config, lookup, backends, errors)
+        from_map = set(table)
+        defaults: dict[str, int] = {}
+        taken = {s.kernel_id for s in target} | {s.kernel_id for specs in table.values() for s in specs}
+        made: dict[tuple[int, str], KernelSpec] = {}
+        for i, (operation, kernel, default, kid) in enumerate(self._entries):
+            where = f"with_kernel #{i + 1} ({operation!r})"
+            if isinstance(kernel, KernelSpec):
+                spec: KernelSpec | None = kernel
+            elif isinstance(kernel, str):
+                spec = _lookup(where, kernel, lookup, errors)
+            else:
+                spec = made.get((id(kernel), operation))
+                if spec is None:
+                    spec = _spec_for_callable(kernel, operation, taken, kid)
+                    made[(id(kernel), operation)] = spec
+                    taken.add(spec.kernel_id)
+            if spec is None:
+                continue
+            _check_entry(where, spec, operation, backends, errors)
+            specs = table.setdefault(operation, [])
+            if default:
+                if operation in defaults or operation in from_map:
+                    errors.append(f"{where}: {operation!r} already has a default kernel "
+                                  f"({specs[0].kernel_id!r}); pass default=False to add a fallback")
+                    continue
+                defaults[operation] = i
+                specs.insert(0, spec)
+            else:
+                specs.append(spec)
+        _raise(errors)
+        if self._registries is None:  # the private registry lists the table's kernels (shared ones stay untouched)
+            for specs in table.values():
+                for spec in specs:
+                    if spec.kernel_id not in target:
+                        target.register(spec)
+        return StaticDispatcher(rt, {op: tuple(specs) for op, specs in table.items()})
