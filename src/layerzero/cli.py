@@ -37,6 +37,8 @@ def doctor(as_json: bool) -> None:
 
     report = lz.doctor()
     emit(report.to_dict(), as_json, str(report))
+    if report.extra.get("problems"):  # an open breaker, an unhealthy or broken backend: exit 1
+        raise click.exceptions.Exit(1)
 
 
 # Subcommand modules, each with ``register(cli)``; they live beside the code they drive.
@@ -62,7 +64,9 @@ _register_subcommands()
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cli.main(args=argv, prog_name="layerzero", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="layerzero", standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool):  # click returns Exit codes without raising
+            return rv
     except click.exceptions.Exit as exc:
         return int(exc.exit_code or 0)
     except click.ClickException as exc:

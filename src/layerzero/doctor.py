@@ -18,7 +18,7 @@ import torch
 from layerzero.context import SelectionContext
 from layerzero.runtime import get_runtime
 
-__all__ = ["DoctorReport", "doctor", "readiness_check", "hardware_info", "cpu_model"]
+__all__ = ["DoctorReport", "doctor", "readiness_check", "hardware_info", "cpu_model", "kernel_rows"]
 
 
 def cpu_model() -> str:
@@ -76,6 +76,39 @@ def _device_contexts() -> list[SelectionContext]:
     return ctxs
 
 
+def kernel_rows(pattern: str = "*") -> list[dict[str, Any]]:
+    """One row per kernel matching ``pattern``: operation, backend, priority, usable on this machine or why not.
+
+    "Usable" means the backend is available and the kernel runs on at least one device here.
+    """
+    rt = get_runtime()
+    contexts = _device_contexts()
+    kernels: list[dict[str, Any]] = []
+    for spec in rt.kernels.match(pattern):
+        reasons: list[str] = []
+        usable = False
+        for ctx in contexts:
+            why = []
+            unavailable = rt.backends.unavailable_reason(spec.backend)
+            if unavailable is not None:
+                why.append(str(unavailable))
+            if spec.platforms is not None and ctx.platform not in spec.platforms:
+                why.append(f"device is {ctx.platform}, kernel runs on {', '.join(sorted(spec.platforms))}")
+            elif spec.min_compute_capability and ctx.platform == "cuda":
+                cc = ctx.compute_capability
+                if cc is None or cc < spec.min_compute_capability:
+                    why.append(f"needs compute capability >= {spec.min_compute_capability[0]}."
+                               f"{spec.min_compute_capability[1]}, {ctx.device} has {cc}")
+            if not why:
+                usable = True
+                break
+            reasons = why
+        kernels.append({"kernel_id": spec.kernel_id, "operation": spec.operation, "backend": spec.backend,
+                        "priority": spec.priority, "usable": usable, "reasons": [] if usable else reasons,
+                        "description": spec.description})
+    return kernels
+
+
 @dataclass
 class DoctorReport:
     info: dict[str, Any]
@@ -112,41 +145,39 @@ class DoctorReport:
         lines += ["", "policy in force:"]
         lines.extend(f"  {r}" for r in self.policy) if self.policy else lines.append("  (none)")
         for key, value in self.extra.items():
-            lines += ["", f"{key}: {value}"]
+            lines += ["", f"{key}:" if isinstance(value, (dict, list)) else f"{key}: {value}"]
+            lines.extend(_nested(value, "  "))
         if self.warnings:
             lines += ["", "warnings:"] + [f"  {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
+def _nested(value: Any, indent: str) -> list[str]:
+    """Readable lines for a dict / list section of ``DoctorReport.extra``."""
+    if isinstance(value, dict):
+        if not value:
+            return [f"{indent}(none)"]
+        out = []
+        for k, v in value.items():
+            if isinstance(v, (dict, list)) and v:
+                out.append(f"{indent}{k}:")
+                out.extend(_nested(v, indent + "  "))
+            else:
+                out.append(f"{indent}{k}: {v if v not in ({}, []) else '(none)'}")
+        return out
+    if isinstance(value, list):
+        return [f"{indent}{v}" for v in value] or [f"{indent}(none)"]
+    return []
+
+
 def doctor() -> DoctorReport:
     """Inspect this machine and every registered backend and kernel."""
+    import layerzero.telemetry.doctor_sections  # noqa: F401  (registers the config / perf-DB / runtime sections)
+
     rt = get_runtime()
     info = hardware_info()
     backends = [b.to_dict() for b in rt.backends.all()]
-    contexts = _device_contexts()
-    kernels = []
-    for spec in rt.kernels.match("*"):
-        reasons: list[str] = []
-        usable = False
-        for ctx in contexts:
-            why = []
-            unavailable = rt.backends.unavailable_reason(spec.backend)
-            if unavailable is not None:
-                why.append(str(unavailable))
-            if spec.platforms is not None and ctx.platform not in spec.platforms:
-                why.append(f"device is {ctx.platform}, kernel runs on {', '.join(sorted(spec.platforms))}")
-            elif spec.min_compute_capability and ctx.platform == "cuda":
-                cc = ctx.compute_capability
-                if cc is None or cc < spec.min_compute_capability:
-                    why.append(f"needs compute capability >= {spec.min_compute_capability[0]}."
-                               f"{spec.min_compute_capability[1]}, {ctx.device} has {cc}")
-            if not why:
-                usable = True
-                break
-            reasons = why
-        kernels.append({"kernel_id": spec.kernel_id, "operation": spec.operation, "backend": spec.backend,
-                        "priority": spec.priority, "usable": usable, "reasons": [] if usable else reasons,
-                        "description": spec.description})
+    kernels = kernel_rows("*")
     warnings = []
     missing = [b["name"] for b in backends if not b["available"]]
     if missing:
@@ -182,6 +213,7 @@ def readiness_check(operations: tuple[str, ...] = ("attention.causal", "rms_norm
         try:
             args = op.make_inputs(operation, ctx)
             plan = rt.plan_for(op, operation, op.context(operation, args))
+            rt.telemetry.record_miss()  # a call that needed selection
             out = rt.run_plan(plan, args, 0, check_output=True)
             ref = op.reference(operation, args)
             ok = True

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from layerzero.telemetry.logs import log_event
+
 __all__ = ["CircuitState", "CircuitBreakerConfig", "CircuitBreaker", "CircuitStats", "BreakerBoard"]
 
 log = logging.getLogger("layerzero")
@@ -185,8 +187,9 @@ class CircuitBreaker:
         if new is CircuitState.HALF_OPEN:
             self._half_open_successes = 0
         self.blocked = new is not CircuitState.CLOSED
-        log.warning("circuit breaker transition kernel=%s from=%s to=%s failures=%d last_error=%r",
-                    self.kernel_id, old.name, new.name, self.failures, self.last_failure)
+        log_event("breaker_transition", logging.INFO if new is CircuitState.CLOSED else logging.WARNING,
+                  kernel=self.kernel_id, from_state=old.name, to_state=new.name, failures=self.failures,
+                  last_error=self.last_failure)
         for fn in list(self._listeners):
             try:
                 fn(self, old, new)

@@ -8,10 +8,13 @@ With telemetry disabled the runtime builds plan runners that touch none of it.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from layerzero.telemetry.logs import log_event
 
 __all__ = ["Telemetry", "KernelStats", "CacheStats", "LATENCY_BUCKETS_US"]
 
@@ -20,7 +23,10 @@ LATENCY_BUCKETS_US: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 100
 
 
 class KernelStats:
-    """Counters for one kernel. ``calls`` counts every invocation, fast path included."""
+    """Counters for one kernel serving one operation. ``calls`` counts every invocation, fast path included.
+
+    ``Telemetry.kernels`` aggregates these per kernel over its operations.
+    """
 
     __slots__ = ("kernel_id", "operation", "calls", "failures", "fallbacks", "latency_buckets", "latency_sum_us",
                  "latency_count")
@@ -74,7 +80,8 @@ class Telemetry:
     def __init__(self) -> None:
         self.enabled = True
         self._lock = threading.Lock()
-        self.kernels: dict[str, KernelStats] = {}
+        # kernel id -> operation -> counters; the hot path holds one KernelStats and bumps it.
+        self._kernel_ops: dict[str, dict[str, KernelStats]] = {}
         self.selections: dict[tuple[str, str], int] = {}
         self.fallback_pairs: dict[tuple[str, str, str], int] = {}
         self.misses = 0
@@ -90,14 +97,38 @@ class Telemetry:
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     def kernel(self, kernel_id: str, operation: str = "") -> KernelStats:
-        s = self.kernels.get(kernel_id)
+        """The counters of ``kernel_id`` serving ``operation`` (created on first use)."""
+        ops = self._kernel_ops.get(kernel_id)
+        s = ops.get(operation) if ops is not None else None
         if s is None:
             with self._lock:
-                s = self.kernels.get(kernel_id)
+                ops = self._kernel_ops.setdefault(kernel_id, {})
+                s = ops.get(operation)
                 if s is None:
                     s = KernelStats(kernel_id, operation)
-                    self.kernels[kernel_id] = s
+                    ops[operation] = s
         return s
+
+    def kernel_operations(self) -> list[KernelStats]:
+        """Every per-(kernel, operation) counter, sorted by kernel then operation."""
+        return [s for _, ops in sorted(list(self._kernel_ops.items())) for _, s in sorted(list(ops.items()))]
+
+    @property
+    def kernels(self) -> dict[str, KernelStats]:
+        """Per-kernel totals over every operation the kernel served (a fresh read-only view)."""
+        out: dict[str, KernelStats] = {}
+        for kid, ops in sorted(list(self._kernel_ops.items())):
+            parts = list(ops.values())
+            total = KernelStats(kid, ",".join(sorted(s.operation for s in parts if s.operation)))
+            for s in parts:
+                total.calls += s.calls
+                total.failures += s.failures
+                total.fallbacks += s.fallbacks
+                total.latency_sum_us += s.latency_sum_us
+                total.latency_count += s.latency_count
+                total.latency_buckets = [a + b for a, b in zip(total.latency_buckets, s.latency_buckets, strict=True)]
+            out[kid] = total
+        return out
 
     # -- events (slow path only) ---------------------------------------------
     def record_selection(self, operation: str, kernel_id: str) -> None:
@@ -144,16 +175,21 @@ class Telemetry:
     def record_invalidation(self) -> None:
         self.cache_invalidations += 1
 
-    def record_reload(self, ok: bool) -> None:
+    def record_reload(self, ok: bool, **fields: Any) -> None:
+        """Count a config reload and log its one line (``fields``: source, duration_ms, error, ...)."""
         if ok:
             self.reloads += 1
         else:
             self.failed_reloads += 1
-        self._emit("reload", {"ok": ok})
+        log_event("config_reload", logging.INFO if ok else logging.WARNING,
+                  result="success" if ok else "failure", **fields)
+        self._emit("reload", {"ok": ok, **fields})
 
-    def record_tuning_run(self) -> None:
+    def record_tuning_run(self, **fields: Any) -> None:
+        """Count a tuning run or decision and log its one line (``fields``: operation, bucket, winner, ...)."""
         self.tuning_runs += 1
-        self._emit("tuning", {})
+        log_event("tuning", **fields)
+        self._emit("tuning", dict(fields))
 
     def record_policy_change(self) -> None:
         self.policy_changes += 1
@@ -165,13 +201,18 @@ class Telemetry:
 
     @property
     def total_calls(self) -> int:
-        return sum(s.calls for s in list(self.kernels.values()))
+        """Kernel invocations, fallback attempts included."""
+        return sum(s.calls for s in self.kernel_operations())
+
+    @property
+    def total_fallbacks(self) -> int:
+        return sum(list(self.fallback_pairs.values()))
 
     @property
     def cache_stats(self) -> CacheStats:
         size, capacity = self._cache_size()
-        calls = self.total_calls
-        hits = max(calls - self.misses, 0)
+        # Each fallback is one extra kernel invocation within the same user call.
+        hits = max(self.total_calls - self.total_fallbacks - self.misses, 0)
         return CacheStats(hits, self.misses, size, capacity, self.cache_evictions, self.cache_invalidations)
 
     def add_listener(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
@@ -193,7 +234,7 @@ class Telemetry:
 
     def reset(self) -> None:
         with self._lock:
-            for s in self.kernels.values():
+            for s in [s for ops in self._kernel_ops.values() for s in ops.values()]:
                 s.calls = s.failures = s.fallbacks = 0
                 s.latency_buckets = [0] * (len(LATENCY_BUCKETS_US) + 1)
                 s.latency_sum_us = 0.0
@@ -209,7 +250,8 @@ class Telemetry:
         cs = self.cache_stats
         return {
             "enabled": self.enabled,
-            "kernels": {k: s.to_dict() for k, s in sorted(self.kernels.items())},
+            "kernels": {k: s.to_dict() for k, s in self.kernels.items()},
+            "dispatch": [s.to_dict() for s in self.kernel_operations()],
             "selections": [{"operation": o, "kernel": k, "count": n} for (o, k), n in sorted(self.selections.items())],
             "fallbacks": [{"operation": o, "from_kernel": f, "to_kernel": t, "count": n}
                           for (o, f, t), n in sorted(self.fallback_pairs.items())],

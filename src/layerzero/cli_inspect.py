@@ -1,0 +1,256 @@
+"""``layerzero list`` and ``layerzero explain``: which kernels exist, and which one a call would get.
+
+``explain`` builds a :class:`~layerzero.context.SelectionContext` from shapes
+given on the command line (through the same ``from_attention`` / ``from_rows``
+builders a real call uses, on meta tensors), so it can explain a CUDA decision
+on a CPU-only machine::
+
+    layerzero explain --op attention.causal --shape q=1,32,1,128 --shape k=1,8,4096,128 \\
+        --dtype bfloat16 --device cuda --sm 90
+
+Exit codes: 0 ok; 1 nothing matched (``list``) or no kernel fits (``explain``,
+which still prints every rejection); 2 usage error (bad shape, unknown operation).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+import torch
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["register", "list_command", "explain_command", "context_from_shapes", "parse_shape"]
+
+_ATTN_NAMES = {"q": "q", "query": "q", "k": "k", "key": "k", "v": "v", "value": "v"}
+_ROW_NAMES = ("x", "input", "hidden_states", "logits")
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+def _json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """``"q=1,32,1,128"`` -> ``("q", (1, 32, 1, 128))``; ``BadParameter`` naming the problem otherwise."""
+    name, sep, dims = text.partition("=")
+    name = name.strip().lower()
+    if not sep or not name or not dims.strip():
+        raise click.BadParameter(f"{text!r}: expected NAME=D1,D2,... (for example q=1,32,1,128)", param_hint="--shape")
+    try:
+        shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: dimensions must be integers", param_hint="--shape") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise click.BadParameter(f"{text!r}: dimensions must be positive", param_hint="--shape")
+    return name, shape
+
+
+def _sm(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    text = value.strip().lower().removeprefix("sm_").removeprefix("sm")
+    try:
+        if "." in text:
+            major, minor = text.split(".", 1)
+            return int(major), int(minor)
+        n = int(text)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a compute capability like 90, 8.6 or sm_80",
+                                 param_hint="--sm") from None
+    return (n // 10, n % 10) if n >= 10 else (n, 0)
+
+
+def context_from_shapes(operation: str, shapes: dict[str, tuple[int, ...]], *, dtype: str | None = None,
+                        device: str = "cpu", sm: tuple[int, int] | None = None, causal: bool = False,
+                        layout: str = "BHSD", mask: str = "none", window: int | None = None,
+                        dropout: float = 0.0, requires_grad: bool = False, interleaved: bool = False,
+                        approximate: str = "none") -> Any:
+    """The SelectionContext a call with tensors of these shapes would build (no memory is allocated).
+
+    Raises:
+        click.BadParameter: a shape is missing, misnamed or of the wrong rank for the operation.
+    """
+    from layerzero.context import SelectionContext, dtype_from_name
+    from layerzero.ops import op_for
+
+    family = op_for(operation).family
+    dev = torch.device(device)
+    if dtype is None:
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    try:
+        dt = dtype_from_name(dtype)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dtype") from None
+    if dev.type == "cuda" and sm is None and not torch.cuda.is_available():
+        raise click.BadParameter("no CUDA device here: say which GPU to explain for, e.g. --sm 90 (H100) or --sm 80",
+                                 param_hint="--sm")
+
+    def meta(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.empty(shape, dtype=dt, device="meta")
+
+    if family == "attention":
+        named = {}
+        for name, shape in shapes.items():
+            if name not in _ATTN_NAMES:
+                raise click.BadParameter(f"attention takes shapes named q, k, v; got {name!r}", param_hint="--shape")
+            named[_ATTN_NAMES[name]] = shape
+        if "q" not in named:
+            raise click.BadParameter("attention needs --shape q=B,H,S,D (and usually k=...)", param_hint="--shape")
+        q_shape = named["q"]
+        k_shape = named.get("k", q_shape)
+        v_shape = named.get("v", k_shape)
+        for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+            if len(shape) != 4:
+                raise click.BadParameter(f"{name} must have 4 dimensions ({layout}), got {len(shape)}",
+                                         param_hint="--shape")
+        mask_t = None
+        if mask != "none":
+            sq = q_shape[1] if layout == "BSHD" else q_shape[2]
+            sk = k_shape[1] if layout == "BSHD" else k_shape[2]
+            mask_t = torch.empty((sq, sk), dtype=torch.bool if mask == "bool" else dt, device="meta")
+        ctx = SelectionContext.from_attention(
+            meta(q_shape), meta(k_shape), meta(v_shape), attn_mask=mask_t,
+            is_causal=causal or operation == "attention.causal", dropout_p=dropout, layout=layout, window=window)
+    else:
+        if len(shapes) != 1:
+            raise click.BadParameter(f"{operation} takes one input shape (x=D1,...,H); got {sorted(shapes) or 'none'}",
+                                     param_hint="--shape")
+        (name, shape), = shapes.items()
+        if name not in _ROW_NAMES:
+            raise click.BadParameter(f"{operation} takes a shape named one of {', '.join(_ROW_NAMES)}; got {name!r}",
+                                     param_hint="--shape")
+        extra: dict[str, Any] = {}
+        if family == "rope":
+            extra["interleaved"] = interleaved
+        if family == "gelu":
+            extra["approximate"] = approximate
+        ctx = SelectionContext.from_rows(meta(shape), requires_grad=False, **extra)
+    changes: dict[str, Any] = {"device": dev, "requires_grad": requires_grad}
+    if dev.type == "cuda" and sm is not None:
+        changes["compute_capability"] = sm  # else: looked up for the real device (a cpu has none)
+    return ctx.replace(**changes)
+
+
+def _usage(exc: Exception) -> click.UsageError:
+    return click.UsageError(str(exc))
+
+
+@click.command("list")
+@click.argument("pattern", default="*", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_command(pattern: str, as_json: bool) -> None:
+    """Kernels whose id or operation matches PATTERN, and whether each can run here (and why not).
+
+    PATTERN is a glob (torch_sdpa_*, attention*); a plain word matches anywhere in the id or operation.
+    """
+    from layerzero.doctor import kernel_rows
+
+    glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"  # a plain word matches as a substring
+    rows = kernel_rows(glob)
+    if as_json:
+        _json({"pattern": pattern, "kernels": rows})
+    else:
+        table = Table(title=f"kernels matching {pattern!r}", title_justify="left")
+        for name, kw in (("kernel", {"no_wrap": True}), ("operation", {"no_wrap": True}), ("backend", {}),
+                         ("priority", {"justify": "right"}), ("usable here", {})):
+            table.add_column(name, **kw)
+        for r in rows:
+            status = "yes" if r["usable"] else "no: " + "; ".join(r["reasons"])
+            table.add_row(r["kernel_id"], r["operation"], r["backend"], str(r["priority"]), status)
+        if rows:
+            _console().print(table)
+    if not rows:
+        click.echo(f"no kernel id or operation matches {pattern!r} (try: layerzero list)", err=True)
+        raise click.exceptions.Exit(1)
+
+
+@click.command("explain")
+@click.option("--op", "operation", required=True, help="Operation, e.g. attention.causal, rms_norm.")
+@click.option("--shape", "shapes", multiple=True, required=True, metavar="NAME=D1,D2,...",
+              help="An input shape: q=/k=/v= for attention (BHSD unless --layout BSHD), x= for the others.")
+@click.option("--dtype", default=None, help="Input dtype (default: bfloat16 on cuda, float32 on cpu).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--sm", default=None, help="Compute capability to explain for (90, 8.6, sm_80); needed for cuda "
+                                          "on a machine without one.")
+@click.option("--causal", is_flag=True, help="Causal attention (implied by attention.causal).")
+@click.option("--layout", type=click.Choice(["BHSD", "BSHD"]), default="BHSD", show_default=True)
+@click.option("--mask", type=click.Choice(["none", "bool", "additive"]), default="none", show_default=True)
+@click.option("--window", type=int, default=None, help="Sliding-window size.")
+@click.option("--dropout", type=float, default=0.0, show_default=True)
+@click.option("--requires-grad", is_flag=True, help="Inputs require grad (kernels without autograd are rejected).")
+@click.option("--interleaved", is_flag=True, help="rope: interleaved variant.")
+@click.option("--approximate", default="none", show_default=True, help="gelu: none or tanh.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def explain_command(operation: str, shapes: tuple[str, ...], dtype: str | None, device: str, sm: str | None,
+                    causal: bool, layout: str, mask: str, window: int | None, dropout: float, requires_grad: bool,
+                    interleaved: bool, approximate: str, as_json: bool) -> None:
+    """Which kernel runs OP for inputs of these shapes, and why every other candidate was rejected."""
+    import layerzero as lz
+    from layerzero.errors import LayerZeroError
+
+    parsed: dict[str, tuple[int, ...]] = {}
+    for text in shapes:
+        name, shape = parse_shape(text)
+        if name in parsed:
+            raise click.BadParameter(f"shape {name!r} given twice", param_hint="--shape")
+        parsed[name] = shape
+    try:
+        ctx = context_from_shapes(operation, parsed, dtype=dtype, device=device, sm=_sm(sm), causal=causal,
+                                  layout=layout, mask=mask, window=window, dropout=dropout,
+                                  requires_grad=requires_grad, interleaved=interleaved, approximate=approximate)
+        exp = lz.explain_context(operation, ctx)
+    except (LayerZeroError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, click.ClickException):
+            raise
+        raise _usage(exc) from None
+    if as_json:
+        _json(exp.to_dict())
+    else:
+        _print_explanation(exp)
+    if exp.selected_kernel is None:
+        raise click.exceptions.Exit(1)
+
+
+def _print_explanation(exp: Any) -> None:
+    from layerzero.selection.engine import format_context
+
+    con = _console()
+    con.print(format_context(exp.operation, exp.context), markup=False)
+    if exp.selected_kernel is None:
+        con.print("no kernel fits: every candidate was rejected", markup=False)
+    else:
+        con.print(f"selected: {exp.selected_kernel} (score {exp.score:g})"
+                  + (f", locked by {exp.locked_by}" if exp.locked_by else ""), markup=False)
+    accepted = [d for d in exp.trace if d.accepted]
+    if accepted:
+        table = Table(title="candidates", title_justify="left")
+        for name, kw in (("rank", {"justify": "right"}), ("kernel", {"no_wrap": True}), ("backend", {}),
+                         ("priority", {"justify": "right"}), ("score", {"justify": "right"}), ("measured", {}),
+                         ("rules", {})):
+            table.add_column(name, **kw)
+        for d in sorted(accepted, key=lambda d: d.rank if d.rank is not None else 1 << 30):
+            measured = "-" if d.measured_us is None else f"{d.measured_us:.2f} us ({d.measured_source})"
+            table.add_row(str(d.rank + 1 if d.rank is not None else "-"), d.kernel_id, d.backend, str(d.priority),
+                          f"{d.score:g}" if d.score is not None else "-", measured, "; ".join(d.rules) or "-")
+        con.print(table)
+    if exp.rejection_reasons:
+        table = Table(title="rejected", title_justify="left", show_lines=True)
+        table.add_column("kernel", no_wrap=True)
+        table.add_column("reasons")
+        for kid, reasons in exp.rejection_reasons.items():
+            table.add_row(kid, "\n".join(f"{r.message} [{r.code}]" for r in reasons))
+        con.print(table)
+    if exp.rules_fired:
+        con.print("policy rules that fired: " + "; ".join(exp.rules_fired), markup=False)
+
+
+def register(cli: click.Group) -> None:
+    """Add ``list`` and ``explain`` to the ``layerzero`` command group."""
+    cli.add_command(list_command)
+    cli.add_command(explain_command)

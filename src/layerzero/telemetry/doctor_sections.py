@@ -1,0 +1,125 @@
+"""Extra ``lz.doctor()`` / ``layerzero doctor`` sections: what is in force and what is wrong right now.
+
+Registered on :data:`layerzero.doctor._doctor_hooks` when this module is
+imported (``layerzero doctor`` imports it; so does ``layerzero.telemetry``'s
+lazy loader for Python callers who want them). Each hook adds one key to
+``report.extra``:
+
+* ``perf_db``: the performance database's location and entry count, when
+  ``layerzero.tuning`` provides one;
+* ``config``: the ``DispatchConfig`` in force, what differs from the
+  defaults, the ``LAYERZERO_*`` variables set, and the policy document loaded;
+* ``runtime``: telemetry on/off, plan-cache counts, open circuit breakers.
+
+Problems that make calls fail or fall back (a breaker not closed, an
+unhealthy backend, a backend installed but failing its probe) go to
+``report.extra["problems"]``; ``layerzero doctor`` exits 1 when there are any.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from layerzero.dispatch.config import ENV_VARS, DispatchConfig
+from layerzero.runtime import get_runtime
+
+__all__ = ["perf_db_section", "config_section", "runtime_section", "install", "problems"]
+
+
+def problems(report: Any) -> list[str]:
+    """The problem list of ``report`` (created on first use)."""
+    return report.extra.setdefault("problems", [])
+
+
+def perf_db_section(report: Any) -> None:
+    """``perf_db``: location and entry count of the performance database, if ``layerzero.tuning`` has one."""
+    try:
+        tuning = importlib.import_module("layerzero.tuning")
+    except ImportError:
+        report.extra["perf_db"] = {"available": False, "reason": "layerzero.tuning is not installed"}
+        return
+    info_fn = getattr(tuning, "perf_db_info", None)
+    if callable(info_fn):
+        info = dict(info_fn())
+        info.setdefault("available", True)
+        report.extra["perf_db"] = info
+        return
+    get_db = next((getattr(tuning, n) for n in ("get_perf_db", "get_global_perf_db") if callable(getattr(tuning, n, None))),
+                  None)
+    if get_db is not None:
+        db = get_db()
+        path = getattr(db, "path", None)
+        entries: Any = None
+        for name in ("entry_count", "count", "__len__"):
+            fn = getattr(db, name, None)
+            if callable(fn):
+                entries = fn()
+                break
+        report.extra["perf_db"] = {"available": True, "path": str(path) if path is not None else None,
+                                   "entries": entries}
+        return
+    report.extra["perf_db"] = {"available": False, "path": os.environ.get("LAYERZERO_PERF_DB"),
+                               "reason": "layerzero.tuning exposes no performance database yet (perf_db_info())"}
+
+
+def config_section(report: Any) -> None:
+    """``config``: the DispatchConfig in force, its changes from the defaults, env vars, policy document."""
+    rt = get_runtime()
+    cfg = rt.config.to_dict()
+    defaults = DispatchConfig().to_dict()
+    changed = {k: v for k, v in cfg.items() if defaults.get(k) != v}
+    env = {var: os.environ[var] for var in ENV_VARS if os.environ.get(var)}
+    for var in ("LAYERZERO_PERF_DB",):
+        if os.environ.get(var):
+            env[var] = os.environ[var]
+    report.extra["config"] = {
+        "dispatch_config": cfg,
+        "changed_from_defaults": changed,
+        "environment": env,
+        "policy_document": rt.policy.document_source,
+        "policy_digest": rt.policy.policy.digest,
+    }
+    if not rt.config.enable_telemetry:
+        report.warnings.append("telemetry is off (enable_telemetry=False): metrics read zero")
+    if rt.config.record_timing:
+        report.warnings.append("record_timing is on: every call reads the clock (slower hot path)")
+    if not rt.config.enable_fallback:
+        report.warnings.append("fallback is off: a failing kernel fails the call")
+
+
+def runtime_section(report: Any) -> None:
+    """``runtime``: telemetry state, plan-cache counts and circuit breakers not closed."""
+    rt = get_runtime()
+    cs = rt.telemetry.cache_stats
+    not_closed = {kid: b.state.name for kid, b in sorted(rt.breakers.all().items()) if b.state.name != "CLOSED"}
+    report.extra["runtime"] = {
+        "telemetry_enabled": rt.telemetry.enabled,
+        "cache": {"hits": cs.hits, "misses": cs.misses, "size": cs.size, "capacity": cs.capacity,
+                  "evictions": cs.evictions},
+        "breakers_not_closed": not_closed,
+    }
+    for kid, state in not_closed.items():
+        problems(report).append(f"circuit breaker for {kid} is {state}: calls skip it until it recovers")
+    for b in report.backends:
+        if not b.get("healthy", True):
+            problems(report).append(f"backend {b['name']} is marked unhealthy: {b.get('health_reason')}")
+        elif not b.get("available") and b.get("version"):  # installed, but its probe failed
+            problems(report).append(f"backend {b['name']} {b['version']} is installed but unusable: {b.get('reason')}")
+    ops = {k["operation"] for k in report.kernels}
+    for op in sorted(ops):
+        if not any(k["usable"] for k in report.kernels if k["operation"] == op):
+            report.warnings.append(f"no kernel for {op} is usable on this machine")
+
+
+def install() -> None:
+    """Register the sections on ``layerzero.doctor._doctor_hooks`` (idempotent)."""
+    from layerzero.doctor import _doctor_hooks
+
+    for hook in (perf_db_section, config_section, runtime_section):
+        if hook not in _doctor_hooks:
+            _doctor_hooks.append(hook)
+
+
+install()
