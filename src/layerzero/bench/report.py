@@ -16,8 +16,21 @@ from layerzero.bench.runner import BenchReport
 __all__ = ["render_markdown"]
 
 
+def _plain(value: Any) -> Any:
+    """Builtin types only (``torch.__version__`` is a str subclass that safe_dump refuses)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return type(value)(value) if type(value) in (int, float) else float(value)
+    return str(value)
+
+
 def _yaml(data: dict[str, Any]) -> str:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120).rstrip()
+    return yaml.safe_dump(_plain(data), sort_keys=False, default_flow_style=None, width=120).rstrip()
 
 
 def render_markdown(report: BenchReport) -> str:
