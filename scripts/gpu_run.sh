@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call: set up the carried wheels, run the GPU test suite, the GPU bench and the tuning benchmark.
+# Usage on the device machine (repo root):  bash scripts/gpu_run.sh [tests|bench|tune|all]...
+# Results land in $OUT (or benchmarks/results/ when OUT is unset).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || echo "wheel install failed"
+  export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+card=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))" 2>/dev/null || echo unknown)
+echo "card: $card"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(all)
+for step in "${steps[@]}"; do
+  case "$step" in
+    tests|all)
+      echo "== pytest -m gpu"
+      python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests_${card}.log" | tail -40
+      ;;
+  esac
+  case "$step" in
+    bench|all)
+      echo "== layerzero bench --device cuda"
+      python3 -m layerzero.cli bench --device cuda --no-import --json "$OUT/bench_${card}.json" 2>&1 \
+        | tee "$OUT/bench_${card}.md" | tail -40
+      ;;
+  esac
+  case "$step" in
+    tune|all)
+      if [ -f scripts/gpu_bench.py ]; then
+        echo "== scripts/gpu_bench.py"
+        python3 scripts/gpu_bench.py 2>&1 | tee "$OUT/gpu_bench_${card}.log" | tail -60
+      fi
+      ;;
+  esac
+done
