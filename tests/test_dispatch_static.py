@@ -1,0 +1,142 @@
+"""STATIC dispatch: the builder, static_kernel_map, resolve() identity, build-time errors, telemetry off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import layerzero as lz
+from layerzero.dispatch import (
+    DispatchConfig,
+    DispatchMode,
+    StaticDispatcherBuilder,
+    create_static_dispatcher,
+)
+from layerzero.errors import ConfigError, InvalidInputError, NoKernelError
+from layerzero.ops.attention import attention_reference
+from layerzero.registry import BackendRegistry, KernelRegistry
+from layerzero.runtime import get_runtime
+from layerzero.spec import KernelSpec
+
+
+@pytest.fixture(autouse=True)
+def restore_global_config():
+    rt = get_runtime()
+    cfg = rt.config
+    yield
+    if rt.config is not cfg:
+        rt.configure(cfg)
+
+
+def flash_attn(q, k, v, attn_mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale)
+
+
+def rms_norm(x, weight, eps):  # type: ignore[no-untyped-def]
+    return torch.rms_norm(x, x.shape[-1:], weight, eps)
+
+
+def _qkv(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, 2, 8, 16, generator=g) for _ in range(3))
+
+
+def test_builder_with_plain_callables():
+    d = (StaticDispatcherBuilder()
+         .with_kernel(flash_attn, operation="attention.causal", default=True)
+         .with_kernel(rms_norm, operation="rms_norm", default=True)
+         .with_config(enable_telemetry=False)
+         .build())
+    assert d.resolve("attention.causal") is flash_attn
+    assert d.resolve("rms_norm") is rms_norm
+    assert d.mode is DispatchMode.STATIC and d.config.mode is DispatchMode.STATIC
+    assert d.runtime is not get_runtime()  # its telemetry switch does not touch lz.*
+    assert get_runtime().config.enable_telemetry == get_runtime().telemetry.enabled
+    q, k, v = _qkv()
+    r = d.dispatch("attention.causal", {"query": q, "key": k, "value": v})
+    torch.testing.assert_close(r.output.double(), attention_reference(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
+    assert (r.kernel_id, r.mode, r.fallback_used) == ("flash_attn", "static", False)
+    tel = d.get_telemetry()
+    assert not tel.enabled and tel.total_calls == 0 and tel.cache_stats.misses == 0
+
+
+def test_builder_with_spec_and_registered_id():
+    spec = KernelSpec("my_rms", "rms_norm", "custom", rms_norm)
+    d = (StaticDispatcherBuilder()
+         .with_kernel(spec, default=True)
+         .with_kernel("torch_sdpa_math", operation="attention.causal")
+         .build())
+    assert d.resolve("rms_norm") is rms_norm
+    assert d.resolve("attention.causal") is lz.get_global_kernel_registry().get("torch_sdpa_math").impl
+    assert set(d.operations) == {"rms_norm", "attention.causal"}
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(d.dispatch("rms_norm", {"x": x}).output, rms_norm(x, None, 1e-6))
+
+
+def test_static_kernel_map_resolves_against_the_registry():
+    cfg = DispatchConfig(mode=DispatchMode.STATIC, static_kernel_map={
+        "attention.causal": "torch_sdpa_math", "attention.cross": "torch_sdpa_math", "rms_norm": "torch_rms_norm"})
+    d = create_static_dispatcher(cfg)
+    assert d.runtime is get_runtime()  # global registries: the global runtime's breakers and telemetry
+    reg = lz.get_global_kernel_registry()
+    assert d.resolve("rms_norm") is reg.get("torch_rms_norm").impl
+    q, k, v = _qkv(1)
+    r = d.dispatch("attention.cross", {"q": q, "k": k[:, :, :5], "v": v[:, :, :5]})
+    want = attention_reference(q, k[:, :, :5], v[:, :, :5])
+    torch.testing.assert_close(r.output.double(), want, atol=1e-5, rtol=1e-5)
+    causal = d.dispatch("attention.causal", {"q": q, "k": k, "v": v}).output
+    torch.testing.assert_close(causal.double(), attention_reference(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
+    # The builder reads the same map.
+    b = StaticDispatcherBuilder().with_config(cfg).build()
+    assert b.resolve("attention.cross") is reg.get("torch_sdpa_math").impl
+
+
+def test_bad_static_entries_fail_at_build_with_every_problem():
+    cfg = DispatchConfig(mode=DispatchMode.STATIC, static_kernel_map={
+        "rms_norm": "torch_rms_nrom", "attention.causal": "torch_rms_norm"})
+    with pytest.raises(ConfigError) as err:
+        create_static_dispatcher(cfg)
+    first, second = err.value.errors
+    assert first.startswith("static_kernel_map['rms_norm']: unknown kernel 'torch_rms_nrom'; did you mean torch_rms_norm")
+    assert second == ("static_kernel_map['attention.causal']: kernel 'torch_rms_norm' implements 'rms_norm', "
+                      "not 'attention.causal'")
+    assert first in str(err.value) and second in str(err.value)
+    with pytest.raises(ConfigError, match=r"already has a default kernel"):
+        (StaticDispatcherBuilder().with_kernel(rms_norm, operation="rms_norm", default=True)
+         .with_kernel(flash_attn, operation="rms_norm", default=True).build())
+    with pytest.raises(InvalidInputError, match=r"operation= is required"):
+        StaticDispatcherBuilder().with_kernel(rms_norm)
+
+
+def test_unavailable_backend_is_a_build_error():
+    backends = BackendRegistry()
+    backends.register("test_missing_lib", module="layerzero_test_no_such_module", pip="pip install no-such-module")
+    spec = KernelSpec("test_missing_rms", "rms_norm", "test_missing_lib", rms_norm)
+    with pytest.raises(ConfigError, match=r"cannot run here: test_missing_lib is not available: python package "
+                                          r"'layerzero_test_no_such_module' is not installed \(install with: pip"):
+        StaticDispatcherBuilder().with_registries(KernelRegistry(), backends).with_kernel(spec, default=True).build()
+
+
+def test_unknown_operation_names_what_is_served():
+    d = StaticDispatcherBuilder().with_kernel(rms_norm, operation="rms_norm", default=True).build()
+    with pytest.raises(NoKernelError, match=r"no kernel for 'layer_norm' \(it serves: rms_norm\)"):
+        d.dispatch("layer_norm", {"x": torch.randn(2, 4)})
+    with pytest.raises(NoKernelError, match=r"it serves: rms_norm"):
+        d.resolve("layer_norm")
+
+
+def test_static_user_operation_gets_keyword_arguments():
+    def fused_bias_gelu(x, bias):
+        return torch.nn.functional.gelu(x + bias)
+
+    d = StaticDispatcherBuilder().with_kernel(fused_bias_gelu, operation="my.bias_gelu", default=True).build()
+    x, b = torch.randn(4, 8), torch.randn(8)
+    assert d.resolve("my.bias_gelu") is fused_bias_gelu
+    torch.testing.assert_close(d.dispatch("my.bias_gelu", {"x": x, "bias": b}).output, fused_bias_gelu(x, b))
+
+
+def test_static_timing_is_recorded_when_asked():
+    d = (StaticDispatcherBuilder().with_kernel(rms_norm, operation="rms_norm", default=True)
+         .with_config(record_timing=True).build())
+    t = d.dispatch("rms_norm", {"x": torch.randn(4, 64)}).timing
+    assert t.recorded and t.kernel_invoke_ns > 0 and t.total_us >= t.execution_us > 0
