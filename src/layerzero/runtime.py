@@ -132,7 +132,10 @@ class Runtime:
         scope = SCOPE.get()
         if scope is None:
             return self.policy.policy
-        return scope.policy + self.policy.policy
+        base = self.policy.policy
+        if scope.hides:  # `with lz.unlock(...)` / `with lz.enabled(...)` lift process-wide rules in the block
+            base = Policy(tuple(r for r in base.rules if not any(h(r) for h in scope.hides)))
+        return scope.policy + base
 
     def scoped_plans(self, policy: Policy) -> dict[Hashable, ExecutionPlan]:
         d = self._scoped.get(policy.digest)

@@ -56,11 +56,13 @@ class PolicyChange:
     """A policy change: already in force process-wide after a plain call, or scoped inside ``with``."""
 
     def __init__(self, describe: str, apply_global: Callable[[], None], undo_global: Callable[[], None],
-                 scoped: Callable[[Policy], Policy], *, in_with: bool) -> None:
+                 scoped: Callable[[Policy], Policy], *, in_with: bool, hide: Callable[[Rule], bool] | None = None
+                 ) -> None:
         self.describe = describe
         self._apply = apply_global
         self._undo = undo_global
         self._scoped = scoped
+        self._hide = hide  # process-wide rules this change lifts inside its block (unlock / enabled)
         self._token: Any = None
         self._applied = False
         if not in_with:
@@ -74,7 +76,10 @@ class PolicyChange:
         parent = SCOPE.get()
         base = parent.policy if parent is not None else Policy(())
         policy = self._scoped(base)
-        self._token = SCOPE.set(Scope(policy, {}, parent))
+        hides = parent.hides if parent is not None else ()
+        if self._hide is not None:
+            hides = (*hides, self._hide)
+        self._token = SCOPE.set(Scope(policy, {}, parent, hides))
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
@@ -147,10 +152,13 @@ def unlock(operation: str) -> PolicyChange:
             state.add(r)
         removed.clear()
 
-    def scoped(base: Policy) -> Policy:
-        return Policy(tuple(r for r in base.rules if not (r.kind == "lock" and r.operation == operation)))
+    def is_lock(r: Rule) -> bool:
+        return r.kind == "lock" and r.operation == operation
 
-    return PolicyChange(f"unlock {operation}", apply, undo, scoped, in_with=_in_with_statement(2))
+    def scoped(base: Policy) -> Policy:
+        return Policy(tuple(r for r in base.rules if not is_lock(r)))
+
+    return PolicyChange(f"unlock {operation}", apply, undo, scoped, in_with=_in_with_statement(2), hide=is_lock)
 
 
 def prefer(backend: str, priority: int = 100, *, operation: str = "*", condition: str | None = None) -> PolicyChange:
@@ -196,7 +204,7 @@ def enabled(backend: str, *, operation: str = "*") -> PolicyChange:
     def scoped(base: Policy) -> Policy:
         return Policy(tuple(r for r in base.rules if not match(r)))
 
-    return PolicyChange(f"enable {backend}", apply, undo, scoped, in_with=_in_with_statement(2))
+    return PolicyChange(f"enable {backend}", apply, undo, scoped, in_with=_in_with_statement(2), hide=match)
 
 
 def configure(source: str | Path | Mapping[str, Any] | None) -> PolicyChange:
@@ -237,4 +245,5 @@ def _compile_condition(condition: str | None, where: str) -> tuple[Any, str | No
         return None, None
     from layerzero.policy.conditions import compile_condition
 
-    return compile_condition(condition), condition
+    # Locks are judged once per call; prefer rules per candidate kernel (backend / kernel are known).
+    return compile_condition(condition, per_kernel=where != "lock", where=f"lz.{where}()"), condition

@@ -8,23 +8,31 @@ runtime), so the cached hot path stays a dictionary read inside a scope too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
-from layerzero.policy.model import Policy
+from layerzero.policy.model import Policy, Rule
 
 __all__ = ["Scope", "current_scope", "SCOPE"]
 
 
 class Scope:
-    """One active layer of scoped policy."""
+    """One active layer of scoped policy.
 
-    __slots__ = ("policy", "plans", "parent")
+    ``hides`` holds predicates over process-wide rules that this scope (or an outer one) lifts,
+    for ``with lz.unlock(...)`` / ``with lz.enabled(...)``: matching process-wide rules do not
+    apply inside the block.
+    """
 
-    def __init__(self, policy: Policy, plans: dict[Any, Any], parent: Scope | None) -> None:
+    __slots__ = ("policy", "plans", "parent", "hides")
+
+    def __init__(self, policy: Policy, plans: dict[Any, Any], parent: Scope | None,
+                 hides: tuple[Callable[[Rule], bool], ...] = ()) -> None:
         self.policy = policy
         self.plans = plans
         self.parent = parent
+        self.hides = hides
 
 
 SCOPE: ContextVar[Scope | None] = ContextVar("layerzero_policy_scope", default=None)

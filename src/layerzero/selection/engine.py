@@ -249,10 +249,14 @@ class SelectionEngine:
             if boosts:
                 env = dict(env_base or {})
                 env["backend"], env["kernel"] = spec.backend, spec.kernel_id
+                preferred = False
                 for r in boosts:
                     if r.targets(spec) and r.holds(env):
                         if r.kind == "prefer" and r.priority is not None:
+                            if preferred:  # earlier rules win: scoped, then programmatic, then the document
+                                continue
                             priority = float(r.priority)
+                            preferred = True
                         elif r.kind == "boost":
                             factor *= r.factor
                         d.rules.append(r.describe())
