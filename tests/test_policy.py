@@ -1,0 +1,453 @@
+"""Policy: lock / unlock / prefer / disabled / enabled / configure, documents, scopes and cached plans."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import layerzero as lz
+from layerzero.errors import KernelNotSupportedError, NoKernelError, PolicyError
+from layerzero.policy.document import MAX_DOCUMENT_BYTES, ConfigWarning, load_policy
+from layerzero.registry import get_global_kernel_registry
+from layerzero.runtime import get_runtime
+from layerzero.spec import KernelSpec
+
+# CPU float32 attention candidates by priority: torch_sdpa 70, torch_sdpa_flash_cpu 60, torch_sdpa_gqa 55,
+# torch_sdpa_math 10.  rms_norm: torch_rms_norm 60, torch_rms_norm_composed 20.
+DEFAULT_ATTN = "torch_sdpa"
+DEFAULT_RMS = "torch_rms_norm"
+
+
+def qkv(seq: int = 8, heads: int = 2, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seq * 31 + heads)
+    return tuple(torch.randn(batch, heads, seq, 16, generator=g) for _ in range(3))  # type: ignore[return-value]
+
+
+def rows(n: int = 4, hidden: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(n * 7 + hidden)
+    return torch.randn(n, hidden, generator=g), torch.randn(hidden, generator=g) + 1.5
+
+
+def which_attn(seq: int = 8) -> str:
+    return lz.which("attention.causal", *qkv(seq))
+
+
+def which_rms() -> str:
+    return lz.which("rms_norm", *rows())
+
+
+def calls(kernel_id: str) -> int:
+    """Invocations of a kernel over every operation (the hot path counts each call)."""
+    stats = get_runtime().telemetry.kernels.get(kernel_id)
+    return stats.calls if stats is not None else 0
+
+
+@pytest.fixture
+def custom_rms() -> Iterator[list[str]]:
+    """A second backend for rms_norm ("custom", priority 40) whose calls are recorded."""
+    seen: list[str] = []
+
+    def custom_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        seen.append("custom")
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+    reg = get_global_kernel_registry()
+    reg.register(KernelSpec("custom_rms_norm", "rms_norm", "custom", custom_rms_norm, priority=40))
+    try:
+        yield seen
+    finally:
+        reg.unregister("custom_rms_norm")
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# -- lock / unlock ------------------------------------------------------------------------------------------
+
+def test_lock_global_and_unlock() -> None:
+    assert which_attn() == DEFAULT_ATTN
+    lz.lock("attention.causal", "torch_sdpa_math")
+    assert which_attn() == "torch_sdpa_math"
+    assert lz.which("attention.full", *qkv()) == DEFAULT_ATTN          # other operations are untouched
+    lz.unlock("attention.causal")
+    assert which_attn() == DEFAULT_ATTN
+
+
+def test_lock_glob_and_backend_lock() -> None:
+    lz.lock("attention.*", "torch_sdpa_gqa")
+    assert which_attn() == "torch_sdpa_gqa"
+    assert lz.which("attention.full", *qkv()) == "torch_sdpa_gqa"
+    lz.unlock("attention.*")
+    lz.lock("rms_norm", backend="torch")
+    assert which_rms() == DEFAULT_RMS
+
+
+def test_lock_scoped_is_restored_on_exit() -> None:
+    lz.lock("attention.causal", "torch_sdpa_gqa")
+    with lz.lock("attention.causal", "torch_sdpa_math"):
+        assert which_attn() == "torch_sdpa_math"
+        with lz.unlock("attention.causal"):
+            assert which_attn() == DEFAULT_ATTN
+        assert which_attn() == "torch_sdpa_math"
+    assert which_attn() == "torch_sdpa_gqa"
+    assert get_runtime().policy.api_rules[0].kernels == ("torch_sdpa_gqa",)   # the scope left nothing behind
+
+
+def test_lock_with_condition_applies_only_where_it_holds() -> None:
+    lz.lock("attention.causal", "torch_sdpa_math", condition="seq_len > 64")
+    assert which_attn(seq=8) == DEFAULT_ATTN
+    assert which_attn(seq=128) == "torch_sdpa_math"
+
+
+def test_lock_on_a_kernel_that_cannot_run_raises_with_reasons() -> None:
+    lz.lock("attention.causal", "torch_sdpa_flash")
+    with pytest.raises(KernelNotSupportedError, match=r"locked by lock attention.causal -> torch_sdpa_flash.*"
+                                                      r"device is cpu, kernel runs on cuda"):
+        which_attn()
+
+
+def test_lock_unknown_kernel_and_bad_arguments() -> None:
+    with pytest.raises(lz.KernelNotFoundError, match=r"unknown kernel 'torch_sdpa_mth'; did you mean torch_sdpa_math"):
+        lz.lock("attention.causal", "torch_sdpa_mth")
+    with pytest.raises(PolicyError, match=r"exactly one of kernel= or backend="):
+        lz.lock("attention.causal")
+    with pytest.raises(PolicyError, match=r"lz.lock\(\): 'kernel' is only known to rules judged per kernel"):
+        lz.lock("attention.causal", "torch_sdpa_math", condition="kernel == 'torch_sdpa'")
+    with pytest.raises(PolicyError, match=r"function calls are not allowed at position 10"):
+        lz.lock("attention.causal", "torch_sdpa_math", condition="__import__('os')")
+    assert get_runtime().policy.api_rules == ()
+
+
+# -- disabled / enabled, prefer -----------------------------------------------------------------------------------
+
+def test_disabled_and_enabled_backend(custom_rms: list[str]) -> None:
+    lz.disabled("torch")
+    assert which_rms() == "custom_rms_norm"
+    with pytest.raises(NoKernelError, match=r"denied by policy: deny \* -> backend torch"):
+        which_attn()
+    with lz.enabled("torch"):
+        assert which_rms() == DEFAULT_RMS
+    assert which_rms() == "custom_rms_norm"
+    lz.enabled("torch")
+    assert which_rms() == DEFAULT_RMS
+
+
+def test_disabled_scoped(custom_rms: list[str]) -> None:
+    with lz.disabled("torch", operation="rms_norm"):
+        assert which_rms() == "custom_rms_norm"
+        assert which_attn() == DEFAULT_ATTN
+    assert which_rms() == DEFAULT_RMS
+
+
+def test_prefer_and_scoped_prefer_wins_over_global(custom_rms: list[str]) -> None:
+    assert which_rms() == DEFAULT_RMS
+    lz.prefer("custom", priority=100)
+    assert which_rms() == "custom_rms_norm"
+    with lz.prefer("custom", priority=1):                  # the scoped (earlier) rule wins
+        assert which_rms() == DEFAULT_RMS
+    assert which_rms() == "custom_rms_norm"
+
+
+def test_prefer_with_per_kernel_condition(custom_rms: list[str]) -> None:
+    lz.prefer("custom", priority=100, condition="kernel == 'custom_rms_norm' and hidden_size >= 64")
+    assert which_rms() == DEFAULT_RMS                     # hidden_size 32
+    assert lz.which("rms_norm", *rows(hidden=64)) == "custom_rms_norm"
+    with pytest.raises(PolicyError, match=r"priority must be an int between 0 and 1000, got 5000"):
+        lz.prefer("custom", priority=5000)
+
+
+# -- policy documents --------------------------------------------------------------------------------------------
+
+POLICY_YAML = """\
+version: "1.0"
+locks:
+  - operation: "attention.causal"
+    kernel: torch_sdpa_math
+    condition: "seq_len > 64"
+denies:
+  - operation: "attention.*"
+    kernels: ["torch_sdpa"]
+allows:
+  - operation: "rms_norm"
+    backends: ["torch"]
+    kernels: ["custom_*"]
+boosts:
+  - operation: "attention.*"
+    kernel: torch_sdpa_gqa
+    boost_factor: 2.0
+    condition: "batch_size >= 2"
+"""
+
+
+def test_configure_yaml_file_changes_which_exactly_as_documented(tmp_path: Path) -> None:
+    path = write(tmp_path, "policy.yaml", POLICY_YAML)
+    lz.configure(path)
+    assert which_attn(seq=128) == "torch_sdpa_math"                          # lock, condition holds
+    assert which_attn(seq=8) == "torch_sdpa_flash_cpu"                       # torch_sdpa denied: next is 60
+    assert lz.which("attention.causal", *qkv(batch=2)) == "torch_sdpa_gqa"   # boost 55 * 2 = 110 > 60
+    assert which_rms() == DEFAULT_RMS                                         # allowed by backend
+    exp = lz.explain(*qkv(seq=128), operation="attention.causal")
+    assert exp.locked_by == f"lock attention.causal -> torch_sdpa_math if seq_len > 64 ({path}: locks[0])"
+    denied = lz.explain(*qkv(), operation="attention.causal").rejection_reasons["torch_sdpa"]
+    assert [r.code for r in denied] == ["POLICY_DENIED"]
+    assert f"({path}: denies[0])" in denied[0].message
+    lz.configure({"version": "1.0"})                                          # clears the document
+    assert which_attn(seq=128) == DEFAULT_ATTN
+
+
+def test_allows_reject_everything_else(custom_rms: list[str]) -> None:
+    lz.configure({"version": "1.0", "allows": [{"operation": "rms_norm", "kernels": ["torch_rms_norm_composed"]}]})
+    assert which_rms() == "torch_rms_norm_composed"
+    exp = lz.explain(*rows(), operation="rms_norm")
+    assert exp.rejection_reasons["custom_rms_norm"][0].code == "POLICY_NOT_ALLOWED"
+    assert which_attn() == DEFAULT_ATTN                     # the allow list is for rms_norm only
+
+
+def test_allow_with_condition_and_deny_with_kernel_condition() -> None:
+    lz.configure({"version": "1.0",
+                  "allows": [{"operation": "attention.*", "kernels": ["torch_sdpa_math"], "condition": "seq_len > 64"}],
+                  "denies": [{"operation": "rms_norm", "backends": ["torch"],
+                              "condition": "kernel == 'torch_rms_norm' and hidden_size < 64"}]})
+    assert which_attn(seq=8) == DEFAULT_ATTN
+    assert which_attn(seq=128) == "torch_sdpa_math"
+    assert which_rms() == "torch_rms_norm_composed"
+    assert lz.which("rms_norm", *rows(hidden=64)) == DEFAULT_RMS
+
+
+def test_configure_scoped_document(tmp_path: Path) -> None:
+    path = write(tmp_path, "policy.yaml", POLICY_YAML)
+    with lz.configure(path):
+        assert which_attn(seq=128) == "torch_sdpa_math"
+    assert which_attn(seq=128) == DEFAULT_ATTN
+    assert get_runtime().policy.document.rules == ()
+
+
+def test_programmatic_lock_wins_over_the_document(tmp_path: Path) -> None:
+    lz.configure(write(tmp_path, "policy.yaml", POLICY_YAML))
+    lz.lock("attention.causal", "torch_sdpa_gqa")
+    assert which_attn(seq=128) == "torch_sdpa_gqa"
+
+
+def test_json_document_and_text_document(tmp_path: Path) -> None:
+    path = write(tmp_path, "policy.json", '{"version": "1.0", "locks": [{"operation": "rms_norm", '
+                                          '"kernel": "torch_rms_norm_composed"}]}')
+    lz.configure(path)
+    assert which_rms() == "torch_rms_norm_composed"
+    lz.configure('version: "1.0"\ndenies: [{operation: rms_norm, kernels: [torch_rms_norm]}]\n')
+    assert which_rms() == "torch_rms_norm_composed"
+
+
+def test_invalid_document_lists_every_error_and_changes_nothing(tmp_path: Path) -> None:
+    lz.configure({"version": "1.0", "locks": [{"operation": "rms_norm", "kernel": "torch_rms_norm_composed"}]})
+    bad = write(tmp_path, "bad.yaml", """\
+version: "1.0"
+locks:
+  - operation: "attention.*"
+    kernel: torch_sdpa_flsh
+    condition: "sm >= 'x'"
+  - kernel: 5
+  - operation: rms_norm
+    kernel: torch_sdpa_math
+allows:
+  - backends: torch
+denies:
+  - operation: "*"
+boosts:
+  - backend: torch
+    boost_factor: 0
+  - kernel: torch_sdpa_math
+    boost_factor: 2
+    condition: "__import__('os').system('true')"
+extra: 1
+""")
+    with pytest.raises(PolicyError) as info:
+        lz.configure(bad)
+    errors = info.value.errors
+    assert errors == [
+        "extra: unknown key (expected one of: version, description, locks, allows, denies, boosts)",
+        "locks[0].kernel: unknown kernel 'torch_sdpa_flsh'; did you mean torch_sdpa_flash, torch_sdpa_flash_cpu, "
+        "torch_sdpa_math?",
+        "locks[0].condition: cannot compare sm (int) with 'x' (str) using '>=' at position 3\n    sm >= 'x'\n"
+        "       ^",
+        "locks[1].operation: is required (the operation glob to lock)",
+        "locks[1].kernel: must be a string, got 5",
+        "locks[2].kernel: kernel 'torch_sdpa_math' implements 'attention', not 'rms_norm'",
+        "allows[0].backends: must be a list of backend globs, got 'torch' (a string)",
+        "denies[0]: needs backends and/or kernels (lists of globs)",
+        "boosts[0].boost_factor: must be greater than 0 and at most 1e+06, got 0",
+        "boosts[1].condition: function calls are not allowed at position 10\n"
+        "    __import__('os').system('true')\n              ^",
+    ]
+    assert str(info.value).startswith(f"{bad}: invalid policy (10 errors):")
+    assert which_rms() == "torch_rms_norm_composed"            # the old document is still in force
+
+
+def test_unknown_kernels_can_be_warnings() -> None:
+    doc = {"version": "1.0", "denies": [{"kernels": ["acme_rms_norm"]}], "locks": []}
+    with pytest.raises(PolicyError, match=r"denies\[0\].kernels\[0\]: unknown kernel 'acme_rms_norm'"):
+        load_policy(doc)
+    with pytest.warns(ConfigWarning, match=r"denies\[0\].kernels\[0\]: unknown kernel 'acme_rms_norm'"):
+        policy = load_policy(doc, unknown_kernels="warn")
+    assert policy.to_list() == ["deny * -> acme_rms_norm (dict: denies[0])"]
+    load_policy({"version": "1.0", "denies": [{"kernels": ["acme_*"]}]})   # a glob may match nothing
+
+
+@pytest.mark.parametrize("text, message", [
+    ("version: '1.0'\nlocks: [", r"invalid YAML at line 2"),
+    ("a: &x [1, 2]\nb: *x\nversion: '1.0'", r"YAML anchors and aliases are not supported"),
+    ("version: '2.0'", r"version: unsupported version '2.0' \(supported: 1.0\)"),
+    ("locks: []", r"version: is required"),
+    ("- 1\n- 2", r"a policy document must be a mapping"),
+    ("version: '1.0'\nlocks: {operation: x}", r"locks: must be a list of rules, got a mapping"),
+    ("[" * 2000 + "]" * 2000, r"nested too deeply|nested more than 32 levels"),
+])
+def test_document_shape_errors(text: str, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        lz.configure(text)
+
+
+def test_document_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match=r"missing.yaml: file not found"):
+        lz.configure(tmp_path / "missing.yaml")
+    big = tmp_path / "big.yaml"
+    big.write_text("version: '1.0'\n" + "#" * (MAX_DOCUMENT_BYTES + 10))
+    with pytest.raises(PolicyError, match=r"more than the 1048576 allowed"):
+        lz.configure(big)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"version: '1.0'\n\xff\xfe")
+    with pytest.raises(PolicyError, match=r"not UTF-8 text"):
+        lz.configure(binary)
+    with pytest.raises(PolicyError, match=r"invalid JSON at line 1"):
+        lz.configure(write(tmp_path, "p.json", "{version: 1}"))
+
+
+def test_yaml_float_version_is_accepted() -> None:
+    assert load_policy("version: 1.0\n").rules == ()
+
+
+# -- scopes are thread- and task-local ------------------------------------------------------------------------------
+
+def test_scope_in_one_thread_does_not_affect_another() -> None:
+    inside = threading.Event()
+    done = threading.Event()
+    seen: dict[str, str] = {}
+
+    def worker() -> None:
+        with lz.lock("attention.causal", "torch_sdpa_math"):
+            seen["worker"] = which_attn()
+            lz.attention(*qkv(), is_causal=True)
+            inside.set()
+            done.wait(10)
+            seen["worker_after"] = which_attn()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert inside.wait(10)
+    seen["main"] = which_attn()
+    before = calls(DEFAULT_ATTN)
+    lz.attention(*qkv(), is_causal=True)                  # main thread's hot path: not the worker's scope
+    assert calls(DEFAULT_ATTN) == before + 1
+    done.set()
+    t.join(10)
+    assert seen == {"worker": "torch_sdpa_math", "main": DEFAULT_ATTN, "worker_after": "torch_sdpa_math"}
+
+
+def test_new_threads_do_not_inherit_a_scope() -> None:
+    seen: list[str] = []
+    with lz.lock("attention.causal", "torch_sdpa_math"):
+        t = threading.Thread(target=lambda: seen.append(which_attn()))
+        t.start()
+        t.join(10)
+    assert seen == [DEFAULT_ATTN]
+
+
+def test_scopes_are_asyncio_task_local() -> None:
+    async def locked(entered: asyncio.Event, release: asyncio.Event) -> tuple[str, str]:
+        with lz.lock("attention.causal", "torch_sdpa_math"):
+            first = which_attn()
+            entered.set()
+            await release.wait()
+            return first, which_attn()
+
+    async def plain(entered: asyncio.Event, release: asyncio.Event) -> str:
+        await entered.wait()
+        try:
+            return which_attn()
+        finally:
+            release.set()
+
+    async def main() -> tuple[tuple[str, str], str]:
+        entered, release = asyncio.Event(), asyncio.Event()
+        return await asyncio.gather(locked(entered, release), plain(entered, release))  # type: ignore[return-value]
+
+    (first, again), other = asyncio.run(main())
+    assert (first, again, other) == ("torch_sdpa_math", "torch_sdpa_math", DEFAULT_ATTN)
+
+
+# -- every policy change reaches the cached hot path -------------------------------------------------------------
+
+def test_policy_changes_invalidate_cached_plans_on_the_hot_path(tmp_path: Path) -> None:
+    q, k, v = qkv()
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    lz.attention(q, k, v, is_causal=True)
+    lz.attention(q, k, v, is_causal=True)                 # cached now
+    steps = [
+        (lambda: lz.lock("attention.causal", "torch_sdpa_math"), "torch_sdpa_math"),
+        (lambda: lz.unlock("attention.causal"), DEFAULT_ATTN),
+        (lambda: lz.disabled("torch", operation="attention.full"), DEFAULT_ATTN),
+        (lambda: lz.configure({"version": "1.0", "denies": [{"kernels": ["torch_sdpa"]}]}), "torch_sdpa_flash_cpu"),
+        (lambda: lz.configure(write(tmp_path, "p.yaml", POLICY_YAML)), "torch_sdpa_flash_cpu"),
+        (lambda: lz.configure({"version": "1.0", "boosts": [{"kernel": "torch_sdpa_gqa", "boost_factor": 10}]}),
+         "torch_sdpa_gqa"),
+        (lambda: lz.configure(None), DEFAULT_ATTN),
+    ]
+    for change, expected in steps:
+        change()
+        before = calls(expected)
+        for _ in range(3):
+            out = lz.attention(q, k, v, is_causal=True)
+            torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        assert calls(expected) == before + 3, expected
+
+
+def test_scoped_policy_reaches_the_hot_path_and_leaves_with_the_scope(custom_rms: list[str]) -> None:
+    x, w = rows()
+    ref = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    for _ in range(2):
+        lz.rms_norm(x, w)
+    assert custom_rms == []
+    with lz.prefer("custom", priority=500):
+        for _ in range(3):
+            torch.testing.assert_close(lz.rms_norm(x, w).double(), ref, atol=1e-5, rtol=1e-5)
+    assert custom_rms == ["custom"] * 3
+    lz.rms_norm(x, w)
+    assert custom_rms == ["custom"] * 3
+    lz.prefer("custom", priority=500)                     # process-wide now: the cached plan is replaced
+    lz.rms_norm(x, w)
+    lz.rms_norm(x, w)
+    assert custom_rms == ["custom"] * 5
+
+
+def test_configure_accepts_a_dispatch_config_document() -> None:
+    lz.configure({"version": "1.0", "kernel_locks": {"rms_norm": "torch_rms_norm_composed"},
+                  "fallback_chains": {"attention.causal": ["torch_sdpa_gqa", "torch_sdpa_math"]}})
+    assert which_rms() == "torch_rms_norm_composed"
+    assert which_attn() == "torch_sdpa_gqa"
+    ranked = [k for k, _ in lz.explain(*qkv(), operation="attention.causal").candidates]
+    assert ranked == ["torch_sdpa_gqa", "torch_sdpa_math", "torch_sdpa", "torch_sdpa_flash_cpu"]
+
+
+def test_warnings_module_clean_for_valid_documents() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_policy({"version": "1.0", "boosts": [{"backend": "torch", "boost_factor": 1.5}]})
