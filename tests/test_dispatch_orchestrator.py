@@ -9,6 +9,7 @@ import layerzero.dispatch.dispatcher as dispatcher_mod
 from layerzero.dispatch import (
     DispatchConfig,
     DispatchMode,
+    DynamicDispatcher,
     create_dynamic_dispatcher,
     create_orchestrator,
     dispatch,
@@ -63,8 +64,10 @@ def test_auto_routes_static_then_config_then_dynamic(norm_inputs):
     with pytest.raises(NoKernelError, match=r"dispatched in DYNAMIC mode.*static operations only"):
         o.resolve("attention.causal")
     # A loaded config takes every operation without a static entry.
-    cfg_d = create_dynamic_dispatcher()
-    cfg_d.mode = DispatchMode.CONFIG  # stands in for the config-file dispatcher
+    class StandInConfigDispatcher(DynamicDispatcher):  # stands in for the config-file dispatcher
+        mode = DispatchMode.CONFIG
+
+    cfg_d = StandInConfigDispatcher(get_runtime())
     o.set_config_dispatcher(cfg_d)
     assert o.mode_for("attention.causal") is DispatchMode.CONFIG
     assert o.mode_for("rms_norm") is DispatchMode.STATIC

@@ -115,6 +115,7 @@ class Dispatcher:
         self._version = runtime.version
         self._config_seen = runtime.config
         self._timed = runtime.config.record_timing
+        self._mode_value = self.mode.value  # an enum's .value costs a descriptor call per dispatch
 
     # -- configuration -------------------------------------------------------------------------------
     @property
@@ -251,10 +252,10 @@ class Dispatcher:
             out = out.transpose(1, 2)
         if ran is None:
             return DispatchResult(out, plan.kernels[0].kernel_id, operation, False, 1, NOT_TIMED, cached,
-                                  self.mode.value)
+                                  self._mode_value)
         used, index = ran
         return DispatchResult(out, used.kernels[index].kernel_id, operation, index > 0, index + 1, NOT_TIMED, cached,
-                              self.mode.value)
+                              self._mode_value)
 
     def _select(self, op: OpDef, operation: str, args: tuple[Any, ...], context: SelectionContext | None
                 ) -> ExecutionPlan:
@@ -326,10 +327,11 @@ class Dispatcher:
                                 total_us=(t5 - t0) / 1000.0, context_build_ns=build_ns, cache_lookup_ns=t2 - t1,
                                 kernel_invoke_ns=t4 - t3, recorded=True)
         if ran is None:
-            return DispatchResult(out, plan.kernels[0].kernel_id, operation, False, 1, timing, cached, self.mode.value)
+            return DispatchResult(out, plan.kernels[0].kernel_id, operation, False, 1, timing, cached,
+                                  self._mode_value)
         used, index = ran
         return DispatchResult(out, used.kernels[index].kernel_id, operation, index > 0, index + 1, timing, cached,
-                              self.mode.value)
+                              self._mode_value)
 
     def __call__(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None = None,
                  **kwargs: Any) -> Any:

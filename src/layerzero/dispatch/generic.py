@@ -92,7 +92,7 @@ def op_for_dispatch(operation: str) -> OpDef:
 def map_inputs(op: OpDef, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]
                ) -> tuple[tuple[Any, ...], bool]:
     """``(canonical args, transposed)``: ``transposed`` means the output must go back to BSHD."""
-    if not isinstance(inputs, Mapping):
+    if type(inputs) is not dict and not isinstance(inputs, Mapping):
         raise InvalidInputError(f"dispatch({operation!r}): inputs must be a dict of tensors keyed by name "
                                 f"(for example {{'query': q, 'key': k, 'value': v}}), got {type(inputs).__name__}")
     if op.family != "attention":
