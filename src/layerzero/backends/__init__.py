@@ -21,7 +21,7 @@ __all__ = ["BUILTIN_BACKENDS", "load_builtin_backends"]
 log = logging.getLogger("layerzero")
 
 # Modules under layerzero.backends, in registration order.
-BUILTIN_BACKENDS: tuple[str, ...] = ("torch_backend",)
+BUILTIN_BACKENDS: tuple[str, ...] = ("torch_backend", "flash_attn", "flashinfer", "xformers", "flex", "liger")
 
 _loaded: set[int] = set()
 

@@ -1,0 +1,143 @@
+"""The FlashInfer backend: single-request prefill and batched decode.
+
+* ``flashinfer_prefill``: ``flashinfer.single_prefill_with_kv_cache(q, k, v,
+  causal=, kv_layout="HND", sm_scale=, window_left=)`` for one request
+  (batch 1). q goes in as (seq_q, heads, head_dim); k/v stay (kv_heads, seq_k,
+  head_dim), which is the "HND" layout, with no copy.
+* ``flashinfer_decode``: ``BatchDecodeWithPagedKVCacheWrapper`` with one page
+  per sequence and the HND layout: our k/v (batch, kv_heads, seq_k, head_dim)
+  *are* a paged cache of ``batch`` pages of ``seq_k`` tokens, so no copy is
+  made. ``plan()`` runs once per shape (a small cache of wrappers sharing one
+  128 MiB workspace per device); ``run(q, (k, v))`` per call. A general paged
+  KV cache is outside the ``lz.attention`` API.
+
+FlashInfer aligns causal masks and windows to the lower right (the query
+block is the *last* ``seq_q`` positions), so both specs declare
+``causal_alignment="lower_right"`` and accept a window only when
+``seq_q == seq_k``. Head dims 64, 128 and 256 (the sizes FlashInfer's
+prebuilt and JIT kernels cover); fp16/bf16; no explicit mask, no dropout;
+inference only (no autograd).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from layerzero.context import SelectionContext
+from layerzero.registry import BackendRegistry, KernelRegistry
+from layerzero.spec import KernelSpec, Reason, ReasonCode
+
+__all__ = ["register", "flashinfer_prefill", "flashinfer_decode", "FLASHINFER_KERNEL_IDS", "HEAD_DIMS"]
+
+_PIP = "pip install flashinfer-python"
+HEAD_DIMS = frozenset({64, 128, 256})
+_WORKSPACE_BYTES = 128 * 1024 * 1024
+_MAX_WRAPPERS = 32
+
+_lock = threading.Lock()
+_workspaces: dict[tuple[str, int | None], torch.Tensor] = {}
+_wrappers: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+
+@functools.cache
+def _lib() -> Any:
+    try:
+        return importlib.import_module("flashinfer")
+    except ImportError as exc:
+        raise ImportError(f"flashinfer is not installed or broken ({exc}); install with: {_PIP}") from exc
+
+
+def _window_left(window: int | None) -> int:
+    return -1 if window is None else int(window) - 1
+
+
+def flashinfer_prefill(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+    out = _lib().single_prefill_with_kv_cache(
+        q[0].transpose(0, 1).contiguous(), k[0].contiguous(), v[0].contiguous(), causal=bool(is_causal or window is not None),
+        kv_layout="HND", sm_scale=scale, window_left=_window_left(window))
+    return out.transpose(0, 1).unsqueeze(0)  # (seq_q, heads, d) -> (1, heads, seq_q, d)
+
+
+def _decode_wrapper(q: torch.Tensor, k: torch.Tensor, scale: float | None, window: int | None) -> Any:
+    b, hq, _, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    dev = q.device
+    key = (dev.type, dev.index, q.dtype, b, hq, hkv, sk, d, scale, window)
+    wrapper = _wrappers.get(key)
+    if wrapper is not None:
+        return wrapper
+    fi = _lib()
+    with _lock:
+        ws = _workspaces.get((dev.type, dev.index))
+        if ws is None:
+            ws = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+            _workspaces[(dev.type, dev.index)] = ws
+    wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "HND")
+    indptr = torch.arange(b + 1, dtype=torch.int32, device=dev)
+    indices = torch.arange(b, dtype=torch.int32, device=dev)
+    last_len = torch.full((b,), sk, dtype=torch.int32, device=dev)
+    wrapper.plan(indptr, indices, last_len, hq, hkv, d, sk, pos_encoding_mode="NONE",
+                 window_left=_window_left(window), q_data_type=q.dtype, kv_data_type=k.dtype, sm_scale=scale)
+    with _lock:
+        _wrappers[key] = wrapper
+        while len(_wrappers) > _MAX_WRAPPERS:
+            _wrappers.popitem(last=False)
+    return wrapper
+
+
+def flashinfer_decode(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+    wrapper = _decode_wrapper(q, k, scale, window)
+    out = wrapper.run(q[:, :, 0].contiguous(), (k.contiguous(), v.contiguous()))  # q (batch, heads, d); paged cache (pages, kv_heads, page_size, d)
+    return out.unsqueeze(2)
+
+
+def _check(ctx: SelectionContext) -> list[Reason]:
+    out = []
+    if ctx.head_dim is not None and ctx.head_dim not in HEAD_DIMS:
+        out.append(Reason(ReasonCode.HEAD_DIM_ALIGNMENT,
+                          f"head_dim={ctx.head_dim} (FlashInfer kernels: {', '.join(map(str, sorted(HEAD_DIMS)))})"))
+    if ctx.window is not None and ctx.seq_len_q is not None and ctx.seq_len_k is not None \
+            and ctx.seq_len_q != ctx.seq_len_k:
+        out.append(Reason(ReasonCode.CAUSAL_ALIGNMENT,
+                          f"sliding window is anchored lower-right, which differs from layerzero's upper-left window "
+                          f"when seq_len_q={ctx.seq_len_q} != seq_len_k={ctx.seq_len_k}"))
+    return out
+
+
+def _decode_check(ctx: SelectionContext) -> list[Reason]:
+    out = _check(ctx)
+    if ctx.seq_len_q is not None and ctx.seq_len_q != 1:
+        out.append(Reason(ReasonCode.CUSTOM, f"decode kernel: seq_len_q={ctx.seq_len_q} (needs exactly 1 query token)"))
+    return out
+
+
+def _specs() -> list[KernelSpec]:
+    half = frozenset({torch.float16, torch.bfloat16})
+    tol = {"float16": (4e-3, 4e-3), "bfloat16": (2.5e-2, 2.5e-2)}
+    common: dict[str, Any] = dict(platforms=frozenset({"cuda"}), min_compute_capability=(8, 0), dtypes=half,
+                                  head_dim_v_equal=True, mask_kinds=frozenset({"none"}),
+                                  causal_alignment="lower_right", supports_dropout=False, supports_autograd=False,
+                                  compile_safe=False, tolerance=tol)
+    return [
+        KernelSpec("flashinfer_prefill", "attention", "flashinfer", flashinfer_prefill, priority=62,
+                   max_batch_size=1, supports_window=True, extra_check=_check,
+                   description="flashinfer.single_prefill_with_kv_cache (one request, HND k/v)", **common),
+        KernelSpec("flashinfer_decode", "attention", "flashinfer", flashinfer_decode, priority=62,
+                   supports_window=False, cuda_graph_safe=False, extra_check=_decode_check,
+                   description="flashinfer BatchDecodeWithPagedKVCacheWrapper, one HND page per sequence", **common),
+    ]
+
+
+FLASHINFER_KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in _specs())
+
+
+def register(kernels: KernelRegistry, backends: BackendRegistry) -> list[KernelSpec]:
+    """Register the flashinfer backend and its kernels (idempotent)."""
+    backends.register("flashinfer", module="flashinfer", pip=_PIP)
+    return [kernels.register(s) for s in _specs() if s.kernel_id not in kernels]

@@ -1,0 +1,161 @@
+"""The FlexAttention backend: ``torch.nn.attention.flex_attention``, compiled once per shape family.
+
+FlexAttention ships with PyTorch (2.5+) and generates a fused Triton kernel
+for a mask written as Python (``mask_mod``). Its value here is causal and
+sliding-window attention without a dense mask, with native GQA
+(``enable_gqa=True``).
+
+* Compiled once per shape family (device, dtype, head dims) with dynamic
+  batch, head and sequence sizes (see ``_family_fn``), on the family's first
+  call. ``enable_gqa=True`` always (it is exact for equal head counts too).
+* Block masks (``create_block_mask``) are built once per (query length, key
+  length, causal, window, device) and kept in a small cache.
+* The causal mask is upper-left aligned (``q_idx >= kv_idx``), as in
+  ``F.scaled_dot_product_attention``, so no alignment restriction applies.
+
+Constraints from the implementation (``torch/_inductor/kernel/flex``): head
+dim >= 16 on CUDA, query heads per KV head a power of two (decoding kernel),
+no explicit ``attn_mask`` and no dropout. CUDA only: on the CPU FlexAttention
+needs a C++ toolchain and is slower than SDPA. Compiled code and the block-mask
+cache are not safe to build during CUDA-graph capture or inside another
+``torch.compile`` trace, so those contexts reject it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import types
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from layerzero.context import SelectionContext
+from layerzero.registry import BackendRegistry, KernelRegistry
+from layerzero.spec import KernelSpec, Reason, ReasonCode
+
+__all__ = ["register", "flex_attention_kernel", "block_mask_for", "FLEX_KERNEL_IDS"]
+
+_MASK_CACHE_SIZE = 64
+_masks: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_compiled: dict[tuple[Any, ...], Any] = {}
+_lock = threading.Lock()
+
+
+def _flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, scale: float | None) -> Any:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
+def _family_fn(q: torch.Tensor, v: torch.Tensor) -> Any:
+    """The compiled FlexAttention for this shape family (device, dtype, head dims).
+
+    Each family gets its own code object (a copy of ``_flex_call``'s), because
+    Dynamo keeps its cache and its recompile limit per code object: one shared
+    compiled function would hit the limit after a handful of families and fall
+    back to eager FlexAttention, which materializes the score matrix. Within a
+    family, batch, heads and sequence lengths are dynamic, so it compiles once.
+    """
+    key = (q.device.type, q.device.index, q.dtype, q.shape[-1], v.shape[-1])
+    fn = _compiled.get(key)
+    if fn is None:
+        with _lock:
+            fn = _compiled.get(key)
+            if fn is None:
+                code = _flex_call.__code__.replace(co_name=f"_flex_family_{len(_compiled)}")
+                family = types.FunctionType(code, _flex_call.__globals__, code.co_name)
+                fn = torch.compile(family, dynamic=True)
+                _compiled[key] = fn
+    return fn
+
+
+def _mask_mod(is_causal: bool, window: int | None) -> Any:
+    if window is not None:
+        w = int(window)
+
+        def sliding(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < w)
+
+        return sliding
+    if is_causal:
+        def causal(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            return q_idx >= kv_idx
+
+        return causal
+    from torch.nn.attention.flex_attention import noop_mask
+
+    return noop_mask
+
+
+def block_mask_for(sq: int, sk: int, is_causal: bool, window: int | None, device: torch.device) -> Any:
+    """The cached BlockMask for (seq_q, seq_k, causal, window) on ``device`` (all-visible when neither is set).
+
+    Unmasked calls get an explicit all-visible mask too, so every call of a family
+    traces the same graph.
+    """
+    key = (sq, sk, bool(is_causal), window, device.type, device.index)
+    found = _masks.get(key)
+    if found is not None:
+        return found
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask = create_block_mask(_mask_mod(is_causal, window), None, None, sq, sk, device=device)
+    with _lock:
+        _masks[key] = mask
+        while len(_masks) > _MASK_CACHE_SIZE:
+            _masks.popitem(last=False)
+    return mask
+
+
+def flex_attention_kernel(q, k, v, mask, is_causal, dropout_p, scale, window, *, compiled=True):  # type: ignore[no-untyped-def]
+    """FlexAttention on canonical BHSD arguments (``compiled=False`` runs eagerly, for tests)."""
+    bm = block_mask_for(q.shape[2], k.shape[2], is_causal, window, q.device)
+    fn = _family_fn(q, v) if compiled else _flex_call
+    return fn(q, k, v, bm, scale)
+
+
+def _check(ctx: SelectionContext) -> list[Reason]:
+    out = []
+    if ctx.head_dim is not None and ctx.head_dim < 16:
+        out.append(Reason(ReasonCode.HEAD_DIM_TOO_SMALL, f"head_dim={ctx.head_dim} < 16 (FlexAttention's tl.dot minimum)"))
+    if ctx.head_dim_v is not None and ctx.head_dim_v < 16:
+        out.append(Reason(ReasonCode.HEAD_DIM_TOO_SMALL, f"value head_dim={ctx.head_dim_v} < 16"))
+    if ctx.num_heads and ctx.num_kv_heads and ctx.num_heads % ctx.num_kv_heads == 0:
+        group = ctx.num_heads // ctx.num_kv_heads
+        if group & (group - 1):
+            out.append(Reason(ReasonCode.GQA_UNSUPPORTED,
+                              f"{group} query heads per KV head is not a power of two (FlexAttention's GQA kernel)"))
+    return out
+
+
+def _probe() -> str | None:
+    major_minor = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if major_minor < (2, 5):
+        return f"FlexAttention needs torch >= 2.5, this is {torch.__version__}"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (FlexAttention compiles to Triton on CUDA)"
+    return None
+
+
+def _specs() -> list[KernelSpec]:
+    tol = {"float16": (4e-3, 4e-3), "bfloat16": (2.5e-2, 2.5e-2), "float32": (2e-4, 2e-4)}
+    return [
+        KernelSpec("flex_attention", "attention", "flex", flex_attention_kernel, priority=30,
+                   platforms=frozenset({"cuda"}), min_compute_capability=(8, 0),
+                   dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), mask_kinds=frozenset({"none"}),
+                   supports_window=True, supports_dropout=False, deterministic=False, cuda_graph_safe=False,
+                   compile_safe=False, tolerance=tol, extra_check=_check,
+                   description="torch.nn.attention.flex_attention, compiled once; causal / sliding-window block masks"),
+    ]
+
+
+FLEX_KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in _specs())
+
+
+def register(kernels: KernelRegistry, backends: BackendRegistry) -> list[KernelSpec]:
+    """Register the flex backend and its kernel (idempotent)."""
+    backends.register("flex", module="torch.nn.attention.flex_attention", pip="pip install 'torch>=2.5' triton",
+                      probe=_probe)
+    return [kernels.register(s) for s in _specs() if s.kernel_id not in kernels]

@@ -1,0 +1,141 @@
+"""The Liger backend: Liger-Kernel's Triton kernels for rms_norm, layer_norm, rope and swiglu.
+
+Specs are registered whether or not ``liger_kernel`` is installed; the
+library is imported on a kernel's first call, so a missing install shows up
+as ``liger is not available: python package 'liger_kernel' is not installed
+(install with: pip install liger-kernel)`` in every decision trace. Liger's
+kernels are Triton programs, so the backend also needs Triton (probe).
+
+Adapters (Liger 0.5-0.8, ``liger_kernel.ops.*``):
+
+* rms_norm -> ``LigerRMSNormFunction.apply(X, W, eps, offset=0.0, casting_mode="llama", in_place=False)``;
+  ``in_place=False`` because the in-place backward overwrites ``dY``, which is
+  wrong when the caller reuses it. Rows wider than 65536 are rejected
+  (``calculate_settings``' ``MAX_FUSED_SIZE``).
+* layer_norm -> ``LigerLayerNormFunction.apply(X, W, B, eps)``; Liger needs W
+  and B, so None becomes ones / zeros.
+* rope -> ``LigerRopeFunction.apply(q, k, cos, sin)``: rotate-half only (no
+  interleaved variant); q is (batch, heads, seq, head_dim) and cos/sin are
+  (1 or batch, seq, rotary_dim). Liger rotates q *and* k and may write into
+  q's storage, so the adapter hands it a private copy when it would, and a
+  scratch one-head k.
+* swiglu -> ``LigerSiLUMulFunction.apply(gate, up)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+from typing import Any
+
+import torch
+
+from layerzero.registry import BackendRegistry, KernelRegistry
+from layerzero.spec import KernelSpec
+
+__all__ = ["register", "LIGER_KERNEL_IDS", "liger_rms_norm", "liger_layer_norm", "liger_rope", "liger_swiglu"]
+
+_PIP = "pip install liger-kernel"
+_FUNCTIONS = {
+    "rms_norm": ("liger_kernel.ops.rms_norm", "LigerRMSNormFunction"),
+    "layer_norm": ("liger_kernel.ops.layer_norm", "LigerLayerNormFunction"),
+    "rope": ("liger_kernel.ops.rope", "LigerRopeFunction"),
+    "swiglu": ("liger_kernel.ops.swiglu", "LigerSiLUMulFunction"),
+}
+MAX_HIDDEN = 65536  # liger_kernel.ops.utils.calculate_settings: MAX_FUSED_SIZE
+
+
+@functools.cache
+def _apply(name: str) -> Any:
+    """``LigerXFunction.apply`` for ``name``, imported on first use."""
+    module, cls = _FUNCTIONS[name]
+    try:
+        return getattr(importlib.import_module(module), cls).apply
+    except ImportError as exc:
+        raise ImportError(f"liger is not installed or broken ({exc}); install with: {_PIP}") from exc
+
+
+def liger_rms_norm(x, weight, eps):  # type: ignore[no-untyped-def]
+    return _apply("rms_norm")(x, weight, eps, 0.0, "llama", False)
+
+
+def liger_layer_norm(x, weight, bias, eps):  # type: ignore[no-untyped-def]
+    h = x.shape[-1]
+    if weight is None:
+        weight = torch.ones(h, dtype=x.dtype, device=x.device)
+    if bias is None:
+        bias = torch.zeros(h, dtype=x.dtype, device=x.device)
+    return _apply("layer_norm")(x, weight, bias, eps)
+
+
+def _rope_tables(cos: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """cos/sin broadcastable to (..., seq, d) -> contiguous (1 or batch, seq, d), as Liger wants."""
+    c = cos
+    while c.dim() < 4:
+        c = c.unsqueeze(0)
+    if c.dim() > 4 or c.shape[1] != 1:
+        raise ValueError(f"liger rope needs cos/sin shared across heads, got shape {tuple(cos.shape)}")
+    c = c[:, 0]
+    cb = c.shape[0]
+    if cb not in (1, batch):
+        raise ValueError(f"liger rope: cos/sin batch {cb} does not match x batch {batch}")
+    return c.expand(cb, seq, c.shape[-1]).contiguous()
+
+
+def liger_rope(x, cos, sin, interleaved):  # type: ignore[no-untyped-def]
+    d, s = x.shape[-1], x.shape[-2]
+    if x.dim() == 4:
+        x4 = x
+    elif x.dim() in (2, 3):
+        x4 = x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))
+    else:
+        x4 = x.reshape(-1, x.shape[-3], s, d)
+        if cos.dim() > 3 and cos.shape[0] != 1:
+            raise ValueError(f"liger rope: cos/sin of shape {tuple(cos.shape)} vary over more than one batch dim")
+    b, h = x4.shape[0], x4.shape[1]
+    # Liger transposes q to (b, s, h, d) and calls .contiguous(): when that view is already
+    # contiguous it rotates q's own storage, so hand it a private copy instead.
+    if x4.transpose(1, 2).is_contiguous():
+        x4 = x4.clone(memory_format=torch.contiguous_format)
+    scratch_k = x4.new_empty((b, 1, s, d))
+    c, sn = _rope_tables(cos, b, s), _rope_tables(sin, b, s)
+    rotary = d if c.shape[-1] == d // 2 else None
+    q_out, _ = _apply("rope")(x4, scratch_k, c, sn, None, 1, rotary)
+    return q_out.reshape(x.shape)
+
+
+def liger_swiglu(gate, up):  # type: ignore[no-untyped-def]
+    return _apply("swiglu")(gate, up)
+
+
+def _needs_triton() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (Liger's kernels are Triton programs)"
+    return None
+
+
+def _specs() -> list[KernelSpec]:
+    cuda = frozenset({"cuda"})
+    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    tol = {"float16": (4e-3, 4e-3), "bfloat16": (2.5e-2, 2.5e-2), "float32": (5e-5, 5e-5)}
+    common: dict[str, Any] = dict(platforms=cuda, dtypes=dtypes, tolerance=tol, compile_safe=False)
+    return [
+        KernelSpec("liger_rms_norm", "rms_norm", "liger", liger_rms_norm, priority=55,
+                   max_hidden_size=MAX_HIDDEN, description="Liger Triton RMSNorm (llama casting mode)", **common),
+        KernelSpec("liger_layer_norm", "layer_norm", "liger", liger_layer_norm, priority=55,
+                   max_hidden_size=MAX_HIDDEN, description="Liger Triton LayerNorm", **common),
+        KernelSpec("liger_rope", "rope", "liger", liger_rope, priority=55, supports_interleaved=False,
+                   description="Liger Triton RoPE (rotate-half, HF Llama form)", **common),
+        KernelSpec("liger_swiglu", "swiglu", "liger", liger_swiglu, priority=55,
+                   description="Liger Triton SiLU(gate) * up", **common),
+    ]
+
+
+LIGER_KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in _specs())
+
+
+def register(kernels: KernelRegistry, backends: BackendRegistry) -> list[KernelSpec]:
+    """Register the liger backend and its kernels (idempotent)."""
+    backends.register("liger", module="liger_kernel", pip=_PIP, probe=_needs_triton)
+    return [kernels.register(s) for s in _specs() if s.kernel_id not in kernels]

@@ -1,0 +1,121 @@
+"""``layerzero tune``: measure kernels on this machine and store the times in the performance database.
+
+    layerzero tune --ops attention.causal,rms_norm --grid quick
+    layerzero tune --ops rms_norm --shapes rows=4096,hidden=4096 --shapes rows=1,hidden=8192 --dtype bf16
+    layerzero tune --ops attention.full --device cuda --budget-s 60 --db /var/cache/lz/perf.db --json
+
+For every shape bucket and every eligible kernel: fresh random inputs, a
+correctness check against the float64 reference (a wrong kernel is stored as
+failed and never selected), then timing (``triton.testing.do_bench`` on CUDA,
+``perf_counter_ns`` on CPU). A progress bar runs on stderr unless ``--json``.
+
+Exit codes: 0 ok (kernels that failed their check are reported, not fatal);
+1 nothing could be measured; 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+__all__ = ["register", "tune_command"]
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    for v in values:
+        out.extend(p.strip() for p in v.split(",") if p.strip())
+    return out
+
+
+@click.command("tune")
+@click.option("--ops", "ops", default="attention.causal,rms_norm", show_default=True,
+              help="Comma-separated operations to tune.")
+@click.option("--grid", "grid_name", type=click.Choice(["quick", "default"]), default="quick", show_default=True,
+              help="Built-in shape grid (ignored with --shapes).")
+@click.option("--shapes", "shapes", multiple=True,
+              help="Explicit shape, repeatable: 'b=8,s=2048,h=32,kv=8,d=128' or 'rows=4096,hidden=4096'.")
+@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
+@click.option("--dtype", "dtypes", multiple=True,
+              help="dtype(s), repeatable or comma-separated (default: bf16,fp16 on CUDA, float32 on CPU).")
+@click.option("--budget-s", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="Stop measuring after this many seconds.")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+              help="Performance database file (default: $LAYERZERO_PERF_DB or the user cache directory).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def tune_command(ops: str, grid_name: str, shapes: tuple[str, ...], device: str | None, dtypes: tuple[str, ...],
+                 budget_s: float | None, db_path: str | None, as_json: bool) -> None:
+    """Measure every eligible kernel for a shape grid and store the times for selection."""
+    import torch
+
+    from layerzero.context import dtype_from_name
+    from layerzero.errors import LayerZeroError
+    from layerzero.ops import op_for
+    from layerzero.tuning import grids
+    from layerzero.tuning.perfdb import PerfDB
+    from layerzero.tuning.tuner import Tuner
+
+    operations = _split((ops,))
+    if not operations:
+        raise click.BadParameter("name at least one operation", param_hint="--ops")
+    for operation in operations:
+        try:
+            op_for(operation)
+        except LayerZeroError as exc:
+            raise click.BadParameter(str(exc), param_hint="--ops") from None
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch_dev = torch.device(dev)
+    except RuntimeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+    if torch_dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    try:
+        dts = tuple(dtype_from_name(d) for d in _split(dtypes)) or None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dtype") from None
+    plan: dict[str, list[Any]] = {}
+    try:
+        for operation in operations:
+            if shapes:
+                default = (torch.bfloat16, torch.float16) if torch_dev.type == "cuda" else (torch.float32,)
+                plan[operation] = grids.contexts_for_shapes(operation, list(shapes), device=dev,
+                                                            dtypes=dts or default)
+            else:
+                plan[operation] = grids.grid(operation, grid_name, device=dev, dtypes=dts)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shapes") from None
+    if not any(plan.values()):
+        raise click.BadParameter("no shape applies to these operations (attention shapes need a sequence "
+                                 "length, row-wise ones a hidden size)", param_hint="--shapes")
+
+    db = PerfDB(db_path)
+    total = sum(len(v) for v in plan.values())
+    if as_json:
+        report = Tuner(db, budget_s=budget_s).tune(plan)
+    else:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        with Progress(TextColumn("[bold]tune[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("", total=total)
+
+            def progress(done: int, _total: int, label: str) -> None:
+                bar.update(task, completed=done, description=label[:60])
+
+            report = Tuner(db, budget_s=budget_s, progress=progress).tune(plan)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        click.echo(report.table())
+    if report.counts["ok"] == 0 and report.counts["failed"] == 0:
+        raise click.exceptions.Exit(1)
+
+
+def register(cli: click.Group) -> None:
+    """Add ``tune`` to the ``layerzero`` command group."""
+    cli.add_command(tune_command)

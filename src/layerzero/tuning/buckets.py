@@ -1,0 +1,48 @@
+"""Shape buckets: which calls share one measurement.
+
+A measurement taken for one shape stands for every shape of its bucket.
+Dimensions that vary from call to call round up to powers of two
+(:func:`layerzero.context.bucket_pow2`): batch size, query and key sequence
+lengths, and the row count of norms and activations. Dimensions fixed by the
+model stay exact: head counts, head dim, value head dim and hidden size. The
+flags that change which code a kernel runs are part of the bucket too (causal,
+mask kind, sliding window, dropout on/off, autograd, RoPE variant, GELU
+approximation). dtype and operation are separate columns of the database.
+
+Examples (``bucket_of(operation, ctx)``)::
+
+    attention.causal, batch 3, seq 1000, 32/8 heads, head_dim 128
+        -> "b=4;sq=1024;sk=1024;h=32;hkv=8;d=128;dv=128;causal=1;mask=none;win=-;drop=0;grad=0"
+    rms_norm, 3000 rows of 4096
+        -> "n=4096;hidden=4096;grad=0"
+"""
+
+from __future__ import annotations
+
+from layerzero.context import SelectionContext, bucket_pow2
+
+__all__ = ["bucket_of", "ATTENTION_FAMILIES"]
+
+ATTENTION_FAMILIES: frozenset[str] = frozenset({"attention"})
+
+
+def _n(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def bucket_of(operation: str, ctx: SelectionContext) -> str:
+    """The bucket key of ``ctx`` for ``operation`` (a short, stable, human-readable string)."""
+    family = operation.split(".", 1)[0]
+    grad = "1" if ctx.requires_grad else "0"
+    if family in ATTENTION_FAMILIES:
+        return (f"b={_n(bucket_pow2(ctx.batch_size))};sq={_n(bucket_pow2(ctx.seq_len_q))};"
+                f"sk={_n(bucket_pow2(ctx.seq_len_k))};h={_n(ctx.num_heads)};hkv={_n(ctx.num_kv_heads)};"
+                f"d={_n(ctx.head_dim)};dv={_n(ctx.head_dim_v)};causal={int(ctx.is_causal)};"
+                f"mask={ctx.mask_kind};win={_n(ctx.window)};drop={int(ctx.dropout_p > 0)};grad={grad}")
+    parts = [f"n={_n(bucket_pow2(ctx.num_tokens))}", f"hidden={_n(ctx.hidden_size)}"]
+    if family == "rope":
+        parts.append(f"d={_n(ctx.head_dim)};interleaved={int(ctx.interleaved)}")
+    elif family == "gelu":
+        parts.append(f"approximate={ctx.approximate}")
+    parts.append(f"grad={grad}")
+    return ";".join(parts)

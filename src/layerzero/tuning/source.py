@@ -1,0 +1,160 @@
+"""Measured times for selection: the performance database as ``Runtime.measurement_source``.
+
+The runtime asks its measurement source only on plan-cache misses, with the
+operation, the context and the eligible kernel specs. :class:`PerfDBSource`
+answers from the database's bucket for that context, keeping only rows whose
+library versions match what is installed now, and the database caches
+lookups in memory. Every write to the database invalidates the runtime's
+cached plans, so the next call of each shape selects again with the new data.
+
+``use_perf_db(path)`` attaches a database to a runtime (the global one by
+default); ``get_perf_db()`` returns the attached one. Unless told otherwise
+the global runtime uses the default database, but only once that file exists
+(``layerzero tune`` or online tuning creates it): importing layerzero never
+creates files.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from layerzero.context import SelectionContext
+from layerzero.selection.engine import Measurement
+from layerzero.spec import KernelSpec
+from layerzero.tuning.buckets import bucket_of
+from layerzero.tuning.fingerprint import hardware_fingerprint, library_versions
+
+if TYPE_CHECKING:
+    from layerzero.runtime import Runtime
+    from layerzero.tuning.perfdb import PerfDB
+
+__all__ = ["PerfDBSource", "use_perf_db", "get_perf_db", "detach_perf_db", "install_default_source",
+           "libraries_for"]
+
+
+def libraries_for(runtime: Runtime, backend: str) -> str:
+    """The library-version key of ``backend`` as installed in this process."""
+    try:
+        version = runtime.backends.info(backend).version
+    except Exception:  # an unknown backend has no version to key on
+        version = None
+    return library_versions(backend, version)
+
+
+class PerfDBSource:
+    """A ``Runtime.measurement_source`` reading a :class:`PerfDB`.
+
+    Args:
+        runtime: the runtime whose backend registry gives library versions and whose plans a write invalidates.
+        db: the database; ``None`` means the default one, opened only once its file exists.
+    """
+
+    def __init__(self, runtime: Runtime, db: PerfDB | None = None) -> None:
+        self.runtime = runtime
+        self._db = db
+        self._lazy = db is None
+        self._next_probe = 0.0
+        self._lock = threading.Lock()
+        if db is not None:
+            db.add_listener(self._changed)
+
+    @property
+    def db(self) -> PerfDB | None:
+        """The database if open (the default one opens on the first lookup after its file appears)."""
+        if self._db is None and self._lazy:
+            now = time.monotonic()
+            if now >= self._next_probe:
+                self._next_probe = now + 2.0
+                from layerzero.tuning.perfdb import default_path
+
+                if os.environ.get("LAYERZERO_PERF_DB") or default_path().exists():
+                    self.open()
+        return self._db
+
+    def open(self) -> PerfDB:
+        """Open (creating if needed) the database this source reads."""
+        with self._lock:
+            if self._db is None:
+                from layerzero.tuning.perfdb import PerfDB
+
+                self._db = PerfDB()
+                self._db.add_listener(self._changed)
+            return self._db
+
+    def _changed(self) -> None:
+        self.runtime.invalidate("performance data changed")
+
+    def __call__(self, operation: str, ctx: SelectionContext, specs: tuple[KernelSpec, ...]
+                 ) -> dict[str, Measurement]:
+        db = self.db
+        if db is None or ctx.dtype is None or not specs:
+            return {}
+        hw = hardware_fingerprint(ctx.device).digest
+        stored = db.lookup(hw, operation, ctx.dtype_name or "", bucket_of(operation, ctx))
+        if not stored:
+            return {}
+        out: dict[str, Measurement] = {}
+        for spec in specs:
+            row = stored.get(spec.kernel_id)
+            if row is not None and row[0] == libraries_for(self.runtime, spec.backend):
+                out[spec.kernel_id] = row[1]
+        return out
+
+
+def _runtime(runtime: Runtime | None) -> Runtime:
+    if runtime is not None:
+        return runtime
+    from layerzero.runtime import get_runtime
+
+    return get_runtime()
+
+
+def use_perf_db(path: str | os.PathLike[str] | None = None, *, runtime: Runtime | None = None) -> PerfDB:
+    """Use the performance database at ``path`` (default location when None) for selection.
+
+    Cached plans are dropped so the next call of each shape selects with the stored times.
+
+    Example:
+        >>> db = lz.tuning.use_perf_db("/var/cache/lz/perf.db")
+    """
+    from layerzero.tuning.perfdb import PerfDB
+
+    rt = _runtime(runtime)
+    old = rt.measurement_source
+    if isinstance(old, PerfDBSource) and old._db is not None:
+        old._db.remove_listener(old._changed)
+    source = PerfDBSource(rt, PerfDB(path))
+    rt.measurement_source = source
+    rt.invalidate("performance database attached")
+    return source.open()
+
+
+def get_perf_db(*, runtime: Runtime | None = None, create: bool = True) -> PerfDB | None:
+    """The performance database selection uses; with ``create`` the default one is attached if none is."""
+    rt = _runtime(runtime)
+    src = rt.measurement_source
+    if isinstance(src, PerfDBSource):
+        db = src.db
+        if db is None and create:
+            db = src.open()
+        return db
+    return use_perf_db(runtime=rt) if create else None
+
+
+def detach_perf_db(*, runtime: Runtime | None = None) -> None:
+    """Stop using measured times (selection goes back to priorities)."""
+    rt = _runtime(runtime)
+    src = rt.measurement_source
+    if isinstance(src, PerfDBSource) and src._db is not None:
+        src._db.remove_listener(src._changed)
+    rt.measurement_source = None
+    rt.invalidate("performance database detached")
+
+
+def install_default_source(runtime: Runtime) -> None:
+    """Give ``runtime`` the lazily opened default database unless it already has a measurement source."""
+    if runtime.measurement_source is None:
+        runtime.measurement_source = PerfDBSource(runtime)

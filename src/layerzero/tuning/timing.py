@@ -1,0 +1,120 @@
+"""Timing one kernel call: the median and spread of repeated runs.
+
+On a CUDA device, :func:`time_cuda` uses ``triton.testing.do_bench`` when
+Triton imports (CUDA events around each call, the L2 cache flushed between
+calls, warm-up and repetition given in milliseconds), asking it for every
+sample so that median and interquartile range come from the same run; without
+Triton it times with CUDA events itself. On the CPU, :func:`time_cpu` uses
+``time.perf_counter_ns`` with warm-up calls and repeats until its time budget
+or sample cap is reached.
+
+The spread is half the interquartile range: ``median +/- spread`` covers the
+middle half of the samples, which is what the selection engine compares when
+it decides whether one kernel is faster beyond the noise.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Timing", "summarize", "time_cpu", "time_cuda", "time_call"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Summary of repeated timings, in microseconds."""
+
+    median_us: float
+    spread_us: float
+    samples: int
+    method: str
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(samples_us: Sequence[float], method: str) -> Timing:
+    """Median and half interquartile range of ``samples_us``."""
+    xs = sorted(float(x) for x in samples_us)
+    if not xs:
+        raise ValueError("summarize() needs at least one sample")
+    med = statistics.median(xs)
+    spread = (_quantile(xs, 0.75) - _quantile(xs, 0.25)) / 2.0
+    return Timing(med, spread, len(xs), method)
+
+
+def time_cpu(fn: Callable[[], Any], *, warmup: int = 3, min_samples: int = 7, max_samples: int = 200,
+             budget_s: float = 0.05) -> Timing:
+    """Time ``fn`` on the CPU: ``warmup`` calls, then repeats until ``budget_s`` (at least ``min_samples``)."""
+    for _ in range(max(0, warmup)):
+        fn()
+    samples: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    clock = time.perf_counter_ns
+    while len(samples) < max_samples and (len(samples) < min_samples or time.perf_counter() < deadline):
+        t0 = clock()
+        fn()
+        samples.append((clock() - t0) / 1000.0)
+    return summarize(samples, "perf_counter_ns")
+
+
+def time_cuda(fn: Callable[[], Any], *, warmup_ms: float = 10.0, rep_ms: float = 40.0) -> Timing:
+    """Time ``fn`` on the current CUDA device (``triton.testing.do_bench`` when Triton imports)."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        try:
+            all_ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+        except (TypeError, ValueError, AssertionError):  # an older Triton without return_mode="all"
+            q25, q50, q75 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.25, 0.5, 0.75])
+            return Timing(q50 * 1000.0, (q75 - q25) * 500.0, 0, "triton.do_bench")
+        if isinstance(all_ms, (int, float)):
+            return Timing(float(all_ms) * 1000.0, 0.0, 1, "triton.do_bench")
+        return summarize([t * 1000.0 for t in all_ms], "triton.do_bench")
+    return _time_cuda_events(fn, warmup_ms, rep_ms)
+
+
+def _time_cuda_events(fn: Callable[[], Any], warmup_ms: float, rep_ms: float) -> Timing:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / est))):
+        fn()
+    n = max(5, min(10000, int(rep_ms / est)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return summarize([s.elapsed_time(e) * 1000.0 for s, e in zip(starts, ends, strict=True)], "cuda_events")
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, *, quick: bool = False) -> Timing:
+    """Time ``fn`` with the method that suits ``device`` (``quick`` for online tuning: fewer repeats)."""
+    if device.type == "cuda":
+        return time_cuda(fn, warmup_ms=3.0 if quick else 10.0, rep_ms=10.0 if quick else 40.0)
+    if quick:
+        return time_cpu(fn, warmup=1, min_samples=5, max_samples=50, budget_s=0.01)
+    return time_cpu(fn)

@@ -1,0 +1,384 @@
+"""The tuner: measure every eligible kernel for a set of shape buckets and store the times.
+
+For each (operation, context) the tuner asks the selection engine which
+kernels can run it (availability and declared constraints only: policies are
+applied later, at selection time), then for each kernel, in priority order:
+
+1. **correctness first**: fresh random inputs (``OpDef.make_inputs``), the
+   kernel's output compared with the float64 ``OpDef.reference`` within the
+   kernel's declared tolerance (x4, as the runtime's verify mode). The check
+   runs on a capped copy of the shape (batch <= 2, sequences <= 512, rows <=
+   256) because a float64 reference of a 16k-token attention does not fit in
+   memory; the full shape is then run once and its output checked for shape,
+   dtype, device and NaN/Inf. A kernel that raises or is wrong is recorded as
+   *failed*, and selection never picks it for that bucket;
+2. **timing**: :func:`layerzero.tuning.timing.time_call` (``triton.testing.
+   do_bench`` on CUDA, ``perf_counter_ns`` on CPU): warm-up, repeats, median
+   and spread.
+
+Each bucket's results are written in one transaction, which invalidates the
+runtime's cached plans. ``budget_s`` bounds the whole run: once it is spent,
+the remaining kernels and buckets are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from layerzero.context import SelectionContext
+from layerzero.errors import LayerZeroError
+from layerzero.ops import op_for
+from layerzero.ops.base import OpDef
+from layerzero.selection.engine import Measurement, SelectionEngine, format_context
+from layerzero.spec import KernelSpec
+from layerzero.tuning.buckets import bucket_of
+from layerzero.tuning.fingerprint import hardware_fingerprint
+from layerzero.tuning.source import libraries_for
+from layerzero.tuning.timing import time_call
+
+if TYPE_CHECKING:
+    from layerzero.runtime import Runtime
+    from layerzero.tuning.perfdb import PerfDB, Record
+
+__all__ = ["Tuner", "KernelResult", "BucketResult", "TuneReport", "check_context"]
+
+Progress = Callable[[int, int, str], None]
+
+_CHECK_BATCH = 2
+_CHECK_SEQ = 512
+_CHECK_ROWS = 256
+
+
+@dataclass
+class KernelResult:
+    """One kernel measured (or failed, or skipped) for one bucket."""
+
+    kernel_id: str
+    backend: str
+    status: str  # "ok" | "failed" | "skipped"
+    median_us: float | None = None
+    spread_us: float | None = None
+    samples: int = 0
+    method: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kernel_id": self.kernel_id, "backend": self.backend, "status": self.status,
+                "median_us": self.median_us, "spread_us": self.spread_us, "samples": self.samples,
+                "method": self.method, "error": self.error}
+
+
+@dataclass
+class BucketResult:
+    """Every kernel's result for one (operation, context) and the kernel selection now picks there."""
+
+    operation: str
+    context: SelectionContext
+    bucket: str
+    results: list[KernelResult] = field(default_factory=list)
+    selected: str | None = None
+    elapsed_s: float = 0.0
+
+    @property
+    def dtype(self) -> str:
+        return self.context.dtype_name or "?"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"operation": self.operation, "dtype": self.dtype, "bucket": self.bucket,
+                "shape": format_context(self.operation, self.context), "selected": self.selected,
+                "elapsed_s": round(self.elapsed_s, 4), "kernels": [r.to_dict() for r in self.results]}
+
+
+@dataclass
+class TuneReport:
+    """What a tuning run measured and stored."""
+
+    buckets: list[BucketResult]
+    elapsed_s: float
+    db_path: str | None
+    device: str
+    hardware: dict[str, Any]
+    budget_s: float | None = None
+    budget_exhausted: bool = False
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out = {"ok": 0, "failed": 0, "skipped": 0}
+        for b in self.buckets:
+            for r in b.results:
+                out[r.status] = out.get(r.status, 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "hardware": self.hardware, "db": self.db_path,
+                "elapsed_s": round(self.elapsed_s, 3), "budget_s": self.budget_s,
+                "budget_exhausted": self.budget_exhausted, "counts": self.counts,
+                "buckets": [b.to_dict() for b in self.buckets]}
+
+    def table(self) -> str:
+        """A compact text report: one header per bucket, one line per kernel, the selected kernel marked ``*``."""
+        lines: list[str] = []
+        for b in self.buckets:
+            lines.append(f"{b.operation} {b.dtype} [{b.bucket}] -> {b.selected or 'none'}")
+            for r in b.results:
+                mark = "*" if r.kernel_id == b.selected else " "
+                if r.median_us is not None and r.status == "ok":
+                    timing = f"{r.median_us:>11.2f} us +/- {r.spread_us or 0.0:<8.2f}"
+                else:
+                    timing = f"{'-':>11}    {'':<8}    "
+                status = r.status if r.error is None else f"{r.status}: {r.error[:100]}"
+                lines.append(f"  {mark} {r.kernel_id:<28} {timing} {status}")
+        c = self.counts
+        lines.append(f"{len(self.buckets)} buckets, {c['ok']} kernels timed, {c['failed']} failed, "
+                     f"{c['skipped']} skipped in {self.elapsed_s:.1f} s"
+                     + (" (budget exhausted)" if self.budget_exhausted else "")
+                     + (f"; stored in {self.db_path}" if self.db_path else ""))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def check_context(operation: str, ctx: SelectionContext) -> SelectionContext:
+    """A capped copy of ``ctx`` small enough for a float64 reference (same dtype, heads, head dim, flags)."""
+    family = operation.split(".", 1)[0]
+    b = ctx.batch_size
+    changes: dict[str, Any] = {}
+    if b is not None and b > _CHECK_BATCH:
+        changes["batch_size"] = _CHECK_BATCH
+    if family == "attention":
+        sq = ctx.seq_len_q or 16
+        sk = ctx.seq_len_k or sq
+        if sq == sk:
+            sq = sk = min(sq, _CHECK_SEQ)
+        elif sq < sk:
+            sk2 = min(sk, _CHECK_SEQ)
+            sq = min(sq, sk2)
+            sk = sk2
+        else:
+            sq2 = min(sq, _CHECK_SEQ)
+            sk = min(sk, sq2)
+            sq = sq2
+        changes.update(seq_len_q=sq, seq_len_k=sk)
+    elif family == "rope":
+        if ctx.seq_len_q is not None and ctx.seq_len_q > _CHECK_SEQ:
+            changes.update(seq_len_q=_CHECK_SEQ, seq_len_k=_CHECK_SEQ)
+        if ctx.num_tokens is not None:
+            changes["num_tokens"] = min(ctx.num_tokens, _CHECK_ROWS)
+    else:
+        if ctx.num_tokens is not None and ctx.num_tokens > _CHECK_ROWS:
+            changes["num_tokens"] = _CHECK_ROWS
+            if b is not None and b > _CHECK_ROWS:
+                changes["batch_size"] = _CHECK_ROWS
+    return ctx.replace(**changes) if changes else ctx
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _nonfinite(out: Any) -> str | None:
+    if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+        if not bool(torch.isfinite(out).all()):
+            return "returned NaN or Inf"
+    return None
+
+
+def _callable(spec: KernelSpec, ctx: SelectionContext) -> Callable[..., Any]:
+    """What a plan for ``ctx`` would call: the spec's specialization when it has one, else ``impl``."""
+    if spec.specialize is not None:
+        try:
+            return spec.specialize(ctx)[1]
+        except Exception:  # a specialization that cannot be built: time the generic callable
+            return spec.impl
+    return spec.impl
+
+
+class Tuner:
+    """Measures kernels and stores the results in a :class:`PerfDB`.
+
+    Args:
+        db: where results go (``None``: measure and report only).
+        runtime: registries to take kernels from (default: the global runtime).
+        budget_s: wall-clock budget for :meth:`tune` (``None``: unlimited).
+        check: compare each kernel with the float64 reference before timing it.
+        quick: fewer timing repeats (online tuning).
+        source: stored with each row (``"tune"``, ``"online"``).
+        seed: base seed of the random inputs (each kernel gets fresh inputs).
+        progress: ``progress(done, total, label)`` after each bucket.
+
+    Example:
+        >>> report = Tuner(PerfDB("/tmp/perf.db")).tune({"rms_norm": grid("rms_norm", "quick", device="cpu")})
+        >>> print(report.table())
+    """
+
+    def __init__(self, db: PerfDB | None = None, *, runtime: Runtime | None = None, budget_s: float | None = None,
+                 check: bool = True, quick: bool = False, source: str = "tune", seed: int = 0,
+                 progress: Progress | None = None) -> None:
+        if runtime is None:
+            from layerzero.runtime import get_runtime
+
+            runtime = get_runtime()
+        self.db = db
+        self.runtime = runtime
+        self.budget_s = budget_s
+        self.check = check
+        self.quick = quick
+        self.source = source
+        self.seed = int(seed)
+        self.progress = progress
+        self._draws = 0
+
+    # -- public ------------------------------------------------------------------------
+    def eligible(self, operation: str, ctx: SelectionContext) -> tuple[KernelSpec, ...]:
+        """Kernels that can run ``ctx`` (availability + constraints), highest priority first."""
+        sel = self.runtime.engine.select(operation, ctx, raise_on_empty=False, use_measurements=False)
+        return sel.ranked
+
+    def tune(self, plan: dict[str, Sequence[SelectionContext]]) -> TuneReport:
+        """Measure every bucket of ``plan`` (``{operation: [contexts]}``) within the budget."""
+        t0 = time.perf_counter()
+        deadline = None if self.budget_s is None else t0 + self.budget_s
+        total = sum(len(v) for v in plan.values())
+        done = 0
+        buckets: list[BucketResult] = []
+        exhausted = False
+        device = "cpu"
+        for operation, contexts in plan.items():
+            op_for(operation)  # an unknown operation fails here, naming the known families
+            for ctx in contexts:
+                device = str(ctx.device)
+                if deadline is not None and time.perf_counter() >= deadline:
+                    exhausted = True
+                    specs = self.eligible(operation, ctx)
+                    buckets.append(BucketResult(operation, ctx, bucket_of(operation, ctx),
+                                                [KernelResult(s.kernel_id, s.backend, "skipped",
+                                                              error="tuning budget exhausted") for s in specs]))
+                else:
+                    result = self.tune_bucket(operation, ctx, deadline=deadline)
+                    exhausted = exhausted or any(r.status == "skipped" for r in result.results)
+                    buckets.append(result)
+                done += 1
+                if self.progress is not None:
+                    self.progress(done, total, f"{operation} {buckets[-1].dtype} {buckets[-1].bucket}")
+        hw = hardware_fingerprint(device).to_dict()
+        return TuneReport(buckets, time.perf_counter() - t0, str(self.db.path) if self.db is not None else None,
+                          device, hw, self.budget_s, exhausted)
+
+    def tune_bucket(self, operation: str, ctx: SelectionContext, *, specs: Sequence[KernelSpec] | None = None,
+                    deadline: float | None = None) -> BucketResult:
+        """Measure ``specs`` (default: every eligible kernel) for one context and store the results."""
+        t0 = time.perf_counter()
+        op = op_for(operation)
+        bucket = bucket_of(operation, ctx)
+        if specs is None:
+            specs = self.eligible(operation, ctx)
+        results: list[KernelResult] = []
+        for spec in specs:
+            if deadline is not None and time.perf_counter() >= deadline:
+                results.append(KernelResult(spec.kernel_id, spec.backend, "skipped", error="tuning budget exhausted"))
+                continue
+            results.append(self.measure(op, operation, ctx, spec))
+        if self.db is not None:
+            self._store(operation, ctx, bucket, results)
+        selected = self._winner(operation, ctx, results)
+        return BucketResult(operation, ctx, bucket, results, selected, time.perf_counter() - t0)
+
+    def measure(self, op: OpDef, operation: str, ctx: SelectionContext, spec: KernelSpec) -> KernelResult:
+        """Check one kernel against the reference, then time it at the full shape."""
+        args: tuple[Any, ...] = ()
+        try:
+            with torch.no_grad():
+                if self.check:
+                    problem = self._check(op, operation, ctx, spec)
+                    if problem is not None:
+                        return KernelResult(spec.kernel_id, spec.backend, "failed", error=problem)
+                args = op.make_inputs(operation, ctx, self._generator(ctx.device))
+                impl = _callable(spec, ctx)
+                out = impl(*args)  # also the warm-up that absorbs JIT compilation
+                problem = op.check_output(operation, args, out) or _nonfinite(out)
+                del out
+                if problem is not None:
+                    return KernelResult(spec.kernel_id, spec.backend, "failed", error=f"at full shape: {problem}")
+                timing = time_call(lambda: impl(*args), ctx.device, quick=self.quick)
+        except torch.cuda.OutOfMemoryError as exc:  # not the kernel's fault: leave the bucket unmeasured
+            return KernelResult(spec.kernel_id, spec.backend, "skipped", error=_describe(exc))
+        except Exception as exc:
+            return KernelResult(spec.kernel_id, spec.backend, "failed", error=_describe(exc))
+        finally:
+            del args
+        return KernelResult(spec.kernel_id, spec.backend, "ok", timing.median_us, timing.spread_us, timing.samples,
+                            timing.method)
+
+    # -- internals -------------------------------------------------------------------------
+    def _generator(self, device: torch.device) -> torch.Generator:
+        self._draws += 1
+        gen = torch.Generator(device=device)
+        gen.manual_seed(self.seed * 1_000_003 + self._draws)
+        return gen
+
+    def _check(self, op: OpDef, operation: str, ctx: SelectionContext, spec: KernelSpec) -> str | None:
+        small = check_context(operation, ctx)
+        if spec.check(small):
+            small = ctx  # capping made it ineligible (rare): check at the full shape
+        args = op.make_inputs(operation, small, self._generator(small.device))
+        try:
+            out = _callable(spec, small)(*args)
+        except Exception as exc:
+            return f"raised on a correctness check: {_describe(exc)}"
+        problem = op.check_output(operation, args, out)
+        if problem is not None:
+            return f"correctness check: {problem}"
+        family = operation.split(".", 1)[0]
+        if family == "sample" or ctx.dropout_p > 0 or not isinstance(out, torch.Tensor) \
+                or not out.is_floating_point():
+            return None  # random by design: shape, dtype and device are all that can be checked
+        try:
+            ref = op.reference(operation, args)
+        except NotImplementedError:
+            return None
+        got = out.detach().to(torch.float64)
+        ref = ref.to(got.device, torch.float64)
+        atol, rtol = spec.tolerance_for(out.dtype)
+        if torch.isnan(got).any() and not torch.isnan(ref).any():
+            return "correctness check: returned NaN where the float64 reference has none"
+        if not torch.allclose(got, ref, atol=atol * 4, rtol=rtol * 4, equal_nan=True):
+            err = (got - ref).abs().nan_to_num(0.0).max().item()
+            return (f"correctness check: output differs from the float64 reference by up to {err:.3g} "
+                    f"(allowed atol={atol * 4:g}, rtol={rtol * 4:g})")
+        return None
+
+    def _store(self, operation: str, ctx: SelectionContext, bucket: str, results: list[KernelResult]) -> None:
+        from layerzero.tuning.perfdb import Record
+
+        hw = hardware_fingerprint(ctx.device)
+        records: list[Record] = []
+        for r in results:
+            if r.status == "skipped":
+                continue
+            records.append(Record(
+                hardware=hw.digest, libraries=libraries_for(self.runtime, r.backend), kernel_id=r.kernel_id,
+                operation=operation, dtype=ctx.dtype_name or "?", bucket=bucket,
+                median_us=float(r.median_us or 0.0), spread_us=float(r.spread_us or 0.0), samples=r.samples,
+                failed=r.status == "failed", error=r.error, source=self.source))
+        if records and self.db is not None:
+            self.db.record(records, fingerprints={hw.digest: json.dumps(hw.to_dict(), sort_keys=True)})
+
+    def _winner(self, operation: str, ctx: SelectionContext, results: list[KernelResult]) -> str | None:
+        measured = {r.kernel_id: Measurement(r.median_us or 0.0, r.spread_us or 0.0, r.samples, self.source,
+                                             r.status == "failed")
+                    for r in results if r.status in ("ok", "failed")}
+        engine = SelectionEngine(self.runtime.kernels, self.runtime.backends,
+                                 measurements=lambda _op, _ctx, _specs: measured)
+        try:
+            sel = engine.select(operation, ctx, policy=self.runtime.current_policy(), raise_on_empty=False)
+        except LayerZeroError:  # a policy lock on a kernel that cannot run here: nothing to report as chosen
+            return None
+        return sel.ranked[0].kernel_id if sel.ranked else None
