@@ -43,7 +43,7 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     if not sep or not name or not dims.strip():
         raise click.BadParameter(f"{text!r}: expected NAME=D1,D2,... (for example q=1,32,1,128)", param_hint="--shape")
     try:
-        shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        shape = tuple(int(d) for d in dims.split(","))
     except ValueError:
         raise click.BadParameter(f"{text!r}: dimensions must be integers", param_hint="--shape") from None
     if not shape or any(d <= 0 for d in shape):

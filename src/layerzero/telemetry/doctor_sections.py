@@ -5,8 +5,8 @@ imported (``layerzero doctor`` imports it; so does ``layerzero.telemetry``'s
 lazy loader for Python callers who want them). Each hook adds one key to
 ``report.extra``:
 
-* ``perf_db``: the performance database's location and entry count, when
-  ``layerzero.tuning`` provides one;
+* ``perf_db``: the performance database's location and entry count
+  (``layerzero.tuning``; nothing is created by looking);
 * ``config``: the ``DispatchConfig`` in force, what differs from the
   defaults, the ``LAYERZERO_*`` variables set, and the policy document loaded;
 * ``runtime``: telemetry on/off, plan-cache counts, open circuit breakers.
@@ -34,7 +34,7 @@ def problems(report: Any) -> list[str]:
 
 
 def perf_db_section(report: Any) -> None:
-    """``perf_db``: location and entry count of the performance database, if ``layerzero.tuning`` has one."""
+    """``perf_db``: where the performance database is and how many measurements it holds (creates nothing)."""
     try:
         tuning = importlib.import_module("layerzero.tuning")
     except ImportError:
@@ -42,26 +42,19 @@ def perf_db_section(report: Any) -> None:
         return
     info_fn = getattr(tuning, "perf_db_info", None)
     if callable(info_fn):
-        info = dict(info_fn())
-        info.setdefault("available", True)
-        report.extra["perf_db"] = info
+        report.extra["perf_db"] = {"available": True, **dict(info_fn())}
         return
-    get_db = next((getattr(tuning, n) for n in ("get_perf_db", "get_global_perf_db") if callable(getattr(tuning, n, None))),
-                  None)
-    if get_db is not None:
-        db = get_db()
-        path = getattr(db, "path", None)
-        entries: Any = None
-        for name in ("entry_count", "count", "__len__"):
-            fn = getattr(db, name, None)
-            if callable(fn):
-                entries = fn()
-                break
-        report.extra["perf_db"] = {"available": True, "path": str(path) if path is not None else None,
-                                   "entries": entries}
-        return
-    report.extra["perf_db"] = {"available": False, "path": os.environ.get("LAYERZERO_PERF_DB"),
-                               "reason": "layerzero.tuning exposes no performance database yet (perf_db_info())"}
+    from layerzero.tuning.perfdb import default_path
+
+    db = tuning.get_perf_db(create=False)
+    path = db.path if db is not None else default_path()
+    exists = path.exists()
+    entries = db.count() if db is not None and exists else 0
+    report.extra["perf_db"] = {"available": True, "path": str(path), "exists": exists, "entries": entries,
+                               "in_use": db is not None}
+    if not exists:
+        report.warnings.append(f"no performance database at {path}: selection uses priorities "
+                               "(run `layerzero tune` to measure this machine)")
 
 
 def config_section(report: Any) -> None:
@@ -105,8 +98,8 @@ def runtime_section(report: Any) -> None:
     for b in report.backends:
         if not b.get("healthy", True):
             problems(report).append(f"backend {b['name']} is marked unhealthy: {b.get('health_reason')}")
-        elif not b.get("available") and b.get("version"):  # installed, but its probe failed
-            problems(report).append(f"backend {b['name']} {b['version']} is installed but unusable: {b.get('reason')}")
+        elif not b.get("available") and "not installed" not in str(b.get("reason")):  # installed, probe failed
+            problems(report).append(f"backend {b['name']} is installed but unusable: {b.get('reason')}")
     ops = {k["operation"] for k in report.kernels}
     for op in sorted(ops):
         if not any(k["usable"] for k in report.kernels if k["operation"] == op):
