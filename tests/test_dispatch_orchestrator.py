@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
+import layerzero as lz
 import layerzero.dispatch.dispatcher as dispatcher_mod
 from layerzero.dispatch import (
     DispatchConfig,
@@ -91,6 +94,14 @@ def test_strict_modes(norm_inputs):
         cfg.dispatch("rms_norm", norm_inputs)
 
 
+def test_bad_static_map_leaves_the_global_runtime_untouched(norm_inputs):
+    before = get_runtime().config
+    with pytest.raises(ConfigError, match=r"static_kernel_map\['rms_norm'\]: unknown kernel 'no_such_kernel'"):
+        create_orchestrator(DispatchConfig(mode=DispatchMode.AUTO, static_kernel_map={"rms_norm": "no_such_kernel"}))
+    assert get_runtime().config is before
+    assert dispatch("rms_norm", norm_inputs).output.shape == norm_inputs["x"].shape
+
+
 def test_orchestrator_on_private_registries(norm_inputs):
     kr = KernelRegistry()
     kr.register(KernelSpec("mine_rms", "rms_norm", "custom", lambda x, w, eps: rms_ref(x, w, eps).to(x.dtype)))
@@ -155,11 +166,31 @@ def test_stats_for_dispatchers_that_never_reload():
     assert (s.total_reloads, s.failed_reloads, s.last_reload_time_ms) == (0, 0, 0.0)
 
 
-def test_config_path_without_config_module_is_a_clear_error(tmp_path, norm_inputs):
-    import importlib.util
+def test_auto_and_config_modes_load_the_config_file(tmp_path, norm_inputs):
+    pytest.importorskip("layerzero.dispatch.config_driven")
+    path = tmp_path / "dispatch.yaml"
+    path.write_text('version: "1.0"\n'
+                    'dispatch_rules:\n'
+                    '  - operation: "rms_norm"\n'
+                    '    kernel: torch_rms_norm_composed\n'
+                    '    priority: 100\n')
+    auto = create_orchestrator(DispatchConfig(mode=DispatchMode.AUTO, config_path=str(path),
+                                              static_kernel_map={"layer_norm": "torch_layer_norm"}))
+    assert auto.mode_for("rms_norm") is DispatchMode.CONFIG
+    assert auto.mode_for("layer_norm") is DispatchMode.STATIC
+    r = auto.dispatch("rms_norm", norm_inputs)
+    assert (r.mode, r.kernel_id) == ("config", "torch_rms_norm_composed")
+    torch.testing.assert_close(r.output.double(), rms_ref(norm_inputs["x"], norm_inputs["weight"]),
+                               atol=1e-5, rtol=1e-5)
+    assert dispatch("rms_norm", norm_inputs).kernel_id == "torch_rms_norm_composed"  # the global one follows
+    assert lz.which("rms_norm", norm_inputs["x"], norm_inputs["weight"]) != "torch_rms_norm_composed"
+    strict = create_orchestrator(DispatchConfig(mode=DispatchMode.CONFIG, config_path=str(path)))
+    assert strict.dispatch("rms_norm", norm_inputs).mode == "config"
+    assert strict.stats.total_reloads == 0
 
-    if importlib.util.find_spec("layerzero.dispatch.config_driven") is not None:
-        pytest.skip("the config-driven dispatcher is installed; its own tests cover loading")
+
+def test_config_path_without_config_module_is_a_clear_error(tmp_path, norm_inputs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "layerzero.dispatch.config_driven", None)  # as if it were not installed
     o = create_orchestrator(DispatchConfig(mode=DispatchMode.CONFIG, config_path=str(tmp_path / "lz.yaml")))
     with pytest.raises(ConfigError, match=r"needs layerzero.dispatch.config_driven.create_config_dispatcher"):
         o.dispatch("rms_norm", norm_inputs)

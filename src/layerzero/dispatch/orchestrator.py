@@ -32,7 +32,7 @@ from layerzero.dispatch.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.dispatcher import Dispatcher, runtime_for
 from layerzero.dispatch.dynamic import DynamicDispatcher
 from layerzero.dispatch.result import DispatchResult, DispatchStats, DispatchTelemetry
-from layerzero.dispatch.static import StaticDispatcher, create_static_dispatcher
+from layerzero.dispatch.static import StaticDispatcher, check_static_map, create_static_dispatcher
 from layerzero.errors import ConfigError, NoKernelError
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.runtime import Runtime, get_runtime
@@ -223,6 +223,7 @@ def create_orchestrator(config: DispatchConfig | None = None, kernel_registry: K
         >>> o.mode_for("rms_norm"), o.mode_for("attention.causal")
         (<DispatchMode.STATIC: 'static'>, <DispatchMode.DYNAMIC: 'dynamic'>)
     """
+    check_static_map(config, kernel_registry, backend_registry)  # a bad table must not reach the runtime
     return DispatchOrchestrator(runtime_for(kernel_registry, backend_registry, config, clock=clock),
                                 use_mvcc_cache=use_mvcc_cache)
 

@@ -42,7 +42,7 @@ from layerzero.runtime import Runtime
 from layerzero.selection.plan import ExecutionPlan
 from layerzero.spec import KernelSpec
 
-__all__ = ["StaticDispatcher", "StaticDispatcherBuilder", "create_static_dispatcher"]
+__all__ = ["StaticDispatcher", "StaticDispatcherBuilder", "create_static_dispatcher", "check_static_map"]
 
 _NO_CONTEXT = SelectionContext()
 
@@ -234,12 +234,25 @@ def create_static_dispatcher(config: DispatchConfig | None = None, kernel_regist
         ...                                             static_kernel_map={"rms_norm": "torch_rms_norm"}))
         >>> d.resolve("rms_norm")  # the kernel callable itself
     """
-    rt = runtime if runtime is not None else runtime_for(kernel_registry, backend_registry, config)
-    cfg = config if config is not None else rt.config
+    if runtime is None:
+        check_static_map(config, kernel_registry, backend_registry)  # before the config is applied anywhere
+        runtime = runtime_for(kernel_registry, backend_registry, config)
+    cfg = config if config is not None else runtime.config
     errors: list[str] = []
-    table = _table_from_map(cfg, rt.kernels, rt.backends, errors)
+    table = _table_from_map(cfg, runtime.kernels, runtime.backends, errors)
     _raise(errors)
-    return StaticDispatcher(rt, {op: tuple(specs) for op, specs in table.items()})
+    return StaticDispatcher(runtime, {op: tuple(specs) for op, specs in table.items()})
+
+
+def check_static_map(config: DispatchConfig | None, kernel_registry: KernelRegistry | None = None,
+                     backend_registry: BackendRegistry | None = None) -> None:
+    """Raise :class:`ConfigError` listing every bad ``static_kernel_map`` entry (nothing is changed)."""
+    if config is None or not config.static_kernel_map:
+        return
+    errors: list[str] = []
+    _table_from_map(config, kernel_registry if kernel_registry is not None else get_global_kernel_registry(),
+                    backend_registry if backend_registry is not None else get_global_backend_registry(), errors)
+    _raise(errors)
 
 
 class StaticDispatcherBuilder:
