@@ -189,6 +189,23 @@ def test_auto_and_config_modes_load_the_config_file(tmp_path, norm_inputs):
     assert strict.stats.total_reloads == 0
 
 
+def test_hot_reload_mode_routes_to_the_watching_dispatcher(tmp_path, norm_inputs):
+    pytest.importorskip("layerzero.dispatch.hot_reload")
+    path = tmp_path / "dispatch.yaml"
+    path.write_text('version: "1.0"\nkernel_locks: {rms_norm: torch_rms_norm_composed}\n')
+    o = create_orchestrator(DispatchConfig(mode=DispatchMode.HOT_RELOAD, config_path=str(path),
+                                           watch_interval_seconds=60.0))
+    try:
+        r = o.dispatch("rms_norm", norm_inputs)
+        assert (r.mode, r.kernel_id) == ("hot_reload", "torch_rms_norm_composed")
+        path.write_text('version: "1.0"\nkernel_locks: {rms_norm: torch_rms_norm}\n')
+        o.config_dispatcher().reload()
+        assert o.dispatch("rms_norm", norm_inputs).kernel_id == "torch_rms_norm"
+        assert o.stats.total_reloads >= 1
+    finally:
+        o.close()
+
+
 def test_config_path_without_config_module_is_a_clear_error(tmp_path, norm_inputs, monkeypatch):
     monkeypatch.setitem(sys.modules, "layerzero.dispatch.config_driven", None)  # as if it were not installed
     o = create_orchestrator(DispatchConfig(mode=DispatchMode.CONFIG, config_path=str(tmp_path / "lz.yaml")))
