@@ -66,3 +66,12 @@ __all__ = [
 ]
 
 _load_builtin_backends(get_global_kernel_registry(), get_global_backend_registry())
+
+# Integrations (layerzero/integrations, layerzero/distributed.py): record every selected context for
+# layerzero.distributed, and set up torch.compile / transformers support when those libraries are imported
+# (post-import hooks: importing layerzero imports neither torch._dynamo nor transformers).
+from layerzero.distributed import track as _track_decisions
+from layerzero.integrations import install_import_hooks as _install_import_hooks
+
+_track_decisions(get_runtime())
+_install_import_hooks()
