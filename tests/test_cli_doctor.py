@@ -43,8 +43,8 @@ def test_doctor_json_sections(runs):
     assert cfg["dispatch_config"]["cache_size"] == 123
     assert cfg["changed_from_defaults"] == {"cache_size": 123}
     assert cfg["environment"]["LAYERZERO_CACHE_SIZE"] == "123"
-    assert report["perf_db"] == {"available": True, "path": str(db), "exists": False, "entries": 0,
-                                 "in_use": True}
+    perf = report["perf_db"]
+    assert (perf["available"], perf["path"], perf["exists"], perf["entries"]) == (True, str(db), False, 0)
     assert not db.exists()  # looking does not create the database
     assert any("no performance database" in w for w in report["warnings"])
     assert report["runtime"]["breakers_not_closed"] == {}
