@@ -43,10 +43,19 @@ _compiled: dict[tuple[Any, ...], Any] = {}
 _lock = threading.Lock()
 
 
-def _flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, scale: float | None) -> Any:
-    from torch.nn.attention.flex_attention import flex_attention
+_flex_attention: Any = None  # torch.nn.attention.flex_attention.flex_attention, imported on first use
 
-    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+def _flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, scale: float | None) -> Any:
+    return _flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
+def _load() -> None:
+    global _flex_attention
+    if _flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex_attention = flex_attention
 
 
 def _family_fn(q: torch.Tensor, v: torch.Tensor) -> Any:
@@ -111,6 +120,7 @@ def block_mask_for(sq: int, sk: int, is_causal: bool, window: int | None, device
 
 def flex_attention_kernel(q, k, v, mask, is_causal, dropout_p, scale, window, *, compiled=True):  # type: ignore[no-untyped-def]
     """FlexAttention on canonical BHSD arguments (``compiled=False`` runs eagerly, for tests)."""
+    _load()
     bm = block_mask_for(q.shape[2], k.shape[2], is_causal, window, q.device)
     fn = _family_fn(q, v) if compiled else _flex_call
     return fn(q, k, v, bm, scale)

@@ -70,7 +70,7 @@ class PerfDBSource:
                 self._next_probe = now + 2.0
                 from layerzero.tuning.perfdb import default_path
 
-                if os.environ.get("LAYERZERO_PERF_DB") or default_path().exists():
+                if default_path().exists():  # honours $LAYERZERO_PERF_DB; never creates the file
                     self.open()
         return self._db
 

@@ -1,0 +1,109 @@
+"""Liger: registration and constraints everywhere; its Triton kernels against the reference on a GPU.
+
+liger-kernel is pure Python but imports Triton and needs CUDA, so on a CPU
+machine only registration and the constraint logic run; the ``gpu`` tests run
+each adapter for real (the GPU benchmark unpacks the wheel from ``.whl/``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import layerzero as lz
+from layerzero.backends import liger
+from layerzero.ops import op_for
+from layerzero.runtime import get_runtime
+from layerzero.spec import ReasonCode
+
+SM90 = dict(device="cuda", compute_capability=(9, 0))
+
+
+def _reasons(kernel_id: str, **kw: object) -> set[str]:
+    base = dict(dtype="bfloat16", num_tokens=128, hidden_size=4096, batch_size=128, **SM90)
+    base.update(kw)
+    ok, reasons = lz.validate(kernel_id, lz.SelectionContext(**base))
+    return {r.code for r in reasons}
+
+
+def test_every_kernel_is_registered_with_the_liger_backend() -> None:
+    specs = {s.kernel_id: s for s in lz.list_kernels("liger_*")}
+    assert set(specs) == set(liger.LIGER_KERNEL_IDS) == {"liger_rms_norm", "liger_layer_norm", "liger_rope",
+                                                          "liger_swiglu"}
+    assert {s.operation for s in specs.values()} == {"rms_norm", "layer_norm", "rope", "swiglu"}
+    assert all(s.backend == "liger" and s.platforms == frozenset({"cuda"}) for s in specs.values())
+
+
+def test_missing_liger_or_triton_is_a_reason_with_the_install_command() -> None:
+    info = get_runtime().backends.info("liger")
+    if info.available:
+        pytest.skip("liger and triton are installed here")
+    exp = lz.explain_context("rms_norm", lz.SelectionContext(dtype="bfloat16", num_tokens=8, hidden_size=64, **SM90))
+    (reason,) = [r for r in exp.rejection_reasons["liger_rms_norm"] if r.code == ReasonCode.BACKEND_UNAVAILABLE]
+    assert "pip install liger-kernel" in reason.message
+    assert ("liger_kernel" in reason.message) or ("triton" in reason.message)
+
+
+def test_constraints() -> None:
+    def only_hw(codes: set[str]) -> set[str]:
+        return codes - {ReasonCode.BACKEND_UNAVAILABLE}
+
+    assert only_hw(_reasons("liger_rms_norm")) == set()
+    assert ReasonCode.HIDDEN_TOO_LARGE in _reasons("liger_rms_norm", hidden_size=liger.MAX_HIDDEN + 1)
+    assert ReasonCode.PLATFORM_MISMATCH in _reasons("liger_layer_norm", device="cpu", compute_capability=None)
+    assert ReasonCode.DTYPE_UNSUPPORTED in _reasons("liger_swiglu", dtype="float64")
+    assert ReasonCode.VARIANT_UNSUPPORTED in _reasons("liger_rope", interleaved=True, head_dim=128)
+    assert only_hw(_reasons("liger_rope", interleaved=False, head_dim=128)) == set()
+    assert ReasonCode.COMPILE_UNSAFE in _reasons("liger_rms_norm", compiling=True)
+
+
+def test_rope_tables_reshape_to_what_liger_expects() -> None:
+    cos = torch.randn(1, 1, 10, 64)  # HF's (batch, 1, seq, d) after unsqueeze(1)
+    assert liger._rope_tables(cos, 3, 10).shape == (1, 10, 64)
+    assert liger._rope_tables(torch.randn(10, 64), 3, 10).shape == (1, 10, 64)
+    assert liger._rope_tables(torch.randn(3, 1, 10, 64), 3, 10).shape == (3, 10, 64)
+    with pytest.raises(ValueError, match="shared across heads"):
+        liger._rope_tables(torch.randn(1, 4, 10, 64), 1, 10)
+
+
+GPU_CASES = [
+    ("rms_norm", lz.SelectionContext(device="cuda", dtype="bfloat16", num_tokens=300, hidden_size=4096)),
+    ("rms_norm", lz.SelectionContext(device="cuda", dtype="float16", num_tokens=1, hidden_size=8192)),
+    ("layer_norm", lz.SelectionContext(device="cuda", dtype="bfloat16", num_tokens=64, hidden_size=2048)),
+    ("swiglu", lz.SelectionContext(device="cuda", dtype="float16", num_tokens=33, hidden_size=11008)),
+    ("rope", lz.SelectionContext(device="cuda", dtype="bfloat16", batch_size=2, num_heads=8, seq_len=40,
+                                 head_dim=128, hidden_size=128)),
+    ("rope", lz.SelectionContext(device="cuda", dtype="float32", batch_size=1, num_heads=1, seq_len=7,
+                                 head_dim=64, hidden_size=64)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("operation", "ctx"), GPU_CASES, ids=lambda x: x if isinstance(x, str) else
+                         f"{x.dtype_name}-{x.num_tokens}x{x.hidden_size}")
+def test_liger_kernels_against_the_reference(operation: str, ctx: lz.SelectionContext) -> None:
+    if not get_runtime().backends.is_available("liger"):
+        pytest.skip(get_runtime().backends.info("liger").reason)
+    op = op_for(operation)
+    spec = get_runtime().kernels.get(f"liger_{operation}")
+    args = op.make_inputs(operation, ctx, torch.Generator(device="cuda").manual_seed(0))
+    before = args[0].clone()
+    out = spec.impl(*args)
+    assert op.check_output(operation, args, out) is None
+    atol, rtol = spec.tolerance_for(out.dtype)
+    torch.testing.assert_close(out.double(), op.reference(operation, args), atol=4 * atol, rtol=4 * rtol)
+    torch.testing.assert_close(args[0], before)  # inputs are never modified in place
+
+
+@pytest.mark.gpu
+def test_liger_rms_norm_backward_matches_torch() -> None:
+    if not get_runtime().backends.is_available("liger"):
+        pytest.skip(get_runtime().backends.info("liger").reason)
+    x = torch.randn(64, 1024, device="cuda", requires_grad=True)
+    w = (torch.rand(1024, device="cuda") + 0.5).requires_grad_()
+    liger.liger_rms_norm(x, w, 1e-6).square().sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    torch.rms_norm(x, (1024,), w, 1e-6).square().sum().backward()
+    torch.testing.assert_close(gx, x.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gw, w.grad, atol=1e-3, rtol=1e-3)

@@ -1,0 +1,290 @@
+"""The tuner, ``layerzero tune``, online tuning, grids, timing, and the GPU benchmark's CPU smoke run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import layerzero as lz
+from layerzero.cli import cli
+from layerzero.runtime import get_runtime
+from layerzero.spec import KernelSpec, ReasonCode
+from layerzero.tuning import grids
+from layerzero.tuning.buckets import bucket_of
+from layerzero.tuning.online import OnlineTuner
+from layerzero.tuning.perfdb import PerfDB
+from layerzero.tuning.timing import summarize, time_cpu
+from layerzero.tuning.tuner import Tuner, check_context
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_ROWS = lz.SelectionContext(device="cpu", dtype="float32", num_tokens=16, hidden_size=64, batch_size=16)
+
+
+@pytest.fixture
+def attached(tmp_path: Path):
+    rt = get_runtime()
+    old = rt.measurement_source
+    db = lz.tuning.use_perf_db(tmp_path / "perf.db")
+    yield db
+    lz.tuning.detach_perf_db()
+    rt.measurement_source = old
+    db.close()
+
+
+@pytest.fixture
+def user_kernels():
+    """Register user kernels for one test and remove them afterwards."""
+    reg = get_runtime().kernels
+    added: list[str] = []
+
+    def add(spec: KernelSpec) -> KernelSpec:
+        reg.register(spec)
+        added.append(spec.kernel_id)
+        return spec
+
+    yield add
+    for kid in added:
+        reg.unregister(kid)
+
+
+def _bad_rms(x, weight, eps):  # type: ignore[no-untyped-def]
+    return torch.rms_norm(x, x.shape[-1:], weight, eps) * 1.5  # fast and wrong
+
+
+def _raising_rms(x, weight, eps):  # type: ignore[no-untyped-def]
+    raise RuntimeError("kernel exploded")
+
+
+def test_check_context_caps_what_a_float64_reference_must_hold() -> None:
+    big = lz.SelectionContext(dtype="bfloat16", batch_size=64, seq_len=16384, num_heads=32, num_kv_heads=8,
+                              head_dim=128, is_causal=True)
+    small = check_context("attention.causal", big)
+    assert (small.batch_size, small.seq_len_q, small.seq_len_k) == (2, 512, 512)
+    assert (small.num_heads, small.num_kv_heads, small.head_dim, small.is_causal) == (32, 8, 128, True)
+    decode = check_context("attention.full", big.replace(seq_len_q=1, is_causal=False))
+    assert (decode.seq_len_q, decode.seq_len_k) == (1, 512)
+    rows = check_context("rms_norm", lz.SelectionContext(num_tokens=32768, hidden_size=8192, batch_size=32768))
+    assert (rows.num_tokens, rows.hidden_size) == (256, 8192)
+
+
+def test_tuner_measures_every_eligible_kernel_and_stores_it(tmp_path: Path) -> None:
+    db = PerfDB(tmp_path / "perf.db")
+    report = Tuner(db).tune({"rms_norm": [SMALL_ROWS]})
+    (bucket,) = report.buckets
+    ids = {r.kernel_id for r in bucket.results}
+    assert ids == {s.kernel_id for s in Tuner(None).eligible("rms_norm", SMALL_ROWS)}
+    assert {"torch_rms_norm", "torch_rms_norm_composed"} <= ids
+    assert all(r.status == "ok" and r.median_us > 0 and r.samples >= 3 for r in bucket.results)
+    assert bucket.selected in ids
+    stored = db.rows(operation="rms_norm")
+    assert {r["kernel_id"] for r in stored} == ids
+    assert all(r["bucket"] == bucket_of("rms_norm", SMALL_ROWS) and r["source"] == "tune" for r in stored)
+    data = report.to_dict()
+    assert data["counts"] == {"ok": len(ids), "failed": 0, "skipped": 0}
+    assert "-> " + bucket.selected in report.table()
+
+
+def test_a_wrong_kernel_is_recorded_failed_and_never_selected(attached: PerfDB, user_kernels) -> None:
+    user_kernels(KernelSpec("custom_bad_rms", "rms_norm", "custom", _bad_rms, priority=99))
+    user_kernels(KernelSpec("custom_raising_rms", "rms_norm", "custom", _raising_rms, priority=98))
+    x, w = torch.randn(16, 64), torch.rand(64) + 0.5
+    assert lz.which("rms_norm", x, w) == "custom_bad_rms"  # priority alone would pick the wrong one
+    report = Tuner(attached).tune({"rms_norm": [lz.SelectionContext.from_rows(x)]})
+    results = {r.kernel_id: r for r in report.buckets[0].results}
+    assert results["custom_bad_rms"].status == "failed"
+    assert "differs from the float64 reference" in results["custom_bad_rms"].error
+    assert results["custom_raising_rms"].status == "failed"
+    assert "RuntimeError: kernel exploded" in results["custom_raising_rms"].error
+    exp = lz.explain(x, w, operation="rms_norm")
+    assert exp.selected_kernel not in ("custom_bad_rms", "custom_raising_rms")
+    assert exp.rejection_reasons["custom_bad_rms"][0].code == ReasonCode.MEASURED_FAILED
+    torch.testing.assert_close(lz.rms_norm(x, w), torch.rms_norm(x, (64,), w, 1e-6))
+
+
+def test_budget_exhaustion_skips_and_stores_nothing(tmp_path: Path) -> None:
+    db = PerfDB(tmp_path / "perf.db")
+    report = Tuner(db, budget_s=1e-9).tune({"rms_norm": [SMALL_ROWS, SMALL_ROWS.replace(hidden_size=32)]})
+    assert report.budget_exhausted
+    assert report.counts["ok"] == 0 and report.counts["skipped"] >= 4
+    assert db.count() == 0
+
+
+def test_unknown_operation_is_named() -> None:
+    with pytest.raises(lz.InvalidInputError, match="unknown operation 'nope'"):
+        Tuner(None).tune({"nope": [SMALL_ROWS]})
+
+
+def test_two_processes_with_the_same_data_choose_the_same_kernel(tmp_path: Path) -> None:
+    path = tmp_path / "perf.db"
+    db = PerfDB(path)
+    ctx = lz.SelectionContext(device="cpu", dtype="float32", num_tokens=8, hidden_size=32, batch_size=8)
+    Tuner(db).tune({"rms_norm": [ctx]})
+    # Make it a tie within the spread, and add two equal-priority user kernels with equal times.
+    hw = db.rows()[0]["hardware"]
+    from layerzero.tuning.perfdb import Record
+    from layerzero.tuning.source import libraries_for
+
+    libs = libraries_for(get_runtime(), "custom")
+    db.record([Record(hw, libs, kid, "rms_norm", "float32", bucket_of("rms_norm", ctx), 1.0, 0.5, 9)
+               for kid in ("custom_twin_b", "custom_twin_a")])
+    script = textwrap.dedent(f"""
+        import torch, layerzero as lz
+        from layerzero.spec import KernelSpec
+        def rms(x, w, eps):
+            return torch.rms_norm(x, x.shape[-1:], w, eps)
+        for kid in ("custom_twin_b", "custom_twin_a"):
+            lz.register_kernel(KernelSpec(kid, "rms_norm", "custom", rms, priority=50))
+        lz.tuning.use_perf_db({str(path)!r})
+        x, w = torch.randn(8, 32), torch.rand(32)
+        print(lz.which("rms_norm", x, w))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]  # two processes at once, same database
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in results]
+    outs = [out.strip() for out, _ in results]
+    assert outs[0] == outs[1] == "custom_twin_a"
+
+
+def test_online_tuning_measures_a_new_bucket_once(attached: PerfDB) -> None:
+    rt = get_runtime()
+    old = rt.config
+    hook = next(h for h in rt.on_miss if isinstance(h, OnlineTuner))
+    hook.forget()
+    before = hook.buckets_tuned
+    x, w = torch.randn(24, 96), torch.rand(96) + 0.5
+    lz.rms_norm(x, w)  # online tuning is off by default
+    assert attached.count() == 0
+    rt.configure(old.replace(online_tuning=True, online_tuning_budget_ms=5000.0))
+    try:
+        out = lz.rms_norm(x, w)
+        torch.testing.assert_close(out, torch.rms_norm(x, (96,), w, 1e-6))
+        rows = attached.rows(operation="rms_norm")
+        assert {r["kernel_id"] for r in rows} >= {"torch_rms_norm", "torch_rms_norm_composed"}
+        assert {r["source"] for r in rows} == {"online"}
+        assert hook.buckets_tuned == before + 1
+        assert lz.explain(x, w, operation="rms_norm").trace[0].measured_source.startswith("perf-db online")
+        lz.rms_norm(torch.randn(30, 96), w)  # same bucket (32 rows of 96): never measured again
+        rt.invalidate("test")
+        lz.rms_norm(x, w)
+        assert hook.buckets_tuned == before + 1
+    finally:
+        rt.configure(old)
+
+
+def test_online_tuning_from_the_environment(tmp_path: Path) -> None:
+    script = textwrap.dedent("""
+        import torch, layerzero as lz
+        x, w = torch.randn(8, 48), torch.rand(48)
+        lz.rms_norm(x, w)
+        print(lz.get_runtime().config.online_tuning, lz.tuning.get_perf_db().count() >= 2)
+    """)
+    env = {**os.environ, "LAYERZERO_ONLINE_TUNING": "1", "LAYERZERO_PERF_DB": str(tmp_path / "env.db")}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["True", "True"]
+
+
+def test_cli_tune_json_and_table(tmp_path: Path) -> None:
+    path = tmp_path / "cli.db"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["tune", "--ops", "rms_norm", "--shapes", "rows=8,hidden=64", "--device", "cpu",
+                              "--db", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["db"] == str(path) and data["counts"]["ok"] >= 2
+    assert data["buckets"][0]["bucket"] == "n=8;hidden=64;grad=0"
+    assert PerfDB(path).count() == data["counts"]["ok"]
+    res = runner.invoke(cli, ["tune", "--ops", "rms_norm", "--shapes", "rows=8,hidden=64", "--device", "cpu",
+                              "--db", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "rms_norm float32 [n=8;hidden=64;grad=0] -> " in res.output
+    assert "buckets, " in res.output and f"stored in {path}" in res.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--ops", "bogus"], "unknown operation 'bogus'"),
+    (["--ops", "rms_norm", "--shapes", "rows=0,hidden=8"], "rows=0 is out of range"),
+    (["--ops", "rms_norm", "--shapes", "speed=9"], "unknown key 'speed'"),
+    (["--ops", "rms_norm", "--dtype", "int3"], "unknown dtype 'int3'"),
+    (["--ops", "attention.causal", "--shapes", "rows=8,hidden=8"], "no shape applies"),
+])
+def test_cli_tune_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    res = CliRunner().invoke(cli, ["tune", "--device", "cpu", "--db", str(tmp_path / "x.db"), *args])
+    assert res.exit_code == 2 and message in res.output
+
+
+def test_grids_cover_the_benchmark_and_parse_shapes() -> None:
+    cuda = {op: grids.grid(op, "default", device="cuda") for op in ("attention.causal", "attention.full", "rms_norm")}
+    assert sum(map(len, cuda.values())) >= 30
+    attn = cuda["attention.causal"] + cuda["attention.full"]
+    assert {c.head_dim for c in attn} == {64, 128, 256}
+    assert {c.dtype for c in attn} == {torch.bfloat16, torch.float16}
+    assert any(c.seq_len_q == 1 for c in cuda["attention.full"]) and any(c.is_gqa for c in attn)
+    assert min(c.batch_size for c in attn) == 1 and max(c.batch_size for c in attn) == 64
+    assert max(c.seq_len_k for c in attn) == 16384 and min(c.seq_len_q for c in cuda["attention.causal"]) == 128
+    rows = cuda["rms_norm"]
+    assert min(c.num_tokens for c in rows) == 1 and max(c.num_tokens for c in rows) == 32768
+    assert {c.hidden_size for c in rows} == {2048, 4096, 8192}
+    assert grids.parse_shape("b=2,s=128,h=8,kv=2,d=64,dtype=bf16") == {
+        "batch_size": 2, "seq_len": 128, "num_heads": 8, "num_kv_heads": 2, "head_dim": 64, "dtype": torch.bfloat16}
+    with pytest.raises(ValueError, match="'x' is not key=value"):
+        grids.parse_shape("x")
+    with pytest.raises(ValueError, match="unknown grid 'huge'"):
+        grids.grid("rms_norm", "huge")
+
+
+def test_tune_api_with_explicit_shapes(tmp_path: Path) -> None:
+    rt = get_runtime()
+    old = rt.measurement_source
+    try:
+        report = lz.tuning.tune(["attention.causal"], shapes=["b=1,s=16,h=2,d=8"], device="cpu",
+                                db=tmp_path / "api.db")
+        assert report.buckets[0].bucket.startswith("b=1;sq=16;sk=16;h=2;hkv=2;d=8")
+        assert lz.tuning.get_perf_db().path == tmp_path / "api.db"
+    finally:
+        lz.tuning.detach_perf_db()
+        rt.measurement_source = old
+
+
+def test_timing_summary_is_median_and_half_iqr() -> None:
+    t = summarize([1.0, 2.0, 3.0, 4.0, 100.0], "x")
+    assert (t.median_us, t.spread_us, t.samples) == (3.0, 1.0, 5)
+    calls = []
+    t = time_cpu(lambda: calls.append(1), warmup=2, min_samples=4, max_samples=6, budget_s=0.0)
+    assert t.samples == 4 and len(calls) == 6 and t.method == "perf_counter_ns"
+
+
+def test_gpu_bench_smoke_on_cpu(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_bench.py"), "--smoke", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "geomean layerzero/best" in p.stdout and "geomean layerzero/default" in p.stdout
+    (out,) = tmp_path.glob("gpu_bench_smoke_*.json")
+    data = json.loads(out.read_text())
+    assert data["summary"]["shapes"] == 3 and data["summary"]["correctness_failures"] == []
+    for row in data["rows"]:
+        assert row["layerzero_us"] > 0 and row["default_us"] > 0 and row["best_kernel"] in row["kernels"]
+        assert row["layerzero_kernel"] in row["kernels"]
+
+
+@pytest.mark.gpu
+def test_tuning_on_cuda_drives_selection(attached: PerfDB) -> None:
+    plan = {"rms_norm": grids.grid("rms_norm", "quick", device="cuda")[:2],
+            "attention.causal": grids.grid("attention.causal", "quick", device="cuda")[:1]}
+    report = Tuner(attached).tune(plan)
+    assert report.counts["ok"] >= 3 and all(r.method == "triton.do_bench" or r.method == "cuda_events"
+                                            for b in report.buckets for r in b.results if r.status == "ok")
+    for b in report.buckets:
+        op = b.operation
+        args = lz.ops.op_for(op).make_inputs(op, b.context)
+        chosen = lz.which(op, *args[:3]) if op.startswith("attention") else lz.which(op, args[0], args[1])
+        assert chosen == b.selected
