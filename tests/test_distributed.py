@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import layerzero as lz
+import layerzero.tuning as lz_tuning
 from layerzero import distributed as lzd
 from layerzero.context import SelectionContext
 from layerzero.errors import SelectionDivergenceError
@@ -83,7 +84,7 @@ def _divergence(fn: Any) -> dict[str, Any]:
 def _scenario_two(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     """Rank 1 has different measurements; later rank 0 has a kernel rank 1 lacks."""
     rt = get_runtime()
-    lz.tuning.detach_perf_db()
+    lz_tuning.detach_perf_db()
     if rank == 1:
         rt.measurement_source = _fake_perf
     res: dict[str, Any] = {}
@@ -118,13 +119,13 @@ def _scenario_four(rank: int, world: int, tmp: Path) -> dict[str, Any]:
         from layerzero.tuning.perfdb import Record
         from layerzero.tuning.source import libraries_for
 
-        db = lz.tuning.use_perf_db(tmp / "rank3.db")
+        db = lz_tuning.use_perf_db(tmp / "rank3.db")
         t = _inputs()
         ctx = SelectionContext.from_attention(t["q"], t["k"], t["v"], is_causal=True)
         db.record([Record(hardware_fingerprint("cpu").digest, libraries_for(rt, "torch"), "torch_sdpa_math",
                           "attention.causal", "float32", bucket_of("attention.causal", ctx), 1.0, 0.01, 20)])
     else:
-        lz.tuning.detach_perf_db()
+        lz_tuning.detach_perf_db()
     if rank == 2:
         lz.lock("rms_norm", "torch_rms_norm_composed")
     res: dict[str, Any] = {}

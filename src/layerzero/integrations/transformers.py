@@ -1,0 +1,332 @@
+"""HuggingFace transformers: the ``"layerzero"`` attention implementation, and module patching.
+
+Importing this module (``import layerzero`` does it for you as soon as
+``transformers.modeling_utils`` is imported) registers ``"layerzero"`` in
+transformers' ``AttentionInterface`` (4.48+ / 5.x) and, where transformers
+builds masks centrally (``AttentionMaskInterface``, 4.53+), gives it the same
+boolean masks as ``"sdpa"``. Then::
+
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="layerzero")
+    model.config._attn_implementation = "layerzero"       # or switch a loaded model
+    model.set_attn_implementation("layerzero")            # transformers 5.x
+
+route attention through :func:`layerzero.attention`, with the masks (4-D
+boolean or additive), GQA (key/value heads passed as they are), sliding
+windows, dropout and scaling transformers passes, returning ``(B, S, H, D)``
+like transformers' own ``sdpa_attention_forward``.
+
+:func:`patch` swaps norm and activation modules (Llama/Qwen2/Mistral-style
+RMSNorm, ``nn.LayerNorm``, SiLU / GELU activations, SwiGLU MLPs) to layerzero
+ops by giving each matching module instance a layerzero ``forward``; every
+module class is checked numerically against its own forward once before it is
+patched (a look-alike with other arithmetic, such as Gemma's ``1 + weight``
+RMSNorm, is left alone and reported). :func:`unpatch` restores the modules.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import layerzero.ops as lz_ops
+from layerzero.errors import InvalidInputError
+
+__all__ = ["register", "is_registered", "attention_forward", "patch", "unpatch", "PatchReport", "ATTN_NAME"]
+
+ATTN_NAME = "layerzero"
+_PATCH_ATTR = "_layerzero_patch"
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------------
+
+def _position_bias_mask(bias: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, q: torch.Tensor,
+                        k: torch.Tensor) -> torch.Tensor:
+    """Fold a learned position bias into one additive mask (as transformers' sdpa path does)."""
+    lowest = torch.finfo(q.dtype).min
+    if mask is None:
+        if not is_causal:
+            return bias.to(q.dtype)
+        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        return torch.where(keep, bias, lowest).to(q.dtype)
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, lowest).to(q.dtype)
+    return (bias + mask).to(q.dtype)
+
+
+def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract, computed by :func:`layerzero.attention`.
+
+    Args:
+        module: the attention module (``is_causal`` is read from it when not passed).
+        query / key / value: ``(batch, heads, seq, head_dim)``; key/value may have fewer heads (GQA).
+        attention_mask: ``None``, or a 4-D boolean (True = attend) or additive mask.
+        dropout, scaling: attention dropout probability and softmax scale.
+        is_causal: overrides ``module.is_causal``.
+        kwargs: ``sliding_window``, ``position_bias``; ``softcap`` and ``s_aux`` are not supported.
+
+    Returns:
+        ``(output, None)`` with output ``(batch, seq, heads, head_dim)``, contiguous.
+    """
+    for unsupported in ("softcap", "s_aux", "sinks"):
+        if kwargs.get(unsupported) is not None:
+            raise InvalidInputError(
+                f"attention (transformers attn_implementation='layerzero'): {unsupported} is not supported; "
+                f"use attn_implementation='eager' for this model")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    mask = attention_mask
+    if mask is not None:
+        if mask.dim() == 4 and mask.shape[-1] != kv_len:
+            mask = mask[:, :, :, :kv_len]
+        if mask.dtype != torch.bool and mask.dtype != query.dtype:
+            mask = mask.to(query.dtype)
+    # As in transformers' sdpa path: the causal flag only when no mask was built, never for one query.
+    causal = bool(causal) and mask is None and q_len > 1
+    window = None
+    sliding = kwargs.get("sliding_window")
+    if causal and sliding and q_len == kv_len and kv_len > int(sliding):
+        window = int(sliding)  # the mask builder skipped the mask; the window still applies
+    if causal and kv_len > q_len:  # prefill into an empty static cache: the rest is masked anyway
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    bias = kwargs.get("position_bias")
+    if bias is not None:
+        mask = _position_bias_mask(bias[..., : key.shape[2]], mask, causal, query, key)
+        causal, window = False, None
+    out = lz_ops.attention(query, key, value, attn_mask=mask, is_causal=causal, dropout_p=float(dropout),
+                           scale=scaling, window=window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _sdpa_mask() -> Callable[..., Any] | None:
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    except ImportError:  # transformers < 4.53 builds masks per model (custom names get 4-D masks)
+        return None
+    try:
+        return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    except KeyError:
+        return None
+
+
+def register(name: str = ATTN_NAME) -> None:
+    """Register ``name`` as a transformers attention implementation (idempotent)."""
+    from transformers import modeling_utils
+
+    interface = getattr(modeling_utils, "AttentionInterface", None)
+    if interface is not None:
+        interface.register(name, attention_forward)
+    else:  # transformers 4.48-4.51: a plain dict
+        modeling_utils.ALL_ATTENTION_FUNCTIONS[name] = attention_forward
+    mask_fn = _sdpa_mask()
+    if mask_fn is not None:
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionMaskInterface.register(name, mask_fn)
+
+
+def is_registered(name: str = ATTN_NAME) -> bool:
+    """True when transformers knows the ``name`` attention implementation."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return name in ALL_ATTENTION_FUNCTIONS
+
+
+# ---------------------------------------------------------------------------------------------------
+# module patching
+# ---------------------------------------------------------------------------------------------------
+
+def _rms_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    w = self.weight
+    if w.dtype != hidden_states.dtype:  # transformers' own arithmetic decides the mixed-dtype result
+        return type(self).forward(self, hidden_states)
+    return lz_ops.rms_norm(hidden_states, w, self._layerzero_eps)
+
+
+def _layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    w = self.weight
+    if w is not None and w.dtype != x.dtype:
+        return type(self).forward(self, x)
+    return lz_ops.layer_norm(x, w, self.bias, self.eps)
+
+
+def _silu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return lz_ops.silu(x)
+
+
+def _gelu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return lz_ops.gelu(x, self._layerzero_approximate)
+
+
+def _swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(lz_ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+_GELU_EXACT = {"GELUActivation", "GELU"}
+_GELU_TANH = {"GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation", "GELUPytorchTanh",
+              "GELUTanhActivation"}
+_SILU = {"SiLU", "SiLUActivation", "SwishActivation"}
+
+
+def _eps_of(module: nn.Module) -> float | None:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _match(module: nn.Module) -> tuple[str, Callable[..., torch.Tensor], dict[str, Any]] | None:
+    """(kind, forward, extra attributes) when layerzero has an op for this module."""
+    name = type(module).__name__
+    if isinstance(module, nn.LayerNorm):
+        if len(module.normalized_shape) == 1:
+            return "layer_norm", _layer_norm_forward, {}
+        return None
+    if name.lower().endswith("rmsnorm"):
+        w = getattr(module, "weight", None)
+        eps = _eps_of(module)
+        if isinstance(w, torch.Tensor) and w.dim() == 1 and eps is not None:
+            return "rms_norm", _rms_forward, {"_layerzero_eps": eps}
+        return None
+    if name in _SILU:
+        return "silu", _silu_forward, {}
+    if name in _GELU_EXACT or name in _GELU_TANH:
+        approximate = getattr(module, "approximate", "none" if name in _GELU_EXACT else "tanh")
+        if approximate not in ("none", "tanh"):
+            return None
+        return "gelu", _gelu_forward, {"_layerzero_approximate": approximate}
+    if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+        act = getattr(module, "act_fn", None)
+        if act is not None and type(act).__name__ in _SILU:
+            return "swiglu_mlp", _swiglu_mlp_forward, {}
+    return None
+
+
+def _probe_input(module: nn.Module, kind: str) -> torch.Tensor | None:
+    param = next(module.parameters(), None)
+    if param is not None and param.device.type == "meta":
+        return None
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    if kind in ("rms_norm", "layer_norm"):
+        hidden = module.weight.shape[0] if getattr(module, "weight", None) is not None else module.normalized_shape[0]
+    elif kind == "swiglu_mlp":
+        hidden = module.gate_proj.in_features
+    else:
+        hidden = 64
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    return torch.randn(3, hidden, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def _verify(module: nn.Module, kind: str, forward: Callable[..., torch.Tensor]) -> str | None:
+    """None when the layerzero forward matches the module's own forward on a random input, else why not."""
+    x = _probe_input(module, kind)
+    if x is None:
+        return "parameters are on the meta device (load the weights first)"
+    with torch.no_grad():
+        try:
+            want = type(module).forward(module, x)
+            got = forward(module, x)
+        except Exception as exc:  # a module we cannot probe is a module we do not patch
+            return f"could not compare outputs: {type(exc).__name__}: {exc}"
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+        return "its forward returns something else than a tensor of the input's shape"
+    tol = {torch.float32: 1e-4, torch.float64: 1e-8}.get(x.dtype, 3e-2)
+    err = (want.double() - got.double()).abs().max().item()
+    scale = max(1.0, want.double().abs().max().item())
+    if not math.isfinite(err) or err > tol * scale:
+        return f"its forward computes something else (max difference {err:.3g} on a random input)"
+    return None
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` did: module names patched per kind, and modules skipped with the reason."""
+
+    patched: dict[str, list[str]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(len(v) for v in self.patched.values())
+
+    def __str__(self) -> str:
+        lines = [f"layerzero.patch: {self.count} modules now run layerzero ops"]
+        for kind, names in sorted(self.patched.items()):
+            lines.append(f"  {kind}: {len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+        for name, reason in sorted(self.skipped.items()):
+            lines.append(f"  skipped {name}: {reason}")
+        return "\n".join(lines)
+
+
+def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, mlp: bool = True,
+          verify: bool = True) -> PatchReport:
+    """Make ``model``'s norm, activation and SwiGLU-MLP modules run layerzero ops.
+
+    Args:
+        model: any ``nn.Module`` (a transformers model or a part of one).
+        norms: RMSNorm-like modules and ``nn.LayerNorm`` -> ``lz.rms_norm`` / ``lz.layer_norm``.
+        activations: SiLU / GELU modules -> ``lz.silu`` / ``lz.gelu``.
+        mlp: ``gate_proj``/``up_proj``/``down_proj`` MLPs with a SiLU ``act_fn`` -> ``lz.swiglu``.
+        verify: compare each module class's output with its own forward once before patching it.
+
+    Returns:
+        A :class:`PatchReport`; :func:`unpatch` undoes it.
+
+    Example:
+        >>> report = patch(model); print(report)
+    """
+    wanted = {"rms_norm": norms, "layer_norm": norms, "silu": activations, "gelu": activations,
+              "swiglu_mlp": mlp}
+    report = PatchReport()
+    verdicts: dict[tuple[type, str, Any], str | None] = {}
+    for name, module in model.named_modules():
+        if getattr(module, _PATCH_ATTR, None) is not None:
+            continue
+        found = _match(module)
+        if found is None or not wanted[found[0]]:
+            continue
+        kind, forward, extra = found
+        label = name or type(module).__name__
+        for attr, value in extra.items():
+            object.__setattr__(module, attr, value)
+        if verify:
+            vkey = (type(module), kind, tuple(sorted(extra.items())))
+            if vkey not in verdicts:
+                verdicts[vkey] = _verify(module, kind, forward)
+            problem = verdicts[vkey]
+            if problem is not None:
+                for attr in extra:
+                    object.__delattr__(module, attr)
+                report.skipped[label] = f"{type(module).__name__}: {problem}"
+                continue
+        object.__setattr__(module, "forward", types.MethodType(forward, module))
+        object.__setattr__(module, _PATCH_ATTR, kind)
+        report.patched.setdefault(kind, []).append(label)
+    return report
+
+
+def unpatch(model: nn.Module) -> int:
+    """Restore every module :func:`patch` changed; returns how many were restored."""
+    restored = 0
+    for module in model.modules():
+        if getattr(module, _PATCH_ATTR, None) is None:
+            continue
+        for attr in ("forward", _PATCH_ATTR, "_layerzero_eps", "_layerzero_approximate"):
+            if attr in module.__dict__:
+                object.__delattr__(module, attr)
+        restored += 1
+    return restored
+
+
+register()

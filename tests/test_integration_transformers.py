@@ -1,0 +1,290 @@
+"""transformers: attn_implementation="layerzero" and patch()/unpatch() on tiny random models (no downloads)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+
+import transformers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from layerzero.errors import InvalidInputError  # noqa: E402
+from layerzero.integrations import hooks  # noqa: E402
+from layerzero.integrations import transformers as lzt  # noqa: E402
+from layerzero.ops.attention import attention_reference  # noqa: E402
+from layerzero.runtime import get_runtime  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+_COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256)
+# Windows shorter than the prompt, so sliding-window masks really cut.
+MODELS = {
+    "llama": (LlamaForCausalLM, LlamaConfig, {}),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, {"use_sliding_window": True, "sliding_window": 6,
+                                              "max_window_layers": 1}),
+    "mistral": (MistralForCausalLM, MistralConfig, {"sliding_window": 6}),
+}
+
+
+def _pair(name: str, device: str, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+    cls, cfg_cls, extra = MODELS[name]
+    torch.manual_seed(0)
+    ref = cls(cfg_cls(**_COMMON, **extra)).to(device=device, dtype=dtype).eval()
+    ref.set_attn_implementation("sdpa")
+    ours = cls(cfg_cls(**_COMMON, **extra)).to(device=device, dtype=dtype).eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.config._attn_implementation = "layerzero"  # the config switch (set_attn_implementation works too)
+    return ref, ours
+
+
+def _batch(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (2, 12), generator=g).to(device)
+    mask = torch.ones(2, 12, dtype=torch.long, device=device)
+    mask[1, :3] = 0  # left padding: 4-D masks with padded rows
+    return ids, mask
+
+
+@pytest.fixture
+def seen_operations() -> Iterator[list[str]]:
+    rt = get_runtime()
+    seen: list[str] = []
+
+    def hook(operation: str, ctx: object) -> None:
+        seen.append(operation)
+
+    rt.on_miss.append(hook)
+    yield seen
+    rt.on_miss.remove(hook)
+
+
+def _check_model(name: str, device: str, dtype: torch.dtype, atol: float, tokens: bool,
+                 seen: list[str]) -> None:
+    ref, ours = _pair(name, device, dtype)
+    ids, mask = _batch(device)
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, want, atol=atol, rtol=atol)
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=atol, rtol=atol)
+        assert any(op.startswith("attention") for op in seen), "attention did not go through layerzero"
+        if tokens:
+            gen_ref = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+            gen_ours = ours.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+            assert torch.equal(gen_ours, gen_ref)
+        report = lzt.patch(ours)
+        assert report.patched.keys() >= {"rms_norm", "swiglu_mlp"}
+        assert len(report.patched["rms_norm"]) == 5  # 2 per layer + the final norm
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits, want, atol=atol, rtol=atol)
+        assert "swiglu" in seen and "rms_norm" in seen
+        if tokens:
+            gen_patched = ours.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+            assert torch.equal(gen_patched, gen_ref)
+    assert lzt.unpatch(ours) == report.count
+    assert not any("forward" in m.__dict__ for m in ours.modules())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_tiny_model_matches_sdpa_and_generates_the_same_tokens(name: str, seen_operations: list[str]) -> None:
+    _check_model(name, "cpu", torch.float32, 1e-5, True, seen_operations)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tiny_model_matches_sdpa_on_gpu(name: str, dtype: torch.dtype, seen_operations: list[str]) -> None:
+    # bf16: different (both correct) kernels round differently, and greedy ties on a random model may flip.
+    _check_model(name, "cuda", dtype, 1e-4 if dtype == torch.float32 else 5e-2, dtype == torch.float32,
+                 seen_operations)
+
+
+def test_from_pretrained_from_config_and_set_attn_implementation(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**_COMMON), attn_implementation="layerzero")
+    assert model.config._attn_implementation == "layerzero"
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="layerzero").eval()
+    assert loaded.config._attn_implementation == "layerzero"
+    ids, mask = _batch("cpu")
+    with torch.no_grad():
+        ours = loaded(ids, attention_mask=mask).logits
+        loaded.set_attn_implementation("sdpa")
+        torch.testing.assert_close(ours, loaded(ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_training_with_attention_dropout_runs_backward() -> None:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**_COMMON, attention_dropout=0.5))
+    model.set_attn_implementation("layerzero")
+    model.train()
+    ids, _ = _batch("cpu")
+    torch.manual_seed(3)
+    loss_a = model(ids, labels=ids).loss
+    loss_a.backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    model.eval()  # no dropout in eval: deterministic
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+class _Attn(nn.Module):
+    is_causal = True
+
+
+def _qkv(hq: int = 4, hkv: int = 2, sq: int = 7, sk: int = 7) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(2)
+    return (torch.randn(2, hq, sq, 16, generator=g), torch.randn(2, hkv, sk, 16, generator=g),
+            torch.randn(2, hkv, sk, 16, generator=g))
+
+
+def test_attention_forward_masks_gqa_scaling_and_layout() -> None:
+    q, k, v = _qkv()
+    keep = torch.rand(2, 1, 7, 7, generator=torch.Generator().manual_seed(3)) > 0.4
+    keep[..., 0] = True
+    additive = torch.zeros(2, 1, 7, 7).masked_fill(~keep, torch.finfo(torch.float32).min)
+    for mask in (keep, additive):
+        out, weights = lzt.attention_forward(_Attn(), q, k, v, mask, scaling=0.3)
+        assert weights is None and out.shape == (2, 7, 4, 16) and out.is_contiguous()  # (B, S, H, D)
+        want = attention_reference(q, k, v, keep, scale=0.3).transpose(1, 2)
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    out, _ = lzt.attention_forward(_Attn(), q, k, v, None)  # no mask: causal, from the module
+    torch.testing.assert_close(out.double(), attention_reference(q, k, v, is_causal=True).transpose(1, 2),
+                               atol=1e-5, rtol=1e-5)
+    out, _ = lzt.attention_forward(_Attn(), q, k, v, None, is_causal=False)  # an encoder's call
+    torch.testing.assert_close(out.double(), attention_reference(q, k, v).transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_forward_sliding_window_without_a_mask() -> None:
+    q, k, v = _qkv(sq=9, sk=9)
+    out, _ = lzt.attention_forward(_Attn(), q, k, v, None, sliding_window=4)
+    want = attention_reference(q, k, v, is_causal=True, window=4).transpose(1, 2)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    full = attention_reference(q, k, v, is_causal=True).transpose(1, 2)
+    assert not torch.allclose(out.double(), full, atol=1e-3)  # the window really cut
+
+
+def test_attention_forward_decode_step_and_position_bias() -> None:
+    q, k, v = _qkv(sq=1, sk=9)
+    out, _ = lzt.attention_forward(_Attn(), q, k, v, None)  # one query sees the whole cache
+    torch.testing.assert_close(out.double(), attention_reference(q, k, v).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    q, k, v = _qkv(hkv=4)
+    bias = torch.randn(1, 4, 7, 7, generator=torch.Generator().manual_seed(4))
+    out, _ = lzt.attention_forward(_Attn(), q, k, v, None, is_causal=False, position_bias=bias)
+    torch.testing.assert_close(out.double(), attention_reference(q, k, v, bias).transpose(1, 2), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_attention_forward_dropout_changes_the_output() -> None:
+    q, k, v = _qkv()
+    plain, _ = lzt.attention_forward(_Attn(), q, k, v, None)
+    dropped, _ = lzt.attention_forward(_Attn(), q, k, v, None, dropout=0.5)
+    assert torch.isfinite(dropped).all() and not torch.allclose(plain, dropped)
+
+
+def test_attention_forward_rejects_softcap() -> None:
+    q, k, v = _qkv()
+    with pytest.raises(InvalidInputError, match="softcap is not supported; use attn_implementation='eager'"):
+        lzt.attention_forward(_Attn(), q, k, v, None, softcap=30.0)
+
+
+class GemmaLikeRMSNorm(nn.Module):
+    """An RMSNorm by name whose arithmetic differs (``1 + weight``): patch() must leave it alone."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(dim))
+        self.eps = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+
+def test_patch_verifies_each_module_class_and_unpatch_restores() -> None:
+    model = nn.Sequential(nn.LayerNorm(32), nn.GELU(approximate="tanh"), nn.SiLU(), GemmaLikeRMSNorm(32),
+                          transformers.activations.GELUActivation(), nn.Linear(32, 32))
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(x)
+        report = lzt.patch(model)
+        assert report.patched == {"layer_norm": ["0"], "gelu": ["1", "4"], "silu": ["2"]}
+        assert list(report.skipped) == ["3"] and "computes something else" in report.skipped["3"]
+        assert "3 modules" not in str(report) and "skipped 3: GemmaLikeRMSNorm" in str(report)
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+        assert lzt.patch(model).count == 0  # already patched: nothing to do
+    assert lzt.unpatch(model) == 4
+    assert all("forward" not in m.__dict__ for m in model)
+
+
+def test_registered_with_sdpa_style_masks() -> None:
+    assert lzt.is_registered()
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    assert ALL_MASK_ATTENTION_FUNCTIONS["layerzero"] is ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def test_post_import_hook_runs_after_the_module_body(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "layerzero_hook_probe_module"
+    (tmp_path / f"{name}.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    seen: list[int] = []
+    hooks.when_imported(name, lambda m: seen.append(m.VALUE))
+    assert name in hooks.pending() and seen == []
+    importlib.import_module(name)
+    assert seen == [42] and name not in hooks.pending()
+    hooks.when_imported(name, lambda m: seen.append(m.VALUE + 1))  # already imported: runs at once
+    assert seen == [42, 43]
+    monkeypatch.delitem(sys.modules, name)
+
+
+def test_a_failing_hook_never_breaks_the_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    name = "layerzero_hook_probe_failing"
+    (tmp_path / f"{name}.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    hooks.when_imported(name, lambda m: 1 / 0)
+    assert importlib.import_module(name).VALUE == 1
+    assert "setting up the integration for layerzero_hook_probe_failing failed: ZeroDivisionError" in caplog.text
+    monkeypatch.delitem(sys.modules, name)
+
+
+def test_compiled_model_has_no_graph_break() -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**_COMMON)).eval()
+    model.set_attn_implementation("layerzero")
+    lzt.patch(model)
+    ids, _ = _batch("cpu")
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids, use_cache=False).logits
+
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(logits)(ids)
+        assert explanation.graph_break_count == 0
+        targets = {str(n.target) for n in explanation.graphs[0].graph.nodes if n.op == "call_function"}
+        assert {"layerzero.attention.default", "layerzero.rms_norm.default", "layerzero.swiglu.default"} <= targets
+        compiled = torch.compile(logits, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(ids), logits(ids), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
