@@ -299,3 +299,59 @@ def test_empty_private_registry_is_not_replaced_by_the_global_one():
     with pytest.raises(NoKernelError, match=r"no kernel is registered for 'rms_norm'"):
         d.dispatch("rms_norm", {"x": torch.randn(2, 4)})
     assert math.isfinite(d.get_telemetry().cache_stats.hit_rate)
+
+
+def _same_args(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y or (not isinstance(x, torch.Tensor) and type(x) is type(y) and x == y)
+                                    for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("operation,inputs", [
+    ("attention.causal", {"query": 1, "key": 2, "value": 3}),
+    ("attention.full", {"q": 1, "k": 2, "v": 3}),
+    ("attention.cross", {"q": 1, "k": 2, "v": 3, "attn_mask": 4}),
+    ("attention.full", {"q": 1, "k": 2, "v": 3, "is_causal": True}),
+    ("attention.full", {"q": 1, "k": 2, "v": 3, "scale": 0.5, "dropout_p": 0.1}),
+    ("rms_norm", {"x": 1, "weight": 2}),
+    ("rms_norm", {"input": 1, "eps": 1e-3}),
+    ("layer_norm", {"x": 1, "weight": 2, "bias": 3}),
+    ("rope", {"x": 1, "cos": 2, "sin": 3, "interleaved": True}),
+    ("swiglu", {"gate": 1, "up": 2}),
+    ("gelu", {"x": 1, "approximate": "tanh"}),
+    ("silu", {"input": 1}),
+    ("sample.top_k", {"logits": 1, "top_k": 5, "temperature": 0.7}),
+])
+def test_fast_input_mapping_equals_the_ops_own(operation, inputs):
+    from layerzero.dispatch.generic import map_inputs, op_for_dispatch
+
+    op = op_for_dispatch(operation)
+    tensors = {n: (torch.randn(2, 2, 4, 8) if isinstance(v, int) and not isinstance(v, bool) and n != "top_k" else v)
+               for n, v in inputs.items()}
+    want = op.args_from_inputs(operation, tensors, {})
+    for _ in range(3):  # first sight, then the memoized mapping
+        got, transposed = map_inputs(op, operation, tensors, {})
+        assert not transposed and _same_args(got, want), (got, want)
+    fresh = {n: (torch.randn(3, 2, 4, 8) if isinstance(v, torch.Tensor) else v) for n, v in tensors.items()}
+    assert _same_args(map_inputs(op, operation, fresh, {})[0], op.args_from_inputs(operation, fresh, {}))
+    with_none = {**fresh, next(iter(fresh)): None}
+    with pytest.raises(InvalidInputError):
+        map_inputs(op, operation, with_none, {})
+
+
+def test_mapping_memo_is_not_used_for_value_dependent_ops():
+    from layerzero.dispatch.generic import map_inputs
+    from layerzero.ops.base import OpDef
+
+    class Picky(OpDef):
+        family = "picky"
+
+        def args_from_inputs(self, operation, inputs, kwargs):  # type: ignore[no-untyped-def]
+            x = inputs["x"]
+            return (x, "tensor" if isinstance(x, torch.Tensor) else "other")
+
+    op = Picky()
+    t = torch.randn(2)
+    for _ in range(3):
+        args, _ = map_inputs(op, "picky", {"x": t}, {})
+        assert args[0] is t and args[1] == "tensor"
+    assert map_inputs(op, "picky", {"x": 3}, {})[0] == (3, "other")
