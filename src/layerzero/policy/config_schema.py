@@ -191,7 +191,15 @@ def _check_regex_syntax(p: str) -> None:
                 raise ValueError(f"only (...), (?:...) and (?P<name>...) groups are allowed; lookarounds, "
                                  f"conditionals, flags and backreferences are not (position {i})")
             prev = None
-            i += 1
+            if p.startswith("(?:", i):
+                i += 3
+            elif p.startswith("(?P<", i):
+                end = p.find(">", i)
+                if end < 0:
+                    raise ValueError(f"unterminated group name at position {i}")
+                i = end + 1
+            else:
+                i += 1
         elif c == ")":
             prev = "group"
             i += 1

@@ -47,7 +47,7 @@ from layerzero.policy.conditions import Condition, compile_condition
 from layerzero.policy.model import Policy, Rule
 from layerzero.registry import KernelRegistry, operation_matches
 
-__all__ = ["load_policy", "validate_policy", "read_document", "Problems", "ConfigWarning", "MAX_DOCUMENT_BYTES",
+__all__ = ["load_policy", "validate_policy", "read_document", "parse_text", "Problems", "ConfigWarning", "MAX_DOCUMENT_BYTES",
            "SUPPORTED_VERSIONS", "POLICY_SECTIONS"]
 
 MAX_DOCUMENT_BYTES = 1 << 20   # 1 MiB
@@ -129,14 +129,19 @@ def read_document(source: str | os.PathLike[str] | Mapping[str, Any], *, error: 
     elif isinstance(source, str):
         label = "<text>"
         text = source
-        if len(text.encode("utf-8", "surrogatepass")) > MAX_DOCUMENT_BYTES:
-            raise error(f"document text is larger than the {MAX_DOCUMENT_BYTES} bytes allowed", source=label)
         as_json = text.lstrip().startswith("{")
     else:
         raise error(f"expected a path, YAML/JSON text or a mapping, got {type(source).__name__}", source=None)
+    return parse_text(text, label, error=error, as_json=as_json), label
+
+
+def parse_text(text: str, label: str, *, error: type[ConfigError] = ConfigError, as_json: bool = False) -> Any:
+    """Parse document text (never treated as a path) with the same limits as :func:`read_document`."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_DOCUMENT_BYTES:
+        raise error(f"{label}: document is larger than the {MAX_DOCUMENT_BYTES} bytes allowed", source=label)
     data = _parse(text, label, as_json, error)
     _check_shape(data, label, error)
-    return data, label
+    return data
 
 
 def _is_path(source: str | os.PathLike[str]) -> bool:
