@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
@@ -221,11 +221,3 @@ def kwargs_kernel(spec: KernelSpec) -> KernelSpec:
 
 def _has_specialize(spec: KernelSpec) -> bool:
     return any(f.name == "specialize" for f in dataclasses.fields(spec))
-
-
-def unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The user's callable behind a :func:`kwargs_kernel` wrapper (itself otherwise)."""
-    for spec, wrapped in list(_wrapped.values()):
-        if wrapped.impl is fn:
-            return spec.impl
-    return fn

@@ -27,7 +27,7 @@ from typing import Any
 
 from layerzero.context import SelectionContext
 from layerzero.dispatch.config import DispatchConfig, DispatchMode
-from layerzero.dispatch.dispatcher import Dispatcher, runtime_for
+from layerzero.dispatch.dispatcher import Dispatcher, _perf_ns, runtime_for
 from layerzero.dispatch.generic import map_inputs
 from layerzero.dispatch.result import NOT_TIMED, DispatchResult, DispatchTiming
 from layerzero.errors import ConfigError, InvalidInputError, NoKernelError
@@ -147,8 +147,6 @@ class StaticDispatcher(Dispatcher):
 
     def _static_timed(self, plan: ExecutionPlan, operation: str, inputs: Mapping[str, Any], kwargs: dict[str, Any]
                       ) -> DispatchResult:
-        from layerzero.dispatch.dispatcher import _perf_ns
-
         rt = self.runtime
         t0 = _perf_ns()
         args, bshd = map_inputs(plan.op, operation, inputs, kwargs)
