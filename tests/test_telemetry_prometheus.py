@@ -213,3 +213,17 @@ def test_scrapes_add_nothing_to_the_call_path(tel):
     for _ in range(1000):
         lz.silu(x)
     assert events == first == ["selection"]
+
+
+def test_dispatch_and_ops_share_one_registry(tel):
+    from layerzero.dispatch import dispatch
+
+    x, w = torch.randn(6, 48), torch.randn(48)
+    for _ in range(3):
+        result = dispatch("rms_norm", {"x": x, "weight": w})
+    for _ in range(2):
+        lz.rms_norm(x, w)
+    torch.testing.assert_close(result.output.double(), rms_ref(x, w), atol=1e-5, rtol=1e-5)
+    found = samples(telemetry.metrics_text())
+    assert value(found, "layerzero_dispatch_total", operation="rms_norm", kernel=result.kernel_id) == 5
+    assert value(found, "layerzero_cache_hits_total") + value(found, "layerzero_cache_misses_total") == 5
