@@ -1,8 +1,8 @@
 """Extra ``lz.doctor()`` / ``layerzero doctor`` sections: what is in force and what is wrong right now.
 
 Registered on :data:`layerzero.doctor._doctor_hooks` when this module is
-imported (``layerzero doctor`` imports it; so does ``layerzero.telemetry``'s
-lazy loader for Python callers who want them). Each hook adds one key to
+imported, which ``lz.doctor()`` does on its first call (so ``layerzero
+doctor`` and Python callers see the same report). Each hook adds one key to
 ``report.extra``:
 
 * ``perf_db``: the performance database's location and entry count
