@@ -74,6 +74,7 @@ import layerzero as lz  # noqa: E402
 from layerzero.context import SelectionContext  # noqa: E402
 from layerzero.ops import op_for  # noqa: E402
 from layerzero.tuning import grids  # noqa: E402
+from layerzero.tuning.buckets import bucket_of  # noqa: E402
 from layerzero.tuning.perfdb import PerfDB  # noqa: E402
 from layerzero.tuning.timing import Timing, time_cpu, time_cuda  # noqa: E402
 from layerzero.tuning.tuner import Tuner, _callable  # noqa: E402
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", default="default", choices=grids.GRID_NAMES)
     ap.add_argument("--out", default=None, help="output directory (default: $OUT, else benchmarks/results)")
     ap.add_argument("--deadline-s", type=float, default=420.0, help="stop measuring new shapes after this")
+    ap.add_argument("--check-budget-s", type=float, default=150.0, help="time for the correctness pass")
+    ap.add_argument("--tune-budget-s", type=float, default=150.0, help="time for tuning")
+    ap.add_argument("--skip-backends", default="", help="comma-separated backends to leave out (e.g. flex)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     deadline = t_start + args.deadline_s
@@ -176,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="lz-bench-"))
     db = lz.tuning.use_perf_db(tmp / "perf.db")
     rt = lz.get_runtime()
+    for name in filter(None, (b.strip() for b in args.skip_backends.split(","))):
+        rt.backends.mark_unhealthy(name, "left out by gpu_bench.py --skip-backends")
     backends = {b.name: {"available": b.available, "version": b.version, "reason": b.reason}
                 for b in rt.backends.all()}
     print(f"layerzero gpu_bench on {card_name(device)}: {n_shapes} shapes; torch {torch.__version__}; "
@@ -185,30 +191,41 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     checker = Tuner(None, runtime=rt)
     correctness: list[dict[str, Any]] = []
+    check_deadline = t0 + args.check_budget_s
     for operation, ctxs in plan.items():
         op = op_for(operation)
         for ctx in ctxs:
             for spec in checker.eligible(operation, ctx):
+                if time.perf_counter() > check_deadline:
+                    correctness.append({"operation": operation, "shape": short(operation, ctx),
+                                        "bucket": bucket_of(operation, ctx), "dtype": ctx.dtype_name,
+                                        "kernel": spec.kernel_id, "ok": None, "problem": "not checked: time"})
+                    continue
                 try:
                     problem = checker._check(op, operation, ctx, spec)
                 except Exception as exc:  # report, keep going
                     problem = f"{type(exc).__name__}: {exc}"
                 correctness.append({"operation": operation, "shape": short(operation, ctx),
+                                    "bucket": bucket_of(operation, ctx), "dtype": ctx.dtype_name,
                                     "kernel": spec.kernel_id, "ok": problem is None, "problem": problem})
     check_s = time.perf_counter() - t0
-    bad = [c for c in correctness if not c["ok"]]
-    print(f"correctness: {len(correctness) - len(bad)}/{len(correctness)} kernel x shape checks passed "
-          f"in {check_s:.1f} s", flush=True)
+    bad = [c for c in correctness if c["ok"] is False]
+    unchecked = sum(c["ok"] is None for c in correctness)
+    print(f"correctness: {sum(c['ok'] is True for c in correctness)}/{len(correctness)} kernel x shape checks "
+          f"passed, {len(bad)} failed, {unchecked} not reached in {check_s:.1f} s", flush=True)
     for c in bad[:20]:
         print(f"  FAILED {c['kernel']} {c['shape']}: {c['problem']}", flush=True)
 
     # 2. tuning (what `layerzero tune` runs), timed
     t0 = time.perf_counter()
-    report = Tuner(db, runtime=rt).tune(plan)
+    report = Tuner(db, runtime=rt, budget_s=args.tune_budget_s).tune(plan)
     tune_s = time.perf_counter() - t0
     print(f"tuning: {report.counts} in {tune_s:.1f} s", flush=True)
 
     # 3. per shape: every kernel directly, layerzero, PyTorch default
+    failed = {(b.operation, b.bucket, b.dtype, r.kernel_id) for b in report.buckets for r in b.results
+              if r.status == "failed"}
+    failed |= {(c["operation"], c["bucket"], c["dtype"], c["kernel"]) for c in correctness if c["ok"] is False}
     rows: list[dict[str, Any]] = []
     gen = torch.Generator(device=device)
     gen.manual_seed(1234)
@@ -230,12 +247,14 @@ def main(argv: list[str] | None = None) -> int:
                 default_t = safe_time(measure, default_call(operation, inputs))
                 chosen = lz.which(operation, *inputs[:3]) if operation.startswith("attention") \
                     else lz.which(operation, inputs[0], inputs[1])
-            timed = {k: v for k, v in kernels.items() if isinstance(v, Timing)}
+            bucket = bucket_of(operation, ctx)
+            wrong = sorted(k for k in kernels if (operation, bucket, ctx.dtype_name, k) in failed)
+            timed = {k: v for k, v in kernels.items() if isinstance(v, Timing) and k not in wrong}
             best_id = min(timed, key=lambda k: timed[k].median_us) if timed else None
             row: dict[str, Any] = {
                 "operation": operation, "shape": short(operation, ctx), "context": ctx.to_dict(),
                 "kernels": {k: (v.__dict__ if isinstance(v, Timing) else {"error": v}) for k, v in kernels.items()},
-                "best_kernel": best_id, "best_us": timed[best_id].median_us if best_id else None,
+                "failed_correctness": wrong, "best_kernel": best_id, "best_us": timed[best_id].median_us if best_id else None,
                 "layerzero_kernel": chosen,
                 "layerzero_us": lz_t.median_us if isinstance(lz_t, Timing) else None,
                 "layerzero_spread_us": lz_t.spread_us if isinstance(lz_t, Timing) else None,
@@ -266,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         "worst_lz_over_default": worst_default and {"shape": worst_default["shape"],
                                                     "ratio": worst_default.get("lz_over_default")},
         "shapes_slower_than_default_beyond_noise": [r["shape"] for r in slower],
-        "correctness_checks": len(correctness), "correctness_failures": bad,
+        "correctness_checks": len(correctness), "correctness_failures": bad, "correctness_unchecked": unchecked,
+        "tuning_budget_exhausted": report.budget_exhausted,
         "check_s": round(check_s, 2), "tune_s": round(tune_s, 2),
         "total_s": round(time.perf_counter() - t_start, 2),
     }
@@ -277,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         "triton": _version("triton"), "liger": _version("liger_kernel") or LIGER_FROM,
         "backends": backends, "hardware": report.hardware, "summary": summary,
         "tuning": report.to_dict(), "rows": rows,
-        "command": "python scripts/gpu_bench.py" + (" --smoke" if args.smoke else ""),
+        "command": "python scripts/gpu_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     out_dir = Path(args.out or os.environ.get("OUT") or (ROOT / "benchmarks" / "results"))
     out_dir.mkdir(parents=True, exist_ok=True)
