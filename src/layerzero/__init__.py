@@ -43,6 +43,7 @@ from layerzero.doctor import doctor, readiness_check
 from layerzero.runtime import get_runtime
 from layerzero.solve import PlanTable, compile, install_plan_table, solve, warmup
 from layerzero.backends import load_builtin_backends as _load_builtin_backends
+from layerzero import tuning
 
 __version__ = "0.1.0"
 
@@ -55,7 +56,7 @@ __all__ = [
     # policy
     "lock", "unlock", "prefer", "disabled", "enabled", "configure",
     # system
-    "doctor", "readiness_check", "get_runtime", "solve", "compile", "warmup", "PlanTable", "install_plan_table",
+    "doctor", "readiness_check", "get_runtime", "tuning", "solve", "compile", "warmup", "PlanTable", "install_plan_table",
     # kernels and registries
     "KernelSpec", "Reason", "ReasonCode", "SelectionContext", "KernelRegistry", "BackendRegistry",
     "get_global_kernel_registry", "get_global_backend_registry", "register_kernel",
