@@ -452,3 +452,50 @@ def test_warnings_module_clean_for_valid_documents() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_policy({"version": "1.0", "boosts": [{"backend": "torch", "boost_factor": 1.5}]})
+
+
+# -- docs/readme/policy.md -------------------------------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "readme" / "policy.md"
+
+
+def test_policy_doc_examples_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ```python block of the doc runs, top to bottom, in one namespace; its printed output is the doc's."""
+    import re
+
+    text = DOC.read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```$", text, flags=re.S | re.M)
+    outputs = re.findall(r"^```text\n(.*?)^```$", text, flags=re.S | re.M)
+    assert len(blocks) >= 5
+    ns: dict[str, object] = {"__name__": "policy_doc"}
+    printed: list[str] = []
+    for i, code in enumerate(blocks):
+        try:
+            exec(compile(code, f"{DOC.name}[python block {i + 1}]", "exec"), ns)  # noqa: S102 - our own doc
+        except Exception as exc:
+            raise AssertionError(f"python block {i + 1} of {DOC} failed: {type(exc).__name__}: {exc}") from exc
+        printed.append(capsys.readouterr().out)
+    documented = "".join(o for o in outputs if not o.startswith("$ "))
+    got = "".join(printed)
+    tmp = Path(str(ns["tmp"]))
+    assert got.replace(str(tmp), "/tmp/tmpXXXX") == documented
+    # The CLI session: the doc's YAML blocks (named by their first comment line) plus the example's policy.yaml.
+    from click.testing import CliRunner
+
+    from layerzero.cli import cli
+
+    files = tmp / "cli"
+    files.mkdir()
+    for block in re.findall(r"^```yaml\n(.*?)^```$", text, flags=re.S | re.M):
+        (files / block.splitlines()[0].removeprefix("# ").strip()).write_text(block)
+    (files / "policy.yaml").write_text((tmp / "policy.yaml").read_text())
+    session = next(o for o in outputs if o.startswith("$ "))
+    commands = re.split(r"^\$ ", session, flags=re.M)[1:]
+    assert len(commands) == 3
+    runner = CliRunner()
+    monkeypatch.chdir(files)
+    for command in commands:
+        line, _, expected = command.partition("\n")
+        res = runner.invoke(cli, line.split()[1:])
+        assert res.output == expected, line
+        assert res.exit_code == (1 if "invalid" in expected else 0), line
