@@ -136,3 +136,15 @@ def test_explain_options_reach_the_context(capsys):
     ctx = json.loads(capsys.readouterr().out)["context"]
     assert (ctx["batch_size"], ctx["seq_len_q"], ctx["num_heads"], ctx["head_dim"]) == (2, 16, 4, 64)
     assert (ctx["layout"], ctx["mask_kind"], ctx["requires_grad"], ctx["is_causal"]) == ("BSHD", "bool", True, False)
+
+
+@pytest.mark.gpu
+def test_explain_on_a_gpu_matches_the_real_call(capsys):
+    """On a CUDA machine, --device cuda uses the real compute capability and agrees with a real call."""
+    assert main(["explain", "--op", "attention.causal", "--shape", "q=2,8,256,64", "--dtype", "float16",
+                 "--device", "cuda", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    major, minor = torch.cuda.get_device_capability()
+    assert data["context"]["sm"] == major * 10 + minor
+    q = torch.randn(2, 8, 256, 64, device="cuda", dtype=torch.float16)
+    assert data["selected_kernel"] == lz.which("attention.causal", q, q, q)
