@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             row: dict[str, Any] = {
                 "operation": operation, "shape": short(operation, ctx), "context": ctx.to_dict(),
                 "kernels": {k: (v.__dict__ if isinstance(v, Timing) else {"error": v}) for k, v in kernels.items()},
-                "failed_correctness": wrong, "best_kernel": best_id, "best_us": timed[best_id].median_us if best_id else None,
+                "failed_correctness": wrong, "best_kernel": best_id,
+                "best_us": timed[best_id].median_us if best_id else None,
                 "layerzero_kernel": chosen,
                 "layerzero_us": lz_t.median_us if isinstance(lz_t, Timing) else None,
                 "layerzero_spread_us": lz_t.spread_us if isinstance(lz_t, Timing) else None,

@@ -59,7 +59,8 @@ def _window_left(window: int | None) -> int:
 
 def flashinfer_prefill(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
     out = _lib().single_prefill_with_kv_cache(
-        q[0].transpose(0, 1).contiguous(), k[0].contiguous(), v[0].contiguous(), causal=bool(is_causal or window is not None),
+        q[0].transpose(0, 1).contiguous(), k[0].contiguous(), v[0].contiguous(),
+        causal=bool(is_causal or window is not None),
         kv_layout="HND", sm_scale=scale, window_left=_window_left(window))
     return out.transpose(0, 1).unsqueeze(0)  # (seq_q, heads, d) -> (1, heads, seq_q, d)
 
@@ -93,7 +94,8 @@ def _decode_wrapper(q: torch.Tensor, k: torch.Tensor, scale: float | None, windo
 
 def flashinfer_decode(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
     wrapper = _decode_wrapper(q, k, scale, window)
-    out = wrapper.run(q[:, :, 0].contiguous(), (k.contiguous(), v.contiguous()))  # q (batch, heads, d); paged cache (pages, kv_heads, page_size, d)
+    # q: (batch, heads, d); the paged cache: (pages, kv_heads, page_size, d) for k and for v
+    out = wrapper.run(q[:, :, 0].contiguous(), (k.contiguous(), v.contiguous()))
     return out.unsqueeze(2)
 
 

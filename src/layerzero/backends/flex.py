@@ -118,7 +118,8 @@ def block_mask_for(sq: int, sk: int, is_causal: bool, window: int | None, device
     return mask
 
 
-def flex_attention_kernel(q, k, v, mask, is_causal, dropout_p, scale, window, *, compiled=True):  # type: ignore[no-untyped-def]
+def flex_attention_kernel(q, k, v, mask, is_causal, dropout_p, scale, window,  # type: ignore[no-untyped-def]
+                          *, compiled=True):
     """FlexAttention on canonical BHSD arguments (``compiled=False`` runs eagerly, for tests)."""
     _load()
     bm = block_mask_for(q.shape[2], k.shape[2], is_causal, window, q.device)
@@ -129,7 +130,8 @@ def flex_attention_kernel(q, k, v, mask, is_causal, dropout_p, scale, window, *,
 def _check(ctx: SelectionContext) -> list[Reason]:
     out = []
     if ctx.head_dim is not None and ctx.head_dim < 16:
-        out.append(Reason(ReasonCode.HEAD_DIM_TOO_SMALL, f"head_dim={ctx.head_dim} < 16 (FlexAttention's tl.dot minimum)"))
+        out.append(Reason(ReasonCode.HEAD_DIM_TOO_SMALL,
+                          f"head_dim={ctx.head_dim} < 16 (FlexAttention's tl.dot minimum)"))
     if ctx.head_dim_v is not None and ctx.head_dim_v < 16:
         out.append(Reason(ReasonCode.HEAD_DIM_TOO_SMALL, f"value head_dim={ctx.head_dim_v} < 16"))
     if ctx.num_heads and ctx.num_kv_heads and ctx.num_heads % ctx.num_kv_heads == 0:
