@@ -439,6 +439,29 @@ def test_scoped_policy_reaches_the_hot_path_and_leaves_with_the_scope(custom_rms
     assert custom_rms == ["custom"] * 5
 
 
+def test_a_policy_change_during_a_cache_miss_never_leaves_a_stale_plan() -> None:
+    changed: list[bool] = []
+
+    def custom_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        if not changed:                                   # a policy change lands while this call selects and runs
+            changed.append(True)
+            lz.lock("rms_norm", "torch_rms_norm_composed")
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+    reg = get_global_kernel_registry()
+    reg.register(KernelSpec("custom_rms_norm", "rms_norm", "custom", custom_rms_norm, priority=99))
+    try:
+        x, w = rows()
+        lz.rms_norm(x, w)                                 # ran on the old policy; its plan must not be cached
+        before = calls("torch_rms_norm_composed")
+        lz.rms_norm(x, w)
+        lz.rms_norm(x, w)
+        assert calls("torch_rms_norm_composed") == before + 2
+        assert [p.kernel_id for p in get_runtime().plans.data.values()] == ["torch_rms_norm_composed"]
+    finally:
+        reg.unregister("custom_rms_norm")
+
+
 def test_configure_accepts_a_dispatch_config_document() -> None:
     lz.configure({"version": "1.0", "kernel_locks": {"rms_norm": "torch_rms_norm_composed"},
                   "fallback_chains": {"attention.causal": ["torch_sdpa_gqa", "torch_sdpa_math"]}})

@@ -247,6 +247,7 @@ class Runtime:
     # -- the slow path -------------------------------------------------------------
     def miss(self, op: OpDef, operation: str, key: Hashable, args: tuple[Any, ...]) -> Any:
         """Cache miss: validate, build the context, select, cache, then run with output checks."""
+        plans, cache_version, version = self.plans, self.plans.version, self.version  # before the policy is read
         op.validate(operation, args)
         ctx = op.context(operation, args)
         scope = SCOPE.get()
@@ -254,9 +255,10 @@ class Runtime:
         plan = self.plan_for(op, operation, ctx, policy=policy)
         self.telemetry.record_miss()
         out = self.run_plan(plan, args, 0, check_output=True)
-        if self.config.enable_cache and key is not None:
+        if self.config.enable_cache and key is not None and self.version == version:
+            # a policy / registry change during this call invalidated the cache: do not store a stale plan
             if scope is None:
-                self.plans.put(key, plan)
+                plans.put(key, plan, version=cache_version)
             else:
                 target = self.scoped_plans(policy)
                 if len(target) < max(self.config.cache_size, 1):

@@ -120,6 +120,7 @@ class ConfigDrivenDispatcher(Dispatcher):
     def build_plan(self, op: OpDef, operation: str, ctx: SelectionContext, policy: Policy) -> ExecutionPlan:
         compiled = self._compiled  # read once: the whole plan comes from one config
         rt = self.runtime
+        version = rt.version  # before the policy is read: a change after this keeps the plan out of the cache
         if ctx.cuda_graph_capturing:
             raise CaptureError(f"{format_context(operation, ctx)}: kernel selection was needed while a CUDA graph "
                                f"is being captured; run the same shapes once before capture so the plan is cached")
@@ -128,13 +129,14 @@ class ConfigDrivenDispatcher(Dispatcher):
         full = self.effective_policy(compiled)
         sel = rt.select(operation, ctx, policy=full, use_measurements=False)
         plan = self.make_plan(operation, op, sel.ranked, ctx, locked_by=sel.locked_by, policy_digest=full.digest,
-                              source=_tag(compiled))
+                              source=_tag(compiled, version))
         rt.telemetry.record_selection(operation, plan.kernel_id)
         return plan
 
     def _store(self, key: Hashable | None, plan: ExecutionPlan, scope: Any) -> None:
         with self._swap_lock:
-            if plan.source != _tag(self._compiled):  # made from a config replaced since: do not cache it
+            # made from a config replaced since, or under a policy changed since: do not cache it
+            if plan.source != _tag(self._compiled, self.runtime.version):
                 return
             super()._store(key, plan, scope)
 
@@ -151,8 +153,8 @@ class ConfigDrivenDispatcher(Dispatcher):
         return f"{type(self).__name__}(source={self._compiled.source!r}, digest={self._compiled.digest})"
 
 
-def _tag(compiled: CompiledConfig) -> str:
-    return f"config:{compiled.digest}:{compiled.policy.digest}"
+def _tag(compiled: CompiledConfig, runtime_version: int) -> str:
+    return f"config:{compiled.digest}@{runtime_version}"
 
 
 def resolve_config_path(config_path: ConfigSource | None, config: DispatchConfig | None) -> ConfigSource:

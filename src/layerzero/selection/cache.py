@@ -66,11 +66,15 @@ class PlanCache:
             pass
         return value
 
-    def put(self, key: Hashable, value: Any) -> None:
+    def put(self, key: Hashable, value: Any, version: int | None = None) -> None:
+        """Store ``value``; with ``version`` (read before the value was computed), only if no
+        invalidation happened since, so a plan made under a policy that changed meanwhile is dropped."""
         if self.capacity <= 0:
             return
         evicted = 0
         with self._lock:
+            if version is not None and version != self.version:
+                return
             data = self.data
             data[key] = value
             data.move_to_end(key)
@@ -189,12 +193,17 @@ class MVCCPlanCache:
             pass
         return value
 
-    def put(self, key: Hashable, value: Any) -> None:
+    def put(self, key: Hashable, value: Any, version: int | None = None) -> None:
+        """Store ``value``; with ``version`` (read before the value was computed), only if no
+        invalidation happened since."""
         if self.capacity <= 0:
             return
         i = hash(key) & self._mask
         evicted = 0
-        version = self.version
+        if version is None:
+            version = self.version
+        elif version != self.version:
+            return
         shard = self._shards[i]
         with shard.lock:
             if shard.version != version:
