@@ -6,8 +6,8 @@
 
 The config and breaker types load eagerly (the runtime needs them); the
 dispatchers load on first use, because they are built on the runtime.
-Names of the config-driven and hot-reload dispatchers are looked up in
-``config_driven`` and ``hot_reload`` when those modules are present.
+Any other public name of the ``config_driven`` and ``hot_reload`` modules is
+looked up there on first use too.
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ _LAZY: dict[str, str] = {
     "dispatch": "orchestrator",
     "GenericOp": "generic",
     "INPUT_NAMES": "generic",
+    "check_static_map": "static",
+    "ConfigDrivenDispatcher": "config_driven",
+    "create_config_dispatcher": "config_driven",
+    "HotReloadDispatcher": "hot_reload",
+    "ReloadStats": "hot_reload",
+    "create_hot_reload_dispatcher": "hot_reload",
 }
 _PEER_MODULES = ("config_driven", "hot_reload")
 
