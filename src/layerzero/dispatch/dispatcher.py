@@ -243,9 +243,11 @@ class Dispatcher:
                     ran = note.value
             cached = True
         else:
+            version = rt.version  # before the policy is read: a change during this call keeps the plan out
             plan = self._select(op, operation, args, context)
             out, ran = self._first_run(plan, args)
-            self._store(key, plan, scope)
+            if rt.version == version:
+                self._store(key, plan, scope)
             cached = False
         # -------------------------------------------------------------------------------------------
         if bshd:
@@ -315,10 +317,12 @@ class Dispatcher:
             ran = note.value
         else:
             cached = False
+            version = rt.version
             plan = self._select(op, operation, args, context)
             t3 = _perf_ns()
             out, ran = self._first_run(plan, args)
-            self._store(key, plan, scope)
+            if rt.version == version:
+                self._store(key, plan, scope)
         t4 = _perf_ns()
         if bshd:
             out = out.transpose(1, 2)
