@@ -10,6 +10,7 @@ CUDA (marked ``gpu``) when a GPU is present.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Callable
@@ -211,6 +212,7 @@ def _platforms(spec: KernelSpec) -> list[tuple[str, tuple[Any, ...]]]:
     return [(d, marks) for d, marks in DEVICES if spec.platforms is None or d in spec.platforms]
 
 
+@functools.cache
 def _params() -> list[Any]:
     out = []
     for spec in _available_kernels():
