@@ -522,3 +522,39 @@ def test_policy_doc_examples_run(capsys: pytest.CaptureFixture[str], monkeypatch
         res = runner.invoke(cli, line.split()[1:])
         assert res.output == expected, line
         assert res.exit_code == (1 if "invalid" in expected else 0), line
+
+
+# -- on a real GPU (skipped on CPU-only machines) ----------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_conditional_lock_and_config_dispatch_on_a_gpu(tmp_path: Path) -> None:
+    from layerzero.context import SelectionContext
+    from layerzero.dispatch import create_config_dispatcher
+    from layerzero.ops.attention import attention_reference
+
+    major, minor = torch.cuda.get_device_capability()
+    sm = major * 10 + minor
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 256, 64, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
+    ref = attention_reference(q, k, v, is_causal=True)
+    default = lz.which("attention.causal", q, k, v)
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    default32 = lz.which("attention.causal", q32, k32, v32)
+    lz.lock("attention.causal", "torch_sdpa_math", condition="platform == 'cuda' and sm >= 75 and dtype == 'fp16'")
+    assert lz.which("attention.causal", q, k, v) == ("torch_sdpa_math" if sm >= 75 else default)
+    out = lz.attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out.double(), ref, atol=4e-3, rtol=4e-3)
+    assert lz.which("attention.causal", q32, k32, v32) == default32       # the condition does not hold
+    lz.unlock("attention.causal")
+
+    path = tmp_path / "kernels.yaml"
+    path.write_text('version: "1.0"\ndispatch_rules:\n'
+                    '  - {operation: "attention.*", kernel: torch_sdpa_efficient,'
+                    ' conditions: {platform: cuda, dtype: [float16, bfloat16], sm_gte: 50}}\n')
+    d = create_config_dispatcher(config_path=path)
+    r = d.dispatch("attention.causal", {"query": q, "key": k, "value": v})
+    assert r.kernel_id == "torch_sdpa_efficient"
+    torch.testing.assert_close(r.output.double(), ref, atol=4e-3, rtol=4e-3)
+    ctx32 = SelectionContext.from_attention(q32, k32, v32, is_causal=True)
+    fired = [rule for dec in d.select("attention.causal", ctx32).trace for rule in dec.rules]
+    assert not any("dispatch_rules[0]" in rule for rule in fired)            # float32: the rule does not hold
