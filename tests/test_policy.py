@@ -332,6 +332,11 @@ def test_document_file_errors(tmp_path: Path) -> None:
         lz.configure(write(tmp_path, "p.json", "{version: 1}"))
 
 
+def test_a_missing_file_name_is_not_read_as_text() -> None:
+    with pytest.raises(PolicyError, match=r"'mypolicy': no such file \(and not YAML/JSON document text\)"):
+        lz.configure("mypolicy")
+
+
 def test_yaml_float_version_is_accepted() -> None:
     assert load_policy("version: 1.0\n").rules == ()
 

@@ -99,6 +99,8 @@ def read_document(source: str | os.PathLike[str] | Mapping[str, Any], *, error: 
     as JSON (``.json``) or YAML (``yaml.safe_load``). Any other string is parsed as YAML/JSON text.
     YAML aliases are refused (a small file could otherwise expand into a huge one).
     """
+    if isinstance(source, str) and "\n" not in source and ":" not in source and not _is_path(source):
+        raise error(f"{source!r}: no such file (and not YAML/JSON document text)", source=source)
     if isinstance(source, Mapping):
         data: Any = source
         label = "dict"
