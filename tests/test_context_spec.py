@@ -211,8 +211,8 @@ def test_constraints_that_are_fine_give_no_reason() -> None:
     spec = KernelSpec("custom_x", "attention", "custom", noop, platforms={"cuda"}, min_compute_capability=(8, 0),
                       dtypes={torch.float16}, head_dim_max=256, head_dim_multiple=8, mask_kinds={"none"},
                       causal_alignment="lower_right", supports_gqa=False)
-    ok = SelectionContext(**_CUDA80, dtype=torch.float16, head_dim=128, num_heads=8, is_causal=True,  # type: ignore[arg-type]
-                          seq_len=64)
+    ok = SelectionContext(device="cuda", compute_capability=(8, 0), dtype=torch.float16, head_dim=128, num_heads=8,
+                          is_causal=True, seq_len=64)
     assert spec.check(ok) == []
     # every failing constraint is reported, not just the first
     bad = ok.replace(dtype=torch.float32, head_dim=300, num_kv_heads=2, seq_len_q=1)

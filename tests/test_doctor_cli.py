@@ -34,7 +34,8 @@ def doctor_json() -> subprocess.CompletedProcess[str]:
     return run_cli("doctor", "--json")
 
 
-def test_doctor_exits_zero_and_lists_devices_backends_and_kernels(doctor_text: subprocess.CompletedProcess[str]) -> None:
+def test_doctor_exits_zero_and_lists_devices_backends_and_kernels(
+        doctor_text: subprocess.CompletedProcess[str]) -> None:
     assert doctor_text.returncode == 0, doctor_text.stderr
     out = doctor_text.stdout
     for section in ("devices:", "backends:", "kernels:", "policy in force:"):

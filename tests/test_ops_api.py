@@ -200,7 +200,8 @@ def _bad_attention() -> list[Any]:
         pytest.param((q, t(2, 3, 16, 64), t(2, 3, 16, 64)), {},
                      r"query heads \(8\) must be divisible by key/value heads \(3\)", id="hq-not-divisible"),
         pytest.param((q, q, q), {"attn_mask": t(5, 16)},
-                     r"attn_mask of shape \(5, 16\) does not broadcast to \(batch, heads, seq_q, seq_k\)=\(2, 8, 16, 16\)",
+                     r"attn_mask of shape \(5, 16\) does not broadcast to "
+                     r"\(batch, heads, seq_q, seq_k\)=\(2, 8, 16, 16\)",
                      id="mask-shape"),
         pytest.param((q, q, q), {"attn_mask": torch.ones(16, 16, dtype=torch.int32)},
                      r"attn_mask must be bool or torch.float32, got torch.int32", id="mask-dtype"),

@@ -335,7 +335,8 @@ def test_user_kernel_by_decorator() -> None:
 def test_no_kernel_error_lists_every_candidate_and_reason() -> None:
     ctx = SelectionContext(device="cuda", compute_capability=(9, 0), dtype=torch.int64, batch_size=1, seq_len=8,
                            num_heads=2, head_dim=16)
-    with pytest.raises(NoKernelError, match=r"no kernel can run attention\.full\(device=cuda, sm=90, dtype=int64") as ei:
+    expected = r"no kernel can run attention\.full\(device=cuda, sm=90, dtype=int64"
+    with pytest.raises(NoKernelError, match=expected) as ei:
         lz.select("attention.full", ctx)
     err = ei.value
     assert isinstance(err, LookupError) and isinstance(err, lz.LayerZeroError)
@@ -350,7 +351,8 @@ def test_no_kernel_error_lists_every_candidate_and_reason() -> None:
 def test_lock_on_a_kernel_that_cannot_run_is_kernel_not_supported() -> None:
     ctx = SelectionContext(dtype=torch.float32, batch_size=1, seq_len=8, num_heads=2, head_dim=16, is_causal=True)
     with lz.lock("attention.causal", "torch_sdpa_flash"):
-        with pytest.raises(KernelNotSupportedError, match=r"torch_sdpa_flash: device is cpu, kernel runs on cuda") as ei:
+        expected = r"torch_sdpa_flash: device is cpu, kernel runs on cuda"
+        with pytest.raises(KernelNotSupportedError, match=expected) as ei:
             lz.select("attention.causal", ctx)
         assert isinstance(ei.value, ValueError)
         assert ei.value.kernel_id == "torch_sdpa_flash"

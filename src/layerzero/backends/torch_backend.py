@@ -344,7 +344,8 @@ def _attention_specs(tol: dict[str, tuple[float, float]]) -> list[KernelSpec]:
     any_mask = frozenset({"none", "bool", "additive"})
 
     def spec(kid: str, impl: Callable[..., object], priority: int, **kw: object) -> KernelSpec:
-        return KernelSpec(kid, "attention", "torch", impl, priority=priority, tolerance=tol, **kw)  # type: ignore[arg-type]
+        return KernelSpec(kid, "attention", "torch", impl, priority=priority, tolerance=tol,
+                          **kw)  # type: ignore[arg-type]
 
     return [
         # F.scaled_dot_product_attention: runs its own checks and falls back to math, so it takes any
@@ -430,14 +431,16 @@ def _specs() -> list[KernelSpec]:
     specs = _attention_specs(tol_attn)
     specs += [
         KernelSpec("torch_rms_norm", "rms_norm", "torch", torch_rms_norm, priority=60, dtypes=_FLOATS,
-                   tolerance=tol16, specialize=rms_norm_specialize, description="torch.rms_norm (fused on CPU and CUDA)"),
+                   tolerance=tol16, specialize=rms_norm_specialize,
+                   description="torch.rms_norm (fused on CPU and CUDA)"),
         KernelSpec("torch_rms_norm_composed", "rms_norm", "torch", torch_rms_norm_composed, priority=20,
                    dtypes=_FLOATS, tolerance=tol16,
                    description="x * rsqrt(mean(x^2) + eps) * weight in float32 (HF LlamaRMSNorm arithmetic)"),
         KernelSpec("torch_layer_norm", "layer_norm", "torch", torch_layer_norm, priority=60, dtypes=_FLOATS,
                    tolerance=tol16, specialize=layer_norm_specialize, description="torch.layer_norm"),
         KernelSpec("torch_layer_norm_composed", "layer_norm", "torch", torch_layer_norm_composed, priority=20,
-                   dtypes=_FLOATS, tolerance=tol16, description="layer norm composed in float32 (float64 for float64 inputs)"),
+                   dtypes=_FLOATS, tolerance=tol16,
+                   description="layer norm composed in float32 (float64 for float64 inputs)"),
         KernelSpec("torch_rope", "rope", "torch", torch_rope, priority=50, dtypes=_FLOATS,
                    supports_interleaved=False, tolerance=tol16, description="rotate-half RoPE (GPT-NeoX / Llama)"),
         KernelSpec("torch_rope_interleaved", "rope", "torch", torch_rope_interleaved, priority=50, dtypes=_FLOATS,
