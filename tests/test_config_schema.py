@@ -288,6 +288,7 @@ def test_safe_regexes_compile(pattern: str) -> None:
     ("(?i)x", r"flags"),
     ("(?(1)a|b)", r"conditionals"),
     (".*a.*b.*c", r"too many repetitions"),
+    ("(a|b)" * 17, r"too many alternatives and repetitions"),   # (a|a)(a|a)... backtracks 2**n ways
     ("a{0,9999}a{0,9999}", r"too many repetitions"),
     ("*a", r"nothing to repeat"),
     ("x" * 201, r"pattern must have 1 to 200 characters"),

@@ -121,6 +121,10 @@ def test_lock_unknown_kernel_and_bad_arguments() -> None:
         lz.lock("attention.causal", "torch_sdpa_mth")
     with pytest.raises(PolicyError, match=r"exactly one of kernel= or backend="):
         lz.lock("attention.causal")
+    with pytest.raises(PolicyError, match=r"backend must be a non-empty string, got ''"):
+        lz.lock("attention.causal", backend="")
+    with pytest.raises(PolicyError, match=r"operation must be a non-empty string, got None"):
+        lz.disabled("torch", operation=None)  # type: ignore[arg-type]
     with pytest.raises(PolicyError, match=r"lz.lock\(\): 'kernel' is only known to rules judged per kernel"):
         lz.lock("attention.causal", "torch_sdpa_math", condition="kernel == 'torch_sdpa'")
     with pytest.raises(PolicyError, match=r"function calls are not allowed at position 10"):

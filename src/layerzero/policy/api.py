@@ -132,6 +132,8 @@ def lock(operation: str, kernel: str | None = None, *, backend: str | None = Non
     if kernel is not None:
         _check_str("kernel", kernel)
         _rt().kernels.get(kernel)  # unknown ids fail now, with suggestions
+    else:
+        _check_str("backend", backend)
     rule = Rule("lock", operation, (kernel,) if kernel else (), (backend,) if backend else (),
                 condition=cond, condition_source=src, origin="lz.lock()")
     return _change(rule, f"lock {operation} -> {kernel or 'backend ' + str(backend)}")
@@ -168,6 +170,7 @@ def prefer(backend: str, priority: int = 100, *, operation: str = "*", condition
     use ``lz.lock`` to force a choice.
     """
     _check_str("backend", backend)
+    _check_str("operation", operation)
     if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 1000:
         raise PolicyError(f"prefer(): priority must be an int between 0 and 1000, got {priority!r}")
     cond, src = _compile_condition(condition, "prefer")
@@ -179,6 +182,7 @@ def prefer(backend: str, priority: int = 100, *, operation: str = "*", condition
 def disabled(backend: str, *, operation: str = "*") -> PolicyChange:
     """Deny every kernel of ``backend`` (a glob) for ``operation``."""
     _check_str("backend", backend)
+    _check_str("operation", operation)
     rule = Rule("deny", operation, (), (backend,), origin="lz.disabled()")
     return _change(rule, f"disable {backend}")
 
@@ -186,6 +190,7 @@ def disabled(backend: str, *, operation: str = "*") -> PolicyChange:
 def enabled(backend: str, *, operation: str = "*") -> PolicyChange:
     """Undo ``lz.disabled(backend)``; as a context manager, lifts outer disables inside the block."""
     _check_str("backend", backend)
+    _check_str("operation", operation)
     state = _rt().policy
     removed: list[Rule] = []
 

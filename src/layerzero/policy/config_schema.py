@@ -142,7 +142,9 @@ def compile_safe_regex(pattern: str) -> re.Pattern[str]:
     a quantifier (``* + ? {m,n}``) may follow only a single character, ``.``, an escape or a
     ``[...]`` class (never a group); no backreferences, lookarounds or conditionals; the product
     of the quantifiers' branching (``*``/``+`` count as the 128-character subject limit,
-    ``{m,n}`` as ``n-m+1``, ``?`` as 2) is at most 65536; patterns hold at most 200 characters.
+    ``{m,n}`` as ``n-m+1``, ``?`` as 2) and of the alternatives of each group (``(a|b|c)`` as 3,
+    since ``(a|a)(a|a)...`` backtracks through every combination) is at most 65536; patterns
+    hold at most 200 characters.
     Subjects longer than 128 characters never match.
 
     Raises:
@@ -163,6 +165,15 @@ def _check_regex_syntax(p: str) -> None:
     unbounded = REGEX_LIMITS["subject_length"]
     branching = 1
     prev: str | None = None  # kind of the previous atom: "atom", "group", "quantified" or None
+    alternatives = [1]  # per open group (the pattern itself first): how many branches it has so far
+
+    def branch(k: int, pos: int) -> None:
+        nonlocal branching
+        branching *= k
+        if branching > REGEX_LIMITS["branching"]:
+            raise ValueError(f"too many alternatives and repetitions (position {pos}); each group's "
+                             "alternatives multiply the backtracking budget like quantifiers do")
+
     i, n = 0, len(p)
     while i < n:
         c = p[i]
@@ -187,6 +198,7 @@ def _check_regex_syntax(p: str) -> None:
             prev = "atom"
             i = j + 1
         elif c == "(":
+            alternatives.append(1)
             if p.startswith("(?", i) and not (p.startswith("(?:", i) or p.startswith("(?P<", i)):
                 raise ValueError(f"only (...), (?:...) and (?P<name>...) groups are allowed; lookarounds, "
                                  f"conditionals, flags and backreferences are not (position {i})")
@@ -201,6 +213,8 @@ def _check_regex_syntax(p: str) -> None:
             else:
                 i += 1
         elif c == ")":
+            if len(alternatives) > 1:  # an unbalanced ")" is left to re.compile's error
+                branch(alternatives.pop(), i)
             prev = "group"
             i += 1
         elif c in "*+?{":
@@ -233,11 +247,14 @@ def _check_regex_syntax(p: str) -> None:
             prev = "quantified"
             i += length
         elif c in "|^$":
+            if c == "|":
+                alternatives[-1] += 1
             prev = None
             i += 1
         else:
             prev = "atom"
             i += 1
+    branch(alternatives[0], 0)
 
 
 def _regex_condition(fieldname: str, pattern: Any, source: str, per_kernel: bool) -> Condition:
