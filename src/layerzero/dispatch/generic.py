@@ -133,10 +133,22 @@ def _fill(found: Template, inputs: Mapping[str, Any]) -> tuple[Any, ...] | None:
     return tuple(out)
 
 
+def _args(op: OpDef, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+    """``op.args_from_inputs``, with a value it cannot convert (``eps="a"``) reported as bad input."""
+    try:
+        return op.args_from_inputs(operation, inputs, kwargs)
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, InvalidInputError):
+            raise
+        given = ", ".join(f"{k}={describe_tensor(v)}" for k, v in {**inputs, **kwargs}.items())
+        raise InvalidInputError(f"{operation}: an input has the wrong type or value ({exc}) "
+                                f"(inputs: {given})") from None
+
+
 def _first_sight(op: OpDef, operation: str, inputs: dict[str, Any], tkey: tuple[str, tuple[str, ...]]
                  ) -> tuple[Any, ...]:
     """Map the normal way, and keep a template only if it gives exactly the same arguments."""
-    real = op.args_from_inputs(operation, inputs, {})
+    real = _args(op, operation, inputs, {})
     found = _template(op, operation, tkey[1])
     if found is not None:
         filled = _fill(found, inputs)
@@ -165,17 +177,17 @@ def map_inputs(op: OpDef, operation: str, inputs: Mapping[str, Any], kwargs: Map
         raise InvalidInputError(f"dispatch({operation!r}): inputs must be a dict of tensors keyed by name "
                                 f"(for example {{'query': q, 'key': k, 'value': v}}), got {type(inputs).__name__}")
     if op.family != "attention":
-        return op.args_from_inputs(operation, inputs, kwargs), False
+        return _args(op, operation, inputs, kwargs), False
     layout = kwargs["layout"] if "layout" in kwargs else inputs.get("layout", "BHSD")
     if layout == "BHSD":
-        return op.args_from_inputs(operation, inputs, kwargs), False
+        return _args(op, operation, inputs, kwargs), False
     if layout != "BSHD":
         raise InvalidInputError(f"{operation}: layout must be 'BHSD' or 'BSHD', got {layout!r}")
     moved = {n: (t.transpose(1, 2) if n in _QKV and isinstance(t, torch.Tensor) and t.dim() == 4 else t)
              for n, t in inputs.items()}
     extra = {n: (t.transpose(1, 2) if n in _QKV and isinstance(t, torch.Tensor) and t.dim() == 4 else t)
              for n, t in kwargs.items()}
-    return op.args_from_inputs(operation, moved, extra), True
+    return _args(op, operation, moved, extra), True
 
 
 def key_for(op: OpDef, operation: str, args: tuple[Any, ...]) -> Hashable | None:
@@ -189,8 +201,9 @@ def key_for(op: OpDef, operation: str, args: tuple[Any, ...]) -> Hashable | None
         if key is None:
             key = (operation, *((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else type(a)
                                 for a in args))
+        hash(key)  # an unhashable value (window=[4]) must fail here, not in the cache lookup
         return key
-    except (AttributeError, TypeError, IndexError, ValueError):  # malformed input: validation names it
+    except (AttributeError, TypeError, IndexError, ValueError, RuntimeError):  # malformed: validation names it
         return None
 
 

@@ -20,7 +20,7 @@ import torch
 
 from layerzero.context import SelectionContext
 from layerzero.ops._shared import window_mask
-from layerzero.ops.base import OpDef, pick
+from layerzero.ops.base import OpDef, layout_problem, pick
 from layerzero.policy.scope import SCOPE
 from layerzero.runtime import get_runtime
 
@@ -63,6 +63,9 @@ class AttentionOp(OpDef):
             if not isinstance(t, torch.Tensor):
                 raise self.invalid(operation, f"{name} must be a torch.Tensor, got {type(t).__name__}", args)
         for name, t in (("q", q), ("k", k), ("v", v)):
+            problem = layout_problem(name, t)
+            if problem is not None:
+                raise self.invalid(operation, problem, args)
             if t.dim() != 4:
                 raise self.invalid(operation, f"{name} must be 4-D (batch, heads, seq, head_dim), got {t.dim()}-D", args)
         if not (q.dtype == k.dtype == v.dtype):
@@ -89,6 +92,9 @@ class AttentionOp(OpDef):
         if mask is not None:
             if not isinstance(mask, torch.Tensor):
                 raise self.invalid(operation, f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}", args)
+            problem = layout_problem("attn_mask", mask)
+            if problem is not None:
+                raise self.invalid(operation, problem, args)
             if mask.device != q.device:
                 raise self.invalid(operation, f"attn_mask is on {mask.device}, q on {q.device}", args)
             if mask.dtype != torch.bool and mask.dtype != q.dtype:
@@ -104,8 +110,9 @@ class AttentionOp(OpDef):
             raise self.invalid(operation, "attn_mask and is_causal=True cannot be combined (as in SDPA)", args)
         if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0 or math.isnan(dropout_p):
             raise self.invalid(operation, f"dropout_p must be in [0, 1), got {dropout_p!r}", args)
-        if scale is not None and (not isinstance(scale, (int, float)) or math.isnan(scale) or isinstance(scale, bool)):
-            raise self.invalid(operation, f"scale must be a number or None, got {scale!r}", args)
+        if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+                                  or not math.isfinite(scale)):
+            raise self.invalid(operation, f"scale must be a finite number or None, got {scale!r}", args)
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
             raise self.invalid(operation, f"window must be a positive int or None, got {window!r}", args)
 
@@ -120,6 +127,9 @@ class AttentionOp(OpDef):
 
     def reference(self, operation: str, args: tuple[Any, ...]) -> torch.Tensor:
         return attention_reference(*args)
+
+    def reference_applies(self, operation: str, args: tuple[Any, ...]) -> bool:
+        return not args[5]  # the reference has no dropout
 
     def make_inputs(self, operation: str, ctx: SelectionContext, generator: torch.Generator | None = None
                     ) -> tuple[Any, ...]:
@@ -192,6 +202,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: t
         operation = _OP_CAUSAL if is_causal else _OP_FULL
     elif operation == _OP_CAUSAL:
         is_causal = True
+    elif not isinstance(operation, str) or operation.split(".", 1)[0] != "attention":
+        raise ATTENTION.invalid("attention", f"operation must be 'attention' or an 'attention.*' name, "
+                                             f"got {operation!r}", (q, k, v))
     bshd = layout == "BSHD"
     try:
         if bshd:
@@ -203,7 +216,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: t
                None if attn_mask is None else (attn_mask.shape, attn_mask.dtype))
         scope = SCOPE.get()
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
-    except AttributeError:  # a non-tensor argument: validation names it
+    except (AttributeError, TypeError, IndexError, RuntimeError):  # not a plain tensor, unhashable: validation says
         plan = key = None
     if plan is None:
         out = _RT.miss(ATTENTION, operation, key, (q, k, v, attn_mask, is_causal, dropout_p, scale, window))

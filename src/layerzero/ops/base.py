@@ -18,13 +18,17 @@ import torch
 from layerzero.context import SelectionContext
 from layerzero.errors import InvalidInputError
 
-__all__ = ["OpDef", "describe_tensor", "describe_args", "require_tensor", "pick"]
+__all__ = ["OpDef", "describe_tensor", "describe_args", "require_tensor", "pick", "layout_problem"]
 
 
 def describe_tensor(t: Any) -> str:
     if isinstance(t, torch.Tensor):
         dt = str(t.dtype).removeprefix("torch.")
-        return f"Tensor(shape={tuple(t.shape)}, dtype={dt}, device={t.device})"
+        try:
+            shape: Any = tuple(t.shape)
+        except RuntimeError:  # a nested tensor of the strided layout has no sizes
+            shape = "nested"
+        return f"Tensor(shape={shape}, dtype={dt}, device={t.device})"
     if t is None:
         return "None"
     return f"{type(t).__name__}"
@@ -39,6 +43,22 @@ def require_tensor(op: str, name: str, value: Any, names: Sequence[str], args: S
         raise InvalidInputError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__} "
                                 f"(inputs: {describe_args(names, args)})")
     return value
+
+
+def layout_problem(name: str, t: torch.Tensor) -> str | None:
+    """Why ``t`` cannot go to a kernel as it is (a sparse or nested-strided tensor), or None.
+
+    Rejected here, a bad layout is the caller's error; reaching a kernel it would count as that
+    kernel's failure on its circuit breaker.
+    """
+    layout = t.layout
+    if layout is torch.strided:
+        if t.is_nested:
+            return f"{name} is a nested tensor of the strided layout (use layout=torch.jagged or pad it)"
+        return None
+    if layout is torch.jagged:
+        return None
+    return f"{name} must be a dense tensor, got layout={layout} (call .to_dense())"
 
 
 _MISSING = object()
@@ -74,6 +94,11 @@ class OpDef:
     def reference(self, operation: str, args: tuple[Any, ...]) -> Any:
         """The float64 PyTorch reference result for ``args``."""
         raise NotImplementedError
+
+    def reference_applies(self, operation: str, args: tuple[Any, ...]) -> bool:
+        """Whether :meth:`reference` is what a correct kernel returns for ``args`` (False when the
+        result is random, e.g. attention with dropout); verify mode skips the comparison otherwise."""
+        return True
 
     def make_inputs(self, operation: str, ctx: SelectionContext, generator: torch.Generator | None = None
                     ) -> tuple[Any, ...]:

@@ -18,7 +18,7 @@ import torch
 
 from layerzero.context import SelectionContext
 from layerzero.ops._shared import half_cos_sin
-from layerzero.ops.base import OpDef, pick
+from layerzero.ops.base import OpDef, layout_problem, pick
 from layerzero.policy.scope import SCOPE
 from layerzero.runtime import get_runtime
 
@@ -42,6 +42,9 @@ class _UnaryLike(OpDef):
     def _tensor(self, operation: str, args: tuple[Any, ...], name: str, t: Any) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
             raise self.invalid(operation, f"{name} must be a torch.Tensor, got {type(t).__name__}", args)
+        problem = layout_problem(name, t)
+        if problem is not None:
+            raise self.invalid(operation, problem, args)
         if not t.is_floating_point():
             raise self.invalid(operation, f"{name} must be floating point, got {t.dtype}", args)
         return t
@@ -79,6 +82,8 @@ class RopeOp(_UnaryLike):
         d = x.shape[-1] if x.dim() else 0
         if x.dim() < 2 or d == 0 or d % 2:
             raise self.invalid(operation, f"x must be (..., seq, head_dim) with an even head_dim, got {tuple(x.shape)}", args)
+        if cos.dim() < 1:
+            raise self.invalid(operation, f"cos and sin need a last dimension, got {cos.dim()}-D tensors", args)
         if cos.shape != sin.shape:
             raise self.invalid(operation, f"cos and sin shapes differ: {tuple(cos.shape)} vs {tuple(sin.shape)}", args)
         if cos.shape[-1] not in (d, d // 2):
@@ -217,7 +222,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
         key = ("rope", x.shape, x.dtype, x.device, cos.shape, interleaved)
         scope = SCOPE.get()
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
-    except AttributeError:
+    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
         plan = key = None
     if plan is None:
         return _RT.miss(ROPE, "rope", key, (x, cos, sin, interleaved))
@@ -240,7 +245,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         key = ("swiglu", gate.shape, gate.dtype, gate.device)
         scope = SCOPE.get()
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
-    except AttributeError:
+    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
         plan = key = None
     if plan is None:
         return _RT.miss(SWIGLU, "swiglu", key, (gate, up))
@@ -259,7 +264,7 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
         key = ("gelu", x.shape, x.dtype, x.device, approximate)
         scope = SCOPE.get()
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
-    except AttributeError:
+    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
         plan = key = None
     if plan is None:
         return _RT.miss(GELU, "gelu", key, (x, approximate))
@@ -278,7 +283,7 @@ def silu(x: torch.Tensor) -> torch.Tensor:
         key = ("silu", x.shape, x.dtype, x.device)
         scope = SCOPE.get()
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
-    except AttributeError:
+    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
         plan = key = None
     if plan is None:
         return _RT.miss(SILU, "silu", key, (x,))

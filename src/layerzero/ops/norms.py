@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, pick
+from layerzero.ops.base import OpDef, layout_problem, pick
 from layerzero.policy.scope import SCOPE
 from layerzero.runtime import get_runtime
 
@@ -27,6 +27,9 @@ class _RowOp(OpDef):
     def _validate_rows(self, operation: str, args: tuple[Any, ...], x: Any, params: tuple[Any, ...], eps: Any) -> None:
         if not isinstance(x, torch.Tensor):
             raise self.invalid(operation, f"x must be a torch.Tensor, got {type(x).__name__}", args)
+        problem = layout_problem("x", x)
+        if problem is not None:
+            raise self.invalid(operation, problem, args)
         if x.dim() < 1 or x.shape[-1] == 0:
             raise self.invalid(operation, "x needs a non-empty last dimension", args)
         if not x.is_floating_point():
@@ -36,6 +39,9 @@ class _RowOp(OpDef):
                 continue
             if not isinstance(p, torch.Tensor):
                 raise self.invalid(operation, f"{name} must be a torch.Tensor or None, got {type(p).__name__}", args)
+            problem = layout_problem(name, p)
+            if problem is not None:
+                raise self.invalid(operation, problem, args)
             if tuple(p.shape) != (x.shape[-1],):
                 raise self.invalid(operation, f"{name} must have shape ({x.shape[-1]},) to match x's last "
                                               f"dimension, got {tuple(p.shape)}", args)
@@ -140,7 +146,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
         key = ("rms_norm", x.shape, x.dtype, x.device, weight is None)
         scope = SCOPE.get()
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
-    except AttributeError:
+    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
         plan = key = None
     if plan is None:
         return _RT.miss(RMS_NORM, "rms_norm", key, (x, weight, eps))
@@ -164,7 +170,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
         key = ("layer_norm", x.shape, x.dtype, x.device, weight is None, bias is None)
         scope = SCOPE.get()
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
-    except AttributeError:
+    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
         plan = key = None
     if plan is None:
         return _RT.miss(LAYER_NORM, "layer_norm", key, (x, weight, bias, eps))

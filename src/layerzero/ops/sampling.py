@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, pick
+from layerzero.ops.base import OpDef, layout_problem, pick
 from layerzero.policy.scope import SCOPE
 from layerzero.runtime import get_runtime
 
@@ -57,6 +57,9 @@ class SampleOp(OpDef):
         logits, temperature, top_k, top_p, generator = args
         if not isinstance(logits, torch.Tensor):
             raise self.invalid(operation, f"logits must be a torch.Tensor, got {type(logits).__name__}", args)
+        problem = layout_problem("logits", logits)
+        if problem is not None:
+            raise self.invalid(operation, problem, args)
         if logits.dim() < 1 or logits.shape[-1] == 0:
             raise self.invalid(operation, "logits need a non-empty vocabulary (last) dimension", args)
         if not logits.is_floating_point():
@@ -126,7 +129,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
         key = (operation, logits.shape, logits.dtype, logits.device)
         scope = SCOPE.get()
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
-    except AttributeError:
+    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
         plan = key = None
     if plan is None:
         return _RT.miss(SAMPLE, operation, key, (logits, temperature, top_k, top_p, generator))
