@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -78,8 +79,11 @@ class Runtime:
         self._interned: dict[tuple[Any, ...], ExecutionPlan] = {}
         self._lock = threading.RLock()
         self.version = 0
-        self.verify_first_calls = 0
-        self._verified: dict[str, int] = {}
+        self._verify_first_calls = self.config.verify_first_calls
+        self._verified: dict[str, int] = {}  # kernel id -> outputs that passed verification
+        # Plans whose kernel returned an invalid result while no breaker could fence it off: every result
+        # of theirs is checked from then on (they leave the fast path).
+        self._distrusted: weakref.WeakSet[ExecutionPlan] = weakref.WeakSet()
         self.on_miss: list[Callable[[str, SelectionContext], None]] = []
         self.baked: Any = None  # a layerzero.solve.PlanTable in force, or None
         # ``last_run.value = (plan, index)`` of the kernel that ran, set by :meth:`run_plan` only (the slow
@@ -102,10 +106,31 @@ class Runtime:
         """Apply a new DispatchConfig: rebuilds the cache and every plan runner."""
         with self._lock:
             self.config = config
+            self._verify_first_calls = config.verify_first_calls
             self.telemetry.enabled = config.enable_telemetry
             self.breakers.reconfigure(self._breaker_config(config))
             self.plans = self._make_cache(config)
             self.invalidate("dispatch config changed")
+
+    @property
+    def verify_first_calls(self) -> int:
+        """Verify mode: each kernel's first N passing outputs are checked against the float64 reference.
+
+        0 (the default) is off. Set it with ``DispatchConfig(verify_first_calls=N)`` or
+        ``LAYERZERO_VERIFY=N``; assigning it here works too and drops cached plans.
+        """
+        return self._verify_first_calls
+
+    @verify_first_calls.setter
+    def verify_first_calls(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidInputError(f"verify_first_calls must be an int >= 0, got {n!r}")
+        self._verify_first_calls = n
+        self.invalidate("verify mode changed")
+
+    def _verify_pending(self, kernel_id: str) -> bool:
+        n = self._verify_first_calls
+        return bool(n) and self._verified.get(kernel_id, 0) < n
 
     def invalidate(self, reason: str = "") -> None:
         """Drop every cached plan (O(1)); the next call of each shape selects again."""
@@ -237,7 +262,7 @@ class Runtime:
             plan.gate = _ALWAYS_SLOW
         else:
             plan.run = lambda *args: rt.run_plan(plan, args, 0)
-            if cfg.record_timing or self.verify_first_calls:
+            if cfg.record_timing or self._verify_pending(spec.kernel_id):
                 plan.gate = _ALWAYS_SLOW
             elif cfg.circuit_breaker_enabled:
                 plan.gate = self.breakers.get(spec.kernel_id)
@@ -293,12 +318,14 @@ class Runtime:
             if telemetry:
                 self.telemetry.kernel(kid, plan.operation).calls += 1
             t0 = time.perf_counter_ns() if timing is not None or self.config.record_timing else 0
+            problem = None
             try:
                 out = spec.impl(*args)
-                problem = None
-                if check_output or self.verify_first_calls:
+                # A recovery probe (breaker not CLOSED) is checked like a first call.
+                if check_output or self._verify_first_calls or (breaker is not None and breaker.blocked) or (
+                        self._distrusted and plan in self._distrusted):
                     problem = plan.op.check_output(plan.operation, args, out)
-                    if problem is None and self.verify_first_calls:
+                    if problem is None and self._verify_first_calls:
                         problem = self._verify(plan, spec, args, out)
                 if problem is not None:
                     raise KernelExecutionError(f"kernel {kid} for {plan.operation} {problem}")
@@ -307,7 +334,7 @@ class Runtime:
                     raise
                 if not attempts:
                     self._raise_if_bad_input(plan, args, exc)
-                self._failed(plan, kid, exc, breaker)
+                self._failed(plan, kid, exc, breaker, invalid_output=problem is not None)
                 attempts.append((kid, exc))
                 prev = kid
                 if not self.config.enable_fallback:
@@ -339,7 +366,7 @@ class Runtime:
         if self.config.enable_telemetry:
             self.telemetry.record_fallback(plan.operation, kid, plan.kernels[index + 1].kernel_id)
         try:
-            return self.run_plan(plan, args, index + 1)
+            return self.run_plan(plan, args, index + 1, check_output=True)
         except AllKernelsFailedError as err:
             raise self._all_failed(plan, args, [(kid, exc), *err.attempts]) from None
 
@@ -349,9 +376,16 @@ class Runtime:
         except InvalidInputError as bad:
             raise bad from exc
 
-    def _failed(self, plan: ExecutionPlan, kid: str, exc: BaseException, breaker: CircuitBreaker | None) -> None:
+    def _failed(self, plan: ExecutionPlan, kid: str, exc: BaseException, breaker: CircuitBreaker | None,
+                *, invalid_output: bool = False) -> None:
         if breaker is not None:
-            breaker.record_failure(exc)
+            if invalid_output:  # the cached fast path cannot see a bad result: fence the kernel off now
+                breaker.trip(exc)
+            else:
+                breaker.record_failure(exc)
+        elif invalid_output:  # no breaker to fence it off: check every result of this plan from now on
+            self._distrusted.add(plan)
+            plan.gate = _ALWAYS_SLOW
         if self.config.enable_telemetry:
             self.telemetry.record_failure(plan.operation, kid, exc)
         if self.config.log_fallbacks:
@@ -374,25 +408,23 @@ class Runtime:
         return err
 
     def _verify(self, plan: ExecutionPlan, spec: KernelSpec, args: tuple[Any, ...], out: Any) -> str | None:
-        """Verify mode: compare a kernel's first outputs with the float64 reference."""
-        seen = self._verified.get(spec.kernel_id, 0)
-        if seen >= self.verify_first_calls:
+        """Verify mode: compare a kernel's first outputs with the float64 reference.
+
+        Only passing outputs count towards ``verify_first_calls``: a kernel that keeps returning wrong
+        values keeps failing (and its breaker stays open) instead of being trusted after N tries. Once a
+        kernel has passed N times the plans are rebound, so its cached calls skip the check again.
+        """
+        kid = spec.kernel_id
+        n = self._verify_first_calls
+        if self._verified.get(kid, 0) >= n:
             return None
-        self._verified[spec.kernel_id] = seen + 1
-        try:
-            ref = plan.op.reference(plan.operation, args)
-        except NotImplementedError:
-            return None
-        if not isinstance(out, torch.Tensor) or not isinstance(ref, torch.Tensor) or not out.is_floating_point():
-            return None
-        got = out.detach().to(torch.float64)
-        if torch.isnan(got).any() and not torch.isnan(ref).any():
-            return "returned NaN where the reference has none"
-        atol, rtol = spec.tolerance_for(out.dtype)
-        if not torch.allclose(got, ref.to(got.device), atol=atol * 4, rtol=rtol * 4, equal_nan=True):
-            err = (got - ref.to(got.device)).abs().max().item()
-            return f"returned values off the float64 reference by up to {err:.3g} (tolerance atol={atol:g})"
-        return None
+        problem = _compare_with_reference(plan, spec, args, out)
+        if problem is None:
+            passed = self._verified.get(kid, 0) + 1
+            self._verified[kid] = passed
+            if passed == n:
+                self.invalidate(f"kernel {kid} verified")
+        return problem
 
     # -- inspection --------------------------------------------------------------------
     def circuit_stats(self, kernel_id: str) -> Any:
@@ -411,6 +443,32 @@ class _Gate:
 _ALWAYS_SLOW = _Gate(True)
 _NEVER_SLOW = _Gate(False)
 _SINK = KernelStats("__telemetry_disabled__")  # counts nobody reads, so the hot path needs no branch
+
+
+def _compare_with_reference(plan: ExecutionPlan, spec: KernelSpec, args: tuple[Any, ...], out: Any) -> str | None:
+    """What is wrong with ``out`` against the op's float64 reference, or None (also when there is no verdict:
+    no reference, a random result, a non-float or meta output, or a reference that cannot be computed)."""
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.device.type == "meta":
+        return None
+    try:
+        if not plan.op.reference_applies(plan.operation, args):
+            return None
+        ref = plan.op.reference(plan.operation, args)
+        if not isinstance(ref, torch.Tensor) or ref.shape != out.shape:
+            return None
+        got = out.detach().to(torch.float64)
+        ref = ref.detach().to(device=got.device, dtype=torch.float64)
+        ref_nan = torch.isnan(ref)
+        if bool((torch.isnan(got) & ~ref_nan).any()):
+            return "returned NaN where the float64 reference has none"
+        atol, rtol = spec.tolerance_for(out.dtype)
+        if not torch.allclose(got, ref, atol=atol * 4, rtol=rtol * 4, equal_nan=True):
+            err = (got - ref).abs().nan_to_num(nan=float("inf")).max().item()
+            return (f"returned values off the float64 reference by up to {err:.3g} "
+                    f"(tolerance atol={atol:g}, rtol={rtol:g})")
+    except Exception:  # the check itself failed (NotImplementedError, odd tensors): no verdict on the kernel
+        return None
+    return None
 
 
 def _guard_trips(args: tuple[Any, ...], grad: bool, capture: bool, det: bool) -> bool:

@@ -1,6 +1,7 @@
 """Circuit breakers: one per kernel, shared by every dispatcher and by ``lz.*``.
 
-CLOSED -> OPEN after ``failure_threshold`` failures, each within
+CLOSED -> OPEN after ``failure_threshold`` failures (at once, through
+:meth:`CircuitBreaker.trip`, for a kernel that returned an invalid result), each within
 ``recovery_timeout_seconds`` of the one before (successes on the cached hot
 path are not counted, so the count is windowed rather than reset) -> HALF_OPEN
 once ``recovery_timeout_seconds`` have passed (the next call probes the
@@ -155,6 +156,23 @@ class CircuitBreaker:
                 self._probing = False
                 self._move(CircuitState.OPEN)
             elif self.state is CircuitState.CLOSED and self.consecutive_failures >= self.config.failure_threshold:
+                self._move(CircuitState.OPEN)
+
+    def trip(self, error: BaseException | str | None = None) -> None:
+        """Count a failure and open now, whatever the threshold.
+
+        For a kernel whose result was invalid (wrong shape or dtype, NaN or wrong values in verify
+        mode): the cached fast path does not check results, so such a kernel must leave it at once,
+        while a kernel that raises is caught on every call and may stay until the threshold.
+        """
+        with self._lock:
+            now = self.clock()
+            self.failures += 1
+            self.consecutive_failures += 1
+            self.last_failure = _describe(error)
+            self.last_failure_time = now
+            self._probing = False
+            if self.state is not CircuitState.OPEN:
                 self._move(CircuitState.OPEN)
 
     def reset(self) -> None:

@@ -22,7 +22,15 @@ variable                           field                       example
 ``LAYERZERO_CONFIG``               ``config_path``             ``/etc/lz.yaml``
 ``LAYERZERO_WATCH_INTERVAL``       ``watch_interval_seconds``  ``1.0``
 ``LAYERZERO_ONLINE_TUNING``        ``online_tuning``           ``1``
+``LAYERZERO_VERIFY``               ``verify_first_calls``      ``3``
 =================================  ==========================  =================
+
+``verify_first_calls=N`` turns on verify mode: each kernel's first N
+successful outputs are compared with the operation's float64 reference, and a
+kernel that returns NaN where the reference has none, or values off the
+reference beyond its declared tolerance, counts as failed (its breaker counts
+the failure and the call falls back). It costs a reference computation per
+verified call, so it is off (0) by default.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ import enum
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from layerzero.errors import ConfigError
 
 __all__ = ["DispatchConfig", "DispatchMode", "ENV_VARS"]
 
@@ -59,8 +69,8 @@ class DispatchMode(enum.Enum):
         for m in cls:
             if m.value == key or m.name.lower() == key:
                 return m
-        raise ValueError(f"DispatchConfig.mode: unknown mode {value!r}; choose one of "
-                         f"{', '.join(m.value for m in cls)}")
+        raise ConfigError(f"DispatchConfig.mode: unknown mode {value!r}; choose one of "
+                          f"{', '.join(m.value for m in cls)}")
 
 
 ENV_VARS: dict[str, str] = {
@@ -79,6 +89,7 @@ ENV_VARS: dict[str, str] = {
     "LAYERZERO_CONFIG": "config_path",
     "LAYERZERO_WATCH_INTERVAL": "watch_interval_seconds",
     "LAYERZERO_ONLINE_TUNING": "online_tuning",
+    "LAYERZERO_VERIFY": "verify_first_calls",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -93,7 +104,7 @@ class DispatchConfig:
         >>> DispatchConfig(mode=DispatchMode.DYNAMIC, cache_size=50000, cache_ttl_seconds=3600.0)
         >>> DispatchConfig(cache_size=-1)
         Traceback (most recent call last):
-        ValueError: DispatchConfig.cache_size: must be >= 0, got -1
+        layerzero.errors.ConfigError: DispatchConfig.cache_size: must be >= 0, got -1
     """
 
     mode: DispatchMode = DispatchMode.DYNAMIC
@@ -115,6 +126,7 @@ class DispatchConfig:
     validate_on_reload: bool = True
     online_tuning: bool = False
     online_tuning_budget_ms: float = 200.0
+    verify_first_calls: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", DispatchMode.parse(self.mode))
@@ -127,13 +139,15 @@ class DispatchConfig:
         for name in ("enable_cache", "enable_telemetry", "record_timing", "log_fallbacks",
                      "circuit_breaker_enabled", "enable_fallback", "validate_on_reload", "online_tuning"):
             need(isinstance(getattr(self, name), bool), name, "must be a bool")
-        for name in ("cache_size", "failure_threshold", "max_fallback_attempts", "success_threshold"):
+        for name in ("cache_size", "failure_threshold", "max_fallback_attempts", "success_threshold",
+                     "verify_first_calls"):
             need(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool), name, "must be an int")
         if not errors:
             need(self.cache_size >= 0, "cache_size", "must be >= 0")
             need(self.failure_threshold >= 1, "failure_threshold", "must be >= 1")
             need(self.success_threshold >= 1, "success_threshold", "must be >= 1")
             need(self.max_fallback_attempts >= 0, "max_fallback_attempts", "must be >= 0")
+            need(self.verify_first_calls >= 0, "verify_first_calls", "must be >= 0")
         ttl = self.cache_ttl_seconds
         need(ttl is None or (isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl > 0),
              "cache_ttl_seconds", "must be a positive number or None")
@@ -145,8 +159,8 @@ class DispatchConfig:
              "static_kernel_map", "must map operation names to kernel ids (strings)")
         need(self.config_path is None or isinstance(self.config_path, (str, os.PathLike)), "config_path",
              "must be a path or None")
-        if errors:
-            raise ValueError("; ".join(errors))
+        if errors:  # a ConfigError is a ValueError (the seed's contract) and a LayerZeroError
+            raise ConfigError("; ".join(errors), errors=errors, source="DispatchConfig")
         object.__setattr__(self, "static_kernel_map", dict(m))
 
     def replace(self, **changes: Any) -> DispatchConfig:
@@ -191,4 +205,4 @@ def _coerce(var: str, name: str, raw: str, type_name: str) -> Any:
             return None if text.lower() == "none" else float(text)
         return text
     except ValueError as exc:
-        raise ValueError(f"{var}={raw!r} (DispatchConfig.{name}): {exc}") from None
+        raise ConfigError(f"{var}={raw!r} (DispatchConfig.{name}): {exc}", source=var) from None
