@@ -18,8 +18,10 @@ user_version`` (the schema version), the expected columns and ``PRAGMA
 quick_check``. A corrupt, foreign or newer-schema file is moved aside to
 ``<name>.corrupt-<timestamp>`` with a logged warning and a fresh database is
 built in its place; an error met later while reading or writing does the
-same. Rows read back are bounded (at most :data:`MAX_ROWS` per bucket, short
-strings, finite non-negative numbers) and malformed rows are skipped. Lookups
+same. Rows read back are bounded (at most :data:`MAX_ROWS` per bucket; strings
+cut by SQLite to a few hundred characters before Python sees them, so a row
+holding a 10 MB string costs nothing; finite non-negative numbers, times of at
+most :data:`MAX_US`) and malformed rows are skipped. Lookups
 never raise: the worst case is "no measurements", and selection falls back to
 priorities.
 """
@@ -41,7 +43,7 @@ from typing import Any
 from layerzero.errors import PerfDBError
 from layerzero.selection.engine import Measurement
 
-__all__ = ["PerfDB", "Record", "default_path", "SCHEMA_VERSION", "APPLICATION_ID", "ENV_VAR", "MAX_ROWS"]
+__all__ = ["PerfDB", "Record", "default_path", "SCHEMA_VERSION", "APPLICATION_ID", "ENV_VAR", "MAX_ROWS", "MAX_US"]
 
 log = logging.getLogger("layerzero")
 
@@ -51,6 +53,7 @@ ENV_VAR = "LAYERZERO_PERF_DB"
 MAX_ROWS = 512          # rows read back for one bucket
 MAX_TEXT = 512          # longest string column accepted when reading
 MAX_SAMPLES = 10**9
+MAX_US = 1e12           # longest plausible time (about 11.6 days); larger values are not trusted
 _MEMO_LIMIT = 8192      # in-memory lookup cache entries before it is cleared
 _ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,127}$")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -80,7 +83,10 @@ _SCHEMA = (
 )
 _COLUMNS = frozenset({"hardware", "libraries", "kernel_id", "operation", "dtype", "bucket", "median_us",
                       "spread_us", "samples", "failed", "error", "source", "updated"})
-_LOOKUP = ("SELECT kernel_id, libraries, median_us, spread_us, samples, failed, source FROM measurements "
+# Text columns come back cut to one character more than any accepted value, so an oversized one is seen
+# (and the row skipped) without ever loading it whole.
+_LOOKUP = (f"SELECT substr(kernel_id, 1, 129), substr(libraries, 1, {MAX_TEXT + 1}), median_us, spread_us, samples, "
+           "failed, substr(source, 1, 33) FROM measurements "
            "WHERE hardware = ? AND operation = ? AND dtype = ? AND bucket = ? ORDER BY kernel_id, libraries LIMIT ?")
 _UPSERT = ("INSERT OR REPLACE INTO measurements (hardware, libraries, kernel_id, operation, dtype, bucket, "
            "median_us, spread_us, samples, failed, error, source, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)")
@@ -127,8 +133,8 @@ class Record:
                 out.append(f"{name} must be a non-empty string of at most {MAX_TEXT} characters")
         for name in ("median_us", "spread_us"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                out.append(f"{name} must be a finite number >= 0, got {value!r}")
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= MAX_US:
+                out.append(f"{name} must be a finite number >= 0 and at most {MAX_US:g}, got {value!r}")
         if not isinstance(self.samples, int) or not 0 <= self.samples <= MAX_SAMPLES:
             out.append(f"samples must be an int in 0..{MAX_SAMPLES}, got {self.samples!r}")
         return out
@@ -396,8 +402,11 @@ class PerfDB:
     def rows(self, *, operation: str | None = None, hardware: str | None = None, limit: int = 10000
              ) -> list[dict[str, Any]]:
         """Stored rows as dictionaries (for ``layerzero tune --show`` and tests), at most ``limit``."""
-        sql = ("SELECT hardware, libraries, kernel_id, operation, dtype, bucket, median_us, spread_us, samples, "
-               "failed, error, source, updated FROM measurements WHERE (? IS NULL OR operation = ?) AND "
+        cut = MAX_TEXT + 1
+        sql = (f"SELECT substr(hardware, 1, {cut}), substr(libraries, 1, {cut}), substr(kernel_id, 1, {cut}), "
+               f"substr(operation, 1, {cut}), substr(dtype, 1, {cut}), substr(bucket, 1, {cut}), median_us, "
+               f"spread_us, samples, failed, substr(error, 1, {cut}), substr(source, 1, {cut}), updated "
+               "FROM measurements WHERE (? IS NULL OR operation = ?) AND "
                "(? IS NULL OR hardware = ?) ORDER BY operation, dtype, bucket, kernel_id LIMIT ?")
         limit = max(0, min(int(limit), 1_000_000))
         got = self._read(sql, (operation, operation, hardware, hardware, limit), limit=limit) or []
@@ -409,6 +418,10 @@ class PerfDB:
             if _parse_row((d["kernel_id"], d["libraries"], d["median_us"], d["spread_us"], d["samples"],
                            d["failed"], d["source"])) is None:
                 continue
+            texts = (d["hardware"], d["operation"], d["dtype"], d["bucket"])
+            if not all(isinstance(t, str) and len(t) <= MAX_TEXT for t in texts) or not (
+                    d["error"] is None or (isinstance(d["error"], str) and len(d["error"]) <= MAX_TEXT)):
+                continue
             d["failed"] = bool(d["failed"])
             out.append(d)
         return out
@@ -419,7 +432,8 @@ class PerfDB:
 
     def fingerprints(self) -> dict[str, str]:
         """``{digest: fingerprint JSON}`` of every hardware that has rows."""
-        got = self._read("SELECT digest, fingerprint FROM hardware ORDER BY digest LIMIT ?", (MAX_ROWS,)) or []
+        got = self._read("SELECT substr(digest, 1, 64), substr(fingerprint, 1, 4096) FROM hardware ORDER BY digest "
+                         "LIMIT ?", (MAX_ROWS,)) or []
         return {str(d)[:64]: str(f)[:4096] for d, f in got}
 
     # -- writing -----------------------------------------------------------------------------
@@ -499,7 +513,7 @@ def _parse_row(row: tuple[Any, ...]) -> tuple[str, str, Measurement] | None:
     if failed not in (0, 1):
         return None
     for v in (median, spread):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= MAX_US:
             return None
     if isinstance(samples, bool) or not isinstance(samples, int) or not 0 <= samples <= MAX_SAMPLES:
         return None
