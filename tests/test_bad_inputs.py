@@ -1,0 +1,621 @@
+"""The bad-input catalog (docs/bad-inputs.md): one test per row, and a test that the doc and this table agree.
+
+``ROWS`` mirrors the doc's table: an id, the class of bad input, the input, the error type and the
+message. Each row's ``run`` makes that bad input for real (tensors, files, SQLite databases) and the
+row's test checks the exact error type and message. Messages are compared exactly, with two
+abbreviations the doc uses too: a trailing ``(inputs: …)`` stands for the description of every input
+(``q=Tensor(shape=(2, 16, 32), dtype=float32, device=cpu), ...``), and ``<db>`` / ``<dir>`` stand for
+temporary paths. Errors of config and policy documents show their first listed error (``.errors[0]``),
+the one with the path inside the document. Rows whose error is ``—`` raise nothing on purpose
+(a corrupt performance database is set aside and rebuilt; a rejected hot reload keeps the running
+config): their ``run`` returns the line that is logged or recorded instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import layerzero as lz
+from layerzero.dispatch import DispatchConfig, create_hot_reload_dispatcher, dispatch
+from layerzero.errors import ConditionError, ConfigError, LayerZeroError, PolicyError
+from layerzero.tuning.perfdb import APPLICATION_ID, SCHEMA_VERSION, PerfDB, Record
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md"
+NONE = "—"
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    klass: str
+    bad: str
+    error: str
+    message: str
+    run: Callable[[Path], Any]
+
+
+def t(*shape: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(sum(shape) + len(shape))
+    return torch.randn(*shape, generator=g, dtype=torch.float32).to(dtype=dtype, device=device)
+
+
+def qkv(b: int = 1, h: int = 2, s: int = 4, d: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return t(b, h, s, d), t(b, h, s, d), t(b, h, s, d)
+
+
+def attn(**kw: Any) -> Any:
+    q, k, v = qkv()
+    args = {"q": q, "k": k, "v": v}
+    args.update({n: kw.pop(n) for n in ("q", "k", "v") if n in kw})
+    return lz.attention(args["q"], args["k"], args["v"], **kw)
+
+
+X, W = t(3, 8), t(8).abs() + 0.5
+
+
+# -- files for the document, perf-DB and plan-table rows ----------------------------------------------------------
+
+def policy_text(tmp: Path, text: str, name: str = "policy.yaml") -> Any:
+    p = tmp / name
+    p.write_text(text)
+    return lz.configure(str(p))
+
+
+def config_doc(data: dict[str, Any]) -> Any:
+    from layerzero.dispatch import create_config_dispatcher
+
+    return create_config_dispatcher(config_path={"version": "1.0", **data})
+
+
+def hot_reload_rejects(tmp: Path) -> str:
+    path = tmp / "kernels.yaml"
+    path.write_text('version: "1.0"\nkernel_locks: {rms_norm: torch_rms_norm}\n')
+    d = create_hot_reload_dispatcher(config_path=path, start_watching=False)
+    try:
+        path.write_text('version: "1.0"\ndispatch_rules:\n  - {operation: rms_norm, kernel: torch_rms_norm, '
+                        'priority: 2000}\n')
+        assert d.reload() is False
+        assert d.stats.failed_reloads == 1 and d.stats.total_reloads == 0
+        assert d.compiled.policy.rules[0].kernels == ("torch_rms_norm",)  # the running config stays
+        assert d.dispatch("rms_norm", {"x": X, "weight": W}).kernel_id == "torch_rms_norm"
+        return d.stats.last_error.splitlines()[1].strip()
+    finally:
+        d.close()
+
+
+def perf_db_outcome(tmp: Path, make: Callable[[Path], None]) -> str:
+    """Make a bad database file, read it through PerfDB: nothing raised, {} or rows skipped, one warning."""
+    path = tmp / "perf.db"
+    make(path)
+    handler = _Lines()
+    logger = logging.getLogger("layerzero")
+    logger.addHandler(handler)
+    try:
+        db = PerfDB(path)
+        found = db.lookup("hw", "rms_norm", "float32", "b")
+        db.close()
+    finally:
+        logger.removeHandler(handler)
+    if handler.lines:
+        assert found == {}
+        assert db.recoveries == 1 and path.exists() and list(tmp.glob("perf.db.corrupt-*"))
+        return handler.lines[0].replace(str(path), "<db>")
+    assert found == {}  # the bad row is skipped, silently
+    return "row skipped: lookup() returns {} for its bucket"
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def random_bytes(path: Path) -> None:
+    path.write_bytes(bytes(range(256)) * 64)
+
+
+def truncated(path: Path) -> None:
+    good = PerfDB(path)
+    good.record([Record("hw", "torch=1", f"k{i}", "rms_norm", "float32", "b", 1.0 + i, 0.1, 5) for i in range(300)])
+    good.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def foreign(path: Path) -> None:
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE users (name TEXT, password TEXT)")
+    con.commit()
+    con.close()
+
+
+def newer(path: Path) -> None:
+    db = PerfDB(path)
+    db.count()
+    db.close()
+    con = sqlite3.connect(path)
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    con.commit()
+    con.close()
+
+
+def poisoned_row(column: str, value: Any) -> Callable[[Path], None]:
+    def make(path: Path) -> None:
+        db = PerfDB(path)
+        db.count()
+        db.close()
+        con = sqlite3.connect(path)
+        assert con.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+        row = {"hardware": "hw", "libraries": "torch=1", "kernel_id": "torch_rms_norm", "operation": "rms_norm",
+               "dtype": "float32", "bucket": "b", "median_us": 1.0, "spread_us": 0.1, "samples": 5, "failed": 0,
+               "error": None, "source": "tune", "updated": 0.0}
+        row[column] = value
+        con.execute(f"INSERT INTO measurements ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                    tuple(row.values()))
+        con.commit()
+        con.close()
+
+    return make
+
+
+def mismatched_plan_table(tmp: Path) -> Any:
+    table = lz.solve({"rms_norm": [{"hidden_size": 8, "num_tokens": 3}]}, dtype="float32")
+    data = table.to_dict()
+    data["environment"]["hardware"]["cpu_model"] = "Imaginary CPU 9000"
+    data["environment"]["torch"] = "0.0.1"
+    path = tmp / "plans.json"
+    path.write_text(json.dumps(data))
+    return lz.PlanTable.load(path).install()
+
+
+def nested_strided() -> torch.Tensor:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.nested.nested_tensor([t(2, 8), t(3, 8)])
+
+
+# -- the catalog ----------------------------------------------------------------------------------------------------
+
+ROWS: list[Row] = [
+    # rank
+    Row("rank-attention", "rank", "`lz.attention` with a 3-D `q`", "InvalidInputError",
+        "attention.full: q must be 4-D (batch, heads, seq, head_dim), got 3-D (inputs: …)",
+        lambda tmp: attn(q=t(2, 4, 8))),
+    Row("rank-norm", "rank", "`lz.rms_norm` of a 0-D tensor", "InvalidInputError",
+        "rms_norm: x needs a non-empty last dimension (inputs: …)",
+        lambda tmp: lz.rms_norm(torch.tensor(1.0), W)),
+    Row("rank-rope-cos", "rank", "`lz.rope` with 0-D `cos`/`sin`", "InvalidInputError",
+        "rope: cos and sin need a last dimension, got 0-D tensors (inputs: …)",
+        lambda tmp: lz.rope(t(1, 2, 4, 8), torch.tensor(1.0), torch.tensor(1.0))),
+    Row("rank-bshd", "rank", "`lz.attention(..., layout=\"BSHD\")` with a 1-D `q`", "InvalidInputError",
+        "attention.full: q must be 4-D (batch, heads, seq, head_dim), got 1-D (inputs: …)",
+        lambda tmp: attn(q=t(8), layout="BSHD")),
+    # shape
+    Row("shape-head-dim", "shape", "`q` and `k` head dims 8 and 16", "InvalidInputError",
+        "attention.full: q and k head dims differ: 8 vs 16 (inputs: …)",
+        lambda tmp: attn(k=t(1, 2, 4, 16))),
+    Row("shape-batch", "shape", "`q` batch 1, `k`/`v` batch 2", "InvalidInputError",
+        "attention.full: batch sizes differ: q=1, k=2, v=2 (inputs: …)",
+        lambda tmp: attn(k=t(2, 2, 4, 8), v=t(2, 2, 4, 8))),
+    Row("shape-kv", "shape", "`k` and `v` sequence lengths 4 and 5", "InvalidInputError",
+        "attention.full: k and v must agree on heads and sequence length, got (1, 2, 4, 8) and (1, 2, 5, 8) (BHSD) "
+        "(inputs: …)",
+        lambda tmp: attn(v=t(1, 2, 5, 8))),
+    Row("shape-empty", "shape", "`q` with zero queries", "InvalidInputError",
+        "attention.full: empty attention inputs (a zero-sized dimension) (inputs: …)",
+        lambda tmp: attn(q=t(1, 2, 0, 8))),
+    Row("shape-weight", "shape", "`rms_norm` weight of 16 for hidden size 8", "InvalidInputError",
+        "rms_norm: weight must have shape (8,) to match x's last dimension, got (16,) (inputs: …)",
+        lambda tmp: lz.rms_norm(X, t(16))),
+    Row("shape-swiglu", "shape", "`swiglu` gate (3, 8), up (3, 4)", "InvalidInputError",
+        "swiglu: gate and up shapes differ: (3, 8) vs (3, 4) (inputs: …)",
+        lambda tmp: lz.swiglu(X, t(3, 4))),
+    Row("shape-rope", "shape", "`rope` with an odd head_dim (7)", "InvalidInputError",
+        "rope: x must be (..., seq, head_dim) with an even head_dim, got (1, 2, 4, 7) (inputs: …)",
+        lambda tmp: lz.rope(t(1, 2, 4, 7), t(4, 7), t(4, 7))),
+    Row("shape-rope-cos", "shape", "`rope` cos/sin last dim 5 for head_dim 8", "InvalidInputError",
+        "rope: cos/sin last dimension must be head_dim=8 or head_dim/2=4, got 5 (inputs: …)",
+        lambda tmp: lz.rope(t(1, 2, 4, 8), t(4, 5), t(4, 5))),
+    Row("shape-logits", "shape", "`sample` of logits with an empty vocabulary", "InvalidInputError",
+        "sample.greedy: logits need a non-empty vocabulary (last) dimension (inputs: …)",
+        lambda tmp: lz.sample(t(3, 0), temperature=0.0)),
+    # dtype
+    Row("dtype-mixed", "dtype", "`q` float32, `k`/`v` float64", "InvalidInputError",
+        "attention.full: q, k and v must share a dtype, got torch.float32, torch.float64, torch.float64 (inputs: …)",
+        lambda tmp: attn(k=t(1, 2, 4, 8, dtype=torch.float64), v=t(1, 2, 4, 8, dtype=torch.float64))),
+    Row("dtype-int-attention", "dtype", "int64 `q`, `k`, `v`", "InvalidInputError",
+        "attention.full: attention needs floating-point inputs, got torch.int64 (inputs: …)",
+        lambda tmp: attn(q=t(1, 2, 4, 8, dtype=torch.int64), k=t(1, 2, 4, 8, dtype=torch.int64),
+                         v=t(1, 2, 4, 8, dtype=torch.int64))),
+    Row("dtype-int-norm", "dtype", "int64 `x` for `rms_norm`", "InvalidInputError",
+        "rms_norm: x must be floating point, got torch.int64 (inputs: …)",
+        lambda tmp: lz.rms_norm(t(3, 8, dtype=torch.int64), W)),
+    Row("dtype-weight", "dtype", "int64 `weight` for `rms_norm`", "InvalidInputError",
+        "rms_norm: weight must be floating point, got torch.int64 (inputs: …)",
+        lambda tmp: lz.rms_norm(X, t(8, dtype=torch.int64))),
+    Row("dtype-mask", "dtype", "int64 `attn_mask`", "InvalidInputError",
+        "attention.full: attn_mask must be bool or torch.float32, got torch.int64 (inputs: …)",
+        lambda tmp: attn(attn_mask=t(4, 4, dtype=torch.int64))),
+    Row("dtype-complex", "dtype", "complex64 `x` for `silu`", "InvalidInputError",
+        "silu: x must be floating point, got torch.complex64 (inputs: …)",
+        lambda tmp: lz.silu(t(3, 8, dtype=torch.complex64))),
+    Row("dtype-swiglu", "dtype", "`swiglu` gate float32, up float64", "InvalidInputError",
+        "swiglu: gate and up must share dtype and device (inputs: …)",
+        lambda tmp: lz.swiglu(X, t(3, 8, dtype=torch.float64))),
+    # device
+    Row("device-qkv", "device", "`q` on cpu, `k` on meta", "InvalidInputError",
+        "attention.full: q, k and v must be on one device, got cpu, meta, cpu (inputs: …)",
+        lambda tmp: attn(k=t(1, 2, 4, 8, device="meta"))),
+    Row("device-mask", "device", "`attn_mask` on meta, `q` on cpu", "InvalidInputError",
+        "attention.full: attn_mask is on meta, q on cpu (inputs: …)",
+        lambda tmp: attn(attn_mask=torch.ones(4, 4, dtype=torch.bool, device="meta"))),
+    Row("device-weight", "device", "`rms_norm` weight on meta, `x` on cpu", "InvalidInputError",
+        "rms_norm: weight is on meta, x on cpu (inputs: …)",
+        lambda tmp: lz.rms_norm(X, t(8, device="meta"))),
+    Row("device-rope", "device", "`rope` cos/sin on meta, `x` on cpu", "InvalidInputError",
+        "rope: cos/sin on meta, x on cpu (inputs: …)",
+        lambda tmp: lz.rope(t(1, 2, 4, 8), t(4, 8, device="meta"), t(4, 8, device="meta"))),
+    # layout
+    Row("layout-name", "layout", "`layout=\"BXYZ\"`", "InvalidInputError",
+        "attention.full: layout must be one of ('BHSD', 'BSHD'), got 'BXYZ' (inputs: …)",
+        lambda tmp: attn(layout="BXYZ")),
+    Row("layout-sparse", "layout", "a sparse COO `x` for `rms_norm`", "InvalidInputError",
+        "rms_norm: x must be a dense tensor, got layout=torch.sparse_coo (call .to_dense()) (inputs: …)",
+        lambda tmp: lz.rms_norm(X.to_sparse(), W)),
+    Row("layout-sparse-attention", "layout", "sparse COO `q`, `k`, `v`", "InvalidInputError",
+        "attention.full: q must be a dense tensor, got layout=torch.sparse_coo (call .to_dense()) (inputs: …)",
+        lambda tmp: attn(q=qkv()[0].to_sparse(), k=qkv()[1].to_sparse(), v=qkv()[2].to_sparse())),
+    Row("layout-nested", "layout", "a nested tensor of the strided layout for `rms_norm`", "InvalidInputError",
+        "rms_norm: x is a nested tensor of the strided layout (use layout=torch.jagged or pad it) (inputs: …)",
+        lambda tmp: lz.rms_norm(nested_strided(), W)),
+    Row("layout-dispatch", "layout", "`dispatch(..., layout=\"SBHD\")`", "InvalidInputError",
+        "attention.causal: layout must be 'BHSD' or 'BSHD', got 'SBHD'",
+        lambda tmp: dispatch("attention.causal", dict(zip(("query", "key", "value"), qkv(), strict=True)),
+                             layout="SBHD")),
+    # GQA
+    Row("gqa-divisibility", "GQA divisibility", "6 query heads, 4 key/value heads", "InvalidInputError",
+        "attention.full: query heads (6) must be divisible by key/value heads (4) for grouped-query attention "
+        "(inputs: …)",
+        lambda tmp: attn(q=t(1, 6, 4, 8), k=t(1, 4, 4, 8), v=t(1, 4, 4, 8))),
+    # mask
+    Row("mask-shape", "mask shape", "`attn_mask` (3, 5) for (batch, heads, 4, 4)", "InvalidInputError",
+        "attention.full: attn_mask of shape (3, 5) does not broadcast to (batch, heads, seq_q, seq_k)=(1, 2, 4, 4) "
+        "(inputs: …)",
+        lambda tmp: attn(attn_mask=torch.ones(3, 5, dtype=torch.bool))),
+    Row("mask-and-causal", "mask shape", "`attn_mask` together with `is_causal=True`", "InvalidInputError",
+        "attention.causal: attn_mask and is_causal=True cannot be combined (as in SDPA) (inputs: …)",
+        lambda tmp: attn(attn_mask=torch.ones(4, 4, dtype=torch.bool), is_causal=True)),
+    # non-tensor
+    Row("non-tensor-q", "non-tensor", "`q` given as a list", "InvalidInputError",
+        "attention.full: q must be a torch.Tensor, got list (inputs: …)",
+        lambda tmp: attn(q=[[1.0]])),
+    Row("non-tensor-x", "non-tensor", "`x=None` for `rms_norm`", "InvalidInputError",
+        "rms_norm: x must be a torch.Tensor, got NoneType (inputs: …)",
+        lambda tmp: lz.rms_norm(None, W)),
+    Row("non-tensor-weight", "non-tensor", "`weight` given as a list", "InvalidInputError",
+        "rms_norm: weight must be a torch.Tensor or None, got list (inputs: …)",
+        lambda tmp: lz.rms_norm(X, [1.0] * 8)),
+    Row("non-tensor-mask", "non-tensor", "`attn_mask` given as a list", "InvalidInputError",
+        "attention.full: attn_mask must be a torch.Tensor or None, got list (inputs: …)",
+        lambda tmp: attn(attn_mask=[[True]])),
+    Row("non-tensor-generator", "non-tensor", "`generator=1` for `sample`", "InvalidInputError",
+        "sample.temperature: generator must be a torch.Generator or None, got int (inputs: …)",
+        lambda tmp: lz.sample(X, temperature=1.0, generator=1)),
+    Row("non-tensor-window", "non-tensor", "`window=[4]` (unhashable)", "InvalidInputError",
+        "attention.full: window must be a positive int or None, got [4] (inputs: …)",
+        lambda tmp: attn(window=[4])),
+    Row("non-tensor-approximate", "non-tensor", "`gelu(x, approximate=[\"tanh\"])`", "InvalidInputError",
+        "gelu: approximate must be 'none' or 'tanh', got ['tanh'] (inputs: …)",
+        lambda tmp: lz.gelu(X, approximate=["tanh"])),
+    Row("non-tensor-operation", "non-tensor", "`lz.attention(..., operation=5)`", "InvalidInputError",
+        "attention: operation must be 'attention' or an 'attention.*' name, got 5 (inputs: …)",
+        lambda tmp: attn(operation=5)),
+    Row("operation-family", "non-tensor", "`lz.attention(..., operation=\"rms_norm\")`", "InvalidInputError",
+        "attention: operation must be 'attention' or an 'attention.*' name, got 'rms_norm' (inputs: …)",
+        lambda tmp: attn(operation="rms_norm")),
+    # NaN-free contract (scalar arguments are checked; tensor contents only in verify mode)
+    Row("nan-dropout", "NaN-free contract", "`dropout_p=nan`", "InvalidInputError",
+        "attention.full: dropout_p must be in [0, 1), got nan (inputs: …)",
+        lambda tmp: attn(dropout_p=float("nan"))),
+    Row("nan-scale", "NaN-free contract", "`scale=nan`", "InvalidInputError",
+        "attention.full: scale must be a finite number or None, got nan (inputs: …)",
+        lambda tmp: attn(scale=float("nan"))),
+    Row("inf-scale", "NaN-free contract", "`scale=inf` (every score inf: NaN out)", "InvalidInputError",
+        "attention.full: scale must be a finite number or None, got inf (inputs: …)",
+        lambda tmp: attn(scale=float("inf"))),
+    Row("nan-eps", "NaN-free contract", "`eps=nan` for `rms_norm`", "InvalidInputError",
+        "rms_norm: eps must be a positive number, got nan (inputs: …)",
+        lambda tmp: lz.rms_norm(X, W, eps=float("nan"))),
+    Row("negative-eps", "NaN-free contract", "`eps=-1e-6` (rsqrt of a negative: NaN out)", "InvalidInputError",
+        "layer_norm: eps must be a positive number, got -1e-06 (inputs: …)",
+        lambda tmp: lz.layer_norm(X, W, None, eps=-1e-6)),
+    Row("nan-temperature", "NaN-free contract", "`temperature=nan`", "InvalidInputError",
+        "sample.temperature: temperature must be a number, got nan (inputs: …)",
+        lambda tmp: lz.sample(X, temperature=float("nan"))),
+    Row("nan-top-p", "NaN-free contract", "`top_p=nan`", "InvalidInputError",
+        "sample.top_p: top_p must be in (0, 1] or None, got nan (inputs: …)",
+        lambda tmp: lz.sample(X, temperature=1.0, top_p=float("nan"))),
+    # other argument ranges
+    Row("range-dropout", "argument range", "`dropout_p=1.0`", "InvalidInputError",
+        "attention.full: dropout_p must be in [0, 1), got 1.0 (inputs: …)",
+        lambda tmp: attn(dropout_p=1.0)),
+    Row("range-window", "argument range", "`window=0`", "InvalidInputError",
+        "attention.full: window must be a positive int or None, got 0 (inputs: …)",
+        lambda tmp: attn(window=0)),
+    Row("range-top-k", "argument range", "`top_k=0`", "InvalidInputError",
+        "sample.top_k: top_k must be a positive int or None, got 0 (inputs: …)",
+        lambda tmp: lz.sample(X, temperature=1.0, top_k=0)),
+    Row("range-is-causal", "argument range", "`is_causal=\"yes\"`", "InvalidInputError",
+        "attention.causal: is_causal must be a bool, got str (inputs: …)",
+        lambda tmp: attn(is_causal="yes")),
+    # dispatch() inputs
+    Row("dispatch-inputs", "dispatch() inputs", "`inputs` given as a list", "InvalidInputError",
+        "dispatch('rms_norm'): inputs must be a dict of tensors keyed by name (for example "
+        "{'query': q, 'key': k, 'value': v}), got list",
+        lambda tmp: dispatch("rms_norm", [X])),
+    Row("dispatch-operation", "dispatch() inputs", "`operation=5`", "InvalidInputError",
+        "dispatch(): operation must be a non-empty string, got 5",
+        lambda tmp: dispatch(5, {"x": X})),
+    Row("dispatch-missing", "dispatch() inputs", "no `x` among the inputs of `rms_norm`", "InvalidInputError",
+        "rms_norm: inputs need one of 'x', 'input', 'hidden_states'; got keys ['y']",
+        lambda tmp: dispatch("rms_norm", {"y": X})),
+    Row("dispatch-eps", "dispatch() inputs", "`eps=\"small\"`", "InvalidInputError",
+        "rms_norm: an input has the wrong type or value (could not convert string to float: 'small') "
+        "(inputs: …)",
+        lambda tmp: dispatch("rms_norm", {"x": X, "eps": "small"})),
+    Row("dispatch-context", "dispatch() inputs", "`context=5`", "InvalidInputError",
+        "dispatch('rms_norm'): context must be a SelectionContext, got int",
+        lambda tmp: dispatch("rms_norm", {"x": X}, context=5)),
+    Row("dispatch-unknown-op", "dispatch() inputs", "an operation no kernel implements", "NoKernelError",
+        "no kernel is registered for 'my_op' (call: my_op(device=cpu, dtype=float32, batch_size=3, hidden_size=8, "
+        "num_tokens=3))",
+        lambda tmp: dispatch("my_op", {"x": X})),
+    # no kernel fits
+    Row("no-kernel", "no kernel fits", "`rms_norm` with every torch kernel disabled", "NoKernelError",
+        "no kernel can run rms_norm(device=cpu, dtype=float32, batch_size=3, hidden_size=8, num_tokens=3); "
+        "every candidate was rejected:",
+        lambda tmp: [lz.disabled("torch"), lz.rms_norm(X, W)]),
+    Row("lock-cannot-run", "no kernel fits", "a lock on a CUDA-only kernel, called on CPU", "KernelNotSupportedError",
+        "attention.causal(device=cpu, dtype=float32, batch_size=1, seq_len_q=4, seq_len_k=4, num_heads=2, "
+        "num_kv_heads=2, head_dim=8, layout=BHSD, is_causal=True) is locked by lock attention.causal -> "
+        "torch_sdpa_flash (lz.lock()), but it cannot run here: torch_sdpa_flash: device is cpu, kernel runs on cuda; "
+        "dtype=float32 (supported: bfloat16, float16)",
+        lambda tmp: [lz.lock("attention.causal", "torch_sdpa_flash"), attn(is_causal=True)]),
+    # policy calls
+    Row("policy-unknown-kernel", "policy errors", "`lz.lock(\"rms_norm\", \"torch_rms_nrom\")`", "KernelNotFoundError",
+        "unknown kernel 'torch_rms_nrom'; did you mean torch_rms_norm, torch_rms_norm_composed, "
+        "torch_layer_norm? (layerzero list shows every kernel)",
+        lambda tmp: lz.lock("rms_norm", "torch_rms_nrom")),
+    Row("policy-lock-both", "policy errors", "`lz.lock` with both `kernel=` and `backend=`", "PolicyError",
+        "lock() takes exactly one of kernel= or backend=",
+        lambda tmp: lz.lock("rms_norm", "torch_rms_norm", backend="torch")),
+    Row("policy-priority", "policy errors", "`lz.prefer(\"torch\", priority=2000)`", "PolicyError",
+        "prefer(): priority must be an int between 0 and 1000, got 2000",
+        lambda tmp: lz.prefer("torch", priority=2000)),
+    Row("policy-operation", "policy errors", "`lz.disabled(\"torch\", operation=5)`", "PolicyError",
+        "operation must be a non-empty string, got 5",
+        lambda tmp: lz.disabled("torch", operation=5)),
+    Row("condition-call", "policy errors", "condition `__import__('os').system('id')`", "ConditionError",
+        "lz.prefer(): function calls are not allowed at position 10",
+        lambda tmp: lz.prefer("torch", condition="__import__('os').system('id')")),
+    Row("condition-field", "policy errors", "condition `sm >= 80 and batch >= 8`", "ConditionError",
+        "lz.prefer(): unknown field 'batch'; did you mean batch_size? at position 13",
+        lambda tmp: lz.prefer("torch", condition="sm >= 80 and batch >= 8")),
+    Row("condition-lock-kernel", "policy errors", "a lock condition on `kernel`", "ConditionError",
+        "lz.lock(): 'kernel' is only known to rules judged per kernel (denies, boosts, prefer); locks and allows "
+        "are judged once per call at position 0",
+        lambda tmp: lz.lock("rms_norm", "torch_rms_norm", condition="kernel == 'x'")),
+    # policy documents
+    Row("doc-version", "policy errors", "a policy file without `version`", "PolicyError",
+        "version: is required (version: \"1.0\")",
+        lambda tmp: policy_text(tmp, "locks: []\n")),
+    Row("doc-section", "policy errors", "an unknown section `lockz`", "PolicyError",
+        "lockz: unknown key (expected one of: version, description, locks, allows, denies, boosts); "
+        "did you mean locks?",
+        lambda tmp: policy_text(tmp, 'version: "1.0"\nlockz: []\n')),
+    Row("doc-boost", "policy errors", "`boost_factor: .nan`", "PolicyError",
+        "boosts[0].boost_factor: must be a finite number, got nan",
+        lambda tmp: policy_text(tmp, 'version: "1.0"\nboosts: [{backend: torch, boost_factor: .nan}]\n')),
+    Row("doc-python-tag", "policy errors", "a YAML `!!python/object/apply` tag", "PolicyError",
+        "<dir>/policy.yaml: invalid YAML at line 2, column 8: could not determine a constructor for the tag "
+        "'tag:yaml.org,2002:python/object/apply:os.system'",
+        lambda tmp: policy_text(tmp, 'version: "1.0"\nlocks: !!python/object/apply:os.system ["id"]\n')),
+    Row("doc-alias", "policy errors", "YAML anchors and aliases (a billion laughs)", "PolicyError",
+        "<dir>/policy.yaml: YAML anchors and aliases are not supported; write each value out",
+        lambda tmp: policy_text(tmp, 'version: "1.0"\na: &a ["x", "x"]\nb: [*a, *a]\n')),
+    Row("doc-missing", "policy errors", "`lz.configure(\"../../etc/passwd.yaml\")`", "PolicyError",
+        "../../etc/passwd.yaml: file not found",
+        lambda tmp: lz.configure("../../etc/passwd.yaml")),
+    Row("doc-not-a-mapping", "policy errors", "`lz.configure(\"/etc/passwd\")`", "PolicyError",
+        "a policy document must be a mapping with version: \"1.0\", got a string",
+        lambda tmp: lz.configure("/etc/passwd")),
+    # config files
+    Row("config-priority", "config errors", "`dispatch_rules[0].priority: 2000`", "ConfigError",
+        "dispatch_rules[0].priority: must be between 0 and 1000, got 2000",
+        lambda tmp: config_doc({"dispatch_rules": [{"operation": "rms_norm", "kernel": "torch_rms_norm",
+                                                    "priority": 2000}]})),
+    Row("config-suffix", "config errors", "condition key `batch_size_gteq`", "ConfigError",
+        "dispatch_rules[0].conditions.batch_size_gteq: unknown condition: expected a field name, optionally with "
+        "one of the suffixes _not_in, _match, _gte, _lte, _eq, _ne, _gt, _lt, _in; did you mean batch_size?",
+        lambda tmp: config_doc({"dispatch_rules": [{"operation": "rms_norm", "kernel": "torch_rms_norm",
+                                                    "conditions": {"batch_size_gteq": 8}}]})),
+    Row("config-redos", "config errors", "`_match: \"(a+)+$\"` (catastrophic backtracking)", "ConfigError",
+        "dispatch_rules[0].conditions.operation_match: a quantifier after a group is not allowed (position 4); "
+        "repeat single characters or classes instead",
+        lambda tmp: config_doc({"dispatch_rules": [{"operation": "rms_norm", "kernel": "torch_rms_norm",
+                                                    "conditions": {"operation_match": "(a+)+$"}}]})),
+    Row("config-redos-alternation", "config errors", "`_match: \"(a|a)(a|a)…$\"` (2^20 paths)", "ConfigError",
+        "dispatch_rules[0].conditions.operation_match: too many alternatives and repetitions (position 84); "
+        "each group's alternatives multiply the backtracking budget like quantifiers do",
+        lambda tmp: config_doc({"dispatch_rules": [{"operation": "rms_norm", "kernel": "torch_rms_norm",
+                                                    "conditions": {"operation_match": "(a|a)" * 20 + "$"}}]})),
+    Row("config-kernel-path", "config errors", "`kernel: ../../etc/passwd`", "ConfigError",
+        "dispatch_rules[0].kernel: '../../etc/passwd' contains characters not allowed in a kernel id: '/'",
+        lambda tmp: config_doc({"dispatch_rules": [{"operation": "rms_norm", "kernel": "../../etc/passwd"}]})),
+    Row("config-chain", "config errors", "a fallback chain listing a kernel twice", "ConfigError",
+        "fallback_chains['rms_norm'][1]: kernel 'torch_rms_norm' is listed twice",
+        lambda tmp: config_doc({"fallback_chains": {"rms_norm": ["torch_rms_norm", "torch_rms_norm"]}})),
+    Row("config-json", "config errors", "a `.json` config that is not JSON", "ConfigError",
+        "<dir>/kernels.json: invalid JSON at line 1, column 12: Expecting ':' delimiter",
+        lambda tmp: [(tmp / "kernels.json").write_text('{"version" "1.0"}'),
+                     __import__("layerzero.dispatch", fromlist=["x"]).create_config_dispatcher(
+                         config_path=tmp / "kernels.json")]),
+    Row("config-dispatch-config", "config errors", "`DispatchConfig(cache_size=-1)`", "ConfigError",
+        "DispatchConfig.cache_size: must be >= 0, got -1",
+        lambda tmp: DispatchConfig(cache_size=-1)),
+    Row("config-env", "config errors", "`LAYERZERO_CACHE_SIZE=lots`", "ConfigError",
+        "LAYERZERO_CACHE_SIZE='lots' (DispatchConfig.cache_size): invalid literal for int() with base 10: 'lots'",
+        lambda tmp: DispatchConfig.from_env({"LAYERZERO_CACHE_SIZE": "lots"})),
+    Row("config-hot-reload", "config errors", "an invalid edit of a hot-reloaded file", NONE,
+        "dispatch_rules[0].priority: must be between 0 and 1000, got 2000",
+        hot_reload_rejects),
+    # performance database
+    Row("perfdb-bytes", "perf DB corruption", "a database file of random bytes", NONE,
+        "performance database <db> is unusable (not an SQLite file (bad header)); moved it to "
+        "<db>.corrupt-<time> and starting a new one",
+        lambda tmp: perf_db_outcome(tmp, random_bytes)),
+    Row("perfdb-truncated", "perf DB corruption", "a database file cut in half", NONE,
+        "performance database <db> is unusable (DatabaseError: database disk image is malformed); moved it to "
+        "<db>.corrupt-<time> and starting a new one",
+        lambda tmp: perf_db_outcome(tmp, truncated)),
+    Row("perfdb-foreign", "perf DB corruption", "another application's SQLite file", NONE,
+        "performance database <db> is unusable (not a layerzero performance database (application_id=0x0, "
+        "tables: users)); moved it to <db>.corrupt-<time> and starting a new one",
+        lambda tmp: perf_db_outcome(tmp, foreign)),
+    Row("perfdb-newer", "perf DB corruption", "a database from a newer layerzero (`user_version` 2)", NONE,
+        "performance database <db> is unusable (written by a newer layerzero (schema version 2 > 1)); moved it to "
+        "<db>.corrupt-<time> and starting a new one",
+        lambda tmp: perf_db_outcome(tmp, newer)),
+    Row("perfdb-huge-string", "perf DB corruption", "a row whose `libraries` is a 10 MB string", NONE,
+        "row skipped: lookup() returns {} for its bucket",
+        lambda tmp: perf_db_outcome(tmp, poisoned_row("libraries", "x" * 10_000_000))),
+    Row("perfdb-absurd-number", "perf DB corruption", "a row with `median_us = 1e300`", NONE,
+        "row skipped: lookup() returns {} for its bucket",
+        lambda tmp: perf_db_outcome(tmp, poisoned_row("median_us", 1e300))),
+    Row("perfdb-negative", "perf DB corruption", "a row with `samples = -5`", NONE,
+        "row skipped: lookup() returns {} for its bucket",
+        lambda tmp: perf_db_outcome(tmp, poisoned_row("samples", -5))),
+    Row("perfdb-write", "perf DB corruption", "storing a measurement of `nan` µs", "PerfDBError",
+        "cannot store measurement of 'torch_rms_norm' for rms_norm: median_us must be a finite number >= 0 and at "
+        "most 1e+12, got nan",
+        lambda tmp: PerfDB(tmp / "w.db").record([Record("hw", "torch=1", "torch_rms_norm", "rms_norm", "float32",
+                                                        "b", float("nan"), 0.0, 3)])),
+    # baked plan tables
+    Row("plan-table-mismatch", "plan-table mismatch", "a plan table baked for another CPU and torch",
+        "PlanMismatchError", "baked plan table does not match this machine:",
+        mismatched_plan_table),
+    Row("plan-table-invalid", "plan-table mismatch", "a plan table with `format: 7`", "ConfigError",
+        "format: must be 1, got 7",
+        lambda tmp: lz.PlanTable.from_dict({"format": 7, "environment": {}, "entries": []})),
+]
+
+
+# -- checking a row ----------------------------------------------------------------------------------------------
+
+_INPUTS = re.compile(r" \(inputs: .*\)$")
+
+
+def normalise(text: str, tmp: Path) -> str:
+    text = text.replace(str(tmp), "<dir>")
+    text = re.sub(r"\.corrupt-\d{8}T\d{6}(-\d+)?", ".corrupt-<time>", text)
+    return _INPUTS.sub(" (inputs: …)", text)
+
+
+def message_of(exc: BaseException) -> str:
+    """The documented message: a document's first listed error, else the first line of the message."""
+    if isinstance(exc, ConfigError) and not isinstance(exc, ConditionError) and len(exc.errors) and \
+            str(exc).splitlines()[0].endswith(":") and " invalid " in str(exc).splitlines()[0]:
+        return exc.errors[0].splitlines()[0]
+    return str(exc).splitlines()[0] if str(exc) else ""
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_catalog_row(row: Row, tmp_path: Path) -> None:
+    if row.error == NONE:
+        got = row.run(tmp_path)
+        assert isinstance(got, str)
+        assert normalise(got, tmp_path) == row.message
+        return
+    with pytest.raises(LayerZeroError) as info:
+        row.run(tmp_path)
+    exc = info.value
+    assert type(exc).__name__ == row.error
+    assert normalise(message_of(exc), tmp_path) == row.message
+    if isinstance(exc, (ConfigError, PolicyError)) and not isinstance(exc, ConditionError):
+        assert all(isinstance(e, str) for e in exc.errors)
+    if row.klass in ("rank", "shape", "dtype", "device", "layout", "GQA divisibility", "mask shape", "non-tensor",
+                     "NaN-free contract", "argument range"):
+        assert isinstance(exc, ValueError)  # InvalidInputError: callers' `except ValueError` keeps working
+
+
+def test_inputs_are_described_in_full() -> None:
+    """What ``(inputs: …)`` stands for: every input's shape, dtype and device (or type)."""
+    q, k, v = qkv()
+    with pytest.raises(lz.InvalidInputError) as info:
+        lz.attention(q, t(1, 2, 4, 16), v)
+    assert str(info.value).endswith(
+        "(inputs: q=Tensor(shape=(1, 2, 4, 8), dtype=float32, device=cpu), k=Tensor(shape=(1, 2, 4, 16), "
+        "dtype=float32, device=cpu), v=Tensor(shape=(1, 2, 4, 8), dtype=float32, device=cpu), attn_mask=None, "
+        "is_causal=bool, dropout_p=float, scale=None, window=None)")
+
+
+def test_bad_input_never_trips_a_breaker(runtime: Any) -> None:
+    """Rejected before any kernel runs, bad input leaves every breaker closed and counts no kernel failure."""
+    before = {kid: s.failures for kid, s in runtime.telemetry.kernels.items()}
+    tripped = {kid: b.failures for kid, b in runtime.breakers.all().items()}
+    rows = [r for r in ROWS if r.klass in ("rank", "shape", "dtype", "device", "layout", "GQA divisibility",
+                                           "mask shape", "non-tensor", "NaN-free contract", "argument range")]
+    for _ in range(runtime.config.failure_threshold + 1):
+        for row in rows:
+            with pytest.raises(LayerZeroError):
+                row.run(Path("/nonexistent"))
+    after = {kid: s.failures for kid, s in runtime.telemetry.kernels.items()}
+    assert all(after[k] == before.get(k, 0) for k in after)
+    assert {kid: b.failures for kid, b in runtime.breakers.all().items() if b.failures} == \
+        {kid: n for kid, n in tripped.items() if n}
+
+
+# -- the doc mirrors this table ------------------------------------------------------------------------------------
+
+def doc_rows() -> list[tuple[str, ...]]:
+    rows = []
+    for line in DOC.read_text().splitlines():
+        if not line.startswith("| ") or line.startswith("| id ") or set(line) <= set("|- "):
+            continue
+        cells = [c.strip() for c in line.strip()[1:-1].split(" | ")]
+        for i in (3, 4):  # the error and message cells are code spans
+            if cells[i].startswith("`") and cells[i].endswith("`"):
+                cells[i] = cells[i][1:-1]
+        rows.append(tuple(cells))
+    return rows
+
+
+def test_doc_and_table_agree() -> None:
+    want = [(r.id, r.klass, r.bad, r.error, r.message) for r in ROWS]
+    got = doc_rows()
+    assert [g[0] for g in got] == [w[0] for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert g == w
+
+
+def test_every_class_in_the_brief_has_a_row() -> None:
+    classes = {r.klass for r in ROWS}
+    assert {"rank", "shape", "dtype", "device", "layout", "GQA divisibility", "mask shape", "non-tensor",
+            "NaN-free contract", "config errors", "policy errors", "perf DB corruption",
+            "plan-table mismatch"} <= classes
+    assert len({r.id for r in ROWS}) == len(ROWS)
