@@ -33,18 +33,20 @@ from layerzero.spec import KernelSpec
 
 # -- helpers shared by the workers ----------------------------------------------------------------------
 
-def _inputs(seq: int = 16) -> dict[str, torch.Tensor]:
+def _inputs(seq: int = 16, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
-    return {
+    t = {
         "q": torch.randn(1, 4, seq, 32, generator=g), "k": torch.randn(1, 4, seq, 32, generator=g),
         "v": torch.randn(1, 4, seq, 32, generator=g),
         "x": torch.randn(8, 64, generator=g), "w": torch.rand(64, generator=g) + 0.5,
     }
+    return {n: v.to(device=device, dtype=dtype) for n, v in t.items()}
 
 
-def _workload(seq: int = 16) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _workload(seq: int = 16, device: str = "cpu", dtype: torch.dtype = torch.float32
+              ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Run attention and rms_norm; return the outputs and the kernel of each cached plan (what ran)."""
-    t = _inputs(seq)
+    t = _inputs(seq, device, dtype)
     out = {"attention.causal": lz.attention(t["q"], t["k"], t["v"], is_causal=True),
            "rms_norm": lz.rms_norm(t["x"], t["w"])}
     args = {"attention.causal": (t["q"], t["k"], t["v"], None, True, 0.0, None, None),
@@ -110,20 +112,28 @@ def _scenario_two(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     return res
 
 
+def _record(path: Path, rows: dict[str, float]) -> None:
+    """Give this rank its own perf DB with measured times for the workload's attention bucket."""
+    from layerzero.tuning.buckets import bucket_of
+    from layerzero.tuning.fingerprint import hardware_fingerprint
+    from layerzero.tuning.perfdb import Record
+    from layerzero.tuning.source import libraries_for
+
+    db = lz_tuning.use_perf_db(path)
+    t = _inputs()
+    bucket = bucket_of("attention.causal", SelectionContext.from_attention(t["q"], t["k"], t["v"], is_causal=True))
+    libs = libraries_for(get_runtime(), "torch")
+    db.record([Record(hardware_fingerprint("cpu").digest, libs, kid, "attention.causal", "float32", bucket, us,
+                      us / 100, 20) for kid, us in rows.items()])
+
+
 def _scenario_four(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     """Rank 2 has its own lock, rank 3 its own perf DB, rank 1 a shape nobody else dispatched."""
     rt = get_runtime()
-    if rank == 3:
-        from layerzero.tuning.buckets import bucket_of
-        from layerzero.tuning.fingerprint import hardware_fingerprint
-        from layerzero.tuning.perfdb import Record
-        from layerzero.tuning.source import libraries_for
-
-        db = lz_tuning.use_perf_db(tmp / "rank3.db")
-        t = _inputs()
-        ctx = SelectionContext.from_attention(t["q"], t["k"], t["v"], is_causal=True)
-        db.record([Record(hardware_fingerprint("cpu").digest, libraries_for(rt, "torch"), "torch_sdpa_math",
-                          "attention.causal", "float32", bucket_of("attention.causal", ctx), 1.0, 0.01, 20)])
+    if rank == 0:  # measured data that agrees with the priorities: torch_sdpa fastest
+        _record(tmp / "rank0.db", {"torch_sdpa": 5.0, "torch_sdpa_flash_cpu": 50.0})
+    elif rank == 3:  # a perf DB that says the reference kernel is fastest
+        _record(tmp / "rank3.db", {"torch_sdpa_math": 1.0})
     else:
         lz_tuning.detach_perf_db()
     if rank == 2:
@@ -135,15 +145,34 @@ def _scenario_four(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     res["check_before"] = _divergence(lzd.check_consistency)
     report = lzd.synchronize(check=True)
     res["report"] = {"policy_mismatch": report.policy_mismatch, "ok": report.ok, "n": len(report.decisions),
-                     "checked": report.checked is not None and report.checked.contexts, "text": str(report)}
+                     "checked": report.checked is not None and report.checked.contexts, "text": str(report),
+                     "perf_buckets": report.perf_buckets}
     out, res["kernels_after"] = _workload()
     res["same_outputs"] = _outputs_match_everywhere(out)
+    # Rank 0's measured times are what every rank's selection sees for that bucket now.
+    t = _inputs()
+    trace = lz.explain(t["q"], t["k"], t["v"], operation="attention.causal").trace
+    res["measured"] = {d.kernel_id: d.measured_us for d in trace if d.measured_us is not None}
     # After synchronize the user's own lock is still there, behind rank 0's choices.
     res["own_lock_kept"] = any(r.origin == "lz.lock()" for r in rt.policy.policy.rules)
     return res
 
 
-_SCENARIOS = {"two": _scenario_two, "four": _scenario_four}
+def _scenario_nccl(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    """On GPUs over NCCL: rank 1 has different measurements, then everyone adopts rank 0's choices."""
+    lz_tuning.detach_perf_db()
+    if rank == 1:
+        get_runtime().measurement_source = _fake_perf
+    res: dict[str, Any] = {}
+    _, res["kernels_before"] = _workload(device="cuda", dtype=torch.bfloat16)
+    res["check_before"] = _divergence(lzd.check_consistency)
+    res["report_ok"] = lzd.synchronize(check=True).ok
+    out, res["kernels_after"] = _workload(device="cuda", dtype=torch.bfloat16)
+    res["same_outputs"] = _outputs_match_everywhere(out)
+    return res
+
+
+_SCENARIOS = {"two": _scenario_two, "four": _scenario_four, "nccl": _scenario_nccl}
 
 
 def _worker(rank: int, world: int, port: int, scenario: str, outdir: str) -> None:
@@ -154,7 +183,11 @@ def _worker(rank: int, world: int, port: int, scenario: str, outdir: str) -> Non
         torch.set_num_threads(1)
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        backend = "gloo"
+        if scenario == "nccl":
+            torch.cuda.set_device(rank)
+            backend = "nccl"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
         try:
             result = _SCENARIOS[scenario](rank, world, out)
@@ -242,7 +275,22 @@ def test_four_ranks_with_a_different_lock_and_a_different_perf_db(tmp_path: Path
         assert r["report"]["ok"]
         assert r["kernels_after"] == results[0]["kernels_before"]
         assert r["same_outputs"]
+        assert r["report"]["perf_buckets"] == 1
+        assert r["measured"] == {"torch_sdpa": 5.0, "torch_sdpa_flash_cpu": 50.0}  # rank 3's own data is set aside
     assert results[2]["own_lock_kept"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_over_nccl(tmp_path: Path) -> None:
+    r0, r1 = _spawn("nccl", 2, tmp_path, timeout_s=300)
+    assert r1["kernels_before"]["attention.causal"] == "torch_sdpa_math"  # its fake measurements
+    assert r0["kernels_before"]["attention.causal"] != "torch_sdpa_math"
+    for r in (r0, r1):
+        assert r["check_before"]["raised"] and "rank 1 -> torch_sdpa_math" in r["check_before"]["message"]
+        assert r["report_ok"]
+        assert r["kernels_after"] == r0["kernels_before"]
+        assert r["same_outputs"]
 
 
 def test_group_of_one_without_torch_distributed() -> None:
@@ -253,7 +301,7 @@ def test_group_of_one_without_torch_distributed() -> None:
     assert any(d["operation"] == "rms_norm" and d["kernel"] == "torch_rms_norm" for d in report.decisions)
     assert lzd.check_consistency().world_size == 1
     lz.unlock("rms_norm")  # the synchronized locks are ordinary lock rules: unlock removes them
-    assert not any(r.origin == lzd.SYNC_ORIGIN for r in get_runtime().policy.policy.rules)
+    assert not any(r.origin == lzd.SYNC_ORIGIN and r.operation == "rms_norm" for r in get_runtime().policy.policy.rules)
 
 
 def test_synchronized_choice_is_a_lock_that_explain_shows() -> None:

@@ -288,6 +288,10 @@ def _describe(operation: str, w: Wire) -> str:
     return format_context(operation, context_from_wire(w))
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _rank_list(ranks: list[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in sorted(ranks))
 
@@ -317,9 +321,9 @@ class SyncReport:
         return not any(self.problems.values())
 
     def __str__(self) -> str:
-        lines = [f"layerzero.distributed.synchronize: {len(self.decisions)} contexts decided by rank "
-                 f"{self.source_rank} for {self.world_size} ranks; measured times shared for "
-                 f"{self.perf_buckets} shape buckets"]
+        lines = [f"layerzero.distributed.synchronize: {_count(len(self.decisions), 'context')} decided by rank "
+                 f"{self.source_rank} for {_count(self.world_size, 'rank')}; measured times shared for "
+                 f"{_count(self.perf_buckets, 'shape bucket')}"]
         for d in self.decisions:
             lines.append(f"  {d['context']} -> {d['kernel']}")
         if self.policy_mismatch:
@@ -340,8 +344,8 @@ class ConsistencyReport:
     policy_digests: dict[int, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return (f"layerzero.distributed.check_consistency: {self.world_size} ranks agree on the kernel for all "
-                f"{self.contexts} dispatched contexts")
+        return (f"layerzero.distributed.check_consistency: all of {_count(self.world_size, 'rank')} select the same "
+                f"kernel for each of {_count(self.contexts, 'dispatched context')}")
 
 
 # -- public API ------------------------------------------------------------------------------------
@@ -398,7 +402,7 @@ def synchronize(group: Any = None, *, src: int = 0, strict: bool = True, check: 
         payload = {"rank": global_rank, "decisions": decisions, "perf": perf, "policy_digest": policy.digest}
     payload = _broadcast(payload, src, group)
 
-    problems = _install(rt, payload)
+    problems = _install(rt, payload, is_source=group_rank == src)
     gathered = _all_gather((global_rank, problems, _user_policy(rt).digest), group)
     report = SyncReport(
         world_size=world, source_rank=payload["rank"],
@@ -423,8 +427,10 @@ def synchronize(group: Any = None, *, src: int = 0, strict: bool = True, check: 
     return report
 
 
-def _install(rt: Runtime, payload: Mapping[str, Any]) -> list[str]:
-    """Put the source rank's decisions in force here; returns this rank's problems."""
+def _install(rt: Runtime, payload: Mapping[str, Any], *, is_source: bool) -> list[str]:
+    """Put the source rank's decisions in force here; returns this rank's problems.
+
+    The source rank keeps its own measurement source (its data is the shared data)."""
     src_rank = payload["rank"]
     problems: list[str] = []
     groups: dict[tuple[str, str], set[Wire]] = {}
@@ -450,7 +456,8 @@ def _install(rt: Runtime, payload: Mapping[str, Any]) -> list[str]:
                     condition_source=f"context is one of {len(keys)} synchronized from rank {src_rank} [{digest}]",
                     origin=SYNC_ORIGIN)
         state.add(rule, replace_same_target=False)
-    _install_measurements(rt, {tuple(k): v for k, v in payload["perf"].items()}, src_rank)
+    if not is_source:
+        _install_measurements(rt, {tuple(k): v for k, v in payload["perf"].items()}, src_rank)
     for operation, ctx, kid in checks:
         now = _primary(_decide(rt, operation, ctx))
         if now != kid:
