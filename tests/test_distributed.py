@@ -339,3 +339,32 @@ def test_decision_log_records_each_selected_context_once() -> None:
     entries = [e for e in log.entries() if e[0] == "rms_norm"]
     assert len(entries) == 1 and entries[0][1].hidden_size == 20
     assert lzd.track() is log  # one log per runtime
+
+
+def test_auto_check_runs_check_consistency_at_synchronize() -> None:
+    lz.rms_norm(torch.randn(3, 16), torch.rand(16))
+    assert lzd.synchronize().checked is None
+    previous = lzd.auto_check(True)
+    try:
+        report = lzd.synchronize()
+        assert report.checked is not None and report.checked.contexts >= 1
+    finally:
+        lzd.auto_check(previous)
+
+
+def test_shared_measurements_answer_for_shared_buckets_only() -> None:
+    rt = get_runtime()
+    specs = rt.kernels.for_operation("rms_norm")
+    mine = {s.kernel_id: Measurement(7.0) for s in specs}
+
+    def inner(operation: str, ctx: SelectionContext, specs: tuple[KernelSpec, ...]) -> dict[str, Measurement]:
+        return dict(mine)
+
+    shared_ctx = SelectionContext(dtype="float32", hidden_size=64, num_tokens=8, batch_size=8)
+    other_ctx = shared_ctx.replace(hidden_size=128)
+    key = lzd._perf_key("rms_norm", shared_ctx)
+    overlay = lzd.SharedMeasurements(inner, {key: {"torch_rms_norm": (3.0, 0.1, 5, "rank 0 perf db", False)}}, 0)
+    assert overlay("rms_norm", shared_ctx, specs) == {"torch_rms_norm": Measurement(3.0, 0.1, 5, "rank 0 perf db")}
+    # the same bucket (7 rows round up to 8) is rank 0's too; another hidden size is this rank's own data
+    assert overlay("rms_norm", shared_ctx.replace(num_tokens=7), specs).keys() == {"torch_rms_norm"}
+    assert overlay("rms_norm", other_ctx, specs) == mine

@@ -109,7 +109,7 @@ class DecisionLog:
 
     def entries(self) -> list[tuple[str, SelectionContext]]:
         with self._lock:
-            return list(self._seen)
+            return list(self._seen.copy())  # dict.copy is atomic under the GIL; hooks may insert meanwhile
 
     def wires(self) -> list[tuple[str, Wire]]:
         out: dict[tuple[str, Wire], None] = {}
@@ -503,7 +503,8 @@ def _divergence_message(differences: list[dict[str, Any]], total: int, digests: 
         by_kernel: dict[str, list[int]] = {}
         for r, kid in d["kernels"].items():
             by_kernel.setdefault(kid, []).append(r)
-        parts = "; ".join(f"{_rank_list(rs)} -> {kid}" for kid, rs in sorted(by_kernel.items(), key=lambda x: min(x[1])))
+        groups = sorted(by_kernel.items(), key=lambda item: min(item[1]))
+        parts = "; ".join(f"{_rank_list(rs)} -> {kid}" for kid, rs in groups)
         lines.append(f"  {d['context']}: {parts}")
     if len(set(digests.values())) > 1:
         lines.append("policy digests differ: " + ", ".join(f"rank {r} {d}" for r, d in sorted(digests.items())))

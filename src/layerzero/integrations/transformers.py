@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 import layerzero.ops as lz_ops
-from layerzero.errors import InvalidInputError
+from layerzero.errors import InvalidInputError, LayerZeroError
 
 __all__ = ["register", "is_registered", "attention_forward", "patch", "unpatch", "PatchReport", "ATTN_NAME"]
 
@@ -125,8 +125,14 @@ def register(name: str = ATTN_NAME) -> None:
     interface = getattr(modeling_utils, "AttentionInterface", None)
     if interface is not None:
         interface.register(name, attention_forward)
-    else:  # transformers 4.48-4.51: a plain dict
+    elif isinstance(getattr(modeling_utils, "ALL_ATTENTION_FUNCTIONS", None), dict):  # 4.48-4.51: a plain dict
         modeling_utils.ALL_ATTENTION_FUNCTIONS[name] = attention_forward
+    else:
+        import transformers
+
+        raise LayerZeroError(f"attn_implementation={name!r} needs transformers >= 4.48 (attention functions "
+                             f"registered by name); this is transformers {transformers.__version__}. "
+                             "layerzero.integrations.transformers.patch() works on it.")
     mask_fn = _sdpa_mask()
     if mask_fn is not None:
         from transformers.masking_utils import AttentionMaskInterface
