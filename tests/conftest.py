@@ -20,17 +20,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def _reset(rt) -> None:
+    rt.policy.clear()
+    rt.baked = None
+    with rt.breakers._lock:  # fresh breakers: no state or counts leak from one test into the next
+        rt.breakers._breakers.clear()
+    for hook in rt.on_miss:
+        clear = getattr(hook, "clear", None)
+        if clear is not None:  # the distributed decision log: what earlier tests dispatched is not ours
+            clear()
+    rt.invalidate("test boundary")
+
+
 @pytest.fixture(autouse=True)
 def clean_runtime():
-    """Every test starts and ends with no policy, closed breakers and an empty plan cache."""
+    """Every test starts and ends with no policy, no baked table, fresh breakers, an empty plan cache,
+    an empty decision log, and the global dispatch config, measurement source and miss hooks it started with."""
     rt = get_runtime()
-    rt.policy.clear()
-    rt.invalidate("test start")
+    config = rt.config
+    source, hooks, verify = rt.measurement_source, list(rt.on_miss), rt.verify_first_calls
+    _reset(rt)
     yield rt
-    rt.policy.clear()
-    for b in rt.breakers.all().values():
-        b.reset()
-    rt.invalidate("test end")
+    if rt.config is not config:
+        rt.configure(config)
+    rt.measurement_source, rt.verify_first_calls = source, verify
+    rt.on_miss[:] = hooks
+    _reset(rt)
 
 
 @pytest.fixture

@@ -300,9 +300,8 @@ def test_zero_sized_and_nan_free_contracts() -> None:
         lz.attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), dropout_p=math.nan)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the cached path skips validation and v's shape is not in the "
-                   "cache key; PyTorch's CPU flash kernel does not check seq_len_k == seq_len_v and returns garbage")
 def test_value_sequence_length_mismatch_on_the_cached_path() -> None:
+    """v's shape is part of the cache key: PyTorch's CPU flash kernel does not check seq_len_k == seq_len_v."""
     q = torch.randn(*Q)
     lz.attention(q, q, q)
     with pytest.raises(InvalidInputError, match="k and v must agree on heads and sequence length"):
@@ -310,9 +309,8 @@ def test_value_sequence_length_mismatch_on_the_cached_path() -> None:
         lz.attention(q, q, torch.randn(2, 8, 16, 64)[:, :, :12])
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: eps is not in the cache key and the cached path skips "
-                   "validation, so a negative eps reaches the kernel (NaN out) instead of raising")
 def test_negative_eps_on_the_cached_path() -> None:
+    """eps is part of the norms' cache key, so a new eps is validated on its first call."""
     x, w = torch.randn(4, 8), torch.randn(8)
     lz.rms_norm(x, w)
     with pytest.raises(InvalidInputError, match="eps must be a positive number"):

@@ -99,12 +99,12 @@ def cache_key(operation: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     a = args
     if family == "attention":
         q, k, v, mask, is_causal, dropout_p, scale, window = a
-        return (operation, q.shape, k.shape, q.dtype, q.device, is_causal, dropout_p, window,
+        return (operation, q.shape, k.shape, v.shape, q.dtype, q.device, is_causal, dropout_p, window,
                 None if mask is None else (mask.shape, mask.dtype))
     if family == "rms_norm":
-        return ("rms_norm", a[0].shape, a[0].dtype, a[0].device, a[1] is None)
+        return ("rms_norm", a[0].shape, a[0].dtype, a[0].device, a[1] is None, a[2])
     if family == "layer_norm":
-        return ("layer_norm", a[0].shape, a[0].dtype, a[0].device, a[1] is None, a[2] is None)
+        return ("layer_norm", a[0].shape, a[0].dtype, a[0].device, a[1] is None, a[2] is None, a[3])
     if family == "rope":
         return ("rope", a[0].shape, a[0].dtype, a[0].device, a[1].shape, a[3])
     if family in ("swiglu", "silu"):

@@ -212,7 +212,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: t
         elif layout != "BHSD":
             raise ATTENTION.invalid(operation, f"layout must be one of {_LAYOUTS}, got {layout!r}", (q, k, v))
         # ---- cached hot path: metadata key -> plan -> kernel ---------------------------------
-        key = (operation, q.shape, k.shape, q.dtype, q.device, is_causal, dropout_p, window,
+        key = (operation, q.shape, k.shape, v.shape, q.dtype, q.device, is_causal, dropout_p, window,
                None if attn_mask is None else (attn_mask.shape, attn_mask.dtype))
         scope = SCOPE.get()
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)

@@ -143,7 +143,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     """
     # ---- cached hot path ----------------------------------------------------------------
     try:
-        key = ("rms_norm", x.shape, x.dtype, x.device, weight is None)
+        key = ("rms_norm", x.shape, x.dtype, x.device, weight is None, eps)
         scope = SCOPE.get()
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
     except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
@@ -167,7 +167,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
         >>> y = lz.layer_norm(x, weight, bias)
     """
     try:
-        key = ("layer_norm", x.shape, x.dtype, x.device, weight is None, bias is None)
+        key = ("layer_norm", x.shape, x.dtype, x.device, weight is None, bias is None, eps)
         scope = SCOPE.get()
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
     except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
