@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import torch
@@ -268,6 +268,45 @@ class Runtime:
                 plan.gate = self.breakers.get(spec.kernel_id)
             else:
                 plan.gate = _NEVER_SLOW
+        if plan.context.is_contiguous and any(k.requires_contiguous for k in plan.kernels):
+            self._guard_contiguity(plan)
+
+    def _guard_contiguity(self, plan: ExecutionPlan) -> None:
+        """The cache key does not carry strides: a call whose inputs are not contiguous must not reach a
+        kernel of this plan that needs them (PyTorch's CPU flash kernel returns garbage for a q whose last
+        dimension is strided). Such calls run a plan selected for their own context, made on first need
+        and kept with this plan; contiguous calls pay one stride check per input."""
+        if getattr(plan.fn, "_layerzero_contiguity_guard", False):
+            return
+        rt = self
+        op, operation, fn, run = plan.op, plan.operation, plan.fn, plan.run
+        other: list[ExecutionPlan] = []
+
+        def elsewhere(args: tuple[Any, ...]) -> Any:
+            if not other:
+                op.validate(operation, args)
+                alt = rt.plan_for(op, operation, op.context(operation, args))
+                rt.telemetry.record_miss()
+                other.append(alt)
+                return rt.run_plan(alt, args, 0, check_output=True)
+            alt = other[0]
+            if alt.gate.blocked:
+                return alt.run(*args)
+            alt.stats.calls += 1
+            try:
+                return alt.fn(*args)
+            except Exception as exc:
+                return rt.recover(alt, args, 0, exc)
+
+        def fn_checked(*args: Any) -> Any:
+            return fn(*args) if _contiguous(op, args) else elsewhere(args)
+
+        def run_checked(*args: Any) -> Any:
+            return run(*args) if _contiguous(op, args) else elsewhere(args)
+
+        fn_checked._layerzero_contiguity_guard = True  # type: ignore[attr-defined]
+        plan.fn = fn_checked
+        plan.run = run_checked
 
     # -- the slow path -------------------------------------------------------------
     def miss(self, op: OpDef, operation: str, key: Hashable, args: tuple[Any, ...]) -> Any:
@@ -469,6 +508,21 @@ def _compare_with_reference(plan: ExecutionPlan, spec: KernelSpec, args: tuple[A
     except Exception:  # the check itself failed (NotImplementedError, odd tensors): no verdict on the kernel
         return None
     return None
+
+
+def _contiguous(op: OpDef, args: tuple[Any, ...]) -> bool:
+    """What the context builders record as ``is_contiguous`` for these arguments
+    (:meth:`SelectionContext.from_attention`: q, k and v have a stride-1 last dimension;
+    :meth:`SelectionContext.from_rows`: the first tensor is contiguous)."""
+    try:
+        if op.family == "attention":
+            return args[0].stride(-1) == 1 and args[1].stride(-1) == 1 and args[2].stride(-1) == 1
+        first = args[0]
+        if isinstance(first, Mapping):  # the generic op's inputs dict
+            first = next((v for v in first.values() if isinstance(v, torch.Tensor)), None)
+        return not isinstance(first, torch.Tensor) or first.is_contiguous()
+    except Exception:  # not tensors after all: the other path validates and names the problem
+        return False
 
 
 def _guard_trips(args: tuple[Any, ...], grad: bool, capture: bool, det: bool) -> bool:
