@@ -184,6 +184,8 @@ class Dispatcher:
         return plan
 
     def _op(self, operation: str) -> OpDef:
+        if not isinstance(operation, str):
+            return op_for_dispatch(operation)  # raises InvalidInputError naming it
         op = self._ops.get(operation)
         if op is None:
             op = op_for_dispatch(operation)
@@ -214,7 +216,10 @@ class Dispatcher:
             self._sync()
         if self._timed:
             return self._dispatch_timed(operation, inputs, context, kwargs)
-        op = self._ops.get(operation) or self._op(operation)
+        try:
+            op = self._ops.get(operation) or self._op(operation)
+        except TypeError:  # an unhashable operation: op_for_dispatch reports it as bad input
+            op = op_for_dispatch(operation)
         args, bshd = map_inputs(op, operation, inputs, kwargs)
         key = key_for(op, operation, args) if context is None else (operation, _CTX, id(context))
         # ---- cached hot path: key -> plan -> kernel ---------------------------------------------

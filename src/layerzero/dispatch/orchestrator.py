@@ -33,7 +33,7 @@ from layerzero.dispatch.dispatcher import Dispatcher, runtime_for
 from layerzero.dispatch.dynamic import DynamicDispatcher
 from layerzero.dispatch.result import DispatchResult, DispatchStats, DispatchTelemetry
 from layerzero.dispatch.static import StaticDispatcher, check_static_map, create_static_dispatcher
-from layerzero.errors import ConfigError, NoKernelError
+from layerzero.errors import ConfigError, InvalidInputError, NoKernelError
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.runtime import Runtime, get_runtime
 
@@ -172,7 +172,13 @@ class DispatchOrchestrator(Dispatcher):
         """Route ``operation`` (see :meth:`route`) and dispatch it there."""
         if self.runtime.config is not self._config_seen:
             self._refresh()
-        target = self._routes.get(operation) or self.route(operation)
+        try:
+            target = self._routes.get(operation) or self.route(operation)
+        except TypeError:
+            if isinstance(operation, str):
+                raise
+            # an unhashable operation ([], {}): bad input, not a crash
+            raise InvalidInputError(f"dispatch(): operation must be a non-empty string, got {operation!r}") from None
         return target.dispatch(operation, inputs, context, **kwargs)
 
     def resolve(self, operation: str) -> Callable[..., Any]:

@@ -86,7 +86,7 @@ class StaticDispatcher(Dispatcher):
         return tuple(self._table)
 
     def serves(self, operation: str) -> bool:
-        return operation in self._table
+        return isinstance(operation, str) and operation in self._table
 
     def kernels_for(self, operation: str) -> tuple[KernelSpec, ...]:
         """The default kernel and its fallbacks for ``operation``."""
@@ -116,7 +116,10 @@ class StaticDispatcher(Dispatcher):
         rt = self.runtime
         if rt.version != self._version:
             self._sync()
-        plan = self._plans.get(operation)
+        try:
+            plan = self._plans.get(operation)
+        except TypeError:  # an unhashable operation
+            plan = None
         if plan is None:
             raise self._missing(operation)
         if self._timed:
