@@ -44,7 +44,7 @@ from layerzero.dispatch.dispatcher import runtime_for
 from layerzero.dispatch.result import DispatchStats
 from layerzero.errors import ConfigError
 from layerzero.policy.config_schema import CompiledConfig, validate_config
-from layerzero.policy.document import MAX_DOCUMENT_BYTES, parse_text, raise_problems
+from layerzero.policy.document import parse_text, raise_problems, read_file_bounded
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.runtime import Runtime
 
@@ -81,19 +81,7 @@ class ReloadStats(DispatchStats):
 # -- reading and compiling one version of the file ---------------------------------------------------------------
 
 def _read_bytes(path: Path) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > MAX_DOCUMENT_BYTES:
-            raise ConfigError(f"{path}: file is {size} bytes, more than the {MAX_DOCUMENT_BYTES} allowed")
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_DOCUMENT_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(raw) > MAX_DOCUMENT_BYTES:
-        raise ConfigError(f"{path}: file is larger than the {MAX_DOCUMENT_BYTES} bytes allowed")
-    return raw
+    return read_file_bounded(path, str(path), ConfigError)  # bounded; a FIFO or device fails instead of blocking
 
 
 def _compile_bytes(raw: bytes, path: Path, registry: KernelRegistry, unknown_kernels: str) -> CompiledConfig:

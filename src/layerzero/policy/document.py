@@ -35,6 +35,7 @@ import fnmatch
 import json
 import math
 import os
+import stat
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,8 +48,8 @@ from layerzero.policy.conditions import Condition, compile_condition
 from layerzero.policy.model import Policy, Rule
 from layerzero.registry import KernelRegistry, operation_matches
 
-__all__ = ["load_policy", "validate_policy", "read_document", "parse_text", "Problems", "ConfigWarning", "MAX_DOCUMENT_BYTES",
-           "SUPPORTED_VERSIONS", "POLICY_SECTIONS"]
+__all__ = ["load_policy", "validate_policy", "read_document", "read_file_bounded", "parse_text", "Problems",
+           "ConfigWarning", "MAX_DOCUMENT_BYTES", "SUPPORTED_VERSIONS", "POLICY_SECTIONS"]
 
 MAX_DOCUMENT_BYTES = 1 << 20   # 1 MiB
 MAX_NODES = 100_000            # containers and values in one document
@@ -109,20 +110,7 @@ def read_document(source: str | os.PathLike[str] | Mapping[str, Any], *, error: 
     if isinstance(source, (str, os.PathLike)) and _is_path(source):
         path = Path(source)
         label = str(source)
-        try:
-            size = path.stat().st_size
-            if size > MAX_DOCUMENT_BYTES:
-                raise error(f"{label}: file is {size} bytes, more than the {MAX_DOCUMENT_BYTES} allowed", source=label)
-            with path.open("rb") as fh:
-                raw = fh.read(MAX_DOCUMENT_BYTES + 1)
-        except FileNotFoundError:
-            raise error(f"{label}: file not found", source=label) from None
-        except IsADirectoryError:
-            raise error(f"{label}: is a directory, not a file", source=label) from None
-        except OSError as exc:
-            raise error(f"{label}: cannot read: {exc.strerror or exc}", source=label) from None
-        if len(raw) > MAX_DOCUMENT_BYTES:
-            raise error(f"{label}: file is larger than the {MAX_DOCUMENT_BYTES} bytes allowed", source=label)
+        raw = read_file_bounded(path, label, error)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -135,6 +123,39 @@ def read_document(source: str | os.PathLike[str] | Mapping[str, Any], *, error: 
     else:
         raise error(f"expected a path, YAML/JSON text or a mapping, got {type(source).__name__}", source=None)
     return parse_text(text, label, error=error, as_json=as_json), label
+
+
+def read_file_bounded(path: Path, label: str, error: type[ConfigError] = ConfigError,
+                      limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them.
+
+    The file is opened without blocking and checked on the open descriptor, so a FIFO, a device or a
+    directory named as a document fails at once (a FIFO would otherwise block the reader forever).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise error(f"{label}: file not found", source=label) from None
+    except IsADirectoryError:
+        raise error(f"{label}: is a directory, not a file", source=label) from None
+    except OSError as exc:
+        raise error(f"{label}: cannot read: {exc.strerror or exc}", source=label) from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if stat.S_ISDIR(st.st_mode):
+            raise error(f"{label}: is a directory, not a file", source=label)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{label}: not a regular file (a FIFO, socket or device cannot be a document)",
+                        source=label)
+        if st.st_size > limit:
+            raise error(f"{label}: file is {st.st_size} bytes, more than the {limit} allowed", source=label)
+        try:
+            raw = fh.read(limit + 1)
+        except OSError as exc:
+            raise error(f"{label}: cannot read: {exc.strerror or exc}", source=label) from None
+    if len(raw) > limit:
+        raise error(f"{label}: file is larger than the {limit} bytes allowed", source=label)
+    return raw
 
 
 def parse_text(text: str, label: str, *, error: type[ConfigError] = ConfigError, as_json: bool = False) -> Any:
