@@ -29,6 +29,7 @@ def _reset(rt) -> None:
         clear = getattr(hook, "clear", None)
         if clear is not None:  # the distributed decision log: what earlier tests dispatched is not ours
             clear()
+            hook.always = False
     rt.invalidate("test boundary")
 
 

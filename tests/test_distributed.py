@@ -294,6 +294,7 @@ def test_two_gpus_over_nccl(tmp_path: Path) -> None:
 
 
 def test_group_of_one_without_torch_distributed() -> None:
+    lzd.track(always=True)  # without a process group the automatic log records nothing
     x, w = torch.randn(4, 24), torch.rand(24) + 0.5
     lz.rms_norm(x, w)
     report = lzd.synchronize()
@@ -305,6 +306,7 @@ def test_group_of_one_without_torch_distributed() -> None:
 
 
 def test_synchronized_choice_is_a_lock_that_explain_shows() -> None:
+    lzd.track(always=True)
     x, w = torch.randn(6, 40), torch.rand(40) + 0.5
     lz.rms_norm(x, w)
     lzd.synchronize()
@@ -330,6 +332,13 @@ def test_wire_round_trip_ignores_device_index_and_tp_rank() -> None:
     assert back.replace(device="cuda:3", compute_capability=(9, 0), tp_rank=3) == ctx
 
 
+def test_automatic_log_records_only_inside_a_process_group() -> None:
+    log = lzd.track()
+    assert not log.always
+    lz.rms_norm(torch.randn(3, 20), torch.rand(20))
+    assert len(log) == 0  # no process group: no context kept (memory stays with the plan cache)
+
+
 def test_decision_log_records_each_selected_context_once() -> None:
     log = lzd.decision_log()
     log.clear()
@@ -342,6 +351,7 @@ def test_decision_log_records_each_selected_context_once() -> None:
 
 
 def test_auto_check_runs_check_consistency_at_synchronize() -> None:
+    lzd.track(always=True)
     lz.rms_norm(torch.randn(3, 16), torch.rand(16))
     assert lzd.synchronize().checked is None
     previous = lzd.auto_check(True)

@@ -91,15 +91,28 @@ def context_from_wire(w: Wire) -> SelectionContext:
 
 # -- what this rank has dispatched ---------------------------------------------------------------
 
-class DecisionLog:
-    """The (operation, context) pairs a runtime has selected for, in first-seen order (bounded)."""
+def _group_active() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
 
-    def __init__(self, capacity: int = _MAX_CONTEXTS) -> None:
+
+class DecisionLog:
+    """The (operation, context) pairs a runtime has selected for, in first-seen order (bounded).
+
+    The log ``import layerzero`` attaches records only while a ``torch.distributed`` process group is
+    initialized (a single-process program keeps no contexts: they would cost ~450 bytes per cached shape);
+    ``always=True`` (set by :func:`decision_log` or ``track(always=True)``) records every selection.
+    """
+
+    def __init__(self, capacity: int = _MAX_CONTEXTS, *, always: bool = False) -> None:
         self.capacity = capacity
+        self.always = always
         self._seen: dict[tuple[str, SelectionContext], None] = {}
         self._lock = threading.Lock()
 
     def __call__(self, operation: str, ctx: SelectionContext) -> None:  # a Runtime.on_miss hook
+        if not self.always and not _group_active():
+            return
         seen = self._seen
         if len(seen) < self.capacity:
             seen[(operation, ctx)] = None
@@ -122,20 +135,25 @@ class DecisionLog:
             self._seen = {}
 
 
-def track(runtime: Runtime | None = None) -> DecisionLog:
-    """Attach a :class:`DecisionLog` to ``runtime`` (the global one by default); idempotent."""
+def track(runtime: Runtime | None = None, *, always: bool = False) -> DecisionLog:
+    """Attach a :class:`DecisionLog` to ``runtime`` (the global one by default); idempotent.
+
+    ``always=True`` records selections even without an initialized process group."""
     rt = runtime or get_runtime()
     for hook in rt.on_miss:
         if isinstance(hook, DecisionLog):
+            if always:
+                hook.always = True
             return hook
-    dl = DecisionLog()
+    dl = DecisionLog(always=always)
     rt.on_miss.append(dl)
     return dl
 
 
 def decision_log(runtime: Runtime | None = None) -> DecisionLog:
-    """The runtime's decision log (attached now if it was not)."""
-    return track(runtime)
+    """The runtime's decision log (attached now if it was not), recording from now on even without a
+    process group."""
+    return track(runtime, always=True)
 
 
 # -- selection as the runtime would do it on a miss ---------------------------------------------------
