@@ -45,7 +45,7 @@ def test_run_bench_small_report_structure():
 def test_bench_cli_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([LZ, "bench", "--iterations", "20", "--ops", "rms_norm", "--no-memory", "--no-import",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+                           "--strict", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode in (0, 1), proc.stderr  # 1 = a budget line missed on this noisy machine
     assert "| Operation | Batch | Seq Len |" in proc.stdout
     data = json.loads(out.read_text())
