@@ -1,0 +1,100 @@
+"""Render docs/readme/benchmarks.md from the result files committed under benchmarks/results/.
+
+Inputs (any that exist):
+  benchmarks/results/bench_cpu.json             `layerzero bench --quick --json ...` on the dev machine
+  benchmarks/results/bench_<card>.json          `layerzero bench --device cuda --json ...` on a lent GPU
+  benchmarks/results/gpu_bench_<card>.json      `python scripts/gpu_bench.py` (measured selection)
+
+Usage: python scripts/render_benchmarks.py && python scripts/build_readme.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return path.name
+
+
+def _bench_section(path: Path, title: str, command: str) -> list[str]:
+    from layerzero.bench.report import render_markdown
+    from layerzero.bench.runner import BenchReport, OverheadRow, ResultRow
+    from layerzero.bench.timing import PairResult, Percentiles
+
+    data = json.loads(path.read_text())
+
+    def pair(d: dict | None) -> PairResult | None:
+        if d is None:
+            return None
+        return PairResult(Percentiles(**d["direct"]), Percentiles(**d["candidate"]), d["overhead_ns"], d["ratio"])
+
+    report = BenchReport(data["system"], data["config"], data["workload"],
+                         [ResultRow(**r) for r in data["results"]],
+                         [OverheadRow(o["path"], o["direct"], pair(o["result"]), o["budget"], o["passed"], o["note"],
+                                      o["value"]) for o in data["overhead"]],
+                         data.get("elapsed_s", 0.0))
+    text = render_markdown(report).replace("### ", "#### ")
+    return [f"### {title}", "", f"Command: `{command}` (file: `{_rel(path)}`).", "", text, ""]
+
+
+def _gpu_bench_section(path: Path) -> list[str]:
+    d = json.loads(path.read_text())
+    s = d["summary"]
+    lines = [f"### Measured selection on {d['gpu']} (torch {d['torch']}, CUDA {d['cuda']}, Triton {d['triton']}, "
+             f"liger {d.get('liger')})", "",
+             f"Command: `bash scripts/gpu_run.sh tune` (runs `{d.get('command', 'python scripts/gpu_bench.py')}`; "
+             f"file: `{_rel(path)}`). For every shape: every eligible kernel called directly "
+             "(`triton.testing.do_bench` median), `lz.attention` / `lz.rms_norm` after `layerzero tune` on the "
+             "grid (the whole call, host overhead included), and PyTorch's default "
+             "(`F.scaled_dot_product_attention`, `F.rms_norm`).", "",
+             f"- geomean layerzero / best kernel: **{s['geomean_lz_over_best']:.3f}** over {s['shapes']} shapes",
+             f"- geomean layerzero / PyTorch default: **{s['geomean_lz_over_default']:.3f}**",
+             f"- worst vs best: {' '.join(s['worst_lz_over_best']['shape'].split())} ({s['worst_lz_over_best']['ratio']:.3f}: "
+             f"{s['worst_lz_over_best']['layerzero']} vs {s['worst_lz_over_best']['best']})",
+             f"- worst vs default: {' '.join(s['worst_lz_over_default']['shape'].split())} ({s['worst_lz_over_default']['ratio']:.3f})",
+             f"- slower than the default beyond the measured spread: "
+             f"{', '.join(' '.join(x.split()) for x in s['shapes_slower_than_default_beyond_noise']) or 'none'}",
+             f"- correctness checks before timing: {s['correctness_checks']}, failures: "
+             f"{len(s['correctness_failures'])}; tuning took {s['tune_s']:.1f} s "
+             f"(budget exhausted: {s['tuning_budget_exhausted']})", "",
+             "| Shape | layerzero kernel | layerzero (us) | best kernel | best (us) | default (us) | lz/best | lz/default |",
+             "|-------|------------------|----------------|-------------|-----------|--------------|---------|------------|"]
+    for r in d["rows"]:
+        lines.append(f"| {' '.join(r['shape'].split())} | {r['layerzero_kernel']} | {r['layerzero_us']:.1f} | "
+                     f"{r['best_kernel']} | {r['best_us']:.1f} | {r['default_us']:.1f} | {r['lz_over_best']:.3f} | "
+                     f"{r['lz_over_default']:.3f} |")
+    return lines + [""]
+
+
+def main() -> int:
+    out = ["## Benchmarks", "",
+           "Measured side by side in one run (the layerzero path and the direct call it replaces, interleaved), "
+           "medians and p99; never timed assertions in tests. Regenerate this section with "
+           "`python scripts/render_benchmarks.py && python scripts/build_readme.py`.", ""]
+    cpu = RESULTS / "bench_cpu.json"
+    if cpu.exists():
+        out += _bench_section(cpu, "`layerzero bench --quick` on the 2-core development machine (CPU)",
+                              "layerzero bench --quick --json benchmarks/results/bench_cpu.json")
+    for path in sorted(RESULTS.glob("bench_NVIDIA*.json")):
+        card = path.stem.removeprefix("bench_").replace("_", " ")
+        out += _bench_section(path, f"`layerzero bench --device cuda` on an {card} (host time per call)",
+                              "bash scripts/gpu_run.sh bench")
+    for path in sorted(RESULTS.glob("gpu_bench_*.json")):
+        out += _gpu_bench_section(path)
+    (ROOT / "docs" / "readme" / "benchmarks.md").write_text("\n".join(out).rstrip() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
