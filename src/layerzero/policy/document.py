@@ -140,8 +140,8 @@ def read_file_bounded(path: Path, label: str, error: type[ConfigError] = ConfigE
         raise error(f"{label}: is a directory, not a file", source=label) from None
     except OSError as exc:
         raise error(f"{label}: cannot read: {exc.strerror or exc}", source=label) from None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
+    try:
+        st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             raise error(f"{label}: is a directory, not a file", source=label)
         if not stat.S_ISREG(st.st_mode):
@@ -149,10 +149,14 @@ def read_file_bounded(path: Path, label: str, error: type[ConfigError] = ConfigE
                         source=label)
         if st.st_size > limit:
             raise error(f"{label}: file is {st.st_size} bytes, more than the {limit} allowed", source=label)
-        try:
+        with os.fdopen(fd, "rb") as fh:
+            fd = -1  # closed with fh
             raw = fh.read(limit + 1)
-        except OSError as exc:
-            raise error(f"{label}: cannot read: {exc.strerror or exc}", source=label) from None
+    except OSError as exc:
+        raise error(f"{label}: cannot read: {exc.strerror or exc}", source=label) from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
     if len(raw) > limit:
         raise error(f"{label}: file is larger than the {limit} bytes allowed", source=label)
     return raw
