@@ -473,7 +473,8 @@ def test_perfdb_on_truncated_and_bit_flipped_files(tmp_path_factory: pytest.Temp
 
 
 SQL_VALUES = st.one_of(st.none(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=True, allow_infinity=True),
-                       st.text(max_size=40), st.binary(max_size=40), st.sampled_from(["torch=1", "kernel_1", "x" * 600]))
+                       st.text(max_size=40), st.binary(max_size=40),
+                       st.sampled_from(["torch=1", "kernel_1", "x" * 600]))
 
 
 @SLOW
