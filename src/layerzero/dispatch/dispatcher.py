@@ -224,12 +224,15 @@ class Dispatcher:
         key = key_for(op, operation, args) if context is None else (operation, _CTX, id(context))
         # ---- cached hot path: key -> plan -> kernel ---------------------------------------------
         scope = SCOPE.get()
-        if key is None:
-            plan = None
-        elif scope is None:
-            plan = (rt.plans if self._cache is None else self._cache).get(key)
-        else:
-            plan = scope.plans.get(key) if self._cache is None else None
+        try:
+            if key is None:
+                plan = None
+            elif scope is None:
+                plan = (rt.plans if self._cache is None else self._cache).get(key)
+            else:
+                plan = scope.plans.get(key) if self._cache is None else None
+        except TypeError:  # an unhashable value in the key (window=[4]): validation names it on the slow path
+            plan = key = None
         if plan is not None and (context is None or plan.context is context):
             ran = None
             if plan.gate.blocked:
@@ -305,12 +308,15 @@ class Dispatcher:
         key = key_for(op, operation, args) if context is None else (operation, _CTX, id(context))
         t1 = _perf_ns()
         scope = SCOPE.get()
-        if key is None:
-            plan = None
-        elif scope is None:
-            plan = (rt.plans if self._cache is None else self._cache).get(key)
-        else:
-            plan = scope.plans.get(key) if self._cache is None else None
+        try:
+            if key is None:
+                plan = None
+            elif scope is None:
+                plan = (rt.plans if self._cache is None else self._cache).get(key)
+            else:
+                plan = scope.plans.get(key) if self._cache is None else None
+        except TypeError:  # an unhashable value in the key (window=[4]): validation names it on the slow path
+            plan = key = None
         t2 = _perf_ns()
         build_ns = t1 - t0
         if plan is not None and (context is None or plan.context is context):

@@ -201,7 +201,6 @@ def key_for(op: OpDef, operation: str, args: tuple[Any, ...]) -> Hashable | None
         if key is None:
             key = (operation, *((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else type(a)
                                 for a in args))
-        hash(key)  # an unhashable value (window=[4]) must fail here, not in the cache lookup
         return key
     except (AttributeError, TypeError, IndexError, ValueError, RuntimeError):  # malformed: validation names it
         return None
