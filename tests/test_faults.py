@@ -17,8 +17,12 @@ Time is a fake clock on the runtime's breaker board: no sleeps.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -445,3 +449,58 @@ def test_isolated_runtime_with_its_own_clock() -> None:
     fault.broken = False
     assert d.dispatch("rms_norm", {"x": x, "weight": w, "eps": EPS}).kernel_id == fault.kernel_id
     assert rt.breakers.get(fault.kernel_id).state is CircuitState.CLOSED
+
+
+# -- docs/readme/reliability.md: every python block runs, and prints what the doc shows -----------------------------
+
+README = Path(__file__).resolve().parents[1] / "docs" / "readme" / "reliability.md"
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w+)\n(.*?)^```$", text, flags=re.S | re.M)]
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_reliability_readme_examples_run_and_print_what_they_show(runtime: Runtime) -> None:
+    """Each python block's stdout equals the text block after it; a second text block after that shows
+    the layerzero log lines the block wrote."""
+    blocks = fenced_blocks(README.read_text())
+    assert sum(lang == "python" for lang, _ in blocks) >= 2
+    saved = runtime.config
+    ns: dict[str, Any] = {"__name__": "reliability_doc"}
+    logger = logging.getLogger("layerzero")
+    try:
+        for i, (lang, code) in enumerate(blocks):
+            if lang != "python":
+                continue
+            out, lines = io.StringIO(), _Lines()
+            logger.addHandler(lines)
+            try:
+                with contextlib.redirect_stdout(out):
+                    exec(compile(code, f"{README.name}[block {i}]", "exec"), ns)  # noqa: S102 - our own doc
+            finally:
+                logger.removeHandler(lines)
+            follow = [body for lang2, body in blocks[i + 1: i + 3] if lang2 == "text"]
+            assert follow, f"python block {i} has no output block after it"
+            assert out.getvalue() == follow[0]
+            if len(follow) > 1 and blocks[i + 2][0] == "text":
+                assert "\n".join(lines.lines) + "\n" == follow[1]
+    finally:
+        runtime.configure(saved)
+        if "my_fast_rms_norm" in runtime.kernels:
+            runtime.kernels.unregister("my_fast_rms_norm")
+        runtime.breakers.get("my_fast_rms_norm").reset()
+
+
+def test_reliability_readme_quotes_the_catalog_size() -> None:
+    import test_bad_inputs
+
+    assert f"lists {len(test_bad_inputs.ROWS)} classes of bad input" in README.read_text()
