@@ -504,3 +504,41 @@ def test_reliability_readme_quotes_the_catalog_size() -> None:
     import test_bad_inputs
 
     assert f"lists {len(test_bad_inputs.ROWS)} classes of bad input" in README.read_text()
+
+
+# -- GPU (marked; skipped without CUDA) -----------------------------------------------------------------------------
+
+def _cuda_causal_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return causal_ref(q.cpu(), k.cpu(), v.cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_strided_query_never_reaches_a_contiguous_only_kernel(dtype: torch.dtype) -> None:
+    """The plan cached for contiguous inputs (flash / efficient / cuDNN need a stride-1 last dimension) is not
+    reused for a q whose last dimension is strided: that call runs a plan selected for it."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 128, 64, device="cuda", dtype=dtype, generator=g) for _ in range(3))
+    torch.testing.assert_close(lz.attention(q, k, v, is_causal=True).cpu().double(), _cuda_causal_ref(q, k, v),
+                               atol=2e-2, rtol=2e-2)
+    strided = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    for _ in range(3):
+        out = lz.attention(strided, k, v, is_causal=True)
+        torch.testing.assert_close(out.cpu().double(), _cuda_causal_ref(q, k, v), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_faults_are_fenced_off(kind: str, runtime: Runtime, clock: FakeClock, configured: Callable[..., None],
+                                   install: Callable[[FaultyKernel], FaultyKernel]) -> None:
+    configured(failure_threshold=THRESHOLD, recovery_timeout_seconds=TIMEOUT,
+               verify_first_calls=2 if kind in VERIFY_KINDS else 0)
+    fault = install(FaultyKernel(FAMILIES["attention"], kind, "gpu"))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(THRESHOLD + 5):
+        q, k, v = (torch.randn(2, 8, 64, 64, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
+        out = lz.attention(q, k, v, is_causal=True)
+        assert not torch.isnan(out).any()
+        torch.testing.assert_close(out.cpu().double(), _cuda_causal_ref(q, k, v), atol=2e-2, rtol=2e-2)
+    assert runtime.breakers.get(fault.kernel_id).state is CircuitState.OPEN
+    assert fault.calls == (THRESHOLD if kind == "raises" else 1)
