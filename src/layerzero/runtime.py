@@ -298,8 +298,15 @@ class Runtime:
             except Exception as exc:
                 return rt.recover(alt, args, 0, exc)
 
-        def fn_checked(*args: Any) -> Any:
-            return fn(*args) if _contiguous(op, args) else elsewhere(args)
+        if op.family == "attention":  # the common case, inlined; is_contiguous() is the cheaper call
+            def fn_checked(q: Any, k: Any, v: Any, *rest: Any) -> Any:
+                if (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()) or (
+                        q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1):
+                    return fn(q, k, v, *rest)
+                return elsewhere((q, k, v, *rest))
+        else:
+            def fn_checked(*args: Any) -> Any:
+                return fn(*args) if _contiguous(op, args) else elsewhere(args)
 
         def run_checked(*args: Any) -> Any:
             return run(*args) if _contiguous(op, args) else elsewhere(args)
