@@ -268,7 +268,9 @@ class Runtime:
                 plan.gate = self.breakers.get(spec.kernel_id)
             else:
                 plan.gate = _NEVER_SLOW
-        if plan.context.is_contiguous and any(k.requires_contiguous for k in plan.kernels):
+        if plan.context.is_contiguous and spec.requires_contiguous:
+            # Only the primary needs the per-call stride check: fallbacks run on the slow path, which
+            # checks strides before calling a kernel that needs contiguous inputs (run_plan).
             self._guard_contiguity(plan)
 
     def _guard_contiguity(self, plan: ExecutionPlan) -> None:
@@ -355,6 +357,9 @@ class Runtime:
         for i in range(start, len(kernels)):
             spec = kernels[i]
             kid = spec.kernel_id
+            if spec.requires_contiguous and i > 0 and not _contiguous(plan.op, args):
+                attempts.append((kid, KernelExecutionError(f"{kid} needs contiguous inputs; skipped")))
+                continue
             breaker = self.breakers.get(kid) if use_breakers else None
             if breaker is not None and not breaker.allow():
                 attempts.append((kid, KernelExecutionError(f"circuit breaker for {kid} is open")))
