@@ -152,11 +152,13 @@ def _probe() -> str | None:
 
 
 def _specs() -> list[KernelSpec]:
-    tol = {"float16": (4e-3, 4e-3), "bfloat16": (2.5e-2, 2.5e-2), "float32": (2e-4, 2e-4)}
+    tol = {"float16": (4e-3, 4e-3), "bfloat16": (2.5e-2, 2.5e-2)}
     return [
         KernelSpec("flex_attention", "attention", "flex", flex_attention_kernel, priority=30,
                    platforms=frozenset({"cuda"}), min_compute_capability=(8, 0),
-                   dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), mask_kinds=frozenset({"none"}),
+                   # float32 is left out: on torch 2.11 / H200 Inductor finds no template for a float32 MQA
+                   # flex_attention with dynamic shapes (NoValidChoicesError), and float32 is not its fast path.
+                   dtypes=frozenset({torch.float16, torch.bfloat16}), mask_kinds=frozenset({"none"}),
                    supports_window=True, supports_dropout=False, deterministic=False, cuda_graph_safe=False,
                    compile_safe=False, tolerance=tol, extra_check=_check,
                    description="torch.nn.attention.flex_attention, compiled once; causal / sliding-window block masks"),
