@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from layerzero.ops.attention import attention_reference
 from layerzero.policy.config_schema import load_config
 from layerzero.policy.document import ConfigWarning
 from layerzero.registry import BackendRegistry, KernelRegistry
-from layerzero.runtime import get_runtime
 from layerzero.spec import KernelSpec
 
 EPS = 1e-6
@@ -42,15 +40,6 @@ def rows(n: int = 4, hidden: int = 32, seed: int = 0) -> dict[str, Any]:
 def qkv(batch: int = 1, seq: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return dict(zip(("query", "key", "value"), (torch.randn(batch, 2, seq, 16, generator=g) for _ in range(3))))
-
-
-@pytest.fixture(autouse=True)
-def restore_global_config() -> Iterator[None]:
-    rt = get_runtime()
-    cfg = rt.config
-    yield
-    if rt.config is not cfg:
-        rt.configure(cfg)
 
 
 class Custom:

@@ -49,15 +49,6 @@ def rms_ref(x, w, eps=1e-6):
     return x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w.double()
 
 
-@pytest.fixture(autouse=True)
-def restore_global_config():
-    rt = get_runtime()
-    cfg = rt.config
-    yield
-    if rt.config is not cfg:
-        rt.configure(cfg)
-
-
 @pytest.fixture
 def inputs():
     g = torch.Generator().manual_seed(4)

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "readme" / "dispatch.md"
 
@@ -24,22 +23,11 @@ def python_blocks(path: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```$", path.read_text(), flags=re.S | re.M)
 
 
-@pytest.fixture
-def restore_global_config():
-    from layerzero.runtime import get_runtime
-
-    rt = get_runtime()
-    cfg = rt.config
-    yield
-    if rt.config is not cfg:
-        rt.configure(cfg)
-
-
 def test_doc_has_examples():
     assert len(python_blocks(DOC)) >= 10
 
 
-def test_doc_python_blocks_run_in_order(restore_global_config, capsys):
+def test_doc_python_blocks_run_in_order(capsys):  # conftest restores the global config
     ns: dict[str, Any] = {"__name__": "dispatch_doc"}
     for i, code in enumerate(python_blocks(DOC)):
         try:

@@ -25,15 +25,6 @@ class FakeClock:
         return self.t
 
 
-@pytest.fixture(autouse=True)
-def restore_global_config():
-    rt = get_runtime()
-    cfg = rt.config
-    yield
-    if rt.config is not cfg:
-        rt.configure(cfg)
-
-
 def qkv(b=2, h=4, s=16, d=32, *, seed=0, layout="BHSD"):
     g = torch.Generator().manual_seed(seed)
     shape = (b, h, s, d) if layout == "BHSD" else (b, s, h, d)

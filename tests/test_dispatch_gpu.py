@@ -14,18 +14,8 @@ from layerzero.dispatch import (
     dispatch,
 )
 from layerzero.ops.attention import attention_reference
-from layerzero.runtime import get_runtime
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def restore_global_config():
-    rt = get_runtime()
-    cfg = rt.config
-    yield
-    if rt.config is not cfg:
-        rt.configure(cfg)
 
 
 def _qkv(dtype: torch.dtype, layout: str = "BHSD", b: int = 2, h: int = 8, s: int = 256, d: int = 64):

@@ -26,13 +26,10 @@ from layerzero.spec import KernelSpec
 
 
 @pytest.fixture(autouse=True)
-def restore_global_config():
-    rt = get_runtime()
-    cfg = rt.config
+def detach_config_dispatcher():
+    """The global config is restored by conftest; the config dispatcher a test attaches is detached here."""
     yield
     get_global_dispatcher().set_config_dispatcher(None)
-    if rt.config is not cfg:
-        rt.configure(cfg)
 
 
 def rms_ref(x, w, eps=1e-6):

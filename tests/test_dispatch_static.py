@@ -19,15 +19,6 @@ from layerzero.runtime import get_runtime
 from layerzero.spec import KernelSpec
 
 
-@pytest.fixture(autouse=True)
-def restore_global_config():
-    rt = get_runtime()
-    cfg = rt.config
-    yield
-    if rt.config is not cfg:
-        rt.configure(cfg)
-
-
 def flash_attn(q, k, v, attn_mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale)
 

@@ -53,15 +53,6 @@ def replace_file(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-@pytest.fixture(autouse=True)
-def restore_global_config() -> Iterator[None]:
-    rt = get_runtime()
-    cfg = rt.config
-    yield
-    if rt.config is not cfg:
-        rt.configure(cfg)
-
-
 class Kernels:
     """Own registries with three rms_norm kernels; ``custom_c`` has the highest priority (the default)."""
 
