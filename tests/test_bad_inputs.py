@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 
+from log_lines import LogLines
 import layerzero as lz
 from layerzero.dispatch import DispatchConfig, create_hot_reload_dispatcher, dispatch
 from layerzero.errors import ConditionError, ConfigError, LayerZeroError, PolicyError
@@ -97,7 +98,7 @@ def perf_db_outcome(tmp: Path, make: Callable[[Path], None]) -> str:
     """Make a bad database file, read it through PerfDB: nothing raised, {} or rows skipped, one warning."""
     path = tmp / "perf.db"
     make(path)
-    handler = _Lines()
+    handler = LogLines()
     logger = logging.getLogger("layerzero")
     logger.addHandler(handler)
     try:
@@ -112,15 +113,6 @@ def perf_db_outcome(tmp: Path, make: Callable[[Path], None]) -> str:
         return handler.lines[0].replace(str(path), "<db>")
     assert found == {}  # the bad row is skipped, silently
     return "row skipped: lookup() returns {} for its bucket"
-
-
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 def random_bytes(path: Path) -> None:

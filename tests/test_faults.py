@@ -29,6 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from log_lines import LogLines
 import layerzero as lz
 from layerzero.dispatch import CircuitState, DispatchConfig, create_dynamic_dispatcher, dispatch, get_global_dispatcher
 from layerzero.errors import AllKernelsFailedError, KernelExecutionError
@@ -460,15 +461,6 @@ def fenced_blocks(text: str) -> list[tuple[str, str]]:
     return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w+)\n(.*?)^```$", text, flags=re.S | re.M)]
 
 
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 def test_reliability_readme_examples_run_and_print_what_they_show(runtime: Runtime) -> None:
     """Each python block's stdout equals the text block after it; a second text block after that shows
     the layerzero log lines the block wrote."""
@@ -481,7 +473,7 @@ def test_reliability_readme_examples_run_and_print_what_they_show(runtime: Runti
         for i, (lang, code) in enumerate(blocks):
             if lang != "python":
                 continue
-            out, lines = io.StringIO(), _Lines()
+            out, lines = io.StringIO(), LogLines()
             logger.addHandler(lines)
             try:
                 with contextlib.redirect_stdout(out):
