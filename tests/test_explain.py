@@ -158,3 +158,31 @@ def test_core_doc_examples_run(tmp_path: Path) -> None:
     assert "needs compute capability >= 8.0, this GPU has 7.5" in out
     assert "torch_sdpa_flash ['PLATFORM_MISMATCH', 'DTYPE_UNSUPPORTED']" in out
     assert "attention.full: q and k head dims differ: 64 vs 32" in out
+
+
+def test_cache_key_mirrors_every_ops_hot_path_key() -> None:
+    """``inspection.cache_key`` (used by explain, warmup and dispatch) must build the key each op's inline
+    hot path builds, or explain() lies about ``cached`` and dispatch() never shares plans with ``lz.*``."""
+    from layerzero.inspection import cache_key
+    from layerzero.ops import OPS
+
+    rt = lz.get_runtime()
+    x = torch.randn(3, 16)
+    freqs = torch.randn(5, 4)
+    calls = {
+        "attention": ("attention.causal", (torch.randn(1, 2, 5, 8),) * 3,
+                      lambda a: lz.attention(*a[:3], is_causal=True)),
+        "rms_norm": ("rms_norm", (x, torch.rand(16), 1e-5), lambda a: lz.rms_norm(*a)),
+        "layer_norm": ("layer_norm", (x, torch.rand(16), None, 1e-5), lambda a: lz.layer_norm(*a)),
+        "rope": ("rope", (torch.randn(1, 2, 5, 8), freqs.cos(), freqs.sin(), False), lambda a: lz.rope(*a)),
+        "swiglu": ("swiglu", (x, torch.randn(3, 16)), lambda a: lz.swiglu(*a)),
+        "gelu": ("gelu", (x, "tanh"), lambda a: lz.gelu(*a)),
+        "silu": ("silu", (x,), lambda a: lz.silu(*a)),
+        "sample": ("sample.greedy", (torch.randn(2, 10), 0.0, None, None, None), lambda a: lz.sample(*a)),
+    }
+    assert set(calls) == set(OPS)
+    for family, (operation, args, call) in calls.items():
+        if family == "attention":
+            args = (*args, None, True, 0.0, None, None)
+        call(args)
+        assert cache_key(operation, args) in rt.plans.data, family
