@@ -42,7 +42,7 @@ def _bench_section(path: Path, title: str, command: str) -> list[str]:
     report = BenchReport(data["system"], data["config"], data["workload"],
                          [ResultRow(**r) for r in data["results"]],
                          [OverheadRow(o["path"], o["direct"], pair(o["result"]), o["budget"], o["passed"], o["note"],
-                                      o["value"]) for o in data["overhead"]],
+                                      o["value"], o.get("info", False)) for o in data["overhead"]],
                          data.get("elapsed_s", 0.0))
     text = render_markdown(report).replace("### ", "#### ")
     return [f"### {title}", "", f"Command: `{command}` (file: `{_rel(path)}`).", "", text, ""]

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+import tempfile
 
-import layerzero as lz
-from layerzero.runtime import get_runtime
+# Tests never read or write the user's performance database: the default one lives in a fresh
+# directory for the session (tests that need a database make their own).
+os.environ["LAYERZERO_PERF_DB"] = os.path.join(tempfile.mkdtemp(prefix="layerzero-tests-"), "perf.db")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import layerzero as lz  # noqa: E402
+from layerzero.runtime import get_runtime  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -41,7 +41,7 @@ def test_header_and_architecture_examples_run(tmp_path):
                               cwd=tmp_path)
         assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
         if name == "architecture":
-            assert proc.stdout.splitlines()[:2] == ["baked plan table", "1"]
+            assert proc.stdout.splitlines()[:3] == ["yes", "baked plan table", "1"]
 
 
 def test_every_public_name_is_in_the_readme():

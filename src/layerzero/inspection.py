@@ -9,19 +9,20 @@ times used (with where they came from).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Hashable
 from typing import Any
 
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.errors import InvalidInputError, NoKernelError
+from layerzero.errors import InvalidInputError, LayerZeroError, NoKernelError
 from layerzero.ops import op_for
 from layerzero.runtime import get_runtime
 from layerzero.selection.engine import CandidateDecision, Selection, format_context
 from layerzero.spec import KernelSpec, Reason
 
 __all__ = ["Explanation", "explain", "explain_context", "which", "select", "list_kernels", "validate",
-           "args_for", "cache_key"]
+           "args_for", "cache_key", "cache_keys"]
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Explanation:
     trace: list[CandidateDecision] = field(default_factory=list)
     policy_digest: str = ""
     error: str | None = None
+    shape_free: str | None = None  # "yes", or why this call family needs a plan per shape
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,7 +50,7 @@ class Explanation:
             "candidates": [{"kernel_id": k, "score": s} for k, s in self.candidates],
             "rejection_reasons": {k: [r.to_dict() for r in v] for k, v in self.rejection_reasons.items()},
             "rules_fired": self.rules_fired, "locked_by": self.locked_by, "policy_digest": self.policy_digest,
-            "trace": [d.to_dict() for d in self.trace], "error": self.error,
+            "trace": [d.to_dict() for d in self.trace], "error": self.error, "shape_free": self.shape_free,
         }
 
     def __str__(self) -> str:
@@ -58,6 +60,10 @@ class Explanation:
         else:
             lines.append(f"  selected: {self.selected_kernel} (score {self.score:g}"
                          f"{', cached plan' if self.cached else ', not cached yet'})")
+        if self.shape_free == "yes":
+            lines.append("  plan: shape-free (one plan serves every shape of this dtype, device and flags)")
+        elif self.shape_free:
+            lines.append(f"  plan: one per shape ({self.shape_free})")
         if self.locked_by:
             lines.append(f"  locked by: {self.locked_by}")
         if self.candidates:
@@ -93,36 +99,38 @@ def args_for(operation: str, tensors: tuple[Any, ...], kwargs: dict[str, Any]) -
     return op.args_from_inputs(operation, inputs, kw)
 
 
-def cache_key(operation: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """The key the operation's hot path would use for ``args`` (mirrors ``layerzero/ops``)."""
-    family = operation.split(".", 1)[0]
-    a = args
-    if family == "attention":
-        q, k, v, mask, is_causal, dropout_p, scale, window = a
-        return (operation, q.shape, k.shape, v.shape, q.dtype, q.device, is_causal, dropout_p, window,
-                None if mask is None else (mask.shape, mask.dtype))
-    if family == "rms_norm":
-        return ("rms_norm", a[0].shape, a[0].dtype, a[0].device, a[1] is None, a[2])
-    if family == "layer_norm":
-        return ("layer_norm", a[0].shape, a[0].dtype, a[0].device, a[1] is None, a[2] is None, a[3])
-    if family == "rope":
-        return ("rope", a[0].shape, a[0].dtype, a[0].device, a[1].shape, a[3])
-    if family in ("swiglu", "silu"):
-        return (family, a[0].shape, a[0].dtype, a[0].device)
-    if family == "gelu":
-        return ("gelu", a[0].shape, a[0].dtype, a[0].device, a[1])
-    if family == "sample":
-        return (operation, a[0].shape, a[0].dtype, a[0].device)
-    return None
+def cache_keys(operation: str, args: tuple[Any, ...]) -> tuple[Hashable | None, Hashable] | None:
+    """``(family, key)``: the shape-free and the exact-shape plan-cache keys the operation's hot path
+    builds for ``args`` (``None`` for an operation outside the ``lz.*`` families)."""
+    try:
+        op = op_for(operation)
+    except LayerZeroError:
+        return None
+    try:
+        return op.keys(operation, args)
+    except NotImplementedError:
+        return None
 
 
-def _explanation(operation: str, ctx: SelectionContext, cached: bool) -> Explanation:
+def cache_key(operation: str, args: tuple[Any, ...]) -> Hashable | None:
+    """The exact-shape key the operation's hot path would use for ``args`` (see :func:`cache_keys`)."""
+    keys = cache_keys(operation, args)
+    return None if keys is None else keys[1]
+
+
+def _explanation(operation: str, ctx: SelectionContext, cached: bool, family: Hashable = None) -> Explanation:
     rt = get_runtime()
     try:
         sel = rt.select(operation, ctx)
     except NoKernelError as err:
         return Explanation(operation, ctx, None, None, cached, [], err.rejections, [], None, [], "", str(err))
-    return _from_selection(sel, cached)
+    exp = _from_selection(sel, cached)
+    if family is not None:
+        if family in rt._exact_only:
+            exp.shape_free = "a shape of this family needed another kernel, so each shape has its own plan"
+        else:
+            exp.shape_free = rt.shape_free_reason(sel) or "yes"
+    return exp
 
 
 def _from_selection(sel: Selection, cached: bool) -> Explanation:
@@ -145,10 +153,11 @@ def explain(*tensors: Any, operation: str, **kwargs: Any) -> Explanation:
     op.validate(operation, args)
     ctx = op.context(operation, args)
     rt = get_runtime()
-    key = cache_key(operation, args)
+    family, key = cache_keys(operation, args) or (None, None)
     scope_plans = rt.current_policy() is not rt.policy.policy
-    cached = key is not None and not scope_plans and key in rt.plans.data
-    return _explanation(operation, ctx, cached)
+    data = rt.plans.data
+    cached = not scope_plans and ((key is not None and key in data) or (family is not None and family in data))
+    return _explanation(operation, ctx, cached, family)
 
 
 def explain_context(operation: str, context: SelectionContext) -> Explanation:

@@ -39,13 +39,23 @@ from layerzero.registry import (
 from layerzero.selection.cache import PlanCache
 from layerzero.selection.engine import Measurement, Selection, SelectionEngine, format_context
 from layerzero.selection.plan import ExecutionPlan
-from layerzero.spec import KernelSpec
+from layerzero.spec import KernelSpec, ReasonCode
 from layerzero.telemetry.core import KernelStats, Telemetry
 from layerzero.telemetry.logs import log_event
 
 __all__ = ["Runtime", "get_runtime"]
 
 log = logging.getLogger("layerzero")
+
+# Rejections that hold for every shape of a call family (its dtype, device and keyed flags decide them).
+SHAPE_INDEPENDENT_REASONS = frozenset({
+    ReasonCode.PLATFORM_MISMATCH, ReasonCode.SM_TOO_OLD, ReasonCode.SM_TOO_NEW, ReasonCode.DTYPE_UNSUPPORTED,
+    ReasonCode.MASK_UNSUPPORTED, ReasonCode.CAUSAL_UNSUPPORTED, ReasonCode.WINDOW_UNSUPPORTED,
+    ReasonCode.DROPOUT_UNSUPPORTED, ReasonCode.VARIANT_UNSUPPORTED, ReasonCode.BACKEND_UNAVAILABLE,
+    ReasonCode.BACKEND_UNHEALTHY, ReasonCode.CIRCUIT_OPEN, ReasonCode.POLICY_DENIED, ReasonCode.POLICY_NOT_ALLOWED,
+    ReasonCode.POLICY_LOCKED_OTHER, ReasonCode.GRAD_UNSUPPORTED, ReasonCode.NOT_DETERMINISTIC,
+    ReasonCode.CUDA_GRAPH_UNSAFE, ReasonCode.COMPILE_UNSAFE,
+})
 
 MeasurementSource = Callable[[str, SelectionContext, tuple[KernelSpec, ...]], dict[str, Measurement]]
 
@@ -77,6 +87,8 @@ class Runtime:
         self.engine = SelectionEngine(self.kernels, self.backends, measurements=self._measurements)
         self._scoped: dict[str, dict[Hashable, ExecutionPlan]] = {}
         self._interned: dict[tuple[Any, ...], ExecutionPlan] = {}
+        self._exact_only: set[Hashable] = set()  # call families whose shape-free plan met a shape it cannot run
+        self._families: dict[Hashable, Hashable] = {}  # one tuple per call family, shared by its exact keys
         self._lock = threading.RLock()
         self.version = 0
         self._verify_first_calls = self.config.verify_first_calls
@@ -138,6 +150,8 @@ class Runtime:
         for plans in list(self._scoped.values()):
             plans.clear()  # live scopes hold these dicts: empty them in place
         self._interned = {}
+        self._exact_only = set()
+        self._families = {}
         self.version += 1
         self.telemetry.record_invalidation()
         if reason:
@@ -190,6 +204,10 @@ class Runtime:
     def plan_for(self, op: OpDef, operation: str, ctx: SelectionContext, *, policy: Policy | None = None
                  ) -> ExecutionPlan:
         """Select and build a bound plan (not cached)."""
+        return self._select_plan(op, operation, ctx, policy)[0]
+
+    def _select_plan(self, op: OpDef, operation: str, ctx: SelectionContext, policy: Policy | None
+                     ) -> tuple[ExecutionPlan, Selection]:
         if ctx.cuda_graph_capturing:
             raise CaptureError(
                 f"{format_context(operation, ctx)}: kernel selection was needed while a CUDA graph is being "
@@ -212,11 +230,13 @@ class Runtime:
         if plan is None:
             plan = ExecutionPlan(operation, op, ranked, ctx, locked_by=sel.locked_by, policy_digest=sel.policy_digest)
             plan.fn = fn
+            plan.direct = getattr(fn, "direct", None)  # see ExecutionPlan: the op calls PyTorch's function itself
+            plan.const = getattr(fn, "const", None)
             self.bind(plan)
             if len(self._interned) < 100_000:
                 self._interned[intern_key] = plan
         self.telemetry.record_selection(operation, plan.kernel_id)
-        return plan
+        return plan, sel
 
     def _baked_selection(self, operation: str, ctx: SelectionContext, policy: Policy | None) -> Selection | None:
         """A selection straight from the baked plan table (no scoring), or None when it has no usable entry.
@@ -315,29 +335,146 @@ class Runtime:
 
         fn_checked._layerzero_contiguity_guard = True  # type: ignore[attr-defined]
         plan.fn = fn_checked
+        plan.direct = None  # every call must pass the stride check
         plan.run = run_checked
 
     # -- the slow path -------------------------------------------------------------
-    def miss(self, op: OpDef, operation: str, key: Hashable, args: tuple[Any, ...]) -> Any:
-        """Cache miss: validate, build the context, select, cache, then run with output checks."""
+    def miss(self, op: OpDef, operation: str, key: Hashable, args: tuple[Any, ...], family: Hashable = None) -> Any:
+        """Cache miss: validate, build the context, select, cache, then run with output checks.
+
+        ``family`` is the call's shape-free key (the ``lz.*`` ops pass it): when selection would pick the
+        same kernel for every shape of the family (:meth:`shape_free_reason` is None), a shape-free plan
+        is cached under it too, and later calls of any shape skip the shape key.
+        """
         plans, cache_version, version = self.plans, self.plans.version, self.version  # before the policy is read
         op.validate(operation, args)
         ctx = op.context(operation, args)
         scope = SCOPE.get()
         policy = self.current_policy()
-        plan = self.plan_for(op, operation, ctx, policy=policy)
+        plan, sel = self._select_plan(op, operation, ctx, policy)
         self.telemetry.record_miss()
         out = self.run_plan(plan, args, 0, check_output=True)
         if self.config.enable_cache and key is not None and self.version == version:
             # a policy / registry change during this call invalidated the cache: do not store a stale plan
+            if family is not None and type(key) is tuple and key and key[0] == family:
+                family = self._families.setdefault(family, family) if len(self._families) < 10_000 else family
+                key = (family, *key[1:])  # exact keys of one family share its tuple (memory per plan)
+            entries = [(key, plan)]
+            if (family is not None and family not in self._exact_only and getattr(self.last_run, "value", None)
+                    == (plan, 0) and self.shape_free_reason(sel, policy) is None):
+                entries.append((family, self._family_plan(plan, family)))
             if scope is None:
-                plans.put(key, plan, version=cache_version)
+                for k, p in entries:
+                    plans.put(k, p, version=cache_version)
             else:
                 target = self.scoped_plans(policy)
-                if len(target) < max(self.config.cache_size, 1):
-                    target[key] = plan
+                for k, p in entries:
+                    if len(target) < max(self.config.cache_size, 1):
+                        target[k] = p
                 scope.plans = target
         return out
+
+    # -- shape-free plans ----------------------------------------------------------
+    def shape_free_reason(self, sel: Selection, policy: Policy | None = None) -> str | None:
+        """Why ``sel`` cannot serve every shape of its call family from one plan, or None when it can.
+
+        A call family is an operation with a dtype, a device and the flags in the cache key (causal,
+        dropout, window, mask kind, ...). Selection picks the same kernel for every shape of the family
+        when: the selected kernel is ``shape_free`` (it runs any shape or raises for one it cannot) and
+        needs no per-call guard; no candidate that could outrank it was rejected for a reason that
+        depends on shapes; no measurement, baked plan table, conditional policy rule, online tuning or
+        verify mode is in play (they all look at shapes); and the config allows it.
+        """
+        cfg = self.config
+        if not cfg.shape_free_plans or not cfg.enable_cache:
+            return "shape_free_plans is off" if not cfg.shape_free_plans else "the plan cache is off"
+        if cfg.record_timing or self._verify_first_calls:
+            return "timing or verify mode checks each call on the slow path"
+        if self.baked is not None:
+            return "a baked plan table is in force (it is keyed by shape buckets)"
+        if any(getattr(h, "needs_every_shape", False) for h in self.on_miss):
+            return "online tuning measures each new shape bucket"
+        primary = sel.ranked[0]
+        if not primary.shape_free:
+            return f"{primary.kernel_id} is not declared shape_free"
+        if primary.requires_contiguous or not (primary.supports_autograd and primary.cuda_graph_safe
+                                               and primary.deterministic):
+            return f"{primary.kernel_id} needs a per-call guard (contiguity, grad, capture or determinism)"
+        pol = policy if policy is not None else self.current_policy()
+        rules = pol.for_operation(sel.operation) if pol.rules else ()
+        if any(r.condition is not None for r in rules):
+            return "a conditional policy rule applies to the operation"
+        for d in sel.trace:
+            if d.measured_us is not None:
+                return "measured times rank this operation"
+            if d.accepted or d.kernel_id == primary.kernel_id:
+                continue  # ranked below the primary by priority alone: the same for every shape
+            if any(r.code in SHAPE_INDEPENDENT_REASONS for r in d.reasons):
+                continue  # out for every shape of the family
+            if rules or d.priority >= primary.priority:  # another shape might make it eligible and first
+                codes = ", ".join(dict.fromkeys(r.code for r in d.reasons))
+                return f"{d.kernel_id} was rejected for a shape-dependent reason ({codes})"
+        if self._has_measurements(sel.operation, sel.context):
+            return "the performance database has measurements for this operation, dtype and device"
+        return None
+
+    def _has_measurements(self, operation: str, ctx: SelectionContext) -> bool:
+        src = self.measurement_source
+        if src is None:
+            return False
+        probe = getattr(src, "has_data", None)
+        if probe is None:
+            return True  # a source we cannot ask: assume it ranks by shape
+        try:
+            return bool(probe(operation, ctx))
+        except Exception:
+            return True
+
+    def _family_plan(self, plan: ExecutionPlan, family: Hashable) -> ExecutionPlan:
+        """A copy of ``plan`` (its selected kernel only) for the family key: while its kernel's breaker
+        is closed the op calls ``fn`` straight away; otherwise, and when the kernel raises, the call
+        goes the exact-shape way (:meth:`run_exact`), which owns fallback and breaker probes."""
+        free = ExecutionPlan(plan.operation, plan.op, plan.kernels[:1], plan.context, locked_by=plan.locked_by,
+                             policy_digest=plan.policy_digest, source=plan.source)
+        free.family = family
+        free.fn, free.direct, free.const = plan.fn, plan.direct, plan.const
+        free.stats = plan.stats
+        rt, op, operation = self, plan.op, plan.operation
+        free.run = lambda *args: rt.run_exact(op, operation, args)
+        cfg = self.config
+        free.gate = self.breakers.get(plan.kernel_id) if cfg.circuit_breaker_enabled else _NEVER_SLOW
+        return free
+
+    def run_exact(self, op: OpDef, operation: str, args: tuple[Any, ...]) -> Any:
+        """Run a call through its exact-shape plan (selected on first need), as the hot path would."""
+        try:
+            key = op.keys(operation, args)[1]
+            scope = SCOPE.get()
+            plan = (self.plans.data if scope is None else scope.plans).get(key)
+        except Exception:  # malformed arguments: the miss validates and names the problem
+            key = plan = None
+        if plan is None:
+            return self.miss(op, operation, key, args)
+        if plan.gate.blocked:
+            return plan.run(*args)
+        plan.stats.calls += 1
+        try:
+            return plan.fn(*args)
+        except Exception as exc:
+            return self.recover(plan, args, 0, exc)
+
+    def _drop_family(self, plan: ExecutionPlan, exc: BaseException) -> None:
+        """A shape-free plan's kernel raised on a valid call: the family goes back to exact-shape plans
+        (until the next invalidation). The failure is not counted against the kernel here; the
+        exact-shape path that now runs the call counts it if the kernel fails there too."""
+        family = plan.family
+        self._exact_only.add(family)
+        self.plans.discard(family)
+        for scoped in list(self._scoped.values()):
+            scoped.pop(family, None)
+        log_event("shape_free_plan_dropped", operation=plan.operation, kernel=plan.kernel_id,
+                  error=type(exc).__name__, message=str(exc).splitlines()[0] if str(exc) else "",
+                  action="exact-shape plans for this call family")
 
     def run_uncached(self, op: OpDef, operation: str, args: tuple[Any, ...]) -> Any:
         op.validate(operation, args)
@@ -405,10 +542,18 @@ class Runtime:
         raise self._all_failed(plan, args, attempts)
 
     def recover(self, plan: ExecutionPlan, args: tuple[Any, ...], index: int, exc: Exception) -> Any:
-        """The fast path's kernel raised: check the input, count the failure, fall back."""
+        """The fast path's kernel raised: check the input, count the failure, fall back.
+
+        For a shape-free plan the call may simply be a shape its kernel does not take (GQA heads for
+        ``torch_sdpa``, another hidden size for a bound ``normalized_shape``): the family returns to
+        exact-shape plans and the call runs through its own.
+        """
         if isinstance(exc, LayerZeroError) and isinstance(exc, InvalidInputError):
             raise exc
         self._raise_if_bad_input(plan, args, exc)
+        if plan.family is not None:
+            self._drop_family(plan, exc)
+            return self.run_exact(plan.op, plan.operation, args)
         kid = plan.kernels[index].kernel_id
         breaker = self.breakers.get(kid) if self.config.circuit_breaker_enabled else None
         self._failed(plan, kid, exc, breaker)

@@ -95,6 +95,11 @@ class KernelSpec:
     ``specialize(ctx) -> (key, fn)`` optionally returns a callable with the same
     signature specialized for a context (constants bound ahead of time); plans
     with equal ``key`` share one specialization.
+    ``shape_free=True`` declares that the kernel runs every shape its operation
+    accepts, or raises for a shape it cannot run (it checks its inputs itself,
+    as ``F.scaled_dot_product_attention`` does), also in its specialized form:
+    such a kernel may serve a whole call family from one plan whose hot path
+    reads no shapes (see ``Runtime.shape_free_reason``).
 
     Example:
         >>> KernelSpec("my_rms_norm", "rms_norm", "custom", my_fn, dtypes={torch.float16})
@@ -131,6 +136,7 @@ class KernelSpec:
     compile_safe: bool = True
     supports_interleaved: bool | None = None
     approximations: frozenset[str] | None = None
+    shape_free: bool = False
     tolerance: dict[str, tuple[float, float]] | None = field(default=None, compare=False, hash=False)
     extra_check: Callable[[SelectionContext], list[Reason]] | None = field(default=None, compare=False, repr=False)
     specialize: Callable[[SelectionContext], tuple[Any, Callable[..., Any]]] | None = field(

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from layerzero.context import SelectionContext
 from layerzero.ops._shared import half_cos_sin, window_mask
-from layerzero.backends.torch_fast import layer_norm_specialize, rms_norm_specialize
+from layerzero.backends.torch_fast import layer_norm_specialize, rms_norm_specialize, sdpa_specialize
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
 
@@ -351,8 +351,11 @@ def _attention_specs(tol: dict[str, tuple[float, float]]) -> list[KernelSpec]:
         # F.scaled_dot_product_attention: runs its own checks and falls back to math, so it takes any
         # float dtype, mask, dropout and both causal shapes; only the window (no argument for it) and
         # GQA (this adapter does not pass enable_gqa; torch_sdpa_gqa does) are out.
+        # shape_free: F.scaled_dot_product_attention checks every input itself, and raises for the one shape
+        # constraint here (GQA heads without enable_gqa), so one plan may serve every shape of a call family.
         spec("torch_sdpa", torch_sdpa, 70, dtypes=_FLOATS, mask_kinds=any_mask, supports_gqa=False,
-             supports_mqa=False, description="F.scaled_dot_product_attention: PyTorch's own kernel choice"),
+             supports_mqa=False, shape_free=True, specialize=sdpa_specialize,
+             description="F.scaled_dot_product_attention: PyTorch's own kernel choice"),
         spec("torch_sdpa_gqa", torch_sdpa_gqa, 55, dtypes=_FLOATS, mask_kinds=any_mask, supports_window=True,
              description="F.scaled_dot_product_attention with native GQA (enable_gqa) and sliding windows"),
         # can_use_flash_attention (cuda/sdp_utils.cpp) + mha_fwd (flash_attn/flash_api.cpp):
@@ -431,13 +434,14 @@ def _specs() -> list[KernelSpec]:
     specs = _attention_specs(tol_attn)
     specs += [
         KernelSpec("torch_rms_norm", "rms_norm", "torch", torch_rms_norm, priority=60, dtypes=_FLOATS,
-                   tolerance=tol16, specialize=rms_norm_specialize,
+                   tolerance=tol16, specialize=rms_norm_specialize, shape_free=True,
                    description="torch.rms_norm (fused on CPU and CUDA)"),
         KernelSpec("torch_rms_norm_composed", "rms_norm", "torch", torch_rms_norm_composed, priority=20,
                    dtypes=_FLOATS, tolerance=tol16,
                    description="x * rsqrt(mean(x^2) + eps) * weight in float32 (HF LlamaRMSNorm arithmetic)"),
         KernelSpec("torch_layer_norm", "layer_norm", "torch", torch_layer_norm, priority=60, dtypes=_FLOATS,
-                   tolerance=tol16, specialize=layer_norm_specialize, description="torch.layer_norm"),
+                   tolerance=tol16, specialize=layer_norm_specialize, shape_free=True,
+                   description="torch.layer_norm"),
         KernelSpec("torch_layer_norm_composed", "layer_norm", "torch", torch_layer_norm_composed, priority=20,
                    dtypes=_FLOATS, tolerance=tol16,
                    description="layer norm composed in float32 (float64 for float64 inputs)"),
@@ -448,9 +452,9 @@ def _specs() -> list[KernelSpec]:
         KernelSpec("torch_swiglu", "swiglu", "torch", torch_swiglu, priority=50, dtypes=_FLOATS, tolerance=tol16,
                    description="F.silu(gate) * up"),
         KernelSpec("torch_gelu", "gelu", "torch", torch_gelu, priority=50, dtypes=_FLOATS,
-                   approximations={"none", "tanh"}, tolerance=tol16, description="F.gelu"),
+                   approximations={"none", "tanh"}, tolerance=tol16, shape_free=True, description="F.gelu"),
         KernelSpec("torch_silu", "silu", "torch", torch_silu, priority=50, dtypes=_FLOATS, tolerance=tol16,
-                   description="F.silu"),
+                   shape_free=True, description="F.silu"),
         KernelSpec("torch_sample_greedy", "sample.greedy", "torch", torch_sample_greedy, priority=60,
                    dtypes=_FLOATS, supports_autograd=False, description="argmax over the vocabulary"),
         KernelSpec("torch_sample", "sample", "torch", torch_sample, priority=50, dtypes=_FLOATS,

@@ -23,6 +23,7 @@ variable                           field                       example
 ``LAYERZERO_WATCH_INTERVAL``       ``watch_interval_seconds``  ``1.0``
 ``LAYERZERO_ONLINE_TUNING``        ``online_tuning``           ``1``
 ``LAYERZERO_VERIFY``               ``verify_first_calls``      ``3``
+``LAYERZERO_SHAPE_FREE_PLANS``     ``shape_free_plans``        ``0``
 =================================  ==========================  =================
 
 ``verify_first_calls=N`` turns on verify mode: each kernel's first N
@@ -31,6 +32,12 @@ kernel that returns NaN where the reference has none, or values off the
 reference beyond its declared tolerance, counts as failed (its breaker counts
 the failure and the call falls back). It costs a reference computation per
 verified call, so it is off (0) by default.
+
+``shape_free_plans`` (on by default) lets the ``lz.*`` hot path serve a call
+family (operation, dtype, device and flags) from one plan without reading the
+tensors' shapes, when selection provably picks the same kernel for every shape
+of that family (see ``Runtime.shape_free_reason``). Off, every new shape is
+selected and cached on its own.
 """
 
 from __future__ import annotations
@@ -90,6 +97,7 @@ ENV_VARS: dict[str, str] = {
     "LAYERZERO_WATCH_INTERVAL": "watch_interval_seconds",
     "LAYERZERO_ONLINE_TUNING": "online_tuning",
     "LAYERZERO_VERIFY": "verify_first_calls",
+    "LAYERZERO_SHAPE_FREE_PLANS": "shape_free_plans",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -127,6 +135,7 @@ class DispatchConfig:
     online_tuning: bool = False
     online_tuning_budget_ms: float = 200.0
     verify_first_calls: int = 0
+    shape_free_plans: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", DispatchMode.parse(self.mode))
@@ -137,7 +146,8 @@ class DispatchConfig:
                 errors.append(f"DispatchConfig.{name}: {msg}, got {getattr(self, name)!r}")
 
         for name in ("enable_cache", "enable_telemetry", "record_timing", "log_fallbacks",
-                     "circuit_breaker_enabled", "enable_fallback", "validate_on_reload", "online_tuning"):
+                     "circuit_breaker_enabled", "enable_fallback", "validate_on_reload", "online_tuning",
+                     "shape_free_plans"):
             need(isinstance(getattr(self, name), bool), name, "must be a bool")
         for name in ("cache_size", "failure_threshold", "max_fallback_attempts", "success_threshold",
                      "verify_first_calls"):

@@ -3,7 +3,7 @@
 Operations of a known family (``attention.*``, ``rms_norm``, ...) go through
 their :class:`~layerzero.ops.base.OpDef`: ``args_from_inputs`` maps the
 documented input names to the canonical positional arguments, and the cache
-key is the one the ``lz.*`` hot path uses (:func:`layerzero.inspection.cache_key`),
+key is the exact-shape key the ``lz.*`` hot path uses (:meth:`OpDef.keys`),
 so ``dispatch()`` and ``lz.*`` share cached plans. Attention inputs given with
 ``layout="BSHD"`` are handed over as transposed views and the output is
 transposed back.
@@ -24,7 +24,6 @@ import torch
 
 from layerzero.context import SelectionContext
 from layerzero.errors import InvalidInputError
-from layerzero.inspection import cache_key
 from layerzero.ops import OPS
 from layerzero.ops.base import OpDef, describe_tensor
 from layerzero.spec import KernelSpec
@@ -197,7 +196,10 @@ def key_for(op: OpDef, operation: str, args: tuple[Any, ...]) -> Hashable | None
             return (operation, "generic", *(
                 (n, v.shape, v.dtype, v.device) if isinstance(v, torch.Tensor) else (n, type(v))
                 for n, v in args[0].items()))
-        key = cache_key(operation, args)
+        try:
+            key = op.keys(operation, args)[1]
+        except NotImplementedError:  # an op family without its own keys
+            key = None
         if key is None:
             key = (operation, *((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else type(a)
                                 for a in args))

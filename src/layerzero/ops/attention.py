@@ -21,7 +21,7 @@ import torch
 from layerzero.context import SelectionContext
 from layerzero.ops._shared import window_mask
 from layerzero.ops.base import OpDef, layout_problem, pick
-from layerzero.policy.scope import SCOPE
+from layerzero.policy.scope import LIVE, SCOPE
 from layerzero.runtime import get_runtime
 
 __all__ = ["attention", "ATTENTION", "AttentionOp", "attention_reference", "window_mask"]
@@ -115,6 +115,11 @@ class AttentionOp(OpDef):
             raise self.invalid(operation, f"scale must be a finite number or None, got {scale!r}", args)
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
             raise self.invalid(operation, f"window must be a positive int or None, got {window!r}", args)
+
+    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        q, k, v, mask, is_causal, dropout_p, scale, window = args
+        family = (operation, q.dtype, q.device, is_causal, dropout_p, window, None if mask is None else mask.dtype)
+        return family, (family, q.shape, k.shape, v.shape, None if mask is None else mask.shape)
 
     def context(self, operation: str, args: tuple[Any, ...]) -> SelectionContext:
         q, k, v, mask, is_causal, dropout_p, scale, window = args
@@ -211,21 +216,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: t
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         elif layout != "BHSD":
             raise ATTENTION.invalid(operation, f"layout must be one of {_LAYOUTS}, got {layout!r}", (q, k, v))
-        # ---- cached hot path: metadata key -> plan -> kernel ---------------------------------
-        key = (operation, q.shape, k.shape, v.shape, q.dtype, q.device, is_causal, dropout_p, window,
-               None if attn_mask is None else (attn_mask.shape, attn_mask.dtype))
-        scope = SCOPE.get()
-        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
+        # ---- cached hot path: family key (no shapes) or shape key -> plan -> kernel -----------
+        family = (operation, q.dtype, q.device, is_causal, dropout_p, window,
+                  None if attn_mask is None else attn_mask.dtype)
+        scope = SCOPE.get() if LIVE.scopes else None
+        plans = _RT.plans.data if scope is None else scope.plans
+        # A shape-free plan serves every shape of the family whose v has k's size: PyTorch's CPU flash
+        # kernel reads k's sequence length of v without checking it (lz validates new shapes otherwise).
+        plan = plans.get(family) if k.numel() == v.numel() else None
+        if plan is None:
+            key = (family, q.shape, k.shape, v.shape, None if attn_mask is None else attn_mask.shape)
+            plan = plans.get(key)
     except (AttributeError, TypeError, IndexError, RuntimeError):  # not a plain tensor, unhashable: validation says
-        plan = key = None
+        plan = key = family = None
     if plan is None:
-        out = _RT.miss(ATTENTION, operation, key, (q, k, v, attn_mask, is_causal, dropout_p, scale, window))
+        out = _RT.miss(ATTENTION, operation, key, (q, k, v, attn_mask, is_causal, dropout_p, scale, window), family)
     elif plan.gate.blocked:
         out = plan.run(q, k, v, attn_mask, is_causal, dropout_p, scale, window)
     else:
         plan.stats.calls += 1
         try:
-            out = plan.fn(q, k, v, attn_mask, is_causal, dropout_p, scale, window)
+            if scale is None and plan.direct is not None:  # PyTorch's SDPA itself: q, k and v say it all
+                out = plan.direct(q, k, v)
+            else:
+                out = plan.fn(q, k, v, attn_mask, is_causal, dropout_p, scale, window)
         except Exception as exc:
             out = _RT.recover(plan, (q, k, v, attn_mask, is_causal, dropout_p, scale, window), 0, exc)
     # ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ fresh random inputs for tests, tuning and benchmarks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -108,6 +108,14 @@ class OpDef:
     def args_from_inputs(self, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]
                          ) -> tuple[Any, ...]:
         """Canonical args from a ``dispatch()`` inputs dict (documented names per operation)."""
+        raise NotImplementedError
+
+    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[Hashable | None, Hashable]:
+        """``(family, key)``: the plan-cache keys the op's hot path builds for ``args``.
+
+        ``key`` names one exact call shape; ``family`` (None for ops without shape-free plans) is the
+        same without any shape: dtype, device and the flags selection looks at.
+        """
         raise NotImplementedError
 
     def describe(self, args: Sequence[Any]) -> str:

@@ -19,7 +19,7 @@ import torch
 from layerzero.context import SelectionContext
 from layerzero.ops._shared import half_cos_sin
 from layerzero.ops.base import OpDef, layout_problem, pick
-from layerzero.policy.scope import SCOPE
+from layerzero.policy.scope import LIVE, SCOPE
 from layerzero.runtime import get_runtime
 
 __all__ = ["rope", "swiglu", "gelu", "silu", "ROPE", "SWIGLU", "GELU", "SILU", "rope_reference", "half_cos_sin"]
@@ -73,6 +73,10 @@ class _UnaryLike(OpDef):
 class RopeOp(_UnaryLike):
     family = "rope"
     arg_names = ("x", "cos", "sin", "interleaved")
+
+    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[None, tuple[Any, ...]]:
+        x, cos, sin, interleaved = args
+        return None, ("rope", x.shape, x.dtype, x.device, cos.shape, interleaved)
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         x, cos, sin, interleaved = args
@@ -131,6 +135,10 @@ class SwigluOp(_UnaryLike):
     family = "swiglu"
     arg_names = ("gate", "up")
 
+    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[None, tuple[Any, ...]]:
+        gate = args[0]
+        return None, ("swiglu", gate.shape, gate.dtype, gate.device)
+
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         gate, up = args
         self._tensor(operation, args, "gate", gate)
@@ -159,6 +167,11 @@ class GeluOp(_UnaryLike):
     family = "gelu"
     arg_names = ("x", "approximate")
 
+    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        x, approximate = args
+        family = ("gelu", x.dtype, x.device, approximate)
+        return family, (family, x.shape)
+
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         self._tensor(operation, args, "x", args[0])
         if args[1] not in ("none", "tanh"):
@@ -186,6 +199,11 @@ class GeluOp(_UnaryLike):
 class SiluOp(_UnaryLike):
     family = "silu"
     arg_names = ("x",)
+
+    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        x = args[0]
+        family = ("silu", x.dtype, x.device)
+        return family, (family, x.shape)
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         self._tensor(operation, args, "x", args[0])
@@ -220,7 +238,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
     """
     try:
         key = ("rope", x.shape, x.dtype, x.device, cos.shape, interleaved)
-        scope = SCOPE.get()
+        scope = SCOPE.get() if LIVE.scopes else None
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
     except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
         plan = key = None
@@ -243,7 +261,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """
     try:
         key = ("swiglu", gate.shape, gate.dtype, gate.device)
-        scope = SCOPE.get()
+        scope = SCOPE.get() if LIVE.scopes else None
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
     except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
         plan = key = None
@@ -261,13 +279,17 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """GELU, exact (``"none"``) or tanh-approximated (``"tanh"``)."""
     try:
-        key = ("gelu", x.shape, x.dtype, x.device, approximate)
-        scope = SCOPE.get()
-        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
+        family = ("gelu", x.dtype, x.device, approximate)
+        scope = SCOPE.get() if LIVE.scopes else None
+        plans = _RT.plans.data if scope is None else scope.plans
+        plan = plans.get(family)
+        if plan is None:
+            key = (family, x.shape)
+            plan = plans.get(key)
     except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
-        plan = key = None
+        plan = key = family = None
     if plan is None:
-        return _RT.miss(GELU, "gelu", key, (x, approximate))
+        return _RT.miss(GELU, "gelu", key, (x, approximate), family)
     if plan.gate.blocked:
         return plan.run(x, approximate)
     plan.stats.calls += 1
@@ -280,13 +302,17 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 def silu(x: torch.Tensor) -> torch.Tensor:
     """SiLU (swish): ``x * sigmoid(x)``."""
     try:
-        key = ("silu", x.shape, x.dtype, x.device)
-        scope = SCOPE.get()
-        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
+        family = ("silu", x.dtype, x.device)
+        scope = SCOPE.get() if LIVE.scopes else None
+        plans = _RT.plans.data if scope is None else scope.plans
+        plan = plans.get(family)
+        if plan is None:
+            key = (family, x.shape)
+            plan = plans.get(key)
     except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
-        plan = key = None
+        plan = key = family = None
     if plan is None:
-        return _RT.miss(SILU, "silu", key, (x,))
+        return _RT.miss(SILU, "silu", key, (x,), family)
     if plan.gate.blocked:
         return plan.run(x)
     plan.stats.calls += 1

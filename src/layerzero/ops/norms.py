@@ -13,7 +13,7 @@ import torch
 
 from layerzero.context import SelectionContext
 from layerzero.ops.base import OpDef, layout_problem, pick
-from layerzero.policy.scope import SCOPE
+from layerzero.policy.scope import LIVE, SCOPE
 from layerzero.runtime import get_runtime
 
 __all__ = ["rms_norm", "layer_norm", "RMS_NORM", "LAYER_NORM", "RMSNormOp", "LayerNormOp"]
@@ -68,6 +68,11 @@ class _RowOp(OpDef):
 
 class RMSNormOp(_RowOp):
     family = "rms_norm"
+
+    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        x, weight, eps = args
+        family = ("rms_norm", x.dtype, x.device, weight is None, eps)
+        return family, (family, x.shape)
     arg_names = ("x", "weight", "eps")
     params = ("weight",)
 
@@ -97,6 +102,11 @@ class RMSNormOp(_RowOp):
 
 class LayerNormOp(_RowOp):
     family = "layer_norm"
+
+    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        x, weight, bias, eps = args
+        family = ("layer_norm", x.dtype, x.device, weight is None, bias is None, eps)
+        return family, (family, x.shape)
     arg_names = ("x", "weight", "bias", "eps")
     params = ("weight", "bias")
 
@@ -141,19 +151,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     Example:
         >>> y = lz.rms_norm(x, weight, eps=1e-6)
     """
-    # ---- cached hot path ----------------------------------------------------------------
+    # ---- cached hot path (see lz.attention) ---------------------------------------------
     try:
-        key = ("rms_norm", x.shape, x.dtype, x.device, weight is None, eps)
-        scope = SCOPE.get()
-        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
+        family = ("rms_norm", x.dtype, x.device, weight is None, eps)
+        scope = SCOPE.get() if LIVE.scopes else None
+        plans = _RT.plans.data if scope is None else scope.plans
+        plan = plans.get(family)
+        if plan is None:
+            key = (family, x.shape)
+            plan = plans.get(key)
     except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
-        plan = key = None
+        plan = key = family = None
     if plan is None:
-        return _RT.miss(RMS_NORM, "rms_norm", key, (x, weight, eps))
+        return _RT.miss(RMS_NORM, "rms_norm", key, (x, weight, eps), family)
     if plan.gate.blocked:
         return plan.run(x, weight, eps)
     plan.stats.calls += 1
     try:
+        if plan.direct is not None:  # torch.rms_norm itself, with the plan's normalized shape
+            return plan.direct(x, plan.const, weight, eps)
         return plan.fn(x, weight, eps)
     except Exception as exc:
         return _RT.recover(plan, (x, weight, eps), 0, exc)
@@ -167,17 +183,23 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
         >>> y = lz.layer_norm(x, weight, bias)
     """
     try:
-        key = ("layer_norm", x.shape, x.dtype, x.device, weight is None, bias is None, eps)
-        scope = SCOPE.get()
-        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
+        family = ("layer_norm", x.dtype, x.device, weight is None, bias is None, eps)
+        scope = SCOPE.get() if LIVE.scopes else None
+        plans = _RT.plans.data if scope is None else scope.plans
+        plan = plans.get(family)
+        if plan is None:
+            key = (family, x.shape)
+            plan = plans.get(key)
     except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
-        plan = key = None
+        plan = key = family = None
     if plan is None:
-        return _RT.miss(LAYER_NORM, "layer_norm", key, (x, weight, bias, eps))
+        return _RT.miss(LAYER_NORM, "layer_norm", key, (x, weight, bias, eps), family)
     if plan.gate.blocked:
         return plan.run(x, weight, bias, eps)
     plan.stats.calls += 1
     try:
+        if plan.direct is not None:  # torch.layer_norm itself, with the plan's normalized shape
+            return plan.direct(x, plan.const, weight, bias, eps)
         return plan.fn(x, weight, bias, eps)
     except Exception as exc:
         return _RT.recover(plan, (x, weight, bias, eps), 0, exc)

@@ -16,7 +16,7 @@ import torch
 
 from layerzero.context import SelectionContext
 from layerzero.ops.base import OpDef, layout_problem, pick
-from layerzero.policy.scope import SCOPE
+from layerzero.policy.scope import LIVE, SCOPE
 from layerzero.runtime import get_runtime
 
 __all__ = ["sample", "SAMPLE", "SampleOp", "filtered_probs", "sampling_operation"]
@@ -52,6 +52,10 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int | None, 
 class SampleOp(OpDef):
     family = "sample"
     arg_names = ("logits", "temperature", "top_k", "top_p", "generator")
+
+    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[None, tuple[Any, ...]]:
+        logits = args[0]
+        return None, (operation, logits.shape, logits.dtype, logits.device)
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         logits, temperature, top_k, top_p, generator = args
@@ -127,7 +131,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
         operation = "sample.temperature"
     try:
         key = (operation, logits.shape, logits.dtype, logits.device)
-        scope = SCOPE.get()
+        scope = SCOPE.get() if LIVE.scopes else None
         plan = (_RT.plans.data if scope is None else scope.plans).get(key)
     except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
         plan = key = None

@@ -4,17 +4,36 @@
 whose rules come before the process-wide policy. Each distinct scoped policy
 gets its own plan dictionary (keyed by the policy digest, kept by the
 runtime), so the cached hot path stays a dictionary read inside a scope too.
+
+Reading a ContextVar costs about 0.1 us on a small CPU, so the hot path reads
+:data:`SCOPE` only while some :class:`Scope` exists (``LIVE.scopes``): a scope
+lives as long as a context refers to it, including an asyncio task that
+copied the context inside a ``with`` block and outlives it.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
 from layerzero.policy.model import Policy, Rule
 
-__all__ = ["Scope", "current_scope", "SCOPE"]
+__all__ = ["Scope", "current_scope", "SCOPE", "LIVE"]
+
+
+class _Live:
+    """How many :class:`Scope` objects exist; while none does, no context can be inside one."""
+
+    __slots__ = ("scopes",)
+
+    def __init__(self) -> None:
+        self.scopes = 0
+
+
+LIVE = _Live()
+_live_lock = threading.Lock()
 
 
 class Scope:
@@ -33,6 +52,12 @@ class Scope:
         self.plans = plans
         self.parent = parent
         self.hides = hides
+        with _live_lock:
+            LIVE.scopes += 1
+
+    def __del__(self) -> None:
+        with _live_lock:
+            LIVE.scopes -= 1
 
 
 SCOPE: ContextVar[Scope | None] = ContextVar("layerzero_policy_scope", default=None)

@@ -127,6 +127,12 @@ class PlanCache:
                 if self.on_evict is not None:
                     self.on_evict(1)
 
+    def discard(self, key: Hashable) -> None:
+        """Drop one entry if present."""
+        with self._lock:
+            self.data.pop(key, None)
+            self._born.pop(key, None)
+
     def keys(self) -> list[Hashable]:
         return list(self.data.keys())
 

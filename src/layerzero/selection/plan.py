@@ -9,7 +9,15 @@ it was chosen for, and what the cached hot path reads:
   the op calls ``run`` instead (breaker open, timing or verify mode, or a guard
   for a flag the cache key does not carry such as grad mode);
 * ``stats``: the kernel's telemetry counters (a throwaway sink when disabled);
-* ``run``: the slow runner with fallback, timing and checks.
+* ``run``: the slow runner with fallback, timing and checks;
+* ``direct`` / ``const``: when the kernel is a PyTorch function the op can call
+  without an adapter frame, that function (and the constant it takes, e.g. the
+  bound ``normalized_shape``); ``None`` otherwise. ``lz.attention`` calls
+  ``direct(q, k, v)`` when ``scale`` is None, ``lz.rms_norm``
+  ``direct(x, const, weight, eps)``, ``lz.layer_norm``
+  ``direct(x, const, weight, bias, eps)``;
+* ``family``: for a shape-free plan (one plan serving every shape of a call
+  family, keyed without shapes), that family key; ``None`` for a plan of one shape.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ class ExecutionPlan:
     """The selected kernel, its ranked fallbacks, and the runner that calls them."""
 
     __slots__ = ("operation", "op", "kernels", "context", "locked_by", "policy_digest", "source", "fn", "gate",
-                 "stats", "run", "__weakref__")
+                 "stats", "run", "family", "direct", "const", "__weakref__")
 
     def __init__(self, operation: str, op: OpDef, kernels: tuple[KernelSpec, ...], context: SelectionContext,
                  *, locked_by: str | None = None, policy_digest: str = "", source: str = "selection") -> None:
@@ -45,6 +53,9 @@ class ExecutionPlan:
         self.gate: Any = None
         self.stats: Any = None
         self.run: Callable[..., Any] = _unbound
+        self.family: Any = None
+        self.direct: Callable[..., Any] | None = None
+        self.const: Any = None
 
     @property
     def selected(self) -> KernelSpec:
@@ -65,7 +76,8 @@ class ExecutionPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"operation": self.operation, "kernel_id": self.kernel_id,
                 "fallbacks": [k.kernel_id for k in self.kernels[1:]], "locked_by": self.locked_by,
-                "policy_digest": self.policy_digest, "source": self.source, "context": self.context.to_dict()}
+                "policy_digest": self.policy_digest, "source": self.source, "shape_free": self.family is not None,
+                "context": self.context.to_dict()}
 
 
 def _unbound(*args: Any) -> Any:

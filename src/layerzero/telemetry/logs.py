@@ -34,6 +34,7 @@ EVENTS: dict[str, int] = {
     "policy_change": logging.INFO,
     "perf_lookup_failed": logging.WARNING,
     "cache_invalidated": logging.DEBUG,
+    "shape_free_plan_dropped": logging.INFO,  # a call family went back to one plan per shape
 }
 
 _MAX_VALUE = 300

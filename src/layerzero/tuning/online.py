@@ -39,6 +39,12 @@ _MAX_SEEN = 1_000_000
 class OnlineTuner:
     """``Runtime.on_miss`` hook that measures new buckets within the configured budget."""
 
+    @property
+    def needs_every_shape(self) -> bool:
+        """While online tuning is on it must see the first call of every bucket, so the runtime makes
+        no shape-free plans (:meth:`Runtime.shape_free_reason`)."""
+        return self.runtime.config.online_tuning
+
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.buckets_tuned = 0

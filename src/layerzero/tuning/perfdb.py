@@ -88,6 +88,7 @@ _COLUMNS = frozenset({"hardware", "libraries", "kernel_id", "operation", "dtype"
 _LOOKUP = (f"SELECT substr(kernel_id, 1, 129), substr(libraries, 1, {MAX_TEXT + 1}), median_us, spread_us, samples, "
            "failed, substr(source, 1, 33) FROM measurements "
            "WHERE hardware = ? AND operation = ? AND dtype = ? AND bucket = ? ORDER BY kernel_id, libraries LIMIT ?")
+_ANY_ROW = "SELECT 1 FROM measurements WHERE hardware = ? AND operation = ? AND dtype = ? LIMIT 1"
 _UPSERT = ("INSERT OR REPLACE INTO measurements (hardware, libraries, kernel_id, operation, dtype, bucket, "
            "median_us, spread_us, samples, failed, error, source, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)")
 
@@ -349,6 +350,26 @@ class PerfDB:
                 self._memo.clear()
             self._memo[key] = out
         return out
+
+    def has_rows(self, hardware: str, operation: str, dtype: str) -> bool:
+        """Whether any shape bucket of ``(hardware, operation, dtype)`` has a stored measurement.
+
+        Cached like :meth:`lookup`; never raises. A database that cannot be read right now counts as
+        having rows (the caller then assumes measurements may rank by shape).
+        """
+        key = (hardware, operation, dtype, "\0any")
+        self._maybe_refresh()
+        found = self._memo.get(key)
+        if found is not None:
+            return bool(found)
+        rows = self._read(_ANY_ROW, (hardware, operation, dtype))
+        if rows is None:
+            return True
+        with self._lock:
+            if len(self._memo) >= _MEMO_LIMIT:
+                self._memo.clear()
+            self._memo[key] = {"": ("", Measurement(0.0))} if rows else {}
+        return bool(rows)
 
     def _read(self, sql: str, params: tuple[Any, ...], limit: int = MAX_ROWS) -> list[tuple[Any, ...]] | None:
         """Run a query; ``None`` when the database cannot be used right now (logged, never raised)."""

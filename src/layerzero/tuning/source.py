@@ -87,6 +87,14 @@ class PerfDBSource:
     def _changed(self) -> None:
         self.runtime.invalidate("performance data changed")
 
+    def has_data(self, operation: str, ctx: SelectionContext) -> bool:
+        """Whether any shape bucket of ``operation`` has measurements for ``ctx``'s hardware and dtype
+        (:meth:`Runtime.shape_free_reason` asks: measured times may rank kernels differently per shape)."""
+        db = self.db
+        if db is None or ctx.dtype is None:
+            return False
+        return db.has_rows(hardware_fingerprint(ctx.device).digest, operation, ctx.dtype_name or "")
+
     def __call__(self, operation: str, ctx: SelectionContext, specs: tuple[KernelSpec, ...]
                  ) -> dict[str, Measurement]:
         db = self.db

@@ -1,0 +1,262 @@
+"""Shape-free plans: one plan serving every shape of a call family, keyed without shapes.
+
+The lz.* hot path first looks up the family key (operation, dtype, device and the keyed flags); only
+when no shape-free plan exists does it build the exact-shape key. These tests check when a family gets
+such a plan, that calls of new shapes through it are correct and never select, and that a shape its
+kernel cannot run sends the family back to exact-shape plans with a correct result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+
+import pytest
+import torch
+
+import layerzero as lz
+from layerzero.dispatch.config import DispatchConfig
+from layerzero.errors import InvalidInputError
+from layerzero.inspection import cache_keys
+from layerzero.ops.attention import attention_reference
+from layerzero.policy.scope import LIVE
+from layerzero.spec import KernelSpec
+from layerzero.tuning.fingerprint import hardware_fingerprint
+from layerzero.tuning.perfdb import Record
+
+ATOL = 1e-5
+
+
+def rnd(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype) + 0.5
+
+
+def misses(rt) -> int:
+    return rt.telemetry.cache_stats.misses
+
+
+def family_of(operation: str, args: tuple) -> object:
+    return cache_keys(operation, args)[0]
+
+
+def test_attention_family_serves_new_shapes_without_selection(runtime) -> None:
+    q, k, v = rnd(1, 8, 1, 64), rnd(1, 8, 128, 64), rnd(1, 8, 128, 64)
+    lz.attention(q, k, v)
+    fam = family_of("attention.full", (q, k, v, None, False, 0.0, None, None))
+    plan = runtime.plans.data[fam]
+    assert plan.family == fam and plan.kernel_id == "torch_sdpa"
+    before = misses(runtime)
+    for b, h, sq, sk, d in ((2, 4, 7, 33, 32), (1, 8, 128, 128, 64), (3, 2, 1, 500, 128)):
+        q, k, v = rnd(b, h, sq, d), rnd(b, h, sk, d), rnd(b, h, sk, d)
+        out = lz.attention(q, k, v)
+        torch.testing.assert_close(out.double(), attention_reference(q, k, v), atol=ATOL, rtol=ATOL)
+    assert misses(runtime) == before  # no selection for any of the new shapes
+    assert plan.stats.calls >= 3
+
+
+def test_causal_and_bshd_calls_use_their_own_family(runtime) -> None:
+    q, k, v = rnd(2, 16, 4, 32), rnd(2, 16, 4, 32), rnd(2, 16, 4, 32)  # BSHD
+    out = lz.attention(q, k, v, is_causal=True, layout="BSHD")
+    ref = attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    torch.testing.assert_close(out.double(), ref.transpose(1, 2), atol=ATOL, rtol=ATOL)
+    fam = family_of("attention.causal", (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0,
+                                         None, None))
+    assert runtime.plans.data[fam].fn.__name__ == "torch_sdpa_causal"
+    q2 = rnd(1, 9, 4, 32)
+    out = lz.attention(q2, q2, q2, is_causal=True, layout="BSHD")
+    ref = attention_reference(*(t.transpose(1, 2) for t in (q2, q2, q2)), is_causal=True)
+    torch.testing.assert_close(out.double(), ref.transpose(1, 2), atol=ATOL, rtol=ATOL)
+
+
+def test_scale_reaches_the_kernel_through_a_shape_free_plan() -> None:
+    q, k, v = rnd(1, 2, 3, 16), rnd(1, 2, 5, 16), rnd(1, 2, 5, 16)
+    lz.attention(q, k, v)
+    q, k, v = rnd(1, 2, 4, 16), rnd(1, 2, 6, 16), rnd(1, 2, 6, 16)
+    out = lz.attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(out.double(), attention_reference(q, k, v, scale=0.3), atol=ATOL, rtol=ATOL)
+
+
+def test_gqa_call_sends_the_family_back_to_exact_shape_plans(runtime, caplog: pytest.LogCaptureFixture) -> None:
+    q = rnd(1, 8, 4, 32)
+    lz.attention(q, q, q)
+    fam = family_of("attention.full", (q, q, q, None, False, 0.0, None, None))
+    assert fam in runtime.plans.data
+    qg, kg, vg = rnd(1, 8, 4, 32), rnd(1, 2, 6, 32), rnd(1, 2, 6, 32)  # F.sdpa without enable_gqa raises
+    with caplog.at_level(logging.INFO, logger="layerzero"):
+        out = lz.attention(qg, kg, vg)
+    torch.testing.assert_close(out.double(), attention_reference(qg, kg, vg), atol=ATOL, rtol=ATOL)
+    assert fam not in runtime.plans.data and fam in runtime._exact_only
+    assert any("event=shape_free_plan_dropped" in r.getMessage() and "kernel=torch_sdpa" in r.getMessage()
+               for r in caplog.records)
+    assert runtime.breakers.get("torch_sdpa").stats().failures == 0  # not the kernel's fault
+    # every later call goes the exact-shape way, and no new shape-free plan is made for the family
+    before = misses(runtime)
+    q3 = rnd(2, 8, 3, 32)
+    torch.testing.assert_close(lz.attention(q3, q3, q3).double(), attention_reference(q3, q3, q3), atol=ATOL,
+                               rtol=ATOL)
+    assert misses(runtime) == before + 1 and fam not in runtime.plans.data
+    assert "a shape of this family needed another kernel" in str(lz.explain(q3, q3, q3, operation="attention.full"))
+    runtime.invalidate("test")  # a new epoch forgets the demotion
+    lz.attention(q3, q3, q3)
+    assert fam in runtime.plans.data
+
+
+def test_bad_input_on_a_shape_free_plan_raises_ours_and_keeps_the_plan(runtime) -> None:
+    q = rnd(1, 2, 4, 16)
+    lz.attention(q, q, q)
+    fam = family_of("attention.full", (q, q, q, None, False, 0.0, None, None))
+    with pytest.raises(InvalidInputError, match="share a dtype"):
+        lz.attention(rnd(1, 2, 3, 16), rnd(1, 2, 3, 16, dtype=torch.float64), rnd(1, 2, 3, 16))
+    with pytest.raises(InvalidInputError, match="head dims differ"):
+        lz.attention(rnd(1, 2, 3, 16), rnd(1, 2, 3, 8), rnd(1, 2, 3, 8))
+    # v with k's heads but a shorter sequence: PyTorch's CPU flash kernel would read past it
+    with pytest.raises(InvalidInputError, match="k and v must agree"):
+        lz.attention(rnd(1, 2, 3, 16), rnd(1, 2, 8, 16), torch.randn(1, 2, 8, 16)[:, :, :5])
+    assert fam in runtime.plans.data and fam not in runtime._exact_only
+
+
+def test_rms_norm_new_rows_share_a_plan_and_a_new_hidden_size_drops_it(runtime) -> None:
+    w = rnd(64)
+    lz.rms_norm(rnd(3, 64), w)
+    fam = family_of("rms_norm", (rnd(1, 64), w, 1e-6))
+    plan = runtime.plans.data[fam]
+    assert plan.direct is torch.rms_norm and plan.const == (64,)
+    before = misses(runtime)
+    for rows in (1, 17, 300):
+        x = rnd(rows, 64)
+        ref = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)) * w.double()
+        torch.testing.assert_close(lz.rms_norm(x, w).double(), ref, atol=1e-5, rtol=1e-5)
+    assert misses(runtime) == before
+    x, w2 = rnd(5, 32), rnd(32)  # the bound normalized_shape (64,) does not fit: torch raises
+    ref = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)) * w2.double()
+    torch.testing.assert_close(lz.rms_norm(x, w2).double(), ref, atol=1e-5, rtol=1e-5)
+    assert fam in runtime._exact_only and fam not in runtime.plans.data
+
+
+@pytest.mark.parametrize("call", ["layer_norm", "gelu", "silu"])
+def test_other_ops_with_shape_free_torch_kernels(runtime, call: str) -> None:
+    fn = getattr(lz, call)
+    for rows in (2, 9):
+        x = rnd(rows, 48)
+        if call == "layer_norm":
+            w, b = rnd(48), rnd(48)
+            out, ref = fn(x, w, b), torch.nn.functional.layer_norm(x.double(), (48,), w.double(), b.double())
+        elif call == "gelu":
+            out, ref = fn(x), torch.nn.functional.gelu(x.double())
+        else:
+            out, ref = fn(x), torch.nn.functional.silu(x.double())
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert any(getattr(p, "family", None) is not None for p in runtime.plans.data.values())
+
+
+def test_config_switch_and_environment_variable(runtime) -> None:
+    assert DispatchConfig.from_env({"LAYERZERO_SHAPE_FREE_PLANS": "0"}).shape_free_plans is False
+    runtime.configure(runtime.config.replace(shape_free_plans=False))
+    q = rnd(1, 2, 3, 16)
+    lz.attention(q, q, q)
+    assert all(p.family is None for p in runtime.plans.data.values())
+    exp = lz.explain(q, q, q, operation="attention.full")
+    assert exp.shape_free == "shape_free_plans is off" and "plan: one per shape (shape_free_plans is off)" in str(exp)
+
+
+def test_conditional_policy_rules_keep_plans_per_shape(runtime) -> None:
+    q = rnd(1, 2, 3, 16)
+    with lz.lock("attention.full", "torch_sdpa_math", condition="seq_len_q > 1000"):
+        lz.attention(q, q, q)
+        assert all(p.family is None for p in runtime.scoped_plans(runtime.current_policy()).values())
+        assert "conditional policy rule" in lz.explain(q, q, q, operation="attention.full").shape_free
+    with lz.lock("attention.full", "torch_sdpa"):  # unconditional: the same for every shape
+        lz.attention(q, q, q)
+        assert lz.explain(q, q, q, operation="attention.full").shape_free == "yes"
+
+
+def test_scopes_are_counted_while_any_context_holds_one() -> None:
+    gc.collect()
+    start = LIVE.scopes
+    with lz.lock("rms_norm", "torch_rms_norm_composed"):
+        assert LIVE.scopes == start + 1
+        x, w = rnd(2, 8), rnd(8)
+        assert lz.which("rms_norm", x, w) == "torch_rms_norm_composed"
+        lz.rms_norm(x, w)
+
+    async def inherit() -> str:
+        with lz.lock("rms_norm", "torch_rms_norm_composed"):
+            task = asyncio.ensure_future(asyncio.sleep(0, result=None))  # copies the context inside the block
+            inner = asyncio.get_running_loop().create_task(_which_later())
+        await task
+        return await inner  # runs after the block closed, still inside the scope it copied
+
+    assert asyncio.run(inherit()) == "torch_rms_norm_composed"
+    gc.collect()
+    assert LIVE.scopes == start
+
+
+async def _which_later() -> str:
+    await asyncio.sleep(0)
+    x, w = rnd(2, 8), rnd(8)
+    lz.rms_norm(x, w)
+    plans = [p for p in lz.get_runtime().plans.data.values() if p.operation == "rms_norm"]
+    assert all(p.kernel_id != "torch_rms_norm_composed" for p in plans)  # the scope's plans are its own
+    return lz.which("rms_norm", x, w)
+
+
+def test_a_higher_priority_kernel_rejected_for_a_shape_reason_blocks_shape_free(runtime) -> None:
+    calls = []
+
+    def small_rms(x, weight, eps):  # type: ignore[no-untyped-def]
+        calls.append(x.shape)
+        return torch.rms_norm(x, x.shape[-1:], weight, eps)
+
+    spec = KernelSpec("test_small_rms", "rms_norm", "custom", small_rms, priority=99, max_hidden_size=64)
+    lz.register_kernel(spec)
+    try:
+        x, w = rnd(3, 128), rnd(128)  # too wide for the custom kernel: torch_rms_norm runs it
+        lz.rms_norm(x, w)
+        reason = lz.explain(x, w, operation="rms_norm").shape_free
+        assert "test_small_rms was rejected for a shape-dependent reason (HIDDEN_TOO_LARGE)" in reason
+        x2, w2 = rnd(3, 64), rnd(64)
+        lz.rms_norm(x2, w2)  # a width the custom kernel takes: it must be selected, not a family plan
+        assert calls and calls[-1] == x2.shape
+    finally:
+        get = lz.get_runtime().kernels
+        get.unregister("test_small_rms")
+
+
+def test_measurements_for_the_family_keep_plans_per_shape(runtime, tmp_path) -> None:
+    db = lz.tuning.use_perf_db(tmp_path / "perf.db")
+    try:
+        x, w = rnd(4, 32), rnd(32)
+        lz.rms_norm(x, w)
+        assert lz.explain(x, w, operation="rms_norm").shape_free == "yes"
+        hw = hardware_fingerprint(torch.device("cpu")).digest
+        db.record([Record(hw, "torch=0", "torch_rms_norm", "rms_norm", "float32", "n=4096;hidden=4096;grad=0",
+                          5.0, 0.1, 10)])
+        assert db.has_rows(hw, "rms_norm", "float32") and not db.has_rows(hw, "rms_norm", "float16")
+        lz.rms_norm(x, w)
+        assert "performance database has measurements" in lz.explain(x, w, operation="rms_norm").shape_free
+        assert all(p.family is None for p in runtime.plans.data.values() if p.operation == "rms_norm")
+    finally:
+        lz.tuning.detach_perf_db()
+        db.close()
+
+
+def test_online_tuning_keeps_plans_per_shape(runtime, tmp_path) -> None:
+    lz.tuning.use_perf_db(tmp_path / "online.db")
+    lz.tuning.enable_online_tuning(runtime)
+    runtime.configure(runtime.config.replace(online_tuning=True, online_tuning_budget_ms=1.0))
+    x, w = rnd(2, 16), rnd(16)
+    lz.rms_norm(x, w)
+    assert all(p.family is None for p in runtime.plans.data.values())
+    assert lz.explain(x, w, operation="rms_norm").shape_free == "online tuning measures each new shape bucket"
+    lz.tuning.detach_perf_db()
+
+
+def test_open_breaker_on_the_family_kernel_routes_calls_through_fallbacks(runtime) -> None:
+    q = rnd(1, 2, 3, 16)
+    lz.attention(q, q, q)
+    runtime.breakers.get("torch_sdpa").trip(RuntimeError("test"))
+    q2, k2 = rnd(2, 2, 5, 16), rnd(2, 2, 7, 16)
+    out = lz.attention(q2, k2, k2)
+    torch.testing.assert_close(out.double(), attention_reference(q2, k2, k2), atol=ATOL, rtol=ATOL)
+    assert lz.get_runtime().last_run.value[0].kernel_id != "torch_sdpa"
