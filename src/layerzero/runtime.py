@@ -360,9 +360,10 @@ class Runtime:
                 family = self._families.setdefault(family, family) if len(self._families) < 10_000 else family
                 key = (family, *key[1:])  # exact keys of one family share its tuple (memory per plan)
             entries = [(key, plan)]
-            if (family is not None and family not in self._exact_only and getattr(self.last_run, "value", None)
-                    == (plan, 0) and self.shape_free_reason(sel, policy) is None):
-                entries.append((family, self._family_plan(plan, family)))
+            if family is not None and getattr(self.last_run, "value", None) == (plan, 0):
+                free = self.family_plan(plan, sel, family, policy)
+                if free is not None:
+                    entries.append((family, free))
             if scope is None:
                 for k, p in entries:
                     plans.put(k, p, version=cache_version)
@@ -429,6 +430,15 @@ class Runtime:
             return bool(probe(operation, ctx))
         except Exception:
             return True
+
+    def family_plan(self, plan: ExecutionPlan, sel: Selection, family: Hashable, policy: Policy | None = None
+                    ) -> ExecutionPlan | None:
+        """The shape-free plan to cache under ``family`` for a plan just made from ``sel``, or None when the
+        family must keep one plan per shape (:meth:`shape_free_reason`, or a shape of it already needed
+        another kernel since the last invalidation)."""
+        if family in self._exact_only or self.shape_free_reason(sel, policy) is not None:
+            return None
+        return self._family_plan(plan, family)
 
     def _family_plan(self, plan: ExecutionPlan, family: Hashable) -> ExecutionPlan:
         """A copy of ``plan`` (its selected kernel only) for the family key: while its kernel's breaker
