@@ -41,7 +41,7 @@ def test_doctor_json_sections(runs):
     assert {k["kernel_id"] for k in report["kernels"]} == {s.kernel_id for s in lz.list_kernels()}
     cfg = report["config"]
     assert cfg["dispatch_config"]["cache_size"] == 123
-    assert cfg["changed_from_defaults"] == {"cache_size": 123}
+    assert cfg["changed_from_defaults"] == {"cache_size": 123, "perf_db_path": str(db)}
     assert cfg["environment"]["LAYERZERO_CACHE_SIZE"] == "123"
     perf = report["perf_db"]
     assert (perf["available"], perf["path"], perf["exists"], perf["entries"]) == (True, str(db), False, 0)

@@ -268,6 +268,35 @@ def test_kernel_matches_float64_reference(kernel_id: str, device: str, dtype: to
     _assert_close(out, ref, spec, dtype, case.label)
 
 
+_SPECIALIZED = [p for p in _FORWARD if get_global_kernel_registry().get(p.values[0]).specialize is not None]
+
+
+@pytest.mark.parametrize(("kernel_id", "device", "dtype", "case"), _SPECIALIZED)
+def test_specialized_kernel_matches_float64_reference(kernel_id: str, device: str, dtype: torch.dtype,
+                                                      case: Case) -> None:
+    """What a plan runs: the spec's specialization for the call's context (constants bound, fewer arguments
+    to PyTorch), and its ``direct`` form that the ops call without an adapter frame."""
+    spec = get_global_kernel_registry().get(kernel_id)
+    op = op_for(case.operation)
+    args = _run_args(kernel_id, device, dtype, case, f"{kernel_id}-{case.label}-special")
+    _, fn = spec.specialize(op.context(case.operation, args))
+    ref = op.reference(case.operation, args)
+    with torch.no_grad():
+        outs = {"specialized": fn(*args)}
+        direct = getattr(fn, "direct", None)
+        if direct is not None:
+            if op.family == "attention":
+                if args[6] is None:  # lz.attention calls direct(q, k, v) only without a scale
+                    outs["direct"] = direct(*args[:3])
+            elif op.family == "rms_norm":
+                outs["direct"] = direct(args[0], fn.const, args[1], args[2])
+            else:
+                outs["direct"] = direct(args[0], fn.const, args[1], args[2], args[3])
+    for what, out in outs.items():
+        assert op.check_output(case.operation, args, out) is None, what
+        _assert_close(out, ref, spec, dtype, f"{case.label} ({what})")
+
+
 _ATTENTION_KERNELS = [s for s in _available_kernels() if op_for(s.operation).family == "attention"]
 _BSHD_CASE = _attn_case(2, 4, 4, 32, 32, 64, causal=True)
 

@@ -344,7 +344,7 @@ def test_a_corrupt_attached_database_never_fails_a_call(attached: PerfDB) -> Non
 def test_default_source_opens_only_once_the_file_exists(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     rt = get_runtime()
     monkeypatch.delenv("LAYERZERO_PERF_DB", raising=False)
-    monkeypatch.setattr("layerzero.tuning.perfdb.default_path", lambda: tmp_path / "nope" / "perf.db")
+    monkeypatch.setattr("layerzero.tuning.perfdb.default_path", lambda configured=None: tmp_path / "nope" / "perf.db")
     src = PerfDBSource(rt)
     ctx = lz.SelectionContext(dtype="float32", num_tokens=4, hidden_size=8)
     assert src("rms_norm", ctx, tuple(rt.kernels.for_operation("rms_norm"))) == {}
@@ -355,3 +355,30 @@ def test_default_source_opens_only_once_the_file_exists(monkeypatch: pytest.Monk
 def test_get_perf_db_returns_the_attached_database(attached: PerfDB) -> None:
     assert lz.tuning.get_perf_db() is attached
     assert os.fspath(attached.path).endswith("attached.db")
+
+
+def test_the_config_names_the_database_the_runtime_reads(tmp_path: Path) -> None:
+    """``DispatchConfig.perf_db_path`` (also from ``LAYERZERO_PERF_DB``) moves the default source to that file."""
+    from layerzero.dispatch.config import DispatchConfig
+    from layerzero.tuning.fingerprint import hardware_fingerprint
+
+    rt = get_runtime()
+    assert DispatchConfig.from_env({"LAYERZERO_PERF_DB": str(tmp_path / "env.db")}).perf_db_path == str(
+        tmp_path / "env.db")
+    with pytest.raises(ValueError, match="perf_db_path"):
+        DispatchConfig(perf_db_path="")
+    src = PerfDBSource(rt)
+    rt.measurement_source = src
+    ctx = lz.SelectionContext(dtype="float32", num_tokens=4, hidden_size=8)
+    hw = hardware_fingerprint(ctx.device).digest
+    for name, us in (("a.db", 5.0), ("b.db", 7.0)):
+        db = PerfDB(tmp_path / name)
+        db.record([rec("torch_rms_norm", us, bucket=bucket_of("rms_norm", ctx), hardware=hw,
+                       libraries=libraries_for(rt, "torch"))])
+        db.close()
+    specs = tuple(rt.kernels.for_operation("rms_norm"))
+    rt.configure(rt.config.replace(perf_db_path=str(tmp_path / "a.db")))
+    assert src("rms_norm", ctx, specs)["torch_rms_norm"].median_us == 5.0
+    rt.configure(rt.config.replace(perf_db_path=str(tmp_path / "b.db")))
+    assert src("rms_norm", ctx, specs)["torch_rms_norm"].median_us == 7.0
+    assert src.db is not None and src.db.path == tmp_path / "b.db"

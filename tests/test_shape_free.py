@@ -24,6 +24,7 @@ from layerzero.policy.scope import LIVE
 from layerzero.spec import KernelSpec
 from layerzero.tuning.fingerprint import hardware_fingerprint
 from layerzero.tuning.perfdb import Record
+from layerzero.tuning.source import libraries_for
 
 ATOL = 1e-5
 
@@ -223,18 +224,34 @@ def test_a_higher_priority_kernel_rejected_for_a_shape_reason_blocks_shape_free(
         get.unregister("test_small_rms")
 
 
-def test_measurements_for_the_family_keep_plans_per_shape(runtime, tmp_path) -> None:
+def test_measurements_that_rank_another_kernel_first_keep_plans_per_shape(runtime, tmp_path) -> None:
     db = lz.tuning.use_perf_db(tmp_path / "perf.db")
+    hw = hardware_fingerprint(torch.device("cpu")).digest
+    libs = libraries_for(runtime, "torch")
+
+    def store(bucket: str, rms_us: float, composed_us: float, libraries: str = libs) -> None:
+        db.record([Record(hw, libraries, "torch_rms_norm", "rms_norm", "float32", bucket, rms_us, 0.1, 10),
+                   Record(hw, libraries, "torch_rms_norm_composed", "rms_norm", "float32", bucket, composed_us, 0.1,
+                          10)])
+
     try:
         x, w = rnd(4, 32), rnd(32)
         lz.rms_norm(x, w)
         assert lz.explain(x, w, operation="rms_norm").shape_free == "yes"
-        hw = hardware_fingerprint(torch.device("cpu")).digest
-        db.record([Record(hw, "torch=0", "torch_rms_norm", "rms_norm", "float32", "n=4096;hidden=4096;grad=0",
-                          5.0, 0.1, 10)])
+        store("n=4096;hidden=4096;grad=0", 5.0, 9.0)  # measured, and the priority choice is faster: still free
         assert db.has_rows(hw, "rms_norm", "float32") and not db.has_rows(hw, "rms_norm", "float16")
         lz.rms_norm(x, w)
-        assert "performance database has measurements" in lz.explain(x, w, operation="rms_norm").shape_free
+        assert lz.explain(x, w, operation="rms_norm").shape_free == "yes"
+        assert any(p.family is not None for p in runtime.plans.data.values())
+        store("n=8;hidden=64;grad=0", 5.0, 4.0, libraries="torch=0.0-other")  # another torch version: ignored
+        lz.rms_norm(x, w)
+        assert lz.explain(x, w, operation="rms_norm").shape_free == "yes"
+        store("n=16;hidden=8192;grad=0", 9.0, 5.0)  # another kernel wins a bucket of the family
+        before = runtime.telemetry.cache_stats.misses
+        lz.rms_norm(x, w)
+        assert runtime.telemetry.cache_stats.misses == before + 1  # the write invalidated the plans
+        reason = lz.explain(x, w, operation="rms_norm").shape_free
+        assert reason == "measured times rank torch_rms_norm_composed first for bucket n=16;hidden=8192;grad=0"
         assert all(p.family is None for p in runtime.plans.data.values() if p.operation == "rms_norm")
     finally:
         lz.tuning.detach_perf_db()

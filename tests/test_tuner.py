@@ -288,3 +288,66 @@ def test_tuning_on_cuda_drives_selection(attached: PerfDB) -> None:
         args = lz.ops.op_for(op).make_inputs(op, b.context)
         chosen = lz.which(op, *args[:3]) if op.startswith("attention") else lz.which(op, args[0], args[1])
         assert chosen == b.selected
+
+
+def _busy(us: float) -> None:
+    import time as _t
+
+    end = _t.perf_counter() + us / 1e6
+    while _t.perf_counter() < end:
+        pass
+
+
+def _timed_rms(cost_us):  # type: ignore[no-untyped-def]
+    """An rms_norm kernel that spins ``cost_us(call_number)`` microseconds per call."""
+    calls = [0]
+
+    def kernel(x, weight, eps):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        _busy(cost_us(calls[0]))
+        return torch.rms_norm(x, x.shape[-1:], weight, eps)
+
+    return kernel, calls
+
+
+def test_a_winner_whose_lead_does_not_survive_retiming_loses_to_the_priority_choice(user_kernels) -> None:
+    """The first measurement of ``fluke`` is fast (its first 210 calls); timed again alternately with the
+    priority choice it is as slow: the confirmation turns the lead into a tie, which priority breaks."""
+    slow, _ = _timed_rms(lambda n: 300.0)
+    fluke, calls = _timed_rms(lambda n: 100.0 if n <= 210 else 300.0)
+    a = user_kernels(KernelSpec("test_prio_rms", "rms_norm", "custom", slow, priority=99))
+    b = user_kernels(KernelSpec("test_fluke_rms", "rms_norm", "custom", fluke, priority=98))
+    rt = get_runtime()
+    runs = rt.telemetry.tuning_runs
+    result = Tuner(None).tune_bucket("rms_norm", SMALL_ROWS, specs=[a, b])
+    by_id = {r.kernel_id: r for r in result.results}
+    assert calls[0] > 220, "the confirmation rounds ran"
+    assert by_id["test_fluke_rms"].method.endswith("confirmed x3")
+    assert result.selected == "test_prio_rms", result.results
+    assert rt.telemetry.tuning_runs == runs + 1
+
+
+def test_a_winner_that_stays_faster_is_confirmed(user_kernels) -> None:
+    slow, _ = _timed_rms(lambda n: 300.0)
+    fast, _ = _timed_rms(lambda n: 60.0)
+    a = user_kernels(KernelSpec("test_prio_rms", "rms_norm", "custom", slow, priority=99))
+    b = user_kernels(KernelSpec("test_fast_rms", "rms_norm", "custom", fast, priority=98))
+    result = Tuner(None).tune_bucket("rms_norm", SMALL_ROWS, specs=[a, b])
+    by_id = {r.kernel_id: r for r in result.results}
+    assert result.selected == "test_fast_rms"
+    assert by_id["test_fast_rms"].median_us < by_id["test_prio_rms"].median_us / 2
+    assert by_id["test_prio_rms"].method.endswith("confirmed x3")
+
+
+def test_each_tuned_bucket_counts_a_tuning_run_and_logs_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    rt = get_runtime()
+    runs = rt.telemetry.tuning_runs
+    contexts = [SMALL_ROWS, SMALL_ROWS.replace(hidden_size=128)]
+    with caplog.at_level(logging.INFO, logger="layerzero"):
+        report = Tuner(None).tune({"rms_norm": contexts})
+    assert rt.telemetry.tuning_runs == runs + 2
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event=tuning ")]
+    assert len(lines) == 2 and all("source=tune" in line and "winner=" in line for line in lines)
+    assert [b.selected for b in report.buckets] == [line.split("winner=")[1].split()[0] for line in lines]

@@ -91,7 +91,10 @@ def tune_command(ops: str, grid_name: str, shapes: tuple[str, ...], device: str 
         raise click.BadParameter("no shape applies to these operations (attention shapes need a sequence "
                                  "length, row-wise ones a hidden size)", param_hint="--shapes")
 
-    db = PerfDB(db_path)
+    from layerzero.runtime import get_runtime
+    from layerzero.tuning.perfdb import default_path
+
+    db = PerfDB(db_path if db_path is not None else default_path(get_runtime().config.perf_db_path))
     total = sum(len(v) for v in plan.values())
     if as_json:
         report = Tuner(db, budget_s=budget_s).tune(plan)

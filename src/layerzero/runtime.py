@@ -28,7 +28,7 @@ from layerzero.dispatch.config import DispatchConfig
 from layerzero.errors import AllKernelsFailedError, CaptureError, InvalidInputError, KernelExecutionError, LayerZeroError
 from layerzero.ops.base import OpDef
 from layerzero.policy.model import Policy
-from layerzero.policy.scope import SCOPE, Scope
+from layerzero.policy.scope import SCOPE
 from layerzero.policy.state import PolicyState
 from layerzero.registry import (
     BackendRegistry,
@@ -37,7 +37,7 @@ from layerzero.registry import (
     get_global_kernel_registry,
 )
 from layerzero.selection.cache import PlanCache
-from layerzero.selection.engine import Measurement, Selection, SelectionEngine, format_context
+from layerzero.selection.engine import CandidateDecision, Measurement, Selection, SelectionEngine, format_context
 from layerzero.selection.plan import ExecutionPlan
 from layerzero.spec import KernelSpec, ReasonCode
 from layerzero.telemetry.core import KernelStats, Telemetry
@@ -89,6 +89,7 @@ class Runtime:
         self._interned: dict[tuple[Any, ...], ExecutionPlan] = {}
         self._exact_only: set[Hashable] = set()  # call families whose shape-free plan met a shape it cannot run
         self._families: dict[Hashable, Hashable] = {}  # one tuple per call family, shared by its exact keys
+        self._measured_memo: dict[tuple[Any, ...], str | None] = {}
         self._lock = threading.RLock()
         self.version = 0
         self._verify_first_calls = self.config.verify_first_calls
@@ -152,6 +153,7 @@ class Runtime:
         self._interned = {}
         self._exact_only = set()
         self._families = {}
+        self._measured_memo = {}
         self.version += 1
         self.telemetry.record_invalidation()
         if reason:
@@ -384,7 +386,8 @@ class Runtime:
         when: the selected kernel is ``shape_free`` (it runs any shape or raises for one it cannot) and
         needs no per-call guard; no candidate that could outrank it was rejected for a reason that
         depends on shapes; no measurement, baked plan table, conditional policy rule, online tuning or
-        verify mode is in play (they all look at shapes); and the config allows it.
+        verify mode is in play (they all look at shapes), except measurements that rank the same kernel
+        first in every stored bucket of the family; and the config allows it.
         """
         cfg = self.config
         if not cfg.shape_free_plans or not cfg.enable_cache:
@@ -406,8 +409,6 @@ class Runtime:
         if any(r.condition is not None for r in rules):
             return "a conditional policy rule applies to the operation"
         for d in sel.trace:
-            if d.measured_us is not None:
-                return "measured times rank this operation"
             if d.accepted or d.kernel_id == primary.kernel_id:
                 continue  # ranked below the primary by priority alone: the same for every shape
             if any(r.code in SHAPE_INDEPENDENT_REASONS for r in d.reasons):
@@ -415,21 +416,53 @@ class Runtime:
             if rules or d.priority >= primary.priority:  # another shape might make it eligible and first
                 codes = ", ".join(dict.fromkeys(r.code for r in d.reasons))
                 return f"{d.kernel_id} was rejected for a shape-dependent reason ({codes})"
-        if self._has_measurements(sel.operation, sel.context):
-            return "the performance database has measurements for this operation, dtype and device"
-        return None
+        return self._measured_reason(sel.operation, sel.context, primary, bool(rules))
 
-    def _has_measurements(self, operation: str, ctx: SelectionContext) -> bool:
+    def _measured_reason(self, operation: str, ctx: SelectionContext, primary: KernelSpec, rules: bool
+                         ) -> str | None:
+        """Why stored measurements may pick another kernel than ``primary`` for some shape of the family,
+        or None when every measured bucket ranks ``primary`` first too (or nothing is measured).
+
+        Remembered per (operation, device, dtype, kernel) until the next invalidation (a change of the
+        performance data invalidates)."""
+        memo_key = (operation, ctx.platform, ctx.device_index, ctx.dtype, primary.kernel_id, rules)
+        found = self._measured_memo.get(memo_key, _UNSET)
+        if found is not _UNSET:
+            return found  # type: ignore[return-value]
+        reason = self._measured_reason_now(operation, ctx, primary, rules)
+        if len(self._measured_memo) < 10_000:
+            self._measured_memo[memo_key] = reason
+        return reason
+
+    def _measured_reason_now(self, operation: str, ctx: SelectionContext, primary: KernelSpec, rules: bool
+                             ) -> str | None:
         src = self.measurement_source
         if src is None:
-            return False
-        probe = getattr(src, "has_data", None)
-        if probe is None:
-            return True  # a source we cannot ask: assume it ranks by shape
+            return None
+        buckets = getattr(src, "buckets", None)
+        if buckets is None:  # a source we cannot enumerate: assume it ranks by shape
+            return "a measurement source ranks this operation by shape"
         try:
-            return bool(probe(operation, ctx))
+            stored = buckets(operation, ctx)
         except Exception:
-            return True
+            stored = None
+        if stored is None:
+            return "the performance database cannot be read"
+        if stored and rules:  # boosts and prefers weigh measured times: no shortcut
+            return "policy rules weigh measured times for this operation"
+        for bucket, times in sorted(stored.items()):
+            mine = times.get(primary.kernel_id)
+            if mine is None or mine.failed:
+                return f"measured times rank another kernel first for bucket {bucket}"
+            items = []
+            for kid in times:
+                spec = self.kernels.find(kid)
+                if spec is not None and not times[kid].failed:
+                    items.append((spec, CandidateDecision(kid, spec.backend, True, spec.priority)))
+            first = self.engine._order(items, times, (), None)[0][0]
+            if first.kernel_id != primary.kernel_id:
+                return f"measured times rank {first.kernel_id} first for bucket {bucket}"
+        return None
 
     def family_plan(self, plan: ExecutionPlan, sel: Selection, family: Hashable, policy: Policy | None = None
                     ) -> ExecutionPlan | None:
@@ -646,6 +679,7 @@ class _Gate:
         self.blocked = blocked
 
 
+_UNSET = object()
 _ALWAYS_SLOW = _Gate(True)
 _NEVER_SLOW = _Gate(False)
 _SINK = KernelStats("__telemetry_disabled__")  # counts nobody reads, so the hot path needs no branch

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from layerzero.context import SelectionContext
 from layerzero.ops._shared import half_cos_sin, window_mask
-from layerzero.backends.torch_fast import layer_norm_specialize, rms_norm_specialize, sdpa_specialize
+from layerzero.backends.torch_fast import layer_norm_specialize, rms_norm_specialize, sdpa_gqa_specialize, sdpa_specialize
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
 
@@ -357,6 +357,7 @@ def _attention_specs(tol: dict[str, tuple[float, float]]) -> list[KernelSpec]:
              supports_mqa=False, shape_free=True, specialize=sdpa_specialize,
              description="F.scaled_dot_product_attention: PyTorch's own kernel choice"),
         spec("torch_sdpa_gqa", torch_sdpa_gqa, 55, dtypes=_FLOATS, mask_kinds=any_mask, supports_window=True,
+             specialize=sdpa_gqa_specialize,
              description="F.scaled_dot_product_attention with native GQA (enable_gqa) and sliding windows"),
         # can_use_flash_attention (cuda/sdp_utils.cpp) + mha_fwd (flash_attn/flash_api.cpp):
         # - check_flash_attention_hardware_support: sm80 .. _MAX_SM;

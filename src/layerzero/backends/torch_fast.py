@@ -18,7 +18,7 @@ import torch
 
 from layerzero.context import SelectionContext
 
-__all__ = ["rms_norm_specialize", "layer_norm_specialize", "sdpa_specialize"]
+__all__ = ["rms_norm_specialize", "layer_norm_specialize", "sdpa_specialize", "sdpa_gqa_specialize"]
 
 _rms = getattr(torch, "rms_norm", None)
 _ln = torch.layer_norm
@@ -38,6 +38,33 @@ def torch_sdpa_causal(q, k, v, mask, is_causal, dropout_p, scale, window):  # ty
     if scale is None:
         return _sdpa(q, k, v, None, 0.0, True)
     return _sdpa(q, k, v, None, 0.0, True, scale=scale)
+
+
+def torch_sdpa_gqa_plain(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+    if scale is None:
+        return _sdpa(q, k, v, enable_gqa=True)
+    return _sdpa(q, k, v, scale=scale, enable_gqa=True)
+
+
+def torch_sdpa_gqa_causal(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+    if scale is None:
+        return _sdpa(q, k, v, None, 0.0, True, enable_gqa=True)
+    return _sdpa(q, k, v, None, 0.0, True, scale=scale, enable_gqa=True)
+
+
+def sdpa_gqa_specialize(ctx: SelectionContext) -> tuple[Any, Callable[..., Any]]:
+    """``torch_sdpa_gqa`` for a plan of one shape with no mask, dropout or window: GQA plans call SDPA with
+    ``enable_gqa=True`` and nothing else (PyTorch >= 2.5), plans with as many kv heads as query heads
+    call it as ``torch_sdpa`` does; else the general adapter."""
+    from layerzero.backends.torch_backend import _GQA_NATIVE, torch_sdpa_gqa
+
+    if ctx.mask_kind != "none" or ctx.dropout_p or ctx.window is not None or ctx.num_heads is None:
+        return "sdpa_gqa", torch_sdpa_gqa
+    if ctx.num_kv_heads is None or ctx.num_kv_heads == ctx.num_heads:
+        return ("sdpa_causal", torch_sdpa_causal) if ctx.is_causal else ("sdpa_plain", torch_sdpa_plain)
+    if not _GQA_NATIVE:
+        return "sdpa_gqa", torch_sdpa_gqa
+    return ("sdpa_gqa_causal", torch_sdpa_gqa_causal) if ctx.is_causal else ("sdpa_gqa_plain", torch_sdpa_gqa_plain)
 
 
 def sdpa_specialize(ctx: SelectionContext) -> tuple[Any, Callable[..., Any]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import os
-import statistics
 import subprocess
 import sys
 import time

@@ -24,6 +24,7 @@ variable                           field                       example
 ``LAYERZERO_ONLINE_TUNING``        ``online_tuning``           ``1``
 ``LAYERZERO_VERIFY``               ``verify_first_calls``      ``3``
 ``LAYERZERO_SHAPE_FREE_PLANS``     ``shape_free_plans``        ``0``
+``LAYERZERO_PERF_DB``              ``perf_db_path``            ``/var/lz/perf.db``
 =================================  ==========================  =================
 
 ``verify_first_calls=N`` turns on verify mode: each kernel's first N
@@ -98,6 +99,7 @@ ENV_VARS: dict[str, str] = {
     "LAYERZERO_ONLINE_TUNING": "online_tuning",
     "LAYERZERO_VERIFY": "verify_first_calls",
     "LAYERZERO_SHAPE_FREE_PLANS": "shape_free_plans",
+    "LAYERZERO_PERF_DB": "perf_db_path",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -136,6 +138,7 @@ class DispatchConfig:
     online_tuning_budget_ms: float = 200.0
     verify_first_calls: int = 0
     shape_free_plans: bool = True
+    perf_db_path: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", DispatchMode.parse(self.mode))
@@ -168,6 +171,9 @@ class DispatchConfig:
         need(isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in m.items()),
              "static_kernel_map", "must map operation names to kernel ids (strings)")
         need(self.config_path is None or isinstance(self.config_path, (str, os.PathLike)), "config_path",
+             "must be a path or None")
+        need(self.perf_db_path is None or (isinstance(self.perf_db_path, (str, os.PathLike))
+                                           and str(self.perf_db_path) != ""), "perf_db_path",
              "must be a path or None")
         if errors:  # a ConfigError is a ValueError (the seed's contract) and a LayerZeroError
             raise ConfigError("; ".join(errors), errors=errors, source="DispatchConfig")

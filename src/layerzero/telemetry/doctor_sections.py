@@ -47,7 +47,7 @@ def perf_db_section(report: Any) -> None:
     from layerzero.tuning.perfdb import default_path
 
     db = tuning.get_perf_db(create=False)
-    path = db.path if db is not None else default_path()
+    path = db.path if db is not None else default_path(get_runtime().config.perf_db_path)
     exists = path.exists()
     entries = db.count() if db is not None and exists else 0
     report.extra["perf_db"] = {"available": True, "path": str(path), "exists": exists, "entries": entries,

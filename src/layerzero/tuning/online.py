@@ -106,9 +106,7 @@ class OnlineTuner:
         result = tuner.tune_bucket(operation, ctx, specs=todo, deadline=deadline)
         self.buckets_tuned += 1
         self.kernels_measured += sum(r.status != "skipped" for r in result.results)
-        log.info("online tuning %s %s: measured %s in %.1f ms; selected %s", operation, result.bucket,
-                 ", ".join(f"{r.kernel_id}={r.status}" for r in result.results), result.elapsed_s * 1000,
-                 result.selected)
+        # the tuner counted the run and logged its line (event=tuning source=online)
 
 
 def enable_online_tuning(runtime: Runtime | None = None) -> OnlineTuner:

@@ -93,8 +93,11 @@ _UPSERT = ("INSERT OR REPLACE INTO measurements (hardware, libraries, kernel_id,
            "median_us, spread_us, samples, failed, error, source, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)")
 
 
-def default_path() -> Path:
-    """``$LAYERZERO_PERF_DB`` if set, else ``perf.db`` in the user cache directory."""
+def default_path(configured: str | os.PathLike[str] | None = None) -> Path:
+    """``configured`` (``DispatchConfig.perf_db_path``) if given, else ``$LAYERZERO_PERF_DB`` if set, else
+    ``perf.db`` in the user cache directory."""
+    if configured is not None and str(configured) != "":
+        return Path(configured).expanduser()
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser()

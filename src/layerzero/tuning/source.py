@@ -63,29 +63,72 @@ class PerfDBSource:
 
     @property
     def db(self) -> PerfDB | None:
-        """The database if open (the default one opens on the first lookup after its file appears)."""
-        if self._db is None and self._lazy:
-            now = time.monotonic()
-            if now >= self._next_probe:
-                self._next_probe = now + 2.0
-                from layerzero.tuning.perfdb import default_path
+        """The database if open (the default one opens on the first lookup after its file appears).
 
-                if default_path().exists():  # honours $LAYERZERO_PERF_DB; never creates the file
-                    self.open()
+        The default one is ``DispatchConfig.perf_db_path`` of the runtime's config when set, else
+        ``$LAYERZERO_PERF_DB``, else ``perf.db`` in the user cache directory; a config naming another
+        file closes the open one and reads that."""
+        if self._lazy:
+            from layerzero.tuning.perfdb import default_path
+
+            db = self._db
+            if db is not None:
+                want = self.runtime.config.perf_db_path
+                if want is not None and default_path(want) != db.path:
+                    with self._lock:
+                        if self._db is db:
+                            db.remove_listener(self._changed)
+                            db.close()
+                            self._db = None
+                            self._next_probe = 0.0
+            if self._db is None:
+                now = time.monotonic()
+                if now >= self._next_probe:
+                    self._next_probe = now + 2.0
+                    if default_path(self.runtime.config.perf_db_path).exists():  # never creates the file
+                        self.open()
         return self._db
 
     def open(self) -> PerfDB:
         """Open (creating if needed) the database this source reads."""
         with self._lock:
             if self._db is None:
-                from layerzero.tuning.perfdb import PerfDB
+                from layerzero.tuning.perfdb import PerfDB, default_path
 
-                self._db = PerfDB()
+                self._db = PerfDB(default_path(self.runtime.config.perf_db_path) if self._lazy else None)
                 self._db.add_listener(self._changed)
             return self._db
 
     def _changed(self) -> None:
         self.runtime.invalidate("performance data changed")
+
+    def buckets(self, operation: str, ctx: SelectionContext) -> dict[str, dict[str, Measurement]] | None:
+        """Every stored bucket of ``operation`` for ``ctx``'s hardware and dtype: ``{bucket: {kernel_id:
+        Measurement}}``, rows of other library versions left out (as lookups leave them out). ``None``
+        when the database cannot be read right now."""
+        db = self.db
+        if db is None or ctx.dtype is None:
+            return {}
+        if not db.has_rows(hardware_fingerprint(ctx.device).digest, operation, ctx.dtype_name or ""):
+            return {}
+        hw = hardware_fingerprint(ctx.device).digest
+        rows = db.rows(operation=operation, hardware=hw, limit=100_000)
+        out: dict[str, dict[str, Measurement]] = {}
+        libs: dict[str, str] = {}
+        for r in rows:
+            if r["dtype"] != ctx.dtype_name:
+                continue
+            spec = self.runtime.kernels.find(r["kernel_id"])
+            if spec is None:
+                continue
+            want = libs.get(spec.backend)
+            if want is None:
+                want = libs[spec.backend] = libraries_for(self.runtime, spec.backend)
+            if r["libraries"] != want:
+                continue
+            out.setdefault(r["bucket"], {})[r["kernel_id"]] = Measurement(
+                float(r["median_us"]), float(r["spread_us"]), int(r["samples"]), str(r["source"]), bool(r["failed"]))
+        return out
 
     def has_data(self, operation: str, ctx: SelectionContext) -> bool:
         """Whether any shape bucket of ``operation`` has measurements for ``ctx``'s hardware and dtype
