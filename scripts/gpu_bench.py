@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -122,6 +123,26 @@ def lz_call(operation: str, args: tuple[Any, ...]) -> Any:
         return lambda: lz.attention(q, k, v, is_causal=is_causal)
     x, w, eps = args
     return lambda: lz.rms_norm(x, w, eps)
+
+
+def paired_time(measure: Any, a: Any, b: Any, rounds: int = 3) -> tuple[Timing | str, Timing | str]:
+    """Time ``a`` and ``b`` alternately (``a b``, ``b a``, ``a b``, ...): each result is the median of its
+    rounds' medians, and its spread the larger of the median within-run spread and half the range of the
+    rounds' medians, so drift between runs counts as noise (a difference must repeat to count)."""
+    runs: dict[int, list[Timing]] = {0: [], 1: []}
+    for i in range(rounds):
+        for which, fn in ((0, a), (1, b)) if i % 2 == 0 else ((1, b), (0, a)):
+            t = safe_time(measure, fn)
+            if not isinstance(t, Timing):
+                return t, t
+            runs[which].append(t)
+    out = []
+    for which in (0, 1):
+        meds = [t.median_us for t in runs[which]]
+        spread = max(statistics.median(t.spread_us for t in runs[which]), (max(meds) - min(meds)) / 2)
+        out.append(Timing(statistics.median(meds), spread, sum(t.samples for t in runs[which]),
+                          f"{runs[which][0].method} x{rounds} alternating"))
+    return out[0], out[1]
 
 
 def safe_time(measure: Any, fn: Any) -> Timing | str:
@@ -243,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                     impl = _callable(spec, ctx)
                     t = safe_time(measure, lambda impl=impl: impl(*inputs))
                     kernels[spec.kernel_id] = t
-                lz_t = safe_time(measure, lz_call(operation, inputs))
-                default_t = safe_time(measure, default_call(operation, inputs))
+                lz_t, default_t = paired_time(measure, lz_call(operation, inputs), default_call(operation, inputs))
                 chosen = lz.which(operation, *inputs[:3]) if operation.startswith("attention") \
                     else lz.which(operation, inputs[0], inputs[1])
             bucket = bucket_of(operation, ctx)
@@ -266,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["lz_over_best"] = row["layerzero_us"] / row["best_us"]
             if row["layerzero_us"] and row["default_us"]:
                 row["lz_over_default"] = row["layerzero_us"] / row["default_us"]
-                # slower than the default beyond noise: the medians differ by more than both spreads
+                # slower than the default beyond noise: the medians (of 3 alternating runs each) differ by
+                # more than both spreads (which include the drift between runs)
                 row["slower_than_default"] = (row["layerzero_us"] - (row["layerzero_spread_us"] or 0.0)
                                               > row["default_us"] + (row["default_spread_us"] or 0.0))
             rows.append(row)

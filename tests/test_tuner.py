@@ -351,3 +351,22 @@ def test_each_tuned_bucket_counts_a_tuning_run_and_logs_one_line(caplog: pytest.
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event=tuning ")]
     assert len(lines) == 2 and all("source=tune" in line and "winner=" in line for line in lines)
     assert [b.selected for b in report.buckets] == [line.split("winner=")[1].split()[0] for line in lines]
+
+
+def test_a_rival_that_one_noisy_run_made_look_slow_gets_its_chance(user_kernels, monkeypatch) -> None:
+    """A first measurement put ``rival`` just behind the priority choice (320 vs 300 us, within 10%); timed
+    again alternately with it, rival's real 80 us shows and it wins."""
+    from layerzero.tuning.tuner import KernelResult
+
+    slow, _ = _timed_rms(lambda n: 300.0)
+    rival, calls = _timed_rms(lambda n: 80.0)
+    a = user_kernels(KernelSpec("test_prio_rms", "rms_norm", "custom", slow, priority=99))
+    b = user_kernels(KernelSpec("test_rival_rms", "rms_norm", "custom", rival, priority=98))
+    first = {"test_prio_rms": 300.0, "test_rival_rms": 320.0}
+    monkeypatch.setattr(Tuner, "measure", lambda self, op, operation, ctx, spec: KernelResult(
+        spec.kernel_id, spec.backend, "ok", first[spec.kernel_id], 1.0, 50, "noisy first run"))
+    result = Tuner(None).tune_bucket("rms_norm", SMALL_ROWS, specs=[a, b])
+    assert calls[0] > 0, "the confirmation rounds ran the kernels"
+    assert result.selected == "test_rival_rms", result.results
+    assert Tuner._challenger([KernelResult("x", "t", "ok", 100.0), KernelResult("y", "t", "ok", 111.0)], "x",
+                             KernelResult("x", "t", "ok", 100.0)) is None  # more than 10% behind: not re-timed
