@@ -28,7 +28,8 @@ from layerzero.ops import OPS
 from layerzero.ops.base import OpDef, describe_tensor
 from layerzero.spec import KernelSpec
 
-__all__ = ["GenericOp", "GENERIC", "op_for_dispatch", "map_inputs", "key_for", "kwargs_kernel", "INPUT_NAMES"]
+__all__ = ["GenericOp", "GENERIC", "op_for_dispatch", "map_inputs", "key_for", "keys_for", "family_applies",
+           "AttentionInputs", "attention_inputs", "kwargs_kernel", "INPUT_NAMES"]
 
 # The names ``dispatch()`` accepts per family (first match wins; ``None`` values count as absent).
 INPUT_NAMES: dict[str, str] = {
@@ -191,21 +192,124 @@ def map_inputs(op: OpDef, operation: str, inputs: Mapping[str, Any], kwargs: Map
 
 def key_for(op: OpDef, operation: str, args: tuple[Any, ...]) -> Hashable | None:
     """The plan-cache key for ``args`` (``None``: not cacheable, e.g. a non-tensor where a tensor belongs)."""
+    return keys_for(op, operation, args)[1]
+
+
+def keys_for(op: OpDef, operation: str, args: tuple[Any, ...]) -> tuple[Hashable | None, Hashable | None]:
+    """``(family, key)``: the shape-free and the exact-shape plan-cache keys the ``lz.*`` hot path builds for
+    ``args`` (:meth:`OpDef.keys`). ``family`` is None for an operation without shape-free plans (the generic
+    op, a family without keys); ``key`` is None when the call is not cacheable (a non-tensor where a tensor
+    belongs: validation names it)."""
     try:
         if op is GENERIC:
-            return (operation, "generic", *(
+            return None, (operation, "generic", *(
                 (n, v.shape, v.dtype, v.device) if isinstance(v, torch.Tensor) else (n, type(v))
                 for n, v in args[0].items()))
         try:
-            key = op.keys(operation, args)[1]
+            family, key = op.keys(operation, args)
         except NotImplementedError:  # an op family without its own keys
-            key = None
+            family = key = None
         if key is None:
             key = (operation, *((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else type(a)
                                 for a in args))
-        return key
+        return family, key
     except (AttributeError, TypeError, IndexError, ValueError, RuntimeError):  # malformed: validation names it
+        return None, None
+
+
+def family_applies(op: OpDef, args: tuple[Any, ...]) -> bool:
+    """Whether a shape-free plan may serve this call, as the ``lz.*`` hot path decides: for attention only when
+    v has k's size (PyTorch's CPU flash kernel reads k's sequence length of v without checking it)."""
+    if op.family != "attention":
+        return True
+    try:
+        return bool(args[1].numel() == args[2].numel())
+    except (AttributeError, TypeError, IndexError, RuntimeError):
+        return False
+
+
+class AttentionInputs:
+    """An input-name set of an attention operation that hands ``q``, ``k`` and ``v`` straight to the kernel
+    arguments ``(q, k, v, None, is_causal, dropout_p, scale, window)``, the rest being constants.
+
+    The dispatchers' cached hot path reads the three tensors by name (``inputs[entry.q_name]``, a
+    ``KeyError`` when the dict has other names) and builds the same cache keys as ``lz.attention``
+    without mapping the dict again. Each dispatcher keeps its own copy (:meth:`copy`): ``cpu`` is that
+    dispatcher's memo of the shape-free plan it found for CPU tensors of a dtype (see
+    ``Dispatcher.dispatch``), valid until the runtime's version changes.
+    """
+
+    __slots__ = ("q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "direct_ok", "cpu")
+
+    def __init__(self, names: tuple[str, str, str], is_causal: bool, dropout_p: float, scale: Any,
+                 window: Any) -> None:
+        self.q_name, self.k_name, self.v_name = names
+        self.is_causal = is_causal
+        self.dropout_p = dropout_p
+        self.scale = scale
+        self.window = window
+        self.direct_ok = scale is None  # ``plan.direct(q, k, v)`` (PyTorch's SDPA) needs the default scale
+        self.cpu: dict[torch.dtype, Any] = {}
+
+    def copy(self) -> AttentionInputs:
+        """The same mapping with an empty plan memo (one per dispatcher)."""
+        return AttentionInputs((self.q_name, self.k_name, self.v_name), self.is_causal, self.dropout_p,
+                               self.scale, self.window)
+
+    def tensors(self, inputs: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+        """``(q, k, v)`` from ``inputs`` (``KeyError`` when a name is missing)."""
+        return inputs[self.q_name], inputs[self.k_name], inputs[self.v_name]
+
+    def family(self, operation: str, q: torch.Tensor) -> tuple[Any, ...]:
+        """The shape-free key (as built inline on the hot path)."""
+        return (operation, q.dtype, q.device, self.is_causal, self.dropout_p, self.window, None)
+
+
+_attention_inputs: dict[tuple[str, tuple[str, ...]], AttentionInputs | None] = {}
+
+
+def attention_inputs(op: OpDef, operation: str, inputs: Mapping[str, Any]) -> AttentionInputs | None:
+    """The :class:`AttentionInputs` for this input-name set of an attention operation, or None when its
+    inputs need the full mapping (a mask, a flag or number given as an input, other names, a layout).
+
+    Call it after ``inputs`` were mapped and dispatched successfully: it checks, on these very inputs,
+    that its arguments and keys are the op's own (:meth:`OpDef.args_from_inputs`, :meth:`OpDef.keys`).
+    """
+    if op.family != "attention" or type(inputs) is not dict or len(inputs) != 3:
         return None
+    tkey = (operation, tuple(inputs))
+    found = _attention_inputs.get(tkey, _UNSEEN)
+    if found is not _UNSEEN:
+        return found
+    entry = _attention_entry(op, operation, inputs, _templates.get(tkey))
+    if len(_attention_inputs) < 4096:
+        _attention_inputs[tkey] = entry
+    return entry
+
+
+def _attention_entry(op: OpDef, operation: str, inputs: dict[str, Any], found: Template | None
+                     ) -> AttentionInputs | None:
+    if found is None:
+        return None
+    template, positions = found
+    where = dict(positions)
+    if len(template) != 8 or sorted(where.values()) != [0, 1, 2] or template[3] is not None:
+        return None
+    names = tuple(sorted(where, key=where.__getitem__))
+    entry = AttentionInputs(names, *template[4:])  # type: ignore[arg-type]
+    try:
+        q, k, v = entry.tensors(inputs)
+        args = (q, k, v, None, entry.is_causal, entry.dropout_p, entry.scale, entry.window)
+        if args != tuple(_args(op, operation, inputs, {})):  # identity for the tensors, == for the constants
+            return None
+        family, key = op.keys(operation, args)
+        fam = entry.family(operation, q)
+        hash(fam)
+        if family != fam or key != (fam, q.shape, k.shape, v.shape, None):
+            return None
+    except Exception:  # inputs the op does not take as they are: keep the full mapping
+        return None
+    return entry
 
 
 _wrapped: dict[tuple[int, str], tuple[KernelSpec, KernelSpec]] = {}
