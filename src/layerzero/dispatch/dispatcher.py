@@ -12,8 +12,13 @@ its own registries to run it with different settings side by side.
 The base class implements selection-based dispatch; subclasses change where
 plans come from by overriding :meth:`Dispatcher.build_plan` (the config
 dispatcher turns its rules and fallback chains into a plan with
-:meth:`Dispatcher.make_plan`). The hot path mirrors the ``lz.*`` one: a key
-from tensor metadata, one cache read, the breaker flag, the kernel call.
+:meth:`Dispatcher.make_plan`). The cached path mirrors the ``lz.*`` one: the
+call family's shape-free key (then the exact-shape key) from tensor metadata,
+one cache read, the breaker flag, the kernel call; a miss on the shared cache
+caches a shape-free plan for the family when selection cannot depend on shapes
+(:meth:`Runtime.family_plan`), as ``lz.*`` does. Attention inputs given by the
+same names as before (``{"q": q, "k": k, "v": v}``) skip the dict mapping
+altogether (:class:`~layerzero.dispatch.generic.AttentionInputs`).
 Fallback, breaker bookkeeping and error reports are the runtime's
 (:meth:`Runtime.run_plan`, :meth:`Runtime.recover`), never duplicated here.
 """
@@ -28,7 +33,16 @@ from typing import Any
 from layerzero.context import SelectionContext
 from layerzero.dispatch.breaker import CircuitStats
 from layerzero.dispatch.config import DispatchConfig, DispatchMode
-from layerzero.dispatch.generic import GENERIC, key_for, kwargs_kernel, map_inputs, op_for_dispatch
+from layerzero.dispatch.generic import (
+    GENERIC,
+    AttentionInputs,
+    attention_inputs,
+    family_applies,
+    keys_for,
+    kwargs_kernel,
+    map_inputs,
+    op_for_dispatch,
+)
 from layerzero.dispatch.result import (
     NOT_TIMED,
     DispatchResult,
@@ -40,7 +54,7 @@ from layerzero.dispatch.result import (
 from layerzero.errors import InvalidInputError, KernelNotFoundError
 from layerzero.ops.base import OpDef
 from layerzero.policy.model import Policy
-from layerzero.policy.scope import SCOPE
+from layerzero.policy.scope import LIVE, SCOPE
 from layerzero.registry import (
     BackendRegistry,
     KernelRegistry,
@@ -58,6 +72,8 @@ __all__ = ["Dispatcher", "DispatchResult", "DispatchTiming", "runtime_for", "Pla
 PlanStore = PlanCache | MVCCPlanCache
 _CTX = "explicit-context"
 _perf_ns = time.perf_counter_ns
+_new_result = DispatchResult.__new__  # the hot paths fill the slots themselves (no __init__ frame)
+_UNSEEN: Any = object()
 
 
 def runtime_for(kernel_registry: KernelRegistry | None = None, backend_registry: BackendRegistry | None = None,
@@ -112,6 +128,9 @@ class Dispatcher:
         self._cache: PlanStore | None = cache if cache is not None else (
             None if self.shares_plan_cache else self._new_cache(runtime.config))
         self._ops: dict[str, OpDef] = {}
+        # operation -> the input names its calls use, for the cached hot path (attention only; see
+        # generic.AttentionInputs), or None. Filled after a call went the full way; emptied by _sync.
+        self._fast: dict[str, AttentionInputs | None] = {}
         self._version = runtime.version
         self._config_seen = runtime.config
         self._timed = runtime.config.record_timing
@@ -146,6 +165,7 @@ class Dispatcher:
                 self._cache = self._new_cache(rt.config)
         if self._cache is not None:
             self._cache.invalidate()
+        self._fast = {}
         self._version = rt.version
 
     def invalidate(self) -> None:
@@ -214,6 +234,84 @@ class Dispatcher:
         rt = self.runtime
         if rt.version != self._version:
             self._sync()
+        if context is None and not kwargs and type(inputs) is dict:
+            # ---- cached hot path: q, k, v by known names -> plan -> kernel (as lz.attention) -----------
+            try:
+                hot = self._fast[operation]  # None for an operation seen without usable names
+            except (KeyError, TypeError):  # not seen yet, or unhashable (the full path reports it)
+                hot = None
+            if hot is not None and len(inputs) == 3:
+                try:
+                    q = inputs[hot.q_name]
+                    k = inputs[hot.k_name]
+                    v = inputs[hot.v_name]
+                    # CPU tensors: the shape-free plan this dispatcher found for the dtype, with no key to build.
+                    # The memo is emptied by every runtime change (_sync). A family plan the runtime takes back
+                    # meanwhile (its kernel raised on some shape, through lz.* or another dispatcher) serves this
+                    # dispatcher's calls until then: selection picks its kernel for every shape of the family
+                    # (that is what made it shape-free), and a call the kernel cannot take goes the exact-shape
+                    # way through Runtime.recover, as on the shared cache, emptying the memo. Scoped calls and
+                    # v without k's size take the key path.
+                    plan = hot.cpu.get(q.dtype) if q.is_cpu else None
+                    if plan is None or LIVE.scopes or k.numel() != v.numel():
+                        plan = None
+                        family = (operation, q.dtype, q.device, hot.is_causal, hot.dropout_p, hot.window, None)
+                        cache = self._cache
+                        if cache is None:
+                            scope = SCOPE.get() if LIVE.scopes else None
+                            if scope is None:
+                                plans = rt.plans
+                                if plans.ttl is None:  # the lock-free read lz.* does (no LRU refresh)
+                                    data = plans.data
+                                    if k.numel() == v.numel():
+                                        plan = data.get(family)
+                                        if plan is not None and q.is_cpu:
+                                            hot.cpu[q.dtype] = plan  # remembered until the runtime changes
+                                    if plan is None:
+                                        plan = data.get((family, q.shape, k.shape, v.shape, None))
+                                else:  # TTL: the checked read
+                                    plan = plans.get(family) if k.numel() == v.numel() else None
+                                    if plan is None:
+                                        plan = plans.get((family, q.shape, k.shape, v.shape, None))
+                            else:
+                                data = scope.plans
+                                plan = data.get(family) if k.numel() == v.numel() else None
+                                if plan is None:
+                                    plan = data.get((family, q.shape, k.shape, v.shape, None))
+                        elif not (LIVE.scopes and SCOPE.get() is not None):  # an own cache holds no scoped plans
+                            plan = cache.get((family, q.shape, k.shape, v.shape, None))
+                except (KeyError, AttributeError, TypeError, RuntimeError):  # other names, not tensors: full path
+                    plan = None
+                if plan is not None:
+                    if plan.gate.blocked:
+                        out, ran = self._run_slow(plan, (q, k, v, None, hot.is_causal, hot.dropout_p, hot.scale,
+                                                         hot.window), None)
+                    else:
+                        plan.stats.calls += 1
+                        try:
+                            if hot.direct_ok and plan.direct is not None:  # PyTorch's SDPA itself
+                                out = plan.direct(q, k, v)
+                            else:
+                                out = plan.fn(q, k, v, None, hot.is_causal, hot.dropout_p, hot.scale, hot.window)
+                        except Exception as exc:
+                            if plan.family is not None:  # the runtime may take the family plan back
+                                hot.cpu.clear()
+                            out, ran = self._run_slow(plan, (q, k, v, None, hot.is_causal, hot.dropout_p,
+                                                             hot.scale, hot.window), exc)
+                        else:
+                            r = _new_result(DispatchResult)
+                            r.output, r.kernel_id, r.operation, r.fallback_used = out, plan.kernels[0].kernel_id, \
+                                operation, False
+                            r.attempts, r.timing, r.cached, r.mode = 1, NOT_TIMED, True, self._mode_value
+                            return r
+                    return self._result(out, plan, ran, operation, NOT_TIMED, True)
+            # -------------------------------------------------------------------------------------------
+        return self._dispatch(operation, inputs, context, kwargs)
+
+    def _dispatch(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None,
+                  kwargs: dict[str, Any]) -> DispatchResult:
+        """``dispatch`` past its hot path: map the inputs, build the keys, read the cache, select on a miss."""
+        rt = self.runtime
         if self._timed:
             return self._dispatch_timed(operation, inputs, context, kwargs)
         try:
@@ -221,63 +319,110 @@ class Dispatcher:
         except TypeError:  # an unhashable operation: op_for_dispatch reports it as bad input
             op = op_for_dispatch(operation)
         args, bshd = map_inputs(op, operation, inputs, kwargs)
-        key = key_for(op, operation, args) if context is None else (operation, _CTX, id(context))
-        # ---- cached hot path: key -> plan -> kernel ---------------------------------------------
-        scope = SCOPE.get()
+        if context is None:
+            family, key = keys_for(op, operation, args)
+        else:
+            family, key = None, (operation, _CTX, id(context))
+        # ---- cached path: key (or the family's shape-free key) -> plan -> kernel ------------------------
+        scope = SCOPE.get() if LIVE.scopes else None
         try:
             if key is None:
                 plan = None
-            elif scope is None:
-                plan = (rt.plans if self._cache is None else self._cache).get(key)
+            elif self._cache is not None:
+                plan = self._cache.get(key) if scope is None else None  # an own cache holds no scoped plans
             else:
-                plan = scope.plans.get(key) if self._cache is None else None
+                plans = rt.plans if scope is None else scope.plans
+                plan = plans.get(family) if family is not None and family_applies(op, args) else None
+                if plan is None:
+                    plan = plans.get(key)
         except TypeError:  # an unhashable value in the key (window=[4]): validation names it on the slow path
-            plan = key = None
+            plan = key = family = None
         if plan is not None and (context is None or plan.context is context):
-            ran = None
             if plan.gate.blocked:
-                note = rt.last_run
-                note.value = None
-                out = plan.run(*args)
-                ran = note.value
+                out, ran = self._run_slow(plan, args, None)
             else:
                 plan.stats.calls += 1
                 try:
                     out = plan.fn(*args)
+                    ran = None
                 except Exception as exc:
-                    note = rt.last_run
-                    note.value = None
-                    out = rt.recover(plan, args, 0, exc)
-                    ran = note.value
+                    out, ran = self._run_slow(plan, args, exc)
             cached = True
         else:
             version = rt.version  # before the policy is read: a change during this call keeps the plan out
-            plan = self._select(op, operation, args, context)
+            plan, ctx, policy = self._select(op, operation, args, context)
             out, ran = self._first_run(plan, args)
             if rt.version == version:
                 self._store(key, plan, scope)
+                if family is not None and self._cache is None and ran is not None and ran[0] is plan \
+                        and ran[1] == 0:
+                    self._store_family(family, plan, ctx, policy, scope)
             cached = False
         # -------------------------------------------------------------------------------------------
         if bshd:
             out = out.transpose(1, 2)
+        if context is None and not kwargs:
+            self._learn(op, operation, inputs)
+        return self._result(out, plan, ran, operation, NOT_TIMED, cached)
+
+    def _learn(self, op: OpDef, operation: str, inputs: Mapping[str, Any]) -> None:
+        """After a call without context or keyword arguments went the full way: the hot-path entry for its
+        operation (the input names of an attention call, see :func:`attention_inputs`), or None when its calls
+        map in full (the hot path then reads None instead of missing the key)."""
+        found = self._fast.get(operation, _UNSEEN)
+        if found is _UNSEEN or (found is None and op.family == "attention" and not self._timed):
+            fast = attention_inputs(op, operation, inputs) if not self._timed else None
+            if found is _UNSEEN or fast is not None:
+                if len(self._fast) < 4096:
+                    self._fast[operation] = None if fast is None else fast.copy()
+
+    def _result(self, out: Any, plan: ExecutionPlan, ran: tuple[ExecutionPlan, int] | None, operation: str,
+                timing: DispatchTiming, cached: bool) -> DispatchResult:
+        """The result of a call ``plan`` served; ``ran`` is the ``(plan, index)`` that produced ``out`` when
+        the runtime's runner says so (None: the plan's first kernel, on the fast path)."""
         if ran is None:
-            return DispatchResult(out, plan.kernels[0].kernel_id, operation, False, 1, NOT_TIMED, cached,
+            return DispatchResult(out, plan.kernels[0].kernel_id, operation, False, 1, timing, cached,
                                   self._mode_value)
         used, index = ran
-        return DispatchResult(out, used.kernels[index].kernel_id, operation, index > 0, index + 1, NOT_TIMED, cached,
+        return DispatchResult(out, used.kernels[index].kernel_id, operation, index > 0, index + 1, timing, cached,
                               self._mode_value)
 
+    def _run_slow(self, plan: ExecutionPlan, args: tuple[Any, ...], exc: Exception | None
+                  ) -> tuple[Any, tuple[ExecutionPlan, int] | None]:
+        """A cached plan off the fast path: its gate is blocked (``exc`` None: the runtime's slow runner with
+        fallback, breaker probes, timing and checks), or its kernel raised ``exc`` (the runtime recovers).
+        Returns the output and the ``(plan, index)`` that produced it, when known."""
+        rt = self.runtime
+        note = rt.last_run
+        note.value = None
+        out = plan.run(*args) if exc is None else rt.recover(plan, args, 0, exc)
+        ran = note.value
+        if ran is None and plan.family is not None:
+            # A shape-free plan hands calls it cannot take to the call's exact-shape plan; when that ran its
+            # first kernel on the fast path the runtime notes nothing: name it from the cache.
+            try:
+                key = plan.op.keys(plan.operation, args)[1]
+                scope = SCOPE.get()
+                exact = (rt.plans.data if scope is None else scope.plans).get(key)
+            except Exception:
+                exact = None
+            if exact is not None:
+                ran = (exact, 0)
+        return out, ran
+
     def _select(self, op: OpDef, operation: str, args: tuple[Any, ...], context: SelectionContext | None
-                ) -> ExecutionPlan:
-        """Cache miss: validate, build the context (unless given), choose the plan."""
+                ) -> tuple[ExecutionPlan, SelectionContext, Policy]:
+        """Cache miss: validate, build the context (unless given), choose the plan. Returns the plan, the
+        context and the policy it was chosen under."""
         if context is not None and not isinstance(context, SelectionContext):
             raise InvalidInputError(f"dispatch({operation!r}): context must be a SelectionContext, "
                                     f"got {type(context).__name__}")
         op.validate(operation, args)
         ctx = context if context is not None else op.context(operation, args)
-        plan = self.build_plan(op, operation, ctx, self.runtime.current_policy())
+        policy = self.runtime.current_policy()
+        plan = self.build_plan(op, operation, ctx, policy)
         self.runtime.telemetry.record_miss()
-        return plan
+        return plan, ctx, policy
 
     def _first_run(self, plan: ExecutionPlan, args: tuple[Any, ...]) -> tuple[Any, tuple[ExecutionPlan, int] | None]:
         """A new plan's first call: with output checks, through the runtime's fallback runner."""
@@ -298,6 +443,33 @@ class Dispatcher:
                 target[key] = plan
             scope.plans = target
 
+    def _store_family(self, family: Hashable, plan: ExecutionPlan, ctx: SelectionContext, policy: Policy,
+                      scope: Any) -> None:
+        """After a miss on the runtime's shared cache, cache a shape-free plan for the call's family too, as
+        ``lz.*`` does (:meth:`Runtime.family_plan` decides whether selection can depend on shapes): later
+        calls of any shape of the family skip selection."""
+        rt = self.runtime
+        if not (rt.config.shape_free_plans and rt.config.enable_cache):
+            return
+        if family in (rt.plans.data if scope is None else scope.plans):
+            return  # the family has its plan (this call's v does not have k's size)
+        try:
+            sel = rt.select(plan.operation, ctx, policy=policy)
+        except Exception:  # no verdict: keep one plan per shape
+            return
+        if sel.ranked[0].kernel_id != plan.kernel_id:
+            return
+        free = rt.family_plan(plan, sel, family, policy)
+        if free is None:
+            return
+        if scope is None:
+            rt.plans.put(family, free)
+        else:  # scoped policy: the scope's own plan dict, as lz.* does
+            target = rt.scoped_plans(policy)
+            if len(target) < max(rt.config.cache_size, 1):
+                target[family] = free
+            scope.plans = target
+
     def _dispatch_timed(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None,
                         kwargs: dict[str, Any]) -> DispatchResult:
         """``dispatch`` with ``record_timing``: the same steps, each timed."""
@@ -305,7 +477,7 @@ class Dispatcher:
         t0 = _perf_ns()
         op = self._op(operation)
         args, bshd = map_inputs(op, operation, inputs, kwargs)
-        key = key_for(op, operation, args) if context is None else (operation, _CTX, id(context))
+        key = keys_for(op, operation, args)[1] if context is None else (operation, _CTX, id(context))
         t1 = _perf_ns()
         scope = SCOPE.get()
         try:
@@ -329,7 +501,7 @@ class Dispatcher:
         else:
             cached = False
             version = rt.version
-            plan = self._select(op, operation, args, context)
+            plan = self._select(op, operation, args, context)[0]
             t3 = _perf_ns()
             out, ran = self._first_run(plan, args)
             if rt.version == version:
@@ -338,6 +510,8 @@ class Dispatcher:
         if bshd:
             out = out.transpose(1, 2)
         t5 = _perf_ns()
+        if context is None and not kwargs:
+            self._learn(op, operation, inputs)
         timing = DispatchTiming(selection_us=(t3 - t0) / 1000.0, execution_us=(t5 - t3) / 1000.0,
                                 total_us=(t5 - t0) / 1000.0, context_build_ns=build_ns, cache_lookup_ns=t2 - t1,
                                 kernel_invoke_ns=t4 - t3, recorded=True)

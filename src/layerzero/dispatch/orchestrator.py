@@ -65,6 +65,10 @@ class DispatchOrchestrator(Dispatcher):
         self._config_error: Exception | None = None
         self._routes: dict[str, Dispatcher] = {}
         self._config_seen = runtime.config
+        # The inherited hot path (Dispatcher.dispatch) serves cached calls of operations routed to the dynamic
+        # dispatcher when it shares the runtime's plan cache: the same plans, without a second dispatch call.
+        # Only such operations get a hot-path entry (see _dispatch), so its results say "dynamic".
+        self._mode_value = DispatchMode.DYNAMIC.value
 
     @property  # type: ignore[override]
     def mode(self) -> DispatchMode:
@@ -84,6 +88,7 @@ class DispatchOrchestrator(Dispatcher):
                 self._close_config_dispatcher()
             self._config_error = None
             self._routes = {}
+            self._fast = {}
             self._config_seen = cfg
 
     def _close_config_dispatcher(self) -> None:
@@ -108,6 +113,7 @@ class DispatchOrchestrator(Dispatcher):
             self._config_dispatcher = dispatcher
             self._attached = dispatcher is not None
             self._routes = {}
+            self._fast = {}
 
     def _load_config_dispatcher(self) -> Dispatcher:
         cfg = self.runtime.config
@@ -167,8 +173,17 @@ class DispatchOrchestrator(Dispatcher):
         return target
 
     # -- dispatch --------------------------------------------------------------------------------------
-    def dispatch(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None = None,
-                 **kwargs: Any) -> DispatchResult:
+    def _sync(self) -> None:
+        """The runtime changed: re-resolve routes if its config did; drop the hot-path entries."""
+        if self.runtime.config is not self._config_seen:
+            self._refresh()
+        self._fast = {}
+        self._version = self.runtime.version
+
+    # ``dispatch`` is the inherited one: its hot path serves cached calls of operations routed to the dynamic
+    # dispatcher (no routing, no second dispatch call); every other call comes to _dispatch.
+    def _dispatch(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None,
+                  kwargs: dict[str, Any]) -> DispatchResult:
         """Route ``operation`` (see :meth:`route`) and dispatch it there."""
         if self.runtime.config is not self._config_seen:
             self._refresh()
@@ -179,7 +194,15 @@ class DispatchOrchestrator(Dispatcher):
                 raise
             # an unhashable operation ([], {}): bad input, not a crash
             raise InvalidInputError(f"dispatch(): operation must be a non-empty string, got {operation!r}") from None
-        return target.dispatch(operation, inputs, context, **kwargs)
+        result = target.dispatch(operation, inputs, context, **kwargs)
+        dyn = self.dynamic
+        if context is None and not kwargs and self._fast.get(operation) is None and len(self._fast) < 4096:
+            fast = dyn._fast.get(operation) if target is dyn and dyn._cache is None else None
+            if fast is not None and self._version == self.runtime.version:
+                self._fast[operation] = fast.copy()  # the dynamic dispatcher's names: its hot path is ours now
+            elif operation not in self._fast:
+                self._fast[operation] = None  # routed elsewhere, or names mapped in full: no KeyError per call
+        return result
 
     def resolve(self, operation: str) -> Callable[..., Any]:
         """The kernel callable of a static operation (dynamic ones depend on the inputs: use ``dispatch``)."""

@@ -60,6 +60,9 @@ class DispatchResult:
         mode: the dispatch mode that served the call (``"static"``, ``"dynamic"``, ``"config"``, ...).
     """
 
+    # The dispatchers' cached hot paths make results with ``DispatchResult.__new__`` and assign every slot
+    # themselves (an ``__init__`` call is a noticeable share of a dispatch): a new field must be set there too.
+
     __slots__ = ("output", "kernel_id", "operation", "fallback_used", "attempts", "timing", "cached", "mode")
 
     def __init__(self, output: Any, kernel_id: str, operation: str, fallback_used: bool = False, attempts: int = 1,

@@ -27,8 +27,8 @@ from typing import Any
 
 from layerzero.context import SelectionContext
 from layerzero.dispatch.config import DispatchConfig, DispatchMode
-from layerzero.dispatch.dispatcher import Dispatcher, _perf_ns, runtime_for
-from layerzero.dispatch.generic import map_inputs
+from layerzero.dispatch.dispatcher import Dispatcher, _new_result, _perf_ns, runtime_for
+from layerzero.dispatch.generic import attention_inputs, map_inputs
 from layerzero.dispatch.result import NOT_TIMED, DispatchResult, DispatchTiming
 from layerzero.errors import ConfigError, InvalidInputError, NoKernelError
 from layerzero.registry import (
@@ -74,6 +74,7 @@ class StaticDispatcher(Dispatcher):
         self._config_seen = rt.config
         self._timed = rt.config.record_timing
         self._bind_all()
+        self._fast = {}
         self._version = rt.version
 
     def invalidate(self) -> None:
@@ -124,6 +125,34 @@ class StaticDispatcher(Dispatcher):
             raise self._missing(operation)
         if self._timed:
             return self._static_timed(plan, operation, inputs, kwargs)
+        fast = self._fast.get(operation)
+        if fast is not None and not kwargs and type(inputs) is dict and len(inputs) == 3:
+            # ---- hot path: q, k, v by known names straight into the kernel's arguments ---------------
+            try:
+                q = inputs[fast.q_name]
+                k = inputs[fast.k_name]
+                v = inputs[fast.v_name]
+            except KeyError:  # other names: the full mapping
+                q = None
+            if q is not None and k is not None and v is not None:  # None means absent: the full mapping
+                if plan.gate.blocked:
+                    note = rt.last_run
+                    note.value = None
+                    out = plan.run(q, k, v, None, fast.is_causal, fast.dropout_p, fast.scale, fast.window)
+                    return self._result(out, plan, note.value, operation, NOT_TIMED, True)
+                plan.stats.calls += 1
+                try:
+                    out = plan.fn(q, k, v, None, fast.is_causal, fast.dropout_p, fast.scale, fast.window)
+                except Exception as exc:
+                    note = rt.last_run
+                    note.value = None
+                    out = rt.recover(plan, (q, k, v, None, fast.is_causal, fast.dropout_p, fast.scale, fast.window),
+                                     0, exc)
+                    return self._result(out, plan, note.value, operation, NOT_TIMED, True)
+                r = _new_result(DispatchResult)
+                r.output, r.kernel_id, r.operation, r.fallback_used = out, plan.kernels[0].kernel_id, operation, False
+                r.attempts, r.timing, r.cached, r.mode = 1, NOT_TIMED, True, "static"
+                return r
         args, bshd = map_inputs(plan.op, operation, inputs, kwargs)
         ran = None
         if plan.gate.blocked:
@@ -142,11 +171,11 @@ class StaticDispatcher(Dispatcher):
                 ran = note.value
         if bshd:
             out = out.transpose(1, 2)
-        if ran is None:
-            return DispatchResult(out, plan.kernels[0].kernel_id, operation, False, 1, NOT_TIMED, True, "static")
-        used, index = ran
-        return DispatchResult(out, used.kernels[index].kernel_id, operation, index > 0, index + 1, NOT_TIMED, True,
-                              "static")
+        elif not kwargs and fast is None and plan.op.family == "attention":
+            fast = attention_inputs(plan.op, operation, inputs)  # these names take the hot path from now on
+            if fast is not None:
+                self._fast[operation] = fast
+        return self._result(out, plan, ran, operation, NOT_TIMED, True)
 
     def _static_timed(self, plan: ExecutionPlan, operation: str, inputs: Mapping[str, Any], kwargs: dict[str, Any]
                       ) -> DispatchResult:
