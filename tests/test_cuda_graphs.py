@@ -134,7 +134,8 @@ def test_captured_graph_replays_with_the_selected_kernels(unsafe_kernel: str) ->
 
 
 @pytest.mark.gpu
-def test_raw_capture_of_an_unseen_shape_raises_capture_error() -> None:
+def test_raw_capture_of_an_unseen_shape_raises_capture_error(runtime) -> None:
+    runtime.configure(runtime.config.replace(shape_free_plans=False))  # one plan per shape
     x, w = torch.randn(8, 512, device="cuda"), torch.rand(512, device="cuda")
     lz.rms_norm(x, w)
     graph = torch.cuda.CUDAGraph()
@@ -158,7 +159,8 @@ def test_unsafe_cached_plan_is_not_captured(unsafe_kernel: str) -> None:
 
 
 @pytest.mark.gpu
-def test_capture_reports_a_shape_missed_in_warmup() -> None:
+def test_capture_reports_a_shape_missed_in_warmup(runtime) -> None:
+    runtime.configure(runtime.config.replace(shape_free_plans=False))  # one plan per shape
     calls = {"n": 0}
     w = torch.rand(256, device="cuda")
 
@@ -169,3 +171,21 @@ def test_capture_reports_a_shape_missed_in_warmup() -> None:
 
     with pytest.raises(CaptureError, match="selection was needed while a CUDA graph is being captured"):
         cuda_graphs.capture(fn, warmup=1)
+
+
+@pytest.mark.gpu
+def test_a_shape_free_family_serves_an_unseen_shape_during_capture(runtime) -> None:
+    """With a shape-free plan (torch_rms_norm on a GPU with no measurements) a row count the warm-up never
+    saw needs no selection, so it is captured, and the replay computes the right values."""
+    w = torch.rand(256, device="cuda")
+    lz.rms_norm(torch.randn(4, 256, device="cuda"), w)
+    x = torch.randn(5, 256, device="cuda")
+    assert lz.explain(x, w, operation="rms_norm").shape_free == "yes"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lz.rms_norm(x, w)
+    x.copy_(torch.randn(5, 256, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)) * w.double()
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
