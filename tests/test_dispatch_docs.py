@@ -1,7 +1,8 @@
 """docs/readme/dispatch.md: every ```python block runs, top to bottom, in one namespace.
 
-Run as a script it prints the seed's ``benchmark_dispatch`` numbers and the
-side-by-side overhead table quoted in that document:
+Run as a script it prints the seed's ``benchmark_dispatch`` numbers, the
+side-by-side overhead table and the dispatch rows of ``layerzero bench --quick``
+(ratio of p50s, three runs) quoted in that document:
 
     .venv/bin/python tests/test_dispatch_docs.py
 """
@@ -130,6 +131,12 @@ def main() -> None:
     print("## side by side (best-of-7 p50, same tensors)")
     for name, p50, over in _side_by_side():
         print(f"| {name} | {p50:.2f} | {over:+.2f} |")
+    print("## layerzero bench --quick: the dispatch rows of the overhead table, three runs")
+    from layerzero.bench.runner import BenchOptions, run_overhead
+
+    for _ in range(3):
+        rows = [r for r in run_overhead(BenchOptions(quick=True), lambda m: None) if "dispatch" in r.path]
+        print(" | ".join(f"{r.path}: {r.value:.3f} ({'PASS' if r.passed else 'MISS'})" for r in rows))
 
 
 if __name__ == "__main__":
