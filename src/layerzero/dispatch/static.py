@@ -174,7 +174,7 @@ class StaticDispatcher(Dispatcher):
         elif not kwargs and fast is None and plan.op.family == "attention":
             fast = attention_inputs(plan.op, operation, inputs)  # these names take the hot path from now on
             if fast is not None:
-                self._fast[operation] = fast
+                self._fast[operation] = fast.copy()
         return self._result(out, plan, ran, operation, NOT_TIMED, True)
 
     def _static_timed(self, plan: ExecutionPlan, operation: str, inputs: Mapping[str, Any], kwargs: dict[str, Any]
