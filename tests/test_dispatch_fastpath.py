@@ -357,3 +357,49 @@ def test_orchestrator_with_an_mvcc_dynamic_dispatcher_routes_every_call(runtime)
     assert o._fast.get("attention.full") is None  # its plans are the dynamic dispatcher's own
     assert o.dynamic._fast["attention.full"] is not None
     check(results[-1], q, q, q)
+
+
+def test_dtype_changes_and_a_family_dropped_elsewhere(runtime) -> None:
+    d = create_dynamic_dispatcher()
+    shapes = ((1, 2, 3, 16), (2, 2, 5, 16))
+    for dtype in (torch.float32, torch.float64, torch.float32, torch.float64):
+        for shape in shapes:
+            q = rnd(*shape, dtype=dtype)
+            for _ in range(2):
+                r = d.dispatch("attention.full", {"q": q, "k": q, "v": q})
+                check(r, q, q, q)
+                assert r.output.dtype == dtype and r.kernel_id == "torch_sdpa"
+    before = misses(runtime)
+    for dtype in (torch.float64, torch.float32):
+        q = rnd(3, 2, 7, 16, dtype=dtype)
+        r = d.dispatch("attention.full", {"q": q, "k": q, "v": q})
+        check(r, q, q, q)
+        assert r.cached and r.output.dtype == dtype
+    assert misses(runtime) == before
+    # lz.attention sends the family back to exact-shape plans; the dispatcher's calls stay correct
+    qg, kg, vg = rnd(1, 8, 4, 32), rnd(1, 2, 6, 32), rnd(1, 2, 6, 32)
+    lz.attention(qg, kg, vg)
+    family, _ = keys("attention.full", qg, qg, qg)
+    assert family in runtime._exact_only
+    q = rnd(1, 2, 3, 16)
+    check(d.dispatch("attention.full", {"q": q, "k": q, "v": q}), q, q, q)
+    r = d.dispatch("attention.full", {"q": qg, "k": kg, "v": vg})
+    check(r, qg, kg, vg)
+    assert r.kernel_id == runtime.plans.data[keys("attention.full", qg, kg, vg)[1]].kernel_id
+
+
+def test_a_registry_change_reaches_the_hot_path(runtime) -> None:
+    q = rnd(1, 2, 3, 16)
+    for _ in range(3):
+        assert dispatch("attention.full", {"q": q, "k": q, "v": q}).kernel_id == "torch_sdpa"
+    spec = KernelSpec("test_top_attention", "attention", "custom",
+                      lambda q, k, v, *rest: torch.nn.functional.scaled_dot_product_attention(q, k, v), priority=999)
+    lz.get_global_kernel_registry().register(spec)
+    try:
+        for _ in range(2):
+            r = dispatch("attention.full", {"q": q, "k": q, "v": q})
+            check(r, q, q, q)
+            assert r.kernel_id == "test_top_attention"
+    finally:
+        lz.get_global_kernel_registry().unregister("test_top_attention")
+    assert dispatch("attention.full", {"q": q, "k": q, "v": q}).kernel_id == "torch_sdpa"

@@ -35,6 +35,7 @@ from layerzero.dispatch.breaker import CircuitStats
 from layerzero.dispatch.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.generic import (
     GENERIC,
+    NO_MEMO,
     AttentionInputs,
     attention_inputs,
     family_applies,
@@ -245,15 +246,15 @@ class Dispatcher:
                     q = inputs[hot.q_name]
                     k = inputs[hot.k_name]
                     v = inputs[hot.v_name]
-                    # CPU tensors: the shape-free plan this dispatcher found for the dtype, with no key to build.
-                    # The memo is emptied by every runtime change (_sync). A family plan the runtime takes back
-                    # meanwhile (its kernel raised on some shape, through lz.* or another dispatcher) serves this
-                    # dispatcher's calls until then: selection picks its kernel for every shape of the family
-                    # (that is what made it shape-free), and a call the kernel cannot take goes the exact-shape
-                    # way through Runtime.recover, as on the shared cache, emptying the memo. Scoped calls and
-                    # v without k's size take the key path.
-                    plan = hot.cpu.get(q.dtype) if q.is_cpu else None
-                    if plan is None or LIVE.scopes or k.numel() != v.numel():
+                    # CPU tensors of the dtype seen last: the shape-free plan this dispatcher found for them, with
+                    # no key to build. The memo goes with every runtime change (_sync). A family plan the runtime
+                    # takes back meanwhile (its kernel raised on some shape, through lz.* or another dispatcher)
+                    # serves this dispatcher's calls until then: selection picks its kernel for every shape of the
+                    # family (that is what made it shape-free), and a call the kernel cannot take goes the
+                    # exact-shape way through Runtime.recover, as on the shared cache, dropping the memo. Scoped
+                    # calls and v without k's size take the key path.
+                    dtype, plan, kernel_id = hot.memo
+                    if q.dtype is not dtype or not q.is_cpu or LIVE.scopes or k.numel() != v.numel():
                         plan = None
                         family = (operation, q.dtype, q.device, hot.is_causal, hot.dropout_p, hot.window, None)
                         cache = self._cache
@@ -265,8 +266,8 @@ class Dispatcher:
                                     data = plans.data
                                     if k.numel() == v.numel():
                                         plan = data.get(family)
-                                        if plan is not None and q.is_cpu:
-                                            hot.cpu[q.dtype] = plan  # remembered until the runtime changes
+                                        if plan is not None and q.is_cpu:  # remembered until the runtime changes
+                                            hot.memo = (q.dtype, plan, plan.kernels[0].kernel_id)
                                     if plan is None:
                                         plan = data.get((family, q.shape, k.shape, v.shape, None))
                                 else:  # TTL: the checked read
@@ -280,6 +281,8 @@ class Dispatcher:
                                     plan = data.get((family, q.shape, k.shape, v.shape, None))
                         elif not (LIVE.scopes and SCOPE.get() is not None):  # an own cache holds no scoped plans
                             plan = cache.get((family, q.shape, k.shape, v.shape, None))
+                        if plan is not None:
+                            kernel_id = plan.kernels[0].kernel_id
                 except (KeyError, AttributeError, TypeError, RuntimeError):  # other names, not tensors: full path
                     plan = None
                 if plan is not None:
@@ -295,14 +298,19 @@ class Dispatcher:
                                 out = plan.fn(q, k, v, None, hot.is_causal, hot.dropout_p, hot.scale, hot.window)
                         except Exception as exc:
                             if plan.family is not None:  # the runtime may take the family plan back
-                                hot.cpu.clear()
+                                hot.memo = NO_MEMO
                             out, ran = self._run_slow(plan, (q, k, v, None, hot.is_causal, hot.dropout_p,
                                                              hot.scale, hot.window), exc)
                         else:
                             r = _new_result(DispatchResult)
-                            r.output, r.kernel_id, r.operation, r.fallback_used = out, plan.kernels[0].kernel_id, \
-                                operation, False
-                            r.attempts, r.timing, r.cached, r.mode = 1, NOT_TIMED, True, self._mode_value
+                            r.output = out
+                            r.kernel_id = kernel_id
+                            r.operation = operation
+                            r.fallback_used = False
+                            r.attempts = 1
+                            r.timing = NOT_TIMED
+                            r.cached = True
+                            r.mode = self._mode_value
                             return r
                     return self._result(out, plan, ran, operation, NOT_TIMED, True)
             # -------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from layerzero.ops.base import OpDef, describe_tensor
 from layerzero.spec import KernelSpec
 
 __all__ = ["GenericOp", "GENERIC", "op_for_dispatch", "map_inputs", "key_for", "keys_for", "family_applies",
-           "AttentionInputs", "attention_inputs", "kwargs_kernel", "INPUT_NAMES"]
+           "AttentionInputs", "attention_inputs", "NO_MEMO", "kwargs_kernel", "INPUT_NAMES"]
 
 # The names ``dispatch()`` accepts per family (first match wins; ``None`` values count as absent).
 INPUT_NAMES: dict[str, str] = {
@@ -228,18 +228,21 @@ def family_applies(op: OpDef, args: tuple[Any, ...]) -> bool:
         return False
 
 
+NO_MEMO: tuple[None, None, None] = (None, None, None)
+
+
 class AttentionInputs:
     """An input-name set of an attention operation that hands ``q``, ``k`` and ``v`` straight to the kernel
     arguments ``(q, k, v, None, is_causal, dropout_p, scale, window)``, the rest being constants.
 
     The dispatchers' cached hot path reads the three tensors by name (``inputs[entry.q_name]``, a
     ``KeyError`` when the dict has other names) and builds the same cache keys as ``lz.attention``
-    without mapping the dict again. Each dispatcher keeps its own copy (:meth:`copy`): ``cpu`` is that
-    dispatcher's memo of the shape-free plan it found for CPU tensors of a dtype (see
-    ``Dispatcher.dispatch``), valid until the runtime's version changes.
+    without mapping the dict again. Each dispatcher keeps its own copy (:meth:`copy`): ``memo`` is that
+    dispatcher's ``(dtype, plan, kernel_id)`` of the shape-free plan it found last for CPU tensors (see
+    ``Dispatcher.dispatch``; :data:`NO_MEMO` when none), valid until the runtime's version changes.
     """
 
-    __slots__ = ("q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "direct_ok", "cpu")
+    __slots__ = ("q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "direct_ok", "memo")
 
     def __init__(self, names: tuple[str, str, str], is_causal: bool, dropout_p: float, scale: Any,
                  window: Any) -> None:
@@ -249,7 +252,7 @@ class AttentionInputs:
         self.scale = scale
         self.window = window
         self.direct_ok = scale is None  # ``plan.direct(q, k, v)`` (PyTorch's SDPA) needs the default scale
-        self.cpu: dict[torch.dtype, Any] = {}
+        self.memo: tuple[Any, Any, Any] = NO_MEMO  # one tuple, so that threads never see a torn memo
 
     def copy(self) -> AttentionInputs:
         """The same mapping with an empty plan memo (one per dispatcher)."""

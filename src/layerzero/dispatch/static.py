@@ -150,8 +150,14 @@ class StaticDispatcher(Dispatcher):
                                      0, exc)
                     return self._result(out, plan, note.value, operation, NOT_TIMED, True)
                 r = _new_result(DispatchResult)
-                r.output, r.kernel_id, r.operation, r.fallback_used = out, plan.kernels[0].kernel_id, operation, False
-                r.attempts, r.timing, r.cached, r.mode = 1, NOT_TIMED, True, "static"
+                r.output = out
+                r.kernel_id = plan.kernels[0].kernel_id
+                r.operation = operation
+                r.fallback_used = False
+                r.attempts = 1
+                r.timing = NOT_TIMED
+                r.cached = True
+                r.mode = "static"
                 return r
         args, bshd = map_inputs(plan.op, operation, inputs, kwargs)
         ran = None
