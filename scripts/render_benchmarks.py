@@ -57,7 +57,11 @@ def _gpu_bench_section(path: Path) -> list[str]:
              f"file: `{_rel(path)}`). For every shape: every eligible kernel called directly "
              "(`triton.testing.do_bench` median), `lz.attention` / `lz.rms_norm` after `layerzero tune` on the "
              "grid (the whole call, host overhead included), and PyTorch's default "
-             "(`F.scaled_dot_product_attention`, `F.rms_norm`).", "",
+             "(`F.scaled_dot_product_attention`, `F.rms_norm`)"
+             + (", these two timed alternately over 3 runs (the spread includes the drift between runs); "
+                "tuning re-timed each bucket's priority choice against its closest rival"
+                if "confirmed x3" in json.dumps(d.get("tuning", {})) else
+                "; an earlier version of the script and tuner: one run each, no re-timing") + ".", "",
              f"- geomean layerzero / best kernel: **{s['geomean_lz_over_best']:.3f}** over {s['shapes']} shapes",
              f"- geomean layerzero / PyTorch default: **{s['geomean_lz_over_default']:.3f}**",
              f"- worst vs best: {' '.join(s['worst_lz_over_best']['shape'].split())} ({s['worst_lz_over_best']['ratio']:.3f}: "

@@ -287,10 +287,10 @@ def run_overhead(opts: BenchOptions, progress: Callable[[str], None]) -> list[Ov
         key = family
 
         def make_key() -> Any:  # as in layerzero/ops/attention.py
-            return (op_name, q.dtype, q.device, False, 0.0, None, None) if k.numel() == v.numel() else None
+            return (op_name, q.dtype, q.is_cpu or q.device, False, 0.0, None, None) if k.numel() == v.numel() else None
     else:
         def make_key() -> Any:
-            return ((op_name, q.dtype, q.device, False, 0.0, None, None), q.shape, k.shape, v.shape, None)
+            return ((op_name, q.dtype, q.is_cpu or q.device, False, 0.0, None, None), q.shape, k.shape, v.shape, None)
     kind = "shape-free family key" if shape_free else "exact-shape key"
 
     def noop() -> None:

@@ -265,7 +265,7 @@ class AttentionInputs:
 
     def family(self, operation: str, q: torch.Tensor) -> tuple[Any, ...]:
         """The shape-free key (as built inline on the hot path)."""
-        return (operation, q.dtype, q.device, self.is_causal, self.dropout_p, self.window, None)
+        return (operation, q.dtype, q.is_cpu or q.device, self.is_causal, self.dropout_p, self.window, None)
 
 
 _attention_inputs: dict[tuple[str, tuple[str, ...]], AttentionInputs | None] = {}

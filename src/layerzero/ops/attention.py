@@ -118,7 +118,7 @@ class AttentionOp(OpDef):
 
     def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         q, k, v, mask, is_causal, dropout_p, scale, window = args
-        family = (operation, q.dtype, q.device, is_causal, dropout_p, window, None if mask is None else mask.dtype)
+        family = (operation, q.dtype, q.is_cpu or q.device, is_causal, dropout_p, window, None if mask is None else mask.dtype)
         return family, (family, q.shape, k.shape, v.shape, None if mask is None else mask.shape)
 
     def context(self, operation: str, args: tuple[Any, ...]) -> SelectionContext:
@@ -217,7 +217,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: t
         elif layout != "BHSD":
             raise ATTENTION.invalid(operation, f"layout must be one of {_LAYOUTS}, got {layout!r}", (q, k, v))
         # ---- cached hot path: family key (no shapes) or shape key -> plan -> kernel -----------
-        family = (operation, q.dtype, q.device, is_causal, dropout_p, window,
+        family = (operation, q.dtype, q.is_cpu or q.device, is_causal, dropout_p, window,
                   None if attn_mask is None else attn_mask.dtype)
         scope = SCOPE.get() if LIVE.scopes else None
         plans = _RT.plans.data if scope is None else scope.plans

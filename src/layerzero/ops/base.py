@@ -114,7 +114,9 @@ class OpDef:
         """``(family, key)``: the plan-cache keys the op's hot path builds for ``args``.
 
         ``key`` names one exact call shape; ``family`` (None for ops without shape-free plans) is the
-        same without any shape: dtype, device and the flags selection looks at.
+        same without any shape: dtype, device and the flags selection looks at. The device is ``True``
+        for a CPU tensor (``t.is_cpu or t.device``: a bool compares for free, a ``torch.device`` is
+        built and compared on every call) and the ``torch.device`` otherwise.
         """
         raise NotImplementedError
 

@@ -169,7 +169,7 @@ class GeluOp(_UnaryLike):
 
     def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         x, approximate = args
-        family = ("gelu", x.dtype, x.device, approximate)
+        family = ("gelu", x.dtype, x.is_cpu or x.device, approximate)
         return family, (family, x.shape)
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
@@ -202,7 +202,7 @@ class SiluOp(_UnaryLike):
 
     def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         x = args[0]
-        family = ("silu", x.dtype, x.device)
+        family = ("silu", x.dtype, x.is_cpu or x.device)
         return family, (family, x.shape)
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
@@ -279,7 +279,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """GELU, exact (``"none"``) or tanh-approximated (``"tanh"``)."""
     try:
-        family = ("gelu", x.dtype, x.device, approximate)
+        family = ("gelu", x.dtype, x.is_cpu or x.device, approximate)
         scope = SCOPE.get() if LIVE.scopes else None
         plans = _RT.plans.data if scope is None else scope.plans
         plan = plans.get(family)
@@ -302,7 +302,7 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 def silu(x: torch.Tensor) -> torch.Tensor:
     """SiLU (swish): ``x * sigmoid(x)``."""
     try:
-        family = ("silu", x.dtype, x.device)
+        family = ("silu", x.dtype, x.is_cpu or x.device)
         scope = SCOPE.get() if LIVE.scopes else None
         plans = _RT.plans.data if scope is None else scope.plans
         plan = plans.get(family)

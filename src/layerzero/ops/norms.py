@@ -71,7 +71,7 @@ class RMSNormOp(_RowOp):
 
     def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         x, weight, eps = args
-        family = ("rms_norm", x.dtype, x.device, weight is None, eps)
+        family = ("rms_norm", x.dtype, x.is_cpu or x.device, weight is None, eps)
         return family, (family, x.shape)
     arg_names = ("x", "weight", "eps")
     params = ("weight",)
@@ -105,7 +105,7 @@ class LayerNormOp(_RowOp):
 
     def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         x, weight, bias, eps = args
-        family = ("layer_norm", x.dtype, x.device, weight is None, bias is None, eps)
+        family = ("layer_norm", x.dtype, x.is_cpu or x.device, weight is None, bias is None, eps)
         return family, (family, x.shape)
     arg_names = ("x", "weight", "bias", "eps")
     params = ("weight", "bias")
@@ -153,7 +153,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     """
     # ---- cached hot path (see lz.attention) ---------------------------------------------
     try:
-        family = ("rms_norm", x.dtype, x.device, weight is None, eps)
+        family = ("rms_norm", x.dtype, x.is_cpu or x.device, weight is None, eps)
         scope = SCOPE.get() if LIVE.scopes else None
         plans = _RT.plans.data if scope is None else scope.plans
         plan = plans.get(family)
@@ -183,7 +183,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
         >>> y = lz.layer_norm(x, weight, bias)
     """
     try:
-        family = ("layer_norm", x.dtype, x.device, weight is None, bias is None, eps)
+        family = ("layer_norm", x.dtype, x.is_cpu or x.device, weight is None, bias is None, eps)
         scope = SCOPE.get() if LIVE.scopes else None
         plans = _RT.plans.data if scope is None else scope.plans
         plan = plans.get(family)
