@@ -2,8 +2,10 @@
 
 :class:`PlanCache` is the runtime's cache: an insertion-ordered dict whose
 current version is read without a lock (a dict read is atomic in CPython),
-writes under a lock, LRU eviction past ``capacity`` (entries move to the back
-when a dispatcher touches them), optional TTL, and O(1) invalidation by
+writes under a lock, eviction past ``capacity`` (oldest first: the hot paths of
+``lz.*`` and ``dispatch()`` read ``data`` directly and do not refresh an entry's
+place; only the checked :meth:`PlanCache.get`, used with a TTL, moves it to the
+back), optional TTL, and O(1) invalidation by
 swapping in a fresh dict (a version bump: readers holding the old version
 finish on it).
 
