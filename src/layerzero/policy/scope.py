@@ -33,7 +33,7 @@ class _Live:
 
 
 LIVE = _Live()
-_live_lock = threading.Lock()
+_live_lock = threading.RLock()  # re-entrant: a Scope freed while this thread counts one must not deadlock
 
 
 class Scope:
