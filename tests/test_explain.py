@@ -176,6 +176,7 @@ def test_cache_key_mirrors_every_ops_hot_path_key() -> None:
         "layer_norm": ("layer_norm", (x, torch.rand(16), None, 1e-5), lambda a: lz.layer_norm(*a)),
         "rope": ("rope", (torch.randn(1, 2, 5, 8), freqs.cos(), freqs.sin(), False), lambda a: lz.rope(*a)),
         "swiglu": ("swiglu", (x, torch.randn(3, 16)), lambda a: lz.swiglu(*a)),
+        "geglu": ("geglu", (x, torch.randn(3, 16), "tanh"), lambda a: lz.geglu(*a)),
         "gelu": ("gelu", (x, "tanh"), lambda a: lz.gelu(*a)),
         "silu": ("silu", (x,), lambda a: lz.silu(*a)),
         "sample": ("sample.greedy", (torch.randn(2, 10), 0.0, None, None, None), lambda a: lz.sample(*a)),
@@ -187,7 +188,7 @@ def test_cache_key_mirrors_every_ops_hot_path_key() -> None:
         call(args)
         assert cache_key(operation, args) in rt.plans.data, family
         fam = cache_keys(operation, args)[0]
-        if family in ("rope", "swiglu", "sample"):  # ops whose hot path keys shapes only
+        if family in ("rope", "swiglu", "geglu", "sample"):  # ops whose hot path keys shapes only
             assert fam is None
         else:  # torch kernels with shape-free plans on a CPU with no measurements
             assert rt.plans.data[fam].family == fam, family

@@ -148,6 +148,8 @@ def _unary_case(operation: str, shape: tuple[int, ...], approximate: str | None 
         x = _randn(shape, dtype, device, g) * 3
         if operation == "swiglu":
             return (x, _randn(shape, dtype, device, g))
+        if operation == "geglu":
+            return (x, _randn(shape, dtype, device, g), approximate)
         if operation == "gelu":
             return (x, approximate)
         return (x,)
@@ -174,6 +176,8 @@ FAMILY_CASES: dict[str, list[Case]] = {
                    _rows_case("layer_norm", (4, 96), weight=False, bias=False)],
     "rope": [_rope_case((2, 4, 16, 64), il, half) for il in (False, True) for half in (False, True)],
     "swiglu": [_unary_case("swiglu", (4, 256)), _unary_case("swiglu", (2, 3, 64))],
+    "geglu": [_unary_case("geglu", (4, 256), "tanh"), _unary_case("geglu", (2, 3, 64), "tanh"),
+              _unary_case("geglu", (4, 256), "none")],
     "gelu": [_unary_case("gelu", (4, 256), "none"), _unary_case("gelu", (4, 256), "tanh")],
     "silu": [_unary_case("silu", (4, 256)), _unary_case("silu", (2, 3, 64))],
     "sample": [_sample_case(op, 8, 1000) for op in _SAMPLE_OPS],
@@ -348,6 +352,7 @@ _GRAD_CASES: dict[str, list[Case]] = {
     "layer_norm": [_rows_case("layer_norm", (4, 64))],
     "rope": [_rope_case((1, 2, 8, 32), il, False) for il in (False, True)],
     "swiglu": [_unary_case("swiglu", (4, 64))],
+    "geglu": [_unary_case("geglu", (4, 64), "tanh"), _unary_case("geglu", (4, 64), "none")],
     "gelu": [_unary_case("gelu", (4, 64), "none"), _unary_case("gelu", (4, 64), "tanh")],
     "silu": [_unary_case("silu", (4, 64))],
 }

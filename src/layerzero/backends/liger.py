@@ -1,4 +1,4 @@
-"""The Liger backend: Liger-Kernel's Triton kernels for rms_norm, layer_norm, rope and swiglu.
+"""The Liger backend: Liger-Kernel's Triton kernels for rms_norm, layer_norm, rope, swiglu and geglu.
 
 Specs are registered whether or not ``liger_kernel`` is installed; the
 library is imported on a kernel's first call, so a missing install shows up
@@ -20,6 +20,7 @@ Adapters (Liger 0.5-0.8, ``liger_kernel.ops.*``):
   q's storage, so the adapter hands it a private copy when it would, and a
   scratch one-head k.
 * swiglu -> ``LigerSiLUMulFunction.apply(gate, up)``.
+* geglu -> ``LigerGELUMulFunction.apply(gate, up)``: the tanh form of GELU only.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import torch
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec
 
-__all__ = ["register", "LIGER_KERNEL_IDS", "liger_rms_norm", "liger_layer_norm", "liger_rope", "liger_swiglu"]
+__all__ = ["register", "LIGER_KERNEL_IDS", "liger_rms_norm", "liger_layer_norm", "liger_rope", "liger_swiglu",
+           "liger_geglu"]
 
 _PIP = "pip install liger-kernel"
 _FUNCTIONS = {
@@ -42,6 +44,7 @@ _FUNCTIONS = {
     "layer_norm": ("liger_kernel.ops.layer_norm", "LigerLayerNormFunction"),
     "rope": ("liger_kernel.ops.rope", "LigerRopeFunction"),
     "swiglu": ("liger_kernel.ops.swiglu", "LigerSiLUMulFunction"),
+    "geglu": ("liger_kernel.ops.geglu", "LigerGELUMulFunction"),
 }
 MAX_HIDDEN = 65536  # liger_kernel.ops.utils.calculate_settings: MAX_FUSED_SIZE
 
@@ -109,6 +112,11 @@ def liger_swiglu(gate, up):  # type: ignore[no-untyped-def]
     return _apply("swiglu")(gate, up)
 
 
+def liger_geglu(gate, up, approximate):  # type: ignore[no-untyped-def]
+    # LigerGELUMulFunction computes the tanh form only (the spec declares approximations={"tanh"}).
+    return _apply("geglu")(gate, up)
+
+
 def _needs_triton() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (Liger's kernels are Triton programs)"
@@ -129,6 +137,8 @@ def _specs() -> list[KernelSpec]:
                    description="Liger Triton RoPE (rotate-half, HF Llama form)", **common),
         KernelSpec("liger_swiglu", "swiglu", "liger", liger_swiglu, priority=55,
                    description="Liger Triton SiLU(gate) * up", **common),
+        KernelSpec("liger_geglu", "geglu", "liger", liger_geglu, priority=55, approximations=frozenset({"tanh"}),
+                   description="Liger Triton GELU-tanh(gate) * up", **common),
     ]
 
 

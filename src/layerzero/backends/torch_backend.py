@@ -297,6 +297,10 @@ def torch_swiglu(gate, up):  # type: ignore[no-untyped-def]
     return F.silu(gate) * up
 
 
+def torch_geglu(gate, up, approximate):  # type: ignore[no-untyped-def]
+    return F.gelu(gate, approximate=approximate) * up
+
+
 def torch_gelu(x, approximate):  # type: ignore[no-untyped-def]
     return F.gelu(x, approximate=approximate)
 
@@ -452,6 +456,8 @@ def _specs() -> list[KernelSpec]:
                    supports_interleaved=True, tolerance=tol16, description="interleaved-pair RoPE (GPT-J)"),
         KernelSpec("torch_swiglu", "swiglu", "torch", torch_swiglu, priority=50, dtypes=_FLOATS, tolerance=tol16,
                    description="F.silu(gate) * up"),
+        KernelSpec("torch_geglu", "geglu", "torch", torch_geglu, priority=50, dtypes=_FLOATS,
+                   approximations={"none", "tanh"}, tolerance=tol16, description="F.gelu(gate) * up"),
         KernelSpec("torch_gelu", "gelu", "torch", torch_gelu, priority=50, dtypes=_FLOATS,
                    approximations={"none", "tanh"}, tolerance=tol16, shape_free=True, description="F.gelu"),
         KernelSpec("torch_silu", "silu", "torch", torch_silu, priority=50, dtypes=_FLOATS, tolerance=tol16,

@@ -38,6 +38,7 @@ INPUT_NAMES: dict[str, str] = {
     "layer_norm": "x|input|hidden_states, weight|w, bias|b, eps",
     "rope": "x|input|q, cos, sin, interleaved",
     "swiglu": "gate|x, up|y",
+    "geglu": "gate|x, up|y, approximate",
     "gelu": "x|input, approximate",
     "silu": "x|input",
     "sample": "logits|x, temperature, top_k, top_p, generator",

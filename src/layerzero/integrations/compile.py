@@ -2,7 +2,7 @@
 
 Importing this module defines the custom ops ``layerzero::attention``,
 ``layerzero::rms_norm``, ``layerzero::layer_norm``, ``layerzero::rope``,
-``layerzero::swiglu``, ``layerzero::gelu``, ``layerzero::silu`` (each with a
+``layerzero::swiglu``, ``layerzero::geglu``, ``layerzero::gelu``, ``layerzero::silu`` (each with a
 fake implementation for tracing and autograd) and their ``*_backward`` ops.
 Their eager implementation is the ordinary dispatched call (``lz.attention``
 and friends), so a compiled graph runs the kernel layerzero selects on this
@@ -35,7 +35,7 @@ import torch
 import layerzero.ops  # noqa: F401  (loads the op modules)
 
 __all__ = ["install", "installed", "CUSTOM_OPS", "attention_op", "rms_norm_op", "layer_norm_op", "rope_op",
-           "swiglu_op", "gelu_op", "silu_op"]
+           "swiglu_op", "geglu_op", "gelu_op", "silu_op"]
 
 log = logging.getLogger("layerzero")
 
@@ -52,6 +52,7 @@ _lz_rms_norm = _norms_mod.rms_norm
 _lz_layer_norm = _norms_mod.layer_norm
 _lz_rope = _elementwise_mod.rope
 _lz_swiglu = _elementwise_mod.swiglu
+_lz_geglu = _elementwise_mod.geglu
 _lz_gelu = _elementwise_mod.gelu
 _lz_silu = _elementwise_mod.silu
 
@@ -354,6 +355,45 @@ def _swiglu_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
 swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
 
 
+@torch.library.custom_op("layerzero::geglu", mutates_args=())
+def geglu_op(gate: Tensor, up: Tensor, approximate: str) -> Tensor:
+    """``lz.geglu`` as one graph node."""
+    return _dense(_lz_geglu(gate, up, approximate))
+
+
+@geglu_op.register_fake
+def _geglu_fake(gate: Tensor, up: Tensor, approximate: str) -> Tensor:
+    _elementwise_mod.GEGLU.validate("geglu", (gate, up, approximate))
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("layerzero::geglu_backward", mutates_args=())
+def geglu_backward_op(grad: Tensor, gate: Tensor, up: Tensor, approximate: str, needs: list[bool]) -> list[Tensor]:
+    return _recompute_grads(lambda g, u: _lz_geglu(g, u, approximate), grad, (gate, up), needs)
+
+
+@geglu_backward_op.register_fake
+def _geglu_backward_fake(grad: Tensor, gate: Tensor, up: Tensor, approximate: str, needs: list[bool]
+                         ) -> list[Tensor]:
+    return [t.new_empty(t.shape) for t, n in zip((gate, up), needs, strict=True) if n]
+
+
+def _geglu_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    gate, up, approximate = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.approximate = approximate
+
+
+def _geglu_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+    gate, up = ctx.saved_tensors
+    needs = _needs(ctx, (0, 1), (gate, up))
+    grads = geglu_backward_op(grad.contiguous(), gate, up, ctx.approximate, needs) if any(needs) else []
+    return (*_scatter(needs, grads), None)
+
+
+geglu_op.register_autograd(_geglu_backward, setup_context=_geglu_setup)
+
+
 @torch.library.custom_op("layerzero::gelu", mutates_args=())
 def gelu_op(x: Tensor, approximate: str) -> Tensor:
     """``lz.gelu`` as one graph node."""
@@ -425,7 +465,7 @@ silu_op.register_autograd(_silu_backward, setup_context=_silu_setup)
 
 CUSTOM_OPS: dict[str, Any] = {
     "attention": attention_op, "rms_norm": rms_norm_op, "layer_norm": layer_norm_op, "rope": rope_op,
-    "swiglu": swiglu_op, "gelu": gelu_op, "silu": silu_op,
+    "swiglu": swiglu_op, "geglu": geglu_op, "gelu": gelu_op, "silu": silu_op,
 }
 
 
@@ -467,6 +507,10 @@ def _traced_swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return swiglu_op(gate, up)
 
 
+def _traced_geglu(gate: Tensor, up: Tensor, approximate: str = "tanh") -> Tensor:
+    return geglu_op(gate, up, approximate)
+
+
 def _traced_gelu(x: Tensor, approximate: str = "none") -> Tensor:
     return gelu_op(x, approximate)
 
@@ -481,6 +525,7 @@ _SUBSTITUTIONS: tuple[tuple[Callable[..., Any], Callable[..., Any]], ...] = (
     (_lz_layer_norm, _traced_layer_norm),
     (_lz_rope, _traced_rope),
     (_lz_swiglu, _traced_swiglu),
+    (_lz_geglu, _traced_geglu),
     (_lz_gelu, _traced_gelu),
     (_lz_silu, _traced_silu),
 )

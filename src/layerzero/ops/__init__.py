@@ -10,11 +10,11 @@ from __future__ import annotations
 from layerzero.errors import InvalidInputError
 from layerzero.ops.attention import ATTENTION, attention
 from layerzero.ops.base import OpDef
-from layerzero.ops.elementwise import GELU, ROPE, SILU, SWIGLU, gelu, rope, silu, swiglu
+from layerzero.ops.elementwise import GEGLU, GELU, ROPE, SILU, SWIGLU, geglu, gelu, rope, silu, swiglu
 from layerzero.ops.norms import LAYER_NORM, RMS_NORM, layer_norm, rms_norm
 from layerzero.ops.sampling import SAMPLE, sample
 
-__all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "gelu", "silu", "sample", "OPS", "op_for",
+__all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu", "sample", "OPS", "op_for",
            "OpDef", "OPERATIONS"]
 
 OPS: dict[str, OpDef] = {
@@ -23,6 +23,7 @@ OPS: dict[str, OpDef] = {
     "layer_norm": LAYER_NORM,
     "rope": ROPE,
     "swiglu": SWIGLU,
+    "geglu": GEGLU,
     "gelu": GELU,
     "silu": SILU,
     "sample": SAMPLE,
@@ -31,7 +32,7 @@ OPS: dict[str, OpDef] = {
 # Operation names with built-in meaning (kernels may serve a family prefix of these).
 OPERATIONS: tuple[str, ...] = (
     "attention.causal", "attention.full", "attention.cross", "attention.decode", "attention.prefill",
-    "attention.sliding_window", "rms_norm", "layer_norm", "rope", "swiglu", "gelu", "silu",
+    "attention.sliding_window", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu",
     "sample.greedy", "sample.temperature", "sample.top_k", "sample.top_p",
 )
 

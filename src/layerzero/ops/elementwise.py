@@ -1,7 +1,8 @@
-"""``lz.rope``, ``lz.swiglu``, ``lz.gelu``, ``lz.silu``: position encoding and activations.
+"""``lz.rope``, ``lz.swiglu``, ``lz.geglu``, ``lz.gelu``, ``lz.silu``: position encoding and activations.
 
 Canonical kernel arguments: rope ``(x, cos, sin, interleaved)``; swiglu
-``(gate, up)``; gelu ``(x, approximate)``; silu ``(x,)``.
+``(gate, up)``; geglu ``(gate, up, approximate)``; gelu ``(x, approximate)``;
+silu ``(x,)``.
 
 RoPE: ``x`` is ``(..., seq, head_dim)``; ``cos`` / ``sin`` broadcast against
 ``x`` except in the last dimension, which is ``head_dim`` (HuggingFace's
@@ -22,7 +23,8 @@ from layerzero.ops.base import OpDef, layout_problem, pick
 from layerzero.policy.scope import LIVE, SCOPE
 from layerzero.runtime import get_runtime
 
-__all__ = ["rope", "swiglu", "gelu", "silu", "ROPE", "SWIGLU", "GELU", "SILU", "rope_reference", "half_cos_sin"]
+__all__ = ["rope", "swiglu", "geglu", "gelu", "silu", "ROPE", "SWIGLU", "GEGLU", "GELU", "SILU", "rope_reference",
+           "half_cos_sin"]
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
@@ -163,6 +165,39 @@ class SwigluOp(_UnaryLike):
         return (pick(merged, "gate", "x", operation=operation), pick(merged, "up", "y", operation=operation))
 
 
+class GegluOp(SwigluOp):
+    """GeGLU: ``gelu(gate) * up`` (Gemma's MLP: ``gelu_pytorch_tanh`` on the gate)."""
+
+    family = "geglu"
+    arg_names = ("gate", "up", "approximate")
+
+    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[None, tuple[Any, ...]]:
+        gate = args[0]
+        return None, ("geglu", gate.shape, gate.dtype, gate.device, args[2])
+
+    def validate(self, operation: str, args: tuple[Any, ...]) -> None:
+        super().validate(operation, args[:2])
+        if args[2] not in ("none", "tanh"):
+            raise self.invalid(operation, f"approximate must be 'none' or 'tanh', got {args[2]!r}", args)
+
+    def _extra(self, args: tuple[Any, ...]) -> dict[str, Any]:
+        return {"approximate": args[2]}
+
+    def _ctx_extra(self) -> dict[str, Any]:
+        return {"approximate": "tanh"}
+
+    def reference(self, operation: str, args: tuple[Any, ...]) -> torch.Tensor:
+        return GELU.reference("gelu", (args[0], args[2])) * args[1].double()
+
+    def make_inputs(self, operation: str, ctx: SelectionContext, generator: torch.Generator | None = None
+                    ) -> tuple[Any, ...]:
+        return (*super().make_inputs(operation, ctx, generator), ctx.approximate)
+
+    def args_from_inputs(self, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+        merged = {**inputs, **kwargs}
+        return (*super().args_from_inputs(operation, inputs, kwargs), merged.get("approximate", "tanh"))
+
+
 class GeluOp(_UnaryLike):
     family = "gelu"
     arg_names = ("x", "approximate")
@@ -225,6 +260,7 @@ class SiluOp(_UnaryLike):
 ROPE = RopeOp()
 SWIGLU = SwigluOp()
 GELU = GeluOp()
+GEGLU = GegluOp()
 SILU = SiluOp()
 _RT = get_runtime()
 
@@ -274,6 +310,29 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return plan.fn(gate, up)
     except Exception as exc:
         return _RT.recover(plan, (gate, up), 0, exc)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """GeGLU: ``gelu(gate, approximate) * up`` (``"tanh"`` by default, as Gemma's ``gelu_pytorch_tanh``).
+
+    Example:
+        >>> h = lz.geglu(gate_proj(x), up_proj(x))
+    """
+    try:
+        key = ("geglu", gate.shape, gate.dtype, gate.device, approximate)
+        scope = SCOPE.get() if LIVE.scopes else None
+        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
+    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
+        plan = key = None
+    if plan is None:
+        return _RT.miss(GEGLU, "geglu", key, (gate, up, approximate))
+    if plan.gate.blocked:
+        return plan.run(gate, up, approximate)
+    plan.stats.calls += 1
+    try:
+        return plan.fn(gate, up, approximate)
+    except Exception as exc:
+        return _RT.recover(plan, (gate, up, approximate), 0, exc)
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:

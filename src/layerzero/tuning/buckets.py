@@ -42,7 +42,7 @@ def bucket_of(operation: str, ctx: SelectionContext) -> str:
     parts = [f"n={_n(bucket_pow2(ctx.num_tokens))}", f"hidden={_n(ctx.hidden_size)}"]
     if family == "rope":
         parts.append(f"d={_n(ctx.head_dim)};interleaved={int(ctx.interleaved)}")
-    elif family == "gelu":
+    elif family in ("gelu", "geglu"):
         parts.append(f"approximate={ctx.approximate}")
     parts.append(f"grad={grad}")
     return ";".join(parts)
