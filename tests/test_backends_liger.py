@@ -29,8 +29,9 @@ def _reasons(kernel_id: str, **kw: object) -> set[str]:
 def test_every_kernel_is_registered_with_the_liger_backend() -> None:
     specs = {s.kernel_id: s for s in lz.list_kernels("liger_*")}
     assert set(specs) == set(liger.LIGER_KERNEL_IDS) == {"liger_rms_norm", "liger_layer_norm", "liger_rope",
-                                                          "liger_swiglu", "liger_geglu"}
-    assert {s.operation for s in specs.values()} == {"rms_norm", "layer_norm", "rope", "swiglu", "geglu"}
+                                                          "liger_swiglu", "liger_geglu", "liger_cross_entropy"}
+    assert {s.operation for s in specs.values()} == {"rms_norm", "layer_norm", "rope", "swiglu", "geglu",
+                                                     "cross_entropy"}
     assert all(s.backend == "liger" and s.platforms == frozenset({"cuda"}) for s in specs.values())
 
 
@@ -107,3 +108,31 @@ def test_liger_rms_norm_backward_matches_torch() -> None:
     torch.rms_norm(x, (1024,), w, 1e-6).square().sum().backward()
     torch.testing.assert_close(gx, x.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gw, w.grad, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_liger_cross_entropy_leaves_the_callers_logits_alone(reduction: str) -> None:
+    """Liger writes into its input (ignored rows zeroed, gradients in place of the logits with grad on);
+    lz.cross_entropy through liger_cross_entropy must return F.cross_entropy's loss and gradient and leave
+    the caller's logits unchanged."""
+    info = get_runtime().backends.info("liger")
+    if not info.available:
+        pytest.skip(f"liger is not available here: {info.reason}")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    logits = (torch.randn(64, 4096, device="cuda", generator=g) * 3).requires_grad_(True)
+    target = torch.randint(0, 4096, (64,), device="cuda", generator=g)
+    target[::4] = -100
+    before = logits.detach().clone()
+    with lz.lock("cross_entropy", "liger_cross_entropy"):
+        assert lz.which("cross_entropy", logits, target) == "liger_cross_entropy"
+        loss = lz.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1)
+    assert torch.equal(logits.detach(), before)
+    x64 = before.double().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(x64, target, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-4, rtol=1e-4)
+    upstream = torch.rand_like(ref)
+    loss.backward(upstream.to(loss.dtype))
+    ref.backward(upstream)
+    torch.testing.assert_close(logits.grad.double(), x64.grad, atol=1e-5, rtol=1e-4)
+    assert torch.equal(logits.detach(), before)

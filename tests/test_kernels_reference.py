@@ -168,6 +168,16 @@ def _sample_case(operation: str, rows: int, vocab: int) -> Case:
     return Case(operation, f"{operation.split('.')[1]}-r{rows}v{vocab}", build, grad=False)
 
 
+def _ce_case(rows: int, vocab: int, reduction: str, smoothing: float = 0.0) -> Case:
+    def build(device: str, dtype: torch.dtype, g: torch.Generator) -> tuple[Any, ...]:
+        logits = _randn((rows, vocab), dtype, device, g) * 3
+        target = torch.randint(0, vocab, (rows,), generator=g, device=device)
+        target[::5] = -100
+        return (logits, target, -100, smoothing, reduction)
+
+    return Case("cross_entropy", f"r{rows}v{vocab}-{reduction}" + (f"-ls{smoothing}" if smoothing else ""), build)
+
+
 FAMILY_CASES: dict[str, list[Case]] = {
     "attention": ATTENTION_CASES,
     "rms_norm": [_rows_case("rms_norm", (4, 64)), _rows_case("rms_norm", (2, 3, 128), weight=False),
@@ -181,6 +191,7 @@ FAMILY_CASES: dict[str, list[Case]] = {
     "gelu": [_unary_case("gelu", (4, 256), "none"), _unary_case("gelu", (4, 256), "tanh")],
     "silu": [_unary_case("silu", (4, 256)), _unary_case("silu", (2, 3, 64))],
     "sample": [_sample_case(op, 8, 1000) for op in _SAMPLE_OPS],
+    "cross_entropy": [_ce_case(16, 1000, "mean"), _ce_case(4, 512, "sum", 0.1), _ce_case(12, 500, "none")],
 }
 
 
@@ -355,6 +366,7 @@ _GRAD_CASES: dict[str, list[Case]] = {
     "geglu": [_unary_case("geglu", (4, 64), "tanh"), _unary_case("geglu", (4, 64), "none")],
     "gelu": [_unary_case("gelu", (4, 64), "none"), _unary_case("gelu", (4, 64), "tanh")],
     "silu": [_unary_case("silu", (4, 64))],
+    "cross_entropy": [_ce_case(8, 256, "mean"), _ce_case(8, 256, "none", 0.1)],
 }
 
 

@@ -1,4 +1,5 @@
-"""The Liger backend: Liger-Kernel's Triton kernels for rms_norm, layer_norm, rope, swiglu and geglu.
+"""The Liger backend: Liger-Kernel's Triton kernels for rms_norm, layer_norm, rope, swiglu, geglu and
+cross-entropy.
 
 Specs are registered whether or not ``liger_kernel`` is installed; the
 library is imported on a kernel's first call, so a missing install shows up
@@ -21,6 +22,9 @@ Adapters (Liger 0.5-0.8, ``liger_kernel.ops.*``):
   scratch one-head k.
 * swiglu -> ``LigerSiLUMulFunction.apply(gate, up)``.
 * geglu -> ``LigerGELUMulFunction.apply(gate, up)``: the tanh form of GELU only.
+* cross_entropy -> ``LigerCrossEntropyFunction.apply(logits, target, None, ignore_index, 0.0,
+  label_smoothing, reduction)`` on a copy of the logits (Liger overwrites its input), cast back to the
+  logits' dtype.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec
 
 __all__ = ["register", "LIGER_KERNEL_IDS", "liger_rms_norm", "liger_layer_norm", "liger_rope", "liger_swiglu",
-           "liger_geglu"]
+           "liger_geglu", "liger_cross_entropy"]
 
 _PIP = "pip install liger-kernel"
 _FUNCTIONS = {
@@ -45,6 +49,7 @@ _FUNCTIONS = {
     "rope": ("liger_kernel.ops.rope", "LigerRopeFunction"),
     "swiglu": ("liger_kernel.ops.swiglu", "LigerSiLUMulFunction"),
     "geglu": ("liger_kernel.ops.geglu", "LigerGELUMulFunction"),
+    "cross_entropy": ("liger_kernel.ops.cross_entropy", "LigerCrossEntropyFunction"),
 }
 MAX_HIDDEN = 65536  # liger_kernel.ops.utils.calculate_settings: MAX_FUSED_SIZE
 
@@ -117,6 +122,15 @@ def liger_geglu(gate, up, approximate):  # type: ignore[no-untyped-def]
     return _apply("geglu")(gate, up)
 
 
+def liger_cross_entropy(logits, target, ignore_index, label_smoothing, reduction):  # type: ignore[no-untyped-def]
+    # Liger writes into its input: rows whose target is ignore_index are zeroed, and with grad enabled the
+    # logits are overwritten by their gradient. The caller's logits must survive the call, so Liger gets a
+    # copy (autograd flows back through it). Liger returns float32 losses (and, from 0.7, a tuple).
+    out = _apply("cross_entropy")(logits.clone(), target, None, ignore_index, 0.0, float(label_smoothing), reduction)
+    loss = out[0] if isinstance(out, tuple) else out
+    return loss.to(logits.dtype)
+
+
 def _needs_triton() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (Liger's kernels are Triton programs)"
@@ -139,6 +153,10 @@ def _specs() -> list[KernelSpec]:
                    description="Liger Triton SiLU(gate) * up", **common),
         KernelSpec("liger_geglu", "geglu", "liger", liger_geglu, priority=55, approximations=frozenset({"tanh"}),
                    description="Liger Triton GELU-tanh(gate) * up", **common),
+        # Below torch's priority: the copy it needs costs a pass over the logits; tuning picks it where it wins.
+        KernelSpec("liger_cross_entropy", "cross_entropy", "liger", liger_cross_entropy, priority=45,
+                   max_hidden_size=None, description="Liger Triton cross-entropy (on a copy of the logits)",
+                   **common),
     ]
 
 

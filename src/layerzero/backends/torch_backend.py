@@ -297,6 +297,11 @@ def torch_swiglu(gate, up):  # type: ignore[no-untyped-def]
     return F.silu(gate) * up
 
 
+def torch_cross_entropy(logits, target, ignore_index, label_smoothing, reduction):  # type: ignore[no-untyped-def]
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+
+
 def torch_geglu(gate, up, approximate):  # type: ignore[no-untyped-def]
     return F.gelu(gate, approximate=approximate) * up
 
@@ -456,6 +461,10 @@ def _specs() -> list[KernelSpec]:
                    supports_interleaved=True, tolerance=tol16, description="interleaved-pair RoPE (GPT-J)"),
         KernelSpec("torch_swiglu", "swiglu", "torch", torch_swiglu, priority=50, dtypes=_FLOATS, tolerance=tol16,
                    description="F.silu(gate) * up"),
+        KernelSpec("torch_cross_entropy", "cross_entropy", "torch", torch_cross_entropy, priority=50,
+                   dtypes=_FLOATS, tolerance=tol16,
+                   description="F.cross_entropy (in half precision a large sum overflows as it does in PyTorch: "
+                               "upcast the logits)"),
         KernelSpec("torch_geglu", "geglu", "torch", torch_geglu, priority=50, dtypes=_FLOATS,
                    approximations={"none", "tanh"}, tolerance=tol16, description="F.gelu(gate) * up"),
         KernelSpec("torch_gelu", "gelu", "torch", torch_gelu, priority=50, dtypes=_FLOATS,

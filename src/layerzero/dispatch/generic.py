@@ -42,6 +42,7 @@ INPUT_NAMES: dict[str, str] = {
     "gelu": "x|input, approximate",
     "silu": "x|input",
     "sample": "logits|x, temperature, top_k, top_p, generator",
+    "cross_entropy": "logits|input|x, target|labels, ignore_index, label_smoothing, reduction",
 }
 
 _QKV = frozenset({"query", "q", "key", "k", "value", "v"})

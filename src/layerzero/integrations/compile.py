@@ -2,7 +2,8 @@
 
 Importing this module defines the custom ops ``layerzero::attention``,
 ``layerzero::rms_norm``, ``layerzero::layer_norm``, ``layerzero::rope``,
-``layerzero::swiglu``, ``layerzero::geglu``, ``layerzero::gelu``, ``layerzero::silu`` (each with a
+``layerzero::swiglu``, ``layerzero::geglu``, ``layerzero::gelu``, ``layerzero::silu``,
+``layerzero::cross_entropy`` (each with a
 fake implementation for tracing and autograd) and their ``*_backward`` ops.
 Their eager implementation is the ordinary dispatched call (``lz.attention``
 and friends), so a compiled graph runs the kernel layerzero selects on this
@@ -35,7 +36,7 @@ import torch
 import layerzero.ops  # noqa: F401  (loads the op modules)
 
 __all__ = ["install", "installed", "CUSTOM_OPS", "attention_op", "rms_norm_op", "layer_norm_op", "rope_op",
-           "swiglu_op", "geglu_op", "gelu_op", "silu_op"]
+           "swiglu_op", "geglu_op", "gelu_op", "silu_op", "cross_entropy_op"]
 
 log = logging.getLogger("layerzero")
 
@@ -45,6 +46,7 @@ Tensor = torch.Tensor
 _attention_mod = importlib.import_module("layerzero.ops.attention")
 _norms_mod = importlib.import_module("layerzero.ops.norms")
 _elementwise_mod = importlib.import_module("layerzero.ops.elementwise")
+_losses_mod = importlib.import_module("layerzero.ops.losses")
 
 # The original public functions (captured before anything could wrap them).
 _lz_attention = _attention_mod.attention
@@ -55,6 +57,7 @@ _lz_swiglu = _elementwise_mod.swiglu
 _lz_geglu = _elementwise_mod.geglu
 _lz_gelu = _elementwise_mod.gelu
 _lz_silu = _elementwise_mod.silu
+_lz_cross_entropy = _losses_mod.cross_entropy
 
 
 def _dense(out: Tensor) -> Tensor:
@@ -463,9 +466,56 @@ def _silu_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
 silu_op.register_autograd(_silu_backward, setup_context=_silu_setup)
 
 
+@torch.library.custom_op("layerzero::cross_entropy", mutates_args=())
+def cross_entropy_op(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
+                     reduction: str) -> Tensor:
+    """``lz.cross_entropy`` as one graph node."""
+    return _dense(_lz_cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                    reduction=reduction))
+
+
+@cross_entropy_op.register_fake
+def _cross_entropy_fake(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
+                        reduction: str) -> Tensor:
+    _losses_mod.CROSS_ENTROPY.validate("cross_entropy", (logits, target, ignore_index, label_smoothing, reduction))
+    return logits.new_empty((logits.shape[0],) if reduction == "none" else ())
+
+
+@torch.library.custom_op("layerzero::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward_op(grad: Tensor, logits: Tensor, target: Tensor, ignore_index: int,
+                              label_smoothing: float, reduction: str) -> Tensor:
+    def loss(x: Tensor) -> Tensor:
+        return _lz_cross_entropy(x, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                 reduction=reduction)
+
+    return _recompute_grads(loss, grad, (logits,), (True,))[0]
+
+
+@cross_entropy_backward_op.register_fake
+def _cross_entropy_backward_fake(grad: Tensor, logits: Tensor, target: Tensor, ignore_index: int,
+                                 label_smoothing: float, reduction: str) -> Tensor:
+    return logits.new_empty(logits.shape)
+
+
+def _cross_entropy_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    logits, target, ignore_index, label_smoothing, reduction = inputs
+    ctx.save_for_backward(logits, target)
+    ctx.options = (ignore_index, label_smoothing, reduction)
+
+
+def _cross_entropy_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+    logits, target = ctx.saved_tensors
+    dlogits = cross_entropy_backward_op(grad.contiguous(), logits, target, *ctx.options) \
+        if ctx.needs_input_grad[0] else None
+    return dlogits, None, None, None, None
+
+
+cross_entropy_op.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
+
+
 CUSTOM_OPS: dict[str, Any] = {
     "attention": attention_op, "rms_norm": rms_norm_op, "layer_norm": layer_norm_op, "rope": rope_op,
-    "swiglu": swiglu_op, "geglu": geglu_op, "gelu": gelu_op, "silu": silu_op,
+    "swiglu": swiglu_op, "geglu": geglu_op, "gelu": gelu_op, "silu": silu_op, "cross_entropy": cross_entropy_op,
 }
 
 
@@ -519,6 +569,11 @@ def _traced_silu(x: Tensor) -> Tensor:
     return silu_op(x)
 
 
+def _traced_cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100, label_smoothing: float = 0.0,
+                          reduction: str = "mean") -> Tensor:
+    return cross_entropy_op(logits, target, int(ignore_index), float(label_smoothing), reduction)
+
+
 _SUBSTITUTIONS: tuple[tuple[Callable[..., Any], Callable[..., Any]], ...] = (
     (_lz_attention, _traced_attention),
     (_lz_rms_norm, _traced_rms_norm),
@@ -528,6 +583,7 @@ _SUBSTITUTIONS: tuple[tuple[Callable[..., Any], Callable[..., Any]], ...] = (
     (_lz_geglu, _traced_geglu),
     (_lz_gelu, _traced_gelu),
     (_lz_silu, _traced_silu),
+    (_lz_cross_entropy, _traced_cross_entropy),
 )
 
 _installed: list[str] = []

@@ -1,0 +1,129 @@
+"""``lz.cross_entropy``: the language-model loss over a vocabulary.
+
+Canonical kernel arguments: ``(logits, target, ignore_index, label_smoothing,
+reduction)`` with ``logits`` of shape ``(N, V)`` (floating point) and
+``target`` of shape ``(N,)`` (integer class ids; ``ignore_index`` rows count
+for nothing, as in ``F.cross_entropy``). The result is what
+``F.cross_entropy(logits, target, ignore_index=..., label_smoothing=...,
+reduction=...)`` returns, in the dtype of ``logits``: a scalar for ``"mean"``
+and ``"sum"``, one loss per row for ``"none"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from layerzero.context import SelectionContext
+from layerzero.ops.base import OpDef, layout_problem, pick
+from layerzero.policy.scope import LIVE, SCOPE
+from layerzero.runtime import get_runtime
+
+__all__ = ["cross_entropy", "CROSS_ENTROPY", "CrossEntropyOp"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+class CrossEntropyOp(OpDef):
+    family = "cross_entropy"
+    arg_names = ("logits", "target", "ignore_index", "label_smoothing", "reduction")
+
+    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[None, tuple[Any, ...]]:
+        logits, target, ignore_index, label_smoothing, reduction = args
+        return None, ("cross_entropy", logits.shape, logits.dtype, logits.device, target.shape, target.dtype,
+                      ignore_index, label_smoothing, reduction)
+
+    def validate(self, operation: str, args: tuple[Any, ...]) -> None:
+        logits, target, ignore_index, label_smoothing, reduction = args
+        for name, t in (("logits", logits), ("target", target)):
+            if not isinstance(t, torch.Tensor):
+                raise self.invalid(operation, f"{name} must be a torch.Tensor, got {type(t).__name__}", args)
+            problem = layout_problem(name, t)
+            if problem is not None:
+                raise self.invalid(operation, problem, args)
+        if logits.dim() != 2 or not logits.is_floating_point():
+            raise self.invalid(operation, f"logits must be a 2-D floating-point (rows, vocab) tensor, got "
+                                          f"{logits.dim()}-D {logits.dtype}", args)
+        if target.dim() != 1 or target.dtype not in (torch.int64, torch.int32):
+            raise self.invalid(operation, f"target must be a 1-D int64 or int32 tensor of class ids, got "
+                                          f"{target.dim()}-D {target.dtype}", args)
+        if target.shape[0] != logits.shape[0]:
+            raise self.invalid(operation, f"target has {target.shape[0]} rows, logits {logits.shape[0]}", args)
+        if target.device != logits.device:
+            raise self.invalid(operation, f"target is on {target.device}, logits on {logits.device}", args)
+        if logits.shape[0] == 0 or logits.shape[1] == 0:
+            raise self.invalid(operation, "empty logits (a zero-sized dimension)", args)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise self.invalid(operation, f"ignore_index must be an int, got {ignore_index!r}", args)
+        if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
+                or not 0.0 <= label_smoothing < 1.0 or math.isnan(label_smoothing)):
+            raise self.invalid(operation, f"label_smoothing must be in [0, 1), got {label_smoothing!r}", args)
+        if reduction not in _REDUCTIONS:
+            raise self.invalid(operation, f"reduction must be one of {_REDUCTIONS}, got {reduction!r}", args)
+
+    def context(self, operation: str, args: tuple[Any, ...]) -> SelectionContext:
+        logits = args[0]
+        grad = torch.is_grad_enabled() and logits.requires_grad
+        return SelectionContext.from_rows(logits, requires_grad=grad)
+
+    def check_output(self, operation: str, args: tuple[Any, ...], out: Any) -> str | None:
+        logits, reduction = args[0], args[4]
+        shape = (logits.shape[0],) if reduction == "none" else ()
+        return self.output_meta_check(operation, out, shape, logits.dtype, logits.device)
+
+    def reference(self, operation: str, args: tuple[Any, ...]) -> torch.Tensor:
+        logits, target, ignore_index, label_smoothing, reduction = args
+        return F.cross_entropy(logits.double(), target.long(), ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=float(label_smoothing))
+
+    def make_inputs(self, operation: str, ctx: SelectionContext, generator: torch.Generator | None = None
+                    ) -> tuple[Any, ...]:
+        rows, vocab = ctx.num_tokens or 8, ctx.hidden_size or 1000
+        logits = torch.randn(rows, vocab, device=ctx.device, dtype=ctx.dtype or torch.float32, generator=generator)
+        target = torch.randint(0, vocab, (rows,), device=ctx.device, generator=generator)
+        target[::7] = -100  # some ignored rows, as padding gives in practice
+        return (logits * 2, target, -100, 0.0, "mean")
+
+    def args_from_inputs(self, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+        merged = {**inputs, **kwargs}
+        return (pick(merged, "logits", "input", "x", operation=operation),
+                pick(merged, "target", "labels", operation=operation), merged.get("ignore_index", -100),
+                merged.get("label_smoothing", 0.0), merged.get("reduction", "mean"))
+
+    def sample_contexts(self, operation: str, device: str = "cpu") -> list[SelectionContext]:
+        return [SelectionContext(device=device, dtype=torch.float32, hidden_size=v, num_tokens=n, batch_size=n)
+                for n, v in ((8, 32000), (512, 1000))]
+
+
+CROSS_ENTROPY = CrossEntropyOp()
+_RT = get_runtime()
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
+                  label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``logits`` ``(N, V)`` against class ids ``target`` ``(N,)``, as ``F.cross_entropy``.
+
+    Example:
+        >>> loss = lz.cross_entropy(logits.view(-1, vocab), labels.view(-1))
+    """
+    try:
+        key = ("cross_entropy", logits.shape, logits.dtype, logits.device, target.shape, target.dtype,
+               ignore_index, label_smoothing, reduction)
+        scope = SCOPE.get() if LIVE.scopes else None
+        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
+    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
+        plan = key = None
+    args = (logits, target, ignore_index, label_smoothing, reduction)
+    if plan is None:
+        return _RT.miss(CROSS_ENTROPY, "cross_entropy", key, args)
+    if plan.gate.blocked:
+        return plan.run(*args)
+    plan.stats.calls += 1
+    try:
+        return plan.fn(*args)
+    except Exception as exc:
+        return _RT.recover(plan, args, 0, exc)
