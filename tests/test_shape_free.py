@@ -87,7 +87,7 @@ def test_gqa_call_sends_the_family_back_to_exact_shape_plans(runtime, caplog: py
     with caplog.at_level(logging.INFO, logger="layerzero"):
         out = lz.attention(qg, kg, vg)
     torch.testing.assert_close(out.double(), attention_reference(qg, kg, vg), atol=ATOL, rtol=ATOL)
-    assert fam not in runtime.plans.data and fam in runtime._exact_only
+    assert fam not in runtime.plans.data and runtime.family_dropped(fam)
     assert any("event=shape_free_plan_dropped" in r.getMessage() and "kernel=torch_sdpa" in r.getMessage()
                for r in caplog.records)
     assert runtime.breakers.get("torch_sdpa").stats().failures == 0  # not the kernel's fault
@@ -114,7 +114,7 @@ def test_bad_input_on_a_shape_free_plan_raises_ours_and_keeps_the_plan(runtime) 
     # v with k's heads but a shorter sequence: PyTorch's CPU flash kernel would read past it
     with pytest.raises(InvalidInputError, match="k and v must agree"):
         lz.attention(rnd(1, 2, 3, 16), rnd(1, 2, 8, 16), torch.randn(1, 2, 8, 16)[:, :, :5])
-    assert fam in runtime.plans.data and fam not in runtime._exact_only
+    assert fam in runtime.plans.data and not runtime.family_dropped(fam)
 
 
 def test_rms_norm_new_rows_share_a_plan_and_a_new_hidden_size_drops_it(runtime) -> None:
@@ -132,7 +132,7 @@ def test_rms_norm_new_rows_share_a_plan_and_a_new_hidden_size_drops_it(runtime) 
     x, w2 = rnd(5, 32), rnd(32)  # the bound normalized_shape (64,) does not fit: torch raises
     ref = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)) * w2.double()
     torch.testing.assert_close(lz.rms_norm(x, w2).double(), ref, atol=1e-5, rtol=1e-5)
-    assert fam in runtime._exact_only and fam not in runtime.plans.data
+    assert runtime.family_dropped(fam) and fam not in runtime.plans.data
 
 
 @pytest.mark.parametrize("call", ["layer_norm", "gelu", "silu"])

@@ -126,7 +126,7 @@ def _explanation(operation: str, ctx: SelectionContext, cached: bool, family: Ha
         return Explanation(operation, ctx, None, None, cached, [], err.rejections, [], None, [], "", str(err))
     exp = _from_selection(sel, cached)
     if family is not None:
-        if family in rt._exact_only:
+        if rt.family_dropped(family):
             exp.shape_free = "a shape of this family needed another kernel, so each shape has its own plan"
         else:
             exp.shape_free = rt.shape_free_reason(sel) or "yes"

@@ -313,14 +313,7 @@ class Runtime:
                 rt.telemetry.record_miss()
                 other.append(alt)
                 return rt.run_plan(alt, args, 0, check_output=True)
-            alt = other[0]
-            if alt.gate.blocked:
-                return alt.run(*args)
-            alt.stats.calls += 1
-            try:
-                return alt.fn(*args)
-            except Exception as exc:
-                return rt.recover(alt, args, 0, exc)
+            return rt.call_plan(other[0], args)
 
         if op.family == "attention":  # the common case, inlined; is_contiguous() is the cheaper call
             def fn_checked(q: Any, k: Any, v: Any, *rest: Any) -> Any:
@@ -498,6 +491,11 @@ class Runtime:
             key = plan = None
         if plan is None:
             return self.miss(op, operation, key, args)
+        return self.call_plan(plan, args)
+
+    def call_plan(self, plan: ExecutionPlan, args: tuple[Any, ...]) -> Any:
+        """Run a cached plan as the ``lz.*`` hot paths do (they inline these lines): the slow runner while
+        its gate is blocked, else its kernel, counted, with :meth:`recover` if it raises."""
         if plan.gate.blocked:
             return plan.run(*args)
         plan.stats.calls += 1
@@ -505,6 +503,11 @@ class Runtime:
             return plan.fn(*args)
         except Exception as exc:
             return self.recover(plan, args, 0, exc)
+
+    def family_dropped(self, family: Hashable) -> bool:
+        """Whether a shape of ``family`` needed another kernel since the last invalidation, so the family
+        keeps one plan per shape (:meth:`recover`)."""
+        return family in self._exact_only
 
     def _drop_family(self, plan: ExecutionPlan, exc: BaseException) -> None:
         """A shape-free plan's kernel raised on a valid call: the family goes back to exact-shape plans

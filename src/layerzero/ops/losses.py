@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from layerzero.context import SelectionContext
 from layerzero.ops.base import OpDef, layout_problem, pick
-from layerzero.policy.scope import LIVE, SCOPE
 from layerzero.runtime import get_runtime
 
 __all__ = ["cross_entropy", "CROSS_ENTROPY", "CrossEntropyOp"]
@@ -110,20 +109,6 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: i
     Example:
         >>> loss = lz.cross_entropy(logits.view(-1, vocab), labels.view(-1))
     """
-    try:
-        key = ("cross_entropy", logits.shape, logits.dtype, logits.device, target.shape, target.dtype,
-               ignore_index, label_smoothing, reduction)
-        scope = SCOPE.get() if LIVE.scopes else None
-        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
-    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
-        plan = key = None
-    args = (logits, target, ignore_index, label_smoothing, reduction)
-    if plan is None:
-        return _RT.miss(CROSS_ENTROPY, "cross_entropy", key, args)
-    if plan.gate.blocked:
-        return plan.run(*args)
-    plan.stats.calls += 1
-    try:
-        return plan.fn(*args)
-    except Exception as exc:
-        return _RT.recover(plan, args, 0, exc)
+    # One call per training step over a whole vocabulary: the runtime's exact-shape path (the key of
+    # CrossEntropyOp.keys, a dict read, the kernel) rather than a copy of it inlined here.
+    return _RT.run_exact(CROSS_ENTROPY, "cross_entropy", (logits, target, ignore_index, label_smoothing, reduction))

@@ -109,9 +109,9 @@ class PerfDBSource:
         db = self.db
         if db is None or ctx.dtype is None:
             return {}
-        if not db.has_rows(hardware_fingerprint(ctx.device).digest, operation, ctx.dtype_name or ""):
-            return {}
         hw = hardware_fingerprint(ctx.device).digest
+        if not db.has_rows(hw, operation, ctx.dtype_name or ""):
+            return {}
         rows = db.rows(operation=operation, hardware=hw, limit=100_000)
         out: dict[str, dict[str, Measurement]] = {}
         libs: dict[str, str] = {}
