@@ -188,6 +188,27 @@ def test_registered_without_their_libraries_and_rejected_with_the_install_comman
     assert set(KERNELS) <= {s.kernel_id for s in lz.list_kernels("attention")}
 
 
+def test_xformers_without_its_compiled_extension_is_unavailable(fakes: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """xFormers imports when its extension fails to load (a wheel for another torch); it must not be selected."""
+    load_error = RuntimeError("xFormers can't load C++/CUDA extensions. xFormers was built for:\n"
+                              "    PyTorch 2.10.0+cu128 with CUDA 1208 (you have 2.11.0+cu130)")
+    monkeypatch.setitem(sys.modules, "xformers", _module("xformers", _has_cpp_library=False,
+                                                         _cpp_lib=_module("xformers._cpp_lib",
+                                                                          _cpp_library_load_exception=load_error)))
+    rt = get_runtime()
+    rt.backends.refresh()
+    info = rt.backends.info("xformers")
+    assert not info.available
+    assert "C++/CUDA extension did not load" in info.reason and "PyTorch 2.10.0+cu128" in info.reason
+    ctx = lz.SelectionContext(dtype="bfloat16", batch_size=1, seq_len=128, num_heads=8, head_dim=64, **SM90)
+    (reason,) = [r for r in lz.explain_context("attention.full", ctx).rejection_reasons["xformers_attention"]
+                 if r.code == ReasonCode.BACKEND_UNAVAILABLE]
+    assert "extension did not load" in reason.message
+    monkeypatch.setitem(sys.modules, "xformers", _module("xformers", _has_cpp_library=True))
+    rt.backends.refresh()
+    assert rt.backends.info("xformers").available
+
+
 def test_constraints_from_the_libraries_docs() -> None:
     def reasons(kid: str, **kw: object) -> set[str]:
         base = dict(dtype="float16", batch_size=1, seq_len=256, num_heads=8, head_dim=128, **SM90)

@@ -13,6 +13,13 @@ Constraints follow xFormers' op declarations (``ops/fmha/cutlass.py``,
 picks its flash kernel itself on sm80+), fp16/bf16/fp32, head dim a multiple
 of 8 (``check_lastdim_alignment_stride1``), no explicit mask here and no
 sliding window; the backward is not deterministic.
+
+xFormers imports even when its compiled extension does not load (a wheel
+built for another torch, CUDA or Python); ``memory_efficient_attention``
+then has no kernel to run. The backend probe imports xFormers and reports
+such an install as unavailable, with xFormers' own build-mismatch line (seen
+on an H200 with xformers 0.0.35, built for torch 2.10+cu128, under torch
+2.11+cu130).
 """
 
 from __future__ import annotations
@@ -58,6 +65,20 @@ def xformers_attention(q, k, v, mask, is_causal, dropout_p, scale, window):  # t
     return out.reshape(b, sq, hq, v.shape[-1]).transpose(1, 2)
 
 
+def _probe() -> str | None:
+    """None when xFormers' compiled operators loaded, else why not (its own words, first lines)."""
+    try:
+        xf = importlib.import_module("xformers")
+    except Exception as exc:  # noqa: BLE001 - a broken install is reported, never raised
+        return f"import xformers failed: {type(exc).__name__}: {exc}"
+    if getattr(xf, "_has_cpp_library", True):
+        return None
+    exc = getattr(getattr(xf, "_cpp_lib", None), "_cpp_library_load_exception", None)
+    detail = " ".join(line.strip() for line in str(exc or "").splitlines()[:3] if line.strip())
+    return ("xformers is installed but its C++/CUDA extension did not load, so memory_efficient_attention "
+            f"has no kernel to run ({detail or 'no detail given'})")
+
+
 def _specs() -> list[KernelSpec]:
     tol = {"float16": (4e-3, 4e-3), "bfloat16": (2.5e-2, 2.5e-2), "float32": (2e-4, 2e-4)}
     return [
@@ -74,5 +95,5 @@ XFORMERS_KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in _specs())
 
 def register(kernels: KernelRegistry, backends: BackendRegistry) -> list[KernelSpec]:
     """Register the xformers backend and its kernel (idempotent)."""
-    backends.register("xformers", module="xformers", pip=_PIP)
+    backends.register("xformers", module="xformers", pip=_PIP, probe=_probe)
     return [kernels.register(s) for s in _specs() if s.kernel_id not in kernels]
