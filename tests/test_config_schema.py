@@ -217,7 +217,7 @@ def test_kernel_locks_allows_denies_forms() -> None:
     })
     policy = compiled.policy
     assert ranked(policy, "attention.causal", ctx(seq_len=128))[0] == "torch_sdpa_math"
-    assert ranked(policy, "attention.causal", ctx())[0] == "torch_sdpa_flash_cpu"        # torch_sdpa denied
+    assert ranked(policy, "attention.causal", ctx())[0] == "torch_sdpa_gqa"              # torch_sdpa denied
     assert "torch_sdpa_gqa" not in ranked(policy, "attention.full", ctx(is_causal=False))
     assert ranked(policy, "rms_norm", SelectionContext(dtype=torch.float32, hidden_size=32)) == [
         "torch_rms_norm_composed"]

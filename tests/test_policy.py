@@ -19,7 +19,7 @@ from layerzero.registry import get_global_kernel_registry
 from layerzero.runtime import get_runtime
 from layerzero.spec import KernelSpec
 
-# CPU float32 attention candidates by priority: torch_sdpa 70, torch_sdpa_flash_cpu 60, torch_sdpa_gqa 55,
+# CPU float32 attention candidates by priority: torch_sdpa 70, torch_sdpa_gqa 68, torch_sdpa_flash_cpu 60,
 # torch_sdpa_math 10.  rms_norm: torch_rms_norm 60, torch_rms_norm_composed 20.
 DEFAULT_ATTN = "torch_sdpa"
 DEFAULT_RMS = "torch_rms_norm"
@@ -187,7 +187,7 @@ allows:
     kernels: ["custom_*"]
 boosts:
   - operation: "attention.*"
-    kernel: torch_sdpa_gqa
+    kernel: torch_sdpa_flash_cpu
     boost_factor: 2.0
     condition: "batch_size >= 2"
 """
@@ -197,8 +197,8 @@ def test_configure_yaml_file_changes_which_exactly_as_documented(tmp_path: Path)
     path = write(tmp_path, "policy.yaml", POLICY_YAML)
     lz.configure(path)
     assert which_attn(seq=128) == "torch_sdpa_math"                          # lock, condition holds
-    assert which_attn(seq=8) == "torch_sdpa_flash_cpu"                       # torch_sdpa denied: next is 60
-    assert lz.which("attention.causal", *qkv(batch=2)) == "torch_sdpa_gqa"   # boost 55 * 2 = 110 > 60
+    assert which_attn(seq=8) == "torch_sdpa_gqa"                             # torch_sdpa denied: next is 68
+    assert lz.which("attention.causal", *qkv(batch=2)) == "torch_sdpa_flash_cpu"  # boost 60 * 2 = 120 > 68
     assert which_rms() == DEFAULT_RMS                                         # allowed by backend
     exp = lz.explain(*qkv(seq=128), operation="attention.causal")
     assert exp.locked_by == f"lock attention.causal -> torch_sdpa_math if seq_len > 64 ({path}: locks[0])"
@@ -415,10 +415,10 @@ def test_policy_changes_invalidate_cached_plans_on_the_hot_path(tmp_path: Path) 
         (lambda: lz.lock("attention.causal", "torch_sdpa_math"), "torch_sdpa_math"),
         (lambda: lz.unlock("attention.causal"), DEFAULT_ATTN),
         (lambda: lz.disabled("torch", operation="attention.full"), DEFAULT_ATTN),
-        (lambda: lz.configure({"version": "1.0", "denies": [{"kernels": ["torch_sdpa"]}]}), "torch_sdpa_flash_cpu"),
-        (lambda: lz.configure(write(tmp_path, "p.yaml", POLICY_YAML)), "torch_sdpa_flash_cpu"),
-        (lambda: lz.configure({"version": "1.0", "boosts": [{"kernel": "torch_sdpa_gqa", "boost_factor": 10}]}),
-         "torch_sdpa_gqa"),
+        (lambda: lz.configure({"version": "1.0", "denies": [{"kernels": ["torch_sdpa"]}]}), "torch_sdpa_gqa"),
+        (lambda: lz.configure(write(tmp_path, "p.yaml", POLICY_YAML)), "torch_sdpa_gqa"),
+        (lambda: lz.configure({"version": "1.0", "boosts": [{"kernel": "torch_sdpa_flash_cpu",
+                                                            "boost_factor": 10}]}), "torch_sdpa_flash_cpu"),
         (lambda: lz.configure(None), DEFAULT_ATTN),
     ]
     for change, expected in steps:

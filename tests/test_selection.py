@@ -69,8 +69,8 @@ def test_fake_ampere_and_hopper_accept_the_fused_kernels(engine: SelectionEngine
     sel = engine.select("attention.causal", gpu(cc, is_causal=True))
     assert sel.selected.kernel_id == "torch_sdpa"  # PyTorch's own choice has the top priority
     accepted = [s.kernel_id for s in sel.ranked]
-    assert accepted == ["torch_sdpa", "torch_sdpa_flash", "torch_sdpa_efficient", "torch_sdpa_cudnn",
-                        "torch_sdpa_gqa", "torch_sdpa_math"]
+    assert accepted == ["torch_sdpa", "torch_sdpa_gqa", "torch_sdpa_flash", "torch_sdpa_efficient",
+                        "torch_sdpa_cudnn", "torch_sdpa_math"]
     assert {d.kernel_id for d in sel.trace} == TORCH_ATTENTION_IDS  # the trace covers every candidate
     assert codes(sel, "torch_sdpa_flash_cpu") == [ReasonCode.PLATFORM_MISMATCH]
 

@@ -103,6 +103,60 @@ def test_gqa_call_sends_the_family_back_to_exact_shape_plans(runtime, caplog: py
     assert fam in runtime.plans.data
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_gqa_first_family_serves_gqa_mqa_and_mha_shapes_from_one_plan(runtime, causal: bool) -> None:
+    """torch_sdpa_gqa covers torch_sdpa (enable_gqa=True with equal heads is plain SDPA): the GQA call that
+    opens a family gets a shape-free plan, and MQA and MHA calls of the family run through it correctly."""
+    q, k, v = rnd(1, 8, 4, 32), rnd(1, 2, 4, 32), rnd(1, 2, 4, 32)
+    lz.attention(q, k, v, is_causal=causal)
+    exp = lz.explain(q, k, v, is_causal=causal, operation="attention.causal" if causal else "attention.full")
+    assert exp.selected_kernel == "torch_sdpa_gqa" and exp.shape_free == "yes"
+    fam = family_of("attention.causal" if causal else "attention.full", (q, k, v, None, causal, 0.0, None, None))
+    plan = runtime.plans.data[fam]
+    assert plan.kernel_id == "torch_sdpa_gqa" and plan.direct is not None
+    before = misses(runtime)
+    for b, hq, hkv, sq, d in ((2, 8, 4, 5, 32), (1, 8, 1, 3, 16), (3, 4, 4, 7, 64), (1, 6, 2, 1, 32)):
+        q, k, v = rnd(b, hq, sq, d), rnd(b, hkv, sq + 2, d), rnd(b, hkv, sq + 2, d)
+        out = lz.attention(q, k, v, is_causal=causal)
+        torch.testing.assert_close(out.double(), attention_reference(q, k, v, is_causal=causal), atol=ATOL, rtol=ATOL)
+        out = lz.attention(q, k, v, is_causal=causal, scale=0.2)  # the adapter form, with a scale
+        torch.testing.assert_close(out.double(), attention_reference(q, k, v, is_causal=causal, scale=0.2),
+                                   atol=ATOL, rtol=ATOL)
+    assert misses(runtime) == before and not runtime.family_dropped(fam)
+    with pytest.raises(InvalidInputError, match=r"query heads \(8\) must be divisible by key/value heads \(3\)"):
+        lz.attention(rnd(1, 8, 4, 32), rnd(1, 3, 4, 32), rnd(1, 3, 4, 32), is_causal=causal)
+    assert runtime.plans.data.get(fam) is plan  # a bad call is the caller's problem, not the family's
+
+
+def test_measurements_ranking_a_covered_kernel_first_keep_the_gqa_family_plan(runtime, tmp_path) -> None:
+    from layerzero.context import SelectionContext
+    from layerzero.tuning.buckets import bucket_of
+
+    db = lz.tuning.use_perf_db(tmp_path / "perf.db")
+    hw = hardware_fingerprint(torch.device("cpu")).digest
+    libs = libraries_for(runtime, "torch")
+
+    def store(hq: int, hkv: int, times: dict[str, float]) -> None:
+        ctx = SelectionContext(device="cpu", dtype=torch.float32, batch_size=4, seq_len=256, num_heads=hq,
+                               num_kv_heads=hkv, head_dim=64)
+        bucket = bucket_of("attention.full", ctx)
+        db.record([Record(hw, libs, kid, "attention.full", "float32", bucket, us, 0.1, 10) for kid, us in times.items()])
+
+    try:
+        store(8, 8, {"torch_sdpa": 10.0, "torch_sdpa_gqa": 10.0, "torch_sdpa_flash_cpu": 14.0})  # MHA bucket
+        store(8, 2, {"torch_sdpa_gqa": 10.0, "torch_sdpa_flash_cpu": 14.0})  # GQA bucket
+        q, k, v = rnd(1, 8, 4, 32), rnd(1, 2, 4, 32), rnd(1, 2, 4, 32)
+        lz.attention(q, k, v)
+        assert lz.explain(q, k, v, operation="attention.full").shape_free == "yes"
+        store(16, 16, {"torch_sdpa": 20.0, "torch_sdpa_gqa": 20.0, "torch_sdpa_flash_cpu": 5.0})  # another winner
+        lz.attention(q, k, v)
+        reason = lz.explain(q, k, v, operation="attention.full").shape_free
+        assert reason.startswith("measured times rank torch_sdpa_flash_cpu first for bucket")
+    finally:
+        lz.tuning.detach_perf_db()
+        db.close()
+
+
 def test_bad_input_on_a_shape_free_plan_raises_ours_and_keeps_the_plan(runtime) -> None:
     q = rnd(1, 2, 4, 16)
     lz.attention(q, q, q)

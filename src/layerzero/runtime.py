@@ -378,7 +378,7 @@ class Runtime:
         dropout, window, mask kind, ...). Selection picks the same kernel for every shape of the family
         when: the selected kernel is ``shape_free`` (it runs any shape or raises for one it cannot) and
         needs no per-call guard; no candidate that could outrank it was rejected for a reason that
-        depends on shapes; no measurement, baked plan table, conditional policy rule, online tuning or
+        depends on shapes, unless the selected kernel ``covers`` it (runs its calls the same way); no measurement, baked plan table, conditional policy rule, online tuning or
         verify mode is in play (they all look at shapes), except measurements that rank the same kernel
         first in every stored bucket of the family; and the config allows it.
         """
@@ -404,6 +404,8 @@ class Runtime:
         for d in sel.trace:
             if d.accepted or d.kernel_id == primary.kernel_id:
                 continue  # ranked below the primary by priority alone: the same for every shape
+            if d.kernel_id in primary.covers:
+                continue  # where it would outrank the primary, the primary runs its call the same way
             if any(r.code in SHAPE_INDEPENDENT_REASONS for r in d.reasons):
                 continue  # out for every shape of the family
             if rules or d.priority >= primary.priority:  # another shape might make it eligible and first
@@ -453,7 +455,7 @@ class Runtime:
                 if spec is not None and not times[kid].failed:
                     items.append((spec, CandidateDecision(kid, spec.backend, True, spec.priority)))
             first = self.engine._order(items, times, (), None)[0][0]
-            if first.kernel_id != primary.kernel_id:
+            if first.kernel_id != primary.kernel_id and first.kernel_id not in primary.covers:
                 return f"measured times rank {first.kernel_id} first for bucket {bucket}"
         return None
 

@@ -100,6 +100,10 @@ class KernelSpec:
     as ``F.scaled_dot_product_attention`` does), also in its specialized form:
     such a kernel may serve a whole call family from one plan whose hot path
     reads no shapes (see ``Runtime.shape_free_reason``).
+    ``covers`` names kernels whose every call this kernel runs the same way
+    (``torch_sdpa_gqa`` covers ``torch_sdpa``: SDPA with ``enable_gqa=True`` is
+    SDPA when the head counts match): when one of them outranks it only for
+    some shapes, a shape-free plan of this kernel still serves the family.
 
     Example:
         >>> KernelSpec("my_rms_norm", "rms_norm", "custom", my_fn, dtypes={torch.float16})
@@ -137,6 +141,7 @@ class KernelSpec:
     supports_interleaved: bool | None = None
     approximations: frozenset[str] | None = None
     shape_free: bool = False
+    covers: frozenset[str] = frozenset()
     tolerance: dict[str, tuple[float, float]] | None = field(default=None, compare=False, hash=False)
     extra_check: Callable[[SelectionContext], list[Reason]] | None = field(default=None, compare=False, repr=False)
     specialize: Callable[[SelectionContext], tuple[Any, Callable[..., Any]]] | None = field(
@@ -155,7 +160,7 @@ class KernelSpec:
         if self.causal_alignment not in ("upper_left", "lower_right"):
             raise ValueError(f"KernelSpec.causal_alignment must be 'upper_left' or 'lower_right', got {self.causal_alignment!r}")
         # Normalise iterables to frozensets so specs hash and compare by value.
-        for name in ("platforms", "mask_kinds", "layouts", "approximations"):
+        for name in ("platforms", "mask_kinds", "layouts", "approximations", "covers"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, frozenset):
                 object.__setattr__(self, name, frozenset(value))

@@ -7,10 +7,21 @@ it once as a plain tuple. Plans with the same hidden size share the function.
 ``F.scaled_dot_product_attention`` parses every argument it is given: passing
 ``None, 0.0, False`` for the defaults costs about 0.4 us on the 2-core dev box,
 so a plan without mask or dropout calls it with only what differs from them.
+A specialized SDPA form also carries ``direct``: SDPA itself, or a
+``functools.partial`` of it binding ``is_causal`` / ``enable_gqa`` (a C call,
+about 0.25 us cheaper than the adapter's Python frame), which ``lz.attention``
+calls as ``direct(q, k, v)`` when no scale is given.
+
+``enable_gqa=True`` is passed only by ``torch_sdpa_gqa``'s forms: SDPA treats
+equal head counts under it exactly as without it (``sdp_utils``: the same
+backend checks pass, ``pre_process_group_query_attention_input`` returns k
+and v untouched), so one GQA plan also serves MHA calls of its family, at
+about 0.3 us of extra argument handling on the CPU; MHA plans leave it out.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -40,10 +51,16 @@ def torch_sdpa_causal(q, k, v, mask, is_causal, dropout_p, scale, window):  # ty
     return _sdpa(q, k, v, None, 0.0, True, scale=scale)
 
 
+torch_sdpa_causal.direct = functools.partial(_sdpa, is_causal=True)  # type: ignore[attr-defined]
+
+
 def torch_sdpa_gqa_plain(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
     if scale is None:
         return _sdpa(q, k, v, enable_gqa=True)
     return _sdpa(q, k, v, scale=scale, enable_gqa=True)
+
+
+torch_sdpa_gqa_plain.direct = functools.partial(_sdpa, enable_gqa=True)  # type: ignore[attr-defined]
 
 
 def torch_sdpa_gqa_causal(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
@@ -52,17 +69,17 @@ def torch_sdpa_gqa_causal(q, k, v, mask, is_causal, dropout_p, scale, window):  
     return _sdpa(q, k, v, None, 0.0, True, scale=scale, enable_gqa=True)
 
 
+torch_sdpa_gqa_causal.direct = functools.partial(_sdpa, is_causal=True,  # type: ignore[attr-defined]
+                                                 enable_gqa=True)
+
+
 def sdpa_gqa_specialize(ctx: SelectionContext) -> tuple[Any, Callable[..., Any]]:
-    """``torch_sdpa_gqa`` for a plan of one shape with no mask, dropout or window: GQA plans call SDPA with
-    ``enable_gqa=True`` and nothing else (PyTorch >= 2.5), plans with as many kv heads as query heads
-    call it as ``torch_sdpa`` does; else the general adapter."""
+    """``torch_sdpa_gqa`` for a plan with no mask, dropout or window: on PyTorch >= 2.5 it calls SDPA with
+    ``enable_gqa=True`` and nothing else, whatever the context's head counts, so the plan (and a
+    shape-free plan of its call family) runs GQA, MQA and MHA calls alike; else the general adapter."""
     from layerzero.backends.torch_backend import _GQA_NATIVE, torch_sdpa_gqa
 
-    if ctx.mask_kind != "none" or ctx.dropout_p or ctx.window is not None or ctx.num_heads is None:
-        return "sdpa_gqa", torch_sdpa_gqa
-    if ctx.num_kv_heads is None or ctx.num_kv_heads == ctx.num_heads:
-        return ("sdpa_causal", torch_sdpa_causal) if ctx.is_causal else ("sdpa_plain", torch_sdpa_plain)
-    if not _GQA_NATIVE:
+    if ctx.mask_kind != "none" or ctx.dropout_p or ctx.window is not None or not _GQA_NATIVE:
         return "sdpa_gqa", torch_sdpa_gqa
     return ("sdpa_gqa_causal", torch_sdpa_gqa_causal) if ctx.is_causal else ("sdpa_gqa_plain", torch_sdpa_gqa_plain)
 
