@@ -407,3 +407,18 @@ def test_a_rival_must_win_every_confirmation_round(user_kernels, monkeypatch, ri
     assert result.selected == winner, result.results
     rival = {r.kernel_id: r for r in result.results}["test_host_rms"]
     assert rival.method.endswith("lost a round: tie") == (winner == "test_prio_rms")
+
+
+def test_a_kernel_three_times_slower_than_the_fastest_so_far_is_not_fully_timed(user_kernels) -> None:
+    fast, _ = _timed_rms(lambda n: 100.0)
+    close, close_calls = _timed_rms(lambda n: 150.0)
+    slow, slow_calls = _timed_rms(lambda n: 2000.0)
+    a = user_kernels(KernelSpec("test_fast_rms", "rms_norm", "custom", fast, priority=99))
+    b = user_kernels(KernelSpec("test_close_rms", "rms_norm", "custom", close, priority=98))
+    c = user_kernels(KernelSpec("test_slow_rms", "rms_norm", "custom", slow, priority=97))
+    result = Tuner(None).tune_bucket("rms_norm", SMALL_ROWS, specs=[a, b, c])
+    by_id = {r.kernel_id: r for r in result.results}
+    assert result.selected == "test_fast_rms"
+    assert "pruned" in by_id["test_slow_rms"].method and by_id["test_slow_rms"].samples == 1
+    assert by_id["test_slow_rms"].median_us > 1500 and slow_calls[0] <= 8  # correctness check, warm-up, 1-2 calls
+    assert "pruned" not in by_id["test_close_rms"].method and close_calls[0] > 8  # within 3x: timed in full

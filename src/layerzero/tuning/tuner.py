@@ -192,6 +192,20 @@ def _nonfinite(out: Any) -> str | None:
     return None
 
 
+def _single_call_us(impl: Callable[..., Any], args: tuple[Any, ...], device: torch.device) -> float:
+    """Wall time of one call, the device synchronized on both sides (microseconds)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = impl(*args)
+    if cuda:
+        torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t0
+    del out
+    return dt * 1e6
+
+
 def _callable(spec: KernelSpec, ctx: SelectionContext) -> Callable[..., Any]:
     """What a plan for ``ctx`` would call: the spec's specialization when it has one, else ``impl``."""
     if spec.specialize is not None:
@@ -236,6 +250,7 @@ class Tuner:
         self.seed = int(seed)
         self.progress = progress
         self._draws = 0
+        self._prune_above_us: float | None = None  # set per kernel by tune_bucket (see PRUNE_FACTOR)
 
     # -- public ------------------------------------------------------------------------
     def eligible(self, operation: str, ctx: SelectionContext) -> tuple[KernelSpec, ...]:
@@ -286,7 +301,12 @@ class Tuner:
             if deadline is not None and time.perf_counter() >= deadline:
                 results.append(KernelResult(spec.kernel_id, spec.backend, "skipped", error="tuning budget exhausted"))
                 continue
-            results.append(self.measure(op, operation, ctx, spec))
+            timed = [r.median_us for r in results if r.status == "ok" and r.median_us]
+            self._prune_above_us = self.PRUNE_FACTOR * min(timed) if timed else None
+            try:
+                results.append(self.measure(op, operation, ctx, spec))
+            finally:
+                self._prune_above_us = None
         selected = self._winner(operation, ctx, results)
         default = next((r for r in results if r.status == "ok"), None)  # specs come highest priority first
         challenger = self._challenger(results, selected, default)
@@ -325,6 +345,10 @@ class Tuner:
 
     #: Alternating confirmation rounds per challenged bucket (each a quick timing of both kernels).
     CONFIRM_ROUNDS = 4
+    #: A kernel whose single (post-warm-up) call takes this many times the fastest median so far in its
+    #: bucket cannot win it: its single-call time is stored instead of a full timing run. (A 200 ms math
+    #: attention call would otherwise cost do_bench's five estimation calls plus its repeats.)
+    PRUNE_FACTOR = 3.0
 
     def _confirm(self, op: OpDef, operation: str, ctx: SelectionContext, *pairs: tuple[KernelSpec, KernelResult]
                  ) -> dict[str, KernelResult] | None:
@@ -385,6 +409,14 @@ class Tuner:
                 del out
                 if problem is not None:
                     return KernelResult(spec.kernel_id, spec.backend, "failed", error=f"at full shape: {problem}")
+                if self._prune_above_us is not None:
+                    single = _single_call_us(impl, args, ctx.device)
+                    if single > self._prune_above_us:  # a second look: one call can hit a hiccup
+                        single = min(single, _single_call_us(impl, args, ctx.device))
+                    if single > self._prune_above_us:
+                        return KernelResult(spec.kernel_id, spec.backend, "ok", single, 0.0, 1,
+                                            f"single call, pruned: over {self.PRUNE_FACTOR:g}x the bucket's "
+                                            "fastest")
                 timing = time_call(lambda: impl(*args), ctx.device, quick=self.quick)
         except torch.cuda.OutOfMemoryError as exc:  # not the kernel's fault: leave the bucket unmeasured
             return KernelResult(spec.kernel_id, spec.backend, "skipped", error=_describe(exc))
