@@ -16,7 +16,8 @@ Steps:
 3. **per shape**: the time of every eligible kernel called directly, of
    layerzero after tuning (the whole ``lz.attention`` / ``lz.rms_norm`` call),
    and of PyTorch's default (``F.scaled_dot_product_attention`` with
-   ``enable_gqa`` for GQA, ``F.rms_norm``); ``triton.testing.do_bench`` medians
+   ``enable_gqa`` for GQA, ``F.rms_norm``, ``F.gelu(gate, approximate="tanh") * up``,
+   ``F.cross_entropy``); ``triton.testing.do_bench`` medians
    on CUDA, ``perf_counter_ns`` medians on CPU.
 
 It writes ``gpu_bench_<card>.json`` to ``$OUT`` (set by the device tool) or
@@ -80,7 +81,7 @@ from layerzero.tuning.perfdb import PerfDB  # noqa: E402
 from layerzero.tuning.timing import Timing, time_cpu, time_cuda  # noqa: E402
 from layerzero.tuning.tuner import Tuner, _callable  # noqa: E402
 
-OPERATIONS = ("attention.causal", "attention.full", "rms_norm")
+OPERATIONS = ("attention.causal", "attention.full", "rms_norm", "geglu", "cross_entropy")
 
 
 def smoke_plan() -> dict[str, list[SelectionContext]]:
@@ -91,6 +92,9 @@ def smoke_plan() -> dict[str, list[SelectionContext]]:
         "attention.full": [SelectionContext(device="cpu", dtype=dt, batch_size=2, seq_len_q=1, seq_len_k=48,
                                             num_heads=4, num_kv_heads=4, head_dim=16)],
         "rms_norm": [SelectionContext(device="cpu", dtype=dt, num_tokens=8, hidden_size=64, batch_size=8)],
+        "geglu": [SelectionContext(device="cpu", dtype=dt, num_tokens=8, hidden_size=64, batch_size=8,
+                                   approximate="tanh")],
+        "cross_entropy": [SelectionContext(device="cpu", dtype=dt, num_tokens=8, hidden_size=100, batch_size=8)],
     }
 
 
@@ -112,6 +116,13 @@ def default_call(operation: str, args: tuple[Any, ...]) -> Any:
         q, k, v, mask, is_causal, dropout_p, scale, window = args
         gqa = q.shape[1] != k.shape[1]
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa)
+    if operation == "geglu":
+        gate, up, approximate = args
+        return lambda: F.gelu(gate, approximate=approximate) * up
+    if operation == "cross_entropy":
+        logits, target, ignore_index, label_smoothing, reduction = args
+        return lambda: F.cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                       reduction=reduction)
     x, w, eps = args
     return lambda: F.rms_norm(x, (x.shape[-1],), w, eps)
 
@@ -121,6 +132,13 @@ def lz_call(operation: str, args: tuple[Any, ...]) -> Any:
     if operation.startswith("attention"):
         q, k, v, mask, is_causal, dropout_p, scale, window = args
         return lambda: lz.attention(q, k, v, is_causal=is_causal)
+    if operation == "geglu":
+        gate, up, approximate = args
+        return lambda: lz.geglu(gate, up, approximate=approximate)
+    if operation == "cross_entropy":
+        logits, target, ignore_index, label_smoothing, reduction = args
+        return lambda: lz.cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                        reduction=reduction)
     x, w, eps = args
     return lambda: lz.rms_norm(x, w, eps)
 
@@ -172,6 +190,10 @@ def short(operation: str, ctx: SelectionContext) -> str:
     if operation.startswith("attention"):
         return (f"{operation.split('.')[1]:<6} b={ctx.batch_size} sq={ctx.seq_len_q} sk={ctx.seq_len_k} "
                 f"h={ctx.num_heads}/{ctx.num_kv_heads} d={ctx.head_dim} {ctx.dtype_name}")
+    if operation == "geglu":
+        return f"geglu  rows={ctx.num_tokens} inter={ctx.hidden_size} {ctx.dtype_name}"
+    if operation == "cross_entropy":
+        return f"xent   rows={ctx.num_tokens} vocab={ctx.hidden_size} {ctx.dtype_name}"
     return f"rms    rows={ctx.num_tokens} hidden={ctx.hidden_size} {ctx.dtype_name}"
 
 
@@ -266,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                     kernels[spec.kernel_id] = t
                 lz_t, default_t = paired_time(measure, lz_call(operation, inputs), default_call(operation, inputs))
                 chosen = lz.which(operation, *inputs[:3]) if operation.startswith("attention") \
-                    else lz.which(operation, inputs[0], inputs[1])
+                    else lz.which(operation, *inputs)
             bucket = bucket_of(operation, ctx)
             wrong = sorted(k for k in kernels if (operation, bucket, ctx.dtype_name, k) in failed)
             timed = {k: v for k, v in kernels.items() if isinstance(v, Timing) and k not in wrong}

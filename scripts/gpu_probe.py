@@ -131,7 +131,16 @@ def main() -> int:
             "F.sdpa(enable_gqa)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
             "lz.attention": lambda: lz.attention(q, k, v, is_causal=True),
         })
-        print("  lz.explain shape_free:", lz.explain("attention", q, k, v, is_causal=True).shape_free, flush=True)
+        print("  lz.explain shape_free:", lz.explain(q, k, v, is_causal=True, operation="attention.causal").shape_free,
+              flush=True)
+
+        q, k, v = (rn(8, 16, 512, 64, dtype=torch.float16) for _ in range(3))
+        results["attn_mha_b8_s512"] = probe("causal b=8 s=512 h=16 d=64 fp16 (MHA)", {
+            "F.sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            "F.sdpa(enable_gqa=True)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                              enable_gqa=True),
+            "lz.attention": lambda: lz.attention(q, k, v, is_causal=True),
+        })
 
         for rows, inter in ((1, 14336), (128, 14336), (4096, 14336), (16384, 14336), (4096, 24576)):
             a, b = rn(rows, inter), rn(rows, inter)

@@ -234,6 +234,11 @@ def test_grids_cover_the_benchmark_and_parse_shapes() -> None:
     rows = cuda["rms_norm"]
     assert min(c.num_tokens for c in rows) == 1 and max(c.num_tokens for c in rows) == 32768
     assert {c.hidden_size for c in rows} == {2048, 4096, 8192}
+    geglu = grids.grid("geglu", "default", device="cuda")
+    assert geglu and all(c.approximate == "tanh" for c in geglu) and min(c.num_tokens for c in geglu) == 1
+    vocab = grids.grid("cross_entropy", "default", device="cuda")
+    assert {c.hidden_size for c in vocab} == {32000, 128256} and len(grids.grid("cross_entropy", "quick")) == 2
+    assert all(c.dtype == torch.float32 for c in grids.grid("cross_entropy", "default", device="cpu"))
     assert grids.parse_shape("b=2,s=128,h=8,kv=2,d=64,dtype=bf16") == {
         "batch_size": 2, "seq_len": 128, "num_heads": 8, "num_kv_heads": 2, "head_dim": 64, "dtype": torch.bfloat16}
     with pytest.raises(ValueError, match="'x' is not key=value"):
@@ -270,7 +275,9 @@ def test_gpu_bench_smoke_on_cpu(tmp_path: Path) -> None:
     assert "geomean layerzero/best" in p.stdout and "geomean layerzero/default" in p.stdout
     (out,) = tmp_path.glob("gpu_bench_smoke_*.json")
     data = json.loads(out.read_text())
-    assert data["summary"]["shapes"] == 3 and data["summary"]["correctness_failures"] == []
+    assert data["summary"]["shapes"] == 5 and data["summary"]["correctness_failures"] == []
+    assert {r["operation"] for r in data["rows"]} == {"attention.causal", "attention.full", "rms_norm", "geglu",
+                                                      "cross_entropy"}
     for row in data["rows"]:
         assert row["layerzero_us"] > 0 and row["default_us"] > 0 and row["best_kernel"] in row["kernels"]
         assert row["layerzero_kernel"] in row["kernels"]

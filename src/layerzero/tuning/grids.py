@@ -3,7 +3,9 @@
 A grid is a list of :class:`SelectionContext` values for one operation. The
 ``default`` CUDA grid is the one the GPU benchmark reports (prefill and
 decode, MHA / GQA / MQA, head dims 64, 128 and 256, bf16 and fp16, batch 1-64,
-sequence 128-16k; rms_norm from 1 to 32k rows of 2k-8k). ``quick`` is a
+sequence 128-16k; rms_norm from 1 to 32k rows of 2k-8k; geglu (tanh, Gemma's MLP)
+from 1 to 4k tokens of 16k-24k intermediate features; cross_entropy from 1k to 8k
+tokens over vocabularies of 32k-128k). ``quick`` is a
 handful of those shapes. CPU grids are small float32 shapes.
 
 Decode shapes (one query token) belong to ``attention.full``: with SDPA's
@@ -20,7 +22,7 @@ import torch
 from layerzero.context import SelectionContext, dtype_from_name
 
 __all__ = ["GRID_NAMES", "grid", "parse_shape", "contexts_for_shapes", "ATTENTION_PREFILL", "ATTENTION_DECODE",
-           "ROWS", "ATTENTION_FULL"]
+           "ROWS", "ATTENTION_FULL", "GEGLU_ROWS", "VOCAB_ROWS"]
 
 GRID_NAMES: tuple[str, ...] = ("quick", "default")
 
@@ -41,6 +43,10 @@ ATTENTION_DECODE: tuple[tuple[int, int, int, int, int], ...] = (
 ROWS: tuple[tuple[int, int], ...] = (
     (1, 4096), (1, 8192), (128, 4096), (2048, 2048), (4096, 4096), (8192, 8192), (16384, 8192), (32768, 2048),
 )
+# (tokens, intermediate size): geglu, the tanh GELU of Gemma's MLP (Gemma 2B: 16384, 7B: 24576).
+GEGLU_ROWS: tuple[tuple[int, int], ...] = ((1, 16384), (128, 16384), (2048, 16384), (4096, 24576))
+# (tokens, vocabulary): cross_entropy over a language model's logits (Llama 2: 32000, Llama 3: 128256).
+VOCAB_ROWS: tuple[tuple[int, int], ...] = ((1024, 32000), (4096, 32000), (4096, 128256), (8192, 128256))
 _QUICK_PREFILL = ((1, 2048, 32, 8, 128), (8, 512, 16, 16, 64))
 _QUICK_DECODE = ((32, 4096, 32, 8, 128),)
 _QUICK_ROWS = ((128, 4096), (4096, 4096), (16384, 8192))
@@ -48,6 +54,7 @@ _QUICK_ROWS = ((128, 4096), (4096, 4096), (16384, 8192))
 _CPU_ATTN = ((1, 128, 8, 8, 64), (2, 256, 8, 2, 64))
 _CPU_DECODE = ((4, 256, 8, 8, 64),)
 _CPU_ROWS = ((1, 1024), (256, 1024), (2048, 2048))
+_CPU_VOCAB = ((8, 1000), (256, 4096))
 
 
 def _attn(device: str, dtype: torch.dtype, b: int, sq: int, sk: int, h: int, hkv: int, d: int, causal: bool
@@ -66,7 +73,8 @@ def grid(operation: str, name: str = "default", *, device: str = "cuda",
 
     Args:
         operation: ``attention.causal``, ``attention.full``, ``attention.decode``, ``rms_norm``, ``layer_norm``,
-            ``swiglu``, ``silu``, ``gelu`` or ``rope``.
+            ``swiglu``, ``geglu`` (tanh form), ``silu``, ``gelu``, ``rope`` or ``cross_entropy`` (hidden size =
+            vocabulary).
         name: ``"quick"`` or ``"default"``.
         device: ``"cuda"`` (bf16 and fp16 by default) or ``"cpu"`` (float32).
         dtypes: override the dtypes.
@@ -104,6 +112,14 @@ def grid(operation: str, name: str = "default", *, device: str = "cuda",
             for b, s, h, _hkv, d in (_QUICK_PREFILL if quick else ATTENTION_PREFILL[:6]) if cuda else _CPU_ATTN:
                 out.append(SelectionContext(device=device, dtype=dt, batch_size=b, seq_len=s, num_heads=h,
                                             head_dim=d, hidden_size=d, num_tokens=b * h * s))
+        elif family == "cross_entropy":
+            rows = (VOCAB_ROWS[1:2] if quick else VOCAB_ROWS) if cuda else (_CPU_VOCAB[:1] if quick else _CPU_VOCAB)
+            for n, vocab in rows:
+                out.append(_rows(device, dt, n, vocab))
+        elif family == "geglu":
+            rows = (GEGLU_ROWS[2:3] if quick else GEGLU_ROWS) if cuda else (_CPU_ROWS[:2] if quick else _CPU_ROWS)
+            for n, hidden in rows:
+                out.append(_rows(device, dt, n, hidden, approximate="tanh"))
         else:
             rows = (_QUICK_ROWS if quick else ROWS) if cuda else (_CPU_ROWS[:2] if quick else _CPU_ROWS)
             for n, hidden in rows:
