@@ -329,7 +329,7 @@ def test_a_winner_whose_lead_does_not_survive_retiming_loses_to_the_priority_cho
     result = Tuner(None).tune_bucket("rms_norm", SMALL_ROWS, specs=[a, b])
     by_id = {r.kernel_id: r for r in result.results}
     assert calls[0] > 220, "the confirmation rounds ran"
-    assert by_id["test_fluke_rms"].method.endswith("confirmed x4")
+    assert "confirmed x4" in by_id["test_fluke_rms"].method
     assert result.selected == "test_prio_rms", result.results
     assert rt.telemetry.tuning_runs == runs + 1
 
