@@ -380,12 +380,14 @@ def test_a_rival_that_one_noisy_run_made_look_slow_gets_its_chance(user_kernels,
 
 
 @pytest.mark.parametrize(("rival_rounds", "winner"), [
-    ((23.3, 29.5, 22.9, 23.0), "test_prio_rms"),   # faster on most rounds, slower on one: a tie, priority decides
-    ((23.3, 24.0, 22.9, 23.0), "test_host_rms"),   # faster on every round and beyond the spread: it wins
+    ((23.3, 29.5, 26.1, 22.9), "test_prio_rms"),   # its bad rounds are no faster than the priority choice: a tie
+    ((23.3, 29.5, 22.9, 23.0), "test_host_rms"),   # one outlier among five medians: still decisively faster
+    ((23.3, 24.0, 22.9, 23.0), "test_host_rms"),   # faster on every round
 ])
-def test_a_rival_must_win_every_confirmation_round(user_kernels, monkeypatch, rival_rounds, winner) -> None:
+def test_a_rival_must_win_decisively(user_kernels, monkeypatch, rival_rounds, winner) -> None:
     """The H200 case: a host-bound kernel's times follow the host's state (Liger's 4096x4096 RMSNorm read
-    22.9-29.5 us across rounds against a steady 26.8 us); winning on its good rounds is not enough."""
+    22.9-29.5 us across rounds against a steady 26.8 us): its upper-quartile round must beat the priority
+    choice's median by 5%, so winning on its good rounds is not enough, but one outlier does not sink it."""
     from layerzero.tuning import tuner as tuner_mod
     from layerzero.tuning.timing import Timing
     from layerzero.tuning.tuner import KernelResult
@@ -413,7 +415,7 @@ def test_a_rival_must_win_every_confirmation_round(user_kernels, monkeypatch, ri
     result = Tuner(None).tune_bucket("rms_norm", SMALL_ROWS, specs=[a, b])
     assert result.selected == winner, result.results
     rival = {r.kernel_id: r for r in result.results}["test_host_rms"]
-    assert rival.method.endswith("lost a round: tie") == (winner == "test_prio_rms")
+    assert rival.method.endswith("not decisive: tie") == (winner == "test_prio_rms")
 
 
 def test_a_kernel_three_times_slower_than_the_fastest_so_far_is_not_fully_timed(user_kernels) -> None:

@@ -147,11 +147,15 @@ def _specs() -> list[KernelSpec]:
                    max_hidden_size=MAX_HIDDEN, description="Liger Triton RMSNorm (llama casting mode)", **common),
         KernelSpec("liger_layer_norm", "layer_norm", "liger", liger_layer_norm, priority=55,
                    max_hidden_size=MAX_HIDDEN, description="Liger Triton LayerNorm", **common),
-        KernelSpec("liger_rope", "rope", "liger", liger_rope, priority=55, supports_interleaved=False,
+        # Below torch's priority (50) for the elementwise ops: each Liger call is a Triton launch from
+        # Python, about 20 us of host time on an H200 host, so for small token counts torch's kernels ran
+        # 2-8x faster (gpu_bench, geglu at 1 and 128 tokens), while Liger's fused pass wins 1.1-1.5x only on
+        # large ones. Untuned, the choice that cannot lose badly goes first; tuning picks Liger where it wins.
+        KernelSpec("liger_rope", "rope", "liger", liger_rope, priority=45, supports_interleaved=False,
                    description="Liger Triton RoPE (rotate-half, HF Llama form)", **common),
-        KernelSpec("liger_swiglu", "swiglu", "liger", liger_swiglu, priority=55,
+        KernelSpec("liger_swiglu", "swiglu", "liger", liger_swiglu, priority=45,
                    description="Liger Triton SiLU(gate) * up", **common),
-        KernelSpec("liger_geglu", "geglu", "liger", liger_geglu, priority=55, approximations=frozenset({"tanh"}),
+        KernelSpec("liger_geglu", "geglu", "liger", liger_geglu, priority=45, approximations=frozenset({"tanh"}),
                    description="Liger Triton GELU-tanh(gate) * up", **common),
         # Below torch's priority: the copy it needs costs a pass over the logits; tuning picks it where it wins.
         KernelSpec("liger_cross_entropy", "cross_entropy", "liger", liger_cross_entropy, priority=45,

@@ -192,18 +192,37 @@ def _nonfinite(out: Any) -> str | None:
     return None
 
 
-def _single_call_us(impl: Callable[..., Any], args: tuple[Any, ...], device: torch.device) -> float:
-    """Wall time of one call, the device synchronized on both sides (microseconds)."""
+def _quantile_of(sorted_values: Sequence[float], q: float) -> float:
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _per_call_us(impl: Callable[..., Any], args: tuple[Any, ...], device: torch.device, n: int = 1) -> float:
+    """Wall time per call of ``n`` back-to-back calls, the device synchronized on both sides (us)."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    out = impl(*args)
+    for _ in range(n):
+        out = impl(*args)
+        del out
     if cuda:
         torch.cuda.synchronize(device)
-    dt = time.perf_counter() - t0
-    del out
-    return dt * 1e6
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def _prune_estimate_us(impl: Callable[..., Any], args: tuple[Any, ...], device: torch.device,
+                       above_us: float) -> float:
+    """A cheap upper estimate of one call: a single synchronized call, and when that exceeds ``above_us``
+    a second look over enough back-to-back calls (up to 50, about 2 ms) to amortize the synchronization,
+    which alone costs tens of microseconds on some hosts."""
+    single = _per_call_us(impl, args, device)
+    if single <= above_us:
+        return single
+    n = min(50, max(1, int(2000.0 / single)))
+    return min(single, _per_call_us(impl, args, device, n))
 
 
 def _callable(spec: KernelSpec, ctx: SelectionContext) -> Callable[..., Any]:
@@ -345,23 +364,28 @@ class Tuner:
 
     #: Alternating confirmation rounds per challenged bucket (each a quick timing of both kernels).
     CONFIRM_ROUNDS = 4
-    #: A kernel whose single (post-warm-up) call takes this many times the fastest median so far in its
-    #: bucket cannot win it: its single-call time is stored instead of a full timing run. (A 200 ms math
+    #: A kernel whose quick estimate (:func:`_prune_estimate_us`, after the warm-up) takes this many times the
+    #: fastest median so far in its bucket cannot win it: the estimate is stored instead of a full timing run. (A 200 ms math
     #: attention call would otherwise cost do_bench's five estimation calls plus its repeats.)
     PRUNE_FACTOR = 3.0
+
+    #: A rival replaces the priority choice only when its upper-quartile round is this much faster than the
+    #: priority choice's median (and the priority choice keeps its bucket the same way).
+    DECISIVE_MARGIN = 0.05
 
     def _confirm(self, op: OpDef, operation: str, ctx: SelectionContext, *pairs: tuple[KernelSpec, KernelResult]
                  ) -> dict[str, KernelResult] | None:
         """Time the rival (``pairs[0]``) and the priority choice (``pairs[1]``) again, alternately
         (:attr:`CONFIRM_ROUNDS` rounds, order flipped each round), on one set of inputs.
 
-        Each kernel's new median is the median of its first measurement and the rounds' medians; its spread
-        is the larger of the first spread and half the range of those medians, so a difference that does not
-        survive repetition becomes a tie (which priority breaks). A rival must also be faster in every
-        round: one that loses a round gets a spread reaching the priority choice's median, a tie. (A kernel
-        whose call costs more host time than GPU time, such as a Triton kernel launched from Python on a
-        small problem, times with the host's state: on an H200 Liger's 4096x4096 RMSNorm read 22.9-29.5 us
-        across rounds against F.rms_norm's steady 26.8 us; it must not win on its good rounds.)"""
+        Each kernel keeps the median of its medians (the first measurement's and the rounds'), with a
+        spread of at least half their interquartile range. The rival wins only decisively: its
+        upper-quartile median (its bad rounds) must beat the priority choice's median by
+        :attr:`DECISIVE_MARGIN`; otherwise it is stored with a spread reaching the priority choice's median,
+        a tie, which priority breaks (``method`` ends in "not decisive: tie"). A kernel whose call costs more
+        host time than GPU time (a Triton kernel launched from Python on a small problem) times with the
+        host's state: on an H200, Liger's 4096x4096 RMSNorm read 22.9-29.5 us across rounds against
+        F.rms_norm's steady 26.8 us; its good rounds must not decide."""
         impls = [(spec, first, _callable(spec, ctx)) for spec, first in pairs]
         runs: dict[str, list[float]] = {spec.kernel_id: [] for spec, _, _ in impls}
         rounds = self.CONFIRM_ROUNDS
@@ -376,21 +400,29 @@ class Tuner:
         except Exception:  # confirmation is advisory: keep the first measurements
             return None
         out: dict[str, KernelResult] = {}
+        upper: dict[str, float] = {}
         for spec, first, _ in impls:
-            medians = [float(first.median_us or 0.0), *runs[spec.kernel_id]]
+            medians = sorted([float(first.median_us or 0.0), *runs[spec.kernel_id]])
             med = statistics.median(medians)
-            spread = max(float(first.spread_us or 0.0), (max(medians) - min(medians)) / 2.0)
+            q25, q75 = _quantile_of(medians, 0.25), _quantile_of(medians, 0.75)
+            upper[spec.kernel_id] = q75
+            spread = max(float(first.spread_us or 0.0), (q75 - q25) / 2.0)
             out[spec.kernel_id] = KernelResult(first.kernel_id, first.backend, "ok", med, spread, first.samples,
                                                f"{first.method}, confirmed x{rounds}")
         if len(impls) == 2:
             rival, default = impls[0][0].kernel_id, impls[1][0].kernel_id
-            won_every_round = all(r < d for r, d in zip(runs[rival], runs[default], strict=True))
             r, d = out[rival], out[default]
-            if not won_every_round and r.median_us is not None and d.median_us is not None \
-                    and r.median_us < d.median_us:
-                out[rival] = KernelResult(r.kernel_id, r.backend, "ok", r.median_us,
-                                          max(r.spread_us or 0.0, d.median_us - r.median_us), r.samples,
-                                          f"{r.method}, lost a round: tie")
+            if r.median_us is not None and d.median_us is not None and r.median_us < d.median_us:
+                if upper[rival] < (1.0 - self.DECISIVE_MARGIN) * d.median_us:
+                    # decisive: make sure the stored spreads say so too (the runtime ranks by them)
+                    room = (d.median_us - (d.spread_us or 0.0)) - r.median_us
+                    if (r.spread_us or 0.0) >= room > 0:
+                        out[rival] = KernelResult(r.kernel_id, r.backend, "ok", r.median_us, room * 0.5, r.samples,
+                                                  r.method)
+                else:
+                    out[rival] = KernelResult(r.kernel_id, r.backend, "ok", r.median_us,
+                                              max(r.spread_us or 0.0, d.median_us - r.median_us), r.samples,
+                                              f"{r.method}, not decisive: tie")
         return out
 
     def measure(self, op: OpDef, operation: str, ctx: SelectionContext, spec: KernelSpec) -> KernelResult:
@@ -410,12 +442,10 @@ class Tuner:
                 if problem is not None:
                     return KernelResult(spec.kernel_id, spec.backend, "failed", error=f"at full shape: {problem}")
                 if self._prune_above_us is not None:
-                    single = _single_call_us(impl, args, ctx.device)
-                    if single > self._prune_above_us:  # a second look: one call can hit a hiccup
-                        single = min(single, _single_call_us(impl, args, ctx.device))
-                    if single > self._prune_above_us:
-                        return KernelResult(spec.kernel_id, spec.backend, "ok", single, 0.0, 1,
-                                            f"single call, pruned: over {self.PRUNE_FACTOR:g}x the bucket's "
+                    est = _prune_estimate_us(impl, args, ctx.device, self._prune_above_us)
+                    if est > self._prune_above_us:
+                        return KernelResult(spec.kernel_id, spec.backend, "ok", est, 0.0, 1,
+                                            f"quick estimate, pruned: over {self.PRUNE_FACTOR:g}x the bucket's "
                                             "fastest")
                 timing = time_call(lambda: impl(*args), ctx.device, quick=self.quick)
         except torch.cuda.OutOfMemoryError as exc:  # not the kernel's fault: leave the bucket unmeasured
