@@ -55,12 +55,16 @@ def _gpu_bench_section(path: Path) -> list[str]:
              f"liger {d.get('liger')})", "",
              f"Command: `bash scripts/gpu_run.sh tune` (runs `{d.get('command', 'python scripts/gpu_bench.py')}`; "
              f"file: `{_rel(path)}`). For every shape: every eligible kernel called directly "
-             "(`triton.testing.do_bench` median), `lz.attention` / `lz.rms_norm` after `layerzero tune` on the "
-             "grid (the whole call, host overhead included), and PyTorch's default "
-             "(`F.scaled_dot_product_attention`, `F.rms_norm`)"
+             "(`triton.testing.do_bench` median), the whole `lz.*` call after `layerzero tune` on the grid (host "
+             "overhead included), and PyTorch's default (`F.scaled_dot_product_attention`, `F.rms_norm`"
+             + (", `F.gelu(gate, approximate='tanh') * up`, `F.cross_entropy`"
+                if any(r["operation"] in ("geglu", "cross_entropy") for r in d["rows"]) else "") + ")"
              + (", these two timed alternately over 3 runs (the spread includes the drift between runs); "
-                "tuning re-timed each bucket's priority choice against its closest rival"
-                if "confirmed x3" in json.dumps(d.get("tuning", {})) else
+                + ("tuning re-timed each bucket's priority choice against its closest rival over 4 alternating "
+                   "rounds, and a rival replaced it only decisively"
+                   if "confirmed x4" in json.dumps(d.get("tuning", {})) else
+                   "tuning re-timed each bucket's priority choice against its closest rival")
+                if "confirmed x" in json.dumps(d.get("tuning", {})) else
                 "; an earlier version of the script and tuner: one run each, no re-timing") + ".", "",
              f"- geomean layerzero / best kernel: **{s['geomean_lz_over_best']:.3f}** over {s['shapes']} shapes",
              f"- geomean layerzero / PyTorch default: **{s['geomean_lz_over_default']:.3f}**",
