@@ -118,6 +118,38 @@ class FakeBatchDecode:
         return torch.stack(outs).to(q.dtype)
 
 
+class FakeBatchPrefill:
+    """FlashInfer's batched prefill over a paged HND cache: ragged q (qo_indptr), causal aligned lower-right."""
+
+    plans = 0
+
+    def __init__(self, workspace: torch.Tensor, kv_layout: str) -> None:
+        assert kv_layout == "HND" and workspace.dtype == torch.uint8
+        self.args: dict[str, object] = {}
+
+    def plan(self, qo_indptr, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,  # type: ignore[no-untyped-def]
+             **kw):
+        FakeBatchPrefill.plans += 1
+        self.args = dict(qo=qo_indptr, indptr=indptr, indices=indices, last=last_page_len, hq=num_qo_heads,
+                         hkv=num_kv_heads, d=head_dim, page=page_size, **kw)
+
+    def run(self, q, kv):  # type: ignore[no-untyped-def]
+        k_cache, v_cache = kv
+        a = self.args
+        assert q.dim() == 3 and q.shape[0] == int(a["qo"][-1])
+        outs = []
+        for b in range(len(a["qo"]) - 1):
+            rows = q[int(a["qo"][b]):int(a["qo"][b + 1])].transpose(0, 1)  # (H, Sq, D)
+            pages = a["indices"][a["indptr"][b]:a["indptr"][b + 1]].tolist()
+            k = torch.cat([k_cache[p] for p in pages], dim=1)[:, : int(a["last"][b])]
+            v = torch.cat([v_cache[p] for p in pages], dim=1)[:, : int(a["last"][b])]
+            wl = a["window_left"]
+            keep = _lower_right(rows.shape[1], k.shape[1], a["causal"], wl, 0 if wl >= 0 else -1)
+            out = _attend(rows, _repeat_kv(k, a["hq"], 0), _repeat_kv(v, a["hq"], 0), a["sm_scale"], keep)
+            outs.append(out.transpose(0, 1))
+        return torch.cat(outs).to(q.dtype)
+
+
 class FakeLowerTriangularMask:
     """xformers' LowerTriangularMask: upper-left aligned causal."""
 
@@ -144,7 +176,8 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         "flash_attn": _module("flash_attn", flash_attn_func=fake_flash_attn_func),
         "flash_attn_interface": _module("flash_attn_interface", flash_attn_func=fake_fa3_func),
         "flashinfer": _module("flashinfer", single_prefill_with_kv_cache=fake_single_prefill,
-                              BatchDecodeWithPagedKVCacheWrapper=FakeBatchDecode),
+                              BatchDecodeWithPagedKVCacheWrapper=FakeBatchDecode,
+                              BatchPrefillWithPagedKVCacheWrapper=FakeBatchPrefill),
         "xformers": _module("xformers"),
         "xformers.ops": _module("xformers.ops", memory_efficient_attention=fake_memory_efficient_attention),
         "xformers.ops.fmha": _module("xformers.ops.fmha"),
@@ -173,7 +206,8 @@ def _qkv(b: int, hq: int, hkv: int, sq: int, sk: int, d: int, seed: int = 0) -> 
             torch.randn(b, hkv, sk, d, generator=g))
 
 
-KERNELS = ("flash_attn_v2_attention", "flash_attn_v3_attention", "flashinfer_prefill", "flashinfer_decode",
+KERNELS = ("flash_attn_v2_attention", "flash_attn_v3_attention", "flashinfer_prefill", "flashinfer_batch_prefill",
+           "flashinfer_decode",
            "xformers_attention")
 
 
@@ -278,7 +312,7 @@ def test_lower_right_alignment_is_why_causal_cross_lengths_are_rejected() -> Non
     assert (fa.double() - ref).abs().max() > 0.1  # FlashAttention's causal mask differs from SDPA's here
     ctx = lz.SelectionContext(dtype="float16", batch_size=1, seq_len_q=8, seq_len_k=32, num_heads=4, head_dim=16,
                               is_causal=True, **SM90)
-    assert not {"flash_attn_v2_attention", "flashinfer_prefill"} & {s.kernel_id for s in lz.select(
+    assert not {"flash_attn_v2_attention", "flashinfer_prefill", "flashinfer_batch_prefill"} & {s.kernel_id for s in lz.select(
         "attention.causal", ctx).ranked}
 
 
@@ -291,6 +325,37 @@ def test_flashinfer_prefill_adapter(hq: int, hkv: int, sq: int, causal: bool, wi
     assert out.shape == q.shape
     torch.testing.assert_close(out.double(), attention_reference(q, k, v, None, causal, 0.0, None, window),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("fakes")
+@pytest.mark.parametrize(("b", "hq", "hkv", "sq", "causal", "window", "scale"), [
+    (3, 4, 4, 20, True, None, None), (2, 8, 2, 17, False, None, 0.3), (4, 8, 2, 20, True, 6, None),
+    (2, 4, 1, 1, False, None, None)])
+def test_flashinfer_batch_prefill_adapter(b: int, hq: int, hkv: int, sq: int, causal: bool, window: int | None,
+                                          scale: float | None) -> None:
+    FakeBatchPrefill.plans = 0
+    q, k, v = _qkv(b, hq, hkv, sq, sq, 64)
+    for _ in range(2):
+        q = torch.randn_like(q)
+        out = fi_backend.flashinfer_batch_prefill(q, k, v, None, causal, 0.0, scale, window)
+        assert out.shape == q.shape
+        torch.testing.assert_close(out.double(), attention_reference(q, k, v, None, causal, 0.0, scale, window),
+                                   atol=1e-5, rtol=1e-5)
+    assert FakeBatchPrefill.plans == 1  # planned once per shape, run per call
+    wrapper = next(w for key, w in fi_backend._wrappers.items() if key[0] == "prefill")
+    assert wrapper.args["qo"].tolist() == list(range(0, (b + 1) * sq, sq)) and wrapper.args["page"] == sq
+    assert wrapper.args["causal"] == (causal or window is not None)
+
+
+@pytest.mark.usefixtures("fakes")
+def test_batched_prefill_is_selected_for_batches_and_single_prefill_for_one_request() -> None:
+    def ranked(batch: int) -> list[str]:
+        ctx = lz.SelectionContext(dtype="bfloat16", batch_size=batch, seq_len=256, num_heads=8, num_kv_heads=2,
+                                  head_dim=128, is_causal=True, **SM90)
+        return [s.kernel_id for s in lz.select("attention.causal", ctx).ranked if s.backend == "flashinfer"]
+
+    assert ranked(1) == ["flashinfer_prefill", "flashinfer_batch_prefill"]
+    assert ranked(8) == ["flashinfer_batch_prefill"]
 
 
 @pytest.mark.usefixtures("fakes")

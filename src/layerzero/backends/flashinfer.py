@@ -1,15 +1,22 @@
-"""The FlashInfer backend: single-request prefill and batched decode.
+"""The FlashInfer backend: single-request prefill, batched prefill and batched decode.
 
 * ``flashinfer_prefill``: ``flashinfer.single_prefill_with_kv_cache(q, k, v,
   causal=, kv_layout="HND", sm_scale=, window_left=)`` for one request
   (batch 1). q goes in as (seq_q, heads, head_dim); k/v stay (kv_heads, seq_k,
   head_dim), which is the "HND" layout, with no copy.
+* ``flashinfer_batch_prefill``: ``BatchPrefillWithPagedKVCacheWrapper`` for a
+  batch of requests: q becomes FlashInfer's ragged (batch * seq_q, heads,
+  head_dim) form with ``qo_indptr = [0, seq_q, 2 * seq_q, ...]``; k/v are the
+  paged cache below. ``plan(qo_indptr, kv_indptr, kv_indices, last_page_len,
+  heads, kv_heads, head_dim, page_size, causal=, window_left=, ...)`` once per
+  shape, ``run(q, (k, v))`` per call.
 * ``flashinfer_decode``: ``BatchDecodeWithPagedKVCacheWrapper`` with one page
   per sequence and the HND layout: our k/v (batch, kv_heads, seq_k, head_dim)
   *are* a paged cache of ``batch`` pages of ``seq_k`` tokens, so no copy is
   made. ``plan()`` runs once per shape (a small cache of wrappers sharing one
   128 MiB workspace per device); ``run(q, (k, v))`` per call. A general paged
-  KV cache is outside the ``lz.attention`` API.
+  KV cache (block tables over a shared page pool) is outside the
+  ``lz.attention`` API, whose k/v are dense per-sequence tensors.
 
 FlashInfer aligns causal masks and windows to the lower right (the query
 block is the *last* ``seq_q`` positions), so both specs declare
@@ -33,7 +40,8 @@ from layerzero.context import SelectionContext
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
 
-__all__ = ["register", "flashinfer_prefill", "flashinfer_decode", "FLASHINFER_KERNEL_IDS", "HEAD_DIMS"]
+__all__ = ["register", "flashinfer_prefill", "flashinfer_batch_prefill", "flashinfer_decode", "FLASHINFER_KERNEL_IDS",
+           "HEAD_DIMS"]
 
 _PIP = "pip install flashinfer-python"
 HEAD_DIMS = frozenset({64, 128, 256})
@@ -65,31 +73,68 @@ def flashinfer_prefill(q, k, v, mask, is_causal, dropout_p, scale, window):  # t
     return out.transpose(0, 1).unsqueeze(0)  # (seq_q, heads, d) -> (1, heads, seq_q, d)
 
 
-def _decode_wrapper(q: torch.Tensor, k: torch.Tensor, scale: float | None, window: int | None) -> Any:
-    b, hq, _, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    dev = q.device
-    key = (dev.type, dev.index, q.dtype, b, hq, hkv, sk, d, scale, window)
-    wrapper = _wrappers.get(key)
-    if wrapper is not None:
-        return wrapper
-    fi = _lib()
+def _workspace(dev: torch.device) -> torch.Tensor:
     with _lock:
         ws = _workspaces.get((dev.type, dev.index))
         if ws is None:
             ws = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
             _workspaces[(dev.type, dev.index)] = ws
-    wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "HND")
-    indptr = torch.arange(b + 1, dtype=torch.int32, device=dev)
-    indices = torch.arange(b, dtype=torch.int32, device=dev)
-    last_len = torch.full((b,), sk, dtype=torch.int32, device=dev)
-    wrapper.plan(indptr, indices, last_len, hq, hkv, d, sk, pos_encoding_mode="NONE",
-                 window_left=_window_left(window), q_data_type=q.dtype, kv_data_type=k.dtype, sm_scale=scale)
+    return ws
+
+
+def _remember(key: tuple[Any, ...], wrapper: Any) -> Any:
     with _lock:
         _wrappers[key] = wrapper
         while len(_wrappers) > _MAX_WRAPPERS:
             _wrappers.popitem(last=False)
     return wrapper
+
+
+def _pages(b: int, sk: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Page table of k/v seen as ``b`` HND pages of ``sk`` tokens: indptr, indices, last page lengths."""
+    return (torch.arange(b + 1, dtype=torch.int32, device=dev), torch.arange(b, dtype=torch.int32, device=dev),
+            torch.full((b,), sk, dtype=torch.int32, device=dev))
+
+
+def _decode_wrapper(q: torch.Tensor, k: torch.Tensor, scale: float | None, window: int | None) -> Any:
+    b, hq, _, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    dev = q.device
+    key = ("decode", dev.type, dev.index, q.dtype, b, hq, hkv, sk, d, scale, window)
+    wrapper = _wrappers.get(key)
+    if wrapper is not None:
+        return wrapper
+    wrapper = _lib().BatchDecodeWithPagedKVCacheWrapper(_workspace(dev), "HND")
+    indptr, indices, last_len = _pages(b, sk, dev)
+    wrapper.plan(indptr, indices, last_len, hq, hkv, d, sk, pos_encoding_mode="NONE",
+                 window_left=_window_left(window), q_data_type=q.dtype, kv_data_type=k.dtype, sm_scale=scale)
+    return _remember(key, wrapper)
+
+
+def _prefill_wrapper(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None, window: int | None
+                     ) -> Any:
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    dev = q.device
+    key = ("prefill", dev.type, dev.index, q.dtype, b, hq, hkv, sq, sk, d, causal, scale, window)
+    wrapper = _wrappers.get(key)
+    if wrapper is not None:
+        return wrapper
+    wrapper = _lib().BatchPrefillWithPagedKVCacheWrapper(_workspace(dev), "HND")
+    qo_indptr = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=dev)
+    indptr, indices, last_len = _pages(b, sk, dev)
+    wrapper.plan(qo_indptr, indptr, indices, last_len, hq, hkv, d, sk, causal=causal, pos_encoding_mode="NONE",
+                 window_left=_window_left(window), q_data_type=q.dtype, kv_data_type=k.dtype, sm_scale=scale)
+    return _remember(key, wrapper)
+
+
+def flashinfer_batch_prefill(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+    b, hq, sq, d = q.shape
+    causal = bool(is_causal or window is not None)
+    wrapper = _prefill_wrapper(q, k, causal, scale, window)
+    ragged = q.transpose(1, 2).reshape(b * sq, hq, d)  # (batch * seq_q, heads, d): qo_indptr steps of seq_q
+    out = wrapper.run(ragged, (k.contiguous(), v.contiguous()))
+    return out.reshape(b, sq, hq, -1).transpose(1, 2)
 
 
 def flashinfer_decode(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
@@ -130,6 +175,10 @@ def _specs() -> list[KernelSpec]:
         KernelSpec("flashinfer_prefill", "attention", "flashinfer", flashinfer_prefill, priority=62,
                    max_batch_size=1, supports_window=True, extra_check=_check,
                    description="flashinfer.single_prefill_with_kv_cache (one request, HND k/v)", **common),
+        KernelSpec("flashinfer_batch_prefill", "attention", "flashinfer", flashinfer_batch_prefill, priority=61,
+                   supports_window=True, cuda_graph_safe=False, extra_check=_check,
+                   description="flashinfer BatchPrefillWithPagedKVCacheWrapper: ragged q, one HND page per sequence",
+                   **common),
         KernelSpec("flashinfer_decode", "attention", "flashinfer", flashinfer_decode, priority=62,
                    supports_window=False, cuda_graph_safe=False, extra_check=_decode_check,
                    description="flashinfer BatchDecodeWithPagedKVCacheWrapper, one HND page per sequence", **common),
