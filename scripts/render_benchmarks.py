@@ -51,8 +51,9 @@ def _bench_section(path: Path, title: str, command: str) -> list[str]:
 def _gpu_bench_section(path: Path) -> list[str]:
     d = json.loads(path.read_text())
     s = d["summary"]
-    lines = [f"### Measured selection on {d['gpu']} (torch {d['torch']}, CUDA {d['cuda']}, Triton {d['triton']}, "
-             f"liger {d.get('liger')})", "",
+    run = path.stem.rsplit("_run", 1)[1] if "_run" in path.stem else None
+    lines = [f"### Measured selection on {d['gpu']}{f', run {run}' if run else ''} (torch {d['torch']}, "
+             f"CUDA {d['cuda']}, Triton {d['triton']}, liger {d.get('liger')})", "",
              f"Command: `bash scripts/gpu_run.sh tune` (runs `{d.get('command', 'python scripts/gpu_bench.py')}`; "
              f"file: `{_rel(path)}`). For every shape: every eligible kernel called directly "
              "(`triton.testing.do_bench` median), the whole `lz.*` call after `layerzero tune` on the grid (host "
