@@ -78,28 +78,46 @@ def test_scale_reaches_the_kernel_through_a_shape_free_plan() -> None:
     torch.testing.assert_close(out.double(), attention_reference(q, k, v, scale=0.3), atol=ATOL, rtol=ATOL)
 
 
-def test_gqa_call_sends_the_family_back_to_exact_shape_plans(runtime, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_gqa_call_widens_an_mha_family_plan_to_the_kernel_that_covers_it(runtime, caplog) -> None:
+    """An MHA call opened the family (torch_sdpa); its first GQA call makes torch_sdpa raise. torch_sdpa_gqa
+    covers torch_sdpa, so the family selects again with that call and gets a torch_sdpa_gqa plan that
+    serves both kinds of call."""
     q = rnd(1, 8, 4, 32)
     lz.attention(q, q, q)
     fam = family_of("attention.full", (q, q, q, None, False, 0.0, None, None))
-    assert fam in runtime.plans.data
+    assert runtime.plans.data[fam].kernel_id == "torch_sdpa"
     qg, kg, vg = rnd(1, 8, 4, 32), rnd(1, 2, 6, 32), rnd(1, 2, 6, 32)  # F.sdpa without enable_gqa raises
     with caplog.at_level(logging.INFO, logger="layerzero"):
         out = lz.attention(qg, kg, vg)
     torch.testing.assert_close(out.double(), attention_reference(qg, kg, vg), atol=ATOL, rtol=ATOL)
-    assert fam not in runtime.plans.data and runtime.family_dropped(fam)
-    assert any("event=shape_free_plan_dropped" in r.getMessage() and "kernel=torch_sdpa" in r.getMessage()
-               for r in caplog.records)
+    assert any("event=shape_free_plan_dropped" in r.getMessage() and "kernel=torch_sdpa " in r.getMessage()
+               and "select again" in r.getMessage() for r in caplog.records)
+    assert runtime.plans.data[fam].kernel_id == "torch_sdpa_gqa" and not runtime.family_dropped(fam)
     assert runtime.breakers.get("torch_sdpa").stats().failures == 0  # not the kernel's fault
-    # every later call goes the exact-shape way, and no new shape-free plan is made for the family
     before = misses(runtime)
-    q3 = rnd(2, 8, 3, 32)
-    torch.testing.assert_close(lz.attention(q3, q3, q3).double(), attention_reference(q3, q3, q3), atol=ATOL,
-                               rtol=ATOL)
+    for qq, kk, vv in ((rnd(2, 8, 3, 32),) * 3, (rnd(1, 4, 5, 32), rnd(1, 1, 7, 32), rnd(1, 1, 7, 32))):
+        torch.testing.assert_close(lz.attention(qq, kk, vv).double(), attention_reference(qq, kk, vv), atol=ATOL,
+                                   rtol=ATOL)
+    assert misses(runtime) == before  # MHA and MQA calls of new shapes: the widened plan, no selection
+
+
+def test_a_failing_family_plan_no_kernel_covers_sends_the_family_to_exact_shape_plans(runtime, caplog) -> None:
+    x, w = rnd(4, 32), rnd(32)
+    lz.rms_norm(x, w)
+    fam = family_of("rms_norm", (x, w, 1e-6))
+    assert runtime.plans.data[fam].kernel_id == "torch_rms_norm"
+    x2, w2 = rnd(3, 48), rnd(48)  # the plan bound normalized_shape (32,): torch.rms_norm raises
+    with caplog.at_level(logging.INFO, logger="layerzero"):
+        out = lz.rms_norm(x2, w2)
+    torch.testing.assert_close(out, torch.rms_norm(x2, (48,), w2, 1e-6))
+    assert runtime.family_dropped(fam) and fam not in runtime.plans.data  # nothing covers torch_rms_norm
+    assert any("action=\"exact-shape plans for this call family\"" in r.getMessage() for r in caplog.records)
+    before = misses(runtime)
+    lz.rms_norm(rnd(5, 64), rnd(64))
     assert misses(runtime) == before + 1 and fam not in runtime.plans.data
-    assert "a shape of this family needed another kernel" in str(lz.explain(q3, q3, q3, operation="attention.full"))
+    assert "a shape of this family needed another kernel" in str(lz.explain(x2, w2, operation="rms_norm"))
     runtime.invalidate("test")  # a new epoch forgets the demotion
-    lz.attention(q3, q3, q3)
+    lz.rms_norm(x, w)
     assert fam in runtime.plans.data
 
 

@@ -88,6 +88,7 @@ class Runtime:
         self._scoped: dict[str, dict[Hashable, ExecutionPlan]] = {}
         self._interned: dict[tuple[Any, ...], ExecutionPlan] = {}
         self._exact_only: set[Hashable] = set()  # call families whose shape-free plan met a shape it cannot run
+        self._widened: set[Hashable] = set()  # families whose shape-free plan gave way once to a covering kernel
         self._families: dict[Hashable, Hashable] = {}  # one tuple per call family, shared by its exact keys
         self._measured_memo: dict[tuple[Any, ...], str | None] = {}
         self._lock = threading.RLock()
@@ -152,6 +153,7 @@ class Runtime:
             plans.clear()  # live scopes hold these dicts: empty them in place
         self._interned = {}
         self._exact_only = set()
+        self._widened = set()
         self._families = {}
         self._measured_memo = {}
         self.version += 1
@@ -511,18 +513,28 @@ class Runtime:
         keeps one plan per shape (:meth:`recover`)."""
         return family in self._exact_only
 
-    def _drop_family(self, plan: ExecutionPlan, exc: BaseException) -> None:
-        """A shape-free plan's kernel raised on a valid call: the family goes back to exact-shape plans
-        (until the next invalidation). The failure is not counted against the kernel here; the
-        exact-shape path that now runs the call counts it if the kernel fails there too."""
+    def _drop_family(self, plan: ExecutionPlan, exc: BaseException) -> bool:
+        """A shape-free plan's kernel raised on a valid call: its family plan goes. The first time, when a
+        shape-free kernel ``covers`` the plan's kernel (``torch_sdpa_gqa`` covers ``torch_sdpa``: an MHA
+        family meeting its first GQA call), the family selects again with that call, which may give it a
+        plan of the covering kernel (returns True); otherwise, or the second time, the family goes back to
+        exact-shape plans until the next invalidation (returns False). The failure is not counted against
+        the kernel here; the path that now runs the call counts it if the kernel fails there too."""
         family = plan.family
-        self._exact_only.add(family)
+        widen = family not in self._widened and any(
+            plan.kernel_id in s.covers and s.shape_free for s in self.kernels.for_operation(plan.operation))
+        if widen:
+            self._widened.add(family)
+        else:
+            self._exact_only.add(family)
         self.plans.discard(family)
         for scoped in list(self._scoped.values()):
             scoped.pop(family, None)
         log_event("shape_free_plan_dropped", operation=plan.operation, kernel=plan.kernel_id,
                   error=type(exc).__name__, message=str(exc).splitlines()[0] if str(exc) else "",
-                  action="exact-shape plans for this call family")
+                  action="select again with this call (a kernel covering this one may serve the family)" if widen
+                  else "exact-shape plans for this call family")
+        return widen
 
     def run_uncached(self, op: OpDef, operation: str, args: tuple[Any, ...]) -> Any:
         op.validate(operation, args)
@@ -600,7 +612,9 @@ class Runtime:
             raise exc
         self._raise_if_bad_input(plan, args, exc)
         if plan.family is not None:
-            self._drop_family(plan, exc)
+            if self._drop_family(plan, exc):  # a kernel covering this one may serve the whole family
+                family, key = plan.op.keys(plan.operation, args)
+                return self.miss(plan.op, plan.operation, key, args, family)
             return self.run_exact(plan.op, plan.operation, args)
         kid = plan.kernels[index].kernel_id
         breaker = self.breakers.get(kid) if self.config.circuit_breaker_enabled else None
