@@ -106,17 +106,18 @@ def test_gqa_call_on_a_family_plan_reports_the_kernel_that_ran(runtime) -> None:
     dispatch("attention.full", {"q": q, "k": q, "v": q})
     dispatch("attention.full", {"q": q, "k": q, "v": q})
     family, _ = keys("attention.full", q, q, q)
-    assert family in runtime.plans.data
+    assert runtime.plans.data[family].kernel_id == "torch_sdpa"
     qg, kg, vg = rnd(1, 8, 4, 32), rnd(1, 2, 6, 32), rnd(1, 2, 6, 32)  # F.sdpa without enable_gqa raises
     r = dispatch("attention.full", {"q": qg, "k": kg, "v": vg})
     check(r, qg, kg, vg)
-    assert family not in runtime.plans.data and runtime.family_dropped(family)
-    exact = runtime.plans.data[keys("attention.full", qg, kg, vg)[1]]
-    assert r.kernel_id == exact.kernel_id != "torch_sdpa"
+    # torch_sdpa_gqa covers torch_sdpa: the family was widened to it, not dropped
+    assert runtime.plans.data[family].kernel_id == "torch_sdpa_gqa" and not runtime.family_dropped(family)
+    assert r.kernel_id == "torch_sdpa_gqa"
     assert runtime.breakers.get("torch_sdpa").stats().failures == 0  # not the kernel's fault
-    again = dispatch("attention.full", {"q": qg, "k": kg, "v": vg})
-    check(again, qg, kg, vg)
-    assert again.cached and again.kernel_id == exact.kernel_id
+    for args in ((qg, kg, vg), (q, q, q)):
+        again = dispatch("attention.full", dict(zip("qkv", args)))
+        check(again, *args)
+        assert again.cached and again.kernel_id == "torch_sdpa_gqa"
 
 
 def test_gqa_call_with_its_exact_plan_cached_names_that_plan(runtime) -> None:
@@ -376,16 +377,34 @@ def test_dtype_changes_and_a_family_dropped_elsewhere(runtime) -> None:
         check(r, q, q, q)
         assert r.cached and r.output.dtype == dtype
     assert misses(runtime) == before
-    # lz.attention sends the family back to exact-shape plans; the dispatcher's calls stay correct
+    # lz.attention widens the family to torch_sdpa_gqa elsewhere. The dispatcher's memo may still hold the
+    # torch_sdpa plan for MHA calls (correct for them); a GQA call it cannot take runs the family's new plan,
+    # and the stale plan's failure does not drop the family.
     qg, kg, vg = rnd(1, 8, 4, 32), rnd(1, 2, 6, 32), rnd(1, 2, 6, 32)
     lz.attention(qg, kg, vg)
     family, _ = keys("attention.full", qg, qg, qg)
-    assert runtime.family_dropped(family)
-    q = rnd(1, 2, 3, 16)
+    widened = runtime.plans.data[family]
+    assert widened.kernel_id == "torch_sdpa_gqa"
     check(d.dispatch("attention.full", {"q": q, "k": q, "v": q}), q, q, q)
     r = d.dispatch("attention.full", {"q": qg, "k": kg, "v": vg})
     check(r, qg, kg, vg)
-    assert r.kernel_id == runtime.plans.data[keys("attention.full", qg, kg, vg)[1]].kernel_id
+    assert r.kernel_id == "torch_sdpa_gqa" and runtime.plans.data[family] is widened
+    assert not runtime.family_dropped(family)
+    # with torch_sdpa_gqa denied, widening finds nothing to serve the family: the second GQA failure drops it
+    lz.configure({"version": "1.0", "denies": [{"kernels": ["torch_sdpa_gqa"]}]})
+    try:
+        for seq in (3, 5):
+            q = rnd(1, 8, seq, 32)
+            lz.attention(q, q, q)  # a new shape: a torch_sdpa family plan (again)
+            torch.testing.assert_close(lz.attention(qg, kg, vg).double(), attention_reference(qg, kg, vg),
+                                       atol=1e-5, rtol=1e-5)
+        assert runtime.family_dropped(family) and family not in runtime.plans.data
+        check(d.dispatch("attention.full", {"q": q, "k": q, "v": q}), q, q, q)
+        r = d.dispatch("attention.full", {"q": qg, "k": kg, "v": vg})
+        check(r, qg, kg, vg)
+        assert r.kernel_id == runtime.plans.data[keys("attention.full", qg, kg, vg)[1]].kernel_id != "torch_sdpa_gqa"
+    finally:
+        lz.configure(None)
 
 
 def test_a_registry_change_reaches_the_hot_path(runtime) -> None:

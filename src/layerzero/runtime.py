@@ -612,6 +612,16 @@ class Runtime:
             raise exc
         self._raise_if_bad_input(plan, args, exc)
         if plan.family is not None:
+            current = self.plans.data.get(plan.family)
+            if current is not None and current is not plan:
+                # a family plan the runtime has replaced since (a dispatcher's memo held the old one): the
+                # family moved on, so the call runs through its current plan
+                note = self.last_run
+                note.value = None
+                out = self.call_plan(current, args)
+                if getattr(note, "value", None) is None:
+                    note.value = (current, 0)
+                return out
             if self._drop_family(plan, exc):  # a kernel covering this one may serve the whole family
                 family, key = plan.op.keys(plan.operation, args)
                 return self.miss(plan.op, plan.operation, key, args, family)
