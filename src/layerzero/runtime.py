@@ -380,8 +380,9 @@ class Runtime:
         dropout, window, mask kind, ...). Selection picks the same kernel for every shape of the family
         when: the selected kernel is ``shape_free`` (it runs any shape or raises for one it cannot) and
         needs no per-call guard; no candidate that could outrank it was rejected for a reason that
-        depends on shapes, unless the selected kernel ``covers`` it (runs its calls the same way); no measurement, baked plan table, conditional policy rule, online tuning or
-        verify mode is in play (they all look at shapes), except measurements that rank the same kernel
+        depends on shapes, unless the selected kernel ``covers`` it (runs its calls the same way); no
+        measurement, baked plan table, conditional policy rule, online tuning or verify mode is in play
+        (they all look at shapes), except measurements that rank the same kernel (or one it covers)
         first in every stored bucket of the family; and the config allows it.
         """
         cfg = self.config
@@ -485,12 +486,16 @@ class Runtime:
         free.gate = self.breakers.get(plan.kernel_id) if cfg.circuit_breaker_enabled else _NEVER_SLOW
         return free
 
+    def visible_plans(self) -> dict[Hashable, ExecutionPlan]:
+        """The plans a call in this context reads: the active scope's, else the shared cache's."""
+        scope = SCOPE.get()
+        return self.plans.data if scope is None else scope.plans
+
     def run_exact(self, op: OpDef, operation: str, args: tuple[Any, ...]) -> Any:
         """Run a call through its exact-shape plan (selected on first need), as the hot path would."""
         try:
             key = op.keys(operation, args)[1]
-            scope = SCOPE.get()
-            plan = (self.plans.data if scope is None else scope.plans).get(key)
+            plan = self.visible_plans().get(key)
         except Exception:  # malformed arguments: the miss validates and names the problem
             key = plan = None
         if plan is None:
@@ -605,14 +610,16 @@ class Runtime:
         """The fast path's kernel raised: check the input, count the failure, fall back.
 
         For a shape-free plan the call may simply be a shape its kernel does not take (GQA heads for
-        ``torch_sdpa``, another hidden size for a bound ``normalized_shape``): the family returns to
-        exact-shape plans and the call runs through its own.
+        ``torch_sdpa``, another hidden size for a bound ``normalized_shape``). If the family has another
+        plan by now (a ``dispatch()`` memo held this one), the call runs through that; else the family
+        plan goes (:meth:`_drop_family`): the call selects again for the family when a covering kernel
+        may serve it, or runs through its own exact-shape plan.
         """
         if isinstance(exc, LayerZeroError) and isinstance(exc, InvalidInputError):
             raise exc
         self._raise_if_bad_input(plan, args, exc)
         if plan.family is not None:
-            current = self.plans.data.get(plan.family)
+            current = self.visible_plans().get(plan.family)
             if current is not None and current is not plan:
                 # a family plan the runtime has replaced since (a dispatcher's memo held the old one): the
                 # family moved on, so the call runs through its current plan

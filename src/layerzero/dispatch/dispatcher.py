@@ -409,9 +409,7 @@ class Dispatcher:
             # A shape-free plan hands calls it cannot take to the call's exact-shape plan; when that ran its
             # first kernel on the fast path the runtime notes nothing: name it from the cache.
             try:
-                key = plan.op.keys(plan.operation, args)[1]
-                scope = SCOPE.get()
-                exact = (rt.plans.data if scope is None else scope.plans).get(key)
+                exact = rt.visible_plans().get(plan.op.keys(plan.operation, args)[1])
             except Exception:
                 exact = None
             if exact is not None:
