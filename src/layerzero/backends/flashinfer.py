@@ -96,49 +96,43 @@ def _pages(b: int, sk: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tens
             torch.full((b,), sk, dtype=torch.int32, device=dev))
 
 
-def _decode_wrapper(q: torch.Tensor, k: torch.Tensor, scale: float | None, window: int | None) -> Any:
-    b, hq, _, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    dev = q.device
-    key = ("decode", dev.type, dev.index, q.dtype, b, hq, hkv, sk, d, scale, window)
-    wrapper = _wrappers.get(key)
-    if wrapper is not None:
-        return wrapper
-    wrapper = _lib().BatchDecodeWithPagedKVCacheWrapper(_workspace(dev), "HND")
-    indptr, indices, last_len = _pages(b, sk, dev)
-    wrapper.plan(indptr, indices, last_len, hq, hkv, d, sk, pos_encoding_mode="NONE",
-                 window_left=_window_left(window), q_data_type=q.dtype, kv_data_type=k.dtype, sm_scale=scale)
-    return _remember(key, wrapper)
-
-
-def _prefill_wrapper(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None, window: int | None
-                     ) -> Any:
+def _wrapper(kind: str, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None, window: int | None
+             ) -> Any:
+    """The planned ``BatchDecodeWithPagedKVCacheWrapper`` (``kind="decode"``) or
+    ``BatchPrefillWithPagedKVCacheWrapper`` (``"prefill"``) for this shape, k/v seen as one HND page per
+    sequence; planned once, then cached."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     dev = q.device
-    key = ("prefill", dev.type, dev.index, q.dtype, b, hq, hkv, sq, sk, d, causal, scale, window)
+    key = (kind, dev.type, dev.index, q.dtype, b, hq, hkv, sq, sk, d, causal, scale, window)
     wrapper = _wrappers.get(key)
     if wrapper is not None:
         return wrapper
-    wrapper = _lib().BatchPrefillWithPagedKVCacheWrapper(_workspace(dev), "HND")
-    qo_indptr = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=dev)
+    fi = _lib()
     indptr, indices, last_len = _pages(b, sk, dev)
-    wrapper.plan(qo_indptr, indptr, indices, last_len, hq, hkv, d, sk, causal=causal, pos_encoding_mode="NONE",
-                 window_left=_window_left(window), q_data_type=q.dtype, kv_data_type=k.dtype, sm_scale=scale)
+    common: dict[str, Any] = dict(pos_encoding_mode="NONE", window_left=_window_left(window), q_data_type=q.dtype,
+                                  kv_data_type=k.dtype, sm_scale=scale)
+    if kind == "decode":
+        wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(_workspace(dev), "HND")
+        wrapper.plan(indptr, indices, last_len, hq, hkv, d, sk, **common)
+    else:
+        wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(_workspace(dev), "HND")
+        qo_indptr = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=dev)  # steps of seq_q
+        wrapper.plan(qo_indptr, indptr, indices, last_len, hq, hkv, d, sk, causal=causal, **common)
     return _remember(key, wrapper)
 
 
 def flashinfer_batch_prefill(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
     b, hq, sq, d = q.shape
     causal = bool(is_causal or window is not None)
-    wrapper = _prefill_wrapper(q, k, causal, scale, window)
+    wrapper = _wrapper("prefill", q, k, causal, scale, window)
     ragged = q.transpose(1, 2).reshape(b * sq, hq, d)  # (batch * seq_q, heads, d): qo_indptr steps of seq_q
     out = wrapper.run(ragged, (k.contiguous(), v.contiguous()))
     return out.reshape(b, sq, hq, -1).transpose(1, 2)
 
 
 def flashinfer_decode(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
-    wrapper = _decode_wrapper(q, k, scale, window)
+    wrapper = _wrapper("decode", q, k, False, scale, window)
     # q: (batch, heads, d); the paged cache: (pages, kv_heads, page_size, d) for k and for v
     out = wrapper.run(q[:, :, 0].contiguous(), (k.contiguous(), v.contiguous()))
     return out.unsqueeze(2)
