@@ -372,7 +372,7 @@ def test_a_rival_that_one_noisy_run_made_look_slow_gets_its_chance(user_kernels,
     a = user_kernels(KernelSpec("test_prio_rms", "rms_norm", "custom", slow, priority=99))
     b = user_kernels(KernelSpec("test_rival_rms", "rms_norm", "custom", rival, priority=98))
     first = {"test_prio_rms": 300.0, "test_rival_rms": 320.0}
-    monkeypatch.setattr(Tuner, "measure", lambda self, op, operation, ctx, spec: KernelResult(
+    monkeypatch.setattr(Tuner, "measure", lambda self, op, operation, ctx, spec, **_: KernelResult(
         spec.kernel_id, spec.backend, "ok", first[spec.kernel_id], 1.0, 50, "noisy first run"))
     result = Tuner(None).tune_bucket("rms_norm", SMALL_ROWS, specs=[a, b])
     assert calls[0] > 0, "the confirmation rounds ran the kernels"
@@ -412,7 +412,7 @@ def test_a_rival_must_win_decisively(user_kernels, monkeypatch, rival_rounds, wi
 
     first = {"test_prio_rms": 26.8, "test_host_rms": 22.9}
     monkeypatch.setattr(tuner_mod, "time_call", scripted_time_call)
-    monkeypatch.setattr(Tuner, "measure", lambda self, op, operation, ctx, spec: KernelResult(
+    monkeypatch.setattr(Tuner, "measure", lambda self, op, operation, ctx, spec, **_: KernelResult(
         spec.kernel_id, spec.backend, "ok", first[spec.kernel_id], 0.3, 50, "first run"))
     result = Tuner(None).tune_bucket("rms_norm", SMALL_ROWS, specs=[a, b])
     assert result.selected == winner, result.results

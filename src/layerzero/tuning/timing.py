@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Timing", "summarize", "time_cpu", "time_cuda", "time_call"]
+__all__ = ["Timing", "quantile", "summarize", "time_cpu", "time_cuda", "time_call"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class Timing:
     method: str
 
 
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
+def quantile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ascending ``sorted_values``, linearly interpolated (0.0 when empty)."""
     if not sorted_values:
         return 0.0
     pos = (len(sorted_values) - 1) * q
@@ -51,7 +52,7 @@ def summarize(samples_us: Sequence[float], method: str) -> Timing:
     if not xs:
         raise ValueError("summarize() needs at least one sample")
     med = statistics.median(xs)
-    spread = (_quantile(xs, 0.75) - _quantile(xs, 0.25)) / 2.0
+    spread = (quantile(xs, 0.75) - quantile(xs, 0.25)) / 2.0
     return Timing(med, spread, len(xs), method)
 
 

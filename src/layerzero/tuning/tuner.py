@@ -41,7 +41,7 @@ from layerzero.spec import KernelSpec
 from layerzero.tuning.buckets import bucket_of
 from layerzero.tuning.fingerprint import hardware_fingerprint
 from layerzero.tuning.source import libraries_for
-from layerzero.tuning.timing import time_call
+from layerzero.tuning.timing import quantile, time_call
 
 if TYPE_CHECKING:
     from layerzero.runtime import Runtime
@@ -192,13 +192,6 @@ def _nonfinite(out: Any) -> str | None:
     return None
 
 
-def _quantile_of(sorted_values: Sequence[float], q: float) -> float:
-    pos = (len(sorted_values) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def _per_call_us(impl: Callable[..., Any], args: tuple[Any, ...], device: torch.device, n: int = 1) -> float:
     """Wall time per call of ``n`` back-to-back calls, the device synchronized on both sides (us)."""
     cuda = device.type == "cuda"
@@ -269,7 +262,6 @@ class Tuner:
         self.seed = int(seed)
         self.progress = progress
         self._draws = 0
-        self._prune_above_us: float | None = None  # set per kernel by tune_bucket (see PRUNE_FACTOR)
 
     # -- public ------------------------------------------------------------------------
     def eligible(self, operation: str, ctx: SelectionContext) -> tuple[KernelSpec, ...]:
@@ -321,11 +313,8 @@ class Tuner:
                 results.append(KernelResult(spec.kernel_id, spec.backend, "skipped", error="tuning budget exhausted"))
                 continue
             timed = [r.median_us for r in results if r.status == "ok" and r.median_us]
-            self._prune_above_us = self.PRUNE_FACTOR * min(timed) if timed else None
-            try:
-                results.append(self.measure(op, operation, ctx, spec))
-            finally:
-                self._prune_above_us = None
+            results.append(self.measure(op, operation, ctx, spec,
+                                        prune_above_us=self.PRUNE_FACTOR * min(timed) if timed else None))
         selected = self._winner(operation, ctx, results)
         default = next((r for r in results if r.status == "ok"), None)  # specs come highest priority first
         challenger = self._challenger(results, selected, default)
@@ -335,7 +324,7 @@ class Tuner:
             # within one do_bench run), and a rival that one noisy run made look slow gets its chance.
             by_id = {s.kernel_id: s for s in specs}
             confirmed = self._confirm(op, operation, ctx, (by_id[challenger.kernel_id], challenger),
-                                      (by_id[default.kernel_id], default))  # type: ignore[union-attr]
+                                      (by_id[default.kernel_id], default))  # type: ignore[index,union-attr]
             if confirmed is not None:
                 results = [confirmed.get(r.kernel_id, r) for r in results]
                 selected = self._winner(operation, ctx, results)
@@ -364,18 +353,18 @@ class Tuner:
 
     #: Alternating confirmation rounds per challenged bucket (each a quick timing of both kernels).
     CONFIRM_ROUNDS = 4
-    #: A kernel whose quick estimate (:func:`_prune_estimate_us`, after the warm-up) takes this many times the
-    #: fastest median so far in its bucket cannot win it: the estimate is stored instead of a full timing run. (A 200 ms math
-    #: attention call would otherwise cost do_bench's five estimation calls plus its repeats.)
+    #: A kernel whose quick estimate (:func:`_prune_estimate_us`, after the warm-up) takes this many times
+    #: the fastest median so far in its bucket cannot win it: the estimate is stored instead of a full timing
+    #: run. (A 200 ms math attention call would otherwise cost do_bench's five estimation calls and repeats.)
     PRUNE_FACTOR = 3.0
 
     #: A rival replaces the priority choice only when its upper-quartile round is this much faster than the
     #: priority choice's median (and the priority choice keeps its bucket the same way).
     DECISIVE_MARGIN = 0.05
 
-    def _confirm(self, op: OpDef, operation: str, ctx: SelectionContext, *pairs: tuple[KernelSpec, KernelResult]
-                 ) -> dict[str, KernelResult] | None:
-        """Time the rival (``pairs[0]``) and the priority choice (``pairs[1]``) again, alternately
+    def _confirm(self, op: OpDef, operation: str, ctx: SelectionContext, rival: tuple[KernelSpec, KernelResult],
+                 default: tuple[KernelSpec, KernelResult]) -> dict[str, KernelResult] | None:
+        """Time the ``rival`` and the priority choice (``default``) again, alternately
         (:attr:`CONFIRM_ROUNDS` rounds, order flipped each round), on one set of inputs.
 
         Each kernel keeps the median of its medians (the first measurement's and the rounds'), with a
@@ -386,7 +375,7 @@ class Tuner:
         host time than GPU time (a Triton kernel launched from Python on a small problem) times with the
         host's state: on an H200, Liger's 4096x4096 RMSNorm read 22.9-29.5 us across rounds against
         F.rms_norm's steady 26.8 us; its good rounds must not decide."""
-        impls = [(spec, first, _callable(spec, ctx)) for spec, first in pairs]
+        impls = [(spec, first, _callable(spec, ctx)) for spec, first in (rival, default)]
         runs: dict[str, list[float]] = {spec.kernel_id: [] for spec, _, _ in impls}
         rounds = self.CONFIRM_ROUNDS
         try:
@@ -404,29 +393,29 @@ class Tuner:
         for spec, first, _ in impls:
             medians = sorted([float(first.median_us or 0.0), *runs[spec.kernel_id]])
             med = statistics.median(medians)
-            q25, q75 = _quantile_of(medians, 0.25), _quantile_of(medians, 0.75)
+            q25, q75 = quantile(medians, 0.25), quantile(medians, 0.75)
             upper[spec.kernel_id] = q75
             spread = max(float(first.spread_us or 0.0), (q75 - q25) / 2.0)
             out[spec.kernel_id] = KernelResult(first.kernel_id, first.backend, "ok", med, spread, first.samples,
                                                f"{first.method}, confirmed x{rounds}")
-        if len(impls) == 2:
-            rival, default = impls[0][0].kernel_id, impls[1][0].kernel_id
-            r, d = out[rival], out[default]
-            if r.median_us is not None and d.median_us is not None and r.median_us < d.median_us:
-                if upper[rival] < (1.0 - self.DECISIVE_MARGIN) * d.median_us:
-                    # decisive: make sure the stored spreads say so too (the runtime ranks by them)
-                    room = (d.median_us - (d.spread_us or 0.0)) - r.median_us
-                    if (r.spread_us or 0.0) >= room > 0:
-                        out[rival] = KernelResult(r.kernel_id, r.backend, "ok", r.median_us, room * 0.5, r.samples,
-                                                  r.method)
-                else:
-                    out[rival] = KernelResult(r.kernel_id, r.backend, "ok", r.median_us,
-                                              max(r.spread_us or 0.0, d.median_us - r.median_us), r.samples,
-                                              f"{r.method}, not decisive: tie")
+        rid = rival[0].kernel_id
+        r, d = out[rid], out[default[0].kernel_id]
+        if r.median_us is not None and d.median_us is not None and r.median_us < d.median_us:
+            if upper[rid] < (1.0 - self.DECISIVE_MARGIN) * d.median_us:
+                # decisive: make sure the stored spreads say so too (the runtime ranks by them)
+                room = (d.median_us - (d.spread_us or 0.0)) - r.median_us
+                if (r.spread_us or 0.0) >= room > 0:
+                    out[rid] = KernelResult(r.kernel_id, r.backend, "ok", r.median_us, room * 0.5, r.samples, r.method)
+            else:
+                out[rid] = KernelResult(r.kernel_id, r.backend, "ok", r.median_us,
+                                        max(r.spread_us or 0.0, d.median_us - r.median_us), r.samples,
+                                        f"{r.method}, not decisive: tie")
         return out
 
-    def measure(self, op: OpDef, operation: str, ctx: SelectionContext, spec: KernelSpec) -> KernelResult:
-        """Check one kernel against the reference, then time it at the full shape."""
+    def measure(self, op: OpDef, operation: str, ctx: SelectionContext, spec: KernelSpec, *,
+                prune_above_us: float | None = None) -> KernelResult:
+        """Check one kernel against the reference, then time it at the full shape (or, when its quick
+        estimate exceeds ``prune_above_us``, store that estimate: see :attr:`PRUNE_FACTOR`)."""
         args: tuple[Any, ...] = ()
         try:
             with torch.no_grad():
@@ -441,9 +430,9 @@ class Tuner:
                 del out
                 if problem is not None:
                     return KernelResult(spec.kernel_id, spec.backend, "failed", error=f"at full shape: {problem}")
-                if self._prune_above_us is not None:
-                    est = _prune_estimate_us(impl, args, ctx.device, self._prune_above_us)
-                    if est > self._prune_above_us:
+                if prune_above_us is not None:
+                    est = _prune_estimate_us(impl, args, ctx.device, prune_above_us)
+                    if est > prune_above_us:
                         return KernelResult(spec.kernel_id, spec.backend, "ok", est, 0.0, 1,
                                             f"quick estimate, pruned: over {self.PRUNE_FACTOR:g}x the bucket's "
                                             "fastest")
