@@ -8,8 +8,8 @@ times used (with where they came from).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch

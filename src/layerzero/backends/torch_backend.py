@@ -28,7 +28,12 @@ import torch.nn.functional as F
 
 from layerzero.context import SelectionContext
 from layerzero.ops._shared import half_cos_sin, window_mask
-from layerzero.backends.torch_fast import layer_norm_specialize, rms_norm_specialize, sdpa_gqa_specialize, sdpa_specialize
+from layerzero.backends.torch_fast import (
+    layer_norm_specialize,
+    rms_norm_specialize,
+    sdpa_gqa_specialize,
+    sdpa_specialize,
+)
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
 

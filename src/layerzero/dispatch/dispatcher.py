@@ -256,7 +256,8 @@ class Dispatcher:
                     dtype, plan, kernel_id = hot.memo
                     if q.dtype is not dtype or not q.is_cpu or LIVE.scopes or k.numel() != v.numel():
                         plan = None
-                        family = (operation, q.dtype, q.is_cpu or q.device, hot.is_causal, hot.dropout_p, hot.window, None)
+                        family = (operation, q.dtype, q.is_cpu or q.device, hot.is_causal, hot.dropout_p, hot.window,
+                                  None)
                         cache = self._cache
                         if cache is None:
                             scope = SCOPE.get() if LIVE.scopes else None

@@ -15,9 +15,8 @@ from layerzero.ops.losses import CROSS_ENTROPY, cross_entropy
 from layerzero.ops.norms import LAYER_NORM, RMS_NORM, layer_norm, rms_norm
 from layerzero.ops.sampling import SAMPLE, sample
 
-__all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu", "sample", "cross_entropy", "OPS",
-           "op_for",
-           "OpDef", "OPERATIONS"]
+__all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu", "sample", "cross_entropy",
+           "OPS", "op_for", "OpDef", "OPERATIONS"]
 
 OPS: dict[str, OpDef] = {
     "attention": ATTENTION,

@@ -118,7 +118,8 @@ class AttentionOp(OpDef):
 
     def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         q, k, v, mask, is_causal, dropout_p, scale, window = args
-        family = (operation, q.dtype, q.is_cpu or q.device, is_causal, dropout_p, window, None if mask is None else mask.dtype)
+        family = (operation, q.dtype, q.is_cpu or q.device, is_causal, dropout_p, window,
+                  None if mask is None else mask.dtype)
         return family, (family, q.shape, k.shape, v.shape, None if mask is None else mask.shape)
 
     def context(self, operation: str, args: tuple[Any, ...]) -> SelectionContext:

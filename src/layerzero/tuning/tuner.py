@@ -324,7 +324,7 @@ class Tuner:
             # within one do_bench run), and a rival that one noisy run made look slow gets its chance.
             by_id = {s.kernel_id: s for s in specs}
             confirmed = self._confirm(op, operation, ctx, (by_id[challenger.kernel_id], challenger),
-                                      (by_id[default.kernel_id], default))  # type: ignore[index,union-attr]
+                                      (by_id[default.kernel_id], default))  # type: ignore[union-attr]
             if confirmed is not None:
                 results = [confirmed.get(r.kernel_id, r) for r in results]
                 selected = self._winner(operation, ctx, results)
