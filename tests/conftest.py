@@ -28,16 +28,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _reset(rt) -> None:
-    rt.policy.clear()
-    rt.baked = None
-    with rt.breakers._lock:  # fresh breakers: no state or counts leak from one test into the next
-        rt.breakers._breakers.clear()
     for hook in rt.on_miss:
         clear = getattr(hook, "clear", None)
         if clear is not None:  # the distributed decision log: what earlier tests dispatched is not ours
             clear()
             hook.always = False
-    rt.invalidate("test boundary")
+    rt.reset()  # no policy, no baked table, fresh breakers: no state or counts leak from one test into the next
 
 
 @pytest.fixture(autouse=True)

@@ -355,6 +355,70 @@ ROWS: list[Row] = [
     Row("range-is-causal", "argument range", "`is_causal=\"yes\"`", "InvalidInputError",
         "attention.causal: is_causal must be a bool, got str (inputs: …)",
         lambda tmp: attn(is_causal="yes")),
+    # found by adversarial sequences (the same input cold and warm) and by the failure contract
+    Row('rank-attention-5d', 'rank', '`lz.attention` with 5-D `q`, `k`, `v`', 'InvalidInputError',
+        'attention.full: q must be 4-D (batch, heads, seq, head_dim), got 5-D (inputs: …)',
+        lambda tmp: attn(q=t(1, 1, 2, 4, 8), k=t(1, 1, 2, 4, 8), v=t(1, 1, 2, 4, 8))),
+    Row('mask-rank-5', 'mask shape', 'a 5-D `attn_mask`', 'InvalidInputError',
+        'attention.full: attn_mask must have 2 to 4 dimensions (broadcastable to (batch, heads, seq_q, seq_k)), got 5-D (inputs: …)',
+        lambda tmp: attn(attn_mask=torch.ones(1, 1, 1, 4, 4, dtype=torch.bool))),
+    Row('mask-1d', 'mask shape', 'a 1-D bool `attn_mask` (SDPA rejects it)', 'InvalidInputError',
+        'attention.full: attn_mask must have 2 to 4 dimensions (broadcastable to (batch, heads, seq_q, seq_k)), got 1-D (inputs: …)',
+        lambda tmp: attn(attn_mask=torch.ones(4, dtype=torch.bool))),
+    Row('mask-larger', 'mask shape', '`attn_mask` (2, 1, 4, 4) for batch 1 (it would add a batch)', 'InvalidInputError',
+        'attention.full: attn_mask of shape (2, 1, 4, 4) does not broadcast to (batch, heads, seq_q, seq_k)=(1, 2, 4, 4) (inputs: …)',
+        lambda tmp: attn(attn_mask=torch.ones(2, 1, 4, 4, dtype=torch.bool))),
+    Row('shape-rope-sin', 'shape', '`rope` with `sin` of another shape than `cos`', 'InvalidInputError',
+        'rope: cos and sin shapes differ: (4, 8) vs (4, 4) (inputs: …)',
+        lambda tmp: lz.rope(t(1, 2, 4, 8), t(4, 8), t(4, 4))),
+    Row('dtype-rope-sin', 'dtype', '`rope` with float32 `cos`, float64 `sin`', 'InvalidInputError',
+        "rope: cos and sin must have x's dtype torch.float32, got torch.float32 and torch.float64 (cast them with .to(x.dtype), as transformers' rotary embedding does) (inputs: …)",
+        lambda tmp: lz.rope(t(1, 2, 4, 8), t(4, 8), t(4, 8, dtype=torch.float64))),
+    Row('dtype-rope-mixed', 'dtype', '`rope` with bfloat16 `x`, float32 `cos`/`sin`', 'InvalidInputError',
+        "rope: cos and sin must have x's dtype torch.bfloat16, got torch.float32 and torch.float32 (cast them with .to(x.dtype), as transformers' rotary embedding does) (inputs: …)",
+        lambda tmp: lz.rope(t(1, 2, 4, 8, dtype=torch.bfloat16), t(4, 8), t(4, 8))),
+    Row('dtype-weight-mixed', 'dtype', 'float64 `x`, float32 `weight` for `rms_norm`', 'InvalidInputError',
+        "rms_norm: weight must have x's dtype torch.float64, got torch.float32 (cast it with .to(x.dtype); the result of mixed dtypes differs between kernels) (inputs: …)",
+        lambda tmp: lz.rms_norm(t(3, 8, dtype=torch.float64), W)),
+    Row('dtype-layer-norm-mixed', 'dtype', 'float64 `x`, float32 `weight` for `layer_norm`', 'InvalidInputError',
+        "layer_norm: weight must have x's dtype torch.float64, got torch.float32 (cast it with .to(x.dtype); the result of mixed dtypes differs between kernels) (inputs: …)",
+        lambda tmp: lz.layer_norm(t(3, 8, dtype=torch.float64), W, W)),
+    Row('dtype-geglu', 'dtype', '`geglu` gate float32, up float64', 'InvalidInputError',
+        'geglu: gate and up must share dtype and device (inputs: …)',
+        lambda tmp: lz.geglu(X, t(3, 8, dtype=torch.float64))),
+    Row('non-tensor-up', 'non-tensor', '`swiglu` with `up` a Python float', 'InvalidInputError',
+        'swiglu: up must be a torch.Tensor, got float (inputs: …)',
+        lambda tmp: lz.swiglu(X, 2.0)),
+    Row('type-is-causal-int', 'argument range', '`is_causal=1`', 'InvalidInputError',
+        'attention.causal: is_causal must be a bool, got int (inputs: …)',
+        lambda tmp: attn(is_causal=1)),
+    Row('type-window-float', 'argument range', '`window=2.0` (with `is_causal=True`)', 'InvalidInputError',
+        'attention.causal: window must be a positive int or None, got 2.0 (inputs: …)',
+        lambda tmp: attn(is_causal=True, window=2.0)),
+    Row('type-scale-bool', 'argument range', '`scale=True`', 'InvalidInputError',
+        'attention.full: scale must be a finite number or None, got True (inputs: …)',
+        lambda tmp: attn(scale=True)),
+    Row('type-scale-tensor', 'argument range', '`scale=torch.tensor(0.5)`', 'InvalidInputError',
+        'attention.full: scale must be a finite number or None, got tensor(0.5000) (inputs: …)',
+        lambda tmp: attn(scale=torch.tensor(0.5))),
+    Row('type-interleaved-int', 'argument range', '`rope(..., interleaved=1)`', 'InvalidInputError',
+        'rope: interleaved must be a bool, got 1 (inputs: …)',
+        lambda tmp: lz.rope(t(1, 2, 4, 8), t(4, 8), t(4, 8), interleaved=1)),
+    Row('type-eps-bool', 'argument range', '`eps=True` for `rms_norm`', 'InvalidInputError',
+        'rms_norm: eps must be a positive number, got True (inputs: …)',
+        lambda tmp: lz.rms_norm(X, W, eps=True)),
+    Row('range-top-p', 'argument range', '`top_p=1.5`', 'InvalidInputError',
+        'sample.top_p: top_p must be in (0, 1] or None, got 1.5 (inputs: …)',
+        lambda tmp: lz.sample(X, temperature=1.0, top_p=1.5)),
+    Row('data-nan-logits', 'data checks', '`sample` of all-NaN logits (checked once a kernel raised)', 'InvalidInputError',
+        'sample.temperature: logits rows [0, 1] hold NaN or +inf, or no finite logit at all: no distribution to sample from (inputs: …)',
+        lambda tmp: lz.sample(torch.full((2, 8), float('nan')), temperature=1.0)),
+    Row('data-target-range', 'data checks', '`cross_entropy` class id 30 for a vocabulary of 10 (checked once a kernel raised)', 'InvalidInputError',
+        'cross_entropy: target ids [30] (rows [2]) are outside [0, 10) and are not ignore_index=-100 (inputs: …)',
+        lambda tmp: lz.cross_entropy(t(4, 10), torch.tensor([1, 2, 30, 4]))),
+    Row('resource-oom', 'resource', '`rms_norm` of a (2**40, 64) view: the output cannot be allocated', 'OutOfMemoryError',
+        'rms_norm: kernel torch_rms_norm ran out of memory; no kernel is blamed and no other is tried (a smaller batch or sequence is the fix) (inputs: …)',
+        lambda tmp: lz.rms_norm(t(1, 64).expand(2**40, 64), t(64))),
     # dispatch() inputs
     Row("dispatch-inputs", "dispatch() inputs", "`inputs` given as a list", "InvalidInputError",
         "dispatch('rms_norm'): inputs must be a dict of tensors keyed by name (for example "
@@ -555,6 +619,53 @@ def test_catalog_row(row: Row, tmp_path: Path) -> None:
         assert isinstance(exc, ValueError)  # InvalidInputError: callers' `except ValueError` keeps working
 
 
+INPUT_CLASSES = ("rank", "shape", "dtype", "device", "layout", "GQA divisibility", "mask shape", "non-tensor",
+                 "NaN-free contract", "argument range", "data checks", "resource")
+
+
+def warm_up(size: int = 4) -> None:
+    """Valid calls of every family the input rows use, at one sequence / row count: afterwards a bad input
+    of those families meets cached plans (shape-free and exact) instead of a cold cache."""
+    q, k, v = t(1, 2, size, 8), t(1, 2, size, 8), t(1, 2, size, 8)
+    for kw in ({}, {"is_causal": True}, {"scale": 0.5}, {"is_causal": True, "window": 2}, {"layout": "BSHD"},
+               {"attn_mask": torch.ones(size, size, dtype=torch.bool)}, {"attn_mask": t(size, size)},
+               {"dropout_p": 0.0}):
+        lz.attention(q, k, v, **kw)
+    lz.attention(t(1, 4, size, 8), k, v)  # GQA
+    lz.attention(q.double(), k.double(), v.double())
+    x = t(size - 1, 8)
+    lz.rms_norm(x, W), lz.rms_norm(x, None), lz.rms_norm(x, W, eps=1), lz.layer_norm(x, W, W)
+    lz.rms_norm(x.double(), W.double()), lz.layer_norm(x.double(), W.double(), W.double())
+    lz.swiglu(x, x), lz.geglu(x, x), lz.gelu(x), lz.gelu(x, "tanh"), lz.silu(x)
+    for il in (False, True):
+        lz.rope(t(1, 2, size, 8), t(size, 8), t(size, 8), interleaved=il)
+    lz.rope(t(1, 2, size, 8, dtype=torch.bfloat16), t(size, 8, dtype=torch.bfloat16), t(size, 8, dtype=torch.bfloat16))
+    for kw in ({"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 1.0, "top_p": 0.9},
+               {"temperature": 1.0, "top_k": 2}):
+        lz.sample(x, **kw)
+    lz.sample(t(2, 8), temperature=1.0)
+    lz.cross_entropy(t(size, 10), torch.arange(size) % 10)
+
+
+INPUT_ROWS = [r for r in ROWS if r.klass in INPUT_CLASSES]
+
+
+@pytest.mark.parametrize("row", INPUT_ROWS, ids=[r.id for r in INPUT_ROWS])
+def test_same_answer_cold_and_warm(row: Row, runtime: Any) -> None:
+    """Validation parity: the row's error is the same as the first call of its family, after valid calls of
+    the family (cached plans, shape-free and exact), and after a second shape of it; and no breaker counts."""
+    answers = []
+    for warm in ((), (4,), (4, 6)):
+        runtime.reset()
+        for size in warm:
+            warm_up(size)
+        with pytest.raises(LayerZeroError) as info:
+            row.run(Path("/nonexistent"))
+        answers.append((type(info.value).__name__, message_of(info.value)))
+        assert not any(b.failures for b in runtime.breakers.all().values()), warm
+    assert answers[0] == answers[1] == answers[2]
+
+
 def test_inputs_are_described_in_full() -> None:
     """What ``(inputs: …)`` stands for: every input's shape, dtype and device (or type)."""
     q, k, v = qkv()
@@ -570,8 +681,7 @@ def test_bad_input_never_trips_a_breaker(runtime: Any) -> None:
     """Rejected before any kernel runs, bad input leaves every breaker closed and counts no kernel failure."""
     before = {kid: s.failures for kid, s in runtime.telemetry.kernels.items()}
     tripped = {kid: b.failures for kid, b in runtime.breakers.all().items()}
-    rows = [r for r in ROWS if r.klass in ("rank", "shape", "dtype", "device", "layout", "GQA divisibility",
-                                           "mask shape", "non-tensor", "NaN-free contract", "argument range")]
+    rows = [r for r in ROWS if r.klass in INPUT_CLASSES]
     for _ in range(runtime.config.failure_threshold + 1):
         for row in rows:
             with pytest.raises(LayerZeroError):

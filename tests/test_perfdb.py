@@ -359,7 +359,7 @@ def test_get_perf_db_returns_the_attached_database(attached: PerfDB) -> None:
 
 def test_the_config_names_the_database_the_runtime_reads(tmp_path: Path) -> None:
     """``DispatchConfig.perf_db_path`` (also from ``LAYERZERO_PERF_DB``) moves the default source to that file."""
-    from layerzero.dispatch.config import DispatchConfig
+    from layerzero.runtime.config import DispatchConfig
     from layerzero.tuning.fingerprint import hardware_fingerprint
 
     rt = get_runtime()

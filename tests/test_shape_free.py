@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import layerzero as lz
-from layerzero.dispatch.config import DispatchConfig
+from layerzero.runtime.config import DispatchConfig
 from layerzero.errors import InvalidInputError
 from layerzero.inspection import cache_keys
 from layerzero.ops.attention import attention_reference

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import layerzero as lz
 from layerzero import telemetry
-from layerzero.dispatch.config import DispatchConfig
+from layerzero.runtime.config import DispatchConfig
 from layerzero.registry import get_global_kernel_registry
 from layerzero.spec import KernelSpec
 from layerzero.telemetry.families import FAMILIES

@@ -23,6 +23,7 @@ from layerzero.errors import (
     KernelNotSupportedError,
     LayerZeroError,
     NoKernelError,
+    OutOfMemoryError,
     PerfDBError,
     PlanMismatchError,
     PolicyError,
@@ -43,7 +44,7 @@ from layerzero.doctor import doctor, readiness_check
 from layerzero.runtime import get_runtime
 from layerzero.solve import PlanTable, compile, install_plan_table, solve, warmup
 from layerzero.backends import load_builtin_backends as _load_builtin_backends
-from layerzero import tuning
+from layerzero import dispatch, tuning  # the dispatch package loads its dispatchers lazily
 
 __version__ = "0.1.0"
 
@@ -62,7 +63,7 @@ __all__ = [
     "get_global_kernel_registry", "get_global_backend_registry", "register_kernel",
     # errors
     "LayerZeroError", "InvalidInputError", "NoKernelError", "KernelNotFoundError", "KernelNotSupportedError",
-    "KernelExecutionError", "AllKernelsFailedError", "ConfigError", "PolicyError", "ConditionError",
+    "KernelExecutionError", "AllKernelsFailedError", "OutOfMemoryError", "ConfigError", "PolicyError", "ConditionError",
     "PlanMismatchError", "CaptureError", "SelectionDivergenceError", "PerfDBError",
 ]
 

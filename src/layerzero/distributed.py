@@ -166,9 +166,7 @@ def _decide(rt: Runtime, operation: str, ctx: SelectionContext, policy: Policy |
             ) -> tuple[str, ...] | str:
     """Ranked kernel ids the runtime would plan for ``ctx`` now, or an ``"error: ..."`` string."""
     try:
-        sel = None
-        if getattr(rt, "baked", None) is not None:  # a baked plan table answers before selection
-            sel = rt._baked_selection(operation, ctx, policy)
+        sel = rt.baked_selection(operation, ctx, policy)  # a baked plan table answers before selection
         if sel is None:
             sel = rt.select(operation, ctx, policy=policy)
         return tuple(k.kernel_id for k in sel.ranked)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 if TYPE_CHECKING:
     from layerzero.spec import Reason
 
@@ -21,6 +23,7 @@ __all__ = [
     "KernelNotSupportedError",
     "KernelExecutionError",
     "AllKernelsFailedError",
+    "OutOfMemoryError",
     "ConfigError",
     "PolicyError",
     "ConditionError",
@@ -81,6 +84,33 @@ class AllKernelsFailedError(KernelExecutionError):
         super().__init__(message)
         self.operation = operation
         self.attempts = list(attempts or [])
+
+
+_TORCH_OOM: type[RuntimeError] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
+class OutOfMemoryError(LayerZeroError, _TORCH_OOM):  # type: ignore[misc, valid-type]
+    """The call needs more memory than the device (or the CPU allocator) could give: a resource condition,
+    not a kernel fault, so no breaker counts it and no other kernel is tried.
+
+    It is also a ``torch.OutOfMemoryError``: serving code that catches PyTorch's OOM to shrink a batch keeps
+    working. ``operation`` names the operation, ``kernel_id`` the kernel that asked for the memory.
+    """
+
+    def __init__(self, message: str, *, operation: str = "", kernel_id: str = ""):
+        super().__init__(message)
+        self.operation = operation
+        self.kernel_id = kernel_id
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed (CUDA's or the CPU allocator's out-of-memory error)."""
+    if isinstance(exc, (_TORCH_OOM, MemoryError)):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return "out of memory" in text.lower() or "can't allocate memory" in text or "not enough memory" in text
 
 
 class ConfigError(LayerZeroError, ValueError):

@@ -15,8 +15,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from layerzero.dispatch.breaker import CircuitBreaker, CircuitBreakerConfig, CircuitState, CircuitStats
-from layerzero.dispatch.config import DispatchConfig, DispatchMode
+from layerzero.runtime.breaker import CircuitBreaker, CircuitBreakerConfig, CircuitState, CircuitStats
+from layerzero.runtime.config import DispatchConfig, DispatchMode
 
 _LAZY: dict[str, str] = {
     "Dispatcher": "dispatcher",

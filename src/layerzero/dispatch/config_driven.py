@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from layerzero.context import SelectionContext
-from layerzero.dispatch.config import DispatchConfig, DispatchMode
+from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.dispatcher import Dispatcher, runtime_for
 from layerzero.errors import CaptureError, ConfigError
 from layerzero.ops.base import OpDef

@@ -31,14 +31,13 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 from layerzero.context import SelectionContext
-from layerzero.dispatch.breaker import CircuitStats
-from layerzero.dispatch.config import DispatchConfig, DispatchMode
+from layerzero.runtime.breaker import CircuitStats
+from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.generic import (
     GENERIC,
     NO_MEMO,
     AttentionInputs,
     attention_inputs,
-    family_applies,
     keys_for,
     kwargs_kernel,
     map_inputs,
@@ -254,7 +253,11 @@ class Dispatcher:
                     # exact-shape way through Runtime.recover, as on the shared cache, dropping the memo. Scoped
                     # calls and v without k's size take the key path.
                     dtype, plan, kernel_id = hot.memo
-                    if q.dtype is not dtype or not q.is_cpu or LIVE.scopes or k.numel() != v.numel():
+                    # the contract's guards (4-D q, k, v of one batch, v of k's shape, no empty dimension): a call
+                    # they do not admit never reaches a cached plan and takes the validating full path
+                    if not hot.admits(operation, q, k, v, None, hot.is_causal, hot.dropout_p, hot.scale, hot.window):
+                        raise KeyError("not admitted")
+                    if q.dtype is not dtype or not q.is_cpu or LIVE.scopes:
                         plan = None
                         family = (operation, q.dtype, q.is_cpu or q.device, hot.is_causal, hot.dropout_p, hot.window,
                                   None)
@@ -265,19 +268,18 @@ class Dispatcher:
                                 plans = rt.plans
                                 if plans.ttl is None:  # the lock-free read lz.* does (no LRU refresh)
                                     data = plans.data
-                                    if k.numel() == v.numel():
-                                        plan = data.get(family)
-                                        if plan is not None and q.is_cpu:  # remembered until the runtime changes
-                                            hot.memo = (q.dtype, plan, plan.kernels[0].kernel_id)
+                                    plan = data.get(family)
+                                    if plan is not None and q.is_cpu:  # remembered until the runtime changes
+                                        hot.memo = (q.dtype, plan, plan.kernels[0].kernel_id)
                                     if plan is None:
                                         plan = data.get((family, q.shape, k.shape, v.shape, None))
                                 else:  # TTL: the checked read
-                                    plan = plans.get(family) if k.numel() == v.numel() else None
+                                    plan = plans.get(family)
                                     if plan is None:
                                         plan = plans.get((family, q.shape, k.shape, v.shape, None))
                             else:
                                 data = scope.plans
-                                plan = data.get(family) if k.numel() == v.numel() else None
+                                plan = data.get(family)
                                 if plan is None:
                                     plan = data.get((family, q.shape, k.shape, v.shape, None))
                         elif not (LIVE.scopes and SCOPE.get() is not None):  # an own cache holds no scoped plans
@@ -330,8 +332,10 @@ class Dispatcher:
         args, bshd = map_inputs(op, operation, inputs, kwargs)
         if context is None:
             family, key = keys_for(op, operation, args)
-        else:
-            family, key = None, (operation, _CTX, id(context))
+        else:  # a plan per context object and exact call (the key decides validity, as for lz.*)
+            family, key = None, (operation, _CTX, id(context), keys_for(op, operation, args)[1])
+        if not op.admits(operation, args):  # the contract's guards fail: validate on the full path, cache nothing
+            family = key = None
         # ---- cached path: key (or the family's shape-free key) -> plan -> kernel ------------------------
         scope = SCOPE.get() if LIVE.scopes else None
         try:
@@ -341,7 +345,7 @@ class Dispatcher:
                 plan = self._cache.get(key) if scope is None else None  # an own cache holds no scoped plans
             else:
                 plans = rt.plans if scope is None else scope.plans
-                plan = plans.get(family) if family is not None and family_applies(op, args) else None
+                plan = plans.get(family) if family is not None else None
                 if plan is None:
                     plan = plans.get(key)
         except TypeError:  # an unhashable value in the key (window=[4]): validation names it on the slow path
@@ -484,7 +488,11 @@ class Dispatcher:
         t0 = _perf_ns()
         op = self._op(operation)
         args, bshd = map_inputs(op, operation, inputs, kwargs)
-        key = keys_for(op, operation, args)[1] if context is None else (operation, _CTX, id(context))
+        key = keys_for(op, operation, args)[1]
+        if context is not None:
+            key = (operation, _CTX, id(context), key)
+        if not op.admits(operation, args):
+            key = None
         t1 = _perf_ns()
         scope = SCOPE.get()
         try:

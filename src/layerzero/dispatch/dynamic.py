@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from layerzero.dispatch.config import DispatchConfig, DispatchMode
+from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.dispatcher import Dispatcher, runtime_for
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.runtime import Runtime

@@ -25,10 +25,11 @@ import torch
 from layerzero.context import SelectionContext
 from layerzero.errors import InvalidInputError
 from layerzero.ops import OPS
+from layerzero.ops.attention import ATTENTION
 from layerzero.ops.base import OpDef, describe_tensor
 from layerzero.spec import KernelSpec
 
-__all__ = ["GenericOp", "GENERIC", "op_for_dispatch", "map_inputs", "key_for", "keys_for", "family_applies",
+__all__ = ["GenericOp", "GENERIC", "op_for_dispatch", "map_inputs", "key_for", "keys_for",
            "AttentionInputs", "attention_inputs", "NO_MEMO", "kwargs_kernel", "INPUT_NAMES"]
 
 # The names ``dispatch()`` accepts per family (first match wins; ``None`` values count as absent).
@@ -219,17 +220,6 @@ def keys_for(op: OpDef, operation: str, args: tuple[Any, ...]) -> tuple[Hashable
         return None, None
 
 
-def family_applies(op: OpDef, args: tuple[Any, ...]) -> bool:
-    """Whether a shape-free plan may serve this call, as the ``lz.*`` hot path decides: for attention only when
-    v has k's size (PyTorch's CPU flash kernel reads k's sequence length of v without checking it)."""
-    if op.family != "attention":
-        return True
-    try:
-        return bool(args[1].numel() == args[2].numel())
-    except (AttributeError, TypeError, IndexError, RuntimeError):
-        return False
-
-
 NO_MEMO: tuple[None, None, None] = (None, None, None)
 
 
@@ -244,7 +234,8 @@ class AttentionInputs:
     ``Dispatcher.dispatch``; :data:`NO_MEMO` when none), valid until the runtime's version changes.
     """
 
-    __slots__ = ("q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "direct_ok", "memo")
+    __slots__ = ("q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "direct_ok", "memo",
+                 "admits")
 
     def __init__(self, names: tuple[str, str, str], is_causal: bool, dropout_p: float, scale: Any,
                  window: Any) -> None:
@@ -255,6 +246,7 @@ class AttentionInputs:
         self.window = window
         self.direct_ok = scale is None  # ``plan.direct(q, k, v)`` (PyTorch's SDPA) needs the default scale
         self.memo: tuple[Any, Any, Any] = NO_MEMO  # one tuple, so that threads never see a torn memo
+        self.admits = ATTENTION.calls.admits  # the attention contract's guards (generated, one frame)
 
     def copy(self) -> AttentionInputs:
         """The same mapping with an empty plan memo (one per dispatcher)."""

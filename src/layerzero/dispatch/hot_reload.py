@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layerzero.dispatch.config import DispatchConfig, DispatchMode
+from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.config_driven import ConfigDrivenDispatcher, resolve_config_path
 from layerzero.dispatch.dispatcher import runtime_for
 from layerzero.dispatch.result import DispatchStats

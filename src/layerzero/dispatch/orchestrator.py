@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from layerzero.context import SelectionContext
-from layerzero.dispatch.config import DispatchConfig, DispatchMode
+from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.dispatcher import Dispatcher, runtime_for
 from layerzero.dispatch.dynamic import DynamicDispatcher
 from layerzero.dispatch.result import DispatchResult, DispatchStats, DispatchTelemetry

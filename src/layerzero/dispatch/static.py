@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from layerzero.context import SelectionContext
-from layerzero.dispatch.config import DispatchConfig, DispatchMode
+from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.dispatcher import Dispatcher, _new_result, _perf_ns, runtime_for
 from layerzero.dispatch.generic import attention_inputs, map_inputs
 from layerzero.dispatch.result import NOT_TIMED, DispatchResult, DispatchTiming
@@ -134,6 +134,9 @@ class StaticDispatcher(Dispatcher):
                 v = inputs[fast.v_name]
             except KeyError:  # other names: the full mapping
                 q = None
+            if q is not None and k is not None and v is not None and not fast.admits(
+                    operation, q, k, v, None, fast.is_causal, fast.dropout_p, fast.scale, fast.window):
+                q = None  # the contract's guards fail: the full mapping, which validates
             if q is not None and k is not None and v is not None:  # None means absent: the full mapping
                 if plan.gate.blocked:
                     note = rt.last_run
@@ -160,6 +163,8 @@ class StaticDispatcher(Dispatcher):
                 r.mode = "static"
                 return r
         args, bshd = map_inputs(plan.op, operation, inputs, kwargs)
+        if not plan.op.admits(operation, args):  # what the contract's guards do not admit is validated first
+            plan.op.validate(operation, args)
         ran = None
         if plan.gate.blocked:
             note = rt.last_run

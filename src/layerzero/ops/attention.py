@@ -20,8 +20,8 @@ import torch
 
 from layerzero.context import SelectionContext
 from layerzero.ops._shared import window_mask
-from layerzero.ops.base import OpDef, layout_problem, pick
-from layerzero.policy.scope import LIVE, SCOPE
+from layerzero.ops.base import OpDef, default_generator, layout_problem, pick
+from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
 
 __all__ = ["attention", "ATTENTION", "AttentionOp", "attention_reference", "window_mask"]
@@ -99,11 +99,16 @@ class AttentionOp(OpDef):
                 raise self.invalid(operation, f"attn_mask is on {mask.device}, q on {q.device}", args)
             if mask.dtype != torch.bool and mask.dtype != q.dtype:
                 raise self.invalid(operation, f"attn_mask must be bool or {q.dtype}, got {mask.dtype}", args)
+            if not 2 <= mask.dim() <= 4:
+                raise self.invalid(operation, f"attn_mask must have 2 to 4 dimensions (broadcastable to (batch, heads, "
+                                              f"seq_q, seq_k)), got {mask.dim()}-D", args)
             try:
-                torch.broadcast_shapes(tuple(mask.shape), (b, hq, sq, sk))
+                fits = torch.broadcast_shapes(tuple(mask.shape), (b, hq, sq, sk)) == (b, hq, sq, sk)
             except RuntimeError:
+                fits = False
+            if not fits:
                 raise self.invalid(operation, f"attn_mask of shape {tuple(mask.shape)} does not broadcast to "
-                                              f"(batch, heads, seq_q, seq_k)=({b}, {hq}, {sq}, {sk})", args) from None
+                                              f"(batch, heads, seq_q, seq_k)=({b}, {hq}, {sq}, {sk})", args)
         if not isinstance(is_causal, bool):
             raise self.invalid(operation, f"is_causal must be a bool, got {type(is_causal).__name__}", args)
         if mask is not None and is_causal:
@@ -116,16 +121,17 @@ class AttentionOp(OpDef):
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
             raise self.invalid(operation, f"window must be a positive int or None, got {window!r}", args)
 
-    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        q, k, v, mask, is_causal, dropout_p, scale, window = args
-        family = (operation, q.dtype, q.is_cpu or q.device, is_causal, dropout_p, window,
-                  None if mask is None else mask.dtype)
-        return family, (family, q.shape, k.shape, v.shape, None if mask is None else mask.shape)
-
     def context(self, operation: str, args: tuple[Any, ...]) -> SelectionContext:
         q, k, v, mask, is_causal, dropout_p, scale, window = args
         return SelectionContext.from_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
                                                scale=scale, layout="BHSD", window=window)
+
+    def consumes_rng(self, operation: str, ctx: SelectionContext) -> bool:
+        return ctx.dropout_p > 0
+
+    def generator(self, operation: str, args: tuple[Any, ...]) -> torch.Generator | None:
+        dropout_p = args[5]
+        return default_generator(args[0].device) if dropout_p and dropout_p > 0 else None
 
     def check_output(self, operation: str, args: tuple[Any, ...], out: Any) -> str | None:
         q, v = args[0], args[2]
@@ -178,21 +184,35 @@ class AttentionOp(OpDef):
 
 
 ATTENTION = AttentionOp()
-_RT = get_runtime()
 _OP_CAUSAL = "attention.causal"
 _OP_FULL = "attention.full"
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
-              is_causal: bool = False, dropout_p: float = 0.0, scale: float | None = None, layout: str = "BHSD",
-              window: int | None = None, operation: str | None = None) -> torch.Tensor:
-    """Scaled dot-product attention through the fastest correct kernel here.
+def _bad_operation(operation: Any, q: Any, k: Any, v: Any) -> Exception:
+    return ATTENTION.invalid("attention", f"operation must be 'attention' or an 'attention.*' name, got {operation!r}",
+                             (q, k, v))
+
+
+def _bad_layout(operation: str, layout: Any, q: Any, k: Any, v: Any) -> Exception:
+    return ATTENTION.invalid(operation, f"layout must be one of {_LAYOUTS}, got {layout!r}", (q, k, v))
+
+
+def _bhsd(q: Any, k: Any, v: Any) -> tuple[Any, Any, Any]:
+    """BSHD views as BHSD (what is not a tensor of rank >= 3 is left for validation to name)."""
+    try:
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    except (AttributeError, TypeError, IndexError, RuntimeError):
+        return q, k, v
+
+
+_DOC = """Scaled dot-product attention through the fastest correct kernel here.
 
     Args:
         q, k, v: ``(batch, heads, seq, head_dim)`` (``layout="BHSD"``, the default, as in
             ``F.scaled_dot_product_attention``) or ``(batch, seq, heads, head_dim)`` (``"BSHD"``).
             k and v may have fewer heads than q (GQA/MQA) when the query heads divide evenly.
-        attn_mask: boolean (True = attend) or additive float mask broadcastable to (B, H, Sq, Sk).
+        attn_mask: boolean (True = attend) or additive float mask of 2 to 4 dimensions broadcastable to
+            (B, H, Sq, Sk) (it may not add dimensions or sizes of its own, and is on q's device).
         is_causal: causal mask, upper-left aligned when Sq != Sk (SDPA's meaning).
         dropout_p: attention dropout probability (applied as SDPA does; use 0.0 for inference).
         scale: softmax scale; ``1/sqrt(head_dim)`` when None.
@@ -204,44 +224,46 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: t
     Example:
         >>> out = lz.attention(q, k, v, is_causal=True)
     """
-    if operation is None:
-        operation = _OP_CAUSAL if is_causal else _OP_FULL
-    elif operation == _OP_CAUSAL:
-        is_causal = True
-    elif not isinstance(operation, str) or operation.split(".", 1)[0] != "attention":
-        raise ATTENTION.invalid("attention", f"operation must be 'attention' or an 'attention.*' name, "
-                                             f"got {operation!r}", (q, k, v))
-    bshd = layout == "BSHD"
-    try:
-        if bshd:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        elif layout != "BHSD":
-            raise ATTENTION.invalid(operation, f"layout must be one of {_LAYOUTS}, got {layout!r}", (q, k, v))
-        # ---- cached hot path: family key (no shapes) or shape key -> plan -> kernel -----------
-        family = (operation, q.dtype, q.is_cpu or q.device, is_causal, dropout_p, window,
-                  None if attn_mask is None else attn_mask.dtype)
-        scope = SCOPE.get() if LIVE.scopes else None
-        plans = _RT.plans.data if scope is None else scope.plans
-        # A shape-free plan serves every shape of the family whose v has k's size: PyTorch's CPU flash
-        # kernel reads k's sequence length of v without checking it (lz validates new shapes otherwise).
-        plan = plans.get(family) if k.numel() == v.numel() else None
-        if plan is None:
-            key = (family, q.shape, k.shape, v.shape, None if attn_mask is None else attn_mask.shape)
-            plan = plans.get(key)
-    except (AttributeError, TypeError, IndexError, RuntimeError):  # not a plain tensor, unhashable: validation says
-        plan = key = family = None
-    if plan is None:
-        out = _RT.miss(ATTENTION, operation, key, (q, k, v, attn_mask, is_causal, dropout_p, scale, window), family)
-    elif plan.gate.blocked:
-        out = plan.run(q, k, v, attn_mask, is_causal, dropout_p, scale, window)
-    else:
-        plan.stats.calls += 1
-        try:
-            if scale is None and plan.direct is not None:  # PyTorch's SDPA itself: q, k and v say it all
-                out = plan.direct(q, k, v)
-            else:
-                out = plan.fn(q, k, v, attn_mask, is_causal, dropout_p, scale, window)
-        except Exception as exc:
-            out = _RT.recover(plan, (q, k, v, attn_mask, is_causal, dropout_p, scale, window), 0, exc)
-    # ---------------------------------------------------------------------------------------
-    return out.transpose(1, 2) if bshd else out
+
+#: ``lz.attention``'s cached call. The shape-free plan (torch_sdpa / torch_sdpa_gqa) serves a call only when
+#: the shapes are ones SDPA would not quietly broadcast or accept where validation rejects them: 4-D q and
+#: k, v of k's shape (PyTorch's CPU flash kernel reads k's sequence length of v without checking it), one
+#: batch size, no empty dimension, no mask (a mask's shape is in the exact key). ``is_causal`` must be a
+#: bool, ``window`` an int and ``scale`` a finite number: their keys compare ``1 == True``, ``2.0 == 2``,
+#: and ``scale`` is not keyed.
+ATTENTION_CONTRACT = CallContract(
+    name="attention",
+    signature="q, k, v, *, attn_mask=None, is_causal=False, dropout_p=0.0, scale=None, layout='BHSD', window=None, "
+              "operation=None",
+    args="q, k, v, attn_mask, is_causal, dropout_p, scale, window",
+    operation="operation",
+    prologue="""
+if operation is None:
+    operation = OP_CAUSAL if is_causal else OP_FULL
+elif operation.__class__ is not str or not operation.startswith("attention") or operation[9:10] not in ("", "."):
+    raise bad_operation(operation, q, k, v)
+elif operation == OP_CAUSAL:
+    is_causal = True
+bshd = layout == "BSHD"
+if bshd:
+    q, k, v = bhsd(q, k, v)
+elif layout != "BHSD":
+    raise bad_layout(operation, layout, q, k, v)
+""",
+    family="(operation, q.dtype, q.is_cpu or q.device, is_causal, dropout_p, window, "
+           "None if attn_mask is None else (attn_mask.dtype, attn_mask.device))",
+    shape="q.shape, k.shape, v.shape, None if attn_mask is None else attn_mask.shape",
+    shape_free=True,
+    family_guard="(attn_mask is None and (ks := k.shape) == v.shape and len(qs := q.shape) == 4 == len(ks) "
+                 "and qs[0] == ks[0] and qs[3] == ks[3] and not qs[1] % ks[1] and 0 not in qs and 0 not in ks)",
+    guard="(is_causal.__class__ is bool and (window is None or window.__class__ is int) and (scale is None or "
+          "(scale.__class__ is float or scale.__class__ is int) and scale - scale == 0))",
+    direct="plan.direct(q, k, v)",  # PyTorch's SDPA itself: q, k and v say it all
+    direct_when="scale is None",
+    result="out.transpose(1, 2) if bshd else out",
+    namespace={"OP_CAUSAL": _OP_CAUSAL, "OP_FULL": _OP_FULL, "bad_operation": _bad_operation,
+               "bad_layout": _bad_layout, "bhsd": _bhsd},
+    doc=_DOC,
+)
+
+attention = ATTENTION.bind_contract(ATTENTION_CONTRACT, get_runtime())

@@ -10,15 +10,16 @@ fresh random inputs for tests, tuning and benchmarks.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from layerzero.context import SelectionContext
 from layerzero.errors import InvalidInputError
+from layerzero.ops.contract import CallContract, ContractFunctions, build
 
-__all__ = ["OpDef", "describe_tensor", "describe_args", "require_tensor", "pick", "layout_problem"]
+__all__ = ["OpDef", "describe_tensor", "describe_args", "require_tensor", "pick", "layout_problem", "default_generator"]
 
 
 def describe_tensor(t: Any) -> str:
@@ -61,6 +62,16 @@ def layout_problem(name: str, t: torch.Tensor) -> str | None:
     return f"{name} must be a dense tensor, got layout={layout} (call .to_dense())"
 
 
+def default_generator(device: torch.device) -> torch.Generator | None:
+    """The generator PyTorch's random functions draw from on ``device`` when given none."""
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+    return None
+
+
 _MISSING = object()
 
 
@@ -76,10 +87,37 @@ def pick(inputs: Mapping[str, Any], *names: str, default: Any = _MISSING, operat
 
 
 class OpDef:
-    """Base class of op families. Subclasses fill in the methods below."""
+    """Base class of op families. Subclasses fill in the methods below.
+
+    An op with a public ``lz.*`` function declares its :class:`CallContract` and binds it once
+    (:meth:`bind_contract`); its plan keys, guards and lookup then come from that one declaration.
+    """
 
     family: str = ""
     arg_names: tuple[str, ...] = ()
+    contract: CallContract | None = None
+    calls: ContractFunctions | None = None
+
+    def bind_contract(self, contract: CallContract, runtime: Any) -> Callable[..., Any]:
+        """Generate the op's entry function and lookups from ``contract``; returns the entry function."""
+        self.contract = contract
+        self.calls = build(contract, self, runtime)
+        return self.calls.entry
+
+    def diagnose(self, operation: str, args: tuple[Any, ...]) -> None:
+        """Checks of the values themselves (NaN logits, out-of-range class ids), too costly for every call
+        (they read the data; on a GPU they synchronize): run only after a kernel raised, before the kernel is
+        blamed. Raises :class:`InvalidInputError` naming the problem; returns None when it sees none."""
+        return None
+
+    def consumes_rng(self, operation: str, ctx: SelectionContext) -> bool:
+        """Whether calls of this context draw random numbers (their plans restore the generator on failure)."""
+        return False
+
+    def generator(self, operation: str, args: tuple[Any, ...]) -> torch.Generator | None:
+        """The random generator a call consumes (None for a deterministic call): its state is saved before
+        a kernel runs and restored before the next kernel is tried, so a retry draws the same numbers."""
+        return None
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         raise NotImplementedError
@@ -111,14 +149,32 @@ class OpDef:
         raise NotImplementedError
 
     def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[Hashable | None, Hashable]:
-        """``(family, key)``: the plan-cache keys the op's hot path builds for ``args``.
+        """``(family, key)``: the plan-cache keys the op's hot path builds for ``args`` (its contract's).
 
         ``key`` names one exact call shape; ``family`` (None for ops without shape-free plans) is the
         same without any shape: dtype, device and the flags selection looks at. The device is ``True``
         for a CPU tensor (``t.is_cpu or t.device``: a bool compares for free, a ``torch.device`` is
         built and compared on every call) and the ``torch.device`` otherwise.
         """
-        raise NotImplementedError
+        if self.calls is None:
+            raise NotImplementedError
+        return self.calls.keys(operation, *args)
+
+    def lookup(self, plans: Any, operation: str, args: tuple[Any, ...]) -> tuple[Any, Hashable, Hashable]:
+        """``(plan | None, family, key)``: the cached plan the op's hot path would run for ``args``, guards
+        included (see :class:`ContractFunctions`)."""
+        if self.calls is None:
+            raise NotImplementedError
+        return self.calls.lookup(plans, operation, *args)
+
+    def admits(self, operation: str, args: tuple[Any, ...]) -> bool:
+        """Whether the contract's guards hold for ``args`` (True for an op without a contract)."""
+        if self.calls is None:
+            return True
+        try:
+            return self.calls.admits(operation, *args)
+        except Exception:  # malformed arguments: not admitted, validation names them
+            return False
 
     def describe(self, args: Sequence[Any]) -> str:
         return describe_args(self.arg_names, args)

@@ -20,7 +20,7 @@ import torch
 from layerzero.context import SelectionContext
 from layerzero.ops._shared import half_cos_sin
 from layerzero.ops.base import OpDef, layout_problem, pick
-from layerzero.policy.scope import LIVE, SCOPE
+from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
 
 __all__ = ["rope", "swiglu", "geglu", "gelu", "silu", "ROPE", "SWIGLU", "GEGLU", "GELU", "SILU", "rope_reference",
@@ -76,10 +76,6 @@ class RopeOp(_UnaryLike):
     family = "rope"
     arg_names = ("x", "cos", "sin", "interleaved")
 
-    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[None, tuple[Any, ...]]:
-        x, cos, sin, interleaved = args
-        return None, ("rope", x.shape, x.dtype, x.device, cos.shape, interleaved)
-
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         x, cos, sin, interleaved = args
         self._tensor(operation, args, "x", x)
@@ -102,6 +98,9 @@ class RopeOp(_UnaryLike):
                                           f"x of shape {tuple(x.shape)}", args) from None
         if cos.device != x.device or sin.device != x.device:
             raise self.invalid(operation, f"cos/sin on {cos.device}, x on {x.device}", args)
+        if cos.dtype != x.dtype or sin.dtype != x.dtype:
+            raise self.invalid(operation, f"cos and sin must have x's dtype {x.dtype}, got {cos.dtype} and {sin.dtype} "
+                                          "(cast them with .to(x.dtype), as transformers' rotary embedding does)", args)
         if not isinstance(interleaved, bool):
             raise self.invalid(operation, f"interleaved must be a bool, got {interleaved!r}", args)
 
@@ -137,10 +136,6 @@ class SwigluOp(_UnaryLike):
     family = "swiglu"
     arg_names = ("gate", "up")
 
-    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[None, tuple[Any, ...]]:
-        gate = args[0]
-        return None, ("swiglu", gate.shape, gate.dtype, gate.device)
-
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         gate, up = args
         self._tensor(operation, args, "gate", gate)
@@ -171,10 +166,6 @@ class GegluOp(SwigluOp):
     family = "geglu"
     arg_names = ("gate", "up", "approximate")
 
-    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[None, tuple[Any, ...]]:
-        gate = args[0]
-        return None, ("geglu", gate.shape, gate.dtype, gate.device, args[2])
-
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         super().validate(operation, args[:2])
         if args[2] not in ("none", "tanh"):
@@ -201,11 +192,6 @@ class GegluOp(SwigluOp):
 class GeluOp(_UnaryLike):
     family = "gelu"
     arg_names = ("x", "approximate")
-
-    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        x, approximate = args
-        family = ("gelu", x.dtype, x.is_cpu or x.device, approximate)
-        return family, (family, x.shape)
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         self._tensor(operation, args, "x", args[0])
@@ -235,11 +221,6 @@ class SiluOp(_UnaryLike):
     family = "silu"
     arg_names = ("x",)
 
-    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        x = args[0]
-        family = ("silu", x.dtype, x.is_cpu or x.device)
-        return family, (family, x.shape)
-
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         self._tensor(operation, args, "x", args[0])
 
@@ -262,120 +243,80 @@ SWIGLU = SwigluOp()
 GELU = GeluOp()
 GEGLU = GegluOp()
 SILU = SiluOp()
-_RT = get_runtime()
 
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """Rotary position embedding.
+#: ``lz.rope``'s cached call: one plan per shape; the key carries cos's and sin's dtypes and shapes (a sin of
+#: another shape or dtype is its own key, which validation rejects); ``interleaved=1`` compares equal to True.
+ROPE_CONTRACT = CallContract(
+    name="rope",
+    signature="x, cos, sin, interleaved=False",
+    args="x, cos, sin, interleaved",
+    operation='"rope"',
+    family='("rope", x.dtype, x.is_cpu or x.device, cos.dtype, sin.dtype, interleaved)',
+    shape="x.shape, cos.shape, sin.shape",
+    guard="interleaved.__class__ is bool",
+    doc="""Rotary position embedding (``cos`` / ``sin`` of x's dtype).
 
     Example:
         >>> q = lz.rope(q, cos, sin)                    # Llama-style halves
         >>> q = lz.rope(q, cos, sin, interleaved=True)  # GPT-J-style pairs
-    """
-    try:
-        key = ("rope", x.shape, x.dtype, x.device, cos.shape, interleaved)
-        scope = SCOPE.get() if LIVE.scopes else None
-        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
-    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
-        plan = key = None
-    if plan is None:
-        return _RT.miss(ROPE, "rope", key, (x, cos, sin, interleaved))
-    if plan.gate.blocked:
-        return plan.run(x, cos, sin, interleaved)
-    plan.stats.calls += 1
-    try:
-        return plan.fn(x, cos, sin, interleaved)
-    except Exception as exc:
-        return _RT.recover(plan, (x, cos, sin, interleaved), 0, exc)
+    """,
+)
 
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU: ``silu(gate) * up``.
+#: ``lz.swiglu``'s cached call: one plan per shape; ``up``'s dtype and shape are in the key (a float64 or
+#: differently shaped ``up``, or a Python number, never reaches the plan of a valid call).
+SWIGLU_CONTRACT = CallContract(
+    name="swiglu",
+    signature="gate, up",
+    args="gate, up",
+    operation='"swiglu"',
+    family='("swiglu", gate.dtype, gate.is_cpu or gate.device, up.dtype)',
+    shape="gate.shape, up.shape",
+    doc="""SwiGLU: ``silu(gate) * up``.
 
     Example:
         >>> h = lz.swiglu(gate_proj(x), up_proj(x))
-    """
-    try:
-        key = ("swiglu", gate.shape, gate.dtype, gate.device)
-        scope = SCOPE.get() if LIVE.scopes else None
-        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
-    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
-        plan = key = None
-    if plan is None:
-        return _RT.miss(SWIGLU, "swiglu", key, (gate, up))
-    if plan.gate.blocked:
-        return plan.run(gate, up)
-    plan.stats.calls += 1
-    try:
-        return plan.fn(gate, up)
-    except Exception as exc:
-        return _RT.recover(plan, (gate, up), 0, exc)
+    """,
+)
 
-
-def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
-    """GeGLU: ``gelu(gate, approximate) * up`` (``"tanh"`` by default, as Gemma's ``gelu_pytorch_tanh``).
+GEGLU_CONTRACT = CallContract(
+    name="geglu",
+    signature="gate, up, approximate='tanh'",
+    args="gate, up, approximate",
+    operation='"geglu"',
+    family='("geglu", gate.dtype, gate.is_cpu or gate.device, up.dtype, approximate)',
+    shape="gate.shape, up.shape",
+    doc="""GeGLU: ``gelu(gate, approximate) * up`` (``"tanh"`` by default, as Gemma's ``gelu_pytorch_tanh``).
 
     Example:
         >>> h = lz.geglu(gate_proj(x), up_proj(x))
-    """
-    try:
-        key = ("geglu", gate.shape, gate.dtype, gate.device, approximate)
-        scope = SCOPE.get() if LIVE.scopes else None
-        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
-    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
-        plan = key = None
-    if plan is None:
-        return _RT.miss(GEGLU, "geglu", key, (gate, up, approximate))
-    if plan.gate.blocked:
-        return plan.run(gate, up, approximate)
-    plan.stats.calls += 1
-    try:
-        return plan.fn(gate, up, approximate)
-    except Exception as exc:
-        return _RT.recover(plan, (gate, up, approximate), 0, exc)
+    """,
+)
 
+GELU_CONTRACT = CallContract(
+    name="gelu",
+    signature="x, approximate='none'",
+    args="x, approximate",
+    operation='"gelu"',
+    family='("gelu", x.dtype, x.is_cpu or x.device, approximate)',
+    shape="x.shape",
+    shape_free=True,
+    doc="""GELU, exact (``"none"``) or tanh-approximated (``"tanh"``).""",
+)
 
-def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """GELU, exact (``"none"``) or tanh-approximated (``"tanh"``)."""
-    try:
-        family = ("gelu", x.dtype, x.is_cpu or x.device, approximate)
-        scope = SCOPE.get() if LIVE.scopes else None
-        plans = _RT.plans.data if scope is None else scope.plans
-        plan = plans.get(family)
-        if plan is None:
-            key = (family, x.shape)
-            plan = plans.get(key)
-    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
-        plan = key = family = None
-    if plan is None:
-        return _RT.miss(GELU, "gelu", key, (x, approximate), family)
-    if plan.gate.blocked:
-        return plan.run(x, approximate)
-    plan.stats.calls += 1
-    try:
-        return plan.fn(x, approximate)
-    except Exception as exc:
-        return _RT.recover(plan, (x, approximate), 0, exc)
+SILU_CONTRACT = CallContract(
+    name="silu",
+    signature="x",
+    args="x",
+    operation='"silu"',
+    family='("silu", x.dtype, x.is_cpu or x.device)',
+    shape="x.shape",
+    shape_free=True,
+    doc="""SiLU (swish): ``x * sigmoid(x)``.""",
+)
 
-
-def silu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU (swish): ``x * sigmoid(x)``."""
-    try:
-        family = ("silu", x.dtype, x.is_cpu or x.device)
-        scope = SCOPE.get() if LIVE.scopes else None
-        plans = _RT.plans.data if scope is None else scope.plans
-        plan = plans.get(family)
-        if plan is None:
-            key = (family, x.shape)
-            plan = plans.get(key)
-    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
-        plan = key = family = None
-    if plan is None:
-        return _RT.miss(SILU, "silu", key, (x,), family)
-    if plan.gate.blocked:
-        return plan.run(x)
-    plan.stats.calls += 1
-    try:
-        return plan.fn(x)
-    except Exception as exc:
-        return _RT.recover(plan, (x,), 0, exc)
+_RT = get_runtime()
+rope = ROPE.bind_contract(ROPE_CONTRACT, _RT)
+swiglu = SWIGLU.bind_contract(SWIGLU_CONTRACT, _RT)
+geglu = GEGLU.bind_contract(GEGLU_CONTRACT, _RT)
+gelu = GELU.bind_contract(GELU_CONTRACT, _RT)
+silu = SILU.bind_contract(SILU_CONTRACT, _RT)

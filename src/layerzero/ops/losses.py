@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from layerzero.context import SelectionContext
 from layerzero.ops.base import OpDef, layout_problem, pick
+from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
 
 __all__ = ["cross_entropy", "CROSS_ENTROPY", "CrossEntropyOp"]
@@ -30,11 +31,6 @@ _REDUCTIONS = ("mean", "sum", "none")
 class CrossEntropyOp(OpDef):
     family = "cross_entropy"
     arg_names = ("logits", "target", "ignore_index", "label_smoothing", "reduction")
-
-    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[None, tuple[Any, ...]]:
-        logits, target, ignore_index, label_smoothing, reduction = args
-        return None, ("cross_entropy", logits.shape, logits.dtype, logits.device, target.shape, target.dtype,
-                      ignore_index, label_smoothing, reduction)
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         logits, target, ignore_index, label_smoothing, reduction = args
@@ -63,6 +59,16 @@ class CrossEntropyOp(OpDef):
             raise self.invalid(operation, f"label_smoothing must be in [0, 1), got {label_smoothing!r}", args)
         if reduction not in _REDUCTIONS:
             raise self.invalid(operation, f"reduction must be one of {_REDUCTIONS}, got {reduction!r}", args)
+
+    def diagnose(self, operation: str, args: tuple[Any, ...]) -> None:
+        logits, target, ignore_index = args[0], args[1], args[2]
+        vocab = logits.shape[1]
+        bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+        if bool(bad.any()):
+            where = bad.nonzero().flatten()[:8].tolist()
+            ids = target[bad][:8].tolist()
+            raise self.invalid(operation, f"target ids {ids} (rows {where}) are outside [0, {vocab}) and are not "
+                                          f"ignore_index={ignore_index}", args)
 
     def context(self, operation: str, args: tuple[Any, ...]) -> SelectionContext:
         logits = args[0]
@@ -99,16 +105,24 @@ class CrossEntropyOp(OpDef):
 
 
 CROSS_ENTROPY = CrossEntropyOp()
-_RT = get_runtime()
 
-
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
-                  label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of ``logits`` ``(N, V)`` against class ids ``target`` ``(N,)``, as ``F.cross_entropy``.
+#: ``lz.cross_entropy``'s cached call: one plan per shape; the target's dtype and every option are keyed;
+#: ``ignore_index=True`` and ``label_smoothing=False`` compare equal to ints, hence the guard. Class ids out of
+#: range cost a read of the target, so they are checked only when a kernel raised (``CrossEntropyOp.diagnose``).
+CROSS_ENTROPY_CONTRACT = CallContract(
+    name="cross_entropy",
+    signature="logits, target, *, ignore_index=-100, label_smoothing=0.0, reduction='mean'",
+    args="logits, target, ignore_index, label_smoothing, reduction",
+    operation='"cross_entropy"',
+    family='("cross_entropy", logits.dtype, logits.is_cpu or logits.device, target.dtype, ignore_index, '
+           'label_smoothing, reduction)',
+    shape="logits.shape, target.shape",
+    guard="ignore_index.__class__ is int and label_smoothing.__class__ is not bool",
+    doc="""Cross-entropy of ``logits`` ``(N, V)`` against class ids ``target`` ``(N,)``, as ``F.cross_entropy``.
 
     Example:
         >>> loss = lz.cross_entropy(logits.view(-1, vocab), labels.view(-1))
-    """
-    # One call per training step over a whole vocabulary: the runtime's exact-shape path (the key of
-    # CrossEntropyOp.keys, a dict read, the kernel) rather than a copy of it inlined here.
-    return _RT.run_exact(CROSS_ENTROPY, "cross_entropy", (logits, target, ignore_index, label_smoothing, reduction))
+    """,
+)
+
+cross_entropy = CROSS_ENTROPY.bind_contract(CROSS_ENTROPY_CONTRACT, get_runtime())

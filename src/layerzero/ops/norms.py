@@ -13,7 +13,7 @@ import torch
 
 from layerzero.context import SelectionContext
 from layerzero.ops.base import OpDef, layout_problem, pick
-from layerzero.policy.scope import LIVE, SCOPE
+from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
 
 __all__ = ["rms_norm", "layer_norm", "RMS_NORM", "LAYER_NORM", "RMSNormOp", "LayerNormOp"]
@@ -49,6 +49,9 @@ class _RowOp(OpDef):
                 raise self.invalid(operation, f"{name} is on {p.device}, x on {x.device}", args)
             if not p.is_floating_point():
                 raise self.invalid(operation, f"{name} must be floating point, got {p.dtype}", args)
+            if p.dtype != x.dtype:
+                raise self.invalid(operation, f"{name} must have x's dtype {x.dtype}, got {p.dtype} (cast it with "
+                                              f".to(x.dtype); the result of mixed dtypes differs between kernels)", args)
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
             raise self.invalid(operation, f"eps must be a positive number, got {eps!r}", args)
 
@@ -69,10 +72,6 @@ class _RowOp(OpDef):
 class RMSNormOp(_RowOp):
     family = "rms_norm"
 
-    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        x, weight, eps = args
-        family = ("rms_norm", x.dtype, x.is_cpu or x.device, weight is None, eps)
-        return family, (family, x.shape)
     arg_names = ("x", "weight", "eps")
     params = ("weight",)
 
@@ -103,10 +102,6 @@ class RMSNormOp(_RowOp):
 class LayerNormOp(_RowOp):
     family = "layer_norm"
 
-    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        x, weight, bias, eps = args
-        family = ("layer_norm", x.dtype, x.is_cpu or x.device, weight is None, bias is None, eps)
-        return family, (family, x.shape)
     arg_names = ("x", "weight", "bias", "eps")
     params = ("weight", "bias")
 
@@ -142,64 +137,51 @@ class LayerNormOp(_RowOp):
 
 RMS_NORM = RMSNormOp()
 LAYER_NORM = LayerNormOp()
-_RT = get_runtime()
 
+#: ``lz.rms_norm``'s cached call. The key carries the weight's dtype (an int64 weight or one of another dtype
+#: is its own family, which validation rejects) and eps (``eps=True`` compares equal to ``1``: the guard). The
+#: shape-free plan's kernel is ``torch.rms_norm`` with the plan's normalized shape bound: it raises for
+#: another hidden size or a weight of another length, and the runtime then validates (no shape guard needed).
+RMS_NORM_CONTRACT = CallContract(
+    name="rms_norm",
+    signature="x, weight=None, eps=1e-6",
+    args="x, weight, eps",
+    operation='"rms_norm"',
+    family='("rms_norm", x.dtype, x.is_cpu or x.device, None if weight is None else weight.dtype, eps)',
+    shape="x.shape",
+    shape_free=True,
+    guard="eps.__class__ is not bool",
+    direct="plan.direct(x, plan.const, weight, eps)",  # torch.rms_norm itself, with the plan's normalized shape
+    doc="""RMS normalisation over the last dimension: ``x / sqrt(mean(x^2) + eps) * weight``.
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """RMS normalisation over the last dimension: ``x / sqrt(mean(x^2) + eps) * weight``.
+    ``weight`` (``(hidden,)`` or None) has x's dtype.
 
     Example:
         >>> y = lz.rms_norm(x, weight, eps=1e-6)
-    """
-    # ---- cached hot path (see lz.attention) ---------------------------------------------
-    try:
-        family = ("rms_norm", x.dtype, x.is_cpu or x.device, weight is None, eps)
-        scope = SCOPE.get() if LIVE.scopes else None
-        plans = _RT.plans.data if scope is None else scope.plans
-        plan = plans.get(family)
-        if plan is None:
-            key = (family, x.shape)
-            plan = plans.get(key)
-    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
-        plan = key = family = None
-    if plan is None:
-        return _RT.miss(RMS_NORM, "rms_norm", key, (x, weight, eps), family)
-    if plan.gate.blocked:
-        return plan.run(x, weight, eps)
-    plan.stats.calls += 1
-    try:
-        if plan.direct is not None:  # torch.rms_norm itself, with the plan's normalized shape
-            return plan.direct(x, plan.const, weight, eps)
-        return plan.fn(x, weight, eps)
-    except Exception as exc:
-        return _RT.recover(plan, (x, weight, eps), 0, exc)
+    """,
+)
 
+#: ``lz.layer_norm``'s cached call: as rms_norm's, with the bias.
+LAYER_NORM_CONTRACT = CallContract(
+    name="layer_norm",
+    signature="x, weight=None, bias=None, eps=1e-5",
+    args="x, weight, bias, eps",
+    operation='"layer_norm"',
+    family='("layer_norm", x.dtype, x.is_cpu or x.device, None if weight is None else weight.dtype, '
+           'None if bias is None else bias.dtype, eps)',
+    shape="x.shape",
+    shape_free=True,
+    guard="eps.__class__ is not bool",
+    direct="plan.direct(x, plan.const, weight, bias, eps)",  # torch.layer_norm itself, normalized shape bound
+    doc="""Layer normalisation over the last dimension (as ``F.layer_norm(x, x.shape[-1:], weight, bias, eps)``).
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-               eps: float = 1e-5) -> torch.Tensor:
-    """Layer normalisation over the last dimension (as ``F.layer_norm(x, x.shape[-1:], weight, bias, eps)``).
+    ``weight`` and ``bias`` (``(hidden,)`` or None) have x's dtype.
 
     Example:
         >>> y = lz.layer_norm(x, weight, bias)
-    """
-    try:
-        family = ("layer_norm", x.dtype, x.is_cpu or x.device, weight is None, bias is None, eps)
-        scope = SCOPE.get() if LIVE.scopes else None
-        plans = _RT.plans.data if scope is None else scope.plans
-        plan = plans.get(family)
-        if plan is None:
-            key = (family, x.shape)
-            plan = plans.get(key)
-    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
-        plan = key = family = None
-    if plan is None:
-        return _RT.miss(LAYER_NORM, "layer_norm", key, (x, weight, bias, eps), family)
-    if plan.gate.blocked:
-        return plan.run(x, weight, bias, eps)
-    plan.stats.calls += 1
-    try:
-        if plan.direct is not None:  # torch.layer_norm itself, with the plan's normalized shape
-            return plan.direct(x, plan.const, weight, bias, eps)
-        return plan.fn(x, weight, bias, eps)
-    except Exception as exc:
-        return _RT.recover(plan, (x, weight, bias, eps), 0, exc)
+    """,
+)
+
+_RT = get_runtime()
+rms_norm = RMS_NORM.bind_contract(RMS_NORM_CONTRACT, _RT)
+layer_norm = LAYER_NORM.bind_contract(LAYER_NORM_CONTRACT, _RT)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, layout_problem, pick
-from layerzero.policy.scope import LIVE, SCOPE
+from layerzero.ops.base import OpDef, default_generator, layout_problem, pick
+from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
 
 __all__ = ["sample", "SAMPLE", "SampleOp", "filtered_probs", "sampling_operation"]
@@ -53,10 +53,6 @@ class SampleOp(OpDef):
     family = "sample"
     arg_names = ("logits", "temperature", "top_k", "top_p", "generator")
 
-    def keys(self, operation: str, args: tuple[Any, ...]) -> tuple[None, tuple[Any, ...]]:
-        logits = args[0]
-        return None, (operation, logits.shape, logits.dtype, logits.device)
-
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         logits, temperature, top_k, top_p, generator = args
         if not isinstance(logits, torch.Tensor):
@@ -79,6 +75,26 @@ class SampleOp(OpDef):
 
     def context(self, operation: str, args: tuple[Any, ...]) -> SelectionContext:
         return SelectionContext.from_rows(args[0], requires_grad=False)
+
+    def diagnose(self, operation: str, args: tuple[Any, ...]) -> None:
+        logits = args[0]
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        bad = torch.isnan(flat).any(-1) | torch.isposinf(flat).any(-1) | ~(flat > float("-inf")).any(-1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten()[:8].tolist()
+            raise self.invalid(operation, f"logits rows {rows} hold NaN or +inf, or no finite logit at all: no "
+                                          "distribution to sample from", args)
+
+    def consumes_rng(self, operation: str, ctx: SelectionContext) -> bool:
+        return operation != "sample.greedy"
+
+    def generator(self, operation: str, args: tuple[Any, ...]) -> torch.Generator | None:
+        logits, temperature, _, _, generator = args
+        if not temperature > 0:
+            return None  # greedy: nothing random
+        if generator is not None:
+            return generator
+        return default_generator(logits.device)
 
     def check_output(self, operation: str, args: tuple[Any, ...], out: Any) -> str | None:
         logits = args[0]
@@ -114,33 +130,40 @@ class SampleOp(OpDef):
 
 
 SAMPLE = SampleOp()
-_RT = get_runtime()
 
 
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample token ids from ``logits`` (``(..., vocab)``); returns int64 of shape ``logits.shape[:-1]``.
+def _operation(temperature: Any, top_k: Any, top_p: Any) -> str:
+    try:
+        return sampling_operation(temperature, top_k, top_p)
+    except TypeError:  # a temperature that does not compare: validation names it
+        return "sample.temperature"
+
+
+#: ``lz.sample``'s cached call: one plan per logits shape; the numbers (temperature, top_k, top_p) are not keyed
+#: (each call may use others), so the guard checks each as validation does: a NaN temperature, ``top_p=1.5`` or
+#: ``nan``, ``top_k=0`` or a float never reach a cached plan.
+SAMPLE_CONTRACT = CallContract(
+    name="sample",
+    signature="logits, temperature=1.0, top_k=None, top_p=None, generator=None",
+    args="logits, temperature, top_k, top_p, generator",
+    prologue="operation = sampling_operation(temperature, top_k, top_p)",
+    operation="operation",
+    family="(operation, logits.dtype, logits.is_cpu or logits.device)",
+    shape="logits.shape",
+    guard="((temperature.__class__ is float or temperature.__class__ is int) and temperature == temperature "
+          "and (top_k is None or top_k.__class__ is int and top_k >= 1) "
+          "and (top_p is None or (top_p.__class__ is float or top_p.__class__ is int) and 0.0 < top_p <= 1.0) "
+          "and (generator is None or generator.__class__ is Generator))",
+    namespace={"sampling_operation": _operation, "Generator": torch.Generator},
+    doc="""Sample token ids from ``logits`` (``(..., vocab)``); returns int64 of shape ``logits.shape[:-1]``.
+
+    A seeded call (``generator=``, or the global seed) draws the same tokens whatever failed before it: a
+    kernel that raises hands the generator back as it found it before the next kernel runs.
 
     Example:
         >>> next_ids = lz.sample(logits, temperature=0.0)            # greedy
         >>> next_ids = lz.sample(logits, temperature=0.7, top_p=0.9)  # nucleus
-    """
-    try:
-        operation = sampling_operation(temperature, top_k, top_p)
-    except TypeError:
-        operation = "sample.temperature"
-    try:
-        key = (operation, logits.shape, logits.dtype, logits.device)
-        scope = SCOPE.get() if LIVE.scopes else None
-        plan = (_RT.plans.data if scope is None else scope.plans).get(key)
-    except (AttributeError, TypeError, RuntimeError):  # not a plain tensor, unhashable: validation says
-        plan = key = None
-    if plan is None:
-        return _RT.miss(SAMPLE, operation, key, (logits, temperature, top_k, top_p, generator))
-    if plan.gate.blocked:
-        return plan.run(logits, temperature, top_k, top_p, generator)
-    plan.stats.calls += 1
-    try:
-        return plan.fn(logits, temperature, top_k, top_p, generator)
-    except Exception as exc:
-        return _RT.recover(plan, (logits, temperature, top_k, top_p, generator), 0, exc)
+    """,
+)
+
+sample = SAMPLE.bind_contract(SAMPLE_CONTRACT, get_runtime())

@@ -170,7 +170,7 @@ class SelectionEngine:
             eligible = _drop_failed(eligible, measured)
             behind_lock = _drop_failed(behind_lock, measured)
 
-        ranked = self._order(eligible, measured, rules, env_base) + self._order(behind_lock, measured, rules, env_base)
+        ranked = self.rank(eligible, measured, rules, env_base) + self.rank(behind_lock, measured, rules, env_base)
         for i, (spec, d) in enumerate(ranked):
             d.accepted = True
             d.rank = i
@@ -238,8 +238,11 @@ class SelectionEngine:
             kept.append((spec, d))
         return kept, [], None
 
-    def _order(self, items: list[tuple[KernelSpec, CandidateDecision]], measured: Mapping[str, Measurement],
-               rules: tuple[Rule, ...], env_base: dict[str, Any] | None) -> list[tuple[KernelSpec, CandidateDecision]]:
+    def rank(self, items: list[tuple[KernelSpec, CandidateDecision]], measured: Mapping[str, Measurement],
+             rules: tuple[Rule, ...] = (), env_base: dict[str, Any] | None = None
+             ) -> list[tuple[KernelSpec, CandidateDecision]]:
+        """``items`` best first: by score (priority, then policy boosts and prefers, then measured times),
+        with deterministic tie-breaks; fills in each decision's score."""
         if not items:
             return []
         boosts = [r for r in rules if r.kind in ("boost", "prefer")]

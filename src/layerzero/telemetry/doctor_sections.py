@@ -22,7 +22,7 @@ import importlib
 import os
 from typing import Any
 
-from layerzero.dispatch.config import ENV_VARS, DispatchConfig
+from layerzero.runtime.config import ENV_VARS, DispatchConfig
 from layerzero.runtime import get_runtime
 
 __all__ = ["perf_db_section", "config_section", "runtime_section", "install", "problems"]

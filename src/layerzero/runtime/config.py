@@ -1,0 +1,224 @@
+"""DispatchConfig and DispatchMode: how a dispatcher (and the shared runtime) behaves.
+
+Every field is validated when the config is created, so a bad value fails at
+start-up with the field's name rather than deep inside a call. Environment
+variables override the defaults (see :meth:`DispatchConfig.from_env`):
+
+=================================  ==========================  =================
+variable                           field                       example
+=================================  ==========================  =================
+``LAYERZERO_DISPATCH_MODE``        ``mode``                    ``dynamic``
+``LAYERZERO_CACHE_SIZE``           ``cache_size``              ``50000``
+``LAYERZERO_CACHE_TTL``            ``cache_ttl_seconds``       ``3600``
+``LAYERZERO_ENABLE_CACHE``         ``enable_cache``            ``0``
+``LAYERZERO_TELEMETRY``            ``enable_telemetry``        ``0``
+``LAYERZERO_RECORD_TIMING``        ``record_timing``           ``1``
+``LAYERZERO_LOG_FALLBACKS``        ``log_fallbacks``           ``0``
+``LAYERZERO_CIRCUIT_BREAKER``      ``circuit_breaker_enabled`` ``0``
+``LAYERZERO_FAILURE_THRESHOLD``    ``failure_threshold``       ``10``
+``LAYERZERO_RECOVERY_TIMEOUT``     ``recovery_timeout_seconds`` ``60``
+``LAYERZERO_ENABLE_FALLBACK``      ``enable_fallback``         ``1``
+``LAYERZERO_MAX_FALLBACK_ATTEMPTS`` ``max_fallback_attempts``  ``3``
+``LAYERZERO_CONFIG``               ``config_path``             ``/etc/lz.yaml``
+``LAYERZERO_WATCH_INTERVAL``       ``watch_interval_seconds``  ``1.0``
+``LAYERZERO_ONLINE_TUNING``        ``online_tuning``           ``1``
+``LAYERZERO_VERIFY``               ``verify_first_calls``      ``3``
+``LAYERZERO_SHAPE_FREE_PLANS``     ``shape_free_plans``        ``0``
+``LAYERZERO_PERF_DB``              ``perf_db_path``            ``/var/lz/perf.db``
+=================================  ==========================  =================
+
+``verify_first_calls=N`` turns on verify mode: each kernel's first N
+successful outputs are compared with the operation's float64 reference, and a
+kernel that returns NaN where the reference has none, or values off the
+reference beyond its declared tolerance, counts as failed (its breaker counts
+the failure and the call falls back). It costs a reference computation per
+verified call, so it is off (0) by default.
+
+``shape_free_plans`` (on by default) lets the ``lz.*`` hot path serve a call
+family (operation, dtype, device and flags) from one plan without reading the
+tensors' shapes, when selection provably picks the same kernel for every shape
+of that family (see ``Runtime.shape_free_reason``). Off, every new shape is
+selected and cached on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from layerzero.errors import ConfigError
+
+__all__ = ["DispatchConfig", "DispatchMode", "ENV_VARS"]
+
+
+class DispatchMode(enum.Enum):
+    """How a dispatcher picks kernels.
+
+    STATIC: a fixed operation -> kernel map, resolved once. DYNAMIC: selection
+    per context, cached. CONFIG: rules from a config file. HOT_RELOAD: CONFIG
+    that follows edits to the file. AUTO: STATIC for operations with a static
+    entry, CONFIG when a config is loaded, DYNAMIC otherwise.
+    """
+
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+    CONFIG = "config"
+    HOT_RELOAD = "hot_reload"
+    AUTO = "auto"
+
+    @classmethod
+    def parse(cls, value: str | DispatchMode) -> DispatchMode:
+        if isinstance(value, DispatchMode):
+            return value
+        key = str(value).strip().lower().replace("-", "_")
+        for m in cls:
+            if m.value == key or m.name.lower() == key:
+                return m
+        raise ConfigError(f"DispatchConfig.mode: unknown mode {value!r}; choose one of "
+                          f"{', '.join(m.value for m in cls)}")
+
+
+ENV_VARS: dict[str, str] = {
+    "LAYERZERO_DISPATCH_MODE": "mode",
+    "LAYERZERO_CACHE_SIZE": "cache_size",
+    "LAYERZERO_CACHE_TTL": "cache_ttl_seconds",
+    "LAYERZERO_ENABLE_CACHE": "enable_cache",
+    "LAYERZERO_TELEMETRY": "enable_telemetry",
+    "LAYERZERO_RECORD_TIMING": "record_timing",
+    "LAYERZERO_LOG_FALLBACKS": "log_fallbacks",
+    "LAYERZERO_CIRCUIT_BREAKER": "circuit_breaker_enabled",
+    "LAYERZERO_FAILURE_THRESHOLD": "failure_threshold",
+    "LAYERZERO_RECOVERY_TIMEOUT": "recovery_timeout_seconds",
+    "LAYERZERO_ENABLE_FALLBACK": "enable_fallback",
+    "LAYERZERO_MAX_FALLBACK_ATTEMPTS": "max_fallback_attempts",
+    "LAYERZERO_CONFIG": "config_path",
+    "LAYERZERO_WATCH_INTERVAL": "watch_interval_seconds",
+    "LAYERZERO_ONLINE_TUNING": "online_tuning",
+    "LAYERZERO_VERIFY": "verify_first_calls",
+    "LAYERZERO_SHAPE_FREE_PLANS": "shape_free_plans",
+    "LAYERZERO_PERF_DB": "perf_db_path",
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    """Validated dispatcher settings (see the module docstring for environment overrides).
+
+    Example:
+        >>> DispatchConfig(mode=DispatchMode.DYNAMIC, cache_size=50000, cache_ttl_seconds=3600.0)
+        >>> DispatchConfig(cache_size=-1)
+        Traceback (most recent call last):
+        layerzero.errors.ConfigError: DispatchConfig.cache_size: must be >= 0, got -1
+    """
+
+    mode: DispatchMode = DispatchMode.DYNAMIC
+    enable_cache: bool = True
+    cache_size: int = 10000
+    cache_ttl_seconds: float | None = None
+    static_kernel_map: dict[str, str] = field(default_factory=dict)
+    enable_telemetry: bool = True
+    record_timing: bool = False
+    log_fallbacks: bool = True
+    circuit_breaker_enabled: bool = True
+    failure_threshold: int = 5
+    recovery_timeout_seconds: float = 30.0
+    success_threshold: int = 1
+    enable_fallback: bool = True
+    max_fallback_attempts: int = 3
+    config_path: str | None = None
+    watch_interval_seconds: float = 1.0
+    validate_on_reload: bool = True
+    online_tuning: bool = False
+    online_tuning_budget_ms: float = 200.0
+    verify_first_calls: int = 0
+    shape_free_plans: bool = True
+    perf_db_path: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", DispatchMode.parse(self.mode))
+        errors: list[str] = []
+
+        def need(cond: bool, name: str, msg: str) -> None:
+            if not cond:
+                errors.append(f"DispatchConfig.{name}: {msg}, got {getattr(self, name)!r}")
+
+        for name in ("enable_cache", "enable_telemetry", "record_timing", "log_fallbacks",
+                     "circuit_breaker_enabled", "enable_fallback", "validate_on_reload", "online_tuning",
+                     "shape_free_plans"):
+            need(isinstance(getattr(self, name), bool), name, "must be a bool")
+        for name in ("cache_size", "failure_threshold", "max_fallback_attempts", "success_threshold",
+                     "verify_first_calls"):
+            need(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool), name, "must be an int")
+        if not errors:
+            need(self.cache_size >= 0, "cache_size", "must be >= 0")
+            need(self.failure_threshold >= 1, "failure_threshold", "must be >= 1")
+            need(self.success_threshold >= 1, "success_threshold", "must be >= 1")
+            need(self.max_fallback_attempts >= 0, "max_fallback_attempts", "must be >= 0")
+            need(self.verify_first_calls >= 0, "verify_first_calls", "must be >= 0")
+        ttl = self.cache_ttl_seconds
+        need(ttl is None or (isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl > 0),
+             "cache_ttl_seconds", "must be a positive number or None")
+        for name in ("recovery_timeout_seconds", "watch_interval_seconds", "online_tuning_budget_ms"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, name, "must be a positive number")
+        m = self.static_kernel_map
+        need(isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in m.items()),
+             "static_kernel_map", "must map operation names to kernel ids (strings)")
+        need(self.config_path is None or isinstance(self.config_path, (str, os.PathLike)), "config_path",
+             "must be a path or None")
+        need(self.perf_db_path is None or (isinstance(self.perf_db_path, (str, os.PathLike))
+                                           and str(self.perf_db_path) != ""), "perf_db_path",
+             "must be a path or None")
+        if errors:  # a ConfigError is a ValueError (the seed's contract) and a LayerZeroError
+            raise ConfigError("; ".join(errors), errors=errors, source="DispatchConfig")
+        object.__setattr__(self, "static_kernel_map", dict(m))
+
+    def replace(self, **changes: Any) -> DispatchConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> DispatchConfig:
+        """Defaults, then ``LAYERZERO_*`` environment variables, then ``overrides``."""
+        env = os.environ if environ is None else environ
+        kwargs: dict[str, Any] = {}
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for var, name in ENV_VARS.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            kwargs[name] = _coerce(var, name, raw, str(types[name]))
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["mode"] = self.mode.name
+        return out
+
+
+def _coerce(var: str, name: str, raw: str, type_name: str) -> Any:
+    text = raw.strip()
+    try:
+        if name == "mode":
+            return DispatchMode.parse(text)
+        if type_name == "bool":
+            low = text.lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError("expected 1/0, true/false, yes/no or on/off")
+        if type_name == "int":
+            return int(text)
+        if "float" in type_name:
+            return None if text.lower() == "none" else float(text)
+        return text
+    except ValueError as exc:
+        raise ConfigError(f"{var}={raw!r} (DispatchConfig.{name}): {exc}", source=var) from None

@@ -1,0 +1,268 @@
+"""Call contracts and the failure contract.
+
+* Every ``lz.*`` entry looks up exactly the keys its :class:`CallContract` declares, and ``lookup`` (used by
+  ``dispatch()``, ``Runtime.run_exact`` and the bench) finds the plan the entry runs.
+* No cached plan serves an invalid call: for mutations of valid calls (other ranks, sizes, dtypes, scalar
+  types and values), whenever the contract's lookup returns a plan, validation accepts the call.
+* The failure contract: a kernel is blamed only when another kernel or the reference computes the call; a
+  call nothing computes is the input's fault (nothing counted); out of memory is its own uncounted error;
+  a retry restores the generator.
+* Sequence mode: bad calls, then valid calls of the same families at varying shapes: every valid call is
+  right and no breaker ever opens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import OrderedDict
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import layerzero as lz
+from layerzero.errors import AllKernelsFailedError, InvalidInputError, LayerZeroError, OutOfMemoryError
+from layerzero.ops import OPS
+from layerzero.spec import KernelSpec
+
+CONTRACT_OPS = [name for name, op in OPS.items() if op.calls is not None]
+
+
+def public_call(name: str, operation: str, args: tuple[Any, ...]) -> Any:
+    """The public ``lz.*`` call for canonical kernel arguments."""
+    if name == "attention":
+        q, k, v, mask, causal, p, scale, window = args
+        return lz.attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p, scale=scale, window=window,
+                            operation=operation)
+    if name == "cross_entropy":
+        logits, target, ii, ls, red = args
+        return lz.cross_entropy(logits, target, ignore_index=ii, label_smoothing=ls, reduction=red)
+    return getattr(lz, name)(*args)
+
+
+def operations(name: str) -> list[str]:
+    return {"attention": ["attention.full", "attention.causal"],
+            "sample": ["sample.greedy", "sample.top_p"]}.get(name, [name])
+
+
+class Recording(OrderedDict):
+    def __init__(self, data: Any) -> None:
+        super().__init__(data)
+        self.seen: list[Any] = []
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.seen.append(key)
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("name", CONTRACT_OPS)
+def test_entry_looks_up_the_declared_keys(name: str, runtime: Any) -> None:
+    op = OPS[name]
+    gen = torch.Generator().manual_seed(7)
+    for operation in operations(name):
+        for ctx in op.sample_contexts(operation):
+            args = op.make_inputs(operation, ctx, gen)
+            public_call(name, operation, args)  # the miss caches the plan(s)
+            family, key = op.keys(operation, args)
+            runtime.plans.data = rec = Recording(runtime.plans.data)
+            public_call(name, operation, args)
+            assert rec.seen and set(rec.seen) <= {family, key}, (rec.seen, family, key)
+            plan, f2, k2 = op.lookup(runtime.plans.data, operation, args)
+            assert plan is not None and plan is rec.get(rec.seen[-1])
+            assert f2 == family
+
+
+def scalar_mutations() -> list[Any]:
+    return [1, 0, True, False, 2.0, 0.5, float("nan"), float("inf"), -1, torch.tensor(0.5), "x", None, [1]]
+
+
+def tensor_mutations(t: torch.Tensor) -> list[Any]:
+    out: list[Any] = [t.unsqueeze(0), t[0] if t.dim() else t, t.double(), t.to(torch.int64), 2.0]
+    if t.dim():
+        out.append(torch.cat([t, t], 0))
+        out.append(t.narrow(-1, 0, max(t.shape[-1] - 1, 0)))
+        out.append(t.narrow(0, 0, 0))
+    return out
+
+
+def answer(name: str, operation: str, args: tuple[Any, ...]) -> Any:
+    try:
+        out = public_call(name, operation, args)
+    except LayerZeroError as exc:
+        return type(exc).__name__, str(exc).splitlines()[0]
+    return "ok", tuple(out.shape), out.dtype
+
+
+@pytest.mark.parametrize("name", CONTRACT_OPS)
+def test_mutated_calls_answer_the_same_cold_and_warm(name: str, runtime: Any) -> None:
+    """Mutations of valid calls (other ranks, sizes, dtypes, scalar types and values) get the same answer
+    after valid calls of their family (cached plans) as on a cold cache, and never open a breaker."""
+    op = OPS[name]
+    gen = torch.Generator().manual_seed(3)
+    cases = []
+    for operation in operations(name):
+        for ctx in op.sample_contexts(operation):
+            valid = op.make_inputs(operation, ctx, gen)
+            for i, a in enumerate(valid):
+                subs = tensor_mutations(a) if isinstance(a, torch.Tensor) else scalar_mutations()
+                cases += [(operation, valid, (*valid[:i], sub, *valid[i + 1:])) for sub in subs]
+    warm = []
+    for operation, valid, args in cases:
+        public_call(name, operation, valid)
+        warm.append(answer(name, operation, args))
+    for (operation, _, args), got in zip(cases, warm, strict=True):
+        runtime.reset()
+        assert answer(name, operation, args) == got, args
+    assert not any(b.failures for b in runtime.breakers.all().values())
+
+
+# -- the failure contract -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def kernels(runtime: Any):
+    added: list[str] = []
+
+    def add(spec: KernelSpec) -> KernelSpec:
+        lz.register_kernel(spec)
+        added.append(spec.kernel_id)
+        return spec
+
+    yield add
+    for kid in added:
+        runtime.kernels.unregister(kid)
+
+
+def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, x.shape[-1:], w, eps)
+
+
+def test_kernel_that_fails_on_valid_input_is_blamed(runtime: Any, kernels: Any) -> None:
+    def broken(x, w, eps):  # type: ignore[no-untyped-def]
+        raise RuntimeError("broken kernel")
+
+    kernels(KernelSpec("custom_broken_rms", "rms_norm", "custom", broken, priority=99))
+    x, w = torch.randn(3, 8), torch.rand(8) + 0.5
+    out = lz.rms_norm(x, w)
+    torch.testing.assert_close(out, rms(x, w, 1e-6))
+    assert runtime.breakers.get("custom_broken_rms").failures == 1
+
+
+def test_kernel_failing_on_bad_data_is_not_blamed(runtime: Any, kernels: Any) -> None:
+    """Every kernel raises on out-of-range class ids and so would the reference: the input's fault."""
+    logits = torch.randn(4, 10)
+    lz.cross_entropy(logits, torch.tensor([1, 2, 3, 4]))
+    for _ in range(runtime.config.failure_threshold + 2):
+        with pytest.raises(InvalidInputError, match="outside \\[0, 10\\)"):
+            lz.cross_entropy(logits, torch.tensor([1, 2, 30, 4]))
+    assert not any(b.failures for b in runtime.breakers.all().values())
+    torch.testing.assert_close(lz.cross_entropy(logits, torch.tensor([1, 2, 3, 4])),
+                               F.cross_entropy(logits, torch.tensor([1, 2, 3, 4])))
+
+
+def test_nothing_computes_the_call_means_invalid_input(runtime: Any, kernels: Any) -> None:
+    """A user operation whose only kernel raises and which has no reference: nothing is shown valid."""
+    def picky(x):  # type: ignore[no-untyped-def]
+        raise ValueError("picky kernel refuses this")
+
+    kernels(KernelSpec("custom_picky", "my_picky_op", "custom", picky, priority=50))
+    for _ in range(runtime.config.failure_threshold + 1):
+        with pytest.raises(InvalidInputError, match="custom_picky: ValueError: picky kernel refuses this"):
+            lz.dispatch.dispatch("my_picky_op", {"x": torch.randn(2)})
+    assert runtime.breakers.get("custom_picky").failures == 0
+
+
+def test_single_kernel_failing_where_the_reference_computes_is_blamed(runtime: Any) -> None:
+    """No fallback at all: the float64 reference computes the call, so the kernel is at fault."""
+    def broken(x, w, eps):  # type: ignore[no-untyped-def]
+        raise RuntimeError("always broken")
+
+    lz.register_kernel(KernelSpec("custom_only_rms", "rms_norm", "custom", broken, priority=99))
+    config = runtime.config
+    try:
+        runtime.configure(config.replace(enable_fallback=False))
+        with pytest.raises(AllKernelsFailedError, match="custom_only_rms: RuntimeError: always broken"):
+            lz.rms_norm(torch.randn(3, 8), torch.ones(8))
+        assert runtime.breakers.get("custom_only_rms").failures == 1
+    finally:
+        runtime.configure(config)
+        runtime.kernels.unregister("custom_only_rms")
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")])
+def test_out_of_memory_is_not_a_kernel_fault(runtime: Any, kernels: Any, error: Exception) -> None:
+    calls = {"fallback": 0}
+
+    def hungry(x, w, eps):  # type: ignore[no-untyped-def]
+        raise error
+
+    kernels(KernelSpec("custom_hungry_rms", "rms_norm", "custom", hungry, priority=99))
+    real = runtime.kernels.find("torch_rms_norm").impl
+    for _ in range(runtime.config.failure_threshold + 1):
+        before = runtime.telemetry.kernel("torch_rms_norm", "rms_norm").calls
+        with pytest.raises(OutOfMemoryError, match="kernel custom_hungry_rms ran out of memory") as info:
+            lz.rms_norm(torch.randn(3, 8), torch.ones(8))
+        assert isinstance(info.value, torch.OutOfMemoryError) and isinstance(info.value, LayerZeroError)
+        calls["fallback"] += runtime.telemetry.kernel("torch_rms_norm", "rms_norm").calls - before
+    assert calls["fallback"] == 0  # never cascades to the next kernel
+    assert runtime.breakers.get("custom_hungry_rms").failures == 0
+    assert real is not None
+
+
+def test_retry_restores_the_generator(runtime: Any, kernels: Any) -> None:
+    """A kernel that draws random numbers and then raises: the fallback draws exactly what a clean call draws."""
+    def greedy_then_broken(logits, temperature, top_k, top_p, generator):  # type: ignore[no-untyped-def]
+        torch.rand(1000, generator=generator)
+        raise RuntimeError("broken after drawing")
+
+    logits = torch.randn(4, 50)
+    want = lz.sample(logits, temperature=0.8, generator=torch.Generator().manual_seed(11))
+    kernels(KernelSpec("custom_drawing_sampler", "sample", "custom", greedy_then_broken, priority=99))
+    for _ in range(3):  # cold, then cached (the fast path's restore)
+        got = lz.sample(logits, temperature=0.8, generator=torch.Generator().manual_seed(11))
+        assert torch.equal(got, want)
+    torch.manual_seed(5)
+    want_global = lz.sample(logits, temperature=0.8)
+    torch.manual_seed(5)
+    assert torch.equal(lz.sample(logits, temperature=0.8), want_global)
+
+
+# -- sequence mode -----------------------------------------------------------------------------------------
+
+def bad_calls(size: int) -> list[Any]:
+    q = torch.randn(1, 2, size, 8)
+    x = torch.randn(size, 8)
+    return [
+        lambda: lz.attention(q[0], q[0], q[0]),
+        lambda: lz.attention(q, torch.randn(2, 2, size, 8), torch.randn(2, 2, size, 8)),
+        lambda: lz.attention(q, q, q, scale=math.inf),
+        lambda: lz.attention(q, q, q, is_causal=1),
+        lambda: lz.attention(q, q, q, attn_mask=torch.ones(1, 1, 1, size, size, dtype=torch.bool)),
+        lambda: lz.attention(q, q, q, attn_mask=torch.ones(size, dtype=torch.bool)),
+        lambda: lz.rms_norm(x.double(), torch.ones(8)),
+        lambda: lz.layer_norm(x.double(), torch.ones(8), torch.ones(8)),
+        lambda: lz.rope(q.bfloat16(), torch.randn(size, 8), torch.randn(size, 8)),
+        lambda: lz.swiglu(x, x.double()),
+        lambda: lz.sample(torch.full((2, 8), math.nan), temperature=1.0),
+        lambda: lz.sample(x, temperature=1.0, top_p=1.5),
+        lambda: lz.cross_entropy(torch.randn(4, 10), torch.tensor([1, 2, 30, 4])),
+        lambda: lz.rms_norm(torch.randn(1, 64).expand(2**40, 64), torch.ones(64)),
+    ]
+
+
+def test_sequence_mode_bad_calls_never_disable_good_kernels(runtime: Any) -> None:
+    for size, rep in itertools.product((3, 5, 8), range(runtime.config.failure_threshold + 1)):
+        for bad in bad_calls(size):
+            with pytest.raises(LayerZeroError):
+                bad()
+        q, k, v = (torch.randn(2, 4, size, 16) for _ in range(3))
+        ref = torch.softmax((q.double() @ k.double().transpose(-2, -1)) / 4, -1) @ v.double()
+        torch.testing.assert_close(lz.attention(q, k, v).double(), ref, atol=1e-5, rtol=1e-5)
+        x, w = torch.randn(size, 8), torch.rand(8) + 0.5
+        torch.testing.assert_close(lz.rms_norm(x, w), rms(x, w, 1e-6))
+        logits = torch.randn(2, 8)
+        seeded = [lz.sample(logits, temperature=1.0, generator=torch.Generator().manual_seed(2)) for _ in range(2)]
+        assert torch.equal(seeded[0], seeded[1])
+    assert [kid for kid, b in runtime.breakers.all().items() if b.failures] == []
