@@ -29,12 +29,12 @@ from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
+from layerzero.config_file.schema import CompiledConfig, load_config
 from layerzero.context import SelectionContext
 from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.dispatcher import Dispatcher, runtime_for
 from layerzero.errors import CaptureError, ConfigError
 from layerzero.ops.base import OpDef
-from layerzero.policy.config_schema import CompiledConfig, load_config
 from layerzero.policy.model import Policy, Rule
 from layerzero.policy.scope import SCOPE
 from layerzero.registry import BackendRegistry, KernelRegistry

@@ -38,13 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from layerzero.config_file.load import parse_text, read_file_bounded
+from layerzero.config_file.problems import raise_problems
+from layerzero.config_file.schema import CompiledConfig, validate_config
 from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.config_driven import ConfigDrivenDispatcher, resolve_config_path
 from layerzero.dispatch.dispatcher import runtime_for
 from layerzero.dispatch.result import DispatchStats
 from layerzero.errors import ConfigError
-from layerzero.policy.config_schema import CompiledConfig, validate_config
-from layerzero.policy.document import parse_text, raise_problems, read_file_bounded
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.runtime import Runtime
 

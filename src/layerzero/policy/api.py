@@ -218,7 +218,7 @@ def configure(source: str | Path | Mapping[str, Any] | None) -> PolicyChange:
     It replaces the document in force; ``lz.configure({"version": "1.0"})`` or ``lz.configure(None)``
     clears it. Invalid documents raise ``PolicyError`` listing every error with its path.
     """
-    from layerzero.policy.document import load_policy
+    from layerzero.config_file.policy_document import load_policy  # deferred: keeps `import layerzero` free of YAML
 
     policy = load_policy(source) if source is not None else Policy(())
     label = str(source) if isinstance(source, (str, Path)) else "dict"
@@ -248,7 +248,7 @@ def current_policy() -> Policy:
 def _compile_condition(condition: str | None, where: str) -> tuple[Any, str | None]:
     if condition is None:
         return None, None
-    from layerzero.policy.conditions import compile_condition
+    from layerzero.policy.conditions import compile_condition  # deferred: only calls with a condition need it
 
     # Locks are judged once per call; prefer rules per candidate kernel (backend / kernel are known).
     return compile_condition(condition, per_kernel=where != "lock", where=f"lz.{where}()"), condition
