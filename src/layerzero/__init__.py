@@ -27,6 +27,7 @@ from layerzero.errors import (
     PlanMismatchError,
     PolicyError,
     SelectionDivergenceError,
+    UnsupportedModelError,
 )
 from layerzero.registry import (
     BackendRegistry,
@@ -63,7 +64,7 @@ __all__ = [
     # errors
     "LayerZeroError", "InvalidInputError", "NoKernelError", "KernelNotFoundError", "KernelNotSupportedError",
     "KernelExecutionError", "AllKernelsFailedError", "ConfigError", "PolicyError", "ConditionError",
-    "PlanMismatchError", "CaptureError", "SelectionDivergenceError", "PerfDBError",
+    "PlanMismatchError", "CaptureError", "SelectionDivergenceError", "PerfDBError", "UnsupportedModelError",
 ]
 
 _load_builtin_backends(get_global_kernel_registry(), get_global_backend_registry())

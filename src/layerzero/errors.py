@@ -28,6 +28,7 @@ __all__ = [
     "CaptureError",
     "SelectionDivergenceError",
     "PerfDBError",
+    "UnsupportedModelError",
 ]
 
 
@@ -130,3 +131,15 @@ class SelectionDivergenceError(LayerZeroError, RuntimeError):
 
 class PerfDBError(LayerZeroError, RuntimeError):
     """The performance database could not be used (only raised by explicit tooling)."""
+
+
+class UnsupportedModelError(LayerZeroError, ValueError):
+    """A model cannot run a layerzero integration (its attention does not go through transformers'
+    ``AttentionInterface``, so ``attn_implementation="layerzero"`` would never call layerzero).
+
+    ``model_class`` names the model class; the message says what to use instead.
+    """
+
+    def __init__(self, message: str, *, model_class: str = ""):
+        super().__init__(message)
+        self.model_class = model_class
