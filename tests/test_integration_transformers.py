@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import re
 import runpy
 import sys
+import textwrap
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,7 +30,7 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-from layerzero.errors import InvalidInputError  # noqa: E402
+from layerzero.errors import InvalidInputError, UnsupportedModelError  # noqa: E402
 from layerzero.integrations import hooks  # noqa: E402
 from layerzero.integrations import transformers as lzt  # noqa: E402
 from layerzero.ops.attention import attention_reference  # noqa: E402
@@ -205,6 +209,172 @@ def test_attention_forward_rejects_softcap() -> None:
     q, k, v = _qkv()
     with pytest.raises(InvalidInputError, match="softcap is not supported; use attn_implementation='eager'"):
         lzt.attention_forward(_Attn(), q, k, v, None, softcap=30.0)
+
+
+# -- which model classes can use "layerzero": they work, or fail at construction with a way out ----------
+
+_HF5 = int(transformers.__version__.split(".")[0]) >= 5
+_TINY = dict(vocab_size=128, num_hidden_layers=2, num_attention_heads=4)
+# model -> (class name, config name, config arguments, input names beyond input_ids)
+_ARCH = {
+    "bert": ("BertModel", "BertConfig", dict(_TINY, hidden_size=64, intermediate_size=128), ()),
+    "roberta": ("RobertaModel", "RobertaConfig", dict(_TINY, hidden_size=64, intermediate_size=128), ()),
+    "t5": ("T5ForConditionalGeneration", "T5Config",
+           dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4), ("decoder_input_ids",)),
+    "falcon": ("FalconForCausalLM", "FalconConfig", dict(_TINY, hidden_size=64), ()),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", _COMMON, ()),
+}
+
+
+def _arch(name: str) -> tuple[type, Any]:
+    cls_name, cfg_name, kwargs, _ = _ARCH[name]
+    return getattr(transformers, cls_name), getattr(transformers, cfg_name)(**kwargs)
+
+
+@pytest.fixture
+def attention_calls() -> Iterator[list[str]]:
+    """The module class of every call transformers makes to the "layerzero" attention function."""
+    from transformers.modeling_utils import AttentionInterface
+
+    calls: list[str] = []
+
+    def spy(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        calls.append(type(module).__name__)
+        return lzt.attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("layerzero", spy)
+    yield calls
+    lzt.register()
+
+
+def _inputs(name: str) -> dict[str, torch.Tensor]:
+    ids, mask = _batch("cpu")
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    for extra in _ARCH[name][3]:
+        inputs[extra] = ids
+    return inputs
+
+
+def _main_output(out: Any) -> torch.Tensor:
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+@pytest.mark.skipif(not _HF5, reason="BERT, RoBERTa and T5 use AttentionInterface from transformers 5")
+@pytest.mark.parametrize("name", ["bert", "roberta", "t5", "llama"])
+def test_encoders_and_encoder_decoders_match_sdpa(name: str, attention_calls: list[str]) -> None:
+    cls, config = _arch(name)
+    torch.manual_seed(0)
+    ref = cls._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    ours = cls._from_config(copy.deepcopy(config), attn_implementation="layerzero").eval()
+    ours.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        want = _main_output(ref(**_inputs(name)))
+        assert attention_calls == []
+        got = _main_output(ours(**_inputs(name)))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    layers = 6 if name == "t5" else 2  # T5: encoder self, decoder self and cross attention per layer
+    assert len(attention_calls) == layers
+
+
+@pytest.mark.parametrize("build", ["constructor", "from_config"])
+def test_falcon_fails_at_construction_naming_the_class_and_sdpa(build: str) -> None:
+    cls, config = _arch("falcon")
+    with pytest.raises(UnsupportedModelError, match=r"FalconForCausalLM .*Use attn_implementation='sdpa' for "
+                                                    r"FalconForCausalLM.*includes LlamaForCausalLM") as info:
+        if build == "constructor":
+            config._attn_implementation = "layerzero"
+            cls(config)
+        else:
+            transformers.AutoModelForCausalLM.from_config(config, attn_implementation="layerzero")
+    assert info.value.model_class == "FalconForCausalLM" and isinstance(info.value, ValueError)
+    model = cls._from_config(config, attn_implementation="sdpa")  # the way out works
+    assert lzt.patch(model).count > 0  # and patch() still applies
+
+
+_SILENT_MODEL = """
+    from torch import nn
+    from transformers import PretrainedConfig, PreTrainedModel
+
+
+    class SilentConfig(PretrainedConfig):
+        model_type = "layerzero_silent"
+
+
+    class SilentAttention(nn.Module):  # computes attention itself, never through AttentionInterface
+        def forward(self, x):
+            return x
+
+
+    class SilentModel(PreTrainedModel):
+        config_class = SilentConfig
+        _supports_sdpa = {sdpa}
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.attn = SilentAttention()
+            self.post_init()
+"""
+
+
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_a_model_that_would_never_call_layerzero_fails_at_construction(
+        sdpa: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # transformers 4.57's T5 accepted the name and ran its own eager attention: a class like that one.
+    name = f"layerzero_silent_model_{sdpa}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(_SILENT_MODEL.format(sdpa=sdpa)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    assert not lzt.uses_attention_interface(module.SilentModel)
+    instead = "sdpa" if sdpa else "eager"
+    with pytest.raises(UnsupportedModelError, match=f"SilentModel .*Use attn_implementation='{instead}'"):
+        module.SilentModel(module.SilentConfig(attn_implementation="layerzero"))
+    assert module.SilentModel(module.SilentConfig(attn_implementation="eager")) is not None
+    monkeypatch.delitem(sys.modules, name)
+
+
+def test_output_attentions_warns_once_that_no_weights_come_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lzt, "_WARNED", set())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(LlamaConfig(**_COMMON), attn_implementation="layerzero").eval()
+    ids, _ = _batch("cpu")
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="computes no attention weights.*use attn_implementation='eager'"):
+            out = model(ids, output_attentions=True)
+        assert not any(a is not None for a in (out.attentions or ()))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*computes no attention weights")
+            model(ids, output_attentions=True)  # once per process (transformers 4.x adds a warning of its own)
+            model(ids)
+
+
+def test_attention_forward_rejects_head_mask() -> None:
+    q, k, v = _qkv()
+    with pytest.raises(InvalidInputError, match="head_mask is not supported"):
+        lzt.attention_forward(_Attn(), q, k, v, None, head_mask=torch.ones(4))
+
+
+@pytest.mark.skipif(_HF5, reason="transformers 4.x only (CI runs 5.x; checked by hand on 4.57)")
+@pytest.mark.parametrize("name", ["bert", "roberta", "t5", "falcon"])
+def test_transformers_4_classes_with_their_own_attention_fail_at_construction(name: str) -> None:
+    cls, config = _arch(name)
+    with pytest.raises(UnsupportedModelError, match=f"{cls.__name__} .*Use attn_implementation="):
+        cls._from_config(config, attn_implementation="layerzero")
+
+
+@pytest.mark.skipif(_HF5, reason="transformers 4.x only (CI runs 5.x; checked by hand on 4.57)")
+def test_transformers_4_llama_matches_sdpa(attention_calls: list[str]) -> None:
+    cls, config = _arch("llama")
+    torch.manual_seed(0)
+    ref = cls._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    ours = cls._from_config(copy.deepcopy(config), attn_implementation="layerzero").eval()
+    ours.load_state_dict(ref.state_dict())
+    ids, mask = _batch("cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits,
+                                   atol=1e-5, rtol=1e-5)
+        assert len(attention_calls) == 2
+        assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False),
+                           ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
 
 
 class GemmaLikeRMSNorm(nn.Module):

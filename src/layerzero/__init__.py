@@ -28,6 +28,7 @@ from layerzero.errors import (
     PlanMismatchError,
     PolicyError,
     SelectionDivergenceError,
+    UnsupportedModelError,
 )
 from layerzero.registry import (
     BackendRegistry,
@@ -63,8 +64,9 @@ __all__ = [
     "get_global_kernel_registry", "get_global_backend_registry", "register_kernel",
     # errors
     "LayerZeroError", "InvalidInputError", "NoKernelError", "KernelNotFoundError", "KernelNotSupportedError",
-    "KernelExecutionError", "AllKernelsFailedError", "OutOfMemoryError", "ConfigError", "PolicyError", "ConditionError",
-    "PlanMismatchError", "CaptureError", "SelectionDivergenceError", "PerfDBError",
+    "KernelExecutionError", "AllKernelsFailedError", "OutOfMemoryError", "ConfigError", "PolicyError",
+    "ConditionError", "PlanMismatchError", "CaptureError", "SelectionDivergenceError", "PerfDBError",
+    "UnsupportedModelError",
 ]
 
 _load_builtin_backends(get_global_kernel_registry(), get_global_backend_registry())

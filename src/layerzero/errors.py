@@ -31,6 +31,7 @@ __all__ = [
     "CaptureError",
     "SelectionDivergenceError",
     "PerfDBError",
+    "UnsupportedModelError",
 ]
 
 
@@ -160,3 +161,15 @@ class SelectionDivergenceError(LayerZeroError, RuntimeError):
 
 class PerfDBError(LayerZeroError, RuntimeError):
     """The performance database could not be used (only raised by explicit tooling)."""
+
+
+class UnsupportedModelError(LayerZeroError, ValueError):
+    """A model cannot run a layerzero integration (its attention does not go through transformers'
+    ``AttentionInterface``, so ``attn_implementation="layerzero"`` would never call layerzero).
+
+    ``model_class`` names the model class; the message says what to use instead.
+    """
+
+    def __init__(self, message: str, *, model_class: str = ""):
+        super().__init__(message)
+        self.model_class = model_class

@@ -15,6 +15,18 @@ boolean or additive), GQA (key/value heads passed as they are), sliding
 windows, dropout and scaling transformers passes, returning ``(B, S, H, D)``
 like transformers' own ``sdpa_attention_forward``.
 
+Not every model class looks its attention function up in that interface: some
+pick their own attention classes (Falcon on 5.x and 4.x; BERT, RoBERTa and T5
+on 4.x), so the name would fail deep inside transformers or, worse, be accepted
+and never reach layerzero. :func:`register` therefore wraps
+``PreTrainedModel._check_and_adjust_attn_implementation`` (transformers' own
+per-model check, run at construction; the wrapper calls it unchanged and only
+looks further when it answers ``"layerzero"``): a class whose module defines an
+attention ``nn.Module`` but never uses ``ALL_ATTENTION_FUNCTIONS`` (transformers'
+own heuristic, ``_can_set_attn_implementation``) raises
+:class:`~layerzero.errors.UnsupportedModelError` naming the class and what to
+use instead. ``output_attentions=True`` warns once: no weights come back.
+
 :func:`patch` swaps norm and activation modules (Llama/Qwen2/Mistral-style
 RMSNorm, ``nn.LayerNorm``, SiLU / GELU activations, SwiGLU MLPs) to layerzero
 ops by giving each matching module instance a layerzero ``forward``; every
@@ -25,8 +37,14 @@ RMSNorm, is left alone and reported). :func:`unpatch` restores the modules.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import math
+import re
+import sys
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,12 +53,22 @@ import torch
 from torch import nn
 
 import layerzero.ops as lz_ops
-from layerzero.errors import InvalidInputError, LayerZeroError
+from layerzero.errors import InvalidInputError, LayerZeroError, UnsupportedModelError
 
-__all__ = ["register", "is_registered", "attention_forward", "patch", "unpatch", "PatchReport", "ATTN_NAME"]
+__all__ = ["register", "is_registered", "attention_forward", "uses_attention_interface", "check_model_class", "patch",
+           "unpatch", "PatchReport", "ATTN_NAME"]
 
 ATTN_NAME = "layerzero"
 _PATCH_ATTR = "_layerzero_patch"
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """One warning per process and key, like transformers' ``logger.warning_once`` on its sdpa path."""
+    if key in _WARNED or torch.compiler.is_compiling():
+        return
+    _WARNED.add(key)
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -72,7 +100,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         attention_mask: ``None``, or a 4-D boolean (True = attend) or additive mask.
         dropout, scaling: attention dropout probability and softmax scale.
         is_causal: overrides ``module.is_causal``.
-        kwargs: ``sliding_window``, ``position_bias``; ``softcap`` and ``s_aux`` are not supported.
+        kwargs: ``sliding_window``, ``position_bias``; ``softcap``, ``s_aux`` and ``head_mask`` are not
+            supported; ``output_attentions=True`` warns once (no weights are computed).
 
     Returns:
         ``(output, None)`` with output ``(batch, seq, heads, head_dim)``, contiguous.
@@ -82,6 +111,14 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             raise InvalidInputError(
                 f"attention (transformers attn_implementation='layerzero'): {unsupported} is not supported; "
                 f"use attn_implementation='eager' for this model")
+    if kwargs.get("head_mask") is not None:
+        raise InvalidInputError(
+            "attention (transformers attn_implementation='layerzero'): head_mask is not supported (it would be "
+            "ignored); use attn_implementation='eager' to mask heads")
+    if kwargs.get("output_attentions"):
+        _warn_once("output_attentions",
+                   "attn_implementation='layerzero' computes no attention weights: with output_attentions=True the "
+                   "model returns none (empty or None attentions); use attn_implementation='eager' for them")
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     mask = attention_mask
@@ -118,8 +155,95 @@ def _sdpa_mask() -> Callable[..., Any] | None:
         return None
 
 
+_ATTENTION_MODULE = re.compile(r"^class \w*Attention\w*\((?:torch\.)?nn\.Module\):", re.MULTILINE)
+# Models named in the error, when their class passes on the installed transformers (module, class).
+_KNOWN_GOOD = (("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
+               ("gemma", "GemmaForCausalLM"), ("gpt2", "GPT2LMHeadModel"), ("bert", "BertModel"),
+               ("roberta", "RobertaModel"), ("t5", "T5ForConditionalGeneration"), ("falcon", "FalconForCausalLM"))
+
+
+@functools.cache
+def uses_attention_interface(cls: type) -> bool:
+    """Whether ``cls``'s attention modules look their function up in ``ALL_ATTENTION_FUNCTIONS``.
+
+    transformers' own heuristic (``PreTrainedModel._can_set_attn_implementation``): when the class's module
+    defines an ``*Attention*(nn.Module)``, it must use ``ALL_ATTENTION_FUNCTIONS``; a module without one
+    (a composite model, a subclass in user code) and a module without readable source count as yes.
+    """
+    module = sys.modules.get(cls.__module__)
+    try:
+        code = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        return True
+    return _ATTENTION_MODULE.search(code) is None or "ALL_ATTENTION_FUNCTIONS" in code
+
+
+def _supported_examples() -> list[str]:
+    found = []
+    for module_name, class_name in _KNOWN_GOOD:
+        try:
+            module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+        except Exception:  # an older transformers without this model, or one that fails to import
+            continue
+        cls = getattr(module, class_name, None)
+        if cls is not None and uses_attention_interface(cls):
+            found.append(class_name)
+    return found
+
+
+def check_model_class(cls: type) -> None:
+    """Raise :class:`UnsupportedModelError` when ``attn_implementation="layerzero"`` cannot reach ``cls``'s attention.
+
+    Called for every model built with ``"layerzero"`` (see :func:`register`); callable directly too.
+    """
+    if uses_attention_interface(cls):
+        return
+    import transformers
+
+    instead = "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+    examples = ", ".join(_supported_examples()) or "none of the usual ones"
+    raise UnsupportedModelError(
+        f"attn_implementation={ATTN_NAME!r}: {cls.__name__} ({cls.__module__}) chooses its attention itself instead "
+        f"of through transformers' AttentionInterface, so layerzero would never run its attention. Use "
+        f"attn_implementation={instead!r} for {cls.__name__} (layerzero.integrations.transformers.patch(model) "
+        f"works without it). layerzero supports models whose attention goes through "
+        f"AttentionInterface; on transformers {transformers.__version__} that includes {examples}.",
+        model_class=cls.__name__)
+
+
+_CHECKED = "_layerzero_checks_models"
+
+
+def _install_model_check() -> None:
+    """Wrap transformers' per-model attention check so an unsupported class fails at construction (idempotent)."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    for method in ("_check_and_adjust_attn_implementation", "get_correct_attn_implementation"):
+        original = PreTrainedModel.__dict__.get(method)
+        if original is not None:
+            break
+    else:  # an older transformers: nothing to hook; the model's own code decides
+        return
+    if getattr(original, _CHECKED, False):
+        return
+
+    @functools.wraps(original)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        chosen = original(self, *args, **kwargs)
+        if chosen == ATTN_NAME:
+            check_model_class(type(self))
+        return chosen
+
+    setattr(checked, _CHECKED, True)
+    setattr(PreTrainedModel, method, checked)
+
+
 def register(name: str = ATTN_NAME) -> None:
-    """Register ``name`` as a transformers attention implementation (idempotent)."""
+    """Register ``name`` as a transformers attention implementation (idempotent).
+
+    Also makes models whose attention cannot reach layerzero fail at construction with
+    :class:`~layerzero.errors.UnsupportedModelError` (see :func:`check_model_class`).
+    """
     from transformers import modeling_utils
 
     interface = getattr(modeling_utils, "AttentionInterface", None)
@@ -138,6 +262,7 @@ def register(name: str = ATTN_NAME) -> None:
         from transformers.masking_utils import AttentionMaskInterface
 
         AttentionMaskInterface.register(name, mask_fn)
+    _install_model_check()
 
 
 def is_registered(name: str = ATTN_NAME) -> bool:
