@@ -78,7 +78,7 @@ from layerzero.ops import op_for  # noqa: E402
 from layerzero.tuning import grids  # noqa: E402
 from layerzero.tuning.buckets import bucket_of  # noqa: E402
 from layerzero.tuning.perfdb import PerfDB  # noqa: E402
-from layerzero.tuning.timing import Timing, time_cpu, time_cuda  # noqa: E402
+from layerzero.timing import Timing, time_cpu, time_cuda  # noqa: E402
 from layerzero.tuning.tuner import Tuner, _callable  # noqa: E402
 
 OPERATIONS = ("attention.causal", "attention.full", "rms_norm", "geglu", "cross_entropy")

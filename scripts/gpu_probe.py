@@ -35,7 +35,9 @@ import torch.nn.functional as F  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import layerzero as lz  # noqa: E402
-from layerzero.backends import liger, torch_backend  # noqa: E402
+from layerzero.backends import liger  # noqa: E402
+from layerzero.backends.torch import elementwise as torch_elementwise  # noqa: E402
+from layerzero.backends.torch import losses as torch_losses  # noqa: E402
 
 
 def bench_us(fn: Any, warmup: float = 5.0, rep: float = 20.0) -> float:
@@ -145,7 +147,7 @@ def main() -> int:
         for rows, inter in ((1, 14336), (128, 14336), (4096, 14336), (16384, 14336), (4096, 24576)):
             a, b = rn(rows, inter), rn(rows, inter)
             results[f"geglu_{rows}x{inter}"] = probe(f"geglu {rows}x{inter} bf16", {
-                "torch_geglu": lambda a=a, b=b: torch_backend.torch_geglu(a, b, "tanh"),
+                "torch_geglu": lambda a=a, b=b: torch_elementwise.torch_geglu(a, b, "tanh"),
                 "liger_geglu": lambda a=a, b=b: liger.liger_geglu(a, b, "tanh"),
             }, rounds=2)
 
@@ -153,7 +155,7 @@ def main() -> int:
             logits = rn(rows, vocab)
             target = torch.randint(0, vocab, (rows,), device=dev, generator=g)
             results[f"ce_{rows}x{vocab}"] = probe(f"cross_entropy {rows}x{vocab} bf16", {
-                "torch_cross_entropy": lambda lg=logits, t=target: torch_backend.torch_cross_entropy(
+                "torch_cross_entropy": lambda lg=logits, t=target: torch_losses.torch_cross_entropy(
                     lg, t, -100, 0.0, "mean"),
                 "liger_cross_entropy": lambda lg=logits, t=target: liger.liger_cross_entropy(
                     lg, t, -100, 0.0, "mean"),

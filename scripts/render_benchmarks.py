@@ -30,7 +30,7 @@ def _rel(path: Path) -> str:
 def _bench_section(path: Path, title: str, command: str) -> list[str]:
     from layerzero.bench.report import render_markdown
     from layerzero.bench.runner import BenchReport, OverheadRow, ResultRow
-    from layerzero.bench.timing import PairResult, Percentiles
+    from layerzero.timing import PairResult, Percentiles
 
     data = json.loads(path.read_text())
 

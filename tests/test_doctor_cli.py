@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import layerzero as lz
-from layerzero.backends.torch_backend import TORCH_KERNEL_IDS
+from layerzero.backends.torch import TORCH_KERNEL_IDS
 
 LAYERZERO = Path(sys.executable).parent / "layerzero"
 CUDA_ONLY = ("torch_sdpa_flash", "torch_sdpa_efficient", "torch_sdpa_cudnn")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import layerzero as lz
-from layerzero.backends.torch_backend import TORCH_KERNEL_IDS
+from layerzero.backends.torch import TORCH_KERNEL_IDS
 from layerzero.errors import KernelNotFoundError
 from layerzero.registry import (
     BackendRegistry,

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import layerzero as lz
-from layerzero.backends import torch_backend
+from layerzero.backends import torch as torch_backend
 from layerzero.errors import KernelNotSupportedError, NoKernelError
 from layerzero.registry import BackendRegistry, KernelRegistry, get_global_kernel_registry
 from layerzero.selection import MVCCPlanCache, PlanCache, SelectionContext, SelectionEngine
@@ -214,7 +214,7 @@ def test_the_same_answer_in_a_fresh_process() -> None:
         from layerzero.registry import BackendRegistry, KernelRegistry
         from layerzero.selection import SelectionContext, SelectionEngine
         from layerzero.spec import KernelSpec
-        from layerzero.backends import torch_backend
+        from layerzero.backends import torch as torch_backend
         kernels, backends = KernelRegistry(), BackendRegistry()
         torch_backend.register(kernels, backends)
         for kid in ("custom_zeta", "custom_alpha", "custom_mid"):

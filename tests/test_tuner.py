@@ -21,7 +21,7 @@ from layerzero.tuning import grids
 from layerzero.tuning.buckets import bucket_of
 from layerzero.tuning.online import OnlineTuner
 from layerzero.tuning.perfdb import PerfDB
-from layerzero.tuning.timing import summarize, time_cpu
+from layerzero.timing import summarize, time_cpu
 from layerzero.tuning.tuner import Tuner, check_context
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -391,7 +391,7 @@ def test_a_rival_must_win_decisively(user_kernels, monkeypatch, rival_rounds, wi
     22.9-29.5 us across rounds against a steady 26.8 us): its upper-quartile round must beat the priority
     choice's median by 5%, so winning on its good rounds is not enough, but one outlier does not sink it."""
     from layerzero.tuning import tuner as tuner_mod
-    from layerzero.tuning.timing import Timing
+    from layerzero.timing import Timing
     from layerzero.tuning.tuner import KernelResult
 
     last: list[str] = []

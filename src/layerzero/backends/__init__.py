@@ -1,6 +1,7 @@
 """Backend plugins: one module per library.
 
-Each module exposes ``register(kernels, backends)``. The torch backend is
+Each module (or package, like ``torch``) meets :class:`layerzero.backends.base.Backend`:
+``register(kernels, backends)``, ``BACKENDS`` and ``KERNEL_IDS``. The torch backend is
 always there. Other backends register their kernel specs with lazy
 implementations whether or not their library is installed, so a missing
 library shows up as a ``BACKEND_UNAVAILABLE`` rejection ("liger is not
@@ -14,6 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 
+from layerzero.backends.base import Backend
 from layerzero.registry import BackendRegistry, KernelRegistry
 
 __all__ = ["BUILTIN_BACKENDS", "load_builtin_backends"]
@@ -21,7 +23,7 @@ __all__ = ["BUILTIN_BACKENDS", "load_builtin_backends"]
 log = logging.getLogger("layerzero")
 
 # Modules under layerzero.backends, in registration order.
-BUILTIN_BACKENDS: tuple[str, ...] = ("torch_backend", "flash_attn", "flashinfer", "xformers", "flex", "liger")
+BUILTIN_BACKENDS: tuple[str, ...] = ("torch", "flash_attn", "flashinfer", "xformers", "flex", "liger")
 
 _loaded: set[int] = set()
 
@@ -33,7 +35,7 @@ def load_builtin_backends(kernels: KernelRegistry, backends: BackendRegistry) ->
     _loaded.add(id(kernels))
     for name in BUILTIN_BACKENDS:
         try:
-            module = importlib.import_module(f"layerzero.backends.{name}")
+            module: Backend = importlib.import_module(f"layerzero.backends.{name}")  # type: ignore[assignment]
             module.register(kernels, backends)
         except Exception as exc:  # one broken plugin must not take the others down
             log.warning("backend module %s failed to register: %s: %s", name, type(exc).__name__, exc)

@@ -34,7 +34,8 @@ from layerzero.context import SelectionContext
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
 
-__all__ = ["register", "flash_attn_v2_attention", "flash_attn_v3_attention", "FLASH_ATTN_KERNEL_IDS"]
+__all__ = ["register", "BACKENDS", "KERNEL_IDS", "flash_attn_v2_attention", "flash_attn_v3_attention",
+           "FLASH_ATTN_KERNEL_IDS"]
 
 _PIP_V2 = "pip install flash-attn --no-build-isolation"
 _PIP_V3 = "build flash-attention's hopper/ package (pip install flash-attn-3 where wheels exist)"
@@ -97,6 +98,10 @@ def _specs() -> list[KernelSpec]:
 
 
 FLASH_ATTN_KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in _specs())
+
+# The layerzero.backends.base.Backend contract: the backend names register() declares, and its kernels.
+BACKENDS: tuple[str, ...] = ("flash_attn", "flash_attn_v3")
+KERNEL_IDS: tuple[str, ...] = FLASH_ATTN_KERNEL_IDS
 
 
 def register(kernels: KernelRegistry, backends: BackendRegistry) -> list[KernelSpec]:

@@ -40,8 +40,8 @@ from layerzero.context import SelectionContext
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
 
-__all__ = ["register", "flashinfer_prefill", "flashinfer_batch_prefill", "flashinfer_decode", "FLASHINFER_KERNEL_IDS",
-           "HEAD_DIMS"]
+__all__ = ["register", "BACKENDS", "KERNEL_IDS", "flashinfer_prefill", "flashinfer_batch_prefill",
+           "flashinfer_decode", "FLASHINFER_KERNEL_IDS", "HEAD_DIMS"]
 
 _PIP = "pip install flashinfer-python"
 HEAD_DIMS = frozenset({64, 128, 256})
@@ -180,6 +180,10 @@ def _specs() -> list[KernelSpec]:
 
 
 FLASHINFER_KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in _specs())
+
+# The layerzero.backends.base.Backend contract: the backend names register() declares, and its kernels.
+BACKENDS: tuple[str, ...] = ("flashinfer",)
+KERNEL_IDS: tuple[str, ...] = FLASHINFER_KERNEL_IDS
 
 
 def register(kernels: KernelRegistry, backends: BackendRegistry) -> list[KernelSpec]:

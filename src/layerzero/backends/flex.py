@@ -35,7 +35,7 @@ from layerzero.context import SelectionContext
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
 
-__all__ = ["register", "flex_attention_kernel", "block_mask_for", "FLEX_KERNEL_IDS"]
+__all__ = ["register", "BACKENDS", "KERNEL_IDS", "flex_attention_kernel", "block_mask_for", "FLEX_KERNEL_IDS"]
 
 _MASK_CACHE_SIZE = 64
 _masks: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
@@ -166,6 +166,10 @@ def _specs() -> list[KernelSpec]:
 
 
 FLEX_KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in _specs())
+
+# The layerzero.backends.base.Backend contract: the backend names register() declares, and its kernels.
+BACKENDS: tuple[str, ...] = ("flex",)
+KERNEL_IDS: tuple[str, ...] = FLEX_KERNEL_IDS
 
 
 def register(kernels: KernelRegistry, backends: BackendRegistry) -> list[KernelSpec]:

@@ -39,8 +39,8 @@ import torch
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec
 
-__all__ = ["register", "LIGER_KERNEL_IDS", "liger_rms_norm", "liger_layer_norm", "liger_rope", "liger_swiglu",
-           "liger_geglu", "liger_cross_entropy"]
+__all__ = ["register", "BACKENDS", "KERNEL_IDS", "LIGER_KERNEL_IDS", "liger_rms_norm", "liger_layer_norm",
+           "liger_rope", "liger_swiglu", "liger_geglu", "liger_cross_entropy"]
 
 _PIP = "pip install liger-kernel"
 _FUNCTIONS = {
@@ -165,6 +165,10 @@ def _specs() -> list[KernelSpec]:
 
 
 LIGER_KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in _specs())
+
+# The layerzero.backends.base.Backend contract: the backend names register() declares, and its kernels.
+BACKENDS: tuple[str, ...] = ("liger",)
+KERNEL_IDS: tuple[str, ...] = LIGER_KERNEL_IDS
 
 
 def register(kernels: KernelRegistry, backends: BackendRegistry) -> list[KernelSpec]:

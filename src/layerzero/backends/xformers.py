@@ -33,7 +33,7 @@ import torch
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec
 
-__all__ = ["register", "xformers_attention", "XFORMERS_KERNEL_IDS"]
+__all__ = ["register", "BACKENDS", "KERNEL_IDS", "xformers_attention", "XFORMERS_KERNEL_IDS"]
 
 _PIP = "pip install xformers"
 
@@ -91,6 +91,10 @@ def _specs() -> list[KernelSpec]:
 
 
 XFORMERS_KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in _specs())
+
+# The layerzero.backends.base.Backend contract: the backend names register() declares, and its kernels.
+BACKENDS: tuple[str, ...] = ("xformers",)
+KERNEL_IDS: tuple[str, ...] = XFORMERS_KERNEL_IDS
 
 
 def register(kernels: KernelRegistry, backends: BackendRegistry) -> list[KernelSpec]:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from layerzero.bench.timing import PairResult, interleaved, measure_calls
+from layerzero.timing import PairResult, interleaved, measure_calls
 
 __all__ = ["BenchOptions", "BenchReport", "run_bench", "OverheadRow", "ResultRow"]
 

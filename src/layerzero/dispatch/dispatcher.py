@@ -71,8 +71,8 @@ __all__ = ["Dispatcher", "DispatchResult", "DispatchTiming", "runtime_for", "Pla
 
 PlanStore = PlanCache | MVCCPlanCache
 _CTX = "explicit-context"
-_perf_ns = time.perf_counter_ns
-_new_result = DispatchResult.__new__  # the hot paths fill the slots themselves (no __init__ frame)
+perf_ns = time.perf_counter_ns
+new_result = DispatchResult.__new__  # the hot paths fill the slots themselves (no __init__ frame)
 _UNSEEN: Any = object()
 
 
@@ -305,7 +305,7 @@ class Dispatcher:
                             out, ran = self._run_slow(plan, (q, k, v, None, hot.is_causal, hot.dropout_p,
                                                              hot.scale, hot.window), exc)
                         else:
-                            r = _new_result(DispatchResult)
+                            r = new_result(DispatchResult)
                             r.output = out
                             r.kernel_id = kernel_id
                             r.operation = operation
@@ -485,7 +485,7 @@ class Dispatcher:
                         kwargs: dict[str, Any]) -> DispatchResult:
         """``dispatch`` with ``record_timing``: the same steps, each timed."""
         rt = self.runtime
-        t0 = _perf_ns()
+        t0 = perf_ns()
         op = self._op(operation)
         args, bshd = map_inputs(op, operation, inputs, kwargs)
         key = keys_for(op, operation, args)[1]
@@ -493,7 +493,7 @@ class Dispatcher:
             key = (operation, _CTX, id(context), key)
         if not op.admits(operation, args):
             key = None
-        t1 = _perf_ns()
+        t1 = perf_ns()
         scope = SCOPE.get()
         try:
             if key is None:
@@ -504,11 +504,11 @@ class Dispatcher:
                 plan = scope.plans.get(key) if self._cache is None else None
         except TypeError:  # an unhashable value in the key (window=[4]): validation names it on the slow path
             plan = key = None
-        t2 = _perf_ns()
+        t2 = perf_ns()
         build_ns = t1 - t0
         if plan is not None and (context is None or plan.context is context):
             cached = True
-            t3 = _perf_ns()
+            t3 = perf_ns()
             note = rt.last_run
             note.value = None
             out = plan.run(*args)  # timing mode: plan.run is the runtime's timed runner
@@ -517,14 +517,14 @@ class Dispatcher:
             cached = False
             version = rt.version
             plan = self._select(op, operation, args, context)[0]
-            t3 = _perf_ns()
+            t3 = perf_ns()
             out, ran = self._first_run(plan, args)
             if rt.version == version:
                 self._store(key, plan, scope)
-        t4 = _perf_ns()
+        t4 = perf_ns()
         if bshd:
             out = out.transpose(1, 2)
-        t5 = _perf_ns()
+        t5 = perf_ns()
         if context is None and not kwargs:
             self._learn(op, operation, inputs)
         timing = DispatchTiming(selection_us=(t3 - t0) / 1000.0, execution_us=(t5 - t3) / 1000.0,

@@ -27,7 +27,7 @@ from typing import Any
 
 from layerzero.context import SelectionContext
 from layerzero.runtime.config import DispatchConfig, DispatchMode
-from layerzero.dispatch.dispatcher import Dispatcher, _new_result, _perf_ns, runtime_for
+from layerzero.dispatch.dispatcher import Dispatcher, new_result, perf_ns, runtime_for
 from layerzero.dispatch.generic import attention_inputs, map_inputs
 from layerzero.dispatch.result import NOT_TIMED, DispatchResult, DispatchTiming
 from layerzero.errors import ConfigError, InvalidInputError, NoKernelError
@@ -152,7 +152,7 @@ class StaticDispatcher(Dispatcher):
                     out = rt.recover(plan, (q, k, v, None, fast.is_causal, fast.dropout_p, fast.scale, fast.window),
                                      0, exc)
                     return self._result(out, plan, note.value, operation, NOT_TIMED, True)
-                r = _new_result(DispatchResult)
+                r = new_result(DispatchResult)
                 r.output = out
                 r.kernel_id = plan.kernels[0].kernel_id
                 r.operation = operation
@@ -191,17 +191,17 @@ class StaticDispatcher(Dispatcher):
     def _static_timed(self, plan: ExecutionPlan, operation: str, inputs: Mapping[str, Any], kwargs: dict[str, Any]
                       ) -> DispatchResult:
         rt = self.runtime
-        t0 = _perf_ns()
+        t0 = perf_ns()
         args, bshd = map_inputs(plan.op, operation, inputs, kwargs)
-        t1 = _perf_ns()
+        t1 = perf_ns()
         note = rt.last_run
         note.value = None
         out = plan.run(*args)
         ran = note.value
-        t2 = _perf_ns()
+        t2 = perf_ns()
         if bshd:
             out = out.transpose(1, 2)
-        t3 = _perf_ns()
+        t3 = perf_ns()
         timing = DispatchTiming(selection_us=(t1 - t0) / 1000.0, execution_us=(t3 - t1) / 1000.0,
                                 total_us=(t3 - t0) / 1000.0, context_build_ns=t1 - t0, cache_lookup_ns=0,
                                 kernel_invoke_ns=t2 - t1, recorded=True)

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.ops._shared import window_mask
 from layerzero.ops.base import OpDef, default_generator, layout_problem, pick
 from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
+from layerzero.tensor_helpers import window_mask
 
 __all__ = ["attention", "ATTENTION", "AttentionOp", "attention_reference", "window_mask"]
 

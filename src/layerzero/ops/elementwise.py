@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.ops._shared import half_cos_sin
 from layerzero.ops.base import OpDef, layout_problem, pick
 from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
+from layerzero.tensor_helpers import half_cos_sin
 
 __all__ = ["rope", "swiglu", "geglu", "gelu", "silu", "ROPE", "SWIGLU", "GEGLU", "GELU", "SILU", "rope_reference",
            "half_cos_sin"]

@@ -41,7 +41,7 @@ from layerzero.spec import KernelSpec
 from layerzero.tuning.buckets import bucket_of
 from layerzero.tuning.fingerprint import hardware_fingerprint
 from layerzero.tuning.source import libraries_for
-from layerzero.tuning.timing import quantile, time_call
+from layerzero.timing import quantile, time_call
 
 if TYPE_CHECKING:
     from layerzero.runtime import Runtime

@@ -1,9 +1,8 @@
 """Extra ``lz.doctor()`` / ``layerzero doctor`` sections: what is in force and what is wrong right now.
 
-Registered on :data:`layerzero.doctor._doctor_hooks` when this module is
-imported, which ``lz.doctor()`` does on its first call (so ``layerzero
-doctor`` and Python callers see the same report). Each hook adds one key to
-``report.extra``:
+:data:`SECTIONS` lists them in the order :func:`layerzero.doctor.doctor` runs
+them (so ``layerzero doctor`` and Python callers see the same report). Each
+section adds one key to ``report.extra``:
 
 * ``perf_db``: the performance database's location and entry count
   (``layerzero.tuning``; nothing is created by looking);
@@ -20,12 +19,13 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 from layerzero.runtime.config import ENV_VARS, DispatchConfig
 from layerzero.runtime import get_runtime
 
-__all__ = ["perf_db_section", "config_section", "runtime_section", "install", "problems"]
+__all__ = ["SECTIONS", "perf_db_section", "config_section", "runtime_section", "problems"]
 
 
 def problems(report: Any) -> list[str]:
@@ -106,13 +106,5 @@ def runtime_section(report: Any) -> None:
             report.warnings.append(f"no kernel for {op} is usable on this machine")
 
 
-def install() -> None:
-    """Register the sections on ``layerzero.doctor._doctor_hooks`` (idempotent)."""
-    from layerzero.doctor import _doctor_hooks
-
-    for hook in (perf_db_section, config_section, runtime_section):
-        if hook not in _doctor_hooks:
-            _doctor_hooks.append(hook)
-
-
-install()
+# In report order; a section that raises becomes a warning of the report, never a failed doctor.
+SECTIONS: tuple[Callable[[Any], None], ...] = (perf_db_section, config_section, runtime_section)

@@ -1,4 +1,4 @@
-"""Small tensor helpers shared by the op definitions and the kernels (no runtime imports)."""
+"""Small tensor helpers shared by the op references (``layerzero.ops``) and the torch kernels (no layerzero imports)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hot-path specializations of torch kernels (``KernelSpec.specialize``).
+"""Hot-path specializations of the torch kernels (``KernelSpec.specialize``), bound once per plan.
 
 Building ``normalized_shape`` per call (``x.shape[-1:]``) costs about half a
 microsecond on a small CPU, a large part of the dispatch budget; a plan binds
@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from layerzero.backends.torch.attention import torch_sdpa, torch_sdpa_gqa
+from layerzero.backends.torch.capabilities import GQA_NATIVE
 from layerzero.context import SelectionContext
 
 __all__ = ["rms_norm_specialize", "layer_norm_specialize", "sdpa_specialize", "sdpa_gqa_specialize"]
@@ -77,17 +79,13 @@ def sdpa_gqa_specialize(ctx: SelectionContext) -> tuple[Any, Callable[..., Any]]
     """``torch_sdpa_gqa`` for a plan with no mask, dropout or window: on PyTorch >= 2.5 it calls SDPA with
     ``enable_gqa=True`` and nothing else, whatever the context's head counts, so the plan (and a
     shape-free plan of its call family) runs GQA, MQA and MHA calls alike; else the general adapter."""
-    from layerzero.backends.torch_backend import _GQA_NATIVE, torch_sdpa_gqa
-
-    if ctx.mask_kind != "none" or ctx.dropout_p or ctx.window is not None or not _GQA_NATIVE:
+    if ctx.mask_kind != "none" or ctx.dropout_p or ctx.window is not None or not GQA_NATIVE:
         return "sdpa_gqa", torch_sdpa_gqa
     return ("sdpa_gqa_causal", torch_sdpa_gqa_causal) if ctx.is_causal else ("sdpa_gqa_plain", torch_sdpa_gqa_plain)
 
 
 def sdpa_specialize(ctx: SelectionContext) -> tuple[Any, Callable[..., Any]]:
     """``torch_sdpa`` for a plan with no mask and no dropout (both are in the cache key); else as is."""
-    from layerzero.backends.torch_backend import torch_sdpa
-
     if ctx.mask_kind != "none" or ctx.dropout_p:
         return "sdpa", torch_sdpa
     return ("sdpa_causal", torch_sdpa_causal) if ctx.is_causal else ("sdpa_plain", torch_sdpa_plain)

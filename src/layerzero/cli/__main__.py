@@ -1,0 +1,9 @@
+"""``python -m layerzero.cli``: the ``layerzero`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from layerzero.cli import main
+
+sys.exit(main())

@@ -1,0 +1,229 @@
+"""Timing: how layerzero measures a kernel call (tuning) and its own overhead (``layerzero bench``).
+
+Two kinds of measurement share this module:
+
+* **one kernel, for selection** (:func:`time_call`, used by ``layerzero.tuning``): the median and spread
+  of repeated runs. On a CUDA device, :func:`time_cuda` uses ``triton.testing.do_bench`` when Triton
+  imports (CUDA events around each call, the L2 cache flushed between calls, warm-up and repetition
+  given in milliseconds), asking it for every sample so that median and interquartile range come from
+  the same run; without Triton it times with CUDA events itself. On the CPU, :func:`time_cpu` uses
+  ``time.perf_counter_ns`` with warm-up calls and repeats until its time budget or sample cap is
+  reached. The spread is half the interquartile range: ``median +/- spread`` covers the middle half of
+  the samples, which is what the selection engine compares when it decides whether one kernel is
+  faster beyond the noise.
+* **per-call percentiles and interleaved A/B overhead** (:func:`measure_calls`, :func:`interleaved`,
+  used by ``layerzero.bench``). Overheads are measured side by side in one run: the direct call and
+  the layerzero path alternate in batches (ABAB, then BABA), so drift, frequency changes and noisy
+  neighbours hit both equally. The overhead is the median of the per-round differences; the ratio is
+  the median of per-round ratios.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Timing", "quantile", "summarize", "time_cpu", "time_cuda", "time_call",
+           "Percentiles", "PairResult", "percentiles", "measure_calls", "interleaved"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Summary of repeated timings, in microseconds."""
+
+    median_us: float
+    spread_us: float
+    samples: int
+    method: str
+
+
+def quantile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ascending ``sorted_values``, linearly interpolated (0.0 when empty)."""
+    if not sorted_values:
+        return 0.0
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(samples_us: Sequence[float], method: str) -> Timing:
+    """Median and half interquartile range of ``samples_us``."""
+    xs = sorted(float(x) for x in samples_us)
+    if not xs:
+        raise ValueError("summarize() needs at least one sample")
+    med = statistics.median(xs)
+    spread = (quantile(xs, 0.75) - quantile(xs, 0.25)) / 2.0
+    return Timing(med, spread, len(xs), method)
+
+
+def time_cpu(fn: Callable[[], Any], *, warmup: int = 3, min_samples: int = 7, max_samples: int = 200,
+             budget_s: float = 0.05) -> Timing:
+    """Time ``fn`` on the CPU: ``warmup`` calls, then repeats until ``budget_s`` (at least ``min_samples``)."""
+    for _ in range(max(0, warmup)):
+        fn()
+    samples: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    clock = time.perf_counter_ns
+    while len(samples) < max_samples and (len(samples) < min_samples or time.perf_counter() < deadline):
+        t0 = clock()
+        fn()
+        samples.append((clock() - t0) / 1000.0)
+    return summarize(samples, "perf_counter_ns")
+
+
+def time_cuda(fn: Callable[[], Any], *, warmup_ms: float = 10.0, rep_ms: float = 40.0) -> Timing:
+    """Time ``fn`` on the current CUDA device (``triton.testing.do_bench`` when Triton imports)."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        try:
+            all_ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+        except (TypeError, ValueError, AssertionError):  # an older Triton without return_mode="all"
+            q25, q50, q75 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.25, 0.5, 0.75])
+            return Timing(q50 * 1000.0, (q75 - q25) * 500.0, 0, "triton.do_bench")
+        if isinstance(all_ms, (int, float)):
+            return Timing(float(all_ms) * 1000.0, 0.0, 1, "triton.do_bench")
+        return summarize([t * 1000.0 for t in all_ms], "triton.do_bench")
+    return _time_cuda_events(fn, warmup_ms, rep_ms)
+
+
+def _time_cuda_events(fn: Callable[[], Any], warmup_ms: float, rep_ms: float) -> Timing:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / est))):
+        fn()
+    n = max(5, min(10000, int(rep_ms / est)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return summarize([s.elapsed_time(e) * 1000.0 for s, e in zip(starts, ends, strict=True)], "cuda_events")
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, *, quick: bool = False) -> Timing:
+    """Time ``fn`` with the method that suits ``device`` (``quick`` for online tuning: fewer repeats)."""
+    if device.type == "cuda":
+        # 5 + 20 ms per kernel and bucket: do_bench's median over ~20 ms of replays is stable to ~1% for the
+        # kernels we tune, and keeps a 50-shape grid's tuning under a minute on an H100.
+        return time_cuda(fn, warmup_ms=3.0 if quick else 5.0, rep_ms=10.0 if quick else 20.0)
+    if quick:
+        return time_cpu(fn, warmup=1, min_samples=5, max_samples=50, budget_s=0.01)
+    return time_cpu(fn)
+
+
+# -- per-call percentiles and interleaved A/B overhead (layerzero bench) --------------------------------
+
+@dataclass(frozen=True)
+class Percentiles:
+    p50_ns: float
+    p99_ns: float
+    p999_ns: float
+    mean_ns: float
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"p50_ns": self.p50_ns, "p99_ns": self.p99_ns, "p999_ns": self.p999_ns, "mean_ns": self.mean_ns,
+                "n": self.n}
+
+
+def percentiles(samples: list[float]) -> Percentiles:
+    s = sorted(samples)
+    n = len(s)
+    if n == 0:
+        return Percentiles(0.0, 0.0, 0.0, 0.0, 0)
+    return Percentiles(s[n // 2], s[min(n - 1, int(n * 0.99))], s[min(n - 1, int(n * 0.999))],
+                       statistics.fmean(s), n)
+
+
+def measure_calls(fn: Callable[[], Any], iterations: int, warmup: int, sync: Callable[[], None] | None = None
+                  ) -> Percentiles:
+    """Per-call latency of ``fn`` (synchronizing after each call when ``sync`` is given)."""
+    for _ in range(warmup):
+        fn()
+    if sync is not None:
+        sync()
+    pc = time.perf_counter_ns
+    out = [0] * iterations
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        if sync is None:
+            for i in range(iterations):
+                t = pc()
+                fn()
+                out[i] = pc() - t
+        else:
+            for i in range(iterations):
+                t = pc()
+                fn()
+                sync()
+                out[i] = pc() - t
+    finally:
+        if gc_was:
+            gc.enable()
+    return percentiles([float(x) for x in out])
+
+
+@dataclass(frozen=True)
+class PairResult:
+    direct: Percentiles
+    candidate: Percentiles
+    overhead_ns: float
+    ratio: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"direct": self.direct.to_dict(), "candidate": self.candidate.to_dict(),
+                "overhead_ns": self.overhead_ns, "ratio": self.ratio}
+
+
+def interleaved(direct: Callable[[], Any], candidate: Callable[[], Any], rounds: int = 200, batch: int = 20,
+                warmup: int = 200, sync: Callable[[], None] | None = None) -> PairResult:
+    """Alternate batches of ``direct`` and ``candidate``; per-call times are batch averages."""
+    for _ in range(warmup):
+        direct()
+        candidate()
+    if sync is not None:
+        sync()
+    pc = time.perf_counter_ns
+    d_samples: list[float] = []
+    c_samples: list[float] = []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            order = ((direct, d_samples), (candidate, c_samples))
+            if r % 2:
+                order = order[::-1]
+            for fn, bucket in order:
+                t = pc()
+                for _ in range(batch):
+                    fn()
+                if sync is not None:
+                    sync()
+                bucket.append((pc() - t) / batch)
+    finally:
+        if gc_was:
+            gc.enable()
+    diffs = [c - d for d, c in zip(d_samples, c_samples, strict=True)]
+    ratios = [c / d for d, c in zip(d_samples, c_samples, strict=True) if d > 0]
+    return PairResult(percentiles(d_samples), percentiles(c_samples), statistics.median(diffs),
+                      statistics.median(ratios) if ratios else float("nan"))
