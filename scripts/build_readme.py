@@ -1,25 +1,21 @@
-"""Assemble README.md from docs/readme/*.md (the sections' examples are executed by the test suite).
+"""Build README.md, the front page, from docs/index.md (the docs site's home page): the same text, with links
+to other pages of docs/ made relative to the repository root (``core.md#errors`` -> ``docs/core.md#errors``).
 
 Usage: python scripts/build_readme.py [--check]
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ["_header", "core", "dispatch", "policy", "tuning", "backends", "observability", "cli", "integrations",
-            "benchmarks", "reliability", "architecture", "development"]
+_PAGE_LINK = re.compile(r"\]\((?![a-z]+:|#|/)([^)]+\.md(?:#[^)]*)?)\)")
 
 
 def build() -> str:
-    parts = []
-    for name in SECTIONS:
-        path = ROOT / "docs" / "readme" / f"{name}.md"
-        if path.exists():
-            parts.append(path.read_text().strip() + "\n")
-    return "\n".join(parts)
+    return _PAGE_LINK.sub(r"](docs/\1)", (ROOT / "docs" / "index.md").read_text())
 
 
 def main(argv: list[str]) -> int:

@@ -1,11 +1,16 @@
-"""Render docs/readme/benchmarks.md from the result files committed under benchmarks/results/.
+"""Render docs/benchmarks.md, and the benchmark headline of the front page, from the result files committed
+under benchmarks/results/.
 
 Inputs (any that exist):
   benchmarks/results/bench_cpu.json             `layerzero bench --quick --json ...` on the dev machine
   benchmarks/results/bench_<card>.json          `layerzero bench --device cuda --json ...` on a lent GPU
   benchmarks/results/gpu_bench_<card>.json      `python scripts/gpu_bench.py` (measured selection)
 
-Usage: python scripts/render_benchmarks.py && python scripts/build_readme.py
+The headline (between the markers in docs/index.md, which README.md is built from) quotes the CPU bench and
+the measured-selection run named by LATEST_GPU_BENCH: name the new file there when a newer run is committed.
+
+Usage: python scripts/render_benchmarks.py [--check] && python scripts/build_readme.py
+  --check: write nothing; exit 1 when docs/benchmarks.md or the headline is not what the results give.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 RESULTS = ROOT / "benchmarks" / "results"
+PAGE = ROOT / "docs" / "benchmarks.md"
+INDEX = ROOT / "docs" / "index.md"
+LATEST_GPU_BENCH = RESULTS / "gpu_bench_NVIDIA_H200_run2.json"
+HEADLINE_START, HEADLINE_END = "<!-- benchmark-headline -->", "<!-- /benchmark-headline -->"
 
 
 def _rel(path: Path) -> str:
@@ -44,15 +53,15 @@ def _bench_section(path: Path, title: str, command: str) -> list[str]:
                          [OverheadRow(o["path"], o["direct"], pair(o["result"]), o["budget"], o["passed"], o["note"],
                                       o["value"], o.get("info", False)) for o in data["overhead"]],
                          data.get("elapsed_s", 0.0))
-    text = render_markdown(report).replace("### ", "#### ")
-    return [f"### {title}", "", f"Command: `{command}` (file: `{_rel(path)}`).", "", text, ""]
+    text = render_markdown(report)
+    return [f"## {title}", "", f"Command: `{command}` (file: `{_rel(path)}`).", "", text, ""]
 
 
 def _gpu_bench_section(path: Path) -> list[str]:
     d = json.loads(path.read_text())
     s = d["summary"]
     run = path.stem.rsplit("_run", 1)[1] if "_run" in path.stem else None
-    lines = [f"### Measured selection on {d['gpu']}{f', run {run}' if run else ''} (torch {d['torch']}, "
+    lines = [f"## Measured selection on {d['gpu']}{f', run {run}' if run else ''} (torch {d['torch']}, "
              f"CUDA {d['cuda']}, Triton {d['triton']}, liger {d.get('liger')})", "",
              f"Command: `bash scripts/gpu_run.sh tune` (runs `{d.get('command', 'python scripts/gpu_bench.py')}`; "
              f"file: `{_rel(path)}`). For every shape: every eligible kernel called directly "
@@ -86,11 +95,11 @@ def _gpu_bench_section(path: Path) -> list[str]:
     return lines + [""]
 
 
-def main() -> int:
-    out = ["## Benchmarks", "",
+def render_page() -> str:
+    out = ["# Benchmarks", "",
            "Measured side by side in one run (the layerzero path and the direct call it replaces, interleaved), "
-           "medians and p99; never timed assertions in tests. Regenerate this section with "
-           "`python scripts/render_benchmarks.py && python scripts/build_readme.py`.", ""]
+           "medians and p99; never timed assertions in tests. Regenerate this page (and the headline on the "
+           "front page) with `python scripts/render_benchmarks.py && python scripts/build_readme.py`.", ""]
     cpu = RESULTS / "bench_cpu.json"
     if cpu.exists():
         out += _bench_section(cpu, "`layerzero bench --quick` on the 2-core development machine (CPU)",
@@ -101,9 +110,55 @@ def main() -> int:
                               "bash scripts/gpu_run.sh bench")
     for path in sorted(RESULTS.glob("gpu_bench_*.json")):
         out += _gpu_bench_section(path)
-    (ROOT / "docs" / "readme" / "benchmarks.md").write_text("\n".join(out).rstrip() + "\n")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def render_headline() -> str:
+    """The front page's benchmark lines: the latest measured selection on a GPU and the CPU dispatch overhead."""
+    lines = []
+    if LATEST_GPU_BENCH.exists():
+        d = json.loads(LATEST_GPU_BENCH.read_text())
+        s = d["summary"]
+        run = LATEST_GPU_BENCH.stem.rsplit("_run", 1)[1] if "_run" in LATEST_GPU_BENCH.stem else None
+        slower = len(s["shapes_slower_than_default_beyond_noise"])
+        lines.append(f"- **Measured selection on an {d['gpu']}**{f' (run {run})' if run else ''}, torch {d['torch']}, "
+                     f"CUDA {d['cuda']}: over {s['shapes']} shapes the kernel layerzero runs is "
+                     f"**{s['geomean_lz_over_best']:.3f}x** the fastest kernel and **{s['geomean_lz_over_default']:.3f}x** "
+                     f"PyTorch's default (geometric means); {slower} shape{'' if slower == 1 else 's'} slower than "
+                     f"the default beyond the measured spread; tuning took {s['tune_s']:.1f} s.")
+    cpu = RESULTS / "bench_cpu.json"
+    if cpu.exists():
+        d = json.loads(cpu.read_text())
+        hw, sw = d["system"]["hardware"], d["system"]["software"]
+        row = next(o for o in d["overhead"] if o["path"] == "lz.attention(q, k, v) cached")
+        budgets = [o for o in d["overhead"] if not o.get("info", False)]
+        lines.append(f"- **Dispatch overhead on a {hw['cpu_cores']}-core {hw['cpu']} CPU** "
+                     f"(`layerzero bench --quick`, torch {sw['pytorch']}): a cached `lz.attention` call is "
+                     f"**{row['result']['ratio']:.3f}x** the direct `{row['direct']}` call "
+                     f"(+{row['result']['overhead_ns'] / 1000:.1f} us at p50); "
+                     f"{sum(o['passed'] for o in budgets)}/{len(budgets)} overhead budget lines pass.")
+    return "\n".join(lines)
+
+
+def with_headline(index: str, headline: str) -> str:
+    start, end = index.index(HEADLINE_START) + len(HEADLINE_START), index.index(HEADLINE_END)
+    return index[:start] + "\n" + headline + "\n" + index[end:]
+
+
+def main(argv: list[str]) -> int:
+    page = render_page()
+    index = with_headline(INDEX.read_text(), render_headline())
+    if "--check" in argv:
+        stale = [str(p.relative_to(ROOT)) for p, text in ((PAGE, page), (INDEX, index)) if p.read_text() != text]
+        if stale:
+            print(f"out of date: {', '.join(stale)}: run python scripts/render_benchmarks.py && "
+                  "python scripts/build_readme.py", file=sys.stderr)
+            return 1
+        return 0
+    PAGE.write_text(page)
+    INDEX.write_text(index)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

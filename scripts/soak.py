@@ -20,7 +20,7 @@ Memory is traced with ``tracemalloc`` (peak, and growth over the second half of 
     .venv/bin/python scripts/soak.py --threads 16 --calls 100000 --json
 
 Exit status 1 when any call raised or returned a wrong result. ``tests/test_soak.py`` runs it with
-CI-sized numbers; docs/readme/reliability.md quotes the numbers it printed.
+CI-sized numbers; docs/reliability.md quotes the numbers it printed.
 """
 
 from __future__ import annotations

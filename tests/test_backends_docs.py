@@ -1,4 +1,4 @@
-"""Every ```python block of docs/readme/tuning.md and docs/readme/backends.md runs as written.
+"""Every ```python block of docs/tuning.md and docs/backends.md runs as written.
 
 Each page's blocks run in order in a fresh interpreter (written to a file, never exec'd in the test
 process), so a block that attaches a performance database or changes the config cannot leak into other
@@ -8,19 +8,16 @@ tests.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "readme"
-_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+from doc_pages import page, python_blocks
 
 
 def _blocks(name: str) -> list[str]:
-    return _BLOCK.findall((DOCS / name).read_text())
+    return python_blocks(page(name))
 
 
 def test_each_doc_has_examples() -> None:

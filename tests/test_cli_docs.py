@@ -1,4 +1,4 @@
-"""Every ``$ layerzero ...`` sample in docs/readme/cli.md runs, exits as documented and prints what it shows first."""
+"""Every ``$ layerzero ...`` sample in docs/cli.md runs, exits as documented and prints what it shows first."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from doc_pages import page
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "readme" / "cli.md"
+DOC = page("cli.md")
 BIN = str(Path(sys.executable).parent)
 
 

@@ -1,4 +1,4 @@
-"""docs/readme/dispatch.md: every ```python block runs, top to bottom, in one namespace.
+"""docs/dispatch.md: every ```python block runs, top to bottom, in one namespace.
 
 Run as a script it prints the seed's ``benchmark_dispatch`` numbers, the
 side-by-side overhead table and the dispatch rows of ``layerzero bench --quick``
@@ -9,19 +9,14 @@ side-by-side overhead table and the dispatch rows of ``layerzero bench --quick``
 
 from __future__ import annotations
 
-import re
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from doc_pages import page, python_blocks
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "readme" / "dispatch.md"
-
-
-def python_blocks(path: Path) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```$", path.read_text(), flags=re.S | re.M)
+DOC = page("dispatch.md")
 
 
 def test_doc_has_examples():

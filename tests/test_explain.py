@@ -1,5 +1,5 @@
 """Inspection: ``lz.explain``, ``lz.which``, ``lz.select``, ``lz.list_kernels``, ``lz.validate``, and the
-core API tour in ``docs/readme/core.md`` (every python block runs)."""
+core API tour in ``docs/core.md`` (every python block runs)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from doc_pages import page, python_blocks
 import layerzero as lz
 from layerzero.errors import InvalidInputError, KernelNotFoundError, NoKernelError
 from layerzero.selection import Selection, SelectionContext
 from layerzero.spec import ReasonCode
 
 CUDA_KERNELS = ("torch_sdpa_flash", "torch_sdpa_efficient", "torch_sdpa_cudnn")
-DOC = Path(__file__).resolve().parents[1] / "docs" / "readme" / "core.md"
+DOC = page("core.md")
 
 
 @pytest.fixture
@@ -146,8 +147,8 @@ def test_validate() -> None:
 
 
 def test_core_doc_examples_run(tmp_path: Path) -> None:
-    """Every ```python block of docs/readme/core.md, in order, as one script in a fresh process."""
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
+    """Every ```python block of docs/core.md, in order, as one script in a fresh process."""
+    blocks = python_blocks(DOC)
     assert len(blocks) >= 6
     script = tmp_path / "core_doc.py"
     script.write_text("\n".join(blocks), encoding="utf-8")

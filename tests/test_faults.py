@@ -22,13 +22,13 @@ import io
 import logging
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from doc_pages import page
 from log_lines import LogLines
 import layerzero as lz
 from layerzero.dispatch import CircuitState, DispatchConfig, create_dynamic_dispatcher, dispatch, get_global_dispatcher
@@ -452,9 +452,9 @@ def test_isolated_runtime_with_its_own_clock() -> None:
     assert rt.breakers.get(fault.kernel_id).state is CircuitState.CLOSED
 
 
-# -- docs/readme/reliability.md: every python block runs, and prints what the doc shows -----------------------------
+# -- docs/reliability.md: every python block runs, and prints what the doc shows ------------------------------------
 
-README = Path(__file__).resolve().parents[1] / "docs" / "readme" / "reliability.md"
+README = page("reliability.md")
 
 
 def fenced_blocks(text: str) -> list[tuple[str, str]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import re
 import runpy
 import sys
 import textwrap
@@ -30,6 +29,7 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
+from doc_pages import needs_cuda, page, python_blocks  # noqa: E402
 from layerzero.errors import InvalidInputError, UnsupportedModelError  # noqa: E402
 from layerzero.integrations import hooks  # noqa: E402
 from layerzero.integrations import transformers as lzt  # noqa: E402
@@ -467,14 +467,13 @@ def test_compiled_model_has_no_graph_break() -> None:
     torch._dynamo.reset()
 
 
-# -- docs/readme/integrations.md: every python example runs ---------------------------------------------
+# -- docs/integrations.md: every python example runs ---------------------------------------------
 
-_DOC = Path(__file__).resolve().parents[1] / "docs" / "readme" / "integrations.md"
+_DOC = page("integrations.md")
 
 
 def _doc_blocks(cuda: bool) -> list[str]:
-    blocks = re.findall(r"```python\n(.*?)```", _DOC.read_text(), flags=re.S)
-    return [b for b in blocks if b.startswith("# requires: cuda") == cuda]
+    return [b for b in python_blocks(_DOC) if needs_cuda(b) == cuda]
 
 
 def _run_blocks(blocks: list[str], tmp_path: Path) -> None:

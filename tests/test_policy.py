@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from doc_pages import page, python_blocks
 import layerzero as lz
 from layerzero.errors import KernelNotSupportedError, NoKernelError, PolicyError
 from layerzero.policy.document import MAX_DOCUMENT_BYTES, ConfigWarning, load_policy
@@ -486,9 +487,9 @@ def test_warnings_module_clean_for_valid_documents() -> None:
         load_policy({"version": "1.0", "boosts": [{"backend": "torch", "boost_factor": 1.5}]})
 
 
-# -- docs/readme/policy.md -------------------------------------------------------------------------------------------
+# -- docs/policy.md --------------------------------------------------------------------------------------------------
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "readme" / "policy.md"
+DOC = page("policy.md")
 
 
 def test_policy_doc_examples_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -496,7 +497,7 @@ def test_policy_doc_examples_run(capsys: pytest.CaptureFixture[str], monkeypatch
     import re
 
     text = DOC.read_text()
-    blocks = re.findall(r"^```python\n(.*?)^```$", text, flags=re.S | re.M)
+    blocks = python_blocks(DOC)
     outputs = re.findall(r"^```text\n(.*?)^```$", text, flags=re.S | re.M)
     assert len(blocks) >= 5
     ns: dict[str, object] = {"__name__": "policy_doc"}

@@ -5,7 +5,7 @@ dispatcher, while chaos threads flip process-wide policies, rewrite the watched 
 rejected invalid version every fifth write), invalidate plans and write measurements into a real
 SQLite performance database. The chaos interval is 0.2 s here (the script's default, 0.05 s, makes
 about two thirds of the calls re-select and takes about 65 s on the 2-core dev machine). The report is
-printed (``pytest -s`` shows it) and checked; docs/readme/reliability.md quotes both runs.
+printed (``pytest -s`` shows it) and checked; docs/reliability.md quotes both runs.
 """
 
 from __future__ import annotations

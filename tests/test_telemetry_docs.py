@@ -1,21 +1,17 @@
-"""The Python examples of docs/readme/observability.md run as written (in a fresh process, in order)."""
+"""The Python examples of docs/observability.md run as written (in a fresh process, in order)."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
-from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "readme" / "observability.md"
+from doc_pages import page, python_blocks
 
-
-def python_blocks(text: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", text, re.S)
+DOC = page("observability.md")
 
 
 def test_observability_examples_run(tmp_path):
-    blocks = python_blocks(DOC.read_text(encoding="utf-8"))
+    blocks = python_blocks(DOC)
     assert len(blocks) >= 5
     script = tmp_path / "observability_examples.py"
     script.write_text("\n\n".join(blocks), encoding="utf-8")
