@@ -134,6 +134,7 @@ DYNAMIC_IMPORTS = {
     "layerzero/backends/__init__.py": "f'layerzero.backends.{name}' over BUILTIN_BACKENDS",
     "layerzero/dispatch/__init__.py": "f'layerzero.dispatch.{module}' over the fixed _LAZY table",
     "layerzero/dispatch/orchestrator.py": "f'layerzero.dispatch.{modname}' over the fixed _FACTORIES table",
+    "layerzero/integrations/transformers.py": "transformers' own modeling modules over the fixed _KNOWN_GOOD table",
 }
 
 
