@@ -72,14 +72,14 @@ class Executor:
         self.last_run = threading.local()
 
     # -- the input check before any blame ------------------------------------------------------------------
-    def screen(self, plan: ExecutionPlan, args: tuple[Any, ...], exc: BaseException) -> None:
+    def screen(self, plan: ExecutionPlan, args: tuple[Any, ...], exc: BaseException, kernel_id: str) -> None:
         """A kernel raised ``exc`` on this call: raise now when the call, not the kernel, is at fault (an
         :class:`InvalidInputError` from the kernel, out of memory, inputs validation or the data checks
         reject). Returns when the inputs pass every check (the kernel may still be innocent: see :meth:`run`)."""
         if isinstance(exc, InvalidInputError):
             raise exc
         if is_out_of_memory(exc):
-            raise self._oom(plan, args, plan.kernels[0].kernel_id, exc) from exc
+            raise self._oom(plan, args, kernel_id, exc) from exc
         op = plan.op
         try:
             op.validate(plan.operation, args)
@@ -168,10 +168,10 @@ class Executor:
         back, raise (nothing is counted). A later failure is only checked for out-of-memory (the inputs were
         screened at the first)."""
         try:
-            if len(failures) == 1 or is_out_of_memory(exc):
-                if is_out_of_memory(exc):
-                    raise self._oom(plan, args, failures[-1].kernel_id, exc) from exc
-                self.screen(plan, args, exc)
+            if is_out_of_memory(exc):
+                raise self._oom(plan, args, failures[-1].kernel_id, exc) from exc
+            if len(failures) == 1:
+                self.screen(plan, args, exc, failures[0].kernel_id)
         except Exception:
             self._release(failures)
             if state is not None:
@@ -187,7 +187,7 @@ class Executor:
         plan goes (:meth:`FamilyPlans.drop`): the call selects again for the family when a covering kernel
         may serve it, or runs through its own exact-shape plan.
         """
-        self.screen(plan, args, exc)
+        self.screen(plan, args, exc, plan.kernels[index].kernel_id)
         rt = self.rt
         if plan.family is not None:
             current = rt.visible_plans().get(plan.family)
