@@ -208,6 +208,9 @@ ROWS: list[Row] = [
         "attention.full: k and v must agree on heads and sequence length, got (1, 2, 4, 8) and (1, 2, 5, 8) (BHSD) "
         "(inputs: …)",
         lambda tmp: attn(v=t(1, 2, 5, 8))),
+    Row("shape-kv-heads", "shape", "`k`/`v` with zero heads", "InvalidInputError",
+        "attention.full: query heads (2) must be divisible by key/value heads (0) for grouped-query attention "
+        "(inputs: …)", lambda tmp: attn(k=t(1, 0, 4, 8), v=t(1, 0, 4, 8))),
     Row("shape-empty", "shape", "`q` with zero queries", "InvalidInputError",
         "attention.full: empty attention inputs (a zero-sized dimension) (inputs: …)",
         lambda tmp: attn(q=t(1, 2, 0, 8))),

@@ -398,6 +398,148 @@ def test_near_valid_norms_are_correct_or_rejected(data: st.DataObject) -> None:
     torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
 
 
+# -- sequence mode: bad calls between valid calls of one family, shapes varying ----------------------------------
+# A drawn sequence of calls to one operation: valid calls of several shapes (plans get cached, shape-free and
+# exact) and near-valid mutations of them (a wrong rank, batch, dtype, scalar or mask; an arbitrary argument).
+# Properties: every valid call returns the float64 reference, whatever came before it; no breaker ever counts a
+# failure; every other call answers in the sequence exactly as it does as the first call of a fresh runtime.
+
+def _attention_call(draw: st.DrawFn, g: torch.Generator) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    hkv = draw(st.sampled_from([1, 2]))
+    b, hq = draw(st.integers(1, 2)), hkv * draw(st.sampled_from([1, 2]))
+    sq, sk, d = draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.sampled_from([4, 8]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    q, k, v = (torch.randn(b, h, s, d, generator=g, dtype=dtype) for h, s in ((hq, sq), (hkv, sk), (hkv, sk)))
+    causal = draw(st.booleans())
+    kwargs = {"is_causal": causal, "scale": draw(st.sampled_from([None, 0.5])),
+              "window": draw(st.sampled_from([None, 2])) if causal else None}
+    return "attention", (q, k, v), kwargs
+
+
+def _row_call(draw: st.DrawFn, g: torch.Generator) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    name = draw(st.sampled_from(["rms_norm", "layer_norm", "swiglu", "rope", "cross_entropy"]))
+    rows, hidden = draw(st.integers(1, 4)), draw(st.sampled_from([4, 8]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    x = torch.randn(rows, hidden, generator=g, dtype=dtype)
+    if name == "rms_norm":
+        return name, (x, torch.rand(hidden, generator=g, dtype=dtype) + 0.5), {"eps": 1e-6}
+    if name == "layer_norm":
+        return name, (x, torch.rand(hidden, generator=g, dtype=dtype) + 0.5, torch.randn(hidden, generator=g,
+                                                                                         dtype=dtype)), {}
+    if name == "swiglu":
+        return name, (x, torch.randn(rows, hidden, generator=g, dtype=dtype)), {}
+    if name == "rope":
+        angles = torch.rand(rows, hidden // 2, generator=g, dtype=dtype) * 3
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        return name, (x.view(1, 1, rows, hidden), cos, sin), {}
+    return name, (x * 2, torch.randint(0, hidden, (rows,), generator=g)), {}
+
+
+def _reference(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    if name == "attention":
+        return attention_ref(*args, None, kwargs["is_causal"], kwargs["scale"], kwargs["window"])
+    a = [t.double() if t.is_floating_point() else t for t in args]
+    if name == "rms_norm":
+        return a[0] * torch.rsqrt(a[0].pow(2).mean(-1, keepdim=True) + 1e-6) * a[1]
+    if name == "layer_norm":
+        return torch.nn.functional.layer_norm(a[0], a[0].shape[-1:], a[1], a[2], 1e-5)
+    if name == "swiglu":
+        return torch.nn.functional.silu(a[0]) * a[1]
+    if name == "rope":
+        half = a[0].shape[-1] // 2
+        rotated = torch.cat([-a[0][..., half:], a[0][..., :half]], -1)
+        return a[0] * a[1] + rotated * a[2]
+    return torch.nn.functional.cross_entropy(a[0], a[1])
+
+
+def _mutate(draw: st.DrawFn, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+            ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A near-valid variant of a valid call (or one with an arbitrary argument)."""
+    args, kwargs = list(args), dict(kwargs)
+    first = args[0]
+    kinds = ["arbitrary", "rank", "dtype", "empty"]
+    if name == "attention":
+        kinds += ["batch", "v shape", "heads", "zero heads", "scale", "is_causal", "window", "mask"]
+    kind = draw(st.sampled_from(kinds))
+    where = draw(st.integers(0, len(args) - 1))
+    t = args[where]
+    if kind == "arbitrary":
+        args[where] = draw(ARG)
+    elif kind == "rank":
+        args[where] = t[0] if t.dim() > 1 and draw(st.booleans()) else t.unsqueeze(0)
+    elif kind == "dtype":
+        args[where] = t.to(draw(st.sampled_from([torch.float16, torch.int64, torch.float64, torch.float32])))
+    elif kind == "empty":
+        args[where] = t[..., :0] if draw(st.booleans()) or t.dim() < 2 else t[:0]
+    elif kind == "batch":
+        args[1], args[2] = (torch.cat([x, x]) for x in args[1:3])
+    elif kind == "v shape":
+        args[2] = torch.cat([args[2], args[2][..., :1]], -1) if draw(st.booleans()) else \
+            torch.cat([args[2], args[2][..., :1, :]], -2)
+    elif kind == "heads":
+        args[1], args[2] = (torch.cat([x, x[:, :1]], 1) for x in args[1:3])
+    elif kind == "zero heads":
+        args[1], args[2] = (x[:, :0] for x in args[1:3])
+    elif kind == "scale":
+        kwargs["scale"] = draw(st.sampled_from([math.nan, math.inf, -math.inf, True, "0.5"])) \
+            if draw(st.booleans()) else torch.tensor(0.5)
+    elif kind == "is_causal":
+        kwargs["is_causal"] = draw(st.sampled_from([1, 0, "yes", None]))
+    elif kind == "window":
+        kwargs["window"] = draw(st.sampled_from([2.0, -1, 0, True]))
+    else:
+        sq, sk = first.shape[2], args[1].shape[2]
+        kwargs["is_causal"], kwargs["window"] = False, None
+        kwargs["attn_mask"] = draw(st.sampled_from([
+            torch.ones(sk, dtype=torch.bool), torch.ones(1, 1, 1, sq, sk, dtype=torch.bool),
+            torch.ones(sq + 1, sk, dtype=torch.bool), torch.zeros(sq, sk, dtype=torch.int64),
+            torch.zeros(sq, sk, dtype=torch.float16 if first.dtype != torch.float16 else torch.float32)]))
+    return tuple(args), kwargs
+
+
+def _answer(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """What the call returns, or the type and text of the LayerZeroError it raises."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return getattr(lz, name)(*args, **kwargs)
+    except LayerZeroError as exc:
+        return (type(exc), str(exc))
+
+
+@settings(max_examples=60, deadline=timedelta(seconds=10), suppress_health_check=[HealthCheck.too_slow],
+          derandomize=True)
+@given(st.data())
+def test_sequence_mode_answers_as_cold_and_keeps_good_kernels(data: st.DataObject) -> None:
+    from layerzero.runtime import get_runtime
+
+    rt = get_runtime()
+    rt.reset()
+    draw = data.draw
+    make = draw(st.sampled_from([_attention_call, _row_call]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    others: list[tuple[str, tuple[Any, ...], dict[str, Any], Any]] = []
+    for _ in range(draw(st.integers(3, 9))):
+        name, args, kwargs = make(draw, g)
+        if draw(st.booleans()):  # a valid call, after whatever came before
+            out = getattr(lz, name)(*args, **kwargs)
+            want = _reference(name, args, kwargs)
+            tol = 1e-4 if args[0].dtype == torch.float32 else 1e-8
+            torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+        else:
+            args, kwargs = _mutate(draw, name, args, kwargs)
+            others.append((name, args, kwargs, _answer(name, args, kwargs)))
+    assert [kid for kid, b in rt.breakers.all().items() if b.failures] == []
+    for name, args, kwargs, warm in others:  # each again, as the first call of a fresh runtime
+        rt.reset()
+        cold = _answer(name, args, kwargs)
+        if isinstance(cold, tuple) or isinstance(warm, tuple):
+            assert warm == cold, (name, kwargs)
+        else:
+            torch.testing.assert_close(warm, cold, equal_nan=True)
+    rt.reset()
+
+
 def test_cached_plan_is_not_reused_for_a_strided_query() -> None:
     """Regression: same shapes, but q's last dimension strided: the CPU flash plan cached for the contiguous
     call must not see it."""

@@ -253,9 +253,10 @@ class Dispatcher:
                     # exact-shape way through Runtime.recover, as on the shared cache, dropping the memo. Scoped
                     # calls and v without k's size take the key path.
                     dtype, plan, kernel_id = hot.memo
-                    # the contract's guards (4-D q, k, v of one batch, v of k's shape, no empty dimension): a call
-                    # they do not admit never reaches a cached plan and takes the validating full path
-                    if not hot.admits(operation, q, k, v, None, hot.is_causal, hot.dropout_p, hot.scale, hot.window):
+                    # the contract's shape relations (4-D q, k, v of one batch, v of k's shape, no empty dimension;
+                    # the entry's constants passed its scalar guards once): a call they do not admit never reaches
+                    # a cached plan and takes the validating full path
+                    if not hot.shapes_admit(operation, q, k, v, None, None, None, None, None):
                         raise KeyError("not admitted")
                     if q.dtype is not dtype or not q.is_cpu or LIVE.scopes:
                         plan = None

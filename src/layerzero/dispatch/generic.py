@@ -235,7 +235,7 @@ class AttentionInputs:
     """
 
     __slots__ = ("q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "direct_ok", "memo",
-                 "admits")
+                 "shapes_admit")
 
     def __init__(self, names: tuple[str, str, str], is_causal: bool, dropout_p: float, scale: Any,
                  window: Any) -> None:
@@ -246,7 +246,9 @@ class AttentionInputs:
         self.window = window
         self.direct_ok = scale is None  # ``plan.direct(q, k, v)`` (PyTorch's SDPA) needs the default scale
         self.memo: tuple[Any, Any, Any] = NO_MEMO  # one tuple, so that threads never see a torn memo
-        self.admits = ATTENTION.calls.admits  # the attention contract's guards (generated, one frame)
+        # the attention contract's shape relations, checked per call; its scalar guards hold for the constants
+        # above (an entry is made only then: ``_attention_entry``)
+        self.shapes_admit = ATTENTION.calls.shapes_admit
 
     def copy(self) -> AttentionInputs:
         """The same mapping with an empty plan memo (one per dispatcher)."""
@@ -298,6 +300,8 @@ def _attention_entry(op: OpDef, operation: str, inputs: dict[str, Any], found: T
         q, k, v = entry.tensors(inputs)
         args = (q, k, v, None, entry.is_causal, entry.dropout_p, entry.scale, entry.window)
         if args != tuple(_args(op, operation, inputs, {})):  # identity for the tensors, == for the constants
+            return None
+        if not ATTENTION.calls.scalars_admit(operation, *args):  # the hot path checks only shapes per call
             return None
         family, key = op.keys(operation, args)
         fam = entry.family(operation, q)

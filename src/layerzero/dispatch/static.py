@@ -134,8 +134,8 @@ class StaticDispatcher(Dispatcher):
                 v = inputs[fast.v_name]
             except KeyError:  # other names: the full mapping
                 q = None
-            if q is not None and k is not None and v is not None and not fast.admits(
-                    operation, q, k, v, None, fast.is_causal, fast.dropout_p, fast.scale, fast.window):
+            if q is not None and k is not None and v is not None and not fast.shapes_admit(
+                    operation, q, k, v, None, None, None, None, None):
                 q = None  # the contract's guards fail: the full mapping, which validates
             if q is not None and k is not None and v is not None:  # None means absent: the full mapping
                 if plan.gate.blocked:

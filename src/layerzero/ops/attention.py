@@ -255,7 +255,7 @@ elif layout != "BHSD":
     shape="q.shape, k.shape, v.shape, None if attn_mask is None else attn_mask.shape",
     shape_free=True,
     family_guard="(attn_mask is None and (ks := k.shape) == v.shape and len(qs := q.shape) == 4 == len(ks) "
-                 "and qs[0] == ks[0] and qs[3] == ks[3] and not qs[1] % ks[1] and 0 not in qs and 0 not in ks)",
+                 "and qs[0] == ks[0] and qs[3] == ks[3] and 0 not in qs and 0 not in ks and not qs[1] % ks[1])",
     guard="(is_causal.__class__ is bool and (window is None or window.__class__ is int) and (scale is None or "
           "(scale.__class__ is float or scale.__class__ is int) and scale - scale == 0))",
     direct="plan.direct(q, k, v)",  # PyTorch's SDPA itself: q, k and v say it all

@@ -39,7 +39,7 @@ from layerzero.policy.scope import LIVE, SCOPE
 __all__ = ["CallContract", "ContractFunctions", "build", "LOOKUP_ERRORS"]
 
 #: What building a key from malformed arguments raises (a float where a tensor belongs, an unhashable value).
-LOOKUP_ERRORS = (AttributeError, TypeError, IndexError, RuntimeError, ValueError)
+LOOKUP_ERRORS = (AttributeError, TypeError, IndexError, RuntimeError, ValueError, ArithmeticError)
 
 
 @dataclass(frozen=True)
@@ -95,17 +95,21 @@ class ContractFunctions:
             arguments).
         admits: ``admits(operation, *args) -> bool``: whether the guards hold (static dispatch runs its fixed
             kernel only then, and validates otherwise).
+        shapes_admit: ``family_guard`` alone (truthy or falsy, not necessarily a bool), for callers whose scalar arguments are fixed (the dispatchers'
+            attention entries check ``scalars_admit`` once, when they are made, and this per call).
+        scalars_admit: ``guard`` alone.
         source: the generated code.
     """
 
-    __slots__ = ("entry", "lookup", "keys", "admits", "source")
+    __slots__ = ("entry", "lookup", "keys", "admits", "shapes_admit", "scalars_admit", "source")
 
-    def __init__(self, entry: Callable[..., Any], lookup: Callable[..., Any], keys: Callable[..., Any],
-                 admits: Callable[..., bool], source: str) -> None:
+    def __init__(self, namespace: Mapping[str, Any], entry: Callable[..., Any], source: str) -> None:
         self.entry = entry
-        self.lookup = lookup
-        self.keys = keys
-        self.admits = admits
+        self.lookup = namespace["lookup"]
+        self.keys = namespace["keys"]
+        self.admits = namespace["admits"]
+        self.shapes_admit = namespace["shapes_admit"]
+        self.scalars_admit = namespace["scalars_admit"]
         self.source = source
 
 
@@ -150,6 +154,14 @@ def keys(operation, {args}):
 
 def admits(operation, {args}):
     return bool(({family_guard}) and ({guard}))
+
+
+def shapes_admit(operation, {args}):
+    return {family_guard}
+
+
+def scalars_admit(operation, {args}):
+    return {guard}
 '''
 
 _SHAPE_FREE_LOOKUP = '''\
@@ -219,5 +231,5 @@ def build(contract: CallContract, op: Any, runtime: Any) -> ContractFunctions:
     entry = namespace[c.name]
     entry.__doc__ = c.doc
     entry.__module__ = getattr(op, "__module__", __name__)
-    return ContractFunctions(entry, namespace["lookup"], namespace["keys"], namespace["admits"], source)
+    return ContractFunctions(namespace, entry, source)
 
