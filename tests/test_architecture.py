@@ -22,6 +22,7 @@ fails the test, and so does an entry that no longer occurs (delete it once it is
 from __future__ import annotations
 
 import ast
+import re
 import importlib
 import types
 from collections.abc import Iterator
@@ -380,3 +381,47 @@ def test_builtin_backend_modules_meet_the_backend_protocol(name: str) -> None:
 
 def test_a_module_without_the_contract_is_not_a_backend() -> None:
     assert not isinstance(types.SimpleNamespace(register=lambda kernels, backends: []), Backend)
+
+
+def test_public_surface_is_small_and_moved_names_warn() -> None:
+    """``lz.__all__`` holds what a user calls; names that left it still resolve, once per access with a
+    DeprecationWarning naming their home; ``layerzero.dispatch`` finds names through explicit tables only."""
+    import warnings
+
+    import layerzero as lz
+    import layerzero.dispatch as lzd
+    from layerzero import errors, registry
+
+    assert len(lz.__all__) <= 40
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in lz.__all__:
+            getattr(lz, name)
+        for name in lzd.__all__:
+            getattr(lzd, name)
+    for name, home in (("KernelNotFoundError", errors), ("KernelRegistry", registry)):
+        with pytest.warns(DeprecationWarning, match=f"layerzero.{name} is deprecated; import it from {home.__name__}"):
+            assert getattr(lz, name) is getattr(home, name)
+    with pytest.warns(DeprecationWarning, match="layerzero.dispatch.load_config is deprecated"):
+        assert callable(lzd.load_config)
+    with pytest.raises(AttributeError):
+        lzd.Path  # a name a dispatch module merely imports is not found by searching any more
+    with pytest.raises(AttributeError):
+        lz.no_such_name
+
+
+def test_environment_variables_are_read_in_one_place() -> None:
+    """``layerzero/environment.py`` reads every variable (its tables list them all); no other module does."""
+    readers = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.name == "environment.py" and path.parent == SRC:
+            continue
+        text = path.read_text()
+        if re.search(r"os\.environ(\.get\(|\[)|getenv\(|environ\.get\(\s*[\"']LAYERZERO", text):
+            readers.append(str(path.relative_to(SRC)))
+    assert readers == []
+    from layerzero.environment import ENV_VARS, OTHER_ENV_VARS
+    from layerzero.runtime import config
+
+    documented = config.__doc__ or ""
+    assert [v for v in (*ENV_VARS, *OTHER_ENV_VARS) if f"``{v}``" not in documented] == []

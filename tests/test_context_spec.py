@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from layerzero import KernelSpec, Reason, ReasonCode, SelectionContext
+from layerzero import KernelSpec, SelectionContext
+from layerzero.spec import Reason, ReasonCode
 from layerzero.context import bucket_pow2, dtype_from_name
 
 

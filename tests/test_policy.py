@@ -118,7 +118,7 @@ def test_lock_on_a_kernel_that_cannot_run_raises_with_reasons() -> None:
 
 
 def test_lock_unknown_kernel_and_bad_arguments() -> None:
-    with pytest.raises(lz.KernelNotFoundError, match=r"unknown kernel 'torch_sdpa_mth'; did you mean torch_sdpa_math"):
+    with pytest.raises(lz.errors.KernelNotFoundError, match=r"unknown kernel 'torch_sdpa_mth'; did you mean torch_sdpa_math"):
         lz.lock("attention.causal", "torch_sdpa_mth")
     with pytest.raises(PolicyError, match=r"exactly one of kernel= or backend="):
         lz.lock("attention.causal")

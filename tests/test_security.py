@@ -605,7 +605,7 @@ def test_records_with_hostile_fields_are_refused(tmp_path: Path) -> None:
                 Record("hw", "x" * (MAX_TEXT + 1), "torch_rms_norm", "rms_norm", "float32", "b", 1.0, 0.1, 3),
                 Record("hw", "torch=1", "torch_rms_norm", "rms_norm", "float32", "b", 1e13, 0.1, 3),
                 Record("hw", "torch=1", "torch_rms_norm", "rms_norm", "float32", "b", 1.0, 0.1, -1)):
-        with pytest.raises(lz.PerfDBError, match="cannot store measurement"):
+        with pytest.raises(lz.errors.PerfDBError, match="cannot store measurement"):
             db.record([bad])
     assert db.count() == 0
     db.close()

@@ -74,7 +74,7 @@ def test_mismatched_table_refused_or_ignored(tmp_path):
     path = tmp_path / "other.json"
     path.write_text(json.dumps(data))
     other = lz.PlanTable.load(path)
-    with pytest.raises(lz.PlanMismatchError, match="device_name: table made for 'NVIDIA H100 80GB HBM3'"):
+    with pytest.raises(lz.errors.PlanMismatchError, match="device_name: table made for 'NVIDIA H100 80GB HBM3'"):
         other.install()
     assert other.install(on_mismatch="dynamic") is False
     assert lz.get_runtime().baked is None

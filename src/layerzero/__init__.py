@@ -13,37 +13,22 @@ from __future__ import annotations
 
 from layerzero.context import SelectionContext
 from layerzero.errors import (
-    AllKernelsFailedError,
-    CaptureError,
-    ConditionError,
     ConfigError,
     InvalidInputError,
-    KernelExecutionError,
-    KernelNotFoundError,
-    KernelNotSupportedError,
     LayerZeroError,
     NoKernelError,
     OutOfMemoryError,
-    PerfDBError,
-    PlanMismatchError,
     PolicyError,
-    SelectionDivergenceError,
     UnsupportedModelError,
 )
-from layerzero.registry import (
-    BackendRegistry,
-    KernelRegistry,
-    get_global_backend_registry,
-    get_global_kernel_registry,
-    register_kernel,
-)
-from layerzero.spec import KernelSpec, Reason, ReasonCode
+from layerzero.registry import get_global_backend_registry, get_global_kernel_registry, register_kernel
+from layerzero.spec import KernelSpec
 from layerzero.ops import attention, cross_entropy, geglu, gelu, layer_norm, rms_norm, rope, sample, silu, swiglu
-from layerzero.inspection import Explanation, explain, explain_context, list_kernels, select, validate, which
+from layerzero.inspection import explain, explain_context, list_kernels, select, validate, which
 from layerzero.policy.api import configure, disabled, enabled, lock, prefer, unlock
 from layerzero.doctor import doctor, readiness_check
 from layerzero.runtime import get_runtime
-from layerzero.solve import PlanTable, compile, install_plan_table, solve, warmup
+from layerzero.solve import PlanTable, compile, solve, warmup
 from layerzero.backends import load_builtin_backends as _load_builtin_backends
 from layerzero import dispatch, tuning  # the dispatch package loads its dispatchers lazily
 
@@ -54,20 +39,41 @@ __all__ = [
     # operations
     "attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu", "sample", "cross_entropy",
     # inspection
-    "explain", "explain_context", "which", "select", "list_kernels", "validate", "Explanation",
+    "explain", "explain_context", "which", "select", "list_kernels", "validate",
     # policy
     "lock", "unlock", "prefer", "disabled", "enabled", "configure",
     # system
-    "doctor", "readiness_check", "get_runtime", "tuning", "solve", "compile", "warmup", "PlanTable", "install_plan_table",
-    # kernels and registries
-    "KernelSpec", "Reason", "ReasonCode", "SelectionContext", "KernelRegistry", "BackendRegistry",
-    "get_global_kernel_registry", "get_global_backend_registry", "register_kernel",
-    # errors
-    "LayerZeroError", "InvalidInputError", "NoKernelError", "KernelNotFoundError", "KernelNotSupportedError",
-    "KernelExecutionError", "AllKernelsFailedError", "OutOfMemoryError", "ConfigError", "PolicyError",
-    "ConditionError", "PlanMismatchError", "CaptureError", "SelectionDivergenceError", "PerfDBError",
+    "doctor", "readiness_check", "get_runtime", "solve", "compile", "warmup", "PlanTable",
+    # your own kernels
+    "KernelSpec", "SelectionContext", "register_kernel",
+    # the errors callers catch (the rest: layerzero.errors)
+    "LayerZeroError", "InvalidInputError", "NoKernelError", "OutOfMemoryError", "ConfigError", "PolicyError",
     "UnsupportedModelError",
 ]
+
+#: Names that left the top level: each still works for one release, with a DeprecationWarning naming its home.
+_MOVED: dict[str, str] = {
+    **dict.fromkeys(("Reason", "ReasonCode"), "layerzero.spec"),
+    **dict.fromkeys(("KernelRegistry", "BackendRegistry"), "layerzero.registry"),
+    "install_plan_table": "layerzero.solve",
+    "Explanation": "layerzero.inspection",
+    **dict.fromkeys(("KernelNotFoundError", "KernelNotSupportedError", "KernelExecutionError",
+                     "AllKernelsFailedError", "ConditionError", "PlanMismatchError", "CaptureError",
+                     "SelectionDivergenceError", "PerfDBError"), "layerzero.errors"),
+}
+
+
+def __getattr__(name: str) -> object:
+    home = _MOVED.get(name)
+    if home is None:
+        raise AttributeError(f"module 'layerzero' has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    warnings.warn(f"layerzero.{name} is deprecated; import it from {home} (it leaves the top level in the next "
+                  f"release)", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(home), name)
+
 
 _load_builtin_backends(get_global_kernel_registry(), get_global_backend_registry())
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import torch
 from layerzero.context import SelectionContext
 from layerzero.errors import LayerZeroError, SelectionDivergenceError
 from layerzero.policy.model import Policy, Rule
+from layerzero.environment import env_flag
 from layerzero.runtime import Runtime, get_runtime
 from layerzero.selection.engine import Measurement, format_context
 
@@ -366,7 +366,7 @@ class ConsistencyReport:
 
 # -- public API ------------------------------------------------------------------------------------
 
-_auto = os.environ.get("LAYERZERO_DIST_CHECK", "").strip().lower() in ("1", "true", "yes", "on")
+_auto = env_flag("LAYERZERO_DIST_CHECK")
 
 
 def auto_check(enabled: bool = True) -> bool:

@@ -5,14 +5,16 @@
     result.output, result.kernel_id, result.timing
 
 The config and breaker types load eagerly (the runtime needs them); the
-dispatchers load on first use, because they are built on the runtime.
-Any other public name of the ``config_driven`` and ``hot_reload`` modules is
-looked up there on first use too.
+dispatchers load on first use, because they are built on the runtime (the
+``_LAZY`` table says where each name lives). A few names this package used to
+find by searching its modules keep working for one release with a
+``DeprecationWarning`` (``_DEPRECATED``).
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 from layerzero.runtime.breaker import CircuitBreaker, CircuitBreakerConfig, CircuitState, CircuitStats
@@ -43,8 +45,18 @@ _LAZY: dict[str, str] = {
     "HotReloadDispatcher": "hot_reload",
     "ReloadStats": "hot_reload",
     "create_hot_reload_dispatcher": "hot_reload",
+    "resolve_config_path": "config_driven",
+    "WATCHDOG_AVAILABLE": "hot_reload",
 }
-_PEER_MODULES = ("config_driven", "hot_reload")
+
+#: Names ``layerzero.dispatch`` used to find by searching its peer modules for any public name; they keep
+#: working for one release, with a ``DeprecationWarning`` naming their home.
+_DEPRECATED: dict[str, str] = {
+    "load_config": "layerzero.config_file.schema",
+    "validate_config": "layerzero.config_file.schema",
+    "CompiledConfig": "layerzero.config_file.schema",
+    "ConfigSource": "layerzero.dispatch.config_driven",
+}
 
 __all__ = ["DispatchConfig", "DispatchMode", "CircuitBreaker", "CircuitBreakerConfig", "CircuitState",
            "CircuitStats", *_LAZY]
@@ -56,18 +68,11 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f"layerzero.dispatch.{module}"), name)
         globals()[name] = value
         return value
-    if not name.startswith("_"):
-        for peer in _PEER_MODULES:
-            try:
-                mod = importlib.import_module(f"layerzero.dispatch.{peer}")
-            except ModuleNotFoundError as exc:
-                if exc.name != f"layerzero.dispatch.{peer}":
-                    raise
-                continue
-            if hasattr(mod, name):
-                value = getattr(mod, name)
-                globals()[name] = value
-                return value
+    home = _DEPRECATED.get(name)
+    if home is not None:
+        warnings.warn(f"layerzero.dispatch.{name} is deprecated; import it from {home} (it leaves "
+                      f"layerzero.dispatch in the next release)", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(home), name)
     raise AttributeError(f"module 'layerzero.dispatch' has no attribute {name!r}")
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from layerzero.config_file.schema import CompiledConfig, load_config
 from layerzero.context import SelectionContext
+from layerzero.environment import env_text
 from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.dispatcher import Dispatcher, runtime_for
 from layerzero.errors import CaptureError, ConfigError
@@ -163,7 +164,7 @@ def resolve_config_path(config_path: ConfigSource | None, config: DispatchConfig
         return config_path
     if config is not None and config.config_path is not None:
         return config.config_path
-    env = os.environ.get("LAYERZERO_CONFIG")
+    env = env_text("LAYERZERO_CONFIG")
     if env:
         return env
     raise ConfigError("a config-driven dispatcher needs a config: pass config_path=..., set "

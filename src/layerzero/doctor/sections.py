@@ -18,11 +18,11 @@ unhealthy backend, a backend installed but failing its probe) go to
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable
 from typing import Any
 
-from layerzero.runtime.config import ENV_VARS, DispatchConfig
+from layerzero.environment import env_settings
+from layerzero.runtime.config import DispatchConfig
 from layerzero.runtime import get_runtime
 
 __all__ = ["SECTIONS", "perf_db_section", "config_section", "runtime_section", "problems"]
@@ -63,10 +63,7 @@ def config_section(report: Any) -> None:
     cfg = rt.config.to_dict()
     defaults = DispatchConfig().to_dict()
     changed = {k: v for k, v in cfg.items() if defaults.get(k) != v}
-    env = {var: os.environ[var] for var in ENV_VARS if os.environ.get(var)}
-    for var in ("LAYERZERO_PERF_DB",):
-        if os.environ.get(var):
-            env[var] = os.environ[var]
+    env = env_settings()
     report.extra["config"] = {
         "dispatch_config": cfg,
         "changed_from_defaults": changed,

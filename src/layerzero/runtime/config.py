@@ -25,7 +25,11 @@ variable                           field                       example
 ``LAYERZERO_VERIFY``               ``verify_first_calls``      ``3``
 ``LAYERZERO_SHAPE_FREE_PLANS``     ``shape_free_plans``        ``0``
 ``LAYERZERO_PERF_DB``              ``perf_db_path``            ``/var/lz/perf.db``
+``LAYERZERO_DIST_CHECK``           (``layerzero.distributed``) ``1``
 =================================  ==========================  =================
+
+These are all the variables layerzero reads, and this module reads them all (:func:`env_text`): the last
+one is not a ``DispatchConfig`` field but switches on ``layerzero.distributed.auto_check`` at import.
 
 ``verify_first_calls=N`` turns on verify mode: each kernel's first N
 successful outputs are compared with the operation's float64 reference, and a
@@ -49,6 +53,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from layerzero.environment import ENV_VARS, env_text
 from layerzero.errors import ConfigError
 
 __all__ = ["DispatchConfig", "DispatchMode", "ENV_VARS"]
@@ -81,26 +86,6 @@ class DispatchMode(enum.Enum):
                           f"{', '.join(m.value for m in cls)}")
 
 
-ENV_VARS: dict[str, str] = {
-    "LAYERZERO_DISPATCH_MODE": "mode",
-    "LAYERZERO_CACHE_SIZE": "cache_size",
-    "LAYERZERO_CACHE_TTL": "cache_ttl_seconds",
-    "LAYERZERO_ENABLE_CACHE": "enable_cache",
-    "LAYERZERO_TELEMETRY": "enable_telemetry",
-    "LAYERZERO_RECORD_TIMING": "record_timing",
-    "LAYERZERO_LOG_FALLBACKS": "log_fallbacks",
-    "LAYERZERO_CIRCUIT_BREAKER": "circuit_breaker_enabled",
-    "LAYERZERO_FAILURE_THRESHOLD": "failure_threshold",
-    "LAYERZERO_RECOVERY_TIMEOUT": "recovery_timeout_seconds",
-    "LAYERZERO_ENABLE_FALLBACK": "enable_fallback",
-    "LAYERZERO_MAX_FALLBACK_ATTEMPTS": "max_fallback_attempts",
-    "LAYERZERO_CONFIG": "config_path",
-    "LAYERZERO_WATCH_INTERVAL": "watch_interval_seconds",
-    "LAYERZERO_ONLINE_TUNING": "online_tuning",
-    "LAYERZERO_VERIFY": "verify_first_calls",
-    "LAYERZERO_SHAPE_FREE_PLANS": "shape_free_plans",
-    "LAYERZERO_PERF_DB": "perf_db_path",
-}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -186,12 +171,11 @@ class DispatchConfig:
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> DispatchConfig:
         """Defaults, then ``LAYERZERO_*`` environment variables, then ``overrides``."""
-        env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         for var, name in ENV_VARS.items():
-            raw = env.get(var)
-            if raw is None or raw == "":
+            raw = env_text(var, environ)
+            if raw is None:
                 continue
             kwargs[name] = _coerce(var, name, raw, str(types[name]))
         kwargs.update(overrides)

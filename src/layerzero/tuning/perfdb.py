@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from layerzero.environment import env_text
 from layerzero.errors import PerfDBError
 from layerzero.selection.engine import Measurement
 
@@ -98,7 +99,7 @@ def default_path(configured: str | os.PathLike[str] | None = None) -> Path:
     ``perf.db`` in the user cache directory."""
     if configured is not None and str(configured) != "":
         return Path(configured).expanduser()
-    env = os.environ.get(ENV_VAR)
+    env = env_text(ENV_VAR)
     if env:
         return Path(env).expanduser()
     try:
