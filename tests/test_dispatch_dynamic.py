@@ -276,11 +276,22 @@ def test_disabled_cache_selects_every_time():
     assert d.get_telemetry().cache_stats.misses == 3
 
 
-def test_config_on_global_registries_becomes_the_process_config():
-    cfg = DispatchConfig(cache_size=123, cache_ttl_seconds=600.0)
+def test_config_on_global_registries_stays_the_dispatchers_own():
+    """A dispatcher's config never reconfigures lz.*: it gets a runtime derived from the global one (same
+    registries and policy, its own config, cache, breakers and telemetry)."""
+    before = get_runtime().config
+    cfg = DispatchConfig(cache_size=123, cache_ttl_seconds=600.0, circuit_breaker_enabled=False)
     d = create_dynamic_dispatcher(config=cfg)
-    assert d.runtime is get_runtime() and get_runtime().config is cfg
+    assert get_runtime().config is before and d.runtime.config is cfg and d.runtime.parent is get_runtime()
     assert d.get_telemetry().cache_stats.capacity == 123
+    x = torch.randn(2, 8)
+    assert d.dispatch("rms_norm", {"x": x}).kernel_id == lz.which("rms_norm", x)
+    lz.lock("rms_norm", "torch_rms_norm_composed")  # the policy is shared: the dispatcher follows it
+    try:
+        assert d.dispatch("rms_norm", {"x": x}).kernel_id == "torch_rms_norm_composed"
+    finally:
+        lz.unlock("rms_norm")
+    assert d.dispatch("rms_norm", {"x": x}).kernel_id == lz.which("rms_norm", x)
     with pytest.raises(InvalidInputError, match=r"clock= needs a dispatcher on its own registries"):
         create_dynamic_dispatcher(clock=FakeClock())
 

@@ -67,8 +67,12 @@ def test_builder_with_spec_and_registered_id():
 def test_static_kernel_map_resolves_against_the_registry():
     cfg = DispatchConfig(mode=DispatchMode.STATIC, static_kernel_map={
         "attention.causal": "torch_sdpa_math", "attention.cross": "torch_sdpa_math", "rms_norm": "torch_rms_norm"})
+    before = get_runtime().config
     d = create_static_dispatcher(cfg)
-    assert d.runtime is get_runtime()  # global registries: the global runtime's breakers and telemetry
+    # global registries, a config of its own: a runtime derived from the global one (same registries and
+    # policy, own config), and lz.* keeps its config
+    assert d.runtime.parent is get_runtime() and d.runtime.kernels is get_runtime().kernels
+    assert d.runtime.policy is get_runtime().policy and get_runtime().config is before
     reg = lz.get_global_kernel_registry()
     assert d.resolve("rms_norm") is reg.get("torch_rms_norm").impl
     q, k, v = _qkv(1)

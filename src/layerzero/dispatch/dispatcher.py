@@ -77,11 +77,15 @@ _UNSEEN: Any = object()
 
 
 def runtime_for(kernel_registry: KernelRegistry | None = None, backend_registry: BackendRegistry | None = None,
-                config: DispatchConfig | None = None, *, clock: Callable[[], float] | None = None) -> Runtime:
+                config: DispatchConfig | None = None, *, clock: Callable[[], float] | None = None,
+                process_wide: bool = False) -> Runtime:
     """The runtime a dispatcher on these registries uses.
 
-    The global registries (or ``None``) give the global runtime, with ``config``
-    applied to it when it differs; other registries get a new runtime of their own.
+    The global registries (or ``None``) give the global runtime, or, when ``config`` differs from its
+    config, a runtime derived from it (``Runtime.derive``: the same registries, policy and measurements,
+    its own config, plan cache, breakers and telemetry), so a dispatcher's config never reconfigures
+    ``lz.*``; other registries get a new runtime of their own. ``process_wide=True`` (the orchestrator,
+    which configures the process's ``dispatch()``) applies ``config`` to the global runtime instead.
 
     Raises:
         InvalidInputError: ``clock`` was given for the global runtime (it always uses ``time.monotonic``).
@@ -95,9 +99,12 @@ def runtime_for(kernel_registry: KernelRegistry | None = None, backend_registry:
             raise InvalidInputError("clock= needs a dispatcher on its own registries; the global runtime shared "
                                     "with lz.* always uses time.monotonic")
         rt = get_runtime()
-        if config is not None and config != rt.config:
+        if config is None or config == rt.config:
+            return rt
+        if process_wide:
             rt.configure(config)
-        return rt
+            return rt
+        return rt.derive(config)
     return Runtime(kernels, backends, config if config is not None else DispatchConfig.from_env(),
                    clock=clock if clock is not None else time.monotonic)
 

@@ -244,7 +244,9 @@ def create_orchestrator(config: DispatchConfig | None = None, kernel_registry: K
     """An orchestrator routing per ``config.mode`` (AUTO: static entry, else loaded config, else dynamic).
 
     On the global registries (the default) it shares the global runtime, and ``config`` becomes the
-    process's dispatch config.
+    process's dispatch config (what ``dispatch()`` and ``lz.*`` use): the orchestrator is the process's
+    router. Every other dispatcher given a config of its own gets a runtime derived from the global one
+    and leaves the process's config alone.
 
     Example:
         >>> o = create_orchestrator(DispatchConfig(mode=DispatchMode.AUTO,
@@ -253,8 +255,8 @@ def create_orchestrator(config: DispatchConfig | None = None, kernel_registry: K
         (<DispatchMode.STATIC: 'static'>, <DispatchMode.DYNAMIC: 'dynamic'>)
     """
     check_static_map(config, kernel_registry, backend_registry)  # a bad table must not reach the runtime
-    return DispatchOrchestrator(runtime_for(kernel_registry, backend_registry, config, clock=clock),
-                                use_mvcc_cache=use_mvcc_cache)
+    return DispatchOrchestrator(runtime_for(kernel_registry, backend_registry, config, clock=clock,
+                                            process_wide=True), use_mvcc_cache=use_mvcc_cache)
 
 
 _global: DispatchOrchestrator | None = None

@@ -13,6 +13,7 @@ plans under the failure contract (:class:`Executor`), and verify mode (:class:`V
 from __future__ import annotations
 
 import threading
+import weakref
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -57,7 +58,8 @@ class Runtime:
     """
 
     def __init__(self, kernel_registry: KernelRegistry | None = None, backend_registry: BackendRegistry | None = None,
-                 config: DispatchConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+                 config: DispatchConfig | None = None, *, clock: Callable[[], float] = time.monotonic,
+                 parent: Runtime | None = None) -> None:
         # ``is not None``: an empty registry is falsy (it has __len__) but is still the caller's registry.
         self.kernels = kernel_registry if kernel_registry is not None else get_global_kernel_registry()
         self.backends = backend_registry if backend_registry is not None else get_global_backend_registry()
@@ -69,7 +71,9 @@ class Runtime:
         self.breakers.add_listener(self._on_breaker)
         self.plans: PlanCache = self._make_cache(self.config)
         self.telemetry.bind_cache(lambda: self.plans.stats())
-        self.policy = PolicyState()
+        # a derived runtime (``derive``) shares its parent's policy and measurements
+        self.parent = parent
+        self.policy = parent.policy if parent is not None else PolicyState()
         self.measurement_source: MeasurementSource | None = None
         self.engine = SelectionEngine(self.kernels, self.backends, measurements=self._measurements)
         self.families = FamilyPlans(self)
@@ -82,9 +86,24 @@ class Runtime:
         self.version = 0
         self.on_miss: list[Callable[[str, SelectionContext], None]] = []
         self.baked: Any = None  # a layerzero.solve.PlanTable in force, or None
-        self.kernels.add_listener(lambda: self.invalidate("kernel registry changed"))
-        self.backends.add_listener(lambda: self.invalidate("backend registry changed"))
-        self.policy.add_listener(self._on_policy_change)
+        me = weakref.ref(self)  # listeners on shared objects must not keep a derived runtime alive
+
+        def on(reason: str) -> Callable[[], None]:
+            def changed() -> None:
+                rt = me()
+                if rt is not None:
+                    rt._on_policy_change() if reason == "policy" else rt.invalidate(reason)
+            return changed
+
+        self.kernels.add_listener(on("kernel registry changed"))
+        self.backends.add_listener(on("backend registry changed"))
+        self.policy.add_listener(on("policy"))
+
+    def derive(self, config: DispatchConfig) -> Runtime:
+        """A runtime for a dispatcher with a config of its own on this runtime's registries: the same
+        kernels, backends, policy and measurements, but its own config, plan cache, breakers and telemetry,
+        so the dispatcher's settings never change what ``lz.*`` does."""
+        return Runtime(self.kernels, self.backends, config, clock=self.clock, parent=self)
 
     @property
     def last_run(self) -> threading.local:
@@ -186,6 +205,8 @@ class Runtime:
     def _measurements(self, operation: str, ctx: SelectionContext, specs: tuple[KernelSpec, ...]
                       ) -> dict[str, Measurement]:
         src = self.measurement_source
+        if src is None and self.parent is not None:
+            src = self.parent.measurement_source
         if src is None:
             return {}
         try:
