@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from layerzero.timing import PairResult, interleaved, measure_calls
+from layerzero.bench.overhead import OverheadRow, run_overhead
+from layerzero.timing import measure_calls
 
 __all__ = ["BenchOptions", "BenchReport", "run_bench", "OverheadRow", "ResultRow"]
 
@@ -79,23 +79,6 @@ class ResultRow:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-@dataclass
-class OverheadRow:
-    path: str
-    direct: str
-    result: PairResult | None
-    budget: str
-    passed: bool
-    note: str = ""
-    value: float | None = None
-    info: bool = False  # shown for comparison, no budget: never a MISS
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "direct": self.direct, "budget": self.budget, "passed": self.passed,
-                "note": self.note, "value": self.value, "info": self.info,
-                "result": self.result.to_dict() if self.result else None}
 
 
 @dataclass
@@ -189,149 +172,6 @@ def run_results(opts: BenchOptions, progress: Callable[[str], None]) -> list[Res
 
 # -- overhead budgets ----------------------------------------------------------------------------------
 
-def _ratio_row(path: str, direct: str, res: PairResult, limit: float, note: str = "") -> OverheadRow:
-    return OverheadRow(path, direct, res, f"<= {limit * 100:.0f}% over direct (p50)", res.ratio <= 1 + limit, note,
-                       res.ratio)
-
-
-def run_overhead(opts: BenchOptions, progress: Callable[[str], None]) -> list[OverheadRow]:
-    import layerzero as lz
-    from layerzero.dispatch import StaticDispatcherBuilder, get_global_dispatcher
-    from layerzero.inspection import cache_keys
-    from layerzero.ops.attention import ATTENTION
-    from layerzero.runtime import get_runtime
-
-    rt = get_runtime()
-
-    def cached_plan(operation: str, args: tuple[Any, ...]) -> Any:
-        family, key = cache_keys(operation, args)  # type: ignore[misc]
-        return rt.plans.data.get(family) or rt.plans.data[key]
-
-    def plan_note(plan: Any) -> str:
-        kind = "shape-free plan" if plan.family is not None else "exact-shape plan"
-        return f"kernel: {plan.kernel_id}, {kind}"
-
-    dev = opts.device
-    dtype = opts.torch_dtype
-    sync = _sync_for(dev)
-    rounds = 60 if opts.quick else 400
-    batch = 20
-    kw = dict(device=dev, dtype=dtype)
-    q = torch.randn(1, 8, 1, 64, **kw)
-    k = torch.randn(1, 8, 128, 64, **kw)
-    v = torch.randn(1, 8, 128, 64, **kw)
-    x = torch.randn(1, 4096, **kw)
-    w = torch.randn(4096, **kw)
-    sdpa = F.scaled_dot_product_attention
-    frms = F.rms_norm
-    ns = (4096,)
-    rows: list[OverheadRow] = []
-
-    def pair(direct: Callable[[], Any], cand: Callable[[], Any]) -> PairResult:
-        return interleaved(direct, cand, rounds=rounds, batch=batch, sync=sync)
-
-    # ops API from raw tensors (the headline budget)
-    lz.attention(q, k, v)
-    lz.rms_norm(x, w)
-    attn_args = (q, k, v, None, False, 0.0, None, None)
-    attn_kernel = cached_plan("attention.full", attn_args)
-    progress("overhead lz.attention")
-    att = pair(lambda: sdpa(q, k, v), lambda: lz.attention(q, k, v))
-    rows.append(_ratio_row("lz.attention(q, k, v) cached", "F.scaled_dot_product_attention", att, 0.05,
-                           plan_note(attn_kernel)))
-    progress("overhead lz.rms_norm")
-    rms = pair(lambda: frms(x, ns, w, 1e-6), lambda: lz.rms_norm(x, w))
-    rows.append(_ratio_row("lz.rms_norm(x, w) cached", "F.rms_norm", rms, 0.05,
-                           plan_note(cached_plan("rms_norm", (x, w, 1e-6)))))
-    if attn_kernel.family is not None:
-        # For comparison: the same calls through exact-shape plans, as in a call family whose selection
-        # depends on shapes (measured times on a tuned GPU, shape-conditional policy rules).
-        saved = rt.config
-        rt.configure(saved.replace(shape_free_plans=False))
-        try:
-            lz.attention(q, k, v)
-            lz.rms_norm(x, w)
-            progress("overhead exact-shape plans")
-            res = pair(lambda: sdpa(q, k, v), lambda: lz.attention(q, k, v))
-            rows.append(OverheadRow("lz.attention(q, k, v), exact-shape plan", "F.scaled_dot_product_attention", res,
-                                    "none (for comparison)", True, plan_note(cached_plan("attention.full", attn_args)),
-                                    res.ratio, info=True))
-            res = pair(lambda: frms(x, ns, w, 1e-6), lambda: lz.rms_norm(x, w))
-            rows.append(OverheadRow("lz.rms_norm(x, w), exact-shape plan", "F.rms_norm", res, "none (for comparison)",
-                                    True, plan_note(cached_plan("rms_norm", (x, w, 1e-6))), res.ratio, info=True))
-        finally:
-            rt.configure(saved)
-            lz.attention(q, k, v)
-
-    # static dispatch: resolve returns the kernel itself
-    kernel = attn_kernel.kernels[0].impl
-    static = (StaticDispatcherBuilder().with_kernel(kernel, operation="attention.full", default=True)
-              .with_config(enable_telemetry=False).build())
-    resolved = static.resolve("attention.full")
-    args = (q, k, v, None, False, 0.0, None, None)
-    progress("overhead static resolve")
-    res = pair(lambda: kernel(*args), lambda: static.resolve("attention.full")(*args))
-    row = _ratio_row("static resolve(op)(...)", "the kernel itself", res, 0.02,
-                     "resolve returns the kernel itself" if resolved is kernel else "resolve returned a wrapper")
-    row.passed = row.passed and resolved is kernel
-    rows.append(row)
-    inputs = {"q": q, "k": k, "v": v}
-    progress("overhead static dispatch()")
-    res = pair(lambda: kernel(*args), lambda: static.dispatch("attention.full", inputs))
-    rows.append(_ratio_row("static dispatch(op, inputs)", "the kernel itself", res, 0.10))
-    gd = get_global_dispatcher()
-    gd.dispatch("attention.full", inputs)
-    progress("overhead dynamic dispatch()")
-    res = pair(lambda: sdpa(q, k, v), lambda: gd.dispatch("attention.full", inputs))
-    rows.append(_ratio_row("dynamic dispatch(op, inputs) cached", "F.scaled_dot_product_attention", res, 0.10))
-
-    # components, each against an empty loop body: the key and lookup lz.attention does for this call
-    family, key = cache_keys("attention.full", attn_args)  # type: ignore[misc]
-    data = rt.plans.data
-    shape_free = family in data
-    op_name = "attention.full"
-    if shape_free:
-        key = family
-    contract = ATTENTION.calls  # the key and guards lz.attention's generated entry runs inline
-
-    def empty(*args: Any) -> None:
-        return None
-    kind = "shape-free family key" if shape_free else "exact-shape key"
-
-    def noop() -> None:
-        return None
-
-    progress("overhead components")
-    res = interleaved(noop, lambda: data.get(key), rounds=rounds, batch=batch)
-    direct_ns = att.direct.p50_ns
-    rows.append(OverheadRow("plan-cache lookup", "empty call", res, "<= 1% of the direct SDPA call",
-                            res.overhead_ns <= 0.01 * direct_ns, f"{res.overhead_ns:.0f} ns ({kind})",
-                            res.overhead_ns / direct_ns))
-    res = interleaved(lambda: empty(op_name, *attn_args), lambda: contract.keys(op_name, *attn_args),
-                      rounds=rounds, batch=batch)
-    rows.append(OverheadRow("context key from tensors", "empty call", res, "<= 3% of the direct SDPA call",
-                            res.overhead_ns <= 0.03 * direct_ns, f"{res.overhead_ns:.0f} ns (family and exact key)",
-                            res.overhead_ns / direct_ns))
-    res = interleaved(lambda: empty(op_name, *attn_args), lambda: contract.admits(op_name, *attn_args),
-                      rounds=rounds, batch=batch)
-    rows.append(OverheadRow("call-contract guards", "empty call", res, "<= 3% of the direct SDPA call",
-                            res.overhead_ns <= 0.03 * direct_ns, f"{res.overhead_ns:.0f} ns (shapes and scalars)",
-                            res.overhead_ns / direct_ns))
-    plan = cached_plan("attention.full", attn_args)
-
-    def gate_and_count() -> None:
-        if plan.gate.blocked:
-            return
-        plan.stats.calls += 1
-
-    res = interleaved(noop, gate_and_count, rounds=rounds, batch=batch)
-    cached_ns = att.candidate.p50_ns
-    rows.append(OverheadRow("breaker check + telemetry record", "empty call", res,
-                            "<= 5% of the cached lz.attention call", res.overhead_ns <= 0.05 * cached_ns,
-                            f"{res.overhead_ns:.0f} ns", res.overhead_ns / cached_ns))
-    return rows
-
-
 def run_memory(opts: BenchOptions, progress: Callable[[str], None]) -> list[OverheadRow]:
     import layerzero as lz
     from layerzero.runtime import get_runtime
@@ -423,7 +263,7 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
     )
     try:
         report.results = run_results(opts, say)
-        report.overhead = run_overhead(opts, say)
+        report.overhead = run_overhead(opts.device, opts.torch_dtype, opts.quick, _sync_for(opts.device), say)
         if opts.include_memory:
             report.overhead += run_memory(opts, say)
         if opts.include_import:
