@@ -22,7 +22,7 @@ from layerzero.runtime.config import DispatchConfig, DispatchMode
 
 _LAZY: dict[str, str] = {
     "Dispatcher": "dispatcher",
-    "runtime_for": "dispatcher",
+    "runtime_for": "runtimes",
     "DispatchResult": "result",
     "DispatchTiming": "result",
     "DispatchTelemetry": "result",

@@ -33,7 +33,8 @@ from layerzero.config_file.schema import CompiledConfig, load_config
 from layerzero.context import SelectionContext
 from layerzero.environment import env_text
 from layerzero.runtime.config import DispatchConfig, DispatchMode
-from layerzero.dispatch.dispatcher import Dispatcher, runtime_for
+from layerzero.dispatch.dispatcher import Dispatcher
+from layerzero.dispatch.runtimes import runtime_for
 from layerzero.errors import CaptureError, ConfigError
 from layerzero.ops.base import OpDef
 from layerzero.policy.model import Policy, Rule

@@ -4,10 +4,9 @@ Every dispatcher runs on a :class:`~layerzero.runtime.Runtime`. Dispatchers
 built on the global registries use the global runtime (:func:`get_runtime`),
 so they share its plan cache, circuit breakers, telemetry and policy with
 ``lz.*``: a breaker opened through ``dispatch()`` is open for
-``lz.attention`` too. A dispatcher's config *is* its runtime's config, so
-creating one on the global registries with an explicit config applies that
-config process-wide (``get_runtime().configure(config)``); give a dispatcher
-its own registries to run it with different settings side by side.
+``lz.attention`` too. A dispatcher given a config of its own gets a runtime
+derived from the global one (:func:`~layerzero.dispatch.runtimes.runtime_for`):
+the same registries and policy, its own config, cache and breakers.
 
 The base class implements selection-based dispatch; subclasses change where
 plans come from by overriding :meth:`Dispatcher.build_plan` (the config
@@ -27,7 +26,7 @@ from __future__ import annotations
 
 import difflib
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 from layerzero.context import SelectionContext
@@ -55,12 +54,8 @@ from layerzero.errors import InvalidInputError, KernelNotFoundError
 from layerzero.ops.base import OpDef
 from layerzero.policy.model import Policy
 from layerzero.policy.scope import LIVE, SCOPE
-from layerzero.registry import (
-    BackendRegistry,
-    KernelRegistry,
-    get_global_backend_registry,
-    get_global_kernel_registry,
-)
+from layerzero.registry import BackendRegistry, KernelRegistry
+from layerzero.dispatch.runtimes import runtime_for
 from layerzero.runtime import Runtime, get_runtime
 from layerzero.selection.cache import MVCCPlanCache, PlanCache
 from layerzero.selection.plan import ExecutionPlan
@@ -76,37 +71,28 @@ new_result = DispatchResult.__new__  # the hot paths fill the slots themselves (
 _UNSEEN: Any = object()
 
 
-def runtime_for(kernel_registry: KernelRegistry | None = None, backend_registry: BackendRegistry | None = None,
-                config: DispatchConfig | None = None, *, clock: Callable[[], float] | None = None,
-                process_wide: bool = False) -> Runtime:
-    """The runtime a dispatcher on these registries uses.
-
-    The global registries (or ``None``) give the global runtime, or, when ``config`` differs from its
-    config, a runtime derived from it (``Runtime.derive``: the same registries, policy and measurements,
-    its own config, plan cache, breakers and telemetry), so a dispatcher's config never reconfigures
-    ``lz.*``; other registries get a new runtime of their own. ``process_wide=True`` (the orchestrator,
-    which configures the process's ``dispatch()``) applies ``config`` to the global runtime instead.
+#: ``Dispatcher.dispatch``'s arguments and errors (its docstring stays one line so the hot path reads whole).
+DISPATCH_DOC = """
+    Args:
+        operation: ``"attention.causal"``, ``"rms_norm"``, ... or a user operation name.
+        inputs: tensors by name (``query``/``q``, ``key``/``k``, ``value``/``v``, ``x``/``input``,
+            ``weight``, ``bias``, ...; see ``layerzero.dispatch.generic.INPUT_NAMES``).
+        context: a :class:`SelectionContext` to select with instead of one built from the tensors
+            (reuse one object across calls: plans are cached per context object).
+        **kwargs: more inputs or options (``is_causal``, ``scale``, ``eps``, ``layout="BSHD"``, ...).
 
     Raises:
-        InvalidInputError: ``clock`` was given for the global runtime (it always uses ``time.monotonic``).
-    """
-    if config is not None and not isinstance(config, DispatchConfig):
-        raise InvalidInputError(f"config must be a DispatchConfig, got {type(config).__name__}")
-    kernels = get_global_kernel_registry() if kernel_registry is None else kernel_registry
-    backends = get_global_backend_registry() if backend_registry is None else backend_registry
-    if kernels is get_global_kernel_registry() and backends is get_global_backend_registry():
-        if clock is not None:
-            raise InvalidInputError("clock= needs a dispatcher on its own registries; the global runtime shared "
-                                    "with lz.* always uses time.monotonic")
-        rt = get_runtime()
-        if config is None or config == rt.config:
-            return rt
-        if process_wide:
-            rt.configure(config)
-            return rt
-        return rt.derive(config)
-    return Runtime(kernels, backends, config if config is not None else DispatchConfig.from_env(),
-                   clock=clock if clock is not None else time.monotonic)
+        InvalidInputError: malformed inputs (names the operation and every input).
+        NoKernelError: no kernel can run the call (lists every candidate's reasons).
+        AllKernelsFailedError: every kernel tried raised (lists each attempt and its error).
+"""
+
+# HOT_PATH_NOTES for ``Dispatcher.dispatch``: (1) CPU tensors of the dtype seen last use the shape-free plan
+# this dispatcher found for them, with no key to build; the memo goes with every runtime change (_sync). A
+# family plan the runtime takes back meanwhile still serves (selection picks its kernel for every shape of the
+# family); a call its kernel cannot take goes the exact-shape way through Runtime.recover, dropping the memo.
+# First the contract's shape relations must hold (the entry's scalars passed its guards when it was made): a
+# call they do not admit never reaches a cached plan and takes the validating full path.
 
 
 class Dispatcher:
@@ -223,21 +209,7 @@ class Dispatcher:
     # -- dispatch ------------------------------------------------------------------------------------
     def dispatch(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None = None,
                  **kwargs: Any) -> DispatchResult:
-        """Run ``operation`` on ``inputs`` with the kernel this dispatcher picks.
-
-        Args:
-            operation: ``"attention.causal"``, ``"rms_norm"``, ... or a user operation name.
-            inputs: tensors by name (``query``/``q``, ``key``/``k``, ``value``/``v``, ``x``/``input``,
-                ``weight``, ``bias``, ...; see ``layerzero.dispatch.generic.INPUT_NAMES``).
-            context: a :class:`SelectionContext` to select with instead of one built from the tensors
-                (reuse one object across calls: plans are cached per context object).
-            **kwargs: more inputs or options (``is_causal``, ``scale``, ``eps``, ``layout="BSHD"``, ...).
-
-        Raises:
-            InvalidInputError: malformed inputs (names the operation and every input).
-            NoKernelError: no kernel can run the call (lists every candidate's reasons).
-            AllKernelsFailedError: every kernel tried raised (lists each attempt and its error).
-        """
+        """Run ``operation`` on ``inputs`` with the kernel this dispatcher picks."""
         rt = self.runtime
         if rt.version != self._version:
             self._sync()
@@ -252,17 +224,7 @@ class Dispatcher:
                     q = inputs[hot.q_name]
                     k = inputs[hot.k_name]
                     v = inputs[hot.v_name]
-                    # CPU tensors of the dtype seen last: the shape-free plan this dispatcher found for them, with
-                    # no key to build. The memo goes with every runtime change (_sync). A family plan the runtime
-                    # takes back meanwhile (its kernel raised on some shape, through lz.* or another dispatcher)
-                    # serves this dispatcher's calls until then: selection picks its kernel for every shape of the
-                    # family (that is what made it shape-free), and a call the kernel cannot take goes the
-                    # exact-shape way through Runtime.recover, as on the shared cache, dropping the memo. Scoped
-                    # calls and v without k's size take the key path.
-                    dtype, plan, kernel_id = hot.memo
-                    # the contract's shape relations (4-D q, k, v of one batch, v of k's shape, no empty dimension;
-                    # the entry's constants passed its scalar guards once): a call they do not admit never reaches
-                    # a cached plan and takes the validating full path
+                    dtype, plan, kernel_id = hot.memo  # (1) in HOT_PATH_NOTES
                     if not hot.shapes_admit(operation, q, k, v, None, None, None, None, None):
                         raise KeyError("not admitted")
                     if q.dtype is not dtype or not q.is_cpu or LIVE.scopes:
@@ -324,7 +286,6 @@ class Dispatcher:
                             r.mode = self._mode_value
                             return r
                     return self._result(out, plan, ran, operation, NOT_TIMED, True)
-            # -------------------------------------------------------------------------------------------
         return self._dispatch(operation, inputs, context, kwargs)
 
     def _dispatch(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None,
@@ -598,3 +559,6 @@ class Dispatcher:
     def __repr__(self) -> str:
         where = "global runtime" if self.runtime is get_runtime() else "own runtime"
         return f"{type(self).__name__}(mode={self.mode.name}, {where})"
+
+
+Dispatcher.dispatch.__doc__ = f"{Dispatcher.dispatch.__doc__}\n{DISPATCH_DOC}"

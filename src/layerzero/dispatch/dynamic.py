@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from layerzero.runtime.config import DispatchConfig, DispatchMode
-from layerzero.dispatch.dispatcher import Dispatcher, runtime_for
+from layerzero.dispatch.dispatcher import Dispatcher
+from layerzero.dispatch.runtimes import runtime_for
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.runtime import Runtime
 from layerzero.selection.cache import MVCCPlanCache

@@ -43,7 +43,7 @@ from layerzero.config_file.problems import raise_problems
 from layerzero.config_file.schema import CompiledConfig, validate_config
 from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.config_driven import ConfigDrivenDispatcher, resolve_config_path
-from layerzero.dispatch.dispatcher import runtime_for
+from layerzero.dispatch.runtimes import runtime_for
 from layerzero.dispatch.result import DispatchStats
 from layerzero.errors import ConfigError
 from layerzero.registry import BackendRegistry, KernelRegistry

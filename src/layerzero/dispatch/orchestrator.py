@@ -29,7 +29,8 @@ from typing import Any
 
 from layerzero.context import SelectionContext
 from layerzero.runtime.config import DispatchConfig, DispatchMode
-from layerzero.dispatch.dispatcher import Dispatcher, runtime_for
+from layerzero.dispatch.dispatcher import Dispatcher
+from layerzero.dispatch.runtimes import runtime_for
 from layerzero.dispatch.dynamic import DynamicDispatcher
 from layerzero.dispatch.result import DispatchResult, DispatchStats, DispatchTelemetry
 from layerzero.dispatch.static import StaticDispatcher, check_static_map, create_static_dispatcher

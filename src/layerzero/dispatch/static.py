@@ -27,7 +27,8 @@ from typing import Any
 
 from layerzero.context import SelectionContext
 from layerzero.runtime.config import DispatchConfig, DispatchMode
-from layerzero.dispatch.dispatcher import Dispatcher, new_result, perf_ns, runtime_for
+from layerzero.dispatch.dispatcher import Dispatcher, new_result, perf_ns
+from layerzero.dispatch.runtimes import runtime_for
 from layerzero.dispatch.generic import attention_inputs, map_inputs
 from layerzero.dispatch.result import NOT_TIMED, DispatchResult, DispatchTiming
 from layerzero.errors import ConfigError, InvalidInputError, NoKernelError
