@@ -145,9 +145,9 @@ def test_per_operation_series_and_kernel_totals(tel):
         assert tel.kernels[causal].calls == 2
 
 
-def test_latency_histogram_with_record_timing(tel, runtime):
+def test_latency_histogram_when_asked(tel, runtime):
     old = runtime.config
-    runtime.configure(old.replace(record_timing=True))
+    runtime.configure(old.replace(latency_histogram=True))
     try:
         x = torch.randn(4, 128)
         for _ in range(6):

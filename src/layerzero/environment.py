@@ -21,6 +21,7 @@ ENV_VARS: dict[str, str] = {
     "LAYERZERO_ENABLE_CACHE": "enable_cache",
     "LAYERZERO_TELEMETRY": "enable_telemetry",
     "LAYERZERO_RECORD_TIMING": "record_timing",
+    "LAYERZERO_LATENCY_HISTOGRAM": "latency_histogram",
     "LAYERZERO_LOG_FALLBACKS": "log_fallbacks",
     "LAYERZERO_CIRCUIT_BREAKER": "circuit_breaker_enabled",
     "LAYERZERO_FAILURE_THRESHOLD": "failure_threshold",

@@ -49,6 +49,7 @@ from layerzero.dispatch.result import (
     DispatchTelemetry,
     DispatchTiming,
     KernelCounters,
+    stamp,
 )
 from layerzero.errors import InvalidInputError, KernelNotFoundError
 from layerzero.ops.base import OpDef
@@ -215,6 +216,7 @@ class Dispatcher:
             self._sync()
         if context is None and not kwargs and type(inputs) is dict:
             # ---- cached hot path: q, k, v by known names -> plan -> kernel (as lz.attention) -----------
+            t0 = perf_ns() if self._timed else 0
             try:
                 hot = self._fast[operation]  # None for an operation seen without usable names
             except (KeyError, TypeError):  # not seen yet, or unhashable (the full path reports it)
@@ -259,6 +261,7 @@ class Dispatcher:
                 except (KeyError, AttributeError, TypeError, RuntimeError):  # other names, not tensors: full path
                     plan = None
                 if plan is not None:
+                    t2 = perf_ns() if t0 else 0
                     if plan.gate.blocked:
                         out, ran = self._run_slow(plan, (q, k, v, None, hot.is_causal, hot.dropout_p, hot.scale,
                                                          hot.window), None)
@@ -276,24 +279,20 @@ class Dispatcher:
                                                              hot.scale, hot.window), exc)
                         else:
                             r = new_result(DispatchResult)
-                            r.output = out
-                            r.kernel_id = kernel_id
-                            r.operation = operation
-                            r.fallback_used = False
-                            r.attempts = 1
-                            r.timing = NOT_TIMED
-                            r.cached = True
+                            r.output, r.kernel_id, r.operation = out, kernel_id, operation
+                            r.fallback_used, r.attempts, r.cached = False, 1, True
                             r.mode = self._mode_value
+                            r.timing = stamp(DispatchTiming, (t0, t2, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
                             return r
-                    return self._result(out, plan, ran, operation, NOT_TIMED, True)
+                    timing = stamp(DispatchTiming, (t0, t2, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
+                    return self._result(out, plan, ran, operation, timing, True)
         return self._dispatch(operation, inputs, context, kwargs)
 
     def _dispatch(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None,
                   kwargs: dict[str, Any]) -> DispatchResult:
         """``dispatch`` past its hot path: map the inputs, build the keys, read the cache, select on a miss."""
         rt = self.runtime
-        if self._timed:
-            return self._dispatch_timed(operation, inputs, context, kwargs)
+        t0 = perf_ns() if self._timed else 0
         try:
             op = self._ops.get(operation) or self._op(operation)
         except TypeError:  # an unhashable operation: op_for_dispatch reports it as bad input
@@ -305,6 +304,7 @@ class Dispatcher:
             family, key = None, (operation, _CTX, id(context), keys_for(op, operation, args)[1])
         if not op.admits(operation, args):  # the contract's guards fail: validate on the full path, cache nothing
             family = key = None
+        t1 = perf_ns() if t0 else 0
         # ---- cached path: key (or the family's shape-free key) -> plan -> kernel ------------------------
         scope = SCOPE.get() if LIVE.scopes else None
         try:
@@ -319,6 +319,7 @@ class Dispatcher:
                     plan = plans.get(key)
         except TypeError:  # an unhashable value in the key (window=[4]): validation names it on the slow path
             plan = key = family = None
+        t2 = t3 = perf_ns() if t0 else 0
         if plan is not None and (context is None or plan.context is context):
             if plan.gate.blocked:
                 out, ran = self._run_slow(plan, args, None)
@@ -333,6 +334,7 @@ class Dispatcher:
         else:
             version = rt.version  # before the policy is read: a change during this call keeps the plan out
             plan, ctx, policy = self._select(op, operation, args, context)
+            t3 = perf_ns() if t0 else 0
             out, ran = self._first_run(plan, args)
             if rt.version == version:
                 self._store(key, plan, scope)
@@ -341,19 +343,21 @@ class Dispatcher:
                     self._store_family(family, plan, ctx, policy, scope)
             cached = False
         # -------------------------------------------------------------------------------------------
+        t4 = perf_ns() if t0 else 0
         if bshd:
             out = out.transpose(1, 2)
+        timing = stamp(DispatchTiming, (t0, t1, t2, t3, t4, perf_ns())) if t0 else NOT_TIMED
         if context is None and not kwargs:
             self._learn(op, operation, inputs)
-        return self._result(out, plan, ran, operation, NOT_TIMED, cached)
+        return self._result(out, plan, ran, operation, timing, cached)
 
     def _learn(self, op: OpDef, operation: str, inputs: Mapping[str, Any]) -> None:
         """After a call without context or keyword arguments went the full way: the hot-path entry for its
         operation (the input names of an attention call, see :func:`attention_inputs`), or None when its calls
         map in full (the hot path then reads None instead of missing the key)."""
         found = self._fast.get(operation, _UNSEEN)
-        if found is _UNSEEN or (found is None and op.family == "attention" and not self._timed):
-            fast = attention_inputs(op, operation, inputs) if not self._timed else None
+        if found is _UNSEEN or (found is None and op.family == "attention"):
+            fast = attention_inputs(op, operation, inputs)
             if found is _UNSEEN or fast is not None:
                 if len(self._fast) < 4096:
                     self._fast[operation] = None if fast is None else fast.copy()
@@ -449,62 +453,6 @@ class Dispatcher:
             if len(target) < max(rt.config.cache_size, 1):
                 target[family] = free
             scope.plans = target
-
-    def _dispatch_timed(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None,
-                        kwargs: dict[str, Any]) -> DispatchResult:
-        """``dispatch`` with ``record_timing``: the same steps, each timed."""
-        rt = self.runtime
-        t0 = perf_ns()
-        op = self._op(operation)
-        args, bshd = map_inputs(op, operation, inputs, kwargs)
-        key = keys_for(op, operation, args)[1]
-        if context is not None:
-            key = (operation, _CTX, id(context), key)
-        if not op.admits(operation, args):
-            key = None
-        t1 = perf_ns()
-        scope = SCOPE.get()
-        try:
-            if key is None:
-                plan = None
-            elif scope is None:
-                plan = (rt.plans if self._cache is None else self._cache).get(key)
-            else:
-                plan = scope.plans.get(key) if self._cache is None else None
-        except TypeError:  # an unhashable value in the key (window=[4]): validation names it on the slow path
-            plan = key = None
-        t2 = perf_ns()
-        build_ns = t1 - t0
-        if plan is not None and (context is None or plan.context is context):
-            cached = True
-            t3 = perf_ns()
-            note = rt.last_run
-            note.value = None
-            out = plan.run(*args)  # timing mode: plan.run is the runtime's timed runner
-            ran = note.value
-        else:
-            cached = False
-            version = rt.version
-            plan = self._select(op, operation, args, context)[0]
-            t3 = perf_ns()
-            out, ran = self._first_run(plan, args)
-            if rt.version == version:
-                self._store(key, plan, scope)
-        t4 = perf_ns()
-        if bshd:
-            out = out.transpose(1, 2)
-        t5 = perf_ns()
-        if context is None and not kwargs:
-            self._learn(op, operation, inputs)
-        timing = DispatchTiming(selection_us=(t3 - t0) / 1000.0, execution_us=(t5 - t3) / 1000.0,
-                                total_us=(t5 - t0) / 1000.0, context_build_ns=build_ns, cache_lookup_ns=t2 - t1,
-                                kernel_invoke_ns=t4 - t3, recorded=True)
-        if ran is None:
-            return DispatchResult(out, plan.kernels[0].kernel_id, operation, False, 1, timing, cached,
-                                  self._mode_value)
-        used, index = ran
-        return DispatchResult(out, used.kernels[index].kernel_id, operation, index > 0, index + 1, timing, cached,
-                              self._mode_value)
 
     def __call__(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None = None,
                  **kwargs: Any) -> Any:

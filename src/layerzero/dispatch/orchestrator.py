@@ -178,6 +178,7 @@ class DispatchOrchestrator(Dispatcher):
         """The runtime changed: re-resolve routes if its config did; drop the hot-path entries."""
         if self.runtime.config is not self._config_seen:
             self._refresh()
+        self._timed = self.runtime.config.record_timing
         self._fast = {}
         self._version = self.runtime.version
 

@@ -2,7 +2,7 @@
 
 :class:`DispatchResult` carries the output, the kernel that produced it,
 whether a fallback was needed, and a :class:`DispatchTiming` (all zeros, and
-no clock read, unless ``DispatchConfig.record_timing`` is on).
+no clock read, when ``DispatchConfig.record_timing`` is off).
 :class:`DispatchTelemetry` is the snapshot ``dispatcher.get_telemetry()``
 returns: plan-cache statistics, per-kernel counters and selections per
 operation, read from the runtime's shared :class:`~layerzero.telemetry.core.Telemetry`.
@@ -13,17 +13,25 @@ hot-reload dispatcher fills them in).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from layerzero.telemetry.core import CacheStats
 
 __all__ = ["DispatchTiming", "DispatchResult", "DispatchTelemetry", "KernelCounters", "DispatchStats",
-           "NOT_TIMED"]
+           "NOT_TIMED", "stamp"]
 
 
-@dataclass(frozen=True, slots=True)
-class DispatchTiming:
-    """Where one dispatch spent its time (``record_timing=True``; zeros otherwise).
+class _Stamps(NamedTuple):
+    t0: int = 0  # dispatch() entered
+    t1: int = 0  # inputs mapped, keys built
+    t2: int = 0  # plan found
+    t3: int = 0  # kernel called
+    t4: int = 0  # kernel returned
+    t5: int = 0  # caller's layout restored
+
+
+class DispatchTiming(_Stamps):
+    """Where one dispatch spent its time (``record_timing=True``, the default; zeros otherwise).
 
     ``context_build_ns``: mapping the inputs to kernel arguments and building the
     cache key (plus the :class:`SelectionContext` on a cache miss);
@@ -32,18 +40,52 @@ class DispatchTiming:
     ``kernel_invoke_ns``: the kernel call, fallbacks included; ``execution_us``:
     the kernel call plus restoring the caller's layout; ``total_us``: the whole
     ``dispatch()`` call.
+
+    A dispatch stores its six clock readings only (a tuple, made in one C call: :data:`stamp`); the
+    fields are computed when read, so timing costs the cached path a few clock reads and no arithmetic.
     """
 
-    selection_us: float = 0.0
-    execution_us: float = 0.0
-    total_us: float = 0.0
-    context_build_ns: int = 0
-    cache_lookup_ns: int = 0
-    kernel_invoke_ns: int = 0
-    recorded: bool = False
+    __slots__ = ()
+
+    @property
+    def recorded(self) -> bool:
+        return self.t5 != 0
+
+    @property
+    def selection_us(self) -> float:
+        return (self.t3 - self.t0) / 1000.0
+
+    @property
+    def execution_us(self) -> float:
+        return (self.t5 - self.t3) / 1000.0
+
+    @property
+    def total_us(self) -> float:
+        return (self.t5 - self.t0) / 1000.0
+
+    @property
+    def context_build_ns(self) -> int:
+        return self.t1 - self.t0
+
+    @property
+    def cache_lookup_ns(self) -> int:
+        return self.t2 - self.t1
+
+    @property
+    def kernel_invoke_ns(self) -> int:
+        return self.t4 - self.t3
+
+    def __repr__(self) -> str:
+        if not self.recorded:
+            return "DispatchTiming(not recorded)"
+        return (f"DispatchTiming(selection_us={self.selection_us:.2f}, execution_us={self.execution_us:.2f}, "
+                f"total_us={self.total_us:.2f}, context_build_ns={self.context_build_ns}, "
+                f"cache_lookup_ns={self.cache_lookup_ns}, kernel_invoke_ns={self.kernel_invoke_ns})")
 
 
 NOT_TIMED = DispatchTiming()
+#: ``stamp(DispatchTiming, (t0, t1, t2, t3, t4, t5))``: a timing from clock readings, without a Python frame.
+stamp = tuple.__new__
 
 
 class DispatchResult:

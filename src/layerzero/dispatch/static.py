@@ -30,7 +30,7 @@ from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.dispatcher import Dispatcher, new_result, perf_ns
 from layerzero.dispatch.runtimes import runtime_for
 from layerzero.dispatch.generic import attention_inputs, map_inputs
-from layerzero.dispatch.result import NOT_TIMED, DispatchResult, DispatchTiming
+from layerzero.dispatch.result import NOT_TIMED, DispatchResult, DispatchTiming, stamp
 from layerzero.errors import ConfigError, InvalidInputError, NoKernelError
 from layerzero.registry import (
     BackendRegistry,
@@ -124,8 +124,7 @@ class StaticDispatcher(Dispatcher):
             plan = None
         if plan is None:
             raise self._missing(operation)
-        if self._timed:
-            return self._static_timed(plan, operation, inputs, kwargs)
+        t0 = perf_ns() if self._timed else 0
         fast = self._fast.get(operation)
         if fast is not None and not kwargs and type(inputs) is dict and len(inputs) == 3:
             # ---- hot path: q, k, v by known names straight into the kernel's arguments ---------------
@@ -139,11 +138,12 @@ class StaticDispatcher(Dispatcher):
                     operation, q, k, v, None, None, None, None, None):
                 q = None  # the contract's guards fail: the full mapping, which validates
             if q is not None and k is not None and v is not None:  # None means absent: the full mapping
+                t1 = perf_ns() if t0 else 0
                 if plan.gate.blocked:
                     note = rt.last_run
                     note.value = None
                     out = plan.run(q, k, v, None, fast.is_causal, fast.dropout_p, fast.scale, fast.window)
-                    return self._result(out, plan, note.value, operation, NOT_TIMED, True)
+                    return self._result(out, plan, note.value, operation, _timing(t0, t1, t1, 0), True)
                 plan.stats.calls += 1
                 try:
                     out = plan.fn(q, k, v, None, fast.is_causal, fast.dropout_p, fast.scale, fast.window)
@@ -152,20 +152,17 @@ class StaticDispatcher(Dispatcher):
                     note.value = None
                     out = rt.recover(plan, (q, k, v, None, fast.is_causal, fast.dropout_p, fast.scale, fast.window),
                                      0, exc)
-                    return self._result(out, plan, note.value, operation, NOT_TIMED, True)
+                    return self._result(out, plan, note.value, operation, _timing(t0, t1, t1, 0), True)
                 r = new_result(DispatchResult)
-                r.output = out
-                r.kernel_id = plan.kernels[0].kernel_id
-                r.operation = operation
-                r.fallback_used = False
-                r.attempts = 1
-                r.timing = NOT_TIMED
-                r.cached = True
+                r.output, r.kernel_id, r.operation = out, plan.kernels[0].kernel_id, operation
+                r.fallback_used, r.attempts, r.cached = False, 1, True
                 r.mode = "static"
+                r.timing = stamp(DispatchTiming, (t0, t1, t1, t1, (t := perf_ns()), t)) if t0 else NOT_TIMED
                 return r
         args, bshd = map_inputs(plan.op, operation, inputs, kwargs)
         if not plan.op.admits(operation, args):  # what the contract's guards do not admit is validated first
             plan.op.validate(operation, args)
+        t1 = perf_ns() if t0 else 0
         ran = None
         if plan.gate.blocked:
             note = rt.last_run
@@ -181,34 +178,23 @@ class StaticDispatcher(Dispatcher):
                 note.value = None
                 out = rt.recover(plan, args, 0, exc)
                 ran = note.value
+        t4 = perf_ns() if t0 else 0
         if bshd:
             out = out.transpose(1, 2)
         elif not kwargs and fast is None and plan.op.family == "attention":
             fast = attention_inputs(plan.op, operation, inputs)  # these names take the hot path from now on
             if fast is not None:
                 self._fast[operation] = fast.copy()
-        return self._result(out, plan, ran, operation, NOT_TIMED, True)
+        return self._result(out, plan, ran, operation, _timing(t0, t1, t4, perf_ns() if t0 else 0), True)
 
-    def _static_timed(self, plan: ExecutionPlan, operation: str, inputs: Mapping[str, Any], kwargs: dict[str, Any]
-                      ) -> DispatchResult:
-        rt = self.runtime
-        t0 = perf_ns()
-        args, bshd = map_inputs(plan.op, operation, inputs, kwargs)
-        t1 = perf_ns()
-        note = rt.last_run
-        note.value = None
-        out = plan.run(*args)
-        ran = note.value
-        t2 = perf_ns()
-        if bshd:
-            out = out.transpose(1, 2)
-        t3 = perf_ns()
-        timing = DispatchTiming(selection_us=(t1 - t0) / 1000.0, execution_us=(t3 - t1) / 1000.0,
-                                total_us=(t3 - t0) / 1000.0, context_build_ns=t1 - t0, cache_lookup_ns=0,
-                                kernel_invoke_ns=t2 - t1, recorded=True)
-        used, index = ran if ran is not None else (plan, 0)
-        return DispatchResult(out, used.kernels[index].kernel_id, operation, index > 0, index + 1, timing, True,
-                              "static")
+
+def _timing(t0: int, t1: int, t4: int, t5: int) -> DispatchTiming:
+    """A static dispatch's timing (nothing is looked up: the plan is the table's), or NOT_TIMED when off.
+    ``t4``/``t5`` 0: the kernel has just returned (the slow and recovery paths)."""
+    if not t0:
+        return NOT_TIMED
+    now = perf_ns()
+    return stamp(DispatchTiming, (t0, t1, t1, t1, t4 or now, t5 or now))
 
 
 # -- building --------------------------------------------------------------------------------------------------

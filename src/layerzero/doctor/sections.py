@@ -73,8 +73,8 @@ def config_section(report: Any) -> None:
     }
     if not rt.config.enable_telemetry:
         report.warnings.append("telemetry is off (enable_telemetry=False): metrics read zero")
-    if rt.config.record_timing:
-        report.warnings.append("record_timing is on: every call reads the clock (slower hot path)")
+    if rt.config.latency_histogram:
+        report.warnings.append("latency_histogram is on: every call runs on the slow path to be timed")
     if not rt.config.enable_fallback:
         report.warnings.append("fallback is off: a failing kernel fails the call")
 

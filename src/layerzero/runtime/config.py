@@ -12,7 +12,8 @@ variable                           field                       example
 ``LAYERZERO_CACHE_TTL``            ``cache_ttl_seconds``       ``3600``
 ``LAYERZERO_ENABLE_CACHE``         ``enable_cache``            ``0``
 ``LAYERZERO_TELEMETRY``            ``enable_telemetry``        ``0``
-``LAYERZERO_RECORD_TIMING``        ``record_timing``           ``1``
+``LAYERZERO_RECORD_TIMING``        ``record_timing``           ``0``
+``LAYERZERO_LATENCY_HISTOGRAM``    ``latency_histogram``       ``1``
 ``LAYERZERO_LOG_FALLBACKS``        ``log_fallbacks``           ``0``
 ``LAYERZERO_CIRCUIT_BREAKER``      ``circuit_breaker_enabled`` ``0``
 ``LAYERZERO_FAILURE_THRESHOLD``    ``failure_threshold``       ``10``
@@ -30,6 +31,13 @@ variable                           field                       example
 
 These are all the variables layerzero reads, and this module reads them all (:func:`env_text`): the last
 one is not a ``DispatchConfig`` field but switches on ``layerzero.distributed.auto_check`` at import.
+
+``record_timing`` (on by default) fills ``DispatchResult.timing`` for every
+``dispatch()`` call: a few clock reads on the dispatcher's own path, nothing on
+``lz.*``. The seed's low-latency configuration turns it off.
+``latency_histogram`` (off by default) times every kernel call, ``lz.*`` included,
+into the ``layerzero_kernel_latency_seconds`` histogram; it sends every call down
+the slow path, so it is for diagnosis, not for serving.
 
 ``verify_first_calls=N`` turns on verify mode: each kernel's first N
 successful outputs are compared with the operation's float64 reference, and a
@@ -108,7 +116,8 @@ class DispatchConfig:
     cache_ttl_seconds: float | None = None
     static_kernel_map: dict[str, str] = field(default_factory=dict)
     enable_telemetry: bool = True
-    record_timing: bool = False
+    record_timing: bool = True
+    latency_histogram: bool = False
     log_fallbacks: bool = True
     circuit_breaker_enabled: bool = True
     failure_threshold: int = 5
@@ -133,7 +142,7 @@ class DispatchConfig:
             if not cond:
                 errors.append(f"DispatchConfig.{name}: {msg}, got {getattr(self, name)!r}")
 
-        for name in ("enable_cache", "enable_telemetry", "record_timing", "log_fallbacks",
+        for name in ("enable_cache", "enable_telemetry", "record_timing", "latency_histogram", "log_fallbacks",
                      "circuit_breaker_enabled", "enable_fallback", "validate_on_reload", "online_tuning",
                      "shape_free_plans"):
             need(isinstance(getattr(self, name), bool), name, "must be a bool")

@@ -310,7 +310,7 @@ class Runtime:
             plan.gate = ALWAYS_SLOW
         else:
             plan.run = lambda *args: rt.executor.run(plan, args, 0)
-            if cfg.record_timing or self.verifier.pending(spec.kernel_id):
+            if cfg.latency_histogram or self.verifier.pending(spec.kernel_id):
                 plan.gate = ALWAYS_SLOW
             elif cfg.circuit_breaker_enabled:
                 plan.gate = self.breakers.get(spec.kernel_id)

@@ -130,7 +130,7 @@ class Executor:
                 generator.set_state(state)  # type: ignore[union-attr]
             if telemetry:
                 rt.telemetry.kernel(kid, operation).calls += 1
-            t0 = time.perf_counter_ns() if timing is not None or cfg.record_timing else 0
+            t0 = time.perf_counter_ns() if timing is not None or cfg.latency_histogram else 0
             problem = None
             try:
                 out = spec.impl(*args)
@@ -152,7 +152,7 @@ class Executor:
                 if timing is not None:
                     timing.append(elapsed)
                     timing.append(i)
-                if cfg.record_timing and telemetry:
+                if cfg.latency_histogram and telemetry:
                     rt.telemetry.kernel(kid, operation).observe_us(elapsed / 1000.0)
             if breaker is not None:
                 breaker.record_success()

@@ -74,8 +74,8 @@ class FamilyPlans:
         cfg = rt.config
         if not cfg.shape_free_plans or not cfg.enable_cache:
             return "shape_free_plans is off" if not cfg.shape_free_plans else "the plan cache is off"
-        if cfg.record_timing or rt.verifier.first_calls:
-            return "timing or verify mode checks each call on the slow path"
+        if cfg.latency_histogram or rt.verifier.first_calls:
+            return "the latency histogram or verify mode checks each call on the slow path"
         if rt.baked is not None:
             return "a baked plan table is in force (it is keyed by shape buckets)"
         if any(getattr(h, "needs_every_shape", False) for h in rt.on_miss):

@@ -88,7 +88,7 @@ _SPECS: tuple[tuple[str, str, str, str, tuple[str, ...], str], ...] = (
     ("layerzero_telemetry_enabled", "layerzero.telemetry.enabled", "gauge", "1", (),
      "1 when the runtime counts calls (DispatchConfig.enable_telemetry), else 0."),
     ("layerzero_kernel_latency_seconds", "layerzero.kernel.latency", "histogram", "s", ("operation", "kernel"),
-     "Kernel execution time (recorded only with DispatchConfig.record_timing=True)."),
+     "Kernel execution time (recorded only with DispatchConfig.latency_histogram=True)."),
 )
 
 FAMILIES: tuple[str, ...] = tuple(s[0] for s in _SPECS)
