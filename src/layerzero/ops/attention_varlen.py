@@ -77,7 +77,8 @@ class VarlenAttentionOp(OpDef):
             raise self.invalid(operation, problem, args)
 
     def diagnose(self, operation: str, args: tuple[Any, ...]) -> None:
-        problem = varlen_problem(*args[:7])
+        q, k, _, cu_q, cu_k, max_q, max_k = args[:7]
+        problem = varlen_problem(q, k, cu_q, cu_k, max_q, max_k)
         if problem is not None:
             raise self.invalid(operation, problem, args)
 
