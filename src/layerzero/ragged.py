@@ -12,8 +12,8 @@ import math
 
 import torch
 
-__all__ = ["keep_mask", "softcapped_scores", "attend_math", "varlen_problem", "checked_offsets", "paged_problem", "gather_pages",
-           "lengths"]
+__all__ = ["keep_mask", "softcapped_scores", "attend_math", "varlen_problem", "checked_offsets", "paged_problem",
+           "gather_pages", "lengths"]
 
 
 def keep_mask(sq: int, sk: int, is_causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:

@@ -37,7 +37,9 @@ _FA2_PAGE = 256
 
 def _fn(module: str, name: str, pip: str) -> Any:
     try:
-        return getattr(importlib.import_module(module), name)
+        lib = importlib.import_module("flash_attn") if module == "flash_attn" else \
+            importlib.import_module("flash_attn_interface")
+        return getattr(lib, name)
     except ImportError as exc:
         raise ImportError(f"{module} is not installed or broken ({exc}); install with: {pip}") from exc
 
