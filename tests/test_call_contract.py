@@ -39,6 +39,12 @@ def public_call(name: str, operation: str, args: tuple[Any, ...]) -> Any:
     if name == "cross_entropy":
         logits, target, ii, ls, red = args
         return lz.cross_entropy(logits, target, ignore_index=ii, label_smoothing=ls, reduction=red)
+    if name == "attention_varlen":
+        *tensors, causal, scale, window, softcap = args
+        return lz.attention_varlen(*tensors, is_causal=causal, scale=scale, window=window, softcap=softcap)
+    if name == "attention_paged":
+        *tensors, causal, scale, window, softcap = args
+        return lz.attention_paged(*tensors, is_causal=causal, scale=scale, window=window, softcap=softcap)
     return getattr(lz, name)(*args)
 
 

@@ -178,7 +178,47 @@ def _ce_case(rows: int, vocab: int, reduction: str, smoothing: float = 0.0) -> C
     return Case("cross_entropy", f"r{rows}v{vocab}-{reduction}" + (f"-ls{smoothing}" if smoothing else ""), build)
 
 
+def _varlen_case(lens_q: list[int], lens_k: list[int], hq: int, hkv: int, d: int, **kw: Any) -> Case:
+    from layerzero.ops.attention_varlen import cu_seqlens
+
+    def build(device: str, dtype: torch.dtype, g: torch.Generator) -> tuple[Any, ...]:
+        q = _randn((sum(lens_q), hq, d), dtype, device, g)
+        k = _randn((sum(lens_k), hkv, d), dtype, device, g)
+        v = _randn((sum(lens_k), hkv, d), dtype, device, g)
+        return (q, k, v, cu_seqlens(lens_q, device), cu_seqlens(lens_k, device), max(lens_q), max(lens_k),
+                kw.get("is_causal", False), kw.get("scale"), kw.get("window"), kw.get("softcap"))
+
+    flags = "-".join(f"{n}{'' if v is True else v}" for n, v in kw.items() if v) or "full"
+    return Case("attention_varlen", f"q{'_'.join(map(str, lens_q))}k{'_'.join(map(str, lens_k))}h{hq}kv{hkv}d{d}-{flags}",
+                build)
+
+
+def _paged_case(lens: list[int], sq: int, hq: int, hkv: int, d: int, page: int, **kw: Any) -> Case:
+    from layerzero.ops.attention_paged import page_table
+
+    def build(device: str, dtype: torch.dtype, g: torch.Generator) -> tuple[Any, ...]:
+        max_pages = -(-max(lens) // page) + 1
+        pages = len(lens) * max_pages + 1
+        q = _randn((len(lens), sq, hq, d), dtype, device, g)
+        kc = _randn((pages, page, hkv, d), dtype, device, g)
+        vc = _randn((pages, page, hkv, d), dtype, device, g)
+        table = page_table(lens, page, max_pages, pages, torch.Generator().manual_seed(sum(lens)), device)
+        return (q, kc, vc, table, torch.tensor(lens, dtype=torch.int32, device=device), kw.get("is_causal", True),
+                kw.get("scale"), kw.get("window"), kw.get("softcap"))
+
+    flags = "-".join(f"{n}{v}" for n, v in kw.items() if v is not None) or "causal"
+    return Case("attention_paged", f"b{len(lens)}q{sq}h{hq}kv{hkv}d{d}p{page}-{flags}", build, grad=False)
+
+
 FAMILY_CASES: dict[str, list[Case]] = {
+    "attention_varlen": [_varlen_case([5, 1, 0, 9], [5, 1, 0, 9], 4, 4, 64, is_causal=True),
+                         _varlen_case([16, 8], [24, 8], 8, 2, 64, is_causal=True),
+                         _varlen_case([16, 8], [16, 8], 4, 4, 64),
+                         _varlen_case([32, 12], [32, 12], 4, 2, 64, is_causal=True, window=8),
+                         _varlen_case([16, 4], [16, 4], 4, 4, 64, is_causal=True, softcap=5.0)],
+    "attention_paged": [_paged_case([40, 3, 17], 1, 8, 2, 64, 16), _paged_case([300, 260], 4, 4, 4, 64, 256),
+                        _paged_case([40, 9], 3, 4, 4, 64, 16, window=8),
+                        _paged_case([33, 20], 1, 4, 1, 64, 16, softcap=5.0)],
     "attention": ATTENTION_CASES,
     "rms_norm": [_rows_case("rms_norm", (4, 64)), _rows_case("rms_norm", (2, 3, 128), weight=False),
                  _rows_case("rms_norm", (1, 4096))],

@@ -132,7 +132,8 @@ DYNAMIC_IMPORTS = {
     "layerzero/backends/flash_attn.py": "'flash_attn' or 'flash_attn_interface' from a fixed tuple",
     "layerzero/backends/liger.py": "liger_kernel submodules from a fixed table",
     "layerzero/backends/__init__.py": "f'layerzero.backends.{name}' over BUILTIN_BACKENDS",
-    "layerzero/dispatch/__init__.py": "f'layerzero.dispatch.{module}' over the fixed _LAZY table",
+    "layerzero/__init__.py": "a moved name's home module from the fixed _MOVED table (deprecated spellings)",
+    "layerzero/dispatch/__init__.py": "f'layerzero.dispatch.{module}' over the fixed _LAZY table, homes in _DEPRECATED",
     "layerzero/dispatch/orchestrator.py": "f'layerzero.dispatch.{modname}' over the fixed _FACTORIES table",
     "layerzero/integrations/transformers.py": "transformers' own modeling modules over the fixed _KNOWN_GOOD table",
 }

@@ -23,7 +23,20 @@ from layerzero.errors import (
 )
 from layerzero.registry import get_global_backend_registry, get_global_kernel_registry, register_kernel
 from layerzero.spec import KernelSpec
-from layerzero.ops import attention, cross_entropy, geglu, gelu, layer_norm, rms_norm, rope, sample, silu, swiglu
+from layerzero.ops import (
+    attention,
+    attention_paged,
+    attention_varlen,
+    cross_entropy,
+    geglu,
+    gelu,
+    layer_norm,
+    rms_norm,
+    rope,
+    sample,
+    silu,
+    swiglu,
+)
 from layerzero.inspection import explain, explain_context, list_kernels, select, validate, which
 from layerzero.policy.api import configure, disabled, enabled, lock, prefer, unlock
 from layerzero.doctor import doctor, readiness_check
@@ -37,7 +50,8 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     # operations
-    "attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu", "sample", "cross_entropy",
+    "attention", "attention_varlen", "attention_paged", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu",
+    "silu", "sample", "cross_entropy",
     # inspection
     "explain", "explain_context", "which", "select", "list_kernels", "validate",
     # policy

@@ -68,6 +68,15 @@ def _cuda_capability(index: int | None) -> tuple[int, int] | None:
     return _cc_cache[idx]
 
 
+def _capability(dev: torch.device, given: Any) -> tuple[int, int] | None:
+    """``compute_capability`` as a ``(major, minor)`` pair: probed on CUDA when not given, ``90`` -> ``(9, 0)``."""
+    if given is _MISSING:
+        return _cuda_capability(dev.index) if dev.type == "cuda" else None
+    if isinstance(given, int):
+        return (given // 10, given % 10)
+    return None if given is None else (int(given[0]), int(given[1]))
+
+
 @dataclass(frozen=True, slots=True, init=False)
 class SelectionContext:
     """What selection looks at for one call. Frozen, slotted and hashable.
@@ -81,6 +90,7 @@ class SelectionContext:
         hidden_size, num_tokens: last dimension and row count for norms / activations / sampling.
         layout: ``"BHSD"`` or ``"BSHD"``.
         is_causal, mask_kind (``"none"``, ``"bool"``, ``"additive"``), dropout_p, scale, window.
+        softcap, sinks, alibi: whether the attention call has a logit softcap, attention sinks, ALiBi slopes.
         requires_grad, deterministic, is_contiguous, cuda_graph_capturing, compiling.
         interleaved (rope), approximate (gelu), tp_size, tp_rank.
     """
@@ -104,6 +114,9 @@ class SelectionContext:
     dropout_p: float
     scale: float | None
     window: int | None
+    softcap: bool
+    sinks: bool
+    alibi: bool
     requires_grad: bool
     deterministic: bool
     is_contiguous: bool
@@ -136,6 +149,9 @@ class SelectionContext:
         dropout_p: float = 0.0,
         scale: float | None = None,
         window: int | None = None,
+        softcap: bool = False,
+        sinks: bool = False,
+        alibi: bool = False,
         requires_grad: bool = False,
         deterministic: bool = False,
         is_contiguous: bool = True,
@@ -148,12 +164,7 @@ class SelectionContext:
     ) -> None:
         dev = device if isinstance(device, torch.device) else torch.device(device)
         platform = dev.type
-        if compute_capability is _MISSING:
-            compute_capability = _cuda_capability(dev.index) if platform == "cuda" else None
-        elif isinstance(compute_capability, int):
-            compute_capability = (compute_capability // 10, compute_capability % 10)
-        elif compute_capability is not None:
-            compute_capability = (int(compute_capability[0]), int(compute_capability[1]))
+        compute_capability = _capability(dev, compute_capability)
         if seq_len is not None:
             seq_len_q = seq_len if seq_len_q is None else seq_len_q
             seq_len_k = seq_len if seq_len_k is None else seq_len_k
@@ -181,6 +192,9 @@ class SelectionContext:
             dropout_p=float(dropout_p),
             scale=None if scale is None else float(scale),
             window=window,
+            softcap=bool(softcap),
+            sinks=bool(sinks),
+            alibi=bool(alibi),
             requires_grad=bool(requires_grad),
             deterministic=bool(deterministic),
             is_contiguous=bool(is_contiguous),
@@ -267,6 +281,9 @@ class SelectionContext:
         scale: float | None = None,
         layout: str = "BHSD",
         window: int | None = None,
+        softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> SelectionContext:
         """Context for ``lz.attention``; q/k/v must already be validated 4-D tensors."""
         if layout == "BSHD":
@@ -297,6 +314,9 @@ class SelectionContext:
             dropout_p=dropout_p,
             scale=scale,
             window=window,
+            softcap=softcap is not None,
+            sinks=sinks is not None,
+            alibi=alibi_slopes is not None,
             requires_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
             deterministic=torch.are_deterministic_algorithms_enabled(),
             is_contiguous=q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1,

@@ -23,7 +23,8 @@ __all__ = ["BUILTIN_BACKENDS", "load_builtin_backends"]
 log = logging.getLogger("layerzero")
 
 # Modules under layerzero.backends, in registration order.
-BUILTIN_BACKENDS: tuple[str, ...] = ("torch", "flash_attn", "flashinfer", "xformers", "flex", "liger")
+BUILTIN_BACKENDS: tuple[str, ...] = ("torch", "flash_attn", "flashinfer", "xformers", "flex", "liger", "flash_attn_varlen",
+                                     "flashinfer_ragged", "xformers_varlen")
 
 _loaded: set[int] = set()
 

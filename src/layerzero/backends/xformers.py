@@ -33,7 +33,7 @@ import torch
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec
 
-__all__ = ["register", "BACKENDS", "KERNEL_IDS", "xformers_attention", "XFORMERS_KERNEL_IDS"]
+__all__ = ["register", "BACKENDS", "KERNEL_IDS", "xformers_attention", "XFORMERS_KERNEL_IDS", "xformers_probe"]
 
 _PIP = "pip install xformers"
 
@@ -77,6 +77,9 @@ def _probe() -> str | None:
     detail = " ".join(line.strip() for line in str(exc or "").splitlines()[:3] if line.strip())
     return ("xformers is installed but its C++/CUDA extension did not load, so memory_efficient_attention "
             f"has no kernel to run ({detail or 'no detail given'})")
+
+
+xformers_probe = _probe  # the same probe for the varlen backend module (layerzero.backends.xformers_varlen)
 
 
 def _specs() -> list[KernelSpec]:

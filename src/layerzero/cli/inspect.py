@@ -66,6 +66,37 @@ def _sm(value: str | None) -> tuple[int, int] | None:
     return (n // 10, n % 10) if n >= 10 else (n, 0)
 
 
+_RAGGED_SHAPES = {"attention_varlen": ("q", "k", "v", "cu_seqlens"),
+                  "attention_paged": ("q", "k_cache", "v_cache", "block_table")}
+
+
+def _ragged_context(family: str, shapes: dict[str, tuple[int, ...]], dt: torch.dtype, dev: torch.device,
+                    sm: tuple[int, int] | None, causal: bool, window: int | None) -> Any:
+    """The context of a packed (``q=T,H,D k=T,Hkv,D cu_seqlens=B+1``) or paged (``q=B,S,H,D
+    k_cache=P,page,Hkv,D block_table=B,M``) call, from meta tensors."""
+    from layerzero.ops import OPS
+
+    names = _RAGGED_SHAPES[family]
+    missing = [n for n in names[:2] if n not in shapes]
+    unknown = sorted(set(shapes) - set(names))
+    if missing or unknown:
+        raise click.BadParameter(f"{family} takes shapes named {', '.join(names)}; missing {missing}, "
+                                 f"unknown {unknown}", param_hint="--shape")
+    meta = {n: torch.empty(s, dtype=dt, device="meta") for n, s in shapes.items()}
+    meta.setdefault(names[2], meta[names[1]])
+    if family == "attention_varlen":
+        cu = torch.empty(shapes.get("cu_seqlens", (2,)), dtype=torch.int32, device="meta")
+        t = shapes["q"][0]
+        args = (meta["q"], meta["k"], meta["v"], cu, cu, t, shapes["k"][0], causal, None, window, None)
+    else:
+        b = shapes["q"][0]
+        table = torch.empty(shapes.get("block_table", (b, 1)), dtype=torch.int32, device="meta")
+        args = (meta["q"], meta["k_cache"], meta["v_cache"], table, torch.empty(b, dtype=torch.int32, device="meta"),
+                True, None, window, None)  # the paged op is causal by default
+    ctx = OPS[family].context(family, args)
+    return ctx.replace(device=dev, compute_capability=sm)
+
+
 def context_from_shapes(operation: str, shapes: dict[str, tuple[int, ...]], *, dtype: str | None = None,
                         device: str = "cpu", sm: tuple[int, int] | None = None, causal: bool = False,
                         layout: str = "BHSD", mask: str = "none", window: int | None = None,
@@ -94,6 +125,8 @@ def context_from_shapes(operation: str, shapes: dict[str, tuple[int, ...]], *, d
     def meta(shape: tuple[int, ...]) -> torch.Tensor:
         return torch.empty(shape, dtype=dt, device="meta")
 
+    if family in ("attention_varlen", "attention_paged"):
+        return _ragged_context(family, shapes, dt, dev, sm, causal, window)
     if family == "attention":
         named = {}
         for name, shape in shapes.items():
@@ -201,6 +234,9 @@ def explain_command(operation: str, shapes: tuple[str, ...], dtype: str | None, 
             raise click.BadParameter(f"shape {name!r} given twice", param_hint="--shape")
         parsed[name] = shape
     try:
+        from layerzero.ops import canonical_operation
+
+        operation = canonical_operation(operation)
         ctx = context_from_shapes(operation, parsed, dtype=dtype, device=device, sm=_sm(sm), causal=causal,
                                   layout=layout, mask=mask, window=window, dropout=dropout,
                                   requires_grad=requires_grad, interleaved=interleaved, approximate=approximate)

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 from layerzero.errors import InvalidInputError
 from layerzero.ops.attention import ATTENTION, attention
+from layerzero.ops.attention_paged import ATTENTION_PAGED, attention_paged
+from layerzero.ops.attention_varlen import ATTENTION_VARLEN, attention_varlen
 from layerzero.ops.base import OpDef
 from layerzero.ops.elementwise import GEGLU, GELU, ROPE, SILU, SWIGLU, geglu, gelu, rope, silu, swiglu
 from layerzero.ops.losses import CROSS_ENTROPY, cross_entropy
 from layerzero.ops.norms import LAYER_NORM, RMS_NORM, layer_norm, rms_norm
 from layerzero.ops.sampling import SAMPLE, sample
 
-__all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu", "sample", "cross_entropy",
-           "OPS", "op_for", "OpDef", "OPERATIONS"]
+__all__ = ["attention", "attention_varlen", "attention_paged", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu", "sample", "cross_entropy",
+           "OPS", "op_for", "OpDef", "OPERATIONS", "ALIASES", "canonical_operation"]
 
 OPS: dict[str, OpDef] = {
     "attention": ATTENTION,
+    "attention_varlen": ATTENTION_VARLEN,
+    "attention_paged": ATTENTION_PAGED,
     "rms_norm": RMS_NORM,
     "layer_norm": LAYER_NORM,
     "rope": ROPE,
@@ -36,14 +40,26 @@ OPERATIONS: tuple[str, ...] = (
     "attention.causal", "attention.full", "attention.cross", "attention.decode", "attention.prefill",
     "attention.sliding_window", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu",
     "sample.greedy", "sample.temperature", "sample.top_k", "sample.top_p", "cross_entropy",
+    "attention_varlen", "attention_paged",
 )
+
+#: Dotted spellings of the packed and paged ops (``layerzero explain --op attention.paged``). They are not
+#: ``attention.*`` operations: those are dense ``lz.attention`` calls, which the attention family's kernels
+#: serve by prefix; these name other families, whose kernels take other arguments.
+ALIASES: dict[str, str] = {"attention.varlen": "attention_varlen", "attention.paged": "attention_paged"}
+
+
+def canonical_operation(operation: str) -> str:
+    """``operation`` with a dotted alias replaced by the operation it names (``attention.paged`` ->
+    ``attention_paged``)."""
+    return ALIASES.get(operation, operation) if isinstance(operation, str) else operation
 
 
 def op_for(operation: str) -> OpDef:
     """The op definition serving ``operation`` (by its family, the part before the first dot)."""
     if not isinstance(operation, str):
         raise InvalidInputError(f"operation must be a string, got {type(operation).__name__}")
-    family = operation.split(".", 1)[0]
+    family = ALIASES.get(operation, operation).split(".", 1)[0]
     op = OPS.get(family)
     if op is None:
         raise InvalidInputError(f"unknown operation {operation!r}; operations have these families: "

@@ -27,6 +27,7 @@ from layerzero.backends.torch.norms import (
     torch_rms_norm_composed,
 )
 from layerzero.backends.torch.sampling import torch_sample, torch_sample_greedy, torch_sample_gumbel
+from layerzero.backends.torch.varlen import varlen_specs
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec
 
@@ -77,7 +78,7 @@ def _specs() -> list[KernelSpec]:
                    dtypes=FLOATS, supports_autograd=False,
                    description="Gumbel-max sampling (temperature only): one pass, no sort"),
     ]
-    return specs
+    return specs + varlen_specs(tol_attn)
 
 
 TORCH_KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in _specs())
