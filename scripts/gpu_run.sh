@@ -23,7 +23,7 @@ for step in "${steps[@]}"; do
   case "$step" in
     tests|all)
       echo "== pytest -m gpu"
-      python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$OUT/gpu_tests_${card}.log" | tail -40
+      timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors --timeout 120 tests 2>&1 | tee "$OUT/gpu_tests_${card}.log" | tail -40
       ;;
   esac
   case "$step" in
@@ -31,6 +31,14 @@ for step in "${steps[@]}"; do
       echo "== layerzero bench --device cuda"
       python3 -m layerzero.cli bench --device cuda --no-import --json "$OUT/bench_${card}.json" 2>&1 \
         | tee "$OUT/bench_${card}.md" | tail -40
+      ;;
+  esac
+  case "$step" in
+    varlen|all)
+      if [ -f scripts/gpu_varlen_paged.py ]; then
+        echo "== scripts/gpu_varlen_paged.py"
+        timeout 300 python3 scripts/gpu_varlen_paged.py --quick 2>&1 | tee "$OUT/gpu_varlen_paged_${card}.log" | tail -40
+      fi
       ;;
   esac
   case "$step" in
