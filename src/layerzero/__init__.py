@@ -38,7 +38,19 @@ from layerzero.registry import (
     register_kernel,
 )
 from layerzero.spec import KernelSpec, Reason, ReasonCode
-from layerzero.ops import attention, cross_entropy, geglu, gelu, layer_norm, rms_norm, rope, sample, silu, swiglu
+from layerzero.ops import (
+    attention,
+    cross_entropy,
+    geglu,
+    gelu,
+    layer_norm,
+    linear_cross_entropy,
+    rms_norm,
+    rope,
+    sample,
+    silu,
+    swiglu,
+)
 from layerzero.inspection import Explanation, explain, explain_context, list_kernels, select, validate, which
 from layerzero.policy.api import configure, disabled, enabled, lock, prefer, unlock
 from layerzero.doctor import doctor, readiness_check
@@ -53,6 +65,7 @@ __all__ = [
     "__version__",
     # operations
     "attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu", "sample", "cross_entropy",
+    "linear_cross_entropy",
     # inspection
     "explain", "explain_context", "which", "select", "list_kernels", "validate", "Explanation",
     # policy

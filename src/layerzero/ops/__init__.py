@@ -11,12 +11,13 @@ from layerzero.errors import InvalidInputError
 from layerzero.ops.attention import ATTENTION, attention
 from layerzero.ops.base import OpDef
 from layerzero.ops.elementwise import GEGLU, GELU, ROPE, SILU, SWIGLU, geglu, gelu, rope, silu, swiglu
+from layerzero.ops.linear_losses import LINEAR_CROSS_ENTROPY, linear_cross_entropy
 from layerzero.ops.losses import CROSS_ENTROPY, cross_entropy
 from layerzero.ops.norms import LAYER_NORM, RMS_NORM, layer_norm, rms_norm
 from layerzero.ops.sampling import SAMPLE, sample
 
 __all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu", "sample", "cross_entropy",
-           "OPS", "op_for", "OpDef", "OPERATIONS"]
+           "linear_cross_entropy", "OPS", "op_for", "OpDef", "OPERATIONS"]
 
 OPS: dict[str, OpDef] = {
     "attention": ATTENTION,
@@ -29,6 +30,7 @@ OPS: dict[str, OpDef] = {
     "silu": SILU,
     "sample": SAMPLE,
     "cross_entropy": CROSS_ENTROPY,
+    "linear_cross_entropy": LINEAR_CROSS_ENTROPY,
 }
 
 # Operation names with built-in meaning (kernels may serve a family prefix of these).
@@ -36,6 +38,7 @@ OPERATIONS: tuple[str, ...] = (
     "attention.causal", "attention.full", "attention.cross", "attention.decode", "attention.prefill",
     "attention.sliding_window", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu",
     "sample.greedy", "sample.temperature", "sample.top_k", "sample.top_p", "cross_entropy",
+    "linear_cross_entropy",
 )
 
 

@@ -1,0 +1,185 @@
+"""The torch kernels of ``lz.linear_cross_entropy``: chunked (the logits never exist whole) and naive.
+
+``torch_linear_cross_entropy_chunked`` walks the tokens in chunks of :func:`chunk_rows` rows; for each it
+computes the chunk's logits ``(rows, V)`` in float32 (float64 for float64 inputs), its losses and, when a
+gradient is wanted, the gradient of those logits, which it folds at once into ``grad_hidden`` (the chunk's
+rows) and ``grad_weight`` / ``grad_bias`` (accumulated). So the extra memory is one chunk's logits and their
+gradient, not ``N x V``:
+
+* ``mean`` / ``sum``: the gradients are computed in the forward (one pass over the logits instead of two) and
+  the backward only scales them by the upstream gradient (a scalar), in place: the backward runs once.
+* ``none``: the forward keeps nothing but its inputs, and the backward recomputes the chunks with the
+  upstream per-row gradient folded in before ``grad_weight`` sums over rows.
+
+``grad_weight`` accumulates in the weight's dtype, as Liger's kernel does (``addmm`` sums each chunk in
+float32; a float32 copy of a 128k x 4k bf16 weight would cost 2 GB). Ignored rows contribute nothing;
+``mean`` over no valid row is NaN, as ``F.cross_entropy`` gives.
+
+``torch_linear_cross_entropy_naive`` is ``F.cross_entropy(F.linear(...).float())``: the full logits, one
+matmul and PyTorch's own loss, fastest where the logits are small.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["torch_linear_cross_entropy_chunked", "torch_linear_cross_entropy_naive", "chunk_rows"]
+
+
+def chunk_rows(n: int, h: int, v: int) -> int:
+    """Rows per chunk: about ``N x H`` logit elements per chunk (the size of ``hidden`` itself, Liger's rule),
+    a power of two of at least 64 rows and at most an eighth of the rows (so one chunk's logits stay a small
+    fraction of the full ones), never more than ``n``."""
+    factor = max(1, math.ceil(v / max(h, 1)))
+    rows = 1 << (math.ceil(n / factor) - 1).bit_length()
+    cap = max(64, 1 << (max(1, n // 8).bit_length() - 1))
+    return max(1, min(n, max(64, min(rows, cap))))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tgt: torch.Tensor,
+           keep: torch.Tensor, scale: torch.Tensor | None, smoothing: float, softcap: float | None,
+           grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk: per-row losses (0 on ignored rows) and, when ``grad``, d(loss * scale)/d(pre-cap logits).
+
+    ``tgt`` has ignored rows replaced by 0, ``keep`` is 1.0 on valid rows and 0.0 on ignored ones, ``scale``
+    the per-row factor of the gradient (1/n_valid, 1, or the upstream gradient)."""
+    z = (h @ weight.t()).to(_compute_dtype(h.dtype))
+    if bias is not None:
+        z = z + bias
+    capped = None
+    if softcap is not None:
+        capped = torch.tanh(z / softcap)
+        z = capped * softcap
+    lse = torch.logsumexp(z, dim=-1)
+    loss = lse - z.gather(1, tgt[:, None]).squeeze(1)
+    if smoothing:
+        loss = (1.0 - smoothing) * loss + smoothing * (lse - z.mean(dim=-1))
+    loss = loss * keep
+    if not grad:
+        return loss, None
+    dz = z.sub_(lse[:, None]).exp_()  # softmax, written over z
+    dz.scatter_add_(1, tgt[:, None], torch.full_like(lse, smoothing - 1.0)[:, None])
+    if smoothing:
+        dz.sub_(smoothing / dz.shape[1])
+    dz.mul_((keep if scale is None else keep * scale)[:, None])
+    if capped is not None:
+        dz.mul_(capped.mul_(capped).neg_().add_(1.0))
+    return loss, dz
+
+
+def _prepare(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    valid = target != ignore_index
+    tgt = torch.where(valid, target, 0).long()
+    return valid, tgt, valid.to(torch.float32)
+
+
+def _pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+          opts: tuple[int, float, float | None], row_scale: torch.Tensor | None, need: tuple[bool, bool, bool]
+          ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    """Every chunk once: per-row losses, valid-row mask, and the gradients ``need`` asks for (hidden, weight,
+    bias). ``row_scale`` is the per-row factor of the gradient, (N,), or None for 1."""
+    ignore_index, smoothing, softcap = opts
+    n, h_dim = hidden.shape
+    rows = chunk_rows(n, h_dim, weight.shape[0])
+    valid, tgt, keep = _prepare(target, ignore_index)
+    cdt = _compute_dtype(hidden.dtype)
+    keep = keep.to(cdt)
+    grad = any(need)
+    losses = torch.empty(n, dtype=cdt, device=hidden.device)
+    g_h = torch.empty_like(hidden) if need[0] else None
+    g_w = torch.zeros_like(weight) if need[1] else None
+    g_b = torch.zeros(weight.shape[0], dtype=cdt, device=hidden.device) if need[2] else None
+    for start in range(0, n, rows):
+        sl = slice(start, min(start + rows, n))
+        h = hidden[sl]
+        scale = None if row_scale is None else row_scale[sl]
+        loss, dz = _chunk(h, weight, bias, tgt[sl], keep[sl], scale, smoothing, softcap, grad)
+        losses[sl] = loss
+        if dz is None:
+            continue
+        if g_b is not None:
+            g_b += dz.sum(0)
+        dz_lo = dz.to(hidden.dtype)
+        del dz
+        if g_h is not None:
+            torch.mm(dz_lo, weight, out=g_h[sl])
+        if g_w is not None:
+            g_w.addmm_(dz_lo.t(), h)
+    return losses, valid, [g_h, g_w, g_b]
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Autograd for the chunked kernel (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                target: torch.Tensor, opts: tuple[int, float, float | None], reduction: str,
+                need: tuple[bool, bool, bool]) -> torch.Tensor:
+        ctx.reduction, ctx.opts, ctx.need, ctx.used = reduction, opts, need, False
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if reduction == "none":
+            losses, _, _ = _pass(hidden, weight, bias, target, opts, None, (False, False, False))
+            ctx.save_for_backward(hidden, weight, bias, target)
+            return losses
+        valid = target != opts[0]
+        scale = None
+        if reduction == "mean":
+            count = valid.sum().to(_compute_dtype(hidden.dtype))
+            scale = (1.0 / count).expand(hidden.shape[0])
+        losses, _, grads = _pass(hidden, weight, bias, target, opts, scale, need)
+        total = losses.sum()
+        if reduction == "mean":
+            total = total / count
+        ctx.save_for_backward(*grads)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        if ctx.reduction == "none":
+            hidden, weight, bias, target = ctx.saved_tensors
+            row_scale = grad_out.to(_compute_dtype(hidden.dtype))
+            _, _, grads = _pass(hidden, weight, bias, target, ctx.opts, row_scale, ctx.need)
+        else:
+            if ctx.used:
+                raise RuntimeError("linear_cross_entropy (torch_linear_cross_entropy_chunked): backward ran twice "
+                                   "through one graph; its gradients are computed in the forward and scaled in "
+                                   "place, so call the op again instead of retain_graph=True")
+            ctx.used = True
+            grads = list(ctx.saved_tensors)
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_out.to(g.dtype))
+        g_h, g_w, g_b = grads
+        if g_b is not None:
+            g_b = g_b.to(ctx.bias_dtype)
+        return g_h, g_w, g_b, None, None, None, None
+
+
+def torch_linear_cross_entropy_chunked(hidden, weight, target, bias, ignore_index, label_smoothing,  # type: ignore[no-untyped-def]
+                                       reduction, softcap):
+    opts = (int(ignore_index), float(label_smoothing), None if softcap is None else float(softcap))
+    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    if not (torch.is_grad_enabled() and any(need)):
+        losses, valid, _ = _pass(hidden, weight, bias, target, opts, None, (False, False, False))
+        if reduction == "none":
+            return losses
+        total = losses.sum()
+        return total / valid.sum() if reduction == "mean" else total
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, target, opts, reduction, need)
+
+
+def torch_linear_cross_entropy_naive(hidden, weight, target, bias, ignore_index, label_smoothing,  # type: ignore[no-untyped-def]
+                                     reduction, softcap):
+    z = F.linear(hidden, weight, bias).to(_compute_dtype(hidden.dtype))
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return F.cross_entropy(z, target.long(), ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           reduction=reduction)
