@@ -16,7 +16,8 @@ float32; a float32 copy of a 128k x 4k bf16 weight would cost 2 GB). Ignored row
 ``mean`` over no valid row is NaN, as ``F.cross_entropy`` gives.
 
 ``torch_linear_cross_entropy_naive`` is ``F.cross_entropy(F.linear(...).float())``: the full logits, one
-matmul and PyTorch's own loss, fastest where the logits are small.
+matmul and PyTorch's own loss, fastest where the logits are small, and only there
+(:func:`naive_logits_limit`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["torch_linear_cross_entropy_chunked", "torch_linear_cross_entropy_naive", "chunk_rows"]
+from layerzero.context import SelectionContext
+from layerzero.spec import Reason, ReasonCode
+
+__all__ = ["torch_linear_cross_entropy_chunked", "torch_linear_cross_entropy_naive", "chunk_rows",
+           "naive_logits_limit", "NAIVE_MAX_LOGITS"]
+
+#: The naive kernel serves calls whose full logits have at most this many elements (64 MiB in float32):
+#: beyond, not materializing them is what the op is for (its forward and backward hold about 3x them).
+NAIVE_MAX_LOGITS = 1 << 24
 
 
 def chunk_rows(n: int, h: int, v: int) -> int:
@@ -38,6 +47,15 @@ def chunk_rows(n: int, h: int, v: int) -> int:
     rows = 1 << (math.ceil(n / factor) - 1).bit_length()
     cap = max(64, 1 << (max(1, n // 8).bit_length() - 1))
     return max(1, min(n, max(64, min(rows, cap))))
+
+
+def naive_logits_limit(ctx: SelectionContext) -> list[Reason]:
+    """Rejects the naive kernel where the full logits exceed :data:`NAIVE_MAX_LOGITS` elements."""
+    elements = (ctx.num_tokens or 0) * (ctx.hidden_size or 0)
+    if elements <= NAIVE_MAX_LOGITS:
+        return []
+    return [Reason(ReasonCode.HIDDEN_TOO_LARGE, f"full logits of {ctx.num_tokens} x {ctx.hidden_size} = {elements} "
+                                                f"elements > {NAIVE_MAX_LOGITS} (the chunked kernels never hold them)")]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

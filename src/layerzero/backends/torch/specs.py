@@ -19,7 +19,11 @@ from layerzero.backends.torch.elementwise import (
     torch_swiglu,
 )
 from layerzero.backends.torch.fast import layer_norm_specialize, rms_norm_specialize
-from layerzero.backends.torch.linear_losses import torch_linear_cross_entropy_chunked, torch_linear_cross_entropy_naive
+from layerzero.backends.torch.linear_losses import (
+    naive_logits_limit,
+    torch_linear_cross_entropy_chunked,
+    torch_linear_cross_entropy_naive,
+)
 from layerzero.backends.torch.losses import torch_cross_entropy
 from layerzero.backends.torch.norms import (
     torch_layer_norm,
@@ -71,7 +75,7 @@ def _specs() -> list[KernelSpec]:
                                "never exist whole)"),
         KernelSpec("torch_linear_cross_entropy_naive", "linear_cross_entropy", "torch",
                    torch_linear_cross_entropy_naive, priority=30, dtypes=FLOATS, tolerance=tol_lce,
-                   description="F.cross_entropy(F.linear(hidden, weight, bias).float()): the full logits"),
+                   extra_check=naive_logits_limit, description="F.cross_entropy(F.linear(hidden, weight, bias).float()): the full logits"),
         KernelSpec("torch_geglu", "geglu", "torch", torch_geglu, priority=50, dtypes=FLOATS,
                    approximations={"none", "tanh"}, tolerance=tol16, description="F.gelu(gate) * up"),
         KernelSpec("torch_gelu", "gelu", "torch", torch_gelu, priority=50, dtypes=FLOATS,
