@@ -39,6 +39,10 @@ def public_call(name: str, operation: str, args: tuple[Any, ...]) -> Any:
     if name == "cross_entropy":
         logits, target, ii, ls, red = args
         return lz.cross_entropy(logits, target, ignore_index=ii, label_smoothing=ls, reduction=red)
+    if name == "linear_cross_entropy":
+        hidden, weight, target, bias, ii, ls, red, cap = args
+        return lz.linear_cross_entropy(hidden, weight, target, bias, ignore_index=ii, label_smoothing=ls,
+                                       reduction=red, softcap=cap)
     return getattr(lz, name)(*args)
 
 
