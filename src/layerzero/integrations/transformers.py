@@ -395,7 +395,7 @@ class PatchReport:
         return sum(len(v) for v in self.patched.values())
 
     def __str__(self) -> str:
-        lines = [f"layerzero.patch: {self.count} modules now run layerzero ops"]
+        lines = [f"layerzero.patch: {self.count} modules and functions now run layerzero ops"]
         for kind, names in sorted(self.patched.items()):
             lines.append(f"  {kind}: {len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
         for name, reason in sorted(self.skipped.items()):
@@ -418,7 +418,7 @@ def _patch_causal_lms(model: nn.Module, report: PatchReport, loss: bool, rope: b
         if rope and ROPE_ATTR not in module.__dict__:
             where, problem = patch_rope(module, verify)
             if where is not None:
-                report.patched.setdefault("rope", []).append(f"{label} ({where}.apply_rotary_pos_emb)")
+                report.patched.setdefault("rope", []).append(f"{where}.apply_rotary_pos_emb")
             else:
                 report.skipped[f"{label} (rope)"] = f"{type(module).__name__}: {problem}"
 
