@@ -1,4 +1,5 @@
-"""Extra peak memory of ``lz.linear_cross_entropy`` (forward + backward) against the full logits' size.
+"""Extra peak memory (and, with ``--time``, the time) of one ``lz.linear_cross_entropy`` forward + backward per
+kernel, against the full logits' size.
 
 On the CPU the peak is read from torch.profiler's allocator events (``profile_memory=True``: every
 allocation and free, in order), on CUDA from ``torch.cuda.max_memory_allocated``. "Extra" is what the call
@@ -6,13 +7,16 @@ allocates beyond its inputs, gradients included (``grad_hidden`` and ``grad_weig
 method); "full logits" is ``rows x vocab`` in the input dtype: what ``F.linear`` alone would hold.
 
     python scripts/lce_memory.py --rows 4096 --hidden 256 --vocab 65536
-    python scripts/lce_memory.py --device cuda --dtype bfloat16 --rows 8192 --hidden 2048 --vocab 128256
+    python scripts/lce_memory.py --device cuda --dtype bfloat16 --rows 8192 --hidden 2048 --vocab 128256 \
+        --kernel torch_linear_cross_entropy_chunked --kernel liger_linear_cross_entropy --time
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import torch
 
@@ -44,8 +48,22 @@ def _cuda_peak(fn) -> int:  # type: ignore[no-untyped-def]
     return torch.cuda.max_memory_allocated() - base
 
 
-def measure(kernel: str, rows: int, hidden: int, vocab: int, dtype: torch.dtype, device: str) -> tuple[int, int]:
-    """(extra peak bytes of one forward + backward, bytes of the full logits)."""
+def _median_ms(fn, device: str, reps: int = 10) -> float:  # type: ignore[no-untyped-def]
+    out = []
+    for _ in range(reps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
+
+
+def measure(kernel: str, rows: int, hidden: int, vocab: int, dtype: torch.dtype, device: str,
+            timed: bool = False) -> tuple[int, int, float | None]:
+    """(extra peak bytes of one forward + backward, bytes of the full logits, median ms or None)."""
     g = torch.Generator(device=device).manual_seed(0)
     h = torch.randn(rows, hidden, generator=g, device=device).to(dtype).requires_grad_(True)
     w = (torch.randn(vocab, hidden, generator=g, device=device) / hidden ** 0.5).to(dtype).requires_grad_(True)
@@ -58,7 +76,8 @@ def measure(kernel: str, rows: int, hidden: int, vocab: int, dtype: torch.dtype,
         impl(h, w, target, None, -100, 0.0, "mean", None).backward()
 
     peak = _cuda_peak(step) if device.startswith("cuda") else _cpu_peak(step)
-    return peak, rows * vocab * torch.empty((), dtype=dtype).element_size()
+    ms = _median_ms(step, device) if timed else None
+    return peak, rows * vocab * torch.empty((), dtype=dtype).element_size(), ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,16 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--kernel", action="append", choices=KERNELS, help="default: the torch kernels")
+    p.add_argument("--time", action="store_true", help="also time forward + backward (median of 10)")
     p.add_argument("--check", type=float, default=None, help="exit 1 unless every ratio is below this")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     worst = 0.0
     for kernel in a.kernel or KERNELS[:2]:
-        peak, logits = measure(kernel, a.rows, a.hidden, a.vocab, dtype, a.device)
+        peak, logits, ms = measure(kernel, a.rows, a.hidden, a.vocab, dtype, a.device, a.time)
         ratio = peak / logits
         worst = max(worst, ratio)
+        took = "" if ms is None else f", forward + backward {ms:.2f} ms"
         print(f"{kernel}: rows={a.rows} hidden={a.hidden} vocab={a.vocab} {a.dtype} {a.device}: extra peak "
-              f"{peak / 2**20:.1f} MiB, full logits {logits / 2**20:.1f} MiB, extra peak / full logits {ratio:.3f}")
+              f"{peak / 2**20:.1f} MiB, full logits {logits / 2**20:.1f} MiB, extra peak / full logits "
+              f"{ratio:.3f}{took}")
     return 1 if a.check is not None and worst >= a.check else 0
 
 

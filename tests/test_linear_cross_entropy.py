@@ -139,11 +139,13 @@ def test_dispatch_names_buckets_and_policies() -> None:
         assert bucket_of("linear_cross_entropy", ctx) == "n=4096;hidden=128256;d=4096;grad=1"
         with lz.lock("linear_cross_entropy", "torch_linear_cross_entropy_naive"):
             assert lz.which("linear_cross_entropy", hid, w, target) == "torch_linear_cross_entropy_naive"
-        with lz.lock("linear_cross_entropy", "torch_linear_cross_entropy_naive", condition="num_tokens <= 64"):
-            assert lz.which("linear_cross_entropy", hid, w, target) == "torch_linear_cross_entropy_naive"
+        assert lz.which("linear_cross_entropy", hid, w, target) == "torch_linear_cross_entropy_naive"  # small logits
+        with lz.lock("linear_cross_entropy", "torch_linear_cross_entropy_chunked", condition="num_tokens <= 64"):
+            assert lz.which("linear_cross_entropy", hid, w, target) == "torch_linear_cross_entropy_chunked"
             assert lz.which("linear_cross_entropy", hid.repeat(2, 1), w, target.repeat(2)) \
-                == "torch_linear_cross_entropy_chunked"
+                == "torch_linear_cross_entropy_naive"
         big = lz.SelectionContext(dtype="float32", num_tokens=4096, hidden_size=65536, head_dim=64)
+        assert lz.select("linear_cross_entropy", big).selected.kernel_id == "torch_linear_cross_entropy_chunked"
         reasons = lz.explain_context("linear_cross_entropy", big).rejection_reasons["torch_linear_cross_entropy_naive"]
         assert any("full logits of 4096 x 65536" in r.message for r in reasons)
 

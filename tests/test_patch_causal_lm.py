@@ -113,6 +113,23 @@ def test_patched_loss_and_gradients_match_and_unpatch_restores(name: str, op_cal
     assert "forward" not in ours.__dict__
 
 
+def test_patched_loss_through_the_chunked_kernel() -> None:
+    """The tiny vocabulary's logits are small enough for the naive kernel; the chunked one must agree too."""
+    import layerzero as lz
+
+    ref, ours = _pair("gemma2")  # softcapped
+    lzt.patch(ours)
+    ids, labels = _batch()
+    with lz.lock("linear_cross_entropy", "torch_linear_cross_entropy_chunked"):
+        got = ours(ids, labels=labels)
+    want = ref(ids, labels=labels)
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+    got.loss.backward()
+    want.loss.backward()
+    torch.testing.assert_close(ours.lm_head.weight.grad, ref.lm_head.weight.grad, atol=2e-5, rtol=1e-4)
+    lzt.unpatch(ours)
+
+
 def test_rope_stays_patched_while_another_patched_model_lives() -> None:
     first, second = _pair("llama")
     module = sys.modules[type(first).__module__]

@@ -7,7 +7,8 @@ rows) and ``grad_weight`` / ``grad_bias`` (accumulated). So the extra memory is 
 gradient, not ``N x V``:
 
 * ``mean`` / ``sum``: the gradients are computed in the forward (one pass over the logits instead of two) and
-  the backward only scales them by the upstream gradient (a scalar), in place: the backward runs once.
+  the backward only scales them by the upstream gradient (a scalar; divided by the valid count for
+  ``mean``), in place: the backward runs once.
 * ``none``: the forward keeps nothing but its inputs, and the backward recomputes the chunks with the
   upstream per-row gradient folded in before ``grad_weight`` sums over rows.
 
@@ -62,75 +63,90 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tgt: torch.Tensor,
-           keep: torch.Tensor, scale: torch.Tensor | None, smoothing: float, softcap: float | None,
-           grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk: per-row losses (0 on ignored rows) and, when ``grad``, d(loss * scale)/d(pre-cap logits).
+def _chunk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tgt: torch.Tensor, smoothing: float,
+           softcap: float | None, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk: per-row losses and, when ``grad``, ``p``: the gradient of each row's loss with respect to
+    its (pre-cap) logits, except for smoothing's constant ``-smoothing / V`` when there is no softcap (the
+    caller folds that term in through sums, without a pass over the chunk). Ignored rows are not masked
+    here (``tgt`` holds 0 for them); the caller weighs rows.
 
-    ``tgt`` has ignored rows replaced by 0, ``keep`` is 1.0 on valid rows and 0.0 on ignored ones, ``scale``
-    the per-row factor of the gradient (1/n_valid, 1, or the upstream gradient)."""
+    Passes over the chunk's ``rows x V`` logits: the matmul, log_softmax, and for the gradient one exp in
+    place (plus the cap's tanh and its derivative with ``softcap``)."""
     z = (h @ weight.t()).to(_compute_dtype(h.dtype))
     if bias is not None:
-        z = z + bias
+        z = z.add_(bias)
     capped = None
     if softcap is not None:
-        capped = torch.tanh(z / softcap)
+        capped = torch.tanh(z.div_(softcap))
         z = capped * softcap
-    lse = torch.logsumexp(z, dim=-1)
-    loss = lse - z.gather(1, tgt[:, None]).squeeze(1)
+    logp = torch.log_softmax(z, dim=-1)
+    del z
+    loss = logp.gather(1, tgt[:, None]).squeeze(1).neg_()
     if smoothing:
-        loss = (1.0 - smoothing) * loss + smoothing * (lse - z.mean(dim=-1))
-    loss = loss * keep
+        loss = (1.0 - smoothing) * loss - smoothing * logp.mean(dim=-1)
     if not grad:
         return loss, None
-    dz = z.sub_(lse[:, None]).exp_()  # softmax, written over z
-    dz.scatter_add_(1, tgt[:, None], torch.full_like(lse, smoothing - 1.0)[:, None])
-    if smoothing:
-        dz.sub_(smoothing / dz.shape[1])
-    dz.mul_((keep if scale is None else keep * scale)[:, None])
+    p = logp.exp_()  # the softmax, written over logp
+    p.scatter_add_(1, tgt[:, None], torch.full_like(loss, smoothing - 1.0)[:, None])
     if capped is not None:
-        dz.mul_(capped.mul_(capped).neg_().add_(1.0))
-    return loss, dz
+        if smoothing:
+            p.sub_(smoothing / p.shape[1])
+        p.mul_(capped.mul_(capped).neg_().add_(1.0))
+    return loss, p
 
 
-def _prepare(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _prepare(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     valid = target != ignore_index
-    tgt = torch.where(valid, target, 0).long()
-    return valid, tgt, valid.to(torch.float32)
+    return valid, torch.where(valid, target, 0).long()
 
 
 def _pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
           opts: tuple[int, float, float | None], row_scale: torch.Tensor | None, need: tuple[bool, bool, bool]
           ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
-    """Every chunk once: per-row losses, valid-row mask, and the gradients ``need`` asks for (hidden, weight,
-    bias). ``row_scale`` is the per-row factor of the gradient, (N,), or None for 1."""
+    """Every chunk once: per-row losses (0 on ignored rows), the valid-row mask, and the gradients ``need``
+    asks for (hidden, weight, bias) of ``sum(loss * row_scale)`` (``row_scale`` None: of the plain sum).
+
+    Rows are weighed (0 for ignored ones, the upstream gradient for ``"none"``) on the ``rows x H`` side:
+    ``grad_hidden = (p @ W) * r`` and ``grad_weight += p.T @ (h * r)``, not on ``p``."""
     ignore_index, smoothing, softcap = opts
     n, h_dim = hidden.shape
     rows = chunk_rows(n, h_dim, weight.shape[0])
-    valid, tgt, keep = _prepare(target, ignore_index)
+    valid, tgt = _prepare(target, ignore_index)
     cdt = _compute_dtype(hidden.dtype)
-    keep = keep.to(cdt)
+    r_all = valid.to(cdt) if row_scale is None else valid.to(cdt) * row_scale
     grad = any(need)
+    const = smoothing / weight.shape[0] if smoothing and softcap is None and grad else 0.0
     losses = torch.empty(n, dtype=cdt, device=hidden.device)
     g_h = torch.empty_like(hidden) if need[0] else None
     g_w = torch.zeros_like(weight) if need[1] else None
     g_b = torch.zeros(weight.shape[0], dtype=cdt, device=hidden.device) if need[2] else None
+    w_sum = weight.sum(0, dtype=cdt) if const and need[0] else None
+    hr_sum = torch.zeros(h_dim, dtype=cdt, device=hidden.device) if const and need[1] else None
     for start in range(0, n, rows):
         sl = slice(start, min(start + rows, n))
-        h = hidden[sl]
-        scale = None if row_scale is None else row_scale[sl]
-        loss, dz = _chunk(h, weight, bias, tgt[sl], keep[sl], scale, smoothing, softcap, grad)
-        losses[sl] = loss
-        if dz is None:
+        h, r = hidden[sl], r_all[sl]
+        loss, p = _chunk(h, weight, bias, tgt[sl], smoothing, softcap, grad)
+        losses[sl] = loss.mul_(valid[sl])
+        if p is None:
             continue
         if g_b is not None:
-            g_b += dz.sum(0)
-        dz_lo = dz.to(hidden.dtype)
-        del dz
+            g_b += p.t().mv(r)
+        p_lo = p.to(hidden.dtype)
+        del p
         if g_h is not None:
-            torch.mm(dz_lo, weight, out=g_h[sl])
+            gh = (p_lo @ weight).to(cdt)
+            if w_sum is not None:
+                gh.sub_(w_sum, alpha=const)
+            g_h[sl] = gh.mul_(r[:, None])
         if g_w is not None:
-            g_w.addmm_(dz_lo.t(), h)
+            hr = h * r[:, None].to(h.dtype)
+            g_w.addmm_(p_lo.t(), hr)
+            if hr_sum is not None:
+                hr_sum += hr.sum(0, dtype=cdt)
+    if hr_sum is not None:  # smoothing's constant term: -const * outer(ones(V), sum of weighed rows)
+        g_w.sub_(hr_sum.to(weight.dtype)[None, :], alpha=const)
+    if g_b is not None and const:
+        g_b.sub_(r_all.sum() * const)
     return losses, valid, [g_h, g_w, g_b]
 
 
@@ -147,15 +163,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             losses, _, _ = _pass(hidden, weight, bias, target, opts, None, (False, False, False))
             ctx.save_for_backward(hidden, weight, bias, target)
             return losses
-        valid = target != opts[0]
-        scale = None
-        if reduction == "mean":
-            count = valid.sum().to(_compute_dtype(hidden.dtype))
-            scale = (1.0 / count).expand(hidden.shape[0])
-        losses, _, grads = _pass(hidden, weight, bias, target, opts, scale, need)
+        losses, valid, grads = _pass(hidden, weight, bias, target, opts, None, need)
         total = losses.sum()
-        if reduction == "mean":
-            total = total / count
+        # mean: the gradients of the sum, divided by the valid count in the backward (with the upstream one)
+        ctx.count = valid.sum().to(total.dtype) if reduction == "mean" else None
+        if ctx.count is not None:
+            total = total / ctx.count
         ctx.save_for_backward(*grads)
         return total
 
@@ -172,9 +185,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                                    "place, so call the op again instead of retain_graph=True")
             ctx.used = True
             grads = list(ctx.saved_tensors)
+            factor = grad_out if ctx.count is None else grad_out / ctx.count  # 0-dim, float32 or float64
             for g in grads:
                 if g is not None:
-                    g.mul_(grad_out.to(g.dtype))
+                    g.mul_(factor)
         g_h, g_w, g_b = grads
         if g_b is not None:
             g_b = g_b.to(ctx.bias_dtype)

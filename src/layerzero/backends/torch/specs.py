@@ -74,8 +74,10 @@ def _specs() -> list[KernelSpec]:
                    description="token chunks of logits in float32, gradients folded in chunk by chunk (the logits "
                                "never exist whole)"),
         KernelSpec("torch_linear_cross_entropy_naive", "linear_cross_entropy", "torch",
-                   torch_linear_cross_entropy_naive, priority=30, dtypes=FLOATS, tolerance=tol_lce,
-                   extra_check=naive_logits_limit, description="F.cross_entropy(F.linear(hidden, weight, bias).float()): the full logits"),
+                   torch_linear_cross_entropy_naive, priority=60, dtypes=FLOATS, tolerance=tol_lce,
+                   extra_check=naive_logits_limit,
+                   description="F.cross_entropy(F.linear(hidden, weight, bias).float()): the full logits, for small "
+                               "ones only (there one matmul beats chunks of them)"),
         KernelSpec("torch_geglu", "geglu", "torch", torch_geglu, priority=50, dtypes=FLOATS,
                    approximations={"none", "tanh"}, tolerance=tol16, description="F.gelu(gate) * up"),
         KernelSpec("torch_gelu", "gelu", "torch", torch_gelu, priority=50, dtypes=FLOATS,
