@@ -90,6 +90,23 @@ def test_loss_and_gradients_match_float64_on_cuda(kernel: str, dtype: torch.dtyp
     _check(kernel, dtype, reduction, smoothing, softcap, bias, device="cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", (*KERNELS, "liger_linear_cross_entropy"))
+def test_a_frozen_hidden_still_gives_the_head_its_gradient_on_cuda(kernel: str) -> None:
+    ok, reasons = lz.validate(kernel, lz.SelectionContext(device="cuda", dtype="bfloat16", num_tokens=256,
+                                                          hidden_size=1000, head_dim=64, requires_grad=True))
+    if not ok:
+        pytest.skip("; ".join(str(r) for r in reasons))
+    hid, w, target, _ = _inputs(256, 64, 1000, torch.bfloat16, bias=False, seed=9, device="cuda")
+    frozen = hid.detach()
+    with lz.lock("linear_cross_entropy", kernel):
+        lz.linear_cross_entropy(frozen, w, target).backward()
+    w64 = w.detach().double().requires_grad_(True)
+    linear_cross_entropy_reference(frozen, w64, target, None, -100, 0.0, "mean", None).backward()
+    assert w.grad is not None and frozen.grad is None
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=6e-2 * w64.grad.abs().max().item(), rtol=6e-2)
+
+
 def test_edge_cases_follow_f_cross_entropy() -> None:
     hid, w, target, _ = _inputs(70, 16, 200, torch.float64, bias=False, seed=3)
     every = torch.full_like(target, -100)

@@ -30,7 +30,8 @@ Adapters (Liger 0.5-0.8, ``liger_kernel.ops.*``):
   and returns a tuple; 0.8 adds ``accum_dtype`` and more), every parameter we do not set at its default.
   Its loss is float32. Before 0.8.2 its ``reduction="none"`` backward is wrong, so the adapter refuses
   ``"none"`` there; it syncs on the valid-token count (not CUDA-graph safe); it returns 0 for a ``mean``
-  over no valid token where ``F.cross_entropy`` gives NaN, which the adapter restores.
+  over no valid token where ``F.cross_entropy`` gives NaN, which the adapter restores; it computes the
+  weight's gradient only when its input wants one, so a frozen ``hidden`` goes in as a detached copy that does.
 """
 
 from __future__ import annotations
@@ -180,6 +181,11 @@ def liger_linear_cross_entropy(hidden, weight, target, bias, ignore_index, label
         raise ValueError("liger_linear_cross_entropy: Liger before 0.8.2 computes a wrong reduction='none' "
                          f"gradient (installed: {'.'.join(map(str, _liger_version()))})")
     fn = _function("linear_cross_entropy")
+    params = (weight, bias) if bias is not None else (weight,)
+    if torch.is_grad_enabled() and not hidden.requires_grad and any(p.requires_grad for p in params):
+        # Liger computes the weight's and bias' gradients only when its input wants one (a frozen trunk with a
+        # trained head would get none): give it a detached input that does, whose gradient goes nowhere.
+        hidden = hidden.detach().requires_grad_(True)
     args = bind_fused_linear_cross_entropy(fn.forward, {
         "_input": hidden, "weight": weight, "target": target, "bias": bias, "ignore_index": int(ignore_index),
         "label_smoothing": float(label_smoothing), "reduction": reduction,
