@@ -419,6 +419,24 @@ ROWS: list[Row] = [
     Row('data-target-range', 'data checks', '`cross_entropy` class id 30 for a vocabulary of 10 (checked once a kernel raised)', 'InvalidInputError',
         'cross_entropy: target ids [30] (rows [2]) are outside [0, 10) and are not ignore_index=-100 (inputs: …)',
         lambda tmp: lz.cross_entropy(t(4, 10), torch.tensor([1, 2, 30, 4]))),
+    Row('rank-lce', 'rank', '`lz.linear_cross_entropy` with 3-D `hidden` (batch, seq, hidden)', 'InvalidInputError',
+        'linear_cross_entropy: hidden must be a 2-D floating-point (rows, hidden) tensor, got 3-D torch.float32 (flatten the batch: hidden.view(-1, H)) (inputs: …)',
+        lambda tmp: lz.linear_cross_entropy(t(2, 4, 8), t(10, 8), torch.tensor([1, 2]))),
+    Row('shape-lce-weight', 'shape', '`linear_cross_entropy` weight (10, 6) for hidden width 8', 'InvalidInputError',
+        'linear_cross_entropy: weight must be (vocab, hidden=8), got (10, 6) (inputs: …)',
+        lambda tmp: lz.linear_cross_entropy(t(4, 8), t(10, 6), torch.tensor([1, 2, 3, 4]))),
+    Row('shape-lce-bias', 'shape', '`linear_cross_entropy` bias of 9 for a vocabulary of 10', 'InvalidInputError',
+        'linear_cross_entropy: bias must be (vocab=10,), got (9,) (inputs: …)',
+        lambda tmp: lz.linear_cross_entropy(t(4, 8), t(10, 8), torch.tensor([1, 2, 3, 4]), t(9))),
+    Row('dtype-lce-mixed', 'dtype', '`linear_cross_entropy` with bfloat16 `hidden`, float32 `weight`', 'InvalidInputError',
+        'linear_cross_entropy: weight has dtype torch.float32, hidden torch.bfloat16 (cast one; under autocast, cast both to the autocast dtype) (inputs: …)',
+        lambda tmp: lz.linear_cross_entropy(t(4, 8, dtype=torch.bfloat16), t(10, 8), torch.tensor([1, 2, 3, 4]))),
+    Row('range-softcap', 'argument range', '`linear_cross_entropy(..., softcap=0.0)` (a division by zero)', 'InvalidInputError',
+        'linear_cross_entropy: softcap must be None or a positive finite number, got 0.0 (inputs: …)',
+        lambda tmp: lz.linear_cross_entropy(t(4, 8), t(10, 8), torch.tensor([1, 2, 3, 4]), softcap=0.0)),
+    Row('data-lce-target-range', 'data checks', '`linear_cross_entropy` class id 30 for a vocabulary of 10 (checked once a kernel raised)', 'InvalidInputError',
+        'linear_cross_entropy: target ids [30] (rows [2]) are outside [0, 10) and are not ignore_index=-100 (inputs: …)',
+        lambda tmp: lz.linear_cross_entropy(t(4, 8), t(10, 8), torch.tensor([1, 2, 30, 4]))),
     Row('resource-oom', 'resource', '`rms_norm` of a (2**40, 64) view: the output cannot be allocated', 'OutOfMemoryError',
         'rms_norm: kernel torch_rms_norm ran out of memory; no kernel is blamed and no other is tried (a smaller batch or sequence is the fix) (inputs: …)',
         lambda tmp: lz.rms_norm(t(1, 64).expand(2**40, 64), t(64))),
@@ -648,6 +666,8 @@ def warm_up(size: int = 4) -> None:
         lz.sample(x, **kw)
     lz.sample(t(2, 8), temperature=1.0)
     lz.cross_entropy(t(size, 10), torch.arange(size) % 10)
+    lz.linear_cross_entropy(t(size, 8), t(10, 8), torch.arange(size) % 10)
+    lz.linear_cross_entropy(t(size, 8), t(10, 8), torch.arange(size) % 10, t(10), softcap=2.0)
 
 
 INPUT_ROWS = [r for r in ROWS if r.klass in INPUT_CLASSES]

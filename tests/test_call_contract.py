@@ -45,6 +45,10 @@ def public_call(name: str, operation: str, args: tuple[Any, ...]) -> Any:
     if name == "attention_paged":
         *tensors, causal, scale, window, softcap = args
         return lz.attention_paged(*tensors, is_causal=causal, scale=scale, window=window, softcap=softcap)
+    if name == "linear_cross_entropy":
+        hidden, weight, target, bias, ii, ls, red, cap = args
+        return lz.linear_cross_entropy(hidden, weight, target, bias, ignore_index=ii, label_smoothing=ls,
+                                       reduction=red, softcap=cap)
     return getattr(lz, name)(*args)
 
 

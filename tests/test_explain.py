@@ -183,6 +183,9 @@ def test_cache_key_mirrors_every_ops_hot_path_key() -> None:
         "sample": ("sample.greedy", (torch.randn(2, 10), 0.0, None, None, None), lambda a: lz.sample(*a)),
         "cross_entropy": ("cross_entropy", (torch.randn(4, 10), torch.tensor([1, 2, -100, 3]), -100, 0.0, "mean"),
                           lambda a: lz.cross_entropy(a[0], a[1])),
+        "linear_cross_entropy": ("linear_cross_entropy", (torch.randn(4, 16), torch.randn(10, 16),
+                                                          torch.tensor([1, 2, -100, 3]), None, -100, 0.0, "mean", None),
+                                 lambda a: lz.linear_cross_entropy(*a[:3])),
     }
     assert set(calls) == set(OPS)
     for family, (operation, args, call) in calls.items():
@@ -191,7 +194,7 @@ def test_cache_key_mirrors_every_ops_hot_path_key() -> None:
         call(args)
         assert cache_key(operation, args) in rt.plans.data, family
         fam = cache_keys(operation, args)[0]
-        if family in ("rope", "swiglu", "geglu", "sample", "cross_entropy"):  # hot paths keying shapes only
+        if family in ("rope", "swiglu", "geglu", "sample", "cross_entropy", "linear_cross_entropy"):  # hot paths keying shapes only
             assert fam is None
         else:  # torch kernels with shape-free plans on a CPU with no measurements
             assert rt.plans.data[fam].family == fam, family

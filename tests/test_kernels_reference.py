@@ -210,6 +210,21 @@ def _paged_case(lens: list[int], sq: int, hq: int, hkv: int, d: int, page: int, 
     return Case("attention_paged", f"b{len(lens)}q{sq}h{hq}kv{hkv}d{d}p{page}-{flags}", build, grad=False)
 
 
+def _lce_case(rows: int, hidden: int, vocab: int, reduction: str, smoothing: float = 0.0, *, bias: bool = False,
+              softcap: float | None = None) -> Case:
+    def build(device: str, dtype: torch.dtype, g: torch.Generator) -> tuple[Any, ...]:
+        h = _randn((rows, hidden), dtype, device, g)
+        w = (_randn((vocab, hidden), torch.float32, device, g) * (2 / math.sqrt(hidden))).to(dtype)
+        b = _randn((vocab,), dtype, device, g) if bias else None
+        target = torch.randint(0, vocab, (rows,), generator=g, device=device)
+        target[::5] = -100
+        return (h, w, target, b, -100, smoothing, reduction, softcap)
+
+    label = f"r{rows}h{hidden}v{vocab}-{reduction}" + (f"-ls{smoothing}" if smoothing else "") + (
+        "-bias" if bias else "") + (f"-cap{softcap}" if softcap else "")
+    return Case("linear_cross_entropy", label, build)
+
+
 FAMILY_CASES: dict[str, list[Case]] = {
     "attention_varlen": [_varlen_case([5, 1, 0, 9], [5, 1, 0, 9], 4, 4, 64, is_causal=True),
                          _varlen_case([16, 8], [24, 8], 8, 2, 64, is_causal=True),
@@ -232,6 +247,10 @@ FAMILY_CASES: dict[str, list[Case]] = {
     "silu": [_unary_case("silu", (4, 256)), _unary_case("silu", (2, 3, 64))],
     "sample": [_sample_case(op, 8, 1000) for op in _SAMPLE_OPS],
     "cross_entropy": [_ce_case(16, 1000, "mean"), _ce_case(4, 512, "sum", 0.1), _ce_case(12, 500, "none")],
+    # 300 rows: several chunks of the chunked kernel (64 rows each at these widths)
+    "linear_cross_entropy": [_lce_case(300, 32, 1000, "mean"), _lce_case(300, 64, 500, "sum", 0.1, bias=True),
+                             _lce_case(200, 32, 700, "none", softcap=5.0), _lce_case(7, 16, 96, "mean", 0.2,
+                                                                                    bias=True, softcap=30.0)],
 }
 
 
@@ -407,6 +426,9 @@ _GRAD_CASES: dict[str, list[Case]] = {
     "gelu": [_unary_case("gelu", (4, 64), "none"), _unary_case("gelu", (4, 64), "tanh")],
     "silu": [_unary_case("silu", (4, 64))],
     "cross_entropy": [_ce_case(8, 256, "mean"), _ce_case(8, 256, "none", 0.1)],
+    "linear_cross_entropy": [_lce_case(150, 16, 300, "mean", 0.1, bias=True),
+                             _lce_case(150, 16, 300, "none", bias=True, softcap=4.0),
+                             _lce_case(150, 16, 300, "sum", softcap=4.0)],
 }
 
 

@@ -31,6 +31,7 @@ from layerzero.ops import (
     geglu,
     gelu,
     layer_norm,
+    linear_cross_entropy,
     rms_norm,
     rope,
     sample,
@@ -51,7 +52,7 @@ __all__ = [
     "__version__",
     # operations
     "attention", "attention_varlen", "attention_paged", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu",
-    "silu", "sample", "cross_entropy",
+    "silu", "sample", "cross_entropy", "linear_cross_entropy",
     # inspection
     "explain", "explain_context", "which", "select", "list_kernels", "validate",
     # policy

@@ -25,13 +25,23 @@ Adapters (Liger 0.5-0.8, ``liger_kernel.ops.*``):
 * cross_entropy -> ``LigerCrossEntropyFunction.apply(logits, target, None, ignore_index, 0.0,
   label_smoothing, reduction)`` on a copy of the logits (Liger overwrites its input), cast back to the
   logits' dtype.
+* linear_cross_entropy -> ``LigerFusedLinearCrossEntropyFunction.apply(...)``, its arguments bound by name
+  from the installed ``forward``'s signature (0.5 has no ``ce_weight``; 0.6 adds it before ``ignore_index``
+  and returns a tuple; 0.8 adds ``accum_dtype`` and more), every parameter we do not set at its default.
+  Its loss is float32. Before 0.8.2 its ``reduction="none"`` backward is wrong, so the adapter refuses
+  ``"none"`` there; it syncs on the valid-token count (not CUDA-graph safe); it returns 0 for a ``mean``
+  over no valid token where ``F.cross_entropy`` gives NaN, which the adapter restores; it computes the
+  weight's gradient only when its input wants one, so a frozen ``hidden`` goes in as a detached copy that does.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,7 +50,8 @@ from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec
 
 __all__ = ["register", "BACKENDS", "KERNEL_IDS", "LIGER_KERNEL_IDS", "liger_rms_norm", "liger_layer_norm",
-           "liger_rope", "liger_swiglu", "liger_geglu", "liger_cross_entropy"]
+           "liger_rope", "liger_swiglu", "liger_geglu", "liger_cross_entropy",
+           "liger_linear_cross_entropy", "bind_fused_linear_cross_entropy"]
 
 _PIP = "pip install liger-kernel"
 _FUNCTIONS = {
@@ -50,18 +61,23 @@ _FUNCTIONS = {
     "swiglu": ("liger_kernel.ops.swiglu", "LigerSiLUMulFunction"),
     "geglu": ("liger_kernel.ops.geglu", "LigerGELUMulFunction"),
     "cross_entropy": ("liger_kernel.ops.cross_entropy", "LigerCrossEntropyFunction"),
+    "linear_cross_entropy": ("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction"),
 }
 MAX_HIDDEN = 65536  # liger_kernel.ops.utils.calculate_settings: MAX_FUSED_SIZE
 
 
 @functools.cache
-def _apply(name: str) -> Any:
-    """``LigerXFunction.apply`` for ``name``, imported on first use."""
+def _function(name: str) -> Any:
+    """``LigerXFunction`` for ``name``, imported on first use."""
     module, cls = _FUNCTIONS[name]
     try:
-        return getattr(importlib.import_module(module), cls).apply
+        return getattr(importlib.import_module(module), cls)
     except ImportError as exc:
         raise ImportError(f"liger is not installed or broken ({exc}); install with: {_PIP}") from exc
+
+
+def _apply(name: str) -> Any:
+    return _function(name).apply
 
 
 def liger_rms_norm(x, weight, eps):  # type: ignore[no-untyped-def]
@@ -131,6 +147,56 @@ def liger_cross_entropy(logits, target, ignore_index, label_smoothing, reduction
     return loss.to(logits.dtype)
 
 
+def bind_fused_linear_cross_entropy(forward: Callable[..., Any], values: dict[str, Any]) -> tuple[Any, ...]:
+    """The positional arguments of ``LigerFusedLinearCrossEntropyFunction.apply`` (which takes no keywords) for
+    the named ``values``, ordered by ``forward``'s own signature, every other parameter at its default."""
+    params = list(inspect.signature(forward).parameters.values())[1:]  # drop ctx
+    names = {p.name for p in params}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise TypeError(f"this liger's LigerFusedLinearCrossEntropyFunction.forward has no {unknown} parameter")
+    out = []
+    for p in params:
+        if p.name in values:
+            out.append(values[p.name])
+        elif p.default is inspect.Parameter.empty:
+            raise TypeError(f"LigerFusedLinearCrossEntropyFunction.forward needs {p.name!r}, which we do not pass")
+        else:
+            out.append(p.default)
+    return tuple(out)
+
+
+@functools.cache
+def _liger_version() -> tuple[int, ...]:
+    try:
+        text = importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        return (0,)
+    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
+
+
+def liger_linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoothing,  # type: ignore[no-untyped-def]
+                               reduction, softcap):
+    if reduction == "none" and _liger_version() < (0, 8, 2):
+        raise ValueError("liger_linear_cross_entropy: Liger before 0.8.2 computes a wrong reduction='none' "
+                         f"gradient (installed: {'.'.join(map(str, _liger_version()))})")
+    fn = _function("linear_cross_entropy")
+    params = (weight, bias) if bias is not None else (weight,)
+    if torch.is_grad_enabled() and not hidden.requires_grad and any(p.requires_grad for p in params):
+        # Liger computes the weight's and bias' gradients only when its input wants one (a frozen trunk with a
+        # trained head would get none): give it a detached input that does, whose gradient goes nowhere.
+        hidden = hidden.detach().requires_grad_(True)
+    args = bind_fused_linear_cross_entropy(fn.forward, {
+        "_input": hidden, "weight": weight, "target": target, "bias": bias, "ignore_index": int(ignore_index),
+        "label_smoothing": float(label_smoothing), "reduction": reduction,
+        "softcap": None if softcap is None else float(softcap)})
+    out = fn.apply(*args)
+    loss = out[0] if isinstance(out, tuple) else out
+    if reduction == "mean":  # Liger's mean over no valid token is 0; F.cross_entropy's is NaN
+        loss = torch.where((target != ignore_index).any(), loss, torch.nan)
+    return loss.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+
+
 def _needs_triton() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (Liger's kernels are Triton programs)"
@@ -141,6 +207,7 @@ def _specs() -> list[KernelSpec]:
     cuda = frozenset({"cuda"})
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
     tol = {"float16": (4e-3, 4e-3), "bfloat16": (2.5e-2, 2.5e-2), "float32": (5e-5, 5e-5)}
+    lce_tol = {"float16": (5e-3, 5e-3), "bfloat16": (3e-2, 3e-2), "float32": (5e-5, 5e-5)}
     common: dict[str, Any] = dict(platforms=cuda, dtypes=dtypes, tolerance=tol, compile_safe=False)
     return [
         KernelSpec("liger_rms_norm", "rms_norm", "liger", liger_rms_norm, priority=55,
@@ -161,6 +228,12 @@ def _specs() -> list[KernelSpec]:
         KernelSpec("liger_cross_entropy", "cross_entropy", "liger", liger_cross_entropy, priority=45,
                    max_hidden_size=None, description="Liger Triton cross-entropy (on a copy of the logits)",
                    **common),
+        # Above the chunked torch kernel: one Triton pass per chunk computes loss and logit gradient in place.
+        # It reads the valid-token count on the host (.item()): not capture-safe.
+        KernelSpec("liger_linear_cross_entropy", "linear_cross_entropy", "liger", liger_linear_cross_entropy,
+                   priority=55, max_hidden_size=None, cuda_graph_safe=False,
+                   description="Liger fused linear cross-entropy (chunked; Triton loss and gradient in place)",
+                   **{**common, "tolerance": lce_tol}),
     ]
 
 

@@ -44,6 +44,8 @@ INPUT_NAMES: dict[str, str] = {
     "silu": "x|input",
     "sample": "logits|x, temperature, top_k, top_p, generator",
     "cross_entropy": "logits|input|x, target|labels, ignore_index, label_smoothing, reduction",
+    "linear_cross_entropy": "hidden|hidden_states|input|x, weight|lm_head_weight|w, target|labels, bias, ignore_index, "
+                            "label_smoothing, reduction, softcap",
 }
 
 _QKV = frozenset({"query", "q", "key", "k", "value", "v"})

@@ -32,7 +32,9 @@ RMSNorm, ``nn.LayerNorm``, SiLU / GELU activations, SwiGLU MLPs) to layerzero
 ops by giving each matching module instance a layerzero ``forward``; every
 module class is checked numerically against its own forward once before it is
 patched (a look-alike with other arithmetic, such as Gemma's ``1 + weight``
-RMSNorm, is left alone and reported). :func:`unpatch` restores the modules.
+RMSNorm, is left alone and reported). On a ``*ForCausalLM`` it also routes the training loss through
+``lz.linear_cross_entropy`` (no logits) and ``apply_rotary_pos_emb`` through ``lz.rope``
+(:mod:`layerzero.integrations.hf_causal_lm`). :func:`unpatch` restores all of it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import torch
 from torch import nn
 
 import layerzero.ops as lz_ops
+from layerzero.integrations.hf_causal_lm import LOSS_ATTR, ROPE_ATTR, patch_loss, patch_rope, unpatch_causal_lm
 from layerzero.errors import InvalidInputError, LayerZeroError, UnsupportedModelError
 
 __all__ = ["register", "is_registered", "attention_forward", "uses_attention_interface", "check_model_class", "patch",
@@ -392,7 +395,7 @@ class PatchReport:
         return sum(len(v) for v in self.patched.values())
 
     def __str__(self) -> str:
-        lines = [f"layerzero.patch: {self.count} modules now run layerzero ops"]
+        lines = [f"layerzero.patch: {self.count} modules and functions now run layerzero ops"]
         for kind, names in sorted(self.patched.items()):
             lines.append(f"  {kind}: {len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
         for name, reason in sorted(self.skipped.items()):
@@ -400,15 +403,39 @@ class PatchReport:
         return "\n".join(lines)
 
 
+def _patch_causal_lms(model: nn.Module, report: PatchReport, loss: bool, rope: bool, verify: bool) -> None:
+    """The loss and rope parts of :func:`patch` (:mod:`layerzero.integrations.hf_causal_lm`), per causal LM."""
+    for name, module in model.named_modules():
+        if not type(module).__name__.endswith("ForCausalLM"):
+            continue
+        label = name or type(module).__name__
+        if loss and LOSS_ATTR not in module.__dict__:
+            problem = patch_loss(module, verify)
+            if problem is None:
+                report.patched.setdefault("causal_lm_loss", []).append(label)
+            else:
+                report.skipped[f"{label} (loss)"] = f"{type(module).__name__}: {problem}"
+        if rope and ROPE_ATTR not in module.__dict__:
+            where, problem = patch_rope(module, verify)
+            if where is not None:
+                report.patched.setdefault("rope", []).append(f"{where}.apply_rotary_pos_emb")
+            else:
+                report.skipped[f"{label} (rope)"] = f"{type(module).__name__}: {problem}"
+
+
 def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, mlp: bool = True,
-          verify: bool = True) -> PatchReport:
-    """Make ``model``'s norm, activation and SwiGLU-MLP modules run layerzero ops.
+          loss: bool = True, rope: bool = True, verify: bool = True) -> PatchReport:
+    """Make ``model``'s norm, activation and SwiGLU-MLP modules, its loss and its RoPE run layerzero ops.
 
     Args:
         model: any ``nn.Module`` (a transformers model or a part of one).
         norms: RMSNorm-like modules and ``nn.LayerNorm`` -> ``lz.rms_norm`` / ``lz.layer_norm``.
         activations: SiLU / GELU modules -> ``lz.silu`` / ``lz.gelu``.
         mlp: ``gate_proj``/``up_proj``/``down_proj`` MLPs with a SiLU ``act_fn`` -> ``lz.swiglu``.
+        loss: a ``*ForCausalLM``'s loss -> ``lz.linear_cross_entropy`` from the hidden states (no logits
+            when training with labels; see :mod:`layerzero.integrations.hf_causal_lm`).
+        rope: its modeling module's ``apply_rotary_pos_emb`` -> ``lz.rope`` (process-wide for that module
+            while a patched model lives).
         verify: compare each module class's output with its own forward once before patching it.
 
     Returns:
@@ -420,6 +447,7 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, mlp
     wanted = {"rms_norm": norms, "layer_norm": norms, "silu": activations, "gelu": activations,
               "swiglu_mlp": mlp}
     report = PatchReport()
+    _patch_causal_lms(model, report, loss, rope, verify)
     verdicts: dict[tuple[type, str, Any], str | None] = {}
     for name, module in model.named_modules():
         if getattr(module, _PATCH_ATTR, None) is not None:
@@ -448,9 +476,10 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, mlp
 
 
 def unpatch(model: nn.Module) -> int:
-    """Restore every module :func:`patch` changed; returns how many were restored."""
+    """Restore every module :func:`patch` changed (and the loss and rope); returns how many were restored."""
     restored = 0
     for module in model.modules():
+        restored += unpatch_causal_lm(module)
         if getattr(module, _PATCH_ATTR, None) is None:
             continue
         for attr in ("forward", _PATCH_ATTR, "_layerzero_eps", "_layerzero_approximate"):

@@ -13,12 +13,14 @@ from layerzero.ops.attention_paged import ATTENTION_PAGED, attention_paged
 from layerzero.ops.attention_varlen import ATTENTION_VARLEN, attention_varlen
 from layerzero.ops.base import OpDef
 from layerzero.ops.elementwise import GEGLU, GELU, ROPE, SILU, SWIGLU, geglu, gelu, rope, silu, swiglu
+from layerzero.ops.linear_losses import LINEAR_CROSS_ENTROPY, linear_cross_entropy
 from layerzero.ops.losses import CROSS_ENTROPY, cross_entropy
 from layerzero.ops.norms import LAYER_NORM, RMS_NORM, layer_norm, rms_norm
 from layerzero.ops.sampling import SAMPLE, sample
 
-__all__ = ["attention", "attention_varlen", "attention_paged", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu", "sample", "cross_entropy",
-           "OPS", "op_for", "OpDef", "OPERATIONS", "ALIASES", "canonical_operation"]
+__all__ = ["attention", "attention_varlen", "attention_paged", "rms_norm", "layer_norm", "rope", "swiglu", "geglu",
+           "gelu", "silu", "sample", "cross_entropy", "linear_cross_entropy", "OPS", "op_for", "OpDef", "OPERATIONS",
+           "ALIASES", "canonical_operation"]
 
 OPS: dict[str, OpDef] = {
     "attention": ATTENTION,
@@ -33,6 +35,7 @@ OPS: dict[str, OpDef] = {
     "silu": SILU,
     "sample": SAMPLE,
     "cross_entropy": CROSS_ENTROPY,
+    "linear_cross_entropy": LINEAR_CROSS_ENTROPY,
 }
 
 # Operation names with built-in meaning (kernels may serve a family prefix of these).
@@ -41,6 +44,7 @@ OPERATIONS: tuple[str, ...] = (
     "attention.sliding_window", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu",
     "sample.greedy", "sample.temperature", "sample.top_k", "sample.top_p", "cross_entropy",
     "attention_varlen", "attention_paged",
+    "linear_cross_entropy",
 )
 
 #: Dotted spellings of the packed and paged ops (``layerzero explain --op attention.paged``). They are not

@@ -15,6 +15,8 @@ Examples (``bucket_of(operation, ctx)``)::
         -> "b=4;sq=1024;sk=1024;h=32;hkv=8;d=128;dv=128;causal=1;mask=none;win=-;drop=0;grad=0"
     rms_norm, 3000 rows of 4096
         -> "n=4096;hidden=4096;grad=0"
+    linear_cross_entropy, 3000 tokens of 4096 into a vocabulary of 128256, training
+        -> "n=4096;hidden=128256;d=4096;grad=1"
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def bucket_of(operation: str, ctx: SelectionContext) -> str:
     parts = [f"n={_n(bucket_pow2(ctx.num_tokens))}", f"hidden={_n(ctx.hidden_size)}"]
     if family == "rope":
         parts.append(f"d={_n(ctx.head_dim)};interleaved={int(ctx.interleaved)}")
+    elif family == "linear_cross_entropy":  # hidden = the vocabulary, d = the model's hidden width
+        parts.append(f"d={_n(ctx.head_dim)}")
     elif family in ("gelu", "geglu"):
         parts.append(f"approximate={ctx.approximate}")
     parts.append(f"grad={grad}")

@@ -5,7 +5,8 @@ A grid is a list of :class:`SelectionContext` values for one operation. The
 decode, MHA / GQA / MQA, head dims 64, 128 and 256, bf16 and fp16, batch 1-64,
 sequence 128-16k; rms_norm from 1 to 32k rows of 2k-8k; geglu (tanh, Gemma's MLP)
 from 1 to 4k tokens of 16k-24k intermediate features; cross_entropy from 1k to 8k
-tokens over vocabularies of 32k-128k). ``quick`` is a
+tokens over vocabularies of 32k-128k; linear_cross_entropy from 512 to 16k training tokens of 2k-4k into
+32k-128k). ``quick`` is a
 handful of those shapes. CPU grids are small float32 shapes.
 
 Decode shapes (one query token) belong to ``attention.full``: with SDPA's
@@ -22,7 +23,7 @@ import torch
 from layerzero.context import SelectionContext, dtype_from_name
 
 __all__ = ["GRID_NAMES", "grid", "parse_shape", "contexts_for_shapes", "ATTENTION_PREFILL", "ATTENTION_DECODE",
-           "ROWS", "ATTENTION_FULL", "GEGLU_ROWS", "VOCAB_ROWS"]
+           "ROWS", "ATTENTION_FULL", "GEGLU_ROWS", "VOCAB_ROWS", "LCE_ROWS"]
 
 GRID_NAMES: tuple[str, ...] = ("quick", "default")
 
@@ -47,6 +48,10 @@ ROWS: tuple[tuple[int, int], ...] = (
 GEGLU_ROWS: tuple[tuple[int, int], ...] = ((1, 16384), (128, 16384), (2048, 16384), (4096, 24576))
 # (tokens, vocabulary): cross_entropy over a language model's logits (Llama 2: 32000, Llama 3: 128256).
 VOCAB_ROWS: tuple[tuple[int, int], ...] = ((1024, 32000), (4096, 32000), (4096, 128256), (8192, 128256))
+# (tokens, hidden, vocabulary): linear_cross_entropy, an LM head and its loss in training (the Llama 1B
+# shape: 4 x 2048 tokens of 2048 into 128256).
+LCE_ROWS: tuple[tuple[int, int, int], ...] = ((512, 2048, 128256), (4096, 4096, 32000), (8192, 2048, 128256),
+                                              (16384, 4096, 128256))
 _QUICK_PREFILL = ((1, 2048, 32, 8, 128), (8, 512, 16, 16, 64))
 _QUICK_DECODE = ((32, 4096, 32, 8, 128),)
 _QUICK_ROWS = ((128, 4096), (4096, 4096), (16384, 8192))
@@ -55,6 +60,7 @@ _CPU_ATTN = ((1, 128, 8, 8, 64), (2, 256, 8, 2, 64))
 _CPU_DECODE = ((4, 256, 8, 8, 64),)
 _CPU_ROWS = ((1, 1024), (256, 1024), (2048, 2048))
 _CPU_VOCAB = ((8, 1000), (256, 4096))
+_CPU_LCE = ((64, 64, 4096), (512, 128, 8192))
 
 
 def _attn(device: str, dtype: torch.dtype, b: int, sq: int, sk: int, h: int, hkv: int, d: int, causal: bool
@@ -73,8 +79,8 @@ def grid(operation: str, name: str = "default", *, device: str = "cuda",
 
     Args:
         operation: ``attention.causal``, ``attention.full``, ``attention.decode``, ``rms_norm``, ``layer_norm``,
-            ``swiglu``, ``geglu`` (tanh form), ``silu``, ``gelu``, ``rope`` or ``cross_entropy`` (hidden size =
-            vocabulary).
+            ``swiglu``, ``geglu`` (tanh form), ``silu``, ``gelu``, ``rope``, ``cross_entropy`` (hidden size =
+            vocabulary) or ``linear_cross_entropy`` (hidden size = vocabulary, head_dim = hidden width; training).
         name: ``"quick"`` or ``"default"``.
         device: ``"cuda"`` (bf16 and fp16 by default) or ``"cpu"`` (float32).
         dtypes: override the dtypes.
@@ -116,6 +122,10 @@ def grid(operation: str, name: str = "default", *, device: str = "cuda",
             rows = (VOCAB_ROWS[1:2] if quick else VOCAB_ROWS) if cuda else (_CPU_VOCAB[:1] if quick else _CPU_VOCAB)
             for n, vocab in rows:
                 out.append(_rows(device, dt, n, vocab))
+        elif family == "linear_cross_entropy":
+            lce = (LCE_ROWS[2:3] if quick else LCE_ROWS) if cuda else (_CPU_LCE[:1] if quick else _CPU_LCE)
+            for n, hidden, vocab in lce:
+                out.append(_rows(device, dt, n, vocab, head_dim=hidden, requires_grad=True))
         elif family == "geglu":
             rows = (GEGLU_ROWS[2:3] if quick else GEGLU_ROWS) if cuda else (_CPU_ROWS[:2] if quick else _CPU_ROWS)
             for n, hidden in rows:

@@ -19,6 +19,11 @@ from layerzero.backends.torch.elementwise import (
     torch_swiglu,
 )
 from layerzero.backends.torch.fast import layer_norm_specialize, rms_norm_specialize
+from layerzero.backends.torch.linear_losses import (
+    naive_logits_limit,
+    torch_linear_cross_entropy_chunked,
+    torch_linear_cross_entropy_naive,
+)
 from layerzero.backends.torch.losses import torch_cross_entropy
 from layerzero.backends.torch.norms import (
     torch_layer_norm,
@@ -39,6 +44,8 @@ def _specs() -> list[KernelSpec]:
     # On CUDA, float32 SDPA kernels may use TF32-free paths but different summation orders.
     tol_attn = {"float16": (4e-3, 4e-3), "bfloat16": (2.5e-2, 2.5e-2), "float32": (1e-4, 1e-4),
                 "float64": (1e-9, 1e-9)}
+    # The loss sums H-long products in the input dtype (bf16 logits round at 2**-8) and V-long softmaxes.
+    tol_lce = {"float16": (5e-3, 5e-3), "bfloat16": (3e-2, 3e-2), "float32": (1e-5, 1e-5), "float64": (1e-9, 1e-9)}
     specs = attention_specs(tol_attn)
     specs += [
         KernelSpec("torch_rms_norm", "rms_norm", "torch", torch_rms_norm, priority=60, dtypes=FLOATS,
@@ -63,6 +70,15 @@ def _specs() -> list[KernelSpec]:
                    dtypes=FLOATS, tolerance=tol16,
                    description="F.cross_entropy (in half precision a large sum overflows as it does in PyTorch: "
                                "upcast the logits)"),
+        KernelSpec("torch_linear_cross_entropy_chunked", "linear_cross_entropy", "torch",
+                   torch_linear_cross_entropy_chunked, priority=50, dtypes=FLOATS, tolerance=tol_lce,
+                   description="token chunks of logits in float32, gradients folded in chunk by chunk (the logits "
+                               "never exist whole)"),
+        KernelSpec("torch_linear_cross_entropy_naive", "linear_cross_entropy", "torch",
+                   torch_linear_cross_entropy_naive, priority=60, dtypes=FLOATS, tolerance=tol_lce,
+                   extra_check=naive_logits_limit,
+                   description="F.cross_entropy(F.linear(hidden, weight, bias).float()): the full logits, for small "
+                               "ones only (there one matmul beats chunks of them)"),
         KernelSpec("torch_geglu", "geglu", "torch", torch_geglu, priority=50, dtypes=FLOATS,
                    approximations={"none", "tanh"}, tolerance=tol16, description="F.gelu(gate) * up"),
         KernelSpec("torch_gelu", "gelu", "torch", torch_gelu, priority=50, dtypes=FLOATS,
