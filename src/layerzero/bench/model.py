@@ -12,7 +12,7 @@ weights (no download), run by each variant of :mod:`layerzero.bench.model_varian
 
 Each round runs every (variant, mode) once per workload, the order rotating from round to round; one warm-up
 call per entry first (compilation happens there). Per entry: the median and min-max over rounds, the ratio
-to ``sdpa`` of the same mode, peak memory on CUDA (``torch.cuda.max_memory_allocated`` after a reset, minus
+to ``sdpa`` (Gemma 2: ``eager``) of the same mode, peak memory on CUDA (``torch.cuda.max_memory_allocated`` after a reset, minus
 what was allocated before the call: activations and temporaries, not the resident weights; ``None`` on the
 CPU, which has no allocator statistics), and agreement with ``sdpa`` of the same mode on the warm-up call:
 the fraction of identical greedy tokens (decode), of identical argmax positions (prefill), and the loss
@@ -30,15 +30,13 @@ from typing import Any
 
 import torch
 
-from layerzero.bench.model_variants import (LIGER_VARIANTS, MODELS, VARIANTS, Variant, build_base, build_variants,
-                                            check_layerzero_attention, liger_unavailable_reason, model_config)
+from layerzero.bench.model_variants import (LIGER_VARIANTS, MODELS, MODES, WORKLOADS, Variant, build_base,
+                                            build_variants, check_layerzero_attention, liger_unavailable_reason,
+                                            model_config, reference_name, variant_names)
 from layerzero.errors import UnsupportedModelError
 
 __all__ = ["ModelBenchOptions", "ModelBenchReport", "EntryResult", "WORKLOADS", "MODES", "run_model_bench",
            "card_name"]
-
-WORKLOADS = ("prefill", "decode_b1", "decode_b8", "train")
-MODES = ("eager", "compiled")
 
 
 @dataclass
@@ -265,9 +263,9 @@ def _record(entry: _Entry, cuda: bool, warmup: bool) -> None:
         r.peak_mb = max(r.peak_mb or 0.0, peak)
 
 
-def _compare(entries: list[_Entry]) -> None:
-    """Agreement, loss difference and ratio of each entry against ``sdpa`` in the same workload and mode."""
-    refs = {(e.result.workload, e.result.mode): e for e in entries if e.result.variant == "sdpa"}
+def _compare(entries: list[_Entry], reference: str) -> None:
+    """Agreement, loss difference and ratio of each entry against ``reference`` in the same workload and mode."""
+    refs = {(e.result.workload, e.result.mode): e for e in entries if e.result.variant == reference}
     for e in entries:
         r, ref = e.result, refs.get((e.result.workload, e.result.mode))
         if r.workload == "train" and e.output is not None:
@@ -305,7 +303,7 @@ def _rounds(opts: ModelBenchOptions, entries: list[_Entry], report: ModelBenchRe
                 progress(f"round {rnd + 1}/{opts.n_rounds} {e.result.mode} {e.result.variant} {workload}")
                 _record(e, opts.cuda, warmup=False)
         report.rounds_run = rnd + 1
-        _compare(entries)
+        _compare(entries, report.config["variants"][0])
         report.elapsed_s = time.perf_counter() - t_start
         if checkpoint is not None:
             checkpoint(report)
@@ -333,14 +331,14 @@ def run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | N
     say(f"checking attn_implementation='layerzero' on {opts.model}")
     check_layerzero_attention(opts.model)
     fields = model_config(opts.model, opts.device, opts.quick, opts.layers)
-    names = VARIANTS + (LIGER_VARIANTS if opts.liger else ())
+    names = variant_names(opts.model, opts.liger)
     report = ModelBenchReport(hardware_info(), _config(opts, fields, names))
     liger_reason = liger_unavailable_reason(opts.device) if opts.liger else None
     if liger_reason:
-        names = VARIANTS
+        names = variant_names(opts.model, False)
         report.skipped.update({name: liger_reason for name in LIGER_VARIANTS})
     say(f"building {opts.model} ({fields['num_hidden_layers']} layers) on {opts.device}")
-    base = build_base(opts.model, fields, opts.device, opts.torch_dtype)
+    base = build_base(opts.model, fields, opts.device, opts.torch_dtype, attn=reference_name(opts.model))
     variants, skipped = build_variants(opts.model, base, names, opts.mode_list)
     report.skipped.update(skipped)
     report.notes.update({v.name: v.note for v in variants if v.note})
@@ -348,6 +346,6 @@ def run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | N
     report.results = [e.result for e in entries]
     with _recompile_room() if "compiled" in opts.mode_list else contextlib.nullcontext():
         _rounds(opts, entries, report, t_start, say, checkpoint)
-    _compare(entries)
+    _compare(entries, reference_name(opts.model))
     report.elapsed_s = time.perf_counter() - t_start
     return report

@@ -1,8 +1,9 @@
 """Render a model-bench report (the JSON of :meth:`~layerzero.bench.model.ModelBenchReport.to_dict`) as Markdown.
 
-One table: per workload, mode and variant the median time over rounds with its min-max, the ratio to
-``sdpa`` of the same mode, peak extra memory (CUDA), agreement with ``sdpa`` (identical greedy tokens for
-decode, identical argmax positions for prefill) and the training loss with its difference from ``sdpa``'s.
+One table: per workload, mode and variant the median time over rounds with its min-max, the ratio to the
+reference (``sdpa``; Gemma 2: ``eager``) of the same mode, peak extra memory (CUDA), agreement with the
+reference (identical greedy tokens for decode, identical argmax positions for prefill) and the training loss
+with its difference from the reference's.
 """
 
 from __future__ import annotations
@@ -11,29 +12,29 @@ from typing import Any
 
 __all__ = ["render_model_markdown", "HEADER"]
 
-HEADER = ("| Workload | Mode | Variant | Median (ms) | Min-max (ms) | vs sdpa | Peak extra (MB) | Agreement "
-          "| Loss (diff vs sdpa) |")
+HEADER = ("| Workload | Mode | Variant | Median (ms) | Min-max (ms) | vs {ref} | Peak extra (MB) | Agreement "
+          "| Loss (diff vs {ref}) |")
 
 
 def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _loss(r: dict[str, Any]) -> str:
+def _loss(r: dict[str, Any], ref: str) -> str:
     if r.get("loss") is None:
         return "-"
     diff = r.get("loss_diff")
-    return f"{r['loss']:.4f}" + ("" if diff is None or r["variant"] == "sdpa" else f" ({diff:.1e})")
+    return f"{r['loss']:.4f}" + ("" if diff is None or r["variant"] == ref else f" ({diff:.1e})")
 
 
-def _row(r: dict[str, Any]) -> str:
+def _row(r: dict[str, Any], ref: str) -> str:
     if r.get("error"):
         return f"| {r['workload']} | {r['mode']} | {r['variant']} | failed: {r['error']} | | | | | |"
     spread = "-" if r.get("min_ms") is None else f"{r['min_ms']:.2f}-{r['max_ms']:.2f}"
-    ratio = "1.000" if r["variant"] == "sdpa" and r.get("median_ms") is not None else _num(r.get("ratio"), ".3f")
+    ratio = "1.000" if r["variant"] == ref and r.get("median_ms") is not None else _num(r.get("ratio"), ".3f")
     agreement = "-" if r["workload"] == "train" else _num(r.get("agreement"), ".3f")
     return (f"| {r['workload']} | {r['mode']} | {r['variant']} | {_num(r.get('median_ms'), '.2f')} | {spread} | "
-            f"{ratio} | {_num(r.get('peak_mb'), '.0f')} | {agreement} | {_loss(r)} |")
+            f"{ratio} | {_num(r.get('peak_mb'), '.0f')} | {agreement} | {_loss(r, ref)} |")
 
 
 def _setup(data: dict[str, Any]) -> list[str]:
@@ -52,13 +53,14 @@ def _setup(data: dict[str, Any]) -> list[str]:
 
 def render_model_markdown(data: dict[str, Any]) -> str:
     """The setup line, the table, and the skipped variants with their reasons."""
-    lines = _setup(data) + ["", HEADER, "|" + "---|" * 9]
+    ref = data["config"]["variants"][0]
+    lines = _setup(data) + ["", HEADER.format(ref=ref), "|" + "---|" * 9]
     order = {w: i for i, w in enumerate(data["config"]["workloads"])}
     modes = {m: i for i, m in enumerate(data["config"]["modes"])}
     variants = {v: i for i, v in enumerate(data["config"]["variants"])}
     rows = sorted(data["results"], key=lambda r: (order.get(r["workload"], 99), modes.get(r["mode"], 9),
                                                    variants.get(r["variant"], 99)))
-    lines += [_row(r) for r in rows]
+    lines += [_row(r, ref) for r in rows]
     if data.get("notes"):
         lines += [""] + [f"- `{name}`: {note}" for name, note in data["notes"].items()]
     if data.get("skipped"):

@@ -1,8 +1,8 @@
 """The models and variants of ``layerzero bench --model``: a transformers config with random weights, and the
 attention implementations / patches compared on it.
 
-Every variant is a deep copy of one base model (``attn_implementation="sdpa"``), so all rows share the same
-weights: ``sdpa``, ``layerzero`` (``attn_implementation="layerzero"``), ``layerzero+patch``
+Every variant is a deep copy of one base model (``attn_implementation="sdpa"``; ``"eager"`` for Gemma 2, which
+transformers refuses to run through SDPA), so all rows share the same weights: that reference, ``layerzero`` (``attn_implementation="layerzero"``), ``layerzero+patch``
 (:func:`layerzero.integrations.transformers.patch` on top), and where liger-kernel is installed and the device
 is CUDA, ``liger`` (Liger's ``apply_liger_kernel_to_<model>(rope, rms_norm, swiglu,
 fused_linear_cross_entropy, model=...)``) and ``liger+layerzero`` (the same patch on a ``layerzero``-attention
@@ -26,12 +26,14 @@ from torch import nn
 
 from layerzero.errors import UnsupportedModelError
 
-__all__ = ["MODELS", "VARIANTS", "LIGER_VARIANTS", "Variant", "model_config", "build_base", "build_variants",
+__all__ = ["MODELS", "VARIANTS", "reference_name", "variant_names", "LIGER_VARIANTS", "WORKLOADS", "MODES", "Variant", "model_config", "build_base", "build_variants",
            "liger_unavailable_reason", "check_layerzero_attention"]
 
 MODELS = ("llama", "qwen2", "gemma2")
-VARIANTS = ("sdpa", "layerzero", "layerzero+patch")
+VARIANTS = ("sdpa", "layerzero", "layerzero+patch")  # the first is the reference: reference_name(model) names it
 LIGER_VARIANTS = ("liger", "liger+layerzero")
+WORKLOADS = ("prefill", "decode_b1", "decode_b8", "train")
+MODES = ("eager", "compiled")
 
 _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
             "gemma2": ("Gemma2Config", "Gemma2ForCausalLM")}
@@ -62,6 +64,16 @@ class Variant:
         finally:
             for k, v in saved.items():
                 setattr(self.module, k, v)
+
+
+def reference_name(model: str) -> str:
+    """The reference variant (and its ``attn_implementation``): ``sdpa``, or ``eager`` for Gemma 2."""
+    return "eager" if model == "gemma2" else "sdpa"
+
+
+def variant_names(model: str, liger: bool) -> tuple[str, ...]:
+    """The variants of ``model`` in row order, the reference first."""
+    return (reference_name(model),) + VARIANTS[1:] + (LIGER_VARIANTS if liger else ())
 
 
 def _size(model: str, device: str, quick: bool, layers: int | None) -> dict[str, Any]:
@@ -98,12 +110,13 @@ def _classes(model: str) -> tuple[type, type]:
     return getattr(transformers, cfg_name), getattr(transformers, cls_name)
 
 
-def build_base(model: str, fields: dict[str, Any], device: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """The ``sdpa`` model with random weights (seeded), in ``dtype`` on ``device``, in eval mode."""
+def build_base(model: str, fields: dict[str, Any], device: str, dtype: torch.dtype, seed: int = 0,
+               attn: str = "sdpa") -> nn.Module:
+    """The ``attn`` model with random weights (seeded), in ``dtype`` on ``device``, in eval mode."""
     import layerzero.integrations.transformers  # noqa: F401  (registers attn_implementation="layerzero")
 
     cfg_cls, model_cls = _classes(model)
-    config = cfg_cls(**fields, attn_implementation="sdpa")
+    config = cfg_cls(**fields, attn_implementation=attn)
     torch.manual_seed(seed)
     with torch.device(device):
         base = model_cls(config)
@@ -120,8 +133,7 @@ def check_layerzero_attention(model: str, dtype: torch.dtype = torch.float32) ->
 
     fields = _size(model, "cpu", True, None)
     try:
-        probe = build_base(model, fields, "cpu", dtype)
-        probe.set_attn_implementation("layerzero")
+        probe = build_base(model, fields, "cpu", dtype, attn="layerzero")
         with torch.no_grad():
             probe(input_ids=torch.zeros(1, 4, dtype=torch.long))
     except (LayerZeroError, ValueError, NotImplementedError) as exc:
@@ -163,7 +175,7 @@ def _apply_liger(model_name: str, model: nn.Module) -> tuple[Any, dict[str, Any]
 def _variant(name: str, base: nn.Module, model_name: str) -> Variant:
     from layerzero.integrations.transformers import patch
 
-    model = base if name == "sdpa" else copy.deepcopy(base)
+    model = base if name == reference_name(model_name) else copy.deepcopy(base)
     if name in ("layerzero", "layerzero+patch", "liger+layerzero"):
         model.set_attn_implementation("layerzero")
     variant = Variant(name, model)
@@ -179,7 +191,7 @@ def _variant(name: str, base: nn.Module, model_name: str) -> Variant:
 
 def build_variants(model_name: str, base: nn.Module, names: tuple[str, ...], modes: tuple[str, ...]
                    ) -> tuple[list[Variant], dict[str, str]]:
-    """The variants in ``names`` (``sdpa`` first, built from ``base``), each with a call per mode.
+    """The variants in ``names`` (the reference first: ``base`` itself), each with a call per mode.
 
     Returns the variants and, per variant that could not be built, the reason (the bench reports it as
     skipped).
@@ -190,7 +202,7 @@ def build_variants(model_name: str, base: nn.Module, names: tuple[str, ...], mod
         try:
             variant = _variant(name, base, model_name)
         except Exception as exc:  # a third-party patch that fails is a skipped row with its reason, not a crash
-            if name == "sdpa":
+            if name == reference_name(model_name):
                 raise
             skipped[name] = f"{type(exc).__name__}: {exc}"
             continue
