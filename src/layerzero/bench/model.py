@@ -10,8 +10,10 @@ weights (no download), run by each variant of :mod:`layerzero.bench.model_varian
 * ``train``: forward with labels and backward over ``batch x seq`` tokens (no optimizer step; the gradients
   are dropped after each step).
 
-Each round runs every (variant, mode) once per workload, the order rotating from round to round; one warm-up
-call per entry first (compilation happens there). Per entry: the median and min-max over rounds, the ratio
+Per mode (eager first, so its rows are saved before compiling starts), each round runs every variant once per
+workload, the order rotating from round to round; one warm-up call per entry first (compilation happens
+there). On CUDA no round starts after ``budget_s`` (default 450 s), and a mode not begun by then is reported
+as not run. Per entry: the median and min-max over rounds, the ratio
 to ``sdpa`` (Gemma 2: ``eager``) of the same mode, peak memory on CUDA (``torch.cuda.max_memory_allocated`` after a reset, minus
 what was allocated before the call: activations and temporaries, not the resident weights; ``None`` on the
 CPU, which has no allocator statistics), and agreement with ``sdpa`` of the same mode on the warm-up call:
@@ -126,7 +128,7 @@ class ModelBenchReport:
     results: list[EntryResult] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # variant -> why it has no rows
     notes: dict[str, str] = field(default_factory=dict)  # variant -> what it is
-    rounds_run: int = 0
+    rounds_run: dict[str, int] = field(default_factory=dict)  # mode -> rounds completed
     elapsed_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -286,27 +288,39 @@ def _entries(opts: ModelBenchOptions, variants: list[Variant], inputs: dict[str,
             for m in opts.mode_list for w in opts.workloads for v in variants]
 
 
+def _over(budget: float | None, t_start: float) -> bool:
+    return budget is not None and time.perf_counter() - t_start > budget
+
+
 def _rounds(opts: ModelBenchOptions, entries: list[_Entry], report: ModelBenchReport, t_start: float,
             progress: Callable[[str], None], checkpoint: Callable[[ModelBenchReport], None] | None) -> None:
-    for e in entries:
-        progress(f"warm-up {e.result.mode} {e.result.variant} {e.result.workload}")
-        _record(e, opts.cuda, warmup=True)
-    budget = opts.budget
-    for rnd in range(opts.n_rounds):
-        if rnd > 0 and budget is not None and time.perf_counter() - t_start > budget:
-            progress(f"time budget of {budget:.0f} s reached after {rnd} rounds")
-            break
-        for workload in opts.workloads:
-            group = [e for e in entries if e.result.workload == workload and e.result.error is None]
-            shift = rnd % max(len(group), 1)
-            for e in group[shift:] + group[:shift]:
-                progress(f"round {rnd + 1}/{opts.n_rounds} {e.result.mode} {e.result.variant} {workload}")
-                _record(e, opts.cuda, warmup=False)
-        report.rounds_run = rnd + 1
-        _compare(entries, report.config["variants"][0])
-        report.elapsed_s = time.perf_counter() - t_start
-        if checkpoint is not None:
-            checkpoint(report)
+    """Per mode (eager first: its rows are saved before compiling starts), warm-up then interleaved rounds."""
+    budget, reference = opts.budget, report.config["variants"][0]
+    for mode in opts.mode_list:
+        mine = [e for e in entries if e.result.mode == mode]
+        if _over(budget, t_start):
+            for e in mine:
+                e.result.error = f"not run: the time budget of {budget:.0f} s was spent before {mode} mode started"
+            continue
+        for e in mine:
+            progress(f"{time.perf_counter() - t_start:.0f} s: warm-up {mode} {e.result.variant} {e.result.workload}")
+            _record(e, opts.cuda, warmup=True)
+        for rnd in range(opts.n_rounds):
+            if rnd > 0 and _over(budget, t_start):
+                progress(f"time budget of {budget:.0f} s reached after {rnd} {mode} rounds")
+                break
+            for workload in opts.workloads:
+                group = [e for e in mine if e.result.workload == workload and e.result.error is None]
+                shift = rnd % max(len(group), 1)
+                for e in group[shift:] + group[:shift]:
+                    progress(f"{time.perf_counter() - t_start:.0f} s: round {rnd + 1}/{opts.n_rounds} {mode} "
+                             f"{e.result.variant} {workload}")
+                    _record(e, opts.cuda, warmup=False)
+            report.rounds_run[mode] = rnd + 1
+            _compare(entries, reference)
+            report.elapsed_s = time.perf_counter() - t_start
+            if checkpoint is not None:
+                checkpoint(report)
 
 
 def _config(opts: ModelBenchOptions, fields: dict[str, Any], variants: tuple[str, ...]) -> dict[str, Any]:
