@@ -46,7 +46,7 @@ class ModelBenchOptions:
     model: str = "llama"
     device: str = "cpu"
     quick: bool = False
-    rounds: int | None = None  # default: 5
+    rounds: int | None = None  # default: 10 on the CPU, 5 on CUDA
     workloads: tuple[str, ...] = WORKLOADS
     modes: tuple[str, ...] | None = None  # default: eager on the CPU (compiling takes minutes there), both on CUDA
     dtype: str | None = None  # default: float32 on the CPU, bfloat16 on CUDA
@@ -56,7 +56,7 @@ class ModelBenchOptions:
 
     @property
     def n_rounds(self) -> int:
-        return self.rounds or 5
+        return self.rounds or (5 if self.cuda else 10)
 
     @property
     def cuda(self) -> bool:
@@ -358,8 +358,15 @@ def run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | N
     report.notes.update({v.name: v.note for v in variants if v.note})
     entries = _entries(opts, variants, _inputs(opts, fields["vocab_size"]))
     report.results = [e.result for e in entries]
-    with _recompile_room() if "compiled" in opts.mode_list else contextlib.nullcontext():
-        _rounds(opts, entries, report, t_start, say, checkpoint)
+    threads = torch.get_num_threads()
+    if not opts.cuda:
+        torch.set_num_threads(1)  # as `layerzero bench` on the CPU: one thread, quieter on a shared machine
+    report.config["torch_threads"] = torch.get_num_threads()
+    try:
+        with _recompile_room() if "compiled" in opts.mode_list else contextlib.nullcontext():
+            _rounds(opts, entries, report, t_start, say, checkpoint)
+    finally:
+        torch.set_num_threads(threads)
     _compare(entries, reference_name(opts.model))
     report.elapsed_s = time.perf_counter() - t_start
     return report

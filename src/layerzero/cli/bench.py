@@ -29,7 +29,8 @@ __all__ = ["register", "bench"]
 @click.option("--strict", is_flag=True, help="Exit 1 when any budget line reads MISS.")
 @click.option("--model", type=click.Choice(MODELS), default=None,
               help="Benchmark a whole model from a config (random weights) instead: per variant and mode.")
-@click.option("--rounds", type=click.IntRange(min=1), default=None, help="With --model: interleaved rounds (5).")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help="With --model: interleaved rounds (10 on the CPU, 5 on CUDA).")
 @click.option("--workloads", default=",".join(WORKLOADS), show_default=True,
               help="With --model: comma-separated workloads.")
 @click.option("--modes", default=None, help="With --model: eager,compiled (default: eager on the CPU, both on CUDA).")
