@@ -114,12 +114,12 @@ Variants, all on the same weights: `sdpa` (`attn_implementation="sdpa"`, the ref
 (`attn_implementation="layerzero"`), `layerzero+patch` (that plus `layerzero.integrations.transformers.patch(model)`);
 with liger-kernel installed on CUDA, `liger` (Liger's `apply_liger_kernel_to_<model>(rope, rms_norm, swiglu,
 fused_linear_cross_entropy, model=...)`) and `liger+layerzero` (Liger's patch on a `layerzero`-attention copy).
-Modes: `eager`, and `compiled` (`torch.compile(model)`; default on CUDA, `--modes eager,compiled` on the CPU,
-where compiling takes minutes). Workloads (`--workloads`): `prefill` (one forward over batch x seq tokens),
+Modes: `eager`, and `compiled` (`torch.compile(model)`, or with `--compile-scope layers` each decoder layer
+compiled; default on CUDA, `--modes eager,compiled` on the CPU, where compiling takes minutes). Workloads (`--workloads`): `prefill` (one forward over batch x seq tokens),
 `decode_b1` / `decode_b8` (greedy decode with a KV cache at batch 1 and 8: 32 new tokens after a 128-token prompt
 on CUDA, 8 after 8 with `--quick`, prompt included), `train` (forward with labels and backward, no optimizer
-step). Each of `--rounds` rounds (default 10 on the CPU, 5 on CUDA; on CUDA no round starts after
-`--budget-s`, default 450 s) runs every entry of one mode once per workload in rotating order, after one
+step). Each of `--rounds` rounds (default 10 on the CPU, 5 on CUDA; on CUDA no warm-up and no round after
+the first starts after `--budget-s`, default 420 s: entries not begun are reported as not run) runs every entry of one mode once per workload in rotating order, after one
 warm-up call each (compilation happens there); eager runs first, then compiled, and the JSON is rewritten
 after every round.
 

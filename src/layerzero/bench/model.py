@@ -12,8 +12,8 @@ weights (no download), run by each variant of :mod:`layerzero.bench.model_varian
 
 Per mode (eager first, so its rows are saved before compiling starts), each round runs every variant once per
 workload, the order rotating from round to round; one warm-up call per entry first (compilation happens
-there). On CUDA no round starts after ``budget_s`` (default 450 s), and a mode not begun by then is reported
-as not run. Per entry: the median and min-max over rounds, the ratio
+there). On CUDA no warm-up and no round after the first starts after ``budget_s`` (default 420 s): what was
+not begun by then is reported as not run. Per entry: the median and min-max over rounds, the ratio
 to ``sdpa`` (Gemma 2: ``eager``) of the same mode, peak memory on CUDA (``torch.cuda.max_memory_allocated`` after a reset, minus
 what was allocated before the call: activations and temporaries, not the resident weights; ``None`` on the
 CPU, which has no allocator statistics), and agreement with ``sdpa`` of the same mode on the warm-up call:
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from layerzero.bench.model_variants import (LIGER_VARIANTS, MODELS, MODES, WORKLOADS, Variant, build_base,
                                             build_variants, check_layerzero_attention, liger_unavailable_reason,
@@ -51,7 +52,8 @@ class ModelBenchOptions:
     modes: tuple[str, ...] | None = None  # default: eager on the CPU (compiling takes minutes there), both on CUDA
     dtype: str | None = None  # default: float32 on the CPU, bfloat16 on CUDA
     layers: int | None = None
-    budget_s: float | None = None  # no new round starts after this many seconds (default: 450 on CUDA)
+    budget_s: float | None = None  # no warm-up / later round starts after this many seconds (default: 420 on CUDA)
+    compile_scope: str = "model"  # "model": torch.compile(model); "layers": each decoder layer compiled
     liger: bool = True
 
     @property
@@ -74,7 +76,7 @@ class ModelBenchOptions:
 
     @property
     def budget(self) -> float | None:
-        return self.budget_s if self.budget_s is not None else (450.0 if self.cuda else None)
+        return self.budget_s if self.budget_s is not None else (420.0 if self.cuda else None)
 
     def shapes(self) -> dict[str, int]:
         if self.cuda:
@@ -88,6 +90,8 @@ class ModelBenchOptions:
             raise UnsupportedModelError(f"layerzero bench --model {self.model!r}: unknown model; choose one of "
                                         f"{', '.join(MODELS)}", model_class=self.model)
         bad = [w for w in self.workloads if w not in WORKLOADS] + [m for m in self.mode_list if m not in MODES]
+        if self.compile_scope not in ("model", "layers"):
+            bad.append(f"compile scope {self.compile_scope!r} (model or layers)")
         if bad or not self.workloads:
             raise ValueError(f"layerzero bench --model: unknown workload or mode {', '.join(bad) or '(none given)'};"
                              f" workloads: {', '.join(WORKLOADS)}; modes: {', '.join(MODES)}")
@@ -184,24 +188,25 @@ def _decode(call: Callable[..., Any], ids: torch.Tensor, new_tokens: int, cache_
     return torch.cat(tokens, dim=1)
 
 
-def _train(variant: Variant, call: Callable[..., Any], ids: torch.Tensor) -> torch.Tensor:
-    variant.model.train()
+def _train(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Forward with labels and backward in training mode; the gradients are dropped afterwards."""
+    module.train()
     try:
-        loss = call(input_ids=ids, labels=ids).loss
+        loss = module(input_ids=ids, labels=ids).loss
         loss.backward()
     finally:
-        variant.model.eval()
-        variant.model.zero_grad(set_to_none=True)
+        module.eval()
+        module.zero_grad(set_to_none=True)
     return loss.detach().float()
 
 
 def _work(workload: str, variant: Variant, mode: str, inputs: dict[str, torch.Tensor],
           new_tokens: int) -> Callable[[], torch.Tensor]:
-    call, ids = variant.calls[mode], inputs[workload]
+    call, ids = variant.calls[mode], inputs[workload]  # the model, torch.compile(model) or a layer-compiled twin
     if workload == "prefill":
         return lambda: _prefill(call, ids)
     if workload == "train":
-        return lambda: _train(variant, call, ids)
+        return lambda: _train(call, ids)
     cache_kw = _cache_keyword(variant.model)
     return lambda: _decode(call, ids, new_tokens, cache_kw)
 
@@ -303,8 +308,13 @@ def _rounds(opts: ModelBenchOptions, entries: list[_Entry], report: ModelBenchRe
                 e.result.error = f"not run: the time budget of {budget:.0f} s was spent before {mode} mode started"
             continue
         for e in mine:
+            if _over(budget, t_start):  # the rest of this mode's warm-ups (compilations) would overrun: not run
+                e.result.error = f"not run: the time budget of {budget:.0f} s was spent during the {mode} warm-ups"
+                continue
             progress(f"{time.perf_counter() - t_start:.0f} s: warm-up {mode} {e.result.variant} {e.result.workload}")
             _record(e, opts.cuda, warmup=True)
+            if checkpoint is not None:
+                checkpoint(report)
         for rnd in range(opts.n_rounds):
             if rnd > 0 and _over(budget, t_start):
                 progress(f"time budget of {budget:.0f} s reached after {rnd} {mode} rounds")
@@ -329,7 +339,7 @@ def _config(opts: ModelBenchOptions, fields: dict[str, Any], variants: tuple[str
     return {"model": opts.model, "device": opts.device, "card": card_name(opts.device),
             "dtype": str(opts.torch_dtype).removeprefix("torch."), "quick": opts.quick,
             "model_config": fields, "shapes": opts.shapes(), "workloads": list(opts.workloads),
-            "modes": list(opts.mode_list), "variants": list(variants), "rounds": opts.n_rounds,
+            "modes": list(opts.mode_list), "compile_scope": opts.compile_scope, "variants": list(variants), "rounds": opts.n_rounds,
             "budget_s": opts.budget, "transformers": transformers.__version__,
             "torch_threads": torch.get_num_threads()}
 
@@ -353,7 +363,7 @@ def run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | N
         report.skipped.update({name: liger_reason for name in LIGER_VARIANTS})
     say(f"building {opts.model} ({fields['num_hidden_layers']} layers) on {opts.device}")
     base = build_base(opts.model, fields, opts.device, opts.torch_dtype, attn=reference_name(opts.model))
-    variants, skipped = build_variants(opts.model, base, names, opts.mode_list)
+    variants, skipped = build_variants(opts.model, base, names, opts.mode_list, opts.compile_scope)
     report.skipped.update(skipped)
     report.notes.update({v.name: v.note for v in variants if v.note})
     entries = _entries(opts, variants, _inputs(opts, fields["vocab_size"]))

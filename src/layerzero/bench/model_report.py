@@ -37,6 +37,13 @@ def _row(r: dict[str, Any], ref: str) -> str:
             f"{ratio} | {_num(r.get('peak_mb'), '.0f')} | {agreement} | {_loss(r, ref)} | {_num(r.get('warmup_s'), '.1f')} |")
 
 
+def _scope(c: dict[str, Any]) -> str:
+    if "compiled" not in c["modes"]:
+        return ""
+    return (" Compiled: each decoder layer compiled (`layer.compile()`)." if c.get("compile_scope") == "layers"
+            else " Compiled: `torch.compile(model)`.")
+
+
 def rounds_text(data: dict[str, Any]) -> str:
     return ", ".join(f"{n} {mode}" for mode, n in data["rounds_run"].items()) or "none"
 
@@ -51,7 +58,7 @@ def _setup(data: dict[str, Any]) -> list[str]:
             f"intermediate {m['intermediate_size']}, vocabulary {m['vocab_size']}, {c['dtype']}; on {where} "
             f"(torch {sw.get('pytorch')}, transformers {c['transformers']}). Prefill and training step: batch "
             f"{s['batch']} x {s['seq']} tokens; decode: {s['new_tokens']} greedy tokens after a {s['prompt']}-token "
-            f"prompt. Interleaved rounds (of {c['rounds']}): {rounds_text(data)}; bench took "
+            f"prompt.{_scope(c)} Interleaved rounds (of {c['rounds']}): {rounds_text(data)}; bench took "
             f"{data['elapsed_s']:.1f} s."]
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import importlib.util
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +45,7 @@ class Variant:
 
     name: str
     model: nn.Module
-    calls: dict[str, Callable[..., Any]] = field(default_factory=dict)  # mode -> eager model or torch.compile(model)
+    calls: dict[str, nn.Module] = field(default_factory=dict)  # mode -> the model, torch.compile(model) or a twin
     globals_patch: dict[str, Any] = field(default_factory=dict)
     module: Any = None  # the transformers modeling module globals_patch applies to
     note: str = ""
@@ -155,7 +155,7 @@ def _apply_liger(model_name: str, model: nn.Module) -> tuple[Any, dict[str, Any]
     import liger_kernel.transformers as liger
 
     apply = getattr(liger, f"apply_liger_kernel_to_{model_name}")
-    module = importlib.import_module(f"transformers.models.{model_name}.modeling_{model_name}")
+    module = sys.modules[type(model).__module__]  # transformers' modeling module, imported with the class
     before = dict(vars(module))
     cls_forward = type(model).forward
     apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=model)
@@ -189,8 +189,22 @@ def _variant(name: str, base: nn.Module, model_name: str) -> Variant:
     return variant
 
 
-def build_variants(model_name: str, base: nn.Module, names: tuple[str, ...], modes: tuple[str, ...]
-                   ) -> tuple[list[Variant], dict[str, str]]:
+def _compiled(model: nn.Module, scope: str) -> nn.Module:
+    """``torch.compile(model)``, or (``scope="layers"``) a copy whose decoder layers are each compiled: one graph
+    serves every layer, so compiling takes a fraction of the whole model's time (no fusion across layers)."""
+    if scope == "model":
+        return torch.compile(model)
+    twin = copy.deepcopy(model)
+    layers = getattr(getattr(twin, getattr(twin, "base_model_prefix", "model"), twin), "layers", None)
+    if layers is None:
+        raise ValueError(f"compile scope 'layers': {type(model).__name__} has no decoder layers list")
+    for layer in layers:
+        layer.compile()
+    return twin
+
+
+def build_variants(model_name: str, base: nn.Module, names: tuple[str, ...], modes: tuple[str, ...],
+                   compile_scope: str = "model") -> tuple[list[Variant], dict[str, str]]:
     """The variants in ``names`` (the reference first: ``base`` itself), each with a call per mode.
 
     Returns the variants and, per variant that could not be built, the reason (the bench reports it as
@@ -207,6 +221,6 @@ def build_variants(model_name: str, base: nn.Module, names: tuple[str, ...], mod
             skipped[name] = f"{type(exc).__name__}: {exc}"
             continue
         for mode in modes:
-            variant.calls[mode] = torch.compile(variant.model) if mode == "compiled" else variant.model
+            variant.calls[mode] = _compiled(variant.model, compile_scope) if mode == "compiled" else variant.model
         variants.append(variant)
     return variants, skipped

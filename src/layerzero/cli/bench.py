@@ -36,11 +36,15 @@ __all__ = ["register", "bench"]
 @click.option("--modes", default=None, help="With --model: eager,compiled (default: eager on the CPU, both on CUDA).")
 @click.option("--layers", type=click.IntRange(min=1), default=None, help="With --model: decoder layers.")
 @click.option("--budget-s", type=float, default=None,
-              help="With --model: start no round after this many seconds (default 450 on CUDA, none on the CPU).")
+              help="With --model: start no warm-up or later round after this many seconds (default 420 on CUDA, "
+                   "none on the CPU).")
 @click.option("--no-liger", is_flag=True, help="With --model: leave out the Liger rows.")
+@click.option("--compile-scope", type=click.Choice(["model", "layers"]), default="model", show_default=True,
+              help="With --model: compiled mode is torch.compile(model), or each decoder layer compiled (faster "
+                   "to compile: one graph serves every layer).")
 def bench(quick: bool, json_path: Path | None, ops: str, device: str, iterations: int | None, dtype: str | None,
           no_memory: bool, no_import: bool, strict: bool, model: str | None, rounds: int | None, workloads: str,
-          modes: str | None, layers: int | None, budget_s: float | None, no_liger: bool) -> None:
+          modes: str | None, layers: int | None, budget_s: float | None, no_liger: bool, compile_scope: str) -> None:
     """Benchmark layerzero here: latency table, overhead budgets (PASS/MISS), memory and import time.
 
     With --model NAME: prefill, greedy decode and a training step of a whole model for sdpa, layerzero and
@@ -54,7 +58,7 @@ def bench(quick: bool, json_path: Path | None, ops: str, device: str, iterations
 
         opts = ModelBenchOptions(model=model, device=device, quick=quick, rounds=rounds, workloads=_names(workloads),
                                  modes=_names(modes) if modes else None, dtype=dtype, layers=layers,
-                                 budget_s=budget_s, liger=not no_liger)
+                                 budget_s=budget_s, liger=not no_liger, compile_scope=compile_scope)
         _model_bench(opts, json_path)
         return
     from rich.console import Console
