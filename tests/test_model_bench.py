@@ -79,7 +79,7 @@ def test_gemma2_is_refused_with_the_softcap_reason():
 
 
 def test_unknown_workload_is_refused_with_the_list():
-    with pytest.raises(ValueError, match="prefill, decode_b1, decode_b8, train"):
+    with pytest.raises(ValueError, match="prefill, train, decode_b1, decode_b8"):
         ModelBenchOptions(workloads=("prefill", "sampling")).validate()
     with pytest.raises(UnsupportedModelError, match="llama, qwen2, gemma2"):
         ModelBenchOptions(model="mamba").validate()

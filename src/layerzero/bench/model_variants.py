@@ -32,7 +32,7 @@ __all__ = ["MODELS", "VARIANTS", "reference_name", "variant_names", "LIGER_VARIA
 MODELS = ("llama", "qwen2", "gemma2")
 VARIANTS = ("sdpa", "layerzero", "layerzero+patch")  # the first is the reference: reference_name(model) names it
 LIGER_VARIANTS = ("liger", "liger+layerzero")
-WORKLOADS = ("prefill", "decode_b1", "decode_b8", "train")
+WORKLOADS = ("prefill", "train", "decode_b1", "decode_b8")  # the order warm-ups (compilations) run in
 MODES = ("eager", "compiled")
 
 _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
