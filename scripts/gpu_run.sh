@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: set up the carried wheels, run the GPU test suite, the GPU bench and the tuning benchmark.
-# Usage on the device machine (repo root):  bash scripts/gpu_run.sh [tests|bench|tune|all]...
+# Usage on the device machine (repo root):  bash scripts/gpu_run.sh [tests|bench|tune|model|all]...
+# (model: `layerzero bench --model llama --device cuda`, eager and compiled, ~8 minutes; not part of all)
 # Results land in $OUT (or benchmarks/results/ when OUT is unset).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -39,6 +40,13 @@ for step in "${steps[@]}"; do
         echo "== scripts/gpu_varlen_paged.py"
         timeout 300 python3 scripts/gpu_varlen_paged.py --quick 2>&1 | tee "$OUT/gpu_varlen_paged_${card}.log" | tail -40
       fi
+      ;;
+  esac
+  case "$step" in
+    model)
+      echo "== layerzero bench --model llama --device cuda"
+      timeout 590 python3 -m layerzero.cli bench --model llama --device cuda --json "$OUT" 2>&1 \
+        | tee "$OUT/model_bench_${card}.md" | tail -40
       ;;
   esac
   case "$step" in

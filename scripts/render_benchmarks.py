@@ -5,9 +5,11 @@ Inputs (any that exist):
   benchmarks/results/bench_cpu.json             `layerzero bench --quick --json ...` on the dev machine
   benchmarks/results/bench_<card>.json          `layerzero bench --device cuda --json ...` on a lent GPU
   benchmarks/results/gpu_bench_<card>.json      `python scripts/gpu_bench.py` (measured selection)
+  benchmarks/results/model_bench_<card>.json    `layerzero bench --model llama --json benchmarks/results` (whole model)
 
 The headline (between the markers in docs/index.md, which README.md is built from) quotes the CPU bench and
-the measured-selection run named by LATEST_GPU_BENCH: name the new file there when a newer run is committed.
+the measured-selection run named by LATEST_GPU_BENCH: name the new file there when a newer run is committed;
+and a compact whole-model table per card (each model_bench_<card>.json).
 
 Usage: python scripts/render_benchmarks.py [--check] && python scripts/build_readme.py
   --check: write nothing; exit 1 when docs/benchmarks.md or the headline is not what the results give.
@@ -95,6 +97,61 @@ def _gpu_bench_section(path: Path) -> list[str]:
     return lines + [""]
 
 
+MODEL_BENCH_ABOUT = """## The model bench
+
+A whole transformers model built from a config with random weights (no download): `--model llama` or
+`--model qwen2` (`--model gemma2` is refused with layerzero's reason until its attention takes Gemma 2's
+softcap). `--quick --device cpu`: hidden 64, 2 layers, 4 / 2 heads, vocabulary 256, float32, batch 2 x 32
+(seconds); `--device cuda`: hidden 2048, 16 layers, 32 / 8 heads, intermediate 8192, vocabulary 32,000,
+bfloat16, batch 4 x 1024 (`--layers N` changes the depth). Run it with
+
+```bash
+layerzero bench --model llama --quick --json benchmarks/results              # CPU, eager
+layerzero bench --model llama --device cuda --json benchmarks/results         # CUDA, eager and compiled
+```
+
+Variants, all on the same weights: `sdpa` (`attn_implementation="sdpa"`, the reference), `layerzero`
+(`attn_implementation="layerzero"`), `layerzero+patch` (that plus `layerzero.integrations.transformers.patch(model)`);
+with liger-kernel installed on CUDA, `liger` (Liger's `apply_liger_kernel_to_<model>(rope, rms_norm, swiglu,
+fused_linear_cross_entropy, model=...)`) and `liger+layerzero` (Liger's patch on a `layerzero`-attention copy).
+Modes: `eager`, and `compiled` (`torch.compile(model)`, or with `--compile-scope layers` each decoder layer
+compiled; default on CUDA, `--modes eager,compiled` on the CPU, where compiling takes minutes). Workloads (`--workloads`): `prefill` (one forward over batch x seq tokens),
+`decode_b1` / `decode_b8` (greedy decode with a KV cache at batch 1 and 8: 32 new tokens after a 128-token prompt
+on CUDA, 8 after 8 with `--quick`, prompt included), `train` (forward with labels and backward, no optimizer
+step). Each of `--rounds` rounds (default 10 on the CPU, 5 on CUDA; on CUDA no warm-up and no round after
+the first starts after `--budget-s`, default 420 s: entries not begun are reported as not run) runs every entry of one mode once per workload in rotating order, after one
+warm-up call each (compilation happens there); eager runs first, then compiled, and the JSON is rewritten
+after every round.
+
+Columns: **Median** and **Min-max** of the rounds' times (ms, the whole call, synchronized); **vs sdpa**: the
+median over `sdpa`'s in the same mode (below 1 is faster); **Peak extra**: on CUDA the peak of
+`torch.cuda.max_memory_allocated` during the call minus what was allocated before it (activations and
+temporaries, not the resident weights; `-` on the CPU, which has no allocator statistics); **Agreement**
+with `sdpa` of the same mode on the warm-up call: the fraction of identical greedy tokens (decode) or argmax
+positions (prefill), 1.000 expected in float32, lower in bfloat16 where near-ties of random weights flip;
+**Loss**: the training step's loss, with its absolute difference from `sdpa`'s; **Warm-up**: the first call,
+compilation included in compiled mode (seconds).
+"""
+
+
+def _model_title(d: dict) -> str:
+    c = d["config"]
+    where = "the 2-core development machine (CPU)" if c["card"] == "cpu" else f"an {c['card'].replace('_', ' ')}"
+    flags = " --quick" if c["quick"] else ""
+    return f"`layerzero bench --model {c['model']}{flags}` on {where}"
+
+
+def _model_bench_section(path: Path) -> list[str]:
+    from layerzero.bench.model_report import render_model_markdown
+
+    d = json.loads(path.read_text())
+    c = d["config"]
+    command = (f"layerzero bench --model {c['model']}{' --quick' if c['quick'] else ''} --device {c['device']} "
+               f"--modes {','.join(c['modes'])} --json benchmarks/results")
+    return [f"## {_model_title(d)}", "", f"Command: `{command}` (file: `{_rel(path)}`). What the columns mean: "
+            "[the model bench](#the-model-bench).", "", render_model_markdown(d), ""]
+
+
 def render_page() -> str:
     out = ["# Benchmarks", "",
            "Measured side by side in one run (the layerzero path and the direct call it replaces, interleaved), "
@@ -110,6 +167,9 @@ def render_page() -> str:
                               "bash scripts/gpu_run.sh bench")
     for path in sorted(RESULTS.glob("gpu_bench_*.json")):
         out += _gpu_bench_section(path)
+    out += MODEL_BENCH_ABOUT.splitlines() + [""]
+    for path in sorted(RESULTS.glob("model_bench_*.json")):
+        out += _model_bench_section(path)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -137,7 +197,24 @@ def render_headline() -> str:
                      f"**{row['result']['ratio']:.3f}x** the direct `{row['direct']}` call "
                      f"(+{row['result']['overhead_ns'] / 1000:.1f} us at p50); "
                      f"{sum(o['passed'] for o in budgets)}/{len(budgets)} overhead budget lines pass.")
+    lines += _model_headline()
     return "\n".join(lines)
+
+
+def _model_headline() -> list[str]:
+    """Per card, the whole-model ratios: each variant's median time over the reference's of the same mode."""
+    from layerzero.bench.model_report import render_ratio_table, rounds_text
+
+    lines = []
+    for path in sorted(RESULTS.glob("model_bench_*.json")):
+        d = json.loads(path.read_text())
+        c, m = d["config"], d["config"]["model_config"]
+        tiny = " (a smoke-test size: the ratios show host overhead more than kernel speed)" if c["quick"] else ""
+        lines += [f"- **A whole model**, {_model_title(d)}, {m['num_hidden_layers']} layers, hidden "
+                  f"{m['hidden_size']}, {c['dtype']}{tiny}: median time over `{c['variants'][0]}` of the same mode "
+                  f"({rounds_text(d)} interleaved rounds):", ""]
+        lines += ["  " + line for line in render_ratio_table(d)] + [""]
+    return lines[:-1] if lines else lines
 
 
 def with_headline(index: str, headline: str) -> str:
