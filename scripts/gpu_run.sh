@@ -43,6 +43,21 @@ for step in "${steps[@]}"; do
       ;;
   esac
   case "$step" in
+    benchq)
+      echo "== layerzero bench --device cuda --quick"
+      timeout 240 python3 -m layerzero.cli bench --device cuda --quick --no-import --json "$OUT/bench_${card}.json" 2>&1 \
+        | tee "$OUT/bench_${card}.md" | tail -40
+      ;;
+  esac
+  case "$step" in
+    lce)
+      echo "== scripts/lce_memory.py (H200 shape)"
+      timeout 180 python3 scripts/lce_memory.py --device cuda --dtype bfloat16 --rows 8192 --hidden 2048 --vocab 128256 \
+        --kernel torch_linear_cross_entropy_chunked --kernel liger_linear_cross_entropy \
+        --kernel torch_linear_cross_entropy_naive --time 2>&1 | tee "$OUT/lce_memory_${card}.log" | tail -20
+      ;;
+  esac
+  case "$step" in
     model)
       echo "== layerzero bench --model llama --device cuda"
       timeout 590 python3 -m layerzero.cli bench --model llama --device cuda --json "$OUT" 2>&1 \
