@@ -81,6 +81,7 @@ class SelectionContext:
         hidden_size, num_tokens: last dimension and row count for norms / activations / sampling.
         layout: ``"BHSD"`` or ``"BSHD"``.
         is_causal, mask_kind (``"none"``, ``"bool"``, ``"additive"``), dropout_p, scale, window.
+        softcap, sinks, alibi: whether the attention call has a logit softcap, attention sinks, ALiBi slopes.
         requires_grad, deterministic, is_contiguous, cuda_graph_capturing, compiling.
         interleaved (rope), approximate (gelu), tp_size, tp_rank.
     """
@@ -104,6 +105,9 @@ class SelectionContext:
     dropout_p: float
     scale: float | None
     window: int | None
+    softcap: bool
+    sinks: bool
+    alibi: bool
     requires_grad: bool
     deterministic: bool
     is_contiguous: bool
@@ -136,6 +140,9 @@ class SelectionContext:
         dropout_p: float = 0.0,
         scale: float | None = None,
         window: int | None = None,
+        softcap: bool = False,
+        sinks: bool = False,
+        alibi: bool = False,
         requires_grad: bool = False,
         deterministic: bool = False,
         is_contiguous: bool = True,
@@ -181,6 +188,9 @@ class SelectionContext:
             dropout_p=float(dropout_p),
             scale=None if scale is None else float(scale),
             window=window,
+            softcap=bool(softcap),
+            sinks=bool(sinks),
+            alibi=bool(alibi),
             requires_grad=bool(requires_grad),
             deterministic=bool(deterministic),
             is_contiguous=bool(is_contiguous),
@@ -267,6 +277,9 @@ class SelectionContext:
         scale: float | None = None,
         layout: str = "BHSD",
         window: int | None = None,
+        softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> SelectionContext:
         """Context for ``lz.attention``; q/k/v must already be validated 4-D tensors."""
         if layout == "BSHD":
@@ -297,6 +310,9 @@ class SelectionContext:
             dropout_p=dropout_p,
             scale=scale,
             window=window,
+            softcap=softcap is not None,
+            sinks=sinks is not None,
+            alibi=alibi_slopes is not None,
             requires_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
             deterministic=torch.are_deterministic_algorithms_enabled(),
             is_contiguous=q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1,

@@ -132,6 +132,9 @@ class KernelSpec:
     causal_alignment: str = "upper_left"
     supports_window: bool = False
     supports_dropout: bool = True
+    supports_softcap: bool = False
+    supports_sinks: bool = False
+    supports_alibi: bool = False
     layouts: frozenset[str] | None = None
     requires_contiguous: bool = False
     supports_autograd: bool = True
@@ -231,6 +234,15 @@ class KernelSpec:
             add(Reason(ReasonCode.WINDOW_UNSUPPORTED, f"sliding window={ctx.window} is not supported"))
         if ctx.dropout_p > 0 and not self.supports_dropout:
             add(Reason(ReasonCode.DROPOUT_UNSUPPORTED, f"dropout_p={ctx.dropout_p} > 0 is not supported"))
+        if ctx.softcap and not self.supports_softcap:
+            add(Reason(ReasonCode.VARIANT_UNSUPPORTED, "softcap is not supported: this kernel cannot apply "
+                       "tanh(scores / softcap) * softcap to the attention scores before the softmax"))
+        if ctx.sinks and not self.supports_sinks:
+            add(Reason(ReasonCode.VARIANT_UNSUPPORTED, "sinks are not supported: this kernel cannot add a per-head "
+                       "sink logit to the softmax denominator"))
+        if ctx.alibi and not self.supports_alibi:
+            add(Reason(ReasonCode.VARIANT_UNSUPPORTED, "alibi_slopes are not supported: this kernel cannot add the "
+                       "ALiBi bias -slope * |i + seq_k - seq_q - j| to the attention scores"))
         if self.layouts is not None and ctx.layout is not None and ctx.layout not in self.layouts:
             add(Reason(ReasonCode.LAYOUT_UNSUPPORTED,
                        f"layout={ctx.layout} (supported: {', '.join(sorted(self.layouts))})"))
