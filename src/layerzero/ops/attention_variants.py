@@ -34,7 +34,7 @@ def _softcap_problem(softcap: Any) -> str | None:
 
 
 def _tensor_problem(name: str, t: Any, q: torch.Tensor, shapes: tuple[tuple[int, ...], ...],
-                    dtypes: tuple[torch.dtype, ...]) -> str | None:
+                    dtypes: tuple[torch.dtype, ...], dtype_text: str) -> str | None:
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
@@ -45,8 +45,7 @@ def _tensor_problem(name: str, t: Any, q: torch.Tensor, shapes: tuple[tuple[int,
         want = " or ".join(str(s) for s in shapes)
         return f"{name} must have shape {want} (the query heads), got {tuple(t.shape)}"
     if t.dtype not in dtypes:
-        want = " or ".join(sorted({str(d).removeprefix("torch.") for d in dtypes}))
-        return f"{name} must be {want}, got {str(t.dtype).removeprefix('torch.')}"
+        return f"{name} must be {dtype_text}, got {str(t.dtype).removeprefix('torch.')}"
     if t.device != q.device:
         return f"{name} is on {t.device}, q on {q.device}"
     return None
@@ -55,9 +54,12 @@ def _tensor_problem(name: str, t: Any, q: torch.Tensor, shapes: tuple[tuple[int,
 def variant_problem(q: torch.Tensor, softcap: Any = None, sinks: Any = None, alibi_slopes: Any = None) -> str | None:
     """The first problem of the variant arguments of a call with a validated 4-D ``q``, or None."""
     b, h = q.shape[0], q.shape[1]
+    q_dtype = str(q.dtype).removeprefix("torch.")
     return (_softcap_problem(softcap)
-            or _tensor_problem("sinks", sinks, q, ((h,),), (torch.float32, q.dtype))
-            or _tensor_problem("alibi_slopes", alibi_slopes, q, ((h,), (b, h)), (torch.float32,)))
+            or _tensor_problem("sinks", sinks, q, ((h,),), (torch.float32, q.dtype),
+                               f"float32 or q's dtype ({q_dtype})")
+            or _tensor_problem("alibi_slopes", alibi_slopes, q, ((h,), (b, h)), (torch.float32,),
+                               "float32 (as FlashAttention takes them)"))
 
 
 def variant_key(softcap: Any, sinks: Any, alibi_slopes: Any) -> tuple[Any, ...]:
