@@ -384,3 +384,15 @@ def test_lz_attention_variants_on_cuda(variant: str, dtype: torch.dtype) -> None
         atol, rtol = get_runtime().kernels.get(kernel).tolerance_for(dtype)
         torch.testing.assert_close(out.double(), attention_reference(*args), atol=2 * atol, rtol=2 * rtol,
                                    msg=lambda m, kernel=kernel, shape=shape: f"{kernel} {shape}: {m}")
+
+
+def test_cli_explain_takes_the_variants(capsys: pytest.CaptureFixture[str]) -> None:
+    from layerzero.cli import main
+
+    args = ["explain", "--op", "attention.causal", "--shape", "q=1,8,128,64", "--device", "cuda", "--sm", "90",
+            "--variant", "softcap", "--variant", "sinks", "--json"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert '"softcap": true' in out and '"sinks": true' in out and '"alibi": false' in out
+    assert '"selected_kernel": "torch_attention_eager"' in out or '"selected_kernel": "flex_attention"' in out
+    assert "softcap is not supported" in out and "sinks are not supported" in out
