@@ -140,9 +140,12 @@ def block_mask_for(sq: int, sk: int, is_causal: bool, window: int | None, device
 
 
 def _score_mod(softcap: float | None, alibi_slopes: torch.Tensor | None, sq: int, sk: int) -> Any:
-    """The ``score_mod`` for a softcap and ALiBi (flex applies it to the scaled score, before the block mask)."""
+    """The ``score_mod`` for a softcap and ALiBi (flex applies it to the scaled score, before the block mask).
+
+    The ALiBi offset ``sk - sq`` is a captured tensor, not a Python int: a decode step's offset grows with
+    the cache, and a constant would make Dynamo recompile the family's kernel at every step."""
     cap = None if softcap is None else float(softcap)
-    offset = sk - sq
+    offset = None if alibi_slopes is None else torch.tensor(sk - sq, dtype=torch.int32, device=alibi_slopes.device)
     per_batch = alibi_slopes is not None and alibi_slopes.dim() == 2
 
     def variant_scores(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
