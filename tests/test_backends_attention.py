@@ -4,7 +4,8 @@ None of these libraries can be installed on a CPU-only machine (they ship CUDA
 builds), so their adapters are tested against fakes placed in ``sys.modules``.
 Each fake implements the library's documented semantics in plain PyTorch:
 BSHD / BMHK / HND layouts, FlashAttention's and FlashInfer's *lower-right*
-causal alignment and window anchoring, xFormers' upper-left
+causal alignment and window anchoring, FlashAttention's ``softcap`` and
+``alibi_slopes`` and FlashInfer's ``logits_soft_cap``, xFormers' upper-left
 ``LowerTriangularMask`` and its 5-D GQA form. The adapters are then checked
 against the float64 reference, and the tests show why the lower-right specs
 must reject causal calls with ``seq_q != seq_k``.
@@ -40,11 +41,16 @@ def _module(name: str, **attrs: object) -> types.ModuleType:
     return mod
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, keep: torch.Tensor | None
-            ) -> torch.Tensor:
-    """softmax(q k^T) v on (..., H, S, D) tensors with an optional boolean keep mask (S_q, S_k)."""
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, keep: torch.Tensor | None,
+            softcap: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T) v on (..., H, S, D) tensors with an optional boolean keep mask (S_q, S_k); a positive
+    ``softcap`` caps the scaled scores (``softcap * tanh(s / softcap)``) and ``bias`` is added after it."""
     s = (1.0 / math.sqrt(q.shape[-1])) if scale is None else scale
     scores = (q.float() @ k.float().transpose(-2, -1)) * s
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     return torch.nan_to_num(torch.softmax(scores, -1)) @ v.float()
@@ -70,26 +76,39 @@ def _repeat_kv(t: torch.Tensor, hq: int, dim: int) -> torch.Tensor:
     return t.repeat_interleave(hq // t.shape[dim], dim=dim)
 
 
+def _fa_alibi(slopes: torch.Tensor, b: int, sq: int, sk: int) -> torch.Tensor:
+    """flash_attn's ALiBi: "a bias of (-alibi_slope * |i + seqlen_k - seqlen_q - j|) is added to the attention
+    score of query i and key j"; slopes (nheads,) or (batch_size, nheads), fp32 -> (b, h, sq, sk)."""
+    assert slopes.dtype == torch.float32, "alibi_slopes must be fp32"
+    dist = (torch.arange(sq).view(-1, 1) + sk - sq - torch.arange(sk).view(1, -1)).abs().float()
+    per = slopes.expand(b, -1) if slopes.dim() == 1 else slopes
+    return -per[:, :, None, None] * dist
+
+
 def fake_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),  # type: ignore[no-untyped-def]
-                         **_: object):
-    """flash_attn.flash_attn_func on BSHD tensors, lower-right aligned."""
+                         softcap=0.0, alibi_slopes=None, **_: object):
+    """flash_attn.flash_attn_func on BSHD tensors, lower-right aligned; softcap > 0 caps the scaled scores."""
     assert q.stride(-1) == 1 and k.stride(-1) == 1, "FlashAttention needs a contiguous last dimension"
     qh, kh, vh = q.transpose(1, 2), _repeat_kv(k, q.shape[2], 2).transpose(1, 2), _repeat_kv(v, q.shape[2], 2).transpose(1, 2)
     keep = _lower_right(q.shape[1], k.shape[1], causal, window_size[0], window_size[1])
-    return _attend(qh, kh, vh, softmax_scale, keep).transpose(1, 2).to(q.dtype)
+    bias = None if alibi_slopes is None else _fa_alibi(alibi_slopes, q.shape[0], q.shape[1], k.shape[1])
+    return _attend(qh, kh, vh, softmax_scale, keep, softcap, bias).transpose(1, 2).to(q.dtype)
 
 
-def fake_fa3_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), **_: object):  # type: ignore[no-untyped-def]
-    out = fake_flash_attn_func(q, k, v, 0.0, softmax_scale, causal, window_size)
+def fake_fa3_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,  # type: ignore[no-untyped-def]
+                  **kw: object):
+    assert "alibi_slopes" not in kw, "FA3's flash_attn_func has no alibi_slopes"
+    out = fake_flash_attn_func(q, k, v, 0.0, softmax_scale, causal, window_size, softcap)
     return out, torch.zeros(1)  # older FA3 releases return (out, lse)
 
 
-def fake_single_prefill(q, k, v, causal=False, kv_layout="NHD", sm_scale=None, window_left=-1, **_: object):  # type: ignore[no-untyped-def]
+def fake_single_prefill(q, k, v, causal=False, kv_layout="NHD", sm_scale=None, window_left=-1,  # type: ignore[no-untyped-def]
+                        logits_soft_cap=0.0, **_: object):
     assert kv_layout == "HND" and q.dim() == 3 and k.dim() == 3
     qh = q.transpose(0, 1)  # (H, Sq, D)
     kh, vh = _repeat_kv(k, qh.shape[0], 0), _repeat_kv(v, qh.shape[0], 0)
     keep = _lower_right(qh.shape[1], kh.shape[1], causal, window_left, 0 if window_left >= 0 else -1)
-    return _attend(qh, kh, vh, sm_scale, keep).transpose(0, 1).to(q.dtype)
+    return _attend(qh, kh, vh, sm_scale, keep, logits_soft_cap).transpose(0, 1).to(q.dtype)
 
 
 class FakeBatchDecode:
@@ -113,7 +132,8 @@ class FakeBatchDecode:
             k = torch.cat([k_cache[p] for p in pages], dim=1)[:, : int(a["last"][b])]
             v = torch.cat([v_cache[p] for p in pages], dim=1)[:, : int(a["last"][b])]
             qh = q[b].unsqueeze(1)  # (H, 1, D)
-            out = _attend(qh, _repeat_kv(k, a["hq"], 0), _repeat_kv(v, a["hq"], 0), a["sm_scale"], None)
+            out = _attend(qh, _repeat_kv(k, a["hq"], 0), _repeat_kv(v, a["hq"], 0), a["sm_scale"], None,
+                          a.get("logits_soft_cap", 0.0))
             outs.append(out.squeeze(1))
         return torch.stack(outs).to(q.dtype)
 
@@ -145,7 +165,8 @@ class FakeBatchPrefill:
             v = torch.cat([v_cache[p] for p in pages], dim=1)[:, : int(a["last"][b])]
             wl = a["window_left"]
             keep = _lower_right(rows.shape[1], k.shape[1], a["causal"], wl, 0 if wl >= 0 else -1)
-            out = _attend(rows, _repeat_kv(k, a["hq"], 0), _repeat_kv(v, a["hq"], 0), a["sm_scale"], keep)
+            out = _attend(rows, _repeat_kv(k, a["hq"], 0), _repeat_kv(v, a["hq"], 0), a["sm_scale"], keep,
+                          a.get("logits_soft_cap", 0.0))
             outs.append(out.transpose(0, 1))
         return torch.cat(outs).to(q.dtype)
 

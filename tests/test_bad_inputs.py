@@ -404,6 +404,39 @@ ROWS: list[Row] = [
     Row('type-scale-tensor', 'argument range', '`scale=torch.tensor(0.5)`', 'InvalidInputError',
         'attention.full: scale must be a finite number or None, got tensor(0.5000) (inputs: …)',
         lambda tmp: attn(scale=torch.tensor(0.5))),
+    Row('nan-softcap', 'NaN-free contract', '`softcap=nan`', 'InvalidInputError',
+        'attention.full: softcap must be a finite positive number or None, got nan (inputs: …)',
+        lambda tmp: attn(softcap=float("nan"))),
+    Row('inf-softcap', 'NaN-free contract', '`softcap=inf` (tanh(s / inf) * inf: NaN out)', 'InvalidInputError',
+        'attention.full: softcap must be a finite positive number or None, got inf (inputs: …)',
+        lambda tmp: attn(softcap=float("inf"))),
+    Row('range-softcap-zero', 'argument range', '`softcap=0.0` (a division by zero)', 'InvalidInputError',
+        'attention.full: softcap must be a finite positive number or None, got 0.0 (inputs: …)',
+        lambda tmp: attn(softcap=0.0)),
+    Row('range-softcap-negative', 'argument range', '`softcap=-30.0`', 'InvalidInputError',
+        'attention.full: softcap must be a finite positive number or None, got -30.0 (inputs: …)',
+        lambda tmp: attn(softcap=-30.0)),
+    Row('type-softcap-bool', 'argument range', '`softcap=True`', 'InvalidInputError',
+        'attention.full: softcap must be a finite positive number or None, got bool True (inputs: …)',
+        lambda tmp: attn(softcap=True)),
+    Row('shape-sinks', 'shape', '`sinks` of shape (3,) for 2 query heads', 'InvalidInputError',
+        'attention.full: sinks must have shape (2,) (the query heads), got (3,) (inputs: …)',
+        lambda tmp: attn(sinks=t(3))),
+    Row('dtype-sinks', 'dtype', 'float64 `sinks` for float32 `q`', 'InvalidInputError',
+        "attention.full: sinks must be float32 or q's dtype (float32), got float64 (inputs: …)",
+        lambda tmp: attn(sinks=t(2).double())),
+    Row('device-sinks', 'device', '`sinks` on meta, `q` on cpu', 'InvalidInputError',
+        'attention.full: sinks is on meta, q on cpu (inputs: …)',
+        lambda tmp: attn(sinks=t(2, device="meta"))),
+    Row('non-tensor-sinks', 'non-tensor', '`sinks` given as a list', 'InvalidInputError',
+        'attention.full: sinks must be a torch.Tensor or None, got list (inputs: …)',
+        lambda tmp: attn(sinks=[0.0, 0.0])),
+    Row('shape-alibi', 'shape', '`alibi_slopes` of shape (2, 3) for batch 1, 2 heads', 'InvalidInputError',
+        'attention.full: alibi_slopes must have shape (2,) or (1, 2) (the query heads), got (2, 3) (inputs: …)',
+        lambda tmp: attn(alibi_slopes=t(2, 3))),
+    Row('dtype-alibi', 'dtype', 'float16 `alibi_slopes`', 'InvalidInputError',
+        'attention.full: alibi_slopes must be float32 (as FlashAttention takes them), got float16 (inputs: …)',
+        lambda tmp: attn(alibi_slopes=t(2).half())),
     Row('type-interleaved-int', 'argument range', '`rope(..., interleaved=1)`', 'InvalidInputError',
         'rope: interleaved must be a bool, got 1 (inputs: …)',
         lambda tmp: lz.rope(t(1, 2, 4, 8), t(4, 8), t(4, 8), interleaved=1)),
@@ -653,6 +686,8 @@ def warm_up(size: int = 4) -> None:
                {"dropout_p": 0.0}):
         lz.attention(q, k, v, **kw)
     lz.attention(t(1, 4, size, 8), k, v)  # GQA
+    for kw in ({"softcap": 5.0}, {"sinks": t(2)}, {"alibi_slopes": t(2)}, {"is_causal": True, "sinks": t(2)}):
+        lz.attention(q, k, v, **kw)  # the variant families
     lz.attention(q.double(), k.double(), v.double())
     x = t(size - 1, 8)
     lz.rms_norm(x, W), lz.rms_norm(x, None), lz.rms_norm(x, W, eps=1), lz.layer_norm(x, W, W)

@@ -174,7 +174,7 @@ def test_rules_chains_and_fallback_kernel_decide_the_order(tmp_path: Path) -> No
     policy = compiled.policy
     # no rule holds: the chain first, then the rest by priority, the fallback kernel last
     assert ranked(policy, "attention.causal", ctx()) == ["torch_sdpa", "torch_sdpa_flash_cpu", "torch_sdpa_gqa",
-                                                         "torch_sdpa_math"]
+                                                         "torch_attention_eager", "torch_sdpa_math"]
     # rule 0 holds (batch >= 4, float32, operation matches)
     assert ranked(policy, "attention.causal", ctx(batch_size=4))[:3] == ["torch_sdpa_gqa", "torch_sdpa",
                                                                         "torch_sdpa_flash_cpu"]

@@ -205,10 +205,11 @@ def test_attention_forward_dropout_changes_the_output() -> None:
     assert torch.isfinite(dropped).all() and not torch.allclose(plain, dropped)
 
 
-def test_attention_forward_rejects_softcap() -> None:
+def test_attention_forward_softcap_goes_to_lz_attention() -> None:
     q, k, v = _qkv()
-    with pytest.raises(InvalidInputError, match="softcap is not supported; use attn_implementation='eager'"):
-        lzt.attention_forward(_Attn(), q, k, v, None, softcap=30.0)
+    out, _ = lzt.attention_forward(_Attn(), q, k, v, None, softcap=0.5)
+    want = attention_reference(q, k, v, None, True, softcap=0.5).transpose(1, 2)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
 
 
 # -- which model classes can use "layerzero": they work, or fail at construction with a way out ----------

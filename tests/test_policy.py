@@ -478,7 +478,7 @@ def test_configure_accepts_a_dispatch_config_document() -> None:
     assert which_rms() == "torch_rms_norm_composed"
     assert which_attn() == "torch_sdpa_gqa"
     ranked = [k for k, _ in lz.explain(*qkv(), operation="attention.causal").candidates]
-    assert ranked == ["torch_sdpa_gqa", "torch_sdpa_math", "torch_sdpa", "torch_sdpa_flash_cpu"]
+    assert ranked == ["torch_sdpa_gqa", "torch_sdpa_math", "torch_sdpa", "torch_sdpa_flash_cpu", "torch_attention_eager"]
 
 
 def test_warnings_module_clean_for_valid_documents() -> None:

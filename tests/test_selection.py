@@ -26,7 +26,7 @@ from layerzero.selection import MVCCPlanCache, PlanCache, SelectionContext, Sele
 from layerzero.selection.engine import Measurement
 from layerzero.spec import KernelSpec, ReasonCode
 
-TORCH_ATTENTION_IDS = {k for k in torch_backend.TORCH_KERNEL_IDS if k.startswith("torch_sdpa")}
+TORCH_ATTENTION_IDS = {k for k in torch_backend.TORCH_KERNEL_IDS if k.startswith(("torch_sdpa", "torch_attention"))}
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_fake_ampere_and_hopper_accept_the_fused_kernels(engine: SelectionEngine
     assert sel.selected.kernel_id == "torch_sdpa"  # PyTorch's own choice has the top priority
     accepted = [s.kernel_id for s in sel.ranked]
     assert accepted == ["torch_sdpa", "torch_sdpa_gqa", "torch_sdpa_flash", "torch_sdpa_efficient",
-                        "torch_sdpa_cudnn", "torch_sdpa_math"]
+                        "torch_sdpa_cudnn", "torch_sdpa_math", "torch_attention_eager"]
     assert {d.kernel_id for d in sel.trace} == TORCH_ATTENTION_IDS  # the trace covers every candidate
     assert codes(sel, "torch_sdpa_flash_cpu") == [ReasonCode.PLATFORM_MISMATCH]
 

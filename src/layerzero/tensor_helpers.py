@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["window_mask", "half_cos_sin"]
+__all__ = ["window_mask", "half_cos_sin", "alibi_bias", "softcapped"]
 
 
 def window_mask(sq: int, sk: int, window: int | None, is_causal: bool, device: torch.device) -> torch.Tensor | None:
@@ -17,6 +17,26 @@ def window_mask(sq: int, sk: int, window: int | None, is_causal: bool, device: t
     if window is not None:
         keep &= j > i - window
     return keep
+
+
+def alibi_bias(slopes: torch.Tensor, sq: int, sk: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ALiBi as FlashAttention defines it: ``-slope[h] * |i + sk - sq - j|`` for query ``i`` and key ``j``.
+
+    ``slopes`` is ``(heads,)`` or ``(batch, heads)``; the bias is ``(1 or batch, heads, sq, sk)`` in ``dtype``.
+    """
+    i = torch.arange(sq, device=slopes.device, dtype=dtype).unsqueeze(1)
+    j = torch.arange(sk, device=slopes.device, dtype=dtype).unsqueeze(0)
+    dist = (i + (sk - sq) - j).abs()
+    s = slopes.to(dtype)
+    s = s.view(1, -1, 1, 1) if s.dim() == 1 else s.view(s.shape[0], s.shape[1], 1, 1)
+    return -s * dist
+
+
+def softcapped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``tanh(scores / softcap) * softcap`` (Gemma 2's attention-logit softcapping); ``scores`` when None."""
+    if softcap is None:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
 
 
 def half_cos_sin(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool

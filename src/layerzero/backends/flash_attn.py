@@ -20,6 +20,13 @@ Semantics that differ from SDPA, and how the specs handle them:
   to the query's. FA2 needs sm80+; FA3 is the Hopper (sm90) build and has no
   dropout. FA3's ``flash_attn_func`` returns ``out`` or ``(out, lse)``
   depending on the release; both are handled.
+* Variants: both take ``softcap`` (``softcap=0.0`` is off; a positive value
+  computes ``softcap * tanh(scores / softcap)`` on the scaled scores, before
+  masking: flash_attn >= 2.6 and FA3). FA2 takes ``alibi_slopes`` (``(nheads,)``
+  or ``(batch, nheads)`` fp32, "a bias of ``-alibi_slope * |i + seqlen_k -
+  seqlen_q - j|`` is added to the attention score of query i and key j": the
+  definition ``lz.attention`` uses); FA3's ``flash_attn_func`` has no ALiBi.
+  Neither takes attention sinks.
 """
 
 from __future__ import annotations
@@ -55,17 +62,25 @@ def _window(is_causal: bool, window: int | None) -> tuple[bool, tuple[int, int]]
     return True, (int(window) - 1, 0)
 
 
-def flash_attn_v2_attention(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+def flash_attn_v2_attention(q, k, v, mask, is_causal, dropout_p, scale, window,  # type: ignore[no-untyped-def]
+                            softcap=None, sinks=None, alibi_slopes=None):
     causal, ws = _window(is_causal, window)
+    variants: dict[str, Any] = {}
+    if softcap is not None:  # flash_attn >= 2.6: softcap=0.0 is off, anything > 0 caps the scaled scores
+        variants["softcap"] = float(softcap)
+    if alibi_slopes is not None:  # (nheads,) or (batch, nheads) fp32: -slope * |i + seqlen_k - seqlen_q - j|
+        variants["alibi_slopes"] = alibi_slopes
     out = _func("flash_attn", _PIP_V2)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
-                                       softmax_scale=scale, causal=causal, window_size=ws)
+                                       softmax_scale=scale, causal=causal, window_size=ws, **variants)
     return out.transpose(1, 2)
 
 
-def flash_attn_v3_attention(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+def flash_attn_v3_attention(q, k, v, mask, is_causal, dropout_p, scale, window,  # type: ignore[no-untyped-def]
+                            softcap=None, sinks=None, alibi_slopes=None):
     causal, ws = _window(is_causal, window)
+    variants: dict[str, Any] = {} if softcap is None else {"softcap": float(softcap)}
     out = _func("flash_attn_interface", _PIP_V3)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 softmax_scale=scale, causal=causal, window_size=ws)
+                                                 softmax_scale=scale, causal=causal, window_size=ws, **variants)
     if isinstance(out, tuple):  # releases before mid-2025 return (out, softmax_lse)
         out = out[0]
     return out.transpose(1, 2)
@@ -88,11 +103,11 @@ def _specs() -> list[KernelSpec]:
                                   deterministic=False, compile_safe=False, tolerance=tol, extra_check=_window_alignment)
     return [
         KernelSpec("flash_attn_v2_attention", "attention", "flash_attn", flash_attn_v2_attention, priority=75,
-                   min_compute_capability=(8, 0),
+                   min_compute_capability=(8, 0), supports_softcap=True, supports_alibi=True,
                    description="flash_attn.flash_attn_func (FlashAttention-2), BSHD views", **common),
         KernelSpec("flash_attn_v3_attention", "attention", "flash_attn_v3", flash_attn_v3_attention, priority=80,
                    min_compute_capability=(9, 0), max_compute_capability=(9, 0), head_dim_multiple=8,
-                   supports_dropout=False,
+                   supports_dropout=False, supports_softcap=True,
                    description="flash_attn_interface.flash_attn_func (FlashAttention-3, Hopper)", **common),
     ]
 

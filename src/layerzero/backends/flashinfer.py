@@ -24,6 +24,12 @@ block is the *last* ``seq_q`` positions), so both specs declare
 ``seq_q == seq_k``. Head dims 64, 128 and 256 (the sizes FlashInfer's
 prebuilt and JIT kernels cover); fp16/bf16; no explicit mask, no dropout;
 inference only (no autograd).
+
+Variants: all three take ``logits_soft_cap`` (``0.0``, the default, is off;
+a positive cap computes ``cap * tanh(x / cap)`` on the scaled logits, before
+masking, as Gemma 2 does). FlashInfer's ALiBi is ``pos_encoding_mode="ALIBI"``
+with its own per-head slopes, not the caller's, and these wrappers take no
+sinks, so those variants are rejected.
 """
 
 from __future__ import annotations
@@ -65,11 +71,16 @@ def _window_left(window: int | None) -> int:
     return -1 if window is None else int(window) - 1
 
 
-def flashinfer_prefill(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+def _soft_cap(softcap: float | None) -> float:
+    return 0.0 if softcap is None else float(softcap)  # logits_soft_cap=0.0 (the default) is off
+
+
+def flashinfer_prefill(q, k, v, mask, is_causal, dropout_p, scale, window,  # type: ignore[no-untyped-def]
+                       softcap=None, sinks=None, alibi_slopes=None):
     out = _lib().single_prefill_with_kv_cache(
         q[0].transpose(0, 1).contiguous(), k[0].contiguous(), v[0].contiguous(),
         causal=bool(is_causal or window is not None),
-        kv_layout="HND", sm_scale=scale, window_left=_window_left(window))
+        kv_layout="HND", sm_scale=scale, window_left=_window_left(window), logits_soft_cap=_soft_cap(softcap))
     return out.transpose(0, 1).unsqueeze(0)  # (seq_q, heads, d) -> (1, heads, seq_q, d)
 
 
@@ -96,22 +107,22 @@ def _pages(b: int, sk: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tens
             torch.full((b,), sk, dtype=torch.int32, device=dev))
 
 
-def _wrapper(kind: str, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None, window: int | None
-             ) -> Any:
+def _wrapper(kind: str, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None, window: int | None,
+             softcap: float | None = None) -> Any:
     """The planned ``BatchDecodeWithPagedKVCacheWrapper`` (``kind="decode"``) or
     ``BatchPrefillWithPagedKVCacheWrapper`` (``"prefill"``) for this shape, k/v seen as one HND page per
     sequence; planned once, then cached."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     dev = q.device
-    key = (kind, dev.type, dev.index, q.dtype, b, hq, hkv, sq, sk, d, causal, scale, window)
+    key = (kind, dev.type, dev.index, q.dtype, b, hq, hkv, sq, sk, d, causal, scale, window, softcap)
     wrapper = _wrappers.get(key)
     if wrapper is not None:
         return wrapper
     fi = _lib()
     indptr, indices, last_len = _pages(b, sk, dev)
     common: dict[str, Any] = dict(pos_encoding_mode="NONE", window_left=_window_left(window), q_data_type=q.dtype,
-                                  kv_data_type=k.dtype, sm_scale=scale)
+                                  kv_data_type=k.dtype, sm_scale=scale, logits_soft_cap=_soft_cap(softcap))
     if kind == "decode":
         wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(_workspace(dev), "HND")
         wrapper.plan(indptr, indices, last_len, hq, hkv, d, sk, **common)
@@ -122,17 +133,19 @@ def _wrapper(kind: str, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: f
     return _remember(key, wrapper)
 
 
-def flashinfer_batch_prefill(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+def flashinfer_batch_prefill(q, k, v, mask, is_causal, dropout_p, scale, window,  # type: ignore[no-untyped-def]
+                             softcap=None, sinks=None, alibi_slopes=None):
     b, hq, sq, d = q.shape
     causal = bool(is_causal or window is not None)
-    wrapper = _wrapper("prefill", q, k, causal, scale, window)
+    wrapper = _wrapper("prefill", q, k, causal, scale, window, softcap)
     ragged = q.transpose(1, 2).reshape(b * sq, hq, d)  # (batch * seq_q, heads, d): qo_indptr steps of seq_q
     out = wrapper.run(ragged, (k.contiguous(), v.contiguous()))
     return out.reshape(b, sq, hq, -1).transpose(1, 2)
 
 
-def flashinfer_decode(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
-    wrapper = _wrapper("decode", q, k, False, scale, window)
+def flashinfer_decode(q, k, v, mask, is_causal, dropout_p, scale, window,  # type: ignore[no-untyped-def]
+                      softcap=None, sinks=None, alibi_slopes=None):
+    wrapper = _wrapper("decode", q, k, False, scale, window, softcap)
     # q: (batch, heads, d); the paged cache: (pages, kv_heads, page_size, d) for k and for v
     out = wrapper.run(q[:, :, 0].contiguous(), (k.contiguous(), v.contiguous()))
     return out.unsqueeze(2)
@@ -164,7 +177,7 @@ def _specs() -> list[KernelSpec]:
     common: dict[str, Any] = dict(platforms=frozenset({"cuda"}), min_compute_capability=(8, 0), dtypes=half,
                                   head_dim_v_equal=True, mask_kinds=frozenset({"none"}),
                                   causal_alignment="lower_right", supports_dropout=False, supports_autograd=False,
-                                  compile_safe=False, tolerance=tol)
+                                  supports_softcap=True, compile_safe=False, tolerance=tol)
     return [
         KernelSpec("flashinfer_prefill", "attention", "flashinfer", flashinfer_prefill, priority=62,
                    max_batch_size=1, supports_window=True, extra_check=_check,

@@ -3,7 +3,8 @@
 FlexAttention ships with PyTorch (2.5+) and generates a fused Triton kernel
 for a mask written as Python (``mask_mod``). Its value here is causal and
 sliding-window attention without a dense mask, with native GQA
-(``enable_gqa=True``).
+(``enable_gqa=True``), and the attention variants: softcap and ALiBi as a
+``score_mod``, sinks as an exact rescale by the log-sum-exp flex returns.
 
 * Compiled once per shape family (device, dtype, head dims) with dynamic
   batch, head and sequence sizes (see ``_family_fn``), on the family's first
@@ -46,19 +47,38 @@ _lock = threading.Lock()
 _flex_attention: Any = None  # torch.nn.attention.flex_attention.flex_attention, imported on first use
 
 
+_lse_request: Any = None  # keyword arguments asking flex_attention for the log-sum-exp too
+
+
 def _flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, scale: float | None) -> Any:
     return _flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
+def _flex_variant_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, scale: float | None,
+                       score_mod: Any, lse: bool) -> Any:
+    if lse:
+        return _flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True,
+                               **_lse_request)
+    return _flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
 def _load() -> None:
-    global _flex_attention
+    global _flex_attention, _lse_request
     if _flex_attention is None:
-        from torch.nn.attention.flex_attention import flex_attention
+        from torch.nn.attention import flex_attention as module
 
-        _flex_attention = flex_attention
+        aux = getattr(module, "AuxRequest", None)  # torch >= 2.9; return_lse=True before (deprecated after)
+        _lse_request = {"return_lse": True} if aux is None else {"return_aux": aux(lse=True)}
+        _flex_attention = module.flex_attention
 
 
-def _family_fn(q: torch.Tensor, v: torch.Tensor) -> Any:
+def _lse_of(result: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` from flex_attention's ``(out, lse)`` or ``(out, AuxOutput)``."""
+    out, aux = result
+    return out, (aux if isinstance(aux, torch.Tensor) else aux.lse)
+
+
+def _family_fn(q: torch.Tensor, v: torch.Tensor, variants: bool = False) -> Any:
     """The compiled FlexAttention for this shape family (device, dtype, head dims).
 
     Each family gets its own code object (a copy of ``_flex_call``'s), because
@@ -67,14 +87,15 @@ def _family_fn(q: torch.Tensor, v: torch.Tensor) -> Any:
     back to eager FlexAttention, which materializes the score matrix. Within a
     family, batch, heads and sequence lengths are dynamic, so it compiles once.
     """
-    key = (q.device.type, q.device.index, q.dtype, q.shape[-1], v.shape[-1])
+    key = (q.device.type, q.device.index, q.dtype, q.shape[-1], v.shape[-1], variants)
     fn = _compiled.get(key)
     if fn is None:
         with _lock:
             fn = _compiled.get(key)
             if fn is None:
-                code = _flex_call.__code__.replace(co_name=f"_flex_family_{len(_compiled)}")
-                family = types.FunctionType(code, _flex_call.__globals__, code.co_name)
+                base = _flex_variant_call if variants else _flex_call
+                code = base.__code__.replace(co_name=f"_flex_family_{len(_compiled)}")
+                family = types.FunctionType(code, base.__globals__, code.co_name)
                 fn = torch.compile(family, dynamic=True)
                 _compiled[key] = fn
     return fn
@@ -118,13 +139,48 @@ def block_mask_for(sq: int, sk: int, is_causal: bool, window: int | None, device
     return mask
 
 
+def _score_mod(softcap: float | None, alibi_slopes: torch.Tensor | None, sq: int, sk: int) -> Any:
+    """The ``score_mod`` for a softcap and ALiBi (flex applies it to the scaled score, before the block mask).
+
+    The ALiBi offset ``sk - sq`` is a captured tensor, not a Python int: a decode step's offset grows with
+    the cache, and a constant would make Dynamo recompile the family's kernel at every step."""
+    cap = None if softcap is None else float(softcap)
+    offset = None if alibi_slopes is None else torch.tensor(sk - sq, dtype=torch.int32, device=alibi_slopes.device)
+    per_batch = alibi_slopes is not None and alibi_slopes.dim() == 2
+
+    def variant_scores(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        if cap is not None:
+            score = torch.tanh(score / cap) * cap
+        if alibi_slopes is not None:
+            slope = alibi_slopes[b, h] if per_batch else alibi_slopes[h]
+            score = score - slope * torch.abs(q_idx + offset - kv_idx)
+        return score
+
+    return variant_scores
+
+
 def flex_attention_kernel(q, k, v, mask, is_causal, dropout_p, scale, window,  # type: ignore[no-untyped-def]
-                          *, compiled=True):
-    """FlexAttention on canonical BHSD arguments (``compiled=False`` runs eagerly, for tests)."""
+                          softcap=None, sinks=None, alibi_slopes=None, *, compiled=True):
+    """FlexAttention on canonical BHSD arguments (``compiled=False`` runs eagerly, for tests).
+
+    ``softcap`` and ``alibi_slopes`` are a ``score_mod``. ``sinks`` rescale flex's output by its log-sum-exp:
+    with ``Z = sum_j exp(s_j) = exp(lse)``, the sink's softmax gives
+    ``sum_j exp(s_j) v_j / (Z + exp(sink)) = out * Z / (Z + exp(sink)) = out * sigmoid(lse - sink)``
+    (exact; a row with no visible key has ``lse = -inf`` and stays 0).
+    """
     _load()
     bm = block_mask_for(q.shape[2], k.shape[2], is_causal, window, q.device)
-    fn = _family_fn(q, v) if compiled else _flex_call
-    return fn(q, k, v, bm, scale)
+    if softcap is None and sinks is None and alibi_slopes is None:
+        fn = _family_fn(q, v) if compiled else _flex_call
+        return fn(q, k, v, bm, scale)
+    mod = None if softcap is None and alibi_slopes is None else _score_mod(softcap, alibi_slopes, q.shape[2],
+                                                                          k.shape[2])
+    fn = _family_fn(q, v, variants=True) if compiled else _flex_variant_call
+    if sinks is None:
+        return fn(q, k, v, bm, scale, mod, False)
+    out, lse = _lse_of(fn(q, k, v, bm, scale, mod, True))
+    keep = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))
+    return (out.float() * keep.unsqueeze(-1)).to(out.dtype)
 
 
 def _check(ctx: SelectionContext) -> list[Reason]:
@@ -159,7 +215,8 @@ def _specs() -> list[KernelSpec]:
                    # float32 is left out: on torch 2.11 / H200 Inductor finds no template for a float32 MQA
                    # flex_attention with dynamic shapes (NoValidChoicesError), and float32 is not its fast path.
                    dtypes=frozenset({torch.float16, torch.bfloat16}), mask_kinds=frozenset({"none"}),
-                   supports_window=True, supports_dropout=False, deterministic=False, cuda_graph_safe=False,
+                   supports_window=True, supports_dropout=False, supports_softcap=True, supports_sinks=True,
+                   supports_alibi=True, deterministic=False, cuda_graph_safe=False,
                    compile_safe=False, tolerance=tol, extra_check=_check,
                    description="torch.nn.attention.flex_attention, compiled once; causal / sliding-window block masks"),
     ]

@@ -215,14 +215,16 @@ def list_command(pattern: str, as_json: bool) -> None:
 @click.option("--layout", type=click.Choice(["BHSD", "BSHD"]), default="BHSD", show_default=True)
 @click.option("--mask", type=click.Choice(["none", "bool", "additive"]), default="none", show_default=True)
 @click.option("--window", type=int, default=None, help="Sliding-window size.")
+@click.option("--variant", "variants", multiple=True, type=click.Choice(["softcap", "sinks", "alibi"]),
+              help="An attention variant the call has (repeatable): softcap, sinks, alibi.")
 @click.option("--dropout", type=float, default=0.0, show_default=True)
 @click.option("--requires-grad", is_flag=True, help="Inputs require grad (kernels without autograd are rejected).")
 @click.option("--interleaved", is_flag=True, help="rope: interleaved variant.")
 @click.option("--approximate", default="none", show_default=True, help="gelu: none or tanh.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def explain_command(operation: str, shapes: tuple[str, ...], dtype: str | None, device: str, sm: str | None,
-                    causal: bool, layout: str, mask: str, window: int | None, dropout: float, requires_grad: bool,
-                    interleaved: bool, approximate: str, as_json: bool) -> None:
+                    causal: bool, layout: str, mask: str, window: int | None, variants: tuple[str, ...],
+                    dropout: float, requires_grad: bool, interleaved: bool, approximate: str, as_json: bool) -> None:
     """Which kernel runs OP for inputs of these shapes, and why every other candidate was rejected."""
     import layerzero as lz
     from layerzero.errors import LayerZeroError
@@ -240,6 +242,8 @@ def explain_command(operation: str, shapes: tuple[str, ...], dtype: str | None, 
         ctx = context_from_shapes(operation, parsed, dtype=dtype, device=device, sm=_sm(sm), causal=causal,
                                   layout=layout, mask=mask, window=window, dropout=dropout,
                                   requires_grad=requires_grad, interleaved=interleaved, approximate=approximate)
+        if variants:
+            ctx = ctx.replace(**{name: True for name in variants})
         exp = lz.explain_context(operation, ctx)
     except (LayerZeroError, RuntimeError, ValueError) as exc:
         if isinstance(exc, click.ClickException):

@@ -103,17 +103,18 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         attention_mask: ``None``, or a 4-D boolean (True = attend) or additive mask.
         dropout, scaling: attention dropout probability and softmax scale.
         is_causal: overrides ``module.is_causal``.
-        kwargs: ``sliding_window``, ``position_bias``; ``softcap``, ``s_aux`` and ``head_mask`` are not
-            supported; ``output_attentions=True`` warns once (no weights are computed).
+        kwargs: ``sliding_window``, ``position_bias``, ``softcap`` (Gemma 2's attention-logit softcapping)
+            and ``s_aux`` (GPT-OSS's per-head attention sinks), which go to :func:`layerzero.attention` as
+            ``softcap`` and ``sinks``; ``sinks`` (a per-query sink logit in some models) and ``head_mask`` are
+            not supported; ``output_attentions=True`` warns once (no weights are computed).
 
     Returns:
         ``(output, None)`` with output ``(batch, seq, heads, head_dim)``, contiguous.
     """
-    for unsupported in ("softcap", "s_aux", "sinks"):
-        if kwargs.get(unsupported) is not None:
-            raise InvalidInputError(
-                f"attention (transformers attn_implementation='layerzero'): {unsupported} is not supported; "
-                f"use attn_implementation='eager' for this model")
+    if kwargs.get("sinks") is not None:
+        raise InvalidInputError(
+            "attention (transformers attn_implementation='layerzero'): sinks (a sink logit per query) is not "
+            "supported, only GPT-OSS's per-head s_aux; use attn_implementation='eager' for this model")
     if kwargs.get("head_mask") is not None:
         raise InvalidInputError(
             "attention (transformers attn_implementation='layerzero'): head_mask is not supported (it would be "
@@ -142,8 +143,11 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if bias is not None:
         mask = _position_bias_mask(bias[..., : key.shape[2]], mask, causal, query, key)
         causal, window = False, None
+    sinks = kwargs.get("s_aux")
+    if sinks is not None and sinks.dtype not in (torch.float32, query.dtype):
+        sinks = sinks.float()
     out = lz_ops.attention(query, key, value, attn_mask=mask, is_causal=causal, dropout_p=float(dropout),
-                           scale=scaling, window=window)
+                           scale=scaling, window=window, softcap=kwargs.get("softcap"), sinks=sinks)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,13 +1,27 @@
 """``lz.attention``: scaled dot-product attention with kernel selection.
 
 Kernels of the ``attention`` family are called with the canonical arguments
-``(q, k, v, attn_mask, is_causal, dropout_p, scale, window)`` in BHSD layout
+``(q, k, v, attn_mask, is_causal, dropout_p, scale, window)`` in BHSD layout,
+and, only when a call has an attention variant, three more:
+``(..., softcap, sinks, alibi_slopes)``. A call without variants passes the
+eight arguments alone, so kernels written for them (which do not declare
+``supports_softcap`` / ``supports_sinks`` / ``supports_alibi`` and are never
+selected for a variant call) keep working unchanged.
 (batch, heads, sequence, head_dim); BSHD inputs are handed over as transposed
 views and the output is transposed back, so it comes back in the caller's
 layout. ``is_causal`` means what it means in
 ``F.scaled_dot_product_attention``: upper-left aligned when Sq != Sk.
 ``window`` (sliding-window attention) lets each query see the ``window`` most
 recent keys up to its own position (causal).
+
+The variants, in the order the reference applies them to the scores
+``s = q k^T * scale`` of query ``i`` and key ``j`` of head ``h``:
+
+* ``softcap`` ``c`` (Gemma 2): ``s = tanh(s / c) * c``, before any mask;
+* ``alibi_slopes`` (FlashAttention's definition): ``s -= slope[h] * |i + seq_k - seq_q - j|``;
+* the causal / window / explicit masks;
+* ``sinks`` (GPT-OSS): a per-head logit ``sinks[h]`` joins each row's softmax as one more column, which is
+  dropped afterwards: ``p_j = exp(s_j) / (exp(sinks[h]) + sum_j' exp(s_j'))``.
 """
 
 from __future__ import annotations
@@ -22,7 +36,8 @@ from layerzero.context import SelectionContext
 from layerzero.ops.base import OpDef, default_generator, layout_problem, pick
 from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
-from layerzero.tensor_helpers import window_mask
+from layerzero.ops.attention_variants import variant_key, variant_problem, variants_admitted
+from layerzero.tensor_helpers import alibi_bias, softcapped, window_mask
 
 __all__ = ["attention", "ATTENTION", "AttentionOp", "attention_reference", "window_mask"]
 
@@ -31,15 +46,19 @@ _LAYOUTS = ("BHSD", "BSHD")
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                         is_causal: bool = False, dropout_p: float = 0.0, scale: float | None = None,
-                        window: int | None = None) -> torch.Tensor:
-    """Float64 reference in BHSD (no dropout): softmax(q k^T * scale + mask) v, GQA by head repetition."""
+                        window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+                        alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """Float64 reference in BHSD (no dropout): softmax(q k^T * scale + mask) v, GQA by head repetition, with the
+    variants applied as the module docstring orders them."""
     q64, k64, v64 = q.double(), k.double(), v.double()
     hq, hkv = q.shape[1], k.shape[1]
     if hq != hkv:
         k64 = k64.repeat_interleave(hq // hkv, dim=1)
         v64 = v64.repeat_interleave(hq // hkv, dim=1)
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q64 @ k64.transpose(-2, -1)) * s
+    scores = softcapped((q64 @ k64.transpose(-2, -1)) * s, softcap)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, q.shape[2], k.shape[2], torch.float64)
     keep = window_mask(q.shape[2], k.shape[2], window, is_causal, q.device)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
@@ -48,17 +67,23 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask.double()
-    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        sink = sinks.double().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows give 0, like SDPA's math kernel on new torch
     return probs @ v64
 
 
 class AttentionOp(OpDef):
     family = "attention"
-    arg_names = ("q", "k", "v", "attn_mask", "is_causal", "dropout_p", "scale", "window")
+    arg_names = ("q", "k", "v", "attn_mask", "is_causal", "dropout_p", "scale", "window", "softcap", "sinks",
+                 "alibi_slopes")
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
-        q, k, v, mask, is_causal, dropout_p, scale, window = args
+        """Name the first problem of ``args`` (the eight canonical arguments, or eleven with the variants)."""
+        q, k, v, mask, is_causal, dropout_p, scale, window, *variants = args
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise self.invalid(operation, f"{name} must be a torch.Tensor, got {type(t).__name__}", args)
@@ -120,11 +145,16 @@ class AttentionOp(OpDef):
             raise self.invalid(operation, f"scale must be a finite number or None, got {scale!r}", args)
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
             raise self.invalid(operation, f"window must be a positive int or None, got {window!r}", args)
+        problem = variant_problem(q, *variants)
+        if problem is not None:
+            raise self.invalid(operation, problem, args)
 
     def context(self, operation: str, args: tuple[Any, ...]) -> SelectionContext:
-        q, k, v, mask, is_causal, dropout_p, scale, window = args
+        q, k, v, mask, is_causal, dropout_p, scale, window, *variants = args
+        softcap, sinks, alibi = (*variants, None, None, None)[:3]
         return SelectionContext.from_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
-                                               scale=scale, layout="BHSD", window=window)
+                                               scale=scale, layout="BHSD", window=window, softcap=softcap,
+                                               sinks=sinks, alibi_slopes=alibi)
 
     def consumes_rng(self, operation: str, ctx: SelectionContext) -> bool:
         return ctx.dropout_p > 0
@@ -163,7 +193,12 @@ class AttentionOp(OpDef):
         elif ctx.mask_kind == "additive":
             mask = torch.randn(sq, sk, device=ctx.device, generator=generator).to(kw["dtype"])
         is_causal = ctx.is_causal or operation == "attention.causal"
-        return (q, k, v, mask, is_causal, ctx.dropout_p, ctx.scale, ctx.window)
+        args = (q, k, v, mask, is_causal, ctx.dropout_p, ctx.scale, ctx.window)
+        if not (ctx.softcap or ctx.sinks or ctx.alibi):
+            return args
+        sinks = torch.randn(hq, **kw) if ctx.sinks else None
+        alibi = (torch.rand(hq, device=ctx.device, generator=generator) * 0.5 + 0.01) if ctx.alibi else None
+        return (*args, 5.0 if ctx.softcap else None, sinks, alibi)
 
     def args_from_inputs(self, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]
                          ) -> tuple[Any, ...]:
@@ -173,8 +208,10 @@ class AttentionOp(OpDef):
         v = pick(merged, "value", "v", operation=operation)
         mask = pick(merged, "attn_mask", "mask", default=None)
         is_causal = bool(merged.get("is_causal", False)) or operation.endswith(".causal")
-        return (q, k, v, mask, is_causal, float(merged.get("dropout_p", 0.0)), merged.get("scale"),
+        args = (q, k, v, mask, is_causal, float(merged.get("dropout_p", 0.0)), merged.get("scale"),
                 merged.get("window"))
+        variants = (merged.get("softcap"), merged.get("sinks"), merged.get("alibi_slopes"))
+        return args if all(x is None for x in variants) else (*args, *variants)
 
     def sample_contexts(self, operation: str, device: str = "cpu") -> list[SelectionContext]:
         causal = operation.endswith("causal")
@@ -218,6 +255,13 @@ _DOC = """Scaled dot-product attention through the fastest correct kernel here.
         scale: softmax scale; ``1/sqrt(head_dim)`` when None.
         layout: ``"BHSD"`` or ``"BSHD"``; the output comes back in the same layout.
         window: sliding-window size (each query sees at most ``window`` keys ending at itself).
+        softcap: attention-logit softcapping (Gemma 2): scores become ``tanh(scores / softcap) * softcap``
+            after scaling, before any mask; a finite positive number.
+        sinks: ``(heads,)`` per-head sink logits (GPT-OSS), float32 or q's dtype: each joins its head's
+            softmax denominator as one more column, then is dropped.
+        alibi_slopes: ``(heads,)`` or ``(batch, heads)`` float32 ALiBi slopes; adds
+            ``-slope * |i + seq_k - seq_q - j|`` to the score of query ``i`` and key ``j`` (FlashAttention's
+            definition: for causal self-attention ``-slope * (i - j)``).
         operation: override the operation name (``"attention.decode"``, ``"attention.prefill"``, ...);
             ``attention.causal`` when ``is_causal`` else ``attention.full`` by default.
 
@@ -230,12 +274,15 @@ _DOC = """Scaled dot-product attention through the fastest correct kernel here.
 #: k, v of k's shape (PyTorch's CPU flash kernel reads k's sequence length of v without checking it), one
 #: batch size, no empty dimension, no mask (a mask's shape is in the exact key). ``is_causal`` must be a
 #: bool, ``window`` an int and ``scale`` a finite number: their keys compare ``1 == True``, ``2.0 == 2``,
-#: and ``scale`` is not keyed.
+#: and ``scale`` is not keyed. A call with a variant (``softcap``, ``sinks``, ``alibi_slopes``) passes them as
+#: three more kernel arguments (``*variants``; none at all without one, so eight-argument kernels keep working),
+#: its family key gains their :func:`variant_key`, and :func:`variants_admitted` guards what that key leaves out.
+#: Variant plans never carry a ``direct`` form (no SDPA specialization is made for them).
 ATTENTION_CONTRACT = CallContract(
     name="attention",
     signature="q, k, v, *, attn_mask=None, is_causal=False, dropout_p=0.0, scale=None, layout='BHSD', window=None, "
-              "operation=None",
-    args="q, k, v, attn_mask, is_causal, dropout_p, scale, window",
+              "softcap=None, sinks=None, alibi_slopes=None, operation=None",
+    args="q, k, v, attn_mask, is_causal, dropout_p, scale, window, *variants",
     operation="operation",
     prologue="""
 if operation is None:
@@ -249,20 +296,25 @@ if bshd:
     q, k, v = bhsd(q, k, v)
 elif layout != "BHSD":
     raise bad_layout(operation, layout, q, k, v)
+variants = () if softcap is None and sinks is None and alibi_slopes is None else (softcap, sinks, alibi_slopes)
 """,
-    family="(operation, q.dtype, q.is_cpu or q.device, is_causal, dropout_p, window, "
-           "None if attn_mask is None else (attn_mask.dtype, attn_mask.device))",
+    family="((operation, q.dtype, q.is_cpu or q.device, is_causal, dropout_p, window, "
+           "None if attn_mask is None else (attn_mask.dtype, attn_mask.device)) if not variants else "
+           "(operation, q.dtype, q.is_cpu or q.device, is_causal, dropout_p, window, "
+           "None if attn_mask is None else (attn_mask.dtype, attn_mask.device), variant_key(*variants)))",
     shape="q.shape, k.shape, v.shape, None if attn_mask is None else attn_mask.shape",
     shape_free=True,
     family_guard="(attn_mask is None and (ks := k.shape) == v.shape and len(qs := q.shape) == 4 == len(ks) "
                  "and qs[0] == ks[0] and qs[3] == ks[3] and 0 not in qs and 0 not in ks and not qs[1] % ks[1])",
     guard="(is_causal.__class__ is bool and (window is None or window.__class__ is int) and (scale is None or "
-          "(scale.__class__ is float or scale.__class__ is int) and scale - scale == 0))",
+          "(scale.__class__ is float or scale.__class__ is int) and scale - scale == 0) "
+          "and (not variants or variants_admitted(q, *variants)))",
     direct="plan.direct(q, k, v)",  # PyTorch's SDPA itself: q, k and v say it all
     direct_when="scale is None",
     result="out.transpose(1, 2) if bshd else out",
     namespace={"OP_CAUSAL": _OP_CAUSAL, "OP_FULL": _OP_FULL, "bad_operation": _bad_operation,
-               "bad_layout": _bad_layout, "bhsd": _bhsd},
+               "bad_layout": _bad_layout, "bhsd": _bhsd, "variant_key": variant_key,
+               "variants_admitted": variants_admitted},
     doc=_DOC,
 )
 

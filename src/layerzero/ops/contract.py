@@ -51,7 +51,8 @@ class CallContract:
     Args:
         name: the public function's name (``"rms_norm"``).
         signature: its parameter list as written in ``def`` (``"x, weight=None, eps=1e-6"``).
-        args: the canonical kernel arguments, in order (``"x, weight, eps"``).
+        args: the canonical kernel arguments, in order (``"x, weight, eps"``); the last may be ``*rest``, a
+            tuple of optional trailing arguments the prologue sets (attention's variants).
         operation: an expression for the operation name (a quoted constant, or a name the prologue sets).
         family: the shape-free part of the key.
         shape: the shapes the exact key adds (``"x.shape"``; several comma-separated).
@@ -196,6 +197,8 @@ def _check(contract: CallContract) -> None:
         text = getattr(contract, name)
         if not text:
             continue
+        if name == "args":  # a parameter list, which may end in ``*rest``: parsed as a tuple display
+            text = f"({text.strip()},)"
         tree = ast.parse(text.strip(), mode="exec" if name == "prologue" else "eval")
         for node in ast.walk(tree):
             ident = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""

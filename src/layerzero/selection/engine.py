@@ -107,6 +107,10 @@ def format_context(operation: str, ctx: SelectionContext) -> str:
         parts.append("is_causal=True")
     if ctx.mask_kind != "none":
         parts.append(f"mask={ctx.mask_kind}")
+    if ctx.window is not None:
+        parts.append(f"window={ctx.window}")
+    parts.extend(f"{name}=True" for name, on in (("softcap", ctx.softcap), ("sinks", ctx.sinks),
+                                                 ("alibi", ctx.alibi)) if on)
     if ctx.requires_grad:
         parts.append("requires_grad=True")
     return f"{operation}({', '.join(parts)})"

@@ -6,8 +6,8 @@ Dimensions that vary from call to call round up to powers of two
 lengths, and the row count of norms and activations. Dimensions fixed by the
 model stay exact: head counts, head dim, value head dim and hidden size. The
 flags that change which code a kernel runs are part of the bucket too (causal,
-mask kind, sliding window, dropout on/off, autograd, RoPE variant, GELU
-approximation). dtype and operation are separate columns of the database.
+mask kind, sliding window, dropout on/off, autograd, attention variants, RoPE variant,
+GELU approximation). dtype and operation are separate columns of the database.
 
 Examples (``bucket_of(operation, ctx)``)::
 
@@ -32,6 +32,12 @@ def _n(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
+def _variants(ctx: SelectionContext) -> str:
+    """``;var=softcap+sinks`` for attention variants (nothing without any, so older bucket keys stay)."""
+    names = [n for n, on in (("softcap", ctx.softcap), ("sinks", ctx.sinks), ("alibi", ctx.alibi)) if on]
+    return f";var={'+'.join(names)}" if names else ""
+
+
 def bucket_of(operation: str, ctx: SelectionContext) -> str:
     """The bucket key of ``ctx`` for ``operation`` (a short, stable, human-readable string)."""
     family = operation.split(".", 1)[0]
@@ -40,7 +46,8 @@ def bucket_of(operation: str, ctx: SelectionContext) -> str:
         return (f"b={_n(bucket_pow2(ctx.batch_size))};sq={_n(bucket_pow2(ctx.seq_len_q))};"
                 f"sk={_n(bucket_pow2(ctx.seq_len_k))};h={_n(ctx.num_heads)};hkv={_n(ctx.num_kv_heads)};"
                 f"d={_n(ctx.head_dim)};dv={_n(ctx.head_dim_v)};causal={int(ctx.is_causal)};"
-                f"mask={ctx.mask_kind};win={_n(ctx.window)};drop={int(ctx.dropout_p > 0)};grad={grad}")
+                f"mask={ctx.mask_kind};win={_n(ctx.window)};drop={int(ctx.dropout_p > 0)};grad={grad}"
+                + _variants(ctx))
     parts = [f"n={_n(bucket_pow2(ctx.num_tokens))}", f"hidden={_n(ctx.hidden_size)}"]
     if family == "rope":
         parts.append(f"d={_n(ctx.head_dim)};interleaved={int(ctx.interleaved)}")

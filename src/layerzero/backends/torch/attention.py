@@ -1,5 +1,8 @@
 """The torch attention kernels: adapters ``(q, k, v, attn_mask, is_causal, dropout_p, scale, window)``, BHSD.
 
+``torch_sdpa_gqa`` and ``torch_sdpa_math`` also take ``sinks`` and ``alibi_slopes`` (an additive mask and a
+sink key, :mod:`.attention_variants`); no SDPA kernel can apply a softcap.
+
 Attention goes to each SDPA kernel directly through its aten binding (flash,
 memory-efficient, cuDNN, math, CPU flash) rather than through the
 ``sdpa_kernel`` context manager, which costs tens of microseconds per call on a
@@ -18,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from layerzero.backends.torch.attention_variants import variant_inputs
 from layerzero.backends.torch.capabilities import GQA_NATIVE
 from layerzero.tensor_helpers import window_mask
 
@@ -72,8 +76,12 @@ def torch_sdpa(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ign
     return _sdpa(q, k, v, mask, dropout_p, is_causal, scale=scale)
 
 
-def torch_sdpa_gqa(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
-    mask, is_causal = _windowed(q, k, mask, is_causal, window)
+def torch_sdpa_gqa(q, k, v, mask, is_causal, dropout_p, scale, window,  # type: ignore[no-untyped-def]
+                   softcap=None, sinks=None, alibi_slopes=None):
+    if sinks is not None or alibi_slopes is not None:  # as an additive mask (and a sink key): attention_variants
+        k, v, mask, is_causal = variant_inputs(q, k, v, mask, is_causal, window, sinks, alibi_slopes)
+    else:
+        mask, is_causal = _windowed(q, k, mask, is_causal, window)
     if q.shape[1] != k.shape[1]:
         if GQA_NATIVE:
             return _sdpa(q, k, v, mask, dropout_p, is_causal, scale=scale, enable_gqa=True)
@@ -81,8 +89,12 @@ def torch_sdpa_gqa(q, k, v, mask, is_causal, dropout_p, scale, window):  # type:
     return _sdpa(q, k, v, mask, dropout_p, is_causal, scale=scale)
 
 
-def torch_sdpa_math(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
-    mask, is_causal = _windowed(q, k, mask, is_causal, window)
+def torch_sdpa_math(q, k, v, mask, is_causal, dropout_p, scale, window,  # type: ignore[no-untyped-def]
+                    softcap=None, sinks=None, alibi_slopes=None):
+    if sinks is not None or alibi_slopes is not None:
+        k, v, mask, is_causal = variant_inputs(q, k, v, mask, is_causal, window, sinks, alibi_slopes)
+    else:
+        mask, is_causal = _windowed(q, k, mask, is_causal, window)
     if q.shape[1] != k.shape[1]:
         k, v = _expand_kv(q, k, v)
     if mask is not None:  # the aten math op adds a bool mask as 0/1 instead of masking with it

@@ -27,6 +27,7 @@ from layerzero.backends.torch.attention import (
     torch_sdpa_gqa,
     torch_sdpa_math,
 )
+from layerzero.backends.torch.attention_variants import torch_attention_eager
 from layerzero.backends.torch.capabilities import CUDNN_OP, FLOATS, GQA_NATIVE, HALF, MAX_SM
 from layerzero.backends.torch.fast import sdpa_gqa_specialize, sdpa_specialize
 from layerzero.context import SelectionContext
@@ -143,8 +144,10 @@ def _sdpa_specs(tol: Tolerance) -> list[KernelSpec]:
         # flash kernel); tuning promotes a direct kernel where it measures faster. It covers torch_sdpa
         # (enable_gqa=True with equal head counts is plain SDPA, see fast.py), so a family whose first
         # call is GQA gets one shape-free plan for its GQA and MHA shapes.
+        # sinks and ALiBi as an additive mask plus one zero key (attention_variants.variant_inputs); SDPA has no
+        # form of a softcap.
         spec("torch_sdpa_gqa", torch_sdpa_gqa, 68, dtypes=FLOATS, mask_kinds=_ANY_MASK, supports_window=True,
-             specialize=sdpa_gqa_specialize, shape_free=True, covers=frozenset({"torch_sdpa"}),
+             supports_sinks=True, supports_alibi=True, specialize=sdpa_gqa_specialize, shape_free=True, covers=frozenset({"torch_sdpa"}),
              description="F.scaled_dot_product_attention with native GQA (enable_gqa) and sliding windows"),
     ]
 
@@ -224,5 +227,11 @@ def _cpu_and_math_specs(tol: Tolerance) -> list[KernelSpec]:
         # The math composite runs anywhere; the adapter repeats K/V heads for GQA and turns bool masks
         # (and the sliding window) into additive ones.
         spec("torch_sdpa_math", torch_sdpa_math, 10, dtypes=FLOATS, mask_kinds=_ANY_MASK, supports_window=True,
+             supports_sinks=True, supports_alibi=True,
              description="aten::_scaled_dot_product_attention_math (reference composite, any device)"),
+        # Attention in PyTorch ops (scores and softmax in float32 for half inputs): every variant, softcap
+        # included, on any device; ranked last, so it runs what no fused kernel here can.
+        spec("torch_attention_eager", torch_attention_eager, 5, dtypes=FLOATS, mask_kinds=_ANY_MASK,
+             supports_window=True, supports_softcap=True, supports_sinks=True, supports_alibi=True,
+             description="attention in PyTorch ops with softcap, sinks and ALiBi (q k^T, softmax, p v)"),
     ]

@@ -76,10 +76,11 @@ torch_sdpa_gqa_causal.direct = functools.partial(_sdpa, is_causal=True,  # type:
 
 
 def sdpa_gqa_specialize(ctx: SelectionContext) -> tuple[Any, Callable[..., Any]]:
-    """``torch_sdpa_gqa`` for a plan with no mask, dropout or window: on PyTorch >= 2.5 it calls SDPA with
+    """``torch_sdpa_gqa`` for a plan with no mask, dropout, window or variant: on PyTorch >= 2.5 it calls SDPA with
     ``enable_gqa=True`` and nothing else, whatever the context's head counts, so the plan (and a
     shape-free plan of its call family) runs GQA, MQA and MHA calls alike; else the general adapter."""
-    if ctx.mask_kind != "none" or ctx.dropout_p or ctx.window is not None or not GQA_NATIVE:
+    if ctx.mask_kind != "none" or ctx.dropout_p or ctx.window is not None or not GQA_NATIVE or ctx.sinks \
+            or ctx.alibi:
         return "sdpa_gqa", torch_sdpa_gqa
     return ("sdpa_gqa_causal", torch_sdpa_gqa_causal) if ctx.is_causal else ("sdpa_gqa_plain", torch_sdpa_gqa_plain)
 
