@@ -259,3 +259,23 @@ def test_kernel_attention_op_passes_opcheck() -> None:
     assert set(result.values()) == {"SUCCESS"}, result
     out = lzc.kernel_attention_op(*args)[0]
     torch.testing.assert_close(out.double(), attention_reference(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
+
+
+def test_a_patched_transformers_model_under_compile_traces_the_native_path() -> None:
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, hidden_act="silu")
+    model = torch.nn.Sequential(LlamaRMSNorm(32, eps=1e-6), LlamaMLP(config))
+    x = torch.randn(2, 8, 32)
+    want = model(x)
+    from layerzero.integrations.transformers import patch
+
+    patched = patch(model)
+    assert patched.count >= 2, str(patched)  # the norm and the SwiGLU MLP
+    graphs = Graphs()
+    got = torch.compile(model, backend=graphs, fullgraph=True)(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    targets = [t for g in graphs.dynamo for t in Graphs.targets(g)]
+    assert not any("layerzero" in t for t in targets), targets
+    assert any("rms_norm" in t for t in targets) and any("silu" in t for t in targets), targets
