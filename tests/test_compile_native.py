@@ -128,17 +128,33 @@ def test_compiled_training_step_matches_eager() -> None:
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _attention_kernel_calls(counts: Counter[str]) -> tuple[int, int]:
+    """(forward, backward) calls of the fused SDPA kernels (``aten::_scaled_dot_product_*``)."""
+    ops = [(op, n) for op, n in counts.items() if op.startswith("aten::_scaled_dot_product_")]
+    return sum(n for op, n in ops if "backward" not in op), sum(n for op, n in ops if "backward" in op)
+
+
+def _assert_each_attention_forward_runs_once(backend: str, device: str, dtype: torch.dtype) -> None:
+    layers = 2
+    model = _model(layers).to(device, dtype)
+    x = torch.randn(2, 64, 32, device=device, dtype=dtype)
+    step = _compiled_step(backend)
+    step(model, x)  # compile outside the profiler
+    counts = _op_counts(lambda: step(model, x))
+    assert _attention_kernel_calls(counts) == (layers, layers), counts
+    assert not any("layerzero" in op for op in counts), counts
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_training_step_runs_each_attention_forward_once(backend: str) -> None:
-    layers = 2
-    model = _model(layers)
-    x = torch.randn(2, 8, 32)
-    step = _compiled_step(backend)
-    step(model, x)  # compile outside the counting mode
-    counts = _op_counts(lambda: step(model, x))
-    kernel = "aten::_scaled_dot_product_flash_attention_for_cpu"  # what SDPA runs for these inputs on a CPU
-    assert (counts[kernel], counts[kernel + "_backward"]) == (layers, layers), counts
-    assert not any("layerzero" in op for op in counts), counts
+    _assert_each_attention_forward_runs_once(backend, "cpu", torch.float32)
+
+
+@pytest.mark.gpu
+def test_compiled_training_step_runs_each_attention_forward_once_on_cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _assert_each_attention_forward_runs_once("inductor", "cuda", torch.bfloat16)
 
 
 def test_policy_change_between_calls_recompiles_and_uses_the_new_choice() -> None:
