@@ -91,5 +91,5 @@ def test_compiled_flex_on_cuda(dtype: torch.dtype) -> None:
         ref = attention_reference(q, k, v, None, causal, 0.0, None, window)
         tol = 2.5e-2 if dtype == torch.bfloat16 else 4e-3
         torch.testing.assert_close(out.double(), ref, atol=4 * tol, rtol=4 * tol)
-    # one family: d=64 for this dtype (key[5]: the variant family, compiled separately)
-    assert len([key for key in flex._compiled if key[2] == dtype and not key[5]]) == 1
+    # one family per mask kind (causal, full, window 64) for d=64 in this dtype (key[8]: variant families)
+    assert len([key for key in flex._compiled if key[2] == dtype and not key[8]]) == 3

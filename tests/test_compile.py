@@ -1,4 +1,6 @@
-"""torch.compile: layerzero ops as custom ops, traced with no graph break, matching eager."""
+"""torch.compile: layerzero ops traced with no graph break, matching eager; the dispatched custom ops.
+
+The native tracing and the opaque residual path are tested in tests/test_compile_native.py."""
 
 from __future__ import annotations
 
@@ -67,15 +69,26 @@ def _fresh_dynamo():
 def test_public_ops_are_substituted_and_eager_functions_are_untouched() -> None:
     assert set(lzc.installed()) >= {"attention", "rms_norm", "layer_norm", "rope", "swiglu", "gelu", "silu"}
     # Dynamo gets a stand-in; the eager function object (and so the eager hot path) is the original one.
-    assert lz.attention is lzc._lz_attention and lz.rms_norm is lzc._lz_rms_norm and lz.rope is lzc._lz_rope
+    assert lz.attention is lzc.ORIGINALS["attention"] and lz.rms_norm is lzc.ORIGINALS["rms_norm"]
+    assert lz.rope is lzc.ORIGINALS["rope"]
     for name in ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "gelu", "silu"):
         schema = getattr(torch.ops.layerzero, name).default._schema
         assert not schema.is_mutable, name
 
 
-def test_block_traces_as_one_graph_of_layerzero_ops() -> None:
+def test_block_traces_as_one_graph_of_pytorch_ops() -> None:
     t = _inputs(0)
     explanation = torch._dynamo.explain(_block)(*t.values())
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    targets = [str(n.target) for n in explanation.graphs[0].graph.nodes if n.op == "call_function"]
+    assert not any("layerzero" in t for t in targets), targets  # PyTorch's kernels are traced as PyTorch code
+    assert any("scaled_dot_product_attention" in t for t in targets) and any("rms_norm" in t for t in targets)
+
+
+def test_block_inside_a_policy_scope_traces_as_one_graph_of_layerzero_ops() -> None:
+    t = _inputs(0)
+    with lz.lock("rms_norm", "torch_rms_norm"):  # a live scope: the dispatched ops read it at run time
+        explanation = torch._dynamo.explain(_block)(*t.values())
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     targets = [str(n.target) for n in explanation.graphs[0].graph.nodes if n.op == "call_function"]
     assert targets.count("layerzero.rope.default") == 2

@@ -463,8 +463,10 @@ def test_compiled_model_has_no_graph_break() -> None:
         compiled = torch.compile(logits, fullgraph=True, backend=backend)  # fullgraph: a break would raise
         torch.testing.assert_close(compiled(ids), logits(ids), atol=1e-5, rtol=1e-5)
     assert len(graphs) == 1
-    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
-    assert {"layerzero.attention.default", "layerzero.rms_norm.default", "layerzero.swiglu.default"} <= targets
+    targets = {getattr(n.target, "__name__", str(n.target)) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    # PyTorch's kernels are traced as PyTorch code (Inductor fuses them), not as layerzero custom ops
+    assert not any("layerzero" in t for t in targets), targets
+    assert {"scaled_dot_product_attention", "rms_norm", "silu"} <= targets, targets
     torch._dynamo.reset()
 
 

@@ -7,18 +7,23 @@ import sys
 
 import pytest
 import torch
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client.parser import text_string_to_metric_families
 
-import layerzero as lz
-from layerzero import telemetry
-from layerzero.registry import get_global_kernel_registry
-from layerzero.spec import KernelSpec
-from layerzero.telemetry.families import FAMILIES
+# Optional dependencies: without them the module is skipped (not a collection error, e.g. under pytest -m gpu).
+pytest.importorskip("opentelemetry.sdk")
+pytest.importorskip("prometheus_client")
+
+from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+import layerzero as lz  # noqa: E402
+from layerzero import telemetry  # noqa: E402
+from layerzero.registry import get_global_kernel_registry  # noqa: E402
+from layerzero.spec import KernelSpec  # noqa: E402
+from layerzero.telemetry.families import FAMILIES  # noqa: E402
 
 
 @pytest.fixture

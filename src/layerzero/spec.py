@@ -18,7 +18,7 @@ import torch
 
 from layerzero.context import DTYPE_NAMES, SelectionContext, dtype_from_name
 
-__all__ = ["KernelSpec", "Reason", "ReasonCode"]
+__all__ = ["KernelSpec", "Reason", "ReasonCode", "ResidualPair"]
 
 _ID_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _OP_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
@@ -86,6 +86,25 @@ def _cc(cc: tuple[int, int]) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class ResidualPair:
+    """A kernel's forward that keeps what its own backward needs, and that backward.
+
+    Under ``torch.compile`` a kernel Inductor cannot see runs as one opaque node; with a pair its backward
+    node calls ``backward`` on the saved residuals instead of running the forward again.
+
+    * ``forward(*args) -> (out, residuals)``: the operation's canonical arguments in, the output and a tuple
+      of tensors out (attention: the log-sum-exp, and whatever else the kernel's backward reads);
+    * ``backward(grad, args, out, residuals) -> grads``: one gradient (or None) per tensor-valued canonical
+      argument, in order;
+    * ``fake(*args) -> residuals``: empty tensors of the residuals' shapes and dtypes, for tracing.
+    """
+
+    forward: Callable[..., tuple[Any, tuple[Any, ...]]]
+    backward: Callable[..., tuple[Any, ...]]
+    fake: Callable[..., tuple[Any, ...]]
+
+
+@dataclass(frozen=True, slots=True)
 class KernelSpec:
     """A kernel: identity, callable, and declared constraints (all permissive by default).
 
@@ -104,6 +123,11 @@ class KernelSpec:
     (``torch_sdpa_gqa`` covers ``torch_sdpa``: SDPA with ``enable_gqa=True`` is
     SDPA when the head counts match): when one of them outranks it only for
     some shapes, a shape-free plan of this kernel still serves the family.
+    ``compile_native=True`` declares that ``impl`` is plain PyTorch that Dynamo
+    can trace: under ``torch.compile`` the call is traced as that code, so
+    Inductor fuses it with its neighbours. Other kernels run as one opaque node;
+    ``residual_pair`` (a :class:`ResidualPair`) gives that node a backward that
+    reuses the forward's residuals, without it the backward recomputes the forward.
 
     Example:
         >>> KernelSpec("my_rms_norm", "rms_norm", "custom", my_fn, dtypes={torch.float16})
@@ -145,6 +169,8 @@ class KernelSpec:
     approximations: frozenset[str] | None = None
     shape_free: bool = False
     covers: frozenset[str] = frozenset()
+    compile_native: bool = False
+    residual_pair: ResidualPair | None = field(default=None, compare=False, repr=False)
     tolerance: dict[str, tuple[float, float]] | None = field(default=None, compare=False, hash=False)
     extra_check: Callable[[SelectionContext], list[Reason]] | None = field(default=None, compare=False, repr=False)
     specialize: Callable[[SelectionContext], tuple[Any, Callable[..., Any]]] | None = field(
@@ -278,7 +304,7 @@ class KernelSpec:
         """A JSON-ready description of the spec's declared constraints."""
         out: dict[str, Any] = {}
         for name in self.__slots__:  # type: ignore[attr-defined]
-            if name in ("impl", "extra_check", "tolerance", "specialize"):
+            if name in ("impl", "extra_check", "tolerance", "specialize", "residual_pair"):
                 continue
             value = getattr(self, name)
             if isinstance(value, frozenset):
@@ -286,6 +312,7 @@ class KernelSpec:
             elif isinstance(value, tuple):
                 value = list(value)
             out[name] = value
+        out["residual_backward"] = self.residual_pair is not None
         return out
 
 

@@ -6,11 +6,17 @@ sliding-window attention without a dense mask, with native GQA
 (``enable_gqa=True``), and the attention variants: softcap and ALiBi as a
 ``score_mod``, sinks as an exact rescale by the log-sum-exp flex returns.
 
-* Compiled once per shape family (device, dtype, head dims) with dynamic
-  batch, head and sequence sizes (see ``_family_fn``), on the family's first
-  call. ``enable_gqa=True`` always (it is exact for equal head counts too).
+* Compiled once per family (device, dtype, head dims, mask kind, window,
+  scale: :func:`family_key`) with dynamic batch, head and sequence sizes (see
+  ``_family_fn``), on the family's first call. ``enable_gqa=True`` always (it
+  is exact for equal head counts too).
 * Block masks (``create_block_mask``) are built once per (query length, key
-  length, causal, window, device) and kept in a small cache.
+  length, causal, window, device) and kept in a small cache; their mask
+  functions are one object per mask kind, so masks of one family trace alike.
+* Never unfused: a new size class compiles with Dynamo's
+  ``fail_on_recompile_limit_hit``, and a family that cannot compile is
+  rejected from then on with the reason (``COMPILE_UNSAFE``) instead of
+  running eager FlexAttention.
 * The causal mask is upper-left aligned (``q_idx >= kv_idx``), as in
   ``F.scaled_dot_product_attention``, so no alignment restriction applies.
 
@@ -36,12 +42,18 @@ from layerzero.context import SelectionContext
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
 
-__all__ = ["register", "BACKENDS", "KERNEL_IDS", "flex_attention_kernel", "block_mask_for", "FLEX_KERNEL_IDS"]
+__all__ = ["register", "BACKENDS", "KERNEL_IDS", "flex_attention_kernel", "block_mask_for", "FLEX_KERNEL_IDS",
+           "family_key", "COMPILE_BACKEND"]
 
 _MASK_CACHE_SIZE = 64
 _masks: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 _compiled: dict[tuple[Any, ...], Any] = {}
+_seen: dict[tuple[Any, ...], int] = {}  # (family, size class) -> calls that ran compiled (counted to 2)
+_WATCHED_CALLS = 2  # calls per (family, size class) run with fail_on_recompile_limit_hit (it costs ~2-15 us)
+_failed: dict[tuple[Any, ...], str] = {}  # families that cannot be compiled (more), with the reason
 _lock = threading.Lock()
+#: The torch.compile backend of the family functions ("inductor"; tests on a CPU may use another).
+COMPILE_BACKEND: list[str] = ["inductor"]
 
 
 _flex_attention: Any = None  # torch.nn.attention.flex_attention.flex_attention, imported on first use
@@ -78,42 +90,101 @@ def _lse_of(result: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return out, (aux if isinstance(aux, torch.Tensor) else aux.lse)
 
 
-def _family_fn(q: torch.Tensor, v: torch.Tensor, variants: bool = False) -> Any:
-    """The compiled FlexAttention for this shape family (device, dtype, head dims).
+def family_key(device: torch.device, dtype: torch.dtype, d: int, dv: int, is_causal: bool, window: int | None,
+               scale: float | None, variants: bool = False) -> tuple[Any, ...]:
+    """What one compiled FlexAttention serves: device, dtype, head dims, mask kind, window, scale and whether
+    a variant (softcap, ALiBi: a ``score_mod``; sinks: the log-sum-exp too) is on.
 
-    Each family gets its own code object (a copy of ``_flex_call``'s), because
-    Dynamo keeps its cache and its recompile limit per code object: one shared
-    compiled function would hit the limit after a handful of families and fall
-    back to eager FlexAttention, which materializes the score matrix. Within a
-    family, batch, heads and sequence lengths are dynamic, so it compiles once.
+    Everything in it is a constant Dynamo would guard on (the mask function, the scale), so calls of one
+    family differ only in sizes, which are dynamic."""
+    kind = "window" if window is not None else "causal" if is_causal else "full"
+    return (device.type, device.index, dtype, d, dv, kind, window, scale, bool(variants))
+
+
+def _family_fn(key: tuple[Any, ...]) -> Any:
+    """The compiled FlexAttention for one family (:func:`family_key`) and size class (``_size_class``).
+
+    Each family gets its own code object (a copy of ``_flex_call``'s), because Dynamo keeps its cache and
+    its recompile limit per code object: one shared compiled function would hit the limit after a handful
+    of families (causal, full and sliding-window masks each trace another graph, and so does each
+    combination of sizes Dynamo specializes: batch 1, one KV head, one block of 128 or several) and fall
+    back to eager FlexAttention, which materializes the score matrix. Within one, batch, heads and
+    sequence lengths are dynamic, so it compiles once.
     """
-    key = (q.device.type, q.device.index, q.dtype, q.shape[-1], v.shape[-1], variants)
     fn = _compiled.get(key)
     if fn is None:
         with _lock:
             fn = _compiled.get(key)
             if fn is None:
-                base = _flex_variant_call if variants else _flex_call
+                base = _flex_variant_call if key[8] else _flex_call
                 code = base.__code__.replace(co_name=f"_flex_family_{len(_compiled)}")
                 family = types.FunctionType(code, base.__globals__, code.co_name)
-                fn = torch.compile(family, dynamic=True)
+                fn = torch.compile(family, dynamic=True, backend=COMPILE_BACKEND[0])
                 _compiled[key] = fn
     return fn
 
 
+def _size_class(q: torch.Tensor, k: torch.Tensor) -> tuple[bool, ...]:
+    """The size facts Dynamo specializes on (0/1 sizes: batch, heads, one block of 128 or several)."""
+    return (q.shape[0] == 1, q.shape[1] == 1, k.shape[1] == 1, q.shape[2] == 1, q.shape[2] <= 128,
+            k.shape[2] <= 128)
+
+
+def _compiled_call(key: tuple[Any, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Any,
+                   scale: float | None, *extra: Any) -> Any:
+    """Run the compiled FlexAttention for the family and size class of this call; never the unfused one.
+
+    Each (family, size class) has its own code object, so the 0/1 size specializations Dynamo makes do
+    not add up to its recompile limit on one. A code object's first call runs with Dynamo's
+    ``fail_on_recompile_limit_hit``, so a family that cannot compile raises (and is rejected from then on,
+    see :func:`_check`) instead of running eager FlexAttention. Its sizes are marked dynamic, so one graph
+    serves the size class; the first two calls are watched, later ones run without the patch."""
+    failed = _failed.get(key)
+    if failed is not None:
+        raise RuntimeError(failed)
+    signature = (*key, *_size_class(q, k))
+    fn = _family_fn(signature)
+    calls = _seen.get(signature, 0)
+    if calls >= _WATCHED_CALLS:
+        return fn(q, k, v, bm, scale, *extra)
+    if calls == 0:  # the first graph already has dynamic sizes (else Dynamo's second one would)
+        for t in (q, k, v):
+            for dim in range(3):
+                if t.shape[dim] > 1:
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            out = fn(q, k, v, bm, scale, *extra)
+    except Exception as exc:
+        if type(exc).__name__ == "FailOnRecompileLimitHit":
+            _failed[key] = (f"FlexAttention for this family ({key[2]}, head_dim={key[3]}, mask={key[5]}) reached "
+                            f"Dynamo's recompile limit; rejected rather than run unfused ({type(exc).__name__})")
+        raise
+    _seen[signature] = calls + 1
+    return out
+
+
+def _causal(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+    return q_idx >= kv_idx
+
+
+_sliding: dict[int, Any] = {}
+
+
 def _mask_mod(is_causal: bool, window: int | None) -> Any:
+    """One function object per mask kind (and window), so block masks of one family share it: Dynamo
+    guards on the mask function, and a fresh closure per block mask would recompile per shape."""
     if window is not None:
         w = int(window)
+        fn = _sliding.get(w)
+        if fn is None:
+            def sliding(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+                return (q_idx >= kv_idx) & (q_idx - kv_idx < w)
 
-        def sliding(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-            return (q_idx >= kv_idx) & (q_idx - kv_idx < w)
-
-        return sliding
+            fn = _sliding.setdefault(w, sliding)
+        return fn
     if is_causal:
-        def causal(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-            return q_idx >= kv_idx
-
-        return causal
+        return _causal
     from torch.nn.attention.flex_attention import noop_mask
 
     return noop_mask
@@ -171,20 +242,31 @@ def flex_attention_kernel(q, k, v, mask, is_causal, dropout_p, scale, window,  #
     _load()
     bm = block_mask_for(q.shape[2], k.shape[2], is_causal, window, q.device)
     if softcap is None and sinks is None and alibi_slopes is None:
-        fn = _family_fn(q, v) if compiled else _flex_call
-        return fn(q, k, v, bm, scale)
+        if not compiled:
+            return _flex_call(q, k, v, bm, scale)
+        key = family_key(q.device, q.dtype, q.shape[-1], v.shape[-1], is_causal, window, scale)
+        return _compiled_call(key, q, k, v, bm, scale)
     mod = None if softcap is None and alibi_slopes is None else _score_mod(softcap, alibi_slopes, q.shape[2],
                                                                           k.shape[2])
-    fn = _family_fn(q, v, variants=True) if compiled else _flex_variant_call
+    key = family_key(q.device, q.dtype, q.shape[-1], v.shape[-1], is_causal, window, scale, variants=True)
+
+    def call(*args: Any) -> Any:
+        return _compiled_call(key, *args) if compiled else _flex_variant_call(*args)
+
     if sinks is None:
-        return fn(q, k, v, bm, scale, mod, False)
-    out, lse = _lse_of(fn(q, k, v, bm, scale, mod, True))
+        return call(q, k, v, bm, scale, mod, False)
+    out, lse = _lse_of(call(q, k, v, bm, scale, mod, True))
     keep = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))
     return (out.float() * keep.unsqueeze(-1)).to(out.dtype)
 
 
 def _check(ctx: SelectionContext) -> list[Reason]:
     out = []
+    if ctx.dtype is not None and ctx.head_dim is not None and _failed:
+        key = family_key(ctx.device, ctx.dtype, ctx.head_dim, ctx.head_dim_v or ctx.head_dim, ctx.is_causal,
+                         ctx.window, ctx.scale, ctx.softcap or ctx.sinks or ctx.alibi)
+        if key in _failed:
+            out.append(Reason(ReasonCode.COMPILE_UNSAFE, _failed[key]))
     if ctx.head_dim is not None and ctx.head_dim < 16:
         out.append(Reason(ReasonCode.HEAD_DIM_TOO_SMALL,
                           f"head_dim={ctx.head_dim} < 16 (FlexAttention's tl.dot minimum)"))

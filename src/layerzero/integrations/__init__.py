@@ -3,8 +3,9 @@
 - :mod:`layerzero.integrations.transformers`: the ``"layerzero"`` attention
   implementation for HuggingFace transformers, and ``patch`` / ``unpatch`` of
   norm and activation modules.
-- :mod:`layerzero.integrations.compile`: the operations as ``torch.library``
-  custom ops, traced by ``torch.compile`` without graph breaks.
+- :mod:`layerzero.integrations.compile`: ``torch.compile`` support: PyTorch's own
+  kernels traced natively (selected at trace time, guarded), others as
+  ``torch.library`` custom ops; no graph breaks.
 - :mod:`layerzero.integrations.cuda_graphs`: capture-safe plans and CUDA graph capture.
 - :mod:`layerzero.integrations.hooks`: post-import hooks that set the first two
   up when their library is imported (``import layerzero`` imports neither).

@@ -6,7 +6,7 @@ runs a callback right after a module finishes importing, or at once when it
 is already in ``sys.modules``. ``layerzero/__init__.py`` uses it for:
 
 - ``torch._dynamo``: :func:`layerzero.integrations.compile.install` (Dynamo
-  traces ``lz.attention`` & co. as custom ops);
+  traces stand-ins for ``lz.attention`` & co.);
 - ``transformers.modeling_utils``: :func:`layerzero.integrations.transformers.register`
   (``attn_implementation="layerzero"``).
 

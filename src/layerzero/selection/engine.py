@@ -174,7 +174,11 @@ class SelectionEngine:
             eligible = _drop_failed(eligible, measured)
             behind_lock = _drop_failed(behind_lock, measured)
 
-        ranked = self.rank(eligible, measured, rules, env_base) + self.rank(behind_lock, measured, rules, env_base)
+        ranked = self.rank(eligible, measured, rules, env_base)
+        if ctx.compiling and operation.split(".", 1)[0] in NATIVE_FIRST_UNDER_COMPILE and not any(
+                r.kind in ("boost", "prefer") for r in rules):
+            ranked = native_first(ranked)
+        ranked += self.rank(behind_lock, measured, rules, env_base)
         for i, (spec, d) in enumerate(ranked):
             d.accepted = True
             d.rank = i
@@ -295,6 +299,32 @@ class SelectionEngine:
         for g in groups:
             ordered.extend(sorted(g, key=lambda sd: (-(sd[1].score or 0.0), sd[0].kernel_id)))
         return ordered + untimed
+
+
+#: Families where, under torch.compile, Inductor's code for the PyTorch kernel (``compile_native``) is
+#: preferred to an opaque kernel: Inductor fuses a norm or activation into its neighbours, which no opaque
+#: kernel can match unless a compiled-mode measurement says otherwise.
+NATIVE_FIRST_UNDER_COMPILE: frozenset[str] = frozenset({
+    "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu", "cross_entropy"})
+
+_NATIVE_NOTE = "torch.compile: Inductor's code for the native op ranks first"
+
+
+def native_first(ranked: list[tuple[KernelSpec, CandidateDecision]]) -> list[tuple[KernelSpec, CandidateDecision]]:
+    """``ranked`` with the ``compile_native`` kernels first, except opaque kernels measured (in compiled mode:
+    the bucket says so) faster than every measured native one beyond both spreads."""
+    natives = [sd for sd in ranked if sd[0].compile_native]
+    if not natives or len(natives) == len(ranked):
+        return ranked
+    timed = [d for _, d in natives if d.measured_us is not None]
+    bound = min((d.measured_us - d.measured_spread_us for d in timed), default=None)  # type: ignore[operator]
+    ahead = [sd for sd in ranked if not sd[0].compile_native and bound is not None and sd[1].measured_us is not None
+             and sd[1].measured_us + (sd[1].measured_spread_us or 0.0) < bound]
+    moved = {id(d) for _, d in ahead}
+    rest = [sd for sd in ranked if not sd[0].compile_native and id(sd[1]) not in moved]
+    for _, d in natives:
+        d.rules.append(_NATIVE_NOTE)
+    return ahead + natives + rest
 
 
 def _drop_failed(items: list[tuple[KernelSpec, CandidateDecision]], measured: Mapping[str, Measurement],

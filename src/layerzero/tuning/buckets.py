@@ -6,8 +6,11 @@ Dimensions that vary from call to call round up to powers of two
 lengths, and the row count of norms and activations. Dimensions fixed by the
 model stay exact: head counts, head dim, value head dim and hidden size. The
 flags that change which code a kernel runs are part of the bucket too (causal,
-mask kind, sliding window, dropout on/off, autograd, attention variants, RoPE variant,
-GELU approximation). dtype and operation are separate columns of the database.
+mask kind, sliding window, dropout on/off, autograd, attention variants, RoPE variant, GELU
+approximation), and whether torch.compile was tracing (``;compiled=1``: Inductor's code
+around a kernel changes what is fastest, so compiled and eager measurements are kept
+apart; eager buckets carry no suffix). dtype and operation are separate columns of the
+database.
 
 Examples (``bucket_of(operation, ctx)``)::
 
@@ -42,12 +45,13 @@ def bucket_of(operation: str, ctx: SelectionContext) -> str:
     """The bucket key of ``ctx`` for ``operation`` (a short, stable, human-readable string)."""
     family = operation.split(".", 1)[0]
     grad = "1" if ctx.requires_grad else "0"
+    compiled = ";compiled=1" if ctx.compiling else ""
     if family in ATTENTION_FAMILIES:
         return (f"b={_n(bucket_pow2(ctx.batch_size))};sq={_n(bucket_pow2(ctx.seq_len_q))};"
                 f"sk={_n(bucket_pow2(ctx.seq_len_k))};h={_n(ctx.num_heads)};hkv={_n(ctx.num_kv_heads)};"
                 f"d={_n(ctx.head_dim)};dv={_n(ctx.head_dim_v)};causal={int(ctx.is_causal)};"
                 f"mask={ctx.mask_kind};win={_n(ctx.window)};drop={int(ctx.dropout_p > 0)};grad={grad}"
-                + _variants(ctx))
+                + _variants(ctx) + compiled)
     parts = [f"n={_n(bucket_pow2(ctx.num_tokens))}", f"hidden={_n(ctx.hidden_size)}"]
     if family == "rope":
         parts.append(f"d={_n(ctx.head_dim)};interleaved={int(ctx.interleaved)}")
@@ -56,4 +60,4 @@ def bucket_of(operation: str, ctx: SelectionContext) -> str:
     elif family in ("gelu", "geglu"):
         parts.append(f"approximate={ctx.approximate}")
     parts.append(f"grad={grad}")
-    return ";".join(parts)
+    return ";".join(parts) + compiled

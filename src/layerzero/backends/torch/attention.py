@@ -26,7 +26,7 @@ from layerzero.backends.torch.capabilities import GQA_NATIVE
 from layerzero.tensor_helpers import window_mask
 
 __all__ = ["torch_sdpa", "torch_sdpa_gqa", "torch_sdpa_math", "torch_sdpa_flash", "torch_sdpa_efficient",
-           "torch_sdpa_cudnn", "torch_sdpa_flash_cpu"]
+           "torch_sdpa_cudnn", "torch_sdpa_flash_cpu", "flash_cpu_forward", "flash_cpu_backward", "flash_cpu_fake"]
 
 _sdpa = F.scaled_dot_product_attention
 
@@ -129,3 +129,29 @@ def torch_sdpa_flash_cpu(q, k, v, mask, is_causal, dropout_p, scale, window):  #
     if mask is None and scale is None:
         return _flash_cpu(q, k, v, dropout_p, is_causal)[0]
     return _flash_cpu(q, k, v, dropout_p, is_causal, attn_mask=mask, scale=scale)[0]
+
+
+def _flash_cpu_mask(q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    mask = _additive(mask, q.dtype)
+    return mask if mask.dim() in (2, 4) else mask[(None,) * (4 - mask.dim())]
+
+
+def flash_cpu_forward(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+    """The CPU flash kernel keeping its log-sum-exp: ``(out, (lse,))`` for :data:`FLASH_CPU_PAIR`."""
+    out, lse = _flash_cpu(q, k, v, dropout_p, is_causal, attn_mask=_flash_cpu_mask(q, mask), scale=scale)
+    return out, (lse.contiguous(),)
+
+
+def flash_cpu_backward(grad, args, out, residuals):  # type: ignore[no-untyped-def]
+    """``aten::_scaled_dot_product_flash_attention_for_cpu_backward`` on the saved output and log-sum-exp."""
+    q, k, v, mask, is_causal, dropout_p, scale, _window = args
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, q, k, v, out, residuals[0], dropout_p, is_causal, attn_mask=_flash_cpu_mask(q, mask), scale=scale)
+    return dq, dk, dv, None
+
+
+def flash_cpu_fake(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+    """The residuals' metadata: a float32 (batch, heads, seq_q) log-sum-exp."""
+    return (q.new_empty(q.shape[:3], dtype=torch.float32),)

@@ -28,12 +28,13 @@ from layerzero.backends.torch.attention import (
     torch_sdpa_math,
 )
 from layerzero.backends.torch.attention_variants import torch_attention_eager
+from layerzero.backends.torch.attention import flash_cpu_backward, flash_cpu_fake, flash_cpu_forward
 from layerzero.backends.torch.capabilities import CUDNN_OP, FLOATS, GQA_NATIVE, HALF, MAX_SM
 from layerzero.backends.torch.fast import sdpa_gqa_specialize, sdpa_specialize
 from layerzero.context import SelectionContext
-from layerzero.spec import KernelSpec, Reason, ReasonCode
+from layerzero.spec import KernelSpec, Reason, ReasonCode, ResidualPair
 
-__all__ = ["attention_specs"]
+__all__ = ["attention_specs", "FLASH_CPU_PAIR"]
 
 Tolerance = dict[str, tuple[float, float]]
 
@@ -112,6 +113,10 @@ def _cudnn_check(ctx: SelectionContext) -> list[Reason]:
     return out
 
 
+#: The CPU flash kernel's forward-with-log-sum-exp and backward, for a graph that runs it opaquely.
+FLASH_CPU_PAIR = ResidualPair(flash_cpu_forward, flash_cpu_backward, flash_cpu_fake)
+
+
 # -- the specs, in registration order ------------------------------------------------------------------
 
 def attention_specs(tol: Tolerance) -> list[KernelSpec]:
@@ -121,7 +126,7 @@ def attention_specs(tol: Tolerance) -> list[KernelSpec]:
 
 def _factory(tol: Tolerance) -> Callable[..., KernelSpec]:
     def spec(kid: str, impl: Callable[..., object], priority: int, **kw: object) -> KernelSpec:
-        return KernelSpec(kid, "attention", "torch", impl, priority=priority, tolerance=tol,
+        return KernelSpec(kid, "attention", "torch", impl, priority=priority, tolerance=tol, compile_native=True,
                           **kw)  # type: ignore[arg-type]
 
     return spec
@@ -222,7 +227,7 @@ def _cpu_and_math_specs(tol: Tolerance) -> list[KernelSpec]:
         # - causal is upper-left like SDPA.
         spec("torch_sdpa_flash_cpu", torch_sdpa_flash_cpu, 60, platforms=_CPU, dtypes=FLOATS,
              head_dim_v_equal=True, mask_kinds=_ANY_MASK, supports_gqa=GQA_NATIVE, supports_mqa=GQA_NATIVE,
-             supports_dropout=False, requires_contiguous=True,
+             supports_dropout=False, requires_contiguous=True, residual_pair=FLASH_CPU_PAIR,
              description="aten::_scaled_dot_product_flash_attention_for_cpu (fused CPU kernel)"),
         # The math composite runs anywhere; the adapter repeats K/V heads for GQA and turns bool masks
         # (and the sliding window) into additive ones.

@@ -8,6 +8,8 @@ declares the rest and registers them all, in a fixed order.
 
 from __future__ import annotations
 
+import dataclasses
+
 from layerzero.backends.torch.attention_specs import attention_specs
 from layerzero.backends.torch.capabilities import FLOATS, HAS_RMS_NORM
 from layerzero.backends.torch.elementwise import (
@@ -94,7 +96,10 @@ def _specs() -> list[KernelSpec]:
                    dtypes=FLOATS, supports_autograd=False,
                    description="Gumbel-max sampling (temperature only): one pass, no sort"),
     ]
-    return specs + varlen_specs(tol_attn)
+    # PyTorch's own code: under torch.compile Dynamo traces it, so Inductor fuses it with its neighbours. The
+    # packed and paged kernels read their lengths on the host (a loop per sequence): they stay opaque.
+    return [s if s.compile_native else dataclasses.replace(s, compile_native=True) for s in specs] + \
+        varlen_specs(tol_attn)
 
 
 TORCH_KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in _specs())

@@ -1,0 +1,170 @@
+"""What Dynamo traces in place of ``lz.attention`` & co. (same signatures as the public functions).
+
+Each stand-in validates the call (so a bad call fails when traced, with layerzero's message), asks
+:mod:`.choose` for the kernel at trace time, and then:
+
+* a ``compile_native`` kernel (PyTorch's own: the SDPA kernels, ``torch_rms_norm``, ``torch_layer_norm``,
+  the activations, RoPE, cross-entropy): its plain PyTorch code is traced, so Inductor fuses and
+  pattern-matches it exactly as it would the user's own PyTorch code;
+* an attention kernel with a :class:`~layerzero.spec.ResidualPair`: one ``layerzero::kernel_attention``
+  node whose backward reuses the saved output and log-sum-exp (:mod:`.residual`);
+* anything else: the dispatched custom op (``layerzero::attention``, ``layerzero::rms_norm``, ...), which
+  selects at run time and recomputes the forward in its backward (:mod:`.dispatched`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from layerzero.integrations.compile.choose import (
+    BUCKETS,
+    LIVE,
+    NATIVE_IMPLS,
+    OPAQUE,
+    RESIDUAL,
+    RUNTIME,
+    bucket,
+    choose_attention,
+    choose_rows,
+)
+from layerzero.integrations.compile.dispatched import ATTENTION_MOD, attention_op
+from layerzero.integrations.compile.dispatched_rows import (
+    ELEMENTWISE_MOD,
+    LOSSES_MOD,
+    NORMS_MOD,
+    cross_entropy_op,
+    geglu_op,
+    gelu_op,
+    layer_norm_op,
+    rms_norm_op,
+    rope_op,
+    silu_op,
+    swiglu_op,
+)
+from layerzero.integrations.compile.residual import residual_attention
+
+__all__ = ["traced_attention", "traced_rms_norm", "traced_layer_norm", "traced_rope", "traced_swiglu",
+           "traced_geglu", "traced_gelu", "traced_silu", "traced_cross_entropy"]
+
+Tensor = torch.Tensor
+
+
+def _grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _attention_kernel(operation: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                      dropout_p: float, scale: float | None, window: int | None) -> str:
+    """The trace-time choice; reading ``RUNTIME.version`` and ``LIVE.scopes`` here makes Dynamo guard on them."""
+    mask_kind = "none" if attn_mask is None else "bool" if attn_mask.dtype == torch.bool else "additive"
+    contiguous = q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    head = (RUNTIME.version, LIVE.scopes, operation, q.dtype, q.device)
+    tail = (mask_kind, float(dropout_p), scale, window, _grad(q, k, v),
+            torch.are_deterministic_algorithms_enabled(), contiguous)
+    hq, hkv, d, dv = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
+    kid = choose_attention(*head, None, hq, hkv, None, None, d, dv, is_causal, *tail)
+    if kid == BUCKETS:
+        kid = choose_attention(*head, bucket(q.shape[0]), hq, hkv, bucket(q.shape[2]), bucket(k.shape[2]), d, dv,
+                               is_causal, *tail)
+    return kid
+
+
+def traced_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
+                     dropout_p: float = 0.0, scale: float | None = None, layout: str = "BHSD",
+                     window: int | None = None, softcap: float | None = None, sinks: Tensor | None = None,
+                     alibi_slopes: Tensor | None = None, operation: str | None = None) -> Tensor:
+    if operation is None:
+        operation = "attention.causal" if is_causal else "attention.full"
+    elif operation == "attention.causal":
+        is_causal = True
+    bshd = layout == "BSHD"
+    if bshd:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    args = (q, k, v, attn_mask, is_causal, dropout_p, scale, window)
+    variants = softcap is not None or sinks is not None or alibi_slopes is not None
+    ATTENTION_MOD.ATTENTION.validate(operation, (*args, softcap, sinks, alibi_slopes) if variants else args)
+    # a variant (softcap, sinks, ALiBi) runs as the dispatched op: its kernels are chosen at run time
+    kid = OPAQUE if variants else _attention_kernel(operation, *args)
+    if kid == OPAQUE:
+        seed = None
+        if dropout_p > 0.0:
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        out = attention_op(q, k, v, attn_mask, is_causal, float(dropout_p), scale, window, operation, seed, softcap,
+                           sinks, alibi_slopes)
+    elif kid.startswith(RESIDUAL):
+        out = residual_attention(kid[len(RESIDUAL):], *args)
+    else:
+        out = NATIVE_IMPLS[kid](*args)
+    return out.transpose(1, 2) if bshd else out
+
+
+def _rows_kernel(operation: str, x: Tensor, grad: bool, interleaved: bool = False, head_dim: int | None = None,
+                 approximate: str = "none") -> str:
+    """The trace-time choice for a row-wise op over ``x``'s last dimension (guards as for attention)."""
+    head = (RUNTIME.version, LIVE.scopes, operation, x.dtype, x.device, x.shape[-1])
+    tail = (grad, torch.are_deterministic_algorithms_enabled(), x.is_contiguous(), interleaved, head_dim, approximate)
+    kid = choose_rows(*head, None, None, *tail)
+    if kid == BUCKETS:
+        rows = x.numel() // x.shape[-1]
+        kid = choose_rows(*head, bucket(rows), bucket(x.shape[0]) if x.dim() > 1 else 1, *tail)
+    return kid
+
+
+def _native(kid: str) -> Any:
+    """The traced PyTorch function for ``kid``, or None for the dispatched op (no row-wise residual op yet)."""
+    return None if kid == OPAQUE or kid.startswith(RESIDUAL) else NATIVE_IMPLS[kid]
+
+
+def traced_rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    NORMS_MOD.RMS_NORM.validate("rms_norm", (x, weight, eps))
+    fn = _native(_rows_kernel("rms_norm", x, _grad(x, weight)))
+    return rms_norm_op(x, weight, float(eps)) if fn is None else fn(x, weight, eps)
+
+
+def traced_layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+                      eps: float = 1e-5) -> Tensor:
+    NORMS_MOD.LAYER_NORM.validate("layer_norm", (x, weight, bias, eps))
+    fn = _native(_rows_kernel("layer_norm", x, _grad(x, weight, bias)))
+    return layer_norm_op(x, weight, bias, float(eps)) if fn is None else fn(x, weight, bias, eps)
+
+
+def traced_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
+    ELEMENTWISE_MOD.ROPE.validate("rope", (x, cos, sin, interleaved))
+    fn = _native(_rows_kernel("rope", x, _grad(x, cos, sin), bool(interleaved), x.shape[-1]))
+    return rope_op(x, cos, sin, interleaved) if fn is None else fn(x, cos, sin, interleaved)
+
+
+def traced_swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    ELEMENTWISE_MOD.SWIGLU.validate("swiglu", (gate, up))
+    fn = _native(_rows_kernel("swiglu", gate, _grad(gate, up)))
+    return swiglu_op(gate, up) if fn is None else fn(gate, up)
+
+
+def traced_geglu(gate: Tensor, up: Tensor, approximate: str = "tanh") -> Tensor:
+    ELEMENTWISE_MOD.GEGLU.validate("geglu", (gate, up, approximate))
+    fn = _native(_rows_kernel("geglu", gate, _grad(gate, up), approximate=approximate))
+    return geglu_op(gate, up, approximate) if fn is None else fn(gate, up, approximate)
+
+
+def traced_gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    ELEMENTWISE_MOD.GELU.validate("gelu", (x, approximate))
+    fn = _native(_rows_kernel("gelu", x, _grad(x), approximate=approximate))
+    return gelu_op(x, approximate) if fn is None else fn(x, approximate)
+
+
+def traced_silu(x: Tensor) -> Tensor:
+    ELEMENTWISE_MOD.SILU.validate("silu", (x,))
+    fn = _native(_rows_kernel("silu", x, _grad(x)))
+    return silu_op(x) if fn is None else fn(x)
+
+
+def traced_cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100, label_smoothing: float = 0.0,
+                         reduction: str = "mean") -> Tensor:
+    args = (logits, target, ignore_index, label_smoothing, reduction)
+    LOSSES_MOD.CROSS_ENTROPY.validate("cross_entropy", args)
+    fn = _native(_rows_kernel("cross_entropy", logits, _grad(logits)))
+    if fn is None:
+        return cross_entropy_op(logits, target, int(ignore_index), float(label_smoothing), reduction)
+    return fn(*args)
