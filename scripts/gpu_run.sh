@@ -58,6 +58,23 @@ for step in "${steps[@]}"; do
       ;;
   esac
   case "$step" in
+    newtests)
+      echo "== pytest -m gpu (compile, variants, flex, varlen, linear cross-entropy, patch)"
+      timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 120 tests/test_compile_native.py \
+        tests/test_compile.py tests/test_backends_flex.py tests/test_flex_compile.py tests/test_attention_variants.py \
+        tests/test_integration_transformers_variants.py tests/test_integration_transformers.py \
+        tests/test_linear_cross_entropy.py tests/test_patch_causal_lm.py tests/test_varlen_paged.py 2>&1 \
+        | tee "$OUT/gpu_newtests_${card}.log" | tail -15
+      ;;
+  esac
+  case "$step" in
+    compile)
+      echo "== scripts/compile_cpu_check.py --device cuda (compiled training step, 8 layers)"
+      timeout 300 python3 scripts/compile_cpu_check.py --device cuda --dtype bfloat16 --hidden 2048 --heads 32 \
+        --kv-heads 8 --layers 8 --batch 4 --seq 1024 --rounds 20 2>&1 | tee "$OUT/compile_check_${card}.log" | tail -12
+      ;;
+  esac
+  case "$step" in
     model)
       echo "== layerzero bench --model llama --device cuda"
       timeout 590 python3 -m layerzero.cli bench --model llama --device cuda --json "$OUT" 2>&1 \
