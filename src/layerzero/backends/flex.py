@@ -210,12 +210,26 @@ def block_mask_for(sq: int, sk: int, is_causal: bool, window: int | None, device
     return mask
 
 
-def _score_mod(softcap: float | None, alibi_slopes: torch.Tensor | None, sq: int, sk: int) -> Any:
+_caps: dict[tuple[float, str, int | None], torch.Tensor] = {}
+
+
+def _cap_tensor(cap: float, device: torch.device) -> torch.Tensor:
+    key = (cap, device.type, device.index)
+    found = _caps.get(key)
+    if found is None:
+        found = _caps.setdefault(key, torch.tensor(cap, dtype=torch.float32, device=device))
+    return found
+
+
+def _score_mod(softcap: float | None, alibi_slopes: torch.Tensor | None, sq: int, sk: int,
+               device: torch.device) -> Any:
     """The ``score_mod`` for a softcap and ALiBi (flex applies it to the scaled score, before the block mask).
 
     The ALiBi offset ``sk - sq`` is a captured tensor, not a Python int: a decode step's offset grows with
     the cache, and a constant would make Dynamo recompile the family's kernel at every step."""
-    cap = None if softcap is None else float(softcap)
+    # the softcap too is a captured tensor: under dynamic shapes Dynamo turns a Python float into a graph input
+    # and Inductor cannot lower flex's score_mod over it (an unbacked scalar)
+    cap = None if softcap is None else _cap_tensor(float(softcap), device)
     offset = None if alibi_slopes is None else torch.tensor(sk - sq, dtype=torch.int32, device=alibi_slopes.device)
     per_batch = alibi_slopes is not None and alibi_slopes.dim() == 2
 
@@ -247,7 +261,7 @@ def flex_attention_kernel(q, k, v, mask, is_causal, dropout_p, scale, window,  #
         key = family_key(q.device, q.dtype, q.shape[-1], v.shape[-1], is_causal, window, scale)
         return _compiled_call(key, q, k, v, bm, scale)
     mod = None if softcap is None and alibi_slopes is None else _score_mod(softcap, alibi_slopes, q.shape[2],
-                                                                          k.shape[2])
+                                                                          k.shape[2], q.device)
     key = family_key(q.device, q.dtype, q.shape[-1], v.shape[-1], is_causal, window, scale, variants=True)
 
     def call(*args: Any) -> Any:
