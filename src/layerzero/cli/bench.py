@@ -21,9 +21,11 @@ __all__ = ["register", "bench"]
 @click.option("--dtype", default=None, help="float32 (CPU default), float16 (CUDA default), bfloat16.")
 @click.option("--no-memory", is_flag=True, help="Skip the memory budget lines.")
 @click.option("--no-import", "no_import", is_flag=True, help="Skip the import-time budget line.")
+@click.option("--no-ragged", "no_ragged", is_flag=True,
+              help="Skip the lz.attention_varlen / lz.attention_paged comparison lines.")
 @click.option("--strict", is_flag=True, help="Exit 1 when any budget line reads MISS.")
 def bench(quick: bool, json_path: Path | None, ops: str, device: str, iterations: int | None, dtype: str | None,
-          no_memory: bool, no_import: bool, strict: bool) -> None:
+          no_memory: bool, no_import: bool, no_ragged: bool, strict: bool) -> None:
     """Benchmark layerzero here: latency table, overhead budgets (PASS/MISS), memory and import time.
 
     Exit code 0 (with --strict: 1 when a budget line reads MISS).
@@ -40,7 +42,8 @@ def bench(quick: bool, json_path: Path | None, ops: str, device: str, iterations
         if not torch.cuda.is_available():
             raise click.UsageError("--device cuda: no CUDA device is available here")
     opts = BenchOptions(device=device, ops=tuple(o.strip() for o in ops.split(",") if o.strip()), quick=quick,
-                        iterations=iterations, dtype=dtype, include_memory=not no_memory, include_import=not no_import)
+                        iterations=iterations, dtype=dtype, include_memory=not no_memory, include_import=not no_import,
+                        include_ragged=not no_ragged)
     to_stdout_json = json_path is not None and str(json_path) == "-"
     console = Console(stderr=True)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
