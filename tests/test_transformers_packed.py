@@ -145,3 +145,21 @@ def test_packed_layout_from_position_ids_and_keywords() -> None:
     given = {"cu_seq_lens_q": torch.tensor([0, 2, 6]), "cu_seq_lens_k": [0, 2, 6], "max_length_q": torch.tensor(4)}
     cu_q, cu_k, max_q, max_k = packed.packed_layout(q, q, None, given)
     assert cu_k.dtype == torch.int32 and cu_k.tolist() == [0, 2, 6] and (max_q, max_k) == (4, 4)
+
+
+def test_compiled_packed_batch_has_no_graph_break_and_matches_eager() -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _model(torch.float32, attn_implementation="layerzero")
+    inputs = {**_packed_inputs(_sequences(), False), "use_cache": False}
+
+    def logits(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+    with torch.no_grad():
+        eager = logits(inputs["input_ids"], inputs["position_ids"])
+        compiled = torch.compile(logits, fullgraph=True, backend="eager")  # fullgraph: a break would raise
+        torch.testing.assert_close(compiled(inputs["input_ids"], inputs["position_ids"]), eager,
+                                   rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()

@@ -15,6 +15,9 @@ call and attends per sequence with :func:`layerzero.attention_varlen`:
   its flash path attends per sequence; layerzero follows the flash path.
 
 The offsets read from ``position_ids`` are computed once per forward (every layer gets the same tensor).
+Under ``torch.compile`` they are not read (that would break the graph): the packed mask transformers
+builds while tracing keeps the sequences apart on the dense path. The ``cu_seq_lens_*`` route calls
+``lz.attention_varlen``, which is not a ``torch.library`` op yet, so it breaks a compiled graph there.
 With ``dropout > 0`` (``attention_varlen`` has none) the call runs ``lz.attention`` with a block-diagonal
 mask built from the offsets instead.
 """
@@ -94,6 +97,8 @@ def packed_layout(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.
         return cu_q, cu_k, _max_len(kwargs.get("max_length_q"), cu_q), _max_len(kwargs.get("max_length_k"), cu_k)
     position_ids = kwargs.get("position_ids")
     if not isinstance(position_ids, torch.Tensor) or position_ids.numel() != query.shape[2] or query.shape[2] < 2:
+        return None
+    if torch.compiler.is_compiling():  # reading the restarts would break the graph; transformers' mask serves
         return None
     layout = _cached_from_position_ids(position_ids, query.device)
     if layout is None or (attention_mask is not None and (attention_mask.dim() != 4
