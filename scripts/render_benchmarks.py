@@ -100,8 +100,8 @@ def _gpu_bench_section(path: Path) -> list[str]:
 MODEL_BENCH_ABOUT = """## The model bench
 
 A whole transformers model built from a config with random weights (no download): `--model llama` or
-`--model qwen2` (`--model gemma2` is refused with layerzero's reason until its attention takes Gemma 2's
-softcap). `--quick --device cpu`: hidden 64, 2 layers, 4 / 2 heads, vocabulary 256, float32, batch 2 x 32
+`--model qwen2` or `--model gemma2` (its reference row is transformers' `eager` attention: sdpa does not
+take Gemma 2's softcapping). `--quick --device cpu`: hidden 64, 2 layers, 4 / 2 heads, vocabulary 256, float32, batch 2 x 32
 (seconds); `--device cuda`: hidden 2048, 16 layers, 32 / 8 heads, intermediate 8192, vocabulary 32,000,
 bfloat16, batch 4 x 1024 (`--layers N` changes the depth). Run it with
 

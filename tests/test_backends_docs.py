@@ -39,3 +39,15 @@ def test_doc_examples_run_in_order(tmp_path: Path, name: str) -> None:
     assert proc.returncode == 0, f"{name} {last}: failed:\n{proc.stderr[-3000:]}"
     assert last == [f"--- block {len(_blocks(name)) - 1}"]
     assert not env_db.exists()
+
+
+def test_the_kernel_table_lists_every_library_kernel() -> None:
+    """Each registered kernel outside PyTorch's own has a row in docs/backends.md's table."""
+    import re
+
+    import layerzero as lz
+
+    listed = set(re.findall(r"^\| `(\w+)` \|", page("backends.md").read_text(), re.MULTILINE))
+    registered = {s.kernel_id for s in lz.list_kernels() if s.backend != "torch"}
+    assert registered - listed == set()
+    assert listed - registered == set()

@@ -181,6 +181,28 @@ def nested_strided() -> torch.Tensor:
         return torch.nested.nested_tensor([t(2, 8), t(3, 8)])
 
 
+# -- packed (varlen) and paged attention: two sequences of 3 and 4 tokens, 4 query and 2 key/value heads -------------
+
+def i32(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def varlen(**kw: Any) -> Any:
+    """``lz.attention_varlen`` of a valid packed batch, with the arguments in ``kw`` replaced."""
+    args = {"q": t(7, 4, 8), "k": t(7, 2, 8), "v": t(7, 2, 8), "cu_seqlens_q": i32(0, 3, 7),
+            "cu_seqlens_k": i32(0, 3, 7), "max_seqlen_q": 4, "max_seqlen_k": 4}
+    args.update({n: kw.pop(n) for n in list(args) if n in kw})
+    return lz.attention_varlen(*args.values(), **kw)
+
+
+def paged(**kw: Any) -> Any:
+    """``lz.attention_paged`` decode of 2 sequences (5 and 3 cached tokens) in 6 pages of 4, ``kw`` replaced."""
+    args = {"q": t(2, 1, 4, 8), "k_cache": t(6, 4, 2, 8), "v_cache": t(6, 4, 2, 8), "block_table": i32(0, 1, 2, 3).view(2, 2),
+            "seq_lens": i32(5, 3)}
+    args.update({n: kw.pop(n) for n in list(args) if n in kw})
+    return lz.attention_paged(*args.values(), **kw)
+
+
 # -- the catalog ----------------------------------------------------------------------------------------------------
 
 ROWS: list[Row] = [
@@ -470,6 +492,71 @@ ROWS: list[Row] = [
     Row('data-lce-target-range', 'data checks', '`linear_cross_entropy` class id 30 for a vocabulary of 10 (checked once a kernel raised)', 'InvalidInputError',
         'linear_cross_entropy: target ids [30] (rows [2]) are outside [0, 10) and are not ignore_index=-100 (inputs: …)',
         lambda tmp: lz.linear_cross_entropy(t(4, 8), t(10, 8), torch.tensor([1, 2, 30, 4]))),
+    # packed (varlen) and paged attention; the offsets', seq_lens' and block table's values are data checks
+    Row("varlen-rank", "rank", "`lz.attention_varlen` with a 4-D `q`", "InvalidInputError",
+        "attention_varlen: q must be 3-D (total_q, heads, head_dim), got 4-D (inputs: …)",
+        lambda tmp: varlen(q=t(1, 7, 4, 8))),
+    Row("varlen-cu-dtype", "dtype", "int64 `cu_seqlens_q`", "InvalidInputError",
+        "attention_varlen: cu_seqlens_q must be a 1-D int32 tensor of offsets (batch + 1,), got 1-D torch.int64 "
+        "(inputs: …)",
+        lambda tmp: varlen(cu_seqlens_q=torch.tensor([0, 3, 7]))),
+    Row("varlen-cu-batch", "shape", "`cu_seqlens_q` of 2 sequences, `cu_seqlens_k` of 1", "InvalidInputError",
+        "attention_varlen: cu_seqlens_q and cu_seqlens_k must both have batch + 1 >= 2 entries, got 3 and 2 "
+        "(inputs: …)",
+        lambda tmp: varlen(cu_seqlens_k=i32(0, 7))),
+    Row("varlen-cu-start", "data checks", "`cu_seqlens_q` starting at 1 (checked once a kernel raised)",
+        "InvalidInputError", "attention_varlen: cu_seqlens_q must start at 0, got 1 (inputs: …)",
+        lambda tmp: varlen(cu_seqlens_q=i32(1, 3, 7))),
+    Row("varlen-cu-decreasing", "data checks", "`cu_seqlens_k` = [0, 5, 3] (checked once a kernel raised)",
+        "InvalidInputError",
+        "attention_varlen: cu_seqlens_k must be non-decreasing, got 5 then 3 at sequence 1 (inputs: …)",
+        lambda tmp: varlen(cu_seqlens_k=i32(0, 5, 3))),
+    Row("varlen-cu-total", "data checks", "`cu_seqlens_q` ending at 6 for 7 tokens (checked once a kernel raised)",
+        "InvalidInputError",
+        "attention_varlen: cu_seqlens_q ends at 6, but the packed tensor has 7 tokens (inputs: …)",
+        lambda tmp: varlen(cu_seqlens_q=i32(0, 3, 6))),
+    Row("varlen-max-seqlen", "data checks", "`max_seqlen_q=3` with a 4-token sequence (checked once a kernel raised)",
+        "InvalidInputError",
+        "attention_varlen: a sequence of 4 tokens is longer than max_seqlen_q=3 (inputs: …)",
+        lambda tmp: varlen(max_seqlen_q=3)),
+    Row("varlen-max-negative", "argument range", "`max_seqlen_k=-1`", "InvalidInputError",
+        "attention_varlen: max_seqlen_k must be a non-negative int, got -1 (inputs: …)",
+        lambda tmp: varlen(max_seqlen_k=-1)),
+    Row("varlen-gqa", "GQA divisibility", "`attention_varlen` with 4 query heads, 3 key/value heads",
+        "InvalidInputError",
+        "attention_varlen: query heads (4) must be divisible by key/value heads (3) for grouped-query attention "
+        "(inputs: …)",
+        lambda tmp: varlen(k=t(7, 3, 8), v=t(7, 3, 8))),
+    Row("varlen-softcap", "argument range", "`attention_varlen(..., softcap=0.0)`", "InvalidInputError",
+        "attention_varlen: softcap must be a positive finite number or None, got 0.0 (inputs: …)",
+        lambda tmp: varlen(softcap=0.0)),
+    Row("paged-table-dtype", "dtype", "int64 `block_table`", "InvalidInputError",
+        "attention_paged: block_table must be a 2-D int32 tensor (batch, max_pages), got 2-D torch.int64 "
+        "(inputs: …)",
+        lambda tmp: paged(block_table=torch.tensor([[0, 1], [2, 3]]))),
+    Row("paged-batch", "shape", "`seq_lens` of 1 entry for a batch of 2", "InvalidInputError",
+        "attention_paged: block_table has 2 rows and seq_lens 1 entries, q a batch of 2 (inputs: …)",
+        lambda tmp: paged(seq_lens=i32(5))),
+    Row("paged-table-range", "data checks", "`block_table` naming page 9 of 6 (checked once a kernel raised)",
+        "InvalidInputError",
+        "attention_paged: block_table[0] holds page 9, outside [0, 6) (k_cache has 6 pages) (inputs: …)",
+        lambda tmp: paged(block_table=i32(0, 9, 2, 3).view(2, 2))),
+    Row("paged-seq-lens-short", "data checks", "`seq_lens[1]=1` for 2 new queries (checked once a kernel raised)",
+        "InvalidInputError",
+        "attention_paged: seq_lens[1]=1 is less than seq_q=2 (seq_lens counts the new tokens too) (inputs: …)",
+        lambda tmp: paged(q=t(2, 2, 4, 8), seq_lens=i32(5, 1))),
+    Row("paged-seq-lens-capacity", "data checks", "`seq_lens[1]=9` in 2 pages of 4 (checked once a kernel raised)",
+        "InvalidInputError",
+        "attention_paged: seq_lens[1]=9 exceeds the block table's capacity of 2 pages x 4 tokens = 8 (inputs: …)",
+        lambda tmp: paged(seq_lens=i32(5, 9))),
+    Row("paged-gqa", "GQA divisibility", "`attention_paged` with 4 query heads, 3 key/value heads",
+        "InvalidInputError",
+        "attention_paged: query heads (4) must be divisible by key/value heads (3) for grouped-query attention "
+        "(inputs: …)",
+        lambda tmp: paged(k_cache=t(6, 4, 3, 8), v_cache=t(6, 4, 3, 8))),
+    Row("paged-softcap", "argument range", "`attention_paged(..., softcap=-1.0)`", "InvalidInputError",
+        "attention_paged: softcap must be a positive finite number or None, got -1.0 (inputs: …)",
+        lambda tmp: paged(softcap=-1.0)),
     Row('resource-oom', 'resource', '`rms_norm` of a (2**40, 64) view: the output cannot be allocated', 'OutOfMemoryError',
         'rms_norm: kernel torch_rms_norm ran out of memory; no kernel is blamed and no other is tried (a smaller batch or sequence is the fix) (inputs: …)',
         lambda tmp: lz.rms_norm(t(1, 64).expand(2**40, 64), t(64))),
@@ -703,6 +790,11 @@ def warm_up(size: int = 4) -> None:
     lz.cross_entropy(t(size, 10), torch.arange(size) % 10)
     lz.linear_cross_entropy(t(size, 8), t(10, 8), torch.arange(size) % 10)
     lz.linear_cross_entropy(t(size, 8), t(10, 8), torch.arange(size) % 10, t(10), softcap=2.0)
+    for causal in (False, True):
+        varlen(q=t(2 * size - 1, 4, 8), k=t(2 * size - 1, 2, 8), v=t(2 * size - 1, 2, 8),
+               cu_seqlens_q=i32(0, size - 1, 2 * size - 1), cu_seqlens_k=i32(0, size - 1, 2 * size - 1),
+               max_seqlen_q=size, max_seqlen_k=size, is_causal=causal)
+        paged(q=t(2, size - 3, 4, 8), seq_lens=i32(size + 1, size - 1), is_causal=causal)
 
 
 INPUT_ROWS = [r for r in ROWS if r.klass in INPUT_CLASSES]

@@ -31,6 +31,9 @@ def test_run_bench_small_report_structure():
                      "static dispatch(op, inputs)", "dynamic dispatch(op, inputs) cached", "plan-cache lookup",
                      "breaker check + telemetry record", "2,000 cached plans", "20,000 cached calls"):
         assert expected in paths
+    ragged = [o for o in report.overhead if o.path.startswith(("lz.attention_varlen", "lz.attention_paged"))]
+    assert [o.direct for o in ragged] == ["SDPA per sequence (loop)", "gather pages + dense SDPA"]
+    assert all(o.info and o.value and o.value > 0 and o.note.startswith("kernel: torch_") for o in ragged), ragged
     resolve = next(o for o in report.overhead if o.path.startswith("static resolve"))
     assert resolve.note == "resolve returns the kernel itself"
     memory = next(o for o in report.overhead if o.path == "2,000 cached plans")

@@ -187,6 +187,17 @@ def test_cache_key_mirrors_every_ops_hot_path_key() -> None:
                                                           torch.tensor([1, 2, -100, 3]), None, -100, 0.0, "mean", None),
                                  lambda a: lz.linear_cross_entropy(*a[:3])),
     }
+    from layerzero.ops.attention_paged import page_table
+    from layerzero.ops.attention_varlen import cu_seqlens
+
+    cu, pages = cu_seqlens([3, 2]), torch.randn(6, 4, 2, 8)
+    calls["attention_varlen"] = ("attention_varlen", (torch.randn(5, 4, 8), torch.randn(5, 2, 8),
+                                                      torch.randn(5, 2, 8), cu, cu, 3, 3, True, None, None, None),
+                                 lambda a: lz.attention_varlen(*a[:7], is_causal=True))
+    calls["attention_paged"] = ("attention_paged", (torch.randn(2, 1, 4, 8), pages, pages.clone(),
+                                                    page_table([5, 3], 4, 2, 6),
+                                                    torch.tensor([5, 3], dtype=torch.int32), True, None, None, None),
+                                lambda a: lz.attention_paged(*a[:5]))
     assert set(calls) == set(OPS)
     for family, (operation, args, call) in calls.items():
         if family == "attention":
@@ -194,7 +205,8 @@ def test_cache_key_mirrors_every_ops_hot_path_key() -> None:
         call(args)
         assert cache_key(operation, args) in rt.plans.data, family
         fam = cache_keys(operation, args)[0]
-        if family in ("rope", "swiglu", "geglu", "sample", "cross_entropy", "linear_cross_entropy"):  # hot paths keying shapes only
+        if family in ("rope", "swiglu", "geglu", "sample", "cross_entropy", "linear_cross_entropy", "attention_varlen",
+                      "attention_paged"):  # hot paths keying shapes only
             assert fam is None
         else:  # torch kernels with shape-free plans on a CPU with no measurements
             assert rt.plans.data[fam].family == fam, family

@@ -72,10 +72,18 @@ def test_the_table_has_a_row_per_entry(quick_report):
     assert all(row.count("|") == 11 for row in rows)
 
 
-def test_gemma2_is_refused_with_the_softcap_reason():
-    """Until layerzero's attention takes Gemma 2's softcap; then this becomes a run like Llama's."""
-    with pytest.raises(UnsupportedModelError, match="softcap"):
-        check_layerzero_attention("gemma2")
+def test_gemma2_runs_against_eager_and_agrees():
+    """Gemma 2's attention softcapping reaches lz.attention: the model runs, against transformers' eager
+    attention (sdpa refuses softcapping), token for token."""
+    check_layerzero_attention("gemma2")
+    report = run_model_bench(ModelBenchOptions(model="gemma2", quick=True, rounds=1, workloads=("prefill", "train")))
+    assert {r.variant for r in report.results} >= {"eager", "layerzero", "layerzero+patch"}
+    for r in report.results:
+        assert r.error is None, r
+        if r.workload == "train":
+            assert r.loss_diff is not None and r.loss_diff < 1e-4, r
+        else:
+            assert r.agreement == 1.0, r
 
 
 def test_unknown_workload_is_refused_with_the_list():

@@ -110,3 +110,79 @@ def test_warmup_populates_the_cache(runtime):
     misses = runtime.telemetry.misses
     lz.attention(q, k, v, is_causal=True)
     assert runtime.telemetry.misses == misses
+
+
+# -- packed and paged attention --------------------------------------------------------------------------------
+
+RAGGED = {
+    "attention_varlen": [{"batch_size": 3, "seq_len": 16, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32,
+                          "is_causal": True}],
+    "attention_paged": [{"batch_size": 2, "seq_len_q": 1, "seq_len_k": 64, "num_heads": 4, "num_kv_heads": 2,
+                         "head_dim": 32}],
+}
+
+
+def _ragged_calls() -> tuple[tuple, tuple]:
+    """A packed batch of 10/16/7 tokens and a decode of 2 sequences in a pool of 50 pages of 16 (other totals
+    and another pool than the warm-up's own inputs)."""
+    from layerzero.ops.attention_paged import page_table
+    from layerzero.ops.attention_varlen import cu_seqlens
+
+    q, k, v = torch.randn(33, 4, 32), torch.randn(33, 2, 32), torch.randn(33, 2, 32)
+    cu = cu_seqlens([10, 16, 7])
+    kc, vc = torch.randn(50, 16, 2, 32), torch.randn(50, 16, 2, 32)
+    table = page_table([60, 30], 16, 4, 50)
+    paged = (torch.randn(2, 1, 4, 32), kc, vc, table, torch.tensor([60, 30], dtype=torch.int32))
+    return (q, k, v, cu, cu, 16, 16), paged
+
+
+def test_warmup_caches_the_plans_of_packed_and_paged_calls(runtime):
+    for operation, shapes in RAGGED.items():
+        assert lz.warmup(operation, shapes, progress=False) == 1
+    misses: list[str] = []
+
+    def hook(operation: str, ctx: object) -> None:
+        misses.append(operation)
+
+    varlen, paged = _ragged_calls()
+    runtime.on_miss.append(hook)
+    try:
+        lz.attention_varlen(*varlen, is_causal=True)
+        lz.attention_paged(*paged)  # causal by default, as the warm-up shape without is_causal
+    finally:
+        runtime.on_miss.remove(hook)
+    assert misses == []
+
+
+def test_baked_table_serves_packed_and_paged_calls(runtime):
+    table = lz.solve(RAGGED, dtype="float32")
+    buckets = {o: b for (o, _, _, b) in table.entries}
+    assert buckets == {"attention_varlen": "b=4;sq=16;sk=16;h=4;hkv=2;d=32;dv=32;causal=1;win=-;softcap=0;grad=0",
+                       "attention_paged": "b=2;sq=1;sk=64;page=16;h=4;hkv=2;d=32;dv=32;causal=1;win=-;softcap=0;"
+                                          "grad=0"}
+    table.install()
+    varlen, paged = _ragged_calls()
+    out = lz.attention_varlen(*varlen, is_causal=True)
+    lz.attention_paged(*paged)
+    for operation, args in (("attention_varlen", (*varlen, True, None, None, None)),
+                            ("attention_paged", (*paged, True, None, None, None))):
+        plan = runtime.plans.data[cache_key(operation, args)]
+        assert plan.locked_by == "baked plan table", operation
+        assert plan.kernels[0].kernel_id == table.lookup(operation, plan.context)[0]
+    from layerzero.ops.attention_varlen import varlen_reference
+
+    torch.testing.assert_close(out.double(), varlen_reference(*varlen, is_causal=True), atol=1e-5, rtol=1e-5)
+
+
+def test_paged_shapes_name_their_page_size(runtime):
+    from layerzero.ops.attention_paged import page_table
+
+    shape = {"batch_size": 2, "seq_len_q": 1, "seq_len_k": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32,
+             "page_size": 32}
+    table = lz.solve({"attention.paged": [shape]}, dtype="float32")
+    assert [o for (o, _, _, _) in table.entries] == ["attention_paged"]  # the name calls look it up by
+    assert lz.warmup("attention.paged", [shape], progress=False) == 1
+    kc = torch.randn(9, 32, 2, 32)
+    args = (torch.randn(2, 1, 4, 32), kc, kc.clone(), page_table([64, 40], 32, 2, 9),
+            torch.tensor([64, 40], dtype=torch.int32))
+    assert cache_key("attention_paged", (*args, True, None, None, None)) in runtime.plans.data

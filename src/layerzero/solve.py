@@ -28,7 +28,7 @@ import torch
 
 from layerzero.context import SelectionContext
 from layerzero.errors import ConfigError, InvalidInputError, PlanMismatchError
-from layerzero.ops import op_for
+from layerzero.ops import canonical_operation, op_for
 from layerzero.runtime import Runtime, get_runtime
 
 __all__ = ["PlanTable", "solve", "compile", "warmup", "install_plan_table", "uninstall_plan_table"]
@@ -157,18 +157,26 @@ class PlanTable:
         return install_plan_table(self, on_mismatch=on_mismatch, runtime=runtime)
 
 
+def _shape_fields(operation: str, shape: Mapping[str, Any], device: str | None, dtype: Any) -> dict[str, Any]:
+    """A dict shape's SelectionContext fields, with the defaults of the call it stands for."""
+    kw = dict(shape)
+    kw.setdefault("device", device or "cpu")
+    if dtype is not None:
+        kw.setdefault("dtype", dtype)
+    if operation == "attention.causal" or op_for(operation).family == "attention_paged":
+        kw.setdefault("is_causal", True)  # the call's own default (lz.attention_paged is causal)
+    if op_for(operation).family == "attention_paged":  # the page size is the context's hidden_size
+        kw.setdefault("hidden_size", kw.pop("page_size", 16))  # 16: make_inputs' default
+    return kw
+
+
 def _contexts(operation: str, shapes: Iterable[ShapeSpec], device: str | None, dtype: Any) -> list[SelectionContext]:
     out = []
     for s in shapes:
         if isinstance(s, SelectionContext):
             ctx = s
         elif isinstance(s, Mapping):
-            kw = dict(s)
-            kw.setdefault("device", device or "cpu")
-            if dtype is not None:
-                kw.setdefault("dtype", dtype)
-            if operation == "attention.causal":
-                kw.setdefault("is_causal", True)
+            kw = _shape_fields(operation, s, device, dtype)
             try:
                 ctx = SelectionContext(**kw)
             except TypeError as exc:
@@ -200,6 +208,7 @@ def solve(plan: Mapping[str, Sequence[ShapeSpec]], *, device: str | None = None,
     entries: dict[tuple[str, str, str, str], list[str]] = {}
     for operation, shapes in plan.items():
         op_for(operation)
+        operation = canonical_operation(operation)  # the name real calls look the table up by
         for ctx in _contexts(operation, shapes, device, dtype):
             sel = rt.select(operation, ctx)
             entries[table_key(operation, ctx)] = [k.kernel_id for k in sel.ranked]
@@ -261,7 +270,7 @@ def warmup(operation: str | Sequence[str], shapes: Sequence[ShapeSpec], *, devic
     """
     from layerzero.inspection import cache_key
 
-    ops = [operation] if isinstance(operation, str) else list(operation)
+    ops = [canonical_operation(o) for o in ([operation] if isinstance(operation, str) else list(operation))]
     rt = get_runtime()
     jobs = [(o, ctx) for o in ops for ctx in _contexts(o, shapes, device, dtype)]
     done = 0

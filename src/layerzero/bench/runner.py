@@ -8,7 +8,9 @@ Three parts:
   one run, with p50/p99, the overhead in ns, the ratio, the budget and
   PASS/MISS (static ``resolve``, static ``dispatch()``, dynamic cached
   ``dispatch()``, ``lz.attention`` / ``lz.rms_norm`` from raw tensors, the plan
-  cache lookup, the breaker check + telemetry record);
+  cache lookup, the breaker check + telemetry record), and, for comparison,
+  ``lz.attention_varlen`` / ``lz.attention_paged`` against a per-sequence SDPA
+  loop / dense SDPA over gathered pages (:mod:`layerzero.bench.ragged`);
 * memory and import: 50,000 cached plans under tracemalloc, memory over
   1,000,000 cached calls, and ``import layerzero`` against ``import torch``.
 """
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 
 from layerzero.bench.overhead import OverheadRow, run_overhead
+from layerzero.bench.ragged import run_ragged
 from layerzero.timing import measure_calls
 
 __all__ = ["BenchOptions", "BenchReport", "run_bench", "OverheadRow", "ResultRow"]
@@ -42,6 +45,7 @@ class BenchOptions:
     dtype: str | None = None
     include_memory: bool = True
     include_import: bool = True
+    include_ragged: bool = True  # the lz.attention_varlen / lz.attention_paged lines (bench/ragged.py)
     memory_plans: int | None = None  # default: 50,000 (10,000 with --quick: each is a real miss, ~1 ms here)
     memory_calls: int | None = None  # default: 1,000,000 (300,000 with --quick)
 
@@ -271,6 +275,8 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
     try:
         report.results = run_results(opts, say)
         report.overhead = run_overhead(opts.device, opts.torch_dtype, opts.quick, _sync_for(opts.device), say)
+        if opts.include_ragged:
+            report.overhead += run_ragged(opts.device, opts.torch_dtype, opts.quick, _sync_for(opts.device), say)
         if opts.include_memory:
             report.overhead += run_memory(opts, say)
         if opts.include_import:

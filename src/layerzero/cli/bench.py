@@ -26,6 +26,8 @@ __all__ = ["register", "bench"]
 @click.option("--dtype", default=None, help="float32 (CPU default), float16 (CUDA default), bfloat16.")
 @click.option("--no-memory", is_flag=True, help="Skip the memory budget lines.")
 @click.option("--no-import", "no_import", is_flag=True, help="Skip the import-time budget line.")
+@click.option("--no-ragged", "no_ragged", is_flag=True,
+              help="Skip the lz.attention_varlen / lz.attention_paged comparison lines.")
 @click.option("--strict", is_flag=True, help="Exit 1 when any budget line reads MISS.")
 @click.option("--model", type=click.Choice(MODELS), default=None,
               help="Benchmark a whole model from a config (random weights) instead: per variant and mode.")
@@ -43,8 +45,9 @@ __all__ = ["register", "bench"]
               help="With --model: compiled mode is torch.compile(model), or each decoder layer compiled (faster "
                    "to compile: one graph serves every layer).")
 def bench(quick: bool, json_path: Path | None, ops: str, device: str, iterations: int | None, dtype: str | None,
-          no_memory: bool, no_import: bool, strict: bool, model: str | None, rounds: int | None, workloads: str,
-          modes: str | None, layers: int | None, budget_s: float | None, no_liger: bool, compile_scope: str) -> None:
+          no_memory: bool, no_import: bool, no_ragged: bool, strict: bool, model: str | None, rounds: int | None,
+          workloads: str, modes: str | None, layers: int | None, budget_s: float | None, no_liger: bool,
+          compile_scope: str) -> None:
     """Benchmark layerzero here: latency table, overhead budgets (PASS/MISS), memory and import time.
 
     With --model NAME: prefill, greedy decode and a training step of a whole model for sdpa, layerzero and
@@ -68,7 +71,8 @@ def bench(quick: bool, json_path: Path | None, ops: str, device: str, iterations
     from layerzero.bench.runner import BenchOptions, run_bench
 
     opts = BenchOptions(device=device, ops=tuple(o.strip() for o in ops.split(",") if o.strip()), quick=quick,
-                        iterations=iterations, dtype=dtype, include_memory=not no_memory, include_import=not no_import)
+                        iterations=iterations, dtype=dtype, include_memory=not no_memory, include_import=not no_import,
+                        include_ragged=not no_ragged)
     to_stdout_json = json_path is not None and str(json_path) == "-"
     console = Console(stderr=True)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,

@@ -13,7 +13,9 @@ boolean masks as ``"sdpa"``. Then::
 route attention through :func:`layerzero.attention`, with the masks (4-D
 boolean or additive), GQA (key/value heads passed as they are), sliding
 windows, dropout and scaling transformers passes, returning ``(B, S, H, D)``
-like transformers' own ``sdpa_attention_forward``.
+like transformers' own ``sdpa_attention_forward``. A padding-free packed batch
+(``DataCollatorWithFlattening``) runs :func:`layerzero.attention_varlen` per
+sequence (:mod:`layerzero.integrations.transformers_packed`).
 
 Not every model class looks its attention function up in that interface: some
 pick their own attention classes (Falcon on 5.x and 4.x; BERT, RoBERTa and T5
@@ -57,6 +59,7 @@ from torch import nn
 import layerzero.ops as lz_ops
 from layerzero.integrations.hf_causal_lm import LOSS_ATTR, ROPE_ATTR, patch_loss, patch_rope, unpatch_causal_lm
 from layerzero.errors import InvalidInputError, LayerZeroError, UnsupportedModelError
+from layerzero.integrations.transformers_packed import packed_attention, packed_layout
 
 __all__ = ["register", "is_registered", "attention_forward", "uses_attention_interface", "check_model_class", "patch",
            "unpatch", "PatchReport", "ATTN_NAME"]
@@ -105,8 +108,10 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         is_causal: overrides ``module.is_causal``.
         kwargs: ``sliding_window``, ``position_bias``, ``softcap`` (Gemma 2's attention-logit softcapping)
             and ``s_aux`` (GPT-OSS's per-head attention sinks), which go to :func:`layerzero.attention` as
-            ``softcap`` and ``sinks``; ``sinks`` (a per-query sink logit in some models) and ``head_mask`` are
-            not supported; ``output_attentions=True`` warns once (no weights are computed).
+            ``softcap`` and ``sinks``; a padding-free packed row (``cu_seq_lens_*`` / ``max_length_*``, or
+            restarting ``position_ids``) runs ``lz.attention_varlen`` per sequence
+            (:mod:`layerzero.integrations.transformers_packed`); ``sinks`` (a per-query sink logit in some
+            models) and ``head_mask`` are not supported; ``output_attentions=True`` warns once.
 
     Returns:
         ``(output, None)`` with output ``(batch, seq, heads, head_dim)``, contiguous.
@@ -125,6 +130,15 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                    "model returns none (empty or None attentions); use attn_implementation='eager' for them")
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    sinks = kwargs.get("s_aux")
+    if sinks is not None and sinks.dtype not in (torch.float32, query.dtype):
+        sinks = sinks.float()
+    layout = packed_layout(query, key, attention_mask, kwargs)
+    if layout is not None:  # a padding-free packed row: attended per sequence (transformers_packed)
+        sliding = kwargs.get("sliding_window")
+        window = int(sliding) if causal and sliding else None
+        return packed_attention(query, key, value, layout, float(dropout), scaling, bool(causal), window,
+                                kwargs.get("softcap"), sinks), None
     mask = attention_mask
     if mask is not None:
         if mask.dim() == 4 and mask.shape[-1] != kv_len:
@@ -143,9 +157,6 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if bias is not None:
         mask = _position_bias_mask(bias[..., : key.shape[2]], mask, causal, query, key)
         causal, window = False, None
-    sinks = kwargs.get("s_aux")
-    if sinks is not None and sinks.dtype not in (torch.float32, query.dtype):
-        sinks = sinks.float()
     out = lz_ops.attention(query, key, value, attn_mask=mask, is_causal=causal, dropout_p=float(dropout),
                            scale=scaling, window=window, softcap=kwargs.get("softcap"), sinks=sinks)
     return out.transpose(1, 2).contiguous(), None

@@ -112,7 +112,7 @@ class PagedAttentionOp(OpDef):
     def make_inputs(self, operation: str, ctx: SelectionContext, generator: torch.Generator | None = None
                     ) -> tuple[Any, ...]:
         b, sq = ctx.batch_size or 3, ctx.seq_len_q or 1
-        page = 16
+        page = ctx.hidden_size or 16  # the context's page size (see context())
         capacity = max(ctx.seq_len_k or 64, sq)
         max_pages = -(-capacity // page)
         lens = [max(sq, (capacity * (b - i)) // b) for i in range(b)]  # ragged, the first one the longest
@@ -165,7 +165,9 @@ _DOC = """Attention of ``q``, the newest ``seq_q`` tokens of each sequence, agai
     """
 
 #: ``lz.attention_paged``'s cached call: an exact key (a serving step's batch and table widths take few
-#: values); the page table's and lengths' values are data checks, made by the torch kernels as they read
+#: values) without the pool's page count, which selection never sees (so ``lz.warmup`` / ``lz.solve`` shapes
+#: serve any pool); the guard keeps what validation checks of it (both caches have the same, non-zero
+#: count). The page table's and lengths' values are data checks, made by the torch kernels as they read
 #: them and named by :meth:`PagedAttentionOp.diagnose` once a kernel raised.
 ATTENTION_PAGED_CONTRACT = CallContract(
     name="attention_paged",
@@ -174,8 +176,8 @@ ATTENTION_PAGED_CONTRACT = CallContract(
     operation='"attention_paged"',
     family='("attention_paged", q.dtype, q.is_cpu or q.device, k_cache.dtype, v_cache.dtype, block_table.dtype, '
            'seq_lens.dtype, block_table.is_cpu, seq_lens.is_cpu, is_causal, window, softcap is None)',
-    shape="q.shape, k_cache.shape, v_cache.shape, block_table.shape, seq_lens.shape",
-    guard="(is_causal.__class__ is bool and (window is None or window.__class__ is int) "
+    shape="q.shape, k_cache.shape[1:], v_cache.shape[1:], block_table.shape, seq_lens.shape",
+    guard="(k_cache.shape[0] == v_cache.shape[0] and k_cache.shape[0] > 0 and is_causal.__class__ is bool and (window is None or window.__class__ is int) "
           "and (scale is None or (scale.__class__ is float or scale.__class__ is int) and scale - scale == 0) "
           "and (softcap is None or (softcap.__class__ is float or softcap.__class__ is int) and softcap > 0 "
           "and softcap - softcap == 0))",

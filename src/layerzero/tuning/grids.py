@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext, dtype_from_name
+from layerzero.ops import canonical_operation
 
 __all__ = ["GRID_NAMES", "grid", "parse_shape", "contexts_for_shapes", "ATTENTION_PREFILL", "ATTENTION_DECODE",
-           "ROWS", "ATTENTION_FULL", "GEGLU_ROWS", "VOCAB_ROWS", "LCE_ROWS"]
+           "ROWS", "ATTENTION_FULL", "GEGLU_ROWS", "VOCAB_ROWS", "LCE_ROWS", "VARLEN", "PAGED"]
 
 GRID_NAMES: tuple[str, ...] = ("quick", "default")
 
@@ -52,6 +53,15 @@ VOCAB_ROWS: tuple[tuple[int, int], ...] = ((1024, 32000), (4096, 32000), (4096, 
 # shape: 4 x 2048 tokens of 2048 into 128256).
 LCE_ROWS: tuple[tuple[int, int, int], ...] = ((512, 2048, 128256), (4096, 4096, 32000), (8192, 2048, 128256),
                                               (16384, 4096, 128256))
+# (batch, longest sequence, heads, kv_heads, head_dim): causal packed batches, attention_varlen.
+VARLEN: tuple[tuple[int, int, int, int, int], ...] = (
+    (8, 2048, 32, 8, 128), (16, 4096, 32, 8, 128), (64, 1024, 16, 16, 64), (4, 8192, 32, 8, 128),
+)
+# (batch, seq_q, context, heads, kv_heads, head_dim): paged decode (seq_q 1) and chunked prefill, pages of 16.
+PAGED: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (1, 1, 4096, 32, 8, 128), (16, 1, 8192, 32, 8, 128), (64, 1, 2048, 32, 8, 128), (8, 1, 32768, 32, 8, 128),
+    (4, 256, 4096, 32, 8, 128),
+)
 _QUICK_PREFILL = ((1, 2048, 32, 8, 128), (8, 512, 16, 16, 64))
 _QUICK_DECODE = ((32, 4096, 32, 8, 128),)
 _QUICK_ROWS = ((128, 4096), (4096, 4096), (16384, 8192))
@@ -61,6 +71,18 @@ _CPU_DECODE = ((4, 256, 8, 8, 64),)
 _CPU_ROWS = ((1, 1024), (256, 1024), (2048, 2048))
 _CPU_VOCAB = ((8, 1000), (256, 4096))
 _CPU_LCE = ((64, 64, 4096), (512, 128, 8192))
+_CPU_VARLEN = ((4, 128, 8, 2, 64), (8, 64, 8, 8, 64))
+_CPU_PAGED = ((4, 1, 256, 8, 2, 64), (2, 16, 256, 8, 8, 64))
+
+
+def _ragged(operation: str, device: str, dt: torch.dtype, cuda: bool, quick: bool) -> list[SelectionContext]:
+    """attention_varlen / attention_paged contexts (causal; the paged page size, 16, is ``hidden_size``)."""
+    if canonical_operation(operation) == "attention_varlen":
+        shapes = (VARLEN[:1] if quick else VARLEN) if cuda else (_CPU_VARLEN[:1] if quick else _CPU_VARLEN)
+        return [_attn(device, dt, b, s, s, h, hkv, d, True) for b, s, h, hkv, d in shapes]
+    rows = (PAGED[1:2] if quick else PAGED) if cuda else (_CPU_PAGED[:1] if quick else _CPU_PAGED)
+    return [_attn(device, dt, b, sq, sk, h, hkv, d, True).replace(hidden_size=16, num_tokens=b * sq)
+            for b, sq, sk, h, hkv, d in rows]
 
 
 def _attn(device: str, dtype: torch.dtype, b: int, sq: int, sk: int, h: int, hkv: int, d: int, causal: bool
@@ -80,7 +102,9 @@ def grid(operation: str, name: str = "default", *, device: str = "cuda",
     Args:
         operation: ``attention.causal``, ``attention.full``, ``attention.decode``, ``rms_norm``, ``layer_norm``,
             ``swiglu``, ``geglu`` (tanh form), ``silu``, ``gelu``, ``rope``, ``cross_entropy`` (hidden size =
-            vocabulary) or ``linear_cross_entropy`` (hidden size = vocabulary, head_dim = hidden width; training).
+            vocabulary), ``linear_cross_entropy`` (hidden size = vocabulary, head_dim = hidden width; training),
+            ``attention_varlen`` (causal packed batches) or ``attention_paged`` (decode and chunked prefill over
+            pages of 16 tokens).
         name: ``"quick"`` or ``"default"``.
         device: ``"cuda"`` (bf16 and fp16 by default) or ``"cpu"`` (float32).
         dtypes: override the dtypes.
@@ -95,7 +119,7 @@ def grid(operation: str, name: str = "default", *, device: str = "cuda",
     if dtypes is None:
         dtypes = (torch.bfloat16, torch.float16) if cuda else (torch.float32,)
     quick = name == "quick"
-    family = operation.split(".", 1)[0]
+    family = canonical_operation(operation).split(".", 1)[0]  # attention.paged is attention_paged
     out: list[SelectionContext] = []
     for dt in dtypes:
         if family == "attention":
@@ -114,6 +138,8 @@ def grid(operation: str, name: str = "default", *, device: str = "cuda",
             if decode and not causal:
                 for b, sk, h, hkv, d in dec:
                     out.append(_attn(device, dt, b, 1, sk, h, hkv, d, False))
+        elif family in ("attention_varlen", "attention_paged"):
+            out += _ragged(operation, device, dt, cuda, quick)
         elif family == "rope":
             for b, s, h, _hkv, d in (_QUICK_PREFILL if quick else ATTENTION_PREFILL[:6]) if cuda else _CPU_ATTN:
                 out.append(SelectionContext(device=device, dtype=dt, batch_size=b, seq_len=s, num_heads=h,
@@ -184,19 +210,26 @@ def parse_shape(text: str) -> dict[str, Any]:
 
 def contexts_for_shapes(operation: str, shapes: list[str], *, device: str,
                         dtypes: tuple[torch.dtype, ...]) -> list[SelectionContext]:
-    """Contexts for ``operation`` from ``--shapes`` strings (shapes missing the op's dimensions are skipped)."""
-    family = operation.split(".", 1)[0]
+    """Contexts for ``operation`` from ``--shapes`` strings (shapes missing the op's dimensions are skipped).
+
+    ``attention_varlen`` and ``attention_paged`` shapes are causal (packed training, decoding), the paged
+    ones with pages of ``hidden=`` tokens (16 when not given).
+    """
+    family = canonical_operation(operation).split(".", 1)[0]
+    ragged = family in ("attention_varlen", "attention_paged")
     out = []
     for text in shapes:
         kw = parse_shape(text)
         dts = (kw.pop("dtype"),) if "dtype" in kw else dtypes
-        if family == "attention":
+        if family == "attention" or ragged:
             if not ({"seq_len", "seq_len_q", "seq_len_k"} & kw.keys()):
                 continue
             kw.setdefault("batch_size", 1)
             kw.setdefault("num_heads", 8)
             kw.setdefault("head_dim", 64)
-            causal = operation.endswith(".causal")
+            if family == "attention_paged":
+                kw.setdefault("hidden_size", 16)
+            causal = operation.endswith(".causal") or ragged
             for dt in dts:
                 out.append(SelectionContext(device=device, dtype=dt, is_causal=causal, layout="BHSD", **kw))
         else:

@@ -34,7 +34,7 @@ import torch
 
 from layerzero.context import SelectionContext
 from layerzero.errors import LayerZeroError
-from layerzero.ops import op_for
+from layerzero.ops import canonical_operation, op_for
 from layerzero.ops.base import OpDef
 from layerzero.selection.engine import Measurement, SelectionEngine, format_context
 from layerzero.spec import KernelSpec
@@ -280,6 +280,7 @@ class Tuner:
         device = "cpu"
         for operation, contexts in plan.items():
             op_for(operation)  # an unknown operation fails here, naming the known families
+            operation = canonical_operation(operation)  # measurements under the name calls look up
             for ctx in contexts:
                 device = str(ctx.device)
                 if deadline is not None and time.perf_counter() >= deadline:
@@ -304,6 +305,7 @@ class Tuner:
         """Measure ``specs`` (default: every eligible kernel) for one context and store the results."""
         t0 = time.perf_counter()
         op = op_for(operation)
+        operation = canonical_operation(operation)
         bucket = bucket_of(operation, ctx)
         if specs is None:
             specs = self.eligible(operation, ctx)

@@ -1,0 +1,165 @@
+"""transformers' padding-free packed batches on attn_implementation="layerzero" run lz.attention_varlen."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import layerzero.ops as lz_ops  # noqa: E402
+from layerzero.integrations import transformers_packed as packed  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+_CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256)
+LENGTHS = (5, 1, 9)
+
+
+@pytest.fixture
+def operations(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The layerzero ops the integration calls (the real ops run; their names are recorded)."""
+    seen: list[str] = []
+    for name in ("attention", "attention_varlen"):
+        real = getattr(lz_ops, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            seen.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(lz_ops, name, spy)
+    yield seen
+
+
+def _model(dtype: torch.dtype = torch.float64, **extra: object) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**_CONFIG, **extra)).to(dtype).eval()
+
+
+def _sequences(seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (n,), generator=gen) for n in LENGTHS]
+
+
+def _alone(model: LlamaForCausalLM, seqs: list[torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(input_ids=s[None]).logits[0] for s in seqs])
+
+
+def _packed_inputs(seqs: list[torch.Tensor], flash_kwargs: bool) -> dict[str, object]:
+    collate = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)
+    batch = collate([{"input_ids": s.tolist()} for s in seqs])
+    batch.pop("labels")
+    return dict(batch)
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_packed_batch_matches_each_sequence_alone(flash_kwargs: bool, operations: list[str]) -> None:
+    model = _model(attn_implementation="layerzero")
+    seqs = _sequences()
+    inputs = _packed_inputs(seqs, flash_kwargs)
+    assert inputs["input_ids"].shape == (1, sum(LENGTHS))
+    assert ("cu_seq_lens_q" in inputs) is flash_kwargs
+    want = _alone(model, seqs)
+    operations.clear()
+    with torch.no_grad():
+        got = model(**inputs).logits[0]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert operations == ["attention_varlen"] * _CONFIG["num_hidden_layers"]
+
+
+def test_cu_seq_lens_alone_keep_the_sequences_apart() -> None:
+    # Without position_ids transformers builds no packed mask (positions 0..total-1): the keywords decide.
+    model = _model(attn_implementation="layerzero")
+    seqs = _sequences(2)
+    inputs = _packed_inputs(seqs, True)
+    inputs.pop("position_ids")
+    with torch.no_grad():
+        got = model(**inputs).logits[0]
+        sdpa = _model(attn_implementation="sdpa")(**inputs).logits[0]
+    first = LENGTHS[0]
+    torch.testing.assert_close(got[:first], _alone(model, seqs[:1]))  # the first sequence starts at position 0
+    assert not torch.allclose(got[first:], sdpa[first:])  # sdpa lets the later sequences see the earlier ones
+
+
+def test_packed_float32_matches_sdpa_with_transformers_mask() -> None:
+    # Without a cache transformers builds the packed (block-diagonal) mask for sdpa (with one, a plain causal one).
+    seqs = _sequences(3)
+    inputs = {**_packed_inputs(seqs, False), "use_cache": False}
+    ours, ref = _model(torch.float32, attn_implementation="layerzero"), _model(torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, ref(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_padding_mask_keeps_the_dense_path(operations: list[str]) -> None:
+    model = _model(attn_implementation="layerzero")
+    inputs = _packed_inputs(_sequences(), False)
+    # The caller's padding mask (the last token padded): one sequence as on transformers' flash path, no packing.
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][0, -1] = 0
+    with torch.no_grad():
+        got = model(**inputs).logits
+        want = _model(attn_implementation="sdpa")(**inputs).logits
+    torch.testing.assert_close(got, want)
+    assert operations == ["attention"] * _CONFIG["num_hidden_layers"]
+
+
+def test_training_with_dropout_masks_the_sequences_apart() -> None:
+    model = _model(attention_dropout=0.5, attn_implementation="layerzero").train()
+    seqs = _sequences()
+    inputs = _packed_inputs(seqs, True)
+    model(**inputs).logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.config.attention_dropout = 0.0
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits[0], _alone(model, seqs))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_block_diagonal_mask_is_the_per_sequence_causal_mask(window: int | None) -> None:
+    cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    mask = packed.block_diagonal_mask(cu, 7, True, window)[0, 0]
+    for i in range(7):
+        for j in range(7):
+            same = (i < 3) == (j < 3)
+            inside = j <= i and (window is None or j > i - window)
+            assert bool(mask[i, j]) == (same and inside), (i, j)
+
+
+def test_packed_layout_from_position_ids_and_keywords() -> None:
+    q = torch.randn(1, 4, 6, 8)
+    pos = torch.tensor([[0, 1, 2, 0, 0, 1]])
+    cu_q, cu_k, max_q, max_k = packed.packed_layout(q, q, None, {"position_ids": pos})
+    assert cu_q.tolist() == [0, 3, 4, 6] and cu_q.dtype == torch.int32 and (max_q, max_k) == (3, 3)
+    assert packed.packed_layout(q, q, None, {"position_ids": torch.arange(6)[None]}) is None  # one sequence
+    assert packed.packed_layout(q.expand(2, -1, -1, -1), q, None, {"position_ids": pos}) is None  # batch 2
+    assert packed.packed_layout(q, torch.randn(1, 4, 9, 8), None, {"position_ids": pos}) is None  # a cache
+    given = {"cu_seq_lens_q": torch.tensor([0, 2, 6]), "cu_seq_lens_k": [0, 2, 6], "max_length_q": torch.tensor(4)}
+    cu_q, cu_k, max_q, max_k = packed.packed_layout(q, q, None, given)
+    assert cu_k.dtype == torch.int32 and cu_k.tolist() == [0, 2, 6] and (max_q, max_k) == (4, 4)
+
+
+def test_compiled_packed_batch_has_no_graph_break_and_matches_eager() -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _model(torch.float32, attn_implementation="layerzero")
+    inputs = {**_packed_inputs(_sequences(), False), "use_cache": False}
+
+    def logits(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+    with torch.no_grad():
+        eager = logits(inputs["input_ids"], inputs["position_ids"])
+        compiled = torch.compile(logits, fullgraph=True, backend="eager")  # fullgraph: a break would raise
+        torch.testing.assert_close(compiled(inputs["input_ids"], inputs["position_ids"]), eager,
+                                   rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
