@@ -77,7 +77,7 @@ for step in "${steps[@]}"; do
   case "$step" in
     model)
       echo "== layerzero bench --model llama --device cuda"
-      timeout 590 python3 -m layerzero.cli bench --model llama --device cuda --json "$OUT" 2>&1 \
+      timeout 560 python3 -m layerzero.cli bench --model llama --device cuda --json "$OUT" --budget-s 380 2>&1 \
         | tee "$OUT/model_bench_${card}.md" | tail -40
       ;;
   esac
