@@ -181,8 +181,8 @@ def _variant(name: str, base: nn.Module, model_name: str) -> Variant:
     variant = Variant(name, model)
     if name == "layerzero+patch":
         report = patch(model)
-        variant.note = f"patch(): {report.count} modules" + (f", {len(report.skipped)} skipped" if report.skipped
-                                                              else "")
+        skipped = "; ".join(f"skipped {n}: {why}" for n, why in sorted(report.skipped.items()))
+        variant.note = f"patch(): {report.count} modules" + (f"; {skipped}" if skipped else "")
     if name.startswith("liger"):
         variant.module, variant.globals_patch = _apply_liger(model_name, model)
         variant.note = "Liger: rope, rms_norm, swiglu, fused_linear_cross_entropy"
