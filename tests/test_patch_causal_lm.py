@@ -150,3 +150,27 @@ def test_models_the_loss_patch_leaves_alone_say_why() -> None:
     assert "causal_lm_loss" not in report.patched
     assert "logit_scale" in report.skipped["CohereForCausalLM (loss)"]
     assert loss_problem(nn.Linear(2, 2)) == "not a *ForCausalLM model"
+
+
+def test_the_older_standard_forward_is_recognised() -> None:
+    """transformers before 5.24 slices ``hidden_states[:, slice_indices, :]`` inside the LM-head line (the H200
+    image's 5.17 did): that forward is the standard one too, so its loss is patched."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: F401  (named in the source read)
+
+    from layerzero.integrations.hf_causal_lm import _forward_shape  # noqa: PLC2701  (the matcher under test)
+
+    class Older:
+        def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):  # type: ignore[no-untyped-def]
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            hidden_states = outputs.last_hidden_state
+            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, slice_indices, :])
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            return CausalLMOutputWithPast(
+                loss=loss,
+                logits=logits,
+            )
+
+    assert _forward_shape(Older) == (False, None)

@@ -377,6 +377,16 @@ def run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | N
             _rounds(opts, entries, report, t_start, say, checkpoint)
     finally:
         torch.set_num_threads(threads)
+        _release(variants)
     _compare(entries, reference_name(opts.model))
     report.elapsed_s = time.perf_counter() - t_start
     return report
+
+
+def _release(variants: list[Any]) -> None:
+    """Undo the patched variant's process-wide changes (its rope function in transformers' modeling module)."""
+    from layerzero.integrations.transformers import unpatch
+
+    for v in variants:
+        if v.name == "layerzero+patch":
+            unpatch(v.model)

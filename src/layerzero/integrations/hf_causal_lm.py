@@ -47,6 +47,14 @@ _SOFTCAP_LINES = ("logits = logits / self.config.final_logit_softcapping", "logi
                   "if self.config.final_logit_softcapping is not None:")
 
 
+#: The LM-head line of transformers' standard causal-LM forward -> the line slicing ``logits_to_keep`` before it
+#: (transformers 5.24 and later; the releases before, 4.5x to 5.2x).
+_LM_HEAD_LINES = {
+    "logits = self.lm_head(hidden_states)": "hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)",
+    "logits = self.lm_head(hidden_states[:, slice_indices, :])":
+        "slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep",
+}
+
 _PARAMS = frozenset({"self", "input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds",
                      "labels", "use_cache", "logits_to_keep", "cache_position", "kwargs"})
 
@@ -58,15 +66,17 @@ def _forward_shape(cls: type) -> tuple[bool, str | None]:
     except (OSError, TypeError):
         return False, "its forward's source is not available to check"
     body = [ln for ln in lines if ln and not ln.startswith("#")]
+    found = [(line, keep) for line, keep in _LM_HEAD_LINES.items() if line in body]
     try:
-        head = body.index("logits = self.lm_head(hidden_states)")
+        head_line, keep_line = found[0]
+        head = body.index(head_line)
         end = body.index("loss = None", head)
-    except ValueError:
+    except (IndexError, ValueError):
         return False, "its forward does not compute logits = self.lm_head(hidden_states) then the loss"
     between = body[head + 1:end]
     if any(ln not in _SOFTCAP_LINES for ln in between):
         return False, f"its forward changes the logits before the loss ({between[0]!r})"
-    needed = ("hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)", "if labels is not None:")
+    needed = (keep_line, "if labels is not None:")
     if not all(n in body for n in needed) or not any(ln.startswith("loss = self.loss_function(") for ln in body):
         return False, "its forward is not transformers' standard causal-LM forward"
     if not any(ln.startswith("outputs") and "= self.model(" in ln for ln in body):
@@ -148,9 +158,9 @@ def _loss_forward(self: nn.Module, *args: Any, skip_logits: bool | None = None, 
     logits_to_keep = bound.pop("logits_to_keep", 0)
     outputs = self.model(**bound, **extra)
     from transformers.modeling_outputs import CausalLMOutputWithPast
-    from transformers.modeling_utils import slice_logits_to_keep
 
-    hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep  # as transformers
+    hidden = outputs.last_hidden_state[:, keep, :]
     loss = causal_lm_loss(self, hidden, labels, shift_labels, extra.get("num_items_in_batch"),
                           extra.get("ignore_index", -100), getattr(self, LOSS_ATTR))
     fields = {f for f in CausalLMOutputWithPast.__dataclass_fields__}

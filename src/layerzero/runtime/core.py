@@ -91,8 +91,14 @@ class Runtime:
         def on(reason: str) -> Callable[[], None]:
             def changed() -> None:
                 rt = me()
-                if rt is not None:
-                    rt._on_policy_change() if reason == "policy" else rt.invalidate(reason)
+                if rt is None:
+                    return
+                if rt.parent is not None:  # a derived runtime: its parent logs the change, it only drops plans
+                    rt.invalidate()
+                elif reason == "policy":
+                    rt._on_policy_change()
+                else:
+                    rt.invalidate(reason)
             return changed
 
         self.kernels.add_listener(on("kernel registry changed"))
