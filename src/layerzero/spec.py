@@ -200,7 +200,14 @@ class KernelSpec:
     def check(self, ctx: SelectionContext) -> list[Reason]:
         """Every reason this kernel cannot run ``ctx`` (empty: it can)."""
         out: list[Reason] = []
-        add = out.append
+        for part in (self._device_reasons, self._shape_reasons, self._attention_reasons, self._mode_reasons):
+            part(ctx, out.append)
+        if self.extra_check is not None:
+            out.extend(self.extra_check(ctx))
+        return out
+
+    def _device_reasons(self, ctx: SelectionContext, add: Callable[[Reason], None]) -> None:
+        """The platform, compute capability and dtype."""
         if self.platforms is not None and ctx.platform not in self.platforms:
             add(Reason(ReasonCode.PLATFORM_MISMATCH,
                        f"device is {ctx.platform}, kernel runs on {', '.join(sorted(self.platforms))}"))
@@ -219,6 +226,9 @@ class KernelSpec:
         if self.dtypes is not None and ctx.dtype is not None and ctx.dtype not in self.dtypes:
             add(Reason(ReasonCode.DTYPE_UNSUPPORTED,
                        f"dtype={ctx.dtype_name} (supported: {_names(self.dtypes)})"))
+
+    def _shape_reasons(self, ctx: SelectionContext, add: Callable[[Reason], None]) -> None:
+        """Head dims, lengths, batch, hidden size and head grouping."""
         d = ctx.head_dim
         if d is not None:
             if self.head_dim_min is not None and d < self.head_dim_min:
@@ -245,6 +255,9 @@ class KernelSpec:
         if not self.supports_mqa and ctx.is_mqa:
             add(Reason(ReasonCode.MQA_UNSUPPORTED,
                        f"multi-query attention (num_heads={ctx.num_heads}, num_kv_heads=1) is not supported"))
+
+    def _attention_reasons(self, ctx: SelectionContext, add: Callable[[Reason], None]) -> None:
+        """Masks, causal alignment, windows, dropout, the attention variants and layouts."""
         if self.mask_kinds is not None and ctx.mask_kind not in self.mask_kinds:
             add(Reason(ReasonCode.MASK_UNSUPPORTED,
                        f"mask={ctx.mask_kind} (supported: {', '.join(sorted(self.mask_kinds))})"))
@@ -272,6 +285,9 @@ class KernelSpec:
         if self.layouts is not None and ctx.layout is not None and ctx.layout not in self.layouts:
             add(Reason(ReasonCode.LAYOUT_UNSUPPORTED,
                        f"layout={ctx.layout} (supported: {', '.join(sorted(self.layouts))})"))
+
+    def _mode_reasons(self, ctx: SelectionContext, add: Callable[[Reason], None]) -> None:
+        """Strides, autograd, determinism, graph capture, compile and op variants."""
         if self.requires_contiguous and not ctx.is_contiguous:
             add(Reason(ReasonCode.NOT_CONTIGUOUS, "inputs are not contiguous in the last dimension (call .contiguous())"))
         if ctx.requires_grad and not self.supports_autograd:
@@ -289,9 +305,6 @@ class KernelSpec:
         if self.approximations is not None and ctx.approximate not in self.approximations:
             add(Reason(ReasonCode.VARIANT_UNSUPPORTED,
                        f"approximate={ctx.approximate!r} (supported: {', '.join(sorted(self.approximations))})"))
-        if self.extra_check is not None:
-            out.extend(self.extra_check(ctx))
-        return out
 
     def tolerance_for(self, dtype: torch.dtype) -> tuple[float, float]:
         """(atol, rtol) this kernel promises against a float64 reference."""

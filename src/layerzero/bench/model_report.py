@@ -92,6 +92,8 @@ def render_ratio_table(data: dict[str, Any]) -> list[str]:
         row = []
         for m, v in columns:
             r = cells.get((w, m, v))
-            row.append("failed" if r is not None and r.get("error") else _num(r and r.get("ratio"), ".3f"))
+            error = r.get("error") if r is not None else None
+            row.append(("not run" if str(error).startswith("not run") else "failed") if error
+                       else _num(r and r.get("ratio"), ".3f"))
         lines.append(f"| {w} | " + " | ".join(row) + " |")
     return lines
