@@ -8,6 +8,7 @@ modeling module's apply_rotary_pos_emb.
 from __future__ import annotations
 
 import copy
+import gc
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -38,6 +39,13 @@ MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", {"head_dim": 16, "final_logit_softcapping": 3.0}),
     "phi3": ("Phi3ForCausalLM", "Phi3Config", {"pad_token_id": 0}),
 }
+
+
+
+@pytest.fixture(autouse=True)
+def _collect_dropped_models() -> None:
+    """Models other tests patched and dropped sit in reference cycles until a collection restores their rope."""
+    gc.collect()
 
 
 def _pair(name: str) -> tuple[nn.Module, nn.Module]:
@@ -133,6 +141,8 @@ def test_patched_loss_through_the_chunked_kernel() -> None:
 def test_rope_stays_patched_while_another_patched_model_lives() -> None:
     first, second = _pair("llama")
     module = sys.modules[type(first).__module__]
+    lzt.patch(first, norms=False, activations=False, mlp=False, loss=False)
+    lzt.unpatch(first)  # whatever other tests left patched and dropped, this is transformers' own function now
     original = module.apply_rotary_pos_emb
     lzt.patch(first, norms=False, activations=False, mlp=False, loss=False)
     lzt.patch(second, norms=False, activations=False, mlp=False, loss=False)

@@ -22,7 +22,9 @@ checked numerically against the original once per module before it is installed.
 
 from __future__ import annotations
 
+import gc
 import inspect
+import weakref
 import math
 import sys
 import types
@@ -41,7 +43,9 @@ __all__ = ["loss_problem", "patch_loss", "causal_lm_loss", "patch_rope", "unpatc
 
 LOSS_ATTR = "_layerzero_loss_softcap"  # on a patched model: the softcap its loss uses (None for none)
 ROPE_ATTR = "_layerzero_rope_module"  # on a patched model: the modeling module whose rope it patched
-_ROPE: dict[str, tuple[Callable[..., Any], int]] = {}  # modeling module -> (original function, models using it)
+# modeling module -> (original function, the live models using ours); a model dropped without unpatch() leaves
+# the set by itself, so it never keeps the module patched for later models
+_ROPE: dict[str, tuple[Callable[..., Any], weakref.WeakSet[nn.Module]]] = {}
 _SOFTCAP_LINES = ("logits = logits / self.config.final_logit_softcapping", "logits = torch.tanh(logits)",
                   "logits = logits * self.config.final_logit_softcapping",
                   "if self.config.final_logit_softcapping is not None:")
@@ -249,18 +253,32 @@ def patch_rope(model: nn.Module, verify: bool = True) -> tuple[str | None, str |
         return None, f"{name} has no apply_rotary_pos_emb"
     if next(model.parameters(), torch.empty(0, device="meta")).device.type == "meta":
         return None, "parameters are on the meta device (load the weights first)"
-    if name in _ROPE:
-        original, count = _ROPE[name]
-        _ROPE[name] = (original, count + 1)
-    else:
+    entry = _ROPE.get(name)
+    if entry is not None and not entry[1]:
+        gc.collect()  # models dropped without unpatch() may still sit in reference cycles
+    if entry is not None and not entry[1]:  # every model that patched it is gone: start from the original
+        setattr(module, "apply_rotary_pos_emb", entry[0])
+        del _ROPE[name]
+        current, entry = entry[0], None
+    if entry is None:
         ours = _lz_rope_for(current)
         problem = _verify_rope(current, ours, model) if verify else None
         if problem is not None:
             return None, problem
-        _ROPE[name] = (current, 1)
+        entry = _ROPE[name] = (current, weakref.WeakSet())
         setattr(module, "apply_rotary_pos_emb", ours)
+    entry[1].add(model)
+    weakref.finalize(model, _model_gone, name)
     object.__setattr__(model, ROPE_ATTR, name)
     return name, None
+
+
+def _model_gone(name: str) -> None:
+    """A patched model was collected without unpatch(): when no live model uses ``name``'s rope, restore it."""
+    entry = _ROPE.get(name)
+    if entry is not None and not list(entry[1]):
+        del _ROPE[name]
+        setattr(sys.modules[name], "apply_rotary_pos_emb", entry[0])
 
 
 def unpatch_causal_lm(model: nn.Module) -> int:
@@ -274,10 +292,9 @@ def unpatch_causal_lm(model: nn.Module) -> int:
     name = model.__dict__.get(ROPE_ATTR)
     if name is not None:
         object.__delattr__(model, ROPE_ATTR)
-        original, count = _ROPE[name]
-        if count > 1:
-            _ROPE[name] = (original, count - 1)
-        else:
+        original, users = _ROPE[name]
+        users.discard(model)
+        if not users:
             del _ROPE[name]
             setattr(sys.modules[name], "apply_rotary_pos_emb", original)
         undone += 1
