@@ -295,3 +295,22 @@ def test_a_patched_transformers_model_under_compile_traces_the_native_path() -> 
     targets = [t for g in graphs.dynamo for t in Graphs.targets(g)]
     assert not any("layerzero" in t for t in targets), targets
     assert any("rms_norm" in t for t in targets) and any("silu" in t for t in targets), targets
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu", "cross_entropy"])
+def test_table_built_row_ops_pass_opcheck(name: str) -> None:
+    """The dispatched row-wise ops are built from one table (dispatched_rows.ROW_OPS): each passes
+    torch.library.opcheck (schema, fake, autograd registration) on inputs that need grad."""
+    from layerzero.integrations.compile import dispatched_rows as rows
+
+    g = torch.Generator().manual_seed(3)
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    x = t(3, 8)
+    args = {"rms_norm": (x, t(8), 1e-6), "layer_norm": (x, t(8), t(8), 1e-5),
+            "rope": (t(1, 2, 3, 8), torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g), False),
+            "swiglu": (x, t(3, 8)), "geglu": (x, t(3, 8), "tanh"), "gelu": (x, "none"), "silu": (x,),
+            "cross_entropy": (t(4, 10), torch.tensor([1, 2, 3, -100]), -100, 0.0, "mean")}[name]
+    torch.library.opcheck(getattr(rows, f"{name}_op"), args)
