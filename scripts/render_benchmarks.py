@@ -152,6 +152,51 @@ def _model_bench_section(path: Path) -> list[str]:
             "[the model bench](#the-model-bench).", "", render_model_markdown(d), ""]
 
 
+def _varlen_paged_section(path: Path) -> list[str]:
+    """``scripts/gpu_varlen_paged.py``: correctness per kernel, packed vs padded, paged vs dense decode."""
+    d = json.loads(path.read_text())
+    ok = all(r.get("ok") for r in d["correctness"])
+    out = [f"## Packed and paged attention on an {d['device']}", "",
+           f"Command: `python scripts/gpu_varlen_paged.py --quick` (file: `{_rel(path)}`), torch {d['torch']}. "
+           f"Correctness: {len(d['correctness'])} kernel checks against the float64 reference, "
+           f"{'all within tolerance' if ok else 'SOME FAILED'} (kernels: "
+           f"{', '.join(sorted({r['kernel'] for r in d['correctness']}))}).", "",
+           "Packed training mix (32,768 tokens in sequences of a log-normal length mix), tokens per second:", "",
+           "| kernel | ms | tokens/s |", "|---|---|---|"]
+    if not any(r["kernel"] != "padded_sdpa" for r in d["packed_vs_padded"]):
+        out[-2:-2] = ["No packed kernel was timed on this image (torch's `varlen_attn` is missing in this version, "
+                      "and `--quick` skips the per-sequence loop); padded SDPA is the baseline a fast packed "
+                      "kernel has to beat.", ""]
+    for r in d["packed_vs_padded"]:
+        extra = f" (padded to {r['padded_tokens']:,} tokens)" if r.get("padded_tokens") else ""
+        ms = "-" if r["ms"] is None else f"{r['ms']:.2f}"
+        tps = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s'] / 1e6:.2f} M"
+        out.append(f"| `{r['kernel']}`{extra} | {ms} | {tps} |")
+    out += ["", "Decode (one new token per sequence, 32 / 8 heads, head_dim 128), µs per call:", "",
+            "| batch | context | page | kernel | µs |", "|---|---|---|---|---|"]
+    for r in d["paged_vs_dense"]:
+        us = "-" if r["us"] is None else f"{r['us']:.1f}"
+        out.append(f"| {r['batch']} | {r['context']:,} | {r['page'] or 'dense'} | `{r['kernel']}` | {us} |")
+    return out + [""]
+
+
+def _compile_check_section(path: Path) -> list[str]:
+    """``scripts/compile_cpu_check.py``'s JSON line: a compiled training step, side by side."""
+    d = json.loads(path.read_text().strip().splitlines()[-1])
+    c = d["config"]
+    card = path.stem.removeprefix("compile_check_").replace("_", " ")
+    out = [f"## A compiled training step (torch.compile) on an {card}", "",
+           f"Command: `python scripts/compile_cpu_check.py --device {c['device']} --dtype {c['dtype']} --hidden "
+           f"{c['hidden']} --heads {c['heads']} --kv-heads {c['kv_heads']} --layers {c['layers']} --batch "
+           f"{c['batch']} --seq {c['seq']} --rounds {c['rounds']}` (file: `{_rel(path)}`), torch {d['torch']}: "
+           "`layerzero-opaque` keeps every call an opaque custom op with a recomputing backward (what every "
+           "compiled call was before native tracing).", "", "| variant | median (ms) | spread | vs sdpa |",
+           "|---|---|---|---|"]
+    for name, r in d["results"].items():
+        out.append(f"| `{name}` | {r['median_ms']:.2f} | ±{r['spread_ms']:.2f} | {r['vs_sdpa']:.3f} |")
+    return out + [""]
+
+
 def render_page() -> str:
     out = ["# Benchmarks", "",
            "Measured side by side in one run (the layerzero path and the direct call it replaces, interleaved), "
@@ -167,6 +212,10 @@ def render_page() -> str:
                               "bash scripts/gpu_run.sh bench")
     for path in sorted(RESULTS.glob("gpu_bench_*.json")):
         out += _gpu_bench_section(path)
+    for path in sorted(RESULTS.glob("gpu_varlen_paged_*.json")):
+        out += _varlen_paged_section(path)
+    for path in sorted(RESULTS.glob("compile_check_*.json")):
+        out += _compile_check_section(path)
     out += MODEL_BENCH_ABOUT.splitlines() + [""]
     for path in sorted(RESULTS.glob("model_bench_*.json")):
         out += _model_bench_section(path)
