@@ -318,6 +318,15 @@ def _specs() -> list[KernelSpec]:
     ]
 
 
+# What layerzero.backends.flex_varlen builds on (public names: nothing private crosses a module).
+probe = _probe
+load = _load
+lse_of = _lse_of
+score_mod = _score_mod
+compiled_call = _compiled_call
+variant_call = _flex_variant_call
+
+
 FLEX_KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in _specs())
 
 # The layerzero.backends.base.Backend contract: the backend names register() declares, and its kernels.

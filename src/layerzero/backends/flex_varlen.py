@@ -1,0 +1,127 @@
+"""FlexAttention for packed batches (``lz.attention_varlen``): one kernel over the whole packed tensor.
+
+The packed ``q`` ``(total_q, heads, d)`` and ``k``/``v`` ``(total_k, kv_heads, d)`` become one batch of one
+sequence; a document mask keeps each query on its own sequence's keys, aligned bottom-right as
+FlashAttention aligns them (query ``i`` of a sequence with ``n_q`` queries and ``n_k`` keys sees key ``j``
+when ``j <= i + n_k - n_q``; a window of ``w`` keeps ``j > i + n_k - n_q - w``), and a ``score_mod``
+applies the softcap. Rows that see no key come out as zeros, as in FlashAttention.
+
+The block mask is built once per packed layout and reused while the offsets are the same tensors (one
+forward runs every layer on the same ``cu_seqlens``): the cache key is the offsets' storage and version,
+so an in-place edit of the offsets builds a new mask. On CUDA the call runs through
+:mod:`layerzero.backends.flex`'s compiled families; ``compiled=False`` runs FlexAttention eagerly (the CPU
+tests, where the unfused implementation is exact but slow).
+
+Its priority is below the per-sequence SDPA kernel's: it has not been measured on a GPU yet (whether one
+compiled graph serves every packed layout is the open question), so selection picks it only when the
+tuner measures it faster or a policy asks for it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from layerzero.backends import flex
+from layerzero.ragged import checked_offsets
+from layerzero.registry import BackendRegistry, KernelRegistry
+from layerzero.spec import KernelSpec
+
+__all__ = ["flex_varlen_kernel", "varlen_block_mask", "flex_varlen_specs", "register", "BACKENDS", "KERNEL_IDS"]
+
+_MASKS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_LOCK = threading.Lock()
+_CACHE_SIZE = 64
+
+
+def _layout(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sequence of each token, its position in that sequence, each sequence's length)."""
+    cu = cu.long()
+    idx = torch.arange(total, device=cu.device)
+    seq = torch.searchsorted(cu[1:], idx, right=True).clamp(max=max(cu.numel() - 2, 0))
+    return seq, idx - cu[seq], cu[1:] - cu[:-1]
+
+
+def varlen_block_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, is_causal: bool,
+                      window: int | None) -> Any:
+    """The cached FlexAttention BlockMask for this packed layout (see the module docstring)."""
+    key = (cu_q.untyped_storage().data_ptr(), cu_q.storage_offset(), cu_q._version, cu_k.untyped_storage().data_ptr(),
+           cu_k.storage_offset(), cu_k._version, cu_q.numel(), cu_k.numel(), total_q, total_k, bool(is_causal),
+           window, cu_q.device.type, cu_q.device.index)
+    found = _MASKS.get(key)
+    if found is not None:
+        return found
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seq_q, pos_q, len_q = _layout(cu_q, total_q)
+    seq_k, pos_k, len_k = _layout(cu_k, total_k)
+    shift = len_k - len_q  # bottom-right: query i of a sequence sits at key position i + n_k - n_q
+    causal, w = bool(is_causal) or window is not None, window
+
+    def document(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        s = seq_q[q_idx]
+        keep = s == seq_k[kv_idx]
+        if causal:
+            here = pos_q[q_idx] + shift[s]
+            keep = keep & (pos_k[kv_idx] <= here)
+            if w is not None:
+                keep = keep & (pos_k[kv_idx] > here - w)
+        return keep
+
+    mask = create_block_mask(document, None, None, total_q, total_k, device=cu_q.device)
+    with _LOCK:
+        _MASKS[key] = mask
+        while len(_MASKS) > _CACHE_SIZE:
+            _MASKS.popitem(last=False)
+    return mask
+
+
+def flex_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, window, softcap,  # type: ignore[no-untyped-def]
+                       *, compiled=True):
+    """``attention_varlen`` through FlexAttention over the packed tensors (canonical arguments)."""
+    if not q.is_cuda:  # a host read costs nothing here: name bad offsets as the other kernels do
+        checked_offsets(q, k, cu_q, cu_k, max_q, max_k)
+    total_q, total_k = q.shape[0], k.shape[0]
+    if total_q == 0 or total_k == 0:
+        return q.new_zeros(total_q, q.shape[1], v.shape[-1])
+    bm = varlen_block_mask(cu_q, cu_k, total_q, total_k, is_causal, window)
+    qb, kb, vb = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    flex.load()
+    mod = None if softcap is None else flex.score_mod(softcap, None, total_q, total_k, q.device)
+    if compiled:
+        key = flex.family_key(q.device, q.dtype, q.shape[-1], v.shape[-1], False, None, scale, variants=True)
+        out, lse = flex.lse_of(flex.compiled_call(key, qb, kb, vb, bm, scale, mod, True))
+    else:
+        out, lse = flex.lse_of(flex.variant_call(qb, kb, vb, bm, scale, mod, True))
+    seen = torch.isfinite(lse).unsqueeze(-1)  # a row with no visible key: zeros, as FlashAttention returns
+    out = torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out[0].transpose(0, 1)
+
+
+def flex_varlen_specs() -> list[KernelSpec]:
+    tol = {"float16": (4e-3, 4e-3), "bfloat16": (2.5e-2, 2.5e-2)}
+    return [
+        KernelSpec("flex_attention_varlen", "attention_varlen", "flex", flex_varlen_kernel, priority=10,
+                   platforms=frozenset({"cuda"}), min_compute_capability=(8, 0),
+                   dtypes=frozenset({torch.float16, torch.bfloat16}), supports_window=True, supports_softcap=True,
+                   supports_dropout=False, supports_autograd=True, deterministic=False, cuda_graph_safe=False,
+                   compile_safe=False, tolerance=tol,
+                   description="FlexAttention over the packed tensors with a document mask (bottom-right causal, "
+                               "windows, softcap); the block mask is cached per packed layout; not yet measured "
+                               "on a GPU, so ranked below the per-sequence SDPA kernel"),
+    ]
+
+
+# The layerzero.backends.base.Backend contract.
+BACKENDS: tuple[str, ...] = ("flex",)
+KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in flex_varlen_specs())
+
+
+def register(kernels: KernelRegistry, backends: BackendRegistry) -> list[KernelSpec]:
+    """Declare the flex backend (as :mod:`layerzero.backends.flex` does) and add the packed kernel."""
+    backends.register("flex", module="torch.nn.attention.flex_attention", pip="pip install 'torch>=2.5' triton",
+                      probe=flex.probe)
+    return [kernels.register(s) for s in flex_varlen_specs() if s.kernel_id not in kernels]
