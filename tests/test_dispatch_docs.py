@@ -127,10 +127,10 @@ def main() -> None:
     for name, p50, over in _side_by_side():
         print(f"| {name} | {p50:.2f} | {over:+.2f} |")
     print("## layerzero bench --quick: the dispatch rows of the overhead table, three runs")
-    from layerzero.bench.runner import BenchOptions, run_overhead
+    from layerzero.bench.overhead import run_overhead
 
     for _ in range(3):
-        rows = [r for r in run_overhead(BenchOptions(quick=True), lambda m: None) if "dispatch" in r.path]
+        rows = [r for r in run_overhead("cpu", torch.float32, True, None, lambda m: None) if "dispatch" in r.path]
         print(" | ".join(f"{r.path}: {r.value:.3f} ({'PASS' if r.passed else 'MISS'})" for r in rows))
 
 
