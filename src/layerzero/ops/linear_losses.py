@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from layerzero.context import SelectionContext
 from layerzero.ops.base import OpDef, layout_problem, pick
 from layerzero.ops.contract import CallContract
+from layerzero.ops.losses import target_range_problem
 from layerzero.runtime import get_runtime
 
 __all__ = ["linear_cross_entropy", "LINEAR_CROSS_ENTROPY", "LinearCrossEntropyOp", "loss_dtype",
@@ -98,13 +99,9 @@ class LinearCrossEntropyOp(OpDef):
             raise self.invalid(operation, f"softcap must be None or a positive finite number, got {softcap!r}", args)
 
     def diagnose(self, operation: str, args: tuple[Any, ...]) -> None:
-        target, ignore_index, vocab = args[2], args[4], args[1].shape[0]
-        bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
-        if bool(bad.any()):
-            where = bad.nonzero().flatten()[:8].tolist()
-            ids = target[bad][:8].tolist()
-            raise self.invalid(operation, f"target ids {ids} (rows {where}) are outside [0, {vocab}) and are not "
-                                          f"ignore_index={ignore_index}", args)
+        problem = target_range_problem(args[2], args[4], args[1].shape[0])  # target, ignore_index, vocab
+        if problem is not None:
+            raise self.invalid(operation, problem, args)
 
     def context(self, operation: str, args: tuple[Any, ...]) -> SelectionContext:
         hidden, weight, bias = args[0], args[1], args[3]

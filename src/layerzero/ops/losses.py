@@ -23,9 +23,20 @@ from layerzero.ops.base import OpDef, layout_problem, pick
 from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
 
-__all__ = ["cross_entropy", "CROSS_ENTROPY", "CrossEntropyOp"]
+__all__ = ["cross_entropy", "CROSS_ENTROPY", "CrossEntropyOp", "target_range_problem"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+
+def target_range_problem(target: torch.Tensor, ignore_index: int, vocab: int) -> str | None:
+    """The data check of both losses: class ids outside ``[0, vocab)`` that are not ``ignore_index`` (it reads
+    the target, so it runs only once a kernel raised), or None."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if not bool(bad.any()):
+        return None
+    where = bad.nonzero().flatten()[:8].tolist()
+    ids = target[bad][:8].tolist()
+    return f"target ids {ids} (rows {where}) are outside [0, {vocab}) and are not ignore_index={ignore_index}"
 
 
 class CrossEntropyOp(OpDef):
@@ -61,14 +72,9 @@ class CrossEntropyOp(OpDef):
             raise self.invalid(operation, f"reduction must be one of {_REDUCTIONS}, got {reduction!r}", args)
 
     def diagnose(self, operation: str, args: tuple[Any, ...]) -> None:
-        logits, target, ignore_index = args[0], args[1], args[2]
-        vocab = logits.shape[1]
-        bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
-        if bool(bad.any()):
-            where = bad.nonzero().flatten()[:8].tolist()
-            ids = target[bad][:8].tolist()
-            raise self.invalid(operation, f"target ids {ids} (rows {where}) are outside [0, {vocab}) and are not "
-                                          f"ignore_index={ignore_index}", args)
+        problem = target_range_problem(args[1], args[2], args[0].shape[1])
+        if problem is not None:
+            raise self.invalid(operation, problem, args)
 
     def context(self, operation: str, args: tuple[Any, ...]) -> SelectionContext:
         logits = args[0]
