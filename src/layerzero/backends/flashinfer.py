@@ -93,6 +93,12 @@ def _workspace(dev: torch.device) -> torch.Tensor:
     return ws
 
 
+# What layerzero.backends.flashinfer_ragged shares: the library loader (cached; cache_clear() forgets it) and
+# the one workspace buffer per device every wrapper plans into.
+load_library = _lib
+workspace = _workspace
+
+
 def _remember(key: tuple[Any, ...], wrapper: Any) -> Any:
     with _lock:
         _wrappers[key] = wrapper

@@ -23,14 +23,13 @@ is applied to the scaled logits (``logits_soft_cap``). Head dims 64/128/256, fp1
 from __future__ import annotations
 
 import functools
-import importlib
 import threading
 from collections import OrderedDict
 from typing import Any
 
 import torch
 
-from layerzero.backends.flashinfer import HEAD_DIMS
+from layerzero.backends.flashinfer import HEAD_DIMS, load_library, workspace
 from layerzero.context import SelectionContext
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
@@ -38,34 +37,15 @@ from layerzero.spec import KernelSpec, Reason, ReasonCode
 __all__ = ["register", "BACKENDS", "KERNEL_IDS", "flashinfer_varlen", "flashinfer_paged", "csr_pages",
            "planned_wrappers"]
 
-_PIP = "pip install flashinfer-python"
-_WORKSPACE_BYTES = 128 * 1024 * 1024
 _MAX_WRAPPERS = 64
 
 _lock = threading.Lock()
-_workspaces: dict[tuple[str, int | None], torch.Tensor] = {}
 _wrappers: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-
-
-@functools.cache
-def _lib() -> Any:
-    try:
-        return importlib.import_module("flashinfer")
-    except ImportError as exc:
-        raise ImportError(f"flashinfer is not installed or broken ({exc}); install with: {_PIP}") from exc
 
 
 def planned_wrappers() -> int:
     """How many planned wrappers are cached (for tests and the bench)."""
     return len(_wrappers)
-
-
-def _workspace(dev: torch.device) -> torch.Tensor:
-    with _lock:
-        ws = _workspaces.get((dev.type, dev.index))
-        if ws is None:
-            ws = _workspaces[(dev.type, dev.index)] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
-    return ws
 
 
 def _cached(key: tuple[Any, ...], make: Any) -> Any:
@@ -95,7 +75,7 @@ def flashinfer_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, windo
            softcap, oq, ok)
 
     def make() -> Any:
-        w = _lib().BatchPrefillWithRaggedKVCacheWrapper(_workspace(q.device), "NHD")
+        w = load_library().BatchPrefillWithRaggedKVCacheWrapper(workspace(q.device), "NHD")
         w.plan(cu_q, cu_k, q.shape[1], k.shape[1], q.shape[2], causal=causal, **_common(q, k, scale, window, softcap))
         return w
 
@@ -128,13 +108,13 @@ def flashinfer_paged(q, kc, vc, table, seq_lens, is_causal, scale, window, softc
            layout)
 
     def make() -> Any:
-        fi = _lib()
+        fi = load_library()
         common = _common(q, kc, scale, window, softcap)
         if kind == "decode":
-            w = fi.BatchDecodeWithPagedKVCacheWrapper(_workspace(q.device), "NHD")
+            w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(q.device), "NHD")
             w.plan(indptr, indices, last, hq, hkv, d, page, pos_encoding_mode="NONE", **common)
         else:
-            w = fi.BatchPrefillWithPagedKVCacheWrapper(_workspace(q.device), "NHD")
+            w = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(q.device), "NHD")
             qo_indptr = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
             w.plan(qo_indptr, indptr, indices, last, hq, hkv, d, page, causal=causal, pos_encoding_mode="NONE",
                    **common)
@@ -175,5 +155,5 @@ KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in _specs())
 
 def register(kernels: KernelRegistry, backends: BackendRegistry) -> list[KernelSpec]:
     """Declare flashinfer (as :mod:`layerzero.backends.flashinfer` does) and add the ragged / paged kernels."""
-    backends.register("flashinfer", module="flashinfer", pip=_PIP)
+    backends.register("flashinfer", module="flashinfer", pip="pip install flashinfer-python")
     return [kernels.register(s) for s in _specs() if s.kernel_id not in kernels]
