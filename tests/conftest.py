@@ -57,4 +57,17 @@ def runtime():
     return get_runtime()
 
 
+@pytest.fixture
+def attached(tmp_path):
+    """The global runtime reading a fresh database (``attached.db``); the previous measurement source is
+    restored after."""
+    rt = get_runtime()
+    old = rt.measurement_source
+    db = lz.tuning.use_perf_db(tmp_path / "attached.db")
+    yield db
+    lz.tuning.detach_perf_db()
+    rt.measurement_source = old
+    db.close()
+
+
 __all__ = ["HAS_CUDA", "lz"]

@@ -40,17 +40,6 @@ def db(tmp_path: Path) -> PerfDB:
     d.close()
 
 
-@pytest.fixture
-def attached(tmp_path: Path):
-    """The global runtime reading a fresh database; the previous measurement source is restored after."""
-    rt = get_runtime()
-    old = rt.measurement_source
-    db = lz.tuning.use_perf_db(tmp_path / "attached.db")
-    yield db
-    lz.tuning.detach_perf_db()
-    rt.measurement_source = old
-    db.close()
-
 
 def _pragma(path: Path, name: str) -> object:
     conn = sqlite3.connect(path)

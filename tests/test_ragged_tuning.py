@@ -17,16 +17,6 @@ from layerzero.tuning.tuner import Tuner
 RAGGED = ("attention_varlen", "attention_paged")
 
 
-@pytest.fixture
-def attached(tmp_path: Path):
-    rt = get_runtime()
-    old = rt.measurement_source
-    db = lz.tuning.use_perf_db(tmp_path / "perf.db")
-    yield db
-    lz.tuning.detach_perf_db()
-    rt.measurement_source = old
-    db.close()
-
 
 def _ctx(operation: str, **kw: object) -> lz.SelectionContext:
     base = dict(device="cpu", dtype="float32", batch_size=3, seq_len_q=100, seq_len_k=100, num_heads=8,

@@ -28,16 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL_ROWS = lz.SelectionContext(device="cpu", dtype="float32", num_tokens=16, hidden_size=64, batch_size=16)
 
 
-@pytest.fixture
-def attached(tmp_path: Path):
-    rt = get_runtime()
-    old = rt.measurement_source
-    db = lz.tuning.use_perf_db(tmp_path / "perf.db")
-    yield db
-    lz.tuning.detach_perf_db()
-    rt.measurement_source = old
-    db.close()
-
 
 @pytest.fixture
 def user_kernels():
