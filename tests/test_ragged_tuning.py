@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
 import layerzero as lz
 from layerzero.ops import op_for
-from layerzero.runtime import get_runtime
 from layerzero.tuning import grids
 from layerzero.tuning.buckets import bucket_of
 from layerzero.tuning.tuner import Tuner
