@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from layerzero.ops.base import layout_problem
+from layerzero.ops.base import tensor_problem
 
-__all__ = ["option_problem", "tensor_problem", "index_problem", "float_problem", "positive_int", "heads_problem"]
+__all__ = ["option_problem", "index_problem", "float_problem", "positive_int", "heads_problem"]
 
 
 def positive_int(value: Any) -> bool:
@@ -33,12 +33,6 @@ def option_problem(is_causal: Any, scale: Any, window: Any, softcap: Any) -> str
                                 or not math.isfinite(softcap) or softcap <= 0):
         return f"softcap must be a positive finite number or None, got {softcap!r}"
     return None
-
-
-def tensor_problem(name: str, t: Any) -> str | None:
-    if not isinstance(t, torch.Tensor):
-        return f"{name} must be a torch.Tensor, got {type(t).__name__}"
-    return layout_problem(name, t)
 
 
 def float_problem(tensors: dict[str, Any], dims: dict[str, int], shapes: dict[str, str]) -> str | None:

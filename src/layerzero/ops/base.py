@@ -19,7 +19,8 @@ from layerzero.context import SelectionContext
 from layerzero.errors import InvalidInputError
 from layerzero.ops.contract import CallContract, ContractFunctions, build
 
-__all__ = ["OpDef", "describe_tensor", "describe_args", "require_tensor", "pick", "layout_problem", "default_generator"]
+__all__ = ["OpDef", "describe_tensor", "describe_args", "require_tensor", "pick", "layout_problem", "tensor_problem",
+           "default_generator"]
 
 
 def describe_tensor(t: Any) -> str:
@@ -60,6 +61,13 @@ def layout_problem(name: str, t: torch.Tensor) -> str | None:
     if layout is torch.jagged:
         return None
     return f"{name} must be a dense tensor, got layout={layout} (call .to_dense())"
+
+
+def tensor_problem(name: str, t: Any) -> str | None:
+    """Why ``t`` is not a tensor a kernel can take (not a tensor, or a layout :func:`layout_problem` names)."""
+    if not isinstance(t, torch.Tensor):
+        return f"{name} must be a torch.Tensor, got {type(t).__name__}"
+    return layout_problem(name, t)
 
 
 def default_generator(device: torch.device) -> torch.Generator | None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, layout_problem, pick
+from layerzero.ops.base import OpDef, pick, tensor_problem
 from layerzero.ops.contract import CallContract
 from layerzero.ops.losses import target_range_problem
 from layerzero.runtime import get_runtime
@@ -55,9 +55,7 @@ class LinearCrossEntropyOp(OpDef):
         named = (("hidden", hidden), ("weight", weight), ("target", target)) + ((("bias", bias),) if bias is not None
                                                                                else ())
         for name, t in named:
-            if not isinstance(t, torch.Tensor):
-                raise self.invalid(operation, f"{name} must be a torch.Tensor, got {type(t).__name__}", args)
-            problem = layout_problem(name, t)
+            problem = tensor_problem(name, t)
             if problem is not None:
                 raise self.invalid(operation, problem, args)
         if hidden.dim() != 2 or not hidden.is_floating_point():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, layout_problem, pick
+from layerzero.ops.base import OpDef, pick, tensor_problem
 from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
 
@@ -46,9 +46,7 @@ class CrossEntropyOp(OpDef):
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         logits, target, ignore_index, label_smoothing, reduction = args
         for name, t in (("logits", logits), ("target", target)):
-            if not isinstance(t, torch.Tensor):
-                raise self.invalid(operation, f"{name} must be a torch.Tensor, got {type(t).__name__}", args)
-            problem = layout_problem(name, t)
+            problem = tensor_problem(name, t)
             if problem is not None:
                 raise self.invalid(operation, problem, args)
         if logits.dim() != 2 or not logits.is_floating_point():
