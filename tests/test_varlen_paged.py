@@ -17,6 +17,7 @@ import torch
 import layerzero as lz
 from layerzero.backends import flash_attn_varlen, flashinfer_ragged, xformers_varlen
 from layerzero.backends import flashinfer as fi_backend
+from layerzero.backends import xformers as xf_backend
 from layerzero.backends.torch.varlen import torch_paged_dense, torch_paged_sdpa, torch_varlen_sdpa
 from layerzero.errors import InvalidInputError
 from layerzero.ops import op_for
@@ -225,10 +226,10 @@ def fake_libs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "xformers.ops", _fake_xformers_ops())
     monkeypatch.setitem(sys.modules, "xformers.ops.fmha.attn_bias", _fake_attn_bias())
     fi_backend.load_library.cache_clear()
-    xformers_varlen._lib.cache_clear()
+    xf_backend.load_library.cache_clear()
     yield
     fi_backend.load_library.cache_clear()
-    xformers_varlen._lib.cache_clear()
+    xf_backend.load_library.cache_clear()
 
 
 class _Planned:

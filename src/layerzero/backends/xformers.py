@@ -45,11 +45,17 @@ def _lib() -> tuple[Any, Any]:
         bias = importlib.import_module("xformers.ops.fmha.attn_bias")
     except ImportError as exc:
         raise ImportError(f"xformers is not installed or broken ({exc}); install with: {_PIP}") from exc
-    return ops.memory_efficient_attention, bias.LowerTriangularMask
+    return ops.memory_efficient_attention, bias
+
+
+#: The loader :mod:`layerzero.backends.xformers_varlen` shares (cached; ``cache_clear()`` forgets it):
+#: ``(memory_efficient_attention, the attn_bias module)``.
+load_library = _lib
 
 
 def xformers_attention(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
-    mea, lower_triangular = _lib()
+    mea, attn_bias = _lib()
+    lower_triangular = attn_bias.LowerTriangularMask
     bias = lower_triangular() if is_causal else None
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]

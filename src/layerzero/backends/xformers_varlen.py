@@ -10,33 +10,19 @@ No sliding window and no softcap here; CUDA, fp16/bf16/fp32, head dims multiples
 
 from __future__ import annotations
 
-import functools
-import importlib
 from typing import Any
 
 import torch
 
-from layerzero.backends.xformers import xformers_probe
+from layerzero.backends.xformers import load_library, xformers_probe
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec
 
 __all__ = ["register", "BACKENDS", "KERNEL_IDS", "xformers_varlen"]
 
-_PIP = "pip install xformers"
-
-
-@functools.cache
-def _lib() -> tuple[Any, Any]:
-    try:
-        ops = importlib.import_module("xformers.ops")
-        bias = importlib.import_module("xformers.ops.fmha.attn_bias")
-    except ImportError as exc:
-        raise ImportError(f"xformers is not installed or broken ({exc}); install with: {_PIP}") from exc
-    return ops.memory_efficient_attention, bias
-
 
 def xformers_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, window, softcap):  # type: ignore[no-untyped-def]
-    mea, bias = _lib()
+    mea, bias = load_library()
     oq, ok = cu_q.tolist(), cu_k.tolist()
     lens_q = [b - a for a, b in zip(oq[:-1], oq[1:], strict=True)]
     lens_k = [b - a for a, b in zip(ok[:-1], ok[1:], strict=True)]
@@ -70,5 +56,5 @@ KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in _specs())
 
 def register(kernels: KernelRegistry, backends: BackendRegistry) -> list[KernelSpec]:
     """Declare xformers (as :mod:`layerzero.backends.xformers` does, same probe) and add the varlen kernel."""
-    backends.register("xformers", module="xformers", pip=_PIP, probe=xformers_probe)
+    backends.register("xformers", module="xformers", pip="pip install xformers", probe=xformers_probe)
     return [kernels.register(s) for s in _specs() if s.kernel_id not in kernels]
