@@ -271,7 +271,7 @@ _DOC = """Scaled dot-product attention through the fastest correct kernel here.
 
 #: ``lz.attention``'s cached call. The shape-free plan (torch_sdpa / torch_sdpa_gqa) serves a call only when
 #: the shapes are ones SDPA would not quietly broadcast or accept where validation rejects them: 4-D q and
-#: k, v of k's shape (PyTorch's CPU flash kernel reads k's sequence length of v without checking it), one
+#: k (the ``reads`` unpack their shapes: any other rank raises, which sends the call to validation), v of k's shape (PyTorch's CPU flash kernel reads k's sequence length of v without checking it), one
 #: batch size, no empty dimension, no mask (a mask's shape is in the exact key). ``is_causal`` must be a
 #: bool, ``window`` an int and ``scale`` a finite number: their keys compare ``1 == True``, ``2.0 == 2``,
 #: and ``scale`` is not keyed. A call with a variant (``softcap``, ``sinks``, ``alibi_slopes``) passes them as
@@ -302,10 +302,11 @@ variants = () if softcap is None and sinks is None and alibi_slopes is None else
            "None if attn_mask is None else (attn_mask.dtype, attn_mask.device)) if not variants else "
            "(operation, q.dtype, q.is_cpu or q.device, is_causal, dropout_p, window, "
            "None if attn_mask is None else (attn_mask.dtype, attn_mask.device), variant_key(*variants)))",
-    shape="q.shape, k.shape, v.shape, None if attn_mask is None else attn_mask.shape",
+    reads="qb, qh, qsq, qd = qs = q.shape\nkb, kh, ksk, kd = ks = k.shape",
+    shape="qs, ks, v.shape, None if attn_mask is None else attn_mask.shape",
     shape_free=True,
-    family_guard="(attn_mask is None and (ks := k.shape) == v.shape and len(qs := q.shape) == 4 == len(ks) "
-                 "and qs[0] == ks[0] and qs[3] == ks[3] and 0 not in qs and 0 not in ks and not qs[1] % ks[1])",
+    family_guard="(attn_mask is None and ks == v.shape and qb == kb and qd == kd and not qh % kh "
+                 "and qb and qsq and qd and ksk)",
     guard="(is_causal.__class__ is bool and (window is None or window.__class__ is int) and (scale is None or "
           "(scale.__class__ is float or scale.__class__ is int) and scale - scale == 0) "
           "and (not variants or variants_admitted(q, *variants)))",

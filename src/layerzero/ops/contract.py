@@ -4,6 +4,9 @@ A :class:`CallContract` says, for one ``lz.*`` operation:
 
 * ``family``: the plan key without shapes (the operation, dtypes, device and the flags selection looks at);
 * ``shape``: what the exact-shape key adds to it (the shapes);
+* ``reads``: statements that read what the guards and keys share (``qb, qh, qsq, qd = qs = q.shape``: one
+  unpacking reads a shape once and checks its rank for free); they run inside the lookup's ``try``, so what
+  they raise (a 3-D ``q`` does not unpack) sends the call down the validating path;
 * ``shape_free``: whether a family may have one plan for all its shapes (:mod:`layerzero.runtime.family`);
 * ``family_guard``: the shape relations validation checks, tested before a shape-free plan serves a call
   (a shape-free key carries no shapes, so a 3-D ``q`` or a batch-1 ``q`` beside batch-2 ``k`` must not reach
@@ -17,8 +20,8 @@ A :class:`CallContract` says, for one ``lz.*`` operation:
 :func:`build` turns a contract into code, as :mod:`dataclasses` turns fields into methods: the public op
 function with its whole cached path inline (no helper frame on the hot path), and, from the very same
 expressions, :class:`ContractFunctions` for every other entry point (``dispatch()``, static dispatch,
-``Runtime.run_exact``, ``inspection.cache_keys``, warm-up, the bench). ``contract.source`` holds the
-generated code, so a reader can see an op's fast path whole: ``print(lz.ops.RMS_NORM.contract.source)``.
+``Runtime.run_exact``, ``inspection.cache_keys``, warm-up, the bench). ``op.calls.source`` holds the
+generated code, so a reader can see an op's fast path whole: ``print(lz.ops.RMS_NORM.calls.source)``.
 
 What the keys and guards leave out (another device for ``k``, a dtype mismatch between ``q`` and ``v``, a
 sparse tensor) makes the kernel raise; the runtime's executor then validates before it blames anyone
@@ -56,6 +59,7 @@ class CallContract:
         operation: an expression for the operation name (a quoted constant, or a name the prologue sets).
         family: the shape-free part of the key.
         shape: the shapes the exact key adds (``"x.shape"``; several comma-separated).
+        reads: statements binding names that ``family_guard`` and ``shape`` reuse (``""`` when none).
         shape_free: whether a family plan is looked up before the exact key.
         family_guard: the shape relations a shape-free plan needs (``"True"`` when there are none).
         guard: checks on values the keys do not carry exactly (``"True"`` when there are none).
@@ -73,6 +77,7 @@ class CallContract:
     operation: str
     family: str
     shape: str
+    reads: str = ""
     shape_free: bool = False
     family_guard: str = "True"
     guard: str = "True"
@@ -150,15 +155,18 @@ def lookup(plans, operation, {args}):
 
 def keys(operation, {args}):
     family = {family}
-    return {miss_family}, (family, {shape})
+{reads_4}    return {miss_family}, (family, {shape})
 
 
 def admits(operation, {args}):
-    return bool(({family_guard}) and ({guard}))
+    return bool(shapes_admit(operation, {args}) and ({guard}))
 
 
 def shapes_admit(operation, {args}):
-    return {family_guard}
+    try:
+{reads_8}        return {family_guard}
+    except LOOKUP_ERRORS:
+        return False
 
 
 def scalars_admit(operation, {args}):
@@ -166,7 +174,7 @@ def scalars_admit(operation, {args}):
 '''
 
 _SHAPE_FREE_LOOKUP = '''\
-        plan = plans.get(family) if {family_guard} else None
+{reads}        plan = plans.get(family) if {family_guard} else None
         key = None
         if plan is None:
             key = (family, {shape})
@@ -174,7 +182,7 @@ _SHAPE_FREE_LOOKUP = '''\
 '''
 
 _EXACT_LOOKUP = '''\
-        key = (family, {shape})
+{reads}        key = (family, {shape})
         plan = plans.get(key)
 '''
 
@@ -184,7 +192,7 @@ def _indent(block: str, spaces: int) -> str:
     return "".join(pad + line if line.strip() else line for line in block.splitlines(keepends=True))
 
 
-_CODE_FIELDS = ("family", "shape", "family_guard", "guard", "direct", "direct_when", "prologue", "result",
+_CODE_FIELDS = ("family", "shape", "reads", "family_guard", "guard", "direct", "direct_when", "prologue", "result",
                 "operation", "args")
 _BUILTINS_USED = frozenset({"len", "bool", "isinstance"})
 
@@ -199,7 +207,7 @@ def _check(contract: CallContract) -> None:
             continue
         if name == "args":  # a parameter list, which may end in ``*rest``: parsed as a tuple display
             text = f"({text.strip()},)"
-        tree = ast.parse(text.strip(), mode="exec" if name == "prologue" else "eval")
+        tree = ast.parse(text.strip(), mode="exec" if name in ("prologue", "reads") else "eval")
         for node in ast.walk(tree):
             ident = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
             if "__" in ident and ident != "__class__":
@@ -215,7 +223,8 @@ def build(contract: CallContract, op: Any, runtime: Any) -> ContractFunctions:
     """
     c = contract
     _check(c)
-    fill = {"family_guard": c.family_guard, "shape": c.shape}
+    reads = c.reads.strip("\n") + "\n" if c.reads.strip() else ""
+    fill = {"family_guard": c.family_guard, "shape": c.shape, "reads": _indent(reads, 8)}
     lookup_body = (_SHAPE_FREE_LOOKUP if c.shape_free else _EXACT_LOOKUP).format(**fill)
     direct = c.direct
     call = f"plan.fn({c.args})" if direct is None else (
@@ -224,7 +233,8 @@ def build(contract: CallContract, op: Any, runtime: Any) -> ContractFunctions:
     source = _ENTRY.format(name=c.name, signature=c.signature, prologue=prologue, family=c.family,
                            lookup_body=lookup_body, guard=c.guard, operation=c.operation, args=c.args,
                            miss_family="family" if c.shape_free else "None", call=call, result=c.result,
-                           shape=c.shape, family_guard=c.family_guard)
+                           shape=c.shape, family_guard=c.family_guard, reads_4=_indent(reads, 4),
+                           reads_8=_indent(reads, 8))
     filename = f"<layerzero call contract: {c.name}>"
     namespace: dict[str, Any] = {"SCOPE": SCOPE, "LIVE": LIVE, "RT": runtime, "OP": op,
                                  "LOOKUP_ERRORS": LOOKUP_ERRORS, **c.namespace}
