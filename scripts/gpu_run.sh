@@ -82,6 +82,41 @@ for step in "${steps[@]}"; do
       ;;
   esac
   case "$step" in
+    ops)
+      echo "== scripts/gpu_model_ops.py (every kernel of the patched ops at the Llama shapes)"
+      timeout 200 python3 scripts/gpu_model_ops.py --out "$OUT" 2>&1 | tee "$OUT/gpu_model_ops_${card}.log" | tail -30
+      ;;
+  esac
+  case "$step" in
+    tuned)
+      echo "== layerzero tune at the Llama shapes (forward buckets), then the op breakdown and model19 on that database"
+      export LAYERZERO_PERF_DB=/tmp/lz_tuned.db
+      timeout 120 python3 -m layerzero.cli tune --ops rms_norm --shapes rows=8192,hidden=2048 --dtype bf16 2>&1 | tail -6
+      timeout 120 python3 -m layerzero.cli tune --ops swiglu --shapes rows=8192,hidden=8192 --dtype bf16 2>&1 | tail -6
+      timeout 120 python3 -m layerzero.cli tune --ops rope --shapes rows=262144,hidden=64,b=4,d=64 \
+        --shapes rows=65536,hidden=64,b=4,d=64 --dtype bf16 2>&1 | tail -8
+      timeout 200 python3 scripts/gpu_model_ops.py --out "$OUT" --tag tuned 2>&1 | grep -v Warning | tee "$OUT/gpu_model_ops_tuned_${card}.log" | tail -20
+      ;;
+  esac
+  case "$step" in
+    model19)
+      echo "== layerzero bench --model llama --device cuda, eager, issue-19 config (vocabulary 128256, 4 x 2048)"
+      timeout 570 python3 -m layerzero.cli bench --model llama --device cuda --modes eager --workloads train,prefill \
+        --vocab 128256 --seq 2048 --rounds 4 --json "$OUT" --budget-s 430 2>&1 \
+        | tee "$OUT/model_bench_eager_llama128k_${card}.md" | tail -40
+      mv -f "$OUT/model_bench_${card}.json" "$OUT/model_bench_eager_llama128k${LAYERZERO_PERF_DB:+_tuned}_${card}.json"
+      ;;
+  esac
+  case "$step" in
+    modelc)
+      echo "== layerzero bench --model llama --device cuda, compiled per layer (train, prefill, decode b1)"
+      timeout 570 python3 -m layerzero.cli bench --model llama --device cuda --modes compiled --compile-scope layers \
+        --workloads train,prefill,decode_b1 --rounds 3 --json "$OUT" --budget-s "${MODELC_BUDGET_S:-400}" 2>&1 \
+        | tee "$OUT/model_bench_compiled_layers_${card}.md" | tail -40
+      mv -f "$OUT/model_bench_${card}.json" "$OUT/model_bench_compiled_layers_${card}.json"
+      ;;
+  esac
+  case "$step" in
     tune|all)
       if [ -f scripts/gpu_bench.py ]; then
         echo "== scripts/gpu_bench.py"

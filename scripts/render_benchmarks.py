@@ -138,6 +138,13 @@ def _model_title(d: dict) -> str:
     c = d["config"]
     where = "the 2-core development machine (CPU)" if c["card"] == "cpu" else f"an {c['card'].replace('_', ' ')}"
     flags = " --quick" if c["quick"] else ""
+    m, sh = c["model_config"], c.get("shapes", {})
+    if not c["quick"] and m.get("vocab_size") != 32000:
+        flags += f" --vocab {m['vocab_size']}"
+    if not c["quick"] and sh.get("seq") not in (None, 1024, 128):
+        flags += f" --seq {sh['seq']}"
+    if c.get("compile_scope", "model") != "model":
+        flags += f" --compile-scope {c['compile_scope']}"
     return f"`layerzero bench --model {c['model']}{flags}` on {where}"
 
 
@@ -148,7 +155,10 @@ def _model_bench_section(path: Path) -> list[str]:
     c = d["config"]
     command = (f"layerzero bench --model {c['model']}{' --quick' if c['quick'] else ''} --device {c['device']} "
                f"--modes {','.join(c['modes'])} --json benchmarks/results")
-    return [f"## {_model_title(d)}", "", f"Command: `{command}` (file: `{_rel(path)}`). What the columns mean: "
+    tuned = (" Run after `layerzero tune` of rms_norm, swiglu and rope at these shapes, on that performance "
+             "database (`LAYERZERO_PERF_DB`; `scripts/gpu_run.sh tuned model19`)." if "_tuned" in path.name else "")
+    title = _model_title(d) + (", tuned" if tuned else "")
+    return [f"## {title}", "", f"Command: `{command}` (file: `{_rel(path)}`).{tuned} What the columns mean: "
             "[the model bench](#the-model-bench).", "", render_model_markdown(d), ""]
 
 
@@ -250,12 +260,18 @@ def render_headline() -> str:
     return "\n".join(lines)
 
 
+#: Model-bench files kept out of the README's headline (diagnostic reruns; docs/benchmarks.md has them all).
+HEADLINE_SKIP = ("_tuned", "_compiled_layers")
+
+
 def _model_headline() -> list[str]:
     """Per card, the whole-model ratios: each variant's median time over the reference's of the same mode."""
     from layerzero.bench.model_report import render_ratio_table, rounds_text
 
     lines = []
     for path in sorted(RESULTS.glob("model_bench_*.json")):
+        if any(part in path.name for part in HEADLINE_SKIP):
+            continue
         d = json.loads(path.read_text())
         c, m = d["config"], d["config"]["model_config"]
         tiny = " (a smoke-test size: the ratios show host overhead more than kernel speed)" if c["quick"] else ""

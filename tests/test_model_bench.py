@@ -118,3 +118,14 @@ def test_cli_model_bench_writes_json_into_a_directory(tmp_path):
     assert data["config"]["model"] == "qwen2" and data["config"]["workloads"] == ["prefill", "train"]
     assert {r["workload"] for r in data["results"]} == {"prefill", "train"}
     assert "| prefill | eager | layerzero |" in proc.stdout
+
+
+def test_vocab_and_seq_options_reach_the_model_and_the_shapes():
+    """``--vocab`` / ``--seq`` (the Liger comparison's config: vocabulary 128256, 2048 tokens) resize the model
+    and the workloads; a sequence past the config's positions raises them to fit."""
+    report = run_model_bench(ModelBenchOptions(model="llama", quick=True, rounds=1, workloads=("train",),
+                                               vocab=300, seq=300, liger=False))
+    c = report.config
+    assert c["model_config"]["vocab_size"] == 300
+    assert c["shapes"]["seq"] == 300 and c["model_config"]["max_position_embeddings"] >= 300
+    assert {r.workload for r in report.results} == {"train"}

@@ -55,6 +55,8 @@ class ModelBenchOptions:
     budget_s: float | None = None  # no warm-up / later round starts after this many seconds (default: 420 on CUDA)
     compile_scope: str = "model"  # "model": torch.compile(model); "layers": each decoder layer compiled
     liger: bool = True
+    vocab: int | None = None  # vocabulary size (default: the device's config, 32000 on CUDA)
+    seq: int | None = None  # tokens per sequence of prefill and train (default: the device's shapes)
 
     @property
     def n_rounds(self) -> int:
@@ -80,10 +82,14 @@ class ModelBenchOptions:
 
     def shapes(self) -> dict[str, int]:
         if self.cuda:
-            return dict(batch=4, seq=1024, prompt=128, new_tokens=32)
-        if self.quick:
-            return dict(batch=2, seq=32, prompt=8, new_tokens=8)
-        return dict(batch=2, seq=128, prompt=32, new_tokens=16)
+            shapes = dict(batch=4, seq=1024, prompt=128, new_tokens=32)
+        elif self.quick:
+            shapes = dict(batch=2, seq=32, prompt=8, new_tokens=8)
+        else:
+            shapes = dict(batch=2, seq=128, prompt=32, new_tokens=16)
+        if self.seq:
+            shapes["seq"] = self.seq
+        return shapes
 
     def validate(self) -> None:
         if self.model not in MODELS:
@@ -355,6 +361,11 @@ def run_model_bench(opts: ModelBenchOptions, progress: Callable[[str], None] | N
     say(f"checking attn_implementation='layerzero' on {opts.model}")
     check_layerzero_attention(opts.model)
     fields = model_config(opts.model, opts.device, opts.quick, opts.layers)
+    if opts.vocab:
+        fields["vocab_size"] = opts.vocab
+    shapes = opts.shapes()
+    fields["max_position_embeddings"] = max(fields["max_position_embeddings"], shapes["seq"], shapes["prompt"]
+                                            + shapes["new_tokens"])
     names = variant_names(opts.model, opts.liger)
     report = ModelBenchReport(hardware_info(), _config(opts, fields, names))
     liger_reason = liger_unavailable_reason(opts.device) if opts.liger else None

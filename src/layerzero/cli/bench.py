@@ -37,6 +37,10 @@ __all__ = ["register", "bench"]
               help="With --model: comma-separated workloads.")
 @click.option("--modes", default=None, help="With --model: eager,compiled (default: eager on the CPU, both on CUDA).")
 @click.option("--layers", type=click.IntRange(min=1), default=None, help="With --model: decoder layers.")
+@click.option("--vocab", type=click.IntRange(min=2), default=None,
+              help="With --model: vocabulary size (default 32000 on CUDA; Llama 3 has 128256).")
+@click.option("--seq", type=click.IntRange(min=1), default=None,
+              help="With --model: tokens per sequence of prefill and the training step (default 1024 on CUDA).")
 @click.option("--budget-s", type=float, default=None,
               help="With --model: start no warm-up or later round after this many seconds (default 420 on CUDA, "
                    "none on the CPU).")
@@ -47,7 +51,7 @@ __all__ = ["register", "bench"]
 def bench(quick: bool, json_path: Path | None, ops: str, device: str, iterations: int | None, dtype: str | None,
           no_memory: bool, no_import: bool, no_ragged: bool, strict: bool, model: str | None, rounds: int | None,
           workloads: str, modes: str | None, layers: int | None, budget_s: float | None, no_liger: bool,
-          compile_scope: str) -> None:
+          compile_scope: str, vocab: int | None, seq: int | None) -> None:
     """Benchmark layerzero here: latency table, overhead budgets (PASS/MISS), memory and import time.
 
     With --model NAME: prefill, greedy decode and a training step of a whole model for sdpa, layerzero and
@@ -61,7 +65,8 @@ def bench(quick: bool, json_path: Path | None, ops: str, device: str, iterations
 
         opts = ModelBenchOptions(model=model, device=device, quick=quick, rounds=rounds, workloads=_names(workloads),
                                  modes=_names(modes) if modes else None, dtype=dtype, layers=layers,
-                                 budget_s=budget_s, liger=not no_liger, compile_scope=compile_scope)
+                                 budget_s=budget_s, liger=not no_liger, compile_scope=compile_scope, vocab=vocab,
+                                 seq=seq)
         _model_bench(opts, json_path)
         return
     from rich.console import Console
