@@ -134,10 +134,9 @@ class StaticDispatcher(Dispatcher):
                 v = inputs[fast.v_name]
             except KeyError:  # other names: the full mapping
                 q = None
-            if q is not None and k is not None and v is not None and not fast.shapes_admit(
+            # None means absent; shapes the contract's guards do not admit: both take the full mapping (validating)
+            if q is not None and k is not None and v is not None and fast.shapes_admit(
                     operation, q, k, v, None, None, None, None, None):
-                q = None  # the contract's guards fail: the full mapping, which validates
-            if q is not None and k is not None and v is not None:  # None means absent: the full mapping
                 t1 = perf_ns() if t0 else 0
                 if plan.gate.blocked:
                     note = rt.last_run
