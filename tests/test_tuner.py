@@ -423,3 +423,44 @@ def test_a_kernel_three_times_slower_than_the_fastest_so_far_is_not_fully_timed(
     assert "pruned" in by_id["test_slow_rms"].method and by_id["test_slow_rms"].samples == 1
     assert by_id["test_slow_rms"].median_us > 1500 and slow_calls[0] <= 8  # correctness check, warm-up, 1-2 calls
     assert "pruned" not in by_id["test_close_rms"].method and close_calls[0] > 8  # within 3x: timed in full
+
+
+def test_grad_buckets_time_forward_and_backward_through_the_ops_grad_inputs():
+    """A ``grad=1`` bucket is a training call: the timed call runs the kernel's backward too (a kernel with a
+    fast forward and a slow backward must not win it), through the op's ``grad_inputs`` only (rope's cos /
+    sin get no gradient); a ``grad=0`` bucket times the forward alone."""
+    import torch
+
+    from layerzero.context import SelectionContext
+    from layerzero.ops import RMS_NORM, ROPE
+    from layerzero.tuning.tuner import timed_call_for
+
+    seen: dict[str, int] = {"bwd": 0}
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, eps):  # noqa: ANN001, ANN205
+            return x * w
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            seen["bwd"] += 1
+            return g, g.sum(0), None
+
+    x, w = torch.randn(4, 8), torch.randn(8)
+    run = timed_call_for(RMS_NORM, Scale.apply, (x, w, 1e-6), SelectionContext.from_rows(x, requires_grad=True))
+    run()
+    run()
+    assert seen["bwd"] == 2
+    timed_call_for(RMS_NORM, Scale.apply, (x, w, 1e-6), SelectionContext.from_rows(x, requires_grad=False))()
+    assert seen["bwd"] == 2 and not x.requires_grad  # the caller's tensors are left as they were
+
+    got: dict[str, bool] = {}
+
+    def rope_kernel(x, cos, sin, interleaved):  # noqa: ANN001, ANN202
+        got.update(x=x.requires_grad, cos=cos.requires_grad)
+        return x * cos + x * sin
+
+    q, cos, sin = torch.randn(1, 2, 4, 8), torch.randn(4, 8), torch.randn(4, 8)
+    timed_call_for(ROPE, rope_kernel, (q, cos, sin, False), SelectionContext.from_rows(q, requires_grad=True))()
+    assert got == {"x": True, "cos": False}

@@ -80,6 +80,7 @@ class AttentionOp(OpDef):
     family = "attention"
     arg_names = ("q", "k", "v", "attn_mask", "is_causal", "dropout_p", "scale", "window", "softcap", "sinks",
                  "alibi_slopes")
+    grad_inputs = ("q", "k", "v")
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         """Name the first problem of ``args`` (the eight canonical arguments, or eleven with the variants)."""

@@ -103,6 +103,9 @@ class OpDef:
 
     family: str = ""
     arg_names: tuple[str, ...] = ()
+    #: The arguments a training call differentiates (the tuner times forward + backward through them for
+    #: ``grad=1`` buckets); None: every floating-point tensor argument.
+    grad_inputs: tuple[str, ...] | None = None
     contract: CallContract | None = None
     calls: ContractFunctions | None = None
 

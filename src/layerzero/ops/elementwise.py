@@ -75,6 +75,7 @@ class _UnaryLike(OpDef):
 class RopeOp(_UnaryLike):
     family = "rope"
     arg_names = ("x", "cos", "sin", "interleaved")
+    grad_inputs = ("x",)  # transformers' cos / sin come from the rotary embedding, without gradients
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         x, cos, sin, interleaved = args

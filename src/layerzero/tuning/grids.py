@@ -174,11 +174,13 @@ _ALIASES = {
     "rows": "num_tokens", "n": "num_tokens", "tokens": "num_tokens", "num_tokens": "num_tokens",
     "hidden": "hidden_size", "hidden_size": "hidden_size",
     "dtype": "dtype",
+    "grad": "requires_grad", "requires_grad": "requires_grad",
 }
 
 
 def parse_shape(text: str) -> dict[str, Any]:
-    """``"b=8,s=2048,h=32,kv=8,d=128"`` or ``"rows=4096,hidden=4096,dtype=bf16"`` -> context keyword args.
+    """``"b=8,s=2048,h=32,kv=8,d=128"`` or ``"rows=4096,hidden=4096,dtype=bf16"`` -> context keyword args
+    (``grad=1``: the training bucket, whose kernels the tuner times forward + backward).
 
     Raises:
         ValueError: an unknown key or a value that is not a positive integer (the message names it).
@@ -195,6 +197,11 @@ def parse_shape(text: str) -> dict[str, Any]:
             raise ValueError(f"shape {text!r}: unknown key {key!r}; known keys: {', '.join(sorted(_ALIASES))}")
         if name == "dtype":
             out[name] = dtype_from_name(value)
+            continue
+        if name == "requires_grad":  # grad=1: the training bucket, timed forward + backward
+            if value not in ("0", "1"):
+                raise ValueError(f"shape {text!r}: {key}={value!r} must be 0 or 1")
+            out[name] = value == "1"
             continue
         try:
             n = int(value)

@@ -228,6 +228,36 @@ def _callable(spec: KernelSpec, ctx: SelectionContext) -> Callable[..., Any]:
     return spec.impl
 
 
+def timed_call_for(op: OpDef, impl: Callable[..., Any], args: tuple[Any, ...], ctx: SelectionContext
+                ) -> Callable[[], Any]:
+    """What one timed call runs: the kernel's forward, or for a ``grad=1`` bucket (``ctx.requires_grad``) its
+    forward and backward through the op's :attr:`~layerzero.ops.base.OpDef.grad_inputs`, as a training step
+    runs it (a kernel with a fast forward and a slow backward must not win a training bucket)."""
+    if not ctx.requires_grad:
+        return lambda: impl(*args)
+    wanted = op.grad_inputs
+    leaves: list[torch.Tensor] = []
+    call_args = []
+    for name, a in zip(op.arg_names, args):
+        if isinstance(a, torch.Tensor) and a.is_floating_point() and (wanted is None or name in wanted):
+            a = a.detach().requires_grad_(True)
+            leaves.append(a)
+        call_args.append(a)
+    call_args += list(args[len(call_args):])
+    frozen = tuple(call_args)
+
+    def forward_backward() -> Any:
+        with torch.enable_grad():
+            out = impl(*frozen)
+            outs = [o for o in (out if isinstance(out, tuple) else (out,))
+                    if isinstance(o, torch.Tensor) and o.requires_grad]
+            if outs and leaves:
+                torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs], allow_unused=True)
+        return out
+
+    return forward_backward
+
+
 class Tuner:
     """Measures kernels and stores the results in a :class:`PerfDB`.
 
@@ -383,10 +413,10 @@ class Tuner:
         try:
             with torch.no_grad():
                 inputs = op.make_inputs(operation, ctx, self._generator(ctx.device))
+                calls = {spec.kernel_id: timed_call_for(op, impl, inputs, ctx) for spec, _, impl in impls}
                 for i in range(rounds):
                     for spec, _, impl in (impls if i % 2 == 0 else impls[::-1]):
-                        runs[spec.kernel_id].append(
-                            time_call(lambda impl=impl, a=inputs: impl(*a), ctx.device, quick=True).median_us)
+                        runs[spec.kernel_id].append(time_call(calls[spec.kernel_id], ctx.device, quick=True).median_us)
                 del inputs
         except Exception:  # confirmation is advisory: keep the first measurements
             return None
@@ -432,13 +462,16 @@ class Tuner:
                 del out
                 if problem is not None:
                     return KernelResult(spec.kernel_id, spec.backend, "failed", error=f"at full shape: {problem}")
+                run = timed_call_for(op, impl, args, ctx)
+                if ctx.requires_grad:
+                    run()  # the backward's own warm-up
                 if prune_above_us is not None:
-                    est = _prune_estimate_us(impl, args, ctx.device, prune_above_us)
+                    est = _prune_estimate_us(lambda: run(), (), ctx.device, prune_above_us)
                     if est > prune_above_us:
                         return KernelResult(spec.kernel_id, spec.backend, "ok", est, 0.0, 1,
                                             f"quick estimate, pruned: over {self.PRUNE_FACTOR:g}x the bucket's "
                                             "fastest")
-                timing = time_call(lambda: impl(*args), ctx.device, quick=self.quick)
+                timing = time_call(run, ctx.device, quick=self.quick)
         except torch.cuda.OutOfMemoryError as exc:  # not the kernel's fault: leave the bucket unmeasured
             return KernelResult(spec.kernel_id, spec.backend, "skipped", error=_describe(exc))
         except Exception as exc:
