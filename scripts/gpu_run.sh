@@ -99,6 +99,16 @@ for step in "${steps[@]}"; do
       ;;
   esac
   case "$step" in
+    tunedgrad)
+      echo "== layerzero tune at the Llama shapes, inference and training buckets (grad=0 and grad=1)"
+      export LAYERZERO_PERF_DB=/tmp/lz_tuned.db
+      timeout 150 python3 -m layerzero.cli tune --ops rms_norm --shapes rows=8192,hidden=2048 \
+        --shapes rows=8192,hidden=2048,grad=1 --dtype bf16 2>&1 | tail -10
+      timeout 150 python3 -m layerzero.cli tune --ops swiglu --shapes rows=8192,hidden=8192 \
+        --shapes rows=8192,hidden=8192,grad=1 --dtype bf16 2>&1 | tail -8
+      ;;
+  esac
+  case "$step" in
     model19)
       echo "== layerzero bench --model llama --device cuda, eager, issue-19 config (vocabulary 128256, 4 x 2048)"
       timeout 570 python3 -m layerzero.cli bench --model llama --device cuda --modes eager --workloads train,prefill \
