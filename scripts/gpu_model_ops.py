@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name(0).replace(" ", "_")
     cases = _inputs(dev, torch.bfloat16, tokens=8192, hidden=2048, inter=8192, vocab=128256, heads=32, kv_heads=8,
                     seq=2048)
-    report: dict[str, Any] = {"card": card, "perf_db": os.environ.get("LAYERZERO_PERF_DB"), "torch": torch.__version__, "dtype": "bfloat16",
+    report: dict[str, Any] = {"card": card, "perf_db": os.environ.get("LAYERZERO_PERF_DB"),
+                              "torch": torch.__version__, "dtype": "bfloat16",
                               "shapes": "tokens 8192 (4 x 2048), hidden 2048, intermediate 8192, 32/8 heads, "
                                         "head_dim 64, vocabulary 128256", "ops": {}}
     for op, (args, ref) in cases.items():

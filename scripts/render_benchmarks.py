@@ -155,8 +155,8 @@ def _model_bench_section(path: Path) -> list[str]:
     c = d["config"]
     command = (f"layerzero bench --model {c['model']}{' --quick' if c['quick'] else ''} --device {c['device']} "
                f"--modes {','.join(c['modes'])} --json benchmarks/results")
-    tuned = (" Run after `layerzero tune` of rms_norm and swiglu at these shapes (grad=0 and grad=1), on that performance "
-             "database (`LAYERZERO_PERF_DB`; `scripts/gpu_run.sh tunedgrad model19`)." if "_tuned" in path.name else "")
+    tuned = (" Run after `layerzero tune` of rms_norm and swiglu at these shapes (grad=0 and grad=1), on that "
+             "performance database (`LAYERZERO_PERF_DB`; `scripts/gpu_run.sh tunedgrad model19`)." if "_tuned" in path.name else "")
     title = _model_title(d) + (", tuned" if tuned else "")
     return [f"## {title}", "", f"Command: `{command}` (file: `{_rel(path)}`).{tuned} What the columns mean: "
             "[the model bench](#the-model-bench).", "", render_model_markdown(d), ""]
