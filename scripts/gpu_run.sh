@@ -109,12 +109,19 @@ for step in "${steps[@]}"; do
       ;;
   esac
   case "$step" in
+    online)
+      echo "== online tuning on (LAYERZERO_ONLINE_TUNING=1, an empty performance database): the next model19 tunes as it runs"
+      export LAYERZERO_ONLINE_TUNING=1 LAYERZERO_PERF_DB=/tmp/lz_online.db
+      ;;
+  esac
+  case "$step" in
     model19)
       echo "== layerzero bench --model llama --device cuda, eager, issue-19 config (vocabulary 128256, 4 x 2048)"
       timeout 570 python3 -m layerzero.cli bench --model llama --device cuda --modes eager --workloads train,prefill \
         --vocab 128256 --seq 2048 --rounds 4 --json "$OUT" --budget-s 430 2>&1 \
         | tee "$OUT/model_bench_eager_llama128k_${card}.md" | tail -40
-      mv -f "$OUT/model_bench_${card}.json" "$OUT/model_bench_eager_llama128k${LAYERZERO_PERF_DB:+_tuned}_${card}.json"
+      tag=${LAYERZERO_PERF_DB:+_tuned}; [ -n "${LAYERZERO_ONLINE_TUNING:-}" ] && tag=_online
+      mv -f "$OUT/model_bench_${card}.json" "$OUT/model_bench_eager_llama128k${tag}_${card}.json"
       ;;
   esac
   case "$step" in

@@ -134,7 +134,10 @@ compilation included in compiled mode (seconds).
 """
 
 
-def _model_title(d: dict) -> str:
+_ONLINE = "_online"
+
+
+def _model_title(d: dict, path_name: str = "") -> str:
     c = d["config"]
     where = "the 2-core development machine (CPU)" if c["card"] == "cpu" else f"an {c['card'].replace('_', ' ')}"
     flags = " --quick" if c["quick"] else ""
@@ -145,7 +148,8 @@ def _model_title(d: dict) -> str:
         flags += f" --seq {sh['seq']}"
     if c.get("compile_scope", "model") != "model":
         flags += f" --compile-scope {c['compile_scope']}"
-    return f"`layerzero bench --model {c['model']}{flags}` on {where}"
+    online = "`LAYERZERO_ONLINE_TUNING=1` " if path_name.endswith(_ONLINE) else ""
+    return f"{online}`layerzero bench --model {c['model']}{flags}` on {where}"
 
 
 def _model_bench_section(path: Path) -> list[str]:
@@ -157,7 +161,10 @@ def _model_bench_section(path: Path) -> list[str]:
                f"--modes {','.join(c['modes'])} --json benchmarks/results")
     tuned = (" Run after `layerzero tune` of rms_norm and swiglu at these shapes (grad=0 and grad=1), on that "
              "performance database (`LAYERZERO_PERF_DB`; `scripts/gpu_run.sh tunedgrad model19`)." if "_tuned" in path.name else "")
-    title = _model_title(d) + (", tuned" if tuned else "")
+    if _ONLINE in path.name:
+        tuned = (" Online tuning on, on an empty performance database: each new bucket (inference and training) "
+                 "is measured at its first call, inside the warm-up (`scripts/gpu_run.sh online model19`).")
+    title = _model_title(d, path.stem.removesuffix("_" + c["card"])) + (", tuned" if "_tuned" in path.name else "")
     return [f"## {title}", "", f"Command: `{command}` (file: `{_rel(path)}`).{tuned} What the columns mean: "
             "[the model bench](#the-model-bench).", "", render_model_markdown(d), ""]
 
@@ -275,7 +282,8 @@ def _model_headline() -> list[str]:
         d = json.loads(path.read_text())
         c, m = d["config"], d["config"]["model_config"]
         tiny = " (a smoke-test size: the ratios show host overhead more than kernel speed)" if c["quick"] else ""
-        lines += [f"- **A whole model**, {_model_title(d)}, {m['num_hidden_layers']} layers, hidden "
+        title = _model_title(d, path.stem.removesuffix("_" + c["card"]))
+        lines += [f"- **A whole model**, {title}, {m['num_hidden_layers']} layers, hidden "
                   f"{m['hidden_size']}, {c['dtype']}{tiny}: median time over `{c['variants'][0]}` of the same mode "
                   f"({rounds_text(d)} interleaved rounds):", ""]
         lines += ["  " + line for line in render_ratio_table(d)] + [""]
