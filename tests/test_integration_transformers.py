@@ -278,8 +278,26 @@ def test_encoders_and_encoder_decoders_match_sdpa(name: str, attention_calls: li
 
 
 @pytest.mark.parametrize("build", ["constructor", "from_config"])
-def test_falcon_fails_at_construction_naming_the_class_and_sdpa(build: str) -> None:
+def test_falcon_follows_its_transformers_release(build: str, attention_calls: list[str]) -> None:
+    """Falcon chose its attention itself up to transformers 5.24 (construction fails, naming the class and
+    sdpa); from 5.25 it goes through AttentionInterface, so "layerzero" builds, runs every layer's attention
+    and matches sdpa. Which one holds is read from the installed Falcon, not from a version table."""
     cls, config = _arch("falcon")
+    if lzt.uses_attention_interface(cls):
+        torch.manual_seed(0)
+        ref = cls._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+        if build == "constructor":
+            config._attn_implementation = "layerzero"
+            ours = cls(config).eval()
+        else:
+            ours = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="layerzero").eval()
+        ours.load_state_dict(ref.state_dict())
+        with torch.no_grad():
+            want = _main_output(ref(**_inputs("falcon")))
+            got = _main_output(ours(**_inputs("falcon")))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert len(attention_calls) == config.num_hidden_layers
+        return
     with pytest.raises(UnsupportedModelError, match=r"FalconForCausalLM .*Use attn_implementation='sdpa' for "
                                                     r"FalconForCausalLM.*includes LlamaForCausalLM") as info:
         if build == "constructor":
