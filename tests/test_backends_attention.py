@@ -207,7 +207,7 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     }
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    caches = (fa_backend._func, fi_backend._lib, xf_backend._lib)
+    caches = (fa_backend._func, fi_backend.load_library, xf_backend.load_library)
     for c in caches:
         c.cache_clear()
     fi_backend._wrappers.clear()

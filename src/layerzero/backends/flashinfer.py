@@ -60,7 +60,8 @@ _wrappers: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 
 
 @functools.cache
-def _lib() -> Any:
+def load_library() -> Any:
+    """The flashinfer module, imported once (``cache_clear()`` forgets it); flashinfer_ragged shares it."""
     try:
         return importlib.import_module("flashinfer")
     except ImportError as exc:
@@ -77,26 +78,20 @@ def _soft_cap(softcap: float | None) -> float:
 
 def flashinfer_prefill(q, k, v, mask, is_causal, dropout_p, scale, window,  # type: ignore[no-untyped-def]
                        softcap=None, sinks=None, alibi_slopes=None):
-    out = _lib().single_prefill_with_kv_cache(
+    out = load_library().single_prefill_with_kv_cache(
         q[0].transpose(0, 1).contiguous(), k[0].contiguous(), v[0].contiguous(),
         causal=bool(is_causal or window is not None),
         kv_layout="HND", sm_scale=scale, window_left=_window_left(window), logits_soft_cap=_soft_cap(softcap))
     return out.transpose(0, 1).unsqueeze(0)  # (seq_q, heads, d) -> (1, heads, seq_q, d)
 
 
-def _workspace(dev: torch.device) -> torch.Tensor:
+def workspace(dev: torch.device) -> torch.Tensor:
     with _lock:
         ws = _workspaces.get((dev.type, dev.index))
         if ws is None:
             ws = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
             _workspaces[(dev.type, dev.index)] = ws
     return ws
-
-
-# What layerzero.backends.flashinfer_ragged shares: the library loader (cached; cache_clear() forgets it) and
-# the one workspace buffer per device every wrapper plans into.
-load_library = _lib
-workspace = _workspace
 
 
 def _remember(key: tuple[Any, ...], wrapper: Any) -> Any:
@@ -125,15 +120,15 @@ def _wrapper(kind: str, q: torch.Tensor, k: torch.Tensor, causal: bool, scale: f
     wrapper = _wrappers.get(key)
     if wrapper is not None:
         return wrapper
-    fi = _lib()
+    fi = load_library()
     indptr, indices, last_len = _pages(b, sk, dev)
     common: dict[str, Any] = dict(pos_encoding_mode="NONE", window_left=_window_left(window), q_data_type=q.dtype,
                                   kv_data_type=k.dtype, sm_scale=scale, logits_soft_cap=_soft_cap(softcap))
     if kind == "decode":
-        wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(_workspace(dev), "HND")
+        wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(workspace(dev), "HND")
         wrapper.plan(indptr, indices, last_len, hq, hkv, d, sk, **common)
     else:
-        wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(_workspace(dev), "HND")
+        wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(workspace(dev), "HND")
         qo_indptr = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=dev)  # steps of seq_q
         wrapper.plan(qo_indptr, indptr, indices, last_len, hq, hkv, d, sk, causal=causal, **common)
     return _remember(key, wrapper)

@@ -39,7 +39,9 @@ _PIP = "pip install xformers"
 
 
 @functools.cache
-def _lib() -> tuple[Any, Any]:
+def load_library() -> tuple[Any, Any]:
+    """``(memory_efficient_attention, the attn_bias module)``, imported once (``cache_clear()`` forgets them);
+    xformers_varlen shares it."""
     try:
         ops = importlib.import_module("xformers.ops")
         bias = importlib.import_module("xformers.ops.fmha.attn_bias")
@@ -48,13 +50,10 @@ def _lib() -> tuple[Any, Any]:
     return ops.memory_efficient_attention, bias
 
 
-#: The loader :mod:`layerzero.backends.xformers_varlen` shares (cached; ``cache_clear()`` forgets it):
-#: ``(memory_efficient_attention, the attn_bias module)``.
-load_library = _lib
 
 
 def xformers_attention(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
-    mea, attn_bias = _lib()
+    mea, attn_bias = load_library()
     lower_triangular = attn_bias.LowerTriangularMask
     bias = lower_triangular() if is_causal else None
     b, hq, sq, d = q.shape
