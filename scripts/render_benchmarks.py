@@ -159,13 +159,16 @@ def _model_bench_section(path: Path) -> list[str]:
     c = d["config"]
     command = (f"layerzero bench --model {c['model']}{' --quick' if c['quick'] else ''} --device {c['device']} "
                f"--modes {','.join(c['modes'])} --json benchmarks/results")
-    tuned = (" Run after `layerzero tune` of rms_norm and swiglu at these shapes (grad=0 and grad=1), on that "
-             "performance database (`LAYERZERO_PERF_DB`; `scripts/gpu_run.sh tunedgrad model19`)." if "_tuned" in path.name else "")
-    if _ONLINE in path.name:
-        tuned = (" Online tuning on, on an empty performance database: each new bucket (inference and training) "
-                 "is measured at its first call, inside the warm-up (`scripts/gpu_run.sh online model19`).")
-    title = _model_title(d, path.stem.removesuffix("_" + c["card"])) + (", tuned" if "_tuned" in path.name else "")
-    return [f"## {title}", "", f"Command: `{command}` (file: `{_rel(path)}`).{tuned} What the columns mean: "
+    tuned = "_tuned" in path.name
+    how = ""  # how the measurements came about, when not from the default selection
+    if tuned:
+        how = (" Run after `layerzero tune` of rms_norm and swiglu at these shapes (grad=0 and grad=1), on that "
+               "performance database (`LAYERZERO_PERF_DB`; `scripts/gpu_run.sh tunedgrad model19`).")
+    elif _ONLINE in path.name:
+        how = (" Online tuning on, on an empty performance database: each new bucket (inference and training) "
+               "is measured at its first call, inside the warm-up (`scripts/gpu_run.sh online model19`).")
+    title = _model_title(d, path.stem.removesuffix("_" + c["card"])) + (", tuned" if tuned else "")
+    return [f"## {title}", "", f"Command: `{command}` (file: `{_rel(path)}`).{how} What the columns mean: "
             "[the model bench](#the-model-bench).", "", render_model_markdown(d), ""]
 
 
