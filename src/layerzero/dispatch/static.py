@@ -29,7 +29,7 @@ from layerzero.context import SelectionContext
 from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.dispatcher import Dispatcher, new_result, perf_ns
 from layerzero.dispatch.runtimes import runtime_for
-from layerzero.dispatch.generic import attention_inputs, map_inputs
+from layerzero.dispatch.generic import AttentionInputs, attention_inputs, map_inputs
 from layerzero.dispatch.result import NOT_TIMED, DispatchResult, DispatchTiming, stamp
 from layerzero.errors import ConfigError, InvalidInputError, NoKernelError
 from layerzero.registry import (
@@ -63,11 +63,14 @@ class StaticDispatcher(Dispatcher):
         super().__init__(runtime)
         self._table: dict[str, tuple[KernelSpec, ...]] = {op: tuple(specs) for op, specs in table.items()}
         self._plans: dict[str, ExecutionPlan] = {}
+        # operation -> (its plan, the q/k/v names it was called with): the hot path's one lookup
+        self._hot: dict[str, tuple[ExecutionPlan, AttentionInputs]] = {}
         self._bind_all()
 
     def _bind_all(self) -> None:
         self._plans = {op: self.make_plan(op, self._op(op), specs, _NO_CONTEXT, source="static")
                        for op, specs in self._table.items()}
+        self._hot = {}
 
     def _sync(self) -> None:
         # A config change rebinds the runners (telemetry, breakers, timing); the table itself stays.
@@ -75,7 +78,6 @@ class StaticDispatcher(Dispatcher):
         self._config_seen = rt.config
         self._timed = rt.config.record_timing
         self._bind_all()
-        self._fast = {}
         self._version = rt.version
 
     def invalidate(self) -> None:
@@ -118,25 +120,24 @@ class StaticDispatcher(Dispatcher):
         rt = self.runtime
         if rt.version != self._version:
             self._sync()
-        try:
-            plan = self._plans.get(operation)
-        except TypeError:  # an unhashable operation
-            plan = None
-        if plan is None:
-            raise self._missing(operation)
         t0 = perf_ns() if self._timed else 0
-        fast = self._fast.get(operation)
-        if fast is not None and not kwargs and type(inputs) is dict and len(inputs) == 3:
+        try:
+            hot = self._hot.get(operation)  # (plan, names) of an attention operation seen with plain q, k, v
+        except TypeError:  # an unhashable operation
+            raise self._missing(operation) from None
+        if hot is not None and not kwargs and type(inputs) is dict and len(inputs) == 3:
             # ---- hot path: q, k, v by known names straight into the kernel's arguments ---------------
+            plan, fast = hot
             try:
                 q = inputs[fast.q_name]
                 k = inputs[fast.k_name]
                 v = inputs[fast.v_name]
+                # the contract's shape relations (None, a non-tensor: False); what they do not admit takes the
+                # full mapping, which validates
+                hit = fast.shapes_admit(operation, q, k, v, None, None, None, None, None)
             except KeyError:  # other names: the full mapping
-                q = None
-            # None means absent; shapes the contract's guards do not admit: both take the full mapping (validating)
-            if q is not None and k is not None and v is not None and fast.shapes_admit(
-                    operation, q, k, v, None, None, None, None, None):
+                hit = False
+            if hit:
                 t1 = perf_ns() if t0 else 0
                 if plan.gate.blocked:
                     note = rt.last_run
@@ -158,6 +159,9 @@ class StaticDispatcher(Dispatcher):
                 r.mode = "static"
                 r.timing = stamp(DispatchTiming, (t0, t1, t1, t1, (t := perf_ns()), t)) if t0 else NOT_TIMED
                 return r
+        plan = self._plans.get(operation)
+        if plan is None:
+            raise self._missing(operation)
         args, bshd = map_inputs(plan.op, operation, inputs, kwargs)
         if not plan.op.admits(operation, args):  # what the contract's guards do not admit is validated first
             plan.op.validate(operation, args)
@@ -180,10 +184,10 @@ class StaticDispatcher(Dispatcher):
         t4 = perf_ns() if t0 else 0
         if bshd:
             out = out.transpose(1, 2)
-        elif not kwargs and fast is None and plan.op.family == "attention":
+        elif not kwargs and hot is None and plan.op.family == "attention":
             fast = attention_inputs(plan.op, operation, inputs)  # these names take the hot path from now on
             if fast is not None:
-                self._fast[operation] = fast.copy()
+                self._hot[operation] = (plan, fast.copy())
         return self._result(out, plan, ran, operation, _timing(t0, t1, t4, perf_ns() if t0 else 0), True)
 
 
