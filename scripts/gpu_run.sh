@@ -121,6 +121,7 @@ for step in "${steps[@]}"; do
         --vocab 128256 --seq 2048 --rounds 4 --json "$OUT" --budget-s 430 2>&1 \
         | tee "$OUT/model_bench_eager_llama128k_${card}.md" | tail -40
       tag=${LAYERZERO_PERF_DB:+_tuned}; [ -n "${LAYERZERO_ONLINE_TUNING:-}" ] && tag=_online
+      ls src/layerzero/tuning/shipped/*.json >/dev/null 2>&1 && [ -z "$tag" ] && tag=_shipped
       mv -f "$OUT/model_bench_${card}.json" "$OUT/model_bench_eager_llama128k${tag}_${card}.json"
       ;;
   esac
@@ -131,6 +132,43 @@ for step in "${steps[@]}"; do
         --workloads train,prefill,decode_b1 --rounds 3 --json "$OUT" --budget-s "${MODELC_BUDGET_S:-400}" 2>&1 \
         | tee "$OUT/model_bench_compiled_layers_${card}.md" | tail -40
       mv -f "$OUT/model_bench_${card}.json" "$OUT/model_bench_compiled_layers_${card}.json"
+      ;;
+  esac
+  case "$step" in
+    ship)
+      echo "== shipped measurements: online-tuned model runs and row-op grids into one database, exported"
+      ( export LAYERZERO_PERF_DB=/tmp/lz_ship.db LAYERZERO_ONLINE_TUNING=1
+        timeout 300 python3 -m layerzero.cli bench --model llama --device cuda --modes eager --workloads train,prefill \
+          --vocab 128256 --seq 2048 --rounds 1 --json /tmp/ship_a --budget-s 200 2>&1 | tail -12
+        timeout 300 python3 -m layerzero.cli bench --model llama --device cuda --modes eager \
+          --workloads train,prefill,decode_b1,decode_b8 --rounds 1 --json /tmp/ship_b --budget-s 200 2>&1 | tail -12
+        unset LAYERZERO_ONLINE_TUNING
+        for grad in "" ",grad=1"; do
+          args=(); for n in 1 16 256 4096 65536; do args+=(--shapes "rows=$n,hidden=1024$grad" --shapes "rows=$n,hidden=4096$grad"); done
+          timeout 240 python3 -m layerzero.cli tune --ops rms_norm "${args[@]}" --dtype bf16 2>&1 | tail -4
+          args=(); for n in 1 16 256 4096 65536; do args+=(--shapes "rows=$n,hidden=4096$grad" --shapes "rows=$n,hidden=16384$grad"); done
+          timeout 240 python3 -m layerzero.cli tune --ops swiglu "${args[@]}" --dtype bf16 2>&1 | tail -4
+        done
+        mkdir -p "$OUT/shipped"
+        python3 scripts/export_shipped.py /tmp/lz_ship.db --out "$OUT/shipped"
+        mkdir -p src/layerzero/tuning/shipped
+        cp "$OUT"/shipped/*.json src/layerzero/tuning/shipped/ )
+      ;;
+  esac
+  case "$step" in
+    profile19)
+      echo "== scripts/gpu_profile_model.py: eager, issue-19 config (vocabulary 128256, 4 x 2048)"
+      timeout 300 python3 scripts/gpu_profile_model.py --vocab 128256 --seq 2048 --mode eager \
+        --variants sdpa,layerzero+patch,liger --json "$OUT/gpu_profile_eager_llama128k_${card}.json" 2>&1 \
+        | grep -v "^USDT\|W1203" | tee "$OUT/gpu_profile_eager_llama128k_${card}.log" | tail -120
+      ;;
+  esac
+  case "$step" in
+    profile16)
+      echo "== scripts/gpu_profile_model.py: compiled per layer (vocabulary 32000, 4 x 1024)"
+      timeout 400 python3 scripts/gpu_profile_model.py --vocab 32000 --seq 1024 --mode compiled \
+        --variants sdpa,layerzero,layerzero+patch --json "$OUT/gpu_profile_compiled_layers_${card}.json" 2>&1 \
+        | grep -v "^USDT\|W1203" | tee "$OUT/gpu_profile_compiled_layers_${card}.log" | tail -120
       ;;
   esac
   case "$step" in

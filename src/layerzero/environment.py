@@ -34,6 +34,7 @@ ENV_VARS: dict[str, str] = {
     "LAYERZERO_VERIFY": "verify_first_calls",
     "LAYERZERO_SHAPE_FREE_PLANS": "shape_free_plans",
     "LAYERZERO_PERF_DB": "perf_db_path",
+    "LAYERZERO_SHIPPED_MEASUREMENTS": "shipped_measurements",
 }
 
 #: Variables outside DispatchConfig: variable -> what reads it.

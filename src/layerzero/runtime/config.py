@@ -26,6 +26,7 @@ variable                           field                       example
 ``LAYERZERO_VERIFY``               ``verify_first_calls``      ``3``
 ``LAYERZERO_SHAPE_FREE_PLANS``     ``shape_free_plans``        ``0``
 ``LAYERZERO_PERF_DB``              ``perf_db_path``            ``/var/lz/perf.db``
+``LAYERZERO_SHIPPED_MEASUREMENTS`` ``shipped_measurements``    ``0``
 ``LAYERZERO_DIST_CHECK``           (``layerzero.distributed``) ``1``
 =================================  ==========================  =================
 
@@ -51,6 +52,11 @@ family (operation, dtype, device and flags) from one plan without reading the
 tensors' shapes, when selection provably picks the same kernel for every shape
 of that family (see ``Runtime.shape_free_reason``). Off, every new shape is
 selected and cached on its own.
+
+``shipped_measurements`` (on by default) lets selection use the kernel times
+layerzero ships for known cards (:mod:`layerzero.tuning.shipped`) where this
+machine's performance database has none for a shape; off, such shapes rank by
+priority.
 """
 
 from __future__ import annotations
@@ -133,6 +139,7 @@ class DispatchConfig:
     verify_first_calls: int = 0
     shape_free_plans: bool = True
     perf_db_path: str | None = None
+    shipped_measurements: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", DispatchMode.parse(self.mode))
@@ -144,7 +151,7 @@ class DispatchConfig:
 
         for name in ("enable_cache", "enable_telemetry", "record_timing", "latency_histogram", "log_fallbacks",
                      "circuit_breaker_enabled", "enable_fallback", "validate_on_reload", "online_tuning",
-                     "shape_free_plans"):
+                     "shape_free_plans", "shipped_measurements"):
             need(isinstance(getattr(self, name), bool), name, "must be a bool")
         for name in ("cache_size", "failure_threshold", "max_fallback_attempts", "success_threshold",
                      "verify_first_calls"):

@@ -6,6 +6,9 @@ answers from the database's bucket for that context, keeping only rows whose
 library versions match what is installed now, and the database caches
 lookups in memory. Every write to the database invalidates the runtime's
 cached plans, so the next call of each shape selects again with the new data.
+Where the database has no row for a bucket, the measurements shipped for this
+card answer (:mod:`layerzero.tuning.shipped`), unless
+``DispatchConfig.shipped_measurements`` is off.
 
 ``use_perf_db(path)`` attaches a database to a runtime (the global one by
 default); ``get_perf_db()`` returns the attached one. Unless told otherwise
@@ -26,6 +29,7 @@ from layerzero.selection.engine import Measurement
 from layerzero.spec import KernelSpec
 from layerzero.tuning.buckets import bucket_of
 from layerzero.tuning.fingerprint import hardware_fingerprint, library_versions
+from layerzero.tuning.shipped import ShippedTable, lookup, table_for
 
 if TYPE_CHECKING:
     from layerzero.runtime import Runtime
@@ -107,13 +111,19 @@ class PerfDBSource:
         Measurement}}``, rows of other library versions left out (as lookups leave them out). ``None``
         when the database cannot be read right now."""
         db = self.db
-        if db is None or ctx.dtype is None:
+        if ctx.dtype is None:
             return {}
-        hw = hardware_fingerprint(ctx.device).digest
-        if not db.has_rows(hw, operation, ctx.dtype_name or ""):
-            return {}
-        rows = db.rows(operation=operation, hardware=hw, limit=100_000)
+        shipped = self.shipped_table(ctx)
         out: dict[str, dict[str, Measurement]] = {}
+        if shipped is not None:
+            for bucket, found in shipped.rows.get((operation, ctx.dtype_name or ""), {}).items():
+                out[bucket] = {k: Measurement(m.median_us, m.spread_us, m.samples, shipped.source, m.failed)
+                               for k, m in found.items() if self.runtime.kernels.find(k) is not None}
+        hw = hardware_fingerprint(ctx.device).digest
+        if db is None or not db.has_rows(hw, operation, ctx.dtype_name or ""):
+            return out
+        rows = db.rows(operation=operation, hardware=hw, limit=100_000)
+        local: dict[str, dict[str, Measurement]] = {}
         libs: dict[str, str] = {}
         for r in rows:
             if r["dtype"] != ctx.dtype_name:
@@ -126,33 +136,51 @@ class PerfDBSource:
                 want = libs[spec.backend] = libraries_for(self.runtime, spec.backend)
             if r["libraries"] != want:
                 continue
-            out.setdefault(r["bucket"], {})[r["kernel_id"]] = Measurement(
+            local.setdefault(r["bucket"], {})[r["kernel_id"]] = Measurement(
                 float(r["median_us"]), float(r["spread_us"]), int(r["samples"]), str(r["source"]), bool(r["failed"]))
+        out.update(local)  # this machine's rows replace the shipped ones, bucket by bucket
         return out
+
+    def shipped_table(self, ctx: SelectionContext) -> ShippedTable | None:
+        """The shipped measurements of the card ``ctx`` runs on, when the config allows them."""
+        if not self.runtime.config.shipped_measurements or ctx.device is None:
+            return None
+        device = str(ctx.device)
+        if not device.startswith("cuda"):
+            return None
+        return table_for(hardware_fingerprint(device).device_name)
 
     def has_data(self, operation: str, ctx: SelectionContext) -> bool:
         """Whether any shape bucket of ``operation`` has measurements for ``ctx``'s hardware and dtype
         (:meth:`Runtime.shape_free_reason` asks: measured times may rank kernels differently per shape)."""
-        db = self.db
-        if db is None or ctx.dtype is None:
+        if ctx.dtype is None:
             return False
-        return db.has_rows(hardware_fingerprint(ctx.device).digest, operation, ctx.dtype_name or "")
+        shipped = self.shipped_table(ctx)
+        if shipped is not None and shipped.has(operation, ctx.dtype_name or ""):
+            return True
+        db = self.db
+        return db is not None and db.has_rows(hardware_fingerprint(ctx.device).digest, operation,
+                                              ctx.dtype_name or "")
 
     def __call__(self, operation: str, ctx: SelectionContext, specs: tuple[KernelSpec, ...]
                  ) -> dict[str, Measurement]:
+        if ctx.dtype is None or not specs:
+            return {}
         db = self.db
-        if db is None or ctx.dtype is None or not specs:
-            return {}
-        hw = hardware_fingerprint(ctx.device).digest
-        stored = db.lookup(hw, operation, ctx.dtype_name or "", bucket_of(operation, ctx))
-        if not stored:
-            return {}
+        bucket = bucket_of(operation, ctx)
         out: dict[str, Measurement] = {}
-        for spec in specs:
-            row = stored.get(spec.kernel_id)
-            if row is not None and row[0] == libraries_for(self.runtime, spec.backend):
-                out[spec.kernel_id] = row[1]
-        return out
+        if db is not None:
+            stored = db.lookup(hardware_fingerprint(ctx.device).digest, operation, ctx.dtype_name or "", bucket)
+            for spec in specs:
+                row = stored.get(spec.kernel_id)
+                if row is not None and row[0] == libraries_for(self.runtime, spec.backend):
+                    out[spec.kernel_id] = row[1]
+        if out:
+            return out
+        shipped = self.shipped_table(ctx)
+        if shipped is None:
+            return out
+        return lookup(shipped, operation, ctx.dtype_name or "", bucket, {s.kernel_id for s in specs})
 
 
 def _runtime(runtime: Runtime | None) -> Runtime:
