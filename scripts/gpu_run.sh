@@ -143,7 +143,12 @@ for step in "${steps[@]}"; do
         timeout 300 python3 -m layerzero.cli bench --model llama --device cuda --modes eager \
           --workloads train,prefill,decode_b1,decode_b8 --rounds 1 --json /tmp/ship_b --budget-s 200 2>&1 | tail -12
         unset LAYERZERO_ONLINE_TUNING
+        mkdir -p "$OUT/shipped"
+        python3 scripts/export_shipped.py /tmp/lz_ship.db --out "$OUT/shipped"
         for grad in "" ",grad=1"; do
+          timeout 150 python3 -m layerzero.cli tune --ops rope --shapes "rows=4096,hidden=64,b=1,d=64$grad" \
+            --shapes "rows=65536,hidden=64,b=4,d=64$grad" --shapes "rows=262144,hidden=64,b=4,d=64$grad" \
+            --shapes "rows=262144,hidden=128,b=4,d=128$grad" --dtype bf16 2>&1 | tail -4
           args=(); for n in 1 16 256 4096 65536; do args+=(--shapes "rows=$n,hidden=1024$grad" --shapes "rows=$n,hidden=4096$grad"); done
           timeout 240 python3 -m layerzero.cli tune --ops rms_norm "${args[@]}" --dtype bf16 2>&1 | tail -4
           args=(); for n in 1 16 256 4096 65536; do args+=(--shapes "rows=$n,hidden=4096$grad" --shapes "rows=$n,hidden=16384$grad"); done
