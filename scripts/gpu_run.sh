@@ -161,6 +161,14 @@ for step in "${steps[@]}"; do
       ;;
   esac
   case "$step" in
+    ablation)
+      echo "== scripts/gpu_patch_ablation.py: the training step with one part of patch() off at a time"
+      timeout 300 python3 scripts/gpu_patch_ablation.py --vocab 128256 --seq 2048 \
+        --variants liger,lz,lz:norms=0,lz:rope=0,lz:mlp=0,lz:loss=0,lz@rms_norm=liger_rms_norm,liger 2>&1 \
+        | grep -v "^USDT\|W1203" | tee "$OUT/gpu_patch_ablation_${card}.log" | tail -20
+      ;;
+  esac
+  case "$step" in
     profile19)
       echo "== scripts/gpu_profile_model.py: eager, issue-19 config (vocabulary 128256, 4 x 2048)"
       timeout 300 python3 scripts/gpu_profile_model.py --vocab 128256 --seq 2048 --mode eager \

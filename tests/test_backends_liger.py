@@ -137,3 +137,28 @@ def test_liger_cross_entropy_leaves_the_callers_logits_alone(reduction: str) -> 
     ref.backward(upstream)
     torch.testing.assert_close(logits.grad.double(), x64.grad, atol=1e-5, rtol=1e-4)
     assert torch.equal(logits.detach(), before)
+
+
+@pytest.mark.gpu
+def test_liger_rope_on_a_transformers_layout_view_keeps_the_input_and_its_layout() -> None:
+    """transformers hands rope ``q_proj(x).view(b, s, h, d).transpose(1, 2)``: Liger would rotate that storage
+    in place, so the adapter copies it (one straight copy, same strides) and must leave the caller's q alone."""
+    if not get_runtime().backends.is_available("liger"):
+        pytest.skip(get_runtime().backends.info("liger").reason)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    b, s, h, d = 2, 64, 4, 64
+    q = torch.randn(b, s, h, d, device="cuda", generator=g).transpose(1, 2).requires_grad_(True)
+    pos = torch.arange(s, device="cuda", dtype=torch.float32)
+    freqs = pos[:, None] / (10000 ** (torch.arange(0, d, 2, device="cuda") / d))[None]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos()[None].expand(b, s, d), emb.sin()[None].expand(b, s, d)
+    before = q.detach().clone()
+    out = liger.liger_rope(q, cos[:, None], sin[:, None], False)
+    assert torch.equal(q.detach(), before)
+    half = torch.cat([-q[..., d // 2:], q[..., : d // 2]], dim=-1)
+    ref = q * cos[:, None] + half * sin[:, None]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    up = torch.randn_like(out)
+    (g_out,) = torch.autograd.grad(out, q, up)
+    (g_ref,) = torch.autograd.grad(ref, q, up)
+    torch.testing.assert_close(g_out, g_ref, atol=1e-5, rtol=1e-5)

@@ -119,9 +119,11 @@ def liger_rope(x, cos, sin, interleaved):  # type: ignore[no-untyped-def]
             raise ValueError(f"liger rope: cos/sin of shape {tuple(cos.shape)} vary over more than one batch dim")
     b, h = x4.shape[0], x4.shape[1]
     # Liger transposes q to (b, s, h, d) and calls .contiguous(): when that view is already
-    # contiguous it rotates q's own storage, so hand it a private copy instead.
+    # contiguous (transformers' q: a (b, s, h, d) projection viewed as (b, h, s, d)) it rotates q's own
+    # storage, so hand it a private copy with the same strides: one straight copy, and Liger's
+    # transpose stays contiguous (a (b, h, s, d)-contiguous clone would cost two permuting copies).
     if x4.transpose(1, 2).is_contiguous():
-        x4 = x4.clone(memory_format=torch.contiguous_format)
+        x4 = x4.transpose(1, 2).clone().transpose(1, 2)
     scratch_k = x4.new_empty((b, 1, s, d))
     c, sn = _rope_tables(cos, b, s), _rope_tables(sin, b, s)
     rotary = d if c.shape[-1] == d // 2 else None
