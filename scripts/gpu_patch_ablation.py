@@ -9,6 +9,7 @@ above what the model holds. Variants:
     lz                         layerzero attention + patch()
     lz:norms=0 (rope=0, ...)   patch() with that part off (the keywords of ``patch``)
     lz@rms_norm=liger_rms_norm patch() with a kernel locked for an op (``lz.lock``)
+    liger:rope=0 (rms_norm, swiglu, fused_linear_cross_entropy) Liger's patch with that part off
 
     python scripts/gpu_patch_ablation.py --vocab 128256 --seq 2048 \\
         --variants liger,lz,lz:norms=0,lz:rope=0,lz:mlp=0,lz:loss=0,lz@rms_norm=liger_rms_norm
@@ -30,25 +31,23 @@ from typing import Any
 import torch
 
 import layerzero as lz
-from layerzero.bench.model_variants import build_base, model_config
+from layerzero.bench.model_variants import Variant, apply_liger, build_base, model_config
 
 
 def _build(spec: str, base: torch.nn.Module) -> tuple[torch.nn.Module, Any, contextlib.AbstractContextManager]:
-    from layerzero.bench.model_variants import build_variants
     from layerzero.integrations.transformers import patch
 
-    if spec.startswith("liger"):
-        variants, skipped = build_variants("llama", base, ("liger",), ("eager",))
-        if skipped:
-            raise SystemExit(f"liger: {skipped['liger']}")
-        return variants[0].model, variants[0], variants[0].active()
-    model = copy.deepcopy(base)
-    model.set_attn_implementation("layerzero")
     name, _, lock = spec.partition("@")
     kwargs = {}
     for part in name.split(":")[1:]:
         key, _, value = part.partition("=")
         kwargs[key] = value not in ("0", "false", "False")
+    model = copy.deepcopy(base)
+    if name.startswith("liger"):
+        variant = Variant(spec, model)
+        variant.module, variant.globals_patch = apply_liger("llama", model, **kwargs)
+        return model, variant, variant.active()
+    model.set_attn_implementation("layerzero")
     patch(model, **kwargs)
     if lock:
         op, _, kernel = lock.partition("=")
@@ -97,17 +96,26 @@ def main() -> int:
                 _step(model, ids)
                 sync()
                 times.append((time.perf_counter() - t0) * 1e3)
-            peak = float("nan")
+            peak = after_fwd = peak_fwd = float("nan")
             if cuda:
                 held = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-                _step(model, ids)
+                model.train()
+                loss = model(input_ids=ids, labels=ids).loss
+                sync()
+                after_fwd = (torch.cuda.memory_allocated() - held) / 2**20
+                peak_fwd = (torch.cuda.max_memory_allocated() - held) / 2**20
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+                del loss
                 sync()
                 peak = (torch.cuda.max_memory_allocated() - held) / 2**20
         rows[spec] = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-                      "peak_extra_mb": None if not cuda else round(peak)}
+                      "peak_extra_mb": None if not cuda else round(peak),
+                      "after_forward_mb": None if not cuda else round(after_fwd),
+                      "forward_peak_mb": None if not cuda else round(peak_fwd)}
         print(f"{spec:34s} {statistics.median(times):8.2f} ms ({min(times):.2f}-{max(times):.2f})  "
-              f"peak extra {peak:8.0f} MB", flush=True)
+              f"peak extra {peak:8.0f} MB (forward peak {peak_fwd:.0f}, held after forward {after_fwd:.0f})", flush=True)
         del model, keep
         gc.collect()
         if cuda:

@@ -164,7 +164,7 @@ for step in "${steps[@]}"; do
     ablation)
       echo "== scripts/gpu_patch_ablation.py: the training step with one part of patch() off at a time"
       timeout 300 python3 scripts/gpu_patch_ablation.py --vocab 128256 --seq 2048 \
-        --variants liger,lz,lz:norms=0,lz:rope=0,lz:mlp=0,lz:loss=0,lz@rms_norm=liger_rms_norm,liger 2>&1 \
+        --variants "${ABLATION:-liger,lz,lz:norms=0,lz:rope=0,lz:mlp=0,lz:loss=0,lz@rms_norm=liger_rms_norm,liger}" 2>&1 \
         | grep -v "^USDT\|W1203" | tee "$OUT/gpu_patch_ablation_${card}.log" | tail -20
       ;;
   esac

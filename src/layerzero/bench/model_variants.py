@@ -150,15 +150,17 @@ def liger_unavailable_reason(device: str) -> str | None:
     return None
 
 
-def _apply_liger(model_name: str, model: nn.Module) -> tuple[Any, dict[str, Any]]:
-    """Liger's own patch on ``model``; returns the modeling module and the globals it replaced (restored here)."""
+def apply_liger(model_name: str, model: nn.Module, **parts: bool) -> tuple[Any, dict[str, Any]]:
+    """Liger's own patch on ``model`` (``parts`` switches rope, rms_norm, swiglu, fused_linear_cross_entropy off);
+    returns the modeling module and the globals it replaced (restored here)."""
     import liger_kernel.transformers as liger
 
     apply = getattr(liger, f"apply_liger_kernel_to_{model_name}")
     module = sys.modules[type(model).__module__]  # transformers' modeling module, imported with the class
     before = dict(vars(module))
     cls_forward = type(model).forward
-    apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=model)
+    options = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": True, **parts}
+    apply(cross_entropy=False, model=model, **options)
     after = dict(vars(module))
     changed = {k: v for k, v in after.items() if before.get(k) is not v}
     for k in changed:
@@ -184,7 +186,7 @@ def _variant(name: str, base: nn.Module, model_name: str) -> Variant:
         skipped = "; ".join(f"skipped {n}: {why}" for n, why in sorted(report.skipped.items()))
         variant.note = f"patch(): {report.count} modules" + (f"; {skipped}" if skipped else "")
     if name.startswith("liger"):
-        variant.module, variant.globals_patch = _apply_liger(model_name, model)
+        variant.module, variant.globals_patch = apply_liger(model_name, model)
         variant.note = "Liger: rope, rms_norm, swiglu, fused_linear_cross_entropy"
     return variant
 
