@@ -146,6 +146,11 @@ for step in "${steps[@]}"; do
         mkdir -p "$OUT/shipped"
         python3 scripts/export_shipped.py /tmp/lz_ship.db --out "$OUT/shipped"
         for grad in "" ",grad=1"; do
+          # the model bench's own row-op buckets, measured by the tuner (online tuning's short runs misjudge
+          # Triton kernels with a backward; export_shipped.py drops their one-sample rows)
+          timeout 150 python3 -m layerzero.cli tune --ops rms_norm,swiglu --shapes "rows=8192,hidden=2048$grad" \
+            --shapes "rows=8192,hidden=8192$grad" --shapes "rows=4096,hidden=2048$grad" \
+            --shapes "rows=4096,hidden=8192$grad" --dtype bf16 2>&1 | tail -6
           timeout 150 python3 -m layerzero.cli tune --ops rope --shapes "rows=4096,hidden=64,b=1,d=64$grad" \
             --shapes "rows=65536,hidden=64,b=4,d=64$grad" --shapes "rows=262144,hidden=64,b=4,d=64$grad" \
             --shapes "rows=262144,hidden=128,b=4,d=128$grad" --dtype bf16 2>&1 | tail -4

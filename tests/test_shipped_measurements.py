@@ -167,6 +167,9 @@ def test_export_writes_a_table_that_loads_back(tmp_path: Path) -> None:
         db.record([Record("hw1", "torch=2.11.0", k, "rms_norm", "bfloat16", "n=4096;hidden=4096;grad=1", med, 0.2, 9,
                           k.endswith("composed"), "boom" if k.endswith("composed") else None, "tune")
                    for k, med in (("torch_rms_norm", 12.5), ("torch_rms_norm_composed", 30.0))])
+        # a one-sample time (a first-call estimate) is not shipped
+        db.record([Record("hw1", "torch=2.11.0", "liger_rms_norm", "rms_norm", "bfloat16", "n=4096;hidden=4096;grad=1",
+                          900.0, 0.0, 1, False, None, "online")])
         path = tmp_path / "card.json"
         assert shipped.export_table(db.rows(hardware="hw1"), CARD, "torch=2.11.0", path) == 2
     finally:
@@ -175,3 +178,4 @@ def test_export_writes_a_table_that_loads_back(tmp_path: Path) -> None:
     assert table is not None and table.device_name == CARD
     found = table.rows[("rms_norm", "bfloat16")]["n=4096;hidden=4096;grad=1"]
     assert found["torch_rms_norm"].median_us == 12.5 and found["torch_rms_norm_composed"].failed
+    assert "liger_rms_norm" not in found

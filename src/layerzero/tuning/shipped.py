@@ -32,13 +32,14 @@ from typing import Any
 from layerzero.selection.engine import Measurement
 
 __all__ = ["ShippedTable", "table_for", "tables", "reload", "load_table", "lookup", "export_table", "SHIPPED_DIR",
-           "FORMAT"]
+           "FORMAT", "MIN_SAMPLES"]
 
 log = logging.getLogger("layerzero")
 
 SHIPPED_DIR = Path(__file__).with_name("shipped")
 FORMAT = "layerzero-shipped-measurements/1"
 _MAX_ROWS = 200_000
+MIN_SAMPLES = 3  # fewer timed calls than this is an estimate, not a measurement (export_table leaves it out)
 _VARYING = {"n": 2.0, "b": 2.0, "sq": 2.0, "sk": 2.0, "hidden": 1.0}  # field -> largest |log2 ratio| borrowed
 
 
@@ -199,10 +200,14 @@ def lookup(table: ShippedTable, operation: str, dtype: str, bucket: str,
 def export_table(rows: list[dict[str, Any]], device_name: str, measured_with: str, path: str | Path) -> int:
     """Write ``rows`` (as :meth:`PerfDB.rows` returns them, one card's) as a shipped table; returns the count.
 
-    Rows marked failed are kept (selection must not pick a kernel that failed its check there)."""
+    Rows marked failed are kept (selection must not pick a kernel that failed its check there); a time taken
+    from fewer than ``MIN_SAMPLES`` samples is left out: it is a first-call estimate, not a measurement (online
+    tuning's short runs timed Liger's fused SwiGLU with its backward at 1.8x its real time on an H200), and the
+    bucket then borrows from a measured neighbour or falls back to priorities."""
     out = [{"operation": r["operation"], "dtype": r["dtype"], "bucket": r["bucket"], "kernel_id": r["kernel_id"],
             "median_us": round(float(r["median_us"]), 3), "spread_us": round(float(r["spread_us"]), 3),
-            "samples": int(r["samples"]), "failed": bool(r["failed"])} for r in rows]
+            "samples": int(r["samples"]), "failed": bool(r["failed"])} for r in rows
+           if bool(r["failed"]) or int(r["samples"]) >= MIN_SAMPLES]
     doc = {"format": FORMAT, "device_name": device_name, "measured_with": measured_with, "rows": out}
     Path(path).write_text(json.dumps(doc, indent=0, sort_keys=True) + "\n", encoding="utf-8")
     return len(out)
