@@ -227,10 +227,12 @@ def keys_for(op: OpDef, operation: str, args: tuple[Any, ...]) -> tuple[Hashable
 
 NO_MEMO: tuple[None, None, None] = (None, None, None)
 
-#: The ``dispatch()`` options a hot-path entry may carry, each of one of :data:`_HOT_TYPES` exactly (any other
-#: option, or another type, maps in full every time).
-HOT_OPTIONS = frozenset({"is_causal", "dropout_p", "scale", "window", "layout"})
-_HOT_TYPES = frozenset({bool, int, float, str, type(None)})
+#: The ``dispatch()`` options a hot-path entry may carry, each with the exact types it may have there: the
+#: canonical ones the attention contract's guards admit (``is_causal=1`` or ``numpy.True_``, which the full path
+#: turns into ``True``, maps in full every time; so does any other option).
+HOT_OPTIONS: dict[str, tuple[type, ...]] = {"is_causal": (bool,), "dropout_p": (float,),
+                                            "scale": (float, int, type(None)), "window": (int, type(None)),
+                                            "layout": (str,)}
 _OPTIONS: Any = object()
 
 
@@ -253,7 +255,7 @@ def hot_key(operation: str, kwargs: Mapping[str, Any]) -> Hashable | None:
     :func:`kwargs_key`; None when an option is not one an entry may carry (:data:`HOT_OPTIONS`)."""
     if not kwargs:
         return operation
-    if kwargs.keys() <= HOT_OPTIONS and all(v.__class__ in _HOT_TYPES for v in kwargs.values()):
+    if all(v.__class__ in HOT_OPTIONS.get(n, ()) for n, v in kwargs.items()):
         return kwargs_key(operation, kwargs)
     return None
 
@@ -315,7 +317,7 @@ def attention_inputs(op: OpDef, operation: str, inputs: Mapping[str, Any], kwarg
                      ) -> AttentionInputs | None:
     """The :class:`AttentionInputs` for this input-name set (and these options) of an attention operation, or
     None when its calls need the full mapping (a mask, a flag or number given as an input, other names, an
-    option outside :data:`HOT_OPTIONS` or of another type, a layout other than ``"BHSD"``/``"BSHD"``).
+    option outside :data:`HOT_OPTIONS` or of another type there, a layout other than ``"BHSD"``/``"BSHD"``).
 
     Call it after ``inputs`` were mapped and dispatched successfully: it checks, on these very inputs,
     that its arguments and keys are the op's own (:meth:`OpDef.args_from_inputs`, :meth:`OpDef.keys`).
