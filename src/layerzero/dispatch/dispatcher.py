@@ -16,8 +16,10 @@ call family's shape-free key (then the exact-shape key) from tensor metadata,
 one cache read, the breaker flag, the kernel call; a miss on the shared cache
 caches a shape-free plan for the family when selection cannot depend on shapes
 (:meth:`Runtime.family_plan`), as ``lz.*`` does. Attention inputs given by the
-same names as before (``{"q": q, "k": k, "v": v}``) skip the dict mapping
-altogether (:class:`~layerzero.dispatch.generic.AttentionInputs`).
+same names as before (``{"q": q, "k": k, "v": v}``), with the same options if any
+(``layout="BSHD"``, ``is_causal=True``; keyed by exact type, see
+:func:`~layerzero.dispatch.generic.kwargs_key`), skip the dict mapping altogether
+(:class:`~layerzero.dispatch.generic.AttentionInputs`).
 Fallback, breaker bookkeeping and error reports are the runtime's
 (:meth:`Runtime.run_plan`, :meth:`Runtime.recover`), never duplicated here.
 """

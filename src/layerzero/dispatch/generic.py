@@ -6,7 +6,9 @@ documented input names to the canonical positional arguments, and the cache
 key is the exact-shape key the ``lz.*`` hot path uses (:meth:`OpDef.keys`),
 so ``dispatch()`` and ``lz.*`` share cached plans. Attention inputs given with
 ``layout="BSHD"`` are handed over as transposed views and the output is
-transposed back.
+transposed back. :class:`AttentionInputs` is what the dispatchers' hot paths
+keep per operation and options (:func:`kwargs_key`) to skip this mapping on
+later calls.
 
 An operation with no family (a user's own operation name served by a user
 kernel) uses :data:`GENERIC`: its kernels are called with the inputs as keyword
