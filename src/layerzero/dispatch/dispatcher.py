@@ -16,8 +16,10 @@ call family's shape-free key (then the exact-shape key) from tensor metadata,
 one cache read, the breaker flag, the kernel call; a miss on the shared cache
 caches a shape-free plan for the family when selection cannot depend on shapes
 (:meth:`Runtime.family_plan`), as ``lz.*`` does. Attention inputs given by the
-same names as before (``{"q": q, "k": k, "v": v}``) skip the dict mapping
-altogether (:class:`~layerzero.dispatch.generic.AttentionInputs`).
+same names as before (``{"q": q, "k": k, "v": v}``), with the same options if any
+(``layout="BSHD"``, ``is_causal=True``; keyed by exact type, see
+:func:`~layerzero.dispatch.generic.kwargs_key`), skip the dict mapping altogether
+(:class:`~layerzero.dispatch.generic.AttentionInputs`).
 Fallback, breaker bookkeeping and error reports are the runtime's
 (:meth:`Runtime.run_plan`, :meth:`Runtime.recover`), never duplicated here.
 """
@@ -37,7 +39,9 @@ from layerzero.dispatch.generic import (
     NO_MEMO,
     AttentionInputs,
     attention_inputs,
+    hot_key,
     keys_for,
+    kwargs_key,
     kwargs_kernel,
     map_inputs,
     op_for_dispatch,
@@ -122,9 +126,10 @@ class Dispatcher:
         self._cache: PlanStore | None = cache if cache is not None else (
             None if self.shares_plan_cache else self._new_cache(runtime.config))
         self._ops: dict[str, OpDef] = {}
-        # operation -> the input names its calls use, for the cached hot path (attention only; see
-        # generic.AttentionInputs), or None. Filled after a call went the full way; emptied by _sync.
-        self._fast: dict[str, AttentionInputs | None] = {}
+        # operation (or generic.kwargs_key of it and its options) -> the input names its calls use, for the
+        # cached hot path (attention only; see generic.AttentionInputs), or None. Filled after a call went the
+        # full way; emptied by _sync.
+        self._fast: dict[Hashable, AttentionInputs | None] = {}
         self._version = runtime.version
         self._config_seen = runtime.config
         self._timed = runtime.config.record_timing
@@ -214,11 +219,11 @@ class Dispatcher:
         rt = self.runtime
         if rt.version != self._version:
             self._sync()
-        if context is None and not kwargs and type(inputs) is dict:
+        if context is None and type(inputs) is dict:
             # ---- cached hot path: q, k, v by known names -> plan -> kernel (as lz.attention) -----------
             t0 = perf_ns() if self._timed else 0
-            try:
-                hot = self._fast[operation]  # None for an operation seen without usable names
+            try:  # None for an operation seen without usable names; options key apart (generic.kwargs_key)
+                hot = self._fast[operation if not kwargs else kwargs_key(operation, kwargs)]
             except (KeyError, TypeError):  # not seen yet, or unhashable (the full path reports it)
                 hot = None
             if hot is not None and len(inputs) == 3:
@@ -226,6 +231,8 @@ class Dispatcher:
                     q = inputs[hot.q_name]
                     k = inputs[hot.k_name]
                     v = inputs[hot.v_name]
+                    if hot.bshd:  # BHSD views, as map_inputs hands them over
+                        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
                     dtype, plan, kernel_id = hot.memo  # (1) in HOT_PATH_NOTES
                     if not hot.shapes_admit(operation, q, k, v, None, None, None, None, None):
                         raise KeyError("not admitted")
@@ -258,35 +265,40 @@ class Dispatcher:
                             plan = cache.get((family, q.shape, k.shape, v.shape, None))
                         if plan is not None:
                             kernel_id = plan.kernels[0].kernel_id
-                except (KeyError, AttributeError, TypeError, RuntimeError):  # other names, not tensors: full path
+                except (KeyError, AttributeError, TypeError, IndexError, RuntimeError):  # other names, not tensors
                     plan = None
                 if plan is not None:
                     t2 = perf_ns() if t0 else 0
                     if plan.gate.blocked:
-                        out, ran = self._run_slow(plan, (q, k, v, None, hot.is_causal, hot.dropout_p, hot.scale,
-                                                         hot.window), None)
-                    else:
-                        plan.stats.calls += 1
-                        try:
-                            if hot.direct_ok and plan.direct is not None:  # PyTorch's SDPA itself
-                                out = plan.direct(q, k, v)
-                            else:
-                                out = plan.fn(q, k, v, None, hot.is_causal, hot.dropout_p, hot.scale, hot.window)
-                        except Exception as exc:
-                            if plan.family is not None:  # the runtime may take the family plan back
-                                hot.memo = NO_MEMO
-                            out, ran = self._run_slow(plan, (q, k, v, None, hot.is_causal, hot.dropout_p,
-                                                             hot.scale, hot.window), exc)
+                        return self._hot_detour(plan, hot, q, k, v, None, operation, t0, t2)
+                    plan.stats.calls += 1
+                    try:
+                        if hot.direct_ok and plan.direct is not None:  # PyTorch's SDPA itself
+                            out = plan.direct(q, k, v)
                         else:
-                            r = new_result(DispatchResult)
-                            r.output, r.kernel_id, r.operation = out, kernel_id, operation
-                            r.fallback_used, r.attempts, r.cached = False, 1, True
-                            r.mode = self._mode_value
-                            r.timing = stamp(DispatchTiming, (t0, t2, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
-                            return r
-                    timing = stamp(DispatchTiming, (t0, t2, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
-                    return self._result(out, plan, ran, operation, timing, True)
+                            out = plan.fn(q, k, v, None, hot.is_causal, hot.dropout_p, hot.scale, hot.window)
+                    except Exception as exc:
+                        return self._hot_detour(plan, hot, q, k, v, exc, operation, t0, t2)
+                    r = new_result(DispatchResult)
+                    r.output = out.transpose(1, 2) if hot.bshd else out
+                    r.kernel_id, r.operation = kernel_id, operation
+                    r.fallback_used, r.attempts, r.cached = False, 1, True
+                    r.mode = self._mode_value
+                    r.timing = stamp(DispatchTiming, (t0, t2, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
+                    return r
         return self._dispatch(operation, inputs, context, kwargs)
+
+    def _hot_detour(self, plan: ExecutionPlan, hot: AttentionInputs, q: Any, k: Any, v: Any, exc: Exception | None,
+                    operation: str, t0: int, t2: int) -> DispatchResult:
+        """A hot-path call its cached plan did not serve at once: the plan's gate is blocked (``exc`` None) or
+        its first kernel raised ``exc``. Runs it the slow way (:meth:`_run_slow`), BSHD output transposed back."""
+        if exc is not None and plan.family is not None:  # the runtime may take the family plan back
+            hot.memo = NO_MEMO
+        out, ran = self._run_slow(plan, hot.args(q, k, v), exc)
+        if hot.bshd:
+            out = out.transpose(1, 2)
+        timing = stamp(DispatchTiming, (t0, t2, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
+        return self._result(out, plan, ran, operation, timing, True)
 
     def _dispatch(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None,
                   kwargs: dict[str, Any]) -> DispatchResult:
@@ -347,20 +359,24 @@ class Dispatcher:
         if bshd:
             out = out.transpose(1, 2)
         timing = stamp(DispatchTiming, (t0, t1, t2, t3, t4, perf_ns())) if t0 else NOT_TIMED
-        if context is None and not kwargs:
-            self._learn(op, operation, inputs)
+        if context is None:
+            self._learn(op, operation, inputs, kwargs)
         return self._result(out, plan, ran, operation, timing, cached)
 
-    def _learn(self, op: OpDef, operation: str, inputs: Mapping[str, Any]) -> None:
-        """After a call without context or keyword arguments went the full way: the hot-path entry for its
-        operation (the input names of an attention call, see :func:`attention_inputs`), or None when its calls
-        map in full (the hot path then reads None instead of missing the key)."""
-        found = self._fast.get(operation, _UNSEEN)
+    def _learn(self, op: OpDef, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:
+        """After a call without context went the full way: the hot-path entry for its operation and options
+        (the input names of an attention call, see :func:`attention_inputs`), or, without options, None when
+        its calls map in full (the hot path then reads None instead of missing the key). Options outside
+        ``generic.HOT_OPTIONS`` get no entry at all (a value may be a tensor: nothing is kept of it)."""
+        key = hot_key(operation, kwargs)
+        if key is None:
+            return
+        found = self._fast.get(key, _UNSEEN)
         if found is _UNSEEN or (found is None and op.family == "attention"):
-            fast = attention_inputs(op, operation, inputs)
-            if found is _UNSEEN or fast is not None:
+            fast = attention_inputs(op, operation, inputs, kwargs)
+            if (found is _UNSEEN and not kwargs) or fast is not None:
                 if len(self._fast) < 4096:
-                    self._fast[operation] = None if fast is None else fast.copy()
+                    self._fast[key] = None if fast is None else fast.copy()
 
     def _result(self, out: Any, plan: ExecutionPlan, ran: tuple[ExecutionPlan, int] | None, operation: str,
                 timing: DispatchTiming, cached: bool) -> DispatchResult:

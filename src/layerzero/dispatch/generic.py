@@ -6,7 +6,9 @@ documented input names to the canonical positional arguments, and the cache
 key is the exact-shape key the ``lz.*`` hot path uses (:meth:`OpDef.keys`),
 so ``dispatch()`` and ``lz.*`` share cached plans. Attention inputs given with
 ``layout="BSHD"`` are handed over as transposed views and the output is
-transposed back.
+transposed back. :class:`AttentionInputs` is what the dispatchers' hot paths
+keep per operation and options (:func:`kwargs_key`) to skip this mapping on
+later calls.
 
 An operation with no family (a user's own operation name served by a user
 kernel) uses :data:`GENERIC`: its kernels are called with the inputs as keyword
@@ -30,7 +32,8 @@ from layerzero.ops.base import OpDef, describe_tensor
 from layerzero.spec import KernelSpec
 
 __all__ = ["GenericOp", "GENERIC", "op_for_dispatch", "map_inputs", "key_for", "keys_for",
-           "AttentionInputs", "attention_inputs", "NO_MEMO", "kwargs_kernel", "INPUT_NAMES"]
+           "AttentionInputs", "attention_inputs", "NO_MEMO", "kwargs_kernel", "INPUT_NAMES", "HOT_OPTIONS",
+           "kwargs_key", "hot_key"]
 
 # The names ``dispatch()`` accepts per family (first match wins; ``None`` values count as absent).
 INPUT_NAMES: dict[str, str] = {
@@ -107,15 +110,17 @@ Template = tuple[tuple[Any, ...], tuple[tuple[str, int], ...]]
 _templates: dict[tuple[str, tuple[str, ...]], Template | None] = {}
 
 
-def _template(op: OpDef, operation: str, names: tuple[str, ...]) -> Template | None:
-    """Where ``op.args_from_inputs`` puts each input, learned from the op itself with stand-in values.
+def _template(op: OpDef, operation: str, names: tuple[str, ...], kwargs: Mapping[str, Any] | None = None
+              ) -> Template | None:
+    """Where ``op.args_from_inputs`` puts each input, learned from the op itself with stand-in values (and
+    ``kwargs``, the call's options, as they are).
 
     Usable only when every input is passed through to exactly one argument position untouched (none is
     read as a flag or number), so the result is the op's own mapping with the tensors dropped in.
     """
     slots = {n: _Slot(n) for n in names}
     try:
-        args = op.args_from_inputs(operation, slots, {})
+        args = op.args_from_inputs(operation, slots, kwargs or {})
     except Exception:  # the op looks inside a value (float(eps), ...): map every call the normal way
         return None
     positions = [(a.name, i) for i, a in enumerate(args) if isinstance(a, _Slot)]
@@ -224,28 +229,63 @@ def keys_for(op: OpDef, operation: str, args: tuple[Any, ...]) -> tuple[Hashable
 
 NO_MEMO: tuple[None, None, None] = (None, None, None)
 
+#: The ``dispatch()`` options a hot-path entry may carry, each with the exact types it may have there: the
+#: canonical ones the attention contract's guards admit (``is_causal=1`` or ``numpy.True_``, which the full path
+#: turns into ``True``, maps in full every time; so does any other option).
+HOT_OPTIONS: dict[str, tuple[type, ...]] = {"is_causal": (bool,), "dropout_p": (float,),
+                                            "scale": (float, int, type(None)), "window": (int, type(None)),
+                                            "layout": (str,)}
+_OPTIONS: Any = object()
+
+
+def kwargs_key(operation: str, kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The hot-path key of a call with options: the operation, then each option's name, exact type and value.
+
+    The type keeps apart what compares equal (``is_causal=1`` or ``numpy.True_`` is not ``is_causal=True``,
+    ``window=2.0`` is not ``window=2``): such a call misses, maps in full and gets the first call's answer.
+    Hashing it raises ``TypeError`` for an unhashable value (the caller then takes the full path). It starts
+    with a marker of its own, so no operation name (a tuple given as one) equals it.
+    """
+    key: tuple[Any, ...] = (_OPTIONS, operation)
+    for name, value in kwargs.items():
+        key += (name, value.__class__, value)
+    return key
+
+
+def hot_key(operation: str, kwargs: Mapping[str, Any]) -> Hashable | None:
+    """The key a call's hot-path entry is kept under: the operation alone for a call without options, else
+    :func:`kwargs_key`; None when an option is not one an entry may carry (:data:`HOT_OPTIONS`)."""
+    if not kwargs:
+        return operation
+    if all(v.__class__ in HOT_OPTIONS.get(n, ()) for n, v in kwargs.items()):
+        return kwargs_key(operation, kwargs)
+    return None
+
 
 class AttentionInputs:
-    """An input-name set of an attention operation that hands ``q``, ``k`` and ``v`` straight to the kernel
-    arguments ``(q, k, v, None, is_causal, dropout_p, scale, window)``, the rest being constants.
+    """An input-name set (and options) of an attention operation that hands ``q``, ``k`` and ``v`` straight to
+    the kernel arguments ``(q, k, v, None, is_causal, dropout_p, scale, window)``, the rest being constants.
 
     The dispatchers' cached hot path reads the three tensors by name (``inputs[entry.q_name]``, a
-    ``KeyError`` when the dict has other names) and builds the same cache keys as ``lz.attention``
-    without mapping the dict again. Each dispatcher keeps its own copy (:meth:`copy`): ``memo`` is that
-    dispatcher's ``(dtype, plan, kernel_id)`` of the shape-free plan it found last for CPU tensors (see
-    ``Dispatcher.dispatch``; :data:`NO_MEMO` when none), valid until the runtime's version changes.
+    ``KeyError`` when the dict has other names), as BHSD views when the call said ``layout="BSHD"``
+    (``bshd``: the output goes back with one more transpose, as the full path does), and builds the same
+    cache keys as ``lz.attention`` without mapping the dict again. Each dispatcher keeps its own copy
+    (:meth:`copy`): ``memo`` is that dispatcher's ``(dtype, plan, kernel_id)`` of the shape-free plan it found
+    last for CPU tensors (see ``Dispatcher.dispatch``; :data:`NO_MEMO` when none), valid until the runtime's
+    version changes.
     """
 
-    __slots__ = ("q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "direct_ok", "memo",
-                 "shapes_admit")
+    __slots__ = ("q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "bshd", "direct_ok",
+                 "memo", "shapes_admit")
 
     def __init__(self, names: tuple[str, str, str], is_causal: bool, dropout_p: float, scale: Any,
-                 window: Any) -> None:
+                 window: Any, bshd: bool = False) -> None:
         self.q_name, self.k_name, self.v_name = names
         self.is_causal = is_causal
         self.dropout_p = dropout_p
         self.scale = scale
         self.window = window
+        self.bshd = bshd
         self.direct_ok = scale is None  # ``plan.direct(q, k, v)`` (PyTorch's SDPA) needs the default scale
         self.memo: tuple[Any, Any, Any] = NO_MEMO  # one tuple, so that threads never see a torn memo
         # the attention contract's shape relations, checked per call; its scalar guards hold for the constants
@@ -255,41 +295,55 @@ class AttentionInputs:
     def copy(self) -> AttentionInputs:
         """The same mapping with an empty plan memo (one per dispatcher)."""
         return AttentionInputs((self.q_name, self.k_name, self.v_name), self.is_causal, self.dropout_p,
-                               self.scale, self.window)
+                               self.scale, self.window, self.bshd)
 
     def tensors(self, inputs: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-        """``(q, k, v)`` from ``inputs`` (``KeyError`` when a name is missing)."""
-        return inputs[self.q_name], inputs[self.k_name], inputs[self.v_name]
+        """``(q, k, v)`` from ``inputs``, as BHSD views for a BSHD entry (``KeyError`` when a name is missing;
+        what a transpose raises for a non-tensor or a tensor of rank < 3)."""
+        q, k, v = inputs[self.q_name], inputs[self.k_name], inputs[self.v_name]
+        return (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if self.bshd else (q, k, v)
+
+    def args(self, q: Any, k: Any, v: Any) -> tuple[Any, ...]:
+        """The kernel arguments for BHSD ``q``, ``k``, ``v``."""
+        return (q, k, v, None, self.is_causal, self.dropout_p, self.scale, self.window)
 
     def family(self, operation: str, q: torch.Tensor) -> tuple[Any, ...]:
         """The shape-free key (as built inline on the hot path)."""
         return (operation, q.dtype, q.is_cpu or q.device, self.is_causal, self.dropout_p, self.window, None)
 
 
-_attention_inputs: dict[tuple[str, tuple[str, ...]], AttentionInputs | None] = {}
+_attention_inputs: dict[tuple[Any, ...], AttentionInputs | None] = {}
 
 
-def attention_inputs(op: OpDef, operation: str, inputs: Mapping[str, Any]) -> AttentionInputs | None:
-    """The :class:`AttentionInputs` for this input-name set of an attention operation, or None when its
-    inputs need the full mapping (a mask, a flag or number given as an input, other names, a layout).
+def attention_inputs(op: OpDef, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any] | None = None
+                     ) -> AttentionInputs | None:
+    """The :class:`AttentionInputs` for this input-name set (and these options) of an attention operation, or
+    None when its calls need the full mapping (a mask, a flag or number given as an input, other names, an
+    option outside :data:`HOT_OPTIONS` or of another type there, a layout other than ``"BHSD"``/``"BSHD"``).
 
     Call it after ``inputs`` were mapped and dispatched successfully: it checks, on these very inputs,
     that its arguments and keys are the op's own (:meth:`OpDef.args_from_inputs`, :meth:`OpDef.keys`).
     """
     if op.family != "attention" or type(inputs) is not dict or len(inputs) != 3:
         return None
-    tkey = (operation, tuple(inputs))
+    options = kwargs or {}
+    key = hot_key(operation, options)
+    if key is None or options.get("layout", "BHSD") not in ("BHSD", "BSHD"):
+        return None
+    tkey = (key, tuple(inputs))
     found = _attention_inputs.get(tkey, _UNSEEN)
     if found is not _UNSEEN:
         return found
-    entry = _attention_entry(op, operation, inputs, _templates.get(tkey))
+    # without options, the template map_inputs learned on first sight; with them, one learned with them
+    template = _templates.get(tkey) if not options else _template(op, operation, tkey[1], options)
+    entry = _attention_entry(op, operation, inputs, options, template)
     if len(_attention_inputs) < 4096:
         _attention_inputs[tkey] = entry
     return entry
 
 
-def _attention_entry(op: OpDef, operation: str, inputs: dict[str, Any], found: Template | None
-                     ) -> AttentionInputs | None:
+def _attention_entry(op: OpDef, operation: str, inputs: dict[str, Any], options: Mapping[str, Any],
+                     found: Template | None) -> AttentionInputs | None:
     if found is None:
         return None
     template, positions = found
@@ -297,11 +351,12 @@ def _attention_entry(op: OpDef, operation: str, inputs: dict[str, Any], found: T
     if len(template) != 8 or sorted(where.values()) != [0, 1, 2] or template[3] is not None:
         return None
     names = tuple(sorted(where, key=where.__getitem__))
-    entry = AttentionInputs(names, *template[4:])  # type: ignore[arg-type]
+    entry = AttentionInputs(names, *template[4:], bshd=options.get("layout") == "BSHD")  # type: ignore[misc]
     try:
         q, k, v = entry.tensors(inputs)
-        args = (q, k, v, None, entry.is_causal, entry.dropout_p, entry.scale, entry.window)
-        if args != tuple(_args(op, operation, inputs, {})):  # identity for the tensors, == for the constants
+        args = entry.args(q, k, v)
+        given = dict(zip(names, (q, k, v)))  # as map_inputs hands them over (BSHD: the transposed views)
+        if args != tuple(_args(op, operation, given, options)):  # identity for the tensors, == for the constants
             return None
         if not ATTENTION.calls.scalars_admit(operation, *args):  # the hot path checks only shapes per call
             return None

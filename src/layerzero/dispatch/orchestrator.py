@@ -31,6 +31,7 @@ from layerzero.context import SelectionContext
 from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.dispatcher import Dispatcher
 from layerzero.dispatch.runtimes import runtime_for
+from layerzero.dispatch.generic import hot_key
 from layerzero.dispatch.dynamic import DynamicDispatcher
 from layerzero.dispatch.result import DispatchResult, DispatchStats, DispatchTelemetry
 from layerzero.dispatch.static import StaticDispatcher, check_static_map, create_static_dispatcher
@@ -198,12 +199,13 @@ class DispatchOrchestrator(Dispatcher):
             raise InvalidInputError(f"dispatch(): operation must be a non-empty string, got {operation!r}") from None
         result = target.dispatch(operation, inputs, context, **kwargs)
         dyn = self.dynamic
-        if context is None and not kwargs and self._fast.get(operation) is None and len(self._fast) < 4096:
-            fast = dyn._fast.get(operation) if target is dyn and dyn._cache is None else None
+        key = hot_key(operation, kwargs) if context is None else None  # None: options no entry carries
+        if key is not None and self._fast.get(key) is None and len(self._fast) < 4096:
+            fast = dyn._fast.get(key) if target is dyn and dyn._cache is None else None
             if fast is not None and self._version == self.runtime.version:
-                self._fast[operation] = fast.copy()  # the dynamic dispatcher's names: its hot path is ours now
-            elif operation not in self._fast:
-                self._fast[operation] = None  # routed elsewhere, or names mapped in full: no KeyError per call
+                self._fast[key] = fast.copy()  # the dynamic dispatcher's names: its hot path is ours now
+            elif not kwargs and key not in self._fast:
+                self._fast[key] = None  # routed elsewhere, or names mapped in full: no KeyError per call
         return result
 
     def resolve(self, operation: str) -> Callable[..., Any]:

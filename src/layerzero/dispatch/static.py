@@ -22,14 +22,14 @@ kernels given for the same operation (``default=False``) are its fallbacks.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 from layerzero.context import SelectionContext
 from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.dispatcher import Dispatcher, new_result, perf_ns
 from layerzero.dispatch.runtimes import runtime_for
-from layerzero.dispatch.generic import AttentionInputs, attention_inputs, map_inputs
+from layerzero.dispatch.generic import AttentionInputs, attention_inputs, hot_key, kwargs_key, map_inputs
 from layerzero.dispatch.result import NOT_TIMED, DispatchResult, DispatchTiming, stamp
 from layerzero.errors import ConfigError, InvalidInputError, NoKernelError
 from layerzero.registry import (
@@ -63,8 +63,9 @@ class StaticDispatcher(Dispatcher):
         super().__init__(runtime)
         self._table: dict[str, tuple[KernelSpec, ...]] = {op: tuple(specs) for op, specs in table.items()}
         self._plans: dict[str, ExecutionPlan] = {}
-        # operation -> (its plan, the q/k/v names it was called with): the hot path's one lookup
-        self._hot: dict[str, tuple[ExecutionPlan, AttentionInputs]] = {}
+        # operation (or generic.kwargs_key of it and its options) -> (its plan, the q/k/v names it was called
+        # with): the hot path's one lookup
+        self._hot: dict[Hashable, tuple[ExecutionPlan, AttentionInputs]] = {}
         self._bind_all()
 
     def _bind_all(self) -> None:
@@ -121,45 +122,41 @@ class StaticDispatcher(Dispatcher):
         if rt.version != self._version:
             self._sync()
         t0 = perf_ns() if self._timed else 0
-        try:
-            hot = self._hot.get(operation)  # (plan, names) of an attention operation seen with plain q, k, v
-        except TypeError:  # an unhashable operation
-            raise self._missing(operation) from None
-        if hot is not None and not kwargs and type(inputs) is dict and len(inputs) == 3:
-            # ---- hot path: q, k, v by known names straight into the kernel's arguments ---------------
+        try:  # (plan, names) of an attention operation seen with plain q, k, v and these options (if any)
+            hot = self._hot.get(operation if not kwargs else kwargs_key(operation, kwargs))
+        except TypeError:  # an unhashable operation or option value: the full path reports it
+            hot = None
+        if hot is not None and type(inputs) is dict and len(inputs) == 3:
+            # ---- hot path: q, k, v by known names (BSHD: as BHSD views) straight into the kernel's arguments --
             plan, fast = hot
             try:
                 q = inputs[fast.q_name]
                 k = inputs[fast.k_name]
                 v = inputs[fast.v_name]
+                if fast.bshd:
+                    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
                 # the contract's shape relations (None, a non-tensor: False); what they do not admit takes the
                 # full mapping, which validates
                 hit = fast.shapes_admit(operation, q, k, v, None, None, None, None, None)
-            except KeyError:  # other names: the full mapping
+            except (KeyError, AttributeError, TypeError, IndexError, RuntimeError):  # other names, not tensors
                 hit = False
             if hit:
                 t1 = perf_ns() if t0 else 0
                 if plan.gate.blocked:
-                    note = rt.last_run
-                    note.value = None
-                    out = plan.run(q, k, v, None, fast.is_causal, fast.dropout_p, fast.scale, fast.window)
-                    return self._result(out, plan, note.value, operation, _timing(t0, t1, t1, 0), True)
+                    return self._hot_detour(plan, fast, q, k, v, None, operation, t0, t1)
                 plan.stats.calls += 1
                 try:
                     out = plan.fn(q, k, v, None, fast.is_causal, fast.dropout_p, fast.scale, fast.window)
                 except Exception as exc:
-                    note = rt.last_run
-                    note.value = None
-                    out = rt.recover(plan, (q, k, v, None, fast.is_causal, fast.dropout_p, fast.scale, fast.window),
-                                     0, exc)
-                    return self._result(out, plan, note.value, operation, _timing(t0, t1, t1, 0), True)
+                    return self._hot_detour(plan, fast, q, k, v, exc, operation, t0, t1)
                 r = new_result(DispatchResult)
-                r.output, r.kernel_id, r.operation = out, plan.kernels[0].kernel_id, operation
+                r.output = out.transpose(1, 2) if fast.bshd else out
+                r.kernel_id, r.operation = plan.kernels[0].kernel_id, operation
                 r.fallback_used, r.attempts, r.cached = False, 1, True
                 r.mode = "static"
                 r.timing = stamp(DispatchTiming, (t0, t1, t1, t1, (t := perf_ns()), t)) if t0 else NOT_TIMED
                 return r
-        plan = self._plans.get(operation)
+        plan = self._plans.get(operation) if isinstance(operation, str) else None
         if plan is None:
             raise self._missing(operation)
         args, bshd = map_inputs(plan.op, operation, inputs, kwargs)
@@ -184,10 +181,10 @@ class StaticDispatcher(Dispatcher):
         t4 = perf_ns() if t0 else 0
         if bshd:
             out = out.transpose(1, 2)
-        elif not kwargs and hot is None and plan.op.family == "attention":
-            fast = attention_inputs(plan.op, operation, inputs)  # these names take the hot path from now on
+        if hot is None and plan.op.family == "attention" and len(self._hot) < 4096:
+            fast = attention_inputs(plan.op, operation, inputs, kwargs)  # these names take the hot path from now on
             if fast is not None:
-                self._hot[operation] = (plan, fast.copy())
+                self._hot[hot_key(operation, kwargs)] = (plan, fast.copy())
         return self._result(out, plan, ran, operation, _timing(t0, t1, t4, perf_ns() if t0 else 0), True)
 
 
