@@ -174,6 +174,13 @@ for step in "${steps[@]}"; do
       ;;
   esac
   case "$step" in
+    probe)
+      echo "== scripts/gpu_training_probe.py: tuner inflation, linear cross-entropy chunking, memory-lean MLP"
+      timeout 300 python3 scripts/gpu_training_probe.py --out "$OUT" --parts "${PROBE_PARTS:-tuner,lce,mlp}" 2>&1 \
+        | grep -v "^USDT\|W1203" | tee "$OUT/gpu_training_probe_${card}.log" | tail -60
+      ;;
+  esac
+  case "$step" in
     profile19)
       echo "== scripts/gpu_profile_model.py: eager, issue-19 config (vocabulary 128256, 4 x 2048)"
       timeout 300 python3 scripts/gpu_profile_model.py --vocab 128256 --seq 2048 --mode eager \

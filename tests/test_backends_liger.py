@@ -30,7 +30,8 @@ def test_every_kernel_is_registered_with_the_liger_backend() -> None:
     specs = {s.kernel_id: s for s in lz.list_kernels("liger_*")}
     assert set(specs) == set(liger.LIGER_KERNEL_IDS) == {"liger_rms_norm", "liger_layer_norm", "liger_rope",
                                                           "liger_swiglu", "liger_geglu", "liger_cross_entropy",
-                                                          "liger_linear_cross_entropy"}
+                                                          "liger_linear_cross_entropy",
+                                                          "liger_linear_cross_entropy_wide"}
     assert {s.operation for s in specs.values()} == {"rms_norm", "layer_norm", "rope", "swiglu", "geglu",
                                                      "cross_entropy", "linear_cross_entropy"}
     assert all(s.backend == "liger" and s.platforms == frozenset({"cuda"}) for s in specs.values())

@@ -76,7 +76,7 @@ def test_loss_and_gradients_match_float64(kernel: str, dtype: torch.dtype, reduc
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", (*KERNELS, "liger_linear_cross_entropy"))
+@pytest.mark.parametrize("kernel", (*KERNELS, "liger_linear_cross_entropy", "liger_linear_cross_entropy_wide"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("reduction", "smoothing", "softcap", "bias"),
                          [("mean", 0.0, None, False), ("mean", 0.1, 30.0, True), ("sum", 0.0, None, False),
@@ -91,7 +91,7 @@ def test_loss_and_gradients_match_float64_on_cuda(kernel: str, dtype: torch.dtyp
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", (*KERNELS, "liger_linear_cross_entropy"))
+@pytest.mark.parametrize("kernel", (*KERNELS, "liger_linear_cross_entropy", "liger_linear_cross_entropy_wide"))
 def test_a_frozen_hidden_still_gives_the_head_its_gradient_on_cuda(kernel: str) -> None:
     ok, reasons = lz.validate(kernel, lz.SelectionContext(device="cuda", dtype="bfloat16", num_tokens=256,
                                                           hidden_size=1000, head_dim=64, requires_grad=True))
@@ -204,6 +204,41 @@ class _Fake08(_Fake05):
         assert v["ce_weight"] is None and v["return_z_loss"] is False and v["accum_dtype"] is None
         return (_Fake05.apply(v["_input"], v["weight"], v["target"], v["bias"], v["ignore_index"], 0.0,
                               v["label_smoothing"], v["reduction"], v["softcap"]), None, None, None)
+
+
+class _Fake085(_Fake05):
+    """0.8.5: chunk_mem_const last; records what the wide kernel asked for."""
+
+    seen: list[int] = []
+
+    @staticmethod
+    def forward(ctx, _input, weight, target, bias=None, ce_weight=None, ignore_index=-100,  # type: ignore[no-untyped-def]
+                lse_square_scale=0.0, label_smoothing=0.0, reduction="mean", softcap=None, return_z_loss=False,
+                accum_dtype=None, use_token_scaling=False, return_token_accuracy=False,
+                return_predicted_tokens=False, ce_impl=None, ce_mode=None, chunk_mem_const=1):
+        raise AssertionError("not called")
+
+    @classmethod
+    def apply(cls, *args: Any) -> Any:
+        v = _lce_values(args, cls.forward)
+        cls.seen.append(v["chunk_mem_const"])
+        return (_Fake05.apply(v["_input"], v["weight"], v["target"], v["bias"], v["ignore_index"], 0.0,
+                              v["label_smoothing"], v["reduction"], v["softcap"]), None, None, None)
+
+
+def test_the_wide_kernel_asks_liger_for_wider_chunks_and_older_ligers_say_they_cannot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(liger, "_liger_version", lambda: (0, 8, 5))
+    hid, w, target, b = _inputs(20, 8, 50, torch.float64, bias=True, seed=7)
+    monkeypatch.setattr(liger, "_function", lambda name: _Fake085)
+    _Fake085.seen.clear()
+    got = liger.liger_linear_cross_entropy_wide(hid, w, target, b, -100, 0.1, "mean", None)
+    torch.testing.assert_close(got, linear_cross_entropy_reference(hid, w, target, b, -100, 0.1, "mean", None))
+    liger.liger_linear_cross_entropy(hid, w, target, b, -100, 0.1, "mean", None)
+    assert _Fake085.seen == [liger.WIDE_CHUNK_MEM, 1]
+    monkeypatch.setattr(liger, "_function", lambda name: _Fake08)
+    with pytest.raises(TypeError, match="chunk_mem_const"):
+        liger.liger_linear_cross_entropy_wide(hid, w, target, b, -100, 0.1, "mean", None)
 
 
 @pytest.mark.parametrize("fake", [_Fake05, _Fake08], ids=["liger0.5", "liger0.8"])

@@ -96,4 +96,11 @@ def render_ratio_table(data: dict[str, Any]) -> list[str]:
             row.append(("not run" if str(error).startswith("not run") else "failed") if error
                        else _num(r and r.get("ratio"), ".3f"))
         lines.append(f"| {w} | " + " | ".join(row) + " |")
+        if w == "train":  # the training step's peak memory, over the reference's of the same mode
+            ref = {m: cells.get((w, m, data["config"]["variants"][0])) for m, _ in columns}
+            mem = [_num(r["peak_mb"] / ref[m]["peak_mb"], ".3f") if r and not r.get("error") and r.get("peak_mb")
+                   and ref[m] and ref[m].get("peak_mb") else "-"
+                   for (m, v) in columns for r in [cells.get((w, m, v))]]
+            if any(x != "-" for x in mem):
+                lines.append("| train peak memory | " + " | ".join(mem) + " |")
     return lines

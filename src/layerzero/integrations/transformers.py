@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 import layerzero.ops as lz_ops
+from layerzero.integrations.lean_mlp import LeanSwiGLUMLP, lean_applies
 from layerzero.integrations.hf_causal_lm import LOSS_ATTR, ROPE_ATTR, patch_loss, patch_rope, unpatch_causal_lm
 from layerzero.errors import InvalidInputError, LayerZeroError, UnsupportedModelError
 from layerzero.integrations.transformers_packed import packed_attention, packed_layout
@@ -317,6 +318,8 @@ def _gelu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if lean_applies(self, x):  # training: keep gate and up, recompute their product in the backward
+        return LeanSwiGLUMLP.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
     return self.down_proj(lz_ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -446,7 +449,9 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, mlp
         model: any ``nn.Module`` (a transformers model or a part of one).
         norms: RMSNorm-like modules and ``nn.LayerNorm`` -> ``lz.rms_norm`` / ``lz.layer_norm``.
         activations: SiLU / GELU modules -> ``lz.silu`` / ``lz.gelu``.
-        mlp: ``gate_proj``/``up_proj``/``down_proj`` MLPs with a SiLU ``act_fn`` -> ``lz.swiglu``.
+        mlp: ``gate_proj``/``up_proj``/``down_proj`` MLPs with a SiLU ``act_fn`` -> ``lz.swiglu``; when training,
+            one node that keeps ``gate`` and ``up`` and recomputes their product for ``down_proj``'s gradient
+            (:mod:`layerzero.integrations.lean_mlp`: a third less MLP activation memory).
         loss: a ``*ForCausalLM``'s loss -> ``lz.linear_cross_entropy`` from the hidden states (no logits
             when training with labels; see :mod:`layerzero.integrations.hf_causal_lm`).
         rope: its modeling module's ``apply_rotary_pos_emb`` -> ``lz.rope`` (process-wide for that module
