@@ -396,7 +396,7 @@ def test_a_rival_must_win_decisively(user_kernels, monkeypatch, rival_rounds, wi
     b = user_kernels(KernelSpec("test_host_rms", "rms_norm", "custom", kernel("test_host_rms"), priority=98))
     script = {"test_prio_rms": iter([26.8] * 4), "test_host_rms": iter(rival_rounds)}
 
-    def scripted_time_call(fn, device, quick=False):  # type: ignore[no-untyped-def]
+    def scripted_time_call(fn, device, quick=False, device_bound=False):  # type: ignore[no-untyped-def]
         fn()
         return Timing(next(script[last[-1]]), 0.2, 100, "scripted")
 

@@ -12,6 +12,10 @@ inference bucket, the recompute and its backward as a training bucket) and Liger
 its memory advantage. :func:`lean_applies` says when the patched MLP forward takes this path: gradients on,
 not compiling (Inductor makes its own recompute decisions), three bias-free ``nn.Linear`` projections
 without hooks, and floating-point weights of the input's dtype.
+
+One backward per forward: Liger's SwiGLU backward writes its gradients into the saved ``gate`` and ``up`` in
+place, so a second backward through the same graph (``retain_graph=True``) would read gradients as
+activations. Models that need that call ``patch(model, mlp=False)``.
 """
 
 from __future__ import annotations

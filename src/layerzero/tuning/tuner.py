@@ -228,6 +228,20 @@ def _callable(spec: KernelSpec, ctx: SelectionContext) -> Callable[..., Any]:
     return spec.impl
 
 
+#: Training buckets of at least this many rows are timed device-bound on CUDA (:func:`device_bound`).
+DEVICE_BOUND_MIN_TOKENS = 1024
+
+
+def device_bound(ctx: SelectionContext) -> bool:
+    """Whether ``ctx``'s bucket is timed by its kernels' time with the host ahead
+    (:func:`~layerzero.timing.time_cuda_device`) rather than alone: a CUDA training bucket of at least
+    :data:`DEVICE_BOUND_MIN_TOKENS` rows. Such a step's matmuls keep the GPU busier than its host, so a Triton
+    launcher's host time hides behind them (on an H200, Liger's SwiGLU forward + backward at 8192 x 8192 timed
+    alone read 332-630 us across processes for 298 us of kernels; host ahead, 304 us in every process).
+    Smaller training steps are host-bound, and there the host time is the cost: timed alone, as inference."""
+    return ctx.requires_grad and ctx.device.type == "cuda" and (ctx.num_tokens or 0) >= DEVICE_BOUND_MIN_TOKENS
+
+
 def timed_call_for(op: OpDef, impl: Callable[..., Any], args: tuple[Any, ...], ctx: SelectionContext
                 ) -> Callable[[], Any]:
     """What one timed call runs: the kernel's forward, or for a ``grad=1`` bucket (``ctx.requires_grad``) its
@@ -416,7 +430,8 @@ class Tuner:
                 calls = {spec.kernel_id: timed_call_for(op, impl, inputs, ctx) for spec, _, impl in impls}
                 for i in range(rounds):
                     for spec, _, impl in (impls if i % 2 == 0 else impls[::-1]):
-                        runs[spec.kernel_id].append(time_call(calls[spec.kernel_id], ctx.device, quick=True).median_us)
+                        runs[spec.kernel_id].append(time_call(calls[spec.kernel_id], ctx.device, quick=True,
+                                                              device_bound=device_bound(ctx)).median_us)
                 del inputs
         except Exception:  # confirmation is advisory: keep the first measurements
             return None
@@ -465,13 +480,13 @@ class Tuner:
                 run = timed_call_for(op, impl, args, ctx)
                 if ctx.requires_grad:
                     run()  # the backward's own warm-up
-                if prune_above_us is not None:
+                if prune_above_us is not None and not device_bound(ctx):  # (a host-bound estimate would prune)
                     est = _prune_estimate_us(lambda: run(), (), ctx.device, prune_above_us)
                     if est > prune_above_us:
                         return KernelResult(spec.kernel_id, spec.backend, "ok", est, 0.0, 1,
                                             f"quick estimate, pruned: over {self.PRUNE_FACTOR:g}x the bucket's "
                                             "fastest")
-                timing = time_call(run, ctx.device, quick=self.quick)
+                timing = time_call(run, ctx.device, quick=self.quick, device_bound=device_bound(ctx))
         except torch.cuda.OutOfMemoryError as exc:  # not the kernel's fault: leave the bucket unmeasured
             return KernelResult(spec.kernel_id, spec.backend, "skipped", error=_describe(exc))
         except Exception as exc:
