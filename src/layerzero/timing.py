@@ -108,15 +108,25 @@ def _time_cuda_events(fn: Callable[[], Any], warmup_ms: float, rep_ms: float) ->
     est = max(start.elapsed_time(end) / 5, 1e-3)
     for _ in range(max(1, int(warmup_ms / est))):
         fn()
-    n = max(5, min(10000, int(rep_ms / est)))
+    return summarize(_event_times(fn, max(5, min(10000, int(rep_ms / est)))), "cuda_events")
+
+
+def _event_times(fn: Callable[[], Any], n: int, before: Callable[[], Any] | None = None) -> list[float]:
+    """``n`` calls of ``fn``, each between two CUDA events (``before`` runs ahead of each, outside them):
+    their device times in microseconds."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
+        if before is not None:
+            before()
         starts[i].record()
         fn()
         ends[i].record()
     torch.cuda.synchronize()
-    return summarize([s.elapsed_time(e) * 1000.0 for s, e in zip(starts, ends, strict=True)], "cuda_events")
+    return [s.elapsed_time(e) * 1000.0 for s, e in zip(starts, ends, strict=True)]
+
+
+_SPIN_RATE: float | None = None  # torch.cuda._sleep cycles per microsecond, once measured
 
 
 def _spin_cycles_per_us() -> float:
@@ -131,9 +141,6 @@ def _spin_cycles_per_us() -> float:
         torch.cuda.synchronize()
         _SPIN_RATE = 2_000_000 / max(start.elapsed_time(end) * 1000.0, 1e-3)
     return _SPIN_RATE
-
-
-_SPIN_RATE: float | None = None
 
 
 def time_cuda_device(fn: Callable[[], Any], *, warmup_ms: float = 5.0, rep_ms: float = 20.0) -> Timing:
@@ -154,21 +161,13 @@ def time_cuda_device(fn: Callable[[], Any], *, warmup_ms: float = 5.0, rep_ms: f
     torch.cuda.synchronize()
     cycles = int(_spin_cycles_per_us() * max(3.0 * host_us, 50.0))
 
-    def timed(n: int) -> list[float]:
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for i in range(n):
-            flush.zero_()
-            torch.cuda._sleep(cycles)
-            starts[i].record()
-            fn()
-            ends[i].record()
-        torch.cuda.synchronize()
-        return [a.elapsed_time(b) * 1000.0 for a, b in zip(starts, ends, strict=True)]
+    def host_ahead() -> None:  # flush L2, then hold the device until fn's kernels are all queued
+        flush.zero_()
+        torch.cuda._sleep(cycles)
 
-    est_us = max(statistics.median(timed(3)), 1.0)
-    timed(max(1, int(warmup_ms * 1000.0 / est_us)))
-    samples = timed(max(5, min(1000, int(rep_ms * 1000.0 / est_us))))
+    est_us = max(statistics.median(_event_times(fn, 3, host_ahead)), 1.0)
+    _event_times(fn, max(1, int(warmup_ms * 1000.0 / est_us)), host_ahead)
+    samples = _event_times(fn, max(5, min(1000, int(rep_ms * 1000.0 / est_us))), host_ahead)
     return summarize(samples, "cuda_events, host ahead")
 
 

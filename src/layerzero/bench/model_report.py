@@ -81,6 +81,13 @@ def render_model_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _peak_ratio(row: dict[str, Any] | None, ref: dict[str, Any] | None) -> str:
+    """``row``'s peak memory over ``ref``'s, or "-" where either has none."""
+    if not (row and ref and not row.get("error") and row.get("peak_mb") and ref.get("peak_mb")):
+        return "-"
+    return _num(row["peak_mb"] / ref["peak_mb"], ".3f")
+
+
 def render_ratio_table(data: dict[str, Any]) -> list[str]:
     """The compact table of the front page: per workload, each variant's median over the reference's, per mode."""
     columns = [(m, v) for m in data["config"]["modes"] for v in data["config"]["variants"][1:]
@@ -97,10 +104,8 @@ def render_ratio_table(data: dict[str, Any]) -> list[str]:
                        else _num(r and r.get("ratio"), ".3f"))
         lines.append(f"| {w} | " + " | ".join(row) + " |")
         if w == "train":  # the training step's peak memory, over the reference's of the same mode
-            ref = {m: cells.get((w, m, data["config"]["variants"][0])) for m, _ in columns}
-            mem = [_num(r["peak_mb"] / ref[m]["peak_mb"], ".3f") if r and not r.get("error") and r.get("peak_mb")
-                   and ref[m] and ref[m].get("peak_mb") else "-"
-                   for (m, v) in columns for r in [cells.get((w, m, v))]]
+            reference = data["config"]["variants"][0]
+            mem = [_peak_ratio(cells.get((w, m, v)), cells.get((w, m, reference))) for m, v in columns]
             if any(x != "-" for x in mem):
                 lines.append("| train peak memory | " + " | ".join(mem) + " |")
     return lines
