@@ -126,6 +126,21 @@ for step in "${steps[@]}"; do
       ;;
   esac
   case "$step" in
+    compiledtp)
+      echo "== layerzero bench --model llama --device cuda, torch.compile(model): train + prefill, 4 rounds, no Liger"
+      timeout 570 python3 -m layerzero.cli bench --model llama --device cuda --modes compiled --no-liger \
+        --workloads train,prefill --rounds "${COMPILED_ROUNDS:-4}" --json "$OUT" --budget-s "${COMPILED_BUDGET_S:-420}" \
+        2>&1 | grep -v -E "^[WIE][0-9]{4} |^USDT" | tee "$OUT/model_bench_compiled_${card}.md" | tail -30
+      mv -f "$OUT/model_bench_${card}.json" "$OUT/model_bench_compiled_${card}.json"
+      ;;
+    compileddec)
+      echo "== layerzero bench --model llama --device cuda, torch.compile(model): decode b1 + b8 (StaticCache), no Liger"
+      timeout 570 python3 -m layerzero.cli bench --model llama --device cuda --modes compiled --no-liger \
+        --workloads decode_b1,decode_b8 --rounds "${COMPILED_ROUNDS:-3}" --json "$OUT" \
+        --budget-s "${COMPILED_BUDGET_S:-300}" 2>&1 | grep -v -E "^[WIE][0-9]{4} |^USDT" \
+        | tee "$OUT/model_bench_compiled_decode_${card}.md" | tail -30
+      mv -f "$OUT/model_bench_${card}.json" "$OUT/model_bench_compiled_decode_${card}.json"
+      ;;
     modelc)
       echo "== layerzero bench --model llama --device cuda, compiled per layer (train, prefill, decode b1)"
       timeout 570 python3 -m layerzero.cli bench --model llama --device cuda --modes compiled --compile-scope layers \

@@ -220,4 +220,5 @@ def test_import_layerzero_stays_lazy_and_hooks_set_up_integrations_on_import() -
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["attention,rms_norm,layer_norm,rope,swiglu,geglu,gelu,silu,cross_entropy", "True"]
+    assert out.stdout.split() == ["attention,rms_norm,layer_norm,rope,swiglu,geglu,gelu,silu,cross_entropy,linear_cross_entropy,"
+                                    "attention_varlen,attention_paged,sample", "True"]

@@ -5,8 +5,11 @@ weights (no download), run by each variant of :mod:`layerzero.bench.model_varian
 (``torch.compile(model)``), over four workloads:
 
 * ``prefill``: one forward over ``batch x seq`` tokens (no cache), under ``torch.no_grad``;
-* ``decode_b1`` / ``decode_b8``: greedy decode with a KV cache (``DynamicCache``) of ``new_tokens`` tokens
-  after a ``prompt``-token prompt, at batch 1 and 8 (prompt forward included);
+* ``decode_b1`` / ``decode_b8``: greedy decode of ``new_tokens`` tokens after a ``prompt``-token prompt, at
+  batch 1 and 8 (prompt forward included), with a KV cache: eager, a ``DynamicCache`` that grows; compiled, a
+  ``StaticCache`` of ``prompt + new_tokens`` tokens made once per entry and reset before each run, as compiled
+  decoding is done (a growing cache changes shape every token: Dynamo recompiles until it marks the length
+  dynamic, about 100 s per variant for the ~1B config on an H200);
 * ``train``: forward with labels and backward over ``batch x seq`` tokens (no optimizer step; the gradients
   are dropped after each step).
 
@@ -182,13 +185,34 @@ def _cache_of(out: Any) -> Any:
     return cache if cache is not None else out.get("past_key_values")
 
 
-def _decode(call: Callable[..., Any], ids: torch.Tensor, new_tokens: int, cache_kw: str) -> torch.Tensor:
+def _static_cache(model: Any, batch: int, max_len: int) -> Any:
+    """A ``StaticCache`` of ``max_len`` tokens for ``model``, initialized up front (its tensors then have fixed
+    addresses and shapes, so a compiled decode step is traced once, not once per cache length)."""
+    from transformers import StaticCache
+
+    cfg = model.config
+    cache = StaticCache(config=cfg, max_cache_len=max_len)
+    if hasattr(cache, "early_initialization"):
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        param = next(model.parameters())
+        cache.early_initialization(batch, cfg.num_key_value_heads, head_dim, param.dtype, param.device)
+    return cache
+
+
+def _decode(call: Callable[..., Any], ids: torch.Tensor, new_tokens: int, cache_kw: str,
+            static: Any = None) -> torch.Tensor:
+    """Greedy decode; ``static``: a ``StaticCache`` to reset and use (else each run grows a ``DynamicCache``)."""
     with torch.no_grad():
-        out = call(input_ids=ids, use_cache=True, logits_to_keep=1)
+        first: dict[str, Any] = {}
+        if static is not None:
+            static.reset()
+            first[cache_kw] = static
+        out = call(input_ids=ids, use_cache=True, logits_to_keep=1, **first)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens = [tok]
         for _ in range(new_tokens - 1):
-            out = call(input_ids=tok, use_cache=True, logits_to_keep=1, **{cache_kw: _cache_of(out)})
+            cache = static if static is not None else _cache_of(out)
+            out = call(input_ids=tok, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(tok)
     return torch.cat(tokens, dim=1)
@@ -214,7 +238,8 @@ def _work(workload: str, variant: Variant, mode: str, inputs: dict[str, torch.Te
     if workload == "train":
         return lambda: _train(call, ids)
     cache_kw = _cache_keyword(variant.model)
-    return lambda: _decode(call, ids, new_tokens, cache_kw)
+    static = _static_cache(variant.model, ids.shape[0], ids.shape[1] + new_tokens) if mode == "compiled" else None
+    return lambda: _decode(call, ids, new_tokens, cache_kw, static)
 
 
 @contextlib.contextmanager

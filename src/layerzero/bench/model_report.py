@@ -40,8 +40,10 @@ def _row(r: dict[str, Any], ref: str) -> str:
 def _scope(c: dict[str, Any]) -> str:
     if "compiled" not in c["modes"]:
         return ""
-    return (" Compiled: each decoder layer compiled (`layer.compile()`)." if c.get("compile_scope") == "layers"
-            else " Compiled: `torch.compile(model)`.")
+    scope = ("each decoder layer compiled (`layer.compile()`)" if c.get("compile_scope") == "layers"
+             else "`torch.compile(model)`")
+    decode = "; compiled decode uses a `StaticCache`" if any(w.startswith("decode") for w in c["workloads"]) else ""
+    return f" Compiled: {scope}{decode}."
 
 
 def rounds_text(data: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 
 from layerzero.integrations.hooks import pending, when_imported
@@ -22,7 +23,10 @@ __all__ = ["install_import_hooks", "pending"]
 
 
 def _compile_ready(module: ModuleType) -> None:
-    importlib.import_module("layerzero.integrations.compile").install()
+    # Importing layerzero.integrations.compile installs its stand-ins; when that import is what loaded
+    # torch._dynamo, the module is still half-initialized here and installs itself when its body finishes.
+    if "layerzero.integrations.compile" not in sys.modules:
+        importlib.import_module("layerzero.integrations.compile")
 
 
 def _transformers_ready(module: ModuleType) -> None:

@@ -16,7 +16,11 @@ grad and deterministic modes, sizes), so a change recompiles instead of running 
 * attention kernels Inductor cannot see that declare a ``ResidualPair`` become one
   ``layerzero::kernel_attention`` node whose backward reuses the saved residuals (:mod:`.residual`);
 * anything else becomes a dispatched custom op (``layerzero::attention``, ``layerzero::rms_norm``, ...)
-  that selects at run time and recomputes its forward in the backward (:mod:`.dispatched`).
+  that selects at run time and recomputes its forward in the backward (:mod:`.dispatched`); packed and
+  paged attention and sampling always do (:mod:`.dispatched_serving`).
+
+Every public operation has a stand-in: Dynamo never traces the eager hot path, whose plan cache and call
+counters it would guard on (a recompilation per call until the recompile limit, then eager).
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from layerzero.integrations.compile.dispatched_rows import (
     geglu_op,
     gelu_op,
     layer_norm_op,
+    linear_cross_entropy_op,
     lz_cross_entropy,
     lz_geglu,
     lz_gelu,
     lz_layer_norm,
+    lz_linear_cross_entropy,
     lz_rms_norm,
     lz_rope,
     lz_silu,
@@ -48,22 +54,35 @@ from layerzero.integrations.compile.dispatched_rows import (
     silu_op,
     swiglu_op,
 )
+from layerzero.integrations.compile.dispatched_serving import (
+    attention_paged_op,
+    attention_varlen_op,
+    lz_attention_paged,
+    lz_attention_varlen,
+    lz_sample,
+    sample_op,
+)
 from layerzero.integrations.compile.residual import kernel_attention_op
 
 __all__ = ["install", "installed", "CUSTOM_OPS", "ORIGINALS", "attention_op", "rms_norm_op", "layer_norm_op",
-           "rope_op", "swiglu_op", "geglu_op", "gelu_op", "silu_op", "cross_entropy_op", "kernel_attention_op"]
+           "rope_op", "swiglu_op", "geglu_op", "gelu_op", "silu_op", "cross_entropy_op", "linear_cross_entropy_op",
+           "attention_varlen_op", "attention_paged_op", "sample_op", "kernel_attention_op"]
 
 log = logging.getLogger("layerzero")
 
 CUSTOM_OPS: dict[str, Any] = {
     "attention": attention_op, "rms_norm": rms_norm_op, "layer_norm": layer_norm_op, "rope": rope_op,
     "swiglu": swiglu_op, "geglu": geglu_op, "gelu": gelu_op, "silu": silu_op, "cross_entropy": cross_entropy_op,
+    "linear_cross_entropy": linear_cross_entropy_op, "attention_varlen": attention_varlen_op,
+    "attention_paged": attention_paged_op, "sample": sample_op,
 }
 
 #: The public functions as ``import layerzero`` defined them, by name (the eager path, untouched).
 ORIGINALS: dict[str, Callable[..., Any]] = {
     "attention": lz_attention, "rms_norm": lz_rms_norm, "layer_norm": lz_layer_norm, "rope": lz_rope,
     "swiglu": lz_swiglu, "geglu": lz_geglu, "gelu": lz_gelu, "silu": lz_silu, "cross_entropy": lz_cross_entropy,
+    "linear_cross_entropy": lz_linear_cross_entropy, "attention_varlen": lz_attention_varlen,
+    "attention_paged": lz_attention_paged, "sample": lz_sample,
 }
 
 _installed: list[str] = []
@@ -93,3 +112,6 @@ def install() -> list[str]:
 def installed() -> list[str]:
     """The public functions Dynamo currently traces as layerzero stand-ins."""
     return list(_installed)
+
+
+install()  # importing this module (the torch._dynamo import hook does) is what makes Dynamo use the stand-ins

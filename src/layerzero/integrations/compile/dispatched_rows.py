@@ -1,8 +1,8 @@
 """The dispatched row-wise custom ops: ``layerzero::rms_norm``, ``layer_norm``, ``rope``, ``swiglu``, ``geglu``,
-``gelu``, ``silu`` and ``cross_entropy``, each with a recomputing ``*_backward`` op (see :mod:`.dispatched`).
+``gelu``, ``silu``, ``cross_entropy`` and ``linear_cross_entropy``, each with a recomputing ``*_backward`` op (see :mod:`.dispatched`).
 
 They are built from one table (:data:`ROW_OPS`): each entry gives the op's schema, the public function it
-runs, its op definition (the fake validates with it) and which inputs are differentiable; :func:`_define`
+runs, its op definition (the fake validates with it) and which inputs are differentiable; :func:`define_dispatched`
 makes the forward op, its fake, the backward op and the autograd registration from it.
 """
 
@@ -19,14 +19,15 @@ import torch
 from layerzero.integrations.compile.dispatched import dense, recompute_grads
 
 __all__ = ["rms_norm_op", "layer_norm_op", "rope_op", "swiglu_op", "geglu_op", "gelu_op", "silu_op", "cross_entropy_op",
-           "NORMS_MOD", "ELEMENTWISE_MOD", "LOSSES_MOD", "lz_rms_norm", "lz_layer_norm", "lz_rope", "lz_swiglu",
-           "lz_geglu", "lz_gelu", "lz_silu", "lz_cross_entropy", "ROW_OPS", "RowOp"]
+           "linear_cross_entropy_op", "NORMS_MOD", "ELEMENTWISE_MOD", "LOSSES_MOD", "LINEAR_LOSSES_MOD", "lz_rms_norm", "lz_layer_norm", "lz_rope", "lz_swiglu",
+           "lz_geglu", "lz_gelu", "lz_silu", "lz_cross_entropy", "lz_linear_cross_entropy", "ROW_OPS", "RowOp", "define_dispatched"]
 
 Tensor = torch.Tensor
 
 NORMS_MOD = importlib.import_module("layerzero.ops.norms")
 ELEMENTWISE_MOD = importlib.import_module("layerzero.ops.elementwise")
 LOSSES_MOD = importlib.import_module("layerzero.ops.losses")
+LINEAR_LOSSES_MOD = importlib.import_module("layerzero.ops.linear_losses")
 
 # The original public functions (captured before anything could wrap them).
 lz_rms_norm = NORMS_MOD.rms_norm
@@ -37,12 +38,23 @@ lz_geglu = ELEMENTWISE_MOD.geglu
 lz_gelu = ELEMENTWISE_MOD.gelu
 lz_silu = ELEMENTWISE_MOD.silu
 lz_cross_entropy = LOSSES_MOD.cross_entropy
+lz_linear_cross_entropy = LINEAR_LOSSES_MOD.linear_cross_entropy
 
 
 def _cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float, reduction: str
                    ) -> Tensor:
     return lz_cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
                             reduction=reduction)
+
+
+def _linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, ignore_index: int,
+                          label_smoothing: float, reduction: str, softcap: float | None) -> Tensor:
+    return lz_linear_cross_entropy(hidden, weight, target, bias, ignore_index=ignore_index,
+                                   label_smoothing=label_smoothing, reduction=reduction, softcap=softcap)
+
+
+def _loss_shape(reduction: str, rows: int) -> tuple[int, ...]:
+    return (rows,) if reduction == "none" else ()
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,8 @@ class RowOp:
     op: Any
     differentiable: tuple[int, ...]
     out_shape: Callable[[tuple[Any, ...]], tuple[int, ...]] | None = None
+    out_dtype: Callable[[tuple[Any, ...]], torch.dtype] | None = None
+    canonical: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None
 
     @property
     def tensor_positions(self) -> tuple[int, ...]:
@@ -77,11 +91,15 @@ ROW_OPS: tuple[RowOp, ...] = (
     RowOp("silu", "(Tensor x) -> Tensor", lz_silu, ELEMENTWISE_MOD.SILU, (0,)),
     RowOp("cross_entropy", "(Tensor logits, Tensor target, int ignore_index, float label_smoothing, str reduction) "
           "-> Tensor", _cross_entropy, LOSSES_MOD.CROSS_ENTROPY, (0,),
-          lambda args: (args[0].shape[0],) if args[4] == "none" else ()),
+          lambda args: _loss_shape(args[4], args[0].shape[0])),
+    RowOp("linear_cross_entropy", "(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
+          "float label_smoothing, str reduction, float? softcap) -> Tensor", _linear_cross_entropy,
+          LINEAR_LOSSES_MOD.LINEAR_CROSS_ENTROPY, (0, 1, 3), lambda args: _loss_shape(args[6], args[0].shape[0]),
+          lambda args: LINEAR_LOSSES_MOD.loss_dtype(args[0].dtype)),
 )
 
 
-def _define(row: RowOp) -> Any:
+def define_dispatched(row: RowOp) -> Any:
     """The forward custom op of ``row`` with its fake, its recomputing backward op and its autograd formula."""
     tensors = row.tensor_positions
     params = row.schema.split("->")[0].strip()[1:-1]
@@ -90,8 +108,9 @@ def _define(row: RowOp) -> Any:
         return dense(row.call(*args))
 
     def fake(*args: Any) -> Tensor:
-        row.op.validate(row.name, args)
-        return args[0].new_empty(row.out_shape(args) if row.out_shape else args[0].shape)
+        row.op.validate(row.name, row.canonical(args) if row.canonical else args)
+        shape = row.out_shape(args) if row.out_shape else args[0].shape
+        return args[0].new_empty(shape, dtype=row.out_dtype(args) if row.out_dtype else None)
 
     def backward(grad: Tensor, *rest: Any) -> list[Tensor]:
         *args, needs = rest
@@ -126,7 +145,7 @@ def _define(row: RowOp) -> Any:
     return fwd
 
 
-_DEFINED = {row.name: _define(row) for row in ROW_OPS}
+_DEFINED = {row.name: define_dispatched(row) for row in ROW_OPS}
 rms_norm_op = _DEFINED["rms_norm"]
 layer_norm_op = _DEFINED["layer_norm"]
 rope_op = _DEFINED["rope"]
@@ -135,3 +154,4 @@ geglu_op = _DEFINED["geglu"]
 gelu_op = _DEFINED["gelu"]
 silu_op = _DEFINED["silu"]
 cross_entropy_op = _DEFINED["cross_entropy"]
+linear_cross_entropy_op = _DEFINED["linear_cross_entropy"]

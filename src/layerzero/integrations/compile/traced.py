@@ -10,6 +10,9 @@ Each stand-in validates the call (so a bad call fails when traced, with layerzer
   node whose backward reuses the saved output and log-sum-exp (:mod:`.residual`);
 * anything else: the dispatched custom op (``layerzero::attention``, ``layerzero::rms_norm``, ...), which
   selects at run time and recomputes the forward in its backward (:mod:`.dispatched`).
+
+Packed and paged attention and sampling are always dispatched ops (:mod:`.dispatched_serving`): their
+kernels read the batch layout from tensor values or draw random numbers.
 """
 
 from __future__ import annotations
@@ -32,21 +35,32 @@ from layerzero.integrations.compile.choose import (
 from layerzero.integrations.compile.dispatched import ATTENTION_MOD, attention_op
 from layerzero.integrations.compile.dispatched_rows import (
     ELEMENTWISE_MOD,
+    LINEAR_LOSSES_MOD,
     LOSSES_MOD,
     NORMS_MOD,
     cross_entropy_op,
     geglu_op,
     gelu_op,
     layer_norm_op,
+    linear_cross_entropy_op,
     rms_norm_op,
     rope_op,
     silu_op,
     swiglu_op,
 )
+from layerzero.integrations.compile.dispatched_serving import (
+    PAGED_MOD,
+    SAMPLING_MOD,
+    VARLEN_MOD,
+    attention_paged_op,
+    attention_varlen_op,
+    sample_op,
+)
 from layerzero.integrations.compile.residual import residual_attention
 
 __all__ = ["traced_attention", "traced_rms_norm", "traced_layer_norm", "traced_rope", "traced_swiglu",
-           "traced_geglu", "traced_gelu", "traced_silu", "traced_cross_entropy"]
+           "traced_geglu", "traced_gelu", "traced_silu", "traced_cross_entropy",
+           "traced_linear_cross_entropy", "traced_attention_varlen", "traced_attention_paged", "traced_sample"]
 
 Tensor = torch.Tensor
 
@@ -168,3 +182,52 @@ def traced_cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = 
     if fn is None:
         return cross_entropy_op(logits, target, int(ignore_index), float(label_smoothing), reduction)
     return fn(*args)
+
+
+def traced_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *,
+                                ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                                softcap: float | None = None) -> Tensor:
+    args = (hidden, weight, target, bias, ignore_index, label_smoothing, reduction, softcap)
+    LINEAR_LOSSES_MOD.LINEAR_CROSS_ENTROPY.validate("linear_cross_entropy", args)
+    # as the op's context: hidden_size is the vocabulary, head_dim the model's width, rows the tokens
+    head = (RUNTIME.version, LIVE.scopes, "linear_cross_entropy", hidden.dtype, hidden.device, weight.shape[0])
+    tail = (_grad(hidden, weight, bias), torch.are_deterministic_algorithms_enabled(), hidden.is_contiguous(), False,
+            hidden.shape[1], "none")
+    kid = choose_rows(*head, None, None, *tail)
+    if kid == BUCKETS:
+        kid = choose_rows(*head, bucket(hidden.shape[0]), bucket(hidden.shape[0]), *tail)
+    fn = _native(kid)
+    if fn is None:
+        return linear_cross_entropy_op(hidden, weight, target, bias, int(ignore_index), float(label_smoothing),
+                                       reduction, None if softcap is None else float(softcap))
+    return fn(*args)
+
+
+def traced_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                            max_seqlen_q: int, max_seqlen_k: int, *, is_causal: bool = False,
+                            scale: float | None = None, window: int | None = None,
+                            softcap: float | None = None) -> Tensor:
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, window, softcap)
+    VARLEN_MOD.ATTENTION_VARLEN.validate("attention_varlen", args)
+    return attention_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(is_causal),
+                               None if scale is None else float(scale), window,
+                               None if softcap is None else float(softcap))
+
+
+def traced_attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor, *,
+                           is_causal: bool = True, scale: float | None = None, window: int | None = None,
+                           softcap: float | None = None) -> Tensor:
+    args = (q, k_cache, v_cache, block_table, seq_lens, is_causal, scale, window, softcap)
+    PAGED_MOD.ATTENTION_PAGED.validate("attention_paged", args)
+    return attention_paged_op(q, k_cache, v_cache, block_table, seq_lens, bool(is_causal),
+                              None if scale is None else float(scale), window,
+                              None if softcap is None else float(softcap))
+
+
+def traced_sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  generator: torch.Generator | None = None) -> Tensor:
+    SAMPLING_MOD.SAMPLE.validate("sample", (logits, temperature, top_k, top_p, generator))
+    seed = None
+    if generator is not None:  # a custom op takes no Generator: a seed drawn from it seeds one in the op
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device, dtype=torch.int64)
+    return sample_op(logits, float(temperature), top_k, None if top_p is None else float(top_p), seed)

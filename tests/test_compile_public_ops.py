@@ -1,0 +1,144 @@
+"""torch.compile over every public operation: a stand-in for each, so repeated calls never recompile.
+
+Without a stand-in Dynamo traces the eager hot path and guards on the plan cache and the per-plan call counter:
+every call then recompiles (until the recompile limit, after which the frame runs eagerly). That is what made
+a patched model's compiled training step slow (its loss goes through ``lz.linear_cross_entropy``)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo
+
+import layerzero as lz
+from layerzero.integrations import compile as lzc
+from layerzero.ops import OPS, op_for
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+lzc.install()
+
+_NAMES = sorted(OPS)
+
+
+@contextmanager
+def _no_recompiles() -> Iterator[None]:
+    saved = torch._dynamo.config.error_on_recompile
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        yield
+    finally:
+        torch._dynamo.config.error_on_recompile = saved
+
+
+def _operation(name: str) -> str:
+    return "attention.causal" if name == "attention" else name
+
+
+def _call(name: str, seed: int, ctx_index: int = 0) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """``lz.<name>`` and keyword arguments for it, from the op's own input generator."""
+    op = op_for(name)
+    ctx = op.sample_contexts(_operation(name))[ctx_index]
+    args = op.make_inputs(_operation(name), ctx, torch.Generator().manual_seed(seed))
+    fn = getattr(lz, name)
+    params = inspect.signature(fn).parameters
+    return fn, {k: v for k, v in zip(op.arg_names, args) if k in params}
+
+
+def test_every_public_operation_has_a_compile_stand_in() -> None:
+    assert set(lzc.installed()) == set(OPS), "an operation without a stand-in traces the eager hot path"
+    assert set(lzc.CUSTOM_OPS) == set(OPS)
+
+
+@pytest.mark.parametrize("name", _NAMES)
+def test_repeated_compiled_calls_never_recompile_and_match_eager(name: str) -> None:
+    torch._dynamo.reset()
+    fn, kw = _call(name, 1)
+    greedy = {"temperature": 0.0} if name == "sample" else {}  # greedy sampling: comparable with eager
+    compiled = torch.compile(lambda **k: fn(**k), backend="eager")
+    compiled(**{**kw, **greedy})
+    with _no_recompiles():
+        for seed in (2, 3):  # fresh inputs of the same shapes: the same graph
+            _, kw = _call(name, seed)
+            kw.update(greedy)
+            got, want = compiled(**kw), fn(**kw)
+            torch.testing.assert_close(got, want)
+    explained = torch._dynamo.explain(lambda **k: fn(**k))(**kw)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_compiled_packed_attention_trains_like_eager() -> None:
+    torch._dynamo.reset()
+    fn, kw = _call("attention_varlen", 4)
+    for key in ("q", "k", "v"):
+        kw[key] = kw[key].detach().requires_grad_()
+    compiled = torch.compile(lambda **k: fn(**k), backend="aot_eager")
+    out = compiled(**kw)
+    grads = torch.autograd.grad(out.square().sum(), [kw["q"], kw["k"], kw["v"]])
+    want = torch.autograd.grad(fn(**kw).square().sum(), [kw["q"], kw["k"], kw["v"]])
+    torch.testing.assert_close(out, fn(**kw))
+    for g, w in zip(grads, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_compiled_sampling_with_a_generator_is_reproducible() -> None:
+    torch._dynamo.reset()
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(5))
+    compiled = torch.compile(lambda g: lz.sample(logits, 0.8, top_k=10, generator=g), backend="eager")
+    a = compiled(torch.Generator().manual_seed(7))
+    b = compiled(torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and a.dtype == torch.int64 and a.shape == (4,)
+    top = logits.topk(10, dim=-1).indices
+    assert bool((top == a[:, None]).any(-1).all()), "a token outside the top 10 was drawn"
+
+
+def test_compiled_linear_cross_entropy_training_matches_eager_without_recompiles() -> None:
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(8)
+    weight = (torch.randn(96, 16, generator=g) / 4).requires_grad_()
+
+    def step(hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return lz.linear_cross_entropy(hidden, weight, target)
+
+    compiled = torch.compile(step, backend="aot_eager")
+    for i in range(3):
+        hidden = torch.randn(24, 16, generator=g).requires_grad_()
+        target = torch.randint(0, 96, (24,), generator=g)
+        target[::5] = -100
+        with _no_recompiles() if i else contextmanager(lambda: iter([None]))():
+            loss = compiled(hidden, target)
+        got = torch.autograd.grad(loss, [hidden, weight])
+        ref_loss = torch.nn.functional.cross_entropy(hidden.double() @ weight.double().T, target)
+        want = torch.autograd.grad(ref_loss, [hidden, weight])
+        torch.testing.assert_close(loss.double(), ref_loss.double(), atol=1e-5, rtol=1e-5)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_patched_model_compiled_training_steps_do_not_recompile() -> None:
+    transformers = pytest.importorskip("transformers")
+    from layerzero.integrations.transformers import patch
+
+    torch._dynamo.reset()
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, attn_implementation="layerzero")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    patch(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(9))
+    model.train()
+    losses = []
+    for i in range(3):
+        with _no_recompiles() if i else contextmanager(lambda: iter([None]))():
+            loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    assert losses[0] == pytest.approx(losses[2], rel=1e-6)
+    assert losses[0] == pytest.approx(float(model(input_ids=ids, labels=ids).loss), rel=1e-5)
