@@ -26,7 +26,7 @@ import torch._dynamo
 import layerzero as lz
 from layerzero.backends import flash_attn_pairs as pairs
 from layerzero.backends import xformers as xf
-from layerzero.errors import KernelExecutionError, KernelNotSupportedError
+from layerzero.errors import KernelNotSupportedError
 from layerzero.integrations import compile as lzc
 from layerzero.ops.attention import attention_reference
 from layerzero.spec import KernelSpec
@@ -40,32 +40,33 @@ CALLS: Counter[str] = Counter()
 # -- attention math the fakes share (BHSD, float64) --------------------------------------------------------
 
 def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, keep: torch.Tensor | None, softcap: float,
-            bias: torch.Tensor | None) -> torch.Tensor:
-    """Masked scores of (B, H, S, D) q and k as a function of q and k (differentiable, for dS)."""
-    s = (q @ k.transpose(-2, -1)) * scale
+            bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked scores of (B, H, S, D) q and k, and d(scores)/d(q k^T) (the softcap's tanh derivative)."""
+    raw = (q @ k.transpose(-2, -1)) * scale
+    slope = torch.ones_like(raw)
     if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
+        t = torch.tanh(raw / softcap)
+        raw, slope = softcap * t, 1 - t * t
     if bias is not None:
-        s = s + bias
-    return s if keep is None else s.masked_fill(~keep, -math.inf)
+        raw = raw + bias
+    return (raw if keep is None else raw.masked_fill(~keep, -math.inf)), slope
 
 
 def _fwd(q, k, v, scale, keep, softcap=0.0, bias=None):  # type: ignore[no-untyped-def]
-    s = _scores(q.double(), k.double(), scale, keep, softcap, bias)
+    s, _ = _scores(q.double(), k.double(), scale, keep, softcap, bias)
     lse = torch.logsumexp(s, -1)
     return torch.exp(s - lse[..., None]) @ v.double(), lse
 
 
 def _bwd(dout, q, k, v, out, lse, scale, keep, softcap=0.0, bias=None):  # type: ignore[no-untyped-def]
-    """Gradients from the given ``out`` and ``lse`` (FlashAttention's backward equations)."""
-    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
-    s = _scores(q64, k64, scale, keep, softcap, bias)
+    """Gradients from the given ``out`` and ``lse`` (FlashAttention's backward equations, no autograd)."""
+    q64, k64 = q.double(), k.double()
+    s, slope = _scores(q64, k64, scale, keep, softcap, bias)
     p = torch.exp(s - lse.double()[..., None])  # the saved lse, not a recomputed one
     do, o = dout.double(), out.double()
     dv = p.transpose(-2, -1) @ do
-    ds = p * (do @ v.double().transpose(-2, -1) - (do * o).sum(-1, keepdim=True))
-    dq, dk = torch.autograd.grad(s, (q64, k64), torch.nan_to_num(ds))
-    return dq, dk, dv
+    ds = p * (do @ v.double().transpose(-2, -1) - (do * o).sum(-1, keepdim=True)) * slope * scale
+    return ds @ k64, ds.transpose(-2, -1) @ q64, dv
 
 
 def _lower_right(sq: int, sk: int, causal: bool, left: int, right: int) -> torch.Tensor | None:
@@ -230,10 +231,12 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for c in caches:
         c.cache_clear()
     CALLS.clear()
+    lz.get_runtime().backends.refresh()
     yield
     for c in caches:
         c.cache_clear()
     monkeypatch.undo()
+    lz.get_runtime().backends.refresh()  # availability seen with the fakes must not outlive them
 
 
 # -- the pairs against the float64 reference ------------------------------------------------------------
@@ -306,3 +309,134 @@ def test_xformers_pair_declines_dropout() -> None:
     q = torch.randn(1, 4, 8, 8)
     with pytest.raises(KernelNotSupportedError, match="no dropout"):
         xf.xformers_forward(q, q, q, None, False, 0.1, None, None)
+
+
+# -- under torch.compile: one forward and one backward per attention call ------------------------------
+
+@pytest.fixture
+def fresh() -> Iterator[None]:
+    torch._dynamo.reset()
+    lz.get_runtime().reset()
+    yield
+    torch._dynamo.reset()
+    lz.get_runtime().reset()
+
+
+def _cpu_copy(kid: str) -> Iterator[str]:
+    """A CPU-selectable copy of a registered CUDA spec (same pair), locked for attention."""
+    rt = lz.get_runtime()
+    real = rt.kernels.find(kid)
+    assert real is not None and real.residual_pair is not None and real.compile_safe
+    rt.backends.register("testpairs", module="torch")
+    spec = KernelSpec(f"test_{kid}", "attention", "testpairs", real.impl, priority=99, platforms={"cpu"},
+                      dtypes={torch.float32}, mask_kinds={"none"}, supports_window=real.supports_window,
+                      supports_gqa=True, supports_dropout=False, residual_pair=real.residual_pair)
+    rt.kernels.register(spec)
+    lz.lock("attention*", spec.kernel_id)
+    try:
+        yield spec.kernel_id
+    finally:
+        lz.unlock("attention*")
+        rt.kernels.unregister(spec.kernel_id)
+
+
+FORWARDS = {"flash_attn_v2_attention": "fa2", "flash_attn_v3_attention": "fa3", "xformers_attention": "xf"}
+
+
+def _layers(q: torch.Tensor, kv: list[torch.Tensor], causal: bool, window: int | None,
+            attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+    x = q
+    for k, v in zip(kv[::2], kv[1::2], strict=True):
+        x = attend(x, k, v, is_causal=causal, window=window) * 0.5 + x
+    return x.square().mean()
+
+
+@pytest.mark.usefixtures("fakes", "fresh")
+@pytest.mark.parametrize("kid,causal,window", [("flash_attn_v2_attention", True, None),
+                                               ("flash_attn_v2_attention", False, 4),
+                                               ("flash_attn_v3_attention", True, None),
+                                               ("xformers_attention", True, None)])
+def test_compiled_training_step_runs_the_forward_once_and_the_pair_backward(kid: str, causal: bool,
+                                                                           window: int | None) -> None:
+    layers, g = 2, torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 16, 16, generator=g).requires_grad_()
+    kv = [torch.randn(2, 2, 16, 16, generator=g).requires_grad_() for _ in range(2 * layers)]
+
+    def reference(x, k, v, is_causal, window):  # type: ignore[no-untyped-def]
+        return attention_reference(x, k, v, is_causal=is_causal, window=window).float()
+
+    want = torch.autograd.grad(_layers(q, kv, causal, window, reference), [q, *kv])
+    step = torch.compile(lambda q, kv: _layers(q, kv, causal, window, lz.attention), backend="aot_eager",
+                         fullgraph=True)
+    for copy in _cpu_copy(kid):
+        step(q, kv)  # compile
+        CALLS.clear()
+        got = torch.autograd.grad(step(q, kv), [q, *kv])
+        name = FORWARDS[kid]
+        assert CALLS == Counter({f"{name}_forward": layers, f"{name}_backward": layers}), CALLS
+        assert copy.startswith("test_")
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def fa2_6_forward(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,  # type: ignore[no-untyped-def]
+                  return_softmax):
+    """flash_attn 2.6's signature: window_size as a tuple; returns (out, q, k, v, out_padded, lse, S, rng)."""
+    out, lse, s_dmask, rng = fa2_forward(q, k, v, dropout_p, softmax_scale, causal, *window_size, softcap,
+                                         alibi_slopes, return_softmax)
+    return out, q, k, v, out, lse, s_dmask, rng
+
+
+def fa2_6_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,  # type: ignore[no-untyped-def]
+                   window_size, softcap, alibi_slopes, deterministic, rng_state=None):
+    fa2_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal, *window_size,
+                 softcap, alibi_slopes, deterministic, rng_state)
+    return dq, dk, dv, torch.empty(0)
+
+
+def fa2_3_forward(q, k, v, dropout_p, softmax_scale, causal, window_size, return_softmax):  # type: ignore[no-untyped-def]
+    """flash_attn 2.3: no alibi_slopes, no softcap."""
+    return fa2_6_forward(q, k, v, dropout_p, softmax_scale, causal, window_size, 0.0, None, return_softmax)
+
+
+@pytest.mark.usefixtures("fakes")
+def test_older_flash_attn_signatures_are_read_not_guessed(monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = sys.modules["flash_attn.flash_attn_interface"]
+    monkeypatch.setattr(mod, "_flash_attn_forward", fa2_6_forward)
+    monkeypatch.setattr(mod, "_flash_attn_backward", fa2_6_backward)
+    pairs.load_interface.cache_clear()
+    args, kw = _inputs("softcap")
+    out, residuals = pairs.FA2_PAIR.forward(*args)
+    torch.testing.assert_close(out.double(), attention_reference(*args[:3], **kw), atol=1e-5, rtol=1e-5)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    dq = pairs.FA2_PAIR.backward(grad, args, out.contiguous(), residuals)[0]
+    torch.testing.assert_close(dq.double(), _reference_grads(args, kw, grad)[0], atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(mod, "_flash_attn_forward", fa2_3_forward)
+    pairs.load_interface.cache_clear()
+    with pytest.raises(KernelNotSupportedError, match="takes no softcap"):
+        pairs.FA2_PAIR.forward(*args)
+    plain, kw = _inputs("gqa_causal")
+    torch.testing.assert_close(pairs.FA2_PAIR.forward(*plain)[0].double(), attention_reference(*plain[:3], **kw),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("fresh")
+def test_flashinfer_is_inference_only_and_compiled_training_says_so() -> None:
+    """FlashInfer has no backward, so no pair: locked for a compiled training step, the call fails clearly."""
+    rt = lz.get_runtime()
+    real = rt.kernels.find("flashinfer_prefill")
+    assert real is not None and real.residual_pair is None and not real.supports_autograd
+    rt.backends.register("testpairs", module="torch")
+    spec = KernelSpec("test_flashinfer", "attention", "testpairs", real.impl, priority=99, platforms={"cpu"},
+                      dtypes={torch.float32}, mask_kinds={"none"}, supports_autograd=False, compile_safe=False)
+    rt.kernels.register(spec)
+    lz.lock("attention*", spec.kernel_id)
+    try:
+        q = torch.randn(1, 2, 8, 16, requires_grad=True)
+        step = torch.compile(lambda q: lz.attention(q, q, q, is_causal=True).sum(), backend="aot_eager",
+                             fullgraph=True)
+        with pytest.raises(KernelNotSupportedError, match="inputs require grad and this kernel has no backward"):
+            step(q).backward()
+    finally:
+        lz.unlock("attention*")
+        rt.kernels.unregister(spec.kernel_id)
