@@ -96,12 +96,15 @@ class ResidualPair:
       of tensors out (attention: the log-sum-exp, and whatever else the kernel's backward reads);
     * ``backward(grad, args, out, residuals) -> grads``: one gradient (or None) per tensor-valued canonical
       argument, in order;
-    * ``fake(*args) -> residuals``: empty tensors of the residuals' shapes and dtypes, for tracing.
+    * ``fake(*args) -> residuals``: empty tensors of the residuals' shapes and dtypes, for tracing;
+    * ``check(ctx) -> reasons`` (optional): why the pair cannot serve a context its kernel accepts (xFormers'
+      residual API has no dropout); a rejected call runs as the dispatched op, which recomputes the forward.
     """
 
     forward: Callable[..., tuple[Any, tuple[Any, ...]]]
     backward: Callable[..., tuple[Any, ...]]
     fake: Callable[..., tuple[Any, ...]]
+    check: Callable[[SelectionContext], list[Reason]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,10 @@ Semantics that differ from SDPA, and how the specs handle them:
   seqlen_q - j|`` is added to the attention score of query i and key j": the
   definition ``lz.attention`` uses); FA3's ``flash_attn_func`` has no ALiBi.
   Neither takes attention sinks.
+* Training under ``torch.compile``: each kernel declares a forward-with-residuals / backward pair
+  (:mod:`.flash_attn_pairs`, on FlashAttention's ``_flash_attn_forward`` / ``_flash_attn_backward``), so
+  the compiled graph runs the kernel inside ``layerzero::kernel_attention`` (Dynamo never traces
+  FlashAttention itself, hence ``compile_safe``) and its backward reuses the saved log-sum-exp.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 
 import torch
 
+from layerzero.backends.flash_attn_pairs import FA2_PAIR, FA3_PAIR
 from layerzero.context import SelectionContext
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
@@ -100,14 +105,14 @@ def _specs() -> list[KernelSpec]:
     tol = {"float16": (4e-3, 4e-3), "bfloat16": (2.5e-2, 2.5e-2)}
     common: dict[str, Any] = dict(platforms=frozenset({"cuda"}), dtypes=half, head_dim_max=256, head_dim_v_equal=True,
                                   mask_kinds=frozenset({"none"}), causal_alignment="lower_right", supports_window=True,
-                                  deterministic=False, compile_safe=False, tolerance=tol, extra_check=_window_alignment)
+                                  deterministic=False, tolerance=tol, extra_check=_window_alignment)
     return [
         KernelSpec("flash_attn_v2_attention", "attention", "flash_attn", flash_attn_v2_attention, priority=75,
-                   min_compute_capability=(8, 0), supports_softcap=True, supports_alibi=True,
+                   min_compute_capability=(8, 0), supports_softcap=True, supports_alibi=True, residual_pair=FA2_PAIR,
                    description="flash_attn.flash_attn_func (FlashAttention-2), BSHD views", **common),
         KernelSpec("flash_attn_v3_attention", "attention", "flash_attn_v3", flash_attn_v3_attention, priority=80,
                    min_compute_capability=(9, 0), max_compute_capability=(9, 0), head_dim_multiple=8,
-                   supports_dropout=False, supports_softcap=True,
+                   supports_dropout=False, supports_softcap=True, residual_pair=FA3_PAIR,
                    description="flash_attn_interface.flash_attn_func (FlashAttention-3, Hopper)", **common),
     ]
 

@@ -20,6 +20,17 @@ then has no kernel to run. The backend probe imports xFormers and reports
 such an install as unavailable, with xFormers' own build-mismatch line (seen
 on an H200 with xformers 0.0.35, built for torch 2.10+cu128, under torch
 2.11+cu130).
+
+Training under ``torch.compile`` uses xFormers' residual API (``xformers.ops.fmha``, unchanged from 0.0.23
+to 0.0.35 and re-exported from ``mslk`` since): ``memory_efficient_attention_forward_requires_grad(query,
+key, value, attn_bias=None, p=0.0, scale=None, *, op=None, output_dtype=None) -> (out, lse)`` and
+``memory_efficient_attention_backward(grad, output, lse, query, key, value, attn_bias=None, p=0.0,
+scale=None, *, op=None) -> (dq, dk, dv)`` (:data:`XFORMERS_PAIR`). Both raise for ``p != 0`` ("dropout is
+not supported on the non-autograd API"), so the pair declines dropout and such a call runs as the
+dispatched op. The lse is float32 [B, H, M] ([B, G, H, M] for BMGHK); the CUTLASS kernel pads M to a
+multiple of 32, the flash kernel does not, so the pair keeps ``lse[..., :seq_q]`` as (batch, heads,
+seq_q): a shape that does not depend on which op ran, and one both backward ops accept (CUTLASS pads it
+again itself, ``Context.get_padded_lse(32)``).
 """
 
 from __future__ import annotations
@@ -30,10 +41,13 @@ from typing import Any
 
 import torch
 
+from layerzero.context import SelectionContext
+from layerzero.errors import KernelNotSupportedError
 from layerzero.registry import BackendRegistry, KernelRegistry
-from layerzero.spec import KernelSpec
+from layerzero.spec import KernelSpec, Reason, ReasonCode, ResidualPair
 
-__all__ = ["register", "BACKENDS", "KERNEL_IDS", "xformers_attention", "XFORMERS_KERNEL_IDS", "xformers_probe"]
+__all__ = ["register", "BACKENDS", "KERNEL_IDS", "xformers_attention", "XFORMERS_KERNEL_IDS", "xformers_probe",
+           "load_fmha", "XFORMERS_PAIR", "xformers_forward", "xformers_backward", "xformers_fake"]
 
 _PIP = "pip install xformers"
 
@@ -50,24 +64,86 @@ def load_library() -> tuple[Any, Any]:
     return ops.memory_efficient_attention, bias
 
 
+@functools.cache
+def load_fmha() -> tuple[Any, Any]:
+    """``(memory_efficient_attention_forward_requires_grad, memory_efficient_attention_backward)``."""
+    try:
+        fmha = importlib.import_module("xformers.ops.fmha")
+    except ImportError as exc:
+        raise ImportError(f"xformers is not installed or broken ({exc}); install with: {_PIP}") from exc
+    return fmha.memory_efficient_attention_forward_requires_grad, fmha.memory_efficient_attention_backward
+
+
+def _views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """BMHK views of BHSD q, k, v; for GQA the 5-D BMGHK form (k/v expanded along the group, no copy)."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if hq == hkv:
+        return qt, kt, vt
+    g = hq // hkv
+    # query head h -> (h // g, h % g), matching repeat_interleave
+    return (qt.reshape(b, sq, hkv, g, d), kt.unsqueeze(3).expand(b, sk, hkv, g, d),
+            vt.unsqueeze(3).expand(b, sk, hkv, g, v.shape[-1]))
+
+
+def _bias(is_causal: bool) -> Any:
+    return load_library()[1].LowerTriangularMask() if is_causal else None
 
 
 def xformers_attention(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
-    mea, attn_bias = load_library()
-    lower_triangular = attn_bias.LowerTriangularMask
-    bias = lower_triangular() if is_causal else None
-    b, hq, sq, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # BMHK views
-    if hq == hkv:
-        out = mea(qt, kt, vt, attn_bias=bias, p=dropout_p, scale=scale)
-        return out.transpose(1, 2)
-    g = hq // hkv
-    q5 = qt.reshape(b, sq, hkv, g, d)  # query head h -> (h // g, h % g), matching repeat_interleave
-    k5 = kt.unsqueeze(3).expand(b, sk, hkv, g, d)
-    v5 = vt.unsqueeze(3).expand(b, sk, hkv, g, v.shape[-1])
-    out = mea(q5, k5, v5, attn_bias=bias, p=dropout_p, scale=scale)
+    mea = load_library()[0]
+    out = mea(*_views(q, k, v), attn_bias=_bias(is_causal), p=dropout_p, scale=scale)
+    b, hq, sq, _ = q.shape
     return out.reshape(b, sq, hq, v.shape[-1]).transpose(1, 2)
+
+
+def _no_dropout(dropout_p: float) -> None:
+    if dropout_p > 0:
+        raise KernelNotSupportedError(f"xformers' residual API has no dropout (dropout_p={dropout_p}); "
+                                      "under torch.compile such a call runs as the dispatched op")
+
+
+def xformers_forward(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+    """``memory_efficient_attention_forward_requires_grad``: ``(out, (lse,))``, lse (batch, heads, seq_q)."""
+    _no_dropout(dropout_p)
+    fwd = load_fmha()[0]
+    out, lse = fwd(*_views(q, k, v), attn_bias=_bias(is_causal), p=0.0, scale=scale)
+    b, hq, sq, _ = q.shape
+    lse = lse[..., :sq].reshape(b, hq, sq)  # [B, H, M] or [B, G, H, M], M padded to 32 by CUTLASS
+    return out.reshape(b, sq, hq, v.shape[-1]).transpose(1, 2), (lse.contiguous(),)
+
+
+def xformers_backward(grad, args, out, residuals):  # type: ignore[no-untyped-def]
+    """``memory_efficient_attention_backward`` on the saved output and lse: ``(dq, dk, dv)`` in BHSD."""
+    q, k, v, _mask, is_causal, dropout_p, scale, _window = args[:8]
+    _no_dropout(dropout_p)
+    qv, kv, vv = _views(q, k, v)
+    b, hq, sq, _ = q.shape
+    shape = qv.shape[:-1] + (v.shape[-1],)  # BMHK / BMGHK of the output
+    out_v = out.transpose(1, 2).reshape(shape).contiguous()
+    grad_v = grad.transpose(1, 2).reshape(shape).contiguous()
+    lse = residuals[0] if qv.dim() == 4 else residuals[0].reshape(b, kv.shape[2], kv.shape[3], sq)
+    dq, dk, dv = load_fmha()[1](grad_v, out_v, lse, qv, kv, vv, attn_bias=_bias(is_causal), p=0.0, scale=scale)
+    if qv.dim() == 5:  # each expanded group slot got its own gradient: sum them per kv head
+        dq, dk, dv = dq.reshape(b, sq, hq, q.shape[-1]), dk.sum(3), dv.sum(3)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def xformers_fake(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+    """The residual's metadata: a float32 (batch, heads, seq_q) lse (the padding sliced off)."""
+    return (q.new_empty(q.shape[:3], dtype=torch.float32),)
+
+
+def _pair_check(ctx: SelectionContext) -> list[Reason]:
+    if ctx.dropout_p > 0:
+        return [Reason(ReasonCode.DROPOUT_UNSUPPORTED, f"dropout_p={ctx.dropout_p}: xformers' residual API "
+                       "(memory_efficient_attention_forward_requires_grad) has no dropout")]
+    return []
+
+
+#: xFormers' forward-with-lse and backward, for a compiled graph that runs the kernel opaquely.
+XFORMERS_PAIR = ResidualPair(xformers_forward, xformers_backward, xformers_fake, check=_pair_check)
 
 
 def _probe() -> str | None:
@@ -93,8 +169,9 @@ def _specs() -> list[KernelSpec]:
         KernelSpec("xformers_attention", "attention", "xformers", xformers_attention, priority=57,
                    platforms=frozenset({"cuda"}), min_compute_capability=(5, 0),
                    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), head_dim_multiple=8,
-                   mask_kinds=frozenset({"none"}), supports_window=False, deterministic=False, compile_safe=False,
-                   tolerance=tol, description="xformers.ops.memory_efficient_attention (BMHK / BMGHK views)"),
+                   mask_kinds=frozenset({"none"}), supports_window=False, deterministic=False,
+                   residual_pair=XFORMERS_PAIR, tolerance=tol,
+                   description="xformers.ops.memory_efficient_attention (BMHK / BMGHK views)"),
     ]
 
 

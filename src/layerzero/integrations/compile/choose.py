@@ -70,7 +70,8 @@ def answer(sel: Selection, dims_known: bool) -> str:
     if spec.compile_native:
         NATIVE_IMPLS.setdefault(spec.kernel_id, spec.impl)
         return spec.kernel_id
-    if spec.residual_pair is not None:
+    pair = spec.residual_pair
+    if pair is not None and (pair.check is None or not pair.check(sel.context)):
         return RESIDUAL + spec.kernel_id
     return OPAQUE
 
