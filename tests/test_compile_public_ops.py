@@ -142,3 +142,15 @@ def test_patched_model_compiled_training_steps_do_not_recompile() -> None:
         losses.append(float(loss))
     assert losses[0] == pytest.approx(losses[2], rel=1e-6)
     assert losses[0] == pytest.approx(float(model(input_ids=ids, labels=ids).loss), rel=1e-5)
+
+
+def test_under_compile_the_loss_over_a_large_vocabulary_is_the_unpatched_models_code() -> None:
+    from layerzero.context import SelectionContext
+
+    rt = lz.get_runtime()
+    big = dict(device="cpu", dtype=torch.float32, num_tokens=4096, batch_size=4096, hidden_size=32000, head_dim=2048,
+               requires_grad=True)
+    eager = rt.select("linear_cross_entropy", SelectionContext(**big))
+    compiled = rt.select("linear_cross_entropy", SelectionContext(**big, compiling=True))
+    assert eager.ranked[0].kernel_id == "torch_linear_cross_entropy_chunked"  # eager: never the full logits
+    assert compiled.ranked[0].kernel_id == "torch_linear_cross_entropy_naive"  # compiled: lm_head + CE, as unpatched
