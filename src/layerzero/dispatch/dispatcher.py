@@ -284,7 +284,7 @@ class Dispatcher:
                     r.kernel_id, r.operation = kernel_id, operation
                     r.fallback_used, r.attempts, r.cached = False, 1, True
                     r.mode = self._mode_value
-                    r.timing = stamp(DispatchTiming, (t0, t2, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
+                    r.stamps = (t0, t2, t2, t2, (t := perf_ns()), t) if t0 else NOT_TIMED
                     return r
         return self._dispatch(operation, inputs, context, kwargs)
 

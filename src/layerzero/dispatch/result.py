@@ -41,8 +41,9 @@ class DispatchTiming(_Stamps):
     the kernel call plus restoring the caller's layout; ``total_us``: the whole
     ``dispatch()`` call.
 
-    A dispatch stores its six clock readings only (a tuple, made in one C call: :data:`stamp`); the
-    fields are computed when read, so timing costs the cached path a few clock reads and no arithmetic.
+    A dispatch stores its six clock readings only (a plain tuple, :attr:`DispatchResult.stamps`); this view
+    is made when ``result.timing`` is read and its fields are computed then, so timing costs the cached path
+    a few clock reads, one tuple and no arithmetic.
     """
 
     __slots__ = ()
@@ -97,15 +98,19 @@ class DispatchResult:
         operation: the operation dispatched.
         fallback_used: True when ``kernel_id`` is not the plan's first choice.
         attempts: kernels tried or skipped (open breaker) for this call, the successful one included.
-        timing: a :class:`DispatchTiming`.
+        timing: a :class:`DispatchTiming` (a view of ``stamps``, made when read).
+        stamps: the six clock readings ``(t0, ..., t5)`` as the dispatch stored them (a plain tuple on the
+            cached hot paths, :data:`NOT_TIMED` when timing is off).
         cached: True when the plan came from the plan cache (no selection ran).
         mode: the dispatch mode that served the call (``"static"``, ``"dynamic"``, ``"config"``, ...).
     """
 
     # The dispatchers' cached hot paths make results with ``DispatchResult.__new__`` and assign every slot
     # themselves (an ``__init__`` call is a noticeable share of a dispatch): a new field must be set there too.
+    # They store the clock readings as a plain tuple: making the DispatchTiming costs as much again, and only
+    # a caller who reads ``timing`` needs it.
 
-    __slots__ = ("output", "kernel_id", "operation", "fallback_used", "attempts", "timing", "cached", "mode")
+    __slots__ = ("output", "kernel_id", "operation", "fallback_used", "attempts", "stamps", "cached", "mode")
 
     def __init__(self, output: Any, kernel_id: str, operation: str, fallback_used: bool = False, attempts: int = 1,
                  timing: DispatchTiming = NOT_TIMED, cached: bool = True, mode: str = "dynamic") -> None:
@@ -114,9 +119,19 @@ class DispatchResult:
         self.operation = operation
         self.fallback_used = fallback_used
         self.attempts = attempts
-        self.timing = timing
+        self.stamps = timing
         self.cached = cached
         self.mode = mode
+
+    @property
+    def timing(self) -> DispatchTiming:
+        """Where this dispatch spent its time (a :class:`DispatchTiming` over :attr:`stamps`)."""
+        s = self.stamps
+        return s if s.__class__ is DispatchTiming else stamp(DispatchTiming, s)
+
+    @timing.setter
+    def timing(self, value: DispatchTiming) -> None:
+        self.stamps = value
 
     def __repr__(self) -> str:
         return (f"DispatchResult(operation={self.operation!r}, kernel_id={self.kernel_id!r}, mode={self.mode!r}, "

@@ -154,7 +154,7 @@ class StaticDispatcher(Dispatcher):
                 r.kernel_id, r.operation = plan.kernels[0].kernel_id, operation
                 r.fallback_used, r.attempts, r.cached = False, 1, True
                 r.mode = "static"
-                r.timing = stamp(DispatchTiming, (t0, t1, t1, t1, (t := perf_ns()), t)) if t0 else NOT_TIMED
+                r.stamps = (t0, t1, t1, t1, (t := perf_ns()), t) if t0 else NOT_TIMED
                 return r
         plan = self._plans.get(operation) if isinstance(operation, str) else None
         if plan is None:
