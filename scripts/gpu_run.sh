@@ -133,6 +133,14 @@ for step in "${steps[@]}"; do
         2>&1 | grep -v -E "^[WIE][0-9]{4} |^USDT" | tee "$OUT/model_bench_compiled_${card}.md" | tail -30
       mv -f "$OUT/model_bench_${card}.json" "$OUT/model_bench_compiled_${card}.json"
       ;;
+    compiledall)
+      echo "== layerzero bench --model llama --device cuda, torch.compile(model): train, prefill, decode b1 (StaticCache)"
+      timeout 560 python3 -m layerzero.cli bench --model llama --device cuda --modes compiled --no-liger \
+        --workloads train,prefill,decode_b1 --rounds "${COMPILED_ROUNDS:-3}" --json "$OUT" \
+        --budget-s "${COMPILED_BUDGET_S:-430}" 2>&1 | grep -v -E "^[WIE][0-9]{4} |^USDT" \
+        | tee "$OUT/model_bench_compiled_all_${card}.md" | tail -30
+      mv -f "$OUT/model_bench_${card}.json" "$OUT/model_bench_compiled_all_${card}.json"
+      ;;
     compileddec)
       echo "== layerzero bench --model llama --device cuda, torch.compile(model): decode b1 + b8 (StaticCache), no Liger"
       timeout 570 python3 -m layerzero.cli bench --model llama --device cuda --modes compiled --no-liger \
