@@ -29,6 +29,7 @@ from layerzero.backends import xformers as xf_backend
 from layerzero.ops.attention import attention_reference
 from layerzero.runtime import get_runtime
 from layerzero.spec import ReasonCode
+from lower_right import lower_right
 
 SM90 = dict(device="cuda", compute_capability=(9, 0))
 
@@ -56,22 +57,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
     return torch.nan_to_num(torch.softmax(scores, -1)) @ v.float()
 
 
-def _lower_right(sq: int, sk: int, causal: bool, left: int, right: int) -> torch.Tensor | None:
-    """FlashAttention / FlashInfer masks: query i sits at key position i + sk - sq."""
-    if not causal and left < 0 and right < 0:
-        return None
-    i = torch.arange(sq).unsqueeze(1) + (sk - sq)
-    j = torch.arange(sk).unsqueeze(0)
-    keep = torch.ones(sq, sk, dtype=torch.bool)
-    if causal:
-        keep &= j <= i
-    if left >= 0:
-        keep &= j >= i - left
-    if right >= 0:
-        keep &= j <= i + right
-    return keep
-
-
 def _repeat_kv(t: torch.Tensor, hq: int, dim: int) -> torch.Tensor:
     return t.repeat_interleave(hq // t.shape[dim], dim=dim)
 
@@ -90,7 +75,7 @@ def fake_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=Fals
     """flash_attn.flash_attn_func on BSHD tensors, lower-right aligned; softcap > 0 caps the scaled scores."""
     assert q.stride(-1) == 1 and k.stride(-1) == 1, "FlashAttention needs a contiguous last dimension"
     qh, kh, vh = q.transpose(1, 2), _repeat_kv(k, q.shape[2], 2).transpose(1, 2), _repeat_kv(v, q.shape[2], 2).transpose(1, 2)
-    keep = _lower_right(q.shape[1], k.shape[1], causal, window_size[0], window_size[1])
+    keep = lower_right(q.shape[1], k.shape[1], causal, window_size[0], window_size[1])
     bias = None if alibi_slopes is None else _fa_alibi(alibi_slopes, q.shape[0], q.shape[1], k.shape[1])
     return _attend(qh, kh, vh, softmax_scale, keep, softcap, bias).transpose(1, 2).to(q.dtype)
 
@@ -107,7 +92,7 @@ def fake_single_prefill(q, k, v, causal=False, kv_layout="NHD", sm_scale=None, w
     assert kv_layout == "HND" and q.dim() == 3 and k.dim() == 3
     qh = q.transpose(0, 1)  # (H, Sq, D)
     kh, vh = _repeat_kv(k, qh.shape[0], 0), _repeat_kv(v, qh.shape[0], 0)
-    keep = _lower_right(qh.shape[1], kh.shape[1], causal, window_left, 0 if window_left >= 0 else -1)
+    keep = lower_right(qh.shape[1], kh.shape[1], causal, window_left, 0 if window_left >= 0 else -1)
     return _attend(qh, kh, vh, sm_scale, keep, logits_soft_cap).transpose(0, 1).to(q.dtype)
 
 
@@ -164,7 +149,7 @@ class FakeBatchPrefill:
             k = torch.cat([k_cache[p] for p in pages], dim=1)[:, : int(a["last"][b])]
             v = torch.cat([v_cache[p] for p in pages], dim=1)[:, : int(a["last"][b])]
             wl = a["window_left"]
-            keep = _lower_right(rows.shape[1], k.shape[1], a["causal"], wl, 0 if wl >= 0 else -1)
+            keep = lower_right(rows.shape[1], k.shape[1], a["causal"], wl, 0 if wl >= 0 else -1)
             out = _attend(rows, _repeat_kv(k, a["hq"], 0), _repeat_kv(v, a["hq"], 0), a["sm_scale"], keep,
                           a.get("logits_soft_cap", 0.0))
             outs.append(out.transpose(0, 1))

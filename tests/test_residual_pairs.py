@@ -30,6 +30,7 @@ from layerzero.errors import KernelNotSupportedError
 from layerzero.integrations import compile as lzc
 from layerzero.ops.attention import attention_reference
 from layerzero.spec import KernelSpec
+from lower_right import lower_right
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 lzc.install()
@@ -69,19 +70,6 @@ def _bwd(dout, q, k, v, out, lse, scale, keep, softcap=0.0, bias=None):  # type:
     return ds @ k64, ds.transpose(-2, -1) @ q64, dv
 
 
-def _lower_right(sq: int, sk: int, causal: bool, left: int, right: int) -> torch.Tensor | None:
-    if not causal and left < 0 and right < 0:
-        return None
-    i = torch.arange(sq).unsqueeze(1) + (sk - sq)
-    j = torch.arange(sk).unsqueeze(0)
-    keep = torch.ones(sq, sk, dtype=torch.bool)
-    if causal or right >= 0:
-        keep &= j <= i + (0 if causal else right)
-    if left >= 0:
-        keep &= j >= i - left
-    return keep
-
-
 def _alibi(slopes: torch.Tensor | None, b: int, sq: int, sk: int) -> torch.Tensor | None:
     if slopes is None:
         return None
@@ -108,7 +96,7 @@ def fa2_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left, win
     CALLS["fa2_forward"] += 1
     assert dropout_p == 0.0 and not return_softmax and q.shape[-1] % 8 == 0 and isinstance(softmax_scale, float)
     qh, kh, vh = _bshd_in(q, k, v, hq=q.shape[2])
-    keep = _lower_right(q.shape[1], k.shape[1], causal, window_size_left, window_size_right)
+    keep = lower_right(q.shape[1], k.shape[1], causal, window_size_left, window_size_right)
     out, lse = _fwd(qh, kh, vh, softmax_scale, keep, softcap, _alibi(alibi_slopes, q.shape[0], q.shape[1], k.shape[1]))
     rng = torch.tensor([1234, 0], dtype=torch.int64)
     return out.transpose(1, 2).to(q.dtype), lse.float(), torch.empty(0, dtype=q.dtype), rng
@@ -122,7 +110,7 @@ def fa2_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax
     assert softmax_lse.dtype == torch.float32 and softmax_lse.shape == q.shape[:1] + (q.shape[2], q.shape[1])
     hq = q.shape[2]
     qh, kh, vh, doh, oh = _bshd_in(q, k, v, dout, out, hq=hq)
-    keep = _lower_right(q.shape[1], k.shape[1], causal, window_size_left, window_size_right)
+    keep = lower_right(q.shape[1], k.shape[1], causal, window_size_left, window_size_right)
     gq, gk, gv = _bwd(doh, qh, kh, vh, oh, softmax_lse, softmax_scale, keep, softcap,
                       _alibi(alibi_slopes, q.shape[0], q.shape[1], k.shape[1]))
     dq.copy_(gq.transpose(1, 2))

@@ -115,9 +115,10 @@ def traced_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | Non
 
 
 def _rows_kernel(operation: str, x: Tensor, grad: bool, interleaved: bool = False, head_dim: int | None = None,
-                 approximate: str = "none") -> str:
-    """The trace-time choice for a row-wise op over ``x``'s last dimension (guards as for attention)."""
-    head = (RUNTIME.version, LIVE.scopes, operation, x.dtype, x.device, x.shape[-1])
+                 approximate: str = "none", width: int | None = None) -> str:
+    """The trace-time choice for a row-wise op over ``x``'s last dimension, or over ``width`` columns when
+    given (the linear cross-entropy's vocabulary); guards as for attention."""
+    head = (RUNTIME.version, LIVE.scopes, operation, x.dtype, x.device, x.shape[-1] if width is None else width)
     tail = (grad, torch.are_deterministic_algorithms_enabled(), x.is_contiguous(), interleaved, head_dim, approximate)
     kid = choose_rows(*head, None, None, *tail)
     if kid == BUCKETS:
@@ -190,13 +191,8 @@ def traced_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, 
     args = (hidden, weight, target, bias, ignore_index, label_smoothing, reduction, softcap)
     LINEAR_LOSSES_MOD.LINEAR_CROSS_ENTROPY.validate("linear_cross_entropy", args)
     # as the op's context: hidden_size is the vocabulary, head_dim the model's width, rows the tokens
-    head = (RUNTIME.version, LIVE.scopes, "linear_cross_entropy", hidden.dtype, hidden.device, weight.shape[0])
-    tail = (_grad(hidden, weight, bias), torch.are_deterministic_algorithms_enabled(), hidden.is_contiguous(), False,
-            hidden.shape[1], "none")
-    kid = choose_rows(*head, None, None, *tail)
-    if kid == BUCKETS:
-        kid = choose_rows(*head, bucket(hidden.shape[0]), bucket(hidden.shape[0]), *tail)
-    fn = _native(kid)
+    fn = _native(_rows_kernel("linear_cross_entropy", hidden, _grad(hidden, weight, bias), head_dim=hidden.shape[1],
+                              width=weight.shape[0]))
     if fn is None:
         return linear_cross_entropy_op(hidden, weight, target, bias, int(ignore_index), float(label_smoothing),
                                        reduction, None if softcap is None else float(softcap))
