@@ -130,6 +130,7 @@ def test_yaml_is_parsed_with_safe_load_only() -> None:
 DYNAMIC_IMPORTS = {
     "layerzero/telemetry/__init__.py": "the fixed lazy-attribute table",
     "layerzero/backends/flash_attn.py": "'flash_attn' or 'flash_attn_interface' from a fixed tuple",
+    "layerzero/backends/flash_attn_pairs.py": "FA2_MODULE or FA3_MODULE, the module constants of its residual pairs",
     "layerzero/backends/liger.py": "liger_kernel submodules from a fixed table",
     "layerzero/backends/__init__.py": "f'layerzero.backends.{name}' over BUILTIN_BACKENDS",
     "layerzero/__init__.py": "a moved name's home module from the fixed _MOVED table (deprecated spellings)",
