@@ -220,6 +220,24 @@ for step in "${steps[@]}"; do
       ;;
   esac
   case "$step" in
+    ctune)
+      echo "== compiled-mode tuning (Inductor vs Liger in the pinned op) at the model bench's shapes, + its GPU tests"
+      timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_compiled_tuning.py 2>&1 | tail -5
+      timeout 420 python3 scripts/gpu_compiled_tuning.py --db /tmp/lz_compiled.db --json "$OUT" 2>&1 \
+        | grep -v -E "^[WIE][0-9]{4} |^USDT" | tee "$OUT/compiled_tuning_${card}.log" | tail -30
+      cp -f /tmp/lz_compiled.db "$OUT/lz_compiled_${card}.db" 2>/dev/null || true
+      ;;
+    compiledtuned)
+      echo "== compiled model bench on the compiled-mode tuned database (train, prefill, decode b1)"
+      [ -f /tmp/lz_compiled.db ] || cp -f .whl/lz_compiled.db /tmp/lz_compiled.db 2>/dev/null || true
+      LAYERZERO_PERF_DB=/tmp/lz_compiled.db timeout 560 python3 -m layerzero.cli bench --model llama --device cuda \
+        --modes compiled --no-liger --workloads train,prefill,decode_b1 --rounds "${COMPILED_ROUNDS:-3}" --json "$OUT" \
+        --budget-s "${COMPILED_BUDGET_S:-430}" 2>&1 | grep -v -E "^[WIE][0-9]{4} |^USDT" \
+        | tee "$OUT/model_bench_compiled_tuned_${card}.md" | tail -30
+      mv -f "$OUT/model_bench_${card}.json" "$OUT/model_bench_compiled_tuned_${card}.json"
+      ;;
+  esac
+  case "$step" in
     tune|all)
       if [ -f scripts/gpu_bench.py ]; then
         echo "== scripts/gpu_bench.py"

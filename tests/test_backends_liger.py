@@ -57,7 +57,9 @@ def test_constraints() -> None:
     assert ReasonCode.DTYPE_UNSUPPORTED in _reasons("liger_swiglu", dtype="float64")
     assert ReasonCode.VARIANT_UNSUPPORTED in _reasons("liger_rope", interleaved=True, head_dim=128)
     assert only_hw(_reasons("liger_rope", interleaved=False, head_dim=128)) == set()
-    assert ReasonCode.COMPILE_UNSAFE in _reasons("liger_rms_norm", compiling=True)
+    # under torch.compile Liger runs inside the pinned dispatched op: eligible, behind Inductor's native code
+    # unless a compiled-mode measurement puts it ahead (tests/test_compiled_tuning.py)
+    assert ReasonCode.COMPILE_UNSAFE not in _reasons("liger_rms_norm", compiling=True)
 
 
 def test_rope_tables_reshape_to_what_liger_expects() -> None:

@@ -3,6 +3,10 @@
     layerzero tune --ops attention.causal,rms_norm --grid quick
     layerzero tune --ops rms_norm --shapes rows=4096,hidden=4096 --shapes rows=1,hidden=8192 --dtype bf16
     layerzero tune --ops attention.full --device cuda --budget-s 60 --db /var/cache/lz/perf.db --json
+    layerzero tune --ops rms_norm,swiglu --compiled --shapes rows=8192,hidden=4096,grad=1
+
+``--compiled`` measures the buckets ``torch.compile`` reads (row-wise operations): Inductor's code for
+PyTorch's op against opaque kernels inside the dispatched op, each as a compiled graph runs it.
 
 For every shape bucket and every eligible kernel: fresh random inputs, a
 correctness check against the float64 reference (a wrong kernel is stored as
@@ -44,9 +48,11 @@ def _split(values: tuple[str, ...]) -> list[str]:
               help="Stop measuring after this many seconds.")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
               help="Performance database file (default: $LAYERZERO_PERF_DB or the user cache directory).")
+@click.option("--compiled", is_flag=True,
+              help="Measure compiled-mode buckets: kernels as a torch.compile graph runs them (row-wise ops).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def tune_command(ops: str, grid_name: str, shapes: tuple[str, ...], device: str | None, dtypes: tuple[str, ...],
-                 budget_s: float | None, db_path: str | None, as_json: bool) -> None:
+                 budget_s: float | None, db_path: str | None, compiled: bool, as_json: bool) -> None:
     """Measure every eligible kernel for a shape grid and store the times for selection."""
     import torch
 
@@ -87,6 +93,11 @@ def tune_command(ops: str, grid_name: str, shapes: tuple[str, ...], device: str 
                 plan[operation] = grids.grid(operation, grid_name, device=dev, dtypes=dts)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--shapes") from None
+    if compiled:
+        try:
+            plan = {operation: grids.compiled_contexts(operation, c) for operation, c in plan.items()}
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--compiled") from None
     if not any(plan.values()):
         raise click.BadParameter("no shape applies to these operations (attention shapes need a sequence "
                                  "length, row-wise ones a hidden size)", param_hint="--shapes")

@@ -37,7 +37,8 @@ __all__ = ["use_perf_db", "get_perf_db", "detach_perf_db", "tune", "PerfDB", "Re
 
 def tune(operations: Sequence[str] = ("attention.causal", "rms_norm"), *, grid: str = "quick",
          shapes: Sequence[str] | None = None, device: str | None = None, dtypes: Sequence[Any] | None = None,
-         budget_s: float | None = None, db: PerfDB | str | None = None, progress: Any = None) -> TuneReport:
+         budget_s: float | None = None, db: PerfDB | str | None = None, progress: Any = None,
+         compiled: bool = False) -> TuneReport:
     """Measure every eligible kernel of ``operations`` on a shape grid and store the results.
 
     Args:
@@ -49,6 +50,9 @@ def tune(operations: Sequence[str] = ("attention.causal", "rms_norm"), *, grid: 
         budget_s: stop measuring after this many seconds.
         db: a :class:`PerfDB` or a path; default: the database selection uses (attached if needed).
         progress: ``progress(done, total, label)`` callback.
+        compiled: measure compiled-mode buckets (row-wise operations): each kernel as a ``torch.compile``
+            graph runs it, Inductor's code for the native op against opaque kernels; stored apart from
+            eager measurements (see :func:`layerzero.tuning.grids.compiled_contexts`).
 
     Example:
         >>> report = lz.tuning.tune(["rms_norm"], shapes=["rows=256,hidden=1024"], device="cpu")
@@ -72,6 +76,8 @@ def tune(operations: Sequence[str] = ("attention.causal", "rms_norm"), *, grid: 
             plan[operation] = grids.contexts_for_shapes(operation, list(shapes), device=dev, dtypes=dts or default)
         else:
             plan[operation] = grids.grid(operation, grid, device=dev, dtypes=dts)
+        if compiled:
+            plan[operation] = grids.compiled_contexts(operation, plan[operation])
     if db is None:
         database = get_perf_db(runtime=rt)
     elif isinstance(db, PerfDB):

@@ -23,7 +23,7 @@ import torch
 from layerzero.context import SelectionContext, dtype_from_name
 from layerzero.ops import canonical_operation
 
-__all__ = ["GRID_NAMES", "grid", "parse_shape", "contexts_for_shapes", "ATTENTION_PREFILL", "ATTENTION_DECODE",
+__all__ = ["GRID_NAMES", "grid", "parse_shape", "contexts_for_shapes", "compiled_contexts", "ATTENTION_PREFILL", "ATTENTION_DECODE",
            "ROWS", "ATTENTION_FULL", "GEGLU_ROWS", "VOCAB_ROWS", "LCE_ROWS", "VARLEN", "PAGED"]
 
 GRID_NAMES: tuple[str, ...] = ("quick", "default")
@@ -247,3 +247,21 @@ def contexts_for_shapes(operation: str, shapes: list[str], *, device: str,
             for dt in dts:
                 out.append(SelectionContext(device=device, dtype=dt, **kw))
     return out
+
+
+def compiled_contexts(operation: str, contexts: list[SelectionContext]) -> list[SelectionContext]:
+    """``contexts`` as compiled-mode buckets (``compiling=True``, stored under ``;compiled=1``): the tuner
+    times each kernel as a ``torch.compile`` graph runs it (Inductor's code for the native op, an opaque
+    kernel inside the dispatched op).
+
+    Raises:
+        ValueError: ``operation`` is not row-wise (attention under compile is ranked as in eager).
+    """
+    from layerzero.integrations.compile.timed import COMPILED_FAMILIES
+
+    family = canonical_operation(operation).split(".", 1)[0]
+    if family not in COMPILED_FAMILIES:
+        raise ValueError(f"compiled-mode tuning covers {', '.join(sorted(COMPILED_FAMILIES))}; not {operation} "
+                         "(attention under torch.compile runs PyTorch's SDPA code or a kernel with a residual "
+                         "pair, ranked as in eager)")
+    return [c.replace(compiling=True) for c in contexts]

@@ -218,6 +218,19 @@ def _prune_estimate_us(impl: Callable[..., Any], args: tuple[Any, ...], device: 
     return min(single, _per_call_us(impl, args, device, n))
 
 
+def _compile_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` came from torch.compile's machinery (Dynamo, Inductor, a C++ or Triton compiler)
+    rather than from the kernel: a compiled-mode bucket then stays unmeasured for that kernel."""
+    return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
+def _compiled_note(spec: KernelSpec, ctx: SelectionContext) -> str:
+    """How a compiled-mode measurement ran (empty for an eager one)."""
+    if not ctx.compiling:
+        return ""
+    return ", torch.compile: " + ("Inductor's code" if spec.compile_native else "opaque op")
+
+
 def _callable(spec: KernelSpec, ctx: SelectionContext) -> Callable[..., Any]:
     """What a plan for ``ctx`` would call: the spec's specialization when it has one, else ``impl``."""
     if spec.specialize is not None:
@@ -306,6 +319,7 @@ class Tuner:
         self.seed = int(seed)
         self.progress = progress
         self._draws = 0
+        self._compiled: dict[str, Callable[..., Any]] = {}  # kernel id -> compiled callable, for one bucket
 
     # -- public ------------------------------------------------------------------------
     def eligible(self, operation: str, ctx: SelectionContext) -> tuple[KernelSpec, ...]:
@@ -374,6 +388,7 @@ class Tuner:
             if confirmed is not None:
                 results = [confirmed.get(r.kernel_id, r) for r in results]
                 selected = self._winner(operation, ctx, results)
+        self._compiled.clear()  # compiled graphs go with their bucket
         if self.db is not None:
             self._store(operation, ctx, bucket, results)
         elapsed = time.perf_counter() - t0
@@ -421,7 +436,7 @@ class Tuner:
         host time than GPU time (a Triton kernel launched from Python on a small problem) times with the
         host's state: on an H200, Liger's 4096x4096 RMSNorm read 22.9-29.5 us across rounds against
         F.rms_norm's steady 26.8 us; its good rounds must not decide."""
-        impls = [(spec, first, _callable(spec, ctx)) for spec, first in (rival, default)]
+        impls = [(spec, first, self._impl(spec, operation, ctx)) for spec, first in (rival, default)]
         runs: dict[str, list[float]] = {spec.kernel_id: [] for spec, _, _ in impls}
         rounds = self.CONFIRM_ROUNDS
         try:
@@ -471,8 +486,8 @@ class Tuner:
                     if problem is not None:
                         return KernelResult(spec.kernel_id, spec.backend, "failed", error=problem)
                 args = op.make_inputs(operation, ctx, self._generator(ctx.device))
-                impl = _callable(spec, ctx)
-                out = impl(*args)  # also the warm-up that absorbs JIT compilation
+                impl = self._impl(spec, operation, ctx)
+                out = impl(*args)  # also the warm-up that absorbs JIT compilation (and torch.compile's)
                 problem = op.check_output(operation, args, out) or _nonfinite(out)
                 del out
                 if problem is not None:
@@ -485,18 +500,32 @@ class Tuner:
                     if est > prune_above_us:
                         return KernelResult(spec.kernel_id, spec.backend, "ok", est, 0.0, 1,
                                             f"quick estimate, pruned: over {self.PRUNE_FACTOR:g}x the bucket's "
-                                            "fastest")
+                                            "fastest" + _compiled_note(spec, ctx))
                 timing = time_call(run, ctx.device, quick=self.quick, device_bound=device_bound(ctx))
         except torch.cuda.OutOfMemoryError as exc:  # not the kernel's fault: leave the bucket unmeasured
             return KernelResult(spec.kernel_id, spec.backend, "skipped", error=_describe(exc))
         except Exception as exc:
+            if ctx.compiling and _compile_failure(exc):
+                return KernelResult(spec.kernel_id, spec.backend, "skipped",
+                                    error=f"torch.compile could not build it: {_describe(exc)}")
             return KernelResult(spec.kernel_id, spec.backend, "failed", error=_describe(exc))
         finally:
             del args
         return KernelResult(spec.kernel_id, spec.backend, "ok", timing.median_us, timing.spread_us, timing.samples,
-                            timing.method)
+                            timing.method + _compiled_note(spec, ctx))
 
     # -- internals -------------------------------------------------------------------------
+    def _impl(self, spec: KernelSpec, operation: str, ctx: SelectionContext) -> Callable[..., Any]:
+        """What is timed: the plan's callable, or for a compiled-mode bucket (``ctx.compiling``) the kernel as
+        a compiled graph runs it (:func:`layerzero.integrations.compile.timed.compiled_callable`)."""
+        if not ctx.compiling:
+            return _callable(spec, ctx)
+        if spec.kernel_id not in self._compiled:
+            from layerzero.integrations.compile.timed import compiled_callable
+
+            self._compiled[spec.kernel_id] = compiled_callable(spec, operation, ctx)
+        return self._compiled[spec.kernel_id]
+
     def _generator(self, device: torch.device) -> torch.Generator:
         self._draws += 1
         gen = torch.Generator(device=device)

@@ -3,7 +3,7 @@
 The stand-ins (:mod:`.traced`) read the metadata of the (fake) tensors Dynamo traces with and pass it,
 as Python constants, to :func:`choose_attention` / :func:`choose_rows`. Those run the ordinary selection
 (policy, baked table, measurements, breakers) for a context with ``compiling=True`` and answer with a
-kernel id, :data:`OPAQUE` or :data:`BUCKETS`. Dynamo calls them once per trace
+kernel id, :data:`OPAQUE`, a pinned opaque kernel (:data:`PINNED`, row-wise ops) or :data:`BUCKETS`. Dynamo calls them once per trace
 (``torch.compiler.assume_constant_result``) and bakes the answer into the graph.
 
 What the answer depends on is guarded: the stand-ins read :data:`RUNTIME` ``.version`` (bumped by every
@@ -30,13 +30,14 @@ from layerzero.runtime import get_runtime
 from layerzero.selection.engine import Selection
 from layerzero.spec import KernelSpec
 
-__all__ = ["RUNTIME", "LIVE", "OPAQUE", "BUCKETS", "RESIDUAL", "NATIVE_IMPLS", "choose_attention", "choose_rows",
+__all__ = ["RUNTIME", "LIVE", "OPAQUE", "BUCKETS", "RESIDUAL", "PINNED", "NATIVE_IMPLS", "choose_attention", "choose_rows",
            "bucket", "answer"]
 
 RUNTIME = get_runtime()
 OPAQUE = ""  # no kernel chosen at trace time: the dispatched custom op selects at run time
 BUCKETS = "?"  # selection depends on sizes that are dynamic: ask again with their buckets
 RESIDUAL = "residual:"  # prefix: an opaque kernel with a forward-with-residuals / backward pair
+PINNED = "kernel:"  # prefix: the dispatched row op runs this opaque kernel (``kernel=`` of the op)
 
 #: kernel id -> the PyTorch function Dynamo traces for it (filled by the choosers, read by the stand-ins).
 NATIVE_IMPLS: dict[str, Callable[..., Any]] = {}
@@ -62,8 +63,10 @@ def _shape_free(sel: Selection) -> bool:
     return RUNTIME.shape_free_reason(sel) is None
 
 
-def answer(sel: Selection, dims_known: bool) -> str:
-    """What the stand-in does for ``sel``: a native kernel id, a residual kernel, opaque, or ask again."""
+def answer(sel: Selection, dims_known: bool, pin: bool = False) -> str:
+    """What the stand-in does for ``sel``: a native kernel id, a residual kernel, opaque, or ask again.
+    With ``pin`` (row-wise ops), an opaque first choice is named (:data:`PINNED`): the dispatched op runs
+    the kernel trace-time selection chose, not what eager selection would choose at run time."""
     if not dims_known and not _shape_free(sel):
         return BUCKETS
     spec: KernelSpec = sel.ranked[0]
@@ -73,7 +76,7 @@ def answer(sel: Selection, dims_known: bool) -> str:
     pair = spec.residual_pair
     if pair is not None and (pair.check is None or not pair.check(sel.context)):
         return RESIDUAL + spec.kernel_id
-    return OPAQUE
+    return PINNED + spec.kernel_id if pin else OPAQUE
 
 
 def _select(operation: str, ctx: SelectionContext) -> Selection | None:
@@ -116,4 +119,4 @@ def choose_rows(version: int, scopes: int, operation: str, dtype: torch.dtype, d
                            requires_grad=grad, deterministic=deterministic, is_contiguous=contiguous,
                            compiling=True, **extra)
     sel = _select(operation, ctx)
-    return OPAQUE if sel is None else answer(sel, rows is not None)
+    return OPAQUE if sel is None else answer(sel, rows is not None, pin=True)

@@ -4,11 +4,19 @@
 They are built from one table (:data:`ROW_OPS`): each entry gives the op's schema, the public function it
 runs, its op definition (the fake validates with it) and which inputs are differentiable; :func:`define_dispatched`
 makes the forward op, its fake, the backward op and the autograd registration from it.
+
+Every row op ends in ``str kernel=""``. Empty, the op selects at run time (the public function's cached
+dispatch). A kernel id pins the op to the kernel that selection chose when the graph was traced (an opaque
+kernel measured faster than Inductor's code in compiled mode, :func:`~.choose.answer`): forward and the
+recomputing backward run that kernel, so the graph runs what the trace-time explanation says. A pinned
+kernel that raises (other than out of memory) is logged once and left for the public function's dispatch,
+with its fallbacks and breakers, from then on.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,9 +28,11 @@ from layerzero.integrations.compile.dispatched import dense, recompute_grads
 
 __all__ = ["rms_norm_op", "layer_norm_op", "rope_op", "swiglu_op", "geglu_op", "gelu_op", "silu_op", "cross_entropy_op",
            "linear_cross_entropy_op", "NORMS_MOD", "ELEMENTWISE_MOD", "LOSSES_MOD", "LINEAR_LOSSES_MOD", "lz_rms_norm", "lz_layer_norm", "lz_rope", "lz_swiglu",
-           "lz_geglu", "lz_gelu", "lz_silu", "lz_cross_entropy", "lz_linear_cross_entropy", "ROW_OPS", "RowOp", "define_dispatched"]
+           "lz_geglu", "lz_gelu", "lz_silu", "lz_cross_entropy", "lz_linear_cross_entropy", "ROW_OPS", "RowOp", "define_dispatched",
+           "pinned_call", "BROKEN"]
 
 Tensor = torch.Tensor
+log = logging.getLogger("layerzero")
 
 NORMS_MOD = importlib.import_module("layerzero.ops.norms")
 ELEMENTWISE_MOD = importlib.import_module("layerzero.ops.elementwise")
@@ -99,47 +109,85 @@ ROW_OPS: tuple[RowOp, ...] = (
 )
 
 
+#: Kernels a pinned op stopped running after they raised (the public function's dispatch serves instead).
+BROKEN: set[str] = set()
+
+
+def pinned_call(row: RowOp, kernel: str) -> Callable[..., Tensor]:
+    """What ``row``'s op runs for ``kernel``: the public function (``kernel=""``), or that kernel's ``impl``
+    with the public function as its fallback."""
+    if not kernel or kernel in BROKEN:
+        return row.call
+    from layerzero.runtime import get_runtime
+
+    impl = get_runtime().kernels.get(kernel).impl
+
+    def pinned(*args: Any) -> Tensor:
+        try:
+            return impl(*args)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # the failure contract: dispatch (fallbacks, breakers) serves from now on
+            BROKEN.add(kernel)
+            log.warning("layerzero: %s pinned by torch.compile raised %s: %s; layerzero::%s dispatches at run "
+                        "time from now on", kernel, type(exc).__name__, exc, row.name)
+            return row.call(*args)
+
+    return pinned
+
+
 def define_dispatched(row: RowOp) -> Any:
     """The forward custom op of ``row`` with its fake, its recomputing backward op and its autograd formula."""
     tensors = row.tensor_positions
     params = row.schema.split("->")[0].strip()[1:-1]
+    schema = f"({params}, str kernel=\"\") -> {row.schema.split('->')[1].strip()}"
+    arity = len(params.split(","))
 
-    def forward(*args: Any) -> Tensor:
-        return dense(row.call(*args))
+    def split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
+        # the dispatcher leaves out a trailing argument equal to its default: ``kernel`` may be absent
+        return args[:arity], str(kwargs.get("kernel", args[arity] if len(args) > arity else ""))
 
-    def fake(*args: Any) -> Tensor:
+    def forward(*args: Any, **kwargs: Any) -> Tensor:
+        args, kernel = split(args, kwargs)
+        return dense(pinned_call(row, kernel)(*args))
+
+    def fake(*args: Any, **kwargs: Any) -> Tensor:
+        args, _kernel = split(args, kwargs)
         row.op.validate(row.name, row.canonical(args) if row.canonical else args)
         shape = row.out_shape(args) if row.out_shape else args[0].shape
         return args[0].new_empty(shape, dtype=row.out_dtype(args) if row.out_dtype else None)
 
     def backward(grad: Tensor, *rest: Any) -> list[Tensor]:
-        *args, needs = rest
-        return recompute_grads(row.call, grad, args, needs)
+        *args, kernel, needs = rest
+        return recompute_grads(pinned_call(row, kernel), grad, args, needs)
 
     def backward_fake(grad: Tensor, *rest: Any) -> list[Tensor]:
-        *args, needs = rest
+        *args, _kernel, needs = rest
         present = [args[i] for i in tensors if args[i] is not None]
         return [t.new_empty(t.shape) for t, n in zip(present, needs, strict=True) if n]
 
-    fwd = torch.library.custom_op(f"layerzero::{row.name}", forward, mutates_args=(), schema=row.schema)
+    fwd = torch.library.custom_op(f"layerzero::{row.name}", forward, mutates_args=(), schema=schema)
     fwd.register_fake(fake)
     bwd = torch.library.custom_op(f"layerzero::{row.name}_backward", backward, mutates_args=(),
-                                  schema=f"(Tensor grad, {params}, bool[] needs) -> Tensor[]")
+                                  schema=f"(Tensor grad, {params}, str kernel, bool[] needs) -> Tensor[]")
     bwd.register_fake(backward_fake)
 
     def setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         ctx.save_for_backward(*(inputs[i] for i in tensors))
-        ctx.inputs = tuple(None if i in tensors else a for i, a in enumerate(inputs))
+        ctx.inputs = tuple(None if i in tensors else a for i, a in enumerate(inputs[:arity]))
+        ctx.kernel = inputs[arity] if len(inputs) > arity else ""
+        ctx.arity = len(inputs)
 
     def autograd(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
-        args = list(ctx.inputs)
+        args, kernel = list(ctx.inputs), ctx.kernel
         for i, t in zip(tensors, ctx.saved_tensors, strict=True):
             args[i] = t
         wants = {i: i in row.differentiable and args[i] is not None and bool(ctx.needs_input_grad[i])
                  for i in tensors}
         needs = [wants[i] for i in tensors if args[i] is not None]
-        grads = iter(bwd(grad.contiguous(), *args, needs) if any(needs) else [])
-        return tuple(next(grads) if wants.get(i) else None for i in range(len(args)))
+        grads = iter(bwd(grad.contiguous(), *args, kernel, needs) if any(needs) else [])
+        out = tuple(next(grads) if wants.get(i) else None for i in range(len(args)))
+        return out + (None,) * (ctx.arity - len(out))
 
     fwd.register_autograd(autograd, setup_context=setup)
     return fwd

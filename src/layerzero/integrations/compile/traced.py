@@ -9,7 +9,9 @@ Each stand-in validates the call (so a bad call fails when traced, with layerzer
 * an attention kernel with a :class:`~layerzero.spec.ResidualPair`: one ``layerzero::kernel_attention``
   node whose backward reuses the saved output and log-sum-exp (:mod:`.residual`);
 * anything else: the dispatched custom op (``layerzero::attention``, ``layerzero::rms_norm``, ...), which
-  selects at run time and recomputes the forward in its backward (:mod:`.dispatched`).
+  recomputes the forward in its backward (:mod:`.dispatched`). Attention's selects at run time; a
+  row-wise op runs the opaque kernel selection chose at trace time (its ``kernel=`` argument), or
+  selects at run time where none was chosen (a live policy scope).
 
 Packed and paged attention and sampling are always dispatched ops (:mod:`.dispatched_serving`): their
 kernels read the batch layout from tensor values or draw random numbers.
@@ -26,6 +28,7 @@ from layerzero.integrations.compile.choose import (
     LIVE,
     NATIVE_IMPLS,
     OPAQUE,
+    PINNED,
     RESIDUAL,
     RUNTIME,
     bucket,
@@ -127,61 +130,66 @@ def _rows_kernel(operation: str, x: Tensor, grad: bool, interleaved: bool = Fals
     return kid
 
 
-def _native(kid: str) -> Any:
-    """The traced PyTorch function for ``kid``, or None for the dispatched op (no row-wise residual op yet)."""
-    return None if kid == OPAQUE or kid.startswith(RESIDUAL) else NATIVE_IMPLS[kid]
+def _route(kid: str) -> tuple[Any, str]:
+    """``(the traced PyTorch function for kid, "")``, or ``(None, the kernel= of the dispatched op)``: the pinned
+    kernel, or "" to select at run time (no row-wise residual op yet)."""
+    if kid.startswith(PINNED):
+        return None, kid[len(PINNED):]
+    if kid == OPAQUE or kid.startswith(RESIDUAL):
+        return None, ""
+    return NATIVE_IMPLS[kid], ""
 
 
 def traced_rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
     NORMS_MOD.RMS_NORM.validate("rms_norm", (x, weight, eps))
-    fn = _native(_rows_kernel("rms_norm", x, _grad(x, weight)))
-    return rms_norm_op(x, weight, float(eps)) if fn is None else fn(x, weight, eps)
+    fn, pin = _route(_rows_kernel("rms_norm", x, _grad(x, weight)))
+    return rms_norm_op(x, weight, float(eps), pin) if fn is None else fn(x, weight, eps)
 
 
 def traced_layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
                       eps: float = 1e-5) -> Tensor:
     NORMS_MOD.LAYER_NORM.validate("layer_norm", (x, weight, bias, eps))
-    fn = _native(_rows_kernel("layer_norm", x, _grad(x, weight, bias)))
-    return layer_norm_op(x, weight, bias, float(eps)) if fn is None else fn(x, weight, bias, eps)
+    fn, pin = _route(_rows_kernel("layer_norm", x, _grad(x, weight, bias)))
+    return layer_norm_op(x, weight, bias, float(eps), pin) if fn is None else fn(x, weight, bias, eps)
 
 
 def traced_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
     ELEMENTWISE_MOD.ROPE.validate("rope", (x, cos, sin, interleaved))
-    fn = _native(_rows_kernel("rope", x, _grad(x, cos, sin), bool(interleaved), x.shape[-1]))
-    return rope_op(x, cos, sin, interleaved) if fn is None else fn(x, cos, sin, interleaved)
+    fn, pin = _route(_rows_kernel("rope", x, _grad(x, cos, sin), bool(interleaved), x.shape[-1]))
+    return rope_op(x, cos, sin, interleaved, pin) if fn is None else fn(x, cos, sin, interleaved)
 
 
 def traced_swiglu(gate: Tensor, up: Tensor) -> Tensor:
     ELEMENTWISE_MOD.SWIGLU.validate("swiglu", (gate, up))
-    fn = _native(_rows_kernel("swiglu", gate, _grad(gate, up)))
-    return swiglu_op(gate, up) if fn is None else fn(gate, up)
+    fn, pin = _route(_rows_kernel("swiglu", gate, _grad(gate, up)))
+    return swiglu_op(gate, up, pin) if fn is None else fn(gate, up)
 
 
 def traced_geglu(gate: Tensor, up: Tensor, approximate: str = "tanh") -> Tensor:
     ELEMENTWISE_MOD.GEGLU.validate("geglu", (gate, up, approximate))
-    fn = _native(_rows_kernel("geglu", gate, _grad(gate, up), approximate=approximate))
-    return geglu_op(gate, up, approximate) if fn is None else fn(gate, up, approximate)
+    fn, pin = _route(_rows_kernel("geglu", gate, _grad(gate, up), approximate=approximate))
+    return geglu_op(gate, up, approximate, pin) if fn is None else fn(gate, up, approximate)
 
 
 def traced_gelu(x: Tensor, approximate: str = "none") -> Tensor:
     ELEMENTWISE_MOD.GELU.validate("gelu", (x, approximate))
-    fn = _native(_rows_kernel("gelu", x, _grad(x), approximate=approximate))
-    return gelu_op(x, approximate) if fn is None else fn(x, approximate)
+    fn, pin = _route(_rows_kernel("gelu", x, _grad(x), approximate=approximate))
+    return gelu_op(x, approximate, pin) if fn is None else fn(x, approximate)
 
 
 def traced_silu(x: Tensor) -> Tensor:
     ELEMENTWISE_MOD.SILU.validate("silu", (x,))
-    fn = _native(_rows_kernel("silu", x, _grad(x)))
-    return silu_op(x) if fn is None else fn(x)
+    fn, pin = _route(_rows_kernel("silu", x, _grad(x)))
+    return silu_op(x, pin) if fn is None else fn(x)
 
 
 def traced_cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100, label_smoothing: float = 0.0,
                          reduction: str = "mean") -> Tensor:
     args = (logits, target, ignore_index, label_smoothing, reduction)
     LOSSES_MOD.CROSS_ENTROPY.validate("cross_entropy", args)
-    fn = _native(_rows_kernel("cross_entropy", logits, _grad(logits)))
+    fn, pin = _route(_rows_kernel("cross_entropy", logits, _grad(logits)))
     if fn is None:
-        return cross_entropy_op(logits, target, int(ignore_index), float(label_smoothing), reduction)
+        return cross_entropy_op(logits, target, int(ignore_index), float(label_smoothing), reduction, pin)
     return fn(*args)
 
 
@@ -191,11 +199,11 @@ def traced_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, 
     args = (hidden, weight, target, bias, ignore_index, label_smoothing, reduction, softcap)
     LINEAR_LOSSES_MOD.LINEAR_CROSS_ENTROPY.validate("linear_cross_entropy", args)
     # as the op's context: hidden_size is the vocabulary, head_dim the model's width, rows the tokens
-    fn = _native(_rows_kernel("linear_cross_entropy", hidden, _grad(hidden, weight, bias), head_dim=hidden.shape[1],
+    fn, pin = _route(_rows_kernel("linear_cross_entropy", hidden, _grad(hidden, weight, bias), head_dim=hidden.shape[1],
                               width=weight.shape[0]))
     if fn is None:
         return linear_cross_entropy_op(hidden, weight, target, bias, int(ignore_index), float(label_smoothing),
-                                       reduction, None if softcap is None else float(softcap))
+                                       reduction, None if softcap is None else float(softcap), pin)
     return fn(*args)
 
 
