@@ -140,7 +140,11 @@ def test_packed_layout_from_position_ids_and_keywords() -> None:
     cu_q, cu_k, max_q, max_k = packed.packed_layout(q, q, None, {"position_ids": pos})
     assert cu_q.tolist() == [0, 3, 4, 6] and cu_q.dtype == torch.int32 and (max_q, max_k) == (3, 3)
     assert packed.packed_layout(q, q, None, {"position_ids": torch.arange(6)[None]}) is None  # one sequence
-    assert packed.packed_layout(q.expand(2, -1, -1, -1), q, None, {"position_ids": pos}) is None  # batch 2
+    two = q.expand(2, -1, -1, -1)
+    cu_2, _, max_2, _ = packed.packed_layout(two, two, None, {"position_ids": pos})  # (1, L) ids, 2 rows
+    assert cu_2.tolist() == [0, 3, 4, 6, 9, 10, 12] and max_2 == 3  # every row starts a sequence
+    plain = torch.arange(6).expand(2, 6)
+    assert packed.packed_layout(two, two, None, {"position_ids": plain}) is None  # an ordinary batch: dense
     assert packed.packed_layout(q, torch.randn(1, 4, 9, 8), None, {"position_ids": pos}) is None  # a cache
     given = {"cu_seq_lens_q": torch.tensor([0, 2, 6]), "cu_seq_lens_k": [0, 2, 6], "max_length_q": torch.tensor(4)}
     cu_q, cu_k, max_q, max_k = packed.packed_layout(q, q, None, given)
@@ -163,3 +167,47 @@ def test_compiled_packed_batch_has_no_graph_break_and_matches_eager() -> None:
         torch.testing.assert_close(compiled(inputs["input_ids"], inputs["position_ids"]), eager,
                                    rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
+
+
+ROWS = ((5, 1, 9), (7, 8))  # two packed rows of 15 tokens (a packing collator's batch)
+
+
+def _rows(seed: int = 4) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [[torch.randint(0, 128, (n,), generator=gen) for n in row] for row in ROWS]
+    ids = torch.stack([torch.cat(row) for row in seqs])
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in ROWS])
+    return {"input_ids": ids, "position_ids": pos}, [s for row in seqs for s in row]
+
+
+def test_packed_rows_match_each_sequence_alone(operations: list[str]) -> None:
+    model = _model(attn_implementation="layerzero")
+    inputs, seqs = _rows()
+    want = _alone(model, seqs)
+    operations.clear()
+    with torch.no_grad():
+        got = model(**inputs, use_cache=False).logits  # (2, 15, vocab)
+    torch.testing.assert_close(got.reshape(-1, got.shape[-1]), want, rtol=1e-9, atol=1e-9)
+    assert operations == ["attention_varlen"] * _CONFIG["num_hidden_layers"]
+    ref = _model(attn_implementation="sdpa")  # transformers' packed mask per row, on sdpa
+    with torch.no_grad():
+        torch.testing.assert_close(got, ref(**inputs, use_cache=False).logits, rtol=1e-9, atol=1e-9)
+
+
+def test_packed_rows_with_dropout_run_a_block_diagonal_mask_per_row(operations: list[str]) -> None:
+    model = _model(attention_dropout=0.5, attn_implementation="layerzero").train()
+    inputs, seqs = _rows(5)
+    model(**inputs, use_cache=False).logits.sum().backward()
+    assert set(operations) == {"attention"}
+    model.config.attention_dropout = 0.0
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.0
+    cu = torch.tensor([0, 5, 6, 15, 22, 30], dtype=torch.int32)
+    q = torch.randn(2, 4, 15, 8, dtype=torch.float64)
+    mask = packed.block_diagonal_mask(cu, 30, True, None, rows=2)
+    assert mask.shape == (2, 1, 15, 15)
+    assert bool(mask[1, 0, 7, 6]) is False and bool(mask[1, 0, 8, 7]) is True  # row 1: sequences 7 + 8
+    got = packed.packed_attention(q, q, q, (cu, cu, 9, 9), 0.5, None, True, None, sinks=torch.zeros(4))
+    assert got.shape == (2, 15, 4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, use_cache=False).logits.reshape(30, -1), _alone(model, seqs))
