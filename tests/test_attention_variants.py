@@ -398,9 +398,12 @@ def test_cli_explain_takes_the_variants(capsys: pytest.CaptureFixture[str]) -> N
     assert "softcap is not supported" in out and "sinks are not supported" in out
 
 
-def test_variants_under_torch_compile_match_eager_with_gradients() -> None:
-    """softcap, sinks and ALiBi through torch.compile(fullgraph=True): one dispatched node, no graph break, the
-    same output and the same gradients for q and sinks as the eager call."""
+@pytest.mark.parametrize("softcap", [5.0, None], ids=["softcap+sinks+alibi", "sinks+alibi"])
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_variants_under_torch_compile_match_eager_with_gradients(softcap: float | None, backend: str) -> None:
+    """softcap, sinks and ALiBi through torch.compile(fullgraph=True): traced as PyTorch code (the native
+    kernel selected at trace time, no layerzero node for Inductor to stop at), no graph break, the same output
+    and the same gradients for q and sinks as the eager call."""
     from layerzero.integrations import compile as lzc
 
     assert "attention" in lzc.install()  # lz.attention's signature (with the variants) matches its stand-in
@@ -412,16 +415,37 @@ def test_variants_under_torch_compile_match_eager_with_gradients() -> None:
     slopes = torch.rand(4, generator=g)
 
     def f(q: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
-        return lz.attention(q, k, v, is_causal=True, softcap=5.0, sinks=sinks, alibi_slopes=slopes)
+        return lz.attention(q, k, v, is_causal=True, softcap=softcap, sinks=sinks, alibi_slopes=slopes)
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(f)(q, sinks)
+    targets = [str(n.target) for gr in explanation.graphs for n in gr.graph.nodes if n.op == "call_function"]
+    assert explanation.graph_break_count == 0 and not any("layerzero" in t for t in targets), targets
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
     out_c = compiled(q, sinks)
     out_e = f(q, sinks)
-    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
     gq_c, gs_c = torch.autograd.grad(out_c.square().sum(), (q, sinks))
     gq_e, gs_e = torch.autograd.grad(out_e.square().sum(), (q, sinks))
-    torch.testing.assert_close(gq_c, gq_e)
-    torch.testing.assert_close(gs_c, gs_e)
-    want = attention_reference(q.double(), k.double(), v.double(), is_causal=True, softcap=5.0, sinks=sinks.double(),
-                               alibi_slopes=slopes.double())
+    torch.testing.assert_close(gq_c, gq_e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gs_c, gs_e, atol=1e-5, rtol=1e-5)
+    want = attention_reference(q.double(), k.double(), v.double(), is_causal=True, softcap=softcap,
+                               sinks=sinks.double(), alibi_slopes=slopes.double())
     torch.testing.assert_close(out_c.double(), want, atol=1e-4, rtol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_variants_inside_a_policy_scope_run_the_dispatched_op_under_compile() -> None:
+    q = torch.randn(1, 2, 4, 8)
+
+    def f(q: torch.Tensor) -> torch.Tensor:
+        return lz.attention(q, q, q, is_causal=True, softcap=3.0)
+
+    torch._dynamo.reset()
+    with lz.lock("attention*", "torch_attention_eager"):
+        explanation = torch._dynamo.explain(f)(q)
+        targets = [str(n.target) for gr in explanation.graphs for n in gr.graph.nodes if n.op == "call_function"]
+        assert "layerzero.attention.default" in targets
+        torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q), f(q))
+    torch._dynamo.reset()

@@ -150,3 +150,24 @@ def test_attention_forward_refuses_per_query_sinks() -> None:
     q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
     with pytest.raises(InvalidInputError, match="sinks \\(a sink logit per query\\) is not supported"):
         lzt.attention_forward(nn.Module(), q, k, v, None, sinks=torch.zeros(1, 2, 5, 1))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_tiny_model_compiles_whole_with_its_variant_traced_as_pytorch_code(name: str) -> None:
+    """torch.compile(fullgraph=True) of Gemma 2 / GPT-OSS on "layerzero": the softcap / sinks attention is
+    traced as PyTorch code (no layerzero node: Inductor sees it as it sees "eager"), logits as eager's."""
+    torch._dynamo.reset()
+    ref, ours = _pair(name, "cpu", torch.float32)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+
+    def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return model(ids, use_cache=False).logits
+
+    explanation = torch._dynamo.explain(lambda i: logits(ours, i))(ids)
+    targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert explanation.graph_break_count == 0 and not any("layerzero" in t for t in targets)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(lambda i: logits(ours, i), fullgraph=True, backend="aot_eager")(ids)
+        torch.testing.assert_close(got, logits(ref, ids), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()

@@ -92,17 +92,24 @@ def _select(operation: str, ctx: SelectionContext) -> Selection | None:
 def choose_attention(version: int, scopes: int, operation: str, dtype: torch.dtype, device: torch.device,
                      b: int | None, hq: int, hkv: int, sq: int | None, sk: int | None, d: int, dv: int,
                      causal: bool, mask_kind: str, dropout_p: float, scale: float | None, window: int | None,
-                     grad: bool, deterministic: bool, contiguous: bool) -> str:
-    """The attention kernel for this traced call (``version`` and ``scopes`` are there to be guarded)."""
+                     grad: bool, deterministic: bool, contiguous: bool, softcap: bool = False, sinks: bool = False,
+                     alibi: bool = False) -> str:
+    """The attention kernel for this traced call (``version`` and ``scopes`` are there to be guarded).
+
+    With a variant (``softcap``, ``sinks``, ``alibi``) only a native kernel is an answer: the residual
+    attention op takes no variant arguments, so an opaque choice runs the dispatched op."""
     if scopes:
         return OPAQUE  # a policy scope is live: run-time dispatch reads it
     ctx = SelectionContext(device=device, dtype=dtype, batch_size=b, seq_len_q=sq, seq_len_k=sk, num_heads=hq,
                            num_kv_heads=hkv, head_dim=d, head_dim_v=dv, layout="BHSD", is_causal=causal,
                            mask_kind=mask_kind, dropout_p=dropout_p, scale=scale, window=window,
                            requires_grad=grad, deterministic=deterministic, is_contiguous=contiguous,
-                           compiling=True)
+                           compiling=True, softcap=softcap, sinks=sinks, alibi=alibi)
     sel = _select(operation, ctx)
-    return OPAQUE if sel is None else answer(sel, None not in (b, sq, sk))
+    kid = OPAQUE if sel is None else answer(sel, None not in (b, sq, sk))
+    if (softcap or sinks or alibi) and kid.startswith(RESIDUAL):
+        return OPAQUE
+    return kid
 
 
 @torch.compiler.assume_constant_result

@@ -13,6 +13,9 @@ Each stand-in validates the call (so a bad call fails when traced, with layerzer
   row-wise op runs the opaque kernel selection chose at trace time (its ``kernel=`` argument), or
   selects at run time where none was chosen (a live policy scope).
 
+Attention variants (softcap, sinks, ALiBi) are traced too when a native kernel serves them; the residual op
+takes none, so an opaque choice for a variant call is the dispatched op.
+
 Packed and paged attention and sampling are always dispatched ops (:mod:`.dispatched_serving`): their
 kernels read the batch layout from tensor values or draw random numbers.
 """
@@ -73,13 +76,15 @@ def _grad(*tensors: Tensor | None) -> bool:
 
 
 def _attention_kernel(operation: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                      dropout_p: float, scale: float | None, window: int | None) -> str:
-    """The trace-time choice; reading ``RUNTIME.version`` and ``LIVE.scopes`` here makes Dynamo guard on them."""
+                      dropout_p: float, scale: float | None, window: int | None,
+                      variants: tuple[bool, bool, bool] = (False, False, False)) -> str:
+    """The trace-time choice; reading ``RUNTIME.version`` and ``LIVE.scopes`` here makes Dynamo guard on them.
+    ``variants``: whether the call has a softcap, sinks, ALiBi slopes."""
     mask_kind = "none" if attn_mask is None else "bool" if attn_mask.dtype == torch.bool else "additive"
     contiguous = q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     head = (RUNTIME.version, LIVE.scopes, operation, q.dtype, q.device)
     tail = (mask_kind, float(dropout_p), scale, window, _grad(q, k, v),
-            torch.are_deterministic_algorithms_enabled(), contiguous)
+            torch.are_deterministic_algorithms_enabled(), contiguous, *variants)
     hq, hkv, d, dv = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
     kid = choose_attention(*head, None, hq, hkv, None, None, d, dv, is_causal, *tail)
     if kid == BUCKETS:
@@ -100,10 +105,12 @@ def traced_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | Non
     if bshd:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     args = (q, k, v, attn_mask, is_causal, dropout_p, scale, window)
-    variants = softcap is not None or sinks is not None or alibi_slopes is not None
+    flags = (softcap is not None, sinks is not None, alibi_slopes is not None)
+    variants = any(flags)
     ATTENTION_MOD.ATTENTION.validate(operation, (*args, softcap, sinks, alibi_slopes) if variants else args)
-    # a variant (softcap, sinks, ALiBi) runs as the dispatched op: its kernels are chosen at run time
-    kid = OPAQUE if variants else _attention_kernel(operation, *args)
+    # a variant (softcap, sinks, ALiBi) is traced when a native kernel serves it (PyTorch's SDPA with an
+    # additive mask for sinks and ALiBi, attention in PyTorch ops for a softcap), else the dispatched op runs
+    kid = _attention_kernel(operation, *args, flags)
     if kid == OPAQUE:
         seed = None
         if dropout_p > 0.0:
@@ -112,6 +119,8 @@ def traced_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | Non
                            sinks, alibi_slopes)
     elif kid.startswith(RESIDUAL):
         out = residual_attention(kid[len(RESIDUAL):], *args)
+    elif variants:
+        out = NATIVE_IMPLS[kid](*args, softcap, sinks, alibi_slopes)
     else:
         out = NATIVE_IMPLS[kid](*args)
     return out.transpose(1, 2) if bshd else out
