@@ -188,3 +188,17 @@ def test_liger_pinned_under_compile_on_cuda(attached: PerfDB, grad: bool) -> Non
         (g,) = torch.autograd.grad(y.float().sum(), x)
         (g_ref,) = torch.autograd.grad(want.float().sum(), ref)
         torch.testing.assert_close(g, g_ref, atol=3e-2, rtol=3e-2)
+
+
+def test_cli_tune_compiled(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    from layerzero.cli import main
+
+    db = str(tmp_path / "cli.db")
+    assert main(["tune", "--compiled", "--ops", "attention.causal", "--device", "cpu", "--db", db]) == 2
+    assert "compiled-mode tuning covers" in capsys.readouterr().err
+    torch._dynamo.reset()
+    assert main(["tune", "--compiled", "--ops", "silu", "--shapes", "rows=32,hidden=64", "--device", "cpu",
+                 "--db", db, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "hidden=64;grad=0;compiled=1" in out and "torch.compile: Inductor's code" in out
+    torch._dynamo.reset()
