@@ -177,7 +177,9 @@ def _cache_keyword(model: Any) -> str:
     """``cache`` (transformers 5.2x) or ``past_key_values`` (earlier): what ``model.forward`` takes."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # the class's forward: patch() installs a (*args, **kwargs) forward on the instance
+    forward = getattr(type(model), "forward", model.forward)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _cache_of(out: Any) -> Any:
