@@ -13,10 +13,8 @@ must reject causal calls with ``seq_q != seq_k``.
 
 from __future__ import annotations
 
-import importlib.machinery
 import math
 import sys
-import types
 from collections.abc import Iterator
 
 import pytest
@@ -29,17 +27,10 @@ from layerzero.backends import xformers as xf_backend
 from layerzero.ops.attention import attention_reference
 from layerzero.runtime import get_runtime
 from layerzero.spec import ReasonCode
+from fake_modules import fake_module as _module
 from lower_right import lower_right
 
 SM90 = dict(device="cuda", compute_capability=(9, 0))
-
-
-def _module(name: str, **attrs: object) -> types.ModuleType:
-    mod = types.ModuleType(name)
-    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    for k, v in attrs.items():
-        setattr(mod, k, v)
-    return mod
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, keep: torch.Tensor | None,

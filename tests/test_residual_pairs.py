@@ -11,10 +11,8 @@ dS = P * (dP - rowsum(dO * O))), so a wrong residual gives wrong gradients. Each
 
 from __future__ import annotations
 
-import importlib.machinery
 import math
 import sys
-import types
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,6 +28,7 @@ from layerzero.errors import KernelNotSupportedError
 from layerzero.integrations import compile as lzc
 from layerzero.ops.attention import attention_reference
 from layerzero.spec import KernelSpec
+from fake_modules import fake_module as _module
 from lower_right import lower_right
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -189,14 +188,6 @@ def xf_backward(grad, output, lse, query, key, value, attn_bias=None, p=0.0, sca
 
 def _not_on_this_path(*args: Any, **kwargs: Any) -> Any:
     raise AssertionError("memory_efficient_attention (the autograd API) is not what the pair calls")
-
-
-def _module(name: str, **attrs: object) -> types.ModuleType:
-    mod = types.ModuleType(name)
-    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    for k, v in attrs.items():
-        setattr(mod, k, v)
-    return mod
 
 
 @pytest.fixture

@@ -72,8 +72,8 @@ def _from_position_ids(position_ids: torch.Tensor, rows: int, device: torch.devi
 def _cached_from_position_ids(position_ids: torch.Tensor, rows: int, device: torch.device) -> Layout | None:
     """:func:`_from_position_ids`, remembered for the last tensor (the layers of one forward share it)."""
     if _LAST:
-        ref, version, dev, layout = _LAST[0]
-        if ref() is position_ids and version == position_ids._version and dev == (device, rows):
+        ref, version, where, layout = _LAST[0]
+        if ref() is position_ids and version == position_ids._version and where == (device, rows):
             return layout
     layout = _from_position_ids(position_ids, rows, device)
     _LAST[:] = [(weakref.ref(position_ids), position_ids._version, (device, rows), layout)]

@@ -255,13 +255,10 @@ def compiled_contexts(operation: str, contexts: list[SelectionContext]) -> list[
     kernel inside the dispatched op).
 
     Raises:
-        ValueError: ``operation`` is not row-wise (attention under compile is ranked as in eager).
+        InvalidInputError: ``operation`` is not row-wise (attention under compile is ranked as in eager); a
+            ``ValueError`` as the other problems of a grid.
     """
-    from layerzero.integrations.compile.timed import COMPILED_FAMILIES
+    from layerzero.integrations.compile.timed import compiled_family
 
-    family = canonical_operation(operation).split(".", 1)[0]
-    if family not in COMPILED_FAMILIES:
-        raise ValueError(f"compiled-mode tuning covers {', '.join(sorted(COMPILED_FAMILIES))}; not {operation} "
-                         "(attention under torch.compile runs PyTorch's SDPA code or a kernel with a residual "
-                         "pair, ranked as in eager)")
+    compiled_family(operation)
     return [c.replace(compiling=True) for c in contexts]

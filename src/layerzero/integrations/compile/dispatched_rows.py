@@ -28,8 +28,8 @@ from layerzero.integrations.compile.dispatched import dense, recompute_grads
 
 __all__ = ["rms_norm_op", "layer_norm_op", "rope_op", "swiglu_op", "geglu_op", "gelu_op", "silu_op", "cross_entropy_op",
            "linear_cross_entropy_op", "NORMS_MOD", "ELEMENTWISE_MOD", "LOSSES_MOD", "LINEAR_LOSSES_MOD", "lz_rms_norm", "lz_layer_norm", "lz_rope", "lz_swiglu",
-           "lz_geglu", "lz_gelu", "lz_silu", "lz_cross_entropy", "lz_linear_cross_entropy", "ROW_OPS", "RowOp", "define_dispatched",
-           "pinned_call", "BROKEN"]
+           "lz_geglu", "lz_gelu", "lz_silu", "lz_cross_entropy", "lz_linear_cross_entropy", "ROW_OPS", "ROW_CUSTOM_OPS",
+           "RowOp", "define_dispatched", "pinned_call", "BROKEN"]
 
 Tensor = torch.Tensor
 log = logging.getLogger("layerzero")
@@ -193,13 +193,14 @@ def define_dispatched(row: RowOp) -> Any:
     return fwd
 
 
-_DEFINED = {row.name: define_dispatched(row) for row in ROW_OPS}
-rms_norm_op = _DEFINED["rms_norm"]
-layer_norm_op = _DEFINED["layer_norm"]
-rope_op = _DEFINED["rope"]
-swiglu_op = _DEFINED["swiglu"]
-geglu_op = _DEFINED["geglu"]
-gelu_op = _DEFINED["gelu"]
-silu_op = _DEFINED["silu"]
-cross_entropy_op = _DEFINED["cross_entropy"]
-linear_cross_entropy_op = _DEFINED["linear_cross_entropy"]
+#: Row op name -> its dispatched custom op.
+ROW_CUSTOM_OPS: dict[str, Any] = {row.name: define_dispatched(row) for row in ROW_OPS}
+rms_norm_op = ROW_CUSTOM_OPS["rms_norm"]
+layer_norm_op = ROW_CUSTOM_OPS["layer_norm"]
+rope_op = ROW_CUSTOM_OPS["rope"]
+swiglu_op = ROW_CUSTOM_OPS["swiglu"]
+geglu_op = ROW_CUSTOM_OPS["geglu"]
+gelu_op = ROW_CUSTOM_OPS["gelu"]
+silu_op = ROW_CUSTOM_OPS["silu"]
+cross_entropy_op = ROW_CUSTOM_OPS["cross_entropy"]
+linear_cross_entropy_op = ROW_CUSTOM_OPS["linear_cross_entropy"]

@@ -25,17 +25,29 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.errors import KernelNotSupportedError
-from layerzero.integrations.compile.dispatched_rows import ROW_OPS
+from layerzero.errors import InvalidInputError
+from layerzero.integrations.compile.dispatched_rows import ROW_CUSTOM_OPS
 from layerzero.ops import canonical_operation
 from layerzero.spec import KernelSpec
 
-__all__ = ["COMPILED_FAMILIES", "compiled_callable"]
-
-_OPS = {row.name: getattr(torch.ops.layerzero, row.name) for row in ROW_OPS}
+__all__ = ["COMPILED_FAMILIES", "compiled_family", "compiled_callable"]
 
 #: The operation families compiled-mode tuning covers (those whose traced call can be Inductor's code).
-COMPILED_FAMILIES: frozenset[str] = frozenset(_OPS)
+COMPILED_FAMILIES: frozenset[str] = frozenset(ROW_CUSTOM_OPS)
+
+
+def compiled_family(operation: str) -> str:
+    """``operation``'s family when compiled-mode tuning covers it.
+
+    Raises:
+        InvalidInputError: it does not (attention under compile is ranked as in eager).
+    """
+    family = canonical_operation(operation).split(".", 1)[0]
+    if family not in COMPILED_FAMILIES:
+        raise InvalidInputError(
+            f"compiled-mode tuning covers {', '.join(sorted(COMPILED_FAMILIES))}; not {operation} (attention "
+            "under torch.compile runs PyTorch's SDPA code or a kernel with a residual pair, ranked as in eager)")
+    return family
 
 
 def _fresh(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -51,13 +63,7 @@ def compiled_callable(spec: KernelSpec, operation: str, ctx: SelectionContext) -
     """``spec`` for ``operation`` as a compiled graph runs it: Inductor's code for a ``compile_native`` kernel,
     else the dispatched custom op pinned to ``spec`` (``kernel=spec.kernel_id``). Takes the op's arguments
     (``OpDef.make_inputs`` order); compiles on its first call."""
-    family = canonical_operation(operation).split(".", 1)[0]
-    op = _OPS.get(family)
-    if op is None:
-        raise KernelNotSupportedError(
-            f"compiled-mode tuning covers {', '.join(sorted(COMPILED_FAMILIES))}; not {operation} (attention "
-            "under torch.compile runs PyTorch's SDPA code or a kernel with a residual pair, ranked as in eager)",
-            kernel_id=spec.kernel_id, reasons=[])
+    op = ROW_CUSTOM_OPS[compiled_family(operation)]
     if spec.compile_native:
         body: Callable[..., Any] = spec.impl
     else:
