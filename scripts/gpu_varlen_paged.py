@@ -75,19 +75,20 @@ def correctness() -> list[dict[str, Any]]:
     pop = lz.ops.OPS["attention_paged"]
     for page in (16, 256):
         q, kc, vc, table, _ = _paged(4, 700, 8, 2, 128, page)
-        for sq in (1, 4):
+        for sq, window in ((1, None), (4, None), (1, 100), (160, None), (160, 200)):
             lens = torch.tensor([700, sq, 333, 512], dtype=torch.int32, device=DEV)  # >= seq_q: the new tokens
-            full = (q.expand(4, sq, 8, 128).contiguous(), kc, vc, table, lens, True, None, None, None)
+            qs = torch.randn(4, sq, 8, 128, device=DEV, dtype=DT)
+            full = (qs, kc, vc, table, lens, True, None, window, None)
             ref = paged_reference(*full)
             for spec in _kernels("attention_paged", pop.context("attention_paged", full)):
                 try:
                     err = (spec.impl(*full).double() - ref).abs().max().item()
                 except Exception as exc:  # reported, not fatal: the other kernels still get checked and timed
                     rows.append({"op": "attention_paged", "kernel": spec.kernel_id, "page": page, "seq_q": sq,
-                                 "error": f"{type(exc).__name__}: {exc}"[:200], "ok": False})
+                                 "window": window, "error": f"{type(exc).__name__}: {exc}"[:200], "ok": False})
                     continue
                 rows.append({"op": "attention_paged", "kernel": spec.kernel_id, "page": page, "seq_q": sq,
-                             "max_err": err, "ok": err < 3e-2})
+                             "window": window, "max_err": err, "ok": err < 3e-2})
     return rows
 
 
@@ -118,6 +119,12 @@ def packed_vs_padded(quick: bool) -> list[dict[str, Any]]:
             continue
         ms = _time(lambda s=spec: s.impl(*full), warmup=10, rep=50)
         rows.append({"kernel": spec.kernel_id, "ms": ms, "tokens_per_s": tokens / ms * 1e3 if ms else None})
+        if spec.kernel_id == "flex_attention_varlen":  # once per packed layout (a forward's layers share it)
+            from layerzero.backends import flex_varlen
+
+            ms = _time(lambda: (flex_varlen.MASKS.clear(), flex_varlen.varlen_block_mask(
+                args[3], args[4], tokens, tokens, True, None)), warmup=5, rep=25)
+            rows.append({"kernel": "flex_attention_varlen: block mask build", "ms": ms})
     b, s = len(lens), max(lens)  # padded: every sequence to the longest
     qp = torch.randn(b, h, s, d, device=DEV, dtype=DT)
     kp = torch.randn(b, hkv, s, d, device=DEV, dtype=DT)
@@ -141,6 +148,13 @@ def paged_vs_dense(quick: bool) -> list[dict[str, Any]]:
                 ms = _time(lambda s=spec: s.impl(*full), warmup=5, rep=25)
                 rows.append({"batch": b, "context": ctx_len, "page": pg, "kernel": spec.kernel_id,
                              "us": ms * 1e3 if ms else None})
+                if spec.kernel_id == "flex_attention_paged":  # once per decode step (its layers share it)
+                    from layerzero.backends import flex_paged
+
+                    ms = _time(lambda: (flex_paged.MASKS.clear(), flex_paged.paged_block_mask(
+                        args[3], args[4], 1, args[1].shape[0], pg, True, None)), warmup=5, rep=25)
+                    rows.append({"batch": b, "context": ctx_len, "page": pg,
+                                 "kernel": "flex_attention_paged: block mask build", "us": ms * 1e3 if ms else None})
         q = torch.randn(b, h, 1, d, device=DEV, dtype=DT)
         k = torch.randn(b, hkv, ctx_len, d, device=DEV, dtype=DT)
         ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, k, enable_gqa=True), warmup=5, rep=25)

@@ -233,7 +233,8 @@ FAMILY_CASES: dict[str, list[Case]] = {
                          _varlen_case([16, 4], [16, 4], 4, 4, 64, is_causal=True, softcap=5.0)],
     "attention_paged": [_paged_case([40, 3, 17], 1, 8, 2, 64, 16), _paged_case([300, 260], 4, 4, 4, 64, 256),
                         _paged_case([40, 9], 3, 4, 4, 64, 16, window=8),
-                        _paged_case([33, 20], 1, 4, 1, 64, 16, softcap=5.0)],
+                        _paged_case([33, 20], 1, 4, 1, 64, 16, softcap=5.0),
+                        _paged_case([400, 160], 160, 4, 2, 64, 128)],  # chunked prefill: two query blocks
     "attention": ATTENTION_CASES,
     "rms_norm": [_rows_case("rms_norm", (4, 64)), _rows_case("rms_norm", (2, 3, 128), weight=False),
                  _rows_case("rms_norm", (1, 4096))],

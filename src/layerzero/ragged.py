@@ -9,11 +9,14 @@ that sees no key (``sk == 0``, or causal with ``i + sk - sq < 0``) gives zeros, 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
+from typing import Any
 
 import torch
 
 __all__ = ["keep_mask", "softcapped_scores", "attend_math", "varlen_problem", "checked_offsets", "paged_problem",
-           "gather_pages", "lengths"]
+           "gather_pages", "lengths", "LayoutCache"]
 
 
 def keep_mask(sq: int, sk: int, is_causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -118,3 +121,37 @@ def gather_pages(cache: torch.Tensor, pages: torch.Tensor, n: int) -> torch.Tens
     page_size = cache.shape[1]
     used = pages[: -(-n // page_size)].long()
     return cache.index_select(0, used).reshape(-1, *cache.shape[2:])[:n]
+
+
+class LayoutCache:
+    """A small LRU of what was built from index tensors (a block mask per packed or paged layout).
+
+    Keyed by the tensors' memory, layout and version counter, so every layer of one forward (or one decode
+    step) finds the entry, and an in-place edit (the version moves) misses it. Each entry holds its tensors:
+    while it lives their memory cannot be freed and handed to a new tensor, which would otherwise find a
+    stale entry at the same address (a serving loop's fresh ``seq_lens`` every step lands there)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple[Any, ...], tuple[tuple[torch.Tensor, ...], Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(tensors: tuple[torch.Tensor, ...], extra: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (*((t.untyped_storage().data_ptr(), t.storage_offset(), t._version, tuple(t.shape), t.stride(),
+                   t.device.type, t.device.index) for t in tensors), *extra)
+
+    def get(self, tensors: tuple[torch.Tensor, ...], extra: tuple[Any, ...]) -> Any:
+        found = self._entries.get(self.key(tensors, extra))
+        return None if found is None else found[1]
+
+    def put(self, tensors: tuple[torch.Tensor, ...], extra: tuple[Any, ...], value: Any) -> Any:
+        with self._lock:
+            self._entries[self.key(tensors, extra)] = (tensors, value)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

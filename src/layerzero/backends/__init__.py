@@ -24,7 +24,7 @@ log = logging.getLogger("layerzero")
 
 # Modules under layerzero.backends, in registration order.
 BUILTIN_BACKENDS: tuple[str, ...] = ("torch", "flash_attn", "flashinfer", "xformers", "flex", "liger", "flash_attn_varlen",
-                                     "flashinfer_ragged", "xformers_varlen", "flex_varlen")
+                                     "flashinfer_ragged", "xformers_varlen", "flex_varlen", "flex_paged")
 
 _loaded: set[int] = set()
 

@@ -101,7 +101,7 @@ def family_key(device: torch.device, dtype: torch.dtype, d: int, dv: int, is_cau
     return (device.type, device.index, dtype, d, dv, kind, window, scale, bool(variants))
 
 
-def _family_fn(key: tuple[Any, ...]) -> Any:
+def _family_fn(key: tuple[Any, ...], dynamic: bool | None = True) -> Any:
     """The compiled FlexAttention for one family (:func:`family_key`) and size class (``_size_class``).
 
     Each family gets its own code object (a copy of ``_flex_call``'s), because Dynamo keeps its cache and
@@ -109,7 +109,7 @@ def _family_fn(key: tuple[Any, ...]) -> Any:
     of families (causal, full and sliding-window masks each trace another graph, and so does each
     combination of sizes Dynamo specializes: batch 1, one KV head, one block of 128 or several) and fall
     back to eager FlexAttention, which materializes the score matrix. Within one, batch, heads and
-    sequence lengths are dynamic, so it compiles once.
+    sequence lengths are dynamic, so it compiles once (``dynamic=None``: only the sizes marked dynamic are).
     """
     fn = _compiled.get(key)
     if fn is None:
@@ -119,37 +119,44 @@ def _family_fn(key: tuple[Any, ...]) -> Any:
                 base = _flex_variant_call if key[8] else _flex_call
                 code = base.__code__.replace(co_name=f"_flex_family_{len(_compiled)}")
                 family = types.FunctionType(code, base.__globals__, code.co_name)
-                fn = torch.compile(family, dynamic=True, backend=COMPILE_BACKEND[0])
+                fn = torch.compile(family, dynamic=dynamic, backend=COMPILE_BACKEND[0])
                 _compiled[key] = fn
     return fn
 
 
-def _size_class(q: torch.Tensor, k: torch.Tensor) -> tuple[bool, ...]:
-    """The size facts Dynamo specializes on (0/1 sizes: batch, heads, one block of 128 or several)."""
+def _size_class(q: torch.Tensor, k: torch.Tensor, static_bh: bool) -> tuple[Any, ...]:
+    """The size facts Dynamo specializes on (0/1 sizes: batch, heads, one block of 128 or several).
+
+    ``static_bh``: batch and head counts and the key length are part of the class itself (they stay static in
+    the graph: FlexAttention's decoding kernel needs a static batch and head count, and a paged cache's pool
+    has one size), and a query length under 128 is the decoding kernel's case."""
+    if static_bh:
+        return (q.shape[0], q.shape[1], k.shape[1], k.shape[2], q.shape[2] == 1, q.shape[2] < 128)
     return (q.shape[0] == 1, q.shape[1] == 1, k.shape[1] == 1, q.shape[2] == 1, q.shape[2] <= 128,
             k.shape[2] <= 128)
 
 
 def _compiled_call(key: tuple[Any, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Any,
-                   scale: float | None, *extra: Any) -> Any:
+                   scale: float | None, *extra: Any, static_bh: bool = False) -> Any:
     """Run the compiled FlexAttention for the family and size class of this call; never the unfused one.
 
     Each (family, size class) has its own code object, so the 0/1 size specializations Dynamo makes do
     not add up to its recompile limit on one. A code object's first call runs with Dynamo's
     ``fail_on_recompile_limit_hit``, so a family that cannot compile raises (and is rejected from then on,
     see :func:`_check`) instead of running eager FlexAttention. Its sizes are marked dynamic, so one graph
-    serves the size class; the first two calls are watched, later ones run without the patch."""
+    serves the size class (with ``static_bh`` only the query length is dynamic: see :func:`_size_class`);
+    the first two calls are watched, later ones run without the patch."""
     failed = _failed.get(key)
     if failed is not None:
         raise RuntimeError(failed)
-    signature = (*key, *_size_class(q, k))
-    fn = _family_fn(signature)
+    signature = (*key, *_size_class(q, k, static_bh))
+    fn = _family_fn(signature, None if static_bh else True)
     calls = _seen.get(signature, 0)
     if calls >= _WATCHED_CALLS:
         return fn(q, k, v, bm, scale, *extra)
     if calls == 0:  # the first graph already has dynamic sizes (else Dynamo's second one would)
-        for t in (q, k, v):
-            for dim in range(3):
+        for t in (q,) if static_bh else (q, k, v):
+            for dim in (2,) if static_bh else range(3):
                 if t.shape[dim] > 1:
                     torch._dynamo.maybe_mark_dynamic(t, dim)
     try:
@@ -318,7 +325,13 @@ def _specs() -> list[KernelSpec]:
     ]
 
 
-# What layerzero.backends.flex_varlen builds on (public names: nothing private crosses a module).
+def failure(key: tuple[Any, ...]) -> str | None:
+    """Why the family ``key`` cannot be compiled (it reached Dynamo's recompile limit), or None."""
+    return _failed.get(key)
+
+
+# What layerzero.backends.flex_varlen / flex_paged build on (public names: nothing private crosses a module).
+check = _check
 probe = _probe
 load = _load
 lse_of = _lse_of

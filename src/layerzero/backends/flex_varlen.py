@@ -7,8 +7,9 @@ when ``j <= i + n_k - n_q``; a window of ``w`` keeps ``j > i + n_k - n_q - w``),
 applies the softcap. Rows that see no key come out as zeros, as in FlashAttention.
 
 The block mask is built once per packed layout and reused while the offsets are the same tensors (one
-forward runs every layer on the same ``cu_seqlens``): the cache key is the offsets' storage and version,
-so an in-place edit of the offsets builds a new mask. On CUDA the call runs through
+forward runs every layer on the same ``cu_seqlens``): the cache (:class:`layerzero.ragged.LayoutCache`) is
+keyed by the offsets' memory and version and holds them, so an in-place edit of the offsets builds a new
+mask, and new offsets at a freed tensor's address never find its mask. On CUDA the call runs through
 :mod:`layerzero.backends.flex`'s compiled families; ``compiled=False`` runs FlexAttention eagerly (the CPU
 tests, where the unfused implementation is exact but slow).
 
@@ -19,22 +20,19 @@ tuner measures it faster or a policy asks for it.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import Any
 
 import torch
 
 from layerzero.backends import flex
-from layerzero.ragged import checked_offsets
+from layerzero.ragged import LayoutCache, checked_offsets
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec
 
-__all__ = ["flex_varlen_kernel", "varlen_block_mask", "flex_varlen_specs", "register", "BACKENDS", "KERNEL_IDS"]
+__all__ = ["flex_varlen_kernel", "varlen_block_mask", "flex_varlen_specs", "register", "BACKENDS", "KERNEL_IDS",
+           "MASKS"]
 
-_MASKS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-_LOCK = threading.Lock()
-_CACHE_SIZE = 64
+MASKS = LayoutCache(64)
 
 
 def _layout(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,10 +46,8 @@ def _layout(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor, t
 def varlen_block_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, is_causal: bool,
                       window: int | None) -> Any:
     """The cached FlexAttention BlockMask for this packed layout (see the module docstring)."""
-    key = (cu_q.untyped_storage().data_ptr(), cu_q.storage_offset(), cu_q._version, cu_k.untyped_storage().data_ptr(),
-           cu_k.storage_offset(), cu_k._version, cu_q.numel(), cu_k.numel(), total_q, total_k, bool(is_causal),
-           window, cu_q.device.type, cu_q.device.index)
-    found = _MASKS.get(key)
+    tensors, extra = (cu_q, cu_k), (total_q, total_k, bool(is_causal), window)
+    found = MASKS.get(tensors, extra)
     if found is not None:
         return found
     from torch.nn.attention.flex_attention import create_block_mask
@@ -72,11 +68,7 @@ def varlen_block_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, tota
         return keep
 
     mask = create_block_mask(document, None, None, total_q, total_k, device=cu_q.device)
-    with _LOCK:
-        _MASKS[key] = mask
-        while len(_MASKS) > _CACHE_SIZE:
-            _MASKS.popitem(last=False)
-    return mask
+    return MASKS.put(tensors, extra, mask)
 
 
 def flex_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, window, softcap,  # type: ignore[no-untyped-def]
