@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 import layerzero.ops as lz_ops
+from layerzero.integrations import transformers_batching
 from layerzero.integrations.lean_mlp import LeanSwiGLUMLP, lean_applies
 from layerzero.integrations.hf_causal_lm import LOSS_ATTR, ROPE_ATTR, patch_loss, patch_rope, unpatch_causal_lm
 from layerzero.errors import InvalidInputError, LayerZeroError, UnsupportedModelError
@@ -282,6 +283,7 @@ def register(name: str = ATTN_NAME) -> None:
 
         AttentionMaskInterface.register(name, mask_fn)
     _install_model_check()
+    transformers_batching.install(name)
 
 
 def is_registered(name: str = ATTN_NAME) -> bool:

@@ -33,8 +33,9 @@ from typing import Any
 import torch
 
 import layerzero.ops as lz_ops
+from layerzero.ragged import LayoutCache
 
-__all__ = ["packed_layout", "packed_attention", "block_diagonal_mask"]
+__all__ = ["packed_layout", "packed_attention", "block_diagonal_mask", "served_layout", "served_mask"]
 
 Layout = tuple[torch.Tensor, torch.Tensor, int, int]
 _LAST: list[tuple[weakref.ref[torch.Tensor], int, tuple[torch.device, int], Layout | None]] = []
@@ -96,18 +97,41 @@ def _separates(mask: torch.Tensor, cu: torch.Tensor, length: int) -> bool:
     return bool(hidden.all().item())
 
 
+_SERVED = LayoutCache(8)
+
+
+def served_layout(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int) -> Layout:
+    """The layout of a continuous-batching step: its offsets, with the padding after the last sequence (a
+    static-shape batch pads queries and keys; the offsets then plateau) as one more sequence whose output
+    rows are padding too. Read to the host once per step and key layout (its layers share the tensors)."""
+    found = _SERVED.get((cu_q, cu_k), (total_q, total_k))
+    if found is not None:
+        return found
+    oq, ok = cu_q.tolist(), cu_k.tolist()
+    if oq[-1] < total_q or ok[-1] < total_k:
+        oq, ok = [*oq, total_q], [*ok, total_k]
+    longest = (max(b - a for a, b in zip(o[:-1], o[1:], strict=True)) if len(o) > 1 else 0 for o in (oq, ok))
+    layout = (torch.tensor(oq, dtype=torch.int32, device=cu_q.device),
+              torch.tensor(ok, dtype=torch.int32, device=cu_k.device), *longest)
+    return _SERVED.put((cu_q, cu_k), (total_q, total_k), layout)
+
+
 def packed_layout(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                   kwargs: dict[str, Any]) -> Layout | None:
     """``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`` when this call is a packed batch, else None.
 
     ``query``/``key`` are transformers' ``(batch, heads, seq, head_dim)``; the offsets index the rows
     flattened one after the other. Only calls without a cache (as many keys as queries) are packed, as on
-    transformers' flash path.
+    transformers' flash path, and the steps of transformers' continuous batching (``generate_batch``: one
+    row of new tokens, the keys each sequence's cache then its new tokens, ``write_index`` among the
+    keywords), which :func:`served_layout` lays out.
     """
     rows, length = query.shape[0], query.shape[2]
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if rows == 1 and "write_index" in kwargs and isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor):
+        return served_layout(_as_offsets(cu_q, query.device), _as_offsets(cu_k, query.device), length, key.shape[2])
     if key.shape[2] != length or kwargs.get("position_bias") is not None:
         return None
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None:
         cu_q, cu_k = _as_offsets(cu_q, query.device), _as_offsets(cu_k, query.device)
         return cu_q, cu_k, _max_len(kwargs.get("max_length_q"), cu_q), _max_len(kwargs.get("max_length_k"), cu_k)
@@ -140,6 +164,27 @@ def block_diagonal_mask(cu: torch.Tensor, total: int, is_causal: bool, window: i
     return keep[:, None]
 
 
+def served_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, is_causal: bool,
+                window: int | None) -> torch.Tensor:
+    """Boolean ``(1, 1, total_q, total_k)`` mask of one row whose sequences have more keys than queries (a
+    continuous-batching step): each query sees its own sequence's keys, bottom-right causal (the queries are
+    the newest tokens) and within the window."""
+    def layout(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff().long(),
+                                      output_size=total)
+        return seq, torch.arange(total, device=cu.device) - cu.long()[seq]
+
+    seq_q, pos_q = layout(cu_q, total_q)
+    seq_k, pos_k = layout(cu_k, total_k)
+    keep = seq_q[:, None] == seq_k[None, :]
+    if is_causal or window is not None:
+        here = pos_q + (cu_k.diff() - cu_q.diff()).long()[seq_q]  # each query's position among its keys
+        keep &= pos_k[None, :] <= here[:, None]
+        if window is not None:
+            keep &= pos_k[None, :] > here[:, None] - window
+    return keep[None, None]
+
+
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: Layout, dropout: float,
                      scaling: float | None, is_causal: bool, window: int | None, softcap: float | None = None,
                      sinks: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,11 +195,12 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     cu_q, cu_k, max_q, max_k = layout
     rows, length = query.shape[0], query.shape[2]
     if dropout > 0 or sinks is not None:
-        mask = block_diagonal_mask(cu_q, rows * length, is_causal, window, rows)
+        mask = (block_diagonal_mask(cu_q, rows * length, is_causal, window, rows) if key.shape[2] == length
+                else served_mask(cu_q, cu_k, length, key.shape[2], is_causal, window))
         out = lz_ops.attention(query, key, value, attn_mask=mask, dropout_p=float(dropout), scale=scaling,
                                softcap=softcap, sinks=sinks)
         return out.transpose(1, 2).contiguous()
-    q, k, v = (t.transpose(1, 2).reshape(rows * length, t.shape[1], t.shape[3]) for t in (query, key, value))
+    q, k, v = (t.transpose(1, 2).reshape(rows * t.shape[2], t.shape[1], t.shape[3]) for t in (query, key, value))
     out = lz_ops.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=is_causal,
                                   scale=None if scaling is None else float(scaling), window=window, softcap=softcap)
     return out.reshape(rows, length, *out.shape[1:])
