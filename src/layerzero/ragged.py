@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 __all__ = ["keep_mask", "softcapped_scores", "attend_math", "varlen_problem", "checked_offsets", "paged_problem",
-           "gather_pages", "lengths", "LayoutCache"]
+           "gather_pages", "lengths", "LayoutCache", "interval_blocks"]
 
 
 def keep_mask(sq: int, sk: int, is_causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -155,3 +155,26 @@ class LayoutCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+def interval_blocks(a: torch.Tensor, fa: torch.Tensor, fe: torch.Tensor, e: torch.Tensor, width: int, full: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block mask's rows from intervals of block indices: per row the blocks ``[a, e)`` are visited, of which
+    ``[fa, fe)`` are full (every pair visible: no mask evaluated there) and the rest partial.
+
+    Returns ``(partial_count, partial_index, full_count, full_index)``: counts shaped like ``a``, index rows of
+    ``width`` entries (partial ``[a, fa)`` then ``[fe, e)``; full ``[fa, fe)``), clamped into ``[0, width)``
+    past each row's count. ``full=False`` lists every block as partial. Counts below zero read as none."""
+    fa = torch.maximum(fa, a)
+    fe = torch.minimum(fe, e)
+    empty = fa >= fe
+    if not full:
+        empty = torch.ones_like(empty)
+    fa = torch.where(empty, e, fa)
+    fe = torch.where(empty, e, fe)
+    a = torch.minimum(a, fa)
+    n1 = (fa - a).unsqueeze(-1)
+    j = torch.arange(width, device=a.device)
+    partial = torch.where(j < n1, a.unsqueeze(-1) + j, fe.unsqueeze(-1) + j - n1).clamp(0, width - 1)
+    whole = (fa.unsqueeze(-1) + j).clamp(0, width - 1)
+    return (fa - a + e - fe).clamp(min=0), partial, (fe - fa).clamp(min=0), whole

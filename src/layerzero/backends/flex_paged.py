@@ -38,7 +38,7 @@ import torch
 
 from layerzero.backends import flex
 from layerzero.context import SelectionContext
-from layerzero.ragged import LayoutCache, paged_problem
+from layerzero.ragged import LayoutCache, interval_blocks, paged_problem
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
 
@@ -91,24 +91,14 @@ def page_blocks(table: torch.Tensor, seq_lens: torch.Tensor, seq_q: int, num_pag
     if window is not None:
         a = torch.div(first - window + 1, page, rounding_mode="floor").clamp(min=0)
         fa = -torch.div(-(last - window + 1), page, rounding_mode="floor")  # ceil
-        fa = torch.maximum(fa, a)
     else:
         a = fa = torch.zeros_like(e)
-    fe = torch.minimum(fe, e)
-    empty = (fa >= fe) | (not full)  # no full page: all of [a, e) is partial
-    fa = torch.where(empty, e, fa)
-    fe = torch.where(empty, e, fe)
-    a = torch.minimum(a, fa)
-    n1, n2 = fa - a, e - fe
-    j = torch.arange(width, device=dev).view(1, 1, width)
-    logical = torch.where(j < n1.unsqueeze(-1), a.unsqueeze(-1) + j, fe.unsqueeze(-1) + j - n1.unsqueeze(-1))
+    kv_num, logical, full_num, full_logical = interval_blocks(a, fa, fe, e, width, full)
     tab = torch.zeros(batch, width, dtype=torch.long, device=dev)
     tab[:b0] = table.long().clamp(0, num_pages - 1)
-    pick = lambda idx: torch.gather(tab, 1, idx.clamp(0, width - 1).reshape(batch, -1)).view(batch, 1, rows, width)  # noqa: E731
-    kv_indices = pick(logical)
-    full_indices = pick(fa.unsqueeze(-1) + j)
+    pick = lambda idx: torch.gather(tab, 1, idx.reshape(batch, -1)).view(batch, 1, rows, width)  # noqa: E731
     as32 = lambda t: t.to(torch.int32).view(batch, 1, rows)  # noqa: E731
-    return as32((n1 + n2).clamp(min=0)), kv_indices.to(torch.int32), as32(fe - fa), full_indices.to(torch.int32)
+    return as32(kv_num), pick(logical).to(torch.int32), as32(full_num), pick(full_logical).to(torch.int32)
 
 
 def _positions(table: torch.Tensor, seq_lens: torch.Tensor, num_pages: int, page: int, batch: int) -> torch.Tensor:
@@ -140,6 +130,16 @@ def _no_q_blocks() -> dict[str, Any]:
     return {"compute_q_blocks": False} if _FROM_KV_HAS_Q_FLAG[0] else {}
 
 
+def _layout_tensors(table: torch.Tensor, seq_lens: torch.Tensor, seq_q: int, num_pages: int, page: int,
+                    is_causal: bool, window: int | None, batch: int, full: bool) -> tuple[torch.Tensor, ...]:
+    """Everything a step's block mask holds: :func:`page_blocks`, the page-to-position table, the lengths and
+    each sequence's query offset (``lens - seq_q``), padded to ``batch`` (one pure function: compiled on CUDA)."""
+    blocks = page_blocks(table, seq_lens, seq_q, num_pages, page, is_causal, window, batch, full=full)
+    lens = torch.zeros(batch, dtype=torch.long, device=table.device)
+    lens[:table.shape[0]] = seq_lens.long()
+    return (*blocks, _positions(table, seq_lens, num_pages, page, batch), lens, lens - seq_q)
+
+
 def paged_block_mask(table: torch.Tensor, seq_lens: torch.Tensor, seq_q: int, num_pages: int, page: int,
                      is_causal: bool, window: int | None) -> Any:
     """The cached BlockMask of this step's layout (see the module docstring); batch padded to a power of two."""
@@ -151,12 +151,8 @@ def paged_block_mask(table: torch.Tensor, seq_lens: torch.Tensor, seq_q: int, nu
 
     batch = _bucket(table.shape[0])
     decoding = seq_q < Q_BLOCK  # FlexAttention's split-KV decoding kernel: no full blocks (see page_blocks)
-    kv_num, kv_idx, full_num, full_idx = page_blocks(table, seq_lens, seq_q, num_pages, page, is_causal, window,
-                                                     batch, full=not decoding)
-    pos = _positions(table, seq_lens, num_pages, page, batch)
-    lens = torch.zeros(batch, dtype=torch.long, device=table.device)
-    lens[:table.shape[0]] = seq_lens.long()
-    shift = lens - seq_q  # query i of sequence b sits at position i + shift[b]
+    kv_num, kv_idx, full_num, full_idx, pos, lens, shift = flex.built(
+        _layout_tensors, table, seq_lens, seq_q, num_pages, page, bool(is_causal), window, batch, not decoding)
     causal = bool(is_causal) or window is not None
     w = window
 

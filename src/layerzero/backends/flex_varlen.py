@@ -25,12 +25,12 @@ from typing import Any
 import torch
 
 from layerzero.backends import flex
-from layerzero.ragged import LayoutCache, checked_offsets
+from layerzero.ragged import LayoutCache, checked_offsets, interval_blocks
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec
 
-__all__ = ["flex_varlen_kernel", "varlen_block_mask", "flex_varlen_specs", "register", "BACKENDS", "KERNEL_IDS",
-           "MASKS"]
+__all__ = ["flex_varlen_kernel", "varlen_block_mask", "varlen_blocks", "flex_varlen_specs", "register", "BACKENDS",
+           "KERNEL_IDS", "MASKS", "BLOCK"]
 
 MASKS = LayoutCache(64)
 
@@ -43,6 +43,47 @@ def _layout(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor, t
     return seq, idx - cu[seq], cu[1:] - cu[:-1]
 
 
+BLOCK = 128  # FlexAttention's sparse block size, queries and keys
+
+
+def varlen_blocks(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, is_causal: bool,
+                  window: int | None) -> tuple[torch.Tensor, ...]:
+    """The block lists of a packed layout, straight from the offsets (no mask evaluated over the score grid).
+
+    Each query ``i`` of sequence ``s`` sees the packed keys ``[lo(i), hi(i)]``: its sequence's keys, up to its
+    own bottom-right position (causal) and from ``window`` before it. A block of 128 queries visits the key
+    blocks covering the union of its rows' ranges; a key block is full when it lies inside every row's
+    range (the rows' largest ``lo`` to their smallest ``hi``; a row that sees nothing leaves no full block).
+    Returns ``(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)`` shaped ``(1, 1, rows)`` and
+    ``(1, 1, rows, key_blocks)`` (int32), then the mask's per-token tables ``(seq_q, pos_q, seq_k, pos_k, shift)``.
+    """
+    seq_q, pos_q, len_q = _layout(cu_q, total_q)
+    seq_k, pos_k, len_k = _layout(cu_k, total_k)
+    shift = len_k - len_q  # bottom-right: query i of a sequence sits at key position i + n_k - n_q
+    cuk = cu_k.long()
+    lo, hi = cuk[seq_q], cuk[seq_q + 1] - 1  # each query's sequence's keys, packed indices
+    if is_causal or window is not None:
+        here = lo + pos_q + shift[seq_q]
+        hi = torch.minimum(hi, here)
+        if window is not None:
+            lo = torch.maximum(lo, here - window + 1)
+    empty = hi < lo
+    rows, key_blocks = -(-total_q // BLOCK), -(-total_k // BLOCK)
+    pad = rows * BLOCK - total_q  # the last block's missing rows see nothing
+    never = lo.new_full((), total_k + BLOCK)  # a lower bound no key reaches (a tensor: no size specialized)
+    lo = torch.cat([torch.where(empty, never, lo), never.expand(pad)])
+    hi = torch.cat([torch.where(empty, -1, hi), hi.new_full((pad,), -1)])
+    lo, hi = lo.view(rows, BLOCK), hi.view(rows, BLOCK)
+    last = hi.amax(1)
+    e = torch.where(last >= 0, torch.div(last, BLOCK, rounding_mode="floor") + 1, 0)
+    a = torch.minimum(torch.div(lo.amin(1), BLOCK, rounding_mode="floor"), e)
+    fa = torch.div(lo.amax(1) + BLOCK - 1, BLOCK, rounding_mode="floor")
+    fe = torch.clamp(torch.div(hi.amin(1) + 1, BLOCK, rounding_mode="floor"), max=total_k // BLOCK)
+    num, idx, full_num, full_idx = interval_blocks(a, fa, fe, e, key_blocks)
+    as4 = lambda t: t.to(torch.int32).view(1, 1, rows, -1)  # noqa: E731
+    return (as4(num)[..., 0], as4(idx), as4(full_num)[..., 0], as4(full_idx), seq_q, pos_q, seq_k, pos_k, shift)
+
+
 def varlen_block_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, is_causal: bool,
                       window: int | None) -> Any:
     """The cached FlexAttention BlockMask for this packed layout (see the module docstring)."""
@@ -50,11 +91,10 @@ def varlen_block_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, tota
     found = MASKS.get(tensors, extra)
     if found is not None:
         return found
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import BlockMask
 
-    seq_q, pos_q, len_q = _layout(cu_q, total_q)
-    seq_k, pos_k, len_k = _layout(cu_k, total_k)
-    shift = len_k - len_q  # bottom-right: query i of a sequence sits at key position i + n_k - n_q
+    num, idx, full_num, full_idx, seq_q, pos_q, seq_k, pos_k, shift = flex.built(
+        varlen_blocks, cu_q, cu_k, total_q, total_k, bool(is_causal), window)
     causal, w = bool(is_causal) or window is not None, window
 
     def document(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
@@ -67,7 +107,8 @@ def varlen_block_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, tota
                 keep = keep & (pos_k[kv_idx] > here - w)
         return keep
 
-    mask = create_block_mask(document, None, None, total_q, total_k, device=cu_q.device)
+    mask = BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=document,
+                                    seq_lengths=(total_q, total_k))
     return MASKS.put(tensors, extra, mask)
 
 
