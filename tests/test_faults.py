@@ -413,6 +413,48 @@ def test_fallback_results_are_checked_after_a_fast_path_failure() -> None:
     assert d.get_circuit_stats("user_primary").failures == 1
 
 
+@pytest.mark.parametrize("via", ["dispatch", "runtime"])
+def test_a_kernel_that_declines_a_call_is_skipped_and_never_blamed(via: str) -> None:
+    """A limit only the call shows (a pool past 32-bit offsets): the next kernel serves it, the declining
+    kernel's breaker stays closed with no failure, and it serves the next call it can take, cached path
+    included."""
+    from layerzero.errors import KernelDeclinedError
+
+    calls = {"declined": 0}
+
+    def picky(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        if x.shape[0] > 8:
+            calls["declined"] += 1
+            raise KernelDeclinedError("picky_rms_norm: more than 8 rows", kernel_id="picky_rms_norm")
+        return torch.rms_norm(x, x.shape[-1:], w, eps)
+
+    kr = KernelRegistry()
+    kr.register(KernelSpec("picky_rms_norm", "rms_norm", "user", picky, priority=90))
+    kr.register(KernelSpec("user_good", "rms_norm", "user", lambda x, w, eps: rms_ref(x, w).float(), priority=70))
+    config = DispatchConfig(failure_threshold=1, log_fallbacks=False)
+    rt = Runtime(kr, BackendRegistry(), config, clock=FakeClock())
+    from layerzero.dispatch import Dispatcher
+
+    from layerzero.ops.norms import RMS_NORM, RMS_NORM_CONTRACT
+
+    d = Dispatcher(rt)
+    rms_norm = RMS_NORM.bind_contract(RMS_NORM_CONTRACT, rt)  # lz.rms_norm on this runtime
+    w = torch.rand(16) + 0.5
+    for rows in (4, 20, 20, 4, 30):
+        x = torch.randn(rows, 16)
+        if via == "dispatch":
+            r = d.dispatch("rms_norm", {"x": x, "weight": w, "eps": EPS})
+            out, kid = r.output, r.kernel_id
+        else:
+            out, kid = rms_norm(x, w, eps=EPS), None
+        assert_correct(out, rms_ref(x, w))
+        if kid is not None:
+            assert kid == ("picky_rms_norm" if rows <= 8 else "user_good")
+    stats = rt.breakers.get("picky_rms_norm").stats()
+    assert calls["declined"] == 3 and stats.state is CircuitState.CLOSED and stats.failures == 0
+    assert rt.telemetry.kernel("picky_rms_norm", "rms_norm").failures == 0
+
+
 def test_every_kernel_broken_is_one_error_listing_every_attempt() -> None:
     kr = KernelRegistry()
     family = FAMILIES["rms_norm"]

@@ -206,3 +206,15 @@ def test_a_cached_layout_keeps_its_tensors_so_their_address_is_not_reused() -> N
     assert alive() is not None
     flex_paged.MASKS.clear()
     assert alive() is None
+
+
+def test_a_pool_past_32_bit_offsets_is_declined_not_failed() -> None:
+    """The kernel declines (the next kernel serves the call, nothing is counted) instead of failing to compile."""
+    from layerzero.errors import KernelDeclinedError
+
+    big = torch.empty(2**31 // (16 * 2 * 16), 16, 2, 16, dtype=torch.float16, device="meta")
+    q = torch.empty(1, 1, 4, 16, dtype=torch.float16, device="meta")
+    table = torch.zeros(1, 1, dtype=torch.int32, device="meta")
+    with pytest.raises(KernelDeclinedError, match="32-bit offsets"):
+        flex_paged_kernel(q, big, big, table, torch.ones(1, dtype=torch.int32, device="meta"), True, None, None,
+                          None)

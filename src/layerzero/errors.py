@@ -22,6 +22,7 @@ __all__ = [
     "KernelNotFoundError",
     "KernelNotSupportedError",
     "KernelExecutionError",
+    "KernelDeclinedError",
     "AllKernelsFailedError",
     "OutOfMemoryError",
     "ConfigError",
@@ -69,6 +70,17 @@ class KernelNotSupportedError(LayerZeroError, ValueError):
         super().__init__(message)
         self.kernel_id = kernel_id
         self.reasons = list(reasons or [])
+
+
+class KernelDeclinedError(LayerZeroError, RuntimeError):
+    """A kernel found, once it saw the call, a limit of its own that selection cannot see (a paged cache pool
+    past the 32-bit offsets of FlexAttention's kernels, say): the plan's next kernel runs and nothing is
+    counted against this one (no breaker failure, no fallback event): the input is valid, and so is the
+    kernel for every other call."""
+
+    def __init__(self, message: str, *, kernel_id: str = ""):
+        super().__init__(message)
+        self.kernel_id = kernel_id
 
 
 class KernelExecutionError(LayerZeroError, RuntimeError):

@@ -25,8 +25,11 @@ still cannot compile is rejected with the reason, never run unfused.
 
 Page sizes must be multiples of 16 (the key block of Triton's ``tl.dot``), and chunked prefill of 128 or
 more queries needs pages of a multiple of 128 (FlexAttention's main kernel takes key blocks of 64-128).
-Like ``torch_paged_dense``, it does not read the page table's values on CUDA: entries outside the pool read
-no page (their tokens are masked), so a bad table gives a wrong result instead of a device fault.
+A pool of 2**31 elements or more is past the 32-bit offsets of FlexAttention's kernels: the call is
+declined (:class:`~layerzero.errors.KernelDeclinedError`), the next kernel serves it and nothing is counted
+against this one. Like ``torch_paged_dense``, it does not read the page table's values on CUDA: entries
+outside the pool read no page (their tokens are masked), so a bad table gives a wrong result instead of a
+device fault.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch
 
 from layerzero.backends import flex
 from layerzero.context import SelectionContext
+from layerzero.errors import KernelDeclinedError
 from layerzero.ragged import LayoutCache, interval_blocks, paged_problem
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
@@ -47,6 +51,9 @@ __all__ = ["flex_paged_kernel", "paged_block_mask", "page_blocks", "flex_paged_s
 
 #: Queries per row block of the block mask (FlexAttention's default sparse block size).
 Q_BLOCK = 128
+#: Elements of a pool past which FlexAttention's Triton kernels' 32-bit offsets overflow (seen on an H100: a
+#: pool of exactly 2**31 elements failed to compile); such a call is declined (the next kernel serves it).
+_OFFSETS_32 = 2**31
 MASKS = LayoutCache(8)  # a mask holds a (batch, num_pages) position table: a few steps' worth, not more
 
 
@@ -188,6 +195,10 @@ def flex_paged_kernel(q, kc, vc, table, seq_lens, is_causal, scale, window, soft
     """``attention_paged`` through FlexAttention on the cache pool in place (canonical arguments)."""
     b, sq, hq, d = q.shape
     num_pages, page, hkv = kc.shape[0], kc.shape[1], kc.shape[2]
+    if max(kc.numel(), vc.numel()) >= _OFFSETS_32:
+        raise KernelDeclinedError(f"flex_attention_paged: a pool of {num_pages} pages x {page} tokens x {hkv} heads "
+                                  f"x {d} is past the 32-bit offsets of FlexAttention's kernels",
+                                  kernel_id="flex_attention_paged")
     if not q.is_cuda:  # a host read costs nothing here: name bad tables and lengths as the torch kernels do
         problem = paged_problem(sq, num_pages, page, table, seq_lens)
         if problem is not None:

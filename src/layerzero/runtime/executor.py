@@ -16,6 +16,8 @@ The failure contract (``docs/`` reliability page):
 * A call that consumes random numbers (sampling, attention dropout) hands its generator back as it found it
   before the next kernel runs, so a seeded call gives the same result whatever failed before it.
 * A breaker's half-open probe that proved nothing (bad input, out of memory) is released uncounted.
+* A kernel that raises :class:`~layerzero.errors.KernelDeclinedError` (a limit of its own it sees only in
+  the call) is skipped: the next kernel runs, nothing is counted and nothing is screened.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from layerzero.errors import (
     AllKernelsFailedError,
     InvalidInputError,
+    KernelDeclinedError,
     KernelExecutionError,
     OutOfMemoryError,
     is_out_of_memory,
@@ -142,6 +145,11 @@ class Executor:
                         problem = verifier.verify(plan, spec, args, out)
                 if problem is not None:
                     raise KernelExecutionError(f"kernel {kid} for {operation} {problem}")
+            except KernelDeclinedError as exc:  # a limit the kernel sees only now: the next one runs, uncounted
+                if breaker is not None:
+                    breaker.release()
+                skipped.append((kid, exc))
+                continue
             except Exception as exc:
                 failures.append(Failure(kid, exc, breaker, problem is not None))
                 self._screen_during_run(plan, args, failures, exc, generator, state)
@@ -187,6 +195,8 @@ class Executor:
         plan goes (:meth:`FamilyPlans.drop`): the call selects again for the family when a covering kernel
         may serve it, or runs through its own exact-shape plan.
         """
+        if isinstance(exc, KernelDeclinedError):  # not this call's kernel; the plan stays as it is
+            return self.run(plan, args, index + 1)
         self.screen(plan, args, exc, plan.kernels[index].kernel_id)
         rt = self.rt
         if plan.family is not None:
