@@ -161,7 +161,12 @@ def _model_bench_section(path: Path) -> list[str]:
                f"--modes {','.join(c['modes'])} --json benchmarks/results")
     tuned = "_tuned" in path.name
     how = ""  # how the measurements came about, when not from the default selection
-    if tuned:
+    if "_compiled_tuned" in path.name:
+        how = (" Run after compiled-mode tuning at these shapes (`scripts/gpu_compiled_tuning.py`: Inductor's code "
+               "for the native op against Liger's kernels inside the pinned dispatched op, file "
+               "`compiled_tuning_<card>.json`), on that performance database; Inductor's code won every bucket, so "
+               "the graph is the default selection's.")
+    elif tuned:
         how = (" Run after `layerzero tune` of rms_norm and swiglu at these shapes (grad=0 and grad=1), on that "
                "performance database (`LAYERZERO_PERF_DB`; `scripts/gpu_run.sh tunedgrad model19`).")
     elif "_shipped" in path.name:
