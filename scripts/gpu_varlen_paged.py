@@ -167,7 +167,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     quick = ap.parse_args().quick
     t0 = time.time()
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "quick": quick}
     out["correctness"] = correctness()
     out["packed_vs_padded"] = packed_vs_padded(quick)
     out["paged_vs_dense"] = paged_vs_dense(quick)
