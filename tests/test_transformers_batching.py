@@ -30,9 +30,11 @@ _CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden
 PROMPTS = [[1, 5, 7, 9], [3, 4], [8, 9, 10, 11, 12, 13], [2]]
 
 
-def _generate(impl: str, monkeypatch: pytest.MonkeyPatch | None = None, **extra: Any) -> dict[str, list[int]]:
+def _generate(impl: str, model_class: type = LlamaForCausalLM, config_class: type = LlamaConfig,
+              **extra: Any) -> dict[str, list[int]]:
+    """Greedy tokens of transformers' continuous batching for PROMPTS on a tiny random model."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**_CONFIG, **extra)).eval()
+    model = model_class(config_class(**_CONFIG, **extra)).eval()
     model.set_attn_implementation(impl)
     config = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=-1, pad_token_id=0)
     out = model.generate_batch(inputs=PROMPTS, generation_config=config, progress_bar=False)
@@ -55,18 +57,11 @@ def test_generate_batch_with_layerzero_equals_sdpa(monkeypatch: pytest.MonkeyPat
 
 
 def test_a_sliding_window_model_equals_sdpa() -> None:
-    extra = dict(sliding_window=3, use_sliding_window=True, max_window_layers=0)
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    def run(impl: str) -> dict[str, list[int]]:
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(Qwen2Config(**_CONFIG, **extra)).eval()
-        model.set_attn_implementation(impl)
-        config = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=-1, pad_token_id=0)
-        out = model.generate_batch(inputs=PROMPTS, generation_config=config, progress_bar=False)
-        return {k: list(v.generated_tokens) for k, v in out.items()}
-
-    assert run("layerzero") == run("sdpa")
+    extra = dict(sliding_window=3, use_sliding_window=True, max_window_layers=0)
+    assert (_generate("layerzero", Qwen2ForCausalLM, Qwen2Config, **extra)
+            == _generate("sdpa", Qwen2ForCausalLM, Qwen2Config, **extra))
 
 
 @pytest.mark.parametrize("sinks", [False, True])

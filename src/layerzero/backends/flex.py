@@ -43,7 +43,7 @@ from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
 
 __all__ = ["register", "BACKENDS", "KERNEL_IDS", "flex_attention_kernel", "block_mask_for", "FLEX_KERNEL_IDS",
-           "family_key", "COMPILE_BACKEND"]
+           "family_key", "COMPILE_BACKEND", "SPEC_FIELDS", "declare", "built", "failure"]
 
 _MASK_CACHE_SIZE = 64
 _masks: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
@@ -310,19 +310,29 @@ def _probe() -> str | None:
     return None
 
 
+#: What every FlexAttention kernel declares: CUDA sm80+, half precision (float32 is left out: on torch 2.11 /
+#: H200 Inductor finds no template for a float32 MQA flex_attention with dynamic shapes, NoValidChoicesError,
+#: and float32 is not its fast path), windows and softcap, no dropout; compiled by the kernel itself, so not
+#: inside another trace or a CUDA-graph capture.
+SPEC_FIELDS: dict[str, Any] = dict(
+    platforms=frozenset({"cuda"}), min_compute_capability=(8, 0), dtypes=frozenset({torch.float16, torch.bfloat16}),
+    supports_window=True, supports_softcap=True, supports_dropout=False, deterministic=False, cuda_graph_safe=False,
+    compile_safe=False, tolerance={"float16": (4e-3, 4e-3), "bfloat16": (2.5e-2, 2.5e-2)})
+
+
 def _specs() -> list[KernelSpec]:
-    tol = {"float16": (4e-3, 4e-3), "bfloat16": (2.5e-2, 2.5e-2)}
     return [
         KernelSpec("flex_attention", "attention", "flex", flex_attention_kernel, priority=30,
-                   platforms=frozenset({"cuda"}), min_compute_capability=(8, 0),
-                   # float32 is left out: on torch 2.11 / H200 Inductor finds no template for a float32 MQA
-                   # flex_attention with dynamic shapes (NoValidChoicesError), and float32 is not its fast path.
-                   dtypes=frozenset({torch.float16, torch.bfloat16}), mask_kinds=frozenset({"none"}),
-                   supports_window=True, supports_dropout=False, supports_softcap=True, supports_sinks=True,
-                   supports_alibi=True, deterministic=False, cuda_graph_safe=False,
-                   compile_safe=False, tolerance=tol, extra_check=_check,
-                   description="torch.nn.attention.flex_attention, compiled once; causal / sliding-window block masks"),
+                   mask_kinds=frozenset({"none"}), supports_sinks=True, supports_alibi=True, extra_check=_check,
+                   description="torch.nn.attention.flex_attention, compiled once; causal / sliding-window block masks",
+                   **SPEC_FIELDS),
     ]
+
+
+def declare(backends: BackendRegistry) -> None:
+    """Declare the ``flex`` backend (idempotent; every FlexAttention module's ``register`` does)."""
+    backends.register("flex", module="torch.nn.attention.flex_attention", pip="pip install 'torch>=2.5' triton",
+                      probe=_probe)
 
 
 _builders: dict[Any, Any] = {}
@@ -358,7 +368,6 @@ def failure(key: tuple[Any, ...]) -> str | None:
 
 # What layerzero.backends.flex_varlen / flex_paged build on (public names: nothing private crosses a module).
 check = _check
-probe = _probe
 load = _load
 lse_of = _lse_of
 score_mod = _score_mod
@@ -375,6 +384,5 @@ KERNEL_IDS: tuple[str, ...] = FLEX_KERNEL_IDS
 
 def register(kernels: KernelRegistry, backends: BackendRegistry) -> list[KernelSpec]:
     """Register the flex backend and its kernel (idempotent)."""
-    backends.register("flex", module="torch.nn.attention.flex_attention", pip="pip install 'torch>=2.5' triton",
-                      probe=_probe)
+    declare(backends)
     return [kernels.register(s) for s in _specs() if s.kernel_id not in kernels]

@@ -249,16 +249,12 @@ def _check(ctx: SelectionContext) -> list[Reason]:
 
 
 def flex_paged_specs() -> list[KernelSpec]:
-    tol = {"float16": (4e-3, 4e-3), "bfloat16": (2.5e-2, 2.5e-2)}
     return [
         KernelSpec("flex_attention_paged", "attention_paged", "flex", flex_paged_kernel, priority=40,
-                   platforms=frozenset({"cuda"}), min_compute_capability=(8, 0),
-                   dtypes=frozenset({torch.float16, torch.bfloat16}), supports_window=True, supports_softcap=True,
-                   supports_dropout=False, supports_autograd=False, deterministic=False, cuda_graph_safe=False,
-                   compile_safe=False, tolerance=tol, extra_check=_check,
+                   supports_autograd=False, extra_check=_check,
                    description="FlexAttention on the cache pool in place: the pages are the key blocks of a block "
                                "mask built on the device per step (no gather, no host read); batch padded to a "
-                               "power of two for the split-KV decoding kernel"),
+                               "power of two for the split-KV decoding kernel", **flex.SPEC_FIELDS),
     ]
 
 
@@ -269,6 +265,5 @@ KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in flex_paged_specs())
 
 def register(kernels: KernelRegistry, backends: BackendRegistry) -> list[KernelSpec]:
     """Declare the flex backend (as :mod:`layerzero.backends.flex` does) and add the paged kernel."""
-    backends.register("flex", module="torch.nn.attention.flex_attention", pip="pip install 'torch>=2.5' triton",
-                      probe=flex.probe)
+    flex.declare(backends)
     return [kernels.register(s) for s in flex_paged_specs() if s.kernel_id not in kernels]

@@ -144,15 +144,12 @@ def flex_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, wind
 
 
 def flex_varlen_specs() -> list[KernelSpec]:
-    tol = {"float16": (4e-3, 4e-3), "bfloat16": (2.5e-2, 2.5e-2)}
     return [
         KernelSpec("flex_attention_varlen", "attention_varlen", "flex", flex_varlen_kernel, priority=40,
-                   platforms=frozenset({"cuda"}), min_compute_capability=(8, 0),
-                   dtypes=frozenset({torch.float16, torch.bfloat16}), supports_window=True, supports_softcap=True,
-                   supports_dropout=False, supports_autograd=True, deterministic=False, cuda_graph_safe=False,
-                   compile_safe=False, tolerance=tol,
+                   supports_autograd=True,
                    description="FlexAttention over the packed tensors with a document mask (bottom-right causal, "
-                               "windows, softcap); block lists built from the offsets, cached per packed layout"),
+                               "windows, softcap); block lists built from the offsets, cached per packed layout",
+                   **flex.SPEC_FIELDS),
     ]
 
 
@@ -163,6 +160,5 @@ KERNEL_IDS: tuple[str, ...] = tuple(s.kernel_id for s in flex_varlen_specs())
 
 def register(kernels: KernelRegistry, backends: BackendRegistry) -> list[KernelSpec]:
     """Declare the flex backend (as :mod:`layerzero.backends.flex` does) and add the packed kernel."""
-    backends.register("flex", module="torch.nn.attention.flex_attention", pip="pip install 'torch>=2.5' triton",
-                      probe=flex.probe)
+    flex.declare(backends)
     return [kernels.register(s) for s in flex_varlen_specs() if s.kernel_id not in kernels]
