@@ -218,3 +218,14 @@ def test_a_pool_past_32_bit_offsets_is_declined_not_failed() -> None:
     with pytest.raises(KernelDeclinedError, match="32-bit offsets"):
         flex_paged_kernel(q, big, big, table, torch.ones(1, dtype=torch.int32, device="meta"), True, None, None,
                           None)
+
+
+def test_a_cache_whose_pages_are_not_one_token_sequence_is_declined() -> None:
+    """K and V interleaved per page (``(pages, 2, page, heads, d)``): the pool cannot be viewed as one key
+    sequence without copying it, so the kernel declines (the gathering kernels serve such a cache)."""
+    from layerzero.errors import KernelDeclinedError
+
+    q, kc, vc, table, seq_lens = _case([20, 9], 1, 16, 2, 2, seed=3)
+    both = torch.stack([kc, vc], 1)  # (pages, 2, page, heads, d)
+    with pytest.raises(KernelDeclinedError, match="one strided sequence"):
+        flex_paged_kernel(q, both[:, 0], both[:, 1], table, seq_lens, True, None, None, None, compiled=False)

@@ -216,8 +216,12 @@ def flex_paged_kernel(q, kc, vc, table, seq_lens, is_causal, scale, window, soft
         padded[:b] = q
         q = padded
     qb = q.transpose(1, 2)
-    kb = kc.view(1, num_pages * page, hkv, d).transpose(1, 2)
-    vb = vc.view(1, num_pages * page, hkv, vc.shape[-1]).transpose(1, 2)
+    try:  # the pool as one key sequence: a view, never a copy of the cache
+        kb = kc.view(1, num_pages * page, hkv, d).transpose(1, 2)
+        vb = vc.view(1, num_pages * page, hkv, vc.shape[-1]).transpose(1, 2)
+    except RuntimeError as exc:  # pages not laid out back to back (a slice of an interleaved K/V cache, say)
+        raise KernelDeclinedError(f"flex_attention_paged: the cache's pages are not one strided sequence of tokens "
+                                  f"(k_cache strides {kc.stride()}): {exc}", kernel_id="flex_attention_paged") from exc
     flex.load()
     mod = None if softcap is None else flex.score_mod(softcap, None, sq, num_pages * page, q.device)
     if compiled:
