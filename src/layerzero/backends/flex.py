@@ -31,6 +31,7 @@ cache are not safe to build during CUDA-graph capture or inside another
 from __future__ import annotations
 
 import importlib.util
+import logging
 import threading
 import types
 from collections import OrderedDict
@@ -39,12 +40,14 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
+from layerzero.errors import KernelDeclinedError
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
 
 __all__ = ["register", "BACKENDS", "KERNEL_IDS", "flex_attention_kernel", "block_mask_for", "FLEX_KERNEL_IDS",
-           "family_key", "COMPILE_BACKEND", "SPEC_FIELDS", "declare", "built", "failure"]
+           "family_key", "COMPILE_BACKEND", "SPEC_FIELDS", "declare", "built", "failure", "check_offsets", "OFFSETS_32"]
 
+log = logging.getLogger("layerzero")
 _MASK_CACHE_SIZE = 64
 _masks: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 _compiled: dict[tuple[Any, ...], Any] = {}
@@ -354,11 +357,23 @@ def built(fn: Any, *args: Any) -> Any:
         return compiled(*args)
     except Exception as exc:  # an Inductor limitation: the eager builder computes the same tensors
         _builders[fn] = fn
-        import logging
-
-        logging.getLogger("layerzero").warning("block-mask builder %s runs eagerly: %s: %s", fn.__name__,
-                                               type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        log.warning("block-mask builder %s runs eagerly: %s: %s", fn.__name__, type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "")
         return fn(*args)
+
+
+#: Elements of one tensor past which the 32-bit offsets of FlexAttention's Triton kernels overflow (on an
+#: H100 a paged pool of exactly 2**31 elements failed to compile).
+OFFSETS_32 = 2**31
+
+
+def check_offsets(kernel_id: str, what: str, *tensors: torch.Tensor) -> None:
+    """Decline (:class:`~layerzero.errors.KernelDeclinedError`: the next kernel serves the call, nothing is
+    counted) a call whose largest tensor is past FlexAttention's 32-bit offsets."""
+    n = max(t.numel() for t in tensors)
+    if n >= OFFSETS_32:
+        raise KernelDeclinedError(f"{kernel_id}: {what} of {n} elements is past the 32-bit offsets of "
+                                  "FlexAttention's kernels", kernel_id=kernel_id)
 
 
 def failure(key: tuple[Any, ...]) -> str | None:

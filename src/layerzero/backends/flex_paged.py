@@ -40,6 +40,7 @@ device fault.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -57,9 +58,6 @@ __all__ = ["flex_paged_kernel", "paged_block_mask", "page_blocks", "flex_paged_s
 
 #: Queries per row block of the block mask (FlexAttention's default sparse block size).
 Q_BLOCK = 128
-#: Elements of a pool past which FlexAttention's Triton kernels' 32-bit offsets overflow (seen on an H100: a
-#: pool of exactly 2**31 elements failed to compile); such a call is declined (the next kernel serves it).
-_OFFSETS_32 = 2**31
 MASKS = LayoutCache(8)  # a mask holds a (batch, num_pages) position table: a few steps' worth, not more
 
 
@@ -130,17 +128,14 @@ def _positions(table: torch.Tensor, seq_lens: torch.Tensor, num_pages: int, page
     return pos
 
 
-_FROM_KV_HAS_Q_FLAG: list[bool] = []
-
-
+@functools.cache
 def _no_q_blocks() -> dict[str, Any]:
     """``compute_q_blocks=False`` where this torch's ``BlockMask.from_kv_blocks`` takes it (inference only:
     the transposed indices serve the backward pass)."""
-    if not _FROM_KV_HAS_Q_FLAG:
-        from torch.nn.attention.flex_attention import BlockMask
+    from torch.nn.attention.flex_attention import BlockMask
 
-        _FROM_KV_HAS_Q_FLAG.append("compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters)
-    return {"compute_q_blocks": False} if _FROM_KV_HAS_Q_FLAG[0] else {}
+    takes = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+    return {"compute_q_blocks": False} if takes else {}
 
 
 def _layout_tensors(table: torch.Tensor, seq_lens: torch.Tensor, seq_q: int, num_pages: int, page: int,
@@ -201,10 +196,14 @@ def flex_paged_kernel(q, kc, vc, table, seq_lens, is_causal, scale, window, soft
     """``attention_paged`` through FlexAttention on the cache pool in place (canonical arguments)."""
     b, sq, hq, d = q.shape
     num_pages, page, hkv = kc.shape[0], kc.shape[1], kc.shape[2]
-    if max(kc.numel(), vc.numel()) >= _OFFSETS_32:
-        raise KernelDeclinedError(f"flex_attention_paged: a pool of {num_pages} pages x {page} tokens x {hkv} heads "
-                                  f"x {d} is past the 32-bit offsets of FlexAttention's kernels",
-                                  kernel_id="flex_attention_paged")
+    flex.check_offsets("flex_attention_paged", f"a pool of {num_pages} pages x {page} tokens x {hkv} heads x {d}",
+                       kc, vc)
+    try:  # the pool as one key sequence: a view, never a copy of the cache
+        kb = kc.view(1, num_pages * page, hkv, d).transpose(1, 2)
+        vb = vc.view(1, num_pages * page, hkv, vc.shape[-1]).transpose(1, 2)
+    except RuntimeError as exc:  # pages not laid out back to back (a slice of an interleaved K/V cache, say)
+        raise KernelDeclinedError(f"flex_attention_paged: the cache's pages are not one strided sequence of tokens "
+                                  f"(k_cache strides {kc.stride()}): {exc}", kernel_id="flex_attention_paged") from exc
     if not q.is_cuda:  # a host read costs nothing here: name bad tables and lengths as the torch kernels do
         problem = paged_problem(sq, num_pages, page, table, seq_lens)
         if problem is not None:
@@ -216,12 +215,6 @@ def flex_paged_kernel(q, kc, vc, table, seq_lens, is_causal, scale, window, soft
         padded[:b] = q
         q = padded
     qb = q.transpose(1, 2)
-    try:  # the pool as one key sequence: a view, never a copy of the cache
-        kb = kc.view(1, num_pages * page, hkv, d).transpose(1, 2)
-        vb = vc.view(1, num_pages * page, hkv, vc.shape[-1]).transpose(1, 2)
-    except RuntimeError as exc:  # pages not laid out back to back (a slice of an interleaved K/V cache, say)
-        raise KernelDeclinedError(f"flex_attention_paged: the cache's pages are not one strided sequence of tokens "
-                                  f"(k_cache strides {kc.stride()}): {exc}", kernel_id="flex_attention_paged") from exc
     flex.load()
     mod = None if softcap is None else flex.score_mod(softcap, None, sq, num_pages * page, q.device)
     if compiled:

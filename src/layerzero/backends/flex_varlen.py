@@ -29,7 +29,6 @@ from typing import Any
 import torch
 
 from layerzero.backends import flex
-from layerzero.errors import KernelDeclinedError
 from layerzero.ragged import LayoutCache, checked_offsets, interval_blocks
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec
@@ -120,10 +119,7 @@ def varlen_block_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, tota
 def flex_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, window, softcap,  # type: ignore[no-untyped-def]
                        *, compiled=True):
     """``attention_varlen`` through FlexAttention over the packed tensors (canonical arguments)."""
-    if max(q.numel(), k.numel(), v.numel()) >= 2**31:  # FlexAttention's kernels index with 32-bit offsets
-        raise KernelDeclinedError(f"flex_attention_varlen: packed tensors of {max(q.numel(), k.numel())} elements are "
-                                  "past the 32-bit offsets of FlexAttention's kernels",
-                                  kernel_id="flex_attention_varlen")
+    flex.check_offsets("flex_attention_varlen", "the largest packed tensor", q, k, v)
     if not q.is_cuda:  # a host read costs nothing here: name bad offsets as the other kernels do
         checked_offsets(q, k, cu_q, cu_k, max_q, max_k)
     total_q, total_k = q.shape[0], k.shape[0]
