@@ -233,38 +233,13 @@ class Dispatcher:
                     v = inputs[hot.v_name]
                     if hot.bshd:  # BHSD views, as map_inputs hands them over
                         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-                    dtype, plan, kernel_id = hot.memo  # (1) in HOT_PATH_NOTES
-                    if not hot.shapes_admit(operation, q, k, v, None, None, None, None, None):
-                        raise KeyError("not admitted")
-                    if q.dtype is not dtype or not q.is_cpu or LIVE.scopes:
-                        plan = None
-                        family = (operation, q.dtype, q.is_cpu or q.device, hot.is_causal, hot.dropout_p, hot.window,
-                                  None)
-                        cache = self._cache
-                        if cache is None:
-                            scope = SCOPE.get() if LIVE.scopes else None
-                            if scope is None:
-                                plans = rt.plans
-                                if plans.ttl is None:  # the lock-free read lz.* does (no LRU refresh)
-                                    data = plans.data
-                                    plan = data.get(family)
-                                    if plan is not None and q.is_cpu:  # remembered until the runtime changes
-                                        hot.memo = (q.dtype, plan, plan.kernels[0].kernel_id)
-                                    if plan is None:
-                                        plan = data.get((family, q.shape, k.shape, v.shape, None))
-                                else:  # TTL: the checked read
-                                    plan = plans.get(family)
-                                    if plan is None:
-                                        plan = plans.get((family, q.shape, k.shape, v.shape, None))
-                            else:
-                                data = scope.plans
-                                plan = data.get(family)
-                                if plan is None:
-                                    plan = data.get((family, q.shape, k.shape, v.shape, None))
-                        elif not (LIVE.scopes and SCOPE.get() is not None):  # an own cache holds no scoped plans
-                            plan = cache.get((family, q.shape, k.shape, v.shape, None))
-                        if plan is not None:
-                            kernel_id = plan.kernels[0].kernel_id
+                    plan = None
+                    if hot.find is not None and self._cache is None and not LIVE.scopes and rt.plans.ttl is None:
+                        # the compiled lookup (layerzero.accel): the contract's keys and guards, as lz.attention
+                        plan = hot.find(rt.plans.data, operation, q, k, v, hot.is_causal, hot.dropout_p, hot.window)
+                    if plan is None:
+                        plan = self._hot_plan(hot, operation, q, k, v)
+                    kernel_id = plan.kernels[0].kernel_id if plan is not None else None
                 except (KeyError, AttributeError, TypeError, IndexError, RuntimeError):  # other names, not tensors
                     plan = None
                 if plan is not None:
@@ -287,6 +262,34 @@ class Dispatcher:
                     r.stamps = (t0, t2, t2, t2, (t := perf_ns()), t) if t0 else NOT_TIMED
                     return r
         return self._dispatch(operation, inputs, context, kwargs)
+
+    def _hot_plan(self, hot: AttentionInputs, operation: str, q: Any, k: Any, v: Any) -> ExecutionPlan | None:
+        """A hot-path call's cached plan, looked up in Python: without the compiled path, for tensors only Python
+        reads, for a dispatcher with its own cache or a TTL, in a policy scope. None: take the full path. What
+        the contract's shape guard does not admit raises ``KeyError`` (so does the full path's mapping)."""
+        if not hot.shapes_admit(operation, q, k, v, None, None, None, None, None):
+            raise KeyError("not admitted")
+        dtype, plan, _ = hot.memo  # (1) in HOT_PATH_NOTES
+        if q.dtype is dtype and q.is_cpu and not LIVE.scopes:
+            return plan
+        family = (operation, q.dtype, q.is_cpu or q.device, hot.is_causal, hot.dropout_p, hot.window, None)
+        cache = self._cache
+        if cache is not None:  # an own cache holds no scoped plans
+            if LIVE.scopes and SCOPE.get() is not None:
+                return None
+            return cache.get((family, q.shape, k.shape, v.shape, None))
+        scope = SCOPE.get() if LIVE.scopes else None
+        if scope is not None:
+            data = scope.plans
+            return data.get(family) or data.get((family, q.shape, k.shape, v.shape, None))
+        plans = self.runtime.plans
+        if plans.ttl is not None:  # TTL: the checked read
+            return plans.get(family) or plans.get((family, q.shape, k.shape, v.shape, None))
+        data = plans.data  # the lock-free read lz.* does (no LRU refresh)
+        plan = data.get(family)
+        if plan is not None and q.is_cpu:  # remembered until the runtime changes
+            hot.memo = (q.dtype, plan, plan.kernels[0].kernel_id)
+        return plan or data.get((family, q.shape, k.shape, v.shape, None))
 
     def _hot_detour(self, plan: ExecutionPlan, hot: AttentionInputs, q: Any, k: Any, v: Any, exc: Exception | None,
                     operation: str, t0: int, t2: int) -> DispatchResult:

@@ -276,7 +276,7 @@ class AttentionInputs:
     """
 
     __slots__ = ("q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "bshd", "direct_ok",
-                 "memo", "shapes_admit")
+                 "memo", "shapes_admit", "admits", "find")
 
     def __init__(self, names: tuple[str, str, str], is_causal: bool, dropout_p: float, scale: Any,
                  window: Any, bshd: bool = False) -> None:
@@ -291,6 +291,12 @@ class AttentionInputs:
         # the attention contract's shape relations, checked per call; its scalar guards hold for the constants
         # above (an entry is made only then: ``_attention_entry``)
         self.shapes_admit = ATTENTION.calls.shapes_admit
+        # their compiled form (layerzero.accel), for plain tensors: ``admits(q, k, v)`` (False: does not hold, or
+        # not a plain tensor: ask ``shapes_admit``) and ``find(plans, operation, q, k, v, is_causal, dropout_p,
+        # window)`` (the plan the contract's lookup finds, or None: look up in Python)
+        compiled = ATTENTION.calls.compiled
+        self.admits = compiled.admits if compiled is not None else _no_compiled_admits
+        self.find = compiled.find if compiled is not None else None
 
     def copy(self) -> AttentionInputs:
         """The same mapping with an empty plan memo (one per dispatcher)."""
@@ -310,6 +316,11 @@ class AttentionInputs:
     def family(self, operation: str, q: torch.Tensor) -> tuple[Any, ...]:
         """The shape-free key (as built inline on the hot path)."""
         return (operation, q.dtype, q.is_cpu or q.device, self.is_causal, self.dropout_p, self.window, None)
+
+
+def _no_compiled_admits(q: Any, k: Any, v: Any) -> bool:
+    """Without the compiled hot path, every call asks the contract's Python guard."""
+    return False
 
 
 _attention_inputs: dict[tuple[Any, ...], AttentionInputs | None] = {}

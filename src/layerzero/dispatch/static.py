@@ -137,7 +137,7 @@ class StaticDispatcher(Dispatcher):
                     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
                 # the contract's shape relations (None, a non-tensor: False); what they do not admit takes the
                 # full mapping, which validates
-                hit = fast.shapes_admit(operation, q, k, v, None, None, None, None, None)
+                hit = fast.admits(q, k, v) or fast.shapes_admit(operation, q, k, v, None, None, None, None, None)
             except (KeyError, AttributeError, TypeError, IndexError, RuntimeError):  # other names, not tensors
                 hit = False
             if hit:

@@ -32,9 +32,11 @@ from typing import Any
 
 import torch
 
+from layerzero.accel import attention_hit
 from layerzero.context import SelectionContext
 from layerzero.ops.base import OpDef, default_generator, layout_problem, pick
 from layerzero.ops.contract import CallContract
+from layerzero.policy.scope import LIVE
 from layerzero.runtime import get_runtime
 from layerzero.ops.attention_variants import variant_key, variant_problem, variants_admitted
 from layerzero.tensor_helpers import alibi_bias, softcapped, window_mask
@@ -318,6 +320,7 @@ variants = () if softcap is None and sinks is None and alibi_slopes is None else
                "bad_layout": _bad_layout, "bhsd": _bhsd, "variant_key": variant_key,
                "variants_admitted": variants_admitted},
     doc=_DOC,
+    compiled=lambda runtime: attention_hit(runtime, LIVE, _OP_FULL, _OP_CAUSAL),
 )
 
 attention = ATTENTION.bind_contract(ATTENTION_CONTRACT, get_runtime())

@@ -69,6 +69,9 @@ class CallContract:
         result: the expression returned (``"out"``; attention transposes BSHD back).
         namespace: the names the expressions use besides the arguments.
         doc: the public function's docstring.
+        compiled: ``compiled(runtime)`` returns the compiled form of the cached hit (:mod:`layerzero.accel`), or
+            None where there is none. The public function is then the compiled entry, which binds the arguments,
+            serves the common cached hit and hands every other call, unchanged, to the generated entry.
     """
 
     name: str
@@ -87,13 +90,15 @@ class CallContract:
     result: str = "out"
     namespace: Mapping[str, Any] = field(default_factory=dict)
     doc: str = ""
+    compiled: Callable[[Any], Any] | None = None
 
 
 class ContractFunctions:
     """What :func:`build` generates for one contract.
 
     Attributes:
-        entry: the public op function (``lz.rms_norm``).
+        entry: the public op function (``lz.rms_norm``): ``python_entry``, or the compiled entry around it.
+        python_entry: the generated entry (the whole call path in Python).
         lookup: ``lookup(plans, operation, *args) -> (plan | None, family | None, key | None)``: the cached
             plan a call may use, exactly as ``entry`` finds it (guards included); ``key`` is None when a
             guard failed (the call must go the slow, validating way and is not cached).
@@ -104,18 +109,23 @@ class ContractFunctions:
         shapes_admit: ``family_guard`` alone (truthy or falsy, not necessarily a bool), for callers whose scalar arguments are fixed (the dispatchers'
             attention entries check ``scalars_admit`` once, when they are made, and this per call).
         scalars_admit: ``guard`` alone.
+        compiled: the compiled hit (:mod:`layerzero.accel`) serving ``entry``'s cached hits, or None.
         source: the generated code.
     """
 
-    __slots__ = ("entry", "lookup", "keys", "admits", "shapes_admit", "scalars_admit", "source")
+    __slots__ = ("entry", "python_entry", "lookup", "keys", "admits", "shapes_admit", "scalars_admit", "compiled",
+                 "source")
 
-    def __init__(self, namespace: Mapping[str, Any], entry: Callable[..., Any], source: str) -> None:
+    def __init__(self, namespace: Mapping[str, Any], entry: Callable[..., Any], python_entry: Callable[..., Any],
+                 compiled: Any, source: str) -> None:
         self.entry = entry
+        self.python_entry = python_entry
         self.lookup = namespace["lookup"]
         self.keys = namespace["keys"]
         self.admits = namespace["admits"]
         self.shapes_admit = namespace["shapes_admit"]
         self.scalars_admit = namespace["scalars_admit"]
+        self.compiled = compiled
         self.source = source
 
 
@@ -241,8 +251,10 @@ def build(contract: CallContract, op: Any, runtime: Any) -> ContractFunctions:
     exec(compile(source, filename, "exec"), namespace)  # our own declarations, never user input
     # tracebacks and inspect.getsource show the generated lines
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
-    entry = namespace[c.name]
-    entry.__doc__ = c.doc
-    entry.__module__ = getattr(op, "__module__", __name__)
-    return ContractFunctions(namespace, entry, source)
+    python_entry = namespace[c.name]
+    python_entry.__doc__ = c.doc
+    python_entry.__module__ = module = getattr(op, "__module__", __name__)
+    hit = c.compiled(runtime) if c.compiled is not None else None
+    entry = python_entry if hit is None else hit.entry(python_entry, f"{c.name}({c.signature})\n--\n\n{c.doc}", module)
+    return ContractFunctions(namespace, entry, python_entry, hit, source)
 

@@ -28,10 +28,12 @@ variable                           field                       example
 ``LAYERZERO_PERF_DB``              ``perf_db_path``            ``/var/lz/perf.db``
 ``LAYERZERO_SHIPPED_MEASUREMENTS`` ``shipped_measurements``    ``0``
 ``LAYERZERO_DIST_CHECK``           (``layerzero.distributed``) ``1``
+``LAYERZERO_PURE_PYTHON``          (``layerzero.accel``)       ``1``
 =================================  ==========================  =================
 
 These are all the variables layerzero reads, and this module reads them all (:func:`env_text`): the last
-one is not a ``DispatchConfig`` field but switches on ``layerzero.distributed.auto_check`` at import.
+two are not ``DispatchConfig`` fields. ``LAYERZERO_DIST_CHECK`` switches on ``layerzero.distributed.auto_check``
+at import; ``LAYERZERO_PURE_PYTHON`` keeps the compiled hot path (:mod:`layerzero.accel`) out, at import.
 
 ``record_timing`` (on by default) fills ``DispatchResult.timing`` for every
 ``dispatch()`` call: a few clock reads on the dispatcher's own path, nothing on

@@ -1,0 +1,67 @@
+"""The compiled hot path: ``lz.attention``'s cached hit served by a C extension (``layerzero._accel``).
+
+The call contract (:mod:`layerzero.ops.contract`) defines what a cached ``lz.*`` call does. For the busiest
+one, ``lz.attention``, the extension serves the common case of that definition without the interpreter:
+plain ``q``, ``k``, ``v`` in BHSD, a bool ``is_causal``, an int or no ``window``, a finite or no ``scale``, an
+optional mask, no variant, no ``operation`` name, no open policy scope, a plan in the cache whose gate is
+open. It builds the same keys, runs the same shape guard and calls the kernel the same way (``plan.direct``
+or ``plan.fn``; a kernel's exception goes to the executor's ``recover``). Everything else it answers with
+:data:`MISS`, and the generated Python entry then serves the call from its first line: validation, errors,
+first calls, fallbacks and scopes have one home.
+
+The extension is built by ``pip install`` where a C compiler is found (``setup.py`` marks it optional).
+``LAYERZERO_PURE_PYTHON=1`` (read at import) turns it off; :func:`status` says which path runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from layerzero.environment import env_flag
+
+__all__ = ["MISS", "status", "attention_hit"]
+
+
+class _Miss:
+    """What the compiled hit returns for a call it does not serve."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISS"
+
+
+MISS: Any = _Miss()
+
+def _load() -> tuple[Any, str]:
+    """The extension module, or None and why not."""
+    if env_flag("LAYERZERO_PURE_PYTHON"):
+        return None, "LAYERZERO_PURE_PYTHON is set"
+    import torch  # first: the extension links against torch's libc10
+
+    try:
+        from layerzero import _accel as module  # type: ignore[attr-defined]
+    except ImportError as exc:  # not built (no compiler or torch headers at install time), another Python
+        return None, f"the extension is not built ({exc})"
+    if module.TORCH_VERSION != torch.__version__:  # it reads torch's C++ tensors: only the torch it was built for
+        return None, (f"the extension was built for torch {module.TORCH_VERSION}, this is torch {torch.__version__}; "
+                      f"reinstall layerzero to rebuild it")
+    return module, ""
+
+
+_accel, _why_not = _load()
+
+
+def status() -> str:
+    """``"compiled"``, or why the Python entry serves every call (``"pure Python: ..."``)."""
+    return "compiled" if _accel is not None else f"pure Python: {_why_not}"
+
+
+def attention_hit(runtime: Any, live: Any, op_full: str, op_causal: str) -> Callable[..., Any] | None:
+    """The compiled hit for ``lz.attention`` over ``runtime``'s plan cache, or None without the extension."""
+    if _accel is None:
+        return None
+    import torch
+
+    return _accel.AttentionHit(runtime, live, op_full, op_causal, MISS, torch.Tensor)
