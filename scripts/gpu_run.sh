@@ -18,6 +18,9 @@ card=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' '
 echo "card: $card"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+# the compiled hot path (layerzero._accel), built against this machine's Python and torch as pip install would
+python3 setup.py -q build_ext --inplace >/tmp/accel_build.log 2>&1 || { echo "accel build failed:"; tail -20 /tmp/accel_build.log; }
+python3 -c "import layerzero.accel as a; print('hot path:', a.status())"
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(all)
 for step in "${steps[@]}"; do
@@ -47,6 +50,13 @@ for step in "${steps[@]}"; do
       echo "== layerzero bench --device cuda --quick"
       timeout 240 python3 -m layerzero.cli bench --device cuda --quick --no-import --json "$OUT/bench_${card}.json" 2>&1 \
         | tee "$OUT/bench_${card}.md" | tail -40
+      ;;
+  esac
+  case "$step" in
+    benchqcpu)
+      echo "== layerzero bench --device cpu --quick (CPU tensors on the GPU host)"
+      timeout 240 python3 -m layerzero.cli bench --device cpu --quick --no-import --no-memory --json "$OUT/bench_cpu_on_${card}.json" 2>&1 \
+        | tee "$OUT/bench_cpu_on_${card}.md" | tail -40
       ;;
   esac
   case "$step" in
