@@ -205,13 +205,21 @@ def _component_lines(s: _Setup, att: PairResult, progress: Callable[[str], None]
     progress("overhead components")
     direct_ns, cached_ns = att.direct.p50_ns, att.candidate.p50_ns
     kind = "shape-free family key" if shape_free else "exact-shape key"
+    q, k, v = attn_args[:3]
+    hit = contract.compiled  # the compiled hot path's forms of the key and guards, where lz.attention uses them
+    key_line = ("context key from tensors, and the lookup (compiled)", lambda: empty(data, op_name, *attn_args[:3]),
+                lambda: hit.find(data, op_name, q, k, v, False, 0.0, None), "family key, guard, lookup") \
+        if hit is not None else ("context key from tensors", lambda: empty(op_name, *attn_args),
+                                 lambda: contract.keys(op_name, *attn_args), "family and exact key")
+    guard_line = ("call-contract shape guard (compiled)", lambda: empty(q, k, v), lambda: hit.admits(q, k, v),
+                  "shapes; the scalars are checked by type as the call binds them") if hit is not None else \
+        ("call-contract guards", lambda: empty(op_name, *attn_args), lambda: contract.admits(op_name, *attn_args),
+         "shapes and scalars")
     rows = []
     for path, base, cand, share, of, note in (
             ("plan-cache lookup", noop, lambda: data.get(key), 0.01, "the direct SDPA call", kind),
-            ("context key from tensors", lambda: empty(op_name, *attn_args),
-             lambda: contract.keys(op_name, *attn_args), 0.03, "the direct SDPA call", "family and exact key"),
-            ("call-contract guards", lambda: empty(op_name, *attn_args),
-             lambda: contract.admits(op_name, *attn_args), 0.03, "the direct SDPA call", "shapes and scalars"),
+            (*key_line[:3], 0.03, "the direct SDPA call", key_line[3]),
+            (*guard_line[:3], 0.03, "the direct SDPA call", guard_line[3]),
             ("breaker check + telemetry record", noop, gate_and_count, 0.05, "the cached lz.attention call", "")):
         res = interleaved(base, cand, rounds=rounds, batch=batch)
         ref = cached_ns if "lz.attention" in of else direct_ns

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from layerzero.accel import status as accel_status
 from layerzero.bench.overhead import OverheadRow, run_overhead
 from layerzero.bench.ragged import run_ragged
 from layerzero.timing import measure_calls
@@ -267,7 +268,8 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
         system=hardware_info(),
         config={"dispatch_mode": cfg.mode.name, "cache_enabled": cfg.enable_cache, "cache_size": cfg.cache_size,
                 "circuit_breaker": cfg.circuit_breaker_enabled, "telemetry": cfg.enable_telemetry,
-                "record_timing": cfg.record_timing, "shape_free_plans": cfg.shape_free_plans},
+                "record_timing": cfg.record_timing, "shape_free_plans": cfg.shape_free_plans,
+                "hot_path": accel_status()},
         workload={"operations": list(opts.ops), "device": opts.device, "dtype": str(opts.torch_dtype).removeprefix("torch."),
                   "iterations": opts.n_iter, "warmup": max(10, opts.n_iter // 10), "torch_threads": 1 if opts.device == "cpu" else threads,
                   "quick": opts.quick},

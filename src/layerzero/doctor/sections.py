@@ -7,7 +7,8 @@ section adds one key to ``report.extra``:
 * ``perf_db``: the performance database's location and entry count
   (``layerzero.tuning``; nothing is created by looking);
 * ``config``: the ``DispatchConfig`` in force, what differs from the
-  defaults, the ``LAYERZERO_*`` variables set, and the policy document loaded;
+  defaults, the ``LAYERZERO_*`` variables set, the policy document loaded,
+  and which hot path serves ``lz.attention`` (compiled, or pure Python and why);
 * ``runtime``: telemetry on/off, plan-cache counts, open circuit breakers.
 
 Problems that make calls fail or fall back (a breaker not closed, an
@@ -21,6 +22,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from layerzero.accel import status as hot_path_status
 from layerzero.environment import env_settings
 from layerzero.runtime.config import DispatchConfig
 from layerzero.runtime import get_runtime
@@ -70,7 +72,11 @@ def config_section(report: Any) -> None:
         "environment": env,
         "policy_document": rt.policy.document_source,
         "policy_digest": rt.policy.policy.digest,
+        "hot_path": hot_path_status(),
     }
+    if "not built" in report.extra["config"]["hot_path"] or "built for torch" in report.extra["config"]["hot_path"]:
+        report.warnings.append(f"lz.attention's cached calls run in Python ({hot_path_status()}): about 0.7 µs "
+                               "more per call; reinstall layerzero where a C++ compiler is found")
     if not rt.config.enable_telemetry:
         report.warnings.append("telemetry is off (enable_telemetry=False): metrics read zero")
     if rt.config.latency_histogram:
