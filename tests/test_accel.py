@@ -271,3 +271,15 @@ def test_an_extension_built_for_another_torch_is_refused(monkeypatch: pytest.Mon
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
     module, why = accel._load()
     assert module is None and "built for torch" in why and "0.0.0-other" in why
+
+
+def test_lz_attention_pickles_by_reference() -> None:
+    """A model holding ``lz.attention`` (or a partial of it) still pickles: the function is named, not copied."""
+    import copy
+    import functools
+    import pickle
+
+    assert pickle.loads(pickle.dumps(lz.attention)) is lz.attention
+    part = pickle.loads(pickle.dumps(functools.partial(lz.attention, is_causal=True)))
+    assert part.func is lz.attention
+    assert copy.deepcopy(lz.attention) is lz.attention

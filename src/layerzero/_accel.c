@@ -35,6 +35,8 @@ typedef struct {
     PyObject *devices[LZ_DEVICE_TYPES][LZ_DEVICE_INDEXES]; /* q.device by (type, index), likewise */
     PyObject *fallback;  /* the generated Python entry (set by entry()): serves every call this path does not */
     PyObject *doc;       /* the entry's text signature and docstring (ml_doc points into it) */
+    PyObject *entry_fn;  /* the public function entry() made (a pickle of it names it: see hit_reduce) */
+    PyObject *module;    /* the name of the module that holds it as ``attention`` */
     PyMethodDef def;     /* the public function's definition (it lives as long as this object) */
 } AttentionHit;
 
@@ -361,8 +363,40 @@ hit_entry(AttentionHit *self, PyObject *const *args, Py_ssize_t nargs)
     self->def.ml_meth = (PyCFunction)(void (*)(void))entry_fastcall;
     self->def.ml_flags = METH_FASTCALL | METH_KEYWORDS;
     self->def.ml_doc = doc;
-    return PyCFunction_NewEx(&self->def, (PyObject *)self, args[2]);
+    self->module = Py_NewRef(args[2]);
+    self->entry_fn = PyCFunction_NewEx(&self->def, (PyObject *)self, args[2]);
+    return Py_XNewRef(self->entry_fn);
 }
+
+/* A pickle of lz.attention (a method of this object) names it: layerzero.accel.restore(module) finds this
+ * object again as ``module.attention.__self__``, and pickle's getattr(that, "attention") the function. */
+static PyObject *
+hit_reduce(AttentionHit *self, PyObject *unused)
+{
+    if (self->module == NULL) {
+        PyErr_SetString(PyExc_TypeError, "an AttentionHit without an entry cannot be pickled");
+        return NULL;
+    }
+    PyObject *accel = PyImport_ImportModule("layerzero.accel");
+    PyObject *restore = accel ? PyObject_GetAttrString(accel, "restore") : NULL;
+    Py_XDECREF(accel);
+    return restore ? Py_BuildValue("(N(O))", restore, self->module) : NULL;
+}
+
+static PyObject *
+hit_get_attention(AttentionHit *self, void *closure)
+{
+    if (self->entry_fn == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "attention: entry() has not been made");
+        return NULL;
+    }
+    return Py_NewRef(self->entry_fn);
+}
+
+static PyGetSetDef hit_getset[] = {
+    {"attention", (getter)hit_get_attention, NULL, "the public function entry() made", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
 
 /* find(plans, operation, q, k, v, is_causal, dropout_p, window) -> the plan the contract's lookup finds in
  * ``plans`` for this maskless call (gate not looked at), or None: none cached, or q, k, v are not plain tensors
@@ -398,6 +432,7 @@ hit_admits(AttentionHit *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyMethodDef hit_methods[] = {
+    {"__reduce__", (PyCFunction)hit_reduce, METH_NOARGS, NULL},
     {"find", (PyCFunction)(void (*)(void))hit_find, METH_FASTCALL,
      "find(plans, operation, q, k, v, is_causal, dropout_p, window)\n--\n\nThe plan the attention contract's "
      "lookup finds in ``plans`` for this maskless call, or None."},
@@ -438,6 +473,7 @@ hit_traverse(AttentionHit *self, visitproc visit, void *arg)
     Py_VISIT(self->live);
     Py_VISIT(self->miss);
     Py_VISIT(self->fallback);
+    Py_VISIT(self->entry_fn);
     return 0;
 }
 
@@ -451,6 +487,8 @@ hit_clear(AttentionHit *self)
     Py_CLEAR(self->miss);
     Py_CLEAR(self->fallback);
     Py_CLEAR(self->doc);
+    Py_CLEAR(self->entry_fn);
+    Py_CLEAR(self->module);
     Py_CLEAR(self->tensor_type);
     for (int i = 0; i < LZ_SCALAR_TYPES; i++)
         Py_CLEAR(self->dtypes[i]);
@@ -483,6 +521,7 @@ static PyTypeObject AttentionHitType = {
     .tp_vectorcall_offset = offsetof(AttentionHit, vectorcall),
     .tp_call = PyVectorcall_Call,
     .tp_methods = hit_methods,
+    .tp_getset = hit_getset,
 };
 
 static struct PyModuleDef hotpath_module = {
