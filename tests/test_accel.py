@@ -283,3 +283,7 @@ def test_lz_attention_pickles_by_reference() -> None:
     part = pickle.loads(pickle.dumps(functools.partial(lz.attention, is_causal=True)))
     assert part.func is lz.attention
     assert copy.deepcopy(lz.attention) is lz.attention
+    code = "import pickle, sys; f = pickle.loads(sys.stdin.buffer.read()); import layerzero as lz; print(f is lz.attention)"
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(lz.attention), capture_output=True,
+                         timeout=120)
+    assert out.stdout.strip() == b"True", out.stderr  # a fresh process (the pickle imports layerzero)

@@ -20,7 +20,7 @@ from typing import Any
 
 from layerzero.environment import env_flag
 
-__all__ = ["MISS", "status", "attention_hit", "restore"]
+__all__ = ["MISS", "status", "attention_hit", "entry", "restore"]
 
 
 class _Miss:
@@ -67,8 +67,22 @@ def attention_hit(runtime: Any, live: Any, op_full: str, op_causal: str) -> Call
     return _accel.AttentionHit(runtime, live, op_full, op_causal, MISS, torch.Tensor)
 
 
-def restore(module: str) -> Any:
-    """Unpickling ``lz.attention``: the compiled hit behind ``module.attention`` (see ``hit_reduce`` in _accel.c)."""
-    import importlib
+def entry(hit: Any, fallback: Callable[..., Any], doc: str, module: str) -> Callable[..., Any]:
+    """The public function around ``hit``: a builtin with ``fallback``'s signature (``doc`` starts with it),
+    known to pickle as ``module.<name>``."""
+    fn = hit.entry(fallback, doc, module)
+    _ENTRIES[module] = hit
+    return fn
 
-    return importlib.import_module(module).attention.__self__
+
+#: module name -> the compiled hit whose entry that module holds (what unpickling looks up).
+_ENTRIES: dict[str, Any] = {}
+
+
+def restore(module: str) -> Any:
+    """Unpickling ``lz.attention``: the compiled hit behind ``module``'s entry (``hit_reduce`` in _accel.c).
+    ``import layerzero`` (which unpickling this module's name runs first) has made every entry."""
+    hit = _ENTRIES.get(module)
+    if hit is None:
+        raise ValueError(f"layerzero.accel.restore: no compiled entry is held by {module!r}")
+    return hit

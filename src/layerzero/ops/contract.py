@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from layerzero.accel import entry as compiled_entry
 from layerzero.errors import LayerZeroError
 from layerzero.policy.scope import LIVE, SCOPE
 
@@ -255,6 +256,7 @@ def build(contract: CallContract, op: Any, runtime: Any) -> ContractFunctions:
     python_entry.__doc__ = c.doc
     python_entry.__module__ = module = getattr(op, "__module__", __name__)
     hit = c.compiled(runtime) if c.compiled is not None else None
-    entry = python_entry if hit is None else hit.entry(python_entry, f"{c.name}({c.signature})\n--\n\n{c.doc}", module)
+    entry = python_entry if hit is None else compiled_entry(hit, python_entry, f"{c.name}({c.signature})\n--\n\n{c.doc}",
+                                                            module)
     return ContractFunctions(namespace, entry, python_entry, hit, source)
 
