@@ -287,3 +287,24 @@ def test_lz_attention_pickles_by_reference() -> None:
     out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(lz.attention), capture_output=True,
                          timeout=120)
     assert out.stdout.strip() == b"True", out.stderr  # a fresh process (the pickle imports layerzero)
+
+
+@pytest.mark.gpu
+@needs_compiled
+def test_cuda_tensors_take_the_compiled_hit(runtime: Any) -> None:
+    """On a GPU: the device key (a cached ``torch.device``) matches the Python one, and CUDA calls hit."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(5)
+    py = CALLS.python_entry
+    raw = (None, False, 0.0, None, "BHSD", None, None, None, None, None)
+    for dtype, (hq, hk) in itertools.product((torch.float16, torch.bfloat16, torch.float32), ((8, 8), (8, 2))):
+        q = torch.randn(2, hq, 5, 64, device=dev, dtype=dtype, generator=g)
+        k = torch.randn(2, hk, 33, 64, device=dev, dtype=dtype, generator=g)
+        v = torch.randn(2, hk, 33, 64, device=dev, dtype=dtype, generator=g)
+        for kwargs in ({}, {"is_causal": True}, {"scale": 0.5}):
+            expected = _answer(py, (q, k, v), kwargs)
+            assert _same(_answer(lz.attention, (q, k, v), kwargs), expected), (dtype, hq, hk, kwargs)
+        assert COMPILED(q, k, v, *raw) is not accel.MISS
+        family, _ = CALLS.keys("attention.full", q, k, v, None, False, 0.0, None, None)
+        assert COMPILED.find(runtime.plans.data, "attention.full", q, k, v, False, 0.0, None) is \
+            CALLS.lookup(runtime.plans.data, "attention.full", q, k, v, None, False, 0.0, None, None)[0]
