@@ -1,4 +1,5 @@
-"""The compiled hot path (``layerzero.accel``, ``src/layerzero/_accel.c``) against the Python entry it serves for.
+"""The compiled hot path (``layerzero.accel``, ``src/layerzero/_accel*.c``) against the Python entries it serves for
+(``lz.attention``, ``lz.rms_norm``, ``lz.layer_norm``).
 
 * It is built wherever it can be (a C++ compiler and torch's headers: every machine the README's commands set up).
 * Differential: for a grid of valid and invalid calls (ranks, sizes, GQA, dtypes, layouts, masks, scalar types
@@ -31,6 +32,7 @@ import layerzero as lz
 from layerzero import accel
 from layerzero.errors import LayerZeroError
 from layerzero.ops.attention import ATTENTION
+from layerzero.ops.norms import LAYER_NORM, RMS_NORM
 from layerzero.runtime import get_runtime
 
 CALLS = ATTENTION.calls
@@ -55,11 +57,13 @@ def test_extension_is_in_use_wherever_it_can_be_built() -> None:
     assert type(lz.attention).__name__ == "builtin_function_or_method"
 
 
-def test_compiled_entry_looks_like_the_python_one() -> None:
-    assert inspect.signature(lz.attention) == inspect.signature(CALLS.python_entry)
-    assert lz.attention.__doc__ == CALLS.python_entry.__doc__
-    assert lz.attention.__name__ == "attention"
-    assert lz.attention.__module__ == "layerzero.ops.attention"
+@pytest.mark.parametrize("op", [ATTENTION, RMS_NORM, LAYER_NORM], ids=["attention", "rms_norm", "layer_norm"])
+def test_compiled_entry_looks_like_the_python_one(op: Any) -> None:
+    public, py = op.calls.entry, op.calls.python_entry
+    assert inspect.signature(public) == inspect.signature(py)
+    assert public.__doc__ == py.__doc__
+    assert public.__name__ == py.__name__ == op.contract.name
+    assert public.__module__ == py.__module__
 
 
 # -- the differential grid ---------------------------------------------------------------------------------
@@ -162,6 +166,45 @@ def test_compiled_and_python_entries_answer_alike(runtime: Any) -> None:
             assert counted_c == counted_py, (name, kwargs, counted_c, counted_py)
 
 
+def _norm_calls() -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
+    g = torch.Generator().manual_seed(6)
+    x, w, b = torch.randn(3, 5, 16, generator=g), torch.rand(16, generator=g) + 0.5, torch.randn(16, generator=g)
+    xs = [("2-D", x[0]), ("3-D", x), ("bf16", x.bfloat16()), ("f64", x.double()), ("empty rows", x[:0]),
+          ("0-D", torch.tensor(1.0)), ("strided", x.transpose(0, 1)), ("subclass", x.as_subclass(Sub)),
+          ("int", x.long()), ("other width", torch.randn(4, 8, generator=g)), ("not a tensor", 1.0)]
+    out = []
+    for (name, t), (wname, wargs), eps in itertools.product(
+            xs, [("no weight", ()), ("weight", (w,)), ("weight f64", (w.double(),)), ("short weight", (w[:8],)),
+                 ("weight by name", None)], (None, 1e-5, 0, True, torch.tensor(1e-5), "x")):
+        kwargs: dict[str, Any] = {} if eps is None else {"eps": eps}
+        args: tuple[Any, ...] = (t, *wargs) if wargs is not None else (t,)
+        if wargs is None:
+            kwargs["weight"] = w
+        out.append((f"{name}, {wname}, eps={eps!r}", args, kwargs))
+    return out
+
+
+@needs_compiled
+@pytest.mark.parametrize("op", [RMS_NORM, LAYER_NORM], ids=["rms_norm", "layer_norm"])
+def test_compiled_and_python_norms_answer_alike(runtime: Any, op: Any) -> None:
+    public, py = op.calls.entry, op.calls.python_entry
+    assert op.calls.compiled is not None and public is not py
+    bias = torch.randn(16)
+    for name, args, kwargs in _norm_calls():
+        if op is LAYER_NORM and len(args) == 2:
+            args = (*args, bias)
+        _answer(py, args, kwargs)
+        for _ in range(2):
+            before = _calls(runtime)
+            expected = _answer(py, args, kwargs)
+            counted_py = _calls(runtime) - before
+            before = _calls(runtime)
+            got = _answer(public, args, kwargs)
+            counted_c = _calls(runtime) - before
+            assert _same(got, expected), (name, got[:3], expected[:3])
+            assert counted_c == counted_py, (name, counted_c, counted_py)
+
+
 @needs_compiled
 def test_binding_errors_are_python_s(runtime: Any) -> None:
     q = torch.randn(1, 2, 3, 4)
@@ -202,6 +245,12 @@ def test_the_compiled_hit_serves_the_plain_cached_call(runtime: Any) -> None:
         assert COMPILED(q, k, v, *raw) is accel.MISS
         torch.testing.assert_close(lz.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
     assert COMPILED(q, k, v, "x", *raw[1:]) is accel.MISS  # a mask that is no tensor: Python reports it
+    x, w = torch.randn(3, 16), torch.rand(16)
+    assert RMS_NORM.calls.compiled(x, w, 1e-6) is accel.MISS
+    lz.rms_norm(x, w)
+    torch.testing.assert_close(RMS_NORM.calls.compiled(x, w, 1e-6), F.rms_norm(x, (16,), w, 1e-6))
+    lz.layer_norm(x, w, None)
+    torch.testing.assert_close(LAYER_NORM.calls.compiled(x, w, None, 1e-5), F.layer_norm(x, (16,), w, None, 1e-5))
 
 
 @needs_compiled
@@ -212,7 +261,8 @@ def test_no_reference_is_leaked(runtime: Any) -> None:
     lz.attention(q, k, v, attn_mask=torch.ones(3, 5, dtype=torch.bool))
     plan = CALLS.lookup(runtime.plans.data, "attention.full", q, k, v, None, False, 0.0, None, None)[0]
     mask = torch.ones(3, 5, dtype=torch.bool)
-    watched = [q, k, v, mask, plan, q.dtype, plan.stats, torch.float32]
+    x, w = torch.randn(2, 8), torch.rand(8)
+    watched = [q, k, v, mask, plan, q.dtype, plan.stats, torch.float32, x, w]
 
     def counts() -> list[int]:
         gc.collect()
@@ -224,6 +274,8 @@ def test_no_reference_is_leaked(runtime: Any) -> None:
             lz.attention(q, k, v, attn_mask=mask)  # hit through the exact key
             lz.attention(q, k, v, scale=0.5)  # hit through plan.fn
             lz.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="BSHD")  # Python
+            lz.rms_norm(x, w)
+            lz.layer_norm(x, w, w)
             COMPILED.find(runtime.plans.data, "attention.full", q, k, v, False, 0.0, None)
             COMPILED.admits(q, k, v)
             try:
@@ -280,6 +332,8 @@ def test_lz_attention_pickles_by_reference() -> None:
     import pickle
 
     assert pickle.loads(pickle.dumps(lz.attention)) is lz.attention
+    assert pickle.loads(pickle.dumps(lz.rms_norm)) is lz.rms_norm
+    assert pickle.loads(pickle.dumps(lz.layer_norm)) is lz.layer_norm
     part = pickle.loads(pickle.dumps(functools.partial(lz.attention, is_causal=True)))
     assert part.func is lz.attention
     assert copy.deepcopy(lz.attention) is lz.attention

@@ -1,13 +1,14 @@
-"""The compiled hot path: ``lz.attention``'s cached hit served by a C extension (``layerzero._accel``).
+"""The compiled hot path: the cached hit of ``lz.attention``, ``lz.rms_norm`` and ``lz.layer_norm`` served by a
+C extension (``layerzero._accel``).
 
-The call contract (:mod:`layerzero.ops.contract`) defines what a cached ``lz.*`` call does. For the busiest
-one, ``lz.attention``, the extension serves the common case of that definition without the interpreter:
-plain ``q``, ``k``, ``v`` in BHSD, a bool ``is_causal``, an int or no ``window``, a finite or no ``scale``, an
-optional mask, no variant, no ``operation`` name, no open policy scope, a plan in the cache whose gate is
+The call contracts (:mod:`layerzero.ops.contract`) define what a cached ``lz.*`` call does. For the busiest
+ones the extension serves the common case of that definition without the interpreter: plain tensors (for
+attention: ``q``, ``k``, ``v`` in BHSD, a bool ``is_causal``, an int or no ``window``, a finite or no ``scale``,
+an optional mask, no variant, no ``operation`` name), no open policy scope, a plan in the cache whose gate is
 open. It builds the same keys, runs the same shape guard and calls the kernel the same way (``plan.direct``
-or ``plan.fn``; a kernel's exception goes to the executor's ``recover``). Everything else it answers with
-:data:`MISS`, and the generated Python entry then serves the call from its first line: validation, errors,
-first calls, fallbacks and scopes have one home.
+or ``plan.fn``; a kernel's exception goes to the executor's ``recover``). Every other call goes, arguments
+unchanged, to the generated Python entry: validation, errors, first calls, fallbacks and scopes have one
+home.
 
 The extension is built by ``pip install`` where a C compiler is found (``setup.py`` marks it optional).
 ``LAYERZERO_PURE_PYTHON=1`` (read at import) turns it off; :func:`status` says which path runs.
@@ -20,7 +21,7 @@ from typing import Any
 
 from layerzero.environment import env_flag
 
-__all__ = ["MISS", "status", "attention_hit", "entry", "restore"]
+__all__ = ["MISS", "status", "attention_hit", "norm_hit", "entry", "restore"]
 
 
 class _Miss:
@@ -64,25 +65,35 @@ def attention_hit(runtime: Any, live: Any, op_full: str, op_causal: str) -> Call
         return None
     import torch
 
-    return _accel.AttentionHit(runtime, live, op_full, op_causal, MISS, torch.Tensor)
+    return _accel.Hit(_accel.ATTENTION, runtime, live, op_full, op_causal, MISS, torch.Tensor)
+
+
+def norm_hit(operation: str, runtime: Any, live: Any) -> Callable[..., Any] | None:
+    """The compiled hit for ``lz.rms_norm`` or ``lz.layer_norm`` (``operation``), or None without the extension."""
+    if _accel is None:
+        return None
+    import torch
+
+    kind = {"rms_norm": _accel.RMS_NORM, "layer_norm": _accel.LAYER_NORM}[operation]
+    return _accel.Hit(kind, runtime, live, operation, operation, MISS, torch.Tensor)
 
 
 def entry(hit: Any, fallback: Callable[..., Any], doc: str, module: str) -> Callable[..., Any]:
     """The public function around ``hit``: a builtin with ``fallback``'s signature (``doc`` starts with it),
     known to pickle as ``module.<name>``."""
     fn = hit.entry(fallback, doc, module)
-    _ENTRIES[module] = hit
+    _ENTRIES[module, fallback.__name__] = hit
     return fn
 
 
-#: module name -> the compiled hit whose entry that module holds (what unpickling looks up).
-_ENTRIES: dict[str, Any] = {}
+#: (module name, function name) -> the compiled hit behind that public function (what unpickling looks up).
+_ENTRIES: dict[tuple[str, str], Any] = {}
 
 
-def restore(module: str) -> Any:
-    """Unpickling ``lz.attention``: the compiled hit behind ``module``'s entry (``hit_reduce`` in _accel.c).
+def restore(module: str, name: str) -> Any:
+    """Unpickling ``lz.attention`` & co.: the compiled hit behind ``module.name`` (``hit_reduce`` in _accel.c).
     ``import layerzero`` (which unpickling this module's name runs first) has made every entry."""
-    hit = _ENTRIES.get(module)
+    hit = _ENTRIES.get((module, name))
     if hit is None:
-        raise ValueError(f"layerzero.accel.restore: no compiled entry is held by {module!r}")
+        raise ValueError(f"layerzero.accel.restore: no compiled entry {module}.{name}")
     return hit

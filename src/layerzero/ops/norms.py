@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 
+from layerzero.accel import norm_hit
 from layerzero.context import SelectionContext
 from layerzero.ops.base import OpDef, layout_problem, pick
 from layerzero.ops.contract import CallContract
+from layerzero.policy.scope import LIVE
 from layerzero.runtime import get_runtime
 
 __all__ = ["rms_norm", "layer_norm", "RMS_NORM", "LAYER_NORM", "RMSNormOp", "LayerNormOp"]
@@ -152,6 +154,7 @@ RMS_NORM_CONTRACT = CallContract(
     shape_free=True,
     guard="eps.__class__ is not bool",
     direct="plan.direct(x, plan.const, weight, eps)",  # torch.rms_norm itself, with the plan's normalized shape
+    compiled=lambda runtime: norm_hit("rms_norm", runtime, LIVE),
     doc="""RMS normalisation over the last dimension: ``x / sqrt(mean(x^2) + eps) * weight``.
 
     ``weight`` (``(hidden,)`` or None) has x's dtype.
@@ -173,6 +176,7 @@ LAYER_NORM_CONTRACT = CallContract(
     shape_free=True,
     guard="eps.__class__ is not bool",
     direct="plan.direct(x, plan.const, weight, bias, eps)",  # torch.layer_norm itself, normalized shape bound
+    compiled=lambda runtime: norm_hit("layer_norm", runtime, LIVE),
     doc="""Layer normalisation over the last dimension (as ``F.layer_norm(x, x.shape[-1:], weight, bias, eps)``).
 
     ``weight`` and ``bias`` (``(hidden,)`` or None) have x's dtype.

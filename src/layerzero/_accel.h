@@ -1,0 +1,49 @@
+/* layerzero._accel: what its two files share (see _accel.c). */
+#ifndef LAYERZERO_ACCEL_H
+#define LAYERZERO_ACCEL_H
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "_accel_meta.h"
+
+/* Interned attribute names and constants, made once by the module's init (_accel.c). */
+typedef struct {
+    PyObject *dtype, *device, *shape, *plans, *data, *scopes, *gate, *blocked, *stats, *calls, *direct, *fn,
+        *cnst, *recover, *bhsd, *one, *zero;
+    PyTypeObject *ordered_dict; /* collections.OrderedDict: the runtime's plan cache */
+} lz_names;
+extern lz_names LZ;
+
+enum { KIND_ATTENTION, KIND_RMS_NORM, KIND_LAYER_NORM };
+#define MAX_PARAMS 16
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    int kind;
+    PyObject *runtime;   /* RT: RT.plans.data is the plan dict, RT.recover the failure contract */
+    PyObject *live;      /* LIVE: LIVE.scopes is truthy while any policy scope is open */
+    PyObject *op_a;      /* the operation ("attention.full"; "rms_norm", "layer_norm") */
+    PyObject *op_b;      /* attention's causal operation ("attention.causal") */
+    PyObject *miss;      /* the sentinel returned for every call this path does not serve */
+    PyTypeObject *tensor_type; /* torch.Tensor: tensors of exactly this type are read by lz_tensor_meta */
+    PyObject *dtypes[LZ_SCALAR_TYPES]; /* t.dtype by scalar type, as Python read it the first time */
+    PyObject *devices[LZ_DEVICE_TYPES][LZ_DEVICE_INDEXES]; /* t.device by (type, index), likewise */
+    /* set by entry(): the public function and the Python entry's parameters */
+    PyObject *fallback;  /* the generated Python entry: serves every call this path does not */
+    PyObject *doc;       /* the text signature and docstring (def.ml_doc points into it) */
+    PyObject *name;      /* the function's name (def.ml_name points into it) */
+    PyObject *module;    /* the name of the module that holds it */
+    PyObject *entry_fn;  /* the public function (a pickle of it names it: see hit_reduce) */
+    Py_ssize_t nparams, npositional;
+    PyObject *params[MAX_PARAMS];   /* the parameter names, in order */
+    PyObject *defaults[MAX_PARAMS]; /* their defaults (NULL: required) */
+    PyMethodDef def;
+} Hit;
+/* _accel_serve.c: the cached hit of each kind */
+PyObject *lz_serve(Hit *self, PyObject *const *a);                /* the output, or self->miss */
+PyObject *lz_miss(Hit *self);                                     /* self->miss, a read's error cleared */
+PyObject *lz_find_plan(Hit *self, PyObject *plans, PyObject *op, PyObject *q, PyObject *k, PyObject *v,
+                       PyObject *mask, PyObject *is_causal, PyObject *dropout_p, PyObject *window);
+int lz_admits(Hit *self, PyObject *q, PyObject *k, PyObject *v); /* the attention shape guard, maskless */
+#endif

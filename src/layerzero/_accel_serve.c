@@ -1,0 +1,342 @@
+/* layerzero._accel's cached hits: attention (lz.attention, and the dispatchers' lookup and shape guard) and
+ * the norms (lz.rms_norm, lz.layer_norm). Each mirrors its call contract's generated Python entry (see
+ * _accel.c); whatever it does not serve it answers with self->miss. */
+#include <math.h>
+
+#include "_accel.h"
+
+/* The metadata of a plain torch.Tensor (0: another type, or not a plain strided tensor). */
+static inline int
+read_meta(Hit *self, PyObject *t, lz_meta *m)
+{
+    return Py_TYPE(t) == self->tensor_type && lz_tensor_meta(t, m);
+}
+
+/* The Python object t.<name> gives for the cached slot (borrowed; NULL with an error set). Torch's dtype and
+ * device objects are values (a dtype is a singleton, a device compares and hashes by type and index), so the
+ * object read the first time stands for every later tensor with the same scalar type or device. */
+static PyObject *
+cached_attr(PyObject **slot, PyObject *t, PyObject *name)
+{
+    if (*slot == NULL)
+        *slot = PyObject_GetAttr(t, name);
+    return *slot;
+}
+
+/* q.is_cpu or q.device, as the contract's family key writes it (borrowed). */
+static PyObject *
+device_key(Hit *self, PyObject *t, const lz_meta *m)
+{
+    if (m->is_cpu)
+        return Py_True;
+    if (m->device_type < 0 || m->device_type >= LZ_DEVICE_TYPES || m->device_index < -1 ||
+        m->device_index + 1 >= LZ_DEVICE_INDEXES) {
+        PyErr_SetString(PyExc_ValueError, "device outside the cached range");
+        return NULL;
+    }
+    return cached_attr(&self->devices[m->device_type][m->device_index + 1], t, LZ.device);
+}
+
+/* The shape as a tuple of ints (hashes and compares as the torch.Size the Python key holds). */
+static PyObject *
+shape_tuple(const lz_meta *m)
+{
+    PyObject *shape = PyTuple_New(m->ndim);
+    for (int i = 0; shape != NULL && i < m->ndim; i++) {
+        PyObject *size = PyLong_FromLongLong(m->sizes[i]);
+        if (size == NULL)
+            Py_CLEAR(shape);
+        else
+            PyTuple_SET_ITEM(shape, i, size);
+    }
+    return shape;
+}
+
+PyObject *
+lz_miss(Hit *self)
+{
+    if (PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return NULL; /* KeyboardInterrupt and the like go on up */
+        PyErr_Clear();   /* an attribute or a hash that raised: the Python entry reads it again and reports it */
+    }
+    return Py_NewRef(self->miss);
+}
+
+/* callable(*args) as the generated entry calls the kernel; its exception goes to the failure contract:
+ * ``except Exception as exc: out = RT.recover(plan, canon, 0, exc)``, canon being the kernel arguments. */
+static PyObject *
+call_kernel(Hit *self, PyObject *plan, PyObject *callable, PyObject *const *args, Py_ssize_t n,
+            PyObject *const *canon, Py_ssize_t ncanon)
+{
+    PyObject *out = PyObject_Vectorcall(callable, args, n, NULL);
+    if (out != NULL || !PyErr_ExceptionMatches(PyExc_Exception))
+        return out;
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (tb != NULL)
+        PyException_SetTraceback(exc, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    PyObject *call_args = PyTuple_New(ncanon);
+    for (Py_ssize_t i = 0; call_args != NULL && i < ncanon; i++)
+        PyTuple_SET_ITEM(call_args, i, Py_NewRef(canon[i]));
+    PyObject *recover = call_args ? PyObject_GetAttr(self->runtime, LZ.recover) : NULL;
+    if (recover != NULL) {
+        PyObject *rargs[4] = {plan, call_args, LZ.zero, exc};
+        out = PyObject_Vectorcall(recover, rargs, 4, NULL);
+        Py_DECREF(recover);
+    }
+    Py_XDECREF(call_args);
+    if (out == NULL) { /* what recover raised happened while handling exc, as in Python */
+        PyObject *t2, *e2, *tb2;
+        PyErr_Fetch(&t2, &e2, &tb2);
+        PyErr_NormalizeException(&t2, &e2, &tb2);
+        if (e2 != NULL && e2 != exc) {
+            Py_INCREF(exc);
+            PyException_SetContext(e2, exc); /* steals the reference */
+        }
+        PyErr_Restore(t2, e2, tb2);
+    }
+    Py_DECREF(exc);
+    return out;
+}
+
+/* RT.plans.data, the dict every entry reads (new reference; NULL: not a dict this path reads, or an error). */
+static PyObject *
+plan_dict(Hit *self)
+{
+    PyObject *holder = PyObject_GetAttr(self->runtime, LZ.plans);
+    PyObject *plans = holder ? PyObject_GetAttr(holder, LZ.data) : NULL;
+    Py_XDECREF(holder);
+    if (plans != NULL && !(PyDict_CheckExact(plans) || Py_IS_TYPE(plans, LZ.ordered_dict)))
+        Py_CLEAR(plans);
+    return plans;
+}
+
+/* 0 while no policy scope is open (else the Python entry finds the scope's plans), -1 on an error. */
+static int
+scoped(Hit *self)
+{
+    PyObject *scopes = PyObject_GetAttr(self->live, LZ.scopes);
+    int open = scopes ? PyObject_IsTrue(scopes) : -1;
+    Py_XDECREF(scopes);
+    return open;
+}
+
+/* ``not plan.gate.blocked``, then ``plan.stats.calls += 1``: 1 when the plan runs here, 0 when the slow runner
+ * must (fallback, timing, verify mode: the Python entry calls plan.run), -1 on an error. */
+static int
+open_and_count(PyObject *plan)
+{
+    PyObject *gate = PyObject_GetAttr(plan, LZ.gate);
+    PyObject *blocked = gate ? PyObject_GetAttr(gate, LZ.blocked) : NULL;
+    int is_blocked = blocked ? PyObject_IsTrue(blocked) : -1;
+    Py_XDECREF(gate);
+    Py_XDECREF(blocked);
+    if (is_blocked != 0)
+        return is_blocked > 0 ? 0 : -1;
+    PyObject *stats = PyObject_GetAttr(plan, LZ.stats);
+    PyObject *calls = stats ? PyObject_GetAttr(stats, LZ.calls) : NULL;
+    PyObject *more = calls ? PyNumber_InPlaceAdd(calls, LZ.one) : NULL;
+    int counted = more ? PyObject_SetAttr(stats, LZ.calls, more) : -1;
+    Py_XDECREF(stats);
+    Py_XDECREF(calls);
+    Py_XDECREF(more);
+    return counted < 0 ? -1 : 1;
+}
+
+/* The contract's family guard on read shapes: attn_mask is None and ks == v.shape and qb == kb and qd == kd and
+ * not qh % kh and qb and qsq and qd and ksk (the caller has checked q and k are 4-D and kh is not 0). */
+static inline int
+family_guard(const lz_meta *qm, const lz_meta *km, const lz_meta *vm)
+{
+    const int64_t *qs = qm->sizes, *ks = km->sizes, *vs = vm->sizes;
+    int same_kv = vm->ndim == 4 && ks[0] == vs[0] && ks[1] == vs[1] && ks[2] == vs[2] && ks[3] == vs[3];
+    return same_kv && qs[0] == ks[0] && qs[3] == ks[3] && qs[1] % ks[1] == 0 && qs[0] && qs[2] && qs[3] && ks[2];
+}
+
+/* q, k and v read from the C++ tensors, 4-D q and k (0: a tensor subclass, another layout or rank, a symbolic
+ * size, kh == 0: the Python code reads those, and its reads raise or dispatch to __torch_function__). */
+static int
+read_qkv(Hit *self, PyObject *q, PyObject *k, PyObject *v, lz_meta *qm, lz_meta *km, lz_meta *vm)
+{
+    return read_meta(self, q, qm) && read_meta(self, k, km) && read_meta(self, v, vm) && qm->ndim == 4 &&
+           km->ndim == 4 && km->sizes[1] != 0 && qm->scalar_type >= 0 && qm->scalar_type < LZ_SCALAR_TYPES;
+}
+
+/* The plan ``plans`` holds for this call, as the contract's lookup finds it (new reference), or NULL: none, or
+ * a call the compiled path leaves to Python (an error may be set). */
+PyObject *
+lz_find_plan(Hit *self, PyObject *plans, PyObject *op, PyObject *q, PyObject *k, PyObject *v, PyObject *mask,
+          PyObject *is_causal, PyObject *dropout_p, PyObject *window)
+{
+    lz_meta qm, km, vm;
+    if (!(PyDict_CheckExact(plans) || Py_IS_TYPE(plans, LZ.ordered_dict)) || !read_qkv(self, q, k, v, &qm, &km, &vm))
+        return NULL;
+    PyObject *mask_key = NULL, *family = NULL, *key = NULL, *plan = NULL;
+    PyObject *dtype = cached_attr(&self->dtypes[qm.scalar_type], q, LZ.dtype);
+    PyObject *dev = dtype ? device_key(self, q, &qm) : NULL;
+    if (dev == NULL)
+        return NULL;
+    if (mask == Py_None) {
+        mask_key = Py_NewRef(Py_None);
+    }
+    else { /* (attn_mask.dtype, attn_mask.device) */
+        PyObject *mdtype = PyObject_GetAttr(mask, LZ.dtype);
+        PyObject *mdev = mdtype ? PyObject_GetAttr(mask, LZ.device) : NULL;
+        mask_key = mdev ? PyTuple_Pack(2, mdtype, mdev) : NULL;
+        Py_XDECREF(mdtype);
+        Py_XDECREF(mdev);
+        if (mask_key == NULL)
+            return NULL;
+    }
+    family = PyTuple_Pack(7, op, dtype, dev, is_causal, dropout_p, window, mask_key);
+    Py_DECREF(mask_key);
+    if (family == NULL)
+        return NULL;
+    if (mask == Py_None && family_guard(&qm, &km, &vm))
+        plan = PyDict_GetItemWithError(plans, family);
+    if (plan == NULL && !PyErr_Occurred()) { /* the exact key: (family, q.shape, k.shape, v.shape, mask shape) */
+        PyObject *qt = shape_tuple(&qm), *kt = qt ? shape_tuple(&km) : NULL, *vt = kt ? shape_tuple(&vm) : NULL;
+        PyObject *mt = vt && mask != Py_None ? PyObject_GetAttr(mask, LZ.shape) : Py_NewRef(Py_None);
+        key = vt && mt ? PyTuple_Pack(5, family, qt, kt, vt, mt) : NULL;
+        Py_XDECREF(qt);
+        Py_XDECREF(kt);
+        Py_XDECREF(vt);
+        Py_XDECREF(mt);
+        plan = key ? PyDict_GetItemWithError(plans, key) : NULL;
+    }
+    Py_XINCREF(plan); /* borrowed from the dict: another thread may replace the entry while the kernel runs */
+    Py_DECREF(family);
+    Py_XDECREF(key);
+    return plan;
+}
+
+/* lz.attention(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window, softcap, sinks, alibi_slopes,
+ *              operation) -> the output, or MISS */
+static PyObject *
+serve_attention(Hit *self, PyObject *const *a)
+{
+    PyObject *q = a[0], *k = a[1], *v = a[2], *mask = a[3], *is_causal = a[4], *dropout_p = a[5], *scale = a[6];
+    PyObject *layout = a[7], *window = a[8];
+    /* What this path serves. The contract's guard holds by construction (a bool is_causal, an int or no
+     * window, a finite scale); no variant, no operation name, the BHSD layout. */
+    if (a[12] != Py_None || a[9] != Py_None || a[10] != Py_None || a[11] != Py_None || !PyBool_Check(is_causal))
+        return Py_NewRef(self->miss);
+    if (window != Py_None && !PyLong_CheckExact(window))
+        return Py_NewRef(self->miss);
+    if (scale != Py_None &&
+        !(PyLong_CheckExact(scale) || (PyFloat_CheckExact(scale) && isfinite(PyFloat_AS_DOUBLE(scale)))))
+        return Py_NewRef(self->miss);
+    if (!PyFloat_CheckExact(dropout_p) && !PyLong_CheckExact(dropout_p))
+        return Py_NewRef(self->miss);
+    if (layout != LZ.bhsd && !(PyUnicode_CheckExact(layout) && PyUnicode_Compare(layout, LZ.bhsd) == 0))
+        return lz_miss(self);
+    if (scoped(self) != 0)
+        return lz_miss(self);
+    PyObject *out = NULL, *plan = NULL, *plans = plan_dict(self);
+    int runs = 0;
+    if (plans != NULL && (plan = lz_find_plan(self, plans, is_causal == Py_True ? self->op_b : self->op_a, q, k, v,
+                                           mask, is_causal, dropout_p, window)) != NULL)
+        runs = open_and_count(plan);
+    if (runs == 1) {
+        PyObject *direct = PyObject_GetAttr(plan, LZ.direct);
+        /* plan.direct(q, k, v) if plan.direct is not None and scale is None else plan.fn(q, k, v, attn_mask,
+         * is_causal, dropout_p, scale, window) */
+        PyObject *fn = direct == NULL ? NULL
+                       : direct != Py_None && scale == Py_None ? Py_NewRef(direct) : PyObject_GetAttr(plan, LZ.fn);
+        PyObject *canon[8] = {q, k, v, mask, is_causal, dropout_p, scale, window}; /* the kernel arguments */
+        if (fn != NULL)
+            out = call_kernel(self, plan, fn, canon, fn == direct ? 3 : 8, canon, 8);
+        Py_XDECREF(fn);
+        Py_XDECREF(direct);
+    }
+    Py_XDECREF(plans);
+    Py_XDECREF(plan);
+    return runs == 1 ? out : lz_miss(self);
+}
+
+/* lz.rms_norm(x, weight, eps) / lz.layer_norm(x, weight, bias, eps) -> the output, or MISS. The family key
+ * is (operation, x.dtype, x.is_cpu or x.device, weight dtype or None[, bias dtype or None], eps); its guard
+ * is ``eps.__class__ is not bool``; the shape-free plan first, then (family, x.shape). */
+static PyObject *
+serve_norm(Hit *self, PyObject *const *a)
+{
+    int with_bias = self->kind == KIND_LAYER_NORM;
+    Py_ssize_t n = with_bias ? 4 : 3;
+    PyObject *x = a[0], *eps = a[n - 1];
+    if (!PyFloat_CheckExact(eps) && !PyLong_CheckExact(eps))
+        return Py_NewRef(self->miss);
+    lz_meta xm, wm;
+    PyObject *family = NULL, *key = NULL, *plan = NULL, *plans = NULL, *out = NULL;
+    PyObject *dtypes[2] = {Py_None, Py_None}; /* weight's and bias's */
+    if (!read_meta(self, x, &xm) || xm.scalar_type < 0 || xm.scalar_type >= LZ_SCALAR_TYPES || scoped(self) != 0)
+        return lz_miss(self);
+    for (int i = 0; i < n - 2; i++) {
+        PyObject *t = a[1 + i];
+        if (t == Py_None)
+            continue;
+        if (!read_meta(self, t, &wm) || wm.scalar_type < 0 || wm.scalar_type >= LZ_SCALAR_TYPES ||
+            (dtypes[i] = cached_attr(&self->dtypes[wm.scalar_type], t, LZ.dtype)) == NULL)
+            return lz_miss(self);
+    }
+    PyObject *dtype = cached_attr(&self->dtypes[xm.scalar_type], x, LZ.dtype);
+    PyObject *dev = dtype ? device_key(self, x, &xm) : NULL;
+    if (dev == NULL)
+        return lz_miss(self);
+    family = with_bias ? PyTuple_Pack(6, self->op_a, dtype, dev, dtypes[0], dtypes[1], eps)
+                       : PyTuple_Pack(5, self->op_a, dtype, dev, dtypes[0], eps);
+    int runs = 0;
+    if (family != NULL && (plans = plan_dict(self)) != NULL) {
+        plan = PyDict_GetItemWithError(plans, family);
+        if (plan == NULL && !PyErr_Occurred()) {
+            PyObject *shape = shape_tuple(&xm);
+            key = shape ? PyTuple_Pack(2, family, shape) : NULL;
+            Py_XDECREF(shape);
+            plan = key ? PyDict_GetItemWithError(plans, key) : NULL;
+        }
+        Py_XINCREF(plan); /* borrowed from the dict: another thread may replace the entry while the kernel runs */
+        runs = plan != NULL ? open_and_count(plan) : 0;
+    }
+    if (runs == 1) {
+        /* plan.direct(x, plan.const, weight, [bias,] eps) if plan.direct is not None else plan.fn(x, weight,
+         * [bias,] eps) */
+        PyObject *direct = PyObject_GetAttr(plan, LZ.direct);
+        if (direct != NULL && direct != Py_None) {
+            PyObject *cnst = PyObject_GetAttr(plan, LZ.cnst);
+            if (cnst != NULL) {
+                PyObject *args[5] = {x, cnst, a[1], a[2], a[3]};
+                out = call_kernel(self, plan, direct, args, n + 1, a, n);
+                Py_DECREF(cnst);
+            }
+        }
+        else if (direct != NULL) {
+            PyObject *fn = PyObject_GetAttr(plan, LZ.fn);
+            out = fn ? call_kernel(self, plan, fn, a, n, a, n) : NULL;
+            Py_XDECREF(fn);
+        }
+        Py_XDECREF(direct);
+    }
+    Py_XDECREF(family);
+    Py_XDECREF(key);
+    Py_XDECREF(plans);
+    Py_XDECREF(plan);
+    return runs == 1 ? out : lz_miss(self);
+}
+
+PyObject *
+lz_serve(Hit *self, PyObject *const *a)
+{
+    return self->kind == KIND_ATTENTION ? serve_attention(self, a) : serve_norm(self, a);
+}
+
+/* Called with every parameter positionally (tests): the output, or MISS. */
+
+int
+lz_admits(Hit *self, PyObject *q, PyObject *k, PyObject *v)
+{
+    lz_meta qm, km, vm;
+    return read_qkv(self, q, k, v, &qm, &km, &vm) && family_guard(&qm, &km, &vm);
+}
