@@ -40,7 +40,7 @@ ENV_VARS: dict[str, str] = {
 #: Variables outside DispatchConfig: variable -> what reads it.
 OTHER_ENV_VARS: dict[str, str] = {
     "LAYERZERO_DIST_CHECK": "layerzero.distributed.auto_check (run check_consistency after every synchronize)",
-    "LAYERZERO_PURE_PYTHON": "layerzero.accel (1: the Python entry serves every lz.attention call; read at import)",
+    "LAYERZERO_PURE_PYTHON": "layerzero.accel (1: the Python entries serve every lz.* call; read at import)",
 }
 
 
