@@ -53,6 +53,14 @@ for step in "${steps[@]}"; do
       ;;
   esac
   case "$step" in
+    accel)
+      echo "== the compiled hot path: tests/test_accel.py, then GPU tests through it"
+      timeout 300 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/test_accel.py tests/test_ops_api.py \
+        tests/test_dispatch_gpu.py tests/test_cuda_graphs.py tests/test_faults.py tests/test_compile_public_ops.py 2>&1 \
+        | tee "$OUT/gpu_accel_tests_${card}.log" | tail -8
+      ;;
+  esac
+  case "$step" in
     benchqcpu)
       echo "== layerzero bench --device cpu --quick (CPU tensors on the GPU host)"
       timeout 240 python3 -m layerzero.cli bench --device cpu --quick --no-import --no-memory --json "$OUT/bench_cpu_on_${card}.json" 2>&1 \
