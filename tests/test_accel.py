@@ -152,18 +152,23 @@ def _calls(runtime: Any) -> int:
 def test_compiled_and_python_entries_answer_alike(runtime: Any) -> None:
     """Every call of the grid through both entries, once the Python entry has made the call (cached what it
     caches): the same answer, the same call counts."""
-    py = CALLS.python_entry
     for (name, args), kwargs in itertools.product(_tensors(), _options()):
-        _answer(py, args, kwargs)
-        for _ in range(2):
-            before = _calls(runtime)
-            expected = _answer(py, args, kwargs)
-            counted_py = _calls(runtime) - before
-            before = _calls(runtime)
-            got = _answer(lz.attention, args, kwargs)
-            counted_c = _calls(runtime) - before
-            assert _same(got, expected), (name, kwargs, got[:3], expected[:3])
-            assert counted_c == counted_py, (name, kwargs, counted_c, counted_py)
+        _compare(runtime, ATTENTION, args, kwargs, (name, kwargs))
+
+
+def _compare(runtime: Any, op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], label: Any) -> None:
+    """``op``'s public (compiled) and Python entries, twice each after one Python call: same answers and counts."""
+    public, py = op.calls.entry, op.calls.python_entry
+    _answer(py, args, kwargs)
+    for _ in range(2):
+        before = _calls(runtime)
+        expected = _answer(py, args, kwargs)
+        counted_py = _calls(runtime) - before
+        before = _calls(runtime)
+        got = _answer(public, args, kwargs)
+        counted_c = _calls(runtime) - before
+        assert _same(got, expected), (label, got[:3], expected[:3])
+        assert counted_c == counted_py, (label, counted_c, counted_py)
 
 
 def _norm_calls() -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
@@ -187,22 +192,12 @@ def _norm_calls() -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
 @needs_compiled
 @pytest.mark.parametrize("op", [RMS_NORM, LAYER_NORM], ids=["rms_norm", "layer_norm"])
 def test_compiled_and_python_norms_answer_alike(runtime: Any, op: Any) -> None:
-    public, py = op.calls.entry, op.calls.python_entry
-    assert op.calls.compiled is not None and public is not py
+    assert op.calls.compiled is not None and op.calls.entry is not op.calls.python_entry
     bias = torch.randn(16)
     for name, args, kwargs in _norm_calls():
         if op is LAYER_NORM and len(args) == 2:
             args = (*args, bias)
-        _answer(py, args, kwargs)
-        for _ in range(2):
-            before = _calls(runtime)
-            expected = _answer(py, args, kwargs)
-            counted_py = _calls(runtime) - before
-            before = _calls(runtime)
-            got = _answer(public, args, kwargs)
-            counted_c = _calls(runtime) - before
-            assert _same(got, expected), (name, got[:3], expected[:3])
-            assert counted_c == counted_py, (name, counted_c, counted_py)
+        _compare(runtime, op, args, kwargs, name)
 
 
 @needs_compiled
