@@ -356,3 +356,23 @@ def test_cuda_tensors_take_the_compiled_hit(runtime: Any) -> None:
         assert COMPILED(q, k, v, *raw) is not accel.MISS
         assert COMPILED.find(runtime.plans.data, "attention.full", q, k, v, False, 0.0, None) is \
             CALLS.lookup(runtime.plans.data, "attention.full", q, k, v, None, False, 0.0, None, None)[0]
+
+
+@needs_compiled
+def test_a_class_attribute_assigned_later_is_honoured(runtime: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled hit reads plan slots at their offsets, as CPython's own attribute caches do; assigning the
+    class attribute changes the type's version, and the next call reads through the new descriptor."""
+    from layerzero.selection.plan import ExecutionPlan
+
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8)
+    lz.attention(q, k, v)
+    lz.attention(q, k, v)  # the slot offsets are learnt
+    seen = []
+
+    def recording(*args: Any) -> Any:
+        seen.append(len(args))
+        return F.scaled_dot_product_attention(*args)
+
+    monkeypatch.setattr(ExecutionPlan, "direct", property(lambda plan: recording))
+    torch.testing.assert_close(lz.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert seen == [3]

@@ -266,6 +266,8 @@ hit_dealloc(Hit *self)
     Py_CLEAR(self->name);
     Py_CLEAR(self->module);
     Py_CLEAR(self->tensor_type);
+    for (int i = 0; i < N_SLOTS; i++)
+        Py_CLEAR(self->slots[i].type);
     for (int i = 0; i < LZ_SCALAR_TYPES; i++)
         Py_CLEAR(self->dtypes[i]);
     for (int i = 0; i < LZ_DEVICE_TYPES; i++)

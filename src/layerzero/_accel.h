@@ -15,6 +15,15 @@ typedef struct {
 extern lz_names LZ;
 
 enum { KIND_ATTENTION, KIND_RMS_NORM, KIND_LAYER_NORM };
+
+/* A __slots__ attribute read (or written) at its offset, as CPython's specializing interpreter does: valid while
+ * the object's type is ``type`` and its version tag is unchanged (a class attribute assigned since resets it). */
+typedef struct {
+    PyTypeObject *type; /* strong reference; NULL: not learned */
+    unsigned int version;
+    Py_ssize_t offset;  /* -1: not a slot of that type (the ordinary lookup serves) */
+} lz_slot;
+enum { SLOT_SCOPES, SLOT_GATE, SLOT_BLOCKED, SLOT_STATS, SLOT_CALLS, SLOT_DIRECT, SLOT_FN, SLOT_CONST, N_SLOTS };
 #define MAX_PARAMS 16
 
 typedef struct {
@@ -27,6 +36,7 @@ typedef struct {
     PyObject *op_b;      /* attention's causal operation ("attention.causal") */
     PyObject *miss;      /* the sentinel returned for every call this path does not serve */
     PyTypeObject *tensor_type; /* torch.Tensor: tensors of exactly this type are read by lz_tensor_meta */
+    lz_slot slots[N_SLOTS];    /* LIVE.scopes, plan.gate, gate.blocked, ... (see lz_get) */
     PyObject *dtypes[LZ_SCALAR_TYPES]; /* t.dtype by scalar type, as Python read it the first time */
     PyObject *devices[LZ_DEVICE_TYPES][LZ_DEVICE_INDEXES]; /* t.device by (type, index), likewise */
     /* set by entry(): the public function and the Python entry's parameters */

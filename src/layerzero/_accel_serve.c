@@ -4,6 +4,52 @@
 #include <math.h>
 
 #include "_accel.h"
+#include <structmember.h>
+
+/* Learn where ``name`` lives on obj's type: the offset of a __slots__ member, or -1. */
+static void
+learn_slot(lz_slot *slot, PyTypeObject *tp, PyObject *name)
+{
+    Py_XSETREF(slot->type, (PyTypeObject *)Py_NewRef(tp));
+    slot->offset = -1;
+    PyObject *descr = _PyType_Lookup(tp, name); /* borrowed; assigns the type a version tag where it can */
+    slot->version = tp->tp_version_tag;
+    if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type) && slot->version != 0) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type == T_OBJECT_EX && !(member->flags & READONLY))
+            slot->offset = member->offset;
+    }
+}
+
+static inline PyObject **
+slot_address(Hit *self, int which, PyObject *obj, PyObject *name)
+{
+    lz_slot *slot = &self->slots[which];
+    PyTypeObject *tp = Py_TYPE(obj);
+    if (tp != slot->type || tp->tp_version_tag != slot->version || slot->version == 0)
+        learn_slot(slot, tp, name);
+    return slot->offset >= 0 ? (PyObject **)((char *)obj + slot->offset) : NULL;
+}
+
+static PyObject *
+lz_get(Hit *self, int which, PyObject *obj, PyObject *name)
+{
+    PyObject **address = slot_address(self, which, obj, name);
+    if (address != NULL && *address != NULL)
+        return Py_NewRef(*address);
+    return PyObject_GetAttr(obj, name); /* not a slot, or unset: the ordinary lookup (and its AttributeError) */
+}
+
+/* obj.name = value (a new reference to value is taken) */
+static int
+lz_set(Hit *self, int which, PyObject *obj, PyObject *name, PyObject *value)
+{
+    PyObject **address = slot_address(self, which, obj, name);
+    if (address == NULL)
+        return PyObject_SetAttr(obj, name, value);
+    Py_XSETREF(*address, Py_NewRef(value));
+    return 0;
+}
 
 /* The metadata of a plain torch.Tensor (0: another type, or not a plain strided tensor). */
 static inline int
@@ -119,7 +165,7 @@ plan_dict(Hit *self)
 static int
 scoped(Hit *self)
 {
-    PyObject *scopes = PyObject_GetAttr(self->live, LZ.scopes);
+    PyObject *scopes = lz_get(self, SLOT_SCOPES, self->live, LZ.scopes);
     int open = scopes ? PyObject_IsTrue(scopes) : -1;
     Py_XDECREF(scopes);
     return open;
@@ -128,19 +174,19 @@ scoped(Hit *self)
 /* ``not plan.gate.blocked``, then ``plan.stats.calls += 1``: 1 when the plan runs here, 0 when the slow runner
  * must (fallback, timing, verify mode: the Python entry calls plan.run), -1 on an error. */
 static int
-open_and_count(PyObject *plan)
+open_and_count(Hit *self, PyObject *plan)
 {
-    PyObject *gate = PyObject_GetAttr(plan, LZ.gate);
-    PyObject *blocked = gate ? PyObject_GetAttr(gate, LZ.blocked) : NULL;
+    PyObject *gate = lz_get(self, SLOT_GATE, plan, LZ.gate);
+    PyObject *blocked = gate ? lz_get(self, SLOT_BLOCKED, gate, LZ.blocked) : NULL;
     int is_blocked = blocked ? PyObject_IsTrue(blocked) : -1;
     Py_XDECREF(gate);
     Py_XDECREF(blocked);
     if (is_blocked != 0)
         return is_blocked > 0 ? 0 : -1;
-    PyObject *stats = PyObject_GetAttr(plan, LZ.stats);
-    PyObject *calls = stats ? PyObject_GetAttr(stats, LZ.calls) : NULL;
+    PyObject *stats = lz_get(self, SLOT_STATS, plan, LZ.stats);
+    PyObject *calls = stats ? lz_get(self, SLOT_CALLS, stats, LZ.calls) : NULL;
     PyObject *more = calls ? PyNumber_InPlaceAdd(calls, LZ.one) : NULL;
-    int counted = more ? PyObject_SetAttr(stats, LZ.calls, more) : -1;
+    int counted = more ? lz_set(self, SLOT_CALLS, stats, LZ.calls, more) : -1;
     Py_XDECREF(stats);
     Py_XDECREF(calls);
     Py_XDECREF(more);
@@ -240,13 +286,13 @@ serve_attention(Hit *self, PyObject *const *a)
     int runs = 0;
     if (plans != NULL && (plan = lz_find_plan(self, plans, is_causal == Py_True ? self->op_b : self->op_a, q, k, v,
                                            mask, is_causal, dropout_p, window)) != NULL)
-        runs = open_and_count(plan);
+        runs = open_and_count(self, plan);
     if (runs == 1) {
-        PyObject *direct = PyObject_GetAttr(plan, LZ.direct);
+        PyObject *direct = lz_get(self, SLOT_DIRECT, plan, LZ.direct);
         /* plan.direct(q, k, v) if plan.direct is not None and scale is None else plan.fn(q, k, v, attn_mask,
          * is_causal, dropout_p, scale, window) */
         PyObject *fn = direct == NULL ? NULL
-                       : direct != Py_None && scale == Py_None ? Py_NewRef(direct) : PyObject_GetAttr(plan, LZ.fn);
+                       : direct != Py_None && scale == Py_None ? Py_NewRef(direct) : lz_get(self, SLOT_FN, plan, LZ.fn);
         PyObject *canon[8] = {q, k, v, mask, is_causal, dropout_p, scale, window}; /* the kernel arguments */
         if (fn != NULL)
             out = call_kernel(self, plan, fn, canon, fn == direct ? 3 : 8, canon, 8);
@@ -298,14 +344,14 @@ serve_norm(Hit *self, PyObject *const *a)
             plan = key ? PyDict_GetItemWithError(plans, key) : NULL;
         }
         Py_XINCREF(plan); /* borrowed from the dict: another thread may replace the entry while the kernel runs */
-        runs = plan != NULL ? open_and_count(plan) : 0;
+        runs = plan != NULL ? open_and_count(self, plan) : 0;
     }
     if (runs == 1) {
         /* plan.direct(x, plan.const, weight, [bias,] eps) if plan.direct is not None else plan.fn(x, weight,
          * [bias,] eps) */
-        PyObject *direct = PyObject_GetAttr(plan, LZ.direct);
+        PyObject *direct = lz_get(self, SLOT_DIRECT, plan, LZ.direct);
         if (direct != NULL && direct != Py_None) {
-            PyObject *cnst = PyObject_GetAttr(plan, LZ.cnst);
+            PyObject *cnst = lz_get(self, SLOT_CONST, plan, LZ.cnst);
             if (cnst != NULL) {
                 PyObject *args[5] = {x, cnst, a[1], a[2], a[3]};
                 out = call_kernel(self, plan, direct, args, n + 1, a, n);
@@ -313,7 +359,7 @@ serve_norm(Hit *self, PyObject *const *a)
             }
         }
         else if (direct != NULL) {
-            PyObject *fn = PyObject_GetAttr(plan, LZ.fn);
+            PyObject *fn = lz_get(self, SLOT_FN, plan, LZ.fn);
             out = fn ? call_kernel(self, plan, fn, a, n, a, n) : NULL;
             Py_XDECREF(fn);
         }
