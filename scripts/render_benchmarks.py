@@ -238,8 +238,9 @@ def render_page() -> str:
                               "layerzero bench --quick --json benchmarks/results/bench_cpu.json")
     for path in sorted(RESULTS.glob("bench_NVIDIA*.json")):
         card = path.stem.removeprefix("bench_").replace("_", " ")
-        out += _bench_section(path, f"`layerzero bench --device cuda` on an {card} (host time per call)",
-                              "bash scripts/gpu_run.sh bench")
+        quick = json.loads(path.read_text()).get("workload", {}).get("quick", False)
+        out += _bench_section(path, f"`layerzero bench --device cuda{' --quick' if quick else ''}` on an {card} "
+                              "(host time per call)", f"bash scripts/gpu_run.sh {'benchq' if quick else 'bench'}")
     for path in sorted(RESULTS.glob("gpu_bench_*.json")):
         out += _gpu_bench_section(path)
     for path in sorted(RESULTS.glob("gpu_varlen_paged_*.json")):
