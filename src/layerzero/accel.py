@@ -35,6 +35,7 @@ class _Miss:
 
 MISS: Any = _Miss()
 
+
 def _load() -> tuple[Any, str]:
     """The extension module, or None and why not."""
     if env_flag("LAYERZERO_PURE_PYTHON"):

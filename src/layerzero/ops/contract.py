@@ -22,6 +22,8 @@ function with its whole cached path inline (no helper frame on the hot path), an
 expressions, :class:`ContractFunctions` for every other entry point (``dispatch()``, static dispatch,
 ``Runtime.run_exact``, ``inspection.cache_keys``, warm-up, the bench). ``op.calls.source`` holds the
 generated code, so a reader can see an op's fast path whole: ``print(lz.ops.RMS_NORM.calls.source)``.
+Where a contract names a ``compiled`` form (attention and the norms, :mod:`layerzero.accel`), the public
+function is a builtin that serves the common cached hit as this code does and hands every other call to it.
 
 What the keys and guards leave out (another device for ``k``, a dtype mismatch between ``q`` and ``v``, a
 sparse tensor) makes the kernel raise; the runtime's executor then validates before it blames anyone
