@@ -317,6 +317,37 @@ def test_static_dispatch_hot_path_matches_the_full_path() -> None:
     assert r.kernel_id == "flaky"
 
 
+def test_static_is_causal_entry_is_exact_and_follows_the_runtime(runtime) -> None:
+    """``is_causal=True`` alone has an entry of its own (no options dict to key): only an exact bool is kept there
+    (``is_causal=1`` is mapped in full every time), with other options it is one option among them, and a
+    runtime change drops it with the others."""
+    seen = []
+
+    def kernel(q, k, v, mask, is_causal, dropout_p, scale, window):
+        seen.append((is_causal, scale))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+
+    static = StaticDispatcherBuilder().with_kernel(kernel, operation="attention.full", default=True).build()
+    q, k, v = rnd(1, 2, 3, 16), rnd(1, 2, 5, 16), rnd(1, 2, 5, 16)
+    inputs = {"q": q, "k": k, "v": v}
+    for _ in range(3):
+        check(static.dispatch("attention.full", inputs, is_causal=True), q, k, v, causal=True)
+    assert static._hot_causal and (("attention.full", True)) in static._hot_causal
+    entries = dict(static._hot_causal)
+    check(static.dispatch("attention.full", inputs, is_causal=1), q, k, v, causal=True)  # mapped in full, as before
+    assert static._hot_causal == entries and all(c.__class__ is bool for _, c in static._hot_causal)
+    r = static.dispatch("attention.full", inputs, scale=0.5, is_causal=True)
+    torch.testing.assert_close(r.output, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                          scale=0.5))
+    assert seen[-1] == (True, 0.5)
+    lz.register_kernel(KernelSpec("custom_noop_for_sync", "rms_norm", "custom", lambda x, w, e: x, priority=1))
+    try:  # the runtime's version moves: the next call rebinds, and the entry is made again
+        check(static.dispatch("attention.full", inputs, is_causal=True), q, k, v, causal=True)
+        assert list(static._hot_causal) == [("attention.full", True)]
+    finally:
+        runtime.kernels.unregister("custom_noop_for_sync")
+
+
 def test_orchestrator_hot_path_follows_route_changes(runtime) -> None:
     from layerzero.dispatch import DispatchMode, DynamicDispatcher, create_orchestrator
 

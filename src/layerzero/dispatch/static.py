@@ -46,6 +46,7 @@ from layerzero.spec import KernelSpec
 __all__ = ["StaticDispatcher", "StaticDispatcherBuilder", "create_static_dispatcher", "check_static_map"]
 
 _NO_CONTEXT = SelectionContext()
+_ABSENT: Any = object()  # ``is_causal`` not given
 
 
 class StaticDispatcher(Dispatcher):
@@ -66,12 +67,15 @@ class StaticDispatcher(Dispatcher):
         # operation (or generic.kwargs_key of it and its options) -> (its plan, the q/k/v names it was called
         # with): the hot path's one lookup
         self._hot: dict[Hashable, tuple[ExecutionPlan, AttentionInputs]] = {}
+        # the same for calls whose one option is ``is_causal=`` (a bool), by (operation, is_causal)
+        self._hot_causal: dict[tuple[str, bool], tuple[ExecutionPlan, AttentionInputs]] = {}
         self._bind_all()
 
     def _bind_all(self) -> None:
         self._plans = {op: self.make_plan(op, self._op(op), specs, _NO_CONTEXT, source="static")
                        for op, specs in self._table.items()}
         self._hot = {}
+        self._hot_causal = {}
 
     def _sync(self) -> None:
         # A config change rebinds the runners (telemetry, breakers, timing); the table itself stays.
@@ -115,15 +119,21 @@ class StaticDispatcher(Dispatcher):
                              f"with StaticDispatcherBuilder().with_kernel(...) or DispatchConfig.static_kernel_map",
                              operation=operation)
 
-    def dispatch(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None = None,
-                 **kwargs: Any) -> DispatchResult:
+    def dispatch(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None = None, *,
+                 is_causal: Any = _ABSENT, **kwargs: Any) -> DispatchResult:
         """Run the table's kernel for ``operation`` (``context`` is accepted and unused: nothing is selected)."""
         rt = self.runtime
         if rt.version != self._version:
             self._sync()
         t0 = perf_ns() if self._timed else 0
         try:  # (plan, names) of an attention operation seen with plain q, k, v and these options (if any)
-            hot = self._hot.get(operation if not kwargs else kwargs_key(operation, kwargs))
+            if not kwargs:  # no option, or ``is_causal=`` alone (named: no options dict, no generic key to build)
+                hot = self._hot.get(operation) if is_causal is _ABSENT else \
+                    self._hot_causal.get((operation, is_causal)) if is_causal.__class__ is bool else None
+            else:
+                if is_causal is not _ABSENT:
+                    kwargs["is_causal"], is_causal = is_causal, _ABSENT
+                hot = self._hot.get(kwargs_key(operation, kwargs))
         except TypeError:  # an unhashable operation or option value: the full path reports it
             hot = None
         if hot is not None and type(inputs) is dict and len(inputs) == 3:
@@ -156,6 +166,8 @@ class StaticDispatcher(Dispatcher):
                 r.mode = "static"
                 r.stamps = (t0, t1, t1, t1, (t := perf_ns()), t) if t0 else NOT_TIMED
                 return r
+        if is_causal is not _ABSENT:  # the full path maps it as any option
+            kwargs["is_causal"] = is_causal
         plan = self._plans.get(operation) if isinstance(operation, str) else None
         if plan is None:
             raise self._missing(operation)
@@ -181,10 +193,13 @@ class StaticDispatcher(Dispatcher):
         t4 = perf_ns() if t0 else 0
         if bshd:
             out = out.transpose(1, 2)
-        if hot is None and plan.op.family == "attention" and len(self._hot) < 4096:
+        if hot is None and plan.op.family == "attention" and len(self._hot) + len(self._hot_causal) < 4096:
             fast = attention_inputs(plan.op, operation, inputs, kwargs)  # these names take the hot path from now on
             if fast is not None:
-                self._hot[hot_key(operation, kwargs)] = (plan, fast.copy())
+                if len(kwargs) == 1 and kwargs.get("is_causal").__class__ is bool:
+                    self._hot_causal[operation, kwargs["is_causal"]] = (plan, fast.copy())
+                else:
+                    self._hot[hot_key(operation, kwargs)] = (plan, fast.copy())
         return self._result(out, plan, ran, operation, _timing(t0, t1, t4, perf_ns() if t0 else 0), True)
 
 
