@@ -193,14 +193,22 @@ class StaticDispatcher(Dispatcher):
         t4 = perf_ns() if t0 else 0
         if bshd:
             out = out.transpose(1, 2)
-        if hot is None and plan.op.family == "attention" and len(self._hot) + len(self._hot_causal) < 4096:
-            fast = attention_inputs(plan.op, operation, inputs, kwargs)  # these names take the hot path from now on
-            if fast is not None:
-                if len(kwargs) == 1 and kwargs.get("is_causal").__class__ is bool:
-                    self._hot_causal[operation, kwargs["is_causal"]] = (plan, fast.copy())
-                else:
-                    self._hot[hot_key(operation, kwargs)] = (plan, fast.copy())
+        if hot is None and plan.op.family == "attention":
+            self._remember(plan, operation, inputs, kwargs)
         return self._result(out, plan, ran, operation, _timing(t0, t1, t4, perf_ns() if t0 else 0), True)
+
+    def _remember(self, plan: ExecutionPlan, operation: str, inputs: Mapping[str, Any], kwargs: dict[str, Any]
+                  ) -> None:
+        """Give these input names (and options) a hot-path entry, after a call went the full way."""
+        if len(self._hot) + len(self._hot_causal) >= 4096:
+            return
+        fast = attention_inputs(plan.op, operation, inputs, kwargs)
+        if fast is None:
+            return
+        if len(kwargs) == 1 and kwargs.get("is_causal").__class__ is bool:
+            self._hot_causal[operation, kwargs["is_causal"]] = (plan, fast.copy())
+        else:
+            self._hot[hot_key(operation, kwargs)] = (plan, fast.copy())
 
 
 def _timing(t0: int, t1: int, t4: int, t5: int) -> DispatchTiming:
