@@ -240,6 +240,11 @@ def test_the_compiled_hit_serves_the_plain_cached_call(runtime: Any) -> None:
         assert COMPILED(q, k, v, *raw) is accel.MISS
         torch.testing.assert_close(lz.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
     assert COMPILED(q, k, v, "x", *raw[1:]) is accel.MISS  # a mask that is no tensor: Python reports it
+    qs, ks, vs = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # BSHD: served as BHSD views
+    bshd = (*raw[:4], "BSHD", *raw[5:])
+    out = COMPILED(qs, ks, vs, *bshd)
+    assert out is not accel.MISS and out.shape == qs.shape
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v).transpose(1, 2))
     x, w = torch.randn(3, 16), torch.rand(16)
     assert RMS_NORM.calls.compiled(x, w, 1e-6) is accel.MISS
     lz.rms_norm(x, w)

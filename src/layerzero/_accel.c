@@ -323,8 +323,11 @@ PyInit__accel(void)
     INTERN(LZ.cnst, "const");
     INTERN(LZ.recover, "recover");
     INTERN(LZ.bhsd, "BHSD");
+    INTERN(LZ.bshd, "BSHD");
+    INTERN(LZ.transpose, "transpose");
 #undef INTERN
     if ((LZ.one = PyLong_FromLong(1)) == NULL || (LZ.zero = PyLong_FromLong(0)) == NULL ||
+        (LZ.two = PyLong_FromLong(2)) == NULL ||
         PyType_Ready(&HitType) < 0)
         return NULL;
     PyObject *collections = PyImport_ImportModule("collections");

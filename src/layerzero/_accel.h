@@ -9,7 +9,7 @@
 /* Interned attribute names and constants, made once by the module's init (_accel.c). */
 typedef struct {
     PyObject *dtype, *device, *shape, *plans, *data, *scopes, *gate, *blocked, *stats, *calls, *direct, *fn,
-        *cnst, *recover, *bhsd, *one, *zero;
+        *cnst, *recover, *bhsd, *bshd, *transpose, *one, *two, *zero;
     PyTypeObject *ordered_dict; /* collections.OrderedDict: the runtime's plan cache */
 } lz_names;
 extern lz_names LZ;

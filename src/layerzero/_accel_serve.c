@@ -109,6 +109,14 @@ lz_miss(Hit *self)
     return Py_NewRef(self->miss);
 }
 
+/* x.transpose(1, 2) (new reference; NULL with an error set) */
+static PyObject *
+transpose12(PyObject *x)
+{
+    PyObject *args[3] = {x, LZ.one, LZ.two};
+    return PyObject_VectorcallMethod(LZ.transpose, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
 /* callable(*args) as the generated entry calls the kernel; its exception goes to the failure contract:
  * ``except Exception as exc: out = RT.recover(plan, canon, 0, exc)``, canon being the kernel arguments. */
 static PyObject *
@@ -268,7 +276,7 @@ serve_attention(Hit *self, PyObject *const *a)
     PyObject *q = a[0], *k = a[1], *v = a[2], *mask = a[3], *is_causal = a[4], *dropout_p = a[5], *scale = a[6];
     PyObject *layout = a[7], *window = a[8];
     /* What this path serves. The contract's guard holds by construction (a bool is_causal, an int or no
-     * window, a finite scale); no variant, no operation name, the BHSD layout. */
+     * window, a finite scale); no variant, no operation name; the BHSD layout, or BSHD as BHSD views. */
     if (a[12] != Py_None || a[9] != Py_None || a[10] != Py_None || a[11] != Py_None || !PyBool_Check(is_causal))
         return Py_NewRef(self->miss);
     if (window != Py_None && !PyLong_CheckExact(window))
@@ -278,14 +286,22 @@ serve_attention(Hit *self, PyObject *const *a)
         return Py_NewRef(self->miss);
     if (!PyFloat_CheckExact(dropout_p) && !PyLong_CheckExact(dropout_p))
         return Py_NewRef(self->miss);
-    if (layout != LZ.bhsd && !(PyUnicode_CheckExact(layout) && PyUnicode_Compare(layout, LZ.bhsd) == 0))
+    int bshd = layout != LZ.bhsd && !(PyUnicode_CheckExact(layout) && PyUnicode_Compare(layout, LZ.bhsd) == 0);
+    if (bshd && !(layout == LZ.bshd || (PyUnicode_CheckExact(layout) && PyUnicode_Compare(layout, LZ.bshd) == 0)))
         return lz_miss(self);
     if (scoped(self) != 0)
         return lz_miss(self);
-    PyObject *out = NULL, *plan = NULL, *plans = plan_dict(self);
+    PyObject *out = NULL, *plan = NULL, *plans = NULL, *views[3] = {NULL, NULL, NULL};
     int runs = 0;
-    if (plans != NULL && (plan = lz_find_plan(self, plans, is_causal == Py_True ? self->op_b : self->op_a, q, k, v,
-                                           mask, is_causal, dropout_p, window)) != NULL)
+    if (bshd) { /* q, k, v = q.transpose(1, 2), ... as the entry's prologue; the output goes back the same way */
+        for (int i = 0; i < 3; i++)
+            if ((views[i] = transpose12(a[i])) == NULL)
+                goto done;
+        q = views[0], k = views[1], v = views[2];
+    }
+    if ((plans = plan_dict(self)) != NULL &&
+        (plan = lz_find_plan(self, plans, is_causal == Py_True ? self->op_b : self->op_a, q, k, v, mask, is_causal,
+                             dropout_p, window)) != NULL)
         runs = open_and_count(self, plan);
     if (runs == 1) {
         PyObject *direct = lz_get(self, SLOT_DIRECT, plan, LZ.direct);
@@ -298,7 +314,12 @@ serve_attention(Hit *self, PyObject *const *a)
             out = call_kernel(self, plan, fn, canon, fn == direct ? 3 : 8, canon, 8);
         Py_XDECREF(fn);
         Py_XDECREF(direct);
+        if (bshd && out != NULL)
+            Py_SETREF(out, transpose12(out));
     }
+done:
+    for (int i = 0; i < 3; i++)
+        Py_XDECREF(views[i]);
     Py_XDECREF(plans);
     Py_XDECREF(plan);
     return runs == 1 ? out : lz_miss(self);
@@ -377,8 +398,6 @@ lz_serve(Hit *self, PyObject *const *a)
 {
     return self->kind == KIND_ATTENTION ? serve_attention(self, a) : serve_norm(self, a);
 }
-
-/* Called with every parameter positionally (tests): the output, or MISS. */
 
 int
 lz_admits(Hit *self, PyObject *q, PyObject *k, PyObject *v)

@@ -3,9 +3,9 @@ C extension (``layerzero._accel``).
 
 The call contracts (:mod:`layerzero.ops.contract`) define what a cached ``lz.*`` call does. For the busiest
 ones the extension serves the common case of that definition without the interpreter: plain tensors (for
-attention: ``q``, ``k``, ``v`` in BHSD, a bool ``is_causal``, an int or no ``window``, a finite or no ``scale``,
-an optional mask, no variant, no ``operation`` name), no open policy scope, a plan in the cache whose gate is
-open. It builds the same keys, runs the same shape guard and calls the kernel the same way (``plan.direct``
+attention: ``q``, ``k``, ``v`` in BHSD or BSHD, a bool ``is_causal``, an int or no ``window``, a finite or no
+``scale``, an optional mask, no variant, no ``operation`` name), no open policy scope, a plan in the cache whose
+gate is open. It builds the same keys, runs the same shape guard and calls the kernel the same way (``plan.direct``
 or ``plan.fn``; a kernel's exception goes to the executor's ``recover``). Every other call goes, arguments
 unchanged, to the generated Python entry: validation, errors, first calls, fallbacks and scopes have one
 home.
