@@ -180,7 +180,7 @@ def _norm_calls() -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
     out = []
     for (name, t), (wname, wargs), eps in itertools.product(
             xs, [("no weight", ()), ("weight", (w,)), ("weight f64", (w.double(),)), ("short weight", (w[:8],)),
-                 ("weight by name", None)], (None, 1e-5, 0, True, torch.tensor(1e-5), "x")):
+                 ("parameter", (torch.nn.Parameter(w.clone()),)), ("weight by name", None)], (None, 1e-5, 0, True, torch.tensor(1e-5), "x")):
         kwargs: dict[str, Any] = {} if eps is None else {"eps": eps}
         args: tuple[Any, ...] = (t, *wargs) if wargs is not None else (t,)
         if wargs is None:
@@ -249,6 +249,8 @@ def test_the_compiled_hit_serves_the_plain_cached_call(runtime: Any) -> None:
     assert RMS_NORM.calls.compiled(x, w, 1e-6) is accel.MISS
     lz.rms_norm(x, w)
     torch.testing.assert_close(RMS_NORM.calls.compiled(x, w, 1e-6), F.rms_norm(x, (16,), w, 1e-6))
+    p = torch.nn.Parameter(w.clone())  # a module's weight: read as the tensor it is
+    torch.testing.assert_close(RMS_NORM.calls.compiled(x, p, 1e-6), F.rms_norm(x, (16,), p, 1e-6))
     lz.layer_norm(x, w, None)
     torch.testing.assert_close(LAYER_NORM.calls.compiled(x, w, None, 1e-5), F.layer_norm(x, (16,), w, None, 1e-5))
 
@@ -381,3 +383,15 @@ def test_a_class_attribute_assigned_later_is_honoured(runtime: Any, monkeypatch:
     monkeypatch.setattr(ExecutionPlan, "direct", property(lambda plan: recording))
     torch.testing.assert_close(lz.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
     assert seen == [3]
+
+
+def test_doctor_warns_when_the_extension_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not built (or built for another torch) and not turned off: ``layerzero doctor`` says what it costs."""
+    monkeypatch.delenv("LAYERZERO_PURE_PYTHON", raising=False)
+    monkeypatch.setattr(accel, "_accel", None)
+    monkeypatch.setattr(accel, "_why_not", "the extension is not built (no module named layerzero._accel)")
+    report = lz.doctor()
+    assert report.extra["config"]["hot_path"].startswith("pure Python: the extension is not built")
+    assert any("run in Python" in w and "reinstall" in w for w in report.warnings)
+    monkeypatch.setenv("LAYERZERO_PURE_PYTHON", "1")  # turned off on purpose: no warning
+    assert not any("run in Python" in w for w in lz.doctor().warnings)

@@ -10,7 +10,8 @@
  *
  * Built by setup.py against the installed torch (optional). layerzero.accel loads it; tests/test_accel.py
  * checks it against the Python entries.
- */#include <stddef.h>
+ */
+#include <stddef.h>
 
 #include "_accel.h"
 
@@ -97,6 +98,8 @@ hit_entry(Hit *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t ndef = pos_defaults ? PyTuple_GET_SIZE(pos_defaults) : 0;
+    self->nparams = n; /* before the loop: hit_clear frees what it took if it stops part way */
+    self->npositional = npos;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *name = PyTuple_GET_ITEM(names, i), *dflt = NULL;
         if (i < npos && i >= npos - ndef)
@@ -111,8 +114,6 @@ hit_entry(Hit *self, PyObject *const *args, Py_ssize_t nargs)
         self->defaults[i] = Py_XNewRef(dflt);
     }
     Py_DECREF(names);
-    self->nparams = n;
-    self->npositional = npos;
     PyObject *name = PyObject_GetAttrString(fn, "__name__");
     const char *doc = PyUnicode_AsUTF8(args[1]), *cname = name ? PyUnicode_AsUTF8(name) : NULL;
     if (doc == NULL || cname == NULL) {
@@ -164,7 +165,10 @@ hit_find(Hit *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "find(plans, operation, q, k, v, is_causal, dropout_p, window) (attention)");
         return NULL;
     }
-    PyObject *plan = lz_find_plan(self, args[0], args[1], args[2], args[3], args[4], Py_None, args[5], args[6], args[7]);
+    PyObject *plans = args[0];
+    PyObject *plan = PyDict_CheckExact(plans) || Py_IS_TYPE(plans, LZ.ordered_dict)
+                         ? lz_find_plan(self, plans, args[1], args[2], args[3], args[4], Py_None, args[5], args[6], args[7])
+                         : NULL;
     if (plan != NULL)
         return plan;
     PyObject *none = lz_miss(self); /* clears what a read raised (the slow path reads it again) */
@@ -203,11 +207,11 @@ static PyMethodDef hit_methods[] = {
 static PyObject *
 hit_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *names[] = {"kind", "runtime", "live", "op_a", "op_b", "miss", "tensor_type", NULL};
+    static char *names[] = {"kind", "runtime", "live", "op_a", "op_b", "miss", "tensor_type", "param_type", NULL};
     int kind;
-    PyObject *runtime, *live, *op_a, *op_b, *miss_obj, *tensor_type;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOUUOO!:Hit", names, &kind, &runtime, &live, &op_a, &op_b,
-                                     &miss_obj, &PyType_Type, &tensor_type))
+    PyObject *runtime, *live, *op_a, *op_b, *miss_obj, *tensor_type, *param_type;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOUUOO!O!:Hit", names, &kind, &runtime, &live, &op_a, &op_b,
+                                     &miss_obj, &PyType_Type, &tensor_type, &PyType_Type, &param_type))
         return NULL;
     if (kind < KIND_ATTENTION || kind > KIND_LAYER_NORM) {
         PyErr_Format(PyExc_ValueError, "Hit: no kind %d", kind);
@@ -224,6 +228,7 @@ hit_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->op_b = Py_NewRef(op_b);
     self->miss = Py_NewRef(miss_obj);
     self->tensor_type = (PyTypeObject *)Py_NewRef(tensor_type);
+    self->param_type = (PyTypeObject *)Py_NewRef(param_type);
     return (PyObject *)self;
 }
 
@@ -266,6 +271,7 @@ hit_dealloc(Hit *self)
     Py_CLEAR(self->name);
     Py_CLEAR(self->module);
     Py_CLEAR(self->tensor_type);
+    Py_CLEAR(self->param_type);
     for (int i = 0; i < N_SLOTS; i++)
         Py_CLEAR(self->slots[i].type);
     for (int i = 0; i < LZ_SCALAR_TYPES; i++)
@@ -279,7 +285,7 @@ hit_dealloc(Hit *self)
 static PyTypeObject HitType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "layerzero._accel.Hit",
-    .tp_doc = PyDoc_STR("Hit(kind, runtime, live, op_a, op_b, miss, tensor_type)\n--\n\n"
+    .tp_doc = PyDoc_STR("Hit(kind, runtime, live, op_a, op_b, miss, tensor_type, param_type)\n--\n\n"
                         "One lz.* function's cached hit, compiled (kind: ATTENTION, RMS_NORM, LAYER_NORM)."),
     .tp_basicsize = sizeof(Hit),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,

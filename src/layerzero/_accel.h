@@ -36,6 +36,7 @@ typedef struct {
     PyObject *op_b;      /* attention's causal operation ("attention.causal") */
     PyObject *miss;      /* the sentinel returned for every call this path does not serve */
     PyTypeObject *tensor_type; /* torch.Tensor: tensors of exactly this type are read by lz_tensor_meta */
+    PyTypeObject *param_type;  /* torch.nn.Parameter (torch function off): read so too where it may stand (weights) */
     lz_slot slots[N_SLOTS];    /* LIVE.scopes, plan.gate, gate.blocked, ... (see lz_get) */
     PyObject *dtypes[LZ_SCALAR_TYPES]; /* t.dtype by scalar type, as Python read it the first time */
     PyObject *devices[LZ_DEVICE_TYPES][LZ_DEVICE_INDEXES]; /* t.device by (type, index), likewise */

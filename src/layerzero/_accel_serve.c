@@ -51,11 +51,14 @@ lz_set(Hit *self, int which, PyObject *obj, PyObject *name, PyObject *value)
     return 0;
 }
 
-/* The metadata of a plain torch.Tensor (0: another type, or not a plain strided tensor). */
+/* The metadata of a plain torch.Tensor (0: another type, not a plain strided tensor, or a scalar type beyond the
+ * cached ones); ``or_param``: a torch.nn.Parameter too (its torch function is off: its reads are the tensor's). */
 static inline int
-read_meta(Hit *self, PyObject *t, lz_meta *m)
+read_meta(Hit *self, PyObject *t, lz_meta *m, int or_param)
 {
-    return Py_TYPE(t) == self->tensor_type && lz_tensor_meta(t, m);
+    PyTypeObject *tp = Py_TYPE(t);
+    return (tp == self->tensor_type || (or_param && tp == self->param_type)) && lz_tensor_meta(t, m) &&
+           m->scalar_type >= 0 && m->scalar_type < LZ_SCALAR_TYPES;
 }
 
 /* The Python object t.<name> gives for the cached slot (borrowed; NULL with an error set). Torch's dtype and
@@ -216,18 +219,18 @@ family_guard(const lz_meta *qm, const lz_meta *km, const lz_meta *vm)
 static int
 read_qkv(Hit *self, PyObject *q, PyObject *k, PyObject *v, lz_meta *qm, lz_meta *km, lz_meta *vm)
 {
-    return read_meta(self, q, qm) && read_meta(self, k, km) && read_meta(self, v, vm) && qm->ndim == 4 &&
-           km->ndim == 4 && km->sizes[1] != 0 && qm->scalar_type >= 0 && qm->scalar_type < LZ_SCALAR_TYPES;
+    return read_meta(self, q, qm, 0) && read_meta(self, k, km, 0) && read_meta(self, v, vm, 0) && qm->ndim == 4 &&
+           km->ndim == 4 && km->sizes[1] != 0;
 }
 
-/* The plan ``plans`` holds for this call, as the contract's lookup finds it (new reference), or NULL: none, or
- * a call the compiled path leaves to Python (an error may be set). */
+/* The plan ``plans`` (a dict or OrderedDict) holds for this call, as the contract's lookup finds it (new
+ * reference), or NULL: none, or a call the compiled path leaves to Python (an error may be set). */
 PyObject *
 lz_find_plan(Hit *self, PyObject *plans, PyObject *op, PyObject *q, PyObject *k, PyObject *v, PyObject *mask,
           PyObject *is_causal, PyObject *dropout_p, PyObject *window)
 {
     lz_meta qm, km, vm;
-    if (!(PyDict_CheckExact(plans) || Py_IS_TYPE(plans, LZ.ordered_dict)) || !read_qkv(self, q, k, v, &qm, &km, &vm))
+    if (!read_qkv(self, q, k, v, &qm, &km, &vm))
         return NULL;
     PyObject *mask_key = NULL, *family = NULL, *key = NULL, *plan = NULL;
     PyObject *dtype = cached_attr(&self->dtypes[qm.scalar_type], q, LZ.dtype);
@@ -339,13 +342,13 @@ serve_norm(Hit *self, PyObject *const *a)
     lz_meta xm, wm;
     PyObject *family = NULL, *key = NULL, *plan = NULL, *plans = NULL, *out = NULL;
     PyObject *dtypes[2] = {Py_None, Py_None}; /* weight's and bias's */
-    if (!read_meta(self, x, &xm) || xm.scalar_type < 0 || xm.scalar_type >= LZ_SCALAR_TYPES || scoped(self) != 0)
+    if (!read_meta(self, x, &xm, 0) || scoped(self) != 0)
         return lz_miss(self);
-    for (int i = 0; i < n - 2; i++) {
+    for (int i = 0; i < n - 2; i++) { /* weight (and bias): a module's parameters */
         PyObject *t = a[1 + i];
         if (t == Py_None)
             continue;
-        if (!read_meta(self, t, &wm) || wm.scalar_type < 0 || wm.scalar_type >= LZ_SCALAR_TYPES ||
+        if (!read_meta(self, t, &wm, 1) ||
             (dtypes[i] = cached_attr(&self->dtypes[wm.scalar_type], t, LZ.dtype)) == NULL)
             return lz_miss(self);
     }
@@ -374,7 +377,8 @@ serve_norm(Hit *self, PyObject *const *a)
         if (direct != NULL && direct != Py_None) {
             PyObject *cnst = lz_get(self, SLOT_CONST, plan, LZ.cnst);
             if (cnst != NULL) {
-                PyObject *args[5] = {x, cnst, a[1], a[2], a[3]};
+                PyObject *args[5] = {x, cnst, a[1], a[2], NULL}; /* x, const, weight, [bias,] eps */
+                args[n] = a[n - 1];
                 out = call_kernel(self, plan, direct, args, n + 1, a, n);
                 Py_DECREF(cnst);
             }

@@ -21,7 +21,7 @@ from typing import Any
 
 from layerzero.environment import env_flag
 
-__all__ = ["MISS", "status", "attention_hit", "norm_hit", "entry", "restore"]
+__all__ = ["MISS", "status", "unavailable", "attention_hit", "norm_hit", "entry", "restore"]
 
 
 class _Miss:
@@ -60,13 +60,18 @@ def status() -> str:
     return "compiled" if _accel is not None else f"pure Python: {_why_not}"
 
 
+def unavailable() -> bool:
+    """Whether the compiled path is missing though nobody turned it off (not built, or built for another torch)."""
+    return _accel is None and not env_flag("LAYERZERO_PURE_PYTHON")
+
+
 def attention_hit(runtime: Any, live: Any, op_full: str, op_causal: str) -> Callable[..., Any] | None:
     """The compiled hit for ``lz.attention`` over ``runtime``'s plan cache, or None without the extension."""
     if _accel is None:
         return None
     import torch
 
-    return _accel.Hit(_accel.ATTENTION, runtime, live, op_full, op_causal, MISS, torch.Tensor)
+    return _accel.Hit(_accel.ATTENTION, runtime, live, op_full, op_causal, MISS, torch.Tensor, torch.nn.Parameter)
 
 
 def norm_hit(operation: str, runtime: Any, live: Any) -> Callable[..., Any] | None:
@@ -76,7 +81,7 @@ def norm_hit(operation: str, runtime: Any, live: Any) -> Callable[..., Any] | No
     import torch
 
     kind = {"rms_norm": _accel.RMS_NORM, "layer_norm": _accel.LAYER_NORM}[operation]
-    return _accel.Hit(kind, runtime, live, operation, operation, MISS, torch.Tensor)
+    return _accel.Hit(kind, runtime, live, operation, operation, MISS, torch.Tensor, torch.nn.Parameter)
 
 
 def entry(hit: Any, fallback: Callable[..., Any], doc: str, module: str) -> Callable[..., Any]:

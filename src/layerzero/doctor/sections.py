@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from layerzero.accel import status as hot_path_status
+from layerzero.accel import unavailable as hot_path_unavailable
 from layerzero.environment import env_settings
 from layerzero.runtime.config import DispatchConfig
 from layerzero.runtime import get_runtime
@@ -74,10 +75,9 @@ def config_section(report: Any) -> None:
         "policy_digest": rt.policy.policy.digest,
         "hot_path": hot_path_status(),
     }
-    hot_path = report.extra["config"]["hot_path"]
-    if "not built" in hot_path or "built for torch" in hot_path:
-        report.warnings.append(f"cached lz.attention and norm calls run in Python ({hot_path}): about 0.7 µs more "
-                               "per call; reinstall layerzero where a C++ compiler is found")
+    if hot_path_unavailable():
+        report.warnings.append(f"cached lz.attention and norm calls run in Python ({hot_path_status()}): about "
+                               "0.7 µs more per call; reinstall layerzero where a C++ compiler is found")
     if not rt.config.enable_telemetry:
         report.warnings.append("telemetry is off (enable_telemetry=False): metrics read zero")
     if rt.config.latency_histogram:
