@@ -246,9 +246,6 @@ def kwargs_key(operation: str, kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
     Hashing it raises ``TypeError`` for an unhashable value (the caller then takes the full path). It starts
     with a marker of its own, so no operation name (a tuple given as one) equals it.
     """
-    if len(kwargs) == 1:  # the common case (``is_causal=True``), without the loop
-        for name, value in kwargs.items():
-            return (_OPTIONS, operation, name, value.__class__, value)
     key: tuple[Any, ...] = (_OPTIONS, operation)
     for name, value in kwargs.items():
         key += (name, value.__class__, value)
