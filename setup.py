@@ -35,7 +35,8 @@ def _extensions() -> list[Extension]:
     include = os.path.join(torch_dir, "include")
     lib = os.path.join(torch_dir, "lib")
     return [Extension(
-        "layerzero._accel", ["src/layerzero/_accel.c", "src/layerzero/_accel_serve.c", "src/layerzero/_accel_meta.cpp"],
+        "layerzero._accel", ["src/layerzero/_accel.c", "src/layerzero/_accel_serve.c", "src/layerzero/_accel_dispatch.c",
+         "src/layerzero/_accel_meta.cpp"],
         include_dirs=[include, os.path.join(include, "torch", "csrc", "api", "include")],
         library_dirs=[lib], libraries=["c10"], runtime_library_dirs=[lib],
         define_macros=[("LZ_TORCH_VERSION", f'"{version.group(1) if version else "unknown"}"')],

@@ -55,9 +55,16 @@ for step in "${steps[@]}"; do
   case "$step" in
     accel)
       echo "== the compiled hot path: tests/test_accel.py, then GPU tests through it"
-      timeout 300 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/test_accel.py tests/test_ops_api.py \
+      timeout 300 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/test_accel.py tests/test_accel_dispatch.py tests/test_ops_api.py \
         tests/test_dispatch_gpu.py tests/test_cuda_graphs.py tests/test_faults.py tests/test_compile_public_ops.py 2>&1 \
         | tee "$OUT/gpu_accel_tests_${card}.log" | tail -8
+      ;;
+  esac
+  case "$step" in
+    dispatchab)
+      echo "== scripts/dispatch_ab.py: the dispatchers' compiled method vs their Python method, CUDA tensors"
+      timeout 200 python3 scripts/dispatch_ab.py --device cuda --json "$OUT/dispatch_ab_${card}.json" 2>&1 \
+        | tee "$OUT/dispatch_ab_${card}.md" | tail -12
       ;;
   esac
   case "$step" in

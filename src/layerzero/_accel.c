@@ -299,6 +299,12 @@ static PyTypeObject HitType = {
     .tp_methods = hit_methods,
 };
 
+PyTypeObject *
+lz_hit_type(void)
+{
+    return &HitType;
+}
+
 static struct PyModuleDef accel_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "layerzero._accel",
@@ -351,7 +357,7 @@ PyInit__accel(void)
         PyModule_AddIntConstant(m, "ATTENTION", KIND_ATTENTION) < 0 ||
         PyModule_AddIntConstant(m, "RMS_NORM", KIND_RMS_NORM) < 0 ||
         PyModule_AddIntConstant(m, "LAYER_NORM", KIND_LAYER_NORM) < 0 ||
-        PyModule_AddObject(m, "Hit", (PyObject *)&HitType) < 0) {
+        PyModule_AddObject(m, "Hit", (PyObject *)&HitType) < 0 || lz_method_init(m) < 0) {
         Py_DECREF(&HitType);
         Py_DECREF(m);
         return NULL;

@@ -57,4 +57,16 @@ PyObject *lz_miss(Hit *self);                                     /* self->miss,
 PyObject *lz_find_plan(Hit *self, PyObject *plans, PyObject *op, PyObject *q, PyObject *k, PyObject *v,
                        PyObject *mask, PyObject *is_causal, PyObject *dropout_p, PyObject *window);
 int lz_admits(Hit *self, PyObject *q, PyObject *k, PyObject *v); /* the attention shape guard, maskless */
+/* obj.name through ``slot`` (new reference; NULL with an error set), and obj.name = value (a reference taken) */
+PyObject *lz_slot_get(lz_slot *slot, PyObject *obj, PyObject *name);
+int lz_slot_set(lz_slot *slot, PyObject *obj, PyObject *name, PyObject *value);
+PyObject *lz_transpose12(PyObject *x);      /* x.transpose(1, 2) (new reference; NULL with an error set) */
+int lz_scoped(Hit *self);                   /* LIVE.scopes is truthy: 1, falsy: 0, an error: -1 */
+/* ``not plan.gate.blocked``, then ``plan.stats.calls += 1``: 1 when the plan runs here, 0 when the slow runner
+ * must (fallback, timing, verify mode: the Python entry calls plan.run), -1 on an error. */
+int lz_open_and_count(Hit *self, PyObject *plan);
+PyObject *lz_fetch_exception(void); /* the raised exception, normalized, its traceback on it (new reference) */
+void lz_chain(PyObject *exc);       /* the exception now raised happened while handling exc (its __context__) */
+int lz_method_init(PyObject *module); /* _accel_dispatch.c: adds the Method type and its constants */
+PyTypeObject *lz_hit_type(void);     /* the Hit type */
 #endif

@@ -22,34 +22,35 @@ learn_slot(lz_slot *slot, PyTypeObject *tp, PyObject *name)
 }
 
 static inline PyObject **
-slot_address(Hit *self, int which, PyObject *obj, PyObject *name)
+slot_address(lz_slot *slot, PyObject *obj, PyObject *name)
 {
-    lz_slot *slot = &self->slots[which];
     PyTypeObject *tp = Py_TYPE(obj);
     if (tp != slot->type || tp->tp_version_tag != slot->version || slot->version == 0)
         learn_slot(slot, tp, name);
     return slot->offset >= 0 ? (PyObject **)((char *)obj + slot->offset) : NULL;
 }
 
-static PyObject *
-lz_get(Hit *self, int which, PyObject *obj, PyObject *name)
+PyObject *
+lz_slot_get(lz_slot *slot, PyObject *obj, PyObject *name)
 {
-    PyObject **address = slot_address(self, which, obj, name);
+    PyObject **address = slot_address(slot, obj, name);
     if (address != NULL && *address != NULL)
         return Py_NewRef(*address);
     return PyObject_GetAttr(obj, name); /* not a slot, or unset: the ordinary lookup (and its AttributeError) */
 }
 
-/* obj.name = value (a new reference to value is taken) */
-static int
-lz_set(Hit *self, int which, PyObject *obj, PyObject *name, PyObject *value)
+int
+lz_slot_set(lz_slot *slot, PyObject *obj, PyObject *name, PyObject *value)
 {
-    PyObject **address = slot_address(self, which, obj, name);
+    PyObject **address = slot_address(slot, obj, name);
     if (address == NULL)
         return PyObject_SetAttr(obj, name, value);
     Py_XSETREF(*address, Py_NewRef(value));
     return 0;
 }
+
+#define lz_get(self, which, obj, name) lz_slot_get(&(self)->slots[which], obj, name)
+#define lz_set(self, which, obj, name, value) lz_slot_set(&(self)->slots[which], obj, name, value)
 
 /* The metadata of a plain torch.Tensor (0: another type, not a plain strided tensor, or a scalar type beyond the
  * cached ones); ``or_param``: a torch.nn.Parameter too (its torch function is off: its reads are the tensor's). */
@@ -112,9 +113,8 @@ lz_miss(Hit *self)
     return Py_NewRef(self->miss);
 }
 
-/* x.transpose(1, 2) (new reference; NULL with an error set) */
-static PyObject *
-transpose12(PyObject *x)
+PyObject *
+lz_transpose12(PyObject *x)
 {
     PyObject *args[3] = {x, LZ.one, LZ.two};
     return PyObject_VectorcallMethod(LZ.transpose, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
@@ -122,13 +122,9 @@ transpose12(PyObject *x)
 
 /* callable(*args) as the generated entry calls the kernel; its exception goes to the failure contract:
  * ``except Exception as exc: out = RT.recover(plan, canon, 0, exc)``, canon being the kernel arguments. */
-static PyObject *
-call_kernel(Hit *self, PyObject *plan, PyObject *callable, PyObject *const *args, Py_ssize_t n,
-            PyObject *const *canon, Py_ssize_t ncanon)
+PyObject *
+lz_fetch_exception(void)
 {
-    PyObject *out = PyObject_Vectorcall(callable, args, n, NULL);
-    if (out != NULL || !PyErr_ExceptionMatches(PyExc_Exception))
-        return out;
     PyObject *type, *exc, *tb;
     PyErr_Fetch(&type, &exc, &tb);
     PyErr_NormalizeException(&type, &exc, &tb);
@@ -136,6 +132,30 @@ call_kernel(Hit *self, PyObject *plan, PyObject *callable, PyObject *const *args
         PyException_SetTraceback(exc, tb);
     Py_XDECREF(type);
     Py_XDECREF(tb);
+    return exc;
+}
+
+void
+lz_chain(PyObject *exc)
+{
+    PyObject *t2, *e2, *tb2;
+    PyErr_Fetch(&t2, &e2, &tb2);
+    PyErr_NormalizeException(&t2, &e2, &tb2);
+    if (e2 != NULL && e2 != exc) {
+        Py_INCREF(exc);
+        PyException_SetContext(e2, exc); /* steals the reference */
+    }
+    PyErr_Restore(t2, e2, tb2);
+}
+
+static PyObject *
+call_kernel(Hit *self, PyObject *plan, PyObject *callable, PyObject *const *args, Py_ssize_t n,
+            PyObject *const *canon, Py_ssize_t ncanon)
+{
+    PyObject *out = PyObject_Vectorcall(callable, args, n, NULL);
+    if (out != NULL || !PyErr_ExceptionMatches(PyExc_Exception))
+        return out;
+    PyObject *exc = lz_fetch_exception();
     PyObject *call_args = PyTuple_New(ncanon);
     for (Py_ssize_t i = 0; call_args != NULL && i < ncanon; i++)
         PyTuple_SET_ITEM(call_args, i, Py_NewRef(canon[i]));
@@ -146,16 +166,8 @@ call_kernel(Hit *self, PyObject *plan, PyObject *callable, PyObject *const *args
         Py_DECREF(recover);
     }
     Py_XDECREF(call_args);
-    if (out == NULL) { /* what recover raised happened while handling exc, as in Python */
-        PyObject *t2, *e2, *tb2;
-        PyErr_Fetch(&t2, &e2, &tb2);
-        PyErr_NormalizeException(&t2, &e2, &tb2);
-        if (e2 != NULL && e2 != exc) {
-            Py_INCREF(exc);
-            PyException_SetContext(e2, exc); /* steals the reference */
-        }
-        PyErr_Restore(t2, e2, tb2);
-    }
+    if (out == NULL) /* what recover raised happened while handling exc, as in Python */
+        lz_chain(exc);
     Py_DECREF(exc);
     return out;
 }
@@ -172,9 +184,8 @@ plan_dict(Hit *self)
     return plans;
 }
 
-/* 0 while no policy scope is open (else the Python entry finds the scope's plans), -1 on an error. */
-static int
-scoped(Hit *self)
+int
+lz_scoped(Hit *self)
 {
     PyObject *scopes = lz_get(self, SLOT_SCOPES, self->live, LZ.scopes);
     int open = scopes ? PyObject_IsTrue(scopes) : -1;
@@ -182,10 +193,8 @@ scoped(Hit *self)
     return open;
 }
 
-/* ``not plan.gate.blocked``, then ``plan.stats.calls += 1``: 1 when the plan runs here, 0 when the slow runner
- * must (fallback, timing, verify mode: the Python entry calls plan.run), -1 on an error. */
-static int
-open_and_count(Hit *self, PyObject *plan)
+int
+lz_open_and_count(Hit *self, PyObject *plan)
 {
     PyObject *gate = lz_get(self, SLOT_GATE, plan, LZ.gate);
     PyObject *blocked = gate ? lz_get(self, SLOT_BLOCKED, gate, LZ.blocked) : NULL;
@@ -292,20 +301,20 @@ serve_attention(Hit *self, PyObject *const *a)
     int bshd = layout != LZ.bhsd && !(PyUnicode_CheckExact(layout) && PyUnicode_Compare(layout, LZ.bhsd) == 0);
     if (bshd && !(layout == LZ.bshd || (PyUnicode_CheckExact(layout) && PyUnicode_Compare(layout, LZ.bshd) == 0)))
         return lz_miss(self);
-    if (scoped(self) != 0)
+    if (lz_scoped(self) != 0)
         return lz_miss(self);
     PyObject *out = NULL, *plan = NULL, *plans = NULL, *views[3] = {NULL, NULL, NULL};
     int runs = 0;
     if (bshd) { /* q, k, v = q.transpose(1, 2), ... as the entry's prologue; the output goes back the same way */
         for (int i = 0; i < 3; i++)
-            if ((views[i] = transpose12(a[i])) == NULL)
+            if ((views[i] = lz_transpose12(a[i])) == NULL)
                 goto done;
         q = views[0], k = views[1], v = views[2];
     }
     if ((plans = plan_dict(self)) != NULL &&
         (plan = lz_find_plan(self, plans, is_causal == Py_True ? self->op_b : self->op_a, q, k, v, mask, is_causal,
                              dropout_p, window)) != NULL)
-        runs = open_and_count(self, plan);
+        runs = lz_open_and_count(self, plan);
     if (runs == 1) {
         PyObject *direct = lz_get(self, SLOT_DIRECT, plan, LZ.direct);
         /* plan.direct(q, k, v) if plan.direct is not None and scale is None else plan.fn(q, k, v, attn_mask,
@@ -318,7 +327,7 @@ serve_attention(Hit *self, PyObject *const *a)
         Py_XDECREF(fn);
         Py_XDECREF(direct);
         if (bshd && out != NULL)
-            Py_SETREF(out, transpose12(out));
+            Py_SETREF(out, lz_transpose12(out));
     }
 done:
     for (int i = 0; i < 3; i++)
@@ -342,7 +351,7 @@ serve_norm(Hit *self, PyObject *const *a)
     lz_meta xm, wm;
     PyObject *family = NULL, *key = NULL, *plan = NULL, *plans = NULL, *out = NULL;
     PyObject *dtypes[2] = {Py_None, Py_None}; /* weight's and bias's */
-    if (!read_meta(self, x, &xm, 0) || scoped(self) != 0)
+    if (!read_meta(self, x, &xm, 0) || lz_scoped(self) != 0)
         return lz_miss(self);
     for (int i = 0; i < n - 2; i++) { /* weight (and bias): a module's parameters */
         PyObject *t = a[1 + i];
@@ -368,7 +377,7 @@ serve_norm(Hit *self, PyObject *const *a)
             plan = key ? PyDict_GetItemWithError(plans, key) : NULL;
         }
         Py_XINCREF(plan); /* borrowed from the dict: another thread may replace the entry while the kernel runs */
-        runs = plan != NULL ? open_and_count(self, plan) : 0;
+        runs = plan != NULL ? lz_open_and_count(self, plan) : 0;
     }
     if (runs == 1) {
         /* plan.direct(x, plan.const, weight, [bias,] eps) if plan.direct is not None else plan.fn(x, weight,

@@ -1,5 +1,5 @@
-"""The compiled hot path: the cached hit of ``lz.attention``, ``lz.rms_norm`` and ``lz.layer_norm`` served by a
-C extension (``layerzero._accel``).
+"""The compiled hot path: the cached hit of ``lz.attention``, ``lz.rms_norm`` and ``lz.layer_norm``, and the
+dispatchers' cached attention hit, served by a C extension (``layerzero._accel``).
 
 The call contracts (:mod:`layerzero.ops.contract`) define what a cached ``lz.*`` call does. For the busiest
 ones the extension serves the common case of that definition without the interpreter: plain tensors (for
@@ -21,7 +21,7 @@ from typing import Any
 
 from layerzero.environment import env_flag
 
-__all__ = ["MISS", "status", "unavailable", "attention_hit", "norm_hit", "entry", "restore"]
+__all__ = ["MISS", "status", "unavailable", "attention_hit", "norm_hit", "entry", "restore", "dispatch_method"]
 
 
 class _Miss:
@@ -90,6 +90,24 @@ def entry(hit: Any, fallback: Callable[..., Any], doc: str, module: str) -> Call
     fn = hit.entry(fallback, doc, module)
     _ENTRIES[module, fallback.__name__] = hit
     return fn
+
+
+def dispatch_method(kind: str, hit: Any, method: Callable[..., Any], inputs_type: type, result_type: type,
+                    not_timed: Any, options_marker: Any) -> Callable[..., Any]:
+    """A dispatcher's ``dispatch`` method (``method``) with its cached attention hit compiled around it, or
+    ``method`` itself without the extension.
+
+    ``kind``: ``"select"`` (``Dispatcher.dispatch``: the plan from the runtime's cache through ``hit``'s lookup) or
+    ``"static"`` (``StaticDispatcher.dispatch``: the table's plan, ``hit``'s shape guard). ``hit``: lz.attention's
+    compiled hit. The object binds as a method does and calls ``method`` with the same arguments for every call
+    it does not serve; ``__wrapped__``, ``__doc__``, ``__name__`` and the signature are ``method``'s.
+    ``inputs_type``, ``result_type``, ``not_timed``, ``options_marker``: the dispatch package's AttentionInputs,
+    DispatchResult, NOT_TIMED and the marker its option keys start with.
+    """
+    if _accel is None or hit is None:
+        return method
+    code = {"select": _accel.SELECT, "static": _accel.STATIC}[kind]
+    return _accel.Method(code, hit, method, inputs_type, result_type, not_timed, options_marker)  # type: ignore[no-any-return]
 
 
 #: (module name, function name) -> the compiled hit behind that public function (what unpickling looks up).

@@ -39,6 +39,7 @@ from layerzero.dispatch.generic import (
     NO_MEMO,
     AttentionInputs,
     attention_inputs,
+    compiled_dispatch,
     hot_key,
     keys_for,
     kwargs_key,
@@ -529,3 +530,4 @@ class Dispatcher:
 
 
 Dispatcher.dispatch.__doc__ = f"{Dispatcher.dispatch.__doc__}\n{DISPATCH_DOC}"
+Dispatcher.dispatch = compiled_dispatch(Dispatcher.dispatch, "select")  # type: ignore[method-assign]

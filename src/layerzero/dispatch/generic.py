@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
+from layerzero.accel import dispatch_method
 from layerzero.context import SelectionContext
+from layerzero.dispatch.result import NOT_TIMED, DispatchResult
 from layerzero.errors import InvalidInputError
 from layerzero.ops import OPS
 from layerzero.ops.attention import ATTENTION
@@ -33,7 +35,7 @@ from layerzero.spec import KernelSpec
 
 __all__ = ["GenericOp", "GENERIC", "op_for_dispatch", "map_inputs", "key_for", "keys_for",
            "AttentionInputs", "attention_inputs", "NO_MEMO", "kwargs_kernel", "INPUT_NAMES", "HOT_OPTIONS",
-           "kwargs_key", "hot_key"]
+           "kwargs_key", "hot_key", "compiled_dispatch"]
 
 # The names ``dispatch()`` accepts per family (first match wins; ``None`` values count as absent).
 INPUT_NAMES: dict[str, str] = {
@@ -316,6 +318,15 @@ class AttentionInputs:
     def family(self, operation: str, q: torch.Tensor) -> tuple[Any, ...]:
         """The shape-free key (as built inline on the hot path)."""
         return (operation, q.dtype, q.is_cpu or q.device, self.is_causal, self.dropout_p, self.window, None)
+
+
+def compiled_dispatch(method: Any, kind: str) -> Any:
+    """A dispatcher's ``dispatch`` with its cached attention hit (the lines under "hot path" in
+    ``Dispatcher.dispatch``, ``kind="select"``, or ``StaticDispatcher.dispatch``, ``kind="static"``) compiled
+    (:func:`layerzero.accel.dispatch_method`), or ``method`` itself without the extension. The Python method stays
+    the definition: it serves every call the compiled hit does not, and tests/test_accel.py holds the two
+    equal."""
+    return dispatch_method(kind, ATTENTION.calls.compiled, method, AttentionInputs, DispatchResult, NOT_TIMED, _OPTIONS)
 
 
 def _no_compiled_admits(q: Any, k: Any, v: Any) -> bool:

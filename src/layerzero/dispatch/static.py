@@ -29,7 +29,14 @@ from layerzero.context import SelectionContext
 from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.dispatcher import Dispatcher, new_result, perf_ns
 from layerzero.dispatch.runtimes import runtime_for
-from layerzero.dispatch.generic import AttentionInputs, attention_inputs, hot_key, kwargs_key, map_inputs
+from layerzero.dispatch.generic import (
+    AttentionInputs,
+    attention_inputs,
+    compiled_dispatch,
+    hot_key,
+    kwargs_key,
+    map_inputs,
+)
 from layerzero.dispatch.result import NOT_TIMED, DispatchResult, DispatchTiming, stamp
 from layerzero.errors import ConfigError, InvalidInputError, NoKernelError
 from layerzero.registry import (
@@ -209,6 +216,9 @@ class StaticDispatcher(Dispatcher):
             self._hot_causal[operation, kwargs["is_causal"]] = (plan, fast.copy())
         else:
             self._hot[hot_key(operation, kwargs)] = (plan, fast.copy())
+
+
+StaticDispatcher.dispatch = compiled_dispatch(StaticDispatcher.dispatch, "static")  # type: ignore[method-assign]
 
 
 def _timing(t0: int, t1: int, t4: int, t5: int) -> DispatchTiming:

@@ -1,0 +1,95 @@
+"""The dispatchers' cached attention call, compiled (``layerzero._accel.Method``) against the Python method it
+stands in front of (``__wrapped__``), each side by side with the direct call in one interleaved run.
+
+    python scripts/dispatch_ab.py [--device cuda] [--rounds 200] [--json out.json]
+
+Prints, per path, the p50 overhead over the direct call (ns) and the ratio, for the compiled and the Python
+method; the JSON names the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import layerzero as lz
+from layerzero import accel
+from layerzero.dispatch import (
+    StaticDispatcherBuilder,
+    create_dynamic_dispatcher,
+    get_global_dispatcher,
+)
+from layerzero.runtime import get_runtime
+from layerzero.timing import interleaved
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    dtype = torch.float16 if a.device.startswith("cuda") else torch.float32
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else None
+    if sync is None:
+        torch.set_num_threads(1)
+    q, k, v = (torch.randn(1, 8, n, 64, device=a.device, dtype=dtype) for n in (1, 128, 128))
+    lz.attention(q, k, v)
+    rt = get_runtime()
+    kernel = rt.plans.data[next(iter(rt.plans.data))].kernels[0].impl
+    static = (StaticDispatcherBuilder().with_kernel(kernel, operation="attention.full", default=True)
+              .with_config(enable_telemetry=False).build())
+    quiet = (StaticDispatcherBuilder().with_kernel(kernel, operation="attention.full", default=True)
+             .with_config(enable_telemetry=False, record_timing=False).build())
+    gd = get_global_dispatcher()
+    untimed = create_dynamic_dispatcher(config=rt.config.replace(record_timing=False))
+    inputs = {"q": q, "k": k, "v": v}
+    bshd = {"q": q.transpose(1, 2), "k": k.transpose(1, 2), "v": v.transpose(1, 2)}
+    args = (q, k, v, None, False, 0.0, None, None)
+    causal = (q, k, v, None, True, 0.0, None, None)
+
+    def from_bshd() -> Any:
+        return F.scaled_dot_product_attention(bshd["q"].transpose(1, 2), bshd["k"].transpose(1, 2),
+                                              bshd["v"].transpose(1, 2)).transpose(1, 2)
+
+    sdpa = F.scaled_dot_product_attention
+    rows = [("static dispatch(op, inputs)", static, lambda: kernel(*args), (inputs,), {}),
+            ("static, record_timing=False", quiet, lambda: kernel(*args), (inputs,), {}),
+            ("static, is_causal=True", static, lambda: kernel(*causal), (inputs,), {"is_causal": True}),
+            ("static, layout='BSHD'", static, lambda: kernel(*(t.transpose(1, 2) for t in bshd.values()), None, False,
+                                                             0.0, None, None).transpose(1, 2), (bshd,),
+             {"layout": "BSHD"}),
+            ("dynamic dispatch(op, inputs)", gd, lambda: sdpa(q, k, v), (inputs,), {}),
+            ("dynamic, record_timing=False", untimed, lambda: sdpa(q, k, v), (inputs,), {}),
+            ("dynamic, layout='BSHD'", gd, from_bshd, (bshd,), {"layout": "BSHD"})]
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if sync else platform.processor() or "cpu",
+                           "python": sys.version.split()[0], "torch": torch.__version__, "hot_path": accel.status(),
+                           "rows": []}
+    print(f"{out['device']} | python {out['python']} | torch {out['torch']} | {out['hot_path']}")
+    print(f"{'path':34s} {'compiled ns':>12s} {'ratio':>7s} {'python ns':>10s} {'ratio':>7s}")
+    for name, d, direct, dargs, kw in rows:
+        py = type(d).dispatch.__wrapped__.__get__(d) if hasattr(type(d).dispatch, "__wrapped__") else d.dispatch
+        compiled = d.dispatch
+        compiled("attention.full", *dargs, **kw)
+        res_c = interleaved(direct, lambda: compiled("attention.full", *dargs, **kw), rounds=a.rounds, batch=20,
+                            sync=sync)
+        res_p = interleaved(direct, lambda: py("attention.full", *dargs, **kw), rounds=a.rounds, batch=20, sync=sync)
+        print(f"{name:34s} {res_c.overhead_ns:+12.0f} {res_c.ratio:7.3f} {res_p.overhead_ns:+10.0f} {res_p.ratio:7.3f}")
+        out["rows"].append({"path": name, "compiled": res_c.to_dict(), "python": res_p.to_dict()})
+    res = interleaved(lambda: sdpa(q, k, v), lambda: lz.attention(q, k, v), rounds=a.rounds, batch=20, sync=sync)
+    print(f"{'lz.attention(q, k, v)':34s} {res.overhead_ns:+12.0f} {res.ratio:7.3f}")
+    out["rows"].append({"path": "lz.attention(q, k, v)", "compiled": res.to_dict()})
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,342 @@
+"""The dispatchers' compiled hot path (``layerzero._accel.Method`` on ``Dispatcher.dispatch`` and
+``StaticDispatcher.dispatch``) against the Python methods it stands in front of (their ``__wrapped__``).
+
+* Differential: for a grid of dispatchers (the global orchestrator, dynamic ones timed, untimed and with an MVCC
+  cache, static ones timed and untimed) and calls (input names, ranks, GQA, dtypes, BSHD, options in every order,
+  unhashable and odd-typed options, wrong names, non-tensors, subclasses, invalid shapes), the compiled method
+  answers exactly as the Python one: the same output, kernel, flags and timing kind, or the same error, and the
+  same call counts.
+* It serves the plain cached call (the Python method is not entered), takes no reference it does not give back,
+  hands a kernel's exception to the dispatcher's detour (the failure contract), leaves a blocked gate, a runtime
+  change and a policy scope to Python, binds as a method (``super().dispatch`` in a subclass) and carries the
+  Python method's name, signature and docstring.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import itertools
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+import layerzero as lz
+from layerzero import accel
+from layerzero.dispatch import (
+    Dispatcher,
+    StaticDispatcher,
+    StaticDispatcherBuilder,
+    create_dynamic_dispatcher,
+    get_global_dispatcher,
+)
+from layerzero.dispatch.result import NOT_TIMED, DispatchResult
+from layerzero.errors import LayerZeroError
+from layerzero.ops.attention import ATTENTION
+from layerzero.runtime import get_runtime
+
+COMPILED = type(Dispatcher.__dict__["dispatch"]).__name__ == "Method"
+needs_compiled = pytest.mark.skipif(not COMPILED, reason=f"compiled hot path not in use: {accel.status()}")
+
+
+def _kernel(q: Any, k: Any, v: Any, attn_mask: Any = None, is_causal: bool = False, dropout_p: float = 0.0,
+            scale: Any = None, window: Any = None) -> Any:
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
+                                                            enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _static(timed: bool) -> StaticDispatcher:
+    return (StaticDispatcherBuilder().with_kernel(_kernel, operation="attention.full", default=True)
+            .with_kernel(_kernel, operation="attention.causal")
+            .with_config(enable_telemetry=True, record_timing=timed).build())
+
+
+def _dispatchers() -> list[tuple[str, Callable[[], Dispatcher]]]:
+    config = get_runtime().config
+    return [("global", get_global_dispatcher),
+            ("dynamic", lambda: create_dynamic_dispatcher()),
+            ("dynamic-untimed", lambda: create_dynamic_dispatcher(config=config.replace(record_timing=False))),
+            ("dynamic-mvcc", lambda: create_dynamic_dispatcher(use_mvcc_cache=True)),
+            ("static", lambda: _static(True)),
+            ("static-untimed", lambda: _static(False))]
+
+
+class Sub(torch.Tensor):
+    """A tensor subclass: left to Python."""
+
+
+def _inputs() -> Iterator[tuple[str, dict[str, Any], str]]:
+    """(label, inputs, layout the tensors are in)."""
+    g = torch.Generator().manual_seed(5)
+
+    def r(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    q, k, v = r(1, 4, 3, 8), r(1, 4, 5, 8), r(1, 4, 5, 8)
+    yield "bhsd", {"q": q, "k": k, "v": v}, "BHSD"
+    yield "long names", {"query": q, "key": k, "value": v}, "BHSD"
+    yield "gqa", {"q": r(2, 8, 4, 16), "k": r(2, 2, 6, 16), "v": r(2, 2, 6, 16)}, "BHSD"
+    yield "bf16", {"q": r(1, 2, 3, 8, dtype=torch.bfloat16), "k": r(1, 2, 3, 8, dtype=torch.bfloat16),
+                   "v": r(1, 2, 3, 8, dtype=torch.bfloat16)}, "BHSD"
+    yield "bshd", {"q": q.transpose(1, 2), "k": k.transpose(1, 2), "v": v.transpose(1, 2)}, "BSHD"
+    yield "other shape", {"q": r(1, 4, 7, 8), "k": r(1, 4, 9, 8), "v": r(1, 4, 9, 8)}, "BHSD"
+    yield "v apart", {"q": q, "k": k, "v": r(1, 4, 6, 8)}, "BHSD"
+    yield "head dims apart", {"q": q, "k": r(1, 4, 5, 4), "v": r(1, 4, 5, 4)}, "BHSD"
+    yield "3-d", {"q": q[0], "k": k[0], "v": v[0]}, "BHSD"
+    yield "zero query", {"q": r(1, 4, 0, 8), "k": k, "v": v}, "BHSD"
+    yield "subclass", {"q": q.as_subclass(Sub), "k": k, "v": v}, "BHSD"
+    yield "not a tensor", {"q": q, "k": k, "v": [1.0]}, "BHSD"
+    yield "other names", {"x": q, "k": k, "v": v}, "BHSD"
+    yield "four inputs", {"q": q, "k": k, "v": v, "attn_mask": None}, "BHSD"
+    yield "param", {"q": torch.nn.Parameter(q), "k": k, "v": v}, "BHSD"
+
+
+def _options(layout: str) -> list[dict[str, Any]]:
+    base: list[dict[str, Any]] = [{}, {"is_causal": True}, {"is_causal": False}, {"is_causal": 1}, {"scale": 0.5},
+                                  {"scale": 1}, {"dropout_p": 0.0}, {"is_causal": True, "scale": 0.25},
+                                  {"scale": 0.25, "is_causal": True}, {"scale": [1]}, {"window": 2}]
+    if layout == "BSHD":
+        return [{"layout": "BSHD", **o} for o in base] + [{**o, "layout": "BSHD"} for o in base[1:3]]
+    return base + [{"layout": "BHSD"}]
+
+
+def _answer(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+    try:
+        r = fn(*args, **kwargs)
+    except (LayerZeroError, TypeError, RuntimeError, ValueError, KeyError) as exc:
+        return ("raised", type(exc).__name__, str(exc))
+    assert type(r) is DispatchResult
+    timed = r.stamps is not NOT_TIMED
+    if timed:
+        assert len(r.stamps) == 6 and 0 < r.stamps[0] <= r.stamps[1] <= r.stamps[3] <= r.stamps[4] <= r.stamps[5]
+    return ("ok", r.output, r.kernel_id, r.operation, r.fallback_used, r.attempts, r.cached, r.mode, timed)
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    if a[0] != b[0] or a[2:] != b[2:]:
+        return False
+    x, y = a[1], b[1]
+    return a[0] == "raised" or (type(x) is type(y) and x.shape == y.shape and x.stride() == y.stride()
+                                and torch.equal(x, y))
+
+
+def _calls(d: Dispatcher) -> int:
+    return sum(s.calls for s in list(d.runtime.telemetry.kernels.values()))
+
+
+def _python(d: Dispatcher) -> Callable[..., Any]:
+    """d's Python dispatch method (what the compiled one stands in front of), bound."""
+    return type(d).dispatch.__wrapped__.__get__(d)  # type: ignore[attr-defined, no-any-return]
+
+
+@needs_compiled
+@pytest.mark.parametrize("name,factory", _dispatchers(), ids=[n for n, _ in _dispatchers()])
+def test_compiled_and_python_dispatch_answer_alike(name: str, factory: Callable[[], Dispatcher]) -> None:
+    """Every call of the grid through both methods, after the Python one made it once: the same answers, counts."""
+    d = factory()
+    py = _python(d)
+    for (label, inputs, layout), operation in itertools.product(_inputs(), ["attention.full", "attention.causal"]):
+        for options in _options(layout):
+            _answer(py, operation, inputs, **options)
+            for _ in range(2):
+                before = _calls(d)
+                expected = _answer(py, operation, inputs, **options)
+                counted_py, before = _calls(d) - before, _calls(d)
+                got = _answer(d.dispatch, operation, inputs, **options)
+                counted_c = _calls(d) - before
+                where = (name, label, operation, options)
+                assert _same(got, expected), (where, got[:1] + got[2:], expected[:1] + expected[2:])
+                assert counted_c == counted_py, (where, counted_c, counted_py)
+
+
+
+PYTHON_CODES = {Dispatcher.dispatch.__wrapped__.__code__, StaticDispatcher.dispatch.__wrapped__.__code__} \
+    if COMPILED else set()
+
+
+def _served(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+    """Whether ``fn(*args, **kwargs)`` was answered without entering a Python dispatch method."""
+    entered: list[bool] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code in PYTHON_CODES:
+            entered.append(True)
+
+    sys.setprofile(profile)
+    try:
+        fn(*args, **kwargs)
+    except Exception:
+        pass
+    finally:
+        sys.setprofile(None)
+    return not entered
+
+
+def _plain() -> tuple[dict[str, Any], dict[str, Any]]:
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8)
+    return {"q": q, "k": k, "v": v}, {"q": q.transpose(1, 2), "k": k.transpose(1, 2), "v": v.transpose(1, 2)}
+
+
+@needs_compiled
+@pytest.mark.parametrize("name,factory", _dispatchers()[:3] + _dispatchers()[4:],
+                         ids=[n for n, _ in _dispatchers()[:3] + _dispatchers()[4:]])
+def test_the_compiled_method_serves_the_plain_cached_call(name: str, factory: Callable[[], Dispatcher]) -> None:
+    """The cached calls the benchmark rows make are answered without entering the Python method, each with the
+    output PyTorch gives; a first call, another input-name set and a call with a mask are Python's."""
+    d = factory()
+    inputs, bshd = _plain()
+    q, k, v = inputs.values()
+    assert not _served(d.dispatch, "attention.full", inputs)  # the first call learns the names
+    for options, tensors in [({}, inputs), ({"is_causal": True}, inputs), ({"layout": "BSHD"}, bshd),
+                             ({"layout": "BSHD", "is_causal": True}, bshd), ({"scale": 0.5}, inputs)]:
+        d.dispatch("attention.full", tensors, **options)
+        assert _served(d.dispatch, "attention.full", tensors, **options), options
+        r = d.dispatch("attention.full", tensors, **options)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=options.get("is_causal", False),
+                                                                    scale=options.get("scale"))
+        if "layout" in options:
+            expected = expected.transpose(1, 2)
+        torch.testing.assert_close(r.output, expected)
+        assert r.cached and r.attempts == 1 and not r.fallback_used and r.operation == "attention.full"
+    assert not _served(d.dispatch, "attention.full", {"query": q, "key": k, "value": v})
+    assert not _served(d.dispatch, "attention.full", {**inputs, "attn_mask": None})
+    assert not _served(d.dispatch, "attention.full", inputs, None, is_causal=torch.tensor(True))
+
+
+@needs_compiled
+def test_no_reference_is_leaked() -> None:
+    """Served, declined and failing calls give back every reference they take."""
+    static, dynamic = _static(True), create_dynamic_dispatcher()
+    inputs, bshd = _plain()
+    q = inputs["q"]
+    unhashable: dict[str, Any] = {"scale": [1]}
+    watched = [q, bshd["q"], static, dynamic, torch.float32, NOT_TIMED, "attention.full"]
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            for d in (static, dynamic):
+                d.dispatch("attention.full", inputs)
+                d.dispatch("attention.full", inputs, is_causal=True)
+                d.dispatch("attention.full", bshd, layout="BSHD").timing
+                for bad in ({"q": q, "k": q, "v": [1]}, {"x": q, "k": q, "v": q}):
+                    try:
+                        d.dispatch("attention.full", bad)
+                    except LayerZeroError:
+                        pass
+                try:
+                    d.dispatch("attention.full", inputs, **unhashable)
+                except LayerZeroError:
+                    pass
+
+    def counts() -> list[int]:
+        gc.collect()
+        return [sys.getrefcount(o) for o in watched]
+
+    run(10)
+    before = counts()
+    run(300)
+    assert counts() == before
+
+
+@needs_compiled
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_a_failing_kernel_goes_to_the_dispatchers_detour(kind: str) -> None:
+    """A kernel's exception on the compiled path goes where the Python method sends it (``_hot_detour``: the
+    failure contract): the same answer or error, the same failure counted on the kernel's breaker."""
+    answers = []
+    for compiled in (True, False):
+        state = {"fail": 0}
+
+        def flaky(q: Any, k: Any, v: Any, *args: Any) -> Any:
+            if state["fail"]:
+                state["fail"] -= 1
+                raise RuntimeError("flaky kernel failed")
+            return _kernel(q, k, v, *args)
+
+        d: Dispatcher = (StaticDispatcherBuilder().with_kernel(flaky, operation="attention.full", default=True)
+                         .build() if kind == "static" else create_dynamic_dispatcher())
+        inputs, _ = _plain()
+        d.dispatch("attention.full", inputs)
+        d.dispatch("attention.full", inputs)
+        plan = (d._hot["attention.full"][0] if kind == "static"  # type: ignore[attr-defined]
+                else ATTENTION.calls.lookup(d.runtime.plans.data, "attention.full", *inputs.values(), None, False, 0.0,
+                                            None, None)[0])
+        kid = plan.kernels[0].kernel_id
+        failures = d.get_circuit_stats(kid).failures
+        real = plan.direct
+        if kind == "dynamic":  # the cached plan's direct kernel raises
+            plan.direct = flaky
+        state["fail"] = 1
+        try:
+            answer = _answer(d.dispatch if compiled else _python(d), "attention.full", inputs)
+        finally:
+            plan.direct = real
+        assert state["fail"] == 0
+        answers.append((answer[:1] + answer[2:], d.get_circuit_stats(kid).failures - failures))
+    assert answers[0] == answers[1], answers
+
+
+@needs_compiled
+def test_a_blocked_gate_a_runtime_change_and_a_scope_are_left_to_python() -> None:
+    d = create_dynamic_dispatcher()
+    inputs, _ = _plain()
+    d.dispatch("attention.full", inputs)
+    assert _served(d.dispatch, "attention.full", inputs)
+    d.runtime.invalidate("test")  # the runtime's version moves: the Python method syncs first
+    assert not _served(d.dispatch, "attention.full", inputs)
+    d.dispatch("attention.full", inputs)
+    assert _served(d.dispatch, "attention.full", inputs)
+    with lz.lock("attention.full", "torch_sdpa"):
+        assert not _served(d.dispatch, "attention.full", inputs)
+    static = _static(True)
+    static.dispatch("attention.full", inputs)
+    assert _served(static.dispatch, "attention.full", inputs)
+    plan = static._hot["attention.full"][0]
+    breaker = static.runtime.breakers.get(plan.kernels[0].kernel_id)
+    breaker.trip("test")
+    try:
+        assert plan.gate.blocked
+        assert not _served(static.dispatch, "attention.full", inputs)
+    finally:
+        breaker.reset()
+
+
+@needs_compiled
+def test_the_compiled_method_binds_and_reads_as_the_python_one() -> None:
+    for cls in (Dispatcher, StaticDispatcher):
+        compiled, py = cls.__dict__["dispatch"], cls.__dict__["dispatch"].__wrapped__
+        assert inspect.signature(compiled) == inspect.signature(py)
+        assert compiled.__doc__ == py.__doc__ and compiled.__name__ == py.__name__ == "dispatch"
+        assert compiled.__qualname__ == py.__qualname__ and compiled.__module__ == py.__module__
+
+    class Mine(type(create_dynamic_dispatcher())):  # type: ignore[misc]
+        seen = 0
+
+        def dispatch(self, *args: Any, **kwargs: Any) -> DispatchResult:
+            Mine.seen += 1
+            return super().dispatch(*args, **kwargs)
+
+    d = Mine(get_runtime())
+    inputs, _ = _plain()
+    assert d.dispatch("attention.full", inputs).kernel_id == d.dispatch("attention.full", inputs).kernel_id
+    assert Mine.seen == 2
+    bound = get_global_dispatcher().dispatch
+    assert bound.__self__ is get_global_dispatcher() and bound("attention.full", inputs).cached
+
+
+@pytest.mark.gpu
+@needs_compiled
+def test_cuda_tensors_take_the_compiled_dispatch() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    q, k, v = (torch.randn(1, 8, n, 64, device="cuda", dtype=torch.float16) for n in (1, 128, 128))
+    inputs, bshd = {"q": q, "k": k, "v": v}, {"q": q.transpose(1, 2), "k": k.transpose(1, 2), "v": v.transpose(1, 2)}
+    for d in (_static(True), create_dynamic_dispatcher(), get_global_dispatcher()):
+        for tensors, options in [(inputs, {}), (inputs, {"is_causal": True}), (bshd, {"layout": "BSHD"})]:
+            d.dispatch("attention.full", tensors, **options)
+            assert _served(d.dispatch, "attention.full", tensors, **options), (d, options)
+            expected = _answer(_python(d), "attention.full", tensors, **options)
+            assert _same(_answer(d.dispatch, "attention.full", tensors, **options), expected)
