@@ -26,6 +26,12 @@ def _torch_dir() -> str | None:
 
 
 def _extensions() -> list[Extension]:
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):  # it relies on the GIL (free-threaded builds have none)
+        print("layerzero: a free-threaded Python; installing without the compiled hot path")
+        return []
+    if os.name == "nt":  # built and tested with gcc/clang only
+        print("layerzero: Windows; installing without the compiled hot path")
+        return []
     torch_dir = _torch_dir()
     if torch_dir is None:
         print("layerzero: torch's headers were not found; installing without the compiled hot path")

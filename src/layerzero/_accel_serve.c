@@ -125,6 +125,9 @@ lz_transpose12(PyObject *x)
 PyObject *
 lz_fetch_exception(void)
 {
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException(); /* normalized, its traceback on it */
+#else
     PyObject *type, *exc, *tb;
     PyErr_Fetch(&type, &exc, &tb);
     PyErr_NormalizeException(&type, &exc, &tb);
@@ -133,19 +136,25 @@ lz_fetch_exception(void)
     Py_XDECREF(type);
     Py_XDECREF(tb);
     return exc;
+#endif
 }
 
 void
 lz_chain(PyObject *exc)
 {
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *raised = PyErr_GetRaisedException();
+    if (raised != NULL && raised != exc)
+        PyException_SetContext(raised, Py_NewRef(exc)); /* steals the reference */
+    PyErr_SetRaisedException(raised);
+#else
     PyObject *t2, *e2, *tb2;
     PyErr_Fetch(&t2, &e2, &tb2);
     PyErr_NormalizeException(&t2, &e2, &tb2);
-    if (e2 != NULL && e2 != exc) {
-        Py_INCREF(exc);
-        PyException_SetContext(e2, exc); /* steals the reference */
-    }
+    if (e2 != NULL && e2 != exc)
+        PyException_SetContext(e2, Py_NewRef(exc)); /* steals the reference */
     PyErr_Restore(t2, e2, tb2);
+#endif
 }
 
 static PyObject *
