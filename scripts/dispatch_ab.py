@@ -1,5 +1,5 @@
-"""The dispatchers' cached attention call, compiled (``layerzero._accel.Method``) against the Python method it
-stands in front of (``__wrapped__``), each side by side with the direct call in one interleaved run.
+"""The dispatchers' cached attention call, compiled (``d.dispatch``: ``layerzero._accel.Method`` bound to the
+dispatcher) against the class's Python method, each side by side with the direct call in one interleaved run.
 
     python scripts/dispatch_ab.py [--device cuda] [--rounds 200] [--json out.json]
 
@@ -74,7 +74,7 @@ def main() -> int:
     print(f"{out['device']} | python {out['python']} | torch {out['torch']} | {out['hot_path']}")
     print(f"{'path':34s} {'compiled ns':>12s} {'ratio':>7s} {'python ns':>10s} {'ratio':>7s}")
     for name, d, direct, dargs, kw in rows:
-        py = type(d).dispatch.__wrapped__.__get__(d) if hasattr(type(d).dispatch, "__wrapped__") else d.dispatch
+        py = type(d).dispatch.__get__(d)  # the Python method; d.dispatch is the compiled form where bound
         compiled = d.dispatch
         compiled("attention.full", *dargs, **kw)
         res_c = interleaved(direct, lambda: compiled("attention.full", *dargs, **kw), rounds=a.rounds, batch=20,

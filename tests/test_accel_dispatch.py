@@ -1,5 +1,6 @@
-"""The dispatchers' compiled hot path (``layerzero._accel.Method`` on ``Dispatcher.dispatch`` and
-``StaticDispatcher.dispatch``) against the Python methods it stands in front of (their ``__wrapped__``).
+"""The dispatchers' compiled hot path (``layerzero._accel.Method``, the compiled form of ``Dispatcher.dispatch`` and
+``StaticDispatcher.dispatch`` bound to each dispatcher that can use it) against the Python methods it stands in
+front of.
 
 * Differential: for a grid of dispatchers (the global orchestrator, dynamic ones timed, untimed and with an MVCC
   cache, static ones timed and untimed) and calls (input names, ranks, GQA, dtypes, BSHD, options in every order,
@@ -8,8 +9,8 @@
   same call counts.
 * It serves the plain cached call (the Python method is not entered), takes no reference it does not give back,
   hands a kernel's exception to the dispatcher's detour (the failure contract), leaves a blocked gate, a runtime
-  change and a policy scope to Python, binds as a method (``super().dispatch`` in a subclass) and carries the
-  Python method's name, signature and docstring.
+  change and a policy scope to Python, is bound only where it can serve (not over a subclass's own ``dispatch``),
+  carries the Python method's name, signature and docstring, and leaves torch.compile the Python method to trace.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from layerzero.errors import LayerZeroError
 from layerzero.ops.attention import ATTENTION
 from layerzero.runtime import get_runtime
 
-COMPILED = type(Dispatcher.__dict__["dispatch"]).__name__ == "Method"
+COMPILED = "dispatch" in vars(create_dynamic_dispatcher())  # the compiled form, bound per dispatcher
 needs_compiled = pytest.mark.skipif(not COMPILED, reason=f"compiled hot path not in use: {accel.status()}")
 
 
@@ -129,7 +130,7 @@ def _calls(d: Dispatcher) -> int:
 
 def _python(d: Dispatcher) -> Callable[..., Any]:
     """d's Python dispatch method (what the compiled one stands in front of), bound."""
-    return type(d).dispatch.__wrapped__.__get__(d)  # type: ignore[attr-defined, no-any-return]
+    return type(d).dispatch.__get__(d)  # type: ignore[attr-defined, no-any-return]
 
 
 @needs_compiled
@@ -153,8 +154,7 @@ def test_compiled_and_python_dispatch_answer_alike(name: str, factory: Callable[
 
 
 
-PYTHON_CODES = {Dispatcher.dispatch.__wrapped__.__code__, StaticDispatcher.dispatch.__wrapped__.__code__} \
-    if COMPILED else set()
+PYTHON_CODES = {Dispatcher.dispatch.__code__, StaticDispatcher.dispatch.__code__}
 
 
 def _served(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
@@ -305,14 +305,21 @@ def test_a_blocked_gate_a_runtime_change_and_a_scope_are_left_to_python() -> Non
 
 
 @needs_compiled
-def test_the_compiled_method_binds_and_reads_as_the_python_one() -> None:
-    for cls in (Dispatcher, StaticDispatcher):
-        compiled, py = cls.__dict__["dispatch"], cls.__dict__["dispatch"].__wrapped__
-        assert inspect.signature(compiled) == inspect.signature(py)
-        assert compiled.__doc__ == py.__doc__ and compiled.__name__ == py.__name__ == "dispatch"
-        assert compiled.__qualname__ == py.__qualname__ and compiled.__module__ == py.__module__
+def test_the_compiled_form_is_bound_where_it_can_serve_and_reads_as_the_python_method() -> None:
+    """Each dispatcher whose calls it can serve gets the compiled form bound as ``dispatch``; the classes keep
+    the Python methods (what torch.compile traces); a subclass overriding ``dispatch``, an MVCC dispatcher and
+    a config-driven one keep Python."""
+    static, dynamic = _static(True), create_dynamic_dispatcher()
+    for d, cls in ((static, StaticDispatcher), (dynamic, Dispatcher), (get_global_dispatcher(), Dispatcher)):
+        bound = vars(d)["dispatch"]
+        assert type(bound.__func__).__name__ == "Method" and bound.__self__ is d
+        assert inspect.signature(bound) == inspect.signature(cls.dispatch.__get__(d))
+        assert bound.__doc__ == cls.dispatch.__doc__ and bound.__name__ == "dispatch"
+        assert bound.__func__.__wrapped__ is cls.dispatch
+    assert isinstance(inspect.getattr_static(Dispatcher, "dispatch"), type(_kernel))
+    assert "dispatch" not in vars(create_dynamic_dispatcher(use_mvcc_cache=True))
 
-    class Mine(type(create_dynamic_dispatcher())):  # type: ignore[misc]
+    class Mine(type(dynamic)):  # type: ignore[misc]
         seen = 0
 
         def dispatch(self, *args: Any, **kwargs: Any) -> DispatchResult:
@@ -320,11 +327,27 @@ def test_the_compiled_method_binds_and_reads_as_the_python_one() -> None:
             return super().dispatch(*args, **kwargs)
 
     d = Mine(get_runtime())
+    assert "dispatch" not in vars(d)
     inputs, _ = _plain()
     assert d.dispatch("attention.full", inputs).kernel_id == d.dispatch("attention.full", inputs).kernel_id
     assert Mine.seen == 2
-    bound = get_global_dispatcher().dispatch
-    assert bound.__self__ is get_global_dispatcher() and bound("attention.full", inputs).cached
+
+
+@needs_compiled
+def test_torch_compile_runs_a_function_that_dispatches() -> None:
+    """torch.compile traces the class's Python method; the bound compiled form it meets at run time answers as
+    in eager mode."""
+    inputs, _ = _plain()
+    static, dynamic = _static(True), get_global_dispatcher()
+
+    def f(q: Any, k: Any, v: Any) -> Any:
+        names = {"q": q, "k": k, "v": v}
+        return dynamic.dispatch("attention.full", names).output * 2 + static.dispatch("attention.full", names).output
+
+    eager = f(*inputs.values())
+    compiled = torch.compile(f, backend="eager")
+    for _ in range(2):
+        torch.testing.assert_close(compiled(*inputs.values()), eager)
 
 
 @pytest.mark.gpu

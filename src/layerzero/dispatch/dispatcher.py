@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import difflib
 import time
+from types import MethodType
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -68,13 +69,15 @@ from layerzero.selection.plan import ExecutionPlan
 from layerzero.spec import KernelSpec
 from layerzero.telemetry.core import CacheStats
 
-__all__ = ["Dispatcher", "DispatchResult", "DispatchTiming", "runtime_for", "PlanStore"]
+__all__ = ["Dispatcher", "DispatchResult", "DispatchTiming", "runtime_for", "PlanStore", "compile_dispatch"]
 
 PlanStore = PlanCache | MVCCPlanCache
 _CTX = "explicit-context"
 perf_ns = time.perf_counter_ns
 new_result = DispatchResult.__new__  # the hot paths fill the slots themselves (no __init__ frame)
 _UNSEEN: Any = object()
+#: a ``dispatch`` method -> its compiled form (layerzero.accel): see ``Dispatcher.__init__`` and compile_dispatch.
+COMPILED_FORMS: dict[Any, Any] = {}
 
 
 #: ``Dispatcher.dispatch``'s arguments and errors (its docstring stays one line so the hot path reads whole).
@@ -135,6 +138,13 @@ class Dispatcher:
         self._config_seen = runtime.config
         self._timed = runtime.config.record_timing
         self._mode_value = self.mode.value  # an enum's .value costs a descriptor call per dispatch
+        # The compiled form of this class's dispatch (layerzero.accel), bound to this dispatcher as an instance
+        # attribute (class attributes stay Python functions, which torch.compile traces): it serves the cached
+        # attention hit and hands every other call to the Python method. Only where it can serve: a class that
+        # keeps the registered dispatch, without a plan cache of its own (static: its table is its cache).
+        form = COMPILED_FORMS.get(type(self).dispatch)
+        if form is not None and self._cache is None:
+            self.dispatch = MethodType(form, self)  # type: ignore[method-assign]
 
     # -- configuration -------------------------------------------------------------------------------
     @property
@@ -530,4 +540,13 @@ class Dispatcher:
 
 
 Dispatcher.dispatch.__doc__ = f"{Dispatcher.dispatch.__doc__}\n{DISPATCH_DOC}"
-Dispatcher.dispatch = compiled_dispatch(Dispatcher.dispatch, "select")  # type: ignore[method-assign]
+
+
+def compile_dispatch(cls: type[Dispatcher], kind: str) -> None:
+    """Register the compiled form of ``cls.dispatch`` (:func:`~layerzero.dispatch.generic.compiled_dispatch`)."""
+    form = compiled_dispatch(cls.dispatch, kind)
+    if form is not None:
+        COMPILED_FORMS[cls.dispatch] = form
+
+
+compile_dispatch(Dispatcher, "select")

@@ -321,12 +321,13 @@ class AttentionInputs:
 
 
 def compiled_dispatch(method: Any, kind: str) -> Any:
-    """A dispatcher's ``dispatch`` with its cached attention hit (the lines under "hot path" in
-    ``Dispatcher.dispatch``, ``kind="select"``, or ``StaticDispatcher.dispatch``, ``kind="static"``) compiled
-    (:func:`layerzero.accel.dispatch_method`), or ``method`` itself without the extension. The Python method stays
-    the definition: it serves every call the compiled hit does not, and tests/test_accel.py holds the two
-    equal."""
-    return dispatch_method(kind, ATTENTION.calls.compiled, method, AttentionInputs, DispatchResult, NOT_TIMED, _OPTIONS)
+    """The compiled form of a dispatcher's ``dispatch`` (the lines under "hot path" in ``Dispatcher.dispatch``,
+    ``kind="select"``, or ``StaticDispatcher.dispatch``, ``kind="static"``; :func:`layerzero.accel.dispatch_method`),
+    or None without the extension. The Python method stays the definition: the compiled form serves the cached
+    attention hit and hands every other call to it; tests/test_accel_dispatch.py holds the two equal."""
+    form = dispatch_method(kind, ATTENTION.calls.compiled, method, AttentionInputs, DispatchResult, NOT_TIMED,
+                           _OPTIONS)
+    return None if form is method else form
 
 
 def _no_compiled_admits(q: Any, k: Any, v: Any) -> bool:

@@ -27,12 +27,11 @@ from typing import Any
 
 from layerzero.context import SelectionContext
 from layerzero.runtime.config import DispatchConfig, DispatchMode
-from layerzero.dispatch.dispatcher import Dispatcher, new_result, perf_ns
+from layerzero.dispatch.dispatcher import Dispatcher, compile_dispatch, new_result, perf_ns
 from layerzero.dispatch.runtimes import runtime_for
 from layerzero.dispatch.generic import (
     AttentionInputs,
     attention_inputs,
-    compiled_dispatch,
     hot_key,
     kwargs_key,
     map_inputs,
@@ -218,7 +217,7 @@ class StaticDispatcher(Dispatcher):
             self._hot[hot_key(operation, kwargs)] = (plan, fast.copy())
 
 
-StaticDispatcher.dispatch = compiled_dispatch(StaticDispatcher.dispatch, "static")  # type: ignore[method-assign]
+compile_dispatch(StaticDispatcher, "static")
 
 
 def _timing(t0: int, t1: int, t4: int, t5: int) -> DispatchTiming:
