@@ -15,6 +15,7 @@ front of.
 
 from __future__ import annotations
 
+import copy
 import gc
 import inspect
 import itertools
@@ -317,6 +318,8 @@ def test_the_compiled_form_is_bound_where_it_can_serve_and_reads_as_the_python_m
         assert bound.__doc__ == cls.dispatch.__doc__ and bound.__name__ == "dispatch"
         assert bound.__func__.__wrapped__ is cls.dispatch
     assert isinstance(inspect.getattr_static(Dispatcher, "dispatch"), type(_kernel))
+    twin = copy.copy(dynamic)  # a copy binds its own
+    assert vars(twin)["dispatch"].__self__ is twin
     assert "dispatch" not in vars(create_dynamic_dispatcher(use_mvcc_cache=True))
 
     class Mine(type(dynamic)):  # type: ignore[misc]

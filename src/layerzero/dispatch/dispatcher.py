@@ -138,13 +138,25 @@ class Dispatcher:
         self._config_seen = runtime.config
         self._timed = runtime.config.record_timing
         self._mode_value = self.mode.value  # an enum's .value costs a descriptor call per dispatch
-        # The compiled form of this class's dispatch (layerzero.accel), bound to this dispatcher as an instance
-        # attribute (class attributes stay Python functions, which torch.compile traces): it serves the cached
-        # attention hit and hands every other call to the Python method. Only where it can serve: a class that
-        # keeps the registered dispatch, without a plan cache of its own (static: its table is its cache).
+        self._bind_compiled()
+
+    def _bind_compiled(self) -> None:
+        """Bind the compiled form of this class's dispatch (layerzero.accel) as this dispatcher's ``dispatch``
+        attribute (class attributes stay Python functions, which torch.compile traces): it serves the cached
+        attention hit and hands every other call to the Python method. Only where it can serve: a class that
+        keeps the registered dispatch, without a plan cache of its own (static: its table is its cache)."""
         form = COMPILED_FORMS.get(type(self).dispatch)
         if form is not None and self._cache is None:
             self.dispatch = MethodType(form, self)  # type: ignore[method-assign]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("dispatch", None)  # bound to this object: a copy binds its own (__setstate__)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._bind_compiled()
 
     # -- configuration -------------------------------------------------------------------------------
     @property
