@@ -61,6 +61,13 @@ for step in "${steps[@]}"; do
       ;;
   esac
   case "$step" in
+    accelq)
+      echo "== the compiled hot path's own tests (lz.* and dispatch) and the GPU dispatch tests"
+      timeout 200 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/test_accel.py tests/test_accel_dispatch.py \
+        tests/test_dispatch_gpu.py 2>&1 | tee "$OUT/gpu_accelq_tests_${card}.log" | tail -6
+      ;;
+  esac
+  case "$step" in
     dispatchab)
       echo "== scripts/dispatch_ab.py: the dispatchers' compiled method vs their Python method, CUDA tensors"
       timeout 200 python3 scripts/dispatch_ab.py --device cuda --json "$OUT/dispatch_ab_${card}.json" 2>&1 \
