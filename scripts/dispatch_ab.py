@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from typing import Any
 
@@ -25,6 +24,7 @@ from layerzero.dispatch import (
     create_dynamic_dispatcher,
     get_global_dispatcher,
 )
+from layerzero.doctor.hardware import hardware_info
 from layerzero.runtime import get_runtime
 from layerzero.timing import interleaved
 
@@ -68,7 +68,8 @@ def main() -> int:
             ("dynamic dispatch(op, inputs)", gd, lambda: sdpa(q, k, v), (inputs,), {}),
             ("dynamic, record_timing=False", untimed, lambda: sdpa(q, k, v), (inputs,), {}),
             ("dynamic, layout='BSHD'", gd, from_bshd, (bshd,), {"layout": "BSHD"})]
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if sync else platform.processor() or "cpu",
+    cpu = hardware_info()["hardware"]["cpu"]
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if sync else f"{cpu} (CPU)", "cpu": cpu,
                            "python": sys.version.split()[0], "torch": torch.__version__, "hot_path": accel.status(),
                            "rows": []}
     print(f"{out['device']} | python {out['python']} | torch {out['torch']} | {out['hot_path']}")
