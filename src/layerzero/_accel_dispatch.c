@@ -3,13 +3,15 @@
  *
  * A Method is the compiled form of one of those methods; each dispatcher that can use it has it bound as its
  * ``dispatch`` attribute (Dispatcher._bind_compiled; the classes keep the Python methods, which torch.compile
- * traces), and it binds as a method does wherever else it is put. The calls it serves are the Python hot path's: ``dispatch(operation, inputs, **options)`` (options as the Python method keys them:
- * generic.kwargs_key, static's ``is_causal=`` alone by its own table) with a dict of three plain tensors under the names the dispatcher learned for the operation, the runtime unchanged since the
- * dispatcher last synced, and (selection) no open policy scope and a plan the contract's lookup finds, or
- * (static) the contract's shape guard holding; the plan's gate open. It reads the same attributes, counts the
- * call, calls the kernel as the Python lines do, hands a kernel's exception to the dispatcher's ``_hot_detour``
- * and fills the DispatchResult's slots with the same values and clock readings. Every other call goes,
- * arguments unchanged, to the Python method.
+ * traces), and it binds as a method does wherever else it is put. The calls it serves are the Python hot
+ * path's: ``dispatch(operation, inputs, **options)`` (options keyed as the Python method keys them,
+ * generic.kwargs_key; static's ``is_causal=`` alone by its own table) with a dict of three plain tensors under
+ * the names the dispatcher learned for the operation, the runtime unchanged since the dispatcher last synced,
+ * and (selection) no open policy scope and a plan the contract's lookup finds, or (static) the contract's shape
+ * guard holding; the plan's gate open. It reads the same attributes, counts the call, calls the kernel as the
+ * Python lines do, hands a kernel's exception to the dispatcher's ``_hot_detour`` and fills the
+ * DispatchResult's slots with the same values and clock readings. Every other call goes, arguments unchanged,
+ * to the Python method.
  */
 #include <stddef.h>
 
