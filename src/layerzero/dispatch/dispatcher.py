@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import difflib
 import time
-from types import MethodType
 from collections.abc import Hashable, Mapping, Sequence
+from types import MethodType
 from typing import Any
 
 from layerzero.context import SelectionContext

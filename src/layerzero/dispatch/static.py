@@ -29,13 +29,7 @@ from layerzero.context import SelectionContext
 from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.dispatcher import Dispatcher, compile_dispatch, new_result, perf_ns
 from layerzero.dispatch.runtimes import runtime_for
-from layerzero.dispatch.generic import (
-    AttentionInputs,
-    attention_inputs,
-    hot_key,
-    kwargs_key,
-    map_inputs,
-)
+from layerzero.dispatch.generic import AttentionInputs, attention_inputs, hot_key, kwargs_key, map_inputs
 from layerzero.dispatch.result import NOT_TIMED, DispatchResult, DispatchTiming, stamp
 from layerzero.errors import ConfigError, InvalidInputError, NoKernelError
 from layerzero.registry import (
