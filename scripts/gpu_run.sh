@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: set up the carried wheels, run the GPU test suite, the GPU bench and the tuning benchmark.
 # Usage on the device machine (repo root):  bash scripts/gpu_run.sh [tests|bench|tune|model|all]...
+# (the dispatch overhead, about 4 minutes: dispatchab benchq accelq; see the case list below for the rest)
 # (model: `layerzero bench --model llama --device cuda`, eager and compiled, ~8 minutes; not part of all)
 # Results land in $OUT (or benchmarks/results/ when OUT is unset).
 set -uo pipefail
