@@ -3,7 +3,7 @@
  *
  * A Method is the compiled form of one of those methods; each dispatcher that can use it has it bound as its
  * ``dispatch`` attribute (Dispatcher._bind_compiled; the classes keep the Python methods, which torch.compile
- * traces), and it binds as a method does wherever else it is put. The calls it serves are the Python hot
+ * traces, and a MethodType passes the dispatcher as its first argument). The calls it serves are the Python hot
  * path's: ``dispatch(operation, inputs, **options)`` (options keyed as the Python method keys them,
  * generic.kwargs_key; static's ``is_causal=`` alone by its own table) with a dict of three plain tensors under
  * the names the dispatcher learned for the operation, the runtime unchanged since the dispatcher last synced,
@@ -217,11 +217,19 @@ read_kernel(Method *m, Call *c)
             return 0;
     if (m->kind == METHOD_SELECT) {
         PyObject *ok = fast_get(m, c, MSLOT_DIRECT_OK);
-        c->kernel = ok == Py_True ? lz_slot_get(&m->hit->slots[SLOT_DIRECT], c->plan, LZ.direct) : Py_XNewRef(Py_None);
-        Py_XDECREF(ok);
-        if (ok == NULL || c->kernel == NULL || c->kernel != Py_None)
-            return c->direct = c->kernel != NULL;
-        Py_CLEAR(c->kernel);
+        if (ok == NULL)
+            return 0;
+        PyObject *direct = ok == Py_True ? lz_slot_get(&m->hit->slots[SLOT_DIRECT], c->plan, LZ.direct)
+                                         : Py_NewRef(Py_None);
+        Py_DECREF(ok);
+        if (direct == NULL)
+            return 0;
+        if (direct != Py_None) {
+            c->kernel = direct;
+            c->direct = 1;
+            return 1;
+        }
+        Py_DECREF(direct);
     }
     c->kernel = lz_slot_get(&m->hit->slots[SLOT_FN], c->plan, LZ.fn);
     return c->kernel != NULL;
@@ -343,15 +351,6 @@ method_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyOb
     return PyObject_Vectorcall(m->fallback, args, nargsf, kwnames);
 }
 
-/* Bound as a function is: ``d.dispatch`` is a method of d (CPython's method calls skip making it). */
-static PyObject *
-method_descr_get(PyObject *self, PyObject *obj, PyObject *type)
-{
-    if (obj == NULL || obj == Py_None)
-        return Py_NewRef(self);
-    return PyMethod_New(self, obj);
-}
-
 /* __doc__, __name__, __qualname__, __module__, __wrapped__, ...: the Python method's */
 static PyObject *
 method_getattro(Method *m, PyObject *name)
@@ -447,14 +446,13 @@ static PyTypeObject MethodType = {
     .tp_doc = PyDoc_STR("Method(kind, hit, fallback, inputs_type, result_type, not_timed, options_marker)\n--\n\n"
                         "A dispatcher's dispatch method with its cached attention hit compiled (kind: SELECT, STATIC)."),
     .tp_basicsize = sizeof(Method),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_new = method_new,
     .tp_dealloc = (destructor)method_dealloc,
     .tp_traverse = (traverseproc)method_traverse,
     .tp_clear = (inquiry)method_clear,
     .tp_vectorcall_offset = offsetof(Method, vectorcall),
     .tp_call = PyVectorcall_Call,
-    .tp_descr_get = method_descr_get,
     .tp_getattro = (getattrofunc)method_getattro,
     .tp_getset = method_getset,
 };

@@ -93,19 +93,19 @@ def entry(hit: Any, fallback: Callable[..., Any], doc: str, module: str) -> Call
 
 
 def dispatch_method(kind: str, hit: Any, method: Callable[..., Any], inputs_type: type, result_type: type,
-                    not_timed: Any, options_marker: Any) -> Callable[..., Any]:
-    """A dispatcher's ``dispatch`` method (``method``) with its cached attention hit compiled around it, or
-    ``method`` itself without the extension.
+                    not_timed: Any, options_marker: Any) -> Callable[..., Any] | None:
+    """The compiled form of a dispatcher's ``dispatch`` method (``method``), or None without the extension.
 
     ``kind``: ``"select"`` (``Dispatcher.dispatch``: the plan from the runtime's cache through ``hit``'s lookup) or
     ``"static"`` (``StaticDispatcher.dispatch``: the table's plan, ``hit``'s shape guard). ``hit``: lz.attention's
-    compiled hit. The object binds as a method does and calls ``method`` with the same arguments for every call
-    it does not serve; ``__wrapped__``, ``__doc__``, ``__name__`` and the signature are ``method``'s.
-    ``inputs_type``, ``result_type``, ``not_timed``, ``options_marker``: the dispatch package's AttentionInputs,
-    DispatchResult, NOT_TIMED and the marker its option keys start with.
+    compiled hit. Called with the dispatcher first (bind it with ``types.MethodType``), it serves the cached
+    attention hit and calls ``method`` with the same arguments for every other call; ``__wrapped__``,
+    ``__doc__``, ``__name__`` and the signature are ``method``'s. ``inputs_type``, ``result_type``, ``not_timed``,
+    ``options_marker``: the dispatch package's AttentionInputs, DispatchResult, NOT_TIMED and the marker its
+    option keys start with.
     """
     if _accel is None or hit is None:
-        return method
+        return None
     code = {"select": _accel.SELECT, "static": _accel.STATIC}[kind]
     return _accel.Method(code, hit, method, inputs_type, result_type, not_timed, options_marker)  # type: ignore[no-any-return]
 

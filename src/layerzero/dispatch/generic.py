@@ -325,9 +325,8 @@ def compiled_dispatch(method: Any, kind: str) -> Any:
     ``kind="select"``, or ``StaticDispatcher.dispatch``, ``kind="static"``; :func:`layerzero.accel.dispatch_method`),
     or None without the extension. The Python method stays the definition: the compiled form serves the cached
     attention hit and hands every other call to it; tests/test_accel_dispatch.py holds the two equal."""
-    form = dispatch_method(kind, ATTENTION.calls.compiled, method, AttentionInputs, DispatchResult, NOT_TIMED,
+    return dispatch_method(kind, ATTENTION.calls.compiled, method, AttentionInputs, DispatchResult, NOT_TIMED,
                            _OPTIONS)
-    return None if form is method else form
 
 
 def _no_compiled_admits(q: Any, k: Any, v: Any) -> bool:

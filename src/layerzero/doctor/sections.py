@@ -76,8 +76,8 @@ def config_section(report: Any) -> None:
         "hot_path": hot_path_status(),
     }
     if hot_path_unavailable():
-        report.warnings.append(f"cached lz.attention and norm calls run in Python ({hot_path_status()}): about "
-                               "0.7 µs more per call; reinstall layerzero where a C++ compiler is found")
+        report.warnings.append(f"cached lz.attention, norm and dispatch calls run in Python ({hot_path_status()}): "
+                               "about 0.7 µs more per call; reinstall layerzero where a C++ compiler is found")
     if not rt.config.enable_telemetry:
         report.warnings.append("telemetry is off (enable_telemetry=False): metrics read zero")
     if rt.config.latency_histogram:
