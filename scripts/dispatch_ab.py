@@ -5,13 +5,21 @@ dispatcher) against the class's Python method, each side by side with the direct
 
 Prints, per path, the p50 overhead over the direct call (ns) and the ratio, for the compiled and the Python
 method; the JSON names the machine.
+
+Then where ``lz.attention``'s overhead goes: the compiled lookup alone (warm, between empty calls), the same
+lookup right after the kernel (what it costs in place, its objects evicted by the launch), and on CUDA the
+host's cost alone (the GPU held busy by ``torch.cuda._sleep``, so that launches only queue and no
+synchronization enters the timing).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,8 +33,60 @@ from layerzero.dispatch import (
     get_global_dispatcher,
 )
 from layerzero.doctor.hardware import hardware_info
+from layerzero.policy.scope import LIVE
 from layerzero.runtime import get_runtime
-from layerzero.timing import interleaved
+from layerzero.timing import interleaved, percentiles
+
+
+def host_only(direct: Callable[[], Any], candidate: Callable[[], Any], rounds: int, batch: int = 20
+              ) -> dict[str, Any]:
+    """Per-call host time of each side, the GPU held busy so that launches only queue (CUDA only)."""
+    d_s: list[float] = []
+    c_s: list[float] = []
+    pc = time.perf_counter_ns
+    for r in range(rounds):
+        torch.cuda._sleep(2_000_000)  # ~1 ms of spinning: the 2 x 20 launches below queue behind it
+        order = ((direct, d_s), (candidate, c_s)) if r % 2 == 0 else ((candidate, c_s), (direct, d_s))
+        for fn, bucket in order:
+            t = pc()
+            for _ in range(batch):
+                fn()
+            bucket.append((pc() - t) / batch)
+        torch.cuda.synchronize()
+    diffs = [c - d for d, c in zip(d_s, c_s, strict=True)]
+    return {"direct": percentiles(d_s).to_dict(), "candidate": percentiles(c_s).to_dict(),
+            "overhead_ns": statistics.median(diffs)}
+
+
+def breakdown(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rounds: int, sync: Any) -> list[dict[str, Any]]:
+    """Where lz.attention's overhead goes (see the module docstring)."""
+    sdpa = F.scaled_dot_product_attention
+    rt = get_runtime()
+    hit = accel.attention_hit(rt, LIVE, "attention.full", "attention.causal")
+    rows: list[dict[str, Any]] = []
+    if hit is None:
+        return rows
+    plans = rt.plans.data
+    find = hit.find
+    assert find(plans, "attention.full", q, k, v, False, 0.0, None) is not None
+    pairs = [("lookup alone (find), between empty calls", lambda: None,
+              lambda: find(plans, "attention.full", q, k, v, False, 0.0, None)),
+             ("lookup right after the kernel (sdpa; find)", lambda: sdpa(q, k, v),
+              lambda: (sdpa(q, k, v), find(plans, "attention.full", q, k, v, False, 0.0, None))),
+             ("lz.attention(q, k, v)", lambda: sdpa(q, k, v), lambda: lz.attention(q, k, v))]
+    for name, direct, cand in pairs:
+        res = interleaved(direct, cand, rounds=rounds, batch=20, sync=sync)
+        print(f"{name:44s} {res.overhead_ns:+8.0f} ns  (direct p50 {res.direct.p50_ns / 1e3:.2f} us)")
+        rows.append({"path": name, "result": res.to_dict()})
+    if sync is not None:
+        for name, direct, cand in (("host only: lz.attention vs sdpa", lambda: sdpa(q, k, v),
+                                    lambda: lz.attention(q, k, v)),
+                                   ("host only: sdpa; find vs sdpa", lambda: sdpa(q, k, v),
+                                    lambda: (sdpa(q, k, v), find(plans, "attention.full", q, k, v, False, 0.0, None)))):
+            res = host_only(direct, cand, rounds)
+            print(f"{name:44s} {res['overhead_ns']:+8.0f} ns  (direct host p50 {res['direct']['p50_ns'] / 1e3:.2f} us)")
+            rows.append({"path": name, "host_only": res})
+    return rows
 
 
 def main() -> int:
@@ -86,6 +146,8 @@ def main() -> int:
     res = interleaved(lambda: sdpa(q, k, v), lambda: lz.attention(q, k, v), rounds=a.rounds, batch=20, sync=sync)
     print(f"{'lz.attention(q, k, v)':34s} {res.overhead_ns:+12.0f} {res.ratio:7.3f}")
     out["rows"].append({"path": "lz.attention(q, k, v)", "compiled": res.to_dict()})
+    print("-- where lz.attention's overhead goes")
+    out["breakdown"] = breakdown(q, k, v, a.rounds, sync)
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)
