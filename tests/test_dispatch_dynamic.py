@@ -144,6 +144,40 @@ def test_explicit_context_is_used_for_selection_and_cached_per_object():
         d.dispatch("attention.causal", {"q": q, "k": k, "v": v}, context={"batch_size": 2})
 
 
+@pytest.mark.parametrize("mvcc", [False, True])
+def test_a_given_context_steers_selection_but_never_the_arguments(mvcc):
+    """The seed's "reuse one SelectionContext for several operations": a context that leaves out the causal flag or
+    the hidden size must not change what the kernel computes (its specialization reads the inputs, not the
+    context), on the first call and on every cached one, and no breaker may count the calls."""
+    d = create_dynamic_dispatcher(use_mvcc_cache=mvcc)
+    q, k, v = qkv(b=1, h=4, s=16, d=32, seed=21)
+    x, w = torch.randn(3, 96), torch.rand(96) + 0.5
+    ctx = lz.SelectionContext(batch_size=1, seq_len=16, dtype=torch.float32, device="cpu")  # no is_causal
+    for _ in range(8):
+        r = d.dispatch("attention.causal", {"q": q, "k": k, "v": v}, context=ctx)
+        torch.testing.assert_close(r.output.double(), ref_attention(q, k, v, True), atol=1e-5, rtol=1e-5)
+        r = d.dispatch("attention.full", {"q": q, "k": k, "v": v}, context=ctx)
+        torch.testing.assert_close(r.output.double(), ref_attention(q, k, v, False), atol=1e-5, rtol=1e-5)
+        n = d.dispatch("rms_norm", {"x": x, "weight": w}, context=ctx)  # the context has no hidden size
+        torch.testing.assert_close(n.output.double(), rms_ref(x, w), atol=1e-5, rtol=1e-5)
+        assert (n.kernel_id, n.fallback_used) == ("torch_rms_norm", False)
+    assert n.cached
+    assert d.get_circuit_stats("torch_rms_norm").failures == 0
+    assert d.get_circuit_stats("torch_rms_norm").state.name == "CLOSED"
+
+
+def test_a_context_no_selected_kernel_can_run_the_inputs_with_is_named():
+    kr = KernelRegistry()
+    kr.register(KernelSpec("half_only_rms", "rms_norm", "custom", lambda x, w, eps: rms_ref(x, w, eps).to(x.dtype),
+                           dtypes=frozenset({torch.float16})))
+    d = create_dynamic_dispatcher(kr, BackendRegistry())
+    ctx = lz.SelectionContext(dtype=torch.float16, hidden_size=16)
+    x, w = torch.randn(3, 16), torch.rand(16) + 0.5
+    with pytest.raises(InvalidInputError, match=r"context does not describe the inputs.*half_only_rms: .*float32"):
+        d.dispatch("rms_norm", {"x": x, "weight": w}, context=ctx)
+    assert d.get_circuit_stats("half_only_rms").failures == 0
+
+
 def _private(config: DispatchConfig, clock: FakeClock, **kw):
     kr = KernelRegistry()
     kr.register(KernelSpec("slow_rms", "rms_norm", "custom", lambda x, w, eps: rms_ref(x, w, eps).to(x.dtype),

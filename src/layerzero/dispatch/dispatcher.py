@@ -444,11 +444,30 @@ class Dispatcher:
             raise InvalidInputError(f"dispatch({operation!r}): context must be a SelectionContext, "
                                     f"got {type(context).__name__}")
         op.validate(operation, args)
-        ctx = context if context is not None else op.context(operation, args)
+        real = op.context(operation, args)
         policy = self.runtime.current_policy()
-        plan = self.build_plan(op, operation, ctx, policy)
+        if context is None:
+            plan = self.build_plan(op, operation, real, policy)
+        else:
+            plan = self._plan_for_context(op, operation, args, context, real, policy)
         self.runtime.telemetry.record_miss()
-        return plan, ctx, policy
+        return plan, real if context is None else context, policy
+
+    def _plan_for_context(self, op: OpDef, operation: str, args: tuple[Any, ...], context: SelectionContext,
+                          real: SelectionContext, policy: Policy) -> ExecutionPlan:
+        """A call given ``context``: selection judges ``context``; the plan runs the call's own arguments. Its
+        kernels are those of the selected list that accept the arguments (``real``, their context), in their
+        general form: a specialization reads its context (a bound normalized shape, the causal flag), which
+        need not describe these arguments. None accepts them: the context does not describe the inputs
+        (``InvalidInputError`` with every kernel's reasons; no breaker counts it)."""
+        chosen = self.build_plan(op, operation, context, policy)
+        fit = [s for s in chosen.kernels if not s.check(real)]
+        if not fit:
+            why = "; ".join(f"{s.kernel_id}: {', '.join(str(r) for r in s.check(real))}" for s in chosen.kernels)
+            raise InvalidInputError(f"dispatch({operation!r}): the given context does not describe the inputs "
+                                    f"({op.describe(args)}): no kernel selected for it can run them ({why})")
+        return self.make_plan(operation, op, fit, context, locked_by=chosen.locked_by,
+                              policy_digest=chosen.policy_digest, source=chosen.source)
 
     def _first_run(self, plan: ExecutionPlan, args: tuple[Any, ...]) -> tuple[Any, tuple[ExecutionPlan, int] | None]:
         """A new plan's first call: with output checks, through the runtime's fallback runner."""

@@ -398,6 +398,8 @@ _wrapped_lock = threading.Lock()
 
 def kwargs_kernel(spec: KernelSpec) -> KernelSpec:
     """The same spec (same id, same breaker) with an impl that takes ``(inputs_dict,)`` and calls ``fn(**inputs)``."""
+    if getattr(spec.impl, "takes_inputs_dict", False):  # already this form (a plan's kernels, made again)
+        return spec
     key = (id(spec.impl), spec.kernel_id)
     hit = _wrapped.get(key)
     if hit is not None and hit[0] is spec:
@@ -408,6 +410,7 @@ def kwargs_kernel(spec: KernelSpec) -> KernelSpec:
         return fn(**inputs)
 
     call_with_kwargs.__name__ = getattr(fn, "__name__", spec.kernel_id)
+    call_with_kwargs.takes_inputs_dict = True  # type: ignore[attr-defined]
     wrapped = dataclasses.replace(spec, impl=call_with_kwargs, specialize=None) if _has_specialize(spec) \
         else dataclasses.replace(spec, impl=call_with_kwargs)
     with _wrapped_lock:
