@@ -42,10 +42,12 @@ def _extensions() -> list[Extension]:
     lib = os.path.join(torch_dir, "lib")
     return [Extension(
         "layerzero._accel", ["src/layerzero/_accel.c", "src/layerzero/_accel_serve.c", "src/layerzero/_accel_dispatch.c",
+         "src/layerzero/_accel_lookup.c",
          "src/layerzero/_accel_meta.cpp"],
         include_dirs=[include, os.path.join(include, "torch", "csrc", "api", "include")],
         library_dirs=[lib], libraries=["c10"], runtime_library_dirs=[lib],
         define_macros=[("LZ_TORCH_VERSION", f'"{version.group(1) if version else "unknown"}"')],
+        depends=[f"src/layerzero/{h}" for h in ("_accel.h", "_accel_dispatch.h", "_accel_meta.h")],
         extra_compile_args=["-O2"], language="c++", optional=True)]
 
 

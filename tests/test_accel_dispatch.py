@@ -32,7 +32,9 @@ from layerzero.dispatch import (
     Dispatcher,
     StaticDispatcher,
     StaticDispatcherBuilder,
+    create_config_dispatcher,
     create_dynamic_dispatcher,
+    create_hot_reload_dispatcher,
     get_global_dispatcher,
 )
 from layerzero.dispatch.result import NOT_TIMED, DispatchResult
@@ -62,8 +64,13 @@ def _dispatchers() -> list[tuple[str, Callable[[], Dispatcher]]]:
             ("dynamic", lambda: create_dynamic_dispatcher()),
             ("dynamic-untimed", lambda: create_dynamic_dispatcher(config=config.replace(record_timing=False))),
             ("dynamic-mvcc", lambda: create_dynamic_dispatcher(use_mvcc_cache=True)),
+            ("config", lambda: create_config_dispatcher(config_path={"version": "1.0"})),
+            ("config-mvcc", lambda: create_config_dispatcher(config_path={"version": "1.0"}, use_mvcc_cache=True)),
             ("static", lambda: _static(True)),
             ("static-untimed", lambda: _static(False))]
+
+
+_SELECTING = [d for d in _dispatchers() if not d[0].startswith("static")]
 
 
 class Sub(torch.Tensor):
@@ -155,6 +162,117 @@ def test_compiled_and_python_dispatch_answer_alike(name: str, factory: Callable[
 
 
 
+def _op_calls() -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(label, operation, inputs) of the operations with call contracts besides attention, good and bad."""
+    g = torch.Generator().manual_seed(9)
+
+    def r(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    x, w, b = r(3, 16), r(16), r(16)
+    yield "rms", "rms_norm", {"x": x, "weight": w}
+    yield "rms names", "rms_norm", {"input": x, "w": w}
+    yield "rms no weight", "rms_norm", {"x": x}
+    yield "rms weight None", "rms_norm", {"x": x, "weight": None}
+    yield "rms eps input", "rms_norm", {"x": x, "weight": w, "eps": 1e-5}
+    yield "rms 3-d", "rms_norm", {"x": r(2, 3, 16), "weight": w}
+    yield "rms bf16", "rms_norm", {"x": x.bfloat16(), "weight": w.bfloat16()}
+    yield "rms param", "rms_norm", {"x": x, "weight": torch.nn.Parameter(w)}
+    yield "rms x param", "rms_norm", {"x": torch.nn.Parameter(x), "weight": w}
+    yield "rms subclass", "rms_norm", {"x": x.as_subclass(Sub), "weight": w}
+    yield "rms wrong width", "rms_norm", {"x": x, "weight": r(8)}
+    yield "rms not a tensor", "rms_norm", {"x": [1.0, 2.0], "weight": w}
+    yield "rms extra", "rms_norm", {"x": x, "weight": w, "bias": b}
+    yield "layer norm", "layer_norm", {"x": x, "weight": w, "bias": b}
+    yield "layer norm no bias", "layer_norm", {"x": x, "weight": w}
+    yield "silu", "silu", {"x": x}
+    yield "gelu", "gelu", {"x": x}
+    yield "swiglu", "swiglu", {"gate": x, "up": r(3, 16)}
+    yield "swiglu apart", "swiglu", {"gate": x, "up": r(3, 8)}
+    yield "rope", "rope", {"x": r(1, 2, 4, 8), "cos": r(4, 8), "sin": r(4, 8)}
+    yield "cross entropy", "cross_entropy", {"logits": r(4, 10), "target": torch.tensor([1, 2, 3, 4])}
+
+
+@needs_compiled
+@pytest.mark.parametrize("name,factory", _SELECTING, ids=[n for n, _ in _SELECTING])
+def test_compiled_and_python_dispatch_answer_alike_for_contract_ops(name: str, factory: Callable[[], Dispatcher]
+                                                                    ) -> None:
+    """The operations with call contracts (OpInputs entries: the norms through their compiled lookup, the rest
+    through the contract's Python lookup), good and bad calls, each name set in turn: the same answers, counts."""
+    d = factory()
+    py = _python(d)
+    calls = list(_op_calls())
+    for label, operation, inputs in calls + calls:  # twice: each entry met again after other name sets
+        _answer(py, operation, inputs)
+        for _ in range(2):
+            before = _calls(d)
+            expected = _answer(py, operation, inputs)
+            counted_py, before = _calls(d) - before, _calls(d)
+            got = _answer(d.dispatch, operation, inputs)
+            counted_c = _calls(d) - before
+            assert _same(got, expected), ((name, label), got[:1] + got[2:], expected[:1] + expected[2:])
+            assert counted_c == counted_py, ((name, label), counted_c, counted_py)
+
+
+@needs_compiled
+@pytest.mark.parametrize("name,factory", _SELECTING, ids=[n for n, _ in _SELECTING])
+def test_the_compiled_method_serves_cached_contract_op_calls(name: str, factory: Callable[[], Dispatcher]) -> None:
+    """``dispatch("rms_norm", {"x": x, "weight": w})`` (the seed's warm-up example) and the other contract ops are
+    answered without entering the Python method once their names are known, with PyTorch's output."""
+    d = factory()
+    x, w, b = torch.randn(4, 32), torch.rand(32) + 0.5, torch.randn(32)
+    cases = [("rms_norm", {"x": x, "weight": w}, torch.nn.functional.rms_norm(x, (32,), w, 1e-6)),
+             ("layer_norm", {"x": x, "weight": w, "bias": b}, torch.nn.functional.layer_norm(x, (32,), w, b, 1e-5)),
+             ("silu", {"x": x}, torch.nn.functional.silu(x))]
+    for operation, inputs, expected in cases:
+        assert not _served(d.dispatch, operation, inputs)  # the first call learns the names
+        d.dispatch(operation, inputs)
+        assert _served(d.dispatch, operation, inputs), operation
+        r = d.dispatch(operation, inputs)
+        torch.testing.assert_close(r.output, expected)
+        assert r.cached and r.attempts == 1 and not r.fallback_used and r.operation == operation
+    assert not _served(d.dispatch, "rms_norm", {"input": x, "weight": w})  # another name set: mapped in full
+    assert not _served(d.dispatch, "rms_norm", {"x": x, "weight": None})
+
+
+@needs_compiled
+@pytest.mark.parametrize("cache", ["shared", "mvcc", "lru"])
+def test_a_failing_contract_op_kernel_goes_to_the_detour(cache: str) -> None:
+    """A norm kernel's exception on the compiled path goes where ``_hot_op`` sends it (``_hot_op_detour``): the same
+    answer, the same failure counted."""
+    answers = []
+    x, w = torch.randn(4, 32), torch.rand(32) + 0.5
+    inputs = {"x": x, "weight": w}
+    for compiled in (True, False):
+        own = get_runtime().config.replace(cache_size=9999)  # a runtime of its own: each round starts afresh
+        d = (create_dynamic_dispatcher(config=own) if cache == "shared"
+             else create_dynamic_dispatcher(config=own, use_mvcc_cache=True) if cache == "mvcc"
+             else create_config_dispatcher(config_path={"version": "1.0"}, config=own))
+        d.dispatch("rms_norm", inputs)
+        d.dispatch("rms_norm", inputs)
+        plan = (d.runtime.plans.data if cache == "shared" else None)
+        plan = (lz.ops.RMS_NORM.calls.lookup(plan, "rms_norm", x, w, 1e-6)[0] if plan is not None
+                else d.plan_cache.get(lz.ops.RMS_NORM.calls.keys("rms_norm", x, w, 1e-6)[1]))
+        kid = plan.kernels[0].kernel_id
+        failures = d.get_circuit_stats(kid).failures
+
+        def broken(*args: Any) -> Any:
+            raise RuntimeError("norm kernel failed")
+
+        real = plan.direct, plan.fn
+        plan.direct = plan.fn = broken
+        try:
+            answer = _answer(d.dispatch if compiled else _python(d), "rms_norm", inputs)
+        finally:
+            plan.direct, plan.fn = real
+        answers.append((answer[:1] + answer[2:], d.get_circuit_stats(kid).failures - failures))
+        torch.testing.assert_close(d.dispatch("rms_norm", inputs).output, torch.nn.functional.rms_norm(x, (32,), w, 1e-6))
+    assert answers[0] == answers[1], answers
+    assert answers[0][0][0] == "ok"
+    if cache != "shared":  # an own cache's exact-shape plan: counted, and its fallback served the call
+        assert answers[0][1] == 1 and answers[0][0][3]
+
+
 PYTHON_CODES = {Dispatcher.dispatch.__code__, StaticDispatcher.dispatch.__code__}
 
 
@@ -182,8 +300,7 @@ def _plain() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @needs_compiled
-@pytest.mark.parametrize("name,factory", _dispatchers()[:3] + _dispatchers()[4:],
-                         ids=[n for n, _ in _dispatchers()[:3] + _dispatchers()[4:]])
+@pytest.mark.parametrize("name,factory", _dispatchers(), ids=[n for n, _ in _dispatchers()])
 def test_the_compiled_method_serves_the_plain_cached_call(name: str, factory: Callable[[], Dispatcher]) -> None:
     """The cached calls the benchmark rows make are answered without entering the Python method, each with the
     output PyTorch gives; a first call, another input-name set and a call with a mask are Python's."""
@@ -211,14 +328,24 @@ def test_the_compiled_method_serves_the_plain_cached_call(name: str, factory: Ca
 def test_no_reference_is_leaked() -> None:
     """Served, declined and failing calls give back every reference they take."""
     static, dynamic = _static(True), create_dynamic_dispatcher()
+    mvcc, config = create_dynamic_dispatcher(use_mvcc_cache=True), create_config_dispatcher(config_path={"version": "1.0"})
     inputs, bshd = _plain()
     q = inputs["q"]
+    x, w = torch.randn(4, 32), torch.rand(32)
     unhashable: dict[str, Any] = {"scale": [1]}
-    watched = [q, bshd["q"], static, dynamic, torch.float32, NOT_TIMED, "attention.full"]
+    watched = [q, bshd["q"], static, dynamic, mvcc, config, x, w, torch.float32, NOT_TIMED, "attention.full",
+               "rms_norm"]
 
     def run(n: int) -> None:
         for _ in range(n):
-            for d in (static, dynamic):
+            for d in (dynamic, mvcc, config):
+                d.dispatch("rms_norm", {"x": x, "weight": w})
+                d.dispatch("silu", {"x": x})
+                try:
+                    d.dispatch("rms_norm", {"x": x, "weight": [1]})
+                except LayerZeroError:
+                    pass
+            for d in (static, dynamic, mvcc, config):
                 d.dispatch("attention.full", inputs)
                 d.dispatch("attention.full", inputs, is_causal=True)
                 d.dispatch("attention.full", bshd, layout="BSHD").timing
@@ -306,10 +433,11 @@ def test_a_blocked_gate_a_runtime_change_and_a_scope_are_left_to_python() -> Non
 
 
 @needs_compiled
-def test_the_compiled_form_is_bound_where_it_can_serve_and_reads_as_the_python_method() -> None:
+def test_the_compiled_form_is_bound_where_it_can_serve_and_reads_as_the_python_method(tmp_path: Any) -> None:
     """Each dispatcher whose calls it can serve gets the compiled form bound as ``dispatch``; the classes keep
-    the Python methods (what torch.compile traces); a subclass overriding ``dispatch``, an MVCC dispatcher and
-    a config-driven one keep Python."""
+    the Python methods (what torch.compile traces); a subclass overriding ``dispatch`` and the hot-reload
+    dispatcher (its ``__del__``) keep Python."""
+    (tmp_path / "k.yaml").write_text('version: "1.0"\n')
     static, dynamic = _static(True), create_dynamic_dispatcher()
     for d, cls in ((static, StaticDispatcher), (dynamic, Dispatcher), (get_global_dispatcher(), Dispatcher)):
         bound = vars(d)["dispatch"]
@@ -320,7 +448,10 @@ def test_the_compiled_form_is_bound_where_it_can_serve_and_reads_as_the_python_m
     assert isinstance(inspect.getattr_static(Dispatcher, "dispatch"), type(_kernel))
     twin = copy.copy(dynamic)  # a copy binds its own
     assert vars(twin)["dispatch"].__self__ is twin
-    assert "dispatch" not in vars(create_dynamic_dispatcher(use_mvcc_cache=True))
+    for own in (create_dynamic_dispatcher(use_mvcc_cache=True), create_config_dispatcher(config_path={"version": "1.0"})):
+        assert vars(own)["dispatch"].__self__ is own  # an own PlanCache or MVCCPlanCache is read too
+    with create_hot_reload_dispatcher(config_path=tmp_path / "k.yaml", start_watching=False) as hot:
+        assert "dispatch" not in vars(hot)  # __del__ stops its watcher: no reference cycle for it
 
     class Mine(type(dynamic)):  # type: ignore[misc]
         seen = 0

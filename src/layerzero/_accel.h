@@ -57,6 +57,11 @@ PyObject *lz_miss(Hit *self);                                     /* self->miss,
 PyObject *lz_find_plan(Hit *self, PyObject *plans, PyObject *op, PyObject *q, PyObject *k, PyObject *v,
                        PyObject *mask, PyObject *is_causal, PyObject *dropout_p, PyObject *window);
 int lz_admits(Hit *self, PyObject *q, PyObject *k, PyObject *v); /* the attention shape guard, maskless */
+/* the exact key of a maskless attention call whose shape guard holds (new reference), or NULL (an error may be set) */
+PyObject *lz_attention_key(Hit *self, PyObject *op, PyObject *q, PyObject *k, PyObject *v, PyObject *is_causal,
+                           PyObject *dropout_p, PyObject *window);
+/* the plan a norm hit's lookup finds in plans for its canonical arguments (new reference), or NULL */
+PyObject *lz_find_norm_plan(Hit *self, PyObject *plans, PyObject *const *a);
 /* obj.name through ``slot`` (new reference; NULL with an error set), and obj.name = value (a reference taken) */
 PyObject *lz_slot_get(lz_slot *slot, PyObject *obj, PyObject *name);
 int lz_slot_set(lz_slot *slot, PyObject *obj, PyObject *name, PyObject *value);

@@ -1,47 +1,29 @@
-/* layerzero._accel: the dispatchers' cached attention hit, compiled (Dispatcher.dispatch and
- * StaticDispatcher.dispatch; layerzero/dispatch/dispatcher.py and static.py hold the definition).
+/* layerzero._accel: the dispatchers' cached hits, compiled (Dispatcher.dispatch and StaticDispatcher.dispatch;
+ * layerzero/dispatch/dispatcher.py and static.py hold the definition).
  *
  * A Method is the compiled form of one of those methods; each dispatcher that can use it has it bound as its
  * ``dispatch`` attribute (Dispatcher._bind_compiled; the classes keep the Python methods, which torch.compile
  * traces, and a MethodType passes the dispatcher as its first argument). The calls it serves are the Python hot
  * path's: ``dispatch(operation, inputs, **options)`` (options keyed as the Python method keys them,
- * generic.kwargs_key; static's ``is_causal=`` alone by its own table) with a dict of three plain tensors under
- * the names the dispatcher learned for the operation, the runtime unchanged since the dispatcher last synced,
- * and (selection) no open policy scope and a plan the contract's lookup finds, or (static) the contract's shape
- * guard holding; the plan's gate open. It reads the same attributes, counts the call, calls the kernel as the
- * Python lines do, hands a kernel's exception to the dispatcher's ``_hot_detour`` and fills the
- * DispatchResult's slots with the same values and clock readings. Every other call goes, arguments unchanged,
- * to the Python method.
+ * generic.kwargs_key; static's ``is_causal=`` alone by its own table) under the names the dispatcher learned for
+ * the operation (an AttentionInputs entry: three plain tensors; an OpInputs entry: an operation with a call
+ * contract, its arguments filled by name), the runtime unchanged since the dispatcher last synced, no open policy
+ * scope and a plan found as the Python lines find it (_accel_lookup.c: the shared plan dict through the contract's
+ * lookup, or the dispatcher's own cache), or (static) the contract's shape guard holding; the plan's gate open. It
+ * reads the same attributes, counts the call, calls the kernel as the Python lines do, hands a kernel's exception
+ * to the dispatcher's ``_hot_detour`` / ``_hot_op_detour`` and fills the DispatchResult's slots with the same
+ * values and clock readings. Every other call goes, arguments unchanged, to the Python method.
  */
 #include <stddef.h>
 
-#include "_accel.h"
+#include "_accel_dispatch.h"
 
-enum { MSLOT_Q, MSLOT_K, MSLOT_V, MSLOT_CAUSAL, MSLOT_DROPOUT, MSLOT_SCALE, MSLOT_WINDOW, MSLOT_BSHD, MSLOT_DIRECT_OK,
-       MSLOT_KERNELS, MSLOT_OUTPUT, MSLOT_KERNEL_ID, MSLOT_OPERATION, MSLOT_FALLBACK_USED, MSLOT_ATTEMPTS,
-       MSLOT_STAMPS, MSLOT_CACHED, MSLOT_MODE, N_MSLOTS };
 static const char *const SLOT_NAMES[N_MSLOTS] = {
-    "q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "bshd", "direct_ok", "kernels",
-    "output", "kernel_id", "operation", "fallback_used", "attempts", "stamps", "cached", "mode"};
-static PyObject *M_NAMES[N_MSLOTS]; /* SLOT_NAMES, interned */
-/* the dispatcher's attributes (and its runtime's, its plan cache's) the hot path reads */
-static PyObject *M_RUNTIME, *M_VERSION, *M_SYNCED, *M_TIMED, *M_FAST, *M_HOT, *M_HOT_CAUSAL, *M_CACHE, *M_MODE, *M_TTL,
-    *M_DETOUR;
-
-enum { METHOD_SELECT, METHOD_STATIC };
-
-typedef struct {
-    PyObject_HEAD
-    vectorcallfunc vectorcall;
-    int kind;                  /* METHOD_SELECT (Dispatcher.dispatch) or METHOD_STATIC (StaticDispatcher.dispatch) */
-    Hit *hit;                  /* lz.attention's compiled hit: the contract's lookup and guard, and their caches */
-    PyObject *fallback;        /* the Python method: serves every call this path does not */
-    PyTypeObject *inputs_type; /* layerzero.dispatch.generic.AttentionInputs */
-    PyTypeObject *result_type; /* layerzero.dispatch.result.DispatchResult */
-    PyObject *not_timed;       /* result.NOT_TIMED: the stamps of an untimed dispatch */
-    PyObject *options_marker;  /* what generic.kwargs_key's keys start with */
-    lz_slot slots[N_MSLOTS];   /* AttentionInputs' and DispatchResult's slots, plan.kernels */
-} Method;
+    "q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "bshd", "direct_ok", "names",
+    "template", "size", "lookup", "keys", "admits", "hit", "version", "data", "runtime", "_version", "_timed", "_fast", "_cache", "_mode_value", "kernels", "output", "kernel_id",
+    "operation", "fallback_used", "attempts", "stamps", "cached", "mode"};
+PyObject *M_NAMES[N_MSLOTS];
+PyObject *M_VERSION, *M_HOT, *M_HOT_CAUSAL, *M_TTL, *M_DETOUR, *M_OP_DETOUR, *M_SHARDS, *M_MASK, *M_MOVE_TO_END;
 
 /* time.perf_counter_ns() */
 static inline long long
@@ -56,15 +38,6 @@ now_ns(void)
 #endif
 }
 
-/* One served call: what it read (owned references, but self and operation, which the caller holds). */
-typedef struct {
-    PyObject *self, *operation, *rt, *plan, *fast, *q, *k, *v;
-    PyObject *kernel;      /* plan.direct or plan.fn */
-    PyObject *options[4];  /* fast.is_causal, .dropout_p, .scale, .window */
-    int bshd, timed, direct; /* direct: c->kernel is plan.direct */
-    long long t0, t2;
-} Call;
-
 static void
 call_clear(Call *c)
 {
@@ -77,22 +50,20 @@ call_clear(Call *c)
     Py_CLEAR(c->kernel);
     for (int i = 0; i < 4; i++)
         Py_CLEAR(c->options[i]);
-}
-
-static inline PyObject *
-fast_get(Method *m, Call *c, int which)
-{
-    return lz_slot_get(&m->slots[which], c->fast, M_NAMES[which]);
+    for (Py_ssize_t i = 0; i < c->nargs; i++)
+        Py_CLEAR(c->args[i]);
+    Py_CLEAR(c->norm);
+    Py_CLEAR(c->cnst);
 }
 
 /* ``rt.version == self._version`` (else the Python method syncs first); c->rt, c->timed. 1, or 0: not served. */
 static int
-read_synced(Call *c)
+read_synced(Method *m, Call *c)
 {
-    c->rt = PyObject_GetAttr(c->self, M_RUNTIME);
+    c->rt = dget(m, c, MSLOT_D_RUNTIME);
     PyObject *version = c->rt ? PyObject_GetAttr(c->rt, M_VERSION) : NULL;
-    PyObject *synced = version ? PyObject_GetAttr(c->self, M_SYNCED) : NULL;
-    PyObject *timed = synced ? PyObject_GetAttr(c->self, M_TIMED) : NULL;
+    PyObject *synced = version ? dget(m, c, MSLOT_D_VERSION) : NULL;
+    PyObject *timed = synced ? dget(m, c, MSLOT_D_TIMED) : NULL;
     int same = timed ? PyObject_RichCompareBool(version, synced, Py_EQ) : 0;
     c->timed = same > 0 ? PyObject_IsTrue(timed) : -1;
     Py_XDECREF(version);
@@ -138,12 +109,14 @@ find_entry(Method *m, Call *c, PyObject *const *values, PyObject *kwnames)
                     PyUnicode_Compare(PyTuple_GET_ITEM(kwnames, 0), M_NAMES[MSLOT_CAUSAL]) == 0;
     if (by_causal && !PyBool_Check(values[0]))
         return 0;
-    PyObject *table = PyObject_GetAttr(c->self, m->kind == METHOD_SELECT ? M_FAST : by_causal ? M_HOT_CAUSAL : M_HOT);
+    PyObject *table = m->kind == METHOD_SELECT ? dget(m, c, MSLOT_D_FAST)
+                      : PyObject_GetAttr(c->self, by_causal ? M_HOT_CAUSAL : M_HOT);
     PyObject *key = by_causal ? PyTuple_Pack(2, c->operation, values[0])
                     : kwnames ? options_key(m, c, values, kwnames) : Py_NewRef(c->operation);
     PyObject *hot = table && key && PyDict_CheckExact(table) ? PyDict_GetItemWithError(table, key) : NULL;
-    if (hot != NULL && m->kind == METHOD_SELECT && Py_IS_TYPE(hot, m->inputs_type)) {
+    if (hot != NULL && m->kind == METHOD_SELECT && (Py_IS_TYPE(hot, m->inputs_type) || Py_IS_TYPE(hot, m->op_inputs_type))) {
         c->fast = Py_NewRef(hot);
+        c->op = Py_IS_TYPE(hot, m->op_inputs_type);
     }
     else if (hot != NULL && m->kind == METHOD_STATIC && PyTuple_CheckExact(hot) && PyTuple_GET_SIZE(hot) == 2 &&
              Py_IS_TYPE(PyTuple_GET_ITEM(hot, 1), m->inputs_type)) { /* (plan, fast) */
@@ -179,39 +152,24 @@ read_tensors(Method *m, Call *c, PyObject *inputs)
     return bshd != NULL;
 }
 
-/* Selection: the plan the contract's lookup finds in the runtime's plan dict (the dispatcher shares it: no cache
- * of its own, no TTL, no open policy scope). 1, or 0: the Python method looks it up. */
-static int
-find_selected(Method *m, Call *c)
-{
-    PyObject *cache = PyObject_GetAttr(c->self, M_CACHE);
-    int shared = cache == Py_None;
-    Py_XDECREF(cache);
-    if (!shared || lz_scoped(m->hit) != 0)
-        return 0;
-    PyObject *plans = PyObject_GetAttr(c->rt, LZ.plans);
-    PyObject *ttl = plans ? PyObject_GetAttr(plans, M_TTL) : NULL;
-    PyObject *data = ttl == Py_None ? PyObject_GetAttr(plans, LZ.data) : NULL;
-    PyObject *causal = NULL, *dropout = NULL, *window = NULL;
-    if (data != NULL && (PyDict_CheckExact(data) || Py_IS_TYPE(data, LZ.ordered_dict)) &&
-        (causal = fast_get(m, c, MSLOT_CAUSAL)) && (dropout = fast_get(m, c, MSLOT_DROPOUT)) &&
-        (window = fast_get(m, c, MSLOT_WINDOW)))
-        c->plan = lz_find_plan(m->hit, data, c->operation, c->q, c->k, c->v, Py_None, causal, dropout, window);
-    Py_XDECREF(plans);
-    Py_XDECREF(ttl);
-    Py_XDECREF(data);
-    Py_XDECREF(causal);
-    Py_XDECREF(dropout);
-    Py_XDECREF(window);
-    return c->plan != NULL;
-}
-
 /* c->kernel and c->options: ``plan.direct`` where selection may call it (``fast.direct_ok`` and a direct form:
  * ``plan.direct(q, k, v)``), else ``plan.fn`` (``plan.fn(q, k, v, None, is_causal, dropout_p, scale, window)``).
  * 1, or 0: not served. */
 static int
 read_kernel(Method *m, Call *c)
 {
+    if (c->op) { /* a norm's direct form, as lz.rms_norm calls it, else ``plan.fn(*args)`` as _hot_op does */
+        PyObject *direct = c->norm ? lz_slot_get(&m->hit->slots[SLOT_DIRECT], c->plan, LZ.direct) : Py_NewRef(Py_None);
+        if (direct != NULL && direct != Py_None) {
+            c->cnst = lz_slot_get(&m->hit->slots[SLOT_CONST], c->plan, LZ.cnst);
+            c->kernel = direct;
+            c->direct = 1;
+            return c->cnst != NULL;
+        }
+        Py_XDECREF(direct);
+        c->kernel = direct ? lz_slot_get(&m->hit->slots[SLOT_FN], c->plan, LZ.fn) : NULL;
+        return c->kernel != NULL;
+    }
     for (int i = 0; i < 4; i++)
         if ((c->options[i] = fast_get(m, c, MSLOT_CAUSAL + i)) == NULL)
             return 0;
@@ -239,6 +197,13 @@ read_kernel(Method *m, Call *c)
 static PyObject *
 run_kernel(Call *c)
 {
+    if (c->op && c->direct) { /* direct(x, const, weight, [bias,] eps) */
+        PyObject *a[5] = {c->args[0], c->cnst, c->args[1], c->args[2], NULL};
+        a[c->nargs] = c->args[c->nargs - 1];
+        return PyObject_Vectorcall(c->kernel, a, c->nargs + 1, NULL);
+    }
+    if (c->op)
+        return PyObject_Vectorcall(c->kernel, c->args, c->nargs, NULL);
     PyObject *a[8] = {c->q, c->k, c->v, Py_None, c->options[0], c->options[1], c->options[2], c->options[3]};
     return PyObject_Vectorcall(c->kernel, a, c->direct ? 3 : 8, NULL);
 }
@@ -249,10 +214,18 @@ detour(Call *c)
 {
     PyObject *exc = lz_fetch_exception(), *out = NULL;
     PyObject *t0 = PyLong_FromLongLong(c->t0), *t2 = t0 ? PyLong_FromLongLong(c->t2) : NULL;
-    if (t2 != NULL) {
-        PyObject *args[10] = {c->self, c->plan, c->fast, c->q, c->k, c->v, exc, c->operation, t0, t2};
-        out = PyObject_VectorcallMethod(M_DETOUR, args, 10, NULL);
+    PyObject *args = t2 && c->op ? PyTuple_New(c->nargs) : NULL; /* _hot_op_detour(plan, args, exc, operation, t0, t2) */
+    for (Py_ssize_t i = 0; args != NULL && i < c->nargs; i++)
+        PyTuple_SET_ITEM(args, i, Py_NewRef(c->args[i]));
+    if (args != NULL) {
+        PyObject *a[7] = {c->self, c->plan, args, exc, c->operation, t0, t2};
+        out = PyObject_VectorcallMethod(M_OP_DETOUR, a, 7, NULL);
     }
+    else if (t2 != NULL && !c->op) {
+        PyObject *a[10] = {c->self, c->plan, c->fast, c->q, c->k, c->v, exc, c->operation, t0, t2};
+        out = PyObject_VectorcallMethod(M_DETOUR, a, 10, NULL);
+    }
+    Py_XDECREF(args);
     if (out == NULL)
         lz_chain(exc);
     Py_XDECREF(t0);
@@ -286,7 +259,7 @@ make_result(Method *m, Call *c, PyObject *out)
     PyObject *kernels = out ? lz_slot_get(&m->slots[MSLOT_KERNELS], c->plan, M_NAMES[MSLOT_KERNELS]) : NULL;
     PyObject *first = kernels ? PySequence_GetItem(kernels, 0) : NULL;
     PyObject *kernel_id = first ? PyObject_GetAttr(first, M_NAMES[MSLOT_KERNEL_ID]) : NULL;
-    PyObject *mode = kernel_id ? PyObject_GetAttr(c->self, M_MODE) : NULL;
+    PyObject *mode = kernel_id ? dget(m, c, MSLOT_D_MODE) : NULL;
     PyObject *times = mode ? stamps(m, c) : NULL;
     PyObject *r = times ? m->result_type->tp_alloc(m->result_type, 0) : NULL;
     PyObject *values[] = {out, kernel_id, c->operation, Py_False, LZ.one, times, Py_True, mode};
@@ -311,15 +284,17 @@ serve(Method *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int
     *served = 0;
     if (nargs < 3 || nargs > 4 || (nargs == 4 && args[3] != Py_None))
         return NULL;
-    if (!PyUnicode_CheckExact(args[1]) || !PyDict_CheckExact(args[2]) || PyDict_GET_SIZE(args[2]) != 3)
+    if (!PyUnicode_CheckExact(args[1]) || !PyDict_CheckExact(args[2]))
         return NULL;
     Call c = {.self = args[0], .operation = args[1]};
-    if (!read_synced(&c))
+    if (!read_synced(m, &c))
         goto done;
     c.t0 = c.timed ? now_ns() : 0;
-    if (!find_entry(m, &c, args + nargs, kwnames) || !read_tensors(m, &c, args[2]))
+    if (!find_entry(m, &c, args + nargs, kwnames))
         goto done;
-    if (m->kind == METHOD_SELECT ? !find_selected(m, &c) : !lz_admits(m->hit, c.q, c.k, c.v))
+    if (c.op ? !lz_read_op_args(m, &c, args[2]) || !lz_find_op_plan(m, &c)
+             : PyDict_GET_SIZE(args[2]) != 3 || !read_tensors(m, &c, args[2]) ||
+                   (m->kind == METHOD_SELECT ? !lz_find_selected(m, &c) : !lz_admits(m->hit, c.q, c.k, c.v)))
         goto done;
     c.t2 = c.timed ? now_ns() : 0;
     if (!read_kernel(m, &c) || lz_open_and_count(m->hit, c.plan) != 1) /* 0: the gate is blocked */
@@ -378,12 +353,13 @@ static PyGetSetDef method_getset[] = {
 static PyObject *
 method_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *names[] = {"kind", "hit", "fallback", "inputs_type", "result_type", "not_timed", "options_marker",
-                            NULL};
+    static char *names[] = {"kind", "hit", "fallback", "inputs_type", "op_inputs_type", "result_type", "not_timed",
+                            "options_marker", "plan_cache_type", "mvcc_type", NULL};
     int kind;
-    PyObject *hit, *fallback, *inputs_type, *result_type, *not_timed, *marker;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOO!O!OO:Method", names, &kind, &hit, &fallback, &PyType_Type,
-                                     &inputs_type, &PyType_Type, &result_type, &not_timed, &marker))
+    PyObject *hit, *fallback, *inputs_type, *op_inputs_type, *result_type, *not_timed, *marker, *plan_cache, *mvcc;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOO!O!O!OOO!O!:Method", names, &kind, &hit, &fallback, &PyType_Type,
+                                     &inputs_type, &PyType_Type, &op_inputs_type, &PyType_Type, &result_type,
+                                     &not_timed, &marker, &PyType_Type, &plan_cache, &PyType_Type, &mvcc))
         return NULL;
     if ((kind != METHOD_SELECT && kind != METHOD_STATIC) || !PyCallable_Check(fallback) ||
         !PyObject_TypeCheck(hit, lz_hit_type()) || ((Hit *)hit)->kind != KIND_ATTENTION) {
@@ -398,7 +374,10 @@ method_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     m->hit = (Hit *)Py_NewRef(hit);
     m->fallback = Py_NewRef(fallback);
     m->inputs_type = (PyTypeObject *)Py_NewRef(inputs_type);
+    m->op_inputs_type = (PyTypeObject *)Py_NewRef(op_inputs_type);
     m->result_type = (PyTypeObject *)Py_NewRef(result_type);
+    m->plan_cache_type = (PyTypeObject *)Py_NewRef(plan_cache);
+    m->mvcc_type = (PyTypeObject *)Py_NewRef(mvcc);
     m->not_timed = Py_NewRef(not_timed);
     m->options_marker = Py_NewRef(marker);
     return (PyObject *)m;
@@ -410,7 +389,10 @@ method_traverse(Method *m, visitproc visit, void *arg)
     Py_VISIT(m->hit);
     Py_VISIT(m->fallback);
     Py_VISIT(m->inputs_type);
+    Py_VISIT(m->op_inputs_type);
     Py_VISIT(m->result_type);
+    Py_VISIT(m->plan_cache_type);
+    Py_VISIT(m->mvcc_type);
     Py_VISIT(m->not_timed);
     Py_VISIT(m->options_marker);
     for (int i = 0; i < N_MSLOTS; i++)
@@ -424,7 +406,10 @@ method_clear(Method *m)
     Py_CLEAR(m->hit);
     Py_CLEAR(m->fallback);
     Py_CLEAR(m->inputs_type);
+    Py_CLEAR(m->op_inputs_type);
     Py_CLEAR(m->result_type);
+    Py_CLEAR(m->plan_cache_type);
+    Py_CLEAR(m->mvcc_type);
     Py_CLEAR(m->not_timed);
     Py_CLEAR(m->options_marker);
     for (int i = 0; i < N_MSLOTS; i++)
@@ -443,8 +428,9 @@ method_dealloc(Method *m)
 static PyTypeObject MethodType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "layerzero._accel.Method",
-    .tp_doc = PyDoc_STR("Method(kind, hit, fallback, inputs_type, result_type, not_timed, options_marker)\n--\n\n"
-                        "A dispatcher's dispatch method with its cached attention hit compiled (kind: SELECT, STATIC)."),
+    .tp_doc = PyDoc_STR("Method(kind, hit, fallback, inputs_type, op_inputs_type, result_type, not_timed, "
+                        "options_marker, plan_cache_type, mvcc_type)\n--\n\n"
+                        "A dispatcher's dispatch method with its cached hits compiled (kind: SELECT, STATIC)."),
     .tp_basicsize = sizeof(Method),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_new = method_new,
@@ -463,17 +449,15 @@ lz_method_init(PyObject *module)
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1
     for (int i = 0; i < N_MSLOTS; i++)
         INTERN(M_NAMES[i], SLOT_NAMES[i]);
-    INTERN(M_RUNTIME, "runtime");
     INTERN(M_VERSION, "version");
-    INTERN(M_SYNCED, "_version");
-    INTERN(M_TIMED, "_timed");
-    INTERN(M_FAST, "_fast");
     INTERN(M_HOT, "_hot");
     INTERN(M_HOT_CAUSAL, "_hot_causal");
-    INTERN(M_CACHE, "_cache");
-    INTERN(M_MODE, "_mode_value");
     INTERN(M_TTL, "ttl");
     INTERN(M_DETOUR, "_hot_detour");
+    INTERN(M_OP_DETOUR, "_hot_op_detour");
+    INTERN(M_SHARDS, "shards");
+    INTERN(M_MASK, "mask");
+    INTERN(M_MOVE_TO_END, "move_to_end");
 #undef INTERN
     if (PyType_Ready(&MethodType) < 0)
         return -1;

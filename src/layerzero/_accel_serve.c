@@ -241,20 +241,17 @@ read_qkv(Hit *self, PyObject *q, PyObject *k, PyObject *v, lz_meta *qm, lz_meta 
            km->ndim == 4 && km->sizes[1] != 0;
 }
 
-/* The plan ``plans`` (a dict or OrderedDict) holds for this call, as the contract's lookup finds it (new
- * reference), or NULL: none, or a call the compiled path leaves to Python (an error may be set). */
-PyObject *
-lz_find_plan(Hit *self, PyObject *plans, PyObject *op, PyObject *q, PyObject *k, PyObject *v, PyObject *mask,
-          PyObject *is_causal, PyObject *dropout_p, PyObject *window)
+/* The family key ``(op, q.dtype, q.is_cpu or q.device, is_causal, dropout_p, window, mask key)`` (new reference;
+ * NULL with an error set). */
+static PyObject *
+attention_family(Hit *self, PyObject *op, PyObject *q, const lz_meta *qm, PyObject *mask, PyObject *is_causal,
+                 PyObject *dropout_p, PyObject *window)
 {
-    lz_meta qm, km, vm;
-    if (!read_qkv(self, q, k, v, &qm, &km, &vm))
-        return NULL;
-    PyObject *mask_key = NULL, *family = NULL, *key = NULL, *plan = NULL;
-    PyObject *dtype = cached_attr(&self->dtypes[qm.scalar_type], q, LZ.dtype);
-    PyObject *dev = dtype ? device_key(self, q, &qm) : NULL;
+    PyObject *dtype = cached_attr(&self->dtypes[qm->scalar_type], q, LZ.dtype);
+    PyObject *dev = dtype ? device_key(self, q, qm) : NULL;
     if (dev == NULL)
         return NULL;
+    PyObject *mask_key = NULL;
     if (mask == Py_None) {
         mask_key = Py_NewRef(Py_None);
     }
@@ -267,26 +264,61 @@ lz_find_plan(Hit *self, PyObject *plans, PyObject *op, PyObject *q, PyObject *k,
         if (mask_key == NULL)
             return NULL;
     }
-    family = PyTuple_Pack(7, op, dtype, dev, is_causal, dropout_p, window, mask_key);
+    PyObject *family = PyTuple_Pack(7, op, dtype, dev, is_causal, dropout_p, window, mask_key);
     Py_DECREF(mask_key);
+    return family;
+}
+
+/* The exact key ``(family, q.shape, k.shape, v.shape, mask shape)`` (new reference; NULL with an error set). */
+static PyObject *
+exact_key(PyObject *family, const lz_meta *qm, const lz_meta *km, const lz_meta *vm, PyObject *mask)
+{
+    PyObject *qt = shape_tuple(qm), *kt = qt ? shape_tuple(km) : NULL, *vt = kt ? shape_tuple(vm) : NULL;
+    PyObject *mt = vt && mask != Py_None ? PyObject_GetAttr(mask, LZ.shape) : Py_NewRef(Py_None);
+    PyObject *key = vt && mt ? PyTuple_Pack(5, family, qt, kt, vt, mt) : NULL;
+    Py_XDECREF(qt);
+    Py_XDECREF(kt);
+    Py_XDECREF(vt);
+    Py_XDECREF(mt);
+    return key;
+}
+
+/* The plan ``plans`` (a dict or OrderedDict) holds for this call, as the contract's lookup finds it (new
+ * reference), or NULL: none, or a call the compiled path leaves to Python (an error may be set). */
+PyObject *
+lz_find_plan(Hit *self, PyObject *plans, PyObject *op, PyObject *q, PyObject *k, PyObject *v, PyObject *mask,
+          PyObject *is_causal, PyObject *dropout_p, PyObject *window)
+{
+    lz_meta qm, km, vm;
+    if (!read_qkv(self, q, k, v, &qm, &km, &vm))
+        return NULL;
+    PyObject *key = NULL, *plan = NULL;
+    PyObject *family = attention_family(self, op, q, &qm, mask, is_causal, dropout_p, window);
     if (family == NULL)
         return NULL;
     if (mask == Py_None && family_guard(&qm, &km, &vm))
         plan = PyDict_GetItemWithError(plans, family);
     if (plan == NULL && !PyErr_Occurred()) { /* the exact key: (family, q.shape, k.shape, v.shape, mask shape) */
-        PyObject *qt = shape_tuple(&qm), *kt = qt ? shape_tuple(&km) : NULL, *vt = kt ? shape_tuple(&vm) : NULL;
-        PyObject *mt = vt && mask != Py_None ? PyObject_GetAttr(mask, LZ.shape) : Py_NewRef(Py_None);
-        key = vt && mt ? PyTuple_Pack(5, family, qt, kt, vt, mt) : NULL;
-        Py_XDECREF(qt);
-        Py_XDECREF(kt);
-        Py_XDECREF(vt);
-        Py_XDECREF(mt);
+        key = exact_key(family, &qm, &km, &vm, mask);
         plan = key ? PyDict_GetItemWithError(plans, key) : NULL;
     }
     Py_XINCREF(plan); /* borrowed from the dict: another thread may replace the entry while the kernel runs */
     Py_DECREF(family);
     Py_XDECREF(key);
     return plan;
+}
+
+PyObject *
+lz_attention_key(Hit *self, PyObject *op, PyObject *q, PyObject *k, PyObject *v, PyObject *is_causal,
+                 PyObject *dropout_p, PyObject *window)
+{
+    lz_meta qm, km, vm;
+    if (!read_qkv(self, q, k, v, &qm, &km, &vm) || !family_guard(&qm, &km, &vm))
+        return NULL;
+    PyObject *family = attention_family(self, op, q, &qm, Py_None, is_causal, dropout_p, window);
+    PyObject *key = family ? exact_key(family, &qm, &km, &vm, Py_None) : NULL;
+    Py_XDECREF(family);
+    return key;
 }
 
 /* lz.attention(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window, softcap, sinks, alibi_slopes,
@@ -346,48 +378,58 @@ done:
     return runs == 1 ? out : lz_miss(self);
 }
 
-/* lz.rms_norm(x, weight, eps) / lz.layer_norm(x, weight, bias, eps) -> the output, or MISS. The family key
- * is (operation, x.dtype, x.is_cpu or x.device, weight dtype or None[, bias dtype or None], eps); its guard
- * is ``eps.__class__ is not bool``; the shape-free plan first, then (family, x.shape). */
-static PyObject *
-serve_norm(Hit *self, PyObject *const *a)
+/* The plan lz.rms_norm's (lz.layer_norm's) lookup finds in ``plans`` for a = (x, weight, [bias,] eps) (new
+ * reference), or NULL: none, or a call the compiled path leaves to Python (an error may be set). The family key
+ * is (operation, x.dtype, x.is_cpu or x.device, weight dtype or None[, bias dtype or None], eps); its guard is
+ * ``eps.__class__ is not bool``; the shape-free plan first, then (family, x.shape). */
+PyObject *
+lz_find_norm_plan(Hit *self, PyObject *plans, PyObject *const *a)
 {
     int with_bias = self->kind == KIND_LAYER_NORM;
     Py_ssize_t n = with_bias ? 4 : 3;
     PyObject *x = a[0], *eps = a[n - 1];
     if (!PyFloat_CheckExact(eps) && !PyLong_CheckExact(eps))
-        return Py_NewRef(self->miss);
+        return NULL;
     lz_meta xm, wm;
-    PyObject *family = NULL, *key = NULL, *plan = NULL, *plans = NULL, *out = NULL;
     PyObject *dtypes[2] = {Py_None, Py_None}; /* weight's and bias's */
-    if (!read_meta(self, x, &xm, 0) || lz_scoped(self) != 0)
-        return lz_miss(self);
+    if (!read_meta(self, x, &xm, 0))
+        return NULL;
     for (int i = 0; i < n - 2; i++) { /* weight (and bias): a module's parameters */
         PyObject *t = a[1 + i];
         if (t == Py_None)
             continue;
         if (!read_meta(self, t, &wm, 1) ||
             (dtypes[i] = cached_attr(&self->dtypes[wm.scalar_type], t, LZ.dtype)) == NULL)
-            return lz_miss(self);
+            return NULL;
     }
     PyObject *dtype = cached_attr(&self->dtypes[xm.scalar_type], x, LZ.dtype);
     PyObject *dev = dtype ? device_key(self, x, &xm) : NULL;
     if (dev == NULL)
-        return lz_miss(self);
-    family = with_bias ? PyTuple_Pack(6, self->op_a, dtype, dev, dtypes[0], dtypes[1], eps)
-                       : PyTuple_Pack(5, self->op_a, dtype, dev, dtypes[0], eps);
-    int runs = 0;
-    if (family != NULL && (plans = plan_dict(self)) != NULL) {
-        plan = PyDict_GetItemWithError(plans, family);
-        if (plan == NULL && !PyErr_Occurred()) {
-            PyObject *shape = shape_tuple(&xm);
-            key = shape ? PyTuple_Pack(2, family, shape) : NULL;
-            Py_XDECREF(shape);
-            plan = key ? PyDict_GetItemWithError(plans, key) : NULL;
-        }
-        Py_XINCREF(plan); /* borrowed from the dict: another thread may replace the entry while the kernel runs */
-        runs = plan != NULL ? lz_open_and_count(self, plan) : 0;
+        return NULL;
+    PyObject *family = with_bias ? PyTuple_Pack(6, self->op_a, dtype, dev, dtypes[0], dtypes[1], eps)
+                                 : PyTuple_Pack(5, self->op_a, dtype, dev, dtypes[0], eps);
+    PyObject *key = NULL, *plan = family ? PyDict_GetItemWithError(plans, family) : NULL;
+    if (family != NULL && plan == NULL && !PyErr_Occurred()) {
+        PyObject *shape = shape_tuple(&xm);
+        key = shape ? PyTuple_Pack(2, family, shape) : NULL;
+        Py_XDECREF(shape);
+        plan = key ? PyDict_GetItemWithError(plans, key) : NULL;
     }
+    Py_XINCREF(plan); /* borrowed from the dict: another thread may replace the entry while the kernel runs */
+    Py_XDECREF(family);
+    Py_XDECREF(key);
+    return plan;
+}
+
+/* lz.rms_norm(x, weight, eps) / lz.layer_norm(x, weight, bias, eps) -> the output, or MISS. */
+static PyObject *
+serve_norm(Hit *self, PyObject *const *a)
+{
+    Py_ssize_t n = self->kind == KIND_LAYER_NORM ? 4 : 3;
+    PyObject *plans = NULL, *plan = NULL, *out = NULL;
+    int runs = 0;
+    if (lz_scoped(self) == 0 && (plans = plan_dict(self)) != NULL && (plan = lz_find_norm_plan(self, plans, a)) != NULL)
+        runs = lz_open_and_count(self, plan);
     if (runs == 1) {
         /* plan.direct(x, plan.const, weight, [bias,] eps) if plan.direct is not None else plan.fn(x, weight,
          * [bias,] eps) */
@@ -395,7 +437,7 @@ serve_norm(Hit *self, PyObject *const *a)
         if (direct != NULL && direct != Py_None) {
             PyObject *cnst = lz_get(self, SLOT_CONST, plan, LZ.cnst);
             if (cnst != NULL) {
-                PyObject *args[5] = {x, cnst, a[1], a[2], NULL}; /* x, const, weight, [bias,] eps */
+                PyObject *args[5] = {a[0], cnst, a[1], a[2], NULL}; /* x, const, weight, [bias,] eps */
                 args[n] = a[n - 1];
                 out = call_kernel(self, plan, direct, args, n + 1, a, n);
                 Py_DECREF(cnst);
@@ -408,8 +450,6 @@ serve_norm(Hit *self, PyObject *const *a)
         }
         Py_XDECREF(direct);
     }
-    Py_XDECREF(family);
-    Py_XDECREF(key);
     Py_XDECREF(plans);
     Py_XDECREF(plan);
     return runs == 1 ? out : lz_miss(self);

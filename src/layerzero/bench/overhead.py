@@ -129,7 +129,12 @@ def _ops_lines(s: _Setup, progress: Callable[[str], None]) -> list[OverheadRow]:
 
 
 def _dispatch_lines(s: _Setup, progress: Callable[[str], None]) -> list[OverheadRow]:
-    from layerzero.dispatch import StaticDispatcherBuilder, create_dynamic_dispatcher, get_global_dispatcher
+    from layerzero.dispatch import (
+        StaticDispatcherBuilder,
+        create_config_dispatcher,
+        create_dynamic_dispatcher,
+        get_global_dispatcher,
+    )
 
     q, k, v = s.q, s.k, s.v
     sdpa = F.scaled_dot_product_attention
@@ -154,6 +159,10 @@ def _dispatch_lines(s: _Setup, progress: Callable[[str], None]) -> list[Overhead
     gd = get_global_dispatcher()
     untimed = create_dynamic_dispatcher(config=s.rt.config.replace(record_timing=False))
     causal = (q, k, v, None, True, 0.0, None, None)
+    x, w, ns = s.x, s.w, (s.x.shape[-1],)
+    norm = {"x": x, "weight": w}
+    mvcc = create_dynamic_dispatcher(use_mvcc_cache=True)  # the seed's "MVCC cache for concurrent access"
+    config = create_config_dispatcher(config_path={"version": "1.0"})  # CONFIG mode, rules from a (here empty) file
     cases: list[tuple[str, str, Callable[[], Any], Callable[[], Any]]] = [
         ("static dispatch(op, inputs)", "the kernel itself", lambda: kernel(*args),
          lambda: static.dispatch("attention.full", inputs)),
@@ -170,6 +179,12 @@ def _dispatch_lines(s: _Setup, progress: Callable[[str], None]) -> list[Overhead
          lambda: sdpa(q, k, v), lambda: untimed.dispatch("attention.full", inputs)),
         ("dynamic dispatch(op, inputs, layout='BSHD') cached", "F.scaled_dot_product_attention on BSHD tensors",
          lambda: sdpa(*from_bshd()).transpose(1, 2), lambda: gd.dispatch("attention.full", bshd, layout="BSHD")),
+        ("dynamic dispatch('rms_norm', inputs) cached", "F.rms_norm", lambda: F.rms_norm(x, ns, w, 1e-6),
+         lambda: gd.dispatch("rms_norm", norm)),
+        ("MVCC dispatcher: dispatch(op, inputs) cached", "F.scaled_dot_product_attention", lambda: sdpa(q, k, v),
+         lambda: mvcc.dispatch("attention.full", inputs)),
+        ("config dispatcher: dispatch(op, inputs) cached", "F.scaled_dot_product_attention", lambda: sdpa(q, k, v),
+         lambda: config.dispatch("attention.full", inputs)),
     ]
     for path, direct, base, cand in cases:
         cand()

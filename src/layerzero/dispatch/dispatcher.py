@@ -26,19 +26,18 @@ Fallback, breaker bookkeeping and error reports are the runtime's
 
 from __future__ import annotations
 
-import difflib
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from types import MethodType
 from typing import Any
 
 from layerzero.context import SelectionContext
-from layerzero.runtime.breaker import CircuitStats
 from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.generic import (
     GENERIC,
     NO_MEMO,
     AttentionInputs,
+    OpInputs,
     attention_inputs,
     compiled_dispatch,
     hot_key,
@@ -47,27 +46,26 @@ from layerzero.dispatch.generic import (
     kwargs_kernel,
     map_inputs,
     op_for_dispatch,
+    op_inputs,
 )
 from layerzero.dispatch.result import (
     NOT_TIMED,
     DispatchResult,
     DispatchStats,
-    DispatchTelemetry,
     DispatchTiming,
-    KernelCounters,
     stamp,
 )
-from layerzero.errors import InvalidInputError, KernelNotFoundError
+from layerzero.errors import InvalidInputError
 from layerzero.ops.base import OpDef
 from layerzero.policy.model import Policy
 from layerzero.policy.scope import LIVE, SCOPE
 from layerzero.registry import BackendRegistry, KernelRegistry
+from layerzero.dispatch.observe import Observable
 from layerzero.dispatch.runtimes import runtime_for
 from layerzero.runtime import Runtime, get_runtime
 from layerzero.selection.cache import MVCCPlanCache, PlanCache
 from layerzero.selection.plan import ExecutionPlan
 from layerzero.spec import KernelSpec
-from layerzero.telemetry.core import CacheStats
 
 __all__ = ["Dispatcher", "DispatchResult", "DispatchTiming", "runtime_for", "PlanStore", "compile_dispatch"]
 
@@ -76,6 +74,7 @@ _CTX = "explicit-context"
 perf_ns = time.perf_counter_ns
 new_result = DispatchResult.__new__  # the hot paths fill the slots themselves (no __init__ frame)
 _UNSEEN: Any = object()
+_HOT_SLOTS = ("runtime", "_version", "_timed", "_fast", "_cache", "_mode_value")  # Dispatcher.__slots__, but dicts
 #: a ``dispatch`` method -> its compiled form (layerzero.accel): see ``Dispatcher.__init__`` and compile_dispatch.
 COMPILED_FORMS: dict[Any, Any] = {}
 
@@ -104,7 +103,7 @@ DISPATCH_DOC = """
 # call they do not admit never reaches a cached plan and takes the validating full path.
 
 
-class Dispatcher:
+class Dispatcher(Observable):
     """Dispatch by kernel selection, on one runtime.
 
     Args:
@@ -118,6 +117,10 @@ class Dispatcher:
         >>> r = d.dispatch("attention.causal", {"query": q, "key": k, "value": v})
         >>> r.output, r.kernel_id, r.fallback_used
     """
+
+    # What the hot path reads on every call lives in slots (read at a fixed offset, by the compiled form too);
+    # everything else in the instance dict.
+    __slots__ = ("runtime", "_version", "_timed", "_fast", "_cache", "_mode_value", "__dict__", "__weakref__")
 
     mode: DispatchMode = DispatchMode.DYNAMIC
     #: True: read and fill the runtime's plan cache (the one ``lz.*`` uses). Only dispatchers whose
@@ -142,20 +145,25 @@ class Dispatcher:
 
     def _bind_compiled(self) -> None:
         """Bind the compiled form of this class's dispatch (layerzero.accel) as this dispatcher's ``dispatch``
-        attribute (class attributes stay Python functions, which torch.compile traces): it serves the cached
-        attention hit and hands every other call to the Python method. Only where it can serve: a class that
-        keeps the registered dispatch, without a plan cache of its own (static: its table is its cache)."""
+        attribute (class attributes stay Python functions, which torch.compile traces): it serves the hot path's
+        cached hits and hands every other call to the Python method. Only where it can serve: a class that keeps
+        the registered dispatch, reading the shared cache or an own PlanCache / MVCCPlanCache (static: its table
+        is its cache), and without ``__del__`` (the bound form makes a reference cycle: such a dispatcher, the
+        hot-reload one, would be finalized by the cyclic collector instead of when its last reference goes)."""
         form = COMPILED_FORMS.get(type(self).dispatch)
-        if form is not None and self._cache is None:
+        if form is not None and (self._cache is None or type(self._cache) in (PlanCache, MVCCPlanCache)) \
+                and getattr(type(self), "__del__", None) is None:
             self.dispatch = MethodType(form, self)  # type: ignore[method-assign]
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("dispatch", None)  # bound to this object: a copy binds its own (__setstate__)
+        state.update((name, getattr(self, name)) for name in _HOT_SLOTS if hasattr(self, name))
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        for name, value in state.items():
+            setattr(self, name, value)
         self._bind_compiled()
 
     # -- configuration -------------------------------------------------------------------------------
@@ -249,7 +257,11 @@ class Dispatcher:
                 hot = self._fast[operation if not kwargs else kwargs_key(operation, kwargs)]
             except (KeyError, TypeError):  # not seen yet, or unhashable (the full path reports it)
                 hot = None
-            if hot is not None and len(inputs) == 3:
+            if hot.__class__ is OpInputs:  # an operation with a call contract, by known names
+                r = self._hot_op(hot, operation, inputs, t0)
+                if r is not None:
+                    return r
+            elif hot is not None and len(inputs) == 3:
                 try:
                     q = inputs[hot.q_name]
                     k = inputs[hot.k_name]
@@ -326,6 +338,45 @@ class Dispatcher:
         timing = stamp(DispatchTiming, (t0, t2, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
         return self._result(out, plan, ran, operation, timing, True)
 
+    def _hot_op(self, hot: OpInputs, operation: str, inputs: dict[str, Any], t0: int) -> DispatchResult | None:
+        """A hot-path call of an operation with a call contract (see :class:`OpInputs`): its arguments filled by
+        name, its plan from the contract's lookup in the shared cache (no policy scope, no TTL), or by its exact
+        key in this dispatcher's own cache. None: take the full path (other names, a None input, no plan)."""
+        if len(inputs) != hot.size or LIVE.scopes:
+            return None
+        try:
+            args = hot.fill(inputs)
+            if args is None:
+                return None
+            cache = self._cache
+            if cache is None:
+                plans = self.runtime.plans
+                plan = hot.lookup(plans.data, operation, *args)[0] if plans.ttl is None else None
+            else:
+                plan = cache.get(hot.keys(operation, *args)[1]) if hot.admits(operation, *args) else None
+        except Exception:  # other names, a malformed value: the full path maps and reports it
+            return None
+        if plan is None:
+            return None
+        t2 = perf_ns() if t0 else 0
+        if plan.gate.blocked:
+            return self._hot_op_detour(plan, args, None, operation, t0, t2)
+        plan.stats.calls += 1
+        try:
+            out = plan.fn(*args)
+        except Exception as exc:
+            return self._hot_op_detour(plan, args, exc, operation, t0, t2)
+        timing = stamp(DispatchTiming, (t0, t2, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
+        return self._result(out, plan, None, operation, timing, True)
+
+    def _hot_op_detour(self, plan: ExecutionPlan, args: tuple[Any, ...], exc: Exception | None, operation: str,
+                       t0: int, t2: int) -> DispatchResult:
+        """A hot-path call of :meth:`_hot_op` its plan did not serve at once: the gate is blocked (``exc`` None) or
+        the kernel raised ``exc``; the slow way (:meth:`_run_slow`)."""
+        out, ran = self._run_slow(plan, args, exc)
+        timing = stamp(DispatchTiming, (t0, t2, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
+        return self._result(out, plan, ran, operation, timing, True)
+
     def _dispatch(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None,
                   kwargs: dict[str, Any]) -> DispatchResult:
         """``dispatch`` past its hot path: map the inputs, build the keys, read the cache, select on a miss."""
@@ -399,7 +450,8 @@ class Dispatcher:
             return
         found = self._fast.get(key, _UNSEEN)
         if found is _UNSEEN or (found is None and op.family == "attention"):
-            fast = attention_inputs(op, operation, inputs, kwargs)
+            fast = attention_inputs(op, operation, inputs, kwargs) if op.family == "attention" else (
+                None if kwargs else op_inputs(op, operation, inputs))
             if (found is _UNSEEN and not kwargs) or fast is not None:
                 if len(self._fast) < 4096:
                     self._fast[key] = None if fast is None else fast.copy()
@@ -519,46 +571,6 @@ class Dispatcher:
                  **kwargs: Any) -> Any:
         """``dispatch(...).output``."""
         return self.dispatch(operation, inputs, context, **kwargs).output
-
-    # -- observability -------------------------------------------------------------------------------
-    def get_telemetry(self) -> DispatchTelemetry:
-        """A snapshot of cache statistics, per-kernel counters and selections per operation."""
-        rt = self.runtime
-        tel = rt.telemetry
-        shared = tel.cache_stats
-        if self._cache is None:
-            cache_stats = shared
-        else:
-            size, capacity = self._cache.stats()
-            cache_stats = CacheStats(shared.hits, shared.misses, size, capacity, self._cache.evictions,
-                                     shared.invalidations)
-        kernels = {kid: KernelCounters(kid, s.operation, s.calls, s.failures, s.fallbacks, s.latency_count,
-                                       s.latency_sum_us)
-                   for kid, s in sorted(tel.kernels.items())}
-        selections: dict[str, dict[str, int]] = {}
-        for (operation, kid), n in sorted(tel.selections.items()):
-            selections.setdefault(operation, {})[kid] = n
-        return DispatchTelemetry(rt.config.enable_telemetry, cache_stats, kernels, selections,
-                                 dict(tel.fallback_pairs), dict(tel.breaker_transitions))
-
-    def get_circuit_stats(self, kernel_id: str) -> CircuitStats:
-        """``state``, ``state_transitions``, ``failures``, ``successes``, ``last_failure`` of a kernel's breaker.
-
-        Raises:
-            KernelNotFoundError: no registered kernel (and no breaker) has this id.
-        """
-        rt = self.runtime
-        if kernel_id not in rt.kernels and kernel_id not in rt.breakers.all():
-            known = [s.kernel_id for s in rt.kernels] + list(rt.breakers.all())
-            close = difflib.get_close_matches(str(kernel_id), known, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise KernelNotFoundError(f"get_circuit_stats(): unknown kernel {kernel_id!r}{hint}")
-        return rt.circuit_stats(kernel_id)
-
-    def reset_circuit(self, kernel_id: str) -> None:
-        """Close a kernel's breaker now (operator action)."""
-        self.get_circuit_stats(kernel_id)
-        self.runtime.breakers.get(kernel_id).reset()
 
     @property
     def stats(self) -> DispatchStats:

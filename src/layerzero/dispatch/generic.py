@@ -31,11 +31,12 @@ from layerzero.errors import InvalidInputError
 from layerzero.ops import OPS
 from layerzero.ops.attention import ATTENTION
 from layerzero.ops.base import OpDef, describe_tensor
+from layerzero.selection.cache import MVCCPlanCache, PlanCache
 from layerzero.spec import KernelSpec
 
 __all__ = ["GenericOp", "GENERIC", "op_for_dispatch", "map_inputs", "key_for", "keys_for",
-           "AttentionInputs", "attention_inputs", "NO_MEMO", "kwargs_kernel", "INPUT_NAMES", "HOT_OPTIONS",
-           "kwargs_key", "hot_key", "compiled_dispatch"]
+           "AttentionInputs", "attention_inputs", "OpInputs", "op_inputs", "NO_MEMO", "kwargs_kernel", "INPUT_NAMES",
+           "HOT_OPTIONS", "kwargs_key", "hot_key", "compiled_dispatch"]
 
 # The names ``dispatch()`` accepts per family (first match wins; ``None`` values count as absent).
 INPUT_NAMES: dict[str, str] = {
@@ -320,13 +321,65 @@ class AttentionInputs:
         return (operation, q.dtype, q.is_cpu or q.device, self.is_causal, self.dropout_p, self.window, None)
 
 
+class OpInputs:
+    """An input-name set of an operation with a call contract other than attention (``rms_norm``, ``layer_norm``,
+    ``rope``, ...) whose inputs all go untouched to kernel argument positions, the other arguments being the
+    op's defaults: the dispatchers' hot path fills the arguments by name and finds the plan with the contract's
+    own lookup (the plan ``lz.*`` runs), without mapping the dict again.
+
+    ``names[i]`` is the input that goes to argument ``i``, or None (the default ``template[i]`` goes there);
+    ``size`` is the number of inputs. ``lookup``, ``keys`` and ``admits`` are the contract's
+    (:class:`~layerzero.ops.contract.ContractFunctions`); ``hit`` its compiled form, where it has one (the norms:
+    the compiled dispatch method looks their plans up with it), else None. Shared by every dispatcher (no state).
+    """
+
+    __slots__ = ("names", "template", "size", "lookup", "keys", "admits", "hit")
+
+    def __init__(self, names: tuple[str | None, ...], template: tuple[Any, ...], calls: Any) -> None:
+        self.names = names
+        self.template = template
+        self.size = sum(n is not None for n in names)
+        self.lookup, self.keys, self.admits, self.hit = calls.lookup, calls.keys, calls.admits, calls.compiled
+
+    def copy(self) -> OpInputs:
+        return self
+
+    def fill(self, inputs: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        """The kernel arguments (``KeyError`` for another name; None when an input is None: the op decides what
+        that means, on the full path)."""
+        args = list(self.template)
+        for i, name in enumerate(self.names):
+            if name is not None:
+                value = args[i] = inputs[name]
+                if value is None:
+                    return None
+        return tuple(args)
+
+
+def op_inputs(op: OpDef, operation: str, inputs: Mapping[str, Any]) -> OpInputs | None:
+    """The :class:`OpInputs` of this input-name set, after ``inputs`` were mapped (the template
+    :func:`map_inputs` learned and checked on first sight), or None: attention (see :func:`attention_inputs`), no
+    call contract, or inputs the op reads as flags or numbers."""
+    calls = getattr(op, "calls", None)
+    if calls is None or op is GENERIC or op.family == "attention" or type(inputs) is not dict:
+        return None
+    found = _templates.get((operation, tuple(inputs)))
+    if found is None:
+        return None
+    template, positions = found
+    names: list[str | None] = [None] * len(template)
+    for name, i in positions:
+        names[i] = name
+    return OpInputs(tuple(names), template, calls)
+
+
 def compiled_dispatch(method: Any, kind: str) -> Any:
     """The compiled form of a dispatcher's ``dispatch`` (the lines under "hot path" in ``Dispatcher.dispatch``,
     ``kind="select"``, or ``StaticDispatcher.dispatch``, ``kind="static"``; :func:`layerzero.accel.dispatch_method`),
     or None without the extension. The Python method stays the definition: the compiled form serves the cached
     attention hit and hands every other call to it; tests/test_accel_dispatch.py holds the two equal."""
-    return dispatch_method(kind, ATTENTION.calls.compiled, method, AttentionInputs, DispatchResult, NOT_TIMED,
-                           _OPTIONS)
+    return dispatch_method(kind, ATTENTION.calls.compiled, method, AttentionInputs, OpInputs, DispatchResult,
+                           NOT_TIMED, _OPTIONS, (PlanCache, MVCCPlanCache))
 
 
 def _no_compiled_admits(q: Any, k: Any, v: Any) -> bool:

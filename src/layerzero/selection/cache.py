@@ -155,9 +155,9 @@ class _Shard:
 class MVCCPlanCache:
     """A sharded multi-version plan cache: lock-free reads, per-shard writes, O(1) invalidation.
 
-    Readers never lock: a read picks the shard by hash and checks the shard's
-    version against the cache's; a stale shard reads as empty. ``invalidate()``
-    only increments the version.
+    Readers never lock: a read picks the shard by hash (``shards[hash(key) & mask]``)
+    and checks the shard's version against the cache's; a stale shard reads as empty.
+    ``invalidate()`` only increments the version.
     """
 
     def __init__(self, capacity: int = 10000, ttl_seconds: float | None = None, shards: int = 16,
@@ -169,17 +169,17 @@ class MVCCPlanCache:
         self.clock = clock
         self.on_evict = on_evict
         self.version = 0
-        self._mask = shards - 1
+        self.mask = shards - 1
         self._per_shard = max(1, -(-self.capacity // shards)) if self.capacity > 0 else 0
-        self._shards = [_Shard(0) for _ in range(shards)]
+        self.shards = [_Shard(0) for _ in range(shards)]
         self.evictions = 0
 
     def __len__(self) -> int:
         v = self.version
-        return sum(len(s.data) for s in self._shards if s.version == v)
+        return sum(len(s.data) for s in self.shards if s.version == v)
 
     def get(self, key: Hashable) -> Any:
-        shard = self._shards[hash(key) & self._mask]
+        shard = self.shards[hash(key) & self.mask]
         if shard.version != self.version:
             return None
         value = shard.data.get(key)
@@ -206,17 +206,17 @@ class MVCCPlanCache:
         invalidation happened since."""
         if self.capacity <= 0:
             return
-        i = hash(key) & self._mask
+        i = hash(key) & self.mask
         evicted = 0
         if version is None:
             version = self.version
         elif version != self.version:
             return
-        shard = self._shards[i]
+        shard = self.shards[i]
         with shard.lock:
             if shard.version != version:
                 shard = _Shard(version)
-                self._shards[i] = shard
+                self.shards[i] = shard
             shard.data[key] = value
             shard.data.move_to_end(key)
             if self.ttl is not None:
@@ -237,7 +237,7 @@ class MVCCPlanCache:
 
     def keys(self) -> list[Hashable]:
         v = self.version
-        return [k for s in self._shards if s.version == v for k in list(s.data)]
+        return [k for s in self.shards if s.version == v for k in list(s.data)]
 
     def stats(self) -> tuple[int, int]:
         return len(self), self.capacity

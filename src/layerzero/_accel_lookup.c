@@ -1,0 +1,175 @@
+/* layerzero._accel: where a dispatcher's served call finds its plan (the compiled form of the lookups in
+ * Dispatcher.dispatch, _hot_plan and _hot_op; layerzero/dispatch/dispatcher.py holds the definition): the runtime's
+ * plan dict through the operation's contract lookup, or the dispatcher's own PlanCache or MVCCPlanCache under the
+ * call's exact key, read as ``cache.get(key)`` reads it. */
+#include "_accel_dispatch.h"
+
+/* The plan an own cache (a PlanCache or MVCCPlanCache without a TTL) holds under ``key``, refreshed in its LRU
+ * order, as ``cache.get(key)`` returns it (new reference), or NULL: none, or another cache (an error may be set). */
+static PyObject *
+own_get(Method *m, PyObject *cache, PyObject *key)
+{
+    int mvcc = Py_IS_TYPE(cache, m->mvcc_type);
+    if (key == NULL || !(mvcc || Py_IS_TYPE(cache, m->plan_cache_type)))
+        return NULL;
+    PyObject *ttl = PyObject_GetAttr(cache, M_TTL), *data = NULL, *plan = NULL;
+    if (ttl == Py_None && !mvcc) {
+        data = PyObject_GetAttr(cache, LZ.data);
+    }
+    else if (ttl == Py_None) { /* shards[hash(key) & mask], if its version is the cache's */
+        PyObject *shards = PyObject_GetAttr(cache, M_SHARDS);
+        PyObject *mask = shards ? PyObject_GetAttr(cache, M_MASK) : NULL;
+        PyObject *version = mask ? PyObject_GetAttr(cache, M_VERSION) : NULL;
+        Py_hash_t h = version ? PyObject_Hash(key) : -1;
+        Py_ssize_t bits = h != -1 && PyLong_CheckExact(mask) ? PyLong_AsSsize_t(mask) : -1;
+        if (bits >= 0 && PyList_CheckExact(shards) && (h & bits) < PyList_GET_SIZE(shards)) {
+            PyObject *shard = PyList_GET_ITEM(shards, h & bits);
+            PyObject *shard_version = lz_slot_get(&m->slots[MSLOT_SHARD_VERSION], shard, M_VERSION);
+            int current = shard_version ? PyObject_RichCompareBool(shard_version, version, Py_EQ) : -1;
+            Py_XDECREF(shard_version);
+            if (current == 1)
+                data = lz_slot_get(&m->slots[MSLOT_SHARD_DATA], shard, LZ.data);
+        }
+        Py_XDECREF(shards);
+        Py_XDECREF(mask);
+        Py_XDECREF(version);
+    }
+    Py_XDECREF(ttl);
+    if (data != NULL && PyDict_Check(data) && (plan = PyDict_GetItemWithError(data, key)) != NULL) {
+        Py_INCREF(plan);
+        PyObject *args[2] = {data, key};
+        PyObject *moved = PyObject_VectorcallMethod(M_MOVE_TO_END, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        if (moved == NULL && PyErr_ExceptionMatches(PyExc_KeyError)) /* evicted meanwhile: still a valid hit */
+            PyErr_Clear();
+        else if (moved == NULL)
+            Py_CLEAR(plan);
+        Py_XDECREF(moved);
+    }
+    Py_XDECREF(data);
+    return plan;
+}
+
+/* The runtime's plan dict, as the hot path reads it: ``rt.plans.data`` when its cache has no TTL (new
+ * reference; NULL: not read here). */
+static PyObject *
+shared_plans(Call *c)
+{
+    PyObject *plans = PyObject_GetAttr(c->rt, LZ.plans);
+    PyObject *ttl = plans ? PyObject_GetAttr(plans, M_TTL) : NULL;
+    PyObject *data = ttl == Py_None ? PyObject_GetAttr(plans, LZ.data) : NULL;
+    Py_XDECREF(plans);
+    Py_XDECREF(ttl);
+    if (data != NULL && !(PyDict_CheckExact(data) || Py_IS_TYPE(data, LZ.ordered_dict)))
+        Py_CLEAR(data);
+    return data;
+}
+
+/* Selection: the plan the contract's lookup finds in the runtime's plan dict (the dispatcher shares it: no cache
+ * of its own, no TTL, no open policy scope), or the dispatcher's own cache holds under the call's exact key (the
+ * shape guard holding). 1, or 0: the Python method looks it up. */
+int
+lz_find_selected(Method *m, Call *c)
+{
+    PyObject *cache = dget(m, c, MSLOT_D_CACHE);
+    PyObject *causal = NULL, *dropout = NULL, *window = NULL, *data = NULL;
+    if (cache != NULL && lz_scoped(m->hit) == 0 && (causal = fast_get(m, c, MSLOT_CAUSAL)) &&
+        (dropout = fast_get(m, c, MSLOT_DROPOUT)) && (window = fast_get(m, c, MSLOT_WINDOW))) {
+        if (cache != Py_None) {
+            PyObject *key = lz_attention_key(m->hit, c->operation, c->q, c->k, c->v, causal, dropout, window);
+            c->plan = own_get(m, cache, key);
+            Py_XDECREF(key);
+        }
+        else if ((data = shared_plans(c)) != NULL) {
+            c->plan = lz_find_plan(m->hit, data, c->operation, c->q, c->k, c->v, Py_None, causal, dropout, window);
+        }
+    }
+    Py_XDECREF(cache);
+    Py_XDECREF(data);
+    Py_XDECREF(causal);
+    Py_XDECREF(dropout);
+    Py_XDECREF(window);
+    return c->plan != NULL;
+}
+
+/* An OpInputs entry's kernel arguments, ``fast.fill(inputs)``: ``inputs`` has exactly ``fast.size`` names, each
+ * entry name present and not None. 1, or 0: not served. */
+int
+lz_read_op_args(Method *m, Call *c, PyObject *inputs)
+{
+    PyObject *size = fast_get(m, c, MSLOT_SIZE);
+    PyObject *names = size ? fast_get(m, c, MSLOT_NAMES) : NULL;
+    PyObject *template = names ? fast_get(m, c, MSLOT_TEMPLATE) : NULL;
+    int ok = template && PyLong_CheckExact(size) && PyDict_GET_SIZE(inputs) == PyLong_AsSsize_t(size) &&
+             PyTuple_CheckExact(names) && PyTuple_CheckExact(template) &&
+             PyTuple_GET_SIZE(names) == PyTuple_GET_SIZE(template) && PyTuple_GET_SIZE(names) <= MAX_OP_ARGS;
+    for (Py_ssize_t i = 0; ok && i < PyTuple_GET_SIZE(names); i++) {
+        PyObject *name = PyTuple_GET_ITEM(names, i), *value = PyTuple_GET_ITEM(template, i);
+        if (name != Py_None && ((value = PyDict_GetItemWithError(inputs, name)) == NULL || value == Py_None))
+            ok = 0;
+        else
+            c->args[c->nargs++] = Py_NewRef(value);
+    }
+    Py_XDECREF(size);
+    Py_XDECREF(names);
+    Py_XDECREF(template);
+    return ok;
+}
+
+/* ``fn(operation, *args)`` for an entry's contract function (new reference; NULL with an error set). */
+static PyObject *
+contract_call(Method *m, Call *c, int which)
+{
+    PyObject *fn = fast_get(m, c, which);
+    PyObject *a[MAX_OP_ARGS + 1] = {c->operation};
+    for (Py_ssize_t i = 0; i < c->nargs; i++)
+        a[i + 1] = c->args[i];
+    PyObject *out = fn ? PyObject_Vectorcall(fn, a, c->nargs + 1, NULL) : NULL;
+    Py_XDECREF(fn);
+    return out;
+}
+
+/* An OpInputs call's plan, as ``Dispatcher._hot_op`` finds it: the contract's lookup in the shared plan dict (a
+ * norm's compiled lookup where the entry has one), or the own cache under the contract's exact key when its guards
+ * hold. 1, or 0: not served. */
+int
+lz_find_op_plan(Method *m, Call *c)
+{
+    PyObject *cache = dget(m, c, MSLOT_D_CACHE), *data = NULL;
+    if (cache == NULL || lz_scoped(m->hit) != 0) {
+        Py_XDECREF(cache);
+        return 0;
+    }
+    if (cache != Py_None) { /* cache.get(keys(operation, *args)[1]) if admits(operation, *args) */
+        PyObject *ok = contract_call(m, c, MSLOT_ADMITS);
+        PyObject *keys = ok == Py_True ? contract_call(m, c, MSLOT_KEYS) : NULL;
+        if (keys != NULL && PyTuple_CheckExact(keys) && PyTuple_GET_SIZE(keys) == 2)
+            c->plan = own_get(m, cache, PyTuple_GET_ITEM(keys, 1));
+        Py_XDECREF(ok);
+        Py_XDECREF(keys);
+    }
+    else if ((data = shared_plans(c)) != NULL) {
+        PyObject *hit = fast_get(m, c, MSLOT_HIT);
+        if (hit != NULL && PyObject_TypeCheck(hit, lz_hit_type()) && ((Hit *)hit)->kind != KIND_ATTENTION &&
+            c->nargs == (((Hit *)hit)->kind == KIND_LAYER_NORM ? 4 : 3)) {
+            c->plan = lz_find_norm_plan((Hit *)hit, data, c->args);
+            c->norm = Py_NewRef(hit);
+        }
+        else if (hit != NULL) { /* lookup(plans, operation, *args)[0] */
+            PyObject *a[MAX_OP_ARGS + 2] = {data, c->operation};
+            for (Py_ssize_t i = 0; i < c->nargs; i++)
+                a[i + 2] = c->args[i];
+            PyObject *lookup = fast_get(m, c, MSLOT_LOOKUP);
+            PyObject *found = lookup ? PyObject_Vectorcall(lookup, a, c->nargs + 2, NULL) : NULL;
+            if (found != NULL && PyTuple_CheckExact(found) && PyTuple_GET_SIZE(found) == 3 &&
+                PyTuple_GET_ITEM(found, 0) != Py_None)
+                c->plan = Py_NewRef(PyTuple_GET_ITEM(found, 0));
+            Py_XDECREF(lookup);
+            Py_XDECREF(found);
+        }
+        Py_XDECREF(hit);
+    }
+    Py_DECREF(cache);
+    Py_XDECREF(data);
+    return c->plan != NULL;
+}
+
