@@ -20,10 +20,10 @@
 
 static const char *const SLOT_NAMES[N_MSLOTS] = {
     "q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "bshd", "direct_ok", "names",
-    "template", "size", "lookup", "keys", "admits", "hit", "version", "data", "runtime", "_version", "_timed", "_fast", "_cache", "_mode_value", "kernels", "output", "kernel_id",
+    "template", "size", "lookup", "keys", "admits", "hit", "version", "data", "ttl", "data", "ttl", "shards", "mask", "version", "runtime", "_version", "_timed", "_fast", "_cache", "_mode_value", "kernels", "output", "kernel_id",
     "operation", "fallback_used", "attempts", "stamps", "cached", "mode"};
 PyObject *M_NAMES[N_MSLOTS];
-PyObject *M_VERSION, *M_HOT, *M_HOT_CAUSAL, *M_TTL, *M_DETOUR, *M_OP_DETOUR, *M_SHARDS, *M_MASK, *M_MOVE_TO_END;
+PyObject *M_VERSION, *M_HOT, *M_HOT_CAUSAL, *M_TTL, *M_DETOUR, *M_OP_DETOUR, *M_SHARDS, *M_MASK;
 
 /* time.perf_counter_ns() */
 static inline long long
@@ -457,7 +457,6 @@ lz_method_init(PyObject *module)
     INTERN(M_OP_DETOUR, "_hot_op_detour");
     INTERN(M_SHARDS, "shards");
     INTERN(M_MASK, "mask");
-    INTERN(M_MOVE_TO_END, "move_to_end");
 #undef INTERN
     if (PyType_Ready(&MethodType) < 0)
         return -1;

@@ -4,22 +4,23 @@
  * call's exact key, read as ``cache.get(key)`` reads it. */
 #include "_accel_dispatch.h"
 
-/* The plan an own cache (a PlanCache or MVCCPlanCache without a TTL) holds under ``key``, refreshed in its LRU
- * order, as ``cache.get(key)`` returns it (new reference), or NULL: none, or another cache (an error may be set). */
+/* The plan an own cache (a PlanCache or MVCCPlanCache without a TTL) holds under ``key``, as ``cache.peek(key)``
+ * reads it (its LRU place left as it is; new reference), or NULL: none, or another cache (an error may be set). */
 static PyObject *
 own_get(Method *m, PyObject *cache, PyObject *key)
 {
     int mvcc = Py_IS_TYPE(cache, m->mvcc_type);
     if (key == NULL || !(mvcc || Py_IS_TYPE(cache, m->plan_cache_type)))
         return NULL;
-    PyObject *ttl = PyObject_GetAttr(cache, M_TTL), *data = NULL, *plan = NULL;
+    int at = mvcc ? MSLOT_MVCC_TTL : MSLOT_CACHE_TTL;
+    PyObject *ttl = lz_slot_get(&m->slots[at], cache, M_TTL), *data = NULL, *plan = NULL;
     if (ttl == Py_None && !mvcc) {
-        data = PyObject_GetAttr(cache, LZ.data);
+        data = lz_slot_get(&m->slots[MSLOT_CACHE_DATA], cache, LZ.data);
     }
     else if (ttl == Py_None) { /* shards[hash(key) & mask], if its version is the cache's */
-        PyObject *shards = PyObject_GetAttr(cache, M_SHARDS);
-        PyObject *mask = shards ? PyObject_GetAttr(cache, M_MASK) : NULL;
-        PyObject *version = mask ? PyObject_GetAttr(cache, M_VERSION) : NULL;
+        PyObject *shards = lz_slot_get(&m->slots[MSLOT_MVCC_SHARDS], cache, M_SHARDS);
+        PyObject *mask = shards ? lz_slot_get(&m->slots[MSLOT_MVCC_MASK], cache, M_MASK) : NULL;
+        PyObject *version = mask ? lz_slot_get(&m->slots[MSLOT_MVCC_VERSION], cache, M_VERSION) : NULL;
         Py_hash_t h = version ? PyObject_Hash(key) : -1;
         Py_ssize_t bits = h != -1 && PyLong_CheckExact(mask) ? PyLong_AsSsize_t(mask) : -1;
         if (bits >= 0 && PyList_CheckExact(shards) && (h & bits) < PyList_GET_SIZE(shards)) {
@@ -35,16 +36,8 @@ own_get(Method *m, PyObject *cache, PyObject *key)
         Py_XDECREF(version);
     }
     Py_XDECREF(ttl);
-    if (data != NULL && PyDict_Check(data) && (plan = PyDict_GetItemWithError(data, key)) != NULL) {
-        Py_INCREF(plan);
-        PyObject *args[2] = {data, key};
-        PyObject *moved = PyObject_VectorcallMethod(M_MOVE_TO_END, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        if (moved == NULL && PyErr_ExceptionMatches(PyExc_KeyError)) /* evicted meanwhile: still a valid hit */
-            PyErr_Clear();
-        else if (moved == NULL)
-            Py_CLEAR(plan);
-        Py_XDECREF(moved);
-    }
+    if (data != NULL && PyDict_Check(data))
+        plan = Py_XNewRef(PyDict_GetItemWithError(data, key));
     Py_XDECREF(data);
     return plan;
 }
@@ -52,11 +45,11 @@ own_get(Method *m, PyObject *cache, PyObject *key)
 /* The runtime's plan dict, as the hot path reads it: ``rt.plans.data`` when its cache has no TTL (new
  * reference; NULL: not read here). */
 static PyObject *
-shared_plans(Call *c)
+shared_plans(Method *m, Call *c)
 {
     PyObject *plans = PyObject_GetAttr(c->rt, LZ.plans);
-    PyObject *ttl = plans ? PyObject_GetAttr(plans, M_TTL) : NULL;
-    PyObject *data = ttl == Py_None ? PyObject_GetAttr(plans, LZ.data) : NULL;
+    PyObject *ttl = plans ? lz_slot_get(&m->slots[MSLOT_CACHE_TTL], plans, M_TTL) : NULL;
+    PyObject *data = ttl == Py_None ? lz_slot_get(&m->slots[MSLOT_CACHE_DATA], plans, LZ.data) : NULL;
     Py_XDECREF(plans);
     Py_XDECREF(ttl);
     if (data != NULL && !(PyDict_CheckExact(data) || Py_IS_TYPE(data, LZ.ordered_dict)))
@@ -79,7 +72,7 @@ lz_find_selected(Method *m, Call *c)
             c->plan = own_get(m, cache, key);
             Py_XDECREF(key);
         }
-        else if ((data = shared_plans(c)) != NULL) {
+        else if ((data = shared_plans(m, c)) != NULL) {
             c->plan = lz_find_plan(m->hit, data, c->operation, c->q, c->k, c->v, Py_None, causal, dropout, window);
         }
     }
@@ -147,7 +140,7 @@ lz_find_op_plan(Method *m, Call *c)
         Py_XDECREF(ok);
         Py_XDECREF(keys);
     }
-    else if ((data = shared_plans(c)) != NULL) {
+    else if ((data = shared_plans(m, c)) != NULL) {
         PyObject *hit = fast_get(m, c, MSLOT_HIT);
         if (hit != NULL && PyObject_TypeCheck(hit, lz_hit_type()) && ((Hit *)hit)->kind != KIND_ATTENTION &&
             c->nargs == (((Hit *)hit)->kind == KIND_LAYER_NORM ? 4 : 3)) {

@@ -51,7 +51,6 @@ from layerzero.dispatch.generic import (
 from layerzero.dispatch.result import (
     NOT_TIMED,
     DispatchResult,
-    DispatchStats,
     DispatchTiming,
     stamp,
 )
@@ -59,7 +58,6 @@ from layerzero.errors import InvalidInputError
 from layerzero.ops.base import OpDef
 from layerzero.policy.model import Policy
 from layerzero.policy.scope import LIVE, SCOPE
-from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.dispatch.observe import Observable
 from layerzero.dispatch.runtimes import runtime_for
 from layerzero.runtime import Runtime, get_runtime
@@ -167,19 +165,6 @@ class Dispatcher(Observable):
         self._bind_compiled()
 
     # -- configuration -------------------------------------------------------------------------------
-    @property
-    def config(self) -> DispatchConfig:
-        """The dispatcher's config (its runtime's)."""
-        return self.runtime.config
-
-    @property
-    def kernel_registry(self) -> KernelRegistry:
-        return self.runtime.kernels
-
-    @property
-    def backend_registry(self) -> BackendRegistry:
-        return self.runtime.backends
-
     def _new_cache(self, config: DispatchConfig) -> PlanCache:
         rt = self.runtime
         return PlanCache(config.cache_size if config.enable_cache else 0, config.cache_ttl_seconds, clock=rt.clock,
@@ -220,9 +205,12 @@ class Dispatcher(Observable):
         return plan
 
     def make_plan(self, operation: str, op: OpDef, kernels: Sequence[KernelSpec], ctx: SelectionContext, *,
-                  locked_by: str | None = None, policy_digest: str = "", source: str = "dispatch") -> ExecutionPlan:
+                  locked_by: str | None = None, policy_digest: str = "", source: str = "dispatch",
+                  specialize: bool = False) -> ExecutionPlan:
         """A bound plan running ``kernels`` in order (first choice, then fallbacks), trimmed to the config's
-        ``max_fallback_attempts`` (or to one kernel when ``enable_fallback`` is off)."""
+        ``max_fallback_attempts`` (or to one kernel when ``enable_fallback`` is off). ``specialize``: ``ctx`` is
+        the call's own context and the plan serves that exact call shape only, so the first kernel may run its
+        form specialized for it (``KernelSpec.specialize``: PyTorch's function itself, as ``lz.*`` plans do)."""
         cfg = self.runtime.config
         specs = tuple(kernels)[: 1 + cfg.max_fallback_attempts if cfg.enable_fallback else 1]
         if not specs:
@@ -230,6 +218,9 @@ class Dispatcher(Observable):
         if op is GENERIC:
             specs = tuple(kwargs_kernel(s) for s in specs)
         plan = ExecutionPlan(operation, op, specs, ctx, locked_by=locked_by, policy_digest=policy_digest, source=source)
+        if specialize and op is not GENERIC and specs[0].specialize is not None:
+            fn = specs[0].specialize(ctx)[1]
+            plan.fn, plan.direct, plan.const = fn, getattr(fn, "direct", None), getattr(fn, "const", None)
         self.runtime.bind(plan)
         return plan
 
@@ -312,7 +303,7 @@ class Dispatcher(Observable):
         if cache is not None:  # an own cache holds no scoped plans
             if LIVE.scopes and SCOPE.get() is not None:
                 return None
-            return cache.get((family, q.shape, k.shape, v.shape, None))
+            return cache.peek((family, q.shape, k.shape, v.shape, None))
         scope = SCOPE.get() if LIVE.scopes else None
         if scope is not None:
             data = scope.plans
@@ -353,7 +344,7 @@ class Dispatcher(Observable):
                 plans = self.runtime.plans
                 plan = hot.lookup(plans.data, operation, *args)[0] if plans.ttl is None else None
             else:
-                plan = cache.get(hot.keys(operation, *args)[1]) if hot.admits(operation, *args) else None
+                plan = cache.peek(hot.keys(operation, *args)[1]) if hot.admits(operation, *args) else None
         except Exception:  # other names, a malformed value: the full path maps and reports it
             return None
         if plan is None:
@@ -571,11 +562,6 @@ class Dispatcher(Observable):
                  **kwargs: Any) -> Any:
         """``dispatch(...).output``."""
         return self.dispatch(operation, inputs, context, **kwargs).output
-
-    @property
-    def stats(self) -> DispatchStats:
-        """Reload counters (a dispatcher that never reloads reports zeros)."""
-        return DispatchStats(self.mode.value)
 
     def __repr__(self) -> str:
         where = "global runtime" if self.runtime is get_runtime() else "own runtime"

@@ -1,14 +1,17 @@
-"""What a dispatcher reports: telemetry snapshots and circuit-breaker state (the :class:`Observable` part of every
-:class:`~layerzero.dispatch.dispatcher.Dispatcher`), read from its runtime and its plan cache."""
+"""What a dispatcher reports: its config and registries, telemetry snapshots, reload counters and circuit-breaker
+state (the :class:`Observable` part of every :class:`~layerzero.dispatch.dispatcher.Dispatcher`), read from its
+runtime and its plan cache."""
 
 from __future__ import annotations
 
 import difflib
 from typing import Any
 
-from layerzero.dispatch.result import DispatchTelemetry, KernelCounters
+from layerzero.dispatch.result import DispatchStats, DispatchTelemetry, KernelCounters
 from layerzero.errors import KernelNotFoundError
+from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.runtime.breaker import CircuitStats
+from layerzero.runtime.config import DispatchConfig
 from layerzero.telemetry.core import CacheStats
 
 __all__ = ["Observable"]
@@ -20,6 +23,25 @@ class Observable:
     __slots__ = ()
     runtime: Any
     plan_cache: Any
+    mode: Any
+
+    @property
+    def config(self) -> DispatchConfig:
+        """The dispatcher's config (its runtime's)."""
+        return self.runtime.config  # type: ignore[no-any-return]
+
+    @property
+    def kernel_registry(self) -> KernelRegistry:
+        return self.runtime.kernels  # type: ignore[no-any-return]
+
+    @property
+    def backend_registry(self) -> BackendRegistry:
+        return self.runtime.backends  # type: ignore[no-any-return]
+
+    @property
+    def stats(self) -> DispatchStats:
+        """Reload counters (a dispatcher that never reloads reports zeros)."""
+        return DispatchStats(self.mode.value)
 
     def get_telemetry(self) -> DispatchTelemetry:
         """A snapshot of cache statistics, per-kernel counters and selections per operation."""

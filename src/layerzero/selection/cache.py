@@ -3,9 +3,9 @@
 :class:`PlanCache` is the runtime's cache: an insertion-ordered dict whose
 current version is read without a lock (a dict read is atomic in CPython),
 writes under a lock, eviction past ``capacity`` (oldest first: the hot paths of
-``lz.*`` and ``dispatch()`` read ``data`` directly and do not refresh an entry's
-place; only the checked :meth:`PlanCache.get`, used with a TTL, moves it to the
-back), optional TTL, and O(1) invalidation by
+``lz.*`` and ``dispatch()`` read ``data`` directly, or :meth:`PlanCache.peek`, and do
+not refresh an entry's place; only the checked :meth:`PlanCache.get`, used with a
+TTL and on the full path, moves it to the back), optional TTL, and O(1) invalidation by
 swapping in a fresh dict (a version bump: readers holding the old version
 finish on it).
 
@@ -34,6 +34,9 @@ class PlanCache:
         clock: injectable monotonic clock, for tests.
         on_evict: called with the number of entries evicted.
     """
+
+    __slots__ = ("capacity", "ttl", "clock", "on_evict", "data", "_born", "_lock", "version", "evictions",
+                 "_next_sweep", "__weakref__")
 
     def __init__(self, capacity: int = 10000, ttl_seconds: float | None = None,
                  clock: Callable[[], float] = time.monotonic, on_evict: Callable[[int], None] | None = None) -> None:
@@ -67,6 +70,10 @@ class PlanCache:
         except KeyError:  # evicted by another thread between the two lines: still a valid hit
             pass
         return value
+
+    def peek(self, key: Hashable) -> Any:
+        """The hot paths' read: the entry, its LRU place left as it is (with a TTL: :meth:`get`)."""
+        return self.data.get(key) if self.ttl is None else self.get(key)
 
     def put(self, key: Hashable, value: Any, version: int | None = None) -> None:
         """Store ``value``; with ``version`` (read before the value was computed), only if no
@@ -160,6 +167,9 @@ class MVCCPlanCache:
     ``invalidate()`` only increments the version.
     """
 
+    __slots__ = ("capacity", "ttl", "clock", "on_evict", "version", "mask", "_per_shard", "shards", "evictions",
+                 "__weakref__")
+
     def __init__(self, capacity: int = 10000, ttl_seconds: float | None = None, shards: int = 16,
                  clock: Callable[[], float] = time.monotonic, on_evict: Callable[[int], None] | None = None) -> None:
         if shards < 1 or shards & (shards - 1):
@@ -200,6 +210,13 @@ class MVCCPlanCache:
         except KeyError:
             pass
         return value
+
+    def peek(self, key: Hashable) -> Any:
+        """The hot paths' read: the entry, its LRU place left as it is (with a TTL: :meth:`get`)."""
+        if self.ttl is not None:
+            return self.get(key)
+        shard = self.shards[hash(key) & self.mask]
+        return shard.data.get(key) if shard.version == self.version else None
 
     def put(self, key: Hashable, value: Any, version: int | None = None) -> None:
         """Store ``value``; with ``version`` (read before the value was computed), only if no
