@@ -20,6 +20,7 @@ import gc
 import inspect
 import itertools
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -435,8 +436,8 @@ def test_a_blocked_gate_a_runtime_change_and_a_scope_are_left_to_python() -> Non
 @needs_compiled
 def test_the_compiled_form_is_bound_where_it_can_serve_and_reads_as_the_python_method(tmp_path: Any) -> None:
     """Each dispatcher whose calls it can serve gets the compiled form bound as ``dispatch``; the classes keep
-    the Python methods (what torch.compile traces); a subclass overriding ``dispatch`` and the hot-reload
-    dispatcher (its ``__del__``) keep Python."""
+    the Python methods (what torch.compile traces); a subclass overriding ``dispatch`` keeps Python; a closed
+    hot-reload dispatcher drops it (and is freed with its last reference)."""
     (tmp_path / "k.yaml").write_text('version: "1.0"\n')
     static, dynamic = _static(True), create_dynamic_dispatcher()
     for d, cls in ((static, StaticDispatcher), (dynamic, Dispatcher), (get_global_dispatcher(), Dispatcher)):
@@ -451,7 +452,11 @@ def test_the_compiled_form_is_bound_where_it_can_serve_and_reads_as_the_python_m
     for own in (create_dynamic_dispatcher(use_mvcc_cache=True), create_config_dispatcher(config_path={"version": "1.0"})):
         assert vars(own)["dispatch"].__self__ is own  # an own PlanCache or MVCCPlanCache is read too
     with create_hot_reload_dispatcher(config_path=tmp_path / "k.yaml", start_watching=False) as hot:
-        assert "dispatch" not in vars(hot)  # __del__ stops its watcher: no reference cycle for it
+        assert vars(hot)["dispatch"].__self__ is hot
+    assert "dispatch" not in vars(hot)  # closed: the cycle is broken, the Python method serves
+    ref = weakref.ref(hot)
+    del hot
+    assert ref() is None  # freed with its last reference
 
     class Mine(type(dynamic)):  # type: ignore[misc]
         seen = 0

@@ -23,7 +23,8 @@ typedef struct {
     unsigned int version;
     Py_ssize_t offset;  /* -1: not a slot of that type (the ordinary lookup serves) */
 } lz_slot;
-enum { SLOT_SCOPES, SLOT_GATE, SLOT_BLOCKED, SLOT_STATS, SLOT_CALLS, SLOT_DIRECT, SLOT_FN, SLOT_CONST, N_SLOTS };
+enum { SLOT_SCOPES, SLOT_GATE, SLOT_BLOCKED, SLOT_STATS, SLOT_CALLS, SLOT_DIRECT, SLOT_FN, SLOT_CONST, SLOT_PLANS,
+       SLOT_DATA, N_SLOTS };
 #define MAX_PARAMS 16
 
 typedef struct {
@@ -62,6 +63,8 @@ PyObject *lz_attention_key(Hit *self, PyObject *op, PyObject *q, PyObject *k, Py
                            PyObject *dropout_p, PyObject *window);
 /* the plan a norm hit's lookup finds in plans for its canonical arguments (new reference), or NULL */
 PyObject *lz_find_norm_plan(Hit *self, PyObject *plans, PyObject *const *a);
+/* the exact key of a norm call (its guard holding; new reference), or NULL (an error may be set) */
+PyObject *lz_norm_key(Hit *self, PyObject *const *a);
 /* obj.name through ``slot`` (new reference; NULL with an error set), and obj.name = value (a reference taken) */
 PyObject *lz_slot_get(lz_slot *slot, PyObject *obj, PyObject *name);
 int lz_slot_set(lz_slot *slot, PyObject *obj, PyObject *name, PyObject *value);

@@ -20,7 +20,7 @@
 
 static const char *const SLOT_NAMES[N_MSLOTS] = {
     "q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "bshd", "direct_ok", "names",
-    "template", "size", "lookup", "keys", "admits", "hit", "version", "data", "ttl", "data", "ttl", "shards", "mask", "version", "runtime", "_version", "_timed", "_fast", "_cache", "_mode_value", "kernels", "output", "kernel_id",
+    "template", "size", "lookup", "keys", "admits", "hit", "version", "data", "ttl", "data", "ttl", "shards", "mask", "version", "version", "plans", "kernel_id", "runtime", "_version", "_timed", "_fast", "_cache", "_mode_value", "kernels", "output", "kernel_id",
     "operation", "fallback_used", "attempts", "stamps", "cached", "mode"};
 PyObject *M_NAMES[N_MSLOTS];
 PyObject *M_VERSION, *M_HOT, *M_HOT_CAUSAL, *M_TTL, *M_DETOUR, *M_OP_DETOUR, *M_SHARDS, *M_MASK;
@@ -61,7 +61,7 @@ static int
 read_synced(Method *m, Call *c)
 {
     c->rt = dget(m, c, MSLOT_D_RUNTIME);
-    PyObject *version = c->rt ? PyObject_GetAttr(c->rt, M_VERSION) : NULL;
+    PyObject *version = c->rt ? lz_slot_get(&m->slots[MSLOT_RT_VERSION], c->rt, M_VERSION) : NULL;
     PyObject *synced = version ? dget(m, c, MSLOT_D_VERSION) : NULL;
     PyObject *timed = synced ? dget(m, c, MSLOT_D_TIMED) : NULL;
     int same = timed ? PyObject_RichCompareBool(version, synced, Py_EQ) : 0;
@@ -258,7 +258,7 @@ make_result(Method *m, Call *c, PyObject *out)
         Py_SETREF(out, lz_transpose12(out));
     PyObject *kernels = out ? lz_slot_get(&m->slots[MSLOT_KERNELS], c->plan, M_NAMES[MSLOT_KERNELS]) : NULL;
     PyObject *first = kernels ? PySequence_GetItem(kernels, 0) : NULL;
-    PyObject *kernel_id = first ? PyObject_GetAttr(first, M_NAMES[MSLOT_KERNEL_ID]) : NULL;
+    PyObject *kernel_id = first ? lz_slot_get(&m->slots[MSLOT_KERNEL_ID_OF], first, M_NAMES[MSLOT_KERNEL_ID]) : NULL;
     PyObject *mode = kernel_id ? dget(m, c, MSLOT_D_MODE) : NULL;
     PyObject *times = mode ? stamps(m, c) : NULL;
     PyObject *r = times ? m->result_type->tp_alloc(m->result_type, 0) : NULL;

@@ -47,7 +47,7 @@ own_get(Method *m, PyObject *cache, PyObject *key)
 static PyObject *
 shared_plans(Method *m, Call *c)
 {
-    PyObject *plans = PyObject_GetAttr(c->rt, LZ.plans);
+    PyObject *plans = lz_slot_get(&m->slots[MSLOT_RT_PLANS], c->rt, LZ.plans);
     PyObject *ttl = plans ? lz_slot_get(&m->slots[MSLOT_CACHE_TTL], plans, M_TTL) : NULL;
     PyObject *data = ttl == Py_None ? lz_slot_get(&m->slots[MSLOT_CACHE_DATA], plans, LZ.data) : NULL;
     Py_XDECREF(plans);
@@ -132,7 +132,17 @@ lz_find_op_plan(Method *m, Call *c)
         Py_XDECREF(cache);
         return 0;
     }
-    if (cache != Py_None) { /* cache.get(keys(operation, *args)[1]) if admits(operation, *args) */
+    PyObject *hit = fast_get(m, c, MSLOT_HIT); /* a norm's compiled hit, or None */
+    int norm = hit != NULL && PyObject_TypeCheck(hit, lz_hit_type()) && ((Hit *)hit)->kind != KIND_ATTENTION &&
+               c->nargs == (((Hit *)hit)->kind == KIND_LAYER_NORM ? 4 : 3);
+    if (norm)
+        c->norm = Py_NewRef(hit);
+    if (hit != NULL && cache != Py_None && norm) { /* cache.peek(keys(...)[1]), the guard holding */
+        PyObject *key = lz_norm_key((Hit *)hit, c->args);
+        c->plan = own_get(m, cache, key);
+        Py_XDECREF(key);
+    }
+    else if (hit != NULL && cache != Py_None) { /* cache.peek(keys(operation, *args)[1]) if admits(operation, *args) */
         PyObject *ok = contract_call(m, c, MSLOT_ADMITS);
         PyObject *keys = ok == Py_True ? contract_call(m, c, MSLOT_KEYS) : NULL;
         if (keys != NULL && PyTuple_CheckExact(keys) && PyTuple_GET_SIZE(keys) == 2)
@@ -140,14 +150,11 @@ lz_find_op_plan(Method *m, Call *c)
         Py_XDECREF(ok);
         Py_XDECREF(keys);
     }
-    else if ((data = shared_plans(m, c)) != NULL) {
-        PyObject *hit = fast_get(m, c, MSLOT_HIT);
-        if (hit != NULL && PyObject_TypeCheck(hit, lz_hit_type()) && ((Hit *)hit)->kind != KIND_ATTENTION &&
-            c->nargs == (((Hit *)hit)->kind == KIND_LAYER_NORM ? 4 : 3)) {
+    else if (hit != NULL && (data = shared_plans(m, c)) != NULL) {
+        if (norm) {
             c->plan = lz_find_norm_plan((Hit *)hit, data, c->args);
-            c->norm = Py_NewRef(hit);
         }
-        else if (hit != NULL) { /* lookup(plans, operation, *args)[0] */
+        else { /* lookup(plans, operation, *args)[0] */
             PyObject *a[MAX_OP_ARGS + 2] = {data, c->operation};
             for (Py_ssize_t i = 0; i < c->nargs; i++)
                 a[i + 2] = c->args[i];
@@ -159,8 +166,8 @@ lz_find_op_plan(Method *m, Call *c)
             Py_XDECREF(lookup);
             Py_XDECREF(found);
         }
-        Py_XDECREF(hit);
     }
+    Py_XDECREF(hit);
     Py_DECREF(cache);
     Py_XDECREF(data);
     return c->plan != NULL;

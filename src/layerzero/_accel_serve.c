@@ -185,8 +185,8 @@ call_kernel(Hit *self, PyObject *plan, PyObject *callable, PyObject *const *args
 static PyObject *
 plan_dict(Hit *self)
 {
-    PyObject *holder = PyObject_GetAttr(self->runtime, LZ.plans);
-    PyObject *plans = holder ? PyObject_GetAttr(holder, LZ.data) : NULL;
+    PyObject *holder = lz_get(self, SLOT_PLANS, self->runtime, LZ.plans);
+    PyObject *plans = holder ? lz_get(self, SLOT_DATA, holder, LZ.data) : NULL;
     Py_XDECREF(holder);
     if (plans != NULL && !(PyDict_CheckExact(plans) || Py_IS_TYPE(plans, LZ.ordered_dict)))
         Py_CLEAR(plans);
@@ -378,21 +378,20 @@ done:
     return runs == 1 ? out : lz_miss(self);
 }
 
-/* The plan lz.rms_norm's (lz.layer_norm's) lookup finds in ``plans`` for a = (x, weight, [bias,] eps) (new
- * reference), or NULL: none, or a call the compiled path leaves to Python (an error may be set). The family key
- * is (operation, x.dtype, x.is_cpu or x.device, weight dtype or None[, bias dtype or None], eps); its guard is
- * ``eps.__class__ is not bool``; the shape-free plan first, then (family, x.shape). */
-PyObject *
-lz_find_norm_plan(Hit *self, PyObject *plans, PyObject *const *a)
+/* The family key of lz.rms_norm's (lz.layer_norm's) call a = (x, weight, [bias,] eps): (operation, x.dtype,
+ * x.is_cpu or x.device, weight dtype or None[, bias dtype or None], eps), its guard ``eps.__class__ is not bool``
+ * holding (new reference), or NULL: a call the compiled path leaves to Python (an error may be set). */
+static PyObject *
+norm_family(Hit *self, PyObject *const *a, lz_meta *xm)
 {
     int with_bias = self->kind == KIND_LAYER_NORM;
     Py_ssize_t n = with_bias ? 4 : 3;
     PyObject *x = a[0], *eps = a[n - 1];
     if (!PyFloat_CheckExact(eps) && !PyLong_CheckExact(eps))
         return NULL;
-    lz_meta xm, wm;
+    lz_meta wm;
     PyObject *dtypes[2] = {Py_None, Py_None}; /* weight's and bias's */
-    if (!read_meta(self, x, &xm, 0))
+    if (!read_meta(self, x, xm, 0))
         return NULL;
     for (int i = 0; i < n - 2; i++) { /* weight (and bias): a module's parameters */
         PyObject *t = a[1 + i];
@@ -402,23 +401,48 @@ lz_find_norm_plan(Hit *self, PyObject *plans, PyObject *const *a)
             (dtypes[i] = cached_attr(&self->dtypes[wm.scalar_type], t, LZ.dtype)) == NULL)
             return NULL;
     }
-    PyObject *dtype = cached_attr(&self->dtypes[xm.scalar_type], x, LZ.dtype);
-    PyObject *dev = dtype ? device_key(self, x, &xm) : NULL;
+    PyObject *dtype = cached_attr(&self->dtypes[xm->scalar_type], x, LZ.dtype);
+    PyObject *dev = dtype ? device_key(self, x, xm) : NULL;
     if (dev == NULL)
         return NULL;
-    PyObject *family = with_bias ? PyTuple_Pack(6, self->op_a, dtype, dev, dtypes[0], dtypes[1], eps)
-                                 : PyTuple_Pack(5, self->op_a, dtype, dev, dtypes[0], eps);
+    return with_bias ? PyTuple_Pack(6, self->op_a, dtype, dev, dtypes[0], dtypes[1], eps)
+                     : PyTuple_Pack(5, self->op_a, dtype, dev, dtypes[0], eps);
+}
+
+/* (family, x.shape) (new reference; NULL with an error set) */
+static PyObject *
+norm_exact_key(PyObject *family, const lz_meta *xm)
+{
+    PyObject *shape = shape_tuple(xm);
+    PyObject *key = shape ? PyTuple_Pack(2, family, shape) : NULL;
+    Py_XDECREF(shape);
+    return key;
+}
+
+PyObject *
+lz_find_norm_plan(Hit *self, PyObject *plans, PyObject *const *a)
+{
+    lz_meta xm;
+    PyObject *family = norm_family(self, a, &xm);
     PyObject *key = NULL, *plan = family ? PyDict_GetItemWithError(plans, family) : NULL;
-    if (family != NULL && plan == NULL && !PyErr_Occurred()) {
-        PyObject *shape = shape_tuple(&xm);
-        key = shape ? PyTuple_Pack(2, family, shape) : NULL;
-        Py_XDECREF(shape);
+    if (family != NULL && plan == NULL && !PyErr_Occurred()) { /* the shape-free plan first, then the exact one */
+        key = norm_exact_key(family, &xm);
         plan = key ? PyDict_GetItemWithError(plans, key) : NULL;
     }
     Py_XINCREF(plan); /* borrowed from the dict: another thread may replace the entry while the kernel runs */
     Py_XDECREF(family);
     Py_XDECREF(key);
     return plan;
+}
+
+PyObject *
+lz_norm_key(Hit *self, PyObject *const *a)
+{
+    lz_meta xm;
+    PyObject *family = norm_family(self, a, &xm);
+    PyObject *key = family ? norm_exact_key(family, &xm) : NULL;
+    Py_XDECREF(family);
+    return key;
 }
 
 /* lz.rms_norm(x, weight, eps) / lz.layer_norm(x, weight, bias, eps) -> the output, or MISS. */

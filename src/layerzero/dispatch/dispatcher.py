@@ -146,11 +146,11 @@ class Dispatcher(Observable):
         attribute (class attributes stay Python functions, which torch.compile traces): it serves the hot path's
         cached hits and hands every other call to the Python method. Only where it can serve: a class that keeps
         the registered dispatch, reading the shared cache or an own PlanCache / MVCCPlanCache (static: its table
-        is its cache), and without ``__del__`` (the bound form makes a reference cycle: such a dispatcher, the
-        hot-reload one, would be finalized by the cyclic collector instead of when its last reference goes)."""
+        is its cache). The bound form makes a reference cycle (the dispatcher holds it, it holds the dispatcher):
+        a dispatcher is freed by the cyclic garbage collector (the hot-reload one drops its bound form on
+        ``close()``, so that a closed one goes with its last reference)."""
         form = COMPILED_FORMS.get(type(self).dispatch)
-        if form is not None and (self._cache is None or type(self._cache) in (PlanCache, MVCCPlanCache)) \
-                and getattr(type(self), "__del__", None) is None:
+        if form is not None and (self._cache is None or type(self._cache) in (PlanCache, MVCCPlanCache)):
             self.dispatch = MethodType(form, self)  # type: ignore[method-assign]
 
     def __getstate__(self) -> dict[str, Any]:

@@ -373,8 +373,11 @@ class HotReloadDispatcher(ConfigDrivenDispatcher):
                                  self._changed_on_disk, self._use_watchdog, self._read_sig)
 
     def close(self) -> None:
-        """Stop watching (idempotent). The dispatcher keeps working on the config in force."""
+        """Stop watching (idempotent). The dispatcher keeps working on the config in force, through the Python
+        dispatch method (its compiled form, which holds the dispatcher, goes: a closed dispatcher is freed with its
+        last reference, no garbage collection needed)."""
         watcher, self._watcher = self._watcher, None
+        self.__dict__.pop("dispatch", None)
         if watcher is not None:
             watcher.stop()
 

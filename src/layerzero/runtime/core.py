@@ -57,6 +57,9 @@ class Runtime:
         clock: monotonic clock for breakers and TTLs (injectable for tests).
     """
 
+    # what every cached call reads (the compiled hot paths at their offsets); everything else in the instance dict
+    __slots__ = ("version", "plans", "__dict__", "__weakref__")
+
     def __init__(self, kernel_registry: KernelRegistry | None = None, backend_registry: BackendRegistry | None = None,
                  config: DispatchConfig | None = None, *, clock: Callable[[], float] = time.monotonic,
                  parent: Runtime | None = None) -> None:
