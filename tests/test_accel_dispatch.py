@@ -237,6 +237,41 @@ def test_the_compiled_method_serves_cached_contract_op_calls(name: str, factory:
 
 
 @needs_compiled
+@pytest.mark.parametrize("name,factory", _SELECTING, ids=[n for n, _ in _SELECTING])
+def test_calls_given_a_context_answer_alike_and_are_served(name: str, factory: Callable[[], Dispatcher]) -> None:
+    """``dispatch(op, inputs, context=ctx)`` (the seed's "batch context building": one context reused across
+    operations), positional or by keyword, with options, another context object, ``context=None``, a context given
+    twice: the compiled method answers as the Python one and serves the cached calls itself."""
+    d = factory()
+    py = _python(d)
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8)
+    x, w = torch.randn(4, 32), torch.rand(32) + 0.5
+    ctx = lz.SelectionContext(batch_size=1, seq_len=5, dtype=torch.float32, device="cpu")
+    other = lz.SelectionContext(batch_size=1, seq_len=5, dtype=torch.float32, device="cpu")
+    attn, norm = {"q": q, "k": k, "v": v}, {"x": x, "weight": w}
+    cases: list[tuple[str, dict[str, Any], tuple[Any, ...], dict[str, Any]]] = [
+        ("attention.causal", attn, (), {"context": ctx}), ("attention.full", attn, (ctx,), {}),
+        ("attention.full", attn, (), {"context": ctx, "is_causal": True}),
+        ("attention.full", attn, (), {"is_causal": True, "context": ctx}), ("rms_norm", norm, (), {"context": ctx}),
+        ("rms_norm", norm, (ctx,), {}), ("silu", {"x": x}, (), {"context": ctx}),
+        ("attention.causal", attn, (), {"context": other}), ("attention.causal", attn, (), {"context": None}),
+        ("attention.causal", attn, (ctx,), {"context": ctx}), ("rms_norm", norm, (), {"context": "not one"})]
+    for operation, inputs, extra, kw in cases + cases:
+        _answer(py, operation, inputs, *extra, **kw)
+        for _ in range(2):
+            before = _calls(d)
+            expected = _answer(py, operation, inputs, *extra, **kw)
+            counted_py, before = _calls(d) - before, _calls(d)
+            got = _answer(d.dispatch, operation, inputs, *extra, **kw)
+            assert _same(got, expected), ((name, operation, kw), got[:1] + got[2:], expected[:1] + expected[2:])
+            assert _calls(d) - before == counted_py
+    for operation, inputs, extra, kw in cases[:7]:
+        assert _served(d.dispatch, operation, inputs, *extra, **kw), (name, operation, kw)
+    torch.testing.assert_close(d.dispatch("attention.causal", attn, context=ctx).output,
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+@needs_compiled
 @pytest.mark.parametrize("cache", ["shared", "mvcc", "lru"])
 def test_a_failing_contract_op_kernel_goes_to_the_detour(cache: str) -> None:
     """A norm kernel's exception on the compiled path goes where ``_hot_op`` sends it (``_hot_op_detour``): the same
@@ -334,13 +369,16 @@ def test_no_reference_is_leaked() -> None:
     q = inputs["q"]
     x, w = torch.randn(4, 32), torch.rand(32)
     unhashable: dict[str, Any] = {"scale": [1]}
-    watched = [q, bshd["q"], static, dynamic, mvcc, config, x, w, torch.float32, NOT_TIMED, "attention.full",
+    ctx = lz.SelectionContext(dtype=torch.float32)
+    watched = [q, bshd["q"], static, dynamic, mvcc, config, x, w, ctx, torch.float32, NOT_TIMED, "attention.full",
                "rms_norm"]
 
     def run(n: int) -> None:
         for _ in range(n):
             for d in (dynamic, mvcc, config):
                 d.dispatch("rms_norm", {"x": x, "weight": w})
+                d.dispatch("rms_norm", {"x": x, "weight": w}, context=ctx)
+                d.dispatch("attention.full", inputs, ctx)
                 d.dispatch("silu", {"x": x})
                 try:
                     d.dispatch("rms_norm", {"x": x, "weight": [1]})

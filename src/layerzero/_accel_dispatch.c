@@ -20,10 +20,10 @@
 
 static const char *const SLOT_NAMES[N_MSLOTS] = {
     "q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "bshd", "direct_ok", "names",
-    "template", "size", "lookup", "keys", "admits", "hit", "version", "data", "ttl", "data", "ttl", "shards", "mask", "version", "version", "plans", "kernel_id", "runtime", "_version", "_timed", "_fast", "_cache", "_mode_value", "kernels", "output", "kernel_id",
+    "template", "size", "lookup", "keys", "admits", "hit", "version", "data", "ttl", "data", "ttl", "shards", "mask", "version", "version", "plans", "kernel_id", "context", "runtime", "_version", "_timed", "_fast", "_cache", "_mode_value", "kernels", "output", "kernel_id",
     "operation", "fallback_used", "attempts", "stamps", "cached", "mode"};
 PyObject *M_NAMES[N_MSLOTS];
-PyObject *M_VERSION, *M_HOT, *M_HOT_CAUSAL, *M_TTL, *M_DETOUR, *M_OP_DETOUR, *M_SHARDS, *M_MASK;
+PyObject *M_VERSION, *M_HOT, *M_HOT_CAUSAL, *M_TTL, *M_DETOUR, *M_OP_DETOUR, *M_SHARDS, *M_MASK, *M_CONTEXT;
 
 /* time.perf_counter_ns() */
 static inline long long
@@ -78,7 +78,7 @@ static PyObject *
 options_key(Method *m, Call *c, PyObject *const *values, PyObject *kwnames)
 {
     Py_ssize_t n = PyTuple_GET_SIZE(kwnames), at = 2, causal = -1;
-    PyObject *key = PyTuple_New(2 + 3 * n);
+    PyObject *key = PyTuple_New(2 + 3 * (n - (c->ctx_at >= 0)));
     if (key == NULL)
         return NULL;
     PyTuple_SET_ITEM(key, 0, Py_NewRef(m->options_marker));
@@ -87,6 +87,8 @@ options_key(Method *m, Call *c, PyObject *const *values, PyObject *kwnames)
         Py_ssize_t j = i < n ? i : causal;
         if (j < 0)
             break;
+        if (j == c->ctx_at) /* context= is no option */
+            continue;
         PyObject *name = PyTuple_GET_ITEM(kwnames, j);
         if (i < n && m->kind == METHOD_STATIC && PyUnicode_Compare(name, M_NAMES[MSLOT_CAUSAL]) == 0) {
             causal = i;
@@ -112,7 +114,8 @@ find_entry(Method *m, Call *c, PyObject *const *values, PyObject *kwnames)
     PyObject *table = m->kind == METHOD_SELECT ? dget(m, c, MSLOT_D_FAST)
                       : PyObject_GetAttr(c->self, by_causal ? M_HOT_CAUSAL : M_HOT);
     PyObject *key = by_causal ? PyTuple_Pack(2, c->operation, values[0])
-                    : kwnames ? options_key(m, c, values, kwnames) : Py_NewRef(c->operation);
+                    : kwnames && PyTuple_GET_SIZE(kwnames) > (c->ctx_at >= 0) ? options_key(m, c, values, kwnames)
+                                                                               : Py_NewRef(c->operation);
     PyObject *hot = table && key && PyDict_CheckExact(table) ? PyDict_GetItemWithError(table, key) : NULL;
     if (hot != NULL && m->kind == METHOD_SELECT && (Py_IS_TYPE(hot, m->inputs_type) || Py_IS_TYPE(hot, m->op_inputs_type))) {
         c->fast = Py_NewRef(hot);
@@ -282,11 +285,21 @@ serve(Method *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int
 {
     PyObject *out = NULL, *r = NULL;
     *served = 0;
-    if (nargs < 3 || nargs > 4 || (nargs == 4 && args[3] != Py_None))
+    if (nargs < 3 || nargs > 4 || !PyUnicode_CheckExact(args[1]) || !PyDict_CheckExact(args[2]))
         return NULL;
-    if (!PyUnicode_CheckExact(args[1]) || !PyDict_CheckExact(args[2]))
+    Call c = {.self = args[0], .operation = args[1], .ctx = nargs == 4 ? args[3] : Py_None, .ctx_at = -1};
+    for (Py_ssize_t i = 0; kwnames != NULL && i < PyTuple_GET_SIZE(kwnames); i++) { /* context=... */
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        if (name == M_CONTEXT || PyUnicode_Compare(name, M_CONTEXT) == 0)
+            c.ctx_at = i;
+    }
+    if (c.ctx_at >= 0 && nargs == 4) /* given twice: Python's TypeError */
         return NULL;
-    Call c = {.self = args[0], .operation = args[1]};
+    if (c.ctx_at >= 0)
+        c.ctx = args[nargs + c.ctx_at];
+    c.ctx = c.ctx == Py_None ? NULL : c.ctx;
+    if (c.ctx != NULL && m->kind != METHOD_SELECT)
+        return NULL;
     if (!read_synced(m, &c))
         goto done;
     c.t0 = c.timed ? now_ns() : 0;
@@ -354,12 +367,14 @@ static PyObject *
 method_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *names[] = {"kind", "hit", "fallback", "inputs_type", "op_inputs_type", "result_type", "not_timed",
-                            "options_marker", "plan_cache_type", "mvcc_type", NULL};
+                            "options_marker", "context_marker", "plan_cache_type", "mvcc_type", NULL};
     int kind;
-    PyObject *hit, *fallback, *inputs_type, *op_inputs_type, *result_type, *not_timed, *marker, *plan_cache, *mvcc;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOO!O!O!OOO!O!:Method", names, &kind, &hit, &fallback, &PyType_Type,
-                                     &inputs_type, &PyType_Type, &op_inputs_type, &PyType_Type, &result_type,
-                                     &not_timed, &marker, &PyType_Type, &plan_cache, &PyType_Type, &mvcc))
+    PyObject *hit, *fallback, *inputs_type, *op_inputs_type, *result_type, *not_timed, *marker, *cmarker, *plan_cache;
+    PyObject *mvcc;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOO!O!O!OOOO!O!:Method", names, &kind, &hit, &fallback,
+                                     &PyType_Type, &inputs_type, &PyType_Type, &op_inputs_type, &PyType_Type,
+                                     &result_type, &not_timed, &marker, &cmarker, &PyType_Type, &plan_cache,
+                                     &PyType_Type, &mvcc))
         return NULL;
     if ((kind != METHOD_SELECT && kind != METHOD_STATIC) || !PyCallable_Check(fallback) ||
         !PyObject_TypeCheck(hit, lz_hit_type()) || ((Hit *)hit)->kind != KIND_ATTENTION) {
@@ -380,6 +395,7 @@ method_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     m->mvcc_type = (PyTypeObject *)Py_NewRef(mvcc);
     m->not_timed = Py_NewRef(not_timed);
     m->options_marker = Py_NewRef(marker);
+    m->context_marker = Py_NewRef(cmarker);
     return (PyObject *)m;
 }
 
@@ -395,6 +411,7 @@ method_traverse(Method *m, visitproc visit, void *arg)
     Py_VISIT(m->mvcc_type);
     Py_VISIT(m->not_timed);
     Py_VISIT(m->options_marker);
+    Py_VISIT(m->context_marker);
     for (int i = 0; i < N_MSLOTS; i++)
         Py_VISIT(m->slots[i].type);
     return 0;
@@ -412,6 +429,7 @@ method_clear(Method *m)
     Py_CLEAR(m->mvcc_type);
     Py_CLEAR(m->not_timed);
     Py_CLEAR(m->options_marker);
+    Py_CLEAR(m->context_marker);
     for (int i = 0; i < N_MSLOTS; i++)
         Py_CLEAR(m->slots[i].type);
     return 0;
@@ -429,7 +447,7 @@ static PyTypeObject MethodType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "layerzero._accel.Method",
     .tp_doc = PyDoc_STR("Method(kind, hit, fallback, inputs_type, op_inputs_type, result_type, not_timed, "
-                        "options_marker, plan_cache_type, mvcc_type)\n--\n\n"
+                        "options_marker, context_marker, plan_cache_type, mvcc_type)\n--\n\n"
                         "A dispatcher's dispatch method with its cached hits compiled (kind: SELECT, STATIC)."),
     .tp_basicsize = sizeof(Method),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
@@ -457,6 +475,7 @@ lz_method_init(PyObject *module)
     INTERN(M_OP_DETOUR, "_hot_op_detour");
     INTERN(M_SHARDS, "shards");
     INTERN(M_MASK, "mask");
+    INTERN(M_CONTEXT, "context");
 #undef INTERN
     if (PyType_Ready(&MethodType) < 0)
         return -1;

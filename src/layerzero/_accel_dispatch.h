@@ -7,12 +7,12 @@
 enum { MSLOT_Q, MSLOT_K, MSLOT_V, MSLOT_CAUSAL, MSLOT_DROPOUT, MSLOT_SCALE, MSLOT_WINDOW, MSLOT_BSHD, MSLOT_DIRECT_OK,
        MSLOT_NAMES, MSLOT_TEMPLATE, MSLOT_SIZE, MSLOT_LOOKUP, MSLOT_KEYS, MSLOT_ADMITS, MSLOT_HIT, MSLOT_SHARD_VERSION,
        MSLOT_SHARD_DATA, MSLOT_CACHE_TTL, MSLOT_CACHE_DATA, MSLOT_MVCC_TTL, MSLOT_MVCC_SHARDS, MSLOT_MVCC_MASK,
-       MSLOT_MVCC_VERSION, MSLOT_RT_VERSION, MSLOT_RT_PLANS, MSLOT_KERNEL_ID_OF, MSLOT_D_RUNTIME, MSLOT_D_VERSION, MSLOT_D_TIMED, MSLOT_D_FAST, MSLOT_D_CACHE, MSLOT_D_MODE,
+       MSLOT_MVCC_VERSION, MSLOT_RT_VERSION, MSLOT_RT_PLANS, MSLOT_KERNEL_ID_OF, MSLOT_PLAN_CONTEXT, MSLOT_D_RUNTIME, MSLOT_D_VERSION, MSLOT_D_TIMED, MSLOT_D_FAST, MSLOT_D_CACHE, MSLOT_D_MODE,
        MSLOT_KERNELS, MSLOT_OUTPUT, MSLOT_KERNEL_ID, MSLOT_OPERATION, MSLOT_FALLBACK_USED,
        MSLOT_ATTEMPTS, MSLOT_STAMPS, MSLOT_CACHED, MSLOT_MODE, N_MSLOTS };
 extern PyObject *M_NAMES[N_MSLOTS]; /* the slot names, interned */
 /* the dispatcher's attributes (and its runtime's, its plan cache's) the hot path reads */
-extern PyObject *M_VERSION, *M_HOT, *M_HOT_CAUSAL, *M_TTL, *M_DETOUR, *M_OP_DETOUR, *M_SHARDS, *M_MASK;
+extern PyObject *M_VERSION, *M_HOT, *M_HOT_CAUSAL, *M_TTL, *M_DETOUR, *M_OP_DETOUR, *M_SHARDS, *M_MASK, *M_CONTEXT;
 #define MAX_OP_ARGS 12 /* the most canonical arguments an OpInputs entry may fill (linear_cross_entropy: 8) */
 
 enum { METHOD_SELECT, METHOD_STATIC };
@@ -29,6 +29,7 @@ typedef struct {
     PyTypeObject *plan_cache_type, *mvcc_type; /* the own caches read here: PlanCache, MVCCPlanCache */
     PyObject *not_timed;       /* result.NOT_TIMED: the stamps of an untimed dispatch */
     PyObject *options_marker;  /* what generic.kwargs_key's keys start with */
+    PyObject *context_marker;  /* generic.CONTEXT_MARKER: a given context's keys are (operation, it, id, key) */
     lz_slot slots[N_MSLOTS];   /* AttentionInputs' and DispatchResult's slots, plan.kernels */
 } Method;
 
@@ -39,6 +40,8 @@ typedef struct {
     PyObject *options[4];  /* fast.is_causal, .dropout_p, .scale, .window */
     int bshd, timed, direct; /* direct: c->kernel is plan.direct */
     long long t0, t2;
+    PyObject *ctx;         /* the given SelectionContext (borrowed), or NULL */
+    Py_ssize_t ctx_at;     /* its place among the keywords, or -1 */
     /* an OpInputs entry (op): its kernel arguments, and the norm Hit and plan.const of a norm's direct form */
     int op;
     Py_ssize_t nargs;

@@ -57,6 +57,39 @@ shared_plans(Method *m, Call *c)
     return data;
 }
 
+/* A given context's key for the call's exact ``key`` (stolen): ``(operation, CONTEXT_MARKER, id(context), key)``
+ * as Dispatcher._dispatch stores it; ``key`` itself without a context (new reference; NULL with an error set). */
+static PyObject *
+context_key(Method *m, Call *c, PyObject *key)
+{
+    if (key == NULL || c->ctx == NULL)
+        return key;
+    PyObject *id = PyLong_FromVoidPtr(c->ctx);
+    PyObject *out = id ? PyTuple_Pack(4, c->operation, m->context_marker, id, key) : NULL;
+    Py_XDECREF(id);
+    Py_DECREF(key);
+    return out;
+}
+
+/* The plan ``key`` names in this dispatcher's own cache (``peek``) or the runtime's plan dict, kept only when it
+ * was made for the given context (``plan.context is context``); 1, or 0: none. ``key`` is stolen. */
+static int
+exact_plan(Method *m, Call *c, PyObject *cache, PyObject *key)
+{
+    key = context_key(m, c, key);
+    PyObject *data = key != NULL && cache == Py_None ? shared_plans(m, c) : NULL;
+    c->plan = cache != Py_None ? own_get(m, cache, key) : data ? Py_XNewRef(PyDict_GetItemWithError(data, key)) : NULL;
+    Py_XDECREF(data);
+    Py_XDECREF(key);
+    if (c->plan != NULL && c->ctx != NULL) {
+        PyObject *made_for = lz_slot_get(&m->slots[MSLOT_PLAN_CONTEXT], c->plan, M_CONTEXT);
+        if (made_for != c->ctx)
+            Py_CLEAR(c->plan);
+        Py_XDECREF(made_for);
+    }
+    return c->plan != NULL;
+}
+
 /* Selection: the plan the contract's lookup finds in the runtime's plan dict (the dispatcher shares it: no cache
  * of its own, no TTL, no open policy scope), or the dispatcher's own cache holds under the call's exact key (the
  * shape guard holding). 1, or 0: the Python method looks it up. */
@@ -67,11 +100,8 @@ lz_find_selected(Method *m, Call *c)
     PyObject *causal = NULL, *dropout = NULL, *window = NULL, *data = NULL;
     if (cache != NULL && lz_scoped(m->hit) == 0 && (causal = fast_get(m, c, MSLOT_CAUSAL)) &&
         (dropout = fast_get(m, c, MSLOT_DROPOUT)) && (window = fast_get(m, c, MSLOT_WINDOW))) {
-        if (cache != Py_None) {
-            PyObject *key = lz_attention_key(m->hit, c->operation, c->q, c->k, c->v, causal, dropout, window);
-            c->plan = own_get(m, cache, key);
-            Py_XDECREF(key);
-        }
+        if (cache != Py_None || c->ctx != NULL)
+            exact_plan(m, c, cache, lz_attention_key(m->hit, c->operation, c->q, c->k, c->v, causal, dropout, window));
         else if ((data = shared_plans(m, c)) != NULL) {
             c->plan = lz_find_plan(m->hit, data, c->operation, c->q, c->k, c->v, Py_None, causal, dropout, window);
         }
@@ -137,16 +167,14 @@ lz_find_op_plan(Method *m, Call *c)
                c->nargs == (((Hit *)hit)->kind == KIND_LAYER_NORM ? 4 : 3);
     if (norm)
         c->norm = Py_NewRef(hit);
-    if (hit != NULL && cache != Py_None && norm) { /* cache.peek(keys(...)[1]), the guard holding */
-        PyObject *key = lz_norm_key((Hit *)hit, c->args);
-        c->plan = own_get(m, cache, key);
-        Py_XDECREF(key);
+    if (hit != NULL && (cache != Py_None || c->ctx != NULL) && norm) { /* the exact key, the guard holding */
+        exact_plan(m, c, cache, lz_norm_key((Hit *)hit, c->args));
     }
-    else if (hit != NULL && cache != Py_None) { /* cache.peek(keys(operation, *args)[1]) if admits(operation, *args) */
+    else if (hit != NULL && (cache != Py_None || c->ctx != NULL)) { /* keys(operation, *args)[1] if admits(...) */
         PyObject *ok = contract_call(m, c, MSLOT_ADMITS);
         PyObject *keys = ok == Py_True ? contract_call(m, c, MSLOT_KEYS) : NULL;
         if (keys != NULL && PyTuple_CheckExact(keys) && PyTuple_GET_SIZE(keys) == 2)
-            c->plan = own_get(m, cache, PyTuple_GET_ITEM(keys, 1));
+            exact_plan(m, c, cache, Py_NewRef(PyTuple_GET_ITEM(keys, 1)));
         Py_XDECREF(ok);
         Py_XDECREF(keys);
     }

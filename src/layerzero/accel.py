@@ -93,8 +93,8 @@ def entry(hit: Any, fallback: Callable[..., Any], doc: str, module: str) -> Call
 
 
 def dispatch_method(kind: str, hit: Any, method: Callable[..., Any], inputs_type: type, op_inputs_type: type,
-                    result_type: type, not_timed: Any, options_marker: Any, cache_types: tuple[type, type]
-                    ) -> Callable[..., Any] | None:
+                    result_type: type, not_timed: Any, options_marker: Any, context_marker: str,
+                    cache_types: tuple[type, type]) -> Callable[..., Any] | None:
     """The compiled form of a dispatcher's ``dispatch`` method (``method``), or None without the extension.
 
     ``kind``: ``"select"`` (``Dispatcher.dispatch``: the plan from the runtime's cache through ``hit``'s lookup, or
@@ -104,13 +104,14 @@ def dispatch_method(kind: str, hit: Any, method: Callable[..., Any], inputs_type
     same arguments for every other call; ``__wrapped__``, ``__doc__``, ``__name__`` and the signature are
     ``method``'s. ``inputs_type``, ``op_inputs_type``, ``result_type``, ``not_timed``, ``options_marker``: the
     dispatch package's AttentionInputs, OpInputs, DispatchResult, NOT_TIMED and the marker its option keys start
-    with; ``cache_types``: ``(PlanCache, MVCCPlanCache)``, the own caches it reads (without a TTL).
+    with; ``context_marker``: what the keys of calls given a context hold after the operation; ``cache_types``:
+    ``(PlanCache, MVCCPlanCache)``, the own caches it reads (without a TTL).
     """
     if _accel is None or hit is None:
         return None
     code = {"select": _accel.SELECT, "static": _accel.STATIC}[kind]
-    return _accel.Method(code, hit, method, inputs_type, op_inputs_type, result_type, not_timed,  # type: ignore[no-any-return]
-                         options_marker, *cache_types)
+    return _accel.Method(code, hit, method, inputs_type, op_inputs_type,  # type: ignore[no-any-return]
+                         result_type, not_timed, options_marker, context_marker, *cache_types)
 
 
 #: (module name, function name) -> the compiled hit behind that public function (what unpickling looks up).

@@ -129,6 +129,7 @@ def _ops_lines(s: _Setup, progress: Callable[[str], None]) -> list[OverheadRow]:
 
 
 def _dispatch_lines(s: _Setup, progress: Callable[[str], None]) -> list[OverheadRow]:
+    from layerzero.context import SelectionContext
     from layerzero.dispatch import (
         StaticDispatcherBuilder,
         create_config_dispatcher,
@@ -163,6 +164,7 @@ def _dispatch_lines(s: _Setup, progress: Callable[[str], None]) -> list[Overhead
     norm = {"x": x, "weight": w}
     mvcc = create_dynamic_dispatcher(use_mvcc_cache=True)  # the seed's "MVCC cache for concurrent access"
     config = create_config_dispatcher(config_path={"version": "1.0"})  # CONFIG mode, rules from a (here empty) file
+    ctx = SelectionContext(batch_size=q.shape[0], seq_len=k.shape[2], dtype=q.dtype, device=q.device.type)  # reused
     cases: list[tuple[str, str, Callable[[], Any], Callable[[], Any]]] = [
         ("static dispatch(op, inputs)", "the kernel itself", lambda: kernel(*args),
          lambda: static.dispatch("attention.full", inputs)),
@@ -185,6 +187,8 @@ def _dispatch_lines(s: _Setup, progress: Callable[[str], None]) -> list[Overhead
          lambda: mvcc.dispatch("attention.full", inputs)),
         ("config dispatcher: dispatch(op, inputs) cached", "F.scaled_dot_product_attention", lambda: sdpa(q, k, v),
          lambda: config.dispatch("attention.full", inputs)),
+        ("dynamic dispatch(op, inputs, context=ctx) cached", "F.scaled_dot_product_attention", lambda: sdpa(q, k, v),
+         lambda: gd.dispatch("attention.full", inputs, context=ctx)),
     ]
     for path, direct, base, cand in cases:
         cand()

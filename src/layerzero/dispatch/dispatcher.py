@@ -34,6 +34,8 @@ from typing import Any
 from layerzero.context import SelectionContext
 from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.generic import (
+    CONTEXT_MARKER,
+    DISPATCH_DOC,
     GENERIC,
     NO_MEMO,
     AttentionInputs,
@@ -68,7 +70,7 @@ from layerzero.spec import KernelSpec
 __all__ = ["Dispatcher", "DispatchResult", "DispatchTiming", "runtime_for", "PlanStore", "compile_dispatch"]
 
 PlanStore = PlanCache | MVCCPlanCache
-_CTX = "explicit-context"
+_CTX = CONTEXT_MARKER
 perf_ns = time.perf_counter_ns
 new_result = DispatchResult.__new__  # the hot paths fill the slots themselves (no __init__ frame)
 _UNSEEN: Any = object()
@@ -76,22 +78,6 @@ _HOT_SLOTS = ("runtime", "_version", "_timed", "_fast", "_cache", "_mode_value")
 #: a ``dispatch`` method -> its compiled form (layerzero.accel): see ``Dispatcher.__init__`` and compile_dispatch.
 COMPILED_FORMS: dict[Any, Any] = {}
 
-
-#: ``Dispatcher.dispatch``'s arguments and errors (its docstring stays one line so the hot path reads whole).
-DISPATCH_DOC = """
-    Args:
-        operation: ``"attention.causal"``, ``"rms_norm"``, ... or a user operation name.
-        inputs: tensors by name (``query``/``q``, ``key``/``k``, ``value``/``v``, ``x``/``input``,
-            ``weight``, ``bias``, ...; see ``layerzero.dispatch.generic.INPUT_NAMES``).
-        context: a :class:`SelectionContext` to select with instead of one built from the tensors
-            (reuse one object across calls: plans are cached per context object).
-        **kwargs: more inputs or options (``is_causal``, ``scale``, ``eps``, ``layout="BSHD"``, ...).
-
-    Raises:
-        InvalidInputError: malformed inputs (names the operation and every input).
-        NoKernelError: no kernel can run the call (lists every candidate's reasons).
-        AllKernelsFailedError: every kernel tried raised (lists each attempt and its error).
-"""
 
 # HOT_PATH_NOTES for ``Dispatcher.dispatch``: (1) CPU tensors of the dtype seen last use the shape-free plan
 # this dispatcher found for them, with no key to build; the memo goes with every runtime change (_sync). A
@@ -241,7 +227,7 @@ class Dispatcher(Observable):
         rt = self.runtime
         if rt.version != self._version:
             self._sync()
-        if context is None and type(inputs) is dict:
+        if type(inputs) is dict:
             # ---- cached hot path: q, k, v by known names -> plan -> kernel (as lz.attention) -----------
             t0 = perf_ns() if self._timed else 0
             try:  # None for an operation seen without usable names; options key apart (generic.kwargs_key)
@@ -249,7 +235,7 @@ class Dispatcher(Observable):
             except (KeyError, TypeError):  # not seen yet, or unhashable (the full path reports it)
                 hot = None
             if hot.__class__ is OpInputs:  # an operation with a call contract, by known names
-                r = self._hot_op(hot, operation, inputs, t0)
+                r = self._hot_op(hot, operation, inputs, context, t0)
                 if r is not None:
                     return r
             elif hot is not None and len(inputs) == 3:
@@ -260,11 +246,12 @@ class Dispatcher(Observable):
                     if hot.bshd:  # BHSD views, as map_inputs hands them over
                         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
                     plan = None
-                    if hot.find is not None and self._cache is None and not LIVE.scopes and rt.plans.ttl is None:
+                    if hot.find is not None and context is None and self._cache is None and not LIVE.scopes \
+                            and rt.plans.ttl is None:
                         # the compiled lookup (layerzero.accel): the contract's keys and guards, as lz.attention
                         plan = hot.find(rt.plans.data, operation, q, k, v, hot.is_causal, hot.dropout_p, hot.window)
                     if plan is None:
-                        plan = self._hot_plan(hot, operation, q, k, v)
+                        plan = self._hot_plan(hot, operation, q, k, v, context)
                     kernel_id = plan.kernels[0].kernel_id if plan is not None else None
                 except (KeyError, AttributeError, TypeError, IndexError, RuntimeError):  # other names, not tensors
                     plan = None
@@ -289,12 +276,20 @@ class Dispatcher(Observable):
                     return r
         return self._dispatch(operation, inputs, context, kwargs)
 
-    def _hot_plan(self, hot: AttentionInputs, operation: str, q: Any, k: Any, v: Any) -> ExecutionPlan | None:
+    def _hot_plan(self, hot: AttentionInputs, operation: str, q: Any, k: Any, v: Any, context: Any
+                  ) -> ExecutionPlan | None:
         """A hot-path call's cached plan, looked up in Python: without the compiled path, for tensors only Python
-        reads, for a dispatcher with its own cache or a TTL, in a policy scope. None: take the full path. What
-        the contract's shape guard does not admit raises ``KeyError`` (so does the full path's mapping)."""
+        reads, for a dispatcher with its own cache or a TTL, in a policy scope, with a context. None: take the full
+        path. What the contract's shape guard does not admit raises ``KeyError`` (so does the full path's
+        mapping)."""
         if not hot.shapes_admit(operation, q, k, v, None, None, None, None, None):
             raise KeyError("not admitted")
+        if context is not None:  # a plan per context object and exact call, as _dispatch keys it
+            if LIVE.scopes:
+                return None
+            plan = self._peek((operation, _CTX, id(context), (hot.family(operation, q), q.shape, k.shape, v.shape,
+                                                              None)))
+            return plan if plan is not None and plan.context is context else None
         dtype, plan, _ = hot.memo  # (1) in HOT_PATH_NOTES
         if q.dtype is dtype and q.is_cpu and not LIVE.scopes:
             return plan
@@ -317,6 +312,14 @@ class Dispatcher(Observable):
             hot.memo = (q.dtype, plan, plan.kernels[0].kernel_id)
         return plan or data.get((family, q.shape, k.shape, v.shape, None))
 
+    def _peek(self, key: Hashable) -> ExecutionPlan | None:
+        """The hot paths' read of an exact key: this dispatcher's own cache, or the runtime's (its dict; with a TTL
+        the checked read)."""
+        if self._cache is not None:
+            return self._cache.peek(key)  # type: ignore[no-any-return]
+        plans = self.runtime.plans
+        return plans.data.get(key) if plans.ttl is None else plans.get(key)  # type: ignore[no-any-return]
+
     def _hot_detour(self, plan: ExecutionPlan, hot: AttentionInputs, q: Any, k: Any, v: Any, exc: Exception | None,
                     operation: str, t0: int, t2: int) -> DispatchResult:
         """A hot-path call its cached plan did not serve at once: the plan's gate is blocked (``exc`` None) or
@@ -329,22 +332,28 @@ class Dispatcher(Observable):
         timing = stamp(DispatchTiming, (t0, t2, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
         return self._result(out, plan, ran, operation, timing, True)
 
-    def _hot_op(self, hot: OpInputs, operation: str, inputs: dict[str, Any], t0: int) -> DispatchResult | None:
+    def _hot_op(self, hot: OpInputs, operation: str, inputs: dict[str, Any], context: Any, t0: int
+                ) -> DispatchResult | None:
         """A hot-path call of an operation with a call contract (see :class:`OpInputs`): its arguments filled by
         name, its plan from the contract's lookup in the shared cache (no policy scope, no TTL), or by its exact
-        key in this dispatcher's own cache. None: take the full path (other names, a None input, no plan)."""
+        key (with a context: the context's) in this dispatcher's own cache. None: take the full path (other names,
+        a None input, no plan)."""
         if len(inputs) != hot.size or LIVE.scopes:
             return None
         try:
             args = hot.fill(inputs)
             if args is None:
                 return None
-            cache = self._cache
-            if cache is None:
+            if context is None and self._cache is None:
                 plans = self.runtime.plans
                 plan = hot.lookup(plans.data, operation, *args)[0] if plans.ttl is None else None
+            elif hot.admits(operation, *args):
+                key = hot.keys(operation, *args)[1]
+                plan = self._peek(key if context is None else (operation, _CTX, id(context), key))
+                if plan is not None and context is not None and plan.context is not context:
+                    plan = None
             else:
-                plan = cache.peek(hot.keys(operation, *args)[1]) if hot.admits(operation, *args) else None
+                plan = None
         except Exception:  # other names, a malformed value: the full path maps and reports it
             return None
         if plan is None:
@@ -427,12 +436,11 @@ class Dispatcher(Observable):
         if bshd:
             out = out.transpose(1, 2)
         timing = stamp(DispatchTiming, (t0, t1, t2, t3, t4, perf_ns())) if t0 else NOT_TIMED
-        if context is None:
-            self._learn(op, operation, inputs, kwargs)
+        self._learn(op, operation, inputs, kwargs)
         return self._result(out, plan, ran, operation, timing, cached)
 
     def _learn(self, op: OpDef, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:
-        """After a call without context went the full way: the hot-path entry for its operation and options
+        """After a call went the full way: the hot-path entry for its operation and options
         (the input names of an attention call, see :func:`attention_inputs`), or, without options, None when
         its calls map in full (the hot path then reads None instead of missing the key). Options outside
         ``generic.HOT_OPTIONS`` get no entry at all (a value may be a tensor: nothing is kept of it)."""

@@ -36,7 +36,8 @@ from layerzero.spec import KernelSpec
 
 __all__ = ["GenericOp", "GENERIC", "op_for_dispatch", "map_inputs", "key_for", "keys_for",
            "AttentionInputs", "attention_inputs", "OpInputs", "op_inputs", "NO_MEMO", "kwargs_kernel", "INPUT_NAMES",
-           "HOT_OPTIONS", "kwargs_key", "hot_key", "compiled_dispatch"]
+           "HOT_OPTIONS", "kwargs_key", "hot_key", "compiled_dispatch", "DISPATCH_DOC",
+           "CONTEXT_MARKER"]
 
 # The names ``dispatch()`` accepts per family (first match wins; ``None`` values count as absent).
 INPUT_NAMES: dict[str, str] = {
@@ -53,6 +54,22 @@ INPUT_NAMES: dict[str, str] = {
     "linear_cross_entropy": "hidden|hidden_states|input|x, weight|lm_head_weight|w, target|labels, bias, ignore_index, "
                             "label_smoothing, reduction, softcap",
 }
+
+#: ``Dispatcher.dispatch``'s arguments and errors (its docstring stays one line so the hot path reads whole).
+DISPATCH_DOC = """
+    Args:
+        operation: ``"attention.causal"``, ``"rms_norm"``, ... or a user operation name.
+        inputs: tensors by name (``query``/``q``, ``key``/``k``, ``value``/``v``, ``x``/``input``,
+            ``weight``, ``bias``, ...; see ``layerzero.dispatch.generic.INPUT_NAMES``).
+        context: a :class:`SelectionContext` to select with instead of one built from the tensors
+            (reuse one object across calls: plans are cached per context object).
+        **kwargs: more inputs or options (``is_causal``, ``scale``, ``eps``, ``layout="BSHD"``, ...).
+
+    Raises:
+        InvalidInputError: malformed inputs (names the operation and every input).
+        NoKernelError: no kernel can run the call (lists every candidate's reasons).
+        AllKernelsFailedError: every kernel tried raised (lists each attempt and its error).
+"""
 
 _QKV = frozenset({"query", "q", "key", "k", "value", "v"})
 
@@ -239,6 +256,9 @@ HOT_OPTIONS: dict[str, tuple[type, ...]] = {"is_causal": (bool,), "dropout_p": (
                                             "scale": (float, int, type(None)), "window": (int, type(None)),
                                             "layout": (str,)}
 _OPTIONS: Any = object()
+#: What the plan-cache keys of calls given a context start with after the operation: ``(operation, CONTEXT_MARKER,
+#: id(context), exact key)`` (a plan per context object and exact call).
+CONTEXT_MARKER = "explicit-context"
 
 
 def kwargs_key(operation: str, kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -379,7 +399,7 @@ def compiled_dispatch(method: Any, kind: str) -> Any:
     or None without the extension. The Python method stays the definition: the compiled form serves the cached
     attention hit and hands every other call to it; tests/test_accel_dispatch.py holds the two equal."""
     return dispatch_method(kind, ATTENTION.calls.compiled, method, AttentionInputs, OpInputs, DispatchResult,
-                           NOT_TIMED, _OPTIONS, (PlanCache, MVCCPlanCache))
+                           NOT_TIMED, _OPTIONS, CONTEXT_MARKER, (PlanCache, MVCCPlanCache))
 
 
 def _no_compiled_admits(q: Any, k: Any, v: Any) -> bool:

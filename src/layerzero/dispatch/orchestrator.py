@@ -199,7 +199,7 @@ class DispatchOrchestrator(Dispatcher):
             raise InvalidInputError(f"dispatch(): operation must be a non-empty string, got {operation!r}") from None
         result = target.dispatch(operation, inputs, context, **kwargs)
         dyn = self.dynamic
-        key = hot_key(operation, kwargs) if context is None else None  # None: options no entry carries
+        key = hot_key(operation, kwargs)  # None: options no entry carries
         if key is not None and self._fast.get(key) is None and len(self._fast) < 4096:
             fast = dyn._fast.get(key) if target is dyn and dyn._cache is None else None
             if fast is not None and self._version == self.runtime.version:
