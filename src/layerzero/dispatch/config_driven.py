@@ -131,7 +131,7 @@ class ConfigDrivenDispatcher(Dispatcher):
         full = self.effective_policy(compiled)
         sel = rt.select(operation, ctx, policy=full, use_measurements=False)
         plan = self.make_plan(operation, op, sel.ranked, ctx, locked_by=sel.locked_by, policy_digest=full.digest,
-                              source=_tag(compiled, version), specialize=True)  # its own cache: exact-shape keys
+                              source=_tag(compiled, version), specialize_for=ctx)  # its own cache: exact keys
         rt.telemetry.record_selection(operation, plan.kernel_id)
         return plan
 

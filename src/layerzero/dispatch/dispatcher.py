@@ -192,11 +192,12 @@ class Dispatcher(Observable):
 
     def make_plan(self, operation: str, op: OpDef, kernels: Sequence[KernelSpec], ctx: SelectionContext, *,
                   locked_by: str | None = None, policy_digest: str = "", source: str = "dispatch",
-                  specialize: bool = False) -> ExecutionPlan:
+                  specialize_for: SelectionContext | None = None) -> ExecutionPlan:
         """A bound plan running ``kernels`` in order (first choice, then fallbacks), trimmed to the config's
-        ``max_fallback_attempts`` (or to one kernel when ``enable_fallback`` is off). ``specialize``: ``ctx`` is
-        the call's own context and the plan serves that exact call shape only, so the first kernel may run its
-        form specialized for it (``KernelSpec.specialize``: PyTorch's function itself, as ``lz.*`` plans do)."""
+        ``max_fallback_attempts`` (or to one kernel when ``enable_fallback`` is off). ``specialize_for``: the
+        context of the one exact call shape the plan serves (built from its arguments), for which the first
+        kernel may run its specialized form (``KernelSpec.specialize``: PyTorch's function itself, as ``lz.*``
+        plans do)."""
         cfg = self.runtime.config
         specs = tuple(kernels)[: 1 + cfg.max_fallback_attempts if cfg.enable_fallback else 1]
         if not specs:
@@ -204,8 +205,8 @@ class Dispatcher(Observable):
         if op is GENERIC:
             specs = tuple(kwargs_kernel(s) for s in specs)
         plan = ExecutionPlan(operation, op, specs, ctx, locked_by=locked_by, policy_digest=policy_digest, source=source)
-        if specialize and op is not GENERIC and specs[0].specialize is not None:
-            fn = specs[0].specialize(ctx)[1]
+        if specialize_for is not None and op is not GENERIC and specs[0].specialize is not None:
+            fn = specs[0].specialize(specialize_for)[1]
             plan.fn, plan.direct, plan.const = fn, getattr(fn, "direct", None), getattr(fn, "const", None)
         self.runtime.bind(plan)
         return plan
@@ -507,10 +508,11 @@ class Dispatcher(Observable):
     def _plan_for_context(self, op: OpDef, operation: str, args: tuple[Any, ...], context: SelectionContext,
                           real: SelectionContext, policy: Policy) -> ExecutionPlan:
         """A call given ``context``: selection judges ``context``; the plan runs the call's own arguments. Its
-        kernels are those of the selected list that accept the arguments (``real``, their context), in their
-        general form: a specialization reads its context (a bound normalized shape, the causal flag), which
-        need not describe these arguments. None accepts them: the context does not describe the inputs
-        (``InvalidInputError`` with every kernel's reasons; no breaker counts it)."""
+        kernels are those of the selected list that accept the arguments (``real``, their context), the first
+        one specialized for ``real`` (a specialization binds what it reads, a normalized shape or the causal
+        flag: never from ``context``, which need not describe these arguments; the plan serves this exact call
+        only). None accepts them: the context does not describe the inputs (``InvalidInputError`` with every
+        kernel's reasons; no breaker counts it)."""
         chosen = self.build_plan(op, operation, context, policy)
         fit = [s for s in chosen.kernels if not s.check(real)]
         if not fit:
@@ -518,7 +520,7 @@ class Dispatcher(Observable):
             raise InvalidInputError(f"dispatch({operation!r}): the given context does not describe the inputs "
                                     f"({op.describe(args)}): no kernel selected for it can run them ({why})")
         return self.make_plan(operation, op, fit, context, locked_by=chosen.locked_by,
-                              policy_digest=chosen.policy_digest, source=chosen.source)
+                              policy_digest=chosen.policy_digest, source=chosen.source, specialize_for=real)
 
     def _first_run(self, plan: ExecutionPlan, args: tuple[Any, ...]) -> tuple[Any, tuple[ExecutionPlan, int] | None]:
         """A new plan's first call: with output checks, through the runtime's fallback runner."""
