@@ -27,8 +27,10 @@ import torch.nn.functional as F
 
 import layerzero as lz
 from layerzero import accel
+from layerzero.context import SelectionContext
 from layerzero.dispatch import (
     StaticDispatcherBuilder,
+    create_config_dispatcher,
     create_dynamic_dispatcher,
     get_global_dispatcher,
 )
@@ -119,6 +121,10 @@ def main() -> int:
                                               bshd["v"].transpose(1, 2)).transpose(1, 2)
 
     sdpa = F.scaled_dot_product_attention
+    x, w = torch.randn(1, 4096, device=a.device, dtype=dtype), torch.randn(4096, device=a.device, dtype=dtype)
+    mvcc = create_dynamic_dispatcher(use_mvcc_cache=True)
+    config = create_config_dispatcher(config_path={"version": "1.0"})
+    ctx = SelectionContext(batch_size=1, seq_len=128, dtype=dtype, device=q.device.type)
     rows = [("static dispatch(op, inputs)", static, lambda: kernel(*args), (inputs,), {}),
             ("static, record_timing=False", quiet, lambda: kernel(*args), (inputs,), {}),
             ("static, is_causal=True", static, lambda: kernel(*causal), (inputs,), {"is_causal": True}),
@@ -127,7 +133,11 @@ def main() -> int:
              {"layout": "BSHD"}),
             ("dynamic dispatch(op, inputs)", gd, lambda: sdpa(q, k, v), (inputs,), {}),
             ("dynamic, record_timing=False", untimed, lambda: sdpa(q, k, v), (inputs,), {}),
-            ("dynamic, layout='BSHD'", gd, from_bshd, (bshd,), {"layout": "BSHD"})]
+            ("dynamic, layout='BSHD'", gd, from_bshd, (bshd,), {"layout": "BSHD"}),
+            ("dynamic, rms_norm", gd, lambda: F.rms_norm(x, (4096,), w, 1e-6), ({"x": x, "weight": w},), {}),
+            ("MVCC dispatcher", mvcc, lambda: sdpa(q, k, v), (inputs,), {}),
+            ("config dispatcher", config, lambda: sdpa(q, k, v), (inputs,), {}),
+            ("dynamic, context=ctx", gd, lambda: sdpa(q, k, v), (inputs,), {"context": ctx})]
     cpu = hardware_info()["hardware"]["cpu"]
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if sync else f"{cpu} (CPU)", "cpu": cpu,
                            "python": sys.version.split()[0], "torch": torch.__version__, "hot_path": accel.status(),
@@ -137,10 +147,10 @@ def main() -> int:
     for name, d, direct, dargs, kw in rows:
         py = type(d).dispatch.__get__(d)  # the Python method; d.dispatch is the compiled form where bound
         compiled = d.dispatch
-        compiled("attention.full", *dargs, **kw)
-        res_c = interleaved(direct, lambda: compiled("attention.full", *dargs, **kw), rounds=a.rounds, batch=20,
-                            sync=sync)
-        res_p = interleaved(direct, lambda: py("attention.full", *dargs, **kw), rounds=a.rounds, batch=20, sync=sync)
+        op = "rms_norm" if "x" in dargs[0] else "attention.full"
+        compiled(op, *dargs, **kw)
+        res_c = interleaved(direct, lambda: compiled(op, *dargs, **kw), rounds=a.rounds, batch=20, sync=sync)
+        res_p = interleaved(direct, lambda: py(op, *dargs, **kw), rounds=a.rounds, batch=20, sync=sync)
         print(f"{name:34s} {res_c.overhead_ns:+12.0f} {res_c.ratio:7.3f} {res_p.overhead_ns:+10.0f} {res_p.ratio:7.3f}")
         out["rows"].append({"path": name, "compiled": res_c.to_dict(), "python": res_p.to_dict()})
     res = interleaved(lambda: sdpa(q, k, v), lambda: lz.attention(q, k, v), rounds=a.rounds, batch=20, sync=sync)
