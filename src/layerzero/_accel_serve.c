@@ -283,6 +283,36 @@ exact_key(PyObject *family, const lz_meta *qm, const lz_meta *km, const lz_meta 
     return key;
 }
 
+/* As a contract's lookup reads ``plans``: the shape-free plan under ``family`` (when its guard held:
+ * ``use_family``), else the plan under the exact key ``exact(family, shapes)`` builds (new reference; NULL: none,
+ * an error may be set). ``family`` is stolen. */
+static PyObject *
+family_then_exact(PyObject *plans, PyObject *family, int use_family,
+                  PyObject *(*exact)(PyObject *, const void *), const void *shapes)
+{
+    PyObject *key = NULL, *plan = family && use_family ? PyDict_GetItemWithError(plans, family) : NULL;
+    if (family != NULL && plan == NULL && !PyErr_Occurred()) {
+        key = exact(family, shapes);
+        plan = key ? PyDict_GetItemWithError(plans, key) : NULL;
+    }
+    Py_XINCREF(plan); /* borrowed from the dict: another thread may replace the entry while the kernel runs */
+    Py_XDECREF(family);
+    Py_XDECREF(key);
+    return plan;
+}
+
+typedef struct {
+    const lz_meta *q, *k, *v;
+    PyObject *mask;
+} qkv_shapes;
+
+static PyObject *
+attention_exact(PyObject *family, const void *shapes)
+{
+    const qkv_shapes *s = shapes;
+    return exact_key(family, s->q, s->k, s->v, s->mask);
+}
+
 /* The plan ``plans`` (a dict or OrderedDict) holds for this call, as the contract's lookup finds it (new
  * reference), or NULL: none, or a call the compiled path leaves to Python (an error may be set). */
 PyObject *
@@ -292,20 +322,9 @@ lz_find_plan(Hit *self, PyObject *plans, PyObject *op, PyObject *q, PyObject *k,
     lz_meta qm, km, vm;
     if (!read_qkv(self, q, k, v, &qm, &km, &vm))
         return NULL;
-    PyObject *key = NULL, *plan = NULL;
-    PyObject *family = attention_family(self, op, q, &qm, mask, is_causal, dropout_p, window);
-    if (family == NULL)
-        return NULL;
-    if (mask == Py_None && family_guard(&qm, &km, &vm))
-        plan = PyDict_GetItemWithError(plans, family);
-    if (plan == NULL && !PyErr_Occurred()) { /* the exact key: (family, q.shape, k.shape, v.shape, mask shape) */
-        key = exact_key(family, &qm, &km, &vm, mask);
-        plan = key ? PyDict_GetItemWithError(plans, key) : NULL;
-    }
-    Py_XINCREF(plan); /* borrowed from the dict: another thread may replace the entry while the kernel runs */
-    Py_DECREF(family);
-    Py_XDECREF(key);
-    return plan;
+    qkv_shapes shapes = {&qm, &km, &vm, mask};
+    return family_then_exact(plans, attention_family(self, op, q, &qm, mask, is_causal, dropout_p, window),
+                             mask == Py_None && family_guard(&qm, &km, &vm), attention_exact, &shapes);
 }
 
 PyObject *
@@ -411,7 +430,7 @@ norm_family(Hit *self, PyObject *const *a, lz_meta *xm)
 
 /* (family, x.shape) (new reference; NULL with an error set) */
 static PyObject *
-norm_exact_key(PyObject *family, const lz_meta *xm)
+norm_exact(PyObject *family, const void *xm)
 {
     PyObject *shape = shape_tuple(xm);
     PyObject *key = shape ? PyTuple_Pack(2, family, shape) : NULL;
@@ -424,15 +443,7 @@ lz_find_norm_plan(Hit *self, PyObject *plans, PyObject *const *a)
 {
     lz_meta xm;
     PyObject *family = norm_family(self, a, &xm);
-    PyObject *key = NULL, *plan = family ? PyDict_GetItemWithError(plans, family) : NULL;
-    if (family != NULL && plan == NULL && !PyErr_Occurred()) { /* the shape-free plan first, then the exact one */
-        key = norm_exact_key(family, &xm);
-        plan = key ? PyDict_GetItemWithError(plans, key) : NULL;
-    }
-    Py_XINCREF(plan); /* borrowed from the dict: another thread may replace the entry while the kernel runs */
-    Py_XDECREF(family);
-    Py_XDECREF(key);
-    return plan;
+    return family_then_exact(plans, family, 1, norm_exact, &xm);
 }
 
 PyObject *
@@ -440,7 +451,7 @@ lz_norm_key(Hit *self, PyObject *const *a)
 {
     lz_meta xm;
     PyObject *family = norm_family(self, a, &xm);
-    PyObject *key = family ? norm_exact_key(family, &xm) : NULL;
+    PyObject *key = family ? norm_exact(family, &xm) : NULL;
     Py_XDECREF(family);
     return key;
 }
