@@ -272,6 +272,58 @@ def test_calls_given_a_context_answer_alike_and_are_served(name: str, factory: C
 
 
 @needs_compiled
+def test_the_exact_key_memo_follows_every_invalidation(tmp_path: Any) -> None:
+    """The compiled path remembers the exact-key plan it found last (own caches, calls given a context); every
+    change that moves the cache makes the next call read it again: an invalidation, a reload with other rules,
+    another context, other shapes, a kernel's exception."""
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8)
+    inputs = {"q": q, "k": k, "v": v}
+    mvcc = create_dynamic_dispatcher(use_mvcc_cache=True)
+    for _ in range(3):
+        mvcc.dispatch("attention.full", inputs)
+    assert _served(mvcc.dispatch, "attention.full", inputs) and mvcc.dispatch("attention.full", inputs).cached
+    mvcc.invalidate()
+    assert not mvcc.dispatch("attention.full", inputs).cached  # a miss: the memo went with the cache's version
+    assert mvcc.dispatch("attention.full", inputs).cached
+    wide = {"q": torch.randn(1, 4, 3, 16), "k": torch.randn(1, 4, 5, 16), "v": torch.randn(1, 4, 5, 16)}
+    assert not mvcc.dispatch("attention.full", wide).cached  # other shapes: another key
+    torch.testing.assert_close(mvcc.dispatch("attention.full", wide).output,
+                               torch.nn.functional.scaled_dot_product_attention(*wide.values()))
+    ctx, other = lz.SelectionContext(dtype=torch.float32), lz.SelectionContext(dtype=torch.float32)
+    gd = get_global_dispatcher()
+    gd.dispatch("attention.full", inputs, context=ctx)
+    assert gd.dispatch("attention.full", inputs, context=ctx).cached
+    assert not gd.dispatch("attention.full", inputs, context=other).cached  # another context: its own plan
+    gd.runtime.plans.invalidate()
+    assert not gd.dispatch("attention.full", inputs, context=ctx).cached
+    path = tmp_path / "kernels.yaml"
+    path.write_text('version: "1.0"\nkernel_locks: {attention.full: torch_sdpa_math}\n')
+    with create_hot_reload_dispatcher(config_path=path, start_watching=False) as hot:
+        for _ in range(3):
+            assert hot.dispatch("attention.full", inputs).kernel_id == "torch_sdpa_math"
+        assert _served(hot.dispatch, "attention.full", inputs)
+        path.write_text('version: "1.0"\nkernel_locks: {attention.full: torch_sdpa_gqa}\n')
+        assert hot.reload()
+        assert hot.dispatch("attention.full", inputs).kernel_id == "torch_sdpa_gqa"  # the new rules, at once
+    mvcc.dispatch("attention.full", inputs)
+    entry = mvcc._fast["attention.full"]  # type: ignore[attr-defined]
+    assert entry.cmemo is not None
+    plan = entry.cmemo[5]
+    real = plan.direct
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("kernel failed")
+
+    plan.direct = broken
+    try:
+        r = mvcc.dispatch("attention.full", inputs)
+        assert entry.cmemo is None  # a kernel's exception: the next call reads the cache again
+    finally:
+        plan.direct = real
+    torch.testing.assert_close(r.output, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@needs_compiled
 @pytest.mark.parametrize("cache", ["shared", "mvcc", "lru"])
 def test_a_failing_contract_op_kernel_goes_to_the_detour(cache: str) -> None:
     """A norm kernel's exception on the compiled path goes where ``_hot_op`` sends it (``_hot_op_detour``): the same

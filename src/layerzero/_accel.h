@@ -58,6 +58,10 @@ PyObject *lz_miss(Hit *self);                                     /* self->miss,
 PyObject *lz_find_plan(Hit *self, PyObject *plans, PyObject *op, PyObject *q, PyObject *k, PyObject *v,
                        PyObject *mask, PyObject *is_causal, PyObject *dropout_p, PyObject *window);
 int lz_admits(Hit *self, PyObject *q, PyObject *k, PyObject *v); /* the attention shape guard, maskless */
+/* what the exact key of a maskless attention call carries besides its constants (q's scalar type and device, the
+ * sizes of q, k, v), where its shape guard holds: 1, or 0 (not plain 4-D tensors, or the guard fails) */
+#define LZ_ATTENTION_SIG 15
+int lz_attention_sig(Hit *self, PyObject *q, PyObject *k, PyObject *v, int64_t sig[LZ_ATTENTION_SIG]);
 /* the exact key of a maskless attention call whose shape guard holds (new reference), or NULL (an error may be set) */
 PyObject *lz_attention_key(Hit *self, PyObject *op, PyObject *q, PyObject *k, PyObject *v, PyObject *is_causal,
                            PyObject *dropout_p, PyObject *window);

@@ -2,6 +2,8 @@
  * Dispatcher.dispatch, _hot_plan and _hot_op; layerzero/dispatch/dispatcher.py holds the definition): the runtime's
  * plan dict through the operation's contract lookup, or the dispatcher's own PlanCache or MVCCPlanCache under the
  * call's exact key, read as ``cache.get(key)`` reads it. */
+#include <string.h>
+
 #include "_accel_dispatch.h"
 
 /* The plan an own cache (a PlanCache or MVCCPlanCache without a TTL) holds under ``key``, as ``cache.peek(key)``
@@ -90,6 +92,56 @@ exact_plan(Method *m, Call *c, PyObject *cache, PyObject *key)
     return c->plan != NULL;
 }
 
+/* The entry's memo (``fast.cmemo``) of the exact-key plan it found last: ``(store, version, context, operation,
+ * signature, plan)``. It stands for the cache read while the store (this dispatcher's own cache, or the runtime's)
+ * is the same object at the same version (every invalidation moves it; a config change replaces it), has no
+ * TTL, and the call has the same context, operation and key signature (what the exact key carries besides the
+ * entry's constants). A plan evicted meanwhile still serves (it is this key's plan for that version); a kernel's
+ * exception drops the memo (``_hot_detour``). 1: c->plan set from it; 0: not. */
+static int
+memo_plan(Method *m, Call *c, PyObject *store, PyObject *version, const int64_t *sig)
+{
+    PyObject *memo = fast_get(m, c, MSLOT_CMEMO);
+    int hit = memo != NULL && PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == 6 &&
+              PyTuple_GET_ITEM(memo, 0) == store && PyTuple_GET_ITEM(memo, 2) == (c->ctx ? c->ctx : Py_None) &&
+              PyTuple_GET_ITEM(memo, 3) == c->operation && PyBytes_CheckExact(PyTuple_GET_ITEM(memo, 4)) &&
+              PyBytes_GET_SIZE(PyTuple_GET_ITEM(memo, 4)) == LZ_ATTENTION_SIG * (Py_ssize_t)sizeof(int64_t) &&
+              memcmp(PyBytes_AS_STRING(PyTuple_GET_ITEM(memo, 4)), sig, LZ_ATTENTION_SIG * sizeof(int64_t)) == 0 &&
+              PyObject_RichCompareBool(PyTuple_GET_ITEM(memo, 1), version, Py_EQ) == 1;
+    if (hit)
+        c->plan = Py_NewRef(PyTuple_GET_ITEM(memo, 5));
+    Py_XDECREF(memo);
+    return hit;
+}
+
+/* The exact-key plan of an attention call (an own cache, or a given context), through the entry's memo. */
+static void
+exact_attention_plan(Method *m, Call *c, PyObject *cache, PyObject *causal, PyObject *dropout, PyObject *window)
+{
+    int64_t sig[LZ_ATTENTION_SIG];
+    int own = cache != Py_None, mvcc = own && Py_IS_TYPE(cache, m->mvcc_type);
+    PyObject *store = own ? Py_NewRef(cache) : lz_slot_get(&m->slots[MSLOT_RT_PLANS], c->rt, LZ.plans);
+    int known = store && (mvcc || Py_IS_TYPE(store, m->plan_cache_type));
+    PyObject *ttl = known ? lz_slot_get(&m->slots[mvcc ? MSLOT_MVCC_TTL : MSLOT_CACHE_TTL], store, M_TTL) : NULL;
+    PyObject *version = ttl == Py_None ? lz_slot_get(&m->slots[mvcc ? MSLOT_MVCC_VERSION : MSLOT_CACHE_VERSION],
+                                                     store, M_VERSION) : NULL;
+    int signed_ = version && lz_attention_sig(m->hit, c->q, c->k, c->v, sig);
+    if (!(signed_ && memo_plan(m, c, store, version, sig)) && !PyErr_Occurred() &&
+        exact_plan(m, c, cache, lz_attention_key(m->hit, c->operation, c->q, c->k, c->v, causal, dropout, window)) &&
+        signed_) {
+        PyObject *bytes = PyBytes_FromStringAndSize((const char *)sig, sizeof sig);
+        PyObject *memo = bytes ? PyTuple_Pack(6, store, version, c->ctx ? c->ctx : Py_None, c->operation, bytes,
+                                              c->plan) : NULL;
+        if (memo == NULL || lz_slot_set(&m->slots[MSLOT_CMEMO], c->fast, M_NAMES[MSLOT_CMEMO], memo) < 0)
+            PyErr_Clear(); /* no memo: the next call reads the cache */
+        Py_XDECREF(bytes);
+        Py_XDECREF(memo);
+    }
+    Py_XDECREF(store);
+    Py_XDECREF(ttl);
+    Py_XDECREF(version);
+}
+
 /* Selection: the plan the contract's lookup finds in the runtime's plan dict (the dispatcher shares it: no cache
  * of its own, no TTL, no open policy scope), or the dispatcher's own cache holds under the call's exact key (the
  * shape guard holding). 1, or 0: the Python method looks it up. */
@@ -101,7 +153,7 @@ lz_find_selected(Method *m, Call *c)
     if (cache != NULL && lz_scoped(m->hit) == 0 && (causal = fast_get(m, c, MSLOT_CAUSAL)) &&
         (dropout = fast_get(m, c, MSLOT_DROPOUT)) && (window = fast_get(m, c, MSLOT_WINDOW))) {
         if (cache != Py_None || c->ctx != NULL)
-            exact_plan(m, c, cache, lz_attention_key(m->hit, c->operation, c->q, c->k, c->v, causal, dropout, window));
+            exact_attention_plan(m, c, cache, causal, dropout, window);
         else if ((data = shared_plans(m, c)) != NULL) {
             c->plan = lz_find_plan(m->hit, data, c->operation, c->q, c->k, c->v, Py_None, causal, dropout, window);
         }

@@ -327,6 +327,18 @@ lz_find_plan(Hit *self, PyObject *plans, PyObject *op, PyObject *q, PyObject *k,
                              mask == Py_None && family_guard(&qm, &km, &vm), attention_exact, &shapes);
 }
 
+int
+lz_attention_sig(Hit *self, PyObject *q, PyObject *k, PyObject *v, int64_t sig[LZ_ATTENTION_SIG])
+{
+    lz_meta qm, km, vm;
+    if (!read_qkv(self, q, k, v, &qm, &km, &vm) || !family_guard(&qm, &km, &vm))
+        return 0;
+    sig[0] = qm.scalar_type, sig[1] = qm.device_type, sig[2] = qm.device_index;
+    for (int i = 0; i < 4; i++)
+        sig[3 + i] = qm.sizes[i], sig[7 + i] = km.sizes[i], sig[11 + i] = vm.sizes[i];
+    return 1;
+}
+
 PyObject *
 lz_attention_key(Hit *self, PyObject *op, PyObject *q, PyObject *k, PyObject *v, PyObject *is_causal,
                  PyObject *dropout_p, PyObject *window)

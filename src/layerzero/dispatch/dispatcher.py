@@ -327,6 +327,7 @@ class Dispatcher(Observable):
         its first kernel raised ``exc``. Runs it the slow way (:meth:`_run_slow`), BSHD output transposed back."""
         if exc is not None and plan.family is not None:  # the runtime may take the family plan back
             hot.memo = NO_MEMO
+        hot.cmemo = None  # the compiled path's exact-key memo: read the cache again
         out, ran = self._run_slow(plan, hot.args(q, k, v), exc)
         if hot.bshd:
             out = out.transpose(1, 2)

@@ -299,7 +299,7 @@ class AttentionInputs:
     """
 
     __slots__ = ("q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "bshd", "direct_ok",
-                 "memo", "shapes_admit", "admits", "find")
+                 "memo", "cmemo", "shapes_admit", "admits", "find")
 
     def __init__(self, names: tuple[str, str, str], is_causal: bool, dropout_p: float, scale: Any,
                  window: Any, bshd: bool = False) -> None:
@@ -311,6 +311,9 @@ class AttentionInputs:
         self.bshd = bshd
         self.direct_ok = scale is None  # ``plan.direct(q, k, v)`` (PyTorch's SDPA) needs the default scale
         self.memo: tuple[Any, Any, Any] = NO_MEMO  # one tuple, so that threads never see a torn memo
+        # the compiled path's memo of the exact-key plan it found last (an own cache, or a given context):
+        # ``exact_attention_plan`` in _accel_lookup.c says when it stands for the cache read
+        self.cmemo: Any = None
         # the attention contract's shape relations, checked per call; its scalar guards hold for the constants
         # above (an entry is made only then: ``_attention_entry``)
         self.shapes_admit = ATTENTION.calls.shapes_admit
