@@ -321,6 +321,30 @@ def test_the_exact_key_memo_follows_every_invalidation(tmp_path: Any) -> None:
     finally:
         plan.direct = real
     torch.testing.assert_close(r.output, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    # the norms' entries remember theirs too
+    x, w = torch.randn(4, 32), torch.rand(32) + 0.5
+    norm = {"x": x, "weight": w}
+    for _ in range(3):
+        mvcc.dispatch("rms_norm", norm)
+    op_entry = mvcc._fast["rms_norm"]  # type: ignore[attr-defined]
+    assert op_entry.cmemo is not None and mvcc.dispatch("rms_norm", norm).cached
+    mvcc.invalidate()
+    assert not mvcc.dispatch("rms_norm", norm).cached
+    assert not mvcc.dispatch("rms_norm", {"x": torch.randn(4, 64), "weight": torch.rand(64)}).cached
+    assert not gd.dispatch("rms_norm", norm, context=other).cached
+    assert gd.dispatch("rms_norm", norm, context=other).cached
+    with pytest.raises(LayerZeroError, match="weight must have x's dtype"):  # another weight dtype: not the memo's
+        mvcc.dispatch("rms_norm", {"x": x, "weight": w.double()})
+    mvcc.dispatch("rms_norm", norm)
+    nplan = op_entry.cmemo[5]
+    real_direct, real_fn = nplan.direct, nplan.fn
+    nplan.direct = nplan.fn = broken
+    try:
+        r = mvcc.dispatch("rms_norm", norm)
+        assert op_entry.cmemo is None
+    finally:
+        nplan.direct, nplan.fn = real_direct, real_fn
+    torch.testing.assert_close(r.output, torch.nn.functional.rms_norm(x, (32,), w, 1e-6))
 
 
 @needs_compiled

@@ -67,6 +67,10 @@ PyObject *lz_attention_key(Hit *self, PyObject *op, PyObject *q, PyObject *k, Py
                            PyObject *dropout_p, PyObject *window);
 /* the plan a norm hit's lookup finds in plans for its canonical arguments (new reference), or NULL */
 PyObject *lz_find_norm_plan(Hit *self, PyObject *plans, PyObject *const *a);
+/* what the exact key of a norm call carries besides its operation (x's dtype, device and shape, the weight's and
+ * bias's dtypes, eps): 1, or 0 (not read here) */
+#define LZ_NORM_SIG 16
+int lz_norm_sig(Hit *self, PyObject *const *a, int64_t sig[LZ_NORM_SIG]);
 /* the exact key of a norm call (its guard holding; new reference), or NULL (an error may be set) */
 PyObject *lz_norm_key(Hit *self, PyObject *const *a);
 /* obj.name through ``slot`` (new reference; NULL with an error set), and obj.name = value (a reference taken) */

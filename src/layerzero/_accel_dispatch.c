@@ -20,7 +20,7 @@
 
 static const char *const SLOT_NAMES[N_MSLOTS] = {
     "q_name", "k_name", "v_name", "is_causal", "dropout_p", "scale", "window", "bshd", "direct_ok", "names",
-    "template", "size", "lookup", "keys", "admits", "hit", "version", "data", "ttl", "data", "ttl", "shards", "mask", "version", "version", "plans", "kernel_id", "context", "cmemo", "version", "runtime", "_version", "_timed", "_fast", "_cache", "_mode_value", "kernels", "output", "kernel_id",
+    "template", "size", "lookup", "keys", "admits", "hit", "version", "data", "ttl", "data", "ttl", "shards", "mask", "version", "version", "plans", "kernel_id", "context", "cmemo", "cmemo", "version", "runtime", "_version", "_timed", "_fast", "_cache", "_mode_value", "kernels", "output", "kernel_id",
     "operation", "fallback_used", "attempts", "stamps", "cached", "mode"};
 PyObject *M_NAMES[N_MSLOTS];
 PyObject *M_VERSION, *M_HOT, *M_HOT_CAUSAL, *M_TTL, *M_DETOUR, *M_OP_DETOUR, *M_SHARDS, *M_MASK, *M_CONTEXT;
@@ -213,10 +213,12 @@ run_kernel(Call *c)
 
 /* ``except Exception as exc: return self._hot_detour(plan, fast, q, k, v, exc, operation, t0, t2)`` */
 static PyObject *
-detour(Call *c)
+detour(Method *m, Call *c)
 {
     PyObject *exc = lz_fetch_exception(), *out = NULL;
     PyObject *t0 = PyLong_FromLongLong(c->t0), *t2 = t0 ? PyLong_FromLongLong(c->t2) : NULL;
+    if (c->op && lz_slot_set(&m->slots[MSLOT_OP_CMEMO], c->fast, M_NAMES[MSLOT_OP_CMEMO], Py_None) < 0)
+        PyErr_Clear(); /* the entry's exact-key memo goes: the next call reads the cache again */
     PyObject *args = t2 && c->op ? PyTuple_New(c->nargs) : NULL; /* _hot_op_detour(plan, args, exc, operation, t0, t2) */
     for (Py_ssize_t i = 0; args != NULL && i < c->nargs; i++)
         PyTuple_SET_ITEM(args, i, Py_NewRef(c->args[i]));
@@ -317,7 +319,7 @@ serve(Method *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int
     if (out != NULL)
         r = make_result(m, &c, out);
     else if (PyErr_ExceptionMatches(PyExc_Exception))
-        r = detour(&c);
+        r = detour(m, &c);
 done:
     call_clear(&c);
     return r;

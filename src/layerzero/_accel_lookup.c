@@ -99,14 +99,14 @@ exact_plan(Method *m, Call *c, PyObject *cache, PyObject *key)
  * entry's constants). A plan evicted meanwhile still serves (it is this key's plan for that version); a kernel's
  * exception drops the memo (``_hot_detour``). 1: c->plan set from it; 0: not. */
 static int
-memo_plan(Method *m, Call *c, PyObject *store, PyObject *version, const int64_t *sig)
+memo_plan(Method *m, Call *c, int slot, PyObject *store, PyObject *version, const int64_t *sig, Py_ssize_t n)
 {
-    PyObject *memo = fast_get(m, c, MSLOT_CMEMO);
+    PyObject *memo = fast_get(m, c, slot);
     int hit = memo != NULL && PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == 6 &&
               PyTuple_GET_ITEM(memo, 0) == store && PyTuple_GET_ITEM(memo, 2) == (c->ctx ? c->ctx : Py_None) &&
               PyTuple_GET_ITEM(memo, 3) == c->operation && PyBytes_CheckExact(PyTuple_GET_ITEM(memo, 4)) &&
-              PyBytes_GET_SIZE(PyTuple_GET_ITEM(memo, 4)) == LZ_ATTENTION_SIG * (Py_ssize_t)sizeof(int64_t) &&
-              memcmp(PyBytes_AS_STRING(PyTuple_GET_ITEM(memo, 4)), sig, LZ_ATTENTION_SIG * sizeof(int64_t)) == 0 &&
+              PyBytes_GET_SIZE(PyTuple_GET_ITEM(memo, 4)) == n * (Py_ssize_t)sizeof(int64_t) &&
+              memcmp(PyBytes_AS_STRING(PyTuple_GET_ITEM(memo, 4)), sig, n * sizeof(int64_t)) == 0 &&
               PyObject_RichCompareBool(PyTuple_GET_ITEM(memo, 1), version, Py_EQ) == 1;
     if (hit)
         c->plan = Py_NewRef(PyTuple_GET_ITEM(memo, 5));
@@ -114,31 +114,69 @@ memo_plan(Method *m, Call *c, PyObject *store, PyObject *version, const int64_t 
     return hit;
 }
 
-/* The exact-key plan of an attention call (an own cache, or a given context), through the entry's memo. */
+/* The store an exact-key plan comes from (this dispatcher's own cache, or the runtime's) and its version, when
+ * the memo may stand for it (a PlanCache or MVCCPlanCache without a TTL); 0 otherwise (new references). */
+static int
+memo_store(Method *m, Call *c, PyObject *cache, PyObject **store, PyObject **version)
+{
+    int own = cache != Py_None, mvcc = own && Py_IS_TYPE(cache, m->mvcc_type);
+    *store = own ? Py_NewRef(cache) : lz_slot_get(&m->slots[MSLOT_RT_PLANS], c->rt, LZ.plans);
+    int known = *store && (mvcc || Py_IS_TYPE(*store, m->plan_cache_type));
+    PyObject *ttl = known ? lz_slot_get(&m->slots[mvcc ? MSLOT_MVCC_TTL : MSLOT_CACHE_TTL], *store, M_TTL) : NULL;
+    *version = ttl == Py_None ? lz_slot_get(&m->slots[mvcc ? MSLOT_MVCC_VERSION : MSLOT_CACHE_VERSION], *store,
+                                            M_VERSION) : NULL;
+    Py_XDECREF(ttl);
+    return *version != NULL;
+}
+
+/* Remember c->plan in the entry's memo (``slot``) for this store, version, context, operation and signature. */
+static void
+remember(Method *m, Call *c, int slot, PyObject *store, PyObject *version, const int64_t *sig, Py_ssize_t n)
+{
+    PyObject *bytes = PyBytes_FromStringAndSize((const char *)sig, n * (Py_ssize_t)sizeof(int64_t));
+    PyObject *memo = bytes ? PyTuple_Pack(6, store, version, c->ctx ? c->ctx : Py_None, c->operation, bytes,
+                                          c->plan) : NULL;
+    if (memo == NULL || lz_slot_set(&m->slots[slot], c->fast, M_NAMES[slot], memo) < 0)
+        PyErr_Clear(); /* no memo: the next call reads the cache */
+    Py_XDECREF(bytes);
+    Py_XDECREF(memo);
+}
+
+/* The exact-key plan of an attention call (an own cache, or a given context), through the entry's memo: the key
+ * is built only when the memo does not stand. */
 static void
 exact_attention_plan(Method *m, Call *c, PyObject *cache, PyObject *causal, PyObject *dropout, PyObject *window)
 {
     int64_t sig[LZ_ATTENTION_SIG];
-    int own = cache != Py_None, mvcc = own && Py_IS_TYPE(cache, m->mvcc_type);
-    PyObject *store = own ? Py_NewRef(cache) : lz_slot_get(&m->slots[MSLOT_RT_PLANS], c->rt, LZ.plans);
-    int known = store && (mvcc || Py_IS_TYPE(store, m->plan_cache_type));
-    PyObject *ttl = known ? lz_slot_get(&m->slots[mvcc ? MSLOT_MVCC_TTL : MSLOT_CACHE_TTL], store, M_TTL) : NULL;
-    PyObject *version = ttl == Py_None ? lz_slot_get(&m->slots[mvcc ? MSLOT_MVCC_VERSION : MSLOT_CACHE_VERSION],
-                                                     store, M_VERSION) : NULL;
-    int signed_ = version && lz_attention_sig(m->hit, c->q, c->k, c->v, sig);
-    if (!(signed_ && memo_plan(m, c, store, version, sig)) && !PyErr_Occurred() &&
-        exact_plan(m, c, cache, lz_attention_key(m->hit, c->operation, c->q, c->k, c->v, causal, dropout, window)) &&
-        signed_) {
-        PyObject *bytes = PyBytes_FromStringAndSize((const char *)sig, sizeof sig);
-        PyObject *memo = bytes ? PyTuple_Pack(6, store, version, c->ctx ? c->ctx : Py_None, c->operation, bytes,
-                                              c->plan) : NULL;
-        if (memo == NULL || lz_slot_set(&m->slots[MSLOT_CMEMO], c->fast, M_NAMES[MSLOT_CMEMO], memo) < 0)
-            PyErr_Clear(); /* no memo: the next call reads the cache */
-        Py_XDECREF(bytes);
-        Py_XDECREF(memo);
+    PyObject *store = NULL, *version = NULL;
+    int usable = lz_attention_sig(m->hit, c->q, c->k, c->v, sig) && memo_store(m, c, cache, &store, &version);
+    if (usable && memo_plan(m, c, MSLOT_CMEMO, store, version, sig, LZ_ATTENTION_SIG)) {
+        /* remembered */
+    }
+    else if (!PyErr_Occurred() &&
+             exact_plan(m, c, cache,
+                        lz_attention_key(m->hit, c->operation, c->q, c->k, c->v, causal, dropout, window)) &&
+             usable) {
+        remember(m, c, MSLOT_CMEMO, store, version, sig, LZ_ATTENTION_SIG);
     }
     Py_XDECREF(store);
-    Py_XDECREF(ttl);
+    Py_XDECREF(version);
+}
+
+/* The same for a norm (an OpInputs entry with a norm's compiled hit). */
+static void
+exact_norm_plan(Method *m, Call *c, PyObject *cache, Hit *hit)
+{
+    int64_t sig[LZ_NORM_SIG];
+    PyObject *store = NULL, *version = NULL;
+    int usable = lz_norm_sig(hit, c->args, sig) && memo_store(m, c, cache, &store, &version);
+    if (usable && memo_plan(m, c, MSLOT_OP_CMEMO, store, version, sig, LZ_NORM_SIG)) {
+        /* remembered */
+    }
+    else if (!PyErr_Occurred() && exact_plan(m, c, cache, lz_norm_key(hit, c->args)) && usable) {
+        remember(m, c, MSLOT_OP_CMEMO, store, version, sig, LZ_NORM_SIG);
+    }
+    Py_XDECREF(store);
     Py_XDECREF(version);
 }
 
@@ -219,8 +257,8 @@ lz_find_op_plan(Method *m, Call *c)
                c->nargs == (((Hit *)hit)->kind == KIND_LAYER_NORM ? 4 : 3);
     if (norm)
         c->norm = Py_NewRef(hit);
-    if (hit != NULL && (cache != Py_None || c->ctx != NULL) && norm) { /* the exact key, the guard holding */
-        exact_plan(m, c, cache, lz_norm_key((Hit *)hit, c->args));
+    if (hit != NULL && (cache != Py_None || c->ctx != NULL) && norm) { /* the exact key, through the memo */
+        exact_norm_plan(m, c, cache, (Hit *)hit);
     }
     else if (hit != NULL && (cache != Py_None || c->ctx != NULL)) { /* keys(operation, *args)[1] if admits(...) */
         PyObject *ok = contract_call(m, c, MSLOT_ADMITS);

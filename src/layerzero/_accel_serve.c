@@ -2,6 +2,7 @@
  * the norms (lz.rms_norm, lz.layer_norm). Each mirrors its call contract's generated Python entry (see
  * _accel.c); whatever it does not serve it answers with self->miss. */
 #include <math.h>
+#include <string.h>
 
 #include "_accel.h"
 #include <structmember.h>
@@ -456,6 +457,44 @@ lz_find_norm_plan(Hit *self, PyObject *plans, PyObject *const *a)
     lz_meta xm;
     PyObject *family = norm_family(self, a, &xm);
     return family_then_exact(plans, family, 1, norm_exact, &xm);
+}
+
+int
+lz_norm_sig(Hit *self, PyObject *const *a, int64_t sig[LZ_NORM_SIG])
+{
+    int with_bias = self->kind == KIND_LAYER_NORM;
+    Py_ssize_t n = with_bias ? 4 : 3;
+    PyObject *eps = a[n - 1];
+    lz_meta xm, wm;
+    if ((!PyFloat_CheckExact(eps) && !PyLong_CheckExact(eps)) || !read_meta(self, a[0], &xm, 0))
+        return 0;
+    memset(sig, 0, LZ_NORM_SIG * sizeof(int64_t));
+    sig[0] = xm.scalar_type, sig[1] = xm.device_type, sig[2] = xm.device_index, sig[3] = xm.ndim;
+    for (int i = 0; i < xm.ndim; i++)
+        sig[4 + i] = xm.sizes[i];
+    for (int i = 0; i < n - 2; i++) { /* weight's (and bias's) dtype, or -1 for None */
+        if (a[1 + i] == Py_None)
+            sig[12 + i] = -1;
+        else if (read_meta(self, a[1 + i], &wm, 1))
+            sig[12 + i] = wm.scalar_type;
+        else
+            return 0;
+    }
+    if (PyFloat_CheckExact(eps)) { /* eps, by type and bits */
+        double d = PyFloat_AS_DOUBLE(eps);
+        sig[14] = 1;
+        memcpy(&sig[15], &d, sizeof d);
+    }
+    else {
+        int overflow = 0;
+        sig[14] = 2;
+        sig[15] = PyLong_AsLongLongAndOverflow(eps, &overflow);
+        if (overflow || (sig[15] == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return 0;
+        }
+    }
+    return 1;
 }
 
 PyObject *

@@ -356,13 +356,14 @@ class OpInputs:
     the compiled dispatch method looks their plans up with it), else None. Shared by every dispatcher (no state).
     """
 
-    __slots__ = ("names", "template", "size", "lookup", "keys", "admits", "hit")
+    __slots__ = ("names", "template", "size", "lookup", "keys", "admits", "hit", "cmemo")
 
     def __init__(self, names: tuple[str | None, ...], template: tuple[Any, ...], calls: Any) -> None:
         self.names = names
         self.template = template
         self.size = sum(n is not None for n in names)
         self.lookup, self.keys, self.admits, self.hit = calls.lookup, calls.keys, calls.admits, calls.compiled
+        self.cmemo: Any = None  # the compiled path's memo of a norm's exact-key plan (see AttentionInputs.cmemo)
 
     def copy(self) -> OpInputs:
         return self
