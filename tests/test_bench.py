@@ -54,3 +54,23 @@ def test_bench_cli_json(tmp_path):
     data = json.loads(out.read_text())
     assert data["results"] and data["overhead"]
     assert data["all_passed"] == (proc.returncode == 0)
+
+
+def test_the_import_probe_lets_python_cache_bytecode(monkeypatch) -> None:
+    """The import line times ``import layerzero`` as a user's second interpreter sees it: an environment with
+    ``PYTHONDONTWRITEBYTECODE=1`` (CI images, some shells) would otherwise time compiling every module of a fresh
+    checkout, every run (torch's modules were compiled by pip). The probes run for real here."""
+    from layerzero.bench import runner
+
+    seen: list[dict[str, str]] = []
+    real = subprocess.run
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["env"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setattr(runner.subprocess, "run", spy)
+    rows = runner.run_import(BenchOptions(quick=True), lambda msg: None)
+    assert len(seen) == 3 and all("PYTHONDONTWRITEBYTECODE" not in env for env in seen)
+    assert rows[0].path == "import layerzero" and "ms on top of" in rows[0].note

@@ -237,13 +237,16 @@ _IMPORT_PROBE = ("import time; t0 = time.perf_counter(); import torch; t1 = time
 
 def run_import(opts: BenchOptions, progress: Callable[[str], None]) -> list[OverheadRow]:
     """``import layerzero`` on top of ``import torch``, in fresh interpreters (the fastest of a few runs:
-    import time only ever gets slower through noise)."""
+    import time only ever gets slower through noise). The probes may cache bytecode, as Python does by default:
+    ``PYTHONDONTWRITEBYTECODE`` is dropped for them, so a source checkout that was never imported with bytecode
+    caching on is not timed compiling every module (torch's own modules were compiled when pip installed it)."""
     progress("import time")
     n = 3 if opts.quick else 7
     torch_s, extra_s = [], []
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     for _ in range(n):
         out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], check=True, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONWARNINGS": "ignore"}).stdout.split()
+                             env={**env, "PYTHONWARNINGS": "ignore"}).stdout.split()
         torch_s.append(float(out[0]))
         extra_s.append(float(out[1]))
     a, b = min(torch_s), min(extra_s)
