@@ -1,7 +1,8 @@
 /* layerzero._accel: where a dispatcher's served call finds its plan (the compiled form of the lookups in
  * Dispatcher.dispatch, _hot_plan and _hot_op; layerzero/dispatch/dispatcher.py holds the definition): the runtime's
  * plan dict through the operation's contract lookup, or the dispatcher's own PlanCache or MVCCPlanCache under the
- * call's exact key, read as ``cache.get(key)`` reads it. */
+ * call's exact key, read as ``cache.peek(key)`` reads it, through the entry's memo of the exact-key plan it found
+ * last. */
 #include <string.h>
 
 #include "_accel_dispatch.h"
@@ -97,7 +98,8 @@ exact_plan(Method *m, Call *c, PyObject *cache, PyObject *key)
  * is the same object at the same version (every invalidation moves it; a config change replaces it), has no
  * TTL, and the call has the same context, operation and key signature (what the exact key carries besides the
  * entry's constants). A plan evicted meanwhile still serves (it is this key's plan for that version); a kernel's
- * exception drops the memo (``_hot_detour``). 1: c->plan set from it; 0: not. */
+ * exception drops the memo (``_hot_detour`` for attention, the op detour in _accel_dispatch.c). 1: c->plan set from
+ * it; 0: not. */
 static int
 memo_plan(Method *m, Call *c, int slot, PyObject *store, PyObject *version, const int64_t *sig, Py_ssize_t n)
 {

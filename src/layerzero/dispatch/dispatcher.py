@@ -34,7 +34,6 @@ from typing import Any
 from layerzero.context import SelectionContext
 from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.generic import (
-    CONTEXT_MARKER,
     DISPATCH_DOC,
     GENERIC,
     NO_MEMO,
@@ -42,6 +41,7 @@ from layerzero.dispatch.generic import (
     OpInputs,
     attention_inputs,
     compiled_dispatch,
+    context_key,
     hot_key,
     keys_for,
     kwargs_key,
@@ -70,11 +70,9 @@ from layerzero.spec import KernelSpec
 __all__ = ["Dispatcher", "DispatchResult", "DispatchTiming", "runtime_for", "PlanStore", "compile_dispatch"]
 
 PlanStore = PlanCache | MVCCPlanCache
-_CTX = CONTEXT_MARKER
 perf_ns = time.perf_counter_ns
 new_result = DispatchResult.__new__  # the hot paths fill the slots themselves (no __init__ frame)
 _UNSEEN: Any = object()
-_HOT_SLOTS = ("runtime", "_version", "_timed", "_fast", "_cache", "_mode_value")  # Dispatcher.__slots__, but dicts
 #: a ``dispatch`` method -> its compiled form (layerzero.accel): see ``Dispatcher.__init__`` and compile_dispatch.
 COMPILED_FORMS: dict[Any, Any] = {}
 
@@ -142,7 +140,8 @@ class Dispatcher(Observable):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("dispatch", None)  # bound to this object: a copy binds its own (__setstate__)
-        state.update((name, getattr(self, name)) for name in _HOT_SLOTS if hasattr(self, name))
+        state.update((name, getattr(self, name)) for name in Dispatcher.__slots__
+                     if not name.startswith("__") and hasattr(self, name))  # the slots, but the dict and weakref
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -206,8 +205,7 @@ class Dispatcher(Observable):
             specs = tuple(kwargs_kernel(s) for s in specs)
         plan = ExecutionPlan(operation, op, specs, ctx, locked_by=locked_by, policy_digest=policy_digest, source=source)
         if specialize_for is not None and op is not GENERIC and specs[0].specialize is not None:
-            fn = specs[0].specialize(specialize_for)[1]
-            plan.fn, plan.direct, plan.const = fn, getattr(fn, "direct", None), getattr(fn, "const", None)
+            plan.use(specs[0].specialize(specialize_for)[1])
         self.runtime.bind(plan)
         return plan
 
@@ -288,8 +286,8 @@ class Dispatcher(Observable):
         if context is not None:  # a plan per context object and exact call, as _dispatch keys it
             if LIVE.scopes:
                 return None
-            plan = self._peek((operation, _CTX, id(context), (hot.family(operation, q), q.shape, k.shape, v.shape,
-                                                              None)))
+            key = (hot.family(operation, q), q.shape, k.shape, v.shape, None)
+            plan = self.plan_cache.peek(context_key(operation, context, key))
             return plan if plan is not None and plan.context is context else None
         dtype, plan, _ = hot.memo  # (1) in HOT_PATH_NOTES
         if q.dtype is dtype and q.is_cpu and not LIVE.scopes:
@@ -313,26 +311,14 @@ class Dispatcher(Observable):
             hot.memo = (q.dtype, plan, plan.kernels[0].kernel_id)
         return plan or data.get((family, q.shape, k.shape, v.shape, None))
 
-    def _peek(self, key: Hashable) -> ExecutionPlan | None:
-        """The hot paths' read of an exact key: this dispatcher's own cache, or the runtime's (its dict; with a TTL
-        the checked read)."""
-        if self._cache is not None:
-            return self._cache.peek(key)  # type: ignore[no-any-return]
-        plans = self.runtime.plans
-        return plans.data.get(key) if plans.ttl is None else plans.get(key)  # type: ignore[no-any-return]
-
     def _hot_detour(self, plan: ExecutionPlan, hot: AttentionInputs, q: Any, k: Any, v: Any, exc: Exception | None,
                     operation: str, t0: int, t2: int) -> DispatchResult:
-        """A hot-path call its cached plan did not serve at once: the plan's gate is blocked (``exc`` None) or
-        its first kernel raised ``exc``. Runs it the slow way (:meth:`_run_slow`), BSHD output transposed back."""
+        """A hot-path attention call its cached plan did not serve at once: :meth:`_hot_op_detour`, its memos
+        dropped where the plan may have gone, the BSHD output transposed back."""
         if exc is not None and plan.family is not None:  # the runtime may take the family plan back
             hot.memo = NO_MEMO
         hot.cmemo = None  # the compiled path's exact-key memo: read the cache again
-        out, ran = self._run_slow(plan, hot.args(q, k, v), exc)
-        if hot.bshd:
-            out = out.transpose(1, 2)
-        timing = stamp(DispatchTiming, (t0, t2, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
-        return self._result(out, plan, ran, operation, timing, True)
+        return self._hot_op_detour(plan, hot.args(q, k, v), exc, operation, t0, t2, hot.bshd)
 
     def _hot_op(self, hot: OpInputs, operation: str, inputs: dict[str, Any], context: Any, t0: int
                 ) -> DispatchResult | None:
@@ -351,7 +337,7 @@ class Dispatcher(Observable):
                 plan = hot.lookup(plans.data, operation, *args)[0] if plans.ttl is None else None
             elif hot.admits(operation, *args):
                 key = hot.keys(operation, *args)[1]
-                plan = self._peek(key if context is None else (operation, _CTX, id(context), key))
+                plan = self.plan_cache.peek(key if context is None else context_key(operation, context, key))
                 if plan is not None and context is not None and plan.context is not context:
                     plan = None
             else:
@@ -372,10 +358,12 @@ class Dispatcher(Observable):
         return self._result(out, plan, None, operation, timing, True)
 
     def _hot_op_detour(self, plan: ExecutionPlan, args: tuple[Any, ...], exc: Exception | None, operation: str,
-                       t0: int, t2: int) -> DispatchResult:
-        """A hot-path call of :meth:`_hot_op` its plan did not serve at once: the gate is blocked (``exc`` None) or
-        the kernel raised ``exc``; the slow way (:meth:`_run_slow`)."""
+                       t0: int, t2: int, bshd: bool = False) -> DispatchResult:
+        """A hot-path call its cached plan did not serve at once: the gate is blocked (``exc`` None) or the kernel
+        raised ``exc``. Runs it the slow way (:meth:`_run_slow`); ``bshd``: the output goes back to BSHD."""
         out, ran = self._run_slow(plan, args, exc)
+        if bshd:
+            out = out.transpose(1, 2)
         timing = stamp(DispatchTiming, (t0, t2, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
         return self._result(out, plan, ran, operation, timing, True)
 
@@ -392,7 +380,7 @@ class Dispatcher(Observable):
         if context is None:
             family, key = keys_for(op, operation, args)
         else:  # a plan per context object and exact call (the key decides validity, as for lz.*)
-            family, key = None, (operation, _CTX, id(context), keys_for(op, operation, args)[1])
+            family, key = None, context_key(operation, context, keys_for(op, operation, args)[1])
         if not op.admits(operation, args):  # the contract's guards fail: validate on the full path, cache nothing
             family = key = None
         t1 = perf_ns() if t0 else 0

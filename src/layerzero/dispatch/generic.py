@@ -37,7 +37,7 @@ from layerzero.spec import KernelSpec
 __all__ = ["GenericOp", "GENERIC", "op_for_dispatch", "map_inputs", "key_for", "keys_for",
            "AttentionInputs", "attention_inputs", "OpInputs", "op_inputs", "NO_MEMO", "kwargs_kernel", "INPUT_NAMES",
            "HOT_OPTIONS", "kwargs_key", "hot_key", "compiled_dispatch", "DISPATCH_DOC",
-           "CONTEXT_MARKER"]
+           "CONTEXT_MARKER", "context_key"]
 
 # The names ``dispatch()`` accepts per family (first match wins; ``None`` values count as absent).
 INPUT_NAMES: dict[str, str] = {
@@ -256,9 +256,15 @@ HOT_OPTIONS: dict[str, tuple[type, ...]] = {"is_causal": (bool,), "dropout_p": (
                                             "scale": (float, int, type(None)), "window": (int, type(None)),
                                             "layout": (str,)}
 _OPTIONS: Any = object()
-#: What the plan-cache keys of calls given a context start with after the operation: ``(operation, CONTEXT_MARKER,
-#: id(context), exact key)`` (a plan per context object and exact call).
+#: What the plan-cache keys of calls given a context hold after the operation (see :func:`context_key`).
 CONTEXT_MARKER = "explicit-context"
+
+
+def context_key(operation: str, context: Any, key: Hashable) -> tuple[Any, ...]:
+    """The plan-cache key of a call given ``context`` whose exact key is ``key``: ``(operation, CONTEXT_MARKER,
+    id(context), key)``, a plan per context object and exact call (its ``plan.context`` is that object; the
+    compiled path builds the same tuple)."""
+    return (operation, CONTEXT_MARKER, id(context), key)
 
 
 def kwargs_key(operation: str, kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -353,20 +359,23 @@ class OpInputs:
     ``names[i]`` is the input that goes to argument ``i``, or None (the default ``template[i]`` goes there);
     ``size`` is the number of inputs. ``lookup``, ``keys`` and ``admits`` are the contract's
     (:class:`~layerzero.ops.contract.ContractFunctions`); ``hit`` its compiled form, where it has one (the norms:
-    the compiled dispatch method looks their plans up with it), else None. Shared by every dispatcher (no state).
+    the compiled dispatch method looks their plans up with it), else None. ``cmemo``: the compiled path's memo of
+    the exact-key plan it found last (see ``AttentionInputs``); each dispatcher keeps its own copy (:meth:`copy`).
     """
 
-    __slots__ = ("names", "template", "size", "lookup", "keys", "admits", "hit", "cmemo")
+    __slots__ = ("names", "template", "size", "lookup", "keys", "admits", "hit", "cmemo", "_calls")
 
     def __init__(self, names: tuple[str | None, ...], template: tuple[Any, ...], calls: Any) -> None:
         self.names = names
         self.template = template
         self.size = sum(n is not None for n in names)
         self.lookup, self.keys, self.admits, self.hit = calls.lookup, calls.keys, calls.admits, calls.compiled
-        self.cmemo: Any = None  # the compiled path's memo of a norm's exact-key plan (see AttentionInputs.cmemo)
+        self.cmemo: Any = None
+        self._calls = calls
 
     def copy(self) -> OpInputs:
-        return self
+        """The same mapping with an empty memo (one per dispatcher)."""
+        return OpInputs(self.names, self.template, self._calls)
 
     def fill(self, inputs: Mapping[str, Any]) -> tuple[Any, ...] | None:
         """The kernel arguments (``KeyError`` for another name; None when an input is None: the op decides what

@@ -283,9 +283,7 @@ class Runtime:
         plan = self._interned.get(intern_key)
         if plan is None:
             plan = ExecutionPlan(operation, op, ranked, ctx, locked_by=sel.locked_by, policy_digest=sel.policy_digest)
-            plan.fn = fn
-            plan.direct = getattr(fn, "direct", None)  # see ExecutionPlan: the op calls PyTorch's function itself
-            plan.const = getattr(fn, "const", None)
+            plan.use(fn)
             self.bind(plan)
             if len(self._interned) < 100_000:
                 self._interned[intern_key] = plan

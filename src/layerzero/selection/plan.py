@@ -57,6 +57,11 @@ class ExecutionPlan:
         self.direct: Callable[..., Any] | None = None
         self.const: Any = None
 
+    def use(self, fn: Callable[..., Any]) -> None:
+        """Run ``fn`` (the first kernel's form specialized for this plan's calls) and, where it carries them, its
+        direct-call form and constant (``fn.direct``, ``fn.const``: the op calls PyTorch's function itself)."""
+        self.fn, self.direct, self.const = fn, getattr(fn, "direct", None), getattr(fn, "const", None)
+
     @property
     def selected(self) -> KernelSpec:
         return self.kernels[0]
