@@ -308,7 +308,7 @@ def test_the_exact_key_memo_follows_every_invalidation(tmp_path: Any) -> None:
     mvcc.dispatch("attention.full", inputs)
     entry = mvcc._fast["attention.full"]  # type: ignore[attr-defined]
     assert entry.cmemo is not None
-    plan = entry.cmemo[5]
+    plan = entry.cmemo[0][5]
     real = plan.direct
 
     def broken(*args: Any) -> Any:
@@ -336,7 +336,7 @@ def test_the_exact_key_memo_follows_every_invalidation(tmp_path: Any) -> None:
     with pytest.raises(LayerZeroError, match="weight must have x's dtype"):  # another weight dtype: not the memo's
         mvcc.dispatch("rms_norm", {"x": x, "weight": w.double()})
     mvcc.dispatch("rms_norm", norm)
-    nplan = op_entry.cmemo[5]
+    nplan = op_entry.cmemo[0][5]
     real_direct, real_fn = nplan.direct, nplan.fn
     nplan.direct = nplan.fn = broken
     try:
@@ -345,6 +345,49 @@ def test_the_exact_key_memo_follows_every_invalidation(tmp_path: Any) -> None:
     finally:
         nplan.direct, nplan.fn = real_direct, real_fn
     torch.testing.assert_close(r.output, torch.nn.functional.rms_norm(x, (32,), w, 1e-6))
+
+
+@needs_compiled
+def test_the_memo_keeps_two_shapes_an_entry_alternates() -> None:
+    """A server alternating prefill and decode shapes (or two contexts) on one entry finds both plans in the memo:
+    alternating calls leave it as it is (no cache read, nothing remembered again); a third shape pushes the oldest
+    out; every answer is the right one."""
+    def attn(sq: int, skv: int) -> dict[str, torch.Tensor]:
+        return {"q": torch.randn(1, 4, sq, 8), "k": torch.randn(1, 4, skv, 8), "v": torch.randn(1, 4, skv, 8)}
+
+    prefill, decode, third = attn(6, 6), attn(1, 7), attn(2, 9)
+    mvcc = create_dynamic_dispatcher(use_mvcc_cache=True)
+    for _ in range(3):
+        for inputs in (prefill, decode):
+            mvcc.dispatch("attention.full", inputs)
+    entry = mvcc._fast["attention.full"]  # type: ignore[attr-defined]
+    memo = entry.cmemo
+    assert len(memo) == 2 and memo[0][4] != memo[1][4]  # two signatures
+    for _ in range(4):
+        for inputs in (prefill, decode):
+            r = mvcc.dispatch("attention.full", inputs)
+            assert r.cached
+            torch.testing.assert_close(r.output, torch.nn.functional.scaled_dot_product_attention(*inputs.values()))
+    assert entry.cmemo is memo  # both stood: served from the memo, nothing remembered again
+    mvcc.dispatch("attention.full", third)
+    mvcc.dispatch("attention.full", third)
+    assert len(entry.cmemo) == 2 and entry.cmemo[1] is memo[0] and entry.cmemo[0][4] not in (memo[0][4], memo[1][4])
+    torch.testing.assert_close(mvcc.dispatch("attention.full", prefill).output,
+                               torch.nn.functional.scaled_dot_product_attention(*prefill.values()))
+    # two contexts on one norm entry
+    x, w = torch.randn(4, 32), torch.rand(32) + 0.5
+    gd = get_global_dispatcher()
+    ctx, other = lz.SelectionContext(dtype=torch.float32), lz.SelectionContext(dtype=torch.float32)
+    for _ in range(2):
+        for c in (ctx, other):
+            gd.dispatch("rms_norm", {"x": x, "weight": w}, context=c)
+    op_memo = gd._fast["rms_norm"].cmemo  # type: ignore[attr-defined]
+    assert {e[2] for e in op_memo} == {ctx, other}
+    for c in (ctx, other, ctx, other):
+        r = gd.dispatch("rms_norm", {"x": x, "weight": w}, context=c)
+        assert r.cached
+        torch.testing.assert_close(r.output, torch.nn.functional.rms_norm(x, (32,), w, 1e-6))
+    assert gd._fast["rms_norm"].cmemo is op_memo  # type: ignore[attr-defined]
 
 
 @needs_compiled

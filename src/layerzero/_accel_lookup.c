@@ -93,25 +93,38 @@ exact_plan(Method *m, Call *c, PyObject *cache, PyObject *key)
     return c->plan != NULL;
 }
 
-/* The entry's memo (``fast.cmemo``) of the exact-key plan it found last: ``(store, version, context, operation,
- * signature, plan)``. It stands for the cache read while the store (this dispatcher's own cache, or the runtime's)
- * is the same object at the same version (every invalidation moves it; a config change replaces it), has no
- * TTL, and the call has the same context, operation and key signature (what the exact key carries besides the
- * entry's constants). A plan evicted meanwhile still serves (it is this key's plan for that version); a kernel's
- * exception drops the memo (``_hot_detour`` for attention, the op detour in _accel_dispatch.c). 1: c->plan set from
- * it; 0: not. */
+/* One remembered exact-key plan, ``(store, version, context, operation, signature, plan)``: whether it stands for
+ * this call's cache read. */
+static int
+memo_stands(Call *c, PyObject *entry, PyObject *store, PyObject *version, const int64_t *sig, Py_ssize_t n)
+{
+    return PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 6 && PyTuple_GET_ITEM(entry, 0) == store &&
+           PyTuple_GET_ITEM(entry, 2) == (c->ctx ? c->ctx : Py_None) && PyTuple_GET_ITEM(entry, 3) == c->operation &&
+           PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 4)) &&
+           PyBytes_GET_SIZE(PyTuple_GET_ITEM(entry, 4)) == n * (Py_ssize_t)sizeof(int64_t) &&
+           memcmp(PyBytes_AS_STRING(PyTuple_GET_ITEM(entry, 4)), sig, n * sizeof(int64_t)) == 0 &&
+           PyObject_RichCompareBool(PyTuple_GET_ITEM(entry, 1), version, Py_EQ) == 1;
+}
+
+/* The entry's memo (``fast.cmemo``) of the exact-key plans it found last: a tuple of up to MEMO_WAYS entries
+ * ``(store, version, context, operation, signature, plan)``, the latest first (two: a server alternating prefill
+ * and decode shapes, or two contexts, on one entry keeps both). An entry stands for the cache read while the store
+ * (this dispatcher's own cache, or the runtime's) is the same object at the same version (every invalidation moves
+ * it; a config change replaces it), has no TTL, and the call has the same context, operation and key signature
+ * (what the exact key carries besides the entry's constants). A plan evicted meanwhile still serves (it is this
+ * key's plan for that version); a kernel's exception drops the memo (``_hot_detour`` for attention, the op detour
+ * in _accel_dispatch.c). 1: c->plan set from it; 0: not. */
+#define MEMO_WAYS 2
 static int
 memo_plan(Method *m, Call *c, int slot, PyObject *store, PyObject *version, const int64_t *sig, Py_ssize_t n)
 {
     PyObject *memo = fast_get(m, c, slot);
-    int hit = memo != NULL && PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == 6 &&
-              PyTuple_GET_ITEM(memo, 0) == store && PyTuple_GET_ITEM(memo, 2) == (c->ctx ? c->ctx : Py_None) &&
-              PyTuple_GET_ITEM(memo, 3) == c->operation && PyBytes_CheckExact(PyTuple_GET_ITEM(memo, 4)) &&
-              PyBytes_GET_SIZE(PyTuple_GET_ITEM(memo, 4)) == n * (Py_ssize_t)sizeof(int64_t) &&
-              memcmp(PyBytes_AS_STRING(PyTuple_GET_ITEM(memo, 4)), sig, n * sizeof(int64_t)) == 0 &&
-              PyObject_RichCompareBool(PyTuple_GET_ITEM(memo, 1), version, Py_EQ) == 1;
-    if (hit)
-        c->plan = Py_NewRef(PyTuple_GET_ITEM(memo, 5));
+    int hit = 0;
+    for (Py_ssize_t i = 0; memo != NULL && PyTuple_CheckExact(memo) && i < PyTuple_GET_SIZE(memo) && !hit; i++) {
+        PyObject *entry = PyTuple_GET_ITEM(memo, i);
+        if ((hit = memo_stands(c, entry, store, version, sig, n)))
+            c->plan = Py_NewRef(PyTuple_GET_ITEM(entry, 5));
+    }
     Py_XDECREF(memo);
     return hit;
 }
@@ -131,16 +144,30 @@ memo_store(Method *m, Call *c, PyObject *cache, PyObject **store, PyObject **ver
     return *version != NULL;
 }
 
-/* Remember c->plan in the entry's memo (``slot``) for this store, version, context, operation and signature. */
+/* Remember c->plan first in the entry's memo (``slot``) for this store, version, context, operation and
+ * signature; the latest earlier entries stay behind it, up to MEMO_WAYS. */
 static void
 remember(Method *m, Call *c, int slot, PyObject *store, PyObject *version, const int64_t *sig, Py_ssize_t n)
 {
     PyObject *bytes = PyBytes_FromStringAndSize((const char *)sig, n * (Py_ssize_t)sizeof(int64_t));
-    PyObject *memo = bytes ? PyTuple_Pack(6, store, version, c->ctx ? c->ctx : Py_None, c->operation, bytes,
-                                          c->plan) : NULL;
+    PyObject *entry = bytes ? PyTuple_Pack(6, store, version, c->ctx ? c->ctx : Py_None, c->operation, bytes,
+                                           c->plan) : NULL;
+    PyObject *old = entry ? fast_get(m, c, slot) : NULL;
+    if (old == NULL)
+        PyErr_Clear();
+    Py_ssize_t kept = old != NULL && PyTuple_CheckExact(old) ? PyTuple_GET_SIZE(old) : 0;
+    kept = kept < MEMO_WAYS - 1 ? kept : MEMO_WAYS - 1;
+    PyObject *memo = entry ? PyTuple_New(1 + kept) : NULL;
+    if (memo != NULL) {
+        PyTuple_SET_ITEM(memo, 0, Py_NewRef(entry));
+        for (Py_ssize_t i = 0; i < kept; i++)
+            PyTuple_SET_ITEM(memo, 1 + i, Py_NewRef(PyTuple_GET_ITEM(old, i)));
+    }
     if (memo == NULL || lz_slot_set(&m->slots[slot], c->fast, M_NAMES[slot], memo) < 0)
         PyErr_Clear(); /* no memo: the next call reads the cache */
     Py_XDECREF(bytes);
+    Py_XDECREF(entry);
+    Py_XDECREF(old);
     Py_XDECREF(memo);
 }
 

@@ -317,8 +317,8 @@ class AttentionInputs:
         self.bshd = bshd
         self.direct_ok = scale is None  # ``plan.direct(q, k, v)`` (PyTorch's SDPA) needs the default scale
         self.memo: tuple[Any, Any, Any] = NO_MEMO  # one tuple, so that threads never see a torn memo
-        # the compiled path's memo of the exact-key plan it found last (an own cache, or a given context):
-        # ``exact_attention_plan`` in _accel_lookup.c says when it stands for the cache read
+        # the compiled path's memo of the exact-key plans it found last, the latest first (an own cache, or a
+        # given context): ``memo_plan`` in _accel_lookup.c says when one stands for the cache read
         self.cmemo: Any = None
         # the attention contract's shape relations, checked per call; its scalar guards hold for the constants
         # above (an entry is made only then: ``_attention_entry``)
@@ -360,7 +360,7 @@ class OpInputs:
     ``size`` is the number of inputs. ``lookup``, ``keys`` and ``admits`` are the contract's
     (:class:`~layerzero.ops.contract.ContractFunctions`); ``hit`` its compiled form, where it has one (the norms:
     the compiled dispatch method looks their plans up with it), else None. ``cmemo``: the compiled path's memo of
-    the exact-key plan it found last (see ``AttentionInputs``); each dispatcher keeps its own copy (:meth:`copy`).
+    the exact-key plans it found last (see ``AttentionInputs``); each dispatcher keeps its own copy (:meth:`copy`).
     """
 
     __slots__ = ("names", "template", "size", "lookup", "keys", "admits", "hit", "cmemo", "_calls")
