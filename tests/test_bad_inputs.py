@@ -571,6 +571,19 @@ ROWS: list[Row] = [
     Row("dispatch-missing", "dispatch() inputs", "no `x` among the inputs of `rms_norm`", "InvalidInputError",
         "rms_norm: inputs need one of 'x', 'input', 'hidden_states'; got keys ['y']",
         lambda tmp: dispatch("rms_norm", {"y": X})),
+    Row("dispatch-misspelled-op", "dispatch() inputs", "`dispatch(\"attention.causl\", ...)`", "InvalidInputError",
+        "dispatch(): unknown operation 'attention.causl'; did you mean 'attention.causal' or 'attention.full'? (the "
+        "attention operations: attention, attention.causal, attention.cross, attention.decode, attention.full, "
+        "attention.prefill, attention.sliding_window)",
+        lambda tmp: dispatch("attention.causl", {"q": X, "k": X, "v": X})),
+    Row("dispatch-misspelled-option", "dispatch() inputs", "`epsilon=0.5` for `rms_norm`", "InvalidInputError",
+        "rms_norm: unknown input or option 'epsilon' (did you mean 'eps'?); rms_norm takes x, weight, eps, input, "
+        "hidden_states, w",
+        lambda tmp: dispatch("rms_norm", {"x": X}, epsilon=0.5)),
+    Row("dispatch-causal-false", "dispatch() inputs", "`is_causal=False` for `attention.causal`", "InvalidInputError",
+        "attention.causal: is_causal=False contradicts the operation (attention.causal is causal; 'attention.full' "
+        "is not) (inputs: …)",
+        lambda tmp: dispatch("attention.causal", dict(zip("qkv", qkv(), strict=True)), is_causal=False)),
     Row("dispatch-eps", "dispatch() inputs", "`eps=\"small\"`", "InvalidInputError",
         "rms_norm: an input has the wrong type or value (could not convert string to float: 'small') "
         "(inputs: …)",

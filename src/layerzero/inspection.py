@@ -94,6 +94,7 @@ def args_for(operation: str, tensors: tuple[Any, ...], kwargs: dict[str, Any]) -
     if op.family == "attention" and layout == "BSHD":
         inputs = {k: (v.transpose(1, 2) if isinstance(v, torch.Tensor) and k in ("q", "k", "v") else v)
                   for k, v in inputs.items()}
+    op.check_names(operation, inputs, kw)
     if operation == "attention.causal":
         kw["is_causal"] = True
     return op.args_from_inputs(operation, inputs, kw)

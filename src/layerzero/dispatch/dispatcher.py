@@ -57,6 +57,7 @@ from layerzero.dispatch.result import (
     stamp,
 )
 from layerzero.errors import InvalidInputError
+from layerzero.ops import operation_problem
 from layerzero.ops.base import OpDef
 from layerzero.policy.model import Policy
 from layerzero.policy.scope import LIVE, SCOPE
@@ -215,6 +216,9 @@ class Dispatcher(Observable):
         op = self._ops.get(operation)
         if op is None:
             op = op_for_dispatch(operation)
+            problem = operation_problem(operation, (s.operation for s in self.runtime.kernels))
+            if problem is not None:
+                raise InvalidInputError(f"dispatch(): {problem}")
             if len(self._ops) < 4096:
                 self._ops[operation] = op
         return op

@@ -164,7 +164,9 @@ def _fill(found: Template, inputs: Mapping[str, Any]) -> tuple[Any, ...] | None:
 
 
 def _args(op: OpDef, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
-    """``op.args_from_inputs``, with a value it cannot convert (``eps="a"``) reported as bad input."""
+    """``op.args_from_inputs``, with a name it does not read (``is_casual=True``) or a value it cannot convert
+    (``eps="a"``) reported as bad input."""
+    op.check_names(operation, inputs, kwargs)
     try:
         return op.args_from_inputs(operation, inputs, kwargs)
     except (TypeError, ValueError, OverflowError) as exc:

@@ -32,6 +32,7 @@ from layerzero.dispatch.runtimes import runtime_for
 from layerzero.dispatch.generic import AttentionInputs, attention_inputs, hot_key, kwargs_key, map_inputs
 from layerzero.dispatch.result import NOT_TIMED, DispatchResult, DispatchTiming, stamp
 from layerzero.errors import ConfigError, InvalidInputError, NoKernelError
+from layerzero.ops import operation_problem
 from layerzero.registry import (
     BackendRegistry,
     KernelRegistry,
@@ -240,7 +241,10 @@ def _spec_for_callable(fn: Callable[..., Any], operation: str, taken: set[str], 
 
 
 def _check_entry(where: str, spec: KernelSpec, operation: str, backends: BackendRegistry, errors: list[str]) -> None:
-    if not operation_matches(spec.operation, operation):
+    problem = operation_problem(operation, (spec.operation,))
+    if problem is not None:
+        errors.append(f"{where}: {problem}")
+    elif not operation_matches(spec.operation, operation):
         errors.append(f"{where}: kernel {spec.kernel_id!r} implements {spec.operation!r}, not {operation!r}")
     why = backends.unavailable_reason(spec.backend)
     if why is not None:

@@ -7,6 +7,9 @@ context building and selection run on a miss (``Runtime.miss``).
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 from layerzero.errors import InvalidInputError
 from layerzero.ops.attention import ATTENTION, attention
 from layerzero.ops.attention_paged import ATTENTION_PAGED, attention_paged
@@ -20,7 +23,7 @@ from layerzero.ops.sampling import SAMPLE, sample
 
 __all__ = ["attention", "attention_varlen", "attention_paged", "rms_norm", "layer_norm", "rope", "swiglu", "geglu",
            "gelu", "silu", "sample", "cross_entropy", "linear_cross_entropy", "OPS", "op_for", "OpDef", "OPERATIONS",
-           "ALIASES", "canonical_operation"]
+           "ALIASES", "canonical_operation", "operation_problem"]
 
 OPS: dict[str, OpDef] = {
     "attention": ATTENTION,
@@ -69,3 +72,24 @@ def op_for(operation: str) -> OpDef:
         raise InvalidInputError(f"unknown operation {operation!r}; operations have these families: "
                                 f"{', '.join(sorted(OPS))}")
     return op
+
+
+def operation_problem(operation: str, declared: Iterable[str]) -> str | None:
+    """What is wrong with ``operation`` as a name to dispatch, or None. In a family layerzero knows, it must be
+    one of :data:`OPERATIONS`, the family itself, or an operation a kernel declares (``declared``: the
+    registry's kernels' operations), or one below such a declared operation: the family's kernels serve any
+    ``family.*`` name by prefix, so ``attention.causl`` would otherwise run as full attention. A family
+    layerzero does not know is the caller's own (its kernels decide). A dotted alias (``attention.paged``)
+    names another family: dispatch it by its own name."""
+    family = operation.split(".", 1)[0]
+    if family not in OPS or operation == family or operation in OPERATIONS:
+        return None
+    if operation in ALIASES:
+        return f"{operation!r} is layerzero explain's spelling; dispatch it as {ALIASES[operation]!r}"
+    custom = {d for d in declared if d != family and d.split(".", 1)[0] == family and d not in OPERATIONS}
+    if any(operation == d or operation.startswith(d + ".") for d in custom):
+        return None
+    known = sorted({o for o in OPERATIONS if o.split(".", 1)[0] == family} | custom | {family})
+    close = difflib.get_close_matches(operation, known, n=2)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown operation {operation!r}{hint} (the {family} operations: {', '.join(known)})"

@@ -82,6 +82,7 @@ class AttentionOp(OpDef):
     family = "attention"
     arg_names = ("q", "k", "v", "attn_mask", "is_causal", "dropout_p", "scale", "window", "softcap", "sinks",
                  "alibi_slopes")
+    input_aliases = ("query", "key", "value", "mask", "layout")
     grad_inputs = ("q", "k", "v")
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
@@ -210,7 +211,11 @@ class AttentionOp(OpDef):
         k = pick(merged, "key", "k", operation=operation)
         v = pick(merged, "value", "v", operation=operation)
         mask = pick(merged, "attn_mask", "mask", default=None)
-        is_causal = bool(merged.get("is_causal", False)) or operation.endswith(".causal")
+        is_causal = bool(merged.get("is_causal", False))
+        if not is_causal and merged.get("is_causal") is not None and operation.endswith(".causal"):
+            raise self.invalid(operation, f"is_causal=False contradicts the operation ({operation} is causal; "
+                                          "'attention.full' is not)", (q, k, v))
+        is_causal = is_causal or operation.endswith(".causal")
         args = (q, k, v, mask, is_causal, float(merged.get("dropout_p", 0.0)), merged.get("scale"),
                 merged.get("window"))
         variants = (merged.get("softcap"), merged.get("sinks"), merged.get("alibi_slopes"))

@@ -59,6 +59,7 @@ def page_table(seq_lens: list[int], page_size: int, max_pages: int, num_pages: i
 class PagedAttentionOp(OpDef):
     family = "attention_paged"
     arg_names = ("q", "k_cache", "v_cache", "block_table", "seq_lens", "is_causal", "scale", "window", "softcap")
+    input_aliases = ("query", "key_cache", "value_cache", "block_tables", "cache_seqlens")
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         q, kc, vc, table, seq_lens, is_causal, scale, window, softcap = args

@@ -55,6 +55,7 @@ class VarlenAttentionOp(OpDef):
     family = "attention_varlen"
     arg_names = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "is_causal",
                  "scale", "window", "softcap")
+    input_aliases = ("query", "key", "value", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, window, softcap = args

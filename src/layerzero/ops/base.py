@@ -10,6 +10,7 @@ fresh random inputs for tests, tuning and benchmarks.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -94,6 +95,10 @@ def pick(inputs: Mapping[str, Any], *names: str, default: Any = _MISSING, operat
     return default
 
 
+#: Every input name some op reads (:attr:`OpDef.input_aliases`): what a ``dispatch()`` inputs dict may hold.
+_ANY_OP_NAMES: set[str] = set()
+
+
 class OpDef:
     """Base class of op families. Subclasses fill in the methods below.
 
@@ -103,6 +108,16 @@ class OpDef:
 
     family: str = ""
     arg_names: tuple[str, ...] = ()
+    #: The other names a ``dispatch()`` inputs dict or keyword may use (``query`` for ``q``, ``layout``); with
+    #: :attr:`arg_names` they are every name :meth:`args_from_inputs` reads (:meth:`check_names` refuses the
+    #: rest: a misspelled ``is_casual=True`` must not run non-causal attention). None: the op declares none
+    #: and nothing is checked.
+    input_aliases: tuple[str, ...] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.input_aliases is not None:
+            _ANY_OP_NAMES.update(cls.arg_names, cls.input_aliases)
     #: The arguments a training call differentiates (the tuner times forward + backward through them for
     #: ``grad=1`` buckets); None: every floating-point tensor argument.
     grad_inputs: tuple[str, ...] | None = None
@@ -114,6 +129,24 @@ class OpDef:
         self.contract = contract
         self.calls = build(contract, self, runtime)
         return self.calls.entry
+
+    def check_names(self, operation: str, inputs: Mapping[Any, Any], kwargs: Mapping[str, Any]) -> None:
+        """Refuse a keyword :meth:`args_from_inputs` would not read, and an input no op reads
+        (``InvalidInputError`` naming each, with the closest name the operation takes, and all of them). An
+        input another op reads passes: one dict may carry the inputs of several operations (the seed guide's
+        warm-up dispatches the same dict to attention and rms_norm)."""
+        if self.input_aliases is None:
+            return
+        known = (*self.arg_names, *self.input_aliases)
+        unknown = [n for n in inputs if n not in _ANY_OP_NAMES] + [n for n in kwargs if n not in known]
+        if not unknown:
+            return
+        problems = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1) if isinstance(name, str) else []
+            problems.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise InvalidInputError(f"{operation}: unknown input or option {', '.join(problems)}; {operation} takes "
+                                f"{', '.join(known)}")
 
     def diagnose(self, operation: str, args: tuple[Any, ...]) -> None:
         """Checks of the values themselves (NaN logits, out-of-range class ids), too costly for every call

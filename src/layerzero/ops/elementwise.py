@@ -75,6 +75,7 @@ class _UnaryLike(OpDef):
 class RopeOp(_UnaryLike):
     family = "rope"
     arg_names = ("x", "cos", "sin", "interleaved")
+    input_aliases = ("input", "q")
     grad_inputs = ("x",)  # transformers' cos / sin come from the rotary embedding, without gradients
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
@@ -136,6 +137,7 @@ class RopeOp(_UnaryLike):
 class SwigluOp(_UnaryLike):
     family = "swiglu"
     arg_names = ("gate", "up")
+    input_aliases = ("x", "y")
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         gate, up = args
@@ -193,6 +195,7 @@ class GegluOp(SwigluOp):
 class GeluOp(_UnaryLike):
     family = "gelu"
     arg_names = ("x", "approximate")
+    input_aliases = ("input",)
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         self._tensor(operation, args, "x", args[0])
@@ -221,6 +224,7 @@ class GeluOp(_UnaryLike):
 class SiluOp(_UnaryLike):
     family = "silu"
     arg_names = ("x",)
+    input_aliases = ("input",)
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         self._tensor(operation, args, "x", args[0])

@@ -49,6 +49,7 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
 class LinearCrossEntropyOp(OpDef):
     family = "linear_cross_entropy"
     arg_names = ("hidden", "weight", "target", "bias", "ignore_index", "label_smoothing", "reduction", "softcap")
+    input_aliases = ("hidden_states", "input", "x", "lm_head_weight", "w", "labels")
 
     def _tensors(self, operation: str, args: tuple[Any, ...]) -> None:
         hidden, weight, target, bias = args[:4]

@@ -42,6 +42,7 @@ def target_range_problem(target: torch.Tensor, ignore_index: int, vocab: int) ->
 class CrossEntropyOp(OpDef):
     family = "cross_entropy"
     arg_names = ("logits", "target", "ignore_index", "label_smoothing", "reduction")
+    input_aliases = ("input", "x", "labels")
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         logits, target, ignore_index, label_smoothing, reduction = args

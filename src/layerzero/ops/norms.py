@@ -75,6 +75,7 @@ class RMSNormOp(_RowOp):
     family = "rms_norm"
 
     arg_names = ("x", "weight", "eps")
+    input_aliases = ("input", "hidden_states", "w")
     params = ("weight",)
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
@@ -105,6 +106,7 @@ class LayerNormOp(_RowOp):
     family = "layer_norm"
 
     arg_names = ("x", "weight", "bias", "eps")
+    input_aliases = ("input", "hidden_states", "w", "b")
     params = ("weight", "bias")
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:

@@ -52,6 +52,7 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int | None, 
 class SampleOp(OpDef):
     family = "sample"
     arg_names = ("logits", "temperature", "top_k", "top_p", "generator")
+    input_aliases = ("x",)
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         logits, temperature, top_k, top_p, generator = args

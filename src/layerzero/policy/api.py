@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from layerzero.config_file.validate import could_serve
 from layerzero.errors import PolicyError
 from layerzero.policy.model import Policy, Rule
 from layerzero.policy.scope import SCOPE, Scope
@@ -131,7 +132,10 @@ def lock(operation: str, kernel: str | None = None, *, backend: str | None = Non
     cond, src = _compile_condition(condition, "lock")
     if kernel is not None:
         _check_str("kernel", kernel)
-        _rt().kernels.get(kernel)  # unknown ids fail now, with suggestions
+        spec = _rt().kernels.get(kernel)  # unknown ids fail now, with suggestions
+        if not could_serve(spec.operation, operation):  # as a policy document's lock is checked
+            raise PolicyError(f"lock({operation!r}, {kernel!r}): kernel {kernel!r} implements {spec.operation!r}, "
+                              f"not {operation!r}")
     else:
         _check_str("backend", backend)
     rule = Rule("lock", operation, (kernel,) if kernel else (), (backend,) if backend else (),
