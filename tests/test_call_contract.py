@@ -85,12 +85,17 @@ def test_entry_looks_up_the_declared_keys(name: str, runtime: Any) -> None:
 
 
 def scalar_mutations() -> list[Any]:
-    return [1, 0, True, False, 2.0, 0.5, float("nan"), float("inf"), -1, torch.tensor(0.5), "x", None, [1]]
+    """For a scalar or an absent (None) argument: other values, and tensors that broadcast (an absent bias given
+    as (1,) must not ride on the plan of a (vocab,) one)."""
+    return [1, 0, True, False, 2.0, 0.5, float("nan"), float("inf"), -1, torch.tensor(0.5), "x", None, [1],
+            torch.randn(1) + 0.5, torch.randn(2, 1) + 0.5]
 
 
 def tensor_mutations(t: torch.Tensor) -> list[Any]:
-    out: list[Any] = [t.unsqueeze(0), t[0] if t.dim() else t, t.double(), t.to(torch.int64), 2.0]
+    out: list[Any] = [t.unsqueeze(0), t[0] if t.dim() else t, t.double(), t.to(torch.int64), 2.0,
+                      t.unsqueeze(0).expand(2, *t.shape)]  # a leading dim that broadcasts against the others
     if t.dim():
+        out.append(t.narrow(-1, 0, 1))  # a last dim of 1: broadcasts where a full one belongs
         out.append(torch.cat([t, t], 0))
         out.append(t.narrow(-1, 0, max(t.shape[-1] - 1, 0)))
         out.append(t.narrow(0, 0, 0))
@@ -105,19 +110,38 @@ def answer(name: str, operation: str, args: tuple[Any, ...]) -> Any:
     return "ok", tuple(out.shape), out.dtype
 
 
+def valid_calls(name: str, operation: str, gen: torch.Generator) -> list[tuple[Any, ...]]:
+    """The family's sample calls, and the forms they leave out: a given bias, rope on a 2-D x."""
+    op = OPS[name]
+    calls = [op.make_inputs(operation, ctx, gen) for ctx in op.sample_contexts(operation)]
+    if name == "linear_cross_entropy":
+        hidden, weight, target, _, *rest = calls[0]
+        calls.append((hidden, weight, target, torch.randn(weight.shape[0], generator=gen), *rest))
+    if name == "rope":
+        x, cos, sin, interleaved = calls[0]
+        calls.append((x[0, 0], cos.reshape(-1, cos.shape[-1])[: x.shape[-2]],
+                      sin.reshape(-1, sin.shape[-1])[: x.shape[-2]], interleaved))
+    return calls
+
+
 @pytest.mark.parametrize("name", CONTRACT_OPS)
 def test_mutated_calls_answer_the_same_cold_and_warm(name: str, runtime: Any) -> None:
-    """Mutations of valid calls (other ranks, sizes, dtypes, scalar types and values) get the same answer
-    after valid calls of their family (cached plans) as on a cold cache, and never open a breaker."""
-    op = OPS[name]
+    """Mutations of valid calls (other ranks, sizes, dtypes, scalar types and values, shapes that broadcast) get
+    the same answer after valid calls of their family (cached plans) as on a cold cache, and never open a
+    breaker."""
     gen = torch.Generator().manual_seed(3)
     cases = []
     for operation in operations(name):
-        for ctx in op.sample_contexts(operation):
-            valid = op.make_inputs(operation, ctx, gen)
+        for valid in valid_calls(name, operation, gen):
             for i, a in enumerate(valid):
                 subs = tensor_mutations(a) if isinstance(a, torch.Tensor) else scalar_mutations()
                 cases += [(operation, valid, (*valid[:i], sub, *valid[i + 1:])) for sub in subs]
+            # tensors of one shape (rope's cos and sin, swiglu's gate and up) mutated together
+            for shape in {a.shape for a in valid if isinstance(a, torch.Tensor)}:
+                same = [i for i, a in enumerate(valid) if isinstance(a, torch.Tensor) and a.shape == shape]
+                for m in range(len(tensor_mutations(valid[same[0]])) if len(same) > 1 else 0):
+                    cases.append((operation, valid, tuple(tensor_mutations(a)[m] if i in same else a
+                                                          for i, a in enumerate(valid))))
     warm = []
     for operation, valid, args in cases:
         public_call(name, operation, valid)
@@ -276,3 +300,20 @@ def test_sequence_mode_bad_calls_never_disable_good_kernels(runtime: Any) -> Non
         seeded = [lz.sample(logits, temperature=1.0, generator=torch.Generator().manual_seed(2)) for _ in range(2)]
         assert torch.equal(seeded[0], seeded[1])
     assert [kid for kid, b in runtime.breakers.all().items() if b.failures] == []
+
+
+@pytest.mark.parametrize("temperature, scale", [(1e-39, 1.0), (1e-36, 2000.0), (5e-324, 1.0), (1e-30, 1.0)])
+def test_a_tiny_temperature_samples_the_argmax(runtime: Any, temperature: float, scale: float) -> None:
+    """The limit as T -> 0+ is the argmax (the reference clamps T at 1e-30). Logits / T used to overflow to
+    inf, then NaN probabilities: the kernels raised (counted: after five calls torch_sample's breaker took every
+    top-p call away) or the Gumbel kernel returned the first token."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]]) * scale
+    want = logits.argmax(-1)
+    for _ in range(6):
+        for options in ({}, {"top_p": 0.9}, {"top_k": 2}):
+            assert torch.equal(lz.sample(logits, temperature, **options), want), options
+    for kid in ("torch_sample", "torch_sample_gumbel"):
+        with lz.lock("sample.*", kid):
+            assert torch.equal(lz.sample(logits, temperature), want), kid
+    assert not any(b.failures for b in runtime.breakers.all().values())
+    assert lz.sample(torch.randn(4, 100), 0.8, top_p=0.9).shape == (4,)

@@ -94,10 +94,12 @@ class RopeOp(_UnaryLike):
             raise self.invalid(operation, f"cos/sin last dimension must be head_dim={d} or head_dim/2={d // 2}, "
                                           f"got {cos.shape[-1]}", args)
         try:
-            torch.broadcast_shapes(tuple(cos.shape[:-1]), tuple(x.shape[:-1]))
+            fits = torch.broadcast_shapes(tuple(cos.shape[:-1]), tuple(x.shape[:-1])) == x.shape[:-1]
         except RuntimeError:
-            raise self.invalid(operation, f"cos/sin of shape {tuple(cos.shape)} do not broadcast against "
-                                          f"x of shape {tuple(x.shape)}", args) from None
+            fits = False
+        if not fits:  # the output is x's shape: cos/sin broadcast to x, never x to them
+            raise self.invalid(operation, f"cos/sin of shape {tuple(cos.shape)} do not broadcast to "
+                                          f"x of shape {tuple(x.shape)}", args)
         if cos.device != x.device or sin.device != x.device:
             raise self.invalid(operation, f"cos/sin on {cos.device}, x on {x.device}", args)
         if cos.dtype != x.dtype or sin.dtype != x.dtype:

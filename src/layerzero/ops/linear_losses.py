@@ -156,7 +156,7 @@ LINEAR_CROSS_ENTROPY_CONTRACT = CallContract(
     operation='"linear_cross_entropy"',
     family='("linear_cross_entropy", hidden.dtype, hidden.is_cpu or hidden.device, weight.dtype, target.dtype, '
            'bias is None or bias.dtype, ignore_index, label_smoothing, reduction, softcap)',
-    shape="hidden.shape, weight.shape, target.shape",
+    shape="hidden.shape, weight.shape, target.shape, bias is None or bias.shape",
     guard="ignore_index.__class__ is int and label_smoothing.__class__ is not bool and softcap.__class__ is not bool",
     doc="""The loss of ``F.cross_entropy(hidden @ weight.T + bias, target)`` without materializing the logits.
 

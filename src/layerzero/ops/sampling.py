@@ -136,8 +136,8 @@ SAMPLE = SampleOp()
 def _operation(temperature: Any, top_k: Any, top_p: Any) -> str:
     try:
         return sampling_operation(temperature, top_k, top_p)
-    except TypeError:  # a temperature that does not compare: validation names it
-        return "sample.temperature"
+    except (TypeError, RuntimeError):  # a temperature that does not compare (a str, a tensor of several values):
+        return "sample.temperature"    # validation names it
 
 
 #: ``lz.sample``'s cached call: one plan per logits shape; the numbers (temperature, top_k, top_p) are not keyed
