@@ -56,6 +56,14 @@ def test_bench_cli_json(tmp_path):
     assert data["all_passed"] == (proc.returncode == 0)
 
 
+def test_bench_cli_refuses_an_operation_it_does_not_time() -> None:
+    """Exit 2 naming it (docs/cli.md: a usage error), not an empty results table and exit 0."""
+    proc = subprocess.run([LZ, "bench", "--quick", "--ops", "rms_norm,bogus.op"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout
+    assert "'bogus.op': the bench times attention.causal, attention.decode, rms_norm" in proc.stderr
+
+
 def test_the_import_probe_lets_python_cache_bytecode(monkeypatch) -> None:
     """The import line times ``import layerzero`` as a user's second interpreter sees it: an environment with
     ``PYTHONDONTWRITEBYTECODE=1`` (CI images, some shells) would otherwise time compiling every module of a fresh

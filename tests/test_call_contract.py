@@ -88,7 +88,7 @@ def scalar_mutations() -> list[Any]:
     """For a scalar or an absent (None) argument: other values, and tensors that broadcast (an absent bias given
     as (1,) must not ride on the plan of a (vocab,) one)."""
     return [1, 0, True, False, 2.0, 0.5, float("nan"), float("inf"), -1, torch.tensor(0.5), "x", None, [1],
-            torch.randn(1) + 0.5, torch.randn(2, 1) + 0.5]
+            10**400, -(10**400), 1e308, -0.5, torch.randn(1) + 0.5, torch.randn(2, 1) + 0.5]
 
 
 def tensor_mutations(t: torch.Tensor) -> list[Any]:
@@ -99,6 +99,9 @@ def tensor_mutations(t: torch.Tensor) -> list[Any]:
         out.append(torch.cat([t, t], 0))
         out.append(t.narrow(-1, 0, max(t.shape[-1] - 1, 0)))
         out.append(t.narrow(0, 0, 0))
+        out.append(t.narrow(-1, 0, 0))
+    if t.dim() > 2:
+        out.append(t.narrow(1, 0, 0))  # no heads
     return out
 
 

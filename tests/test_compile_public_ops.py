@@ -154,3 +154,19 @@ def test_under_compile_the_loss_over_a_large_vocabulary_is_the_unpatched_models_
     compiled = rt.select("linear_cross_entropy", SelectionContext(**big, compiling=True))
     assert eager.ranked[0].kernel_id == "torch_linear_cross_entropy_chunked"  # eager: never the full logits
     assert compiled.ranked[0].kernel_id == "torch_linear_cross_entropy_naive"  # compiled: lm_head + CE, as unpatched
+
+
+def test_the_dispatched_custom_ops_lower_under_inductor() -> None:
+    """The default backend: Inductor lowers an op it does not know through ``FallbackKernel.create(kernel, ...)``;
+    an op argument named ``kernel`` collided with it, so every dispatched op (sampling always, packed attention,
+    the row ops inside a policy scope) failed to compile ("got multiple values for argument 'kernel'")."""
+    torch._dynamo.reset()
+    logits = torch.randn(4, 50)
+    got = torch.compile(lambda l: lz.sample(l, 0.0), fullgraph=True)(logits)
+    assert torch.equal(got, logits.argmax(-1))
+    x, w = torch.randn(4, 64), torch.rand(64) + 0.5
+    with lz.lock("rms_norm", backend="torch"):
+        got = torch.compile(lambda x, w: lz.rms_norm(x, w), fullgraph=True)(x, w)
+    torch.testing.assert_close(got, torch.nn.functional.rms_norm(x, (64,), w, 1e-6))
+    fn, kw = _call("attention_varlen", 1)
+    torch.testing.assert_close(torch.compile(lambda **k: fn(**k), fullgraph=True)(**kw), fn(**kw))

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
 
-from layerzero import KernelSpec, SelectionContext
+from layerzero import InvalidInputError, KernelSpec, SelectionContext
 from layerzero.spec import Reason, ReasonCode
 from layerzero.context import bucket_pow2, dtype_from_name
 
@@ -238,3 +239,31 @@ def test_tolerance_for() -> None:
     assert spec.tolerance_for(torch.float16) == (1e-2, 1e-2)
     assert spec.tolerance_for(torch.bfloat16) == (1.6e-2, 1.6e-2)  # default for the dtype
     assert spec.tolerance_for(torch.float64) == (1e-9, 1e-9)
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    ({"batch_size": "8"}, "batch_size must be an int >= 0 or None, got '8'"),
+    ({"head_dim": -1}, "head_dim must be an int >= 0 or None, got -1"),
+    ({"seq_len": 2.5}, "seq_len must be an int >= 0 or None, got 2.5"),
+    ({"compute_capability": (9,)}, "compute_capability must be (major, minor), an int like 90, or None, got (9,)"),
+    ({"dtype": "float61"}, "dtype: unknown dtype 'float61'"),
+    ({"device": "tpu"}, "device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got 'tpu'"),
+    ({"is_causal": "false"}, "is_causal must be a bool, got 'false'"),
+    ({"layout": "bhsd"}, "layout must be one of None, 'BHSD', 'BSHD', got 'bhsd'"),
+    ({"dropout_p": 1.0}, "dropout_p must be a number in [0, 1), got 1.0"),
+    ({"window": 0}, "window must be an int >= 1 or None, got 0"),
+    ({"tp_size": 2, "tp_rank": 2}, "tp_size must be an int >= 1 and tp_rank an int in [0, tp_size), got 2 and 2"),
+])
+def test_a_bad_context_value_is_named(kwargs: dict, problem: str) -> None:
+    """A value of the wrong type reached selection's comparisons as a bare TypeError (``'>' not supported between
+    'str' and 'int'``), an IndexError or torch's RuntimeError; ``is_causal="false"`` read as True."""
+    with pytest.raises(InvalidInputError, match=re.escape(problem)):
+        SelectionContext(**kwargs)
+
+
+def test_every_problem_of_a_context_is_named_at_once() -> None:
+    with pytest.raises(InvalidInputError) as info:
+        SelectionContext(batch_size="8", head_dim="64", is_causal="yes")
+    assert str(info.value).count("must be") == 3
+    ctx = SelectionContext(device="cuda:1", compute_capability=90, dtype="bf16", batch_size=0, is_causal=1)
+    assert ctx.sm == 90 and ctx.is_causal is True and ctx.device == torch.device("cuda", 1)

@@ -210,3 +210,11 @@ def test_cache_key_mirrors_every_ops_hot_path_key() -> None:
             assert fam is None
         else:  # torch kernels with shape-free plans on a CPU with no measurements
             assert rt.plans.data[fam].family == fam, family
+
+
+def test_inspection_calls_name_a_wrong_argument_type() -> None:
+    """Never a bare TypeError or AttributeError from inside: ``list_kernels(5)``, ``validate(kid, 5)``."""
+    with pytest.raises(lz.InvalidInputError, match="pattern must be a glob string"):
+        lz.list_kernels(5)  # type: ignore[arg-type]
+    with pytest.raises(lz.InvalidInputError, match="context must be a SelectionContext, got int"):
+        lz.validate("torch_sdpa", 5)  # type: ignore[arg-type]

@@ -368,6 +368,28 @@ def test_verify_mode_skips_random_results(runtime: Runtime, configured: Callable
     assert all(b.state is CircuitState.CLOSED for b in runtime.breakers.all().values())
 
 
+def test_verify_mode_blames_no_kernel_for_the_data(runtime: Runtime, configured: Callable[..., None]) -> None:
+    """NaN or inf in the data, or scores past the dtype's range (``scale=1e308``): what comes out is the data's
+    doing, not a kernel's. Verify mode used to compare it with a reference that turned every NaN into 0, and one
+    such call opened the breaker of every good attention kernel."""
+    configured(verify_first_calls=3)
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    k_inf, x_nan = k.clone(), torch.randn(4, 16)
+    k_inf[0, 0, 1, 0] = float("inf")
+    x_nan[1, 3] = float("nan")
+    for _ in range(3):
+        for call in (lambda: lz.attention(q, k_inf, v), lambda: lz.attention(q, k, v, scale=1e308),
+                     lambda: lz.attention(q, k_inf, v, is_causal=True), lambda: lz.rms_norm(x_nan, None)):
+            try:
+                call()
+            except lz.LayerZeroError:
+                pass
+    assert not any(b.failures for b in runtime.breakers.all().values())
+    assert lz.which("attention.full", q, k, v) == "torch_sdpa"
+    torch.testing.assert_close(lz.attention(q, k, v, is_causal=True),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
 # -- breakers off, fallback chains, isolated runtimes ------------------------------------------------------------
 
 def test_without_breakers_an_invalid_result_never_reaches_the_caller(runtime: Runtime,

@@ -389,8 +389,11 @@ ops_strategy = st.lists(
     max_size=80)
 
 
-def _lru_model_check(cache: PlanCache | MVCCPlanCache, ops: list[Op], per_shard: int, shards: int = 1) -> None:
-    """Exact LRU model (no TTL): one OrderedDict per shard (a single shard for PlanCache)."""
+def _lru_model_check(cache: PlanCache | MVCCPlanCache, ops: list[Op], per_shard: int | list[int],
+                     shards: int = 1) -> None:
+    """Exact LRU model (no TTL): one OrderedDict per shard (a single shard for PlanCache), of ``per_shard``
+    entries (or ``per_shard[i]`` for shard i)."""
+    caps = per_shard if isinstance(per_shard, list) else [per_shard] * shards
     model: dict[int, OrderedDict[int, object]] = {}
     version = 0
     for kind, n in ops:
@@ -400,7 +403,7 @@ def _lru_model_check(cache: PlanCache | MVCCPlanCache, ops: list[Op], per_shard:
             cache.put(n, value)
             shard[n] = value
             shard.move_to_end(n)
-            while len(shard) > per_shard:
+            while len(shard) > caps[hash(n) & (shards - 1)]:
                 shard.popitem(last=False)
         elif kind == "get":
             expected = shard.get(n)
@@ -425,8 +428,17 @@ def test_plan_cache_is_an_lru(ops: list[Op], capacity: int) -> None:
 @settings(max_examples=150, deadline=None)
 @given(ops=ops_strategy, capacity=st.integers(1, 16))
 def test_mvcc_plan_cache_is_an_lru_per_shard(ops: list[Op], capacity: int) -> None:
-    shards = 4
-    _lru_model_check(MVCCPlanCache(capacity, shards=shards), ops, -(-capacity // shards), shards)
+    """Each shard an LRU of its share of the capacity; the shares sum to it (the cache never holds more than
+    ``capacity``: 16 shards of ceil(3 / 16) entries held 16 plans at ``cache_size=3``)."""
+    cache = MVCCPlanCache(capacity, shards=4)
+    shards = min(4, 1 << (capacity.bit_length() - 1))  # fewer shards than entries: halved until they fit
+    assert cache.mask + 1 == shards
+    caps = [capacity // shards + (i < capacity % shards) for i in range(shards)]
+    assert sum(caps) == capacity
+    _lru_model_check(cache, ops, caps, shards)
+    for n in range(40):
+        cache.put(("k", n), n)
+        assert len(cache) <= capacity
 
 
 @pytest.mark.parametrize("kind", ["plan", "mvcc"])

@@ -369,3 +369,20 @@ def test_flashinfer_plans_once_per_batch_layout(fake_libs: None) -> None:
     q, kc, vc, table, seq_lens = args
     flashinfer_ragged.flashinfer_paged(q, kc, vc, table, seq_lens + 1, True, None, None, None)  # the next step
     assert _Planned.plans == before + 2
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_queries_that_see_no_key_stay_on_the_graph(softcap: float | None) -> None:
+    """No key at all (a total of 0 keys, or every sequence empty on the key side): the zeros that come back are
+    on q's, k's and v's graph (zero gradients), as they are when some query sees a key; they were detached, and
+    ``out.sum().backward()`` raised."""
+    q = torch.randn(5, 2, 8, requires_grad=True)
+    k, v = torch.randn(0, 2, 8, requires_grad=True), torch.randn(0, 2, 8, requires_grad=True)
+    for cu_k, causal in ((cu_seqlens([0]), False), (cu_seqlens([0]), True)):
+        out = lz.attention_varlen(q, k, v, cu_seqlens([5]), cu_k, 5, 0, is_causal=causal, softcap=softcap)
+        assert out.requires_grad and torch.equal(out, torch.zeros(5, 2, 8))
+        out.sum().backward()
+        assert torch.equal(q.grad, torch.zeros_like(q))
+    empty = torch.randn(0, 2, 8, requires_grad=True)
+    out = lz.attention_varlen(empty, k, v, cu_seqlens([0]), cu_seqlens([0]), 0, 0, softcap=softcap)
+    assert out.shape == (0, 2, 8) and out.requires_grad

@@ -224,13 +224,14 @@ lz_open_and_count(Hit *self, PyObject *plan)
 }
 
 /* The contract's family guard on read shapes: attn_mask is None and ks == v.shape and qb == kb and qd == kd and
- * not qh % kh and qb and qsq and qd and ksk (the caller has checked q and k are 4-D and kh is not 0). */
+ * not qh % kh and qb and qh and qsq and qd and ksk (the caller has checked q and k are 4-D and kh is not 0). */
 static inline int
 family_guard(const lz_meta *qm, const lz_meta *km, const lz_meta *vm)
 {
     const int64_t *qs = qm->sizes, *ks = km->sizes, *vs = vm->sizes;
     int same_kv = vm->ndim == 4 && ks[0] == vs[0] && ks[1] == vs[1] && ks[2] == vs[2] && ks[3] == vs[3];
-    return same_kv && qs[0] == ks[0] && qs[3] == ks[3] && qs[1] % ks[1] == 0 && qs[0] && qs[2] && qs[3] && ks[2];
+    return same_kv && qs[0] == ks[0] && qs[3] == ks[3] && qs[1] % ks[1] == 0 && qs[0] && qs[1] && qs[2] && qs[3] &&
+           ks[2];
 }
 
 /* q, k and v read from the C++ tensors, 4-D q and k (0: a tensor subclass, another layout or rank, a symbolic
@@ -353,6 +354,28 @@ lz_attention_key(Hit *self, PyObject *op, PyObject *q, PyObject *k, PyObject *v,
     return key;
 }
 
+/* The contract's guard on ``scale``: None, or an int or float a float holds finitely, > 0 with a causal mask or a
+ * window (``-FLOAT_MAX <= scale <= FLOAT_MAX and (scale > 0 or not is_causal and window is None)``). */
+static int
+scale_served(PyObject *scale, PyObject *is_causal, PyObject *window)
+{
+    double s;
+    if (scale == Py_None)
+        return 1;
+    if (PyFloat_CheckExact(scale))
+        s = PyFloat_AS_DOUBLE(scale);
+    else if (PyLong_CheckExact(scale)) {
+        s = PyLong_AsDouble(scale);
+        if (s == -1.0 && PyErr_Occurred()) { /* 10**400: float() overflows */
+            PyErr_Clear();
+            return 0;
+        }
+    }
+    else
+        return 0;
+    return isfinite(s) && (s > 0 || (is_causal != Py_True && window == Py_None));
+}
+
 /* lz.attention(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window, softcap, sinks, alibi_slopes,
  *              operation) -> the output, or MISS */
 static PyObject *
@@ -366,8 +389,7 @@ serve_attention(Hit *self, PyObject *const *a)
         return Py_NewRef(self->miss);
     if (window != Py_None && !PyLong_CheckExact(window))
         return Py_NewRef(self->miss);
-    if (scale != Py_None &&
-        !(PyLong_CheckExact(scale) || (PyFloat_CheckExact(scale) && isfinite(PyFloat_AS_DOUBLE(scale)))))
+    if (!scale_served(scale, is_causal, window))
         return Py_NewRef(self->miss);
     if (!PyFloat_CheckExact(dropout_p) && !PyLong_CheckExact(dropout_p))
         return Py_NewRef(self->miss);

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from layerzero.errors import InvalidInputError
+
 __all__ = ["SelectionContext", "DTYPE_NAMES", "dtype_from_name", "bucket_pow2"]
 
 _MISSING: Any = object()
@@ -75,6 +77,51 @@ def _capability(dev: torch.device, given: Any) -> tuple[int, int] | None:
     if isinstance(given, int):
         return (given // 10, given % 10)
     return None if given is None else (int(given[0]), int(given[1]))
+
+
+_SIZES = ("batch_size", "seq_len", "seq_len_q", "seq_len_k", "num_heads", "num_kv_heads", "head_dim", "head_dim_v",
+          "hidden_size", "num_tokens")
+_FLAGS = ("is_causal", "softcap", "sinks", "alibi", "requires_grad", "deterministic", "is_contiguous",
+          "cuda_graph_capturing", "compiling", "interleaved")
+_CHOICES = {"layout": (None, "BHSD", "BSHD"), "mask_kind": ("none", "bool", "additive"), "approximate": ("none", "tanh")}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _problems(given: dict[str, Any]) -> list[str]:
+    """Every problem of the constructor's arguments (a string where a size belongs would reach selection's
+    comparisons as a bare TypeError; ``bool("false")`` is True)."""
+    out = [f"{n} must be an int >= 0 or None, got {given[n]!r}" for n in _SIZES  # (a traced SymInt passes)
+           if given[n] is not None and not isinstance(given[n], torch.SymInt) and not (_is_int(given[n])
+                                                                                        and given[n] >= 0)]
+    out += [f"{n} must be a bool, got {given[n]!r}" for n in _FLAGS
+            if not (isinstance(given[n], bool) or given[n] in (0, 1) and _is_int(given[n]))]
+    out += [f"{n} must be one of {', '.join(map(repr, c))}, got {given[n]!r}" for n, c in _CHOICES.items()
+            if not isinstance(given[n], (str, type(None))) or given[n] not in c]
+    cc, window, p, scale = (given[n] for n in ("compute_capability", "window", "dropout_p", "scale"))
+    if not (cc is _MISSING or cc is None or _is_int(cc) and cc >= 0 or isinstance(cc, (tuple, list)) and len(cc) == 2
+            and all(_is_int(c) and c >= 0 for c in cc)):
+        out.append(f"compute_capability must be (major, minor), an int like 90, or None, got {cc!r}")
+    if window is not None and not (_is_int(window) and window >= 1):
+        out.append(f"window must be an int >= 1 or None, got {window!r}")
+    if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):  # (False is 0.0, as the ops read it)
+        out.append(f"dropout_p must be a number in [0, 1), got {p!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        out.append(f"scale must be a number or None, got {scale!r}")
+    tp_size, tp_rank = given["tp_size"], given["tp_rank"]
+    if not (_is_int(tp_size) and tp_size >= 1 and _is_int(tp_rank) and 0 <= tp_rank < tp_size):
+        out.append(f"tp_size must be an int >= 1 and tp_rank an int in [0, tp_size), got {tp_size!r} and {tp_rank!r}")
+    return out
+
+
+def _device(device: Any) -> torch.device:
+    try:
+        return device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InvalidInputError(f"SelectionContext: device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, "
+                                f"got {device!r} ({exc})") from None
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -162,7 +209,14 @@ class SelectionContext:
         tp_size: int = 1,
         tp_rank: int = 0,
     ) -> None:
-        dev = device if isinstance(device, torch.device) else torch.device(device)
+        problems = _problems(locals())
+        dev = _device(device)
+        try:
+            dtype = dtype_from_name(dtype) if dtype is not None else None
+        except (ValueError, TypeError) as exc:
+            problems.insert(0, f"dtype: {exc}")
+        if problems:
+            raise InvalidInputError("SelectionContext: " + "; ".join(problems))
         platform = dev.type
         compute_capability = _capability(dev, compute_capability)
         if seq_len is not None:
@@ -174,7 +228,7 @@ class SelectionContext:
             head_dim_v = head_dim
         values = dict(
             platform=platform, device_index=dev.index, compute_capability=compute_capability,
-            dtype=dtype_from_name(dtype) if dtype is not None else None,
+            dtype=dtype,
             batch_size=batch_size, seq_len_q=seq_len_q, seq_len_k=seq_len_k, num_heads=num_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, head_dim_v=head_dim_v, hidden_size=hidden_size,
             num_tokens=num_tokens, layout=layout, mask_kind=mask_kind, dropout_p=float(dropout_p),

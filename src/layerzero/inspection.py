@@ -190,11 +190,16 @@ def select(operation: str, context: SelectionContext) -> Selection:
 
 def list_kernels(pattern: str = "*") -> list[KernelSpec]:
     """Registered kernels whose id or operation matches the glob ``pattern``."""
+    if not isinstance(pattern, str):
+        raise InvalidInputError(f"list_kernels(): pattern must be a glob string such as 'attention*', got "
+                                f"{type(pattern).__name__} {pattern!r}")
     return get_runtime().kernels.match(pattern)
 
 
 def validate(kernel_id: str, context: SelectionContext) -> tuple[bool, list[Reason]]:
     """Can ``kernel_id`` run ``context``? ``(ok, reasons)``; availability and constraints, not policy."""
+    if not isinstance(context, SelectionContext):
+        raise InvalidInputError(f"validate(): context must be a SelectionContext, got {type(context).__name__}")
     rt = get_runtime()
     spec = rt.kernels.get(kernel_id)
     reasons: list[Reason] = []

@@ -15,8 +15,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["keep_mask", "softcapped_scores", "attend_math", "varlen_problem", "checked_offsets", "paged_problem",
-           "gather_pages", "lengths", "LayoutCache", "interval_blocks"]
+__all__ = ["zeros_from", "keep_mask", "softcapped_scores", "attend_math", "varlen_problem", "checked_offsets",
+           "paged_problem", "gather_pages", "lengths", "LayoutCache", "interval_blocks"]
+
+
+def zeros_from(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(rows, heads, dv)`` zeros for queries that see no key, on the autograd graph of q, k and v (an empty
+    slice's sum: exactly 0, zero gradients, never NaN), so that ``out.sum().backward()`` works as it does when
+    some query sees a key."""
+    out = q.new_zeros(rows, q.shape[1], v.shape[-1], dtype=dtype)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out = out + (q.narrow(0, 0, 0).sum() + k.narrow(0, 0, 0).sum() + v.narrow(0, 0, 0).sum()).to(out.dtype)
+    return out
 
 
 def keep_mask(sq: int, sk: int, is_causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -41,9 +52,8 @@ def attend_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bo
     """One sequence, ``(s, heads, d)`` in and out, computed in ``compute`` precision; GQA by head repetition."""
     sq, hq, d = q.shape
     sk, hkv = k.shape[0], k.shape[1]
-    out = torch.zeros(sq, hq, v.shape[-1], dtype=compute, device=q.device)
     if sq == 0 or sk == 0:
-        return out
+        return zeros_from(q, k, v, sq, compute)
     qh, kh, vh = q.to(compute).transpose(0, 1), k.to(compute).transpose(0, 1), v.to(compute).transpose(0, 1)
     if hq != hkv:
         kh, vh = kh.repeat_interleave(hq // hkv, 0), vh.repeat_interleave(hq // hkv, 0)

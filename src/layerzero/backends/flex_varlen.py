@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from layerzero.backends import flex
-from layerzero.ragged import LayoutCache, checked_offsets, interval_blocks
+from layerzero.ragged import LayoutCache, checked_offsets, interval_blocks, zeros_from
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec
 
@@ -124,7 +124,7 @@ def flex_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, wind
         checked_offsets(q, k, cu_q, cu_k, max_q, max_k)
     total_q, total_k = q.shape[0], k.shape[0]
     if total_q == 0 or total_k == 0:
-        return q.new_zeros(total_q, q.shape[1], v.shape[-1])
+        return zeros_from(q, k, v, total_q)
     bm = varlen_block_mask(cu_q, cu_k, total_q, total_k, is_causal, window)
     qb, kb, vb = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     flex.load()

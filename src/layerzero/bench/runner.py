@@ -34,7 +34,7 @@ from layerzero.bench.overhead import OverheadRow, run_overhead
 from layerzero.bench.ragged import run_ragged
 from layerzero.timing import measure_calls
 
-__all__ = ["BenchOptions", "BenchReport", "run_bench", "OverheadRow", "ResultRow"]
+__all__ = ["BENCH_OPS", "BenchOptions", "BenchReport", "run_bench", "OverheadRow", "ResultRow"]
 
 
 @dataclass
@@ -119,6 +119,10 @@ def _sync_for(device: str) -> Callable[[], None] | None:
 
 
 # -- the results grid -----------------------------------------------------------------------------
+
+#: The operations the results grid times (``layerzero bench --ops``).
+BENCH_OPS = ("attention.causal", "attention.decode", "rms_norm")
+
 
 def _grid(opts: BenchOptions) -> list[tuple[str, int, int]]:
     gpu = opts.device.startswith("cuda")

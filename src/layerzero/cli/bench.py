@@ -73,9 +73,14 @@ def bench(quick: bool, json_path: Path | None, ops: str, device: str, iterations
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from layerzero.bench.report import render_markdown
-    from layerzero.bench.runner import BenchOptions, run_bench
+    from layerzero.bench.runner import BENCH_OPS, BenchOptions, run_bench
 
-    opts = BenchOptions(device=device, ops=tuple(o.strip() for o in ops.split(",") if o.strip()), quick=quick,
+    chosen = tuple(o.strip() for o in ops.split(",") if o.strip())
+    unknown = [o for o in chosen if o not in BENCH_OPS]
+    if unknown or not chosen:
+        raise click.BadParameter(f"{', '.join(map(repr, unknown)) or 'none given'}: the bench times "
+                                 f"{', '.join(BENCH_OPS)}", param_hint="--ops")
+    opts = BenchOptions(device=device, ops=chosen, quick=quick,
                         iterations=iterations, dtype=dtype, include_memory=not no_memory, include_import=not no_import,
                         include_ragged=not no_ragged)
     to_stdout_json = json_path is not None and str(json_path) == "-"

@@ -275,7 +275,7 @@ class Dispatcher(Observable):
                     r.kernel_id, r.operation = kernel_id, operation
                     r.fallback_used, r.attempts, r.cached = False, 1, True
                     r.mode = self._mode_value
-                    r.stamps = (t0, t2, t2, t2, (t := perf_ns()), t) if t0 else NOT_TIMED
+                    r.stamps = (t0, t0, t2, t2, (t := perf_ns()), t) if t0 else NOT_TIMED
                     return r
         return self._dispatch(operation, inputs, context, kwargs)
 
@@ -358,7 +358,7 @@ class Dispatcher(Observable):
             out = plan.fn(*args)
         except Exception as exc:
             return self._hot_op_detour(plan, args, exc, operation, t0, t2)
-        timing = stamp(DispatchTiming, (t0, t2, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
+        timing = stamp(DispatchTiming, (t0, t0, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
         return self._result(out, plan, None, operation, timing, True)
 
     def _hot_op_detour(self, plan: ExecutionPlan, args: tuple[Any, ...], exc: Exception | None, operation: str,
@@ -368,7 +368,7 @@ class Dispatcher(Observable):
         out, ran = self._run_slow(plan, args, exc)
         if bshd:
             out = out.transpose(1, 2)
-        timing = stamp(DispatchTiming, (t0, t2, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
+        timing = stamp(DispatchTiming, (t0, t0, t2, t2, (t := perf_ns()), t)) if t0 else NOT_TIMED
         return self._result(out, plan, ran, operation, timing, True)
 
     def _dispatch(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None,

@@ -35,7 +35,8 @@ class DispatchTiming(_Stamps):
 
     ``context_build_ns``: mapping the inputs to kernel arguments and building the
     cache key (plus the :class:`SelectionContext` on a cache miss);
-    ``cache_lookup_ns``: the plan-cache read; ``selection_us``: everything before
+    ``cache_lookup_ns``: the plan-cache read (on the cached hot path, which builds no context, the key and the
+    read together: its ``context_build_ns`` is 0); ``selection_us``: everything before
     the kernel call (the two above, plus validation and selection on a miss);
     ``kernel_invoke_ns``: the kernel call, fallbacks included; ``execution_us``:
     the kernel call plus restoring the caller's layout; ``total_us``: the whole

@@ -165,7 +165,7 @@ class StaticDispatcher(Dispatcher):
                 r.kernel_id, r.operation = plan.kernels[0].kernel_id, operation
                 r.fallback_used, r.attempts, r.cached = False, 1, True
                 r.mode = "static"
-                r.stamps = (t0, t1, t1, t1, (t := perf_ns()), t) if t0 else NOT_TIMED
+                r.stamps = (t0, t0, t1, t1, (t := perf_ns()), t) if t0 else NOT_TIMED
                 return r
         if is_causal is not _ABSENT:  # the full path maps it as any option
             kwargs["is_causal"] = is_causal

@@ -34,7 +34,7 @@ import torch
 
 from layerzero.accel import attention_hit
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, default_generator, layout_problem, pick
+from layerzero.ops.base import FLOAT_MAX, OpDef, default_generator, finite_number, layout_problem, pick, shown
 from layerzero.ops.contract import CallContract
 from layerzero.policy.scope import LIVE
 from layerzero.runtime import get_runtime
@@ -72,9 +72,10 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     if sinks is not None:
         sink = sinks.double().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows give 0, like SDPA's math kernel on new torch
+    else:  # fully masked rows (every score -inf) give 0, like SDPA's math kernel on new torch; a NaN or inf
+        # from the data stays what it is
+        dead = (scores == float("-inf")).all(-1, keepdim=True)
+        probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
     return probs @ v64
 
 
@@ -116,7 +117,7 @@ class AttentionOp(OpDef):
         if hkv == 0 or hq % hkv:
             raise self.invalid(operation, f"query heads ({hq}) must be divisible by key/value heads ({hkv}) "
                                           "for grouped-query attention", args)
-        if d == 0 or sq == 0 or sk == 0 or b == 0:
+        if d == 0 or dv == 0 or sq == 0 or sk == 0 or b == 0 or hq == 0:
             raise self.invalid(operation, "empty attention inputs (a zero-sized dimension)", args)
         if mask is not None:
             if not isinstance(mask, torch.Tensor):
@@ -144,9 +145,11 @@ class AttentionOp(OpDef):
             raise self.invalid(operation, "attn_mask and is_causal=True cannot be combined (as in SDPA)", args)
         if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0 or math.isnan(dropout_p):
             raise self.invalid(operation, f"dropout_p must be in [0, 1), got {dropout_p!r}", args)
-        if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
-                                  or not math.isfinite(scale)):
-            raise self.invalid(operation, f"scale must be a finite number or None, got {scale!r}", args)
+        if scale is not None and not finite_number(scale):
+            raise self.invalid(operation, f"scale must be a finite number or None, got {shown(scale)}", args)
+        if scale is not None and scale <= 0 and (is_causal or window is not None):
+            raise self.invalid(operation, f"scale={scale!r} with a causal mask or window: PyTorch's flash kernels "
+                                          "return NaN there (-inf * 0); a scale must be > 0 with them", args)
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
             raise self.invalid(operation, f"window must be a positive int or None, got {window!r}", args)
         problem = variant_problem(q, *variants)
@@ -175,7 +178,14 @@ class AttentionOp(OpDef):
         return attention_reference(*args)
 
     def reference_applies(self, operation: str, args: tuple[Any, ...]) -> bool:
-        return not args[5]  # the reference has no dropout
+        """No dropout (the reference has none), and scores the inputs' dtype holds: beyond it (``scale=1e308``,
+        huge values) a kernel's NaN is the dtype's limit, not its fault."""
+        q, k, _, _, _, dropout_p, scale, *_ = args
+        if dropout_p:
+            return False
+        s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else abs(scale)
+        bound = s * q.detach().abs().amax().item() * k.detach().abs().amax().item() * q.shape[-1]
+        return bound < torch.finfo(q.dtype).max / 4
 
     def make_inputs(self, operation: str, ctx: SelectionContext, generator: torch.Generator | None = None
                     ) -> tuple[Any, ...]:
@@ -314,14 +324,15 @@ variants = () if softcap is None and sinks is None and alibi_slopes is None else
     shape="qs, ks, v.shape, None if attn_mask is None else attn_mask.shape",
     shape_free=True,
     family_guard="(attn_mask is None and ks == v.shape and qb == kb and qd == kd and not qh % kh "
-                 "and qb and qsq and qd and ksk)",
+                 "and qb and qh and qsq and qd and ksk)",
     guard="(is_causal.__class__ is bool and (window is None or window.__class__ is int) and (scale is None or "
-          "(scale.__class__ is float or scale.__class__ is int) and scale - scale == 0) "
+          "(scale.__class__ is float or scale.__class__ is int) and -FLOAT_MAX <= scale <= FLOAT_MAX "
+          "and (scale > 0 or not is_causal and window is None)) "
           "and (not variants or variants_admitted(q, *variants)))",
     direct="plan.direct(q, k, v)",  # PyTorch's SDPA itself: q, k and v say it all
     direct_when="scale is None",
     result="out.transpose(1, 2) if bshd else out",
-    namespace={"OP_CAUSAL": _OP_CAUSAL, "OP_FULL": _OP_FULL, "bad_operation": _bad_operation,
+    namespace={"FLOAT_MAX": FLOAT_MAX, "OP_CAUSAL": _OP_CAUSAL, "OP_FULL": _OP_FULL, "bad_operation": _bad_operation,
                "bad_layout": _bad_layout, "bhsd": _bhsd, "variant_key": variant_key,
                "variants_admitted": variants_admitted},
     doc=_DOC,

@@ -17,7 +17,7 @@ import torch
 
 from layerzero.context import SelectionContext
 from layerzero.ops.attention_ragged import float_problem, heads_problem, index_problem, option_problem
-from layerzero.ops.base import OpDef, pick
+from layerzero.ops.base import FLOAT_MAX, OpDef, pick
 from layerzero.ops.contract import CallContract
 from layerzero.ragged import attend_math, gather_pages, paged_problem
 from layerzero.runtime import get_runtime
@@ -179,9 +179,10 @@ ATTENTION_PAGED_CONTRACT = CallContract(
            'seq_lens.dtype, block_table.is_cpu, seq_lens.is_cpu, is_causal, window, softcap is None)',
     shape="q.shape, k_cache.shape[1:], v_cache.shape[1:], block_table.shape, seq_lens.shape",
     guard="(k_cache.shape[0] == v_cache.shape[0] and k_cache.shape[0] > 0 and is_causal.__class__ is bool and (window is None or window.__class__ is int) "
-          "and (scale is None or (scale.__class__ is float or scale.__class__ is int) and scale - scale == 0) "
-          "and (softcap is None or (softcap.__class__ is float or softcap.__class__ is int) and softcap > 0 "
-          "and softcap - softcap == 0))",
+          "and (scale is None or (scale.__class__ is float or scale.__class__ is int) "
+          "and -FLOAT_MAX <= scale <= FLOAT_MAX) "
+          "and (softcap is None or (softcap.__class__ is float or softcap.__class__ is int) and 0 < softcap <= FLOAT_MAX))",
+    namespace={"FLOAT_MAX": FLOAT_MAX},
     doc=_DOC,
 )
 

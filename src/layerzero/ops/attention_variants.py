@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from layerzero.ops.base import finite_number
+
 __all__ = ["variant_problem", "variant_key", "variants_admitted"]
 
 
@@ -28,7 +30,7 @@ def _softcap_problem(softcap: Any) -> str | None:
         return None
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         return f"softcap must be a finite positive number or None, got {type(softcap).__name__} {softcap!r}"
-    if not (math.isfinite(softcap) and softcap > 0):
+    if not (finite_number(softcap) and softcap > 0):
         return f"softcap must be a finite positive number or None, got {softcap!r}"
     return None
 

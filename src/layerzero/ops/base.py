@@ -11,6 +11,8 @@ fresh random inputs for tests, tuning and benchmarks.
 from __future__ import annotations
 
 import difflib
+import math
+import sys
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -21,7 +23,27 @@ from layerzero.errors import InvalidInputError
 from layerzero.ops.contract import CallContract, ContractFunctions, build
 
 __all__ = ["OpDef", "describe_tensor", "describe_args", "require_tensor", "pick", "layout_problem", "tensor_problem",
-           "default_generator"]
+           "default_generator", "finite_number", "shown", "FLOAT_MAX"]
+
+#: The largest finite float: a contract guard's ``-FLOAT_MAX <= x <= FLOAT_MAX`` holds for a finite float and for
+#: an int a float holds (not for NaN, inf or ``10**400``, which ``float()`` cannot convert).
+FLOAT_MAX = sys.float_info.max
+
+
+def shown(x: Any) -> str:
+    """``repr(x)`` for a message, a huge int by its size (``10**400`` has 401 digits)."""
+    text = repr(x)
+    return text if len(text) <= 40 or not isinstance(x, int) else f"an int of {len(str(abs(x)))} digits"
+
+
+def finite_number(x: Any) -> bool:
+    """An int or float (not a bool) that a float holds finitely (``10**400`` is not: ``float()`` overflows)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def describe_tensor(t: Any) -> str:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, pick, tensor_problem
+from layerzero.ops.base import OpDef, finite_number, pick, tensor_problem
 from layerzero.ops.contract import CallContract
 from layerzero.ops.losses import target_range_problem
 from layerzero.runtime import get_runtime
@@ -93,8 +93,7 @@ class LinearCrossEntropyOp(OpDef):
             raise self.invalid(operation, f"label_smoothing must be in [0, 1), got {label_smoothing!r}", args)
         if reduction not in _REDUCTIONS:
             raise self.invalid(operation, f"reduction must be one of {_REDUCTIONS}, got {reduction!r}", args)
-        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                    or not math.isfinite(softcap) or softcap <= 0):
+        if softcap is not None and (not finite_number(softcap) or softcap <= 0):
             raise self.invalid(operation, f"softcap must be None or a positive finite number, got {softcap!r}", args)
 
     def diagnose(self, operation: str, args: tuple[Any, ...]) -> None:

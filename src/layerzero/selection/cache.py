@@ -164,10 +164,11 @@ class MVCCPlanCache:
 
     Readers never lock: a read picks the shard by hash (``shards[hash(key) & mask]``)
     and checks the shard's version against the cache's; a stale shard reads as empty.
-    ``invalidate()`` only increments the version.
+    ``invalidate()`` only increments the version. Each shard is an LRU of its share of ``capacity``
+    (the shares sum to it: the cache never holds more; a capacity under ``shards`` uses fewer shards).
     """
 
-    __slots__ = ("capacity", "ttl", "clock", "on_evict", "version", "mask", "_per_shard", "shards", "evictions",
+    __slots__ = ("capacity", "ttl", "clock", "on_evict", "version", "mask", "_caps", "shards", "evictions",
                  "__weakref__")
 
     def __init__(self, capacity: int = 10000, ttl_seconds: float | None = None, shards: int = 16,
@@ -179,8 +180,11 @@ class MVCCPlanCache:
         self.clock = clock
         self.on_evict = on_evict
         self.version = 0
+        while shards > 1 and shards > self.capacity:
+            shards //= 2
         self.mask = shards - 1
-        self._per_shard = max(1, -(-self.capacity // shards)) if self.capacity > 0 else 0
+        n, extra = divmod(max(self.capacity, 0), shards)
+        self._caps = tuple(n + (i < extra) for i in range(shards))  # per shard, summing to capacity
         self.shards = [_Shard(0) for _ in range(shards)]
         self.evictions = 0
 
@@ -238,7 +242,7 @@ class MVCCPlanCache:
             shard.data.move_to_end(key)
             if self.ttl is not None:
                 shard.born[key] = self.clock()
-            while len(shard.data) > self._per_shard:
+            while len(shard.data) > self._caps[i]:
                 old, _ = shard.data.popitem(last=False)
                 shard.born.pop(old, None)
                 evicted += 1

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from layerzero.backends.torch.capabilities import FLOATS, GQA_NATIVE, HALF
 from layerzero.context import SelectionContext
-from layerzero.ragged import attend_math, checked_offsets, gather_pages, keep_mask, paged_problem
+from layerzero.ragged import attend_math, checked_offsets, gather_pages, keep_mask, paged_problem, zeros_from
 from layerzero.spec import KernelSpec, Reason, ReasonCode
 
 __all__ = ["varlen_specs", "torch_varlen_sdpa", "torch_paged_sdpa", "torch_paged_dense", "torch_varlen_attn",
@@ -42,10 +42,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, 
     if softcap is not None:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         return attend_math(q, k, v, is_causal, scale, window, softcap, compute).to(q.dtype)
-    out = q.new_zeros(sq, q.shape[1], v.shape[-1])
     r0 = max(0, sq - sk) if (is_causal or window is not None) else 0  # rows before r0 see no key
     if sk == 0 or r0 >= sq:
-        return out
+        return zeros_from(q, k, v, sq)
+    out = q.new_zeros(sq, q.shape[1], v.shape[-1])
     keep = keep_mask(sq, sk, is_causal, window, q.device)
     qh, kh, vh = q[r0:].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
     gqa = qh.shape[0] != kh.shape[0]
@@ -63,7 +63,7 @@ def torch_varlen_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, windo
     oq, ok = checked_offsets(q, k, cu_q, cu_k, max_q, max_k)
     parts = [_attend(q[oq[b]:oq[b + 1]], k[ok[b]:ok[b + 1]], v[ok[b]:ok[b + 1]], is_causal, scale, window, softcap)
              for b in range(len(oq) - 1)]
-    return torch.cat(parts, 0) if parts else q.new_zeros(0, q.shape[1], v.shape[-1])
+    return torch.cat(parts, 0) if parts else zeros_from(q, k, v, 0)
 
 
 def torch_paged_sdpa(q, kc, vc, table, seq_lens, is_causal, scale, window, softcap):  # type: ignore[no-untyped-def]

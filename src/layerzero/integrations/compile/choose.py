@@ -37,7 +37,7 @@ RUNTIME = get_runtime()
 OPAQUE = ""  # no kernel chosen at trace time: the dispatched custom op selects at run time
 BUCKETS = "?"  # selection depends on sizes that are dynamic: ask again with their buckets
 RESIDUAL = "residual:"  # prefix: an opaque kernel with a forward-with-residuals / backward pair
-PINNED = "kernel:"  # prefix: the dispatched row op runs this opaque kernel (``kernel=`` of the op)
+PINNED = "kernel:"  # prefix: the dispatched row op runs this opaque kernel (``pinned_kernel=`` of the op)
 
 #: kernel id -> the PyTorch function Dynamo traces for it (filled by the choosers, read by the stand-ins).
 NATIVE_IMPLS: dict[str, Callable[..., Any]] = {}

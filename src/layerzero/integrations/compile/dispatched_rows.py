@@ -5,7 +5,7 @@ They are built from one table (:data:`ROW_OPS`): each entry gives the op's schem
 runs, its op definition (the fake validates with it) and which inputs are differentiable; :func:`define_dispatched`
 makes the forward op, its fake, the backward op and the autograd registration from it.
 
-Every row op ends in ``str kernel=""``. Empty, the op selects at run time (the public function's cached
+Every row op ends in ``str pinned_kernel=""``. Empty, the op selects at run time (the public function's cached
 dispatch). A kernel id pins the op to the kernel that selection chose when the graph was traced (an opaque
 kernel measured faster than Inductor's code in compiled mode, :func:`~.choose.answer`): forward and the
 recomputing backward run that kernel, so the graph runs what the trace-time explanation says. A pinned
@@ -114,7 +114,7 @@ BROKEN: set[str] = set()
 
 
 def pinned_call(row: RowOp, kernel: str) -> Callable[..., Tensor]:
-    """What ``row``'s op runs for ``kernel``: the public function (``kernel=""``), or that kernel's ``impl``
+    """What ``row``'s op runs for ``kernel``: the public function (``pinned_kernel=""``), or that kernel's ``impl``
     with the public function as its fallback."""
     if not kernel or kernel in BROKEN:
         return row.call
@@ -140,12 +140,14 @@ def define_dispatched(row: RowOp) -> Any:
     """The forward custom op of ``row`` with its fake, its recomputing backward op and its autograd formula."""
     tensors = row.tensor_positions
     params = row.schema.split("->")[0].strip()[1:-1]
-    schema = f"({params}, str kernel=\"\") -> {row.schema.split('->')[1].strip()}"
+    # not ``kernel``: Inductor lowers an op it does not know with FallbackKernel.create(kernel, *args, **kwargs),
+    # and an argument of that name collided ("got multiple values for argument 'kernel'")
+    schema = f"({params}, str pinned_kernel=\"\") -> {row.schema.split('->')[1].strip()}"
     arity = len(params.split(","))
 
     def split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
-        # the dispatcher leaves out a trailing argument equal to its default: ``kernel`` may be absent
-        return args[:arity], str(kwargs.get("kernel", args[arity] if len(args) > arity else ""))
+        # the dispatcher leaves out a trailing argument equal to its default: ``pinned_kernel`` may be absent
+        return args[:arity], str(kwargs.get("pinned_kernel", args[arity] if len(args) > arity else ""))
 
     def forward(*args: Any, **kwargs: Any) -> Tensor:
         args, kernel = split(args, kwargs)
@@ -169,7 +171,7 @@ def define_dispatched(row: RowOp) -> Any:
     fwd = torch.library.custom_op(f"layerzero::{row.name}", forward, mutates_args=(), schema=schema)
     fwd.register_fake(fake)
     bwd = torch.library.custom_op(f"layerzero::{row.name}_backward", backward, mutates_args=(),
-                                  schema=f"(Tensor grad, {params}, str kernel, bool[] needs) -> Tensor[]")
+                                  schema=f"(Tensor grad, {params}, str pinned_kernel, bool[] needs) -> Tensor[]")
     bwd.register_fake(backward_fake)
 
     def setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:

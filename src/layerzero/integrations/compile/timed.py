@@ -61,7 +61,7 @@ def _fresh(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def compiled_callable(spec: KernelSpec, operation: str, ctx: SelectionContext) -> Callable[..., Any]:
     """``spec`` for ``operation`` as a compiled graph runs it: Inductor's code for a ``compile_native`` kernel,
-    else the dispatched custom op pinned to ``spec`` (``kernel=spec.kernel_id``). Takes the op's arguments
+    else the dispatched custom op pinned to ``spec`` (``pinned_kernel=spec.kernel_id``). Takes the op's arguments
     (``OpDef.make_inputs`` order); compiles on its first call."""
     op = ROW_CUSTOM_OPS[compiled_family(operation)]
     if spec.compile_native:

@@ -10,7 +10,7 @@ Each stand-in validates the call (so a bad call fails when traced, with layerzer
   node whose backward reuses the saved output and log-sum-exp (:mod:`.residual`);
 * anything else: the dispatched custom op (``layerzero::attention``, ``layerzero::rms_norm``, ...), which
   recomputes the forward in its backward (:mod:`.dispatched`). Attention's selects at run time; a
-  row-wise op runs the opaque kernel selection chose at trace time (its ``kernel=`` argument), or
+  row-wise op runs the opaque kernel selection chose at trace time (its ``pinned_kernel=`` argument), or
   selects at run time where none was chosen (a live policy scope).
 
 Attention variants (softcap, sinks, ALiBi) are traced too when a native kernel serves them; the residual op
@@ -140,7 +140,7 @@ def _rows_kernel(operation: str, x: Tensor, grad: bool, interleaved: bool = Fals
 
 
 def _route(kid: str) -> tuple[Any, str]:
-    """``(the traced PyTorch function for kid, "")``, or ``(None, the kernel= of the dispatched op)``: the pinned
+    """``(the traced PyTorch function for kid, "")``, or ``(None, the pinned_kernel= of the dispatched op)``: the pinned
     kernel, or "" to select at run time (no row-wise residual op yet)."""
     if kid.startswith(PINNED):
         return None, kid[len(PINNED):]
