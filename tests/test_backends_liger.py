@@ -165,3 +165,52 @@ def test_liger_rope_on_a_transformers_layout_view_keeps_the_input_and_its_layout
     (g_out,) = torch.autograd.grad(out, q, up)
     (g_ref,) = torch.autograd.grad(ref, q, up)
     torch.testing.assert_close(g_out, g_ref, atol=1e-5, rtol=1e-5)
+
+
+class _InPlaceRope(torch.autograd.Function):
+    """Liger's LigerRopeFunction as it treats memory (0.8.5): forward and backward transpose q (or dq) to
+    (b, s, h, d), call ``.contiguous()`` (a no-op when that view is contiguous) and rotate that storage in place."""
+
+    @staticmethod
+    def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+        s = t.transpose(1, 2).contiguous()  # (b, s, h, d): the caller's storage when already contiguous
+        d = s.shape[-1]
+        c, sn = cos[:, :, None], sin[:, :, None] * sign
+        half = torch.cat([-s[..., d // 2:], s[..., : d // 2]], dim=-1)
+        s.copy_(s * c + half * sn)
+        return s.transpose(1, 2)
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, position_ids=None, unsqueeze_dim=1, rotary_dim=None):  # type: ignore[override]
+        ctx.save_for_backward(cos, sin)
+        return _InPlaceRope._rotate(q, cos, sin, 1.0), k
+
+    @staticmethod
+    def backward(ctx, dq, dk):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        return _InPlaceRope._rotate(dq, cos, sin, -1.0), dk, None, None, None, None, None
+
+
+def test_liger_rope_leaves_the_callers_gradient_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Liger's backward rotates the incoming gradient in place when it is laid out as transformers' q (a
+    ``randn_like`` of the output, or any gradient with that storage): ``torch.autograd.grad(out, q, up)`` changed
+    the caller's ``up``. The adapter hands it a copy then (CPU, with a stand-in that treats memory as Liger does)."""
+    monkeypatch.setattr(liger, "_apply", lambda name: _InPlaceRope.apply)
+    b, s, h, d = 2, 8, 4, 16
+    q = torch.randn(b, s, h, d).transpose(1, 2).requires_grad_(True)
+    pos = torch.arange(s, dtype=torch.float32)
+    freqs = pos[:, None] / (10000 ** (torch.arange(0, d, 2) / d))[None]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos()[None].expand(b, s, d), emb.sin()[None].expand(b, s, d)
+    before = q.detach().clone()
+    out = liger.liger_rope(q, cos[:, None], sin[:, None], False)
+    half = torch.cat([-q[..., d // 2:], q[..., : d // 2]], dim=-1)
+    ref = q * cos[:, None] + half * sin[:, None]
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(q.detach(), before)
+    up = torch.randn_like(out)  # (b, s, h, d) storage, as out's
+    kept = up.clone()
+    (g_out,) = torch.autograd.grad(out, q, up)
+    assert torch.equal(up, kept)
+    (g_ref,) = torch.autograd.grad(ref, q, up)
+    torch.testing.assert_close(g_out, g_ref)

@@ -128,7 +128,15 @@ def liger_rope(x, cos, sin, interleaved):  # type: ignore[no-untyped-def]
     c, sn = _rope_tables(cos, b, s), _rope_tables(sin, b, s)
     rotary = d if c.shape[-1] == d // 2 else None
     q_out, _ = _apply("rope")(x4, scratch_k, c, sn, None, 1, rotary)
-    return q_out.reshape(x.shape)
+    out = q_out.reshape(x.shape)
+    if out.requires_grad:  # Liger's backward rotates the incoming gradient in place when its (b, s, h, d)
+        shape = x4.shape   # view is contiguous (a gradient laid out as transformers' q): hand it a copy
+
+        def private(grad: torch.Tensor) -> torch.Tensor:
+            return grad.clone() if grad.reshape(shape).transpose(1, 2).is_contiguous() else grad
+
+        out.register_hook(private)
+    return out
 
 
 def liger_swiglu(gate, up):  # type: ignore[no-untyped-def]
