@@ -7,6 +7,8 @@ each adapter for real (the GPU benchmark unpacks the wheel from ``.whl/``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -214,3 +216,47 @@ def test_liger_rope_leaves_the_callers_gradient_alone(monkeypatch: pytest.Monkey
     assert torch.equal(up, kept)
     (g_ref,) = torch.autograd.grad(ref, q, up)
     torch.testing.assert_close(g_out, g_ref)
+
+
+def _in_place_gated(act: Any, act_grad: Any) -> tuple[Any, Any]:
+    """``swiglu_forward`` / ``swiglu_backward`` as Liger 0.8.5 treats memory: the backward writes the gradients
+    of gate and up into the tensors it is given (the forward's own inputs, in Liger's autograd function)."""
+    def forward(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return a, b, act(a) * b
+
+    def backward(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        da, db = dc * b * act_grad(a), dc * act(a)
+        a.copy_(da)
+        b.copy_(db)
+        return a, b
+
+    return forward, backward
+
+
+@pytest.mark.parametrize("name", ["swiglu", "geglu"])
+def test_liger_gated_mlps_leave_the_callers_gate_and_up_alone(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Liger's LigerSiLUMulFunction saves the caller's gate and up and its backward writes the gradients into
+    them: after ``backward()`` they held gradients. The adapter's own autograd function gives the backward
+    kernel copies (CPU, with stand-ins that treat memory as Liger does)."""
+    def gelu_grad(x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():  # called inside a backward
+            x = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(torch.nn.functional.gelu(x, approximate="tanh").sum(), x)
+        return g
+
+    silu = (torch.nn.functional.silu, lambda x: torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x))))
+    gelu = (lambda x: torch.nn.functional.gelu(x, approximate="tanh"), gelu_grad)
+    act, act_grad = silu if name == "swiglu" else gelu
+    monkeypatch.setattr(liger, "_gated_kernels", lambda n: _in_place_gated(act, act_grad))
+    gate, up = torch.randn(6, 32, requires_grad=True), torch.randn(6, 32, requires_grad=True)
+    g, u = gate * 1.0, up * 1.0  # intermediates, as a model's projections are
+    kept = g.detach().clone(), u.detach().clone()
+    fn = liger.liger_swiglu if name == "swiglu" else lambda a, b: liger.liger_geglu(a, b, "tanh")
+    out = fn(g, u)
+    torch.testing.assert_close(out, act(g) * u)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    assert torch.equal(g.detach(), kept[0]) and torch.equal(u.detach(), kept[1])
+    ref_gate, ref_up = torch.autograd.grad((act(gate) * up * dy).sum(), (gate, up))
+    torch.testing.assert_close(gate.grad, ref_gate)
+    torch.testing.assert_close(up.grad, ref_up)

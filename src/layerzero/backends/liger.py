@@ -20,8 +20,10 @@ Adapters (Liger 0.5-0.8, ``liger_kernel.ops.*``):
   (1 or batch, seq, rotary_dim). Liger rotates q *and* k and may write into
   q's storage, so the adapter hands it a private copy when it would, and a
   scratch one-head k.
-* swiglu -> ``LigerSiLUMulFunction.apply(gate, up)``.
-* geglu -> ``LigerGELUMulFunction.apply(gate, up)``: the tanh form of GELU only.
+* swiglu / geglu -> ``swiglu_forward`` / ``swiglu_backward`` (``geglu_*``: the tanh form of GELU only) in an
+  autograd function of ours: Liger's own (``LigerSiLUMulFunction``) saves the caller's gate and up and its
+  backward writes the gradients into them, so after ``backward()`` the caller's tensors held gradients. Ours
+  saves them too and hands the backward kernel copies (transient, during backward only).
 * cross_entropy -> ``LigerCrossEntropyFunction.apply(logits, target, None, ignore_index, 0.0,
   label_smoothing, reduction)`` on a copy of the logits (Liger overwrites its input), cast back to the
   logits' dtype.
@@ -139,13 +141,39 @@ def liger_rope(x, cos, sin, interleaved):  # type: ignore[no-untyped-def]
     return out
 
 
+@functools.cache
+def _gated_kernels(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Liger's ``(swiglu_forward, swiglu_backward)`` (or ``geglu_*``), imported on first use."""
+    module = importlib.import_module(_FUNCTIONS[name][0])
+    return getattr(module, f"{name}_forward"), getattr(module, f"{name}_backward")
+
+
+class _Gated(torch.autograd.Function):
+    """``act(gate) * up`` through Liger's kernels, the caller's gate and up left as they were: Liger's backward
+    writes the gradients into the tensors it is given, so it is given copies of the saved inputs."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, name: str) -> torch.Tensor:  # type: ignore[override]
+        a, b = gate.contiguous(), up.contiguous()
+        _, _, out = _gated_kernels(name)[0](a, b)
+        ctx.save_for_backward(a, b)
+        ctx.name = name
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        da, db = _gated_kernels(ctx.name)[1](a.clone(), b.clone(), grad.contiguous())
+        return da, db, None
+
+
 def liger_swiglu(gate, up):  # type: ignore[no-untyped-def]
-    return _apply("swiglu")(gate, up)
+    return _Gated.apply(gate, up, "swiglu")
 
 
 def liger_geglu(gate, up, approximate):  # type: ignore[no-untyped-def]
-    # LigerGELUMulFunction computes the tanh form only (the spec declares approximations={"tanh"}).
-    return _apply("geglu")(gate, up)
+    # Liger's GeGLU computes the tanh form only (the spec declares approximations={"tanh"}).
+    return _Gated.apply(gate, up, "geglu")
 
 
 def liger_cross_entropy(logits, target, ignore_index, label_smoothing, reduction):  # type: ignore[no-untyped-def]
