@@ -111,6 +111,8 @@ def test_explain_bad_shape_is_a_usage_error(runs):
 
 @pytest.mark.parametrize("args, message", [
     (["explain", "--op", "nosuchop", "--shape", "x=2,2"], "unknown operation 'nosuchop'"),
+    (["explain", "--op", "attention.causl", "--shape", "q=1,2,3,4", "--shape", "k=1,2,3,4", "--shape", "v=1,2,3,4"],
+     "unknown operation 'attention.causl'; did you mean 'attention.causal'"),
     (["explain", "--op", "attention", "--shape", "q=1,2,3"], "q must have 4 dimensions"),
     (["explain", "--op", "attention", "--shape", "x=1,2,3,4"], "attention takes shapes named q, k, v"),
     (["explain", "--op", "rms_norm", "--shape", "x=2,0"], "dimensions must be positive"),

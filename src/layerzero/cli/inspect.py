@@ -108,9 +108,13 @@ def context_from_shapes(operation: str, shapes: dict[str, tuple[int, ...]], *, d
         click.BadParameter: a shape is missing, misnamed or of the wrong rank for the operation.
     """
     from layerzero.context import SelectionContext, dtype_from_name
-    from layerzero.ops import op_for
+    from layerzero.ops import op_for, operation_problem
+    from layerzero.runtime import get_runtime
 
     family = op_for(operation).family
+    problem = operation_problem(operation, (s.operation for s in get_runtime().kernels))
+    if problem is not None:  # 'attention.causl' would explain full attention, as dispatch() would have run it
+        raise click.BadParameter(problem, param_hint="--op")
     dev = torch.device(device)
     if dtype is None:
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
