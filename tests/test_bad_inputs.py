@@ -378,6 +378,9 @@ ROWS: list[Row] = [
     Row("nan-top-p", "NaN-free contract", "`top_p=nan`", "InvalidInputError",
         "sample.top_p: top_p must be in (0, 1] or None, got nan (inputs: …)",
         lambda tmp: lz.sample(X, temperature=1.0, top_p=float("nan"))),
+    Row("bool-top-p", "NaN-free contract", "`top_p=True` (read as 1.0 before)", "InvalidInputError",
+        "sample.top_p: top_p must be in (0, 1] or None, got True (inputs: …)",
+        lambda tmp: lz.sample(X, temperature=1.0, top_p=True)),
     # other argument ranges
     Row("range-dropout", "argument range", "`dropout_p=1.0`", "InvalidInputError",
         "attention.full: dropout_p must be in [0, 1), got 1.0 (inputs: …)",

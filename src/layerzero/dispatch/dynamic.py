@@ -59,7 +59,8 @@ def create_dynamic_dispatcher(kernel_registry: KernelRegistry | None = None,
 
     Args:
         kernel_registry / backend_registry: default to the global ones (then the dispatcher shares the
-            global runtime with ``lz.*``, and ``config`` becomes the process's dispatch config).
+            global runtime with ``lz.*``; a ``config`` other than the process's gives it a runtime derived
+            from the global one, so it never reconfigures ``lz.*``: ``runtimes.runtime_for``).
         config: cache size / TTL, telemetry, timing, breaker and fallback settings.
         use_mvcc_cache: a sharded MVCC plan cache for many concurrent threads (lock-free reads,
             O(1) invalidation).

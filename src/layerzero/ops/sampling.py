@@ -69,7 +69,8 @@ class SampleOp(OpDef):
             raise self.invalid(operation, f"temperature must be a number, got {temperature!r}", args)
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
             raise self.invalid(operation, f"top_k must be a positive int or None, got {top_k!r}", args)
-        if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+        if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool)
+                                  or not 0.0 < top_p <= 1.0):
             raise self.invalid(operation, f"top_p must be in (0, 1] or None, got {top_p!r}", args)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise self.invalid(operation, f"generator must be a torch.Generator or None, got {type(generator).__name__}", args)
