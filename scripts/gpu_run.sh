@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: set up the carried wheels, run the GPU test suite, the GPU bench and the tuning benchmark.
-# Usage on the device machine (repo root):  bash scripts/gpu_run.sh [tests|bench|tune|model|all]...
+# Usage on the device machine (repo root):  bash scripts/gpu_run.sh [tests|tests1|tests2|bench|tune|model|all]...
 # (the dispatch overhead, about 4 minutes: dispatchab benchq accelq; see the case list below for the rest)
 # (model: `layerzero bench --model llama --device cuda`, eager and compiled, ~8 minutes; not part of all)
 # Results land in $OUT (or benchmarks/results/ when OUT is unset).
@@ -28,7 +28,17 @@ for step in "${steps[@]}"; do
   case "$step" in
     tests|all)
       echo "== pytest -m gpu"
-      timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors --timeout 120 tests 2>&1 | tee "$OUT/gpu_tests_${card}.log" | tail -40
+      timeout 330 python3 -m pytest -q -rf --tb=line -m gpu -p no:cacheprovider --continue-on-collection-errors --timeout 120 tests 2>&1 | tee "$OUT/gpu_tests_${card}.log" | tail -40
+      ;;
+  esac
+  case "$step" in
+    tests1|tests2)
+      # the GPU suite in two halves (the whole one outgrew one call): test files a-k, then l-z; failures
+      # named as they come (-rf at the end may never print when a timeout cuts the run)
+      if [ "$step" = tests1 ]; then files=(tests/test_[a-k]*.py); else files=(tests/test_[l-z]*.py); fi
+      echo "== pytest -m gpu (${step}: ${#files[@]} files)"
+      timeout 330 python3 -m pytest -v -rf --tb=line -m gpu -p no:cacheprovider --continue-on-collection-errors \
+        --timeout 60 "${files[@]}" 2>&1 | tee "$OUT/gpu_${step}_${card}.log" | grep -E "FAILED|ERROR|passed|failed" | tail -40
       ;;
   esac
   case "$step" in
