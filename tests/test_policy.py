@@ -568,3 +568,19 @@ def test_conditional_lock_and_config_dispatch_on_a_gpu(tmp_path: Path) -> None:
     ctx32 = SelectionContext.from_attention(q32, k32, v32, is_causal=True)
     fired = [rule for dec in d.select("attention.causal", ctx32).trace for rule in dec.rules]
     assert not any("dispatch_rules[0]" in rule for rule in fired)            # float32: the rule does not hold
+
+
+def test_nested_scoped_documents_the_inner_wins(runtime) -> None:
+    """``with lz.configure(doc):`` inside another: the inner document's rules come first, as an inner
+    ``lz.lock`` does (the outer one used to win)."""
+    q = k = v = torch.randn(1, 2, 4, 8)
+    outer = {"version": "1.0", "locks": [{"operation": "attention.causal", "kernel": "torch_sdpa_math"}]}
+    inner = {"version": "1.0", "locks": [{"operation": "attention.*", "kernel": "torch_sdpa_gqa"}]}
+    with lz.configure(outer):
+        assert lz.which("attention.causal", q, k, v) == "torch_sdpa_math"
+        with lz.configure(inner):
+            assert lz.which("attention.causal", q, k, v) == "torch_sdpa_gqa"
+            with lz.lock("attention.causal", "torch_sdpa"):
+                assert lz.which("attention.causal", q, k, v) == "torch_sdpa"
+        assert lz.which("attention.causal", q, k, v) == "torch_sdpa_math"
+    assert lz.which("attention.causal", q, k, v) == "torch_sdpa"

@@ -186,3 +186,46 @@ def test_paged_shapes_name_their_page_size(runtime):
     args = (torch.randn(2, 1, 4, 32), kc, kc.clone(), page_table([64, 40], 32, 2, 9),
             torch.tensor([64, 40], dtype=torch.int32))
     assert cache_key("attention_paged", (*args, True, None, None, None)) in runtime.plans.data
+
+
+def test_a_table_naming_kernels_it_cannot_use_is_refused(runtime):
+    """An edited table ranking an attention kernel for rms_norm handed it rms_norm's arguments: every call
+    failed and counted against the healthy kernel (its breaker opened). Installing it is a ConfigError now, and
+    a malformed environment is named instead of a bare AttributeError."""
+    table = lz.solve({"rms_norm": [{"hidden_size": 512, "num_tokens": 64}]}, dtype="float32")
+    data = json.loads(json.dumps(table.to_dict()))
+    data["entries"][0]["kernels"] = ["torch_sdpa", "no_such_kernel"]
+    with pytest.raises(lz.ConfigError) as info:
+        lz.PlanTable.from_dict(data).install()
+    assert "kernel 'torch_sdpa' implements 'attention', not 'rms_norm'" in str(info.value)
+    assert "unknown kernel 'no_such_kernel'" in str(info.value)
+    x, w = torch.randn(64, 512), torch.rand(512) + 0.5
+    torch.testing.assert_close(lz.rms_norm(x, w), torch.nn.functional.rms_norm(x, (512,), w, 1e-6))
+    assert not any(b.failures for b in runtime.breakers.all().values())
+    for key, bad in (("hardware", "x"), ("backends", ["torch"]), ("torch", 2)):
+        broken = json.loads(json.dumps(table.to_dict()))
+        broken["environment"][key] = bad
+        with pytest.raises(lz.ConfigError, match=f"environment.{key}: must be"):
+            lz.PlanTable.from_dict(broken)
+
+
+def test_which_and_explain_report_the_baked_kernel(runtime):
+    table = lz.solve({"rms_norm": [{"hidden_size": 512, "num_tokens": 8}]}, dtype="float32")
+    data = table.to_dict()
+    data["entries"][0]["kernels"] = ["torch_rms_norm_composed", "torch_rms_norm"]
+    lz.PlanTable.from_dict(data).install()
+    try:
+        x, w = torch.randn(8, 512), torch.rand(512) + 0.5
+        assert lz.which("rms_norm", x, w) == "torch_rms_norm_composed"
+        assert lz.explain(x, w, operation="rms_norm").selected_kernel == "torch_rms_norm_composed"
+        lz.rms_norm(x, w)
+        assert runtime.telemetry.kernels["torch_rms_norm_composed"].calls >= 1
+    finally:
+        uninstall_plan_table()
+    assert lz.which("rms_norm", torch.randn(8, 512), torch.rand(512)) == "torch_rms_norm"
+
+
+def test_a_shape_without_a_dtype_is_named():
+    """Keyed under dtype '-', its entry would never apply to a real call."""
+    with pytest.raises(lz.InvalidInputError, match="has no dtype"):
+        lz.solve({"rms_norm": [{"hidden_size": 512, "num_tokens": 8}]})

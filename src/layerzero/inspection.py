@@ -121,8 +121,8 @@ def cache_key(operation: str, args: tuple[Any, ...]) -> Hashable | None:
 
 def _explanation(operation: str, ctx: SelectionContext, cached: bool, family: Hashable = None) -> Explanation:
     rt = get_runtime()
-    try:
-        sel = rt.select(operation, ctx)
+    try:  # a baked plan table in force answers first, as it does for the call
+        sel = rt.baked_selection(operation, ctx) or rt.select(operation, ctx)
     except NoKernelError as err:
         return Explanation(operation, ctx, None, None, cached, [], err.rejections, [], None, [], "", str(err))
     exp = _from_selection(sel, cached)

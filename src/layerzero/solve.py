@@ -29,6 +29,7 @@ import torch
 from layerzero.context import SelectionContext
 from layerzero.errors import ConfigError, InvalidInputError, PlanMismatchError
 from layerzero.ops import canonical_operation, op_for
+from layerzero.registry import operation_matches
 from layerzero.runtime import Runtime, get_runtime
 
 __all__ = ["PlanTable", "solve", "compile", "warmup", "install_plan_table", "uninstall_plan_table"]
@@ -95,6 +96,11 @@ class PlanTable:
         env = data.get("environment")
         if not isinstance(env, Mapping):
             errors.append("environment: must be an object")
+        else:
+            for key, kind in (("hardware", Mapping), ("backends", Mapping), ("torch", str)):
+                if key in env and env[key] is not None and not isinstance(env[key], kind):
+                    errors.append(f"environment.{key}: must be {'an object' if kind is Mapping else 'a string'}, "
+                                  f"got {type(env[key]).__name__}")
         raw = data.get("entries")
         entries: dict[tuple[str, str, str, str], list[str]] = {}
         if not isinstance(raw, list):
@@ -210,6 +216,9 @@ def solve(plan: Mapping[str, Sequence[ShapeSpec]], *, device: str | None = None,
         op_for(operation)
         operation = canonical_operation(operation)  # the name real calls look the table up by
         for ctx in _contexts(operation, shapes, device, dtype):
+            if ctx.dtype is None:  # keyed under dtype "-", which no call looks up: the entry would never apply
+                raise InvalidInputError(f"solve(): a shape of {operation} has no dtype; pass dtype= (or the "
+                                        f"shape's 'dtype') so that its entry applies to real calls")
             sel = rt.select(operation, ctx)
             entries[table_key(operation, ctx)] = [k.kernel_id for k in sel.ranked]
             platforms.add(ctx.platform)
@@ -240,6 +249,8 @@ def install_plan_table(table: PlanTable | str | Path, *, on_mismatch: str = "err
         raise InvalidInputError(f"on_mismatch must be 'error' or 'dynamic', got {on_mismatch!r}")
     if not isinstance(table, PlanTable):
         table = PlanTable.load(table)
+    rt = runtime or get_runtime()
+    _check_kernels(table, rt)
     problems = table.mismatch()
     if problems:
         msg = "baked plan table does not match this machine:\n  " + "\n  ".join(problems)
@@ -247,10 +258,26 @@ def install_plan_table(table: PlanTable | str | Path, *, on_mismatch: str = "err
             raise PlanMismatchError(msg + "\n(re-run lz.solve here, or install with on_mismatch='dynamic')")
         log.warning("%s; using dynamic selection instead", msg.replace("\n", " "))
         return False
-    rt = runtime or get_runtime()
     rt.baked = table
     rt.invalidate("baked plan table installed")
     return True
+
+
+def _check_kernels(table: PlanTable, rt: Runtime) -> None:
+    """Every kernel an entry ranks exists here and implements the entry's operation (``ConfigError`` listing
+    each that does not): an edited table naming an attention kernel for rms_norm would hand it rms_norm's
+    arguments and count its failures against it."""
+    errors = []
+    for (operation, dtype, platform, bucket), kernels in sorted(table.entries.items()):
+        for kid in kernels:
+            spec = rt.kernels.find(kid)
+            where = f"entry ({operation}, {dtype}, {platform}, {bucket})"
+            if spec is None:
+                errors.append(f"{where}: unknown kernel {kid!r}")
+            elif not operation_matches(spec.operation, operation):
+                errors.append(f"{where}: kernel {kid!r} implements {spec.operation!r}, not {operation!r}")
+    if errors:
+        raise ConfigError("plan table names kernels it cannot use:\n  " + "\n  ".join(errors), errors=errors)
 
 
 def uninstall_plan_table(runtime: Runtime | None = None) -> None:

@@ -238,8 +238,8 @@ def configure(source: str | Path | Mapping[str, Any] | None) -> PolicyChange:
             doc, src = previous.pop()
             state.set_document(doc, src)
 
-    def scoped(base: Policy) -> Policy:
-        return Policy(base.rules + policy.rules)
+    def scoped(base: Policy) -> Policy:  # the block's document first: it wins, as an inner lz.lock does
+        return Policy(policy.rules + base.rules)
 
     return PolicyChange(f"configure {label}", apply, undo, scoped, in_with=_in_with_statement(2))
 

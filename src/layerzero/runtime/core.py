@@ -29,6 +29,7 @@ from layerzero.registry import (
     KernelRegistry,
     get_global_backend_registry,
     get_global_kernel_registry,
+    operation_matches,
 )
 from layerzero.runtime.breaker import BreakerBoard, CircuitBreaker, CircuitBreakerConfig, CircuitState
 from layerzero.runtime.config import DispatchConfig
@@ -248,7 +249,8 @@ class Runtime:
         ranked = []
         for kid in ids:
             spec = self.kernels.find(kid)
-            if spec is None or self.backends.unavailable_reason(spec.backend) is not None or spec.check(ctx):
+            if spec is None or not operation_matches(spec.operation, operation) or \
+                    self.backends.unavailable_reason(spec.backend) is not None or spec.check(ctx):
                 continue
             if self.config.circuit_breaker_enabled and self.breakers.is_open(kid):
                 continue
