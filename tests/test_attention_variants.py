@@ -449,3 +449,15 @@ def test_variants_inside_a_policy_scope_run_the_dispatched_op_under_compile() ->
         assert "layerzero.attention.default" in targets
         torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q), f(q))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("variant", [{"softcap": 50.0}, {"alibi_slopes": torch.tensor([0.5, 0.25])}])
+def test_a_row_that_sees_no_key_has_finite_gradients(variant: dict) -> None:
+    """The eager-variant kernel zeroed such a row after a NaN softmax; the backward carried the NaN on."""
+    q, k, v = (torch.randn(1, 2, 4, 8, requires_grad=True) for _ in range(3))
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()
+    mask[..., 0, :] = False
+    out = lz.attention(q, k, v, attn_mask=mask, **variant)
+    assert torch.equal(out[..., 0, :], torch.zeros_like(out[..., 0, :]))
+    out[..., 1:, :].sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))

@@ -79,10 +79,13 @@ def torch_attention_eager(q, k, v, mask, is_causal, dropout_p, scale, window,  #
     if sinks is not None:
         sink = sinks.to(work).view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    else:
+    elif bias is None:
         probs = torch.softmax(scores, dim=-1)
-        if bias is not None:  # a row with no visible key: 0, as SDPA's math kernel gives it
-            probs = probs.masked_fill(torch.isneginf(scores.amax(dim=-1, keepdim=True)), 0.0)
+    else:  # a row with no visible key: 0, as SDPA's math kernel gives it. Its scores become 0 before the
+        # softmax, not after: softmax of an all -inf row is NaN, and its backward carried NaN into the gradients
+        # (NaN * 0) of every parameter of a padded batch's model (Gemma 2's softcap runs here)
+        dead = torch.isneginf(scores.amax(dim=-1, keepdim=True))
+        probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
     if dropout_p > 0:
         probs = torch.dropout(probs, dropout_p, True)
     return torch.matmul(probs.to(v.dtype), v)
