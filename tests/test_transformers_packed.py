@@ -211,3 +211,23 @@ def test_packed_rows_with_dropout_run_a_block_diagonal_mask_per_row(operations: 
     assert got.shape == (2, 15, 4, 8)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs, use_cache=False).logits.reshape(30, -1), _alone(model, seqs))
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_a_sliding_window_model_keeps_packed_sequences_apart(flash_kwargs: bool, operations: list[str]) -> None:
+    """Mistral with a window shorter than the packed row: transformers' sliding-window mask for the row does not
+    keep the sequences apart (its sdpa and eager paths mix them); layerzero attends per sequence, as the flash
+    path does and as the docs promise, with the window inside each sequence."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**_CONFIG, sliding_window=3)).to(torch.float64).eval()
+    model.set_attn_implementation("layerzero")
+    seqs = _sequences(5)
+    inputs = _packed_inputs(seqs, flash_kwargs)
+    want = _alone(model, seqs)
+    operations.clear()
+    with torch.no_grad():
+        got = model(**inputs).logits[0]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert operations == ["attention_varlen"] * _CONFIG["num_hidden_layers"]

@@ -11,9 +11,10 @@ tensor, as transformers' flash path does:
 - the four ``cu_seq_lens_*`` / ``max_length_*`` keywords (offsets into the flattened rows);
 - else ``position_ids`` that restart inside a row (a step other than +1 starts a sequence, as transformers'
   ``find_packed_sequence_indices`` splits them for the sdpa masks; a sequence never spans two rows), when
-  the attention mask transformers built is None or separates the sequences (in every row, the first query
-  of each sequence does not see the token before it); a padding mask the caller passed (with padded tokens)
-  keeps the dense path, as on the flash path. Rows without a restart (an ordinary batch) stay dense. With
+  the attention mask transformers built is None, separates the sequences (in every row, the first query
+  of each sequence does not see the token before it) or hides no padding (every query sees its own token:
+  transformers' sliding-window masks of a packed row, which do not keep the sequences apart); a padding
+  mask the caller passed (with padded tokens) keeps the dense path, as on the flash path. Rows without a restart (an ordinary batch) stay dense. With
   a cache transformers builds a plain causal mask (or none) for a packed row while its flash path attends
   per sequence; layerzero follows the flash path.
 
@@ -97,6 +98,16 @@ def _separates(mask: torch.Tensor, cu: torch.Tensor, length: int) -> bool:
     return bool(hidden.all().item())
 
 
+def _padding_free(mask: torch.Tensor, length: int) -> bool:
+    """Whether a 4-D mask lets every query see its own token: it hides no padding (transformers hides a padded
+    key from every query, itself included). transformers builds such a mask for a sliding-window layer of a
+    packed row without keeping the sequences apart (its packed-sequence detection serves the full causal
+    masks only); the flash path attends per sequence there, and so does layerzero. O(length) to read."""
+    diag = torch.diagonal(mask[:, 0, :length, :length], dim1=-2, dim2=-1)
+    visible = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+    return bool(visible.all().item())
+
+
 _SERVED = LayoutCache(8)
 
 
@@ -142,8 +153,8 @@ def packed_layout(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.
     if torch.compiler.is_compiling():  # reading the restarts would break the graph; transformers' mask serves
         return None
     layout = _cached_from_position_ids(position_ids, rows, query.device)
-    if layout is None or (attention_mask is not None and (attention_mask.dim() != 4
-                                                          or not _separates(attention_mask, layout[0], length))):
+    if layout is None or (attention_mask is not None and (attention_mask.dim() != 4 or not (
+            _separates(attention_mask, layout[0], length) or _padding_free(attention_mask, length)))):
         return None
     return layout
 
