@@ -17,6 +17,7 @@ before traffic (and before any CUDA graph capture).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -76,7 +77,8 @@ class PlanTable:
         return self.entries.get(table_key(operation, ctx))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, "environment": self.environment, "policy_digest": self.policy_digest,
+        return {"format": FORMAT_VERSION, "environment": copy.deepcopy(self.environment),
+                "policy_digest": self.policy_digest,
                 "entries": [{"operation": o, "dtype": d, "platform": p, "bucket": b, "kernels": ks}
                             for (o, d, p, b), ks in sorted(self.entries.items())]}
 
