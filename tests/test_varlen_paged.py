@@ -386,3 +386,20 @@ def test_queries_that_see_no_key_stay_on_the_graph(softcap: float | None) -> Non
     empty = torch.randn(0, 2, 8, requires_grad=True)
     out = lz.attention_varlen(empty, k, v, cu_seqlens([0]), cu_seqlens([0]), 0, 0, softcap=softcap)
     assert out.shape == (0, 2, 8) and out.requires_grad
+
+
+@pytest.mark.parametrize("pad", [-1, 99])
+def test_block_table_slots_past_the_used_pages_may_hold_anything(pad: int) -> None:
+    """Serving engines pad a block table's unused slots (-1, or any number): only the used pages must be in the
+    pool. torch_paged_dense gathered every slot and raised IndexError on each such call (its breaker opened
+    after five); every CPU kernel now matches the reference and no breaker counts."""
+    kc, vc, q = torch.randn(6, 4, 2, 16), torch.randn(6, 4, 2, 16), torch.randn(2, 1, 4, 16)
+    table = torch.tensor([[0, 1, 2], [3, pad, pad]], dtype=torch.int32)
+    seq_lens = torch.tensor([9, 3], dtype=torch.int32)
+    want = paged_reference(q, kc, vc, table, seq_lens, True, None, None, None)
+    for kid in ("torch_paged_dense", "torch_paged_sdpa"):
+        with lz.lock("attention_paged", kid):
+            for _ in range(6):
+                torch.testing.assert_close(lz.attention_paged(q, kc, vc, table, seq_lens), want.to(q.dtype),
+                                           atol=1e-5, rtol=1e-5)
+    assert not any(b.failures for b in lz.get_runtime().breakers.all().values())

@@ -83,7 +83,11 @@ def torch_paged_dense(q, kc, vc, table, seq_lens, is_causal, scale, window, soft
         problem = paged_problem(sq, kc.shape[0], page, table, seq_lens)
         if problem is not None:
             raise ValueError(problem)
-    idx = table.long().reshape(-1)
+    # the slots past a sequence's last used page may hold anything (-1 or a large number as padding): they
+    # read page 0, and the keys they bring are masked below
+    slots = torch.arange(table.shape[1], device=table.device).view(1, -1)
+    used = (seq_lens.long().view(-1, 1) + page - 1) // page
+    idx = torch.where(slots < used, table.long(), 0).reshape(-1)
     k = kc.index_select(0, idx).reshape(b, sk, hkv, d).transpose(1, 2)
     v = vc.index_select(0, idx).reshape(b, sk, hkv, vc.shape[-1]).transpose(1, 2)
     pos = (seq_lens.long() - sq).view(b, 1, 1) + torch.arange(sq, device=q.device).view(1, sq, 1)  # query position
