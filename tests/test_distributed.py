@@ -109,6 +109,22 @@ def _scenario_two(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     lz.rms_norm(x, torch.ones(40))
     res["strict"] = _divergence(lzd.synchronize)
     res["lenient_problems"] = {str(k): v for k, v in lzd.synchronize(strict=False).problems.items()}
+    # A kernel whose breaker is open on rank 1 only: rank 1 cannot follow rank 0; the failed strict sync takes
+    # its locks back on every rank, and rank 1's calls keep working through their fallback.
+    if rank == 0:
+        rt.kernels.unregister("dist_test_rms_norm")
+    lzd.synchronize(strict=False)  # every rank can follow rank 0 again
+    y = torch.randn(5, 48) + 1
+    if rank == 1:
+        rt.breakers.get("torch_rms_norm").trip("test: broken on this rank")
+    lz.rms_norm(y, torch.ones(48))
+    res["sync_locks_before_strict"] = sorted(
+        r.operation for r in rt.policy.api_rules if r.origin == lzd.SYNC_ORIGIN)
+    res["breaker_strict"] = _divergence(lzd.synchronize)
+    res["sync_locks_after_failed_strict"] = sorted(
+        r.operation for r in rt.policy.api_rules if r.origin == lzd.SYNC_ORIGIN)
+    res["rms_after_failed_strict"] = bool(torch.allclose(
+        lz.rms_norm(y, torch.ones(48)), torch.nn.functional.rms_norm(y, (48,), torch.ones(48), 1e-6)))
     return res
 
 
@@ -256,6 +272,12 @@ def test_two_ranks_divergent_measurements_then_synchronized(tmp_path: Path) -> N
         assert "rank 1:" in r["strict"]["message"]
         assert "dist_test_rms_norm is not registered here" in r["strict"]["message"]
         assert list(r["lenient_problems"]) == ["1"]
+    # a rank whose breaker is open cannot follow; the failed strict sync takes its locks back everywhere
+    for r in results:
+        assert r["breaker_strict"]["raised"]
+        assert "its circuit breaker is open on this rank" in r["breaker_strict"]["message"]
+        assert r["sync_locks_after_failed_strict"] == r["sync_locks_before_strict"]
+    assert r1["rms_after_failed_strict"]
 
 
 def test_four_ranks_with_a_different_lock_and_a_different_perf_db(tmp_path: Path) -> None:

@@ -254,6 +254,8 @@ def _runnable(rt: Runtime, kernel_id: str, ctx: SelectionContext) -> list[str]:
     unavailable = rt.backends.unavailable_reason(spec.backend)
     if unavailable is not None:
         reasons.insert(0, str(unavailable))
+    if rt.config.circuit_breaker_enabled and rt.breakers.is_open(kernel_id):  # a lock to it would only raise
+        reasons.append("its circuit breaker is open on this rank")
     return reasons
 
 
@@ -387,7 +389,9 @@ def synchronize(group: Any = None, *, src: int = 0, strict: bool = True, check: 
         group: a ``torch.distributed`` process group (default: the whole world).
         src: the rank (within ``group``) whose decisions everyone adopts.
         strict: raise :class:`SelectionDivergenceError` on every rank when some rank cannot run the
-            source rank's choice; with ``strict=False`` the problems are only reported.
+            source rank's choice (not registered, rejected by its constraints, its backend missing, or its
+            circuit breaker open there), after taking this call's locks back on every rank (the locks of an
+            earlier synchronize stay); with ``strict=False`` the problems are only reported.
         check: run :func:`check_consistency` afterwards (default: the :func:`auto_check` setting).
 
     Returns:
@@ -418,6 +422,7 @@ def synchronize(group: Any = None, *, src: int = 0, strict: bool = True, check: 
         payload = {"rank": global_rank, "decisions": decisions, "perf": perf, "policy_digest": policy.digest}
     payload = _broadcast(payload, src, group)
 
+    earlier = [r for r in rt.policy.api_rules if r.origin == SYNC_ORIGIN]
     problems = _install(rt, payload, is_source=group_rank == src)
     gathered = _all_gather((global_rank, problems, _user_policy(rt).digest), group)
     report = SyncReport(
@@ -432,7 +437,10 @@ def synchronize(group: Any = None, *, src: int = 0, strict: bool = True, check: 
         log.warning("layerzero.distributed: policy differs from rank %d's on %s; rank %d's kernel choices are "
                     "in force for the synchronized contexts", report.source_rank,
                     _rank_list(report.policy_mismatch), report.source_rank)
-    if strict and not report.ok:
+    if strict and not report.ok:  # every rank raises: every rank takes this sync's locks back
+        rt.policy.remove(lambda r: r.origin == SYNC_ORIGIN)
+        for rule in earlier:
+            rt.policy.add(rule, replace_same_target=False)
         raise SelectionDivergenceError(
             "layerzero.distributed.synchronize: some ranks cannot run rank "
             f"{report.source_rank}'s kernel choices:\n" + "\n".join(
