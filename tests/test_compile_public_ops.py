@@ -170,3 +170,51 @@ def test_the_dispatched_custom_ops_lower_under_inductor() -> None:
     torch.testing.assert_close(got, torch.nn.functional.rms_norm(x, (64,), w, 1e-6))
     fn, kw = _call("attention_varlen", 1)
     torch.testing.assert_close(torch.compile(lambda **k: fn(**k), fullgraph=True)(**kw), fn(**kw))
+
+
+def test_scopes_kept_alive_after_their_block_cost_one_recompile() -> None:
+    """Graphs guarded on the number of live scope objects: each exception kept with its traceback holds its
+    scope, so every iteration recompiled until the recompile limit (FailOnRecompileLimitHit with fullgraph).
+    They guard on whether any scope is alive now."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    x, w = torch.randn(4, 64), torch.rand(64) + 0.5
+    frames = []
+
+    def counting(gm: Any, example_inputs: Any) -> Any:  # a backend that counts the graphs it is given
+        frames.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda x, w: lz.rms_norm(x, w), backend=counting, fullgraph=True)
+    kept = []
+    for _ in range(12):
+        try:
+            with lz.lock("rms_norm", "liger_rms_norm"):
+                lz.rms_norm(x, w)
+        except lz.LayerZeroError as exc:  # liger cannot run on the CPU: kept, with the scope its frames hold
+            kept.append(exc)
+        torch.testing.assert_close(compiled(x, w), torch.nn.functional.rms_norm(x, (64,), w, 1e-6))
+    assert len(frames) <= 2, len(frames)
+    kept.clear()
+    gc.collect()
+
+
+def test_dynamic_scalars_of_the_dispatched_ops_are_validated_by_their_example() -> None:
+    """With automatic dynamic shapes a changing max_seqlen (a packed training loop) or top_k becomes a SymInt;
+    the fake implementation's validation wanted an int and raised InvalidInputError('... got s68') on the
+    second call. It validates the value the graph was traced with."""
+    from layerzero.ops.attention_varlen import cu_seqlens
+
+    torch._dynamo.reset()
+    packed = torch.compile(lambda q, cu, m: lz.attention_varlen(q, q, q, cu, cu, m, m, is_causal=True),
+                           backend="aot_eager")
+    for lens in ([5, 3], [7, 2], [4, 4, 4]):
+        cu, q = cu_seqlens(lens), torch.randn(sum(lens), 4, 32)
+        torch.testing.assert_close(packed(q, cu, max(lens)),
+                                   lz.attention_varlen(q, q, q, cu, cu, max(lens), max(lens), is_causal=True))
+    sample = torch.compile(lambda logits, k: lz.sample(logits, temperature=0.0, top_k=k), backend="aot_eager")
+    logits = torch.randn(4, 50)
+    for k in (5, 10, 20):
+        assert torch.equal(sample(logits, k), logits.argmax(-1))

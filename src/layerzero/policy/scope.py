@@ -24,12 +24,15 @@ __all__ = ["Scope", "current_scope", "SCOPE", "LIVE"]
 
 
 class _Live:
-    """How many :class:`Scope` objects exist; while none does, no context can be inside one."""
+    """How many :class:`Scope` objects exist (``scopes``; while none does, no context can be inside one), and
+    whether any does (``any``: what compiled graphs guard on, so that a scope kept alive after its block (an
+    exception kept with its traceback holds one) costs one recompile, not one per scope)."""
 
-    __slots__ = ("scopes",)
+    __slots__ = ("scopes", "any")
 
     def __init__(self) -> None:
         self.scopes = 0
+        self.any = False
 
 
 LIVE = _Live()
@@ -54,10 +57,12 @@ class Scope:
         self.hides = hides
         with _live_lock:
             LIVE.scopes += 1
+            LIVE.any = True
 
     def __del__(self) -> None:
         with _live_lock:
             LIVE.scopes -= 1
+            LIVE.any = LIVE.scopes > 0
 
 
 SCOPE: ContextVar[Scope | None] = ContextVar("layerzero_policy_scope", default=None)

@@ -136,6 +136,23 @@ def pinned_call(row: RowOp, kernel: str) -> Callable[..., Tensor]:
     return pinned
 
 
+def _examples(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """``args`` with each SymInt scalar replaced by the value it was traced with (its hint; reading it installs
+    no guard), for validation, whose checks want ints; None when one has no hint (an unbacked size: the call is
+    validated when it runs)."""
+    if not any(isinstance(a, torch.SymInt) for a in args):
+        return args
+    out = []
+    for a in args:
+        if isinstance(a, torch.SymInt):
+            node = getattr(a, "node", None)
+            a = node.hint if node is not None and getattr(node, "has_hint", lambda: False)() else None
+            if not isinstance(a, int):
+                return None
+        out.append(a)
+    return tuple(out)
+
+
 def define_dispatched(row: RowOp) -> Any:
     """The forward custom op of ``row`` with its fake, its recomputing backward op and its autograd formula."""
     tensors = row.tensor_positions
@@ -155,7 +172,9 @@ def define_dispatched(row: RowOp) -> Any:
 
     def fake(*args: Any, **kwargs: Any) -> Tensor:
         args, _kernel = split(args, kwargs)
-        row.op.validate(row.name, row.canonical(args) if row.canonical else args)
+        concrete = _examples(args)  # a SymInt scalar (max_seqlen, top_k under dynamic shapes) by its example value
+        if concrete is not None:
+            row.op.validate(row.name, row.canonical(concrete) if row.canonical else concrete)
         shape = row.out_shape(args) if row.out_shape else args[0].shape
         return args[0].new_empty(shape, dtype=row.out_dtype(args) if row.out_dtype else None)
 

@@ -78,11 +78,11 @@ def _grad(*tensors: Tensor | None) -> bool:
 def _attention_kernel(operation: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
                       dropout_p: float, scale: float | None, window: int | None,
                       variants: tuple[bool, bool, bool] = (False, False, False)) -> str:
-    """The trace-time choice; reading ``RUNTIME.version`` and ``LIVE.scopes`` here makes Dynamo guard on them.
+    """The trace-time choice; reading ``RUNTIME.version`` and ``LIVE.any`` here makes Dynamo guard on them.
     ``variants``: whether the call has a softcap, sinks, ALiBi slopes."""
     mask_kind = "none" if attn_mask is None else "bool" if attn_mask.dtype == torch.bool else "additive"
     contiguous = q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    head = (RUNTIME.version, LIVE.scopes, operation, q.dtype, q.device)
+    head = (RUNTIME.version, LIVE.any, operation, q.dtype, q.device)
     tail = (mask_kind, float(dropout_p), scale, window, _grad(q, k, v),
             torch.are_deterministic_algorithms_enabled(), contiguous, *variants)
     hq, hkv, d, dv = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
@@ -130,7 +130,7 @@ def _rows_kernel(operation: str, x: Tensor, grad: bool, interleaved: bool = Fals
                  approximate: str = "none", width: int | None = None) -> str:
     """The trace-time choice for a row-wise op over ``x``'s last dimension, or over ``width`` columns when
     given (the linear cross-entropy's vocabulary); guards as for attention."""
-    head = (RUNTIME.version, LIVE.scopes, operation, x.dtype, x.device, x.shape[-1] if width is None else width)
+    head = (RUNTIME.version, LIVE.any, operation, x.dtype, x.device, x.shape[-1] if width is None else width)
     tail = (grad, torch.are_deterministic_algorithms_enabled(), x.is_contiguous(), interleaved, head_dim, approximate)
     kid = choose_rows(*head, None, None, *tail)
     if kid == BUCKETS:
