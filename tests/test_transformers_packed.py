@@ -59,6 +59,17 @@ def _packed_inputs(seqs: list[torch.Tensor], flash_kwargs: bool) -> dict[str, ob
     return dict(batch)
 
 
+def _assert_each_sequence_alone(model: Any, seqs: list[torch.Tensor], inputs: dict[str, object],
+                                operations: list[str]) -> None:
+    """The packed batch's logits are each sequence's alone, every layer through lz.attention_varlen."""
+    want = _alone(model, seqs)
+    operations.clear()
+    with torch.no_grad():
+        got = model(**inputs).logits[0]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert operations == ["attention_varlen"] * _CONFIG["num_hidden_layers"]
+
+
 @pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
 def test_packed_batch_matches_each_sequence_alone(flash_kwargs: bool, operations: list[str]) -> None:
     model = _model(attn_implementation="layerzero")
@@ -66,12 +77,7 @@ def test_packed_batch_matches_each_sequence_alone(flash_kwargs: bool, operations
     inputs = _packed_inputs(seqs, flash_kwargs)
     assert inputs["input_ids"].shape == (1, sum(LENGTHS))
     assert ("cu_seq_lens_q" in inputs) is flash_kwargs
-    want = _alone(model, seqs)
-    operations.clear()
-    with torch.no_grad():
-        got = model(**inputs).logits[0]
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-    assert operations == ["attention_varlen"] * _CONFIG["num_hidden_layers"]
+    _assert_each_sequence_alone(model, seqs, inputs, operations)
 
 
 def test_cu_seq_lens_alone_keep_the_sequences_apart() -> None:
@@ -225,9 +231,4 @@ def test_a_sliding_window_model_keeps_packed_sequences_apart(flash_kwargs: bool,
     model.set_attn_implementation("layerzero")
     seqs = _sequences(5)
     inputs = _packed_inputs(seqs, flash_kwargs)
-    want = _alone(model, seqs)
-    operations.clear()
-    with torch.no_grad():
-        got = model(**inputs).logits[0]
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-    assert operations == ["attention_varlen"] * _CONFIG["num_hidden_layers"]
+    _assert_each_sequence_alone(model, seqs, inputs, operations)
