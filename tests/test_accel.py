@@ -227,7 +227,7 @@ def test_find_and_admits_agree_with_the_contract(runtime: Any) -> None:
 @needs_compiled
 def test_the_compiled_hit_serves_the_plain_cached_call(runtime: Any) -> None:
     q, k, v = torch.randn(1, 8, 1, 16), torch.randn(1, 8, 20, 16), torch.randn(1, 8, 20, 16)
-    raw = (None, False, 0.0, None, "BHSD", None, None, None, None, None)
+    raw = (None, False, 0.0, None, "BHSD", None, None, None, None, None, None)  # ... operation, enable_gqa
     assert COMPILED(q, k, v, *raw) is accel.MISS  # nothing cached yet: the Python entry selects
     lz.attention(q, k, v)
     out = COMPILED(q, k, v, *raw)
@@ -352,7 +352,7 @@ def test_cuda_tensors_take_the_compiled_hit(runtime: Any) -> None:
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(5)
     py = CALLS.python_entry
-    raw = (None, False, 0.0, None, "BHSD", None, None, None, None, None)
+    raw = (None, False, 0.0, None, "BHSD", None, None, None, None, None, None)  # ... operation, enable_gqa
     for dtype, (hq, hk) in itertools.product((torch.float16, torch.bfloat16, torch.float32), ((8, 8), (8, 2))):
         q = torch.randn(2, hq, 5, 64, device=dev, dtype=dtype, generator=g)
         k = torch.randn(2, hk, 33, 64, device=dev, dtype=dtype, generator=g)

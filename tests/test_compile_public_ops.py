@@ -218,3 +218,15 @@ def test_dynamic_scalars_of_the_dispatched_ops_are_validated_by_their_example() 
     logits = torch.randn(4, 50)
     for k in (5, 10, 20):
         assert torch.equal(sample(logits, k), logits.argmax(-1))
+
+
+def test_compiled_attention_takes_enable_gqa() -> None:
+    torch._dynamo.reset()
+    q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)
+    compiled = torch.compile(lambda q, k, v: lz.attention(q, k, v, enable_gqa=True), backend="aot_eager",
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    refused = torch.compile(lambda q, k, v: lz.attention(q, k, v, enable_gqa=False), backend="aot_eager")
+    with pytest.raises(Exception, match="enable_gqa=False"):
+        refused(q, k, v)

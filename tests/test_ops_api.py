@@ -330,3 +330,27 @@ def test_dropout_is_applied_as_sdpa_does(g: torch.Generator) -> None:
     torch.testing.assert_close(draws.mean(0), plain, atol=0.1, rtol=0)
     torch.manual_seed(0)
     torch.testing.assert_close(lz.attention(q, k, v, dropout_p=0.3), draws[0])  # reproducible with the seed
+
+
+def test_enable_gqa_reads_as_in_sdpa() -> None:
+    """Code written for ``F.scaled_dot_product_attention(..., enable_gqa=True)`` runs unchanged (it raised a plain
+    TypeError); ``enable_gqa=False`` refuses k/v with fewer heads, as SDPA does; left out, GQA runs (layerzero's
+    default). Cold, warm, through the compiled entry and the Python one."""
+    q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    from layerzero.ops.attention import ATTENTION
+
+    entries = [lz.attention, ATTENTION.calls.python_entry]
+    for entry in entries:
+        for _ in range(2):
+            torch.testing.assert_close(entry(q, k, v, enable_gqa=True), want)
+            torch.testing.assert_close(entry(q, k, v), want)
+            with pytest.raises(lz.InvalidInputError, match=r"query heads \(8\) differ from key/value heads \(2\)"):
+                entry(q, k, v, enable_gqa=False)
+            with pytest.raises(lz.InvalidInputError, match="enable_gqa must be a bool or None"):
+                entry(q, k, v, enable_gqa="yes")
+            same = torch.randn(1, 2, 4, 16)
+            torch.testing.assert_close(entry(same, k, v, enable_gqa=False),
+                                       torch.nn.functional.scaled_dot_product_attention(same, k, v))
+            torch.testing.assert_close(entry(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="BSHD",
+                                             enable_gqa=True), want.transpose(1, 2))

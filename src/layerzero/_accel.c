@@ -90,7 +90,7 @@ hit_entry(Hit *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t npos = code->co_argcount, n = npos + code->co_kwonlyargcount;
     PyObject *names = PyObject_GetAttrString((PyObject *)code, "co_varnames");
     PyObject *pos_defaults = PyFunction_GET_DEFAULTS(fn), *kw_defaults = PyFunction_GET_KW_DEFAULTS(fn);
-    int expected = self->kind == KIND_ATTENTION ? 13 : self->kind == KIND_RMS_NORM ? 3 : 4;
+    int expected = self->kind == KIND_ATTENTION ? 14 : self->kind == KIND_RMS_NORM ? 3 : 4;
     if (names == NULL || n != expected || (code->co_flags & (CO_VARARGS | CO_VARKEYWORDS))) {
         Py_XDECREF(names);
         if (!PyErr_Occurred())

@@ -377,7 +377,7 @@ scale_served(PyObject *scale, PyObject *is_causal, PyObject *window)
 }
 
 /* lz.attention(q, k, v, attn_mask, is_causal, dropout_p, scale, layout, window, softcap, sinks, alibi_slopes,
- *              operation) -> the output, or MISS */
+ *              operation, enable_gqa) -> the output, or MISS */
 static PyObject *
 serve_attention(Hit *self, PyObject *const *a)
 {
@@ -386,6 +386,8 @@ serve_attention(Hit *self, PyObject *const *a)
     /* What this path serves. The contract's guard holds by construction (a bool is_causal, an int or no
      * window, a finite scale); no variant, no operation name; the BHSD layout, or BSHD as BHSD views. */
     if (a[12] != Py_None || a[9] != Py_None || a[10] != Py_None || a[11] != Py_None || !PyBool_Check(is_causal))
+        return Py_NewRef(self->miss);
+    if (a[13] != Py_None && a[13] != Py_True) /* enable_gqa=False: the Python entry checks the heads */
         return Py_NewRef(self->miss);
     if (window != Py_None && !PyLong_CheckExact(window))
         return Py_NewRef(self->miss);

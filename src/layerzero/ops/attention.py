@@ -41,7 +41,7 @@ from layerzero.runtime import get_runtime
 from layerzero.ops.attention_variants import variant_key, variant_problem, variants_admitted
 from layerzero.tensor_helpers import alibi_bias, softcapped, window_mask
 
-__all__ = ["attention", "ATTENTION", "AttentionOp", "attention_reference", "window_mask"]
+__all__ = ["attention", "ATTENTION", "AttentionOp", "attention_reference", "window_mask", "gqa_refused"]
 
 _LAYOUTS = ("BHSD", "BSHD")
 
@@ -248,6 +248,22 @@ def _bad_operation(operation: Any, q: Any, k: Any, v: Any) -> Exception:
                              (q, k, v))
 
 
+def gqa_refused(operation: str, enable_gqa: Any, q: Any, k: Any, v: Any) -> None:
+    """``enable_gqa=False`` (or another non-bool) as ``F.scaled_dot_product_attention`` reads it: query heads
+    that differ from the key/value heads are refused. Left out (None) or True, grouped-query attention runs, as
+    layerzero always runs it. ``q``, ``k``, ``v`` are BHSD; what is not a 4-D tensor is left for validation."""
+    if not isinstance(enable_gqa, bool):
+        raise ATTENTION.invalid(operation, f"enable_gqa must be a bool or None, got {enable_gqa!r}", (q, k, v))
+    try:
+        hq, hkv = q.shape[1], k.shape[1]
+    except (AttributeError, IndexError, TypeError):
+        return
+    if hq != hkv:
+        raise ATTENTION.invalid(operation, f"query heads ({hq}) differ from key/value heads ({hkv}) and enable_gqa="
+                                           "False (as in SDPA); pass enable_gqa=True, or leave it out: layerzero "
+                                           "runs grouped-query attention by default", (q, k, v))
+
+
 def _bad_layout(operation: str, layout: Any, q: Any, k: Any, v: Any) -> Exception:
     return ATTENTION.invalid(operation, f"layout must be one of {_LAYOUTS}, got {layout!r}", (q, k, v))
 
@@ -273,6 +289,8 @@ _DOC = """Scaled dot-product attention through the fastest correct kernel here.
         scale: softmax scale; ``1/sqrt(head_dim)`` when None.
         layout: ``"BHSD"`` or ``"BSHD"``; the output comes back in the same layout.
         window: sliding-window size (each query sees at most ``window`` keys ending at itself).
+        enable_gqa: as in ``F.scaled_dot_product_attention``: False refuses k/v with fewer heads than q; left
+            out (None) or True, grouped-query attention runs (layerzero's default).
         softcap: attention-logit softcapping (Gemma 2): scores become ``tanh(scores / softcap) * softcap``
             after scaling, before any mask; a finite positive number.
         sinks: ``(heads,)`` per-head sink logits (GPT-OSS), float32 or q's dtype: each joins its head's
@@ -299,7 +317,7 @@ _DOC = """Scaled dot-product attention through the fastest correct kernel here.
 ATTENTION_CONTRACT = CallContract(
     name="attention",
     signature="q, k, v, *, attn_mask=None, is_causal=False, dropout_p=0.0, scale=None, layout='BHSD', window=None, "
-              "softcap=None, sinks=None, alibi_slopes=None, operation=None",
+              "softcap=None, sinks=None, alibi_slopes=None, operation=None, enable_gqa=None",
     args="q, k, v, attn_mask, is_causal, dropout_p, scale, window, *variants",
     operation="operation",
     prologue="""
@@ -314,6 +332,8 @@ if bshd:
     q, k, v = bhsd(q, k, v)
 elif layout != "BHSD":
     raise bad_layout(operation, layout, q, k, v)
+if enable_gqa is not None and enable_gqa is not True:
+    gqa_refused(operation, enable_gqa, q, k, v)
 variants = () if softcap is None and sinks is None and alibi_slopes is None else (softcap, sinks, alibi_slopes)
 """,
     family="((operation, q.dtype, q.is_cpu or q.device, is_causal, dropout_p, window, "
@@ -334,7 +354,7 @@ variants = () if softcap is None and sinks is None and alibi_slopes is None else
     result="out.transpose(1, 2) if bshd else out",
     namespace={"FLOAT_MAX": FLOAT_MAX, "OP_CAUSAL": _OP_CAUSAL, "OP_FULL": _OP_FULL, "bad_operation": _bad_operation,
                "bad_layout": _bad_layout, "bhsd": _bhsd, "variant_key": variant_key,
-               "variants_admitted": variants_admitted},
+               "variants_admitted": variants_admitted, "gqa_refused": gqa_refused},
     doc=_DOC,
     compiled=lambda runtime: attention_hit(runtime, LIVE, _OP_FULL, _OP_CAUSAL),
 )

@@ -96,7 +96,8 @@ def _attention_kernel(operation: str, q: Tensor, k: Tensor, v: Tensor, attn_mask
 def traced_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                      dropout_p: float = 0.0, scale: float | None = None, layout: str = "BHSD",
                      window: int | None = None, softcap: float | None = None, sinks: Tensor | None = None,
-                     alibi_slopes: Tensor | None = None, operation: str | None = None) -> Tensor:
+                     alibi_slopes: Tensor | None = None, operation: str | None = None,
+                     enable_gqa: bool | None = None) -> Tensor:
     if operation is None:
         operation = "attention.causal" if is_causal else "attention.full"
     elif operation == "attention.causal":
@@ -104,6 +105,8 @@ def traced_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | Non
     bshd = layout == "BSHD"
     if bshd:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if enable_gqa is not None and enable_gqa is not True:
+        ATTENTION_MOD.gqa_refused(operation, enable_gqa, q, k, v)
     args = (q, k, v, attn_mask, is_causal, dropout_p, scale, window)
     flags = (softcap is not None, sinks is not None, alibi_slopes is not None)
     variants = any(flags)
