@@ -320,3 +320,36 @@ def test_a_tiny_temperature_samples_the_argmax(runtime: Any, temperature: float,
             assert torch.equal(lz.sample(logits, temperature), want), kid
     assert not any(b.failures for b in runtime.breakers.all().values())
     assert lz.sample(torch.randn(4, 100), 0.8, top_p=0.9).shape == (4,)
+
+
+def test_a_first_call_under_autocast_blames_no_kernel(runtime: Any) -> None:
+    """Under CPU autocast PyTorch's kernels return autocast's dtypes (cross-entropy float32 for bfloat16 logits,
+    SDPA bfloat16 for float32 inputs); the output check wanted the inputs' dtype, counted each as a kernel
+    failure and opened the breaker (every later cross_entropy call then raised NoKernelError for 30 s)."""
+    logits, target = torch.randn(6, 50, dtype=torch.bfloat16), torch.randint(0, 50, (6,))
+    q = torch.randn(1, 2, 4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, want_loss = lz.cross_entropy(logits, target), F.cross_entropy(logits, target)
+        out, want_out = lz.attention(q, q, q), F.scaled_dot_product_attention(q, q, q)
+    assert loss.dtype == want_loss.dtype and out.dtype == want_out.dtype
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(out, want_out)
+    assert not any(b.failures for b in runtime.breakers.all().values())
+    big = torch.randn(128, 1000)
+    torch.testing.assert_close(lz.cross_entropy(big, torch.zeros(128, dtype=torch.long)),
+                               F.cross_entropy(big, torch.zeros(128, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("kernel", ["torch_linear_cross_entropy_naive", "torch_linear_cross_entropy_chunked"])
+def test_every_target_ignored_gives_zero_gradients(runtime: Any, kernel: str) -> None:
+    """A batch of prompt or padding only: the mean loss is NaN (0 / 0) as F.cross_entropy's, and the
+    gradients are 0 as torch's; the chunked kernel divided them by a count of 0 (NaN weights after the step)."""
+    h, w, b = (torch.randn(4, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True),
+               torch.randn(16, requires_grad=True))
+    target = torch.full((4,), -100)
+    with lz.lock("linear_cross_entropy", kernel):
+        loss = lz.linear_cross_entropy(h, w, target, b, label_smoothing=0.1)
+    assert torch.isnan(loss)
+    loss.backward()
+    for t in (h, w, b):
+        assert torch.equal(t.grad, torch.zeros_like(t))

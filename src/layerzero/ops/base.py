@@ -36,6 +36,18 @@ def shown(x: Any) -> str:
     return text if len(text) <= 40 or not isinstance(x, int) else f"an int of {len(str(abs(x)))} digits"
 
 
+def _autocast_dtype(got: torch.dtype, device: torch.device) -> bool:
+    """Whether ``got`` is a dtype autocast, enabled for ``device``'s type, makes a kernel return: its lower
+    precision, or float32 (what PyTorch's own functions return under autocast: SDPA in bfloat16, cross-entropy
+    in float32). Not a kernel fault: the breaker must not count it."""
+    try:
+        if not torch.is_autocast_enabled(device.type):
+            return False
+        return got in (torch.get_autocast_dtype(device.type), torch.float32)
+    except (TypeError, RuntimeError, AttributeError):  # an older torch without the device-type forms
+        return False
+
+
 def finite_number(x: Any) -> bool:
     """An int or float (not a bool) that a float holds finitely (``10**400`` is not: ``float()`` overflows)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
@@ -258,7 +270,7 @@ class OpDef:
             return f"returned {type(out).__name__}, expected a Tensor"
         if tuple(out.shape) != tuple(shape):
             return f"returned shape {tuple(out.shape)}, expected {tuple(shape)}"
-        if out.dtype != dtype:
+        if out.dtype != dtype and not _autocast_dtype(out.dtype, device):
             return f"returned dtype {out.dtype}, expected {dtype}"
         if out.device != device:
             return f"returned a tensor on {out.device}, expected {device}"

@@ -189,7 +189,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                                    "place, so call the op again instead of retain_graph=True")
             ctx.used = True
             grads = list(ctx.saved_tensors)
-            factor = grad_out if ctx.count is None else grad_out / ctx.count  # 0-dim, float32 or float64
+            # 0-dim, float32 or float64; no valid target at all (a batch of prompt or padding): the loss is NaN
+            # (0 / 0, as F.cross_entropy's) but every gradient is 0, as torch's: the count floors at 1
+            factor = grad_out if ctx.count is None else grad_out / ctx.count.clamp(min=1)
             for g in grads:
                 if g is not None:
                     g.mul_(factor)
