@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from layerzero.bench.report import render_markdown
 from layerzero.bench.runner import BenchOptions, run_bench
 
@@ -82,3 +84,20 @@ def test_the_import_probe_lets_python_cache_bytecode(monkeypatch) -> None:
     rows = runner.run_import(BenchOptions(quick=True), lambda msg: None)
     assert len(seen) == 3 and all("PYTHONDONTWRITEBYTECODE" not in env for env in seen)
     assert rows[0].path == "import layerzero" and "ms on top of" in rows[0].note
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--dtype", "int8"], "'int8' is not one of 'float32', 'float16', 'bfloat16'"),
+    (["bench", "--quick", "--json", "/nonexistent/dir/x.json"], "the folder '/nonexistent/dir' does not exist"),
+    (["bench", "--iterations", "0"], "0 is not in the range x>=1"),
+    (["metrics", "--port", "0", "--duration", "-1"], "is not in the range"),
+    (["metrics", "--port", "0", "--duration", "nan"], "nan is not a number of seconds"),
+    (["metrics", "--duration", "1"], "--duration stops a server: it needs --port N"),
+])
+def test_bad_bench_and_metrics_options_are_usage_errors(args, message, capsys) -> None:
+    """Exit 2 naming the option, before any work (a bad --json folder used to fail after the whole run, with a
+    traceback; --dtype int8 with one)."""
+    from layerzero.cli import main
+
+    assert main(args) == 2
+    assert message in capsys.readouterr().err

@@ -22,8 +22,9 @@ __all__ = ["register", "bench"]
 @click.option("--ops", default="attention.causal,attention.decode,rms_norm", show_default=True,
               help="Comma-separated operations for the results table.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-@click.option("--iterations", type=int, default=None, help="Timed calls per results row.")
-@click.option("--dtype", default=None, help="float32 (CPU default), float16 (CUDA default), bfloat16.")
+@click.option("--iterations", type=click.IntRange(min=1), default=None, help="Timed calls per results row.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="float32 (CPU default), float16 (CUDA default), bfloat16.")
 @click.option("--no-memory", is_flag=True, help="Skip the memory budget lines.")
 @click.option("--no-import", "no_import", is_flag=True, help="Skip the import-time budget line.")
 @click.option("--no-ragged", "no_ragged", is_flag=True,
@@ -60,6 +61,7 @@ def bench(quick: bool, json_path: Path | None, ops: str, device: str, iterations
     Exit code 0 (with --strict: 1 when a budget line reads MISS; with --model: 1 when the model is refused).
     """
     _check_device(device)
+    _check_json_path(json_path)
     if model is not None:
         from layerzero.bench.model import ModelBenchOptions
 
@@ -112,6 +114,15 @@ def _check_device(device: str) -> None:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _check_json_path(json_path: Path | None) -> None:
+    """A --json file whose folder does not exist is a usage error before the run, not a traceback after it."""
+    if json_path is None or str(json_path) == "-" or json_path.is_dir():
+        return
+    if not json_path.parent.is_dir():
+        raise click.BadParameter(f"{str(json_path)!r}: the folder {str(json_path.parent)!r} does not exist",
+                                 param_hint="--json")
 
 
 def _json_file(json_path: Path, stem: str, device: str) -> Path:
