@@ -176,6 +176,12 @@ class _Watcher:
             return None
 
     def _loop(self) -> None:
+        try:
+            self._watch()
+        finally:  # the observer is stopped here, in this thread, when a finalizer only signalled (signal_stop)
+            self._stop_observer(join=True)
+
+    def _watch(self) -> None:
         while not self._stop.is_set():
             with self._wake:
                 due = self._due
@@ -205,18 +211,35 @@ class _Watcher:
                 self.poke()
 
     def stop(self) -> None:
+        """Stop the threads and wait for them (up to 5 s each)."""
         self._stop.set()
         with self._wake:
             self._wake.notify_all()
+        self._stop_observer(join=True)
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=5)
+
+    def signal_stop(self) -> None:
+        """Ask the threads to stop without taking a lock or waiting: what a finalizer may do. The garbage
+        collector runs finalizers in whatever thread collects, watchdog's own among them, which may hold the
+        observer's lock: stopping the observer there deadlocked the collection, no later one ran, and unclosed
+        dispatchers piled up with their threads. The watcher's loop stops the observer when it ends."""
+        self._stop.set()
+        if self._wake.acquire(blocking=False):
+            try:
+                self._wake.notify_all()
+            finally:
+                self._wake.release()
+
+    def _stop_observer(self, join: bool) -> None:
         observer, self.observer = self.observer, None
         if observer is not None:
             try:
                 observer.stop()
-                observer.join(timeout=5)
+                if join and observer is not threading.current_thread():
+                    observer.join(timeout=5)
             except Exception:
                 log.exception("hot reload: stopping the file watcher failed")
-        if self.thread is not threading.current_thread():
-            self.thread.join(timeout=5)
 
 
 # -- the dispatcher --------------------------------------------------------------------------------------------------
@@ -376,16 +399,21 @@ class HotReloadDispatcher(ConfigDrivenDispatcher):
         """Stop watching (idempotent). The dispatcher keeps working on the config in force, through the Python
         dispatch method (its compiled form, which holds the dispatcher, goes: a closed dispatcher is freed with its
         last reference, no garbage collection needed)."""
-        watcher, self._watcher = self._watcher, None
-        self.__dict__.pop("dispatch", None)
-        if watcher is not None:
-            watcher.stop()
+        self._release(join=True)
 
     stop_watching = close
 
+    def _release(self, join: bool) -> None:
+        watcher, self._watcher = self._watcher, None
+        self.__dict__.pop("dispatch", None)
+        if watcher is not None and join:
+            watcher.stop()
+        elif watcher is not None:
+            watcher.signal_stop()
+
     def __del__(self) -> None:
         try:
-            self.close()
+            self._release(join=False)  # signal the threads; they end on their own (_Watcher.signal_stop)
         except Exception:
             pass
 
