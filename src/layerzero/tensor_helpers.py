@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["window_mask", "half_cos_sin", "alibi_bias", "softcapped"]
+__all__ = ["window_mask", "half_cos_sin", "alibi_bias", "softcapped", "masked_softmax"]
 
 
 def window_mask(sq: int, sk: int, window: int | None, is_causal: bool, device: torch.device) -> torch.Tensor | None:
@@ -30,6 +30,14 @@ def alibi_bias(slopes: torch.Tensor, sq: int, sk: int, dtype: torch.dtype = torc
     s = slopes.to(dtype)
     s = s.view(1, -1, 1, 1) if s.dim() == 1 else s.view(s.shape[0], s.shape[1], 1, 1)
     return -s * dist
+
+
+def masked_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, a row whose every score is -inf (it sees no key) giving zeros, as SDPA's
+    math kernel does. Its scores become 0 before the softmax, not after: the softmax of an all -inf row is NaN,
+    and its backward carried NaN on (NaN * 0) into the gradients. A NaN or inf from the data stays what it is."""
+    dead = torch.isneginf(scores.amax(dim=-1, keepdim=True))
+    return torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
 
 
 def softcapped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:

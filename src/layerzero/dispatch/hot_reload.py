@@ -406,9 +406,11 @@ class HotReloadDispatcher(ConfigDrivenDispatcher):
     def _release(self, join: bool) -> None:
         watcher, self._watcher = self._watcher, None
         self.__dict__.pop("dispatch", None)
-        if watcher is not None and join:
+        if watcher is None:
+            return
+        if join:
             watcher.stop()
-        elif watcher is not None:
+        else:
             watcher.signal_stop()
 
     def __del__(self) -> None:

@@ -39,7 +39,7 @@ from layerzero.ops.contract import CallContract
 from layerzero.policy.scope import LIVE
 from layerzero.runtime import get_runtime
 from layerzero.ops.attention_variants import variant_key, variant_problem, variants_admitted
-from layerzero.tensor_helpers import alibi_bias, softcapped, window_mask
+from layerzero.tensor_helpers import alibi_bias, masked_softmax, softcapped, window_mask
 
 __all__ = ["attention", "ATTENTION", "AttentionOp", "attention_reference", "window_mask", "gqa_refused"]
 
@@ -72,10 +72,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     if sinks is not None:
         sink = sinks.double().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    else:  # fully masked rows (every score -inf) give 0, like SDPA's math kernel on new torch; a NaN or inf
-        # from the data stays what it is
-        dead = (scores == float("-inf")).all(-1, keepdim=True)
-        probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
+    else:  # fully masked rows give 0, like SDPA's math kernel on new torch
+        probs = masked_softmax(scores)
     return probs @ v64
 
 

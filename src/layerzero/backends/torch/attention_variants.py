@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from layerzero.tensor_helpers import alibi_bias, softcapped, window_mask
+from layerzero.tensor_helpers import alibi_bias, masked_softmax, softcapped, window_mask
 
 __all__ = ["torch_attention_eager", "variant_inputs"]
 
@@ -81,11 +81,8 @@ def torch_attention_eager(q, k, v, mask, is_causal, dropout_p, scale, window,  #
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     elif bias is None:
         probs = torch.softmax(scores, dim=-1)
-    else:  # a row with no visible key: 0, as SDPA's math kernel gives it. Its scores become 0 before the
-        # softmax, not after: softmax of an all -inf row is NaN, and its backward carried NaN into the gradients
-        # (NaN * 0) of every parameter of a padded batch's model (Gemma 2's softcap runs here)
-        dead = torch.isneginf(scores.amax(dim=-1, keepdim=True))
-        probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    else:  # a row with no visible key: 0 and clean gradients (a padded batch's Gemma 2 softcap runs here)
+        probs = masked_softmax(scores)
     if dropout_p > 0:
         probs = torch.dropout(probs, dropout_p, True)
     return torch.matmul(probs.to(v.dtype), v)
