@@ -184,3 +184,40 @@ def test_the_older_standard_forward_is_recognised() -> None:
             )
 
     assert _forward_shape(Older) == (False, None)
+
+
+def test_models_saved_while_the_rope_is_patched_load_again() -> None:
+    """transformers 5 holds a private copy of its rope function in each attention module, which pickles as
+    "a new instance of the class of the modeling module's ``apply_rotary_pos_emb``": patched or not, every
+    model of that module saved while the patch lives must load again, and compute what it computed."""
+    import io
+
+    patched, bystander = _pair("llama")
+    report = lzt.patch(patched)
+    assert {"rope", "causal_lm_loss", "rms_norm"} <= set(report.patched), str(report)
+    ids, _ = _batch()
+    for model in (patched, bystander):
+        model.eval()
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-6)
+    assert lzt.unpatch(patched) == report.count
+    assert lzt.unpatch(loaded) == 0  # the bystander's copy
+
+
+def test_the_patched_forward_keeps_the_models_signature() -> None:
+    """generate() reads ``inspect.signature(model.forward)`` (logits_to_keep, attention_mask, ...): the patched
+    forward shows the model's own parameters, and skip_logits."""
+    import inspect
+
+    _, model = _pair("llama")
+    before = inspect.signature(model.forward).parameters
+    lzt.patch(model)
+    after = inspect.signature(model.forward).parameters
+    assert list(after) == [*[p for p in before if p != "kwargs"], "skip_logits", "kwargs"], list(after)
+    assert model._supports_logits_to_keep()
+    lzt.unpatch(model)
+    assert list(inspect.signature(model.forward).parameters) == list(before)

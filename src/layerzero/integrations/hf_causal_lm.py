@@ -22,12 +22,12 @@ checked numerically against the original once per module before it is installed.
 
 from __future__ import annotations
 
+import functools
 import gc
 import inspect
 import weakref
 import math
 import sys
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +38,7 @@ from torch import nn
 import layerzero.ops as lz_ops
 from layerzero.errors import InvalidInputError
 
-__all__ = ["loss_problem", "patch_loss", "causal_lm_loss", "patch_rope", "unpatch_causal_lm", "ROPE_ATTR",
+__all__ = ["loss_problem", "patch_loss", "install_forward", "causal_lm_loss", "patch_rope", "unpatch_causal_lm", "ROPE_ATTR",
            "LOSS_ATTR"]
 
 LOSS_ATTR = "_layerzero_loss_softcap"  # on a patched model: the softcap its loss uses (None for none)
@@ -202,8 +202,26 @@ def patch_loss(model: nn.Module, verify: bool = True) -> str | None:
     if problem is not None:
         return problem
     object.__setattr__(model, LOSS_ATTR, softcap)
-    object.__setattr__(model, "forward", types.MethodType(_loss_forward, model))
+    forward = install_forward(model, _loss_forward)
+    original = inspect.signature(type(model).forward)
+    params = list(original.parameters.values())[1:]  # without self
+    if "skip_logits" not in original.parameters:
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        params.insert(at, inspect.Parameter("skip_logits", inspect.Parameter.KEYWORD_ONLY, default=None))
+    forward.__signature__ = original.replace(parameters=params)  # type: ignore[attr-defined]
     return None
+
+
+def install_forward(module: nn.Module, forward: Callable[..., Any]) -> functools.partial[Any]:
+    """Make ``forward(module, ...)`` ``module``'s forward (an instance attribute, which :func:`unpatch` removes).
+
+    A ``functools.partial`` of a module-level function, where a bound method would do for the calls: a bound
+    method pickles as ``getattr(module, forward.__name__)``, which no loaded module has, so a model saved
+    with ``torch.save(model)`` while patched would not load again.
+    """
+    bound = functools.partial(forward, module)
+    object.__setattr__(module, "forward", bound)
+    return bound
 
 
 def _lz_rope_for(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -219,6 +237,25 @@ def _lz_rope_for(original: Callable[..., Any]) -> Callable[..., Any]:
 
     apply_rotary_pos_emb.__wrapped__ = original  # type: ignore[attr-defined]
     return apply_rotary_pos_emb
+
+
+def _in_its_place(current: Callable[..., Any], ours: Callable[..., Any]) -> Callable[..., Any]:
+    """What the modeling module's ``apply_rotary_pos_emb`` becomes: ``ours``, or a fresh instance of
+    ``current``'s class running it where that is an ``nn.Module`` (transformers 5's ``use_kernelized_func``).
+
+    Each attention module of such a model holds its own instance of that class, which pickles as "a new
+    instance of ``type(modeling_module.apply_rotary_pos_emb)``": the module attribute must keep the class,
+    or no model of that module saved while it is patched (patched or not) loads again.
+    """
+    if not isinstance(current, nn.Module):
+        return ours
+    try:
+        twin = type(current)()
+    except Exception:  # a class we cannot make again: the plain function still routes the calls
+        return ours
+    object.__setattr__(twin, "forward", ours)  # nn.Module.__call__ runs it, hooks and all
+    object.__setattr__(twin, "__wrapped__", current)
+    return twin
 
 
 def _verify_rope(original: Callable[..., Any], ours: Callable[..., Any], model: nn.Module) -> str | None:
@@ -266,7 +303,7 @@ def patch_rope(model: nn.Module, verify: bool = True) -> tuple[str | None, str |
         if problem is not None:
             return None, problem
         entry = _ROPE[name] = (current, weakref.WeakSet())
-        setattr(module, "apply_rotary_pos_emb", ours)
+        setattr(module, "apply_rotary_pos_emb", _in_its_place(current, ours))
     entry[1].add(model)
     weakref.finalize(model, _model_gone, name)
     object.__setattr__(model, ROPE_ATTR, name)
@@ -292,10 +329,11 @@ def unpatch_causal_lm(model: nn.Module) -> int:
     name = model.__dict__.get(ROPE_ATTR)
     if name is not None:
         object.__delattr__(model, ROPE_ATTR)
-        original, users = _ROPE[name]
-        users.discard(model)
-        if not users:
-            del _ROPE[name]
-            setattr(sys.modules[name], "apply_rotary_pos_emb", original)
+        entry = _ROPE.get(name)  # None: a copy (or a loaded pickle) of a model whose patch is already undone
+        if entry is not None and model in entry[1]:
+            entry[1].discard(model)
+            if not entry[1]:
+                del _ROPE[name]
+                setattr(sys.modules[name], "apply_rotary_pos_emb", entry[0])
         undone += 1
     return undone

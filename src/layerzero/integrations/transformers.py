@@ -47,7 +47,6 @@ import inspect
 import math
 import re
 import sys
-import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,7 +58,8 @@ from torch import nn
 import layerzero.ops as lz_ops
 from layerzero.integrations import transformers_batching
 from layerzero.integrations.lean_mlp import LeanSwiGLUMLP, lean_applies
-from layerzero.integrations.hf_causal_lm import LOSS_ATTR, ROPE_ATTR, patch_loss, patch_rope, unpatch_causal_lm
+from layerzero.integrations.hf_causal_lm import (LOSS_ATTR, ROPE_ATTR, install_forward, patch_loss, patch_rope,
+                                                 unpatch_causal_lm)
 from layerzero.errors import InvalidInputError, LayerZeroError, UnsupportedModelError
 from layerzero.integrations.transformers_packed import packed_attention, packed_layout
 
@@ -491,7 +491,7 @@ def patch(model: nn.Module, *, norms: bool = True, activations: bool = True, mlp
                     object.__delattr__(module, attr)
                 report.skipped[label] = f"{type(module).__name__}: {problem}"
                 continue
-        object.__setattr__(module, "forward", types.MethodType(forward, module))
+        install_forward(module, forward)
         object.__setattr__(module, _PATCH_ATTR, kind)
         report.patched.setdefault(kind, []).append(label)
     return report
