@@ -48,6 +48,43 @@ def test_constraints() -> None:
     assert ReasonCode.CUDA_GRAPH_UNSAFE in _reasons(cuda_graph_capturing=True)
 
 
+@pytest.mark.parametrize(("hq", "hkv", "sq", "runs"), [
+    (8, 1, 32, False), (8, 1, 127, False), (2, 1, 100, False), (16, 2, 32, False), (4, 1, 64, False),
+    (8, 1, 16, True), (4, 1, 32, True), (16, 1, 8, True), (8, 1, 128, True), (8, 8, 100, True), (8, 1, 1, True),
+])
+def test_the_decoding_kernels_block_limit(hq: int, hkv: int, sq: int, runs: bool) -> None:
+    """A query under 128 tokens runs FlexAttention's decoding kernel, whose block holds every query row of a KV
+    head's group: more than 128 and Inductor has no kernel (the H100 cases of scripts/gpu_flex_probe.py)."""
+    reasons = _reasons(num_heads=hq, num_kv_heads=hkv, seq_len_q=sq, seq_len_k=256)
+    assert (ReasonCode.GQA_UNSUPPORTED not in reasons) is runs, reasons
+
+
+def test_a_size_class_inductor_has_no_kernel_for_is_declined_once_and_remembered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """NoValidChoicesError is a limit of Inductor's for these sizes: the call is declined (the next kernel serves
+    it, nothing counted) and later calls of that size class are declined without compiling again."""
+    from layerzero.errors import KernelDeclinedError
+
+    compiles: list[int] = []
+
+    def no_choices(*args: object) -> None:
+        compiles.append(1)
+        raise RuntimeError("LoweringException: NoValidChoicesError: No choices to select.")
+
+    monkeypatch.setattr(flex, "_family_fn", lambda *a, **k: no_choices)
+    monkeypatch.setattr(flex, "_declined", {})
+    q, k = torch.randn(1, 8, 32, 64), torch.randn(1, 1, 32, 64)
+    key = flex.family_key(q.device, q.dtype, 64, 64, False, None, 0.125)
+    for _ in range(3):
+        with pytest.raises(KernelDeclinedError, match="NoValidChoicesError"):
+            flex.compiled_call(key, q, k, k, None, 0.125)
+    assert len(compiles) == 1
+    other = torch.randn(1, 8, 300, 64)  # another size class compiles on its own
+    with pytest.raises(KernelDeclinedError):
+        flex.compiled_call(key, other, other[:, :1], other[:, :1], None, 0.125)
+    assert len(compiles) == 2
+
+
 @pytest.mark.parametrize(("hq", "hkv", "sq", "sk", "causal", "window", "scale"), [
     pytest.param(4, 4, 40, 40, False, None, None, id="full"),
     pytest.param(4, 4, 40, 40, True, None, None, id="causal"),

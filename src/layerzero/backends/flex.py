@@ -54,6 +54,11 @@ _compiled: dict[tuple[Any, ...], Any] = {}
 _seen: dict[tuple[Any, ...], int] = {}  # (family, size class) -> calls that ran compiled (counted to 2)
 _WATCHED_CALLS = 2  # calls per (family, size class) run with fail_on_recompile_limit_hit (it costs ~2-15 us)
 _failed: dict[tuple[Any, ...], str] = {}  # families that cannot be compiled (more), with the reason
+_declined: dict[tuple[Any, ...], str] = {}  # (family, size class) Inductor found no kernel for, with the reason
+#: FlexAttention's decoding kernel (a query shorter than DECODE_BELOW) holds the query rows of every head that
+#: shares a KV head in one block of at most DECODE_ROWS rows; more (group x query length) and Inductor finds no
+#: kernel (NoValidChoicesError; measured on an H100 with torch 2.11: 8 x 32 and 2 x 100 fail, 8 x 16 and 4 x 32 run).
+DECODE_BELOW, DECODE_ROWS = 128, 128
 _lock = threading.Lock()
 #: The torch.compile backend of the family functions ("inductor"; tests on a CPU may use another).
 COMPILE_BACKEND: list[str] = ["inductor"]
@@ -153,6 +158,9 @@ def _compiled_call(key: tuple[Any, ...], q: torch.Tensor, k: torch.Tensor, v: to
     if failed is not None:
         raise RuntimeError(failed)
     signature = (*key, *_size_class(q, k, static_bh))
+    declined = _declined.get(signature)
+    if declined is not None:
+        raise KernelDeclinedError(declined)
     fn = _family_fn(signature, None if static_bh else True)
     calls = _seen.get(signature, 0)
     if calls >= _WATCHED_CALLS:
@@ -169,6 +177,10 @@ def _compiled_call(key: tuple[Any, ...], q: torch.Tensor, k: torch.Tensor, v: to
         if type(exc).__name__ == "FailOnRecompileLimitHit":
             _failed[key] = (f"FlexAttention for this family ({key[2]}, head_dim={key[3]}, mask={key[5]}) reached "
                             f"Dynamo's recompile limit; rejected rather than run unfused ({type(exc).__name__})")
+        elif "NoValidChoicesError" in str(exc):  # Inductor has no kernel for these sizes: theirs, not the input's
+            _declined[signature] = (f"FlexAttention: Inductor has no kernel for q {tuple(q.shape)}, k "
+                                    f"{tuple(k.shape)} ({q.dtype}): NoValidChoicesError")
+            raise KernelDeclinedError(_declined[signature]) from exc
         raise
     _seen[signature] = calls + 1
     return out
@@ -301,6 +313,11 @@ def _check(ctx: SelectionContext) -> list[Reason]:
         if group & (group - 1):
             out.append(Reason(ReasonCode.GQA_UNSUPPORTED,
                               f"{group} query heads per KV head is not a power of two (FlexAttention's GQA kernel)"))
+        sq = ctx.seq_len_q
+        if sq is not None and sq < DECODE_BELOW and group * sq > DECODE_ROWS:
+            out.append(Reason(ReasonCode.GQA_UNSUPPORTED,
+                              f"{group} query heads per KV head x {sq} query tokens = {group * sq} rows > "
+                              f"{DECODE_ROWS}, one block of FlexAttention's decoding kernel (queries < {DECODE_BELOW})"))
     return out
 
 
