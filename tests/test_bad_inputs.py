@@ -373,7 +373,7 @@ ROWS: list[Row] = [
         "layer_norm: eps must be a positive number, got -1e-06 (inputs: …)",
         lambda tmp: lz.layer_norm(X, W, None, eps=-1e-6)),
     Row("nan-temperature", "NaN-free contract", "`temperature=nan`", "InvalidInputError",
-        "sample.temperature: temperature must be a number, got nan (inputs: …)",
+        "sample.temperature: temperature is NaN (a number is needed: 0 or less for greedy) (inputs: …)",
         lambda tmp: lz.sample(X, temperature=float("nan"))),
     Row("nan-top-p", "NaN-free contract", "`top_p=nan`", "InvalidInputError",
         "sample.top_p: top_p must be in (0, 1] or None, got nan (inputs: …)",

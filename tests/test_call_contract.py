@@ -93,7 +93,8 @@ def scalar_mutations() -> list[Any]:
 
 def tensor_mutations(t: torch.Tensor) -> list[Any]:
     out: list[Any] = [t.unsqueeze(0), t[0] if t.dim() else t, t.double(), t.to(torch.int64), 2.0,
-                      t.unsqueeze(0).expand(2, *t.shape)]  # a leading dim that broadcasts against the others
+                      t.unsqueeze(0).expand(2, *t.shape),  # a leading dim that broadcasts against the others
+                      t.to("meta")]  # another device, where CPU kernels may not raise (a CPU matmul with meta)
     if t.dim():
         out.append(t.narrow(-1, 0, 1))  # a last dim of 1: broadcasts where a full one belongs
         out.append(torch.cat([t, t], 0))
@@ -149,6 +150,7 @@ def test_mutated_calls_answer_the_same_cold_and_warm(name: str, runtime: Any) ->
     for operation, valid, args in cases:
         public_call(name, operation, valid)
         warm.append(answer(name, operation, args))
+    assert not [(kid, b.failures) for kid, b in runtime.breakers.all().items() if b.failures]
     for (operation, _, args), got in zip(cases, warm, strict=True):
         runtime.reset()
         assert answer(name, operation, args) == got, args
@@ -184,6 +186,28 @@ def test_kernel_that_fails_on_valid_input_is_blamed(runtime: Any, kernels: Any) 
     out = lz.rms_norm(x, w)
     torch.testing.assert_close(out, rms(x, w, 1e-6))
     assert runtime.breakers.get("custom_broken_rms").failures == 1
+
+
+def test_a_kernel_that_needs_values_is_not_blamed_for_meta_tensors(runtime: Any, kernels: Any) -> None:
+    """Meta tensors have shapes and no values: a kernel that reads values (``.item()``) fails on them, and the
+    reference computing the shapes proves nothing against it. Another kernel serving the call, or none, counts
+    nothing; the kernel still serves real tensors."""
+    def reads_values(x, w, eps):  # type: ignore[no-untyped-def]
+        if float(x.abs().max().item()) < 0:
+            raise AssertionError
+        return rms(x, w, eps)
+
+    kernels(KernelSpec("custom_value_rms", "rms_norm", "custom", reads_values, priority=99))
+    x, w = torch.randn(3, 8, device="meta"), torch.rand(8, device="meta")
+    for _ in range(runtime.config.failure_threshold + 1):
+        assert lz.rms_norm(x, w).device.type == "meta"  # the next kernel serves it
+    assert runtime.breakers.get("custom_value_rms").failures == 0
+    assert lz.which("rms_norm", torch.randn(3, 8), torch.ones(8)) == "custom_value_rms"
+    logits = torch.randn(4, 50, device="meta")
+    for _ in range(runtime.config.failure_threshold + 1):
+        with pytest.raises(InvalidInputError, match="meta tensor"):
+            lz.sample(logits, temperature=1.0)
+    assert not any(b.failures for b in runtime.breakers.all().values())
 
 
 def test_kernel_failing_on_bad_data_is_not_blamed(runtime: Any, kernels: Any) -> None:

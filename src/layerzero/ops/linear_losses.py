@@ -156,7 +156,9 @@ LINEAR_CROSS_ENTROPY_CONTRACT = CallContract(
     family='("linear_cross_entropy", hidden.dtype, hidden.is_cpu or hidden.device, weight.dtype, target.dtype, '
            'bias is None or bias.dtype, ignore_index, label_smoothing, reduction, softcap)',
     shape="hidden.shape, weight.shape, target.shape, bias is None or bias.shape",
-    guard="ignore_index.__class__ is int and label_smoothing.__class__ is not bool and softcap.__class__ is not bool",
+    # the weight's device too: a CPU matmul with a meta weight returns a CPU tensor of whatever memory (torch 2.13)
+    guard="ignore_index.__class__ is int and label_smoothing.__class__ is not bool and softcap.__class__ is not bool "
+          "and weight.device == hidden.device",
     doc="""The loss of ``F.cross_entropy(hidden @ weight.T + bias, target)`` without materializing the logits.
 
     ``hidden`` ``(N, H)``, ``weight`` ``(V, H)`` (the LM head's), ``target`` ``(N,)``; ``softcap`` caps the

@@ -65,8 +65,13 @@ class SampleOp(OpDef):
             raise self.invalid(operation, "logits need a non-empty vocabulary (last) dimension", args)
         if not logits.is_floating_point():
             raise self.invalid(operation, f"logits must be floating point, got {logits.dtype}", args)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature != temperature:
+        if logits.is_meta:
+            raise self.invalid(operation, "logits are a meta tensor: a sampled token depends on values it has none of",
+                               args)
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
             raise self.invalid(operation, f"temperature must be a number, got {temperature!r}", args)
+        if temperature != temperature:
+            raise self.invalid(operation, "temperature is NaN (a number is needed: 0 or less for greedy)", args)
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
             raise self.invalid(operation, f"top_k must be a positive int or None, got {top_k!r}", args)
         if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool)

@@ -57,6 +57,11 @@ class Failure:
     invalid_output: bool = False
 
 
+def _meta(args: tuple[Any, ...]) -> bool:
+    """Whether a tensor argument is on the meta device (shapes, no values)."""
+    return any(getattr(a, "is_meta", False) is True for a in args)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc)
     return text.splitlines()[0] if text else ""
@@ -154,7 +159,10 @@ class Executor:
                 failures.append(Failure(kid, exc, breaker, problem is not None))
                 self._screen_during_run(plan, args, failures, exc, generator, state)
                 continue
-            self._blame(plan, failures, kid)  # the inputs are shown valid: every kernel that failed on them is at fault
+            if failures and _meta(args):  # shapes without values: a kernel that reads values is not at fault
+                self._release(failures)
+            else:
+                self._blame(plan, failures, kid)  # the inputs are shown valid: every kernel that failed on them is at fault
             if t0:
                 elapsed = time.perf_counter_ns() - t0
                 if timing is not None:
@@ -287,6 +295,8 @@ class Executor:
         """``(True, "")`` when the operation's float64 reference computes this call (its inputs are valid);
         ``(False, why)`` when it cannot (an operation without a reference gives no proof of validity either);
         ``(None, why)`` when it ran out of memory (no verdict)."""
+        if _meta(args):
+            return None, "meta tensors carry no values, so a kernel that needs them fails on valid shapes"
         try:
             plan.op.reference(plan.operation, args)
         except NotImplementedError:
