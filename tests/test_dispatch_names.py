@@ -80,6 +80,11 @@ def test_an_operation_a_registered_kernel_declares_is_known() -> None:
             torch.testing.assert_close(r.output, 2 * F.scaled_dot_product_attention(*QKV.values(), is_causal=True))
         with pytest.raises(InvalidInputError, match="unknown operation 'attention.mne'.*'attention.mine'"):
             dispatch("attention.mne", QKV)
+        q, k, v = QKV.values()
+        torch.testing.assert_close(lz.attention(q, k, v, operation="attention.mine.decode"),
+                                   2 * F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        with pytest.raises(InvalidInputError, match="unknown operation 'attention.mne'.*'attention.mine'"):
+            lz.attention(q, k, v, operation="attention.mne")
     finally:
         reg.unregister("mine_attention")
     # a family layerzero does not know is the caller's own: its kernels decide
@@ -178,3 +183,21 @@ def test_lz_lock_refuses_a_kernel_of_another_operation() -> None:
     torch.testing.assert_close(lz.rms_norm(x, w), F.rms_norm(x, (8,), w, 1e-6))  # nothing was stored
     with lz.lock("attention.*", "torch_sdpa"):  # a glob the kernel can serve
         assert lz.which("attention.causal", *QKV.values()) == "torch_sdpa"
+
+
+@pytest.mark.parametrize("operation", ["attention.causl", "attention.bogus", "attention.ful", "attention.paged"])
+def test_lz_attention_refuses_an_operation_name_it_does_not_know(operation: str) -> None:
+    """``lz.attention(operation=...)`` checks the name as dispatch() does: before a valid call and after it."""
+    q, k, v = QKV.values()
+    for _ in range(2):
+        with pytest.raises(InvalidInputError, match=f"unknown operation '{operation}'|explain's spelling"):
+            lz.attention(q, k, v, operation=operation)
+        lz.attention(q, k, v, operation="attention.decode")  # a built-in name runs (and is cached)
+    torch.testing.assert_close(lz.attention(q, k, v, operation="attention.causal"),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_the_names_module_lists_every_family() -> None:
+    from layerzero.ops.names import FAMILIES
+
+    assert FAMILIES == tuple(OPS)

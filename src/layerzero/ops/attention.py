@@ -36,6 +36,7 @@ from layerzero.accel import attention_hit
 from layerzero.context import SelectionContext
 from layerzero.ops.base import FLOAT_MAX, OpDef, default_generator, finite_number, layout_problem, pick, shown
 from layerzero.ops.contract import CallContract
+from layerzero.ops.names import OPERATIONS, operation_problem
 from layerzero.policy.scope import LIVE
 from layerzero.runtime import get_runtime
 from layerzero.ops.attention_variants import variant_key, variant_problem, variants_admitted
@@ -246,6 +247,17 @@ def _bad_operation(operation: Any, q: Any, k: Any, v: Any) -> Exception:
                              (q, k, v))
 
 
+def _check_operation(operation: str, q: Any, k: Any, v: Any) -> None:
+    """``lz.attention(operation=...)`` names a built-in attention operation, or one a registered kernel declares
+    (or one below it), as ``dispatch()`` requires: the family's kernels serve any ``attention.*`` name by
+    prefix, so a misspelling would run as full attention."""
+    if operation in OPERATIONS:
+        return
+    problem = operation_problem(operation, (s.operation for s in get_runtime().kernels))
+    if problem is not None:
+        raise ATTENTION.invalid(operation, problem, (q, k, v))
+
+
 def gqa_refused(operation: str, enable_gqa: Any, q: Any, k: Any, v: Any) -> None:
     """``enable_gqa=False`` (or another non-bool) as ``F.scaled_dot_product_attention`` reads it: query heads
     that differ from the key/value heads are refused. Left out (None) or True, grouped-query attention runs, as
@@ -296,8 +308,12 @@ _DOC = """Scaled dot-product attention through the fastest correct kernel here.
         alibi_slopes: ``(heads,)`` or ``(batch, heads)`` float32 ALiBi slopes; adds
             ``-slope * |i + seq_k - seq_q - j|`` to the score of query ``i`` and key ``j`` (FlashAttention's
             definition: for causal self-attention ``-slope * (i - j)``).
-        operation: override the operation name (``"attention.decode"``, ``"attention.prefill"``, ...);
-            ``attention.causal`` when ``is_causal`` else ``attention.full`` by default.
+        operation: override the operation name (``"attention.decode"``, ``"attention.prefill"``, ...):
+            a built-in ``attention.*`` name or one a registered kernel declares (a misspelling is an
+            ``InvalidInputError``); ``attention.causal`` when ``is_causal`` else ``attention.full`` by default.
+            ``operation="attention.causal"`` is causal attention whatever ``is_causal`` says (its default,
+            False, cannot be told from an explicit one); the name selects, policies match and the mask is
+            ``is_causal``'s for every other name.
 
     Example:
         >>> out = lz.attention(q, k, v, is_causal=True)
@@ -325,6 +341,8 @@ elif operation.__class__ is not str or not operation.startswith("attention") or 
     raise bad_operation(operation, q, k, v)
 elif operation == OP_CAUSAL:
     is_causal = True
+elif operation != OP_FULL:
+    check_operation(operation, q, k, v)
 bshd = layout == "BSHD"
 if bshd:
     q, k, v = bhsd(q, k, v)
@@ -351,6 +369,7 @@ variants = () if softcap is None and sinks is None and alibi_slopes is None else
     direct_when="scale is None",
     result="out.transpose(1, 2) if bshd else out",
     namespace={"FLOAT_MAX": FLOAT_MAX, "OP_CAUSAL": _OP_CAUSAL, "OP_FULL": _OP_FULL, "bad_operation": _bad_operation,
+               "check_operation": _check_operation,
                "bad_layout": _bad_layout, "bhsd": _bhsd, "variant_key": variant_key,
                "variants_admitted": variants_admitted, "gqa_refused": gqa_refused},
     doc=_DOC,
