@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from log_lines import LogLines
 import layerzero as lz
 from layerzero.dispatch import DispatchConfig, create_hot_reload_dispatcher, dispatch
+from layerzero.errors import InvalidInputError
 from layerzero.errors import ConditionError, ConfigError, LayerZeroError, PolicyError
 from layerzero.tuning.perfdb import APPLICATION_ID, SCHEMA_VERSION, PerfDB, Record
 
@@ -898,3 +900,17 @@ def test_every_class_in_the_brief_has_a_row() -> None:
             "NaN-free contract", "config errors", "policy errors", "perf DB corruption",
             "plan-table mismatch"} <= classes
     assert len({r.id for r in ROWS}) == len(ROWS)
+
+
+@pytest.mark.parametrize(("call", "said"), [
+    (lambda q: lz.attention(q, q, q, is_causal=np.bool_(True)), "is_causal must be a bool, got numpy.bool"),
+    (lambda q: lz.attention(q, q, q, scale=np.float32(0.5)), "got np.float32(0.5) (a numpy.float32, not a Python"),
+    (lambda q: lz.attention(q, q, q, window=np.int64(3)), "got np.int64(3) (a numpy.int64, not a Python scalar)"),
+    (lambda q: lz.rms_norm(q, torch.ones(8), eps=np.float32(1e-3)), "(a numpy.float32, not a Python scalar)"),
+])
+def test_a_numpy_scalar_is_named_as_one(call: Any, said: str) -> None:
+    """A numpy scalar where a Python one belongs: the message says which type it is (it used to read
+    "is_causal must be a bool, got bool" for ``np.bool_``)."""
+    with pytest.raises(InvalidInputError) as err:
+        call(torch.randn(1, 2, 4, 8))
+    assert said in str(err.value)

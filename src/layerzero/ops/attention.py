@@ -34,7 +34,7 @@ import torch
 
 from layerzero.accel import attention_hit
 from layerzero.context import SelectionContext
-from layerzero.ops.base import FLOAT_MAX, OpDef, default_generator, finite_number, layout_problem, pick, shown
+from layerzero.ops.base import FLOAT_MAX, OpDef, default_generator, finite_number, kind, layout_problem, pick, shown
 from layerzero.ops.contract import CallContract
 from layerzero.ops.names import OPERATIONS, operation_problem
 from layerzero.policy.scope import LIVE
@@ -139,7 +139,7 @@ class AttentionOp(OpDef):
                 raise self.invalid(operation, f"attn_mask of shape {tuple(mask.shape)} does not broadcast to "
                                               f"(batch, heads, seq_q, seq_k)=({b}, {hq}, {sq}, {sk})", args)
         if not isinstance(is_causal, bool):
-            raise self.invalid(operation, f"is_causal must be a bool, got {type(is_causal).__name__}", args)
+            raise self.invalid(operation, f"is_causal must be a bool, got {kind(is_causal)}", args)
         if mask is not None and is_causal:
             raise self.invalid(operation, "attn_mask and is_causal=True cannot be combined (as in SDPA)", args)
         if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0 or math.isnan(dropout_p):
@@ -150,7 +150,7 @@ class AttentionOp(OpDef):
             raise self.invalid(operation, f"scale={scale!r} with a causal mask or window: PyTorch's flash kernels "
                                           "return NaN there (-inf * 0); a scale must be > 0 with them", args)
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-            raise self.invalid(operation, f"window must be a positive int or None, got {window!r}", args)
+            raise self.invalid(operation, f"window must be a positive int or None, got {shown(window)}", args)
         problem = variant_problem(q, *variants)
         if problem is not None:
             raise self.invalid(operation, problem, args)

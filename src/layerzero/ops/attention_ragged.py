@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from layerzero.ops.base import finite_number, shown, tensor_problem
+from layerzero.ops.base import finite_number, kind, shown, tensor_problem
 
 __all__ = ["option_problem", "index_problem", "float_problem", "positive_int", "heads_problem"]
 
@@ -23,11 +23,11 @@ def positive_int(value: Any) -> bool:
 def option_problem(is_causal: Any, scale: Any, window: Any, softcap: Any) -> str | None:
     """``is_causal`` a bool, ``scale`` finite, ``window`` a positive int, ``softcap`` positive and finite."""
     if not isinstance(is_causal, bool):
-        return f"is_causal must be a bool, got {type(is_causal).__name__}"
+        return f"is_causal must be a bool, got {kind(is_causal)}"
     if scale is not None and not finite_number(scale):
         return f"scale must be a finite number or None, got {shown(scale)}"
     if window is not None and not positive_int(window):
-        return f"window must be a positive int or None, got {window!r}"
+        return f"window must be a positive int or None, got {shown(window)}"
     if softcap is not None and (not finite_number(softcap) or softcap <= 0):
         return f"softcap must be a positive finite number or None, got {shown(softcap)}"
     return None

@@ -23,7 +23,7 @@ from layerzero.errors import InvalidInputError
 from layerzero.ops.contract import CallContract, ContractFunctions, build
 
 __all__ = ["OpDef", "describe_tensor", "describe_args", "require_tensor", "pick", "layout_problem", "tensor_problem",
-           "default_generator", "finite_number", "shown", "FLOAT_MAX"]
+           "default_generator", "finite_number", "shown", "kind", "FLOAT_MAX"]
 
 #: The largest finite float: a contract guard's ``-FLOAT_MAX <= x <= FLOAT_MAX`` holds for a finite float and for
 #: an int a float holds (not for NaN, inf or ``10**400``, which ``float()`` cannot convert).
@@ -31,9 +31,20 @@ FLOAT_MAX = sys.float_info.max
 
 
 def shown(x: Any) -> str:
-    """``repr(x)`` for a message, a huge int by its size (``10**400`` has 401 digits)."""
+    """``repr(x)`` for a message, a huge int by its size (``10**400`` has 401 digits), and a scalar of another
+    library by its type too (``np.float32(0.5)``: a Python number is what the option takes)."""
     text = repr(x)
-    return text if len(text) <= 40 or not isinstance(x, int) else f"an int of {len(str(abs(x)))} digits"
+    if len(text) > 40 and isinstance(x, int):
+        return f"an int of {len(str(abs(x)))} digits"
+    if type(x).__module__ != "builtins" and not isinstance(x, torch.Tensor):
+        return f"{text} (a {kind(x)}, not a Python scalar)"
+    return text
+
+
+def kind(x: Any) -> str:
+    """The type of ``x`` as a message names it: ``bool``, ``numpy.bool``, ``torch.Tensor``."""
+    tp = type(x)
+    return tp.__qualname__ if tp.__module__ == "builtins" else f"{tp.__module__}.{tp.__qualname__}"
 
 
 def _autocast_dtype(got: torch.dtype, device: torch.device) -> bool:

@@ -13,7 +13,7 @@ import torch
 
 from layerzero.accel import norm_hit
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, layout_problem, pick
+from layerzero.ops.base import OpDef, layout_problem, pick, shown
 from layerzero.ops.contract import CallContract
 from layerzero.policy.scope import LIVE
 from layerzero.runtime import get_runtime
@@ -55,7 +55,7 @@ class _RowOp(OpDef):
                 raise self.invalid(operation, f"{name} must have x's dtype {x.dtype}, got {p.dtype} (cast it with "
                                               f".to(x.dtype); the result of mixed dtypes differs between kernels)", args)
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-            raise self.invalid(operation, f"eps must be a positive number, got {eps!r}", args)
+            raise self.invalid(operation, f"eps must be a positive number, got {shown(eps)}", args)
 
     def context(self, operation: str, args: tuple[Any, ...]) -> SelectionContext:
         x = args[0]

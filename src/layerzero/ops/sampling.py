@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, default_generator, layout_problem, pick
+from layerzero.ops.base import OpDef, default_generator, layout_problem, pick, shown
 from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
 
@@ -69,14 +69,14 @@ class SampleOp(OpDef):
             raise self.invalid(operation, "logits are a meta tensor: a sampled token depends on values it has none of",
                                args)
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-            raise self.invalid(operation, f"temperature must be a number, got {temperature!r}", args)
+            raise self.invalid(operation, f"temperature must be a number, got {shown(temperature)}", args)
         if temperature != temperature:
             raise self.invalid(operation, "temperature is NaN (a number is needed: 0 or less for greedy)", args)
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-            raise self.invalid(operation, f"top_k must be a positive int or None, got {top_k!r}", args)
+            raise self.invalid(operation, f"top_k must be a positive int or None, got {shown(top_k)}", args)
         if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool)
                                   or not 0.0 < top_p <= 1.0):
-            raise self.invalid(operation, f"top_p must be in (0, 1] or None, got {top_p!r}", args)
+            raise self.invalid(operation, f"top_p must be in (0, 1] or None, got {shown(top_p)}", args)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise self.invalid(operation, f"generator must be a torch.Generator or None, got {type(generator).__name__}", args)
 
