@@ -277,7 +277,7 @@ ROWS: list[Row] = [
         "silu: x must be floating point, got torch.complex64 (inputs: …)",
         lambda tmp: lz.silu(t(3, 8, dtype=torch.complex64))),
     Row("dtype-swiglu", "dtype", "`swiglu` gate float32, up float64", "InvalidInputError",
-        "swiglu: gate and up must share dtype and device (inputs: …)",
+        "swiglu: gate and up dtypes differ: torch.float32 vs torch.float64 (inputs: …)",
         lambda tmp: lz.swiglu(X, t(3, 8, dtype=torch.float64))),
     # device
     Row("device-qkv", "device", "`q` on cpu, `k` on meta", "InvalidInputError",
@@ -425,7 +425,7 @@ ROWS: list[Row] = [
         "layer_norm: weight must have x's dtype torch.float64, got torch.float32 (cast it with .to(x.dtype); the result of mixed dtypes differs between kernels) (inputs: …)",
         lambda tmp: lz.layer_norm(t(3, 8, dtype=torch.float64), W, W)),
     Row('dtype-geglu', 'dtype', '`geglu` gate float32, up float64', 'InvalidInputError',
-        'geglu: gate and up must share dtype and device (inputs: …)',
+        'geglu: gate and up dtypes differ: torch.float32 vs torch.float64 (inputs: …)',
         lambda tmp: lz.geglu(X, t(3, 8, dtype=torch.float64))),
     Row('non-tensor-up', 'non-tensor', '`swiglu` with `up` a Python float', 'InvalidInputError',
         'swiglu: up must be a torch.Tensor, got float (inputs: …)',

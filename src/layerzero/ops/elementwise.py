@@ -147,8 +147,10 @@ class SwigluOp(_UnaryLike):
         self._tensor(operation, args, "up", up)
         if gate.shape != up.shape:
             raise self.invalid(operation, f"gate and up shapes differ: {tuple(gate.shape)} vs {tuple(up.shape)}", args)
-        if gate.dtype != up.dtype or gate.device != up.device:
-            raise self.invalid(operation, "gate and up must share dtype and device", args)
+        if gate.dtype != up.dtype:
+            raise self.invalid(operation, f"gate and up dtypes differ: {gate.dtype} vs {up.dtype}", args)
+        if gate.device != up.device:
+            raise self.invalid(operation, f"gate and up devices differ: {gate.device} vs {up.device}", args)
 
     def reference(self, operation: str, args: tuple[Any, ...]) -> torch.Tensor:
         g, u = args[0].double(), args[1].double()
