@@ -594,7 +594,7 @@ ROWS: list[Row] = [
         lambda tmp: dispatch("attention.causl", {"q": X, "k": X, "v": X})),
     Row("dispatch-misspelled-option", "dispatch() inputs", "`epsilon=0.5` for `rms_norm`", "InvalidInputError",
         "rms_norm: unknown input or option 'epsilon' (did you mean 'eps'?); rms_norm takes x, weight, eps, input, "
-        "hidden_states, w",
+        "hidden_states, w (inputs: …)",
         lambda tmp: dispatch("rms_norm", {"x": X}, epsilon=0.5)),
     Row("dispatch-causal-false", "dispatch() inputs", "`is_causal=False` for `attention.causal`", "InvalidInputError",
         "attention.causal: is_causal=False contradicts the operation (attention.causal is causal; 'attention.full' "

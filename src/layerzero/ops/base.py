@@ -190,8 +190,9 @@ class OpDef:
         for name in unknown:
             close = difflib.get_close_matches(name, known, n=1) if isinstance(name, str) else []
             problems.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        given = describe_args([str(n) for n in inputs], list(inputs.values()))
         raise InvalidInputError(f"{operation}: unknown input or option {', '.join(problems)}; {operation} takes "
-                                f"{', '.join(known)}")
+                                f"{', '.join(known)} (inputs: {given})")
 
     def diagnose(self, operation: str, args: tuple[Any, ...]) -> None:
         """Checks of the values themselves (NaN logits, out-of-range class ids), too costly for every call
