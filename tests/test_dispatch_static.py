@@ -135,3 +135,52 @@ def test_static_timing_is_recorded_when_asked():
          .with_config(record_timing=True).build())
     t = d.dispatch("rms_norm", {"x": torch.randn(4, 64)}).timing
     assert t.recorded and t.kernel_invoke_ns > 0 and t.total_us >= t.execution_us > 0
+
+
+def test_a_kernel_is_never_handed_an_option_it_does_not_implement():
+    """torch_sdpa takes no window and torch_rope no interleaved layout: a static table naming them used to run
+    them anyway (plain causal attention for window=3, rotate-half rope for interleaved=True) and report them as
+    the kernel. The call goes to the table's first kernel that declares the option, or is refused naming each
+    kernel's reason, cold and warm."""
+    import math
+
+    from layerzero.errors import KernelNotSupportedError
+
+    q, k, v = _qkv(3)
+    qkv = {"q": q, "k": k, "v": v}
+    i, j = torch.arange(8)[:, None], torch.arange(8)[None, :]
+    band = (i - j < 3) & (j <= i)
+    scores = (q.double() @ k.double().transpose(-1, -2) / math.sqrt(16)).masked_fill(~band, float("-inf"))
+    want = scores.softmax(-1) @ v.double()
+    alone = create_static_dispatcher(DispatchConfig(mode=DispatchMode.STATIC,
+                                                    static_kernel_map={"attention.sliding_window": "torch_sdpa"}))
+    for _ in range(3):
+        with pytest.raises(KernelNotSupportedError, match="torch_sdpa: sliding window=3 is not supported"):
+            alone.dispatch("attention.sliding_window", qkv, window=3, is_causal=True)
+        alone.dispatch("attention.sliding_window", qkv, is_causal=True)  # no window: it serves (and is hot)
+    both = (StaticDispatcherBuilder().with_kernel("torch_sdpa", "attention.causal", default=True)
+            .with_kernel("torch_sdpa_math", "attention.causal").build())
+    for _ in range(3):
+        r = both.dispatch("attention.causal", qkv, window=3, is_causal=True)
+        assert r.kernel_id == "torch_sdpa_math"
+        torch.testing.assert_close(r.output.double(), want, atol=1e-5, rtol=1e-5)
+        assert both.dispatch("attention.causal", qkv).kernel_id == "torch_sdpa"
+    rope = create_static_dispatcher(DispatchConfig(mode=DispatchMode.STATIC, static_kernel_map={"rope": "torch_rope"}))
+    x, cos, sin = torch.randn(1, 2, 8, 16), torch.randn(8, 16), torch.randn(8, 16)
+    rope.dispatch("rope", {"x": x, "cos": cos, "sin": sin})
+    with pytest.raises(KernelNotSupportedError, match="torch_rope: rope variant interleaved"):
+        rope.dispatch("rope", {"x": x, "cos": cos, "sin": sin}, interleaved=True)
+
+
+def test_a_plain_callable_is_handed_the_window():
+    """A plain callable takes the canonical arguments, window among them: honouring it is its own business."""
+    seen = []
+
+    def mine(q, k, v, attn_mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+        seen.append(window)
+        return flash_attn(q, k, v, attn_mask, is_causal, dropout_p, scale, window)
+
+    d = StaticDispatcherBuilder().with_kernel(mine, operation="attention.causal", default=True).build()
+    q, k, v = _qkv()
+    d.dispatch("attention.causal", {"q": q, "k": k, "v": v}, window=4, is_causal=True)
+    assert seen == [4]

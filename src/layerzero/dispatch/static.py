@@ -31,8 +31,9 @@ from layerzero.dispatch.dispatcher import Dispatcher, compile_dispatch, new_resu
 from layerzero.dispatch.runtimes import runtime_for
 from layerzero.dispatch.generic import AttentionInputs, attention_inputs, hot_key, kwargs_key, map_inputs
 from layerzero.dispatch.result import NOT_TIMED, DispatchResult, DispatchTiming, stamp
-from layerzero.errors import ConfigError, InvalidInputError, NoKernelError
+from layerzero.errors import ConfigError, InvalidInputError, KernelNotSupportedError, NoKernelError
 from layerzero.ops import operation_problem
+from layerzero.ops.contract import LOOKUP_ERRORS
 from layerzero.registry import (
     BackendRegistry,
     KernelRegistry,
@@ -77,6 +78,7 @@ class StaticDispatcher(Dispatcher):
                        for op, specs in self._table.items()}
         self._hot = {}
         self._hot_causal = {}
+        self._serving: dict[Hashable, int | KernelNotSupportedError] = {}  # see _first_serving
 
     def _sync(self) -> None:
         # A config change rebinds the runners (telemetry, breakers, timing); the table itself stays.
@@ -175,12 +177,13 @@ class StaticDispatcher(Dispatcher):
         args, bshd = map_inputs(plan.op, operation, inputs, kwargs)
         if not plan.op.admits(operation, args):  # what the contract's guards do not admit is validated first
             plan.op.validate(operation, args)
+        start = self._first_serving(plan, operation, args)
         t1 = perf_ns() if t0 else 0
         ran = None
-        if plan.gate.blocked:
+        if plan.gate.blocked or start:
             note = rt.last_run
             note.value = None
-            out = plan.run(*args)
+            out = plan.run(*args) if not start else rt.executor.run(plan, args, start)
             ran = note.value
         else:
             plan.stats.calls += 1
@@ -194,9 +197,39 @@ class StaticDispatcher(Dispatcher):
         t4 = perf_ns() if t0 else 0
         if bshd:
             out = out.transpose(1, 2)
-        if hot is None and plan.op.family == "attention":
+        if hot is None and not start and plan.op.family == "attention":
             self._remember(plan, operation, inputs, kwargs)
         return self._result(out, plan, ran, operation, _timing(t0, t1, t4, perf_ns() if t0 else 0), True)
+
+    def _first_serving(self, plan: ExecutionPlan, operation: str, args: tuple[Any, ...]) -> int:
+        """The index of the table's first kernel for ``operation`` whose declared constraints admit this call (a
+        window, interleaved rope, a softcap, a head size: a kernel handed an option it does not implement may
+        ignore it and return a wrong answer without a word), or :class:`KernelNotSupportedError` naming every
+        kernel's reasons. Memoized per exact plan key (the options, dtypes and shapes), so the hot path's
+        entries, made only where the default kernel serves, never skip it."""
+        try:
+            key: Hashable = (operation, plan.op.keys(operation, args)[1])
+            found = self._serving.get(key)
+        except LOOKUP_ERRORS:
+            key, found = None, None
+        if found is None:
+            ctx = plan.op.context(operation, args)
+            refusals = [(spec, spec.check(ctx)) for spec in plan.kernels]
+            found = next((i for i, (_, reasons) in enumerate(refusals) if not reasons), None)
+            if found is None:
+                detail = "; ".join(f"{spec.kernel_id}: " + "; ".join(str(r) for r in reasons)
+                                   for spec, reasons in refusals)
+                found = KernelNotSupportedError(
+                    f"{operation}: the static table's kernels cannot run this call: {detail} (inputs: "
+                    f"{plan.op.describe(args)})", kernel_id=plan.kernels[0].kernel_id,
+                    reasons=[r for _, reasons in refusals for r in reasons])
+            if key is not None:
+                if len(self._serving) >= 4096:
+                    self._serving.clear()
+                self._serving[key] = found
+        if isinstance(found, KernelNotSupportedError):
+            raise found
+        return found
 
     def _remember(self, plan: ExecutionPlan, operation: str, inputs: Mapping[str, Any], kwargs: dict[str, Any]
                   ) -> None:
@@ -237,7 +270,10 @@ def _spec_for_callable(fn: Callable[..., Any], operation: str, taken: set[str], 
         kernel_id, n = base, 2
         while kernel_id in taken:
             kernel_id, n = f"{base}_{n}", n + 1
-    return KernelSpec(kernel_id, operation, "custom", fn, description=f"static kernel {getattr(fn, '__qualname__', fn)!r}")
+    # a plain callable takes the canonical arguments, window among them: it is its own to honour (a KernelSpec
+    # declares what a kernel supports; softcap, sinks and ALiBi would be arguments a plain callable never takes)
+    return KernelSpec(kernel_id, operation, "custom", fn, supports_window=True,
+                      description=f"static kernel {getattr(fn, '__qualname__', fn)!r}")
 
 
 def _check_entry(where: str, spec: KernelSpec, operation: str, backends: BackendRegistry, errors: list[str]) -> None:
