@@ -10,6 +10,7 @@ same ``InvalidInputError`` with the same message. A value that only compares equ
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -280,3 +281,35 @@ def test_an_open_breaker_on_the_options_hot_path_routes_elsewhere_in_the_same_la
     r = call(OPERATION, inputs, **options)
     assert r.kernel_id != first.kernel_id
     torch.testing.assert_close(r.output, expected(options, inputs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("operation", "inputs", "options", "said"), [
+    ("attention.full", "qkv", {"is_causal": "False"}, "is_causal must be a bool, got 'False'"),
+    ("attention.full", "qkv", {"is_causal": 2}, "is_causal must be a bool, got 2"),
+    ("attention.full", "qkv", {"dropout_p": "0"}, "dropout_p must be a number, got '0'"),
+    ("rms_norm", "x", {"eps": "1e-5"}, "eps must be a number, got '1e-5'"),
+    ("rope", "rope", {"interleaved": "yes"}, "interleaved must be a bool, got 'yes'"),
+    ("sample.temperature", "logits", {"temperature": "0.7"}, "temperature must be a number, got '0.7'"),
+])
+def test_a_string_option_is_refused_not_converted(operation: str, inputs: str, options: dict, said: str) -> None:
+    """bool("False") is True: a string flag used to run causal attention; a string number was parsed."""
+    from layerzero.dispatch import dispatch
+    from layerzero.errors import InvalidInputError
+
+    t = torch.randn(1, 2, 4, 8)
+    given = {"qkv": {"q": t, "k": t, "v": t}, "x": {"x": t}, "logits": {"logits": torch.randn(2, 5)},
+             "rope": {"x": t, "cos": torch.randn(4, 8), "sin": torch.randn(4, 8)}}[inputs]
+    for _ in range(2):
+        with pytest.raises(InvalidInputError, match=re.escape(said)):
+            dispatch(operation, given, **options)
+
+
+def test_numpy_and_int_flags_still_read_as_bools() -> None:
+    import numpy as np
+
+    from layerzero.dispatch import dispatch
+
+    t = torch.randn(1, 2, 4, 8)
+    want = torch.nn.functional.scaled_dot_product_attention(t, t, t, is_causal=True)
+    for flag in (np.True_, 1, True):
+        torch.testing.assert_close(dispatch("attention.full", {"q": t, "k": t, "v": t}, is_causal=flag).output, want)

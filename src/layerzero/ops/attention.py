@@ -34,7 +34,8 @@ import torch
 
 from layerzero.accel import attention_hit
 from layerzero.context import SelectionContext
-from layerzero.ops.base import FLOAT_MAX, OpDef, default_generator, finite_number, kind, layout_problem, pick, shown
+from layerzero.ops.base import (FLOAT_MAX, OpDef, default_generator, finite_number, kind, layout_problem, option_flag,
+                                option_number, pick, shown)
 from layerzero.ops.contract import CallContract
 from layerzero.ops.names import OPERATIONS, operation_problem
 from layerzero.policy.scope import LIVE
@@ -220,12 +221,12 @@ class AttentionOp(OpDef):
         k = pick(merged, "key", "k", operation=operation)
         v = pick(merged, "value", "v", operation=operation)
         mask = pick(merged, "attn_mask", "mask", default=None)
-        is_causal = bool(merged.get("is_causal", False))
+        is_causal = option_flag(merged, "is_causal", operation)
         if not is_causal and merged.get("is_causal") is not None and operation.endswith(".causal"):
             raise self.invalid(operation, f"is_causal=False contradicts the operation ({operation} is causal; "
                                           "'attention.full' is not)", (q, k, v))
         is_causal = is_causal or operation.endswith(".causal")
-        args = (q, k, v, mask, is_causal, float(merged.get("dropout_p", 0.0)), merged.get("scale"),
+        args = (q, k, v, mask, is_causal, option_number(merged, "dropout_p", 0.0, operation), merged.get("scale"),
                 merged.get("window"))
         variants = (merged.get("softcap"), merged.get("sinks"), merged.get("alibi_slopes"))
         return args if all(x is None for x in variants) else (*args, *variants)

@@ -23,7 +23,8 @@ from layerzero.errors import InvalidInputError
 from layerzero.ops.contract import CallContract, ContractFunctions, build
 
 __all__ = ["OpDef", "describe_tensor", "describe_args", "require_tensor", "pick", "layout_problem", "tensor_problem",
-           "default_generator", "finite_number", "shown", "kind", "FLOAT_MAX"]
+           "default_generator", "finite_number", "shown", "kind", "option_flag",
+           "option_number", "FLOAT_MAX"]
 
 #: The largest finite float: a contract guard's ``-FLOAT_MAX <= x <= FLOAT_MAX`` holds for a finite float and for
 #: an int a float holds (not for NaN, inf or ``10**400``, which ``float()`` cannot convert).
@@ -138,6 +139,31 @@ def pick(inputs: Mapping[str, Any], *names: str, default: Any = _MISSING, operat
         raise InvalidInputError(f"{operation}: inputs need one of {', '.join(repr(n) for n in names)}; "
                                 f"got keys {sorted(inputs)}")
     return default
+
+
+def option_flag(inputs: Mapping[str, Any], name: str, operation: str) -> bool:
+    """A dispatch() flag option (``is_causal``, ``interleaved``): absent or None is False; a bool, a numpy bool
+    or the int 0 or 1 reads as itself. A string is refused: ``bool("False")`` is True."""
+    value = inputs.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, (bool, int)) and kind(value) not in ("numpy.bool", "numpy.bool_"):
+        raise InvalidInputError(f"{operation}: {name} must be a bool, got {shown(value)}")
+    if isinstance(value, int) and not isinstance(value, bool) and value not in (0, 1):
+        raise InvalidInputError(f"{operation}: {name} must be a bool, got {shown(value)}")
+    return bool(value)
+
+
+def option_number(inputs: Mapping[str, Any], name: str, default: float, operation: str) -> Any:
+    """A dispatch() number option (``eps``, ``dropout_p``, ``temperature``) as a float; absent: ``default``. A
+    string is refused (``float("1e-5")`` would take it); what is not a number is left for validation to name."""
+    value = inputs.get(name, default)
+    if isinstance(value, (str, bytes)):
+        raise InvalidInputError(f"{operation}: {name} must be a number, got {shown(value)}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return value
 
 
 #: Every input name some op reads (:attr:`OpDef.input_aliases`): what a ``dispatch()`` inputs dict may hold.

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, layout_problem, pick
+from layerzero.ops.base import OpDef, layout_problem, option_flag, pick
 from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
 from layerzero.tensor_helpers import half_cos_sin
@@ -129,7 +129,7 @@ class RopeOp(_UnaryLike):
     def args_from_inputs(self, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
         merged = {**inputs, **kwargs}
         return (pick(merged, "x", "input", "q", operation=operation), pick(merged, "cos", operation=operation),
-                pick(merged, "sin", operation=operation), bool(merged.get("interleaved", False)))
+                pick(merged, "sin", operation=operation), option_flag(merged, "interleaved", operation))
 
     def sample_contexts(self, operation: str, device: str = "cpu") -> list[SelectionContext]:
         return [SelectionContext(device=device, dtype=torch.float32, head_dim=64, hidden_size=64, seq_len=s,

@@ -13,7 +13,7 @@ import torch
 
 from layerzero.accel import norm_hit
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, layout_problem, pick, shown
+from layerzero.ops.base import OpDef, layout_problem, option_number, pick, shown
 from layerzero.ops.contract import CallContract
 from layerzero.policy.scope import LIVE
 from layerzero.runtime import get_runtime
@@ -99,7 +99,7 @@ class RMSNormOp(_RowOp):
     def args_from_inputs(self, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
         merged = {**inputs, **kwargs}
         return (pick(merged, "x", "input", "hidden_states", operation=operation),
-                pick(merged, "weight", "w", default=None), float(merged.get("eps", 1e-6)))
+                pick(merged, "weight", "w", default=None), option_number(merged, "eps", 1e-6, operation))
 
 
 class LayerNormOp(_RowOp):
@@ -136,7 +136,7 @@ class LayerNormOp(_RowOp):
         merged = {**inputs, **kwargs}
         return (pick(merged, "x", "input", "hidden_states", operation=operation),
                 pick(merged, "weight", "w", default=None), pick(merged, "bias", "b", default=None),
-                float(merged.get("eps", 1e-5)))
+                option_number(merged, "eps", 1e-5, operation))
 
 
 RMS_NORM = RMSNormOp()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, default_generator, layout_problem, pick, shown
+from layerzero.ops.base import OpDef, default_generator, layout_problem, option_number, pick, shown
 from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
 
@@ -128,7 +128,7 @@ class SampleOp(OpDef):
     def args_from_inputs(self, operation: str, inputs: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
         merged = {**inputs, **kwargs}
         default_t = 0.0 if operation == "sample.greedy" else 1.0
-        return (pick(merged, "logits", "x", operation=operation), float(merged.get("temperature", default_t)),
+        return (pick(merged, "logits", "x", operation=operation), option_number(merged, "temperature", default_t, operation),
                 merged.get("top_k"), merged.get("top_p"), merged.get("generator"))
 
     def sample_contexts(self, operation: str, device: str = "cpu") -> list[SelectionContext]:
