@@ -14,6 +14,7 @@ import torch
 import torch._dynamo
 
 import layerzero as lz
+from layerzero.errors import InvalidInputError
 from layerzero.integrations import compile as lzc
 from layerzero.ops.attention import attention_reference
 from layerzero.ops.elementwise import rope_reference
@@ -222,3 +223,21 @@ def test_import_layerzero_stays_lazy_and_hooks_set_up_integrations_on_import() -
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["attention,rms_norm,layer_norm,rope,swiglu,geglu,gelu,silu,cross_entropy,linear_cross_entropy,"
                                     "attention_varlen,attention_paged,sample", "True"]
+
+
+@pytest.mark.parametrize(("options", "said"), [
+    ({"layout": "bshd"}, "layout must be one of"),
+    ({"layout": "BXYZ"}, "layout must be one of"),
+    ({"operation": "attention.causl"}, "unknown operation 'attention.causl'"),
+])
+def test_the_compiled_call_checks_what_the_eager_prologue_checks(options: dict, said: str) -> None:
+    """A lowercase 'bshd' ran as BHSD under torch.compile (attention over the wrong axes), where eager refuses it."""
+    q = torch.randn(1, 2, 4, 8)
+
+    def fn(q: torch.Tensor) -> torch.Tensor:
+        return lz.attention(q, q, q, **options)
+
+    with pytest.raises(InvalidInputError, match=said):
+        fn(q)
+    with pytest.raises(Exception, match=said):
+        torch.compile(fn, fullgraph=True, backend="eager")(q)

@@ -516,3 +516,29 @@ def test_readme_examples_run(tmp_path: Path) -> None:
 @pytest.mark.gpu
 def test_readme_cuda_examples_run(tmp_path: Path) -> None:
     _run_blocks(_doc_blocks(cuda=True), tmp_path)
+
+
+def test_compiled_model_follows_the_sequence_length_in_one_graph_per_kind() -> None:
+    """transformers' causal flag is ``q_len > 1``: a SymBool once the length is dynamic. The stand-in used to hand
+    it to the trace-time kernel choice, which takes constants, so the second length failed under fullgraph (and
+    broke the graph without it); now it is guarded, as SDPA's flag is."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**_COMMON)).eval()
+    model.set_attn_implementation("layerzero")
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        for length in (12, 5, 9, 7):
+            ids = torch.randint(1, _COMMON["vocab_size"], (2, length), generator=torch.Generator().manual_seed(length))
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       atol=1e-5, rtol=1e-5)
+    assert len(graphs) == 2, len(graphs)  # the first length, then one dynamic graph for the rest
+    torch._dynamo.reset()

@@ -148,7 +148,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         if mask.dtype != torch.bool and mask.dtype != query.dtype:
             mask = mask.to(query.dtype)
     # As in transformers' sdpa path: the causal flag only when no mask was built, never for one query.
-    causal = bool(causal) and mask is None and q_len > 1
+    causal = bool(causal) and mask is None and bool(q_len > 1)  # a plain bool: q_len is a SymInt under dynamic shapes
     window = None
     sliding = kwargs.get("sliding_window")
     if causal and sliding and q_len == kv_len and kv_len > int(sliding):

@@ -27,7 +27,7 @@ The variants, in the order the reference applies them to the scores
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -248,13 +248,18 @@ def _bad_operation(operation: Any, q: Any, k: Any, v: Any) -> Exception:
                              (q, k, v))
 
 
-def _check_operation(operation: str, q: Any, k: Any, v: Any) -> None:
-    """``lz.attention(operation=...)`` names a built-in attention operation, or one a registered kernel declares
-    (or one below it), as ``dispatch()`` requires: the family's kernels serve any ``attention.*`` name by
-    prefix, so a misspelling would run as full attention."""
+def operation_name_problem(operation: str) -> str | None:
+    """What is wrong with ``operation`` as an ``lz.attention(operation=...)`` name, or None: it must be a
+    built-in attention operation or one a registered kernel declares (or one below it), as ``dispatch()``
+    requires: the family's kernels serve any ``attention.*`` name by prefix, so a misspelling would run as full
+    attention."""
     if operation in OPERATIONS:
-        return
-    problem = operation_problem(operation, (s.operation for s in get_runtime().kernels))
+        return None
+    return operation_problem(operation, (s.operation for s in get_runtime().kernels))
+
+
+def _check_operation(operation: str, q: Any, k: Any, v: Any) -> None:
+    problem = operation_name_problem(operation)
     if problem is not None:
         raise ATTENTION.invalid(operation, problem, (q, k, v))
 
@@ -277,6 +282,27 @@ def gqa_refused(operation: str, enable_gqa: Any, q: Any, k: Any, v: Any) -> None
 
 def _bad_layout(operation: str, layout: Any, q: Any, k: Any, v: Any) -> Exception:
     return ATTENTION.invalid(operation, f"layout must be one of {_LAYOUTS}, got {layout!r}", (q, k, v))
+
+
+def names_and_layout(operation: Any, is_causal: Any, layout: Any, q: Any, k: Any, v: Any,
+                     problem_of: Callable[[str], str | None] | None = None) -> tuple[str, Any]:
+    """``(operation, is_causal)`` as ``lz.attention``'s prologue reads them, for entry points that do not run it
+    (the torch.compile stand-in): the operation name checked and defaulted, ``attention.causal`` making the call
+    causal, ``layout`` one of ``BHSD``/``BSHD``; raises the prologue's errors. ``problem_of`` replaces
+    :func:`operation_name_problem` (a trace calls a constant-result wrapper of it: Dynamo cannot trace difflib)."""
+    if operation is None:
+        operation = _OP_CAUSAL if is_causal else _OP_FULL
+    elif operation.__class__ is not str or not operation.startswith("attention") or operation[9:10] not in ("", "."):
+        raise _bad_operation(operation, q, k, v)
+    elif operation == _OP_CAUSAL:
+        is_causal = True
+    elif operation not in OPERATIONS:
+        problem = (problem_of or operation_name_problem)(operation)
+        if problem is not None:
+            raise ATTENTION.invalid(operation, problem, (q, k, v))
+    if layout != "BHSD" and layout != "BSHD":
+        raise _bad_layout(operation, layout, q, k, v)
+    return operation, is_causal
 
 
 def _bhsd(q: Any, k: Any, v: Any) -> tuple[Any, Any, Any]:

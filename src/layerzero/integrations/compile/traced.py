@@ -75,6 +75,13 @@ def _grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+@torch._dynamo.assume_constant_result
+def operation_name_problem(operation: str) -> str | None:
+    """``layerzero.ops.attention.operation_name_problem`` run at trace time (it reads the registry and difflib,
+    which Dynamo does not trace); the operation name is a constant of the trace."""
+    return ATTENTION_MOD.operation_name_problem(operation)
+
+
 def _attention_kernel(operation: str, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
                       dropout_p: float, scale: float | None, window: int | None,
                       variants: tuple[bool, bool, bool] = (False, False, False)) -> str:
@@ -98,10 +105,10 @@ def traced_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | Non
                      window: int | None = None, softcap: float | None = None, sinks: Tensor | None = None,
                      alibi_slopes: Tensor | None = None, operation: str | None = None,
                      enable_gqa: bool | None = None) -> Tensor:
-    if operation is None:
-        operation = "attention.causal" if is_causal else "attention.full"
-    elif operation == "attention.causal":
-        is_causal = True
+    if isinstance(is_causal, bool):  # a SymBool (``q_len > 1`` under dynamic shapes) reads as one when traced;
+        is_causal = True if is_causal else False  # a branch on it makes it a constant, under a guard
+    operation, is_causal = ATTENTION_MOD.names_and_layout(operation, is_causal, layout, q, k, v,
+                                                          operation_name_problem)
     bshd = layout == "BSHD"
     if bshd:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
