@@ -241,3 +241,27 @@ def test_the_compiled_call_checks_what_the_eager_prologue_checks(options: dict, 
         fn(q)
     with pytest.raises(Exception, match=said):
         torch.compile(fn, fullgraph=True, backend="eager")(q)
+
+
+@pytest.mark.parametrize("name", ["silu", "rms_norm", "swiglu", "cross_entropy"])
+def test_dynamic_true_breaks_the_graph_once_and_never_recompiles(name: str) -> None:
+    """torch.compile(dynamic=True) makes the hidden size symbolic, which the trace-time choice needs: the call
+    graph-breaks (documented). Dynamo then used to compile the eager entry as a frame of its own, guarded on the
+    plan cache's call counter: a recompile at every call, up to the recompile limit."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    calls = {"silu": (lambda x: lz.silu(x), lambda n: (torch.randn(n, 64),)),
+             "rms_norm": (lambda x, w: lz.rms_norm(x, w), lambda n: (torch.randn(n, 64), torch.rand(64))),
+             "swiglu": (lambda g, u: lz.swiglu(g, u), lambda n: (torch.randn(n, 64), torch.randn(n, 64))),
+             "cross_entropy": (lambda z, t: lz.cross_entropy(z, t),
+                               lambda n: (torch.randn(n, 50), torch.randint(0, 50, (n,))))}
+    fn, make = calls[name]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fn, backend="eager", dynamic=True)
+    for n in (4, 4, 4, 7, 9, 4, 12, 5, 6, 8, 10, 11):
+        args = make(n)
+        torch.testing.assert_close(compiled(*args), fn(*args))
+    assert counters["stats"]["unique_graphs"] <= 1, dict(counters["stats"])
+    torch._dynamo.reset()

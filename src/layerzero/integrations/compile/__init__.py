@@ -106,7 +106,26 @@ def install() -> list[str]:
             log.warning("layerzero: torch.compile substitution for %s skipped: %s", name, exc)
             continue
         _installed.append(name)
+    _skip_eager_entries()
     return list(_installed)
+
+
+def _skip_eager_entries() -> None:
+    """Dynamo never compiles a frame of the eager entries (nor what they call). Where a stand-in graph-breaks
+    (sizes ``torch.compile(dynamic=True)`` made symbolic that the trace-time choice needs), Dynamo runs the
+    public function eagerly and used to compile its generated entry as a frame of its own: guarded on the plan
+    cache and the call counters it reads, so it recompiled at every call (``lz.silu``) or every size, up to the
+    recompile limit. Skipped, the entry runs as eager code does (the graph break stays)."""
+    try:
+        from torch._dynamo.eval_frame import FrameAction, FrameExecStrategy, set_code_exec_strategy
+    except ImportError:  # an older Dynamo: the frames are compiled as before
+        return
+    from layerzero.ops import OPS
+
+    for op in OPS.values():
+        if op.calls is not None:
+            set_code_exec_strategy(op.calls.python_entry.__code__,
+                                   FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
 
 
 def installed() -> list[str]:
