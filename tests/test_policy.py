@@ -84,6 +84,51 @@ def test_lock_global_and_unlock() -> None:
     assert which_attn() == DEFAULT_ATTN
 
 
+def test_a_scoped_lock_entered_later_leaves_the_process_wide_lock_in_force() -> None:
+    """A lock not written directly in a ``with`` (ExitStack, a conditional, a variable) is applied process-wide
+    until it is entered; the lock it replaced meanwhile comes back when it turns scoped (it used to be lost)."""
+    import contextlib
+
+    lz.lock("attention.causal", "torch_sdpa_math")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(lz.lock("attention.causal", "torch_sdpa_gqa"))
+        assert which_attn() == "torch_sdpa_gqa"
+    assert which_attn() == "torch_sdpa_math"
+    change = lz.lock("attention.causal", "torch_sdpa_flash_cpu")
+    with change:
+        assert which_attn() == "torch_sdpa_flash_cpu"
+    assert which_attn() == "torch_sdpa_math"
+    lz.unlock("attention.causal")
+    assert which_attn() == DEFAULT_ATTN
+
+
+def test_a_lock_never_falls_back_to_a_denied_kernel_and_a_higher_deny_overrides_it() -> None:
+    """Denied kernels "never run": not as a lock's fallbacks either. Rules apply in precedence order (scoped,
+    programmatic, document): a scoped deny of the locked kernel overrides a process-wide lock; a document's
+    deny does not override a programmatic lock."""
+    lz.configure({"version": "1.0", "locks": [{"operation": "attention.causal", "kernel": "torch_sdpa_math"}],
+                  "denies": [{"operation": "attention.*", "kernels": ["torch_sdpa", "torch_sdpa_gqa"]}]})
+    try:
+        ranked = [c["kernel_id"] for c in lz.explain(*qkv(), operation="attention.causal").to_dict()["candidates"]]
+        assert ranked[0] == "torch_sdpa_math" and not {"torch_sdpa", "torch_sdpa_gqa"} & set(ranked), ranked
+    finally:
+        lz.configure(None)
+    lz.lock("attention.causal", "torch_sdpa_math")
+    try:
+        with lz.disabled("torch"):
+            with pytest.raises(NoKernelError, match="denied by policy"):
+                which_attn()
+        deny_math = {"version": "1.0", "denies": [{"operation": "*", "kernels": ["torch_sdpa_math"]}]}
+        lz.configure(deny_math)  # the document in force: the programmatic lock comes first
+        assert which_attn() == "torch_sdpa_math"
+        lz.configure(None)
+        with lz.configure(deny_math):  # a scoped document comes first: its deny overrides the lock
+            assert which_attn() == DEFAULT_ATTN
+    finally:
+        lz.configure(None)
+        lz.unlock("attention.causal")
+
+
 def test_lock_glob_and_backend_lock() -> None:
     lz.lock("attention.*", "torch_sdpa_gqa")
     assert which_attn() == "torch_sdpa_gqa"

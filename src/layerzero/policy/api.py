@@ -106,13 +106,17 @@ def _check_str(name: str, value: Any) -> str:
 
 def _change(rule: Rule, describe: str) -> PolicyChange:
     state = _rt().policy
-    return PolicyChange(
-        describe,
-        lambda: state.add(rule),
-        lambda: state.remove(lambda r: r is rule),
-        lambda base: Policy((rule,) + base.rules),
-        in_with=_in_with_statement(3),
-    )
+    replaced: list[tuple[int, Rule]] = []
+
+    def apply() -> None:
+        replaced[:] = state.add(rule)
+
+    def undo() -> None:  # the lock this one replaced comes back (`c = lz.lock(...); with c:` undoes it)
+        state.remove(lambda r: r is rule)
+        state.reinstate(replaced)
+
+    return PolicyChange(describe, apply, undo, lambda base: Policy((rule,) + base.rules),
+                        in_with=_in_with_statement(3))
 
 
 def lock(operation: str, kernel: str | None = None, *, backend: str | None = None,

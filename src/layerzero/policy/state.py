@@ -37,12 +37,25 @@ class PolicyState:
     def document(self) -> Policy:
         return self._document
 
-    def add(self, rule: Rule, *, replace_same_target: bool = True) -> None:
-        """Add a programmatic rule (newest first). A lock replaces an earlier lock of the same operation."""
+    def add(self, rule: Rule, *, replace_same_target: bool = True) -> list[tuple[int, Rule]]:
+        """Add a programmatic rule (newest first). A lock replaces an earlier lock of the same operation.
+        Returns the rules it replaced, with their places (:meth:`reinstate` puts them back)."""
         with self._lock:
-            if replace_same_target:
-                self._api = [r for r in self._api if not _same_slot(r, rule)]
+            replaced = [(i, r) for i, r in enumerate(self._api) if replace_same_target and _same_slot(r, rule)]
+            if replaced:
+                self._api = [r for r in self._api if not (replace_same_target and _same_slot(r, rule))]
             self._api.insert(0, rule)
+            self._rebuild()
+            return replaced
+
+    def reinstate(self, replaced: list[tuple[int, Rule]]) -> None:
+        """Put back rules :meth:`add` replaced, at their places (an undone change leaves the policy as it was)."""
+        if not replaced:
+            return
+        with self._lock:
+            for at, rule in replaced:
+                if not any(r is rule for r in self._api):
+                    self._api.insert(min(at, len(self._api)), rule)
             self._rebuild()
 
     def remove(self, predicate: Callable[[Rule], bool]) -> int:

@@ -204,8 +204,33 @@ class SelectionEngine:
             env["kernel"] = spec.kernel_id
             return env
 
-        # 1. Locks: the first lock whose condition holds decides.
-        for rule in rules:
+        def excluded(spec: KernelSpec, upto: int) -> Reason | None:
+            """The deny, or the allow list, among ``rules[:upto]`` that keeps ``spec`` from running, or None."""
+            env = env_for(spec)
+            denied = next((r for r in rules[:upto] if r.kind == "deny" and r.targets(spec) and r.holds(env)), None)
+            if denied is not None:
+                return Reason(ReasonCode.POLICY_DENIED, f"denied by policy: {denied.describe()}")
+            allows = [r for r in rules[:upto] if r.kind == "allow" and r.holds(env_base)]
+            if allows and not any(r.targets(spec) for r in allows):
+                return Reason(ReasonCode.POLICY_NOT_ALLOWED,
+                              "not in the policy's allow list: " + "; ".join(r.describe() for r in allows))
+            return None
+
+        def allowed(items: list[tuple[KernelSpec, CandidateDecision]]) -> list[tuple[KernelSpec, CandidateDecision]]:
+            """``items`` without the kernels a deny or allow rule keeps out (their decisions say which rule)."""
+            kept = []
+            for spec, d in items:
+                reason = excluded(spec, len(rules))
+                if reason is None:
+                    kept.append((spec, d))
+                else:
+                    d.reasons.append(reason)
+            return kept
+
+        # 1. Locks: the first lock whose condition holds decides. A deny or allow of higher precedence (scoped
+        # before programmatic before the document: earlier in ``rules``) that excludes every kernel the lock
+        # names overrides it; denied kernels are never its fallbacks.
+        for at, rule in enumerate(rules):
             if rule.kind != "lock" or not rule.holds(env_base):
                 continue
             targets = [s for s in specs.values() if rule.targets(s)]
@@ -221,30 +246,23 @@ class SelectionEngine:
                 raise KernelNotSupportedError(
                     f"{format_context(operation, ctx)} is locked by {rule.describe()}, but it cannot run here: {detail}",
                     kernel_id=",".join(s.kernel_id for s in targets), reasons=reasons)
+            overriding = [(d, excluded(s, at)) for s, d in usable]
+            if all(reason is not None for _, reason in overriding):
+                for d, reason in overriding:
+                    d.rules.append(f"{rule.describe()} overridden: {reason.message}")  # type: ignore[union-attr]
+                continue
+            usable = [(s, d) for (s, d), (_, reason) in zip(usable, overriding, strict=True) if reason is None]
             locked_ids = {s.kernel_id for s, _ in usable}
             for spec, d in usable:
                 d.rules.append(rule.describe())
-            # Other eligible kernels stay as runtime fallbacks behind the locked ones.
-            rest = [(s, d) for s, d in eligible if s.kernel_id not in locked_ids]
+            # Other eligible kernels stay as runtime fallbacks behind the locked ones, unless a rule keeps them out.
+            rest = allowed([(s, d) for s, d in eligible if s.kernel_id not in locked_ids])
             for _, d in rest:
                 d.rules.append(f"not selected: {rule.describe()} (kept as fallback)")
             return usable, rest, rule.describe()
 
         # 2. Deny and allow.
-        kept: list[tuple[KernelSpec, CandidateDecision]] = []
-        allows = [r for r in rules if r.kind == "allow" and r.holds(env_base)]
-        for spec, d in eligible:
-            env = env_for(spec)
-            denied = next((r for r in rules if r.kind == "deny" and r.targets(spec) and r.holds(env)), None)
-            if denied is not None:
-                d.reasons.append(Reason(ReasonCode.POLICY_DENIED, f"denied by policy: {denied.describe()}"))
-                continue
-            if allows and not any(r.targets(spec) for r in allows):
-                d.reasons.append(Reason(ReasonCode.POLICY_NOT_ALLOWED,
-                                        "not in the policy's allow list: " + "; ".join(r.describe() for r in allows)))
-                continue
-            kept.append((spec, d))
-        return kept, [], None
+        return allowed(eligible), [], None
 
     def rank(self, items: list[tuple[KernelSpec, CandidateDecision]], measured: Mapping[str, Measurement],
              rules: tuple[Rule, ...] = (), env_base: dict[str, Any] | None = None
