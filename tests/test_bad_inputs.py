@@ -661,8 +661,12 @@ ROWS: list[Row] = [
         "'tag:yaml.org,2002:python/object/apply:os.system'",
         lambda tmp: policy_text(tmp, 'version: "1.0"\nlocks: !!python/object/apply:os.system ["id"]\n')),
     Row("doc-alias", "policy errors", "YAML anchors and aliases (a billion laughs)", "PolicyError",
-        "<dir>/policy.yaml: YAML anchors and aliases are not supported; write each value out",
+        "<dir>/policy.yaml: YAML anchors and aliases are not supported; write each value out (the value anchored on line 2 is used again)",
         lambda tmp: policy_text(tmp, 'version: "1.0"\na: &a ["x", "x"]\nb: [*a, *a]\n')),
+    Row("doc-duplicate-key", "policy errors", "a key given twice in one mapping (`locks:` then `locks: []`)",
+        "PolicyError", "<dir>/policy.yaml: the key 'locks' is given twice in one mapping (lines 2 and 3); write it once",
+        lambda tmp: policy_text(tmp, 'version: "1.0"\nlocks: [{operation: rms_norm, kernel: torch_rms_norm}]\n'
+                                     'locks: []\n')),
     Row("doc-missing", "policy errors", "`lz.configure(\"../../etc/passwd.yaml\")`", "PolicyError",
         "../../etc/passwd.yaml: file not found",
         lambda tmp: lz.configure("../../etc/passwd.yaml")),

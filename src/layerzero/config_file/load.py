@@ -2,7 +2,8 @@
 
 YAML is parsed with ``yaml.safe_load`` only, JSON with ``json.loads``. Files
 are read without blocking and at most :data:`MAX_DOCUMENT_BYTES` of them;
-YAML aliases, deep nesting and huge documents are refused. Nothing here knows
+YAML aliases, a key given twice in one mapping or object, deep nesting and
+huge documents are refused. Nothing here knows
 a schema: :mod:`layerzero.config_file.schema` and
 :mod:`layerzero.config_file.policy_document` validate what this returns.
 """
@@ -120,11 +121,58 @@ def _is_path(source: str | os.PathLike[str]) -> bool:
         return False
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object hook: a key given twice in one object is an error (the last would win silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} is given twice in one object")
+        out[key] = value
+    return out
+
+
+def _yaml_structure_problem(text: str) -> str | None:
+    """Why the YAML ``text`` is refused though it parses: a key given twice in one mapping (``yaml.safe_load``
+    keeps the last: ``locks: [...]`` then ``locks: []`` would drop every lock without a word), or an alias (a
+    node used twice: ``*name``, which also stops a billion laughs). Reads the composed nodes only (the loader
+    ``yaml.safe_load`` uses, without constructing anything)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+    finally:
+        loader.dispose()
+    seen: set[int] = set()
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            mark = node.start_mark
+            return (f"YAML anchors and aliases are not supported; write each value out (the value anchored on line "
+                    f"{mark.line + 1} is used again)")
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: dict[Any, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in keys:
+                        return (f"the key {key.value!r} is given twice in one mapping (lines {keys[key.value]} and "
+                                f"{key.start_mark.line + 1}); write it once")
+                    keys[key.value] = key.start_mark.line + 1
+                stack.extend((key, value))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return None
+
+
 def _parse(text: str, label: str, as_json: bool, error: type[ConfigError]) -> Any:
     try:
         if as_json:
-            return json.loads(text)
-        return yaml.safe_load(text)
+            return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        data = yaml.safe_load(text)
+        problem = _yaml_structure_problem(text)
+        if problem is not None:
+            raise error(f"{label}: {problem}", source=label)
+        return data
     except json.JSONDecodeError as exc:
         raise error(f"{label}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", source=label) from None
     except yaml.YAMLError as exc:
@@ -134,6 +182,10 @@ def _parse(text: str, label: str, as_json: bool, error: type[ConfigError]) -> An
         raise error(f"{label}: invalid YAML{where}: {problem}", source=label) from None
     except RecursionError:
         raise error(f"{label}: document is nested too deeply", source=label) from None
+    except ValueError as exc:  # a key twice in one JSON object (_no_duplicate_keys), or the YAML check's error
+        if isinstance(exc, ConfigError):
+            raise
+        raise error(f"{label}: invalid JSON: {exc}", source=label) from None
 
 
 def _check_shape(data: Any, label: str, error: type[ConfigError]) -> None:
@@ -149,9 +201,8 @@ def _check_shape(data: Any, label: str, error: type[ConfigError]) -> None:
         if isinstance(value, (Mapping, list, tuple)):
             if depth >= MAX_DEPTH:
                 raise error(f"{label}: document is nested more than {MAX_DEPTH} levels deep", source=label)
-            if id(value) in seen:
-                raise error(f"{label}: YAML anchors and aliases are not supported; write each value out",
-                            source=label)
+            if id(value) in seen:  # one object in two places of a mapping given directly: read it once
+                continue
             seen.add(id(value))
             children = list(value.values()) + list(value.keys()) if isinstance(value, Mapping) else list(value)
             stack.extend((c, depth + 1) for c in children)
