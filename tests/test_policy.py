@@ -192,6 +192,20 @@ def test_disabled_and_enabled_backend(custom_rms: list[str]) -> None:
     assert which_rms() == DEFAULT_RMS
 
 
+def test_enabled_lifts_the_disables_its_operation_glob_covers(custom_rms: list[str]) -> None:
+    """enabled(backend) lifted only a disable of the very same operation string ("*"): a disabled(backend,
+    operation="rms_norm") stayed in force."""
+    lz.disabled("torch", operation="rms_norm")
+    assert which_rms() == "custom_rms_norm"
+    lz.enabled("torch")
+    assert which_rms() == DEFAULT_RMS
+    lz.disabled("torch")
+    lz.enabled("torch", operation="rms_norm")  # one rule for every operation: not lifted for one of them
+    assert which_rms() == "custom_rms_norm"
+    lz.enabled("torch")
+    assert which_rms() == DEFAULT_RMS
+
+
 def test_disabled_scoped(custom_rms: list[str]) -> None:
     with lz.disabled("torch", operation="rms_norm"):
         assert which_rms() == "custom_rms_norm"

@@ -16,6 +16,7 @@ executes next.
 from __future__ import annotations
 
 import dis
+import fnmatch
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -196,14 +197,19 @@ def disabled(backend: str, *, operation: str = "*") -> PolicyChange:
 
 
 def enabled(backend: str, *, operation: str = "*") -> PolicyChange:
-    """Undo ``lz.disabled(backend)``; as a context manager, lifts outer disables inside the block."""
+    """Undo ``lz.disabled(backend)``; as a context manager, lifts outer disables inside the block.
+
+    It lifts every ``lz.disabled(backend, operation=...)`` whose operation ``operation`` (a glob) covers: the
+    default ``"*"`` lifts them all; ``operation="rms_norm"`` lifts a ``disabled(..., operation="rms_norm")``
+    but not a ``disabled(...)`` of every operation (that rule is one, it cannot be lifted for one operation)."""
     _check_str("backend", backend)
     _check_str("operation", operation)
     state = _rt().policy
     removed: list[Rule] = []
 
     def match(r: Rule) -> bool:
-        return r.kind == "deny" and r.backends == (backend,) and r.operation == operation and r.origin == "lz.disabled()"
+        return (r.kind == "deny" and r.backends == (backend,) and fnmatch.fnmatchcase(r.operation, operation)
+                and r.origin == "lz.disabled()")
 
     def apply() -> None:
         removed.extend(r for r in state.api_rules if match(r))
