@@ -643,3 +643,17 @@ def test_nested_scoped_documents_the_inner_wins(runtime) -> None:
                 assert lz.which("attention.causal", q, k, v) == "torch_sdpa"
         assert lz.which("attention.causal", q, k, v) == "torch_sdpa_math"
     assert lz.which("attention.causal", q, k, v) == "torch_sdpa"
+
+
+@pytest.mark.parametrize("call", [
+    lambda: lz.lock("rms_norm", backend="torhc"), lambda: lz.disabled("torhc"), lambda: lz.prefer("torhc"),
+    lambda: lz.enabled("torhc"),
+    lambda: lz.configure({"version": "1.0", "locks": [{"operation": "rms_norm", "backend": "torhc"}]}),
+    lambda: lz.configure({"version": "1.0", "denies": [{"operation": "*", "backends": ["torhc"]}]}),
+    lambda: lz.configure({"version": "1.0", "boosts": [{"backend": "torhc", "boost_factor": 2.0}]}),
+])
+def test_a_backend_no_kernel_has_is_refused_when_the_rule_is_made(call) -> None:  # type: ignore[no-untyped-def]
+    """A lock on a misspelled backend used to pass validation and then break every call of the operation."""
+    with pytest.raises(PolicyError, match="no backend 'torhc' has kernels; did you mean torch"):
+        call()
+    assert which_rms() == DEFAULT_RMS

@@ -12,6 +12,7 @@ from typing import Any
 
 from layerzero.config_file.problems import Problems
 from layerzero.config_file.validate import (
+    check_backend,
     check_condition,
     check_kernel,
     check_keys,
@@ -49,6 +50,8 @@ def lock_rule(entry: Any, path: str, origin: str, problems: Problems, registry: 
             check_kernel(kernel, f"{path}.kernel", problems, registry, op)
     else:
         backend = check_name(backend, f"{path}.backend", problems, "backend")
+        if backend is not None:
+            check_backend(backend, f"{path}.backend", problems, registry)
     cond = check_condition(entry.get("condition"), f"{path}.condition", problems, per_kernel=False)
     if op is None or (kernel is None and backend is None):
         return None
@@ -71,6 +74,8 @@ def filter_rule(kind: str, entry: Any, path: str, origin: str, problems: Problem
     kernels = check_name_list(entry["kernels"], f"{path}.kernels", problems, "kernel") if "kernels" in entry else ()
     for i, k in enumerate(kernels or ()):
         check_kernel(k, f"{path}.kernels[{i}]", problems, registry, op)
+    for i, b in enumerate(backends or ()):
+        check_backend(b, f"{path}.backends[{i}]", problems, registry)
     cond = check_condition(entry.get("condition"), f"{path}.condition", problems, per_kernel=kind == "deny")
     if op is None or backends is None or kernels is None:
         return None
@@ -92,6 +97,8 @@ def boost_rule(entry: Any, path: str, origin: str, problems: Problems, registry:
             check_kernel(kernel, f"{path}.kernel", problems, registry, op)
     if backend is not None:
         backend = check_name(backend, f"{path}.backend", problems, "backend")
+        if backend is not None:
+            check_backend(backend, f"{path}.backend", problems, registry)
     factor = None
     if "boost_factor" not in entry:
         problems.error(f"{path}.boost_factor", "is required (a number > 0; 2.0 doubles the score)")

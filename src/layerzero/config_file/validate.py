@@ -117,6 +117,27 @@ def check_kernel(kernel_id: str, path: str, problems: Problems, registry: Kernel
         problems.error(path, f"kernel {kernel_id!r} implements {spec.operation!r}, not {operation!r}")
 
 
+def backend_problem(backend: str, registry: KernelRegistry | None) -> str | None:
+    """Why ``backend`` (a name or glob) names no backend of ``registry``'s kernels, or None (also without a
+    registry): a rule on a misspelled backend matches nothing (a lock on it breaks every call it covers)."""
+    if registry is None:
+        return None
+    names = sorted({s.backend for s in registry})
+    if any(fnmatch.fnmatchcase(name, backend) for name in names):
+        return None
+    close = difflib.get_close_matches(backend, names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f" (the backends: {', '.join(names)})"
+    return f"no backend {backend!r} has kernels{hint}"
+
+
+def check_backend(backend: str, path: str, problems: Problems, registry: KernelRegistry | None) -> None:
+    """A backend name or glob must name a backend of some registered kernel (error or warning by the flag, as
+    an unknown kernel id)."""
+    problem = backend_problem(backend, registry)
+    if problem is not None:
+        problems.missing_kernel(path, problem)
+
+
 def check_condition(value: Any, path: str, problems: Problems, *, per_kernel: bool) -> Condition | None:
     if value is None:
         return None

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from layerzero.config_file.validate import could_serve
+from layerzero.config_file.validate import backend_problem, could_serve
 from layerzero.errors import PolicyError
 from layerzero.policy.model import Policy, Rule
 from layerzero.policy.scope import SCOPE, Scope
@@ -105,6 +105,15 @@ def _check_str(name: str, value: Any) -> str:
     return value
 
 
+def _check_backend(call: str, backend: Any) -> str:
+    """A backend name or glob some registered kernel has (a rule on a misspelled one matches nothing)."""
+    _check_str("backend", backend)
+    problem = backend_problem(backend, _rt().kernels)
+    if problem is not None:
+        raise PolicyError(f"{call}(): {problem}")
+    return backend
+
+
 def _change(rule: Rule, describe: str) -> PolicyChange:
     state = _rt().policy
     replaced: list[tuple[int, Rule]] = []
@@ -142,7 +151,7 @@ def lock(operation: str, kernel: str | None = None, *, backend: str | None = Non
             raise PolicyError(f"lock({operation!r}, {kernel!r}): kernel {kernel!r} implements {spec.operation!r}, "
                               f"not {operation!r}")
     else:
-        _check_str("backend", backend)
+        _check_backend("lock", backend)
     rule = Rule("lock", operation, (kernel,) if kernel else (), (backend,) if backend else (),
                 condition=cond, condition_source=src, origin="lz.lock()")
     return _change(rule, f"lock {operation} -> {kernel or 'backend ' + str(backend)}")
@@ -178,7 +187,7 @@ def prefer(backend: str, priority: int = 100, *, operation: str = "*", condition
     Measured times from the performance database still decide between kernels when present;
     use ``lz.lock`` to force a choice.
     """
-    _check_str("backend", backend)
+    _check_backend("prefer", backend)
     _check_str("operation", operation)
     if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 1000:
         raise PolicyError(f"prefer(): priority must be an int between 0 and 1000, got {priority!r}")
@@ -190,7 +199,7 @@ def prefer(backend: str, priority: int = 100, *, operation: str = "*", condition
 
 def disabled(backend: str, *, operation: str = "*") -> PolicyChange:
     """Deny every kernel of ``backend`` (a glob) for ``operation``."""
-    _check_str("backend", backend)
+    _check_backend("disabled", backend)
     _check_str("operation", operation)
     rule = Rule("deny", operation, (), (backend,), origin="lz.disabled()")
     return _change(rule, f"disable {backend}")
@@ -202,7 +211,7 @@ def enabled(backend: str, *, operation: str = "*") -> PolicyChange:
     It lifts every ``lz.disabled(backend, operation=...)`` whose operation ``operation`` (a glob) covers: the
     default ``"*"`` lifts them all; ``operation="rms_norm"`` lifts a ``disabled(..., operation="rms_norm")``
     but not a ``disabled(...)`` of every operation (that rule is one, it cannot be lifted for one operation)."""
-    _check_str("backend", backend)
+    _check_backend("enabled", backend)
     _check_str("operation", operation)
     state = _rt().policy
     removed: list[Rule] = []
