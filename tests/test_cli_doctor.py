@@ -83,3 +83,19 @@ def test_doctor_reports_an_installed_but_broken_backend(runtime, capsys):
     finally:
         runtime.backends._probes.pop("fakebackend", None)
         runtime.backends.refresh()
+
+
+def test_an_environment_variable_that_cannot_be_read_keeps_its_default_and_doctor_says_so(tmp_path):
+    """A typo in LAYERZERO_* made ``import layerzero`` raise, so every command, doctor and --help included,
+    printed a traceback. The global runtime keeps that setting's default (a warning says so); the others apply."""
+    env = dict(os.environ, COLUMNS="200", LAYERZERO_PERF_DB=str(tmp_path / "perf.db"), LAYERZERO_CACHE_SIZE="abc",
+               LAYERZERO_DISPATCH_MODE="bogus", LAYERZERO_CACHE_TTL="nan", LAYERZERO_TELEMETRY="0")
+    code = "import layerzero as lz; c = lz.get_runtime().config; print(c.cache_size, c.enable_telemetry)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["10000", "False"]  # the defaults where unreadable, the readable one applied
+    assert "LAYERZERO_CACHE_SIZE='abc'" in run.stderr and "the default is used" in run.stderr
+    assert subprocess.run([LZ, "--help"], capture_output=True, text=True, env=env, timeout=120).returncode == 0
+    doctor = subprocess.run([LZ, "doctor", "--json"], capture_output=True, text=True, env=env, timeout=180)
+    warnings = json.loads(doctor.stdout)["warnings"]
+    assert sum(w.startswith("environment: LAYERZERO_") for w in warnings) == 3, warnings

@@ -27,6 +27,7 @@ from layerzero.accel import unavailable as hot_path_unavailable
 from layerzero.environment import env_settings
 from layerzero.runtime.config import DispatchConfig
 from layerzero.runtime import get_runtime
+from layerzero.runtime.core import ENV_PROBLEMS
 
 __all__ = ["SECTIONS", "perf_db_section", "config_section", "runtime_section", "problems"]
 
@@ -75,6 +76,8 @@ def config_section(report: Any) -> None:
         "policy_digest": rt.policy.policy.digest,
         "hot_path": hot_path_status(),
     }
+    for problem in ENV_PROBLEMS:
+        report.warnings.append(f"environment: {problem}; the default is in force")
     if hot_path_unavailable():
         report.warnings.append(f"cached lz.attention, norm and dispatch calls run in Python ({hot_path_status()}): "
                                "about 0.7 µs more per call; reinstall layerzero where a C++ compiler is found")

@@ -199,6 +199,23 @@ class DispatchConfig:
         kwargs.update(overrides)
         return cls(**kwargs)
 
+    @classmethod
+    def from_env_keeping_defaults(cls, environ: dict[str, str] | None = None) -> tuple[DispatchConfig, list[str]]:
+        """:meth:`from_env` where a variable it refuses is left at its default: ``(config, the problems)``.
+        The global runtime is made this way on ``import layerzero``, which must not fail on a typo in the
+        environment (``layerzero doctor`` is what reports it)."""
+        config, problems = cls(), []
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for var, name in ENV_VARS.items():
+            raw = env_text(var, environ)
+            if raw is None:
+                continue
+            try:
+                config = dataclasses.replace(config, **{name: _coerce(var, name, raw, str(types[name]))})
+            except ConfigError as exc:
+                problems.append(f"{var}={raw!r}: {exc}" if var not in str(exc) else str(exc))
+        return config, problems
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["mode"] = self.mode.name

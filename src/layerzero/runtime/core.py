@@ -13,8 +13,9 @@ plans under the failure contract (:class:`Executor`), and verify mode (:class:`V
 from __future__ import annotations
 
 import threading
-import weakref
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -67,7 +68,7 @@ class Runtime:
         # ``is not None``: an empty registry is falsy (it has __len__) but is still the caller's registry.
         self.kernels = kernel_registry if kernel_registry is not None else get_global_kernel_registry()
         self.backends = backend_registry if backend_registry is not None else get_global_backend_registry()
-        self.config = config or DispatchConfig.from_env()
+        self.config = config if config is not None else DispatchConfig.from_env()
         self.clock = clock
         self.telemetry = Telemetry()
         self.telemetry.enabled = self.config.enable_telemetry
@@ -482,13 +483,22 @@ _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 
 
+#: Why ``LAYERZERO_*`` variables were left at their defaults when the global runtime was made (doctor shows it).
+ENV_PROBLEMS: list[str] = []
+
+
 def get_runtime() -> Runtime:
-    """The global runtime shared by ``lz.*`` and the global dispatcher."""
+    """The global runtime shared by ``lz.*`` and the global dispatcher (made on ``import layerzero``, from the
+    ``LAYERZERO_*`` variables; one that cannot be read keeps its default, with a warning)."""
     global _runtime
     rt = _runtime
     if rt is None:
         with _runtime_lock:
             if _runtime is None:
-                _runtime = Runtime()
+                config, problems = DispatchConfig.from_env_keeping_defaults()
+                for problem in problems:
+                    warnings.warn(f"layerzero: {problem}; the default is used", RuntimeWarning, stacklevel=2)
+                ENV_PROBLEMS[:] = problems
+                _runtime = Runtime(config=config)
             rt = _runtime
     return rt
