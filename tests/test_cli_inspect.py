@@ -150,3 +150,11 @@ def test_explain_on_a_gpu_matches_the_real_call(capsys):
     assert data["context"]["sm"] == major * 10 + minor
     q = torch.randn(2, 8, 256, 64, device="cuda", dtype=torch.float16)
     assert data["selected_kernel"] == lz.which("attention.causal", q, q, q)
+
+
+@pytest.mark.parametrize("shape", ["x=99999999999999999999,4", "x=4294967296,4", "x=2147483648,2147483648,4"])
+def test_explain_refuses_a_shape_past_torch_sizes_in_one_line(shape: str) -> None:
+    """A dimension past int64 crashed explain with a Python and C++ traceback (torch.empty overflowed)."""
+    from layerzero.cli import main
+
+    assert main(["explain", "--op", "rms_norm", "--shape", shape]) == 2

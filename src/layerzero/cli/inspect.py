@@ -15,6 +15,7 @@ which still prints every rejection); 2 usage error (bad shape, unknown operation
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import click
@@ -36,6 +37,10 @@ def _json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+#: The largest dimension ``--shape`` takes (as ``layerzero tune --shapes``): a tensor's sizes are int64 in torch.
+MAX_DIM = 2**31
+
+
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """``"q=1,32,1,128"`` -> ``("q", (1, 32, 1, 128))``; ``BadParameter`` naming the problem otherwise."""
     name, sep, dims = text.partition("=")
@@ -48,6 +53,9 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
         raise click.BadParameter(f"{text!r}: dimensions must be integers", param_hint="--shape") from None
     if not shape or any(d <= 0 for d in shape):
         raise click.BadParameter(f"{text!r}: dimensions must be positive", param_hint="--shape")
+    if any(d > MAX_DIM for d in shape) or math.prod(shape) >= 2**63:
+        raise click.BadParameter(f"{text!r}: dimensions out of range 1..{MAX_DIM} (and fewer than 2**63 elements in "
+                                 "all)", param_hint="--shape")
     return name, shape
 
 
