@@ -657,3 +657,8 @@ def test_a_backend_no_kernel_has_is_refused_when_the_rule_is_made(call) -> None:
     with pytest.raises(PolicyError, match="no backend 'torhc' has kernels; did you mean torch"):
         call()
     assert which_rms() == DEFAULT_RMS
+
+
+def test_configure_on_a_directory_says_it_is_one(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="is a directory, not a file"):
+        lz.configure(str(tmp_path))

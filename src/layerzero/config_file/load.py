@@ -116,7 +116,7 @@ def _is_path(source: str | os.PathLike[str]) -> bool:
     if source.lower().endswith((".yaml", ".yml", ".json")):
         return True
     try:
-        return Path(source).is_file()
+        return Path(source).exists()  # a directory or a FIFO too: reading it says what it is
     except (OSError, ValueError):
         return False
 
