@@ -97,7 +97,9 @@ def test_malformed_records_are_refused(db: PerfDB) -> None:
 def test_lookups_are_cached_and_writes_invalidate_the_cache(db: PerfDB) -> None:
     db.record([rec(median=10.0)])
     first = db.lookup(HW, "rms_norm", "float32", "n=64;hidden=512;grad=0")
-    assert db.lookup(HW, "rms_norm", "float32", "n=64;hidden=512;grad=0") is first
+    db._read = lambda *args: pytest.fail("a cached lookup queried the database")  # type: ignore[method-assign]
+    assert db.lookup(HW, "rms_norm", "float32", "n=64;hidden=512;grad=0") == first
+    del db._read
     db.record([rec(median=5.0)])
     again = db.lookup(HW, "rms_norm", "float32", "n=64;hidden=512;grad=0")
     assert again is not first and again["torch_rms_norm"][1].median_us == 5.0
@@ -371,3 +373,21 @@ def test_the_config_names_the_database_the_runtime_reads(tmp_path: Path) -> None
     rt.configure(rt.config.replace(perf_db_path=str(tmp_path / "b.db")))
     assert src("rms_norm", ctx, specs)["torch_rms_norm"].median_us == 7.0
     assert src.db is not None and src.db.path == tmp_path / "b.db"
+
+
+def test_rows_of_another_library_version_do_not_hide_this_ones(attached: PerfDB) -> None:
+    """A kernel measured before and after a torch upgrade has a row per version; lookup used to keep the first
+    by sort order ("torch=2.11.0" before "torch=2.13.0+cpu"), and selection then dropped it as stale: the
+    current measurements were never read and selection went back to priorities."""
+    rt, db = get_runtime(), attached
+    hw, now = hardware_fingerprint("cpu").digest, libraries_for(rt, "torch")
+    x, w = torch.randn(64, 512), torch.rand(512) + 0.5
+    bucket = bucket_of("rms_norm", lz.SelectionContext.from_rows(x))
+    db.record([rec("torch_rms_norm", 100.0, bucket=bucket, libraries=now, hardware=hw),
+               rec("torch_rms_norm_composed", 50.0, bucket=bucket, libraries=now, hardware=hw)])
+    assert lz.which("rms_norm", x, w) == "torch_rms_norm_composed"
+    db.record([rec("torch_rms_norm", 100.0, bucket=bucket, libraries="torch=0.0.1", hardware=hw),
+               rec("torch_rms_norm_composed", 50.0, bucket=bucket, libraries="torch=0.0.1", hardware=hw)])
+    assert lz.which("rms_norm", x, w) == "torch_rms_norm_composed"
+    got = db.lookup(hw, "rms_norm", "float32", bucket, {"torch_rms_norm": now})
+    assert got["torch_rms_norm"][0] == now

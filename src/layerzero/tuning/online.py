@@ -97,10 +97,10 @@ class OnlineTuner:
         eligible = tuner.eligible(operation, ctx)
         if len(eligible) < 2:
             return  # one candidate: nothing to choose between
+        installed = {s.kernel_id: libraries_for(rt, s.backend) for s in eligible}
         stored = db.lookup(hardware_fingerprint(ctx.device).digest, operation, ctx.dtype_name or "",
-                           bucket_of(operation, ctx))
-        todo = [s for s in eligible
-                if s.kernel_id not in stored or stored[s.kernel_id][0] != libraries_for(rt, s.backend)]
+                           bucket_of(operation, ctx), installed)
+        todo = [s for s in eligible if s.kernel_id not in stored or stored[s.kernel_id][0] != installed[s.kernel_id]]
         if not todo:
             return
         result = tuner.tune_bucket(operation, ctx, specs=todo, deadline=deadline)

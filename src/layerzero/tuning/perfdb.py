@@ -35,7 +35,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,7 +183,7 @@ class PerfDB:
         self.generation = 0
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
-        self._memo: dict[tuple[str, str, str, str], dict[str, tuple[str, Measurement]]] = {}
+        self._memo: dict[tuple[str, str, str, str], Any] = {}  # lookup: kernel -> [(libraries, Measurement)]
         self._listeners: list[Callable[[], None]] = []
         self._data_version: int | None = None
         self._next_refresh = 0.0
@@ -331,28 +331,34 @@ class PerfDB:
         self._notify()
 
     # -- reading ----------------------------------------------------------------------------
-    def lookup(self, hardware: str, operation: str, dtype: str, bucket: str) -> dict[str, tuple[str, Measurement]]:
+    def lookup(self, hardware: str, operation: str, dtype: str, bucket: str,
+               libraries: Mapping[str, str] | None = None) -> dict[str, tuple[str, Measurement]]:
         """``{kernel_id: (libraries, Measurement)}`` for one bucket; ``{}`` when nothing is stored or usable.
 
+        A kernel measured under several library versions (torch before and after an upgrade) has one row per
+        version: the one ``libraries[kernel_id]`` names when given (the versions installed now), else the first.
         Cached in memory; never raises.
         """
         key = (hardware, operation, dtype, bucket)
         self._maybe_refresh()
         found = self._memo.get(key)
-        if found is not None:
-            return found
-        rows = self._read(_LOOKUP, (*key, MAX_ROWS))
-        if rows is None:
-            return {}
+        if found is None:
+            rows = self._read(_LOOKUP, (*key, MAX_ROWS))
+            if rows is None:
+                return {}
+            found = {}
+            for row in rows:
+                parsed = _parse_row(row)
+                if parsed is not None:
+                    found.setdefault(parsed[0], []).append((parsed[1], parsed[2]))
+            with self._lock:
+                if len(self._memo) >= _MEMO_LIMIT:
+                    self._memo.clear()
+                self._memo[key] = found
         out: dict[str, tuple[str, Measurement]] = {}
-        for row in rows:
-            parsed = _parse_row(row)
-            if parsed is not None and parsed[0] not in out:
-                out[parsed[0]] = (parsed[1], parsed[2])
-        with self._lock:
-            if len(self._memo) >= _MEMO_LIMIT:
-                self._memo.clear()
-            self._memo[key] = out
+        for kernel_id, versions in found.items():
+            wanted = libraries.get(kernel_id) if libraries is not None else None
+            out[kernel_id] = next((v for v in versions if v[0] == wanted), versions[0])
         return out
 
     def has_rows(self, hardware: str, operation: str, dtype: str) -> bool:

@@ -170,10 +170,12 @@ class PerfDBSource:
         bucket = bucket_of(operation, ctx)
         out: dict[str, Measurement] = {}
         if db is not None:
-            stored = db.lookup(hardware_fingerprint(ctx.device).digest, operation, ctx.dtype_name or "", bucket)
+            installed = {spec.kernel_id: libraries_for(self.runtime, spec.backend) for spec in specs}
+            stored = db.lookup(hardware_fingerprint(ctx.device).digest, operation, ctx.dtype_name or "", bucket,
+                               installed)
             for spec in specs:
                 row = stored.get(spec.kernel_id)
-                if row is not None and row[0] == libraries_for(self.runtime, spec.backend):
+                if row is not None and row[0] == installed[spec.kernel_id]:
                     out[spec.kernel_id] = row[1]
         if out:
             return out
