@@ -461,3 +461,19 @@ def test_a_row_that_sees_no_key_has_finite_gradients(variant: dict) -> None:
     assert torch.equal(out[..., 0, :], torch.zeros_like(out[..., 0, :]))
     out[..., 1:, :].sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("mask", [None, "additive"])
+def test_float64_alibi_holds_the_float64_tolerance(mask: str | None) -> None:
+    """The ALiBi bias was built in float32 and cast: slopes that are not powers of two then missed float64's
+    1e-9 tolerance by 300x (3e-7)."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 7, 8, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(2, 4, 3, 8, dtype=torch.float64, generator=g) for _ in range(2))
+    slopes = torch.rand(4, generator=g)
+    extra = torch.randn(7, 3, dtype=torch.float64, generator=g) if mask else None
+    i, j = torch.arange(7, dtype=torch.float64)[:, None], torch.arange(3, dtype=torch.float64)[None]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8) - slopes.double().view(1, 4, 1, 1) * (i + 3 - 7 - j).abs()
+    want = torch.softmax(scores + (0 if extra is None else extra), -1) @ v
+    got = lz.attention(q, k, v, alibi_slopes=slopes, attn_mask=extra)
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)

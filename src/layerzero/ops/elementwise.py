@@ -265,6 +265,11 @@ ROPE_CONTRACT = CallContract(
     guard="interleaved.__class__ is bool",
     doc="""Rotary position embedding (``cos`` / ``sin`` of x's dtype).
 
+    ``cos`` / ``sin`` are half width (``head_dim // 2``: one angle per rotated pair) or full width in the form
+    every RoPE module builds, ``cat((freqs, freqs), -1)`` (``repeat_interleave(freqs, 2, -1)`` with
+    ``interleaved=True``): only one value per pair is read, as Liger's and FlashAttention's kernels read it,
+    so a full-width table whose two halves differ is not a rotation and its second half is not used.
+
     Example:
         >>> q = lz.rope(q, cos, sin)                    # Llama-style halves
         >>> q = lz.rope(q, cos, sin, interleaved=True)  # GPT-J-style pairs

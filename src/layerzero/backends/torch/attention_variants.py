@@ -32,15 +32,16 @@ def _keep_and_bias(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, 
                    ) -> torch.Tensor | None:
     """One additive float mask (``dtype``) from the causal / window mask, ``mask`` and the ALiBi bias."""
     sq, sk = q.shape[2], k.shape[2]
-    bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, sq, sk, torch.float32)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32  # slope * distance, rounded once
+    bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, sq, sk, wide)
     keep = window_mask(sq, sk, window, is_causal or window is not None, q.device)
     if mask is not None:
         if mask.dtype == torch.bool:
             keep = mask if keep is None else keep & mask
         else:
-            bias = mask.float() if bias is None else bias + mask.float()
+            bias = mask.to(wide) if bias is None else bias + mask.to(wide)
     if keep is not None:
-        base = torch.zeros(keep.shape, dtype=torch.float32, device=q.device).masked_fill_(~keep, -math.inf)
+        base = torch.zeros(keep.shape, dtype=wide, device=q.device).masked_fill_(~keep, -math.inf)
         bias = base if bias is None else bias + base
     return None if bias is None else bias.to(dtype)
 
