@@ -390,6 +390,29 @@ def test_verify_mode_blames_no_kernel_for_the_data(runtime: Runtime, configured:
                                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
+def test_verify_mode_blames_no_kernel_for_an_overflow_of_the_inputs_dtype(runtime: Runtime,
+                                                                          configured: Callable[..., None]) -> None:
+    """x * 1e30 in float32: the row's sum of squares overflows in every kernel (0 out) but not in the float64
+    reference; verify mode used to blame both rms_norm kernels, open their breakers and fail every later
+    rms_norm call for the recovery timeout. The same for a norm's variance, gate * up, gelu's cube and the
+    logits of the linear cross-entropy."""
+    configured(verify_first_calls=3)
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(64, 512, generator=g), torch.rand(512, generator=g) + 0.5
+    hidden, weight, target = torch.randn(8, 64, generator=g), torch.randn(50, 64, generator=g), torch.randint(0, 50, (8,))
+    for _ in range(3):
+        for call in (lambda: lz.rms_norm(x * 1e30, w), lambda: lz.layer_norm(x * 1e30, w, None),
+                     lambda: lz.swiglu(x * 1e20, x * 1e20), lambda: lz.gelu(x * 1e13, approximate="tanh"),
+                     lambda: lz.linear_cross_entropy(hidden * 1e19, weight * 1e19, target)):
+            try:
+                call()
+            except lz.LayerZeroError:
+                pass
+    assert not any(b.failures for b in runtime.breakers.all().values())
+    torch.testing.assert_close(lz.rms_norm(x, w), torch.nn.functional.rms_norm(x, (512,), w, 1e-6))
+    assert lz.which("rms_norm", torch.randn(32, 256), torch.ones(256)) == "torch_rms_norm"
+
+
 # -- breakers off, fallback chains, isolated runtimes ------------------------------------------------------------
 
 def test_without_breakers_an_invalid_result_never_reaches_the_caller(runtime: Runtime,

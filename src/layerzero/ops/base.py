@@ -23,7 +23,7 @@ from layerzero.errors import InvalidInputError
 from layerzero.ops.contract import CallContract, ContractFunctions, build
 
 __all__ = ["OpDef", "describe_tensor", "describe_args", "require_tensor", "pick", "layout_problem", "tensor_problem",
-           "default_generator", "finite_number", "shown", "kind", "option_flag",
+           "default_generator", "finite_number", "shown", "kind", "option_flag", "holds_in_dtype", "largest",
            "option_number", "FLOAT_MAX"]
 
 #: The largest finite float: a contract guard's ``-FLOAT_MAX <= x <= FLOAT_MAX`` holds for a finite float and for
@@ -40,6 +40,18 @@ def shown(x: Any) -> str:
     if type(x).__module__ != "builtins" and not isinstance(x, torch.Tensor):
         return f"{text} (a {kind(x)}, not a Python scalar)"
     return text
+
+
+def holds_in_dtype(bound: float, dtype: torch.dtype) -> bool:
+    """Whether an intermediate of at most ``bound`` in magnitude stays finite in ``dtype`` (a quarter of its
+    largest value): beyond it a kernel computing in the inputs' dtype overflows where the float64 reference
+    does not, and verify mode must not blame it (``reference_applies``)."""
+    return bound == bound and bound < torch.finfo(dtype).max / 4
+
+
+def largest(t: torch.Tensor) -> float:
+    """``max |t|`` as a float (0 for an empty tensor; it reads the data: verify mode only)."""
+    return float(t.detach().abs().amax()) if t.numel() else 0.0
 
 
 def kind(x: Any) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, layout_problem, option_flag, pick
+from layerzero.ops.base import OpDef, holds_in_dtype, largest, layout_problem, option_flag, pick
 from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
 from layerzero.tensor_helpers import half_cos_sin
@@ -152,6 +152,10 @@ class SwigluOp(_UnaryLike):
         if gate.device != up.device:
             raise self.invalid(operation, f"gate and up devices differ: {gate.device} vs {up.device}", args)
 
+    def reference_applies(self, operation: str, args: tuple[Any, ...]) -> bool:
+        """The product of gate and up stays finite in their dtype."""
+        return holds_in_dtype(largest(args[0]) * largest(args[1]), args[0].dtype)
+
     def reference(self, operation: str, args: tuple[Any, ...]) -> torch.Tensor:
         g, u = args[0].double(), args[1].double()
         return g * torch.sigmoid(g) * u
@@ -208,6 +212,10 @@ class GeluOp(_UnaryLike):
 
     def _extra(self, args: tuple[Any, ...]) -> dict[str, Any]:
         return {"approximate": args[1]}
+
+    def reference_applies(self, operation: str, args: tuple[Any, ...]) -> bool:
+        """The tanh approximation's cube of x stays finite in x's dtype."""
+        return args[1] != "tanh" or holds_in_dtype(largest(args[0]) ** 3, args[0].dtype)
 
     def reference(self, operation: str, args: tuple[Any, ...]) -> torch.Tensor:
         x = args[0].double()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, finite_number, pick, tensor_problem
+from layerzero.ops.base import OpDef, finite_number, holds_in_dtype, largest, pick, tensor_problem
 from layerzero.ops.contract import CallContract
 from layerzero.ops.losses import target_range_problem
 from layerzero.runtime import get_runtime
@@ -114,6 +114,11 @@ class LinearCrossEntropyOp(OpDef):
         hidden, reduction = args[0], args[6]
         shape = (hidden.shape[0],) if reduction == "none" else ()
         return self.output_meta_check(operation, out, shape, loss_dtype(hidden.dtype), hidden.device)
+
+    def reference_applies(self, operation: str, args: tuple[Any, ...]) -> bool:
+        """The logits ``hidden @ weight.T`` stay finite in hidden's dtype."""
+        hidden, weight = args[0], args[1]
+        return holds_in_dtype(largest(hidden) * largest(weight) * hidden.shape[-1], hidden.dtype)
 
     def reference(self, operation: str, args: tuple[Any, ...]) -> torch.Tensor:
         return linear_cross_entropy_reference(*args)

@@ -13,7 +13,7 @@ import torch
 
 from layerzero.accel import norm_hit
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, layout_problem, option_number, pick, shown
+from layerzero.ops.base import OpDef, holds_in_dtype, largest, layout_problem, option_number, pick, shown
 from layerzero.ops.contract import CallContract
 from layerzero.policy.scope import LIVE
 from layerzero.runtime import get_runtime
@@ -25,6 +25,12 @@ class _RowOp(OpDef):
     """Shared validation for ops over the last dimension with optional per-channel params."""
 
     params: tuple[str, ...] = ()
+
+    def reference_applies(self, operation: str, args: tuple[Any, ...]) -> bool:
+        """The sum of squares over a row (the mean square, the variance) stays finite in x's dtype: x * 1e30 in
+        float32 overflows it, where the float64 reference does not."""
+        x = args[0]
+        return holds_in_dtype(largest(x) ** 2 * x.shape[-1], x.dtype)
 
     def _validate_rows(self, operation: str, args: tuple[Any, ...], x: Any, params: tuple[Any, ...], eps: Any) -> None:
         if not isinstance(x, torch.Tensor):
