@@ -229,3 +229,15 @@ def test_a_shape_without_a_dtype_is_named():
     """Keyed under dtype '-', its entry would never apply to a real call."""
     with pytest.raises(lz.InvalidInputError, match="has no dtype"):
         lz.solve({"rms_norm": [{"hidden_size": 512, "num_tokens": 8}]})
+
+
+def test_explain_reports_a_baked_tables_choice(runtime):
+    """explain() raised TypeError while a table was installed (a table's selection has no score)."""
+    x, w = torch.randn(64, 512), torch.rand(512) + 0.5
+    lz.solve({"rms_norm": [{"hidden_size": 512, "num_tokens": 64}]}, dtype="float32").install()
+    exp = lz.explain(x, w, operation="rms_norm")
+    text = str(exp)
+    assert exp.locked_by == "baked plan table" and exp.score is None
+    assert f"selected: {exp.selected_kernel} (from the baked plan table" in text
+    assert "the table's kernels, in order: " in text and exp.candidates
+    assert exp.to_dict()["candidates"][0]["kernel_id"] == exp.selected_kernel

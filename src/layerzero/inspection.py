@@ -58,7 +58,8 @@ class Explanation:
         if self.selected_kernel is None:
             lines.append(f"  no kernel selected: {self.error}")
         else:
-            lines.append(f"  selected: {self.selected_kernel} (score {self.score:g}"
+            how = f"score {self.score:g}" if self.score is not None else f"from the {self.locked_by or 'plan'}"
+            lines.append(f"  selected: {self.selected_kernel} ({how}"
                          f"{', cached plan' if self.cached else ', not cached yet'})")
         if self.shape_free == "yes":
             lines.append("  plan: shape-free (one plan serves every shape of this dtype, device and flags)")
@@ -66,7 +67,9 @@ class Explanation:
             lines.append(f"  plan: one per shape ({self.shape_free})")
         if self.locked_by:
             lines.append(f"  locked by: {self.locked_by}")
-        if self.candidates:
+        if self.candidates and not self.trace:
+            lines.append("  the table's kernels, in order: " + ", ".join(k for k, _ in self.candidates))
+        elif self.candidates:
             lines.append("  ranked candidates:")
             for d in self.trace:
                 if d.accepted:
@@ -137,9 +140,11 @@ def _explanation(operation: str, ctx: SelectionContext, cached: bool, family: Ha
 def _from_selection(sel: Selection, cached: bool) -> Explanation:
     top = sel.decision(sel.selected.kernel_id)
     fired = sorted({r for d in sel.trace for r in d.rules})
+    candidates = [(d.kernel_id, d.score) for d in sel.trace if d.accepted]
+    if not sel.trace:  # a baked plan table's choice: its kernels in its order, nothing scored
+        candidates = [(spec.kernel_id, None) for spec in sel.ranked]
     return Explanation(sel.operation, sel.context, sel.selected.kernel_id, top.score if top else None, cached,
-                       [(d.kernel_id, d.score) for d in sel.trace if d.accepted], sel.rejections, fired,
-                       sel.locked_by, list(sel.trace), sel.policy_digest)
+                       candidates, sel.rejections, fired, sel.locked_by, list(sel.trace), sel.policy_digest)
 
 
 def explain(*tensors: Any, operation: str, **kwargs: Any) -> Explanation:
