@@ -662,3 +662,12 @@ def test_a_backend_no_kernel_has_is_refused_when_the_rule_is_made(call) -> None:
 def test_configure_on_a_directory_says_it_is_one(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="is a directory, not a file"):
         lz.configure(str(tmp_path))
+
+
+def test_prefer_keeps_the_backends_own_order() -> None:
+    """prefer(backend) gives all its kernels one priority; the tie went to the alphabetically first id, so
+    prefer("torch", priority=1000) picked torch_attention_eager, the slowest."""
+    with lz.prefer("torch", priority=1000):
+        assert which_attn() == DEFAULT_ATTN
+    with lz.prefer("torch", priority=100):
+        assert which_rms() == DEFAULT_RMS

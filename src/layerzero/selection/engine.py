@@ -268,7 +268,7 @@ class SelectionEngine:
              rules: tuple[Rule, ...] = (), env_base: dict[str, Any] | None = None
              ) -> list[tuple[KernelSpec, CandidateDecision]]:
         """``items`` best first: by score (priority, then policy boosts and prefers, then measured times),
-        with deterministic tie-breaks; fills in each decision's score."""
+        ties broken by the kernels' own priorities, then ids; fills in each decision's score."""
         if not items:
             return []
         boosts = [r for r in rules if r.kind in ("boost", "prefer")]
@@ -298,7 +298,8 @@ class SelectionEngine:
 
         timed = [(s, d) for s, d in items if d.measured_us is not None]
         untimed = [(s, d) for s, d in items if d.measured_us is None]
-        untimed.sort(key=lambda sd: (-(sd[1].score or 0.0), sd[0].kernel_id))
+        # ties (a backend's kernels all given one priority by ``prefer``) keep the kernels' own order
+        untimed.sort(key=lambda sd: (-(sd[1].score or 0.0), -sd[0].priority, sd[0].kernel_id))
         if not timed:
             return untimed
         # Measured kernels: fastest first, but a kernel only overtakes a higher-scored one
@@ -315,7 +316,7 @@ class SelectionEngine:
             groups.append([item])
         ordered: list[tuple[KernelSpec, CandidateDecision]] = []
         for g in groups:
-            ordered.extend(sorted(g, key=lambda sd: (-(sd[1].score or 0.0), sd[0].kernel_id)))
+            ordered.extend(sorted(g, key=lambda sd: (-(sd[1].score or 0.0), -sd[0].priority, sd[0].kernel_id)))
         return ordered + untimed
 
 
