@@ -258,12 +258,6 @@ def operation_name_problem(operation: str) -> str | None:
     return operation_problem(operation, (s.operation for s in get_runtime().kernels))
 
 
-def _check_operation(operation: str, q: Any, k: Any, v: Any) -> None:
-    problem = operation_name_problem(operation)
-    if problem is not None:
-        raise ATTENTION.invalid(operation, problem, (q, k, v))
-
-
 def gqa_refused(operation: str, enable_gqa: Any, q: Any, k: Any, v: Any) -> None:
     """``enable_gqa=False`` (or another non-bool) as ``F.scaled_dot_product_attention`` reads it: query heads
     that differ from the key/value heads are refused. Left out (None) or True, grouped-query attention runs, as
@@ -362,19 +356,13 @@ ATTENTION_CONTRACT = CallContract(
     args="q, k, v, attn_mask, is_causal, dropout_p, scale, window, *variants",
     operation="operation",
     prologue="""
-if operation is None:
+if operation is None and layout == "BHSD":
     operation = OP_CAUSAL if is_causal else OP_FULL
-elif operation.__class__ is not str or not operation.startswith("attention") or operation[9:10] not in ("", "."):
-    raise bad_operation(operation, q, k, v)
-elif operation == OP_CAUSAL:
-    is_causal = True
-elif operation != OP_FULL:
-    check_operation(operation, q, k, v)
+else:  # a name given, or another layout: both checked (names_and_layout)
+    operation, is_causal = names_and_layout(operation, is_causal, layout, q, k, v)
 bshd = layout == "BSHD"
 if bshd:
     q, k, v = bhsd(q, k, v)
-elif layout != "BHSD":
-    raise bad_layout(operation, layout, q, k, v)
 if enable_gqa is not None and enable_gqa is not True:
     gqa_refused(operation, enable_gqa, q, k, v)
 variants = () if softcap is None and sinks is None and alibi_slopes is None else (softcap, sinks, alibi_slopes)
@@ -395,9 +383,8 @@ variants = () if softcap is None and sinks is None and alibi_slopes is None else
     direct="plan.direct(q, k, v)",  # PyTorch's SDPA itself: q, k and v say it all
     direct_when="scale is None",
     result="out.transpose(1, 2) if bshd else out",
-    namespace={"FLOAT_MAX": FLOAT_MAX, "OP_CAUSAL": _OP_CAUSAL, "OP_FULL": _OP_FULL, "bad_operation": _bad_operation,
-               "check_operation": _check_operation,
-               "bad_layout": _bad_layout, "bhsd": _bhsd, "variant_key": variant_key,
+    namespace={"FLOAT_MAX": FLOAT_MAX, "OP_CAUSAL": _OP_CAUSAL, "OP_FULL": _OP_FULL, "names_and_layout": names_and_layout,
+               "bhsd": _bhsd, "variant_key": variant_key,
                "variants_admitted": variants_admitted, "gqa_refused": gqa_refused},
     doc=_DOC,
     compiled=lambda runtime: attention_hit(runtime, LIVE, _OP_FULL, _OP_CAUSAL),
