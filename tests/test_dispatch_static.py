@@ -184,3 +184,27 @@ def test_a_plain_callable_is_handed_the_window():
     q, k, v = _qkv()
     d.dispatch("attention.causal", {"q": q, "k": k, "v": v}, window=4, is_causal=True)
     assert seen == [4]
+
+
+def test_a_refused_call_keeps_nothing_of_its_inputs():
+    """The refusal is memoized per key; the memo used to be the exception itself, re-raised each time, so every
+    refused call's frames (and tensors) piled up on its traceback (+1 MiB per call of a 1 MiB input)."""
+    import gc
+    import weakref
+
+    from layerzero.errors import KernelNotSupportedError
+
+    spec = KernelSpec("f32_only_rms", "rms_norm", "custom",
+                      lambda x, weight, eps: torch.rms_norm(x, x.shape[-1:], weight, eps),
+                      dtypes=frozenset({torch.float32}))
+    d = StaticDispatcherBuilder().with_kernel(spec, operation="rms_norm", default=True).build()
+    w = torch.ones(64, dtype=torch.float64)
+    alive = []
+    for _ in range(5):
+        x = torch.randn(8, 64, dtype=torch.float64)
+        alive.append(weakref.ref(x))
+        with pytest.raises(KernelNotSupportedError, match="f32_only_rms: dtype=float64"):
+            d.dispatch("rms_norm", {"x": x, "weight": w})
+        del x
+    gc.collect()
+    assert not any(r() is not None for r in alive)

@@ -78,7 +78,7 @@ class StaticDispatcher(Dispatcher):
                        for op, specs in self._table.items()}
         self._hot = {}
         self._hot_causal = {}
-        self._serving: dict[Hashable, int | KernelNotSupportedError] = {}  # see _first_serving
+        self._serving: dict[Hashable, int | tuple[str, tuple[Any, ...]]] = {}  # see _first_serving
 
     def _sync(self) -> None:
         # A config change rebinds the runners (telemetry, breakers, timing); the table itself stays.
@@ -216,19 +216,18 @@ class StaticDispatcher(Dispatcher):
             ctx = plan.op.context(operation, args)
             refusals = [(spec, spec.check(ctx)) for spec in plan.kernels]
             found = next((i for i, (_, reasons) in enumerate(refusals) if not reasons), None)
-            if found is None:
+            if found is None:  # the refusal, kept as its parts (a kept exception would collect tracebacks)
                 detail = "; ".join(f"{spec.kernel_id}: " + "; ".join(str(r) for r in reasons)
                                    for spec, reasons in refusals)
-                found = KernelNotSupportedError(
-                    f"{operation}: the static table's kernels cannot run this call: {detail} (inputs: "
-                    f"{plan.op.describe(args)})", kernel_id=plan.kernels[0].kernel_id,
-                    reasons=[r for _, reasons in refusals for r in reasons])
+                found = (f"{operation}: the static table's kernels cannot run this call: {detail}",
+                         tuple(r for _, reasons in refusals for r in reasons))
             if key is not None:
                 if len(self._serving) >= 4096:
                     self._serving.clear()
                 self._serving[key] = found
-        if isinstance(found, KernelNotSupportedError):
-            raise found
+        if isinstance(found, tuple):
+            raise KernelNotSupportedError(f"{found[0]} (inputs: {plan.op.describe(args)})",
+                                          kernel_id=plan.kernels[0].kernel_id, reasons=list(found[1]))
         return found
 
     def _remember(self, plan: ExecutionPlan, operation: str, inputs: Mapping[str, Any], kwargs: dict[str, Any]
