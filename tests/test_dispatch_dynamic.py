@@ -391,3 +391,23 @@ def test_mapping_memo_is_not_used_for_value_dependent_ops():
         args, _ = map_inputs(op, "picky", {"x": t}, {})
         assert args[0] is t and args[1] == "tensor"
     assert map_inputs(op, "picky", {"x": 3}, {})[0] == (3, "other")
+
+
+def test_dropped_dispatchers_take_their_listeners_off_the_shared_registries() -> None:
+    """A dispatcher with a config of its own derives a runtime, which listens to the global kernel and backend
+    registries and policy; the listeners stayed after the dispatcher was gone (6,000 dispatchers: 6,000 closures
+    on each, and every policy change walked them all)."""
+    import gc
+
+    from layerzero.dispatch import DispatchConfig, create_dynamic_dispatcher
+    from layerzero.runtime import get_runtime
+
+    rt = get_runtime()
+    before = (len(rt.kernels._listeners), len(rt.backends._listeners), len(rt.policy._listeners))
+    x, w = torch.randn(2, 16), torch.ones(16)
+    for _ in range(50):
+        d = create_dynamic_dispatcher(config=DispatchConfig(cache_size=123))
+        d.dispatch("rms_norm", {"x": x, "weight": w})
+        del d
+    gc.collect()
+    assert (len(rt.kernels._listeners), len(rt.backends._listeners), len(rt.policy._listeners)) == before

@@ -99,6 +99,11 @@ class KernelRegistry:
         with self._lock:
             self._listeners.append(fn)
 
+    def remove_listener(self, fn: Listener) -> None:
+        """Stop calling ``fn`` (a runtime that goes away takes its listener with it)."""
+        with self._lock:
+            self._listeners = [f for f in self._listeners if f is not fn]
+
     def _changed(self) -> None:
         self.version += 1
         self._by_op = {}
@@ -247,6 +252,11 @@ class BackendRegistry:
     def add_listener(self, fn: Listener) -> None:
         with self._lock:
             self._listeners.append(fn)
+
+    def remove_listener(self, fn: Listener) -> None:
+        """Stop calling ``fn`` (a runtime that goes away takes its listener with it)."""
+        with self._lock:
+            self._listeners = [f for f in self._listeners if f is not fn]
 
     def _changed(self) -> None:
         self.version += 1

@@ -29,6 +29,10 @@ class PolicyState:
     def add_listener(self, fn: Callable[[], None]) -> None:
         self._listeners.append(fn)
 
+    def remove_listener(self, fn: Callable[[], None]) -> None:
+        """Stop calling ``fn`` (a runtime that goes away takes its listener with it)."""
+        self._listeners = [f for f in self._listeners if f is not fn]
+
     @property
     def api_rules(self) -> tuple[Rule, ...]:
         return tuple(self._api)

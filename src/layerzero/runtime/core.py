@@ -106,9 +106,12 @@ class Runtime:
                     rt.invalidate(reason)
             return changed
 
-        self.kernels.add_listener(on("kernel registry changed"))
-        self.backends.add_listener(on("backend registry changed"))
-        self.policy.add_listener(on("policy"))
+        listening = ((self.kernels, on("kernel registry changed")), (self.backends, on("backend registry changed")),
+                     (self.policy, on("policy")))
+        for source, listener in listening:
+            source.add_listener(listener)
+        # a runtime that goes away (a dispatcher's derived one) takes its listeners off the shared objects
+        weakref.finalize(self, _stop_listening, listening)
 
     def derive(self, config: DispatchConfig) -> Runtime:
         """A runtime for a dispatcher with a config of its own on this runtime's registries: the same
@@ -481,6 +484,11 @@ def _restoring_generator(fn: Callable[..., Any], op: OpDef, operation: str) -> C
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
+
+
+def _stop_listening(listening: tuple[tuple[Any, Callable[[], None]], ...]) -> None:
+    for source, listener in listening:
+        source.remove_listener(listener)
 
 
 #: Why ``LAYERZERO_*`` variables were left at their defaults when the global runtime was made (doctor shows it).
