@@ -59,8 +59,10 @@ _LM_HEAD_LINES = {
         "slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep",
 }
 
+# (output_attentions / output_hidden_states: transformers 4.x's Gemma 2 and 3 name them; they go to the base model)
 _PARAMS = frozenset({"self", "input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds",
-                     "labels", "use_cache", "logits_to_keep", "cache_position", "kwargs"})
+                     "labels", "use_cache", "logits_to_keep", "cache_position", "output_attentions",
+                     "output_hidden_states", "kwargs"})
 
 
 def _forward_shape(cls: type) -> tuple[bool, str | None]:
