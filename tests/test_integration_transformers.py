@@ -542,3 +542,23 @@ def test_compiled_model_follows_the_sequence_length_in_one_graph_per_kind() -> N
                                        atol=1e-5, rtol=1e-5)
     assert len(graphs) == 2, len(graphs)  # the first length, then one dynamic graph for the rest
     torch._dynamo.reset()
+
+
+def test_a_module_that_picks_attention_classes_from_its_own_table_is_refused(tmp_path, monkeypatch) -> None:
+    """transformers 4.x's AltCLIP, GIT and SAM mention ALL_ATTENTION_FUNCTIONS but build some attention modules
+    from a table of their own keyed by the implementation's name: "layerzero" ended in a bare KeyError."""
+    import importlib
+
+    from layerzero.errors import UnsupportedModelError
+
+    (tmp_path / "lz_mixed_model.py").write_text(
+        "from torch import nn\n"
+        "ALL_ATTENTION_FUNCTIONS = {}\n"
+        "class MixedSelfAttention(nn.Module):\n    pass\n"
+        "MIXED_SELF_ATTENTION_CLASSES = {\"eager\": MixedSelfAttention}\n"
+        "class MixedModel(nn.Module):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("lz_mixed_model")
+    assert not lzt.uses_attention_interface(module.MixedModel)
+    with pytest.raises(UnsupportedModelError, match="MixedModel .* chooses its attention itself"):
+        lzt.check_model_class(module.MixedModel)

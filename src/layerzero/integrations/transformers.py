@@ -176,6 +176,7 @@ def _sdpa_mask() -> Callable[..., Any] | None:
 
 
 _ATTENTION_MODULE = re.compile(r"^class \w*Attention\w*\((?:torch\.)?nn\.Module\):", re.MULTILINE)
+_ATTENTION_CLASS_TABLE = re.compile(r"^[A-Za-z_0-9]*ATTENTION_CLASSES\s*=\s*\{", re.M)
 # Models named in the error, when their class passes on the installed transformers (module, class).
 _KNOWN_GOOD = (("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
                ("gemma", "GemmaForCausalLM"), ("gpt2", "GPT2LMHeadModel"), ("bert", "BertModel"),
@@ -195,6 +196,8 @@ def uses_attention_interface(cls: type) -> bool:
         code = inspect.getsource(module) if module is not None else ""
     except (OSError, TypeError):
         return True
+    if _ATTENTION_CLASS_TABLE.search(code):  # attention classes picked by name from a table of the module's own
+        return False  # (transformers 4.x's AltCLIP, GIT, SAM): "layerzero" is no key of it (a bare KeyError)
     return _ATTENTION_MODULE.search(code) is None or "ALL_ATTENTION_FUNCTIONS" in code
 
 
