@@ -671,3 +671,23 @@ def test_prefer_keeps_the_backends_own_order() -> None:
         assert which_attn() == DEFAULT_ATTN
     with lz.prefer("torch", priority=100):
         assert which_rms() == DEFAULT_RMS
+
+
+def test_scoped_policy_caches_are_bounded_and_a_live_scope_survives_eviction() -> None:
+    """One plan dict per scoped policy digest was kept forever (900 scopes: 900 dicts, 18,000 plans); at most
+    SCOPED_POLICIES are kept now, and a scope still alive whose dict was dropped misses once and goes on under
+    its own policy."""
+    from layerzero.runtime.core import SCOPED_POLICIES
+
+    rt = get_runtime()
+    x, w = rows()
+    with lz.lock("rms_norm", "torch_rms_norm_composed"):
+        assert lz.which("rms_norm", x, w) == "torch_rms_norm_composed"
+        lz.rms_norm(x, w)
+        for i in range(SCOPED_POLICIES + 10):
+            with lz.prefer("torch", i, operation="rms_norm"):
+                lz.rms_norm(x, w)
+        assert len(rt._scoped) <= SCOPED_POLICIES
+        torch.testing.assert_close(lz.rms_norm(x, w), F.rms_norm(x, x.shape[-1:], w, 1e-6))
+        assert lz.which("rms_norm", x, w) == "torch_rms_norm_composed"
+    assert which_rms() == DEFAULT_RMS

@@ -206,9 +206,16 @@ class Runtime:
         return scope.policy + base
 
     def scoped_plans(self, policy: Policy) -> dict[Hashable, ExecutionPlan]:
+        """The plans of calls under scoped ``policy`` (one dict per policy digest, each at most ``cache_size``
+        plans). At most :data:`SCOPED_POLICIES` digests keep theirs: the oldest is emptied and dropped to make
+        room (a scope still alive that used it misses once, and its next plans go to a dict kept here, so
+        invalidation still reaches every plan a call can read)."""
         d = self._scoped.get(policy.digest)
         if d is None:
-            d = self._scoped.setdefault(policy.digest, {})
+            with self._lock:
+                while len(self._scoped) >= SCOPED_POLICIES:
+                    self._scoped.pop(next(iter(self._scoped))).clear()
+                d = self._scoped.setdefault(policy.digest, {})
         return d
 
     def visible_plans(self) -> dict[Hashable, ExecutionPlan]:
@@ -291,8 +298,9 @@ class Runtime:
             plan = ExecutionPlan(operation, op, ranked, ctx, locked_by=sel.locked_by, policy_digest=sel.policy_digest)
             plan.use(fn)
             self.bind(plan)
-            if len(self._interned) < 100_000:
-                self._interned[intern_key] = plan
+            if len(self._interned) >= 4 * max(cfg.cache_size, 256):  # sharing, bounded by the caches it serves
+                self._interned = {}
+            self._interned[intern_key] = plan
         self.telemetry.record_selection(operation, plan.kernel_id)
         return plan, sel
 
@@ -489,6 +497,10 @@ _runtime_lock = threading.Lock()
 def _stop_listening(listening: tuple[tuple[Any, Callable[[], None]], ...]) -> None:
     for source, listener in listening:
         source.remove_listener(listener)
+
+
+#: Scoped policies (distinct digests) whose plans a runtime keeps at once (see Runtime.scoped_plans).
+SCOPED_POLICIES = 64
 
 
 #: Why ``LAYERZERO_*`` variables were left at their defaults when the global runtime was made (doctor shows it).
