@@ -122,10 +122,13 @@ def _skip_eager_entries() -> None:
         return
     from layerzero.ops import OPS
 
-    for op in OPS.values():
-        if op.calls is not None:
-            set_code_exec_strategy(op.calls.python_entry.__code__,
-                                   FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+    try:
+        for op in OPS.values():
+            if op.calls is not None:
+                set_code_exec_strategy(op.calls.python_entry.__code__,
+                                       FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+    except Exception as exc:  # another Dynamo's signature: the entries are compiled as before, the stand-ins stay
+        log.warning("layerzero: could not mark the eager entries for Dynamo to skip: %s: %s", type(exc).__name__, exc)
 
 
 def installed() -> list[str]:
