@@ -267,3 +267,25 @@ def test_every_problem_of_a_context_is_named_at_once() -> None:
     assert str(info.value).count("must be") == 3
     ctx = SelectionContext(device="cuda:1", compute_capability=90, dtype="bf16", batch_size=0, is_causal=1)
     assert ctx.sm == 90 and ctx.is_causal is True and ctx.device == torch.device("cuda", 1)
+
+
+def test_contexts_from_tensors_equal_the_validated_constructors() -> None:
+    """from_rows / from_attention skip the constructor's checks (their values come from tensors and validated
+    arguments); they must still fill every field as the constructor does."""
+    import dataclasses
+
+    from layerzero.context import _TRUSTED_NAMES
+
+    fields = {f.name for f in dataclasses.fields(SelectionContext)}
+    assert fields - _TRUSTED_NAMES == {"platform", "device_index", "compute_capability", "dtype"}
+    x = torch.randn(7, 64)
+    assert SelectionContext.from_rows(x, interleaved=True, head_dim=64) == SelectionContext(
+        device="cpu", dtype=torch.float32, hidden_size=64, num_tokens=7, batch_size=7, interleaved=True, head_dim=64,
+        deterministic=torch.are_deterministic_algorithms_enabled())
+    q, k = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16)
+    assert SelectionContext.from_attention(q, k, k, is_causal=True, scale=1, window=3) == SelectionContext(
+        device="cpu", dtype=torch.float32, batch_size=2, seq_len_q=8, seq_len_k=8, num_heads=4, num_kv_heads=2,
+        head_dim=16, layout="BHSD", is_causal=True, scale=1.0, window=3,
+        deterministic=torch.are_deterministic_algorithms_enabled())
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        SelectionContext.from_rows(x, hidden=3)

@@ -90,6 +90,18 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+#: Every field ``_of_tensor`` fills from its arguments, with the constructor's defaults (the device and dtype
+#: come from the tensor).
+_TRUSTED_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("batch_size", None), ("seq_len_q", None), ("seq_len_k", None), ("num_heads", None), ("num_kv_heads", None),
+    ("head_dim", None), ("head_dim_v", None), ("hidden_size", None), ("num_tokens", None), ("layout", None),
+    ("is_causal", False), ("mask_kind", "none"), ("dropout_p", 0.0), ("scale", None), ("window", None),
+    ("softcap", False), ("sinks", False), ("alibi", False), ("requires_grad", False), ("deterministic", False),
+    ("is_contiguous", True), ("cuda_graph_capturing", False), ("compiling", False), ("interleaved", False),
+    ("approximate", "none"), ("tp_size", 1), ("tp_rank", 0))
+_TRUSTED_NAMES = frozenset(name for name, _ in _TRUSTED_DEFAULTS)
+
+
 def _problems(given: dict[str, Any]) -> list[str]:
     """Every problem of the constructor's arguments (a string where a size belongs would reach selection's
     comparisons as a bare TypeError; ``bool("false")`` is True)."""
@@ -242,6 +254,35 @@ class SelectionContext:
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
+    @classmethod
+    def _of_tensor(cls, t: torch.Tensor, **given: Any) -> SelectionContext:
+        """The constructor's work for ``from_attention`` / ``from_rows``, whose values come from tensors and from
+        arguments validation has passed: no checks (they were most of a miss's context cost), the same fields."""
+        unknown = given.keys() - _TRUSTED_NAMES
+        if unknown:
+            raise TypeError(f"SelectionContext got unexpected keyword arguments {sorted(unknown)}")
+        self = object.__new__(cls)
+        dev = t.device
+        cap = _cuda_capability(dev.index) if dev.type == "cuda" else None
+        put = object.__setattr__
+        for name, value in _TRUSTED_DEFAULTS:
+            put(self, name, given.get(name, value))
+        put(self, "platform", dev.type)
+        put(self, "device_index", dev.index)
+        put(self, "compute_capability", cap)
+        put(self, "dtype", t.dtype)
+        if self.num_heads is not None and self.num_kv_heads is None:
+            put(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is not None and self.head_dim_v is None:
+            put(self, "head_dim_v", self.head_dim)
+        if self.scale is not None:
+            put(self, "scale", float(self.scale))
+        put(self, "dropout_p", float(self.dropout_p))
+        for name in _FLAGS:
+            if name in given:
+                put(self, name, bool(given[name]))
+        return self
+
     # -- derived fields (also visible to policy conditions) -----------------
     @property
     def device(self) -> torch.device:
@@ -332,9 +373,8 @@ class SelectionContext:
             mask_kind = "bool"
         else:
             mask_kind = "additive"
-        return cls(
-            device=q.device,
-            dtype=q.dtype,
+        return cls._of_tensor(
+            q,
             batch_size=b,
             seq_len_q=sq,
             seq_len_k=sk,
@@ -365,9 +405,8 @@ class SelectionContext:
         rows = x.numel() // hidden if hidden else 0
         if requires_grad is None:
             requires_grad = torch.is_grad_enabled() and x.requires_grad
-        return cls(
-            device=x.device,
-            dtype=x.dtype,
+        return cls._of_tensor(
+            x,
             hidden_size=hidden,
             num_tokens=rows,
             batch_size=x.shape[0] if x.dim() > 1 else 1,
