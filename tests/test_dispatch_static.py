@@ -208,3 +208,18 @@ def test_a_refused_call_keeps_nothing_of_its_inputs():
         del x
     gc.collect()
     assert not any(r() is not None for r in alive)
+
+
+def test_a_refusal_is_not_applied_to_calls_that_differ_in_what_the_key_leaves_out():
+    """The refusal memo was keyed by the exact plan key only: one call with requires_grad inputs (or a
+    non-contiguous one) refused by a kernel without a backward made every later no-grad call of that shape fail."""
+    from layerzero.errors import KernelNotSupportedError
+
+    spec = KernelSpec("nograd_rms", "rms_norm", "custom", rms_norm, supports_autograd=False)
+    d = StaticDispatcherBuilder().with_kernel(spec, operation="rms_norm", default=True).build()
+    x = torch.randn(4, 8)
+    with pytest.raises(KernelNotSupportedError, match="require grad"):
+        d.dispatch("rms_norm", {"x": x.clone().requires_grad_()})
+    assert d.dispatch("rms_norm", {"x": x}).kernel_id == "nograd_rms"
+    with pytest.raises(KernelNotSupportedError, match="require grad"):
+        d.dispatch("rms_norm", {"x": x.clone().requires_grad_()})

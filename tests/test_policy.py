@@ -691,3 +691,13 @@ def test_scoped_policy_caches_are_bounded_and_a_live_scope_survives_eviction() -
         torch.testing.assert_close(lz.rms_norm(x, w), F.rms_norm(x, x.shape[-1:], w, 1e-6))
         assert lz.which("rms_norm", x, w) == "torch_rms_norm_composed"
     assert which_rms() == DEFAULT_RMS
+
+
+def test_keys_of_different_types_are_not_duplicates() -> None:
+    """The duplicate-key check compared key text: 1 and '1' (an int and a string, two keys to safe_load) were
+    refused as "given twice"."""
+    from layerzero.config_file.load import parse_text
+
+    assert parse_text("1: x\n'1': y\n", "<text>") == {1: "x", "1": "y"}
+    with pytest.raises(Exception, match="given twice"):
+        parse_text("a: 1\na: 2\n", "<text>")

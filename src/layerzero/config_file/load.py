@@ -153,11 +153,11 @@ def _yaml_structure_problem(text: str) -> str | None:
         if isinstance(node, yaml.MappingNode):
             keys: dict[Any, int] = {}
             for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode):
-                    if key.value in keys:
-                        return (f"the key {key.value!r} is given twice in one mapping (lines {keys[key.value]} and "
-                                f"{key.start_mark.line + 1}); write it once")
-                    keys[key.value] = key.start_mark.line + 1
+                if isinstance(key, yaml.ScalarNode):  # by resolved type and text: 1 and '1' are two keys
+                    if (key.tag, key.value) in keys:
+                        return (f"the key {key.value!r} is given twice in one mapping (lines "
+                                f"{keys[key.tag, key.value]} and {key.start_mark.line + 1}); write it once")
+                    keys[key.tag, key.value] = key.start_mark.line + 1
                 stack.extend((key, value))
         elif isinstance(node, yaml.SequenceNode):
             stack.extend(node.value)

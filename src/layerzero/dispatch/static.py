@@ -25,6 +25,8 @@ import re
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
+import torch
+
 from layerzero.context import SelectionContext
 from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.dispatcher import Dispatcher, compile_dispatch, new_result, perf_ns
@@ -207,8 +209,13 @@ class StaticDispatcher(Dispatcher):
         ignore it and return a wrong answer without a word), or :class:`KernelNotSupportedError` naming every
         kernel's reasons. Memoized per exact plan key (the options, dtypes and shapes), so the hot path's
         entries, made only where the default kernel serves, never skip it."""
-        try:
-            key: Hashable = (operation, plan.op.keys(operation, args)[1])
+        if plan.op.calls is None:  # a user operation: its kernels take its keyword arguments, as they are
+            return 0
+        try:  # the exact key (options, dtypes, shapes) and what the key leaves out that a spec checks
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            key: Hashable = (operation, plan.op.keys(operation, args)[1],
+                             torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
+                             all(t.is_contiguous() for t in tensors), torch.are_deterministic_algorithms_enabled())
             found = self._serving.get(key)
         except LOOKUP_ERRORS:
             key, found = None, None
