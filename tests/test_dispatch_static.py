@@ -223,3 +223,23 @@ def test_a_refusal_is_not_applied_to_calls_that_differ_in_what_the_key_leaves_ou
     assert d.dispatch("rms_norm", {"x": x}).kernel_id == "nograd_rms"
     with pytest.raises(KernelNotSupportedError, match="require grad"):
         d.dispatch("rms_norm", {"x": x.clone().requires_grad_()})
+
+
+def test_calls_the_table_kernel_cannot_take_never_open_its_breaker():
+    """The hot path checks options and shape relations only: GQA heads reached torch_sdpa (no GQA), which raised,
+    and the call was blamed on it; five such calls opened its breaker and every good call failed after. A kernel
+    that raises on a call its declaration excludes is not blamed: the call gets KernelNotSupportedError."""
+    from layerzero.errors import KernelNotSupportedError
+
+    d = StaticDispatcherBuilder().with_kernel("torch_sdpa", operation="attention.full", default=True).build()
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 4, 8, 16)
+    for _ in range(2):
+        d.dispatch("attention.full", {"q": q, "k": k, "v": k})
+    grouped = torch.randn(1, 2, 8, 16)
+    for _ in range(d.runtime.config.failure_threshold + 2):
+        with pytest.raises(KernelNotSupportedError, match="torch_sdpa"):
+            d.dispatch("attention.full", {"q": q, "k": grouped, "v": grouped})
+    assert not any(b.failures for b in d.runtime.breakers.all().values())
+    r = d.dispatch("attention.full", {"q": q, "k": k, "v": k})
+    assert r.kernel_id == "torch_sdpa"
+    torch.testing.assert_close(r.output, torch.nn.functional.scaled_dot_product_attention(q, k, k))

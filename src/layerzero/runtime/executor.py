@@ -33,6 +33,7 @@ from layerzero.errors import (
     InvalidInputError,
     KernelDeclinedError,
     KernelExecutionError,
+    KernelNotSupportedError,
     OutOfMemoryError,
     is_out_of_memory,
 )
@@ -43,6 +44,7 @@ from layerzero.telemetry.logs import log_event
 
 if TYPE_CHECKING:
     from layerzero.runtime.core import Runtime
+    from layerzero.spec import KernelSpec
 
 __all__ = ["Executor", "Failure"]
 
@@ -105,7 +107,8 @@ class Executor:
 
     # -- running -------------------------------------------------------------------------------------------
     def run(self, plan: ExecutionPlan, args: tuple[Any, ...], start: int = 0, *, failed: Failure | None = None,
-            check_output: bool = False, timing: list[int] | None = None) -> Any:
+            check_output: bool = False, timing: list[int] | None = None,
+            refused: list[tuple[str, BaseException]] | None = None) -> Any:
         """Run the plan's kernels from ``start`` in order, skipping fenced-off ones, until one succeeds.
 
         ``failed`` is the failure of the kernel before ``start`` on this very call (the fast path's kernel
@@ -120,7 +123,7 @@ class Executor:
         generator = op.generator(operation, args)
         state = generator.get_state() if generator is not None else None
         failures: list[Failure] = [] if failed is None else [failed]
-        skipped: list[tuple[str, BaseException]] = []
+        skipped: list[tuple[str, BaseException]] = list(refused or ())
         kernels = plan.kernels
         for i in range(start, len(kernels)):
             if failures and not cfg.enable_fallback:
@@ -156,6 +159,12 @@ class Executor:
                 skipped.append((kid, exc))
                 continue
             except Exception as exc:
+                outside = self.outside_spec(plan, spec, args) if problem is None else None
+                if outside is not None:  # a call the kernel declares it cannot serve reached it: not its fault
+                    if breaker is not None:
+                        breaker.release()
+                    skipped.append((kid, outside))
+                    continue
                 failures.append(Failure(kid, exc, breaker, problem is not None))
                 self._screen_during_run(plan, args, failures, exc, generator, state)
                 continue
@@ -222,9 +231,28 @@ class Executor:
                 family, key = plan.op.keys(plan.operation, args)
                 return rt.miss(plan.op, plan.operation, key, args, family)
             return rt.run_exact(plan.op, plan.operation, args)
-        kid = plan.kernels[index].kernel_id
+        spec = plan.kernels[index]
+        kid = spec.kernel_id
+        outside = self.outside_spec(plan, spec, args)
+        if outside is not None:  # a hot path handed it a call its declaration excludes: next kernel, uncounted
+            return self.run(plan, args, index + 1, check_output=True, refused=[(kid, outside)])
         breaker = rt.breakers.get(kid) if rt.config.circuit_breaker_enabled else None
         return self.run(plan, args, index + 1, failed=Failure(kid, exc, breaker), check_output=True)
+
+    @staticmethod
+    def outside_spec(plan: ExecutionPlan, spec: KernelSpec, args: tuple[Any, ...]) -> KernelNotSupportedError | None:
+        """A :class:`KernelNotSupportedError` when ``spec``'s declared constraints exclude this call (a static
+        table's or an exact plan's hot path reached the kernel with shapes it never checks: GQA heads for
+        ``torch_sdpa``), else None. Read only after the kernel raised."""
+        try:
+            reasons = spec.check(plan.op.context(plan.operation, args))
+        except Exception:  # no context for these arguments: no verdict
+            return None
+        if not reasons:
+            return None
+        return KernelNotSupportedError(f"{spec.kernel_id} cannot run this {plan.operation} call: "
+                                       + "; ".join(str(r) for r in reasons), kernel_id=spec.kernel_id,
+                                       reasons=reasons)
 
     # -- blame ---------------------------------------------------------------------------------------------
     def _blame(self, plan: ExecutionPlan, failures: list[Failure], served_by: str | None) -> None:
@@ -265,6 +293,12 @@ class Executor:
         """The error for a call no kernel answered: the kernels are blamed only if the reference computes it."""
         attempts = [(f.kernel_id, f.error) for f in failures] + skipped
         lines = [f"  {kid}: {type(err).__name__}: {_first_line(err)}" for kid, err in attempts]
+        if not failures and skipped and all(isinstance(err, KernelNotSupportedError) for _, err in skipped):
+            err = KernelNotSupportedError(f"{plan.operation}: no kernel of the plan can run this call (inputs: "
+                                          f"{plan.op.describe(args)}):\n" + "\n".join(lines),
+                                          kernel_id=skipped[0][0],
+                                          reasons=[r for _, e in skipped for r in getattr(e, "reasons", [])])
+            return err
         if not failures:  # nothing ran: every kernel was fenced off or skipped
             head = f"every kernel failed for {plan.operation} (inputs: {plan.op.describe(args)}):"
             if not attempts:
