@@ -529,10 +529,7 @@ class Dispatcher(Observable):
         if scope is None:
             (rt.plans if self._cache is None else self._cache).put(key, plan)
         elif self._cache is None:  # scoped policy: the scope's own plan dict, as lz.* does
-            target = rt.scoped_plans(rt.current_policy())
-            if len(target) < max(rt.config.cache_size, 1):
-                target[key] = plan
-            scope.plans = target
+            rt.store_scoped(rt.current_policy(), scope, [(key, plan)])
 
     def _store_family(self, family: Hashable, plan: ExecutionPlan, ctx: SelectionContext, policy: Policy,
                       scope: Any) -> None:
@@ -556,10 +553,7 @@ class Dispatcher(Observable):
         if scope is None:
             rt.plans.put(family, free)
         else:  # scoped policy: the scope's own plan dict, as lz.* does
-            target = rt.scoped_plans(policy)
-            if len(target) < max(rt.config.cache_size, 1):
-                target[family] = free
-            scope.plans = target
+            rt.store_scoped(policy, scope, [(family, free)])
 
     def __call__(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None = None,
                  **kwargs: Any) -> Any:

@@ -218,6 +218,17 @@ class Runtime:
                 d = self._scoped.setdefault(policy.digest, {})
         return d
 
+    def store_scoped(self, policy: Policy, scope: Any, entries: list[tuple[Hashable, ExecutionPlan]]) -> None:
+        """Cache plans selected under scoped ``policy`` in its dict (at most ``cache_size``) and make it the
+        scope's. Under the lock, so a dict :meth:`scoped_plans` drops meanwhile never becomes a scope's (it
+        would be out of invalidation's reach)."""
+        with self._lock:
+            target = self.scoped_plans(policy)
+            for k, p in entries:
+                if len(target) < max(self.config.cache_size, 1):
+                    target[k] = p
+            scope.plans = target
+
     def visible_plans(self) -> dict[Hashable, ExecutionPlan]:
         """The plans a call in this context reads: the active scope's, else the shared cache's."""
         scope = SCOPE.get()
@@ -410,11 +421,7 @@ class Runtime:
             for k, p in entries:
                 plans.put(k, p, version=cache_version)
         else:
-            target = self.scoped_plans(policy)
-            for k, p in entries:
-                if len(target) < max(self.config.cache_size, 1):
-                    target[k] = p
-            scope.plans = target
+            self.store_scoped(policy, scope, entries)
         return out
 
     def run_exact(self, op: OpDef, operation: str, args: tuple[Any, ...]) -> Any:
