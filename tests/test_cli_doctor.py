@@ -95,6 +95,7 @@ def test_an_environment_variable_that_cannot_be_read_keeps_its_default_and_docto
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["10000", "False"]  # the defaults where unreadable, the readable one applied
     assert "LAYERZERO_CACHE_SIZE='abc'" in run.stderr and "the default is used" in run.stderr
+    assert "<string>:1: RuntimeWarning: layerzero:" in run.stderr  # the warning names the user's import line
     assert subprocess.run([LZ, "--help"], capture_output=True, text=True, env=env, timeout=120).returncode == 0
     doctor = subprocess.run([LZ, "doctor", "--json"], capture_output=True, text=True, env=env, timeout=180)
     warnings = json.loads(doctor.stdout)["warnings"]

@@ -501,6 +501,24 @@ _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 
 
+def _outside_layerzero() -> int:
+    """The ``stacklevel`` of the first frame outside layerzero and the import machinery (the user's ``import
+    layerzero``, or their first call), for a warning to name the user's line."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    package = __file__.rsplit("runtime", 1)[0]
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith("<frozen importlib"):  # warnings skips these frames itself: not counted
+            frame = frame.f_back
+            continue
+        if not name.startswith(package):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
 def _stop_listening(listening: tuple[tuple[Any, Callable[[], None]], ...]) -> None:
     for source, listener in listening:
         source.remove_listener(listener)
@@ -524,7 +542,8 @@ def get_runtime() -> Runtime:
             if _runtime is None:
                 config, problems = DispatchConfig.from_env_keeping_defaults()
                 for problem in problems:
-                    warnings.warn(f"layerzero: {problem}; the default is used", RuntimeWarning, stacklevel=2)
+                    warnings.warn(f"layerzero: {problem}; the default is used", RuntimeWarning,
+                                  stacklevel=_outside_layerzero())
                 ENV_PROBLEMS[:] = problems
                 _runtime = Runtime(config=config)
             rt = _runtime
