@@ -13,6 +13,7 @@ tested for a fake sm_90 GPU on a CPU-only machine.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,18 +89,6 @@ _CHOICES = {"layout": (None, "BHSD", "BSHD"), "mask_kind": ("none", "bool", "add
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-#: Every field ``_of_tensor`` fills from its arguments, with the constructor's defaults (the device and dtype
-#: come from the tensor).
-_TRUSTED_DEFAULTS: tuple[tuple[str, Any], ...] = (
-    ("batch_size", None), ("seq_len_q", None), ("seq_len_k", None), ("num_heads", None), ("num_kv_heads", None),
-    ("head_dim", None), ("head_dim_v", None), ("hidden_size", None), ("num_tokens", None), ("layout", None),
-    ("is_causal", False), ("mask_kind", "none"), ("dropout_p", 0.0), ("scale", None), ("window", None),
-    ("softcap", False), ("sinks", False), ("alibi", False), ("requires_grad", False), ("deterministic", False),
-    ("is_contiguous", True), ("cuda_graph_capturing", False), ("compiling", False), ("interleaved", False),
-    ("approximate", "none"), ("tp_size", 1), ("tp_rank", 0))
-_TRUSTED_NAMES = frozenset(name for name, _ in _TRUSTED_DEFAULTS)
 
 
 def _problems(given: dict[str, Any]) -> list[str]:
@@ -417,6 +406,14 @@ class SelectionContext:
             compiling=_compiling(),
             **extra,
         )
+
+
+#: Every field ``_of_tensor`` fills from its arguments, with the constructor's defaults (the device, dtype and
+#: compute capability come from the tensor): read off the constructor, so that the two cannot drift apart.
+_TRUSTED_DEFAULTS: tuple[tuple[str, Any], ...] = tuple(
+    (name, p.default) for name, p in inspect.signature(SelectionContext.__init__).parameters.items()
+    if name in {f.name for f in dataclasses.fields(SelectionContext)} and name not in ("dtype", "compute_capability"))
+_TRUSTED_NAMES = frozenset(name for name, _ in _TRUSTED_DEFAULTS)
 
 
 def _capturing(t: torch.Tensor) -> bool:

@@ -34,8 +34,8 @@ import torch
 
 from layerzero.accel import attention_hit
 from layerzero.context import SelectionContext
-from layerzero.ops.base import (FLOAT_MAX, OpDef, default_generator, finite_number, kind, layout_problem, option_flag,
-                                option_number, pick, shown)
+from layerzero.ops.base import (FLOAT_MAX, OpDef, default_generator, finite_number, holds_in_dtype, kind, largest,
+                                layout_problem, option_flag, option_number, pick, shown)
 from layerzero.ops.contract import CallContract
 from layerzero.ops.names import OPERATIONS, operation_problem
 from layerzero.policy.scope import LIVE
@@ -184,8 +184,7 @@ class AttentionOp(OpDef):
         if dropout_p:
             return False
         s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else abs(scale)
-        bound = s * q.detach().abs().amax().item() * k.detach().abs().amax().item() * q.shape[-1]
-        return bound < torch.finfo(q.dtype).max / 4
+        return holds_in_dtype(s * largest(q) * largest(k) * q.shape[-1], q.dtype)
 
     def make_inputs(self, operation: str, ctx: SelectionContext, generator: torch.Generator | None = None
                     ) -> tuple[Any, ...]:

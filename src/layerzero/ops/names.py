@@ -36,7 +36,6 @@ def canonical_operation(operation: str) -> str:
     return ALIASES.get(operation, operation) if isinstance(operation, str) else operation
 
 
-
 def operation_problem(operation: str, declared: Iterable[str]) -> str | None:
     """What is wrong with ``operation`` as a name to dispatch, or None. In a family layerzero knows, it must be
     one of :data:`OPERATIONS`, the family itself, or an operation a kernel declares (``declared``: the

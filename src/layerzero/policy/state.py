@@ -45,9 +45,9 @@ class PolicyState:
         """Add a programmatic rule (newest first). A lock replaces an earlier lock of the same operation.
         Returns the rules it replaced, with their places (:meth:`reinstate` puts them back)."""
         with self._lock:
-            replaced = [(i, r) for i, r in enumerate(self._api) if replace_same_target and _same_slot(r, rule)]
+            replaced = [(i, r) for i, r in enumerate(self._api) if _same_slot(r, rule)] if replace_same_target else []
             if replaced:
-                self._api = [r for r in self._api if not (replace_same_target and _same_slot(r, rule))]
+                self._api = [r for r in self._api if not _same_slot(r, rule)]
             self._api.insert(0, rule)
             self._rebuild()
             return replaced

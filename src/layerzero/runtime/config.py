@@ -189,15 +189,16 @@ class DispatchConfig:
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> DispatchConfig:
         """Defaults, then ``LAYERZERO_*`` environment variables, then ``overrides``."""
-        kwargs: dict[str, Any] = {}
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        for var, name in ENV_VARS.items():
-            raw = env_text(var, environ)
-            if raw is None:
-                continue
-            kwargs[name] = _coerce(var, name, raw, str(types[name]))
+        kwargs = {name: _coerce(var, name, raw, kind) for var, name, raw, kind in cls._env_settings(environ)}
         kwargs.update(overrides)
         return cls(**kwargs)
+
+    @classmethod
+    def _env_settings(cls, environ: dict[str, str] | None) -> list[tuple[str, str, str, str]]:
+        """``(variable, field, text, field type)`` of each ``LAYERZERO_*`` variable that is set."""
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        return [(var, name, raw, types[name]) for var, name in ENV_VARS.items()
+                if (raw := env_text(var, environ)) is not None]
 
     @classmethod
     def from_env_keeping_defaults(cls, environ: dict[str, str] | None = None) -> tuple[DispatchConfig, list[str]]:
@@ -205,13 +206,9 @@ class DispatchConfig:
         The global runtime is made this way on ``import layerzero``, which must not fail on a typo in the
         environment (``layerzero doctor`` is what reports it)."""
         config, problems = cls(), []
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        for var, name in ENV_VARS.items():
-            raw = env_text(var, environ)
-            if raw is None:
-                continue
+        for var, name, raw, kind in cls._env_settings(environ):
             try:
-                config = dataclasses.replace(config, **{name: _coerce(var, name, raw, str(types[name]))})
+                config = dataclasses.replace(config, **{name: _coerce(var, name, raw, kind)})
             except ConfigError as exc:
                 problems.append(f"{var}={raw!r}: {exc}" if var not in str(exc) else str(exc))
         return config, problems

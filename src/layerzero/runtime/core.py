@@ -12,6 +12,7 @@ plans under the failure contract (:class:`Executor`), and verify mode (:class:`V
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import warnings
@@ -504,8 +505,6 @@ _runtime_lock = threading.Lock()
 def _outside_layerzero() -> int:
     """The ``stacklevel`` of the first frame outside layerzero and the import machinery (the user's ``import
     layerzero``, or their first call), for a warning to name the user's line."""
-    import sys
-
     frame, level = sys._getframe(1), 1
     package = __file__.rsplit("runtime", 1)[0]
     while frame is not None:

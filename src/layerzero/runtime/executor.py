@@ -294,11 +294,10 @@ class Executor:
         attempts = [(f.kernel_id, f.error) for f in failures] + skipped
         lines = [f"  {kid}: {type(err).__name__}: {_first_line(err)}" for kid, err in attempts]
         if not failures and skipped and all(isinstance(err, KernelNotSupportedError) for _, err in skipped):
-            err = KernelNotSupportedError(f"{plan.operation}: no kernel of the plan can run this call (inputs: "
-                                          f"{plan.op.describe(args)}):\n" + "\n".join(lines),
-                                          kernel_id=skipped[0][0],
-                                          reasons=[r for _, e in skipped for r in getattr(e, "reasons", [])])
-            return err
+            return KernelNotSupportedError(f"{plan.operation}: no kernel of the plan can run this call (inputs: "
+                                           f"{plan.op.describe(args)}):\n" + "\n".join(lines),
+                                           kernel_id=skipped[0][0],
+                                           reasons=[r for _, e in skipped for r in getattr(e, "reasons", [])])
         if not failures:  # nothing ran: every kernel was fenced off or skipped
             head = f"every kernel failed for {plan.operation} (inputs: {plan.op.describe(args)}):"
             if not attempts:
