@@ -601,7 +601,7 @@ ROWS: list[Row] = [
         "is not) (inputs: …)",
         lambda tmp: dispatch("attention.causal", dict(zip("qkv", qkv(), strict=True)), is_causal=False)),
     Row("dispatch-eps", "dispatch() inputs", "`eps=\"small\"`", "InvalidInputError",
-        "rms_norm: eps must be a number, got 'small'",
+        "rms_norm: eps must be a number, got 'small' (inputs: …)",
         lambda tmp: dispatch("rms_norm", {"x": X, "eps": "small"})),
     Row("dispatch-context", "dispatch() inputs", "`context=5`", "InvalidInputError",
         "dispatch('rms_norm'): context must be a SelectionContext, got int",

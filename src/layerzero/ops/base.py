@@ -22,9 +22,9 @@ from layerzero.context import SelectionContext
 from layerzero.errors import InvalidInputError
 from layerzero.ops.contract import CallContract, ContractFunctions, build
 
-__all__ = ["OpDef", "describe_tensor", "describe_args", "require_tensor", "pick", "layout_problem", "tensor_problem",
-           "default_generator", "finite_number", "shown", "kind", "option_flag", "holds_in_dtype", "largest",
-           "option_number", "FLOAT_MAX"]
+__all__ = ["OpDef", "describe_tensor", "describe_args", "describe_inputs", "require_tensor", "pick", "layout_problem",
+           "tensor_problem", "default_generator", "finite_number", "shown", "kind", "option_flag", "option_number",
+           "holds_in_dtype", "largest", "FLOAT_MAX"]
 
 #: The largest finite float: a contract guard's ``-FLOAT_MAX <= x <= FLOAT_MAX`` holds for a finite float and for
 #: an int a float holds (not for NaN, inf or ``10**400``, which ``float()`` cannot convert).
@@ -99,6 +99,11 @@ def describe_args(names: Sequence[str], args: Sequence[Any]) -> str:
     return ", ".join(f"{n}={describe_tensor(a)}" for n, a in zip(names, args, strict=False))
 
 
+def describe_inputs(inputs: Mapping[Any, Any]) -> str:
+    """:func:`describe_args` of a ``dispatch()`` inputs mapping, by its own names."""
+    return describe_args([str(n) for n in inputs], list(inputs.values()))
+
+
 def require_tensor(op: str, name: str, value: Any, names: Sequence[str], args: Sequence[Any]) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise InvalidInputError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__} "
@@ -159,10 +164,10 @@ def option_flag(inputs: Mapping[str, Any], name: str, operation: str) -> bool:
     value = inputs.get(name)
     if value is None:
         return False
-    if not isinstance(value, (bool, int)) and kind(value) not in ("numpy.bool", "numpy.bool_"):
-        raise InvalidInputError(f"{operation}: {name} must be a bool, got {shown(value)}")
-    if isinstance(value, int) and not isinstance(value, bool) and value not in (0, 1):
-        raise InvalidInputError(f"{operation}: {name} must be a bool, got {shown(value)}")
+    if not (isinstance(value, bool) or isinstance(value, int) and value in (0, 1)
+            or kind(value) in ("numpy.bool", "numpy.bool_")):
+        raise InvalidInputError(f"{operation}: {name} must be a bool, got {shown(value)} "
+                                f"(inputs: {describe_inputs(inputs)})")
     return bool(value)
 
 
@@ -171,7 +176,8 @@ def option_number(inputs: Mapping[str, Any], name: str, default: float, operatio
     string is refused (``float("1e-5")`` would take it); what is not a number is left for validation to name."""
     value = inputs.get(name, default)
     if isinstance(value, (str, bytes)):
-        raise InvalidInputError(f"{operation}: {name} must be a number, got {shown(value)}")
+        raise InvalidInputError(f"{operation}: {name} must be a number, got {shown(value)} "
+                                f"(inputs: {describe_inputs(inputs)})")
     try:
         return float(value)
     except (TypeError, ValueError, OverflowError):
@@ -228,9 +234,8 @@ class OpDef:
         for name in unknown:
             close = difflib.get_close_matches(name, known, n=1) if isinstance(name, str) else []
             problems.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        given = describe_args([str(n) for n in inputs], list(inputs.values()))
         raise InvalidInputError(f"{operation}: unknown input or option {', '.join(problems)}; {operation} takes "
-                                f"{', '.join(known)} (inputs: {given})")
+                                f"{', '.join(known)} (inputs: {describe_inputs(inputs)})")
 
     def diagnose(self, operation: str, args: tuple[Any, ...]) -> None:
         """Checks of the values themselves (NaN logits, out-of-range class ids), too costly for every call
