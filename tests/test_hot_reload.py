@@ -261,6 +261,11 @@ def test_creation_errors(tmp_path: Path) -> None:
     good.write_text('version: "1.0"\n')
     with pytest.raises(ConfigError, match=r"watch_interval_seconds must be a positive number, got 0"):
         create_hot_reload_dispatcher(config_path=good, watch_interval_seconds=0)
+    for name in ("watch_interval_seconds", "debounce_seconds"):  # the watcher thread would die in wait(inf)
+        with pytest.raises(ConfigError, match=name + r" must be at most threading.TIMEOUT_MAX .*got inf"):
+            create_hot_reload_dispatcher(config_path=good, **{name: float("inf")})
+    with pytest.raises(ConfigError, match=r"watch_interval_seconds: must be at most threading.TIMEOUT_MAX"):
+        DispatchConfig(watch_interval_seconds=1e300)
     with pytest.raises(ConfigError, match=r"config_path must be a path, got dict"):
         create_hot_reload_dispatcher(config_path={"version": "1.0"})  # type: ignore[arg-type]
 

@@ -155,6 +155,63 @@ def test_lock_with_condition_applies_only_where_it_holds() -> None:
     assert which_attn(seq=128) == "torch_sdpa_math"
 
 
+def test_locks_with_different_conditions_are_different_rules() -> None:
+    """A second conditional lock (or prefer) on the same operation keeps the first: the first whose condition
+    holds decides. Only the same condition takes the earlier rule's place."""
+    lz.lock("attention.causal", "torch_sdpa_math", condition="seq_len > 64")
+    lz.lock("attention.causal", "torch_sdpa_gqa", condition="seq_len <= 64")
+    assert which_attn(seq=8) == "torch_sdpa_gqa"
+    assert which_attn(seq=128) == "torch_sdpa_math"
+    lz.lock("attention.causal", "torch_sdpa_flash_cpu", condition="seq_len <= 64")  # the same condition: replaced
+    assert [r.kernels for r in get_runtime().policy.api_rules] == [("torch_sdpa_flash_cpu",), ("torch_sdpa_math",)]
+    lz.unlock("attention.causal")
+    lz.prefer("torch", priority=0, operation="rms_norm", condition="num_tokens > 8")
+    lz.prefer("torch", priority=1000, operation="rms_norm", condition="num_tokens <= 8")
+    assert len(get_runtime().policy.api_rules) == 2
+
+
+def test_one_change_object_entered_again_nested_and_from_two_threads() -> None:
+    """A PolicyChange closes the block it opened in this thread: entered twice nested, or by a second thread
+    while the first is inside, every block ends with the policy it started with."""
+    from layerzero.policy.scope import SCOPE
+
+    x, w = rows()
+    change = lz.lock("rms_norm", "torch_rms_norm_composed")
+    with change:
+        with change:
+            assert lz.which("rms_norm", x, w) == "torch_rms_norm_composed"
+        assert lz.which("rms_norm", x, w) == "torch_rms_norm_composed"
+    assert SCOPE.get() is None and lz.which("rms_norm", x, w) == DEFAULT_RMS
+    inside, second_in = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            with change:
+                inside.set()
+                second_in.wait(5)
+            seen["first"] = (SCOPE.get(), lz.which("rms_norm", x, w))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def second() -> None:
+        inside.wait(5)
+        with change:
+            second_in.set()
+            seen["second inside"] = lz.which("rms_norm", x, w)
+        seen["second"] = (SCOPE.get(), lz.which("rms_norm", x, w))
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not errors
+    assert seen == {"first": (None, DEFAULT_RMS), "second inside": "torch_rms_norm_composed",
+                    "second": (None, DEFAULT_RMS)}
+
+
 def test_lock_on_a_kernel_that_cannot_run_raises_with_reasons() -> None:
     lz.lock("attention.causal", "torch_sdpa_flash")
     with pytest.raises(KernelNotSupportedError, match=r"locked by lock attention.causal -> torch_sdpa_flash.*"

@@ -41,7 +41,7 @@ from typing import Any
 from layerzero.config_file.load import parse_text, read_file_bounded
 from layerzero.config_file.problems import raise_problems
 from layerzero.config_file.schema import CompiledConfig, validate_config
-from layerzero.runtime.config import DispatchConfig, DispatchMode
+from layerzero.runtime.config import DispatchConfig, DispatchMode, wait_problem
 from layerzero.dispatch.config_driven import ConfigDrivenDispatcher, resolve_config_path
 from layerzero.dispatch.runtimes import runtime_for
 from layerzero.dispatch.result import DispatchStats
@@ -265,12 +265,11 @@ class HotReloadDispatcher(ConfigDrivenDispatcher):
                  validate_on_reload: bool = True, debounce_seconds: float = 0.05, start_watching: bool = True,
                  use_watchdog: bool = True, unknown_kernels: str = "error", use_mvcc_cache: bool = False,
                  shards: int = 16) -> None:
-        if isinstance(watch_interval_seconds, bool) or not isinstance(watch_interval_seconds, (int, float)) \
-                or not watch_interval_seconds > 0:
-            raise ConfigError(f"watch_interval_seconds must be a positive number, got {watch_interval_seconds!r}")
-        if isinstance(debounce_seconds, bool) or not isinstance(debounce_seconds, (int, float)) \
-                or not debounce_seconds >= 0:
-            raise ConfigError(f"debounce_seconds must be a number >= 0, got {debounce_seconds!r}")
+        for name, value, zero_ok in (("watch_interval_seconds", watch_interval_seconds, False),
+                                     ("debounce_seconds", debounce_seconds, True)):
+            problem = wait_problem(value, zero_ok=zero_ok)
+            if problem is not None:
+                raise ConfigError(f"{name} {problem}, got {value!r}")
         path = Path(path)
         self._read_sig = _signature(path)
         raw = _read_bytes(path)

@@ -65,7 +65,6 @@ class PolicyChange:
         self._undo = undo_global
         self._scoped = scoped
         self._hide = hide  # process-wide rules this change lifts inside its block (unlock / enabled)
-        self._token: Any = None
         self._applied = False
         if not in_with:
             apply_global()
@@ -81,13 +80,18 @@ class PolicyChange:
         hides = parent.hides if parent is not None else ()
         if self._hide is not None:
             hides = (*hides, self._hide)
-        self._token = SCOPE.set(Scope(policy, {}, parent, hides))
+        SCOPE.set(Scope(policy, {}, parent, hides, owner=self))
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        if self._token is not None:
-            SCOPE.reset(self._token)
-            self._token = None
+        # The innermost scope this change opened in this thread / task, and what was in force before it. The
+        # scope, not a token kept on self, knows its change: the same object entered again (nested, or by
+        # another thread while this one is inside) closes its own block.
+        scope = SCOPE.get()
+        while scope is not None and scope.owner is not self:
+            scope = scope.parent
+        if scope is not None:
+            SCOPE.set(scope.parent)
 
     def undo(self) -> None:
         """Undo a process-wide change made by a plain call."""

@@ -44,17 +44,20 @@ class Scope:
 
     ``hides`` holds predicates over process-wide rules that this scope (or an outer one) lifts,
     for ``with lz.unlock(...)`` / ``with lz.enabled(...)``: matching process-wide rules do not
-    apply inside the block.
+    apply inside the block. ``owner``: what opened it (a ``PolicyChange``; its ``__exit__`` closes the
+    innermost scope it owns in the current context, so one change object may be entered again, nested or
+    from several threads at once).
     """
 
-    __slots__ = ("policy", "plans", "parent", "hides")
+    __slots__ = ("policy", "plans", "parent", "hides", "owner")
 
     def __init__(self, policy: Policy, plans: dict[Any, Any], parent: Scope | None,
-                 hides: tuple[Callable[[Rule], bool], ...] = ()) -> None:
+                 hides: tuple[Callable[[Rule], bool], ...] = (), owner: Any = None) -> None:
         self.policy = policy
         self.plans = plans
         self.parent = parent
         self.hides = hides
+        self.owner = owner
         with _live_lock:
             LIVE.scopes += 1
             LIVE.any = True

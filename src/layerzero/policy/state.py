@@ -42,7 +42,8 @@ class PolicyState:
         return self._document
 
     def add(self, rule: Rule, *, replace_same_target: bool = True) -> list[tuple[int, Rule]]:
-        """Add a programmatic rule (newest first). A lock replaces an earlier lock of the same operation.
+        """Add a programmatic rule (newest first). A lock replaces an earlier lock of the same operation
+        under the same condition (prefer / deny / allow: the same targets too).
         Returns the rules it replaced, with their places (:meth:`reinstate` puts them back)."""
         with self._lock:
             replaced = [(i, r) for i, r in enumerate(self._api) if _same_slot(r, rule)] if replace_same_target else []
@@ -92,7 +93,9 @@ class PolicyState:
 
 
 def _same_slot(a: Rule, b: Rule) -> bool:
-    if a.kind != b.kind:
+    """Whether rule ``b`` takes ``a``'s place: the same kind and target under the same condition (a lock with
+    another condition is another rule: the first whose condition holds decides)."""
+    if a.kind != b.kind or a.condition_source != b.condition_source:
         return False
     if a.kind == "lock":
         return a.operation == b.operation

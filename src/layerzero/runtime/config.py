@@ -66,13 +66,25 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from layerzero.environment import ENV_VARS, env_text
 from layerzero.errors import ConfigError
 
-__all__ = ["DispatchConfig", "DispatchMode", "ENV_VARS"]
+__all__ = ["DispatchConfig", "DispatchMode", "ENV_VARS", "wait_problem"]
+
+
+def wait_problem(value: Any, *, zero_ok: bool = False) -> str | None:
+    """Why ``value`` is no time a watcher thread can wait (a number of seconds, > 0 or with ``zero_ok`` >= 0,
+    at most ``threading.TIMEOUT_MAX``: ``Condition.wait(inf)`` raises OverflowError in the waiting thread), or
+    None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 if zero_ok else value > 0):
+        return "must be a number >= 0" if zero_ok else "must be a positive number"
+    if not value <= threading.TIMEOUT_MAX:
+        return f"must be at most threading.TIMEOUT_MAX ({threading.TIMEOUT_MAX:g} seconds)"
+    return None
 
 
 class DispatchMode(enum.Enum):
@@ -167,9 +179,11 @@ class DispatchConfig:
         ttl = self.cache_ttl_seconds
         need(ttl is None or (isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl > 0),
              "cache_ttl_seconds", "must be a positive number or None")
-        for name in ("recovery_timeout_seconds", "watch_interval_seconds", "online_tuning_budget_ms"):
+        for name in ("recovery_timeout_seconds", "online_tuning_budget_ms"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, name, "must be a positive number")
+        wait = wait_problem(self.watch_interval_seconds)
+        need(wait is None, "watch_interval_seconds", wait or "")
         m = self.static_kernel_map
         need(isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in m.items()),
              "static_kernel_map", "must map operation names to kernel ids (strings)")
