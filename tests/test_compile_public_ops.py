@@ -220,6 +220,36 @@ def test_dynamic_scalars_of_the_dispatched_ops_are_validated_by_their_example() 
         assert torch.equal(sample(logits, k), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("option", ["scale", "softcap", "dropout_p", "window"])
+def test_an_attention_option_taking_a_second_value_still_compiles_fullgraph(option: str) -> None:
+    """A float option that takes a second value in the process (a second model with another head size, Gemma 2's
+    softcap) becomes a symbolic float under automatic dynamic: the validation's math.isfinite and the choice's
+    constant arguments failed with fullgraph=True ("torch.* op returned non-Tensor")."""
+    torch._dynamo.reset()
+    q, k = torch.randn(2, 4, 32, 16), torch.randn(2, 4, 32, 16)
+    v = torch.ones(2, 4, 32, 16) if option == "dropout_p" else torch.randn(2, 4, 32, 16)
+    values = {"scale": (0.25, 0.3, 0.4), "softcap": (5.0, 3.0, 7.5), "dropout_p": (0.0, 0.3, 0.6),
+              "window": (2, 3, 5)}[option]
+    spreads = []
+    for value in values:
+        class Layer(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.value = value
+
+            def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return lz.attention(q, k, v, is_causal=True, **{option: self.value})
+
+        out = torch.compile(Layer(), backend="eager", fullgraph=True)(q, k, v)
+        if option == "dropout_p":  # v of ones: the output is 1 on average, spread by the dropout applied
+            assert abs(out.mean().item() - 1.0) < 0.05
+            spreads.append(out.std().item())
+        else:
+            torch.testing.assert_close(out, lz.attention(q, k, v, is_causal=True, **{option: value}))
+    if option == "dropout_p":
+        assert spreads[0] < 1e-6 < spreads[1] < spreads[2]
+
+
 def test_compiled_attention_takes_enable_gqa() -> None:
     torch._dynamo.reset()
     q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)

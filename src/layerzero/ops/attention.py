@@ -143,7 +143,7 @@ class AttentionOp(OpDef):
             raise self.invalid(operation, f"is_causal must be a bool, got {kind(is_causal)}", args)
         if mask is not None and is_causal:
             raise self.invalid(operation, "attn_mask and is_causal=True cannot be combined (as in SDPA)", args)
-        if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0 or math.isnan(dropout_p):
+        if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
             raise self.invalid(operation, f"dropout_p must be in [0, 1), got {dropout_p!r}", args)
         if scale is not None and not finite_number(scale):
             raise self.invalid(operation, f"scale must be a finite number or None, got {shown(scale)}", args)

@@ -89,7 +89,7 @@ class LinearCrossEntropyOp(OpDef):
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise self.invalid(operation, f"ignore_index must be an int, got {ignore_index!r}", args)
         if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
-                or not 0.0 <= label_smoothing < 1.0 or math.isnan(label_smoothing)):
+                or not 0.0 <= label_smoothing < 1.0):
             raise self.invalid(operation, f"label_smoothing must be in [0, 1), got {label_smoothing!r}", args)
         if reduction not in _REDUCTIONS:
             raise self.invalid(operation, f"reduction must be one of {_REDUCTIONS}, got {reduction!r}", args)

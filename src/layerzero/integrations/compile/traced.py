@@ -90,8 +90,13 @@ def _attention_kernel(operation: str, q: Tensor, k: Tensor, v: Tensor, attn_mask
     mask_kind = "none" if attn_mask is None else "bool" if attn_mask.dtype == torch.bool else "additive"
     contiguous = q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     head = (RUNTIME.version, LIVE.any, operation, q.dtype, q.device)
-    tail = (mask_kind, float(dropout_p), scale, window, _grad(q, k, v),
-            torch.are_deterministic_algorithms_enabled(), contiguous, *variants)
+    # A float option that took a second value is a symbolic float (Dynamo's automatic dynamic), and the choice's
+    # arguments must be constants: it gets what selection reads of them (scale: None or its sign; dropout: on or
+    # off), each a guarded comparison.
+    scale_sign = None if scale is None else 1.0 if scale > 0 else -1.0
+    dropout = 0.5 if dropout_p > 0 else 0.0
+    tail = (mask_kind, dropout, scale_sign, window, _grad(q, k, v), torch.are_deterministic_algorithms_enabled(),
+            contiguous, *variants)
     hq, hkv, d, dv = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
     kid = choose_attention(*head, None, hq, hkv, None, None, d, dv, is_causal, *tail)
     if kid == BUCKETS:
