@@ -42,7 +42,7 @@ def _extensions() -> list[Extension]:
     lib = os.path.join(torch_dir, "lib")
     return [Extension(
         "layerzero._accel", ["src/layerzero/_accel.c", "src/layerzero/_accel_serve.c", "src/layerzero/_accel_dispatch.c",
-         "src/layerzero/_accel_lookup.c",
+         "src/layerzero/_accel_lookup.c", "src/layerzero/_accel_stamps.c",
          "src/layerzero/_accel_meta.cpp"],
         include_dirs=[include, os.path.join(include, "torch", "csrc", "api", "include")],
         library_dirs=[lib], libraries=["c10"], runtime_library_dirs=[lib],

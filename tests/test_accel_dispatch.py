@@ -480,6 +480,42 @@ def test_the_compiled_method_serves_the_plain_cached_call(name: str, factory: Ca
 
 
 @needs_compiled
+def test_the_compiled_paths_stamps_read_as_the_tuple() -> None:
+    """A served call's clock readings are one compact object (``_accel.Stamps``) that is, to every reader, the
+    tuple ``(t0, t0, t2, t2, t4, t4)``: len, indexing (negative, slices, out of range), iteration, ==, hash,
+    repr, pickle and copy; ``timing`` reads it as it reads a tuple."""
+    import pickle
+
+    d = create_dynamic_dispatcher()
+    x, w = torch.randn(4, 16), torch.randn(16)
+    for _ in range(3):
+        r = d.dispatch("rms_norm", {"x": x, "weight": w})
+    s = r.stamps
+    assert type(s).__name__ == "Stamps"
+    t = tuple(s)
+    assert len(s) == 6 and len(t) == 6 and t[0] == t[1] and t[2] == t[3] and t[4] == t[5] and 0 < t[0] <= t[2] <= t[4]
+    assert list(s) == list(t) and [s[i] for i in range(-6, 6)] == [t[i] for i in range(-6, 6)]
+    assert s[1:4] == t[1:4] and s[::-1] == t[::-1] and s[torch.tensor(2).item()] == t[2]
+    for bad in (6, -7):
+        with pytest.raises(IndexError):
+            s[bad]
+    with pytest.raises(TypeError):
+        s["0"]
+    assert s == t and t == s and not (s != t) and s != t[:5] and (s < (t[0] + 1,)) == (t < (t[0] + 1,))
+    assert hash(s) == hash(t) and {s: 1}[t] == 1 and repr(s) == repr(t)
+    assert pickle.loads(pickle.dumps(s)) == t and type(pickle.loads(pickle.dumps(s))) is tuple
+    assert copy.copy(s) == t and copy.deepcopy(s) == t
+    timing = r.timing
+    assert tuple(timing) == t and timing.recorded and timing.total_us == (t[5] - t[0]) / 1000.0
+    assert timing.cache_lookup_ns == t[2] - t[0] and timing.kernel_invoke_ns == t[4] - t[2]
+    assert NOT_TIMED == (0,) * 6  # an untimed dispatcher still answers with NOT_TIMED
+    untimed = create_dynamic_dispatcher(config=get_runtime().config.replace(record_timing=False))
+    for _ in range(3):
+        r = untimed.dispatch("rms_norm", {"x": x, "weight": w})
+    assert r.stamps is NOT_TIMED and not r.timing.recorded
+
+
+@needs_compiled
 def test_no_reference_is_leaked() -> None:
     """Served, declined and failing calls give back every reference they take."""
     static, dynamic = _static(True), create_dynamic_dispatcher()

@@ -239,20 +239,12 @@ detour(Method *m, Call *c)
     return out;
 }
 
-/* ``(t0, t0, t2, t2, t4, t4)``, or NOT_TIMED (new reference): the hot path's key and cache read are its lookup */
+/* ``(t0, t0, t2, t2, t4, t4)`` (a Stamps: _accel_stamps.c), or NOT_TIMED (new reference): the hot path's key and
+ * cache read are its lookup */
 static PyObject *
 stamps(Method *m, Call *c)
 {
-    if (!c->timed)
-        return Py_NewRef(m->not_timed);
-    long long t4 = now_ns();
-    PyObject *a = PyLong_FromLongLong(c->t0), *b = a ? PyLong_FromLongLong(c->t2) : NULL;
-    PyObject *e = b ? PyLong_FromLongLong(t4) : NULL;
-    PyObject *s = e ? PyTuple_Pack(6, a, a, b, b, e, e) : NULL;
-    Py_XDECREF(a);
-    Py_XDECREF(b);
-    Py_XDECREF(e);
-    return s;
+    return c->timed ? lz_stamps_new(c->t0, c->t2, now_ns()) : Py_NewRef(m->not_timed);
 }
 
 /* The DispatchResult of a served call (new reference; NULL with an error set), ``out`` taken. */
@@ -479,7 +471,7 @@ lz_method_init(PyObject *module)
     INTERN(M_MASK, "mask");
     INTERN(M_CONTEXT, "context");
 #undef INTERN
-    if (PyType_Ready(&MethodType) < 0)
+    if (PyType_Ready(&MethodType) < 0 || lz_stamps_init(module) < 0)
         return -1;
     Py_INCREF(&MethodType);
     if (PyModule_AddIntConstant(module, "SELECT", METHOD_SELECT) < 0 ||

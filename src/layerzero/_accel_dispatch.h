@@ -67,4 +67,7 @@ dget(Method *m, Call *c, int which)
 int lz_find_selected(Method *m, Call *c);                       /* attention: shared plan dict or own cache */
 int lz_read_op_args(Method *m, Call *c, PyObject *inputs);      /* an OpInputs entry's kernel arguments */
 int lz_find_op_plan(Method *m, Call *c);                        /* an OpInputs call's plan */
+/* _accel_stamps.c: a served call's clock readings, ``(t0, t0, t2, t2, t4, t4)`` as one compact object */
+PyObject *lz_stamps_new(long long t0, long long t2, long long t4);
+int lz_stamps_init(PyObject *module);
 #endif

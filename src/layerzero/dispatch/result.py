@@ -42,9 +42,9 @@ class DispatchTiming(_Stamps):
     the kernel call plus restoring the caller's layout; ``total_us``: the whole
     ``dispatch()`` call.
 
-    A dispatch stores its six clock readings only (a plain tuple, :attr:`DispatchResult.stamps`); this view
-    is made when ``result.timing`` is read and its fields are computed then, so timing costs the cached path
-    a few clock reads, one tuple and no arithmetic.
+    A dispatch stores its six clock readings only (:attr:`DispatchResult.stamps`); this view is made when
+    ``result.timing`` is read and its fields are computed then, so timing costs the cached path a few clock
+    reads, one small object and no arithmetic.
     """
 
     __slots__ = ()
@@ -100,16 +100,17 @@ class DispatchResult:
         fallback_used: True when ``kernel_id`` is not the plan's first choice.
         attempts: kernels tried or skipped (open breaker) for this call, the successful one included.
         timing: a :class:`DispatchTiming` (a view of ``stamps``, made when read).
-        stamps: the six clock readings ``(t0, ..., t5)`` as the dispatch stored them (a plain tuple on the
-            cached hot paths, :data:`NOT_TIMED` when timing is off).
+        stamps: the six clock readings ``(t0, ..., t5)`` as the dispatch stored them: a tuple, or from the
+            compiled hot path a ``layerzero._accel.Stamps`` (its three readings as C integers) that reads,
+            compares, hashes and pickles as that tuple; :data:`NOT_TIMED` when timing is off.
         cached: True when the plan came from the plan cache (no selection ran).
         mode: the dispatch mode that served the call (``"static"``, ``"dynamic"``, ``"config"``, ...).
     """
 
     # The dispatchers' cached hot paths make results with ``DispatchResult.__new__`` and assign every slot
     # themselves (an ``__init__`` call is a noticeable share of a dispatch): a new field must be set there too.
-    # They store the clock readings as a plain tuple: making the DispatchTiming costs as much again, and only
-    # a caller who reads ``timing`` needs it.
+    # They store the clock readings as a tuple (the compiled path: a Stamps, one allocation instead of four):
+    # making the DispatchTiming costs as much again, and only a caller who reads ``timing`` needs it.
 
     __slots__ = ("output", "kernel_id", "operation", "fallback_used", "attempts", "stamps", "cached", "mode")
 
