@@ -160,6 +160,55 @@ def test_operation_aliases_and_dispatch() -> None:
     assert r.kernel_id == "torch_varlen_sdpa"
 
 
+def test_dispatch_flags_are_checked_and_paged_defaults_to_causal() -> None:
+    """``dispatch(..., is_causal="false")`` ran causal attention (``bool("false")`` is True); a 0-d cu_seqlens
+    ended in "'int' object is not subscriptable"; ``is_causal=None`` made paged attention non-causal."""
+    from layerzero.dispatch import dispatch
+
+    q, cu = torch.randn(5, 2, 8), cu_seqlens([3, 2])
+    varlen = {"q": q, "k": q, "v": q, "cu_seqlens_q": cu}
+    table, seq_lens = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32), torch.tensor([7, 3], dtype=torch.int32)
+    paged = {"q": torch.randn(2, 2, 2, 8), "k_cache": torch.randn(4, 4, 2, 8), "v_cache": torch.randn(4, 4, 2, 8),
+             "block_table": table, "seq_lens": seq_lens}
+    for operation, inputs in (("attention_varlen", varlen), ("attention_paged", paged)):
+        for bad in ("false", "True", 2):
+            with pytest.raises(InvalidInputError, match=f"{operation}: is_causal must be a bool, got {bad!r}"):
+                dispatch(operation, inputs, is_causal=bad)
+    expected = lz.attention_paged(*paged.values())  # causal by default, as is_causal=None
+    torch.testing.assert_close(dispatch("attention_paged", paged, is_causal=None).output, expected)
+    assert not torch.allclose(dispatch("attention_paged", paged, is_causal=False).output, expected)
+    with pytest.raises(InvalidInputError, match=r"cu_seqlens_q must be a 1-D int32 tensor .* got 0-D"):
+        dispatch("attention_varlen", {**varlen, "cu_seqlens_q": torch.tensor(5, dtype=torch.int32)})
+
+
+def test_paged_calls_that_need_gradients_never_get_a_kernel_without_a_backward() -> None:
+    """The paged op told selection no call needs gradients, so a kernel without autograd (most paged kernels on
+    a GPU) served calls whose inputs require grad, and the output had no grad_fn."""
+    from layerzero.spec import KernelSpec
+
+    def inference_only(*args: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return torch_paged_dense(*args)
+
+    lz.register_kernel(KernelSpec("test_inference_only_paged", "attention_paged", "custom", inference_only,
+                                  priority=99, supports_autograd=False))
+    try:
+        table, seq_lens = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32), torch.tensor([7, 3], dtype=torch.int32)
+        q, kc, vc = torch.randn(2, 1, 4, 8), torch.randn(4, 4, 2, 8), torch.randn(4, 4, 2, 8)
+        assert lz.which("attention_paged", q, kc, vc, table, seq_lens) == "test_inference_only_paged"
+        lz.attention_paged(q, kc, vc, table, seq_lens)  # a cached no-grad plan first
+        qg = q.clone().requires_grad_()
+        assert lz.which("attention_paged", qg, kc, vc, table, seq_lens) != "test_inference_only_paged"
+        out = lz.attention_paged(qg, kc, vc, table, seq_lens)
+        out.sum().backward()
+        ref = paged_reference(qg.detach().double().requires_grad_(), kc.double(), vc.double(), table, seq_lens)
+        ref.sum().backward()
+        torch.testing.assert_close(out.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+        assert qg.grad is not None and qg.grad.abs().sum() > 0
+    finally:
+        lz.get_runtime().kernels.unregister("test_inference_only_paged")
+
+
 # -- library adapters against fakes of their documented semantics ----------------------------------------------
 
 def _fa_window(sq: int, sk: int, causal: bool, window_size: tuple[int, int]) -> torch.Tensor:

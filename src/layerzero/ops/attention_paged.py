@@ -17,7 +17,7 @@ import torch
 
 from layerzero.context import SelectionContext
 from layerzero.ops.attention_ragged import float_problem, heads_problem, index_problem, option_problem
-from layerzero.ops.base import FLOAT_MAX, OpDef, pick
+from layerzero.ops.base import FLOAT_MAX, OpDef, option_flag, pick
 from layerzero.ops.contract import CallContract
 from layerzero.ragged import attend_math, gather_pages, paged_problem
 from layerzero.runtime import get_runtime
@@ -97,7 +97,8 @@ class PagedAttentionOp(OpDef):
             seq_len_k=table.shape[1] * kc.shape[1], num_heads=q.shape[2], num_kv_heads=kc.shape[2],
             head_dim=q.shape[3], head_dim_v=vc.shape[3], num_tokens=q.shape[0] * q.shape[1], hidden_size=kc.shape[1],
             is_causal=is_causal,
-            scale=scale, window=window, softcap=softcap is not None, requires_grad=False,
+            scale=scale, window=window, softcap=softcap is not None,
+            requires_grad=torch.is_grad_enabled() and (q.requires_grad or kc.requires_grad or vc.requires_grad),
             deterministic=torch.are_deterministic_algorithms_enabled(),
             is_contiguous=q.stride(-1) == 1 and kc.stride(-1) == 1 and vc.stride(-1) == 1,
             cuda_graph_capturing=q.is_cuda and torch.cuda.is_current_stream_capturing(),
@@ -135,7 +136,7 @@ class PagedAttentionOp(OpDef):
         return (pick(m, "query", "q", operation=operation), pick(m, "k_cache", "key_cache", operation=operation),
                 pick(m, "v_cache", "value_cache", operation=operation),
                 pick(m, "block_table", "block_tables", operation=operation),
-                pick(m, "seq_lens", "cache_seqlens", operation=operation), bool(m.get("is_causal", True)),
+                pick(m, "seq_lens", "cache_seqlens", operation=operation), option_flag(m, "is_causal", operation, default=True),
                 m.get("scale"), m.get("window"), m.get("softcap"))
 
     def sample_contexts(self, operation: str, device: str = "cpu") -> list[SelectionContext]:

@@ -20,7 +20,7 @@ import torch
 
 from layerzero.context import SelectionContext
 from layerzero.ops.attention_ragged import float_problem, heads_problem, index_problem, option_problem
-from layerzero.ops.base import FLOAT_MAX, OpDef, pick
+from layerzero.ops.base import FLOAT_MAX, OpDef, option_flag, pick
 from layerzero.ops.contract import CallContract
 from layerzero.ragged import attend_math, lengths, varlen_problem
 from layerzero.runtime import get_runtime
@@ -124,13 +124,13 @@ class VarlenAttentionOp(OpDef):
         cu_k = pick(m, "cu_seqlens_k", "cu_seq_lens_k", default=cu_q)
         max_q = pick(m, "max_seqlen_q", "max_length_q", default=None)
         max_k = pick(m, "max_seqlen_k", "max_length_k", default=None)
-        if max_q is None and isinstance(cu_q, torch.Tensor):
+        if max_q is None and isinstance(cu_q, torch.Tensor) and cu_q.dim() == 1:  # else validation names cu_q
             max_q = max(lengths(cu_q), default=0)
-        if max_k is None and isinstance(cu_k, torch.Tensor):
+        if max_k is None and isinstance(cu_k, torch.Tensor) and cu_k.dim() == 1:
             max_k = max(lengths(cu_k), default=0)
         return (pick(m, "query", "q", operation=operation), pick(m, "key", "k", operation=operation),
                 pick(m, "value", "v", operation=operation), cu_q, cu_k, max_q, max_k,
-                bool(m.get("is_causal", False)), m.get("scale"), m.get("window"), m.get("softcap"))
+                option_flag(m, "is_causal", operation), m.get("scale"), m.get("window"), m.get("softcap"))
 
     def sample_contexts(self, operation: str, device: str = "cpu") -> list[SelectionContext]:
         return [SelectionContext(device=device, dtype=torch.float32, batch_size=b, seq_len_q=sq, seq_len_k=sq,

@@ -163,12 +163,12 @@ def pick(inputs: Mapping[str, Any], *names: str, default: Any = _MISSING, operat
     return default
 
 
-def option_flag(inputs: Mapping[str, Any], name: str, operation: str) -> bool:
-    """A dispatch() flag option (``is_causal``, ``interleaved``): absent or None is False; a bool, a numpy bool
-    or the int 0 or 1 reads as itself. A string is refused: ``bool("False")`` is True."""
+def option_flag(inputs: Mapping[str, Any], name: str, operation: str, default: bool = False) -> bool:
+    """A dispatch() flag option (``is_causal``, ``interleaved``): absent or None is ``default``; a bool, a numpy
+    bool or the int 0 or 1 reads as itself. A string is refused: ``bool("False")`` is True."""
     value = inputs.get(name)
     if value is None:
-        return False
+        return default
     if not (isinstance(value, bool) or isinstance(value, int) and value in (0, 1)
             or kind(value) in ("numpy.bool", "numpy.bool_")):
         raise InvalidInputError(f"{operation}: {name} must be a bool, got {shown(value)} "
