@@ -290,7 +290,7 @@ ROWS: list[Row] = [
         "rms_norm: weight is on meta, x on cpu (inputs: …)",
         lambda tmp: lz.rms_norm(X, t(8, device="meta"))),
     Row("device-rope", "device", "`rope` cos/sin on meta, `x` on cpu", "InvalidInputError",
-        "rope: cos/sin on meta, x on cpu (inputs: …)",
+        "rope: cos, sin and x must be on one device, got cos on meta, sin on meta, x on cpu (inputs: …)",
         lambda tmp: lz.rope(t(1, 2, 4, 8), t(4, 8, device="meta"), t(4, 8, device="meta"))),
     # layout
     Row("layout-name", "layout", "`layout=\"BXYZ\"`", "InvalidInputError",

@@ -413,6 +413,28 @@ def test_verify_mode_blames_no_kernel_for_an_overflow_of_the_inputs_dtype(runtim
     assert lz.which("rms_norm", torch.randn(32, 256), torch.ones(256)) == "torch_rms_norm"
 
 
+def test_verify_mode_blames_no_kernel_for_a_result_beyond_the_outputs_dtype(runtime: Runtime,
+                                                                             configured: Callable[..., None]) -> None:
+    """Valid float16 inputs whose exact result is above 65504: every float16 kernel returns inf, as it must.
+    Verify mode blamed each one ("off the float64 reference by up to 1.8e+308"), opened every rms_norm, rope
+    and cross-entropy breaker at once, and float32 calls of those ops then failed for the recovery timeout."""
+    configured(verify_first_calls=3)
+    x, w = torch.randn(2, 8).half() * 3, torch.full((8,), 60000.0, dtype=torch.float16)
+    logits = torch.full((2, 10), 60000.0).half()
+    logits[:, 0] = -60000
+    big, c = torch.full((1, 2, 4, 8), 60000.0).half(), torch.full((4, 8), 0.7071).half()
+    for _ in range(3):
+        for call in (lambda: lz.rms_norm(x, w), lambda: lz.cross_entropy(logits, torch.tensor([0, 1])),
+                     lambda: lz.rope(big, c, c)):
+            try:
+                call()
+            except lz.LayerZeroError:
+                pass
+    assert not any(b.failures for b in runtime.breakers.all().values())
+    x32, w32 = torch.randn(4, 16), torch.rand(16) + 0.5
+    torch.testing.assert_close(lz.rms_norm(x32, w32), torch.nn.functional.rms_norm(x32, (16,), w32, 1e-6))
+
+
 # -- breakers off, fallback chains, isolated runtimes ------------------------------------------------------------
 
 def test_without_breakers_an_invalid_result_never_reaches_the_caller(runtime: Runtime,

@@ -101,7 +101,8 @@ class RopeOp(_UnaryLike):
             raise self.invalid(operation, f"cos/sin of shape {tuple(cos.shape)} do not broadcast to "
                                           f"x of shape {tuple(x.shape)}", args)
         if cos.device != x.device or sin.device != x.device:
-            raise self.invalid(operation, f"cos/sin on {cos.device}, x on {x.device}", args)
+            raise self.invalid(operation, f"cos, sin and x must be on one device, got cos on {cos.device}, "
+                                          f"sin on {sin.device}, x on {x.device}", args)
         if cos.dtype != x.dtype or sin.dtype != x.dtype:
             raise self.invalid(operation, f"cos and sin must have x's dtype {x.dtype}, got {cos.dtype} and {sin.dtype} "
                                           "(cast them with .to(x.dtype), as transformers' rotary embedding does)", args)

@@ -69,6 +69,9 @@ def compare_with_reference(plan: ExecutionPlan, spec: KernelSpec, args: tuple[An
             return None
         got = out.detach().to(torch.float64)
         ref = ref.detach().to(device=got.device, dtype=torch.float64)
+        finite = ref[torch.isfinite(ref)]
+        if finite.numel() and float(finite.abs().amax()) >= torch.finfo(out.dtype).max / 4:
+            return None  # the true result (nearly) overflows the output's dtype: every kernel returns inf there
         ref_nan = torch.isnan(ref)
         if bool((torch.isnan(got) & ~ref_nan).any()):
             return "returned NaN where the float64 reference has none"
