@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from layerzero.context import SelectionContext
 from layerzero.ops.base import OpDef, finite_number, holds_in_dtype, largest, pick, tensor_problem
 from layerzero.ops.contract import CallContract
-from layerzero.ops.losses import target_range_problem
+from layerzero.ops.losses import ignore_index_problem, target_range_problem
 from layerzero.runtime import get_runtime
 
 __all__ = ["linear_cross_entropy", "LINEAR_CROSS_ENTROPY", "LinearCrossEntropyOp", "loss_dtype",
@@ -86,8 +86,8 @@ class LinearCrossEntropyOp(OpDef):
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
         self._tensors(operation, args)
         ignore_index, label_smoothing, reduction, softcap = args[4:]
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise self.invalid(operation, f"ignore_index must be an int, got {ignore_index!r}", args)
+        if (problem := ignore_index_problem(ignore_index)) is not None:
+            raise self.invalid(operation, problem, args)
         if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
                 or not 0.0 <= label_smoothing < 1.0):
             raise self.invalid(operation, f"label_smoothing must be in [0, 1), got {label_smoothing!r}", args)

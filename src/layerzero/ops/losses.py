@@ -27,6 +27,14 @@ __all__ = ["cross_entropy", "CROSS_ENTROPY", "CrossEntropyOp", "target_range_pro
 _REDUCTIONS = ("mean", "sum", "none")
 
 
+def ignore_index_problem(ignore_index: Any) -> str | None:
+    """The option check of both losses: an int the target's int64 can hold (``2**70`` ended in the kernels'
+    "Overflow when unpacking long long"), or why not."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or not -2**63 <= ignore_index < 2**63:
+        return f"ignore_index must be an int64, got {ignore_index!r}"
+    return None
+
+
 def target_range_problem(target: torch.Tensor, ignore_index: int, vocab: int) -> str | None:
     """The data check of both losses: class ids outside ``[0, vocab)`` that are not ``ignore_index`` (it reads
     the target, so it runs only once a kernel raised), or None."""
@@ -61,8 +69,8 @@ class CrossEntropyOp(OpDef):
             raise self.invalid(operation, f"target is on {target.device}, logits on {logits.device}", args)
         if logits.shape[0] == 0 or logits.shape[1] == 0:
             raise self.invalid(operation, "empty logits (a zero-sized dimension)", args)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise self.invalid(operation, f"ignore_index must be an int, got {ignore_index!r}", args)
+        if (problem := ignore_index_problem(ignore_index)) is not None:
+            raise self.invalid(operation, problem, args)
         if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
                 or not 0.0 <= label_smoothing < 1.0):
             raise self.invalid(operation, f"label_smoothing must be in [0, 1), got {label_smoothing!r}", args)

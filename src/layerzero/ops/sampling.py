@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, default_generator, layout_problem, option_number, pick, shown
+from layerzero.ops.base import FLOAT_MAX, OpDef, default_generator, finite_number, layout_problem, option_number, pick, shown
 from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
 
@@ -72,6 +72,8 @@ class SampleOp(OpDef):
             raise self.invalid(operation, f"temperature must be a number, got {shown(temperature)}", args)
         if temperature != temperature:
             raise self.invalid(operation, "temperature is NaN (a number is needed: 0 or less for greedy)", args)
+        if not finite_number(temperature):  # inf sampled uniformly; 10**400 overflowed in the kernels
+            raise self.invalid(operation, f"temperature must be finite, got {shown(temperature)}", args)
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
             raise self.invalid(operation, f"top_k must be a positive int or None, got {shown(top_k)}", args)
         if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool)
@@ -157,11 +159,11 @@ SAMPLE_CONTRACT = CallContract(
     operation="operation",
     family="(operation, logits.dtype, logits.is_cpu or logits.device)",
     shape="logits.shape",
-    guard="((temperature.__class__ is float or temperature.__class__ is int) and temperature == temperature "
+    guard="((temperature.__class__ is float or temperature.__class__ is int) and -FLOAT_MAX <= temperature <= FLOAT_MAX "
           "and (top_k is None or top_k.__class__ is int and top_k >= 1) "
           "and (top_p is None or (top_p.__class__ is float or top_p.__class__ is int) and 0.0 < top_p <= 1.0) "
           "and (generator is None or generator.__class__ is Generator))",
-    namespace={"sampling_operation": _operation, "Generator": torch.Generator},
+    namespace={"sampling_operation": _operation, "Generator": torch.Generator, "FLOAT_MAX": FLOAT_MAX},
     doc="""Sample token ids from ``logits`` (``(..., vocab)``); returns int64 of shape ``logits.shape[:-1]``.
 
     A seeded call (``generator=``, or the global seed) draws the same tokens whatever failed before it: a
