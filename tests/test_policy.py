@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -758,3 +759,14 @@ def test_keys_of_different_types_are_not_duplicates() -> None:
     assert parse_text("1: x\n'1': y\n", "<text>") == {1: "x", "1": "y"}
     with pytest.raises(Exception, match="given twice"):
         parse_text("a: 1\na: 2\n", "<text>")
+
+
+@pytest.mark.parametrize("text,named", [("~: 1\nnull: 2\n", "'~' (as 'null')"), ("true: 1\nyes: 2\n", "'true' (as 'yes')"),
+                                        ("1: a\n0x1: b\n", "'1' (as '0x1')"), ("1: a\n1.0: b\n", "'1' (as '1.0')")])
+def test_keys_safe_load_makes_equal_are_duplicates(text: str, named: str) -> None:
+    """Two spellings of one key (``null`` and ``~``, ``true`` and ``yes``, ``1`` and ``0x1``) are one key to
+    safe_load, which keeps the last value without a word; they were compared by their text and passed."""
+    from layerzero.config_file.load import parse_text
+
+    with pytest.raises(Exception, match=re.escape(f"the key {named} is given twice in one mapping (lines 1 and 2)")):
+        parse_text(text, "<text>")

@@ -135,14 +135,21 @@ def _yaml_structure_problem(text: str) -> str | None:
     """Why the YAML ``text`` is refused though it parses: a key given twice in one mapping (``yaml.safe_load``
     keeps the last: ``locks: [...]`` then ``locks: []`` would drop every lock without a word), or an alias (a
     node used twice: ``*name``, which also stops a billion laughs). Reads the composed nodes only (the loader
-    ``yaml.safe_load`` uses, without constructing anything)."""
+    ``yaml.safe_load`` uses, constructing only the scalar keys)."""
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
+        return _node_problem(root, loader) if root is not None else None
     finally:
         loader.dispose()
+
+
+def _node_problem(root: Any, loader: yaml.SafeLoader) -> str | None:
+    """:func:`_yaml_structure_problem` over the composed nodes; a scalar key is compared by the value
+    ``safe_load`` makes of it (``null`` and ``~``, ``true`` and ``yes``, ``1`` and ``0x1`` are one key there: the
+    dict keeps the last), its text naming it."""
     seen: set[int] = set()
-    stack = [root] if root is not None else []
+    stack = [root]
     while stack:
         node = stack.pop()
         if id(node) in seen:
@@ -151,13 +158,16 @@ def _yaml_structure_problem(text: str) -> str | None:
                     f"{mark.line + 1} is used again)")
         seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
-            keys: dict[Any, int] = {}
+            keys: dict[Any, tuple[str, int]] = {}
             for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode):  # by resolved type and text: 1 and '1' are two keys
-                    if (key.tag, key.value) in keys:
-                        return (f"the key {key.value!r} is given twice in one mapping (lines "
-                                f"{keys[key.tag, key.value]} and {key.start_mark.line + 1}); write it once")
-                    keys[key.tag, key.value] = key.start_mark.line + 1
+                if isinstance(key, yaml.ScalarNode):
+                    made = loader.construct_object(key)
+                    if made in keys:
+                        text, line = keys[made]
+                        same = repr(key.value) if text == key.value else f"{text!r} (as {key.value!r})"
+                        return (f"the key {same} is given twice in one mapping (lines {line} and "
+                                f"{key.start_mark.line + 1}); write it once")
+                    keys[made] = (key.value, key.start_mark.line + 1)
                 stack.extend((key, value))
         elif isinstance(node, yaml.SequenceNode):
             stack.extend(node.value)
