@@ -254,3 +254,14 @@ def test_random_condition_trees_match_a_naive_model(tree: tuple[str, Any]) -> No
 
 def test_limits_are_documented_numbers() -> None:
     assert LIMITS["expression_length"] >= 1000 and LIMITS["depth"] >= 16
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.float8_e4m3fn, torch.float8_e5m2,
+                                   torch.complex64])
+def test_conditions_name_every_dtype_a_context_can_have(dtype: torch.dtype) -> None:
+    """int8, uint8, the float8 types and complex were 'not a known dtype', and a context of such a dtype read as
+    'torch.int8': no rule could target them."""
+    name = str(dtype).removeprefix("torch.")
+    cond = compile_condition(f"dtype == '{name}'")
+    assert cond(condition_env(SelectionContext(device="cpu", dtype=dtype), "rms_norm"))
+    assert not cond(condition_env(SelectionContext(device="cpu", dtype=torch.float32), "rms_norm"))

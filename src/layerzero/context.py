@@ -289,7 +289,9 @@ class SelectionContext:
 
     @property
     def dtype_name(self) -> str | None:
-        return DTYPE_NAMES.get(self.dtype, str(self.dtype)) if self.dtype is not None else None
+        if self.dtype is None:
+            return None
+        return DTYPE_NAMES.get(self.dtype) or str(self.dtype).removeprefix("torch.")  # torch.int8 -> 'int8'
 
     @property
     def is_gqa(self) -> bool:

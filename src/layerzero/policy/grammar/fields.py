@@ -24,7 +24,10 @@ class Field:
 DTYPE_ALIASES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
                  "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32",
                  "float64": "float64", "fp64": "float64", "double": "float64", "int64": "int64",
-                 "int32": "int32", "bool": "bool"}
+                 "int32": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8", "bool": "bool",
+                 "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
+                 "float8_e4m3fnuz": "float8_e4m3fnuz", "float8_e5m2fnuz": "float8_e5m2fnuz",
+                 "complex64": "complex64", "complex128": "complex128"}
 _PLATFORMS = ("cpu", "cuda", "mps", "xpu", "hip", "hpu", "mtia", "meta", "xla", "privateuseone")
 
 FIELDS: dict[str, Field] = {
