@@ -770,3 +770,13 @@ def test_keys_safe_load_makes_equal_are_duplicates(text: str, named: str) -> Non
 
     with pytest.raises(Exception, match=re.escape(f"the key {named} is given twice in one mapping (lines 1 and 2)")):
         parse_text(text, "<text>")
+
+
+def test_boost_factors_that_differ_past_six_digits_are_different_policies() -> None:
+    """The rule line (and so the policy digest that keys scoped plans and is compared across ranks) printed the
+    factor with :g, so 1.5 and 1.5000001 made one digest."""
+    a = load_policy({"version": "1.0", "boosts": [{"operation": "rms_norm", "backend": "torch", "boost_factor": 1.5}]})
+    b = load_policy({"version": "1.0", "boosts": [{"operation": "rms_norm", "backend": "torch",
+                                                   "boost_factor": 1.5000001}]})
+    assert a.digest != b.digest
+    assert "x1.5 " in a.rules[0].describe() and "x1.5000001 " in b.rules[0].describe()

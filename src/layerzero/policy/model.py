@@ -83,7 +83,8 @@ class Rule:
         what = ", ".join([*self.kernels, *(f"backend {b}" for b in self.backends)]) or "-"
         extra = ""
         if self.kind == "boost":
-            extra = f" x{self.factor:g}"
+            short = f"{self.factor:g}"  # exact where :g rounds (1.5000001): the policy digest is made of these lines
+            extra = f" x{short if float(short) == self.factor else repr(self.factor)}"
         elif self.kind == "prefer":
             extra = f" priority={self.priority}"
         cond = f" if {self.condition_source}" if self.condition_source else ""
