@@ -780,3 +780,26 @@ def test_boost_factors_that_differ_past_six_digits_are_different_policies() -> N
                                                    "boost_factor": 1.5000001}]})
     assert a.digest != b.digest
     assert "x1.5 " in a.rules[0].describe() and "x1.5000001 " in b.rules[0].describe()
+
+
+def test_a_plan_selected_before_an_invalidation_is_never_stored_after_it() -> None:
+    """Runtime.miss and the dispatchers checked the runtime's version, then stored: an invalidation in between
+    (a policy change in another thread) left a plan of the old policy in the cache. The stores check the version
+    again under the lock the invalidation takes (a scope's dict) or the cache's own lock (a versioned put)."""
+    from layerzero.policy.scope import SCOPE
+
+    rt = get_runtime()
+    x, w = rows()
+    with lz.lock("rms_norm", "torch_rms_norm_composed"):
+        lz.rms_norm(x, w)
+        scope, plan = SCOPE.get(), next(iter(SCOPE.get().plans.values()))
+        before = rt.version
+        rt.invalidate("test")
+        rt.store_scoped(rt.current_policy(), scope, [("stale", plan)], before)
+        assert "stale" not in scope.plans
+        rt.store_scoped(rt.current_policy(), scope, [("fresh", plan)], rt.version)
+        assert scope.plans["fresh"] is plan
+    cache_version = rt.plans.version
+    rt.invalidate("test")
+    rt.plans.put("stale", plan, version=cache_version)
+    assert "stale" not in rt.plans.data

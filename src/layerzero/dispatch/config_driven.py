@@ -135,12 +135,12 @@ class ConfigDrivenDispatcher(Dispatcher):
         rt.telemetry.record_selection(operation, plan.kernel_id)
         return plan
 
-    def _store(self, key: Hashable | None, plan: ExecutionPlan, scope: Any) -> None:
+    def _store(self, key: Hashable | None, plan: ExecutionPlan, scope: Any, versions: tuple[int, int]) -> None:
         with self._swap_lock:
             # made from a config replaced since, or under a policy changed since: do not cache it
             if plan.source != _tag(self._compiled, self.runtime.version):
                 return
-            super()._store(key, plan, scope)
+            super()._store(key, plan, scope, versions)
 
     def close(self) -> None:
         """Nothing to stop (the hot-reload dispatcher stops its watcher here)."""

@@ -415,15 +415,17 @@ class Dispatcher(Observable):
                     out, ran = self._run_slow(plan, args, exc)
             cached = True
         else:
-            version = rt.version  # before the policy is read: a change during this call keeps the plan out
+            # read before the policy: a change during this call keeps the plan out (the stores check them again,
+            # under the cache's or the runtime's lock)
+            versions = rt.version, (rt.plans if self._cache is None else self._cache).version
             plan, ctx, policy = self._select(op, operation, args, context)
             t3 = perf_ns() if t0 else 0
             out, ran = self._first_run(plan, args)
-            if rt.version == version:
-                self._store(key, plan, scope)
+            if rt.version == versions[0]:
+                self._store(key, plan, scope, versions)
                 if family is not None and self._cache is None and ran is not None and ran[0] is plan \
                         and ran[1] == 0:
-                    self._store_family(family, plan, ctx, policy, scope)
+                    self._store_family(family, plan, ctx, policy, scope, versions)
             cached = False
         # -------------------------------------------------------------------------------------------
         t4 = perf_ns() if t0 else 0
@@ -522,17 +524,18 @@ class Dispatcher(Observable):
         out = self.runtime.run_plan(plan, args, 0, check_output=True)
         return out, note.value
 
-    def _store(self, key: Hashable | None, plan: ExecutionPlan, scope: Any) -> None:
+    def _store(self, key: Hashable | None, plan: ExecutionPlan, scope: Any, versions: tuple[int, int]) -> None:
+        """Cache a new plan, unless ``versions`` (the runtime's and the cache's, read before selection) moved."""
         rt = self.runtime
         if key is None or not rt.config.enable_cache:
             return
         if scope is None:
-            (rt.plans if self._cache is None else self._cache).put(key, plan)
+            (rt.plans if self._cache is None else self._cache).put(key, plan, version=versions[1])
         elif self._cache is None:  # scoped policy: the scope's own plan dict, as lz.* does
-            rt.store_scoped(rt.current_policy(), scope, [(key, plan)])
+            rt.store_scoped(rt.current_policy(), scope, [(key, plan)], versions[0])
 
     def _store_family(self, family: Hashable, plan: ExecutionPlan, ctx: SelectionContext, policy: Policy,
-                      scope: Any) -> None:
+                      scope: Any, versions: tuple[int, int]) -> None:
         """After a miss on the runtime's shared cache, cache a shape-free plan for the call's family too, as
         ``lz.*`` does (:meth:`Runtime.family_plan` decides whether selection can depend on shapes): later
         calls of any shape of the family skip selection."""
@@ -551,9 +554,9 @@ class Dispatcher(Observable):
         if free is None:
             return
         if scope is None:
-            rt.plans.put(family, free)
+            rt.plans.put(family, free, version=versions[1])
         else:  # scoped policy: the scope's own plan dict, as lz.* does
-            rt.store_scoped(policy, scope, [(family, free)])
+            rt.store_scoped(policy, scope, [(family, free)], versions[0])
 
     def __call__(self, operation: str, inputs: Mapping[str, Any], context: SelectionContext | None = None,
                  **kwargs: Any) -> Any:

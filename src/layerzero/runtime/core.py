@@ -161,12 +161,13 @@ class Runtime:
     def invalidate(self, reason: str = "") -> None:
         """Drop every cached plan (O(1)); the next call of each shape selects again."""
         self.plans.invalidate()
-        for plans in list(self._scoped.values()):
-            plans.clear()  # live scopes hold these dicts: empty them in place
+        with self._lock:  # with store_scoped: a plan selected before this never lands in a scope's dict after it
+            for plans in list(self._scoped.values()):
+                plans.clear()  # live scopes hold these dicts: empty them in place
+            self.version += 1
         self._interned = {}
         self._family_keys = {}
         self.families.clear()
-        self.version += 1
         self.telemetry.record_invalidation()
         if reason:
             log_event("cache_invalidated", reason=reason)
@@ -219,11 +220,15 @@ class Runtime:
                 d = self._scoped.setdefault(policy.digest, {})
         return d
 
-    def store_scoped(self, policy: Policy, scope: Any, entries: list[tuple[Hashable, ExecutionPlan]]) -> None:
+    def store_scoped(self, policy: Policy, scope: Any, entries: list[tuple[Hashable, ExecutionPlan]],
+                     version: int) -> None:
         """Cache plans selected under scoped ``policy`` in its dict (at most ``cache_size``) and make it the
-        scope's. Under the lock, so a dict :meth:`scoped_plans` drops meanwhile never becomes a scope's (it
-        would be out of invalidation's reach)."""
+        scope's, unless the runtime moved past ``version`` (the one they were selected at). Under the lock, so a
+        dict :meth:`scoped_plans` drops meanwhile never becomes a scope's (it would be out of invalidation's
+        reach), and an invalidation clears either before the store or after it."""
         with self._lock:
+            if self.version != version:
+                return
             target = self.scoped_plans(policy)
             for k, p in entries:
                 if len(target) < max(self.config.cache_size, 1):
@@ -422,7 +427,7 @@ class Runtime:
             for k, p in entries:
                 plans.put(k, p, version=cache_version)
         else:
-            self.store_scoped(policy, scope, entries)
+            self.store_scoped(policy, scope, entries, version)
         return out
 
     def run_exact(self, op: OpDef, operation: str, args: tuple[Any, ...]) -> Any:
