@@ -105,8 +105,9 @@ def test_every_error_is_collected_with_its_path() -> None:
         "defaults.fallback_kernel: unknown kernel 'nope' (layerzero list shows every kernel)",
         "dispatch_rules[0].priority: must be an int, got 1.5 (a float)",
         "dispatch_rules[0].conditions.sm_gte: cannot compare sm (int) with 'x' (str) using '>='",
-        "dispatch_rules[0].conditions.dtype: 'float61' is not a known dtype (known: bfloat16, bool, float16, "
-        "float32, float64, int32, int64)",
+        "dispatch_rules[0].conditions.dtype: 'float61' is not a known dtype (known: bfloat16, bool, complex128, "
+        "complex64, float16, float32, float64, float8_e4m3fn, float8_e4m3fnuz, float8_e5m2, float8_e5m2fnuz, int16, "
+        "int32, int64, int8, uint8)",
         "dispatch_rules[0].conditions.platform_match: a quantifier after a group is not allowed (position 4); "
         "repeat single characters or classes instead",
         "dispatch_rules[0].conditions.foo_gt: unknown condition: expected a field name, optionally with one of the "
