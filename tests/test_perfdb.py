@@ -245,6 +245,72 @@ def test_unwritable_location_never_fails_a_lookup(tmp_path: Path, caplog: pytest
         db.record([rec()])
 
 
+def _connect_as(monkeypatch: pytest.MonkeyPatch, setup: str) -> None:
+    """PerfDB's connections opened read-only (``setup="ro"``) or with a page limit (``"full"``): the real SQLite
+    errors of a read-only file and of a full disk, without another user or a small filesystem."""
+    real = sqlite3.connect
+
+    def connect(path: str, *args: object, **kwargs: object) -> sqlite3.Connection:
+        if setup == "ro":
+            return real(f"file:{path}?mode=ro", *args, uri=True, **kwargs)  # type: ignore[arg-type]
+        conn = real(path, *args, **kwargs)  # type: ignore[arg-type]
+        conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+        return conn
+
+    monkeypatch.setattr("layerzero.tuning.perfdb.sqlite3.connect", connect)
+
+
+@pytest.mark.parametrize("setup,error", [("ro", "readonly database"), ("full", "database or disk is full")])
+def test_a_read_only_or_full_database_is_never_moved_aside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           setup: str, error: str) -> None:
+    """"attempt to write a readonly database" and "database or disk is full" were taken for corruption: the
+    file was moved aside and replaced by an empty one (a read-only fleet database hidden by any process with
+    online tuning; on a full disk, no database left). The write fails with that message; the file, its rows and
+    reads stay."""
+    path = tmp_path / "perf.db"
+    first = PerfDB(path)
+    first.record([rec("torch_rms_norm", 10.0)])
+    first.close()
+    _connect_as(monkeypatch, setup)
+    db = PerfDB(path, refresh_s=0.0)
+    assert set(db.lookup(HW, "rms_norm", "float32", "n=64;hidden=512;grad=0")) == {"torch_rms_norm"}
+    many = [rec(f"k{i}", 1.0 + i, bucket=f"b{i}" + "x" * 300) for i in range(200)]
+    with pytest.raises(PerfDBError, match=f"could not write to performance database .*{error}"):
+        db.record(many)
+    db.close()
+    monkeypatch.undo()
+    assert _aside(path) == [] and PerfDB(path).count() == 1
+
+
+def test_a_locked_or_unusable_database_stalls_no_selection_twice(tmp_path: Path) -> None:
+    """A database that cannot be used is retried at most every RETRY_S: each first call of an operation used
+    to wait for the lock (busy timeout) again."""
+    import time
+
+    from layerzero.tuning.perfdb import RETRY_S
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    db = PerfDB(blocker / "perf.db")
+    assert db.lookup(HW, "rms_norm", "float32", "b") == {}
+    t = time.monotonic()
+    for op in ("rms_norm", "layer_norm", "gelu", "silu"):
+        assert db.lookup(HW, op, "float32", "b") == {}
+    assert time.monotonic() - t < 0.5 < RETRY_S
+
+
+def test_when_every_kernel_failed_its_tuning_run_none_is_excluded(attached: PerfDB) -> None:
+    """Rows marking every candidate failed (a tuning run that broke, a database edited by hand) made the op
+    raise NoKernelError for the whole bucket; selection now goes by priority and says why."""
+    x, w = torch.randn(64, 512), torch.rand(512) + 0.5
+    _store(attached, x, {"torch_rms_norm": (5.0, 1.0, True), "torch_rms_norm_composed": (5.0, 1.0, True)})
+    assert lz.which("rms_norm", x, w) == "torch_rms_norm"
+    assert "as every candidate's did" in str(lz.explain(x, w, operation="rms_norm"))
+    torch.testing.assert_close(lz.rms_norm(x, w), torch.rms_norm(x, (512,), w, 1e-6))
+    _store(attached, x, {"torch_rms_norm": (5.0, 1.0, True), "torch_rms_norm_composed": (9.0, 1.0, False)})
+    assert lz.which("rms_norm", x, w) == "torch_rms_norm_composed"  # one failed: that one is excluded
+
+
 # -- fingerprints and buckets ----------------------------------------------------------------------
 
 def test_fingerprint_and_library_keys() -> None:

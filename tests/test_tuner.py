@@ -99,6 +99,33 @@ def test_a_wrong_kernel_is_recorded_failed_and_never_selected(attached: PerfDB, 
     torch.testing.assert_close(lz.rms_norm(x, w), torch.rms_norm(x, (64,), w, 1e-6))
 
 
+def _host_oom_rms(x, weight, eps):  # type: ignore[no-untyped-def]
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
+                       "to allocate 8589934592 bytes")
+
+
+def test_a_kernel_the_host_cannot_allocate_for_is_skipped_not_failed(attached: PerfDB, user_kernels) -> None:
+    """Only CUDA's out-of-memory counted as "skipped": the CPU allocator's was stored as a failed correctness
+    check, and a bucket where every kernel ran out of host memory had no kernel left."""
+    user_kernels(KernelSpec("custom_host_oom_rms", "rms_norm", "custom", _host_oom_rms, priority=99))
+    x, w = torch.randn(16, 64), torch.rand(64) + 0.5
+    report = Tuner(attached).tune({"rms_norm": [lz.SelectionContext.from_rows(x)]})
+    results = {r.kernel_id: r for r in report.buckets[0].results}
+    assert results["custom_host_oom_rms"].status == "skipped"
+    assert "can't allocate memory" in results["custom_host_oom_rms"].error
+    assert all(r["kernel_id"] != "custom_host_oom_rms" for r in attached.rows(operation="rms_norm"))
+
+
+def test_a_database_that_refuses_the_rows_keeps_the_report(tmp_path: Path) -> None:
+    """A database that cannot be written (a directory, read-only, full, locked) raised out of the run and threw
+    every measurement away; the report now has them all, and says why they were not stored."""
+    (tmp_path / "taken").mkdir()
+    report = Tuner(PerfDB(tmp_path / "taken")).tune({"rms_norm": [SMALL_ROWS, SMALL_ROWS.replace(hidden_size=32)]})
+    assert report.counts["ok"] >= 2 and report.store_error is not None
+    assert "stored in" not in report.table()
+    assert report.to_dict()["store_error"] == report.store_error
+
+
 def test_budget_exhaustion_skips_and_stores_nothing(tmp_path: Path) -> None:
     db = PerfDB(tmp_path / "perf.db")
     report = Tuner(db, budget_s=1e-9).tune({"rms_norm": [SMALL_ROWS, SMALL_ROWS.replace(hidden_size=32)]})
@@ -210,6 +237,20 @@ def test_cli_tune_json_and_table(tmp_path: Path) -> None:
 def test_cli_tune_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
     res = CliRunner().invoke(cli, ["tune", "--device", "cpu", "--db", str(tmp_path / "x.db"), *args])
     assert res.exit_code == 2 and message in res.output
+
+
+def test_cli_tune_prints_what_it_measured_then_why_it_was_not_stored(tmp_path: Path) -> None:
+    """A database that cannot take the rows (a path under a file, a directory in LAYERZERO_PERF_DB, a read-only,
+    full or locked file) ended in a traceback after the whole run; `--db ""` became "." ."""
+    (tmp_path / "a_file").write_text("x")
+    res = CliRunner().invoke(cli, ["tune", "--ops", "rms_norm", "--shapes", "rows=8,hidden=64", "--device", "cpu",
+                                   "--db", str(tmp_path / "a_file" / "perf.db")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert "torch_rms_norm" in res.output and "Traceback" not in res.output
+    assert "Error: the measurements were not stored: cannot create the directory of performance database" \
+        in res.output
+    res = CliRunner().invoke(cli, ["tune", "--ops", "rms_norm", "--device", "cpu", "--db", ""])
+    assert res.exit_code == 2 and "an empty path names no file" in res.output
 
 
 def test_grids_cover_the_benchmark_and_parse_shapes() -> None:

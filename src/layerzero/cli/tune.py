@@ -98,6 +98,8 @@ def tune_command(ops: str, grid_name: str, shapes: tuple[str, ...], device: str 
             plan = {operation: grids.compiled_contexts(operation, c) for operation, c in plan.items()}
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--compiled") from None
+    if db_path is not None and not db_path.strip():
+        raise click.BadParameter("an empty path names no file", param_hint="--db")
     if not any(plan.values()):
         raise click.BadParameter("no shape applies to these operations (attention shapes need a sequence "
                                  "length, row-wise ones a hidden size)", param_hint="--shapes")
@@ -126,6 +128,8 @@ def tune_command(ops: str, grid_name: str, shapes: tuple[str, ...], device: str 
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:
         click.echo(report.table())
+    if report.store_error is not None:  # every measurement was printed above; the database took none (or not all)
+        raise click.ClickException(f"the measurements were not stored: {report.store_error}")
     if report.counts["ok"] == 0 and report.counts["failed"] == 0:
         raise click.exceptions.Exit(1)
 

@@ -173,6 +173,7 @@ class SelectionEngine:
             measured = self.measurements(operation, ctx, tuple(s for s, _ in eligible + behind_lock))
             eligible = _drop_failed(eligible, measured)
             behind_lock = _drop_failed(behind_lock, measured)
+            measured = {k: m for k, m in measured.items() if not m.failed}  # a failed run's time ranks nothing
 
         ranked = self.rank(eligible, measured, rules, env_base)
         if ctx.compiling and operation.split(".", 1)[0] in NATIVE_FIRST_UNDER_COMPILE and not any(
@@ -348,12 +349,20 @@ def native_first(ranked: list[tuple[KernelSpec, CandidateDecision]]) -> list[tup
 
 def _drop_failed(items: list[tuple[KernelSpec, CandidateDecision]], measured: Mapping[str, Measurement],
                  ) -> list[tuple[KernelSpec, CandidateDecision]]:
+    """``items`` without the kernels whose tuning run failed; when that would leave none (every row says failed:
+    a broken tuning run, a database edited by hand), all of them, noted: the breakers judge them at run time."""
+    failed = [(spec, measured[spec.kernel_id]) for spec, _ in items
+              if spec.kernel_id in measured and measured[spec.kernel_id].failed]
+    if failed and len(failed) == len(items):
+        for _, d in items:
+            d.rules.append("its tuning run failed, as every candidate's did: the measurements are not used")
+        return items
     kept = []
+    bad = {spec.kernel_id: m for spec, m in failed}
     for spec, d in items:
-        m = measured.get(spec.kernel_id)
-        if m is not None and m.failed:
+        if spec.kernel_id in bad:
             d.reasons.append(Reason(ReasonCode.MEASURED_FAILED,
-                                    f"{spec.kernel_id} failed its correctness check when tuned ({m.source})"))
+                                    f"{spec.kernel_id} failed its correctness check when tuned ({bad[spec.kernel_id].source})"))
             continue
         kept.append((spec, d))
     return kept

@@ -56,6 +56,8 @@ MAX_TEXT = 512          # longest string column accepted when reading
 MAX_SAMPLES = 10**9
 MAX_US = 1e12           # longest plausible time (about 11.6 days); larger values are not trusted
 _MEMO_LIMIT = 8192      # in-memory lookup cache entries before it is cleared
+READ_BUSY_MS = 200      # how long a read (a selection waiting on it) waits for another process's write lock
+RETRY_S = 2.0           # after the database could not be used, lookups go without it this long
 _ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,127}$")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -149,15 +151,19 @@ class _Unusable(Exception):
     """The file is not a usable layerzero performance database (the message says why)."""
 
 
-def _transient(exc: BaseException) -> bool:
-    msg = str(exc).lower()
-    return isinstance(exc, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg)
+_NOT_THE_FILE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_READONLY", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN",
+                 "SQLITE_NOMEM", "SQLITE_PERM", "SQLITE_AUTH", "SQLITE_INTERRUPT", "SQLITE_PROTOCOL", "SQLITE_NOLFS")
+_NOT_THE_FILE_TEXT = ("locked", "busy", "readonly", "read-only", "disk is full", "disk i/o error", "unable to open",
+                      "out of memory")
 
 
-def _cannot_open(exc: BaseException) -> bool:
-    msg = str(exc).lower()
-    return isinstance(exc, sqlite3.OperationalError) and ("unable to open" in msg or "readonly" in msg
-                                                           or "read-only" in msg)
+def _not_the_files_fault(exc: BaseException) -> bool:
+    """An error of the file's surroundings (another process's lock, permissions, a full disk, I/O, memory), not of
+    its content: the file is left as it is (a read-only fleet database must not be moved aside and replaced)."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith(_NOT_THE_FILE) or any(t in str(exc).lower() for t in _NOT_THE_FILE_TEXT)
 
 
 class PerfDB:
@@ -188,6 +194,7 @@ class PerfDB:
         self._data_version: int | None = None
         self._next_refresh = 0.0
         self._warned_unavailable = False
+        self._retry_at = 0.0  # monotonic time before which reads go without the database (it failed just now)
 
     def __repr__(self) -> str:
         return f"PerfDB({str(self.path)!r})"
@@ -232,6 +239,7 @@ class PerfDB:
                                        check_same_thread=False)
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
                 self._prepare(conn)
+                conn.execute(f"PRAGMA busy_timeout = {min(READ_BUSY_MS, int(self.busy_timeout_s * 1000))}")
                 return conn
             except _Unusable as bad:
                 last = str(bad)
@@ -239,7 +247,7 @@ class PerfDB:
                 self._set_aside(last)
             except sqlite3.DatabaseError as exc:
                 _close(conn)
-                if _transient(exc) or _cannot_open(exc):
+                if _not_the_files_fault(exc):
                     raise PerfDBError(f"performance database {self.path} cannot be opened: {exc}") from exc
                 last = f"{type(exc).__name__}: {exc}"
                 self._set_aside(last)
@@ -382,25 +390,27 @@ class PerfDB:
         return bool(rows)
 
     def _read(self, sql: str, params: tuple[Any, ...], limit: int = MAX_ROWS) -> list[tuple[Any, ...]] | None:
-        """Run a query; ``None`` when the database cannot be used right now (logged, never raised)."""
+        """Run a query; ``None`` when the database cannot be used right now (logged once, never raised; reads
+        then go without it for :data:`RETRY_S`, so a locked or unreadable file stalls no selection again)."""
         with self._lock:
+            if time.monotonic() < self._retry_at:
+                return None
             for _ in range(2):
                 try:
                     return self._connection().execute(sql, params).fetchmany(limit)
-                except PerfDBError as exc:
+                except (PerfDBError, sqlite3.DatabaseError) as exc:
+                    if isinstance(exc, sqlite3.DatabaseError) and not _not_the_files_fault(exc):
+                        try:
+                            self._recover(exc)  # the file's content is broken: set aside, read a fresh one
+                            continue
+                        except PerfDBError as err:
+                            exc = err
+                    self._retry_at = time.monotonic() + RETRY_S
                     if not self._warned_unavailable:
                         self._warned_unavailable = True
-                        log.warning("%s; using kernel priorities instead of measurements", exc)
+                        log.warning("performance database %s cannot be used (%s); using kernel priorities instead "
+                                    "of measurements", self.path, exc)
                     return None
-                except sqlite3.DatabaseError as exc:
-                    if _transient(exc):
-                        log.debug("performance database busy: %s", exc)
-                        return None
-                    try:
-                        self._recover(exc)
-                    except PerfDBError as err:
-                        log.warning("%s", err)
-                        return None
         return None
 
     def _maybe_refresh(self) -> None:
@@ -491,6 +501,7 @@ class PerfDB:
             for attempt in range(2):
                 try:
                     conn = self._connection()
+                    conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")  # a write waits
                     conn.execute("BEGIN IMMEDIATE")
                     try:
                         conn.executemany(_UPSERT, params)
@@ -501,9 +512,11 @@ class PerfDB:
                     except BaseException:
                         _rollback(conn)
                         raise
+                    finally:
+                        _read_timeout(conn, self.busy_timeout_s)
                     break
                 except sqlite3.DatabaseError as exc:
-                    if _transient(exc) or attempt:
+                    if _not_the_files_fault(exc) or attempt:  # read-only, full, locked: the file stays as it is
                         raise PerfDBError(f"could not write to performance database {self.path}: {exc}") from exc
                     self._recover(exc)
             self._memo.clear()
@@ -552,6 +565,13 @@ def _parse_row(row: tuple[Any, ...]) -> tuple[str, str, Measurement] | None:
         return None
     return kernel_id, libraries, Measurement(float(median), float(spread), int(samples),
                                              f"perf-db {source}, n={samples}", bool(failed))
+
+
+def _read_timeout(conn: sqlite3.Connection, busy_timeout_s: float) -> None:
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {min(READ_BUSY_MS, int(busy_timeout_s * 1000))}")
+    except sqlite3.Error:
+        pass
 
 
 def _close(conn: sqlite3.Connection | None) -> None:

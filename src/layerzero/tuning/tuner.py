@@ -27,19 +27,19 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.errors import LayerZeroError
+from layerzero.errors import LayerZeroError, PerfDBError, is_out_of_memory
 from layerzero.ops import canonical_operation, op_for
 from layerzero.ops.base import OpDef
-from layerzero.selection.engine import Measurement, SelectionEngine, format_context
+from layerzero.selection.engine import Measurement, SelectionEngine
 from layerzero.spec import KernelSpec
 from layerzero.tuning.buckets import bucket_of
 from layerzero.tuning.fingerprint import hardware_fingerprint
+from layerzero.tuning.report import BucketResult, KernelResult, TuneReport
 from layerzero.tuning.source import libraries_for
 from layerzero.timing import quantile, time_call
 
@@ -54,96 +54,6 @@ Progress = Callable[[int, int, str], None]
 _CHECK_BATCH = 2
 _CHECK_SEQ = 512
 _CHECK_ROWS = 256
-
-
-@dataclass
-class KernelResult:
-    """One kernel measured (or failed, or skipped) for one bucket."""
-
-    kernel_id: str
-    backend: str
-    status: str  # "ok" | "failed" | "skipped"
-    median_us: float | None = None
-    spread_us: float | None = None
-    samples: int = 0
-    method: str | None = None
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kernel_id": self.kernel_id, "backend": self.backend, "status": self.status,
-                "median_us": self.median_us, "spread_us": self.spread_us, "samples": self.samples,
-                "method": self.method, "error": self.error}
-
-
-@dataclass
-class BucketResult:
-    """Every kernel's result for one (operation, context) and the kernel selection now picks there."""
-
-    operation: str
-    context: SelectionContext
-    bucket: str
-    results: list[KernelResult] = field(default_factory=list)
-    selected: str | None = None
-    elapsed_s: float = 0.0
-
-    @property
-    def dtype(self) -> str:
-        return self.context.dtype_name or "?"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"operation": self.operation, "dtype": self.dtype, "bucket": self.bucket,
-                "shape": format_context(self.operation, self.context), "selected": self.selected,
-                "elapsed_s": round(self.elapsed_s, 4), "kernels": [r.to_dict() for r in self.results]}
-
-
-@dataclass
-class TuneReport:
-    """What a tuning run measured and stored."""
-
-    buckets: list[BucketResult]
-    elapsed_s: float
-    db_path: str | None
-    device: str
-    hardware: dict[str, Any]
-    budget_s: float | None = None
-    budget_exhausted: bool = False
-
-    @property
-    def counts(self) -> dict[str, int]:
-        out = {"ok": 0, "failed": 0, "skipped": 0}
-        for b in self.buckets:
-            for r in b.results:
-                out[r.status] = out.get(r.status, 0) + 1
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "hardware": self.hardware, "db": self.db_path,
-                "elapsed_s": round(self.elapsed_s, 3), "budget_s": self.budget_s,
-                "budget_exhausted": self.budget_exhausted, "counts": self.counts,
-                "buckets": [b.to_dict() for b in self.buckets]}
-
-    def table(self) -> str:
-        """A compact text report: one header per bucket, one line per kernel, the selected kernel marked ``*``."""
-        lines: list[str] = []
-        for b in self.buckets:
-            lines.append(f"{b.operation} {b.dtype} [{b.bucket}] -> {b.selected or 'none'}")
-            for r in b.results:
-                mark = "*" if r.kernel_id == b.selected else " "
-                if r.median_us is not None and r.status == "ok":
-                    timing = f"{r.median_us:>11.2f} us +/- {r.spread_us or 0.0:<8.2f}"
-                else:
-                    timing = f"{'-':>11}    {'':<8}    "
-                status = r.status if r.error is None else f"{r.status}: {r.error[:100]}"
-                lines.append(f"  {mark} {r.kernel_id:<28} {timing} {status}")
-        c = self.counts
-        lines.append(f"{len(self.buckets)} buckets, {c['ok']} kernels timed, {c['failed']} failed, "
-                     f"{c['skipped']} skipped in {self.elapsed_s:.1f} s"
-                     + (" (budget exhausted)" if self.budget_exhausted else "")
-                     + (f"; stored in {self.db_path}" if self.db_path else ""))
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
 
 
 def check_context(operation: str, ctx: SelectionContext) -> SelectionContext:
@@ -320,6 +230,7 @@ class Tuner:
         self.progress = progress
         self._draws = 0
         self._compiled: dict[str, Callable[..., Any]] = {}  # kernel id -> compiled callable, for one bucket
+        self.store_error: str | None = None  # why the database took no more rows (the run goes on measuring)
 
     # -- public ------------------------------------------------------------------------
     def eligible(self, operation: str, ctx: SelectionContext) -> tuple[KernelSpec, ...]:
@@ -356,7 +267,7 @@ class Tuner:
                     self.progress(done, total, f"{operation} {buckets[-1].dtype} {buckets[-1].bucket}")
         hw = hardware_fingerprint(device).to_dict()
         return TuneReport(buckets, time.perf_counter() - t0, str(self.db.path) if self.db is not None else None,
-                          device, hw, self.budget_s, exhausted)
+                          device, hw, self.budget_s, exhausted, self.store_error)
 
     def tune_bucket(self, operation: str, ctx: SelectionContext, *, specs: Sequence[KernelSpec] | None = None,
                     deadline: float | None = None) -> BucketResult:
@@ -502,9 +413,9 @@ class Tuner:
                                             f"quick estimate, pruned: over {self.PRUNE_FACTOR:g}x the bucket's "
                                             "fastest" + _compiled_note(spec, ctx))
                 timing = time_call(run, ctx.device, quick=self.quick, device_bound=device_bound(ctx))
-        except torch.cuda.OutOfMemoryError as exc:  # not the kernel's fault: leave the bucket unmeasured
-            return KernelResult(spec.kernel_id, spec.backend, "skipped", error=_describe(exc))
         except Exception as exc:
+            if is_out_of_memory(exc):  # CUDA's or the host's allocator: not the kernel's fault, left unmeasured
+                return KernelResult(spec.kernel_id, spec.backend, "skipped", error=_describe(exc))
             if ctx.compiling and _compile_failure(exc):
                 return KernelResult(spec.kernel_id, spec.backend, "skipped",
                                     error=f"torch.compile could not build it: {_describe(exc)}")
@@ -540,6 +451,8 @@ class Tuner:
         try:
             out = _callable(spec, small)(*args)
         except Exception as exc:
+            if is_out_of_memory(exc):
+                raise  # the measurement's handler: skipped, not failed
             return f"raised on a correctness check: {_describe(exc)}"
         problem = op.check_output(operation, args, out)
         if problem is not None:
@@ -576,8 +489,11 @@ class Tuner:
                 operation=operation, dtype=ctx.dtype_name or "?", bucket=bucket,
                 median_us=float(r.median_us or 0.0), spread_us=float(r.spread_us or 0.0), samples=r.samples,
                 failed=r.status == "failed", error=r.error, source=self.source))
-        if records and self.db is not None:
-            self.db.record(records, fingerprints={hw.digest: json.dumps(hw.to_dict(), sort_keys=True)})
+        if records and self.db is not None and self.store_error is None:
+            try:
+                self.db.record(records, fingerprints={hw.digest: json.dumps(hw.to_dict(), sort_keys=True)})
+            except PerfDBError as exc:  # read-only, full, locked: the report still has every measurement
+                self.store_error = str(exc)
 
     def _winner(self, operation: str, ctx: SelectionContext, results: list[KernelResult]) -> str | None:
         measured = {r.kernel_id: Measurement(r.median_us or 0.0, r.spread_us or 0.0, r.samples, self.source,
