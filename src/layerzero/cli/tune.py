@@ -108,22 +108,7 @@ def tune_command(ops: str, grid_name: str, shapes: tuple[str, ...], device: str 
     from layerzero.tuning.perfdb import default_path
 
     db = PerfDB(db_path if db_path is not None else default_path(get_runtime().config.perf_db_path))
-    total = sum(len(v) for v in plan.values())
-    if as_json:
-        report = Tuner(db, budget_s=budget_s).tune(plan)
-    else:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        console = Console(stderr=True)
-        with Progress(TextColumn("[bold]tune[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console, transient=True) as bar:
-            task = bar.add_task("", total=total)
-
-            def progress(done: int, _total: int, label: str) -> None:
-                bar.update(task, completed=done, description=label[:60])
-
-            report = Tuner(db, budget_s=budget_s, progress=progress).tune(plan)
+    report = _run(Tuner, db, budget_s, plan, as_json)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -132,6 +117,23 @@ def tune_command(ops: str, grid_name: str, shapes: tuple[str, ...], device: str 
         raise click.ClickException(f"the measurements were not stored: {report.store_error}")
     if report.counts["ok"] == 0 and report.counts["failed"] == 0:
         raise click.exceptions.Exit(1)
+
+
+def _run(tuner: Any, db: Any, budget_s: float | None, plan: dict[str, Any], as_json: bool) -> Any:
+    """The tuning run, with a progress bar on stderr unless the output is JSON."""
+    if as_json:
+        return tuner(db, budget_s=budget_s).tune(plan)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]tune[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("", total=sum(len(v) for v in plan.values()))
+
+        def progress(done: int, _total: int, label: str) -> None:
+            bar.update(task, completed=done, description=label[:60])
+
+        return tuner(db, budget_s=budget_s, progress=progress).tune(plan)
 
 
 def register(cli: click.Group) -> None:
