@@ -88,7 +88,8 @@ def test_the_import_probe_lets_python_cache_bytecode(monkeypatch) -> None:
 
 @pytest.mark.parametrize("args, message", [
     (["bench", "--dtype", "int8"], "'int8' is not one of 'float32', 'float16', 'bfloat16'"),
-    (["bench", "--quick", "--json", "/nonexistent/dir/x.json"], "the folder '/nonexistent/dir' does not exist"),
+    (["bench", "--quick", "--json", "/nonexistent/dir/x.json"], "'/nonexistent/dir' does not exist"),
+    (["bench", "--quick", "--json", __file__ + "/x.json"], f"'{__file__}' is a file, not a folder"),
     (["bench", "--iterations", "0"], "0 is not in the range x>=1"),
     (["metrics", "--port", "0", "--duration", "-1"], "is not in the range"),
     (["metrics", "--port", "0", "--duration", "nan"], "nan is not a number of seconds"),

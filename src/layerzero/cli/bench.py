@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ def bench(quick: bool, json_path: Path | None, ops: str, device: str, iterations
         click.echo(render_markdown(report))
         if json_path is not None:
             path = _json_file(json_path, "bench", device)
-            path.write_text(json.dumps(data, indent=2, default=str))
+            _write_json(path, data)
             click.echo(f"\nJSON written to {path}")
     if strict and not report.all_passed:
         raise click.exceptions.Exit(1)
@@ -117,12 +118,25 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _check_json_path(json_path: Path | None) -> None:
-    """A --json file whose folder does not exist is a usage error before the run, not a traceback after it."""
-    if json_path is None or str(json_path) == "-" or json_path.is_dir():
+    """A --json file that cannot be written (no such folder, a file where the folder should be, no permission)
+    is a usage error before the run, not a traceback after it."""
+    if json_path is None or str(json_path) == "-":
         return
-    if not json_path.parent.is_dir():
-        raise click.BadParameter(f"{str(json_path)!r}: the folder {str(json_path.parent)!r} does not exist",
-                                 param_hint="--json")
+    folder = json_path if json_path.is_dir() else json_path.parent
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise click.BadParameter(f"{str(json_path)!r}: {str(folder)!r} {what}", param_hint="--json")
+    if not os.access(folder, os.W_OK | os.X_OK) or (json_path.is_file() and not os.access(json_path, os.W_OK)):
+        raise click.BadParameter(f"{str(json_path)!r}: no permission to write there", param_hint="--json")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write the report's JSON; a failure (a full disk, a folder removed meanwhile) is one line, the table
+    having been printed."""
+    try:
+        path.write_text(json.dumps(data, indent=2, default=str))
+    except OSError as exc:
+        raise click.ClickException(f"could not write {path}: {exc.strerror or exc}") from None
 
 
 def _json_file(json_path: Path, stem: str, device: str) -> Path:
@@ -149,7 +163,7 @@ def _model_bench(opts: Any, json_path: Path | None) -> None:
     def save(report: ModelBenchReport) -> None:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+            _write_json(path, report.to_dict())
 
     try:
         opts.validate()
