@@ -119,3 +119,51 @@ def test_readiness_check_runs_each_operation_against_its_reference() -> None:
     for operation in ("attention.causal", "rms_norm", "layer_norm"):
         entry = result["operations"][operation]
         assert entry["ok"] and entry["error"] is None and entry["kernel"] in lz.get_global_kernel_registry()
+
+
+def test_doctor_reads_the_performance_database_and_never_changes_it(tmp_path: Path) -> None:
+    """docs/cli.md: doctor only reads the database. It used to open it as selection does: an empty file was
+    built into a database, a newer layerzero's or a foreign SQLite file was moved aside, and a directory was
+    reported as in use with 0 entries and no warning."""
+    import hashlib
+    import sqlite3
+
+    from click.testing import CliRunner
+
+    from layerzero.cli import cli
+    from layerzero.runtime import get_runtime
+
+    newer, foreign = tmp_path / "newer.db", tmp_path / "foreign.db"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE notes (x)")
+    conn.commit()
+    conn.close()
+    from layerzero.tuning.perfdb import PerfDB
+
+    db = PerfDB(newer)
+    db.count()
+    db.close()
+    conn = sqlite3.connect(newer)
+    conn.execute("PRAGMA user_version = 7")
+    conn.commit()
+    conn.close()
+    (tmp_path / "empty.db").write_bytes(b"")
+    cases = {tmp_path / "empty.db": "an empty file", newer: "written by a newer layerzero",
+             foreign: "not a layerzero performance database", tmp_path: "is not a file"}
+    rt = get_runtime()
+    source, config = rt.measurement_source, rt.config
+    try:
+        for path, problem in cases.items():
+            before = sorted(p.name for p in tmp_path.iterdir())
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            rt.configure(config.replace(perf_db_path=str(path)))
+            res = CliRunner().invoke(cli, ["doctor", "--json"])
+            data = json.loads(res.output)
+            assert problem in data["perf_db"]["problem"] and not data["perf_db"]["in_use"]
+            assert any(problem in w for w in data["warnings"]), data["warnings"]
+            assert sorted(p.name for p in tmp_path.iterdir()) == before
+            assert digest is None or hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    finally:
+        rt.configure(config)
+        rt.measurement_source = source
+        rt.invalidate("test")

@@ -159,7 +159,8 @@ def test_imports_only_fixed_module_names() -> None:
 
 
 # Interpolations allowed in SQL text: constants of the module, never a value from a row, a file or a caller.
-SQL_INTERPOLATIONS = {"int(self.busy_timeout_s * 1000)", "APPLICATION_ID", "SCHEMA_VERSION", "MAX_TEXT + 1", "cut"}
+SQL_INTERPOLATIONS = {"int(self.busy_timeout_s * 1000)", "self.read_busy_ms", "int(read_busy_ms)", "APPLICATION_ID",
+                      "SCHEMA_VERSION", "MAX_TEXT + 1", "cut"}
 
 
 def test_sql_is_parameterized() -> None:

@@ -26,7 +26,9 @@ def emit(data: Any, as_json: bool, text: str | None = None) -> None:
 def doctor(as_json: bool) -> None:
     """Devices, backends and versions, and which kernels can run here (and why not)."""
     import layerzero as lz
+    from layerzero.tuning.source import read_perf_db_only
 
+    read_perf_db_only()  # this process only reports: the database file is read, never built or moved aside
     report = lz.doctor()
     emit(report.to_dict(), as_json, str(report))
     if report.extra.get("problems"):  # an open breaker, an unhealthy or broken backend: exit 1

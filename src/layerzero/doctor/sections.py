@@ -48,17 +48,23 @@ def perf_db_section(report: Any) -> None:
     if callable(info_fn):
         report.extra["perf_db"] = {"available": True, **dict(info_fn())}
         return
-    from layerzero.tuning.perfdb import default_path
+    from layerzero.tuning.perfdb import PerfDB, default_path
 
     db = tuning.get_perf_db(create=False)
     path = db.path if db is not None else default_path(get_runtime().config.perf_db_path)
     exists = path.exists()
-    entries = db.count() if db is not None and exists else 0
+    probe = db if db is not None and db.read_only else PerfDB(path, read_only=True)  # nothing is built or moved
+    problem = probe.problem() if exists else None
+    entries = probe.count() if exists and problem is None else 0
+    if probe is not db:
+        probe.close()
     report.extra["perf_db"] = {"available": True, "path": str(path), "exists": exists, "entries": entries,
-                               "in_use": db is not None}
+                               "in_use": db is not None and problem is None, "problem": problem}
     if not exists:
         report.warnings.append(f"no performance database at {path}: selection uses priorities "
                                "(run `layerzero tune` to measure this machine)")
+    elif problem is not None:
+        report.warnings.append(f"{problem}: selection uses kernel priorities")
 
 
 def config_section(report: Any) -> None:

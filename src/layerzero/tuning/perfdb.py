@@ -31,18 +31,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from layerzero.environment import env_text
 from layerzero.errors import PerfDBError
 from layerzero.selection.engine import Measurement
+from layerzero.tuning.records import ID_RE, MAX_SAMPLES, MAX_TEXT, MAX_US, Record
 
 __all__ = ["PerfDB", "Record", "default_path", "SCHEMA_VERSION", "APPLICATION_ID", "ENV_VAR", "MAX_ROWS", "MAX_US"]
 
@@ -52,13 +51,9 @@ SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4C5A5044  # "LZPD"
 ENV_VAR = "LAYERZERO_PERF_DB"
 MAX_ROWS = 512          # rows read back for one bucket
-MAX_TEXT = 512          # longest string column accepted when reading
-MAX_SAMPLES = 10**9
-MAX_US = 1e12           # longest plausible time (about 11.6 days); larger values are not trusted
 _MEMO_LIMIT = 8192      # in-memory lookup cache entries before it is cleared
 READ_BUSY_MS = 200      # how long a read (a selection waiting on it) waits for another process's write lock
 RETRY_S = 2.0           # after the database could not be used, lookups go without it this long
-_ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,127}$")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _SCHEMA = (
@@ -113,40 +108,6 @@ def default_path(configured: str | os.PathLike[str] | None = None) -> Path:
     return Path(base) / "perf.db"
 
 
-@dataclass(frozen=True)
-class Record:
-    """One measurement to store (see the module docstring for the key)."""
-
-    hardware: str
-    libraries: str
-    kernel_id: str
-    operation: str
-    dtype: str
-    bucket: str
-    median_us: float
-    spread_us: float
-    samples: int
-    failed: bool = False
-    error: str | None = None
-    source: str = "tune"
-
-    def problems(self) -> list[str]:
-        out = []
-        if not _ID_RE.match(self.kernel_id):
-            out.append(f"kernel_id {self.kernel_id!r} is not a snake_case id")
-        for name in ("hardware", "libraries", "operation", "dtype", "bucket", "source"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value or len(value) > MAX_TEXT:
-                out.append(f"{name} must be a non-empty string of at most {MAX_TEXT} characters")
-        for name in ("median_us", "spread_us"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= MAX_US:
-                out.append(f"{name} must be a finite number >= 0 and at most {MAX_US:g}, got {value!r}")
-        if not isinstance(self.samples, int) or not 0 <= self.samples <= MAX_SAMPLES:
-            out.append(f"samples must be an int in 0..{MAX_SAMPLES}, got {self.samples!r}")
-        return out
-
-
 class _Unusable(Exception):
     """The file is not a usable layerzero performance database (the message says why)."""
 
@@ -173,6 +134,8 @@ class PerfDB:
         path: the database file (default: :func:`default_path`).
         busy_timeout_s: how long a connection waits for another process's lock.
         refresh_s: how often (at most) a lookup checks whether another process wrote new data.
+        read_only: only read (``layerzero doctor``): the file is opened read-only, never created, built,
+            repaired or moved aside; an unusable one is reported (:meth:`problem`), and writes raise.
 
     Example:
         >>> db = PerfDB("/tmp/lz-perf.db")
@@ -181,9 +144,11 @@ class PerfDB:
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, busy_timeout_s: float = 10.0,
-                 refresh_s: float = 1.0) -> None:
+                 refresh_s: float = 1.0, read_only: bool = False) -> None:
         self.path = Path(path).expanduser() if path is not None else default_path()
+        self.read_only = read_only
         self.busy_timeout_s = float(busy_timeout_s)
+        self.read_busy_ms = min(READ_BUSY_MS, int(self.busy_timeout_s * 1000))  # a read's wait for a lock
         self.refresh_s = float(refresh_s)
         self.recoveries = 0
         self.generation = 0
@@ -226,6 +191,8 @@ class PerfDB:
         return self._conn
 
     def _open(self) -> sqlite3.Connection:
+        if self.read_only:
+            return self._open_read_only()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -239,7 +206,7 @@ class PerfDB:
                                        check_same_thread=False)
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
                 self._prepare(conn)
-                conn.execute(f"PRAGMA busy_timeout = {min(READ_BUSY_MS, int(self.busy_timeout_s * 1000))}")
+                conn.execute(f"PRAGMA busy_timeout = {self.read_busy_ms}")
                 return conn
             except _Unusable as bad:
                 last = str(bad)
@@ -252,6 +219,32 @@ class PerfDB:
                 last = f"{type(exc).__name__}: {exc}"
                 self._set_aside(last)
         raise PerfDBError(f"performance database {self.path} could not be rebuilt: {last}")
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        if not self.path.is_file():
+            raise PerfDBError(f"performance database {self.path} " + (
+                "is not a file" if self.path.exists() else "does not exist"))
+        conn: sqlite3.Connection | None = None
+        try:
+            self._check_header()
+            # immutable: no lock and no -wal/-shm files beside it (a report leaves the folder as it was; rows
+            # another process has not checkpointed yet are not seen)
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True,
+                                   timeout=self.read_busy_ms / 1000, isolation_level=None, check_same_thread=False)
+            self._prepare(conn)
+            return conn
+        except (_Unusable, sqlite3.DatabaseError) as exc:
+            _close(conn)
+            raise PerfDBError(f"performance database {self.path} is unusable: {exc}") from None
+
+    def problem(self) -> str | None:
+        """Why this database cannot be used now (not a file, unreadable, not ours, locked, ...), or None."""
+        with self._lock:
+            try:
+                self._connection()
+            except (PerfDBError, sqlite3.DatabaseError) as exc:
+                return str(exc)
+        return None
 
     def _check_header(self) -> None:
         try:
@@ -266,6 +259,8 @@ class PerfDB:
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         app, ver, tables = self._identity(conn)
+        if app == 0 and ver == 0 and not tables and self.read_only:
+            raise _Unusable("an empty file (no layerzero tables yet)")
         if app == 0 and ver == 0 and not tables:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("BEGIN IMMEDIATE")
@@ -294,7 +289,7 @@ class PerfDB:
         check = conn.execute("PRAGMA quick_check(1)").fetchone()
         if not check or check[0] != "ok":
             raise _Unusable(f"integrity check failed: {str(check[0] if check else None)[:200]}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        mode = None if self.read_only else conn.execute("PRAGMA journal_mode = WAL").fetchone()
         if mode and str(mode[0]).lower() != "wal":
             log.debug("performance database %s is in journal mode %s (WAL unavailable)", self.path, mode[0])
 
@@ -306,7 +301,9 @@ class PerfDB:
         return app, ver, tables
 
     def _set_aside(self, reason: str) -> Path | None:
-        """Move an unusable file (and its WAL/SHM files) aside so a fresh one can be built."""
+        """Move an unusable file (and its WAL/SHM files) aside so a fresh one can be built (read-only: say why)."""
+        if self.read_only:
+            raise PerfDBError(f"performance database {self.path} is unusable ({reason}); opened read-only, it stays")
         with self._lock:
             _close(self._conn)
             self._conn = None
@@ -484,6 +481,8 @@ class PerfDB:
         Raises:
             PerfDBError: a record is malformed, or the database stays busy or unwritable.
         """
+        if self.read_only:
+            raise PerfDBError(f"performance database {self.path} is opened read-only")
         batch = list(records)
         params = []
         now = time.time()
@@ -513,7 +512,7 @@ class PerfDB:
                         _rollback(conn)
                         raise
                     finally:
-                        _read_timeout(conn, self.busy_timeout_s)
+                        _read_timeout(conn, self.read_busy_ms)
                     break
                 except sqlite3.DatabaseError as exc:
                     if _not_the_files_fault(exc) or attempt:  # read-only, full, locked: the file stays as it is
@@ -548,7 +547,7 @@ def _parse_row(row: tuple[Any, ...]) -> tuple[str, str, Measurement] | None:
         kernel_id, libraries, median, spread, samples, failed, source = row
     except (TypeError, ValueError):
         return None
-    if not isinstance(kernel_id, str) or not _ID_RE.match(kernel_id):
+    if not isinstance(kernel_id, str) or not ID_RE.match(kernel_id):
         return None
     if not isinstance(libraries, str) or len(libraries) > MAX_TEXT:
         return None
@@ -567,9 +566,9 @@ def _parse_row(row: tuple[Any, ...]) -> tuple[str, str, Measurement] | None:
                                              f"perf-db {source}, n={samples}", bool(failed))
 
 
-def _read_timeout(conn: sqlite3.Connection, busy_timeout_s: float) -> None:
+def _read_timeout(conn: sqlite3.Connection, read_busy_ms: int) -> None:
     try:
-        conn.execute(f"PRAGMA busy_timeout = {min(READ_BUSY_MS, int(busy_timeout_s * 1000))}")
+        conn.execute(f"PRAGMA busy_timeout = {int(read_busy_ms)}")
     except sqlite3.Error:
         pass
 

@@ -213,6 +213,22 @@ def use_perf_db(path: str | os.PathLike[str] | None = None, *, runtime: Runtime 
     return source.open()
 
 
+def read_perf_db_only(*, runtime: Runtime | None = None) -> PerfDB | None:
+    """Make selection read the default database read-only (``layerzero doctor``: it reports on the file and
+    never builds, repairs or moves one); None, and no database, when the file does not exist."""
+    from layerzero.tuning.perfdb import PerfDB, default_path
+
+    rt = _runtime(runtime)
+    path = default_path(rt.config.perf_db_path)
+    if not path.exists():
+        rt.measurement_source = None
+        return None
+    db = PerfDB(path, read_only=True)
+    rt.measurement_source = PerfDBSource(rt, db)
+    rt.invalidate("performance database read-only")
+    return db
+
+
 def get_perf_db(*, runtime: Runtime | None = None, create: bool = True) -> PerfDB | None:
     """The performance database selection uses; with ``create`` the default one is attached if none is."""
     rt = _runtime(runtime)
