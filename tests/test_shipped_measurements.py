@@ -76,7 +76,11 @@ def _ranked(ctx: lz.SelectionContext) -> list[str]:
 def test_malformed_files_and_rows_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     bad = [_row("n=1;hidden=8;grad=0", "k1", float("nan")), _row("n=1;hidden=8;grad=0", "k2", -1.0),
            _row("n=1;hidden=8;grad=0", "k3", "fast"), "not a row", {"operation": "rms_norm"},
-           _row("n=1;hidden=8;grad=0", "x" * 600, 1.0), _row("n=1;hidden=8;grad=0", "good", 3.0)]
+           _row("n=1;hidden=8;grad=0", "x" * 600, 1.0), _row("n=1;hidden=8;grad=0", "good", 3.0),
+           # each field of its JSON type: "false" read as failed=True, true as 1.0 us; no negative samples, no
+           # kernel id that is not one
+           {**_row("n=1;hidden=8;grad=0", "k4", 2.0), "failed": "false"}, _row("n=1;hidden=8;grad=0", "k5", True),
+           {**_row("n=1;hidden=8;grad=0", "k6", 2.0), "samples": -3}, _row("n=1;hidden=8;grad=0", "BAD ID!!", 2.0)]
     table = shipped.load_table(_write(tmp_path, bad))
     assert table is not None
     assert list(table.rows[("rms_norm", "bfloat16")]["n=1;hidden=8;grad=0"]) == ["good"]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from layerzero.selection.engine import Measurement
+from layerzero.tuning.records import ID_RE, MAX_SAMPLES, MAX_TEXT, MAX_US
 
 __all__ = ["ShippedTable", "table_for", "tables", "reload", "load_table", "lookup", "export_table", "SHIPPED_DIR",
            "FORMAT", "MIN_SAMPLES"]
@@ -98,13 +99,18 @@ def _distance(want: dict[str, str], have: dict[str, str]) -> float | None:
 
 
 def _measurement(row: Any) -> Measurement | None:
-    try:
-        median, spread, samples = float(row["median_us"]), float(row.get("spread_us", 0.0)), int(row.get("samples", 1))
-    except (TypeError, ValueError, KeyError, AttributeError):
+    """The row's measurement, each field of its JSON type (a number is not a bool or a string, ``failed`` is a
+    bool: ``"false"`` would read as True), or None: the row is skipped."""
+    median, spread = row.get("median_us"), row.get("spread_us", 0.0)
+    samples, failed = row.get("samples", 1), row.get("failed", False)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (median, spread)):
         return None
-    if not (math.isfinite(median) and math.isfinite(spread) and 0 < median < 1e12 and 0 <= spread < 1e12):
+    if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= MAX_SAMPLES \
+            or not isinstance(failed, bool):
         return None
-    return Measurement(median, spread, max(1, samples), "shipped", bool(row.get("failed", False)))
+    if not (math.isfinite(median) and math.isfinite(spread) and 0 < median < MAX_US and 0 <= spread < MAX_US):
+        return None
+    return Measurement(float(median), float(spread), samples, "shipped", failed)
 
 
 def load_table(path: str | Path) -> ShippedTable | None:
@@ -125,7 +131,8 @@ def load_table(path: str | Path) -> ShippedTable | None:
             continue
         names = [row.get(k) for k in ("operation", "dtype", "bucket", "kernel_id")]
         m = _measurement(row)
-        if m is None or not all(isinstance(n, str) and 0 < len(n) <= 512 for n in names):
+        if m is None or not all(isinstance(n, str) and 0 < len(n) <= MAX_TEXT for n in names) \
+                or not ID_RE.match(names[3]):
             continue
         op, dtype, bucket, kernel_id = names
         table.rows.setdefault((op, dtype), {}).setdefault(bucket, {})[kernel_id] = m
