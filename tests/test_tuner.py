@@ -233,6 +233,7 @@ def test_cli_tune_json_and_table(tmp_path: Path) -> None:
     (["--ops", "rms_norm", "--shapes", "speed=9"], "unknown key 'speed'"),
     (["--ops", "rms_norm", "--dtype", "int3"], "unknown dtype 'int3'"),
     (["--ops", "attention.causal", "--shapes", "rows=8,hidden=8"], "no shape applies"),
+    (["--ops", "rms_norm", "--budget-s", "nan"], "nan is not a number of seconds"),
 ])
 def test_cli_tune_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
     res = CliRunner().invoke(cli, ["tune", "--device", "cpu", "--db", str(tmp_path / "x.db"), *args])

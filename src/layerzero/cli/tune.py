@@ -98,6 +98,8 @@ def tune_command(ops: str, grid_name: str, shapes: tuple[str, ...], device: str 
             plan = {operation: grids.compiled_contexts(operation, c) for operation, c in plan.items()}
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--compiled") from None
+    if budget_s is not None and budget_s != budget_s:  # NaN passes a FloatRange
+        raise click.BadParameter("nan is not a number of seconds", param_hint="--budget-s")
     if db_path is not None and not db_path.strip():
         raise click.BadParameter("an empty path names no file", param_hint="--db")
     if not any(plan.values()):
