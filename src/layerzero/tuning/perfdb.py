@@ -405,8 +405,8 @@ class PerfDB:
                     self._retry_at = time.monotonic() + RETRY_S
                     if not self._warned_unavailable:
                         self._warned_unavailable = True
-                        log.warning("performance database %s cannot be used (%s); using kernel priorities instead "
-                                    "of measurements", self.path, exc)
+                        why = exc if isinstance(exc, PerfDBError) else f"performance database {self.path}: {exc}"
+                        log.warning("%s; using kernel priorities instead of measurements", why)
                     return None
         return None
 
