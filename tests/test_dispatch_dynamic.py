@@ -411,3 +411,12 @@ def test_dropped_dispatchers_take_their_listeners_off_the_shared_registries() ->
         del d
     gc.collect()
     assert (len(rt.kernels._listeners), len(rt.backends._listeners), len(rt.policy._listeners)) == before
+
+
+def test_equal_configs_hash_alike() -> None:
+    """DispatchConfig is frozen but was unhashable (its static_kernel_map is a dict): it could not key a dict
+    or an lru_cache."""
+    a = DispatchConfig(static_kernel_map={"rms_norm": "torch_rms_norm"}, record_timing=False)
+    b = DispatchConfig(record_timing=False, static_kernel_map={"rms_norm": "torch_rms_norm"})
+    assert a == b and hash(a) == hash(b) and {a: "x"}[b] == "x"
+    assert a.replace(record_timing=True) != a and len({a, b, DispatchConfig()}) == 2

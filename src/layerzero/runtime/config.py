@@ -196,6 +196,12 @@ class DispatchConfig:
             raise ConfigError("; ".join(errors), errors=errors, source="DispatchConfig")
         object.__setattr__(self, "static_kernel_map", dict(m))
 
+    def __hash__(self) -> int:
+        """Equal configs hash alike (the generated hash failed on ``static_kernel_map``, a dict): a config can
+        key a dict or an ``lru_cache``."""
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v
+                          for v in (getattr(self, f.name) for f in dataclasses.fields(self))))
+
     def replace(self, **changes: Any) -> DispatchConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
