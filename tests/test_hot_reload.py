@@ -369,3 +369,53 @@ def test_unclosed_watching_dispatchers_are_all_freed(tmp_path: Path) -> None:
         time.sleep(0.2)
     assert sum(r() is not None for r in refs) == 0
     assert threading.active_count() <= before, [t.name for t in threading.enumerate()]
+
+
+def test_an_on_error_callback_may_reload(tmp_path: Path) -> None:
+    """on_error ran while reload() held its (non-reentrant) lock: a callback restoring the last good file and
+    calling reload() deadlocked its thread (the watcher's, for good), and a slow callback blocked every reload."""
+    path = tmp_path / "k.yaml"
+    good = 'version: "1.0"\nkernel_locks: {rms_norm: torch_rms_norm}\n'
+    path.write_text(good)
+    hot = create_hot_reload_dispatcher(config_path=path, start_watching=False)
+    results: list[bool] = []
+
+    def restore(err: Exception) -> None:
+        path.write_text(good)
+        results.append(hot.reload())
+
+    hot.on_error(restore)
+    path.write_text('version: "1.0"\nkernel_locks: {rms_norm: 7}\n')
+    done: list[bool] = []
+    t = threading.Thread(target=lambda: done.append(hot.reload()), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and done == [False] and results == [True]
+    assert hot.stats.failed_reloads == 1 and hot.stats.last_error is None
+    hot.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_keeps_reloading(tmp_path: Path) -> None:
+    """A child of fork() (a preloaded server forking workers) has no watcher thread: it served the old config
+    for good, edits unseen. The child starts its own watcher, with a fresh reload lock."""
+    path = tmp_path / "k.yaml"
+    path.write_text('version: "1.0"\nkernel_locks: {rms_norm: torch_rms_norm}\n')
+    hot = create_hot_reload_dispatcher(config_path=path, watch_interval_seconds=0.05, debounce_seconds=0.0,
+                                       use_watchdog=False)
+    x, w = torch.randn(4, 16), torch.rand(16) + 0.5
+    assert hot.dispatch("rms_norm", {"x": x, "weight": w}).kernel_id == "torch_rms_norm"
+    pid = os.fork()
+    if pid == 0:  # the child: edit the file, see the edit served
+        ok = False
+        try:
+            path.write_text('version: "1.0"\nkernel_locks: {rms_norm: torch_rms_norm_composed}\n')
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not ok:
+                ok = hot.dispatch("rms_norm", {"x": x, "weight": w}).kernel_id == "torch_rms_norm_composed"
+                time.sleep(0.05)
+        finally:
+            os._exit(0 if ok and hot.watcher != "stopped" else 1)
+    _, status = os.waitpid(pid, 0)
+    hot.close()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -244,6 +244,19 @@ class _Watcher:
 
 # -- the dispatcher --------------------------------------------------------------------------------------------------
 
+#: Dispatchers whose file is watched, for :func:`_restart_watchers` after a fork.
+_WATCHING: weakref.WeakSet[HotReloadDispatcher] = weakref.WeakSet()
+
+
+def _restart_watchers() -> None:
+    for dispatcher in list(_WATCHING):
+        dispatcher._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_restart_watchers)
+
+
 class HotReloadDispatcher(ConfigDrivenDispatcher):
     """A :class:`ConfigDrivenDispatcher` that reloads its file when it changes (see the module docstring).
 
@@ -313,7 +326,8 @@ class HotReloadDispatcher(ConfigDrivenDispatcher):
         self._on_reload.append(callback)
 
     def on_error(self, callback: Callable[[Exception], None]) -> None:
-        """Call ``callback(error)`` after each rejected reload (from the reloading thread)."""
+        """Call ``callback(error)`` after each rejected reload (from the reloading thread, outside the reload lock:
+        it may call :meth:`reload`, to put the last good file back for one)."""
         self._on_error.append(callback)
 
     # -- reloading ------------------------------------------------------------------------------------
@@ -339,18 +353,28 @@ class HotReloadDispatcher(ConfigDrivenDispatcher):
             except ConfigError as err:
                 self._bad_hash = digest
                 self._rejected(err, (time.perf_counter() - t0) * 1000.0)
-                if strict:
-                    raise
-                return False
-            changed = self._swap(compiled)
-            ms = (time.perf_counter() - t0) * 1000.0
-            self._good_hash, self._bad_hash = digest, None
-            self._total += 1
-            self._last_ms = ms
-            self._last_error = None
-            self._last_at = time.time()
-            if changed:
-                self._version_no += 1
+                rejected: ConfigError | None = err
+            else:
+                rejected = None
+                changed = self._swap(compiled)
+                ms = (time.perf_counter() - t0) * 1000.0
+                self._good_hash, self._bad_hash = digest, None
+                self._total += 1
+                self._last_ms = ms
+                self._last_error = None
+                self._last_at = time.time()
+                if changed:
+                    self._version_no += 1
+        # the callbacks run outside the lock: one may call reload() (restore the last good file and reload)
+        if rejected is not None:
+            for cb in list(self._on_error):
+                try:
+                    cb(rejected)
+                except Exception:
+                    log.exception("hot reload: on_error callback failed")
+            if strict:
+                raise rejected
+            return False
         self.runtime.telemetry.record_reload(True, source=str(self.path), duration_ms=round(ms, 3),
                                              digest=compiled.digest, changed=changed)
         for cb in list(self._on_reload):
@@ -368,11 +392,6 @@ class HotReloadDispatcher(ConfigDrivenDispatcher):
         self.runtime.telemetry.record_reload(False, source=str(self.path), duration_ms=round(ms, 3),
                                              error="; ".join(err.errors) if err.errors else str(err),
                                              errors=len(err.errors), kept=self._compiled.digest)
-        for cb in list(self._on_error):
-            try:
-                cb(err)
-            except Exception:
-                log.exception("hot reload: on_error callback failed")
 
     def _changed_on_disk(self) -> None:
         """The watcher saw a change: reload unless the bytes are the ones in force (or already rejected)."""
@@ -388,11 +407,20 @@ class HotReloadDispatcher(ConfigDrivenDispatcher):
 
     # -- watching -------------------------------------------------------------------------------------
     def watch(self) -> None:
-        """Start watching the file (idempotent)."""
+        """Start watching the file (idempotent; a child process forked while this watches watches again)."""
         if self._watcher is not None and self._watcher.thread.is_alive():
             return
         self._watcher = _Watcher(self.path, self.watch_interval_seconds, self.debounce_seconds,
                                  self._changed_on_disk, self._use_watchdog, self._read_sig)
+        _WATCHING.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """The child of a fork has only the forking thread: no watcher runs, and a lock another thread held at the
+        fork stays held. Fresh lock, fresh watcher (a preloaded server forking its workers keeps hot reload)."""
+        self._reload_lock = threading.Lock()
+        if self._watcher is not None:
+            self._watcher = None
+            self.watch()
 
     def close(self) -> None:
         """Stop watching (idempotent). The dispatcher keeps working on the config in force, through the Python
@@ -403,6 +431,7 @@ class HotReloadDispatcher(ConfigDrivenDispatcher):
     stop_watching = close
 
     def _release(self, join: bool) -> None:
+        _WATCHING.discard(self)
         watcher, self._watcher = self._watcher, None
         self.__dict__.pop("dispatch", None)
         if watcher is None:
