@@ -45,6 +45,16 @@ def test_run_bench_small_report_structure():
     assert "```yaml" in text and "hardware:" in text and "software:" in text and "config:" in text
     assert ("PASS" in text) or ("MISS" in text)
     json.dumps(report.to_dict(), default=str)
+    # the seed's "Benchmark Results Format": its keys, in its order (ours after them)
+    assert list(report.system["hardware"])[:6] == ["cpu", "cpu_cores", "ram", "gpu", "gpu_count", "nvlink"]
+    assert report.system["hardware"]["gpu_count"] > 0 or report.system["hardware"]["nvlink"] is False
+    assert list(report.workload)[:6] == ["operation", "batch_sizes", "seq_lengths", "dtype", "iterations", "warmup"]
+    assert report.workload["operation"] == ["attention.causal", "attention.decode", "rms_norm"]
+    assert report.workload["batch_sizes"] == sorted({r.batch for r in report.results})
+    assert report.workload["seq_lengths"] == sorted({r.seq_len for r in report.results})
+    one = run_bench(BenchOptions(iterations=10, quick=True, ops=("rms_norm",), include_import=False,
+                                 include_memory=False, include_ragged=False))
+    assert one.workload["operation"] == "rms_norm"
 
 
 def test_bench_cli_json(tmp_path):

@@ -166,6 +166,16 @@ def _call_for(operation: str, batch: int, seq: int, device: str, dtype: torch.dt
     return (lambda: lz.rms_norm(x, w)), (lambda: lz.which("rms_norm", x, w))
 
 
+def _workload(opts: BenchOptions, threads: int) -> dict[str, Any]:
+    """The seed's ``workload:`` block (``operation``: one name, or the list when several; the grid's batch sizes
+    and sequence lengths), then what else sets the run (device, threads, quick)."""
+    grid = list(_grid(opts))
+    return {"operation": opts.ops[0] if len(opts.ops) == 1 else list(opts.ops),
+            "batch_sizes": sorted({b for _, b, _ in grid}), "seq_lengths": sorted({s for _, _, s in grid}),
+            "dtype": str(opts.torch_dtype).removeprefix("torch."), "iterations": opts.n_iter,
+            "warmup": max(10, opts.n_iter // 10), "device": opts.device, "torch_threads": threads, "quick": opts.quick}
+
+
 def run_results(opts: BenchOptions, progress: Callable[[str], None]) -> list[ResultRow]:
     from layerzero.runtime import get_runtime
 
@@ -277,9 +287,7 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None)
                 "circuit_breaker": cfg.circuit_breaker_enabled, "telemetry": cfg.enable_telemetry,
                 "record_timing": cfg.record_timing, "shape_free_plans": cfg.shape_free_plans,
                 "hot_path": accel_status()},
-        workload={"operations": list(opts.ops), "device": opts.device, "dtype": str(opts.torch_dtype).removeprefix("torch."),
-                  "iterations": opts.n_iter, "warmup": max(10, opts.n_iter // 10), "torch_threads": 1 if opts.device == "cpu" else threads,
-                  "quick": opts.quick},
+        workload=_workload(opts, 1 if opts.device == "cpu" else threads),
     )
     try:
         report.results = run_results(opts, say)

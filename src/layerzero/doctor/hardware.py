@@ -32,6 +32,30 @@ def _ram_bytes() -> int | None:
         return None
 
 
+def _nvlink(gpus: int) -> bool | None:
+    """Whether GPU 0 has an active NVLink (NVML through ``pynvml``, when installed); False without a GPU, None
+    when it cannot be told."""
+    if gpus == 0:
+        return False
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            links = []
+            for link in range(getattr(pynvml, "NVML_NVLINK_MAX_LINKS", 18)):
+                try:
+                    links.append(pynvml.nvmlDeviceGetNvLinkState(handle, link) == pynvml.NVML_FEATURE_ENABLED)
+                except pynvml.NVMLError:
+                    break
+            return any(links)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no pynvml, no NVML, or a driver without NVLink queries
+        return None
+
+
 def hardware_info() -> dict[str, Any]:
     """CPU, RAM, GPUs and software versions, as the seed's benchmark format lists them."""
     gpus = []
@@ -48,6 +72,7 @@ def hardware_info() -> dict[str, Any]:
             "ram": f"{ram / 2**30:.0f}GB" if ram else "unknown",
             "gpu": gpus[0]["name"] if gpus else None,
             "gpu_count": len(gpus),
+            "nvlink": _nvlink(len(gpus)),
             "gpus": gpus,
         },
         "software": {
