@@ -211,7 +211,8 @@ def test_file_corrupted_while_open_is_recovered(tmp_path: Path, caplog: pytest.L
     assert db.count() == 1 and len(_aside(path)) == 1
 
 
-def test_bad_rows_are_skipped_and_reads_are_bounded(db: PerfDB) -> None:
+def test_bad_rows_are_skipped_and_reads_are_bounded(db: PerfDB, caplog: pytest.LogCaptureFixture) -> None:
+    """Malformed rows are skipped, and said so once (a bad row for the best kernel quietly let a slower one win)."""
     db.record([rec("torch_rms_norm", 4.0)])
     conn = sqlite3.connect(db.path)
     insert = "INSERT INTO measurements VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -229,9 +230,11 @@ def test_bad_rows_are_skipped_and_reads_are_bounded(db: PerfDB) -> None:
                               for i in range(MAX_ROWS + 100)])
     conn.commit()
     conn.close()
-    got = db.lookup(HW, "rms_norm", "float32", "n=64;hidden=512;grad=0")
-    assert set(got) == {"torch_rms_norm"}
-    assert len(db.lookup(HW, "rms_norm", "float32", "many")) == MAX_ROWS
+    with caplog.at_level(logging.WARNING, logger="layerzero"):
+        got = db.lookup(HW, "rms_norm", "float32", "n=64;hidden=512;grad=0")
+        assert set(got) == {"torch_rms_norm"}
+        assert len(db.lookup(HW, "rms_norm", "float32", "many")) == MAX_ROWS
+    assert caplog.text.count("holds a malformed row") == 1 and "rows are skipped" in caplog.text
 
 
 def test_unwritable_location_never_fails_a_lookup(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -159,6 +159,7 @@ class PerfDB:
         self._data_version: int | None = None
         self._next_refresh = 0.0
         self._warned_unavailable = False
+        self._warned_rows = False
         self._retry_at = 0.0  # monotonic time before which reads go without the database (it failed just now)
 
     def __repr__(self) -> str:
@@ -356,6 +357,10 @@ class PerfDB:
                 parsed = _parse_row(row)
                 if parsed is not None:
                     found.setdefault(parsed[0], []).append((parsed[1], parsed[2]))
+                elif not self._warned_rows:  # another kernel may then win the bucket: say so, once
+                    self._warned_rows = True
+                    log.warning("performance database %s holds a malformed row (%s for %s, bucket %s: %r); such "
+                                "rows are skipped", self.path, operation, dtype, bucket, row[:1])
             with self._lock:
                 if len(self._memo) >= _MEMO_LIMIT:
                     self._memo.clear()
