@@ -284,3 +284,35 @@ def test_cpu_extra_peak_memory_is_under_half_the_logits() -> None:
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "extra peak / full logits" in out.stdout
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_the_chunked_kernel_has_a_second_derivative(reduction: str, softcap: float | None) -> None:
+    """Its gradients come from a hand-written pass: a Hessian-vector product (or a gradient penalty) got the
+    regularizer's term only, the loss's Hessian silently dropped (mean/sum), or an in-place error (none). Under
+    create_graph=True its backward now differentiates the plain loss: gradgradcheck passes."""
+    torch.manual_seed(0)
+    h = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 1, -100, 4])
+
+    def chunked(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        with lz.lock("linear_cross_entropy", "torch_linear_cross_entropy_chunked"):
+            return lz.linear_cross_entropy(h, w, t, reduction=reduction, softcap=softcap, label_smoothing=0.1)
+
+    def plain(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        z = h @ w.T
+        z = z if softcap is None else softcap * torch.tanh(z / softcap)
+        return torch.nn.functional.cross_entropy(z, t, reduction=reduction, label_smoothing=0.1)
+
+    for fn in (chunked, plain):
+        loss = fn(h, w)
+        loss = loss.sum() if reduction == "none" else loss
+        gh, gw = torch.autograd.grad(loss + 0.5 * (h ** 2).sum(), (h, w), create_graph=True)
+        hvp = torch.autograd.grad(gh.sum() + gw.sum(), (h, w))
+        if fn is chunked:
+            got = (gh.detach(), gw.detach(), *hvp)
+        else:
+            torch.testing.assert_close(got, (gh.detach(), gw.detach(), *hvp))
+    assert torch.autograd.gradgradcheck(chunked, (h, w))

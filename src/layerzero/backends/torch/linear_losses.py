@@ -173,11 +173,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.count = valid.sum().to(total.dtype) if reduction == "mean" else None
         if ctx.count is not None:
             total = total / ctx.count
-        ctx.save_for_backward(*grads)
+        ctx.save_for_backward(*grads, hidden, weight, bias, target)  # the inputs only for create_graph=True
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow (see _twice_differentiable)
+            return _twice_differentiable(ctx, grad_out)
         if ctx.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
             row_scale = grad_out.to(_compute_dtype(hidden.dtype))
@@ -188,7 +190,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                                    "through one graph; its gradients are computed in the forward and scaled in "
                                    "place, so call the op again instead of retain_graph=True")
             ctx.used = True
-            grads = list(ctx.saved_tensors)
+            grads = list(ctx.saved_tensors[:3])
             # 0-dim, float32 or float64; no valid target at all (a batch of prompt or padding): the loss is NaN
             # (0 / 0, as F.cross_entropy's) but every gradient is 0, as torch's: the count floors at 1
             factor = grad_out if ctx.count is None else grad_out / ctx.count.clamp(min=1)
@@ -199,6 +201,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if g_b is not None:
             g_b = g_b.to(ctx.bias_dtype)
         return g_h, g_w, g_b, None, None, None, None
+
+
+def _twice_differentiable(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+    """The backward under ``create_graph=True`` (a gradient penalty, a Hessian-vector product): the chunked pass
+    computes its gradients by hand, outside any graph, so their own derivative would be missing (the loss's
+    Hessian silently dropped). This differentiates the plain loss instead (full logits: memory as the naive
+    kernel's, for this backward only)."""
+    hidden, weight, bias, target = ctx.saved_tensors[-4:]
+    ignore_index, smoothing, softcap = ctx.opts
+    loss = torch_linear_cross_entropy_naive(hidden, weight, target, bias, ignore_index, smoothing, ctx.reduction,
+                                            softcap)
+    wanted = [t for t, n in zip((hidden, weight, bias), ctx.need, strict=True) if n]
+    got = iter(torch.autograd.grad(loss, wanted, grad_out, create_graph=True))
+    g_h, g_w, g_b = (next(got) if n else None for n in ctx.need)
+    return g_h, g_w, g_b, None, None, None, None
 
 
 def torch_linear_cross_entropy_chunked(hidden, weight, target, bias, ignore_index, label_smoothing,  # type: ignore[no-untyped-def]
