@@ -250,6 +250,18 @@ def test_an_attention_option_taking_a_second_value_still_compiles_fullgraph(opti
         assert spreads[0] < 1e-6 < spreads[1] < spreads[2]
 
 
+def test_under_compile_a_scale_no_float_holds_is_refused_as_in_eager() -> None:
+    """finite_number's traced form compared with inf, which 10**400 passes: the compiled call ended in a
+    TorchRuntimeError from a fake tensor; it now compares with FLOAT_MAX, as the contract guards do."""
+    torch._dynamo.reset()
+    q = torch.randn(1, 2, 4, 8)
+    compiled = torch.compile(lambda q, s: lz.attention(q, q, q, scale=s), backend="eager")
+    for bad in (10**400, float("inf")):
+        with pytest.raises(lz.errors.InvalidInputError, match="scale must be a finite number or None"):
+            compiled(q, bad)
+    torch.testing.assert_close(compiled(q, 0.5), lz.attention(q, q, q, scale=0.5))
+
+
 def test_compiled_attention_takes_enable_gqa() -> None:
     torch._dynamo.reset()
     q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)

@@ -76,11 +76,12 @@ def finite_number(x: Any) -> bool:
     """An int or float (not a bool) that a float holds finitely (``10**400`` is not: ``float()`` overflows).
 
     Under torch.compile a float option that took a second value is a symbolic float (Dynamo's automatic
-    dynamic): ``math.isfinite`` cannot be traced on it, comparisons can (NaN fails both)."""
+    dynamic): ``math.isfinite`` cannot be traced on it, the guards' comparison with :data:`FLOAT_MAX` can (NaN,
+    inf and ``10**400`` fail it, as they fail ``math.isfinite``)."""
     if isinstance(x, bool) or not isinstance(x, (int, float, torch.SymInt, torch.SymFloat)):
         return False
     if isinstance(x, (torch.SymInt, torch.SymFloat)) or torch.compiler.is_compiling():
-        return bool(-math.inf < x < math.inf)
+        return bool(-FLOAT_MAX <= x <= FLOAT_MAX)
     try:
         return math.isfinite(x)
     except OverflowError:
