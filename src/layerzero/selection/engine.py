@@ -299,8 +299,7 @@ class SelectionEngine:
 
         timed = [(s, d) for s, d in items if d.measured_us is not None]
         untimed = [(s, d) for s, d in items if d.measured_us is None]
-        # ties (a backend's kernels all given one priority by ``prefer``) keep the kernels' own order
-        untimed.sort(key=lambda sd: (-(sd[1].score or 0.0), -sd[0].priority, sd[0].kernel_id))
+        untimed.sort(key=_by_score)
         if not timed:
             return untimed
         # Measured kernels: fastest first, but a kernel only overtakes a higher-scored one
@@ -317,7 +316,7 @@ class SelectionEngine:
             groups.append([item])
         ordered: list[tuple[KernelSpec, CandidateDecision]] = []
         for g in groups:
-            ordered.extend(sorted(g, key=lambda sd: (-(sd[1].score or 0.0), -sd[0].priority, sd[0].kernel_id)))
+            ordered.extend(sorted(g, key=_by_score))
         return ordered + untimed
 
 
@@ -328,6 +327,12 @@ NATIVE_FIRST_UNDER_COMPILE: frozenset[str] = frozenset({
     "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "gelu", "silu", "cross_entropy"})
 
 _NATIVE_NOTE = "torch.compile: Inductor's code for the native op ranks first"
+
+
+def _by_score(sd: tuple[KernelSpec, CandidateDecision]) -> tuple[float, int, str]:
+    """Best score first; ties (a backend's kernels all given one priority by ``prefer``) by the kernels' own
+    priorities, then ids."""
+    return -(sd[1].score or 0.0), -sd[0].priority, sd[0].kernel_id
 
 
 def native_first(ranked: list[tuple[KernelSpec, CandidateDecision]]) -> list[tuple[KernelSpec, CandidateDecision]]:
@@ -351,18 +356,16 @@ def _drop_failed(items: list[tuple[KernelSpec, CandidateDecision]], measured: Ma
                  ) -> list[tuple[KernelSpec, CandidateDecision]]:
     """``items`` without the kernels whose tuning run failed; when that would leave none (every row says failed:
     a broken tuning run, a database edited by hand), all of them, noted: the breakers judge them at run time."""
-    failed = [(spec, measured[spec.kernel_id]) for spec, _ in items
-              if spec.kernel_id in measured and measured[spec.kernel_id].failed]
-    if failed and len(failed) == len(items):
+    bad = {s.kernel_id: m for s, _ in items if (m := measured.get(s.kernel_id)) is not None and m.failed}
+    if bad and len(bad) == len(items):
         for _, d in items:
             d.rules.append("its tuning run failed, as every candidate's did: the measurements are not used")
         return items
     kept = []
-    bad = {spec.kernel_id: m for spec, m in failed}
     for spec, d in items:
         if spec.kernel_id in bad:
-            d.reasons.append(Reason(ReasonCode.MEASURED_FAILED,
-                                    f"{spec.kernel_id} failed its correctness check when tuned ({bad[spec.kernel_id].source})"))
+            d.reasons.append(Reason(ReasonCode.MEASURED_FAILED, f"{spec.kernel_id} failed its correctness check "
+                                                                f"when tuned ({bad[spec.kernel_id].source})"))
             continue
         kept.append((spec, d))
     return kept
