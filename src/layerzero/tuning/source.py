@@ -204,28 +204,23 @@ def use_perf_db(path: str | os.PathLike[str] | None = None, *, runtime: Runtime 
     from layerzero.tuning.perfdb import PerfDB
 
     rt = _runtime(runtime)
-    old = rt.measurement_source
-    if isinstance(old, PerfDBSource) and old._db is not None:
-        old._db.remove_listener(old._changed)
     source = PerfDBSource(rt, PerfDB(path))
-    rt.measurement_source = source
-    rt.invalidate("performance database attached")
+    _replace_source(rt, source, "performance database attached")
     return source.open()
 
 
 def read_perf_db_only(*, runtime: Runtime | None = None) -> PerfDB | None:
     """Make selection read the default database read-only (``layerzero doctor``: it reports on the file and
-    never builds, repairs or moves one); None, and no database, when the file does not exist."""
+    never builds, repairs or moves one); None when the file does not exist (the source stays: it opens none,
+    and the shipped tables still apply)."""
     from layerzero.tuning.perfdb import PerfDB, default_path
 
     rt = _runtime(runtime)
     path = default_path(rt.config.perf_db_path)
     if not path.exists():
-        rt.measurement_source = None
         return None
     db = PerfDB(path, read_only=True)
-    rt.measurement_source = PerfDBSource(rt, db)
-    rt.invalidate("performance database read-only")
+    _replace_source(rt, PerfDBSource(rt, db), "performance database read-only")
     return db
 
 
@@ -243,12 +238,17 @@ def get_perf_db(*, runtime: Runtime | None = None, create: bool = True) -> PerfD
 
 def detach_perf_db(*, runtime: Runtime | None = None) -> None:
     """Stop using measured times (selection goes back to priorities)."""
-    rt = _runtime(runtime)
-    src = rt.measurement_source
-    if isinstance(src, PerfDBSource) and src._db is not None:
-        src._db.remove_listener(src._changed)
-    rt.measurement_source = None
-    rt.invalidate("performance database detached")
+    _replace_source(_runtime(runtime), None, "performance database detached")
+
+
+def _replace_source(rt: Runtime, source: PerfDBSource | None, reason: str) -> None:
+    """``rt``'s measurement source becomes ``source``: the old one's database stops invalidating ``rt``'s plans,
+    and they are dropped (the next call of each shape selects with the new source's times)."""
+    old = rt.measurement_source
+    if isinstance(old, PerfDBSource) and old._db is not None:
+        old._db.remove_listener(old._changed)
+    rt.measurement_source = source
+    rt.invalidate(reason)
 
 
 def install_default_source(runtime: Runtime) -> None:
