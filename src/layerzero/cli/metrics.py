@@ -18,6 +18,8 @@ from typing import Any
 
 import click
 
+from layerzero.cli.params import Seconds
+
 __all__ = ["register", "metrics_command", "families_json"]
 
 
@@ -53,7 +55,7 @@ def _warmup() -> bool:
 @click.option("--addr", default="127.0.0.1", show_default=True, help="Address to serve on (loopback by default).")
 @click.option("--once", is_flag=True, help="Print the metrics once and exit (the default without --port).")
 @click.option("--warmup", is_flag=True, help="Run each core operation once first (lz.readiness_check()).")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True, max=1e9), default=None,
+@click.option("--duration", type=Seconds(max=1e9), default=None,
               help="With --port: stop after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the metric families, or the server address).")
 def metrics_command(port: int | None, addr: str, once: bool, warmup: bool, duration: float | None,
@@ -61,8 +63,6 @@ def metrics_command(port: int | None, addr: str, once: bool, warmup: bool, durat
     """Print layerzero's Prometheus metrics (--once), or serve them on http://ADDR:PORT/metrics (--port)."""
     if once and port is not None:
         raise click.UsageError("choose one of --port N (serve) and --once (print)")
-    if duration is not None and duration != duration:  # NaN passes a FloatRange
-        raise click.BadParameter("nan is not a number of seconds", param_hint="--duration")
     if duration is not None and port is None:
         raise click.UsageError("--duration stops a server: it needs --port N")
     ready = _warmup() if warmup else True

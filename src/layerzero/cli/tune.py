@@ -24,6 +24,8 @@ from typing import Any
 
 import click
 
+from layerzero.cli.params import Seconds
+
 __all__ = ["register", "tune_command"]
 
 
@@ -44,7 +46,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
 @click.option("--dtype", "dtypes", multiple=True,
               help="dtype(s), repeatable or comma-separated (default: bf16,fp16 on CUDA, float32 on CPU).")
-@click.option("--budget-s", type=click.FloatRange(min=0.0, min_open=True), default=None,
+@click.option("--budget-s", type=Seconds(), default=None,
               help="Stop measuring after this many seconds.")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
               help="Performance database file (default: $LAYERZERO_PERF_DB or the user cache directory).")
@@ -98,8 +100,6 @@ def tune_command(ops: str, grid_name: str, shapes: tuple[str, ...], device: str 
             plan = {operation: grids.compiled_contexts(operation, c) for operation, c in plan.items()}
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--compiled") from None
-    if budget_s is not None and budget_s != budget_s:  # NaN passes a FloatRange
-        raise click.BadParameter("nan is not a number of seconds", param_hint="--budget-s")
     if db_path is not None and not db_path.strip():
         raise click.BadParameter("an empty path names no file", param_hint="--db")
     if not any(plan.values()):
