@@ -101,6 +101,8 @@ def test_the_import_probe_lets_python_cache_bytecode(monkeypatch) -> None:
     (["bench", "--quick", "--json", "/nonexistent/dir/x.json"], "'/nonexistent/dir' does not exist"),
     (["bench", "--quick", "--json", __file__ + "/x.json"], f"'{__file__}' is a file, not a folder"),
     (["bench", "--iterations", "0"], "0 is not in the range x>=1"),
+    (["bench", "--model", "llama", "--budget-s", "nan"], "nan is not a number of seconds"),
+    (["bench", "--model", "llama", "--budget-s", "-5"], "-5.0 is not in the range x>0.0"),
     (["metrics", "--port", "0", "--duration", "-1"], "is not in the range"),
     (["metrics", "--port", "0", "--duration", "nan"], "nan is not a number of seconds"),
     (["metrics", "--duration", "1"], "--duration stops a server: it needs --port N"),

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from layerzero.bench.model_variants import MODELS, WORKLOADS
+from layerzero.cli.params import Seconds
 
 __all__ = ["register", "bench"]
 
@@ -43,7 +44,7 @@ __all__ = ["register", "bench"]
               help="With --model: vocabulary size (default 32000 on CUDA; Llama 3 has 128256).")
 @click.option("--seq", type=click.IntRange(min=1), default=None,
               help="With --model: tokens per sequence of prefill and the training step (default 1024 on CUDA).")
-@click.option("--budget-s", type=float, default=None,
+@click.option("--budget-s", type=Seconds(), default=None,
               help="With --model: start no warm-up or later round after this many seconds (default 420 on CUDA, "
                    "none on the CPU).")
 @click.option("--no-liger", is_flag=True, help="With --model: leave out the Liger rows.")
