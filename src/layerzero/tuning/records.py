@@ -17,7 +17,7 @@ ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,127}$")  # a kernel id
 
 @dataclass(frozen=True)
 class Record:
-    """One measurement to store (see the module docstring for the key)."""
+    """One measurement to store (``layerzero.tuning.perfdb``'s docstring describes the key)."""
 
     hardware: str
     libraries: str
