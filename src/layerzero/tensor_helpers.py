@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["window_mask", "half_cos_sin", "alibi_bias", "softcapped", "masked_softmax"]
+__all__ = ["window_mask", "half_cos_sin", "alibi_bias", "softcapped", "masked_softmax", "holds_in_dtype"]
+
+
+def holds_in_dtype(bound: float, dtype: torch.dtype) -> bool:
+    """Whether a value of at most ``bound`` in magnitude stays finite in ``dtype``, with room (a quarter of its
+    largest value): beyond it a kernel computing in that dtype overflows where the float64 reference does not,
+    and verify mode must not blame it (the ops' ``reference_applies``, and a result beyond the output's dtype)."""
+    return bound == bound and bound < torch.finfo(dtype).max / 4
 
 
 def window_mask(sq: int, sk: int, window: int | None, is_causal: bool, device: torch.device) -> torch.Tensor | None:

@@ -34,14 +34,14 @@ import torch
 
 from layerzero.accel import attention_hit
 from layerzero.context import SelectionContext
-from layerzero.ops.base import (FLOAT_MAX, OpDef, default_generator, finite_number, holds_in_dtype, kind, largest,
+from layerzero.ops.base import (FLOAT_MAX, OpDef, default_generator, finite_number, kind, largest,
                                 layout_problem, option_flag, option_number, pick, shown)
 from layerzero.ops.contract import CallContract
 from layerzero.ops.names import OPERATIONS, operation_problem
 from layerzero.policy.scope import LIVE
 from layerzero.runtime import get_runtime
 from layerzero.ops.attention_variants import variant_key, variant_problem, variants_admitted
-from layerzero.tensor_helpers import alibi_bias, masked_softmax, softcapped, window_mask
+from layerzero.tensor_helpers import alibi_bias, holds_in_dtype, masked_softmax, softcapped, window_mask
 
 __all__ = ["attention", "ATTENTION", "AttentionOp", "attention_reference", "window_mask", "gqa_refused"]
 

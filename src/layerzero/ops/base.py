@@ -24,7 +24,7 @@ from layerzero.ops.contract import CallContract, ContractFunctions, build
 
 __all__ = ["OpDef", "describe_tensor", "describe_args", "describe_inputs", "require_tensor", "pick", "layout_problem",
            "tensor_problem", "default_generator", "finite_number", "shown", "kind", "option_flag", "option_number",
-           "holds_in_dtype", "largest", "FLOAT_MAX"]
+           "largest", "FLOAT_MAX"]
 
 #: The largest finite float: a contract guard's ``-FLOAT_MAX <= x <= FLOAT_MAX`` holds for a finite float and for
 #: an int a float holds (not for NaN, inf or ``10**400``, which ``float()`` cannot convert).
@@ -40,13 +40,6 @@ def shown(x: Any) -> str:
     if type(x).__module__ != "builtins" and not isinstance(x, torch.Tensor):
         return f"{text} (a {kind(x)}, not a Python scalar)"
     return text
-
-
-def holds_in_dtype(bound: float, dtype: torch.dtype) -> bool:
-    """Whether an intermediate of at most ``bound`` in magnitude stays finite in ``dtype`` (a quarter of its
-    largest value): beyond it a kernel computing in the inputs' dtype overflows where the float64 reference
-    does not, and verify mode must not blame it (``reference_applies``)."""
-    return bound == bound and bound < torch.finfo(dtype).max / 4
 
 
 def largest(t: torch.Tensor) -> float:

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, holds_in_dtype, largest, layout_problem, option_flag, pick
+from layerzero.ops.base import OpDef, largest, layout_problem, option_flag, pick
 from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
-from layerzero.tensor_helpers import half_cos_sin
+from layerzero.tensor_helpers import half_cos_sin, holds_in_dtype
 
 __all__ = ["rope", "swiglu", "geglu", "gelu", "silu", "ROPE", "SWIGLU", "GEGLU", "GELU", "SILU", "rope_reference",
            "half_cos_sin"]

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, finite_number, holds_in_dtype, largest, pick, tensor_problem
+from layerzero.ops.base import OpDef, finite_number, largest, pick, tensor_problem
 from layerzero.ops.contract import CallContract
 from layerzero.ops.losses import ignore_index_problem, target_range_problem
 from layerzero.runtime import get_runtime
+from layerzero.tensor_helpers import holds_in_dtype
 
 __all__ = ["linear_cross_entropy", "LINEAR_CROSS_ENTROPY", "LinearCrossEntropyOp", "loss_dtype",
            "linear_cross_entropy_reference"]

@@ -13,10 +13,11 @@ import torch
 
 from layerzero.accel import norm_hit
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, holds_in_dtype, largest, layout_problem, option_number, pick, shown
+from layerzero.ops.base import OpDef, largest, layout_problem, option_number, pick, shown
 from layerzero.ops.contract import CallContract
 from layerzero.policy.scope import LIVE
 from layerzero.runtime import get_runtime
+from layerzero.tensor_helpers import holds_in_dtype
 
 __all__ = ["rms_norm", "layer_norm", "RMS_NORM", "LAYER_NORM", "RMSNormOp", "LayerNormOp"]
 

@@ -15,6 +15,7 @@ import torch
 from layerzero.errors import InvalidInputError
 from layerzero.selection.plan import ExecutionPlan
 from layerzero.spec import KernelSpec
+from layerzero.tensor_helpers import holds_in_dtype
 
 __all__ = ["Verifier", "compare_with_reference"]
 
@@ -70,7 +71,7 @@ def compare_with_reference(plan: ExecutionPlan, spec: KernelSpec, args: tuple[An
         got = out.detach().to(torch.float64)
         ref = ref.detach().to(device=got.device, dtype=torch.float64)
         finite = ref[torch.isfinite(ref)]
-        if finite.numel() and float(finite.abs().amax()) >= torch.finfo(out.dtype).max / 4:
+        if finite.numel() and not holds_in_dtype(float(finite.abs().amax()), out.dtype):
             return None  # the true result (nearly) overflows the output's dtype: every kernel returns inf there
         ref_nan = torch.isnan(ref)
         if bool((torch.isnan(got) & ~ref_nan).any()):
