@@ -193,6 +193,61 @@ def test_kernel_without_backward_is_rejected_when_grad_is_required(
     assert codes(train, "custom_attention_fwd") == [ReasonCode.GRAD_UNSUPPORTED]
 
 
+_DEVICES = st.sampled_from([("cpu", None), ("cuda", (7, 5)), ("cuda", (8, 0)), ("cuda", (9, 0)), ("cuda", None)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(device=_DEVICES, dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+       head_dim=st.sampled_from([32, 64, 80, 128, 256, 320]), seq_q=st.integers(1, 70000),
+       seq_k=st.integers(1, 70000), kv_heads=st.sampled_from([1, 4, 16]), causal=st.booleans(),
+       grad=st.booleans(), window=st.sampled_from([None, 128]), dropout=st.sampled_from([0.0, 0.1]))
+def test_the_trace_is_every_spec_checked_from_scratch(device: tuple[str, tuple[int, int] | None], dtype: torch.dtype,
+                                                      head_dim: int, seq_q: int, seq_k: int, kv_heads: int,
+                                                      causal: bool, grad: bool, window: int | None,
+                                                      dropout: float) -> None:
+    """The engine remembers each kernel's device reasons per (device, dtype): its reasons are still those of
+    the availability probe, ``spec.check`` and the breaker, in that order, for every candidate, on a second
+    call too."""
+    kernels, backends = KernelRegistry(), BackendRegistry()
+    torch_backend.register(kernels, backends)
+    engine = SelectionEngine(kernels, backends)
+    platform, cc = device
+    ctx = SelectionContext(device=platform, compute_capability=cc, dtype=dtype, batch_size=2, seq_len_q=seq_q,
+                           seq_len_k=seq_k, num_heads=16, num_kv_heads=kv_heads, head_dim=head_dim,
+                           is_causal=causal, requires_grad=grad, window=window, dropout_p=dropout)
+    is_open = {"torch_sdpa_math"}.__contains__
+    for _ in range(2):
+        sel = engine.select("attention", ctx, breaker_open=is_open, raise_on_empty=False)
+        for spec in kernels.for_operation("attention"):
+            unavailable = backends.unavailable_reason(spec.backend)
+            want = ([unavailable] if unavailable else []) + spec.check(ctx) + (
+                [ReasonCode.CIRCUIT_OPEN] if is_open(spec.kernel_id) else [])
+            got = sel.decision(spec.kernel_id).reasons  # type: ignore[union-attr]
+            assert [r.code for r in got] == [getattr(r, "code", r) for r in want]
+            assert [str(r) for r in got][:len(want) - is_open(spec.kernel_id)] == \
+                [str(r) for r in want][:len(want) - is_open(spec.kernel_id)]
+
+
+def test_the_remembered_device_reasons_follow_both_registries(
+        registries: tuple[KernelRegistry, BackendRegistry], engine: SelectionEngine) -> None:
+    """A kernel registered, a backend marked unhealthy or healthy again: the next selection on the same device
+    and dtype sees it."""
+    kernels, backends = registries
+    ctx = gpu((9, 0), is_causal=True)
+    assert engine.select("attention.causal", ctx).selected.kernel_id == "torch_sdpa"
+    kernels.register(KernelSpec("custom_attention", "attention", "custom", noop, priority=999))
+    assert engine.select("attention.causal", ctx).selected.kernel_id == "custom_attention"
+    backends.register("custom")
+    backends.mark_unhealthy("custom", "failed its self-test")
+    sel = engine.select("attention.causal", ctx)
+    assert sel.selected.kernel_id == "torch_sdpa"
+    assert messages(sel, "custom_attention") == ["custom is marked unhealthy: failed its self-test"]
+    backends.mark_healthy("custom")
+    assert engine.select("attention.causal", ctx).selected.kernel_id == "custom_attention"
+    kernels.unregister("custom_attention")
+    assert engine.select("attention.causal", ctx).decision("custom_attention") is None
+
+
 # -- determinism ---------------------------------------------------------------------------------
 
 def _tie_registry() -> KernelRegistry:

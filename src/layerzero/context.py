@@ -21,7 +21,7 @@ import torch
 
 from layerzero.errors import InvalidInputError
 
-__all__ = ["SelectionContext", "DTYPE_NAMES", "dtype_from_name", "bucket_pow2"]
+__all__ = ["SelectionContext", "DTYPE_NAMES", "dtype_from_name", "dtype_name", "bucket_pow2"]
 
 _MISSING: Any = object()
 
@@ -49,6 +49,11 @@ def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
         return _DTYPE_BY_NAME[key]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; known: {sorted(_DTYPE_BY_NAME)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``, ``torch.int8`` -> ``"int8"``: the names messages and conditions use."""
+    return DTYPE_NAMES.get(dtype) or str(dtype).removeprefix("torch.")
 
 
 def bucket_pow2(n: int | None) -> int | None:
@@ -289,9 +294,7 @@ class SelectionContext:
 
     @property
     def dtype_name(self) -> str | None:
-        if self.dtype is None:
-            return None
-        return DTYPE_NAMES.get(self.dtype) or str(self.dtype).removeprefix("torch.")  # torch.int8 -> 'int8'
+        return None if self.dtype is None else dtype_name(self.dtype)
 
     @property
     def is_gqa(self) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from layerzero.context import DTYPE_NAMES, SelectionContext, dtype_from_name
+from layerzero.context import DTYPE_NAMES, SelectionContext, dtype_from_name, dtype_name
 
 __all__ = ["KernelSpec", "Reason", "ReasonCode", "ResidualPair"]
 
@@ -202,33 +202,46 @@ class KernelSpec:
     # -------------------------------------------------------------------------
     def check(self, ctx: SelectionContext) -> list[Reason]:
         """Every reason this kernel cannot run ``ctx`` (empty: it can)."""
+        out = self.device_reasons(ctx.platform, ctx.compute_capability, ctx.dtype)
+        out.extend(self.call_reasons(ctx))
+        return out
+
+    def device_reasons(self, platform: str, compute_capability: tuple[int, int] | None,
+                       dtype: torch.dtype | None) -> list[Reason]:
+        """Why this kernel cannot run on this device and dtype (the platform, compute capability and dtype):
+        the part of :meth:`check` that depends on nothing else, so selection may remember it per device."""
         out: list[Reason] = []
-        for part in (self._device_reasons, self._shape_reasons, self._attention_reasons, self._mode_reasons):
-            part(ctx, out.append)
+        if self.platforms is not None and platform not in self.platforms:
+            out.append(Reason(ReasonCode.PLATFORM_MISMATCH,
+                              f"device is {platform}, kernel runs on {', '.join(sorted(self.platforms))}"))
+        cc = compute_capability
+        if platform == "cuda":
+            if self.min_compute_capability is not None:
+                if cc is None:
+                    out.append(Reason(ReasonCode.SM_TOO_OLD, f"needs compute capability >= "
+                                      f"{_cc(self.min_compute_capability)}, this GPU's is unknown"))
+                elif cc < self.min_compute_capability:
+                    out.append(Reason(ReasonCode.SM_TOO_OLD, f"needs compute capability >= "
+                                      f"{_cc(self.min_compute_capability)}, this GPU has {_cc(cc)}"))
+            if self.max_compute_capability is not None and cc is not None and cc > self.max_compute_capability:
+                out.append(Reason(ReasonCode.SM_TOO_NEW, f"supports compute capability <= "
+                                  f"{_cc(self.max_compute_capability)}, this GPU has {_cc(cc)}"))
+        if self.dtypes is not None and dtype is not None and dtype not in self.dtypes:
+            out.append(Reason(ReasonCode.DTYPE_UNSUPPORTED,
+                              f"dtype={dtype_name(dtype)} (supported: {_names(self.dtypes)})"))
+        return out
+
+    def call_reasons(self, ctx: SelectionContext) -> list[Reason]:
+        """Why this kernel cannot run this call, the device and dtype aside: shapes, masks, variants, layouts,
+        modes and ``extra_check``."""
+        out: list[Reason] = []
+        add = out.append
+        self._shape_reasons(ctx, add)
+        self._attention_reasons(ctx, add)
+        self._mode_reasons(ctx, add)
         if self.extra_check is not None:
             out.extend(self.extra_check(ctx))
         return out
-
-    def _device_reasons(self, ctx: SelectionContext, add: Callable[[Reason], None]) -> None:
-        """The platform, compute capability and dtype."""
-        if self.platforms is not None and ctx.platform not in self.platforms:
-            add(Reason(ReasonCode.PLATFORM_MISMATCH,
-                       f"device is {ctx.platform}, kernel runs on {', '.join(sorted(self.platforms))}"))
-        cc = ctx.compute_capability
-        if ctx.platform == "cuda":
-            if self.min_compute_capability is not None:
-                if cc is None:
-                    add(Reason(ReasonCode.SM_TOO_OLD,
-                               f"needs compute capability >= {_cc(self.min_compute_capability)}, this GPU's is unknown"))
-                elif cc < self.min_compute_capability:
-                    add(Reason(ReasonCode.SM_TOO_OLD,
-                               f"needs compute capability >= {_cc(self.min_compute_capability)}, this GPU has {_cc(cc)}"))
-            if self.max_compute_capability is not None and cc is not None and cc > self.max_compute_capability:
-                add(Reason(ReasonCode.SM_TOO_NEW,
-                           f"supports compute capability <= {_cc(self.max_compute_capability)}, this GPU has {_cc(cc)}"))
-        if self.dtypes is not None and ctx.dtype is not None and ctx.dtype not in self.dtypes:
-            add(Reason(ReasonCode.DTYPE_UNSUPPORTED,
-                       f"dtype={ctx.dtype_name} (supported: {_names(self.dtypes)})"))
 
     def _shape_reasons(self, ctx: SelectionContext, add: Callable[[Reason], None]) -> None:
         """Head dims, lengths, batch, hidden size and head grouping."""

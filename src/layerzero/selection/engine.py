@@ -3,9 +3,10 @@ policy, measurements, breaker state) to a ranked plan and a full decision trace.
 
 Order of work: policy locks -> constraint filter (backend availability, the
 spec's declared constraints, open breakers) -> allow/deny -> score (priority,
-``prefer``, boosts, measured times) -> rank. The engine keeps no state and
-reads no hardware: callers pass everything in, so tests can select for a fake
-sm_90 GPU on a CPU-only machine. Ties break by kernel id, so two processes
+``prefer``, boosts, measured times) -> rank. The engine keeps no state (only a
+memo of what the registries answer per device and dtype, dropped when either
+changes) and reads no hardware: callers pass everything in, so tests can select
+for a fake sm_90 GPU on a CPU-only machine. Ties break by kernel id, so two processes
 with the same inputs always choose the same kernel.
 """
 
@@ -134,6 +135,31 @@ class SelectionEngine:
         self.kernels = kernel_registry
         self.backends = backend_registry
         self.measurements = measurements
+        self._screens: dict[tuple[Any, ...], tuple[tuple[KernelSpec, tuple[Reason, ...]], ...]] = {}
+        self._screens_of: tuple[int, int] = (-1, -1)
+
+    def screened(self, operation: str, platform: str, compute_capability: tuple[int, int] | None,
+                 dtype: Any) -> tuple[tuple[KernelSpec, tuple[Reason, ...]], ...]:
+        """Each kernel of ``operation`` with why it cannot run on this device and dtype at all (its backend's
+        availability, then :meth:`KernelSpec.device_reasons`; empty: it may).
+
+        Remembered per (operation, device, dtype) until either registry changes: a selection for a new shape
+        then checks only what depends on the call. The answer is the one the registries give now."""
+        versions = (self.kernels.version, self.backends.version)
+        screens = self._screens
+        if self._screens_of != versions or len(screens) > 4096:
+            screens = self._screens = {}
+            self._screens_of = versions
+        key = (operation, platform, compute_capability, dtype)
+        found = screens.get(key)
+        if found is None:
+            rows = []
+            for spec in self.kernels.for_operation(operation):
+                unavailable = self.backends.unavailable_reason(spec.backend)
+                on_device = spec.device_reasons(platform, compute_capability, dtype)
+                rows.append((spec, ((unavailable,) if unavailable is not None else ()) + tuple(on_device)))
+            found = screens[key] = tuple(rows)
+        return found
 
     def select(self, operation: str, ctx: SelectionContext, *, policy: Policy = EMPTY_POLICY,
                breaker_open: BreakerProbe | None = None, raise_on_empty: bool = True,
@@ -144,23 +170,21 @@ class SelectionEngine:
             NoKernelError: no candidate survives (when ``raise_on_empty``); lists every reason.
             KernelNotSupportedError: a policy lock names a kernel that cannot run ``ctx``.
         """
-        candidates = self.kernels.for_operation(operation)
         rules = policy.for_operation(operation) if policy.rules else ()
         env_base = condition_env(ctx, operation) if rules else None
 
         decisions: list[CandidateDecision] = []
         eligible: list[tuple[KernelSpec, CandidateDecision]] = []
-        for spec in candidates:
-            d = CandidateDecision(spec.kernel_id, spec.backend, False, spec.priority)
-            unavailable = self.backends.unavailable_reason(spec.backend)
-            if unavailable is not None:
-                d.reasons.append(unavailable)
-            d.reasons.extend(spec.check(ctx))
+        for spec, on_device in self.screened(operation, ctx.platform, ctx.compute_capability, ctx.dtype):
+            reasons = spec.call_reasons(ctx)
+            if on_device:
+                reasons[:0] = on_device
             if breaker_open is not None and breaker_open(spec.kernel_id):
-                d.reasons.append(Reason(ReasonCode.CIRCUIT_OPEN,
-                                        f"circuit breaker for {spec.kernel_id} is open after repeated failures"))
+                reasons.append(Reason(ReasonCode.CIRCUIT_OPEN,
+                                      f"circuit breaker for {spec.kernel_id} is open after repeated failures"))
+            d = CandidateDecision(spec.kernel_id, spec.backend, False, spec.priority, reasons=reasons)
             decisions.append(d)
-            if not d.reasons:
+            if not reasons:
                 eligible.append((spec, d))
 
         locked_by: str | None = None
