@@ -194,6 +194,15 @@ def _dispatch_lines(s: _Setup, progress: Callable[[str], None]) -> list[Overhead
         cand()
         progress(f"overhead {path}")
         rows.append(ratio_row(path, direct, s.pair(base, cand), 0.10))
+    # For comparison: a miss on every call (the seed's "DYNAMIC (uncached)": validation, the context, selection
+    # with its full trace, the plan and its checked first run), as a new call family's first call costs.
+    uncached = create_dynamic_dispatcher(config=s.rt.config.replace(enable_cache=False))
+    uncached.dispatch("attention.full", inputs)
+    progress("overhead uncached dispatch")
+    res = s.pair(lambda: sdpa(q, k, v), lambda: uncached.dispatch("attention.full", inputs))
+    rows.append(OverheadRow("dynamic dispatch(op, inputs), enable_cache=False", "F.scaled_dot_product_attention",
+                            res, "none (for comparison)", True,
+                            f"{res.overhead_ns / 1000:.1f} µs over: selection on every call", res.ratio, info=True))
     return rows
 
 
