@@ -63,6 +63,28 @@ def test_frozen_weights_get_no_gradient_and_input_still_does() -> None:
     torch.testing.assert_close(x.grad, ref_x.grad)
 
 
+@pytest.mark.parametrize("frozen", [(), ("up",), ("gate", "up", "down")])
+def test_a_second_derivative_is_the_plain_mlps(frozen: tuple[str, ...]) -> None:
+    """A gradient penalty or a Hessian-vector product through the lean node: its hand-written backward has no
+    derivative of its own, so under create_graph=True it differentiates the plain MLP (gradgradcheck), also with
+    some weights frozen."""
+    torch.manual_seed(2)
+    mlp = MLP(6, 10).double()
+    for name in frozen:
+        getattr(mlp, f"{name}_proj").weight.requires_grad_(False)
+    weights = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, *w: LeanSwiGLUMLP.apply(x, *w), (x, *weights))
+    # a gradient penalty, as a user writes it: the same parameter gradients as the plain module's
+    wrt = [x, *(p for p in mlp.parameters() if p.requires_grad)]
+    (gx,) = torch.autograd.grad(LeanSwiGLUMLP.apply(x, *weights).square().sum(), x, create_graph=True)
+    lean = torch.autograd.grad(gx.square().sum(), wrt)
+    (gx,) = torch.autograd.grad(mlp(x).square().sum(), x, create_graph=True)
+    plain = torch.autograd.grad(gx.square().sum(), wrt)
+    for got, want in zip(lean, plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_keeps_a_third_less_than_autograd() -> None:
     torch.manual_seed(2)
     mlp = MLP(32, 128, dtype=torch.float32)

@@ -15,7 +15,9 @@ without hooks, and floating-point weights of the input's dtype.
 
 One backward per forward: Liger's SwiGLU backward writes its gradients into the saved ``gate`` and ``up`` in
 place, so a second backward through the same graph (``retain_graph=True``) would read gradients as
-activations. Models that need that call ``patch(model, mlp=False)``.
+activations. Models that need that call ``patch(model, mlp=False)``. Under ``create_graph=True`` (a gradient
+penalty, a Hessian-vector product) the backward differentiates the plain MLP instead, so a second derivative is
+the plain module's.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class LeanSwiGLUMLP(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, wg, wu, wd, gate, up = ctx.saved_tensors
         need_x, need_wg, need_wu, need_wd = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow (see _twice_differentiable)
+            return _twice_differentiable(ctx.needs_input_grad, dout, x, wg, wu, wd)
         with torch.enable_grad():
             g = gate.detach().requires_grad_(True)
             u = up.detach().requires_grad_(True)
@@ -63,6 +67,18 @@ class LeanSwiGLUMLP(torch.autograd.Function):
         dwg = dg2.T @ x2 if need_wg else None
         dwu = du2.T @ x2 if need_wu else None
         return dx, dwg, dwu, dwd
+
+
+def _twice_differentiable(need: tuple[bool, ...], dout: torch.Tensor, x: torch.Tensor, wg: torch.Tensor,
+                          wu: torch.Tensor, wd: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The backward under ``create_graph=True`` (a gradient penalty, a Hessian-vector product): the lean one
+    recomputes the product outside any graph and a fused kernel's backward has no derivative of its own, so
+    their gradients' own derivative would be missing. This differentiates the plain MLP instead (what autograd
+    would have kept, for this backward only)."""
+    out = F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+    wanted = [t for t, n in zip((x, wg, wu, wd), need, strict=True) if n]
+    got = iter(torch.autograd.grad(out, wanted, dout, create_graph=True))
+    return tuple(next(got) if n else None for n in need)
 
 
 def _plain_linear(m: nn.Module, dtype: torch.dtype) -> bool:
