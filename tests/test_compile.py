@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch._dynamo
 
 import layerzero as lz
@@ -205,6 +206,22 @@ def test_fake_implementation_validates_with_layerzero_errors() -> None:
 
     with pytest.raises(Exception, match=r"query heads \(3\) must be divisible by key/value heads \(2\)"):
         torch.compile(fn, fullgraph=True, backend="eager")(q, k, v)
+
+
+def test_a_mask_that_does_not_broadcast_is_layerzeros_error_when_traced() -> None:
+    """The mask's shape check compares ints: ``torch.broadcast_shapes`` raised Dynamo's TorchRuntimeError from the
+    fake call, past validation's own ``except``, so a traced call named no layerzero error."""
+    q = k = v = torch.randn(2, 4, 8, 16)
+    mask = torch.zeros(5, 8, dtype=torch.bool)
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return lz.attention(q, k, v, attn_mask=mask)
+
+    with pytest.raises(lz.errors.InvalidInputError, match=r"attn_mask of shape \(5, 8\) does not broadcast"):
+        torch.compile(fn, backend="eager")(q, k, v, mask)
+    ok = torch.ones(8, 8, dtype=torch.bool).tril()
+    torch.testing.assert_close(torch.compile(fn, backend="eager")(q, k, v, ok),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=ok))
 
 
 def test_import_layerzero_stays_lazy_and_hooks_set_up_integrations_on_import() -> None:

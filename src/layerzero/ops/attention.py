@@ -35,7 +35,7 @@ import torch
 from layerzero.accel import attention_hit
 from layerzero.context import SelectionContext
 from layerzero.ops.base import (FLOAT_MAX, OpDef, default_generator, finite_number, kind, largest,
-                                layout_problem, option_flag, option_number, pick, shown)
+                                layout_problem, number_guard, option_flag, option_number, pick, shown)
 from layerzero.ops.contract import CallContract
 from layerzero.ops.names import OPERATIONS, operation_problem
 from layerzero.policy.scope import LIVE
@@ -132,11 +132,10 @@ class AttentionOp(OpDef):
             if not 2 <= mask.dim() <= 4:
                 raise self.invalid(operation, f"attn_mask must have 2 to 4 dimensions (broadcastable to (batch, heads, "
                                               f"seq_q, seq_k)), got {mask.dim()}-D", args)
-            try:
-                fits = torch.broadcast_shapes(tuple(mask.shape), (b, hq, sq, sk)) == (b, hq, sq, sk)
-            except RuntimeError:
-                fits = False
-            if not fits:
+            # each of the mask's trailing dims is the target's or 1 (compared as ints: under torch.compile
+            # ``torch.broadcast_shapes`` raises the tracer's own error, which no ``except`` here would see)
+            target = (b, hq, sq, sk)[4 - mask.dim():]
+            if not all(m == t or m == 1 for m, t in zip(mask.shape, target, strict=True)):
                 raise self.invalid(operation, f"attn_mask of shape {tuple(mask.shape)} does not broadcast to "
                                               f"(batch, heads, seq_q, seq_k)=({b}, {hq}, {sq}, {sk})", args)
         if not isinstance(is_causal, bool):
@@ -144,7 +143,7 @@ class AttentionOp(OpDef):
         if mask is not None and is_causal:
             raise self.invalid(operation, "attn_mask and is_causal=True cannot be combined (as in SDPA)", args)
         if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-            raise self.invalid(operation, f"dropout_p must be in [0, 1), got {dropout_p!r}", args)
+            raise self.invalid(operation, f"dropout_p must be in [0, 1), got {shown(dropout_p)}", args)
         if scale is not None and not finite_number(scale):
             raise self.invalid(operation, f"scale must be a finite number or None, got {shown(scale)}", args)
         if scale is not None and scale <= 0 and (is_causal or window is not None):
@@ -378,13 +377,13 @@ variants = () if softcap is None and sinks is None and alibi_slopes is None else
     guard="(is_causal.__class__ is bool and (window is None or window.__class__ is int) and (scale is None or "
           "(scale.__class__ is float or scale.__class__ is int) and -FLOAT_MAX <= scale <= FLOAT_MAX "
           "and (scale > 0 or not is_causal and window is None)) "
-          "and (not variants or variants_admitted(q, *variants)))",
+          "and (not variants or variants_admitted(q, *variants)) and " + number_guard("dropout_p") + ")",
     direct="plan.direct(q, k, v)",  # PyTorch's SDPA itself: q, k and v say it all
     direct_when="scale is None",
     result="out.transpose(1, 2) if bshd else out",
     namespace={"FLOAT_MAX": FLOAT_MAX, "OP_CAUSAL": _OP_CAUSAL, "OP_FULL": _OP_FULL, "names_and_layout": names_and_layout,
                "bhsd": _bhsd, "variant_key": variant_key,
-               "variants_admitted": variants_admitted, "gqa_refused": gqa_refused},
+               "variants_admitted": variants_admitted, "gqa_refused": gqa_refused, "finite_number": finite_number},
     doc=_DOC,
     compiled=lambda runtime: attention_hit(runtime, LIVE, _OP_FULL, _OP_CAUSAL),
 )
