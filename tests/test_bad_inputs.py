@@ -56,6 +56,12 @@ def qkv(b: int = 1, h: int = 2, s: int = 4, d: int = 8) -> tuple[torch.Tensor, t
     return t(b, h, s, d), t(b, h, s, d), t(b, h, s, d)
 
 
+def inference(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a tensor made under ``torch.inference_mode``."""
+    with torch.inference_mode():
+        return x.clone()
+
+
 def attn(**kw: Any) -> Any:
     q, k, v = qkv()
     args = {"q": q, "k": k, "v": v}
@@ -308,6 +314,16 @@ ROWS: list[Row] = [
     Row("layout-nested", "layout", "a nested tensor of the strided layout for `rms_norm`", "InvalidInputError",
         "rms_norm: x is a nested tensor of the strided layout (use layout=torch.jagged or pad it) (inputs: …)",
         lambda tmp: lz.rms_norm(nested_strided(), W)),
+    Row("layout-sparse-up", "layout", "a sparse COO `up` for `swiglu` (a cached plan's kernel returned a sparse "
+        "result)", "InvalidInputError",
+        "swiglu: up must be a dense tensor, got layout=torch.sparse_coo (call .to_dense()) (inputs: …)",
+        lambda tmp: lz.swiglu(X, X.to_sparse())),
+    Row("grad-inference", "layout", "`q` made under `torch.inference_mode`, `k` requiring grad (its kernels were "
+        "blamed)", "InvalidInputError",
+        "attention.full: q is an inference tensor (made under torch.inference_mode) and another argument requires "
+        "grad: autograd cannot save it for the backward (clone it outside inference_mode, or run the call under "
+        "torch.no_grad) (inputs: …)",
+        lambda tmp: attn(q=inference(t(1, 2, 4, 8)), k=t(1, 2, 4, 8).requires_grad_(True))),
     Row("layout-dispatch", "layout", "`dispatch(..., layout=\"SBHD\")`", "InvalidInputError",
         "attention.causal: layout must be 'BHSD' or 'BSHD', got 'SBHD'",
         lambda tmp: dispatch("attention.causal", dict(zip(("query", "key", "value"), qkv(), strict=True)),
@@ -919,10 +935,21 @@ def test_every_class_in_the_brief_has_a_row() -> None:
     (lambda q: lz.attention(q, q, q, scale=np.float32(0.5)), "got np.float32(0.5) (a numpy.float32, not a Python"),
     (lambda q: lz.attention(q, q, q, window=np.int64(3)), "got np.int64(3) (a numpy.int64, not a Python scalar)"),
     (lambda q: lz.rms_norm(q, torch.ones(8), eps=np.float32(1e-3)), "(a numpy.float32, not a Python scalar)"),
+    # equal to the Python value that made a cached plan: the guards refuse it as the first call does
+    (lambda q: lz.attention(q, q, q, dropout_p=np.float32(0.0)), "got np.float32(0.0) (a numpy.float32, not a"),
+    (lambda q: lz.rms_norm(q, torch.ones(8), eps=np.float32(0.5)), "got np.float32(0.5) (a numpy.float32, not a"),
+    (lambda q: lz.cross_entropy(q.reshape(-1, 8), torch.zeros(8, dtype=torch.long), label_smoothing=np.float32(0.0)),
+     "got np.float32(0.0) (a numpy.float32, not a Python scalar)"),
 ])
 def test_a_numpy_scalar_is_named_as_one(call: Any, said: str) -> None:
     """A numpy scalar where a Python one belongs: the message says which type it is (it used to read
-    "is_causal must be a bool, got bool" for ``np.bool_``)."""
+    "is_causal must be a bool, got bool" for ``np.bool_``), cold and after the same call with Python values."""
+    with pytest.raises(InvalidInputError) as err:
+        call(torch.randn(1, 2, 4, 8))
+    assert said in str(err.value)
+    lz.attention(*torch.randn(3, 1, 2, 4, 8), dropout_p=0.0)
+    lz.rms_norm(torch.randn(1, 2, 4, 8), torch.ones(8), eps=0.5)
+    lz.cross_entropy(torch.randn(8, 8), torch.zeros(8, dtype=torch.long), label_smoothing=0.0)
     with pytest.raises(InvalidInputError) as err:
         call(torch.randn(1, 2, 4, 8))
     assert said in str(err.value)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import itertools
 import math
 from collections import OrderedDict
+from fractions import Fraction
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,11 +86,17 @@ def test_entry_looks_up_the_declared_keys(name: str, runtime: Any) -> None:
             assert f2 == family
 
 
-def scalar_mutations() -> list[Any]:
-    """For a scalar or an absent (None) argument: other values, and tensors that broadcast (an absent bias given
-    as (1,) must not ride on the plan of a (vocab,) one)."""
-    return [1, 0, True, False, 2.0, 0.5, float("nan"), float("inf"), -1, torch.tensor(0.5), "x", None, [1],
-            10**400, -(10**400), 1e308, -0.5, torch.randn(1) + 0.5, torch.randn(2, 1) + 0.5]
+def scalar_mutations(value: Any = None) -> list[Any]:
+    """For a scalar or an absent (None) argument: other values, tensors that broadcast (an absent bias given
+    as (1,) must not ride on the plan of a (vocab,) one), and the value itself as numpy and exact-fraction
+    scalars (equal, so they find the plan its float or int made)."""
+    out = [1, 0, True, False, 2.0, 0.5, float("nan"), float("inf"), -1, torch.tensor(0.5), "x", None, [1],
+           10**400, -(10**400), 1e308, -0.5, torch.randn(1) + 0.5, torch.randn(2, 1) + 0.5]
+    if type(value) in (int, float):
+        out += [np.float32(value), np.float64(value), Fraction(value)]
+        if type(value) is int:
+            out += [np.int64(value), np.int32(value)]
+    return out
 
 
 def tensor_mutations(t: torch.Tensor) -> list[Any]:
@@ -103,6 +111,25 @@ def tensor_mutations(t: torch.Tensor) -> list[Any]:
         out.append(t.narrow(-1, 0, 0))
     if t.dim() > 2:
         out.append(t.narrow(1, 0, 0))  # no heads
+    if t.dim():
+        out.append(t.to_sparse())  # a layout no key carries: sparse kernels may return a sparse result
+    return out
+
+
+def inference_mutations(valid: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """``valid`` with one tensor made under ``torch.inference_mode`` while a floating-point one requires grad
+    (PyTorch refuses: autograd cannot save an inference tensor), for each pair of tensor arguments."""
+    tensors = [i for i, a in enumerate(valid) if isinstance(a, torch.Tensor)]
+    out = []
+    for i in tensors:
+        for j in tensors:
+            if i == j or not valid[j].is_floating_point():
+                continue
+            with torch.inference_mode():
+                frozen = valid[i].clone()
+            args = list(valid)
+            args[i], args[j] = frozen, valid[j].detach().clone().requires_grad_(True)
+            out.append(tuple(args))
     return out
 
 
@@ -138,8 +165,9 @@ def test_mutated_calls_answer_the_same_cold_and_warm(name: str, runtime: Any) ->
     for operation in operations(name):
         for valid in valid_calls(name, operation, gen):
             for i, a in enumerate(valid):
-                subs = tensor_mutations(a) if isinstance(a, torch.Tensor) else scalar_mutations()
+                subs = tensor_mutations(a) if isinstance(a, torch.Tensor) else scalar_mutations(a)
                 cases += [(operation, valid, (*valid[:i], sub, *valid[i + 1:])) for sub in subs]
+            cases += [(operation, valid, args) for args in inference_mutations(valid)]
             # tensors of one shape (rope's cos and sin, swiglu's gate and up) mutated together
             for shape in {a.shape for a in valid if isinstance(a, torch.Tensor)}:
                 same = [i for i, a in enumerate(valid) if isinstance(a, torch.Tensor) and a.shape == shape]
@@ -208,6 +236,22 @@ def test_a_kernel_that_needs_values_is_not_blamed_for_meta_tensors(runtime: Any,
         with pytest.raises(InvalidInputError, match="meta tensor"):
             lz.sample(logits, temperature=1.0)
     assert not any(b.failures for b in runtime.breakers.all().values())
+
+
+def test_fake_tensors_run_and_blame_no_kernel(runtime: Any) -> None:
+    """FakeTensors (``FakeTensorMode``: what torch.compile and export trace with) have shapes and no values, as
+    meta tensors: sampling gives the shapes PyTorch gives (its output check reads no values then), and nothing is
+    counted against a kernel; real calls after them are served as before."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        logits = torch.randn(4, 50)
+        for _ in range(runtime.config.failure_threshold + 1):
+            for kw in ({"temperature": 0.0}, {"temperature": 0.8}, {"temperature": 0.8, "top_k": 5},
+                       {"temperature": 0.8, "top_p": 0.9}):
+                assert lz.sample(logits, **kw).shape == (4,)
+    assert not any(b.failures for b in runtime.breakers.all().values())
+    assert lz.sample(torch.randn(4, 50), temperature=0.0).shape == (4,)
 
 
 def test_kernel_failing_on_bad_data_is_not_blamed(runtime: Any, kernels: Any) -> None:

@@ -4,7 +4,34 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["window_mask", "half_cos_sin", "alibi_bias", "softcapped", "masked_softmax", "holds_in_dtype"]
+__all__ = ["window_mask", "half_cos_sin", "alibi_bias", "softcapped", "masked_softmax", "holds_in_dtype", "valueless",
+           "unsaveable_inference"]
+
+
+def valueless(t: object) -> bool:
+    """Whether ``t`` is a tensor with shapes but no values: on the meta device, or a FakeTensor (``FakeTensorMode``,
+    what torch.compile and export trace with). Reading its data (``int(t.max())``) fails on valid shapes."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    if t.is_meta:
+        return True
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return False
+    return bool(is_fake(t))
+
+
+def unsaveable_inference(args: tuple[object, ...]) -> list[int]:
+    """The positions of inference tensors (made under ``torch.inference_mode``) among ``args`` that autograd would
+    have to save for a backward: grad mode is on and another argument requires grad. PyTorch refuses such a call
+    ("Inference tensors cannot be saved for backward"); empty when there are none."""
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return []
+    tensors = [(i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    if not any(a.requires_grad for _, a in tensors):
+        return []
+    return [i for i, a in tensors if a.is_inference()]
 
 
 def holds_in_dtype(bound: float, dtype: torch.dtype) -> bool:

@@ -24,7 +24,7 @@ from layerzero.ops.contract import CallContract, ContractFunctions, build
 
 __all__ = ["OpDef", "describe_tensor", "describe_args", "describe_inputs", "require_tensor", "pick", "layout_problem",
            "tensor_problem", "default_generator", "finite_number", "shown", "kind", "option_flag", "option_number",
-           "largest", "FLOAT_MAX"]
+           "largest", "FLOAT_MAX", "dense_guard", "number_guard", "GUARD_NAMES"]
 
 #: The largest finite float: a contract guard's ``-FLOAT_MAX <= x <= FLOAT_MAX`` holds for a finite float and for
 #: an int a float holds (not for NaN, inf or ``10**400``, which ``float()`` cannot convert).
@@ -79,6 +79,31 @@ def finite_number(x: Any) -> bool:
         return math.isfinite(x)
     except OverflowError:
         return False
+
+
+def dense_guard(*names: str) -> str:
+    """A call contract's guard text: each named tensor argument has a layout kernels take, as
+    :func:`layout_problem` says (strided and not nested, or jagged); a name ending in ``?`` may be None. The keys
+    carry dtypes and shapes, not layouts: without it a sparse or nested tensor would reach a cached plan's kernel,
+    which may return a sparse result instead of failing."""
+    terms = []
+    for name in names:
+        n = name.rstrip("?")
+        term = f"({n}.layout is STRIDED and not {n}.is_nested or {n}.layout is JAGGED)"
+        terms.append(f"({n} is None or {term})" if name.endswith("?") else term)
+    return " and ".join(terms)
+
+
+def number_guard(name: str, optional: bool = False) -> str:
+    """A call contract's guard text: the keyed option ``name`` is a number validation takes
+    (:func:`finite_number`; ``int`` and ``float`` at once). A key compares ``np.float32(0.5) == 0.5`` and
+    ``True == 1``, so the value that found a plan may be of a class the first call refuses."""
+    term = f"({name}.__class__ is float or {name}.__class__ is int or finite_number({name}))"
+    return f"({name} is None or {term})" if optional else term
+
+
+#: The names :func:`dense_guard` and :func:`number_guard` texts read (a contract's ``namespace`` includes them).
+GUARD_NAMES: dict[str, Any] = {"STRIDED": torch.strided, "JAGGED": torch.jagged, "finite_number": finite_number}
 
 
 def describe_tensor(t: Any) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, largest, layout_problem, option_flag, pick
+from layerzero.ops.base import GUARD_NAMES, OpDef, dense_guard, largest, layout_problem, option_flag, pick
 from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
 from layerzero.tensor_helpers import half_cos_sin, holds_in_dtype
@@ -271,7 +271,8 @@ ROPE_CONTRACT = CallContract(
     operation='"rope"',
     family='("rope", x.dtype, x.is_cpu or x.device, cos.dtype, sin.dtype, interleaved)',
     shape="x.shape, cos.shape, sin.shape",
-    guard="interleaved.__class__ is bool",
+    guard="interleaved.__class__ is bool and " + dense_guard("x", "cos", "sin"),
+    namespace=GUARD_NAMES,
     doc="""Rotary position embedding (``cos`` / ``sin`` of x's dtype).
 
     ``cos`` / ``sin`` are half width (``head_dim // 2``: one angle per rotated pair) or full width in the form
@@ -294,6 +295,8 @@ SWIGLU_CONTRACT = CallContract(
     operation='"swiglu"',
     family='("swiglu", gate.dtype, gate.is_cpu or gate.device, up.dtype)',
     shape="gate.shape, up.shape",
+    guard=dense_guard("gate", "up"),
+    namespace=GUARD_NAMES,
     doc="""SwiGLU: ``silu(gate) * up``.
 
     Example:
@@ -308,6 +311,8 @@ GEGLU_CONTRACT = CallContract(
     operation='"geglu"',
     family='("geglu", gate.dtype, gate.is_cpu or gate.device, up.dtype, approximate)',
     shape="gate.shape, up.shape",
+    guard=dense_guard("gate", "up"),
+    namespace=GUARD_NAMES,
     doc="""GeGLU: ``gelu(gate, approximate) * up`` (``"tanh"`` by default, as Gemma's ``gelu_pytorch_tanh``).
 
     Example:
@@ -323,6 +328,8 @@ GELU_CONTRACT = CallContract(
     family='("gelu", x.dtype, x.is_cpu or x.device, approximate)',
     shape="x.shape",
     shape_free=True,
+    guard=dense_guard("x"),
+    namespace=GUARD_NAMES,
     doc="""GELU, exact (``"none"``) or tanh-approximated (``"tanh"``).""",
 )
 
@@ -334,6 +341,8 @@ SILU_CONTRACT = CallContract(
     family='("silu", x.dtype, x.is_cpu or x.device)',
     shape="x.shape",
     shape_free=True,
+    guard=dense_guard("x"),
+    namespace=GUARD_NAMES,
     doc="""SiLU (swish): ``x * sigmoid(x)``.""",
 )
 

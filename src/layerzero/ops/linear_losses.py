@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, finite_number, largest, pick, tensor_problem
+from layerzero.ops.base import GUARD_NAMES, OpDef, dense_guard, finite_number, largest, number_guard, pick, shown, tensor_problem
 from layerzero.ops.contract import CallContract
 from layerzero.ops.losses import ignore_index_problem, target_range_problem
 from layerzero.runtime import get_runtime
@@ -91,7 +91,7 @@ class LinearCrossEntropyOp(OpDef):
             raise self.invalid(operation, problem, args)
         if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
                 or not 0.0 <= label_smoothing < 1.0):
-            raise self.invalid(operation, f"label_smoothing must be in [0, 1), got {label_smoothing!r}", args)
+            raise self.invalid(operation, f"label_smoothing must be in [0, 1), got {shown(label_smoothing)}", args)
         if reduction not in _REDUCTIONS:
             raise self.invalid(operation, f"reduction must be one of {_REDUCTIONS}, got {reduction!r}", args)
         if softcap is not None and (not finite_number(softcap) or softcap <= 0):
@@ -163,8 +163,10 @@ LINEAR_CROSS_ENTROPY_CONTRACT = CallContract(
            'bias is None or bias.dtype, ignore_index, label_smoothing, reduction, softcap)',
     shape="hidden.shape, weight.shape, target.shape, bias is None or bias.shape",
     # the weight's device too: a CPU matmul with a meta weight returns a CPU tensor of whatever memory (torch 2.13)
-    guard="ignore_index.__class__ is int and label_smoothing.__class__ is not bool and softcap.__class__ is not bool "
-          "and weight.device == hidden.device",
+    guard="ignore_index.__class__ is int and " + number_guard("label_smoothing") + " and "
+          + number_guard("softcap", optional=True) + " and weight.device == hidden.device and "
+          + dense_guard("hidden", "weight", "target", "bias?"),
+    namespace=GUARD_NAMES,
     doc="""The loss of ``F.cross_entropy(hidden @ weight.T + bias, target)`` without materializing the logits.
 
     ``hidden`` ``(N, H)``, ``weight`` ``(V, H)`` (the LM head's), ``target`` ``(N,)``; ``softcap`` caps the

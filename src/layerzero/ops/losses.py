@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, pick, tensor_problem
+from layerzero.ops.base import GUARD_NAMES, OpDef, dense_guard, number_guard, pick, shown, tensor_problem
 from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
 
@@ -73,7 +73,7 @@ class CrossEntropyOp(OpDef):
             raise self.invalid(operation, problem, args)
         if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
                 or not 0.0 <= label_smoothing < 1.0):
-            raise self.invalid(operation, f"label_smoothing must be in [0, 1), got {label_smoothing!r}", args)
+            raise self.invalid(operation, f"label_smoothing must be in [0, 1), got {shown(label_smoothing)}", args)
         if reduction not in _REDUCTIONS:
             raise self.invalid(operation, f"reduction must be one of {_REDUCTIONS}, got {reduction!r}", args)
 
@@ -129,7 +129,9 @@ CROSS_ENTROPY_CONTRACT = CallContract(
     family='("cross_entropy", logits.dtype, logits.is_cpu or logits.device, target.dtype, ignore_index, '
            'label_smoothing, reduction)',
     shape="logits.shape, target.shape",
-    guard="ignore_index.__class__ is int and label_smoothing.__class__ is not bool",
+    guard="ignore_index.__class__ is int and " + number_guard("label_smoothing") + " and "
+          + dense_guard("logits", "target"),
+    namespace=GUARD_NAMES,
     doc="""Cross-entropy of ``logits`` ``(N, V)`` against class ids ``target`` ``(N,)``, as ``F.cross_entropy``.
 
     Example:

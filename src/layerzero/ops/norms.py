@@ -13,7 +13,7 @@ import torch
 
 from layerzero.accel import norm_hit
 from layerzero.context import SelectionContext
-from layerzero.ops.base import OpDef, largest, layout_problem, option_number, pick, shown
+from layerzero.ops.base import GUARD_NAMES, OpDef, dense_guard, largest, layout_problem, number_guard, option_number, pick, shown
 from layerzero.ops.contract import CallContract
 from layerzero.policy.scope import LIVE
 from layerzero.runtime import get_runtime
@@ -161,7 +161,8 @@ RMS_NORM_CONTRACT = CallContract(
     family='("rms_norm", x.dtype, x.is_cpu or x.device, None if weight is None else weight.dtype, eps)',
     shape="x.shape",
     shape_free=True,
-    guard="eps.__class__ is not bool",
+    guard=number_guard("eps") + " and " + dense_guard("x", "weight?"),
+    namespace=GUARD_NAMES,
     direct="plan.direct(x, plan.const, weight, eps)",  # torch.rms_norm itself, with the plan's normalized shape
     compiled=lambda runtime: norm_hit("rms_norm", runtime, LIVE),
     doc="""RMS normalisation over the last dimension: ``x / sqrt(mean(x^2) + eps) * weight``.
@@ -183,7 +184,8 @@ LAYER_NORM_CONTRACT = CallContract(
            'None if bias is None else bias.dtype, eps)',
     shape="x.shape",
     shape_free=True,
-    guard="eps.__class__ is not bool",
+    guard=number_guard("eps") + " and " + dense_guard("x", "weight?", "bias?"),
+    namespace=GUARD_NAMES,
     direct="plan.direct(x, plan.const, weight, bias, eps)",  # torch.layer_norm itself, normalized shape bound
     compiled=lambda runtime: norm_hit("layer_norm", runtime, LIVE),
     doc="""Layer normalisation over the last dimension (as ``F.layer_norm(x, x.shape[-1:], weight, bias, eps)``).

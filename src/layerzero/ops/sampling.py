@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import FLOAT_MAX, OpDef, default_generator, finite_number, layout_problem, option_number, pick, shown
+from layerzero.ops.base import FLOAT_MAX, GUARD_NAMES, OpDef, dense_guard, default_generator, finite_number, layout_problem, option_number, pick, shown
 from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
+from layerzero.tensor_helpers import valueless
 
 __all__ = ["sample", "SAMPLE", "SampleOp", "filtered_probs", "sampling_operation"]
 
@@ -108,7 +109,8 @@ class SampleOp(OpDef):
     def check_output(self, operation: str, args: tuple[Any, ...], out: Any) -> str | None:
         logits = args[0]
         problem = self.output_meta_check(operation, out, logits.shape[:-1], torch.int64, logits.device)
-        if problem is None and out.numel() and (int(out.min()) < 0 or int(out.max()) >= logits.shape[-1]):
+        if problem is None and out.numel() and not valueless(out) and (
+                int(out.min()) < 0 or int(out.max()) >= logits.shape[-1]):
             return f"returned token ids outside [0, {logits.shape[-1]})"
         return problem
 
@@ -162,8 +164,8 @@ SAMPLE_CONTRACT = CallContract(
     guard="((temperature.__class__ is float or temperature.__class__ is int) and -FLOAT_MAX <= temperature <= FLOAT_MAX "
           "and (top_k is None or top_k.__class__ is int and top_k >= 1) "
           "and (top_p is None or (top_p.__class__ is float or top_p.__class__ is int) and 0.0 < top_p <= 1.0) "
-          "and (generator is None or generator.__class__ is Generator))",
-    namespace={"sampling_operation": _operation, "Generator": torch.Generator, "FLOAT_MAX": FLOAT_MAX},
+          "and (generator is None or generator.__class__ is Generator)) and " + dense_guard("logits"),
+    namespace={"sampling_operation": _operation, "Generator": torch.Generator, "FLOAT_MAX": FLOAT_MAX, **GUARD_NAMES},
     doc="""Sample token ids from ``logits`` (``(..., vocab)``); returns int64 of shape ``logits.shape[:-1]``.
 
     A seeded call (``generator=``, or the global seed) draws the same tokens whatever failed before it: a

@@ -41,6 +41,7 @@ from layerzero.runtime.breaker import CircuitBreaker
 from layerzero.runtime.gates import ALWAYS_SLOW, contiguous
 from layerzero.selection.plan import ExecutionPlan
 from layerzero.telemetry.logs import log_event
+from layerzero.tensor_helpers import unsaveable_inference, valueless
 
 if TYPE_CHECKING:
     from layerzero.runtime.core import Runtime
@@ -60,8 +61,8 @@ class Failure:
 
 
 def _meta(args: tuple[Any, ...]) -> bool:
-    """Whether a tensor argument is on the meta device (shapes, no values)."""
-    return any(getattr(a, "is_meta", False) is True for a in args)
+    """Whether a tensor argument has shapes but no values (the meta device, a FakeTensor)."""
+    return any(valueless(a) for a in args)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -98,6 +99,15 @@ class Executor:
             raise bad from exc
         except Exception:  # a data check that cannot read these inputs: no verdict from it
             pass
+        inference = unsaveable_inference(args)
+        if inference:  # PyTorch refuses these too; the float64 reference, on copies, would not
+            names = op.arg_names or ()
+            shown = ", ".join(names[i] if i < len(names) else f"argument {i}" for i in inference)
+            raise InvalidInputError(
+                f"{plan.operation}: {shown} {'is an inference tensor' if len(inference) == 1 else 'are inference tensors'}"
+                f" (made under torch.inference_mode) and another argument requires grad: autograd cannot save "
+                f"{'it' if len(inference) == 1 else 'them'} for the backward (clone {'it' if len(inference) == 1 else 'them'}"
+                f" outside inference_mode, or run the call under torch.no_grad) (inputs: {op.describe(args)})") from exc
 
     def _oom(self, plan: ExecutionPlan, args: tuple[Any, ...], kid: str, exc: BaseException) -> OutOfMemoryError:
         return OutOfMemoryError(f"{plan.operation}: kernel {kid} ran out of memory; no kernel is blamed and no "
