@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from layerzero.backends.first_order import first_order
 from layerzero.backends.flash_attn_pairs import FA2_PAIR, FA3_PAIR
 from layerzero.context import SelectionContext
 from layerzero.registry import BackendRegistry, KernelRegistry
@@ -77,7 +78,7 @@ def flash_attn_v2_attention(q, k, v, mask, is_causal, dropout_p, scale, window, 
         variants["alibi_slopes"] = alibi_slopes
     out = _func("flash_attn", _PIP_V2)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
                                        softmax_scale=scale, causal=causal, window_size=ws, **variants)
-    return out.transpose(1, 2)
+    return first_order(out.transpose(1, 2), "attention", "flash_attn_v2_attention", "torch_sdpa_math")
 
 
 def flash_attn_v3_attention(q, k, v, mask, is_causal, dropout_p, scale, window,  # type: ignore[no-untyped-def]
@@ -88,7 +89,7 @@ def flash_attn_v3_attention(q, k, v, mask, is_causal, dropout_p, scale, window, 
                                                  softmax_scale=scale, causal=causal, window_size=ws, **variants)
     if isinstance(out, tuple):  # releases before mid-2025 return (out, softmax_lse)
         out = out[0]
-    return out.transpose(1, 2)
+    return first_order(out.transpose(1, 2), "attention", "flash_attn_v3_attention", "torch_sdpa_math")
 
 
 def _window_alignment(ctx: SelectionContext) -> list[Reason]:

@@ -47,7 +47,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from layerzero.backends.first_order import first_order
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec
 
@@ -83,7 +85,8 @@ def _apply(name: str) -> Any:
 
 
 def liger_rms_norm(x, weight, eps):  # type: ignore[no-untyped-def]
-    return _apply("rms_norm")(x, weight, eps, 0.0, "llama", False)
+    return first_order(_apply("rms_norm")(x, weight, eps, 0.0, "llama", False), "rms_norm", "liger_rms_norm",
+                       "torch_rms_norm")
 
 
 def liger_layer_norm(x, weight, bias, eps):  # type: ignore[no-untyped-def]
@@ -92,7 +95,8 @@ def liger_layer_norm(x, weight, bias, eps):  # type: ignore[no-untyped-def]
         weight = torch.ones(h, dtype=x.dtype, device=x.device)
     if bias is None:
         bias = torch.zeros(h, dtype=x.dtype, device=x.device)
-    return _apply("layer_norm")(x, weight, bias, eps)
+    return first_order(_apply("layer_norm")(x, weight, bias, eps), "layer_norm", "liger_layer_norm",
+                       "torch_layer_norm")
 
 
 def _rope_tables(cos: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
@@ -138,7 +142,7 @@ def liger_rope(x, cos, sin, interleaved):  # type: ignore[no-untyped-def]
             return grad.clone() if grad.reshape(shape).transpose(1, 2).is_contiguous() else grad
 
         out.register_hook(private)
-    return out
+    return first_order(out, "rope", "liger_rope", "torch_rope")
 
 
 @functools.cache
@@ -163,6 +167,12 @@ class _Gated(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         a, b = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain op (Liger's pass has no derivative)
+            act = F.silu(a) if ctx.name == "swiglu" else F.gelu(a, approximate="tanh")
+            need = ctx.needs_input_grad[:2]
+            got = iter(torch.autograd.grad(act * b, [t for t, n in zip((a, b), need, strict=True) if n], grad,
+                                           create_graph=True))
+            return (next(got) if need[0] else None), (next(got) if need[1] else None), None
         da, db = _gated_kernels(ctx.name)[1](a.clone(), b.clone(), grad.contiguous())
         return da, db, None
 
@@ -182,7 +192,7 @@ def liger_cross_entropy(logits, target, ignore_index, label_smoothing, reduction
     # copy (autograd flows back through it). Liger returns float32 losses (and, from 0.7, a tuple).
     out = _apply("cross_entropy")(logits.clone(), target, None, ignore_index, 0.0, float(label_smoothing), reduction)
     loss = out[0] if isinstance(out, tuple) else out
-    return loss.to(logits.dtype)
+    return first_order(loss.to(logits.dtype), "cross_entropy", "liger_cross_entropy", "torch_cross_entropy")
 
 
 def bind_fused_linear_cross_entropy(forward: Callable[..., Any], values: dict[str, Any]) -> tuple[Any, ...]:
@@ -252,7 +262,9 @@ def _fused_linear_cross_entropy(hidden, weight, target, bias, ignore_index, labe
     loss = out[0] if isinstance(out, tuple) else out
     if reduction == "mean":  # Liger's mean over no valid token is 0; F.cross_entropy's is NaN
         loss = torch.where((target != ignore_index).any(), loss, torch.nan)
-    return loss.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    return first_order(loss.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32),
+                       "linear_cross_entropy", "liger_linear_cross_entropy" + ("" if chunk_mem == 1 else "_wide"),
+                       "torch_linear_cross_entropy_naive")
 
 
 def _needs_triton() -> str | None:

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from layerzero.backends.first_order import first_order
 from layerzero.context import SelectionContext
 from layerzero.errors import KernelNotSupportedError
 from layerzero.registry import BackendRegistry, KernelRegistry
@@ -95,7 +96,8 @@ def xformers_attention(q, k, v, mask, is_causal, dropout_p, scale, window):  # t
     mea = load_library()[0]
     out = mea(*_views(q, k, v), attn_bias=_bias(is_causal), p=dropout_p, scale=scale)
     b, hq, sq, _ = q.shape
-    return out.reshape(b, sq, hq, v.shape[-1]).transpose(1, 2)
+    return first_order(out.reshape(b, sq, hq, v.shape[-1]).transpose(1, 2), "attention", "xformers_attention",
+                       "torch_sdpa_math")
 
 
 def _no_dropout(dropout_p: float) -> None:
