@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: set up the carried wheels, run the GPU test suite, the GPU bench and the tuning benchmark.
-# Usage on the device machine (repo root):  bash scripts/gpu_run.sh [tests|tests1|tests2|bench|tune|model|all]...
+# Usage on the device machine (repo root):  bash scripts/gpu_run.sh [tests|tests1|tests2|focus|bench|tune|model|all]...
 # (the dispatch overhead, about 4 minutes: dispatchab benchq accelq; see the case list below for the rest)
 # (model: `layerzero bench --model llama --device cuda`, eager and compiled, ~8 minutes; not part of all)
 # Results land in $OUT (or benchmarks/results/ when OUT is unset).
@@ -39,6 +39,14 @@ for step in "${steps[@]}"; do
       echo "== pytest -m gpu (${step}: ${#files[@]} files)"
       timeout 330 python3 -m pytest -v -rf --tb=line -m gpu -p no:cacheprovider --continue-on-collection-errors \
         --timeout 60 "${files[@]}" 2>&1 | tee "$OUT/gpu_${step}_${card}.log" | grep -E "FAILED|ERROR|passed|failed" | tail -40
+      ;;
+  esac
+  case "$step" in
+    focus)
+      # the GPU tests of the files named in LZ_FOCUS (space-separated), e.g. a change's own tests
+      echo "== pytest -m gpu ${LZ_FOCUS:-}"
+      timeout 300 python3 -m pytest -q -rf --tb=short -m gpu -p no:cacheprovider --timeout 120 ${LZ_FOCUS:-} 2>&1 \
+        | tee "$OUT/gpu_focus_${card}.log" | tail -30
       ;;
   esac
   case "$step" in
