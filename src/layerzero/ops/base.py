@@ -81,15 +81,18 @@ def finite_number(x: Any) -> bool:
         return False
 
 
-def dense_guard(*names: str) -> str:
+def dense_guard(*names: str, shapes_keyed: bool = False) -> str:
     """A call contract's guard text: each named tensor argument has a layout kernels take, as
     :func:`layout_problem` says (strided and not nested, or jagged); a name ending in ``?`` may be None. The keys
     carry dtypes and shapes, not layouts: without it a sparse or nested tensor would reach a cached plan's kernel,
-    which may return a sparse result instead of failing."""
+    which may return a sparse result instead of failing. ``shapes_keyed``: every named tensor's shape is in the
+    plan key, which a nested tensor of the strided layout cannot give (it has no sizes), so the guard need not
+    ask (one attribute read per tensor instead of two)."""
     terms = []
     for name in names:
         n = name.rstrip("?")
-        term = f"({n}.layout is STRIDED and not {n}.is_nested or {n}.layout is JAGGED)"
+        term = (f"({n}.layout is STRIDED or {n}.layout is JAGGED)" if shapes_keyed else
+                f"({n}.layout is STRIDED and not {n}.is_nested or {n}.layout is JAGGED)")
         terms.append(f"({n} is None or {term})" if name.endswith("?") else term)
     return " and ".join(terms)
 

@@ -271,7 +271,7 @@ ROPE_CONTRACT = CallContract(
     operation='"rope"',
     family='("rope", x.dtype, x.is_cpu or x.device, cos.dtype, sin.dtype, interleaved)',
     shape="x.shape, cos.shape, sin.shape",
-    guard="interleaved.__class__ is bool and " + dense_guard("x", "cos", "sin"),
+    guard="interleaved.__class__ is bool and " + dense_guard("x", "cos", "sin", shapes_keyed=True),
     namespace=GUARD_NAMES,
     doc="""Rotary position embedding (``cos`` / ``sin`` of x's dtype).
 
@@ -295,7 +295,7 @@ SWIGLU_CONTRACT = CallContract(
     operation='"swiglu"',
     family='("swiglu", gate.dtype, gate.is_cpu or gate.device, up.dtype)',
     shape="gate.shape, up.shape",
-    guard=dense_guard("gate", "up"),
+    guard=dense_guard("gate", "up", shapes_keyed=True),
     namespace=GUARD_NAMES,
     doc="""SwiGLU: ``silu(gate) * up``.
 
@@ -311,7 +311,7 @@ GEGLU_CONTRACT = CallContract(
     operation='"geglu"',
     family='("geglu", gate.dtype, gate.is_cpu or gate.device, up.dtype, approximate)',
     shape="gate.shape, up.shape",
-    guard=dense_guard("gate", "up"),
+    guard=dense_guard("gate", "up", shapes_keyed=True),
     namespace=GUARD_NAMES,
     doc="""GeGLU: ``gelu(gate, approximate) * up`` (``"tanh"`` by default, as Gemma's ``gelu_pytorch_tanh``).
 

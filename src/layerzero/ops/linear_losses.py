@@ -165,7 +165,7 @@ LINEAR_CROSS_ENTROPY_CONTRACT = CallContract(
     # the weight's device too: a CPU matmul with a meta weight returns a CPU tensor of whatever memory (torch 2.13)
     guard="ignore_index.__class__ is int and " + number_guard("label_smoothing") + " and "
           + number_guard("softcap", optional=True) + " and weight.device == hidden.device and "
-          + dense_guard("hidden", "weight", "target", "bias?"),
+          + dense_guard("hidden", "weight", "target", "bias?", shapes_keyed=True),
     namespace=GUARD_NAMES,
     doc="""The loss of ``F.cross_entropy(hidden @ weight.T + bias, target)`` without materializing the logits.
 

@@ -130,7 +130,7 @@ CROSS_ENTROPY_CONTRACT = CallContract(
            'label_smoothing, reduction)',
     shape="logits.shape, target.shape",
     guard="ignore_index.__class__ is int and " + number_guard("label_smoothing") + " and "
-          + dense_guard("logits", "target"),
+          + dense_guard("logits", "target", shapes_keyed=True),
     namespace=GUARD_NAMES,
     doc="""Cross-entropy of ``logits`` ``(N, V)`` against class ids ``target`` ``(N,)``, as ``F.cross_entropy``.
 

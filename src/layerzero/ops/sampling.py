@@ -164,7 +164,7 @@ SAMPLE_CONTRACT = CallContract(
     guard="((temperature.__class__ is float or temperature.__class__ is int) and -FLOAT_MAX <= temperature <= FLOAT_MAX "
           "and (top_k is None or top_k.__class__ is int and top_k >= 1) "
           "and (top_p is None or (top_p.__class__ is float or top_p.__class__ is int) and 0.0 < top_p <= 1.0) "
-          "and (generator is None or generator.__class__ is Generator)) and " + dense_guard("logits"),
+          "and (generator is None or generator.__class__ is Generator)) and " + dense_guard("logits", shapes_keyed=True),
     namespace={"sampling_operation": _operation, "Generator": torch.Generator, "FLOAT_MAX": FLOAT_MAX, **GUARD_NAMES},
     doc="""Sample token ids from ``logits`` (``(..., vocab)``); returns int64 of shape ``logits.shape[:-1]``.
 
