@@ -62,6 +62,12 @@ def inference(x: torch.Tensor) -> torch.Tensor:
         return x.clone()
 
 
+def varlen_window(window: int) -> Any:
+    """Two causal sequences (3 and 5 tokens) packed, with ``window``."""
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    return lz.attention_varlen(t(8, 2, 8), t(8, 2, 8), t(8, 2, 8), cu, cu, 5, 5, is_causal=True, window=window)
+
+
 def attn(**kw: Any) -> Any:
     q, k, v = qkv()
     args = {"q": q, "k": k, "v": v}
@@ -415,6 +421,11 @@ ROWS: list[Row] = [
     Row("range-window", "argument range", "`window=0`", "InvalidInputError",
         "attention.full: window must be a positive int or None, got 0 (inputs: …)",
         lambda tmp: attn(window=0)),
+    Row("range-window-huge", "argument range", "`lz.attention_varlen(..., window=2**63 + 5)` (the masks' int64 "
+        "arithmetic wrapped: every key masked, zeros returned)", "InvalidInputError",
+        "attention_varlen: window=9223372036854775813 is beyond 2147483647, the longest window the kernels take; "
+        "a window longer than every sequence is no window at all: pass None (inputs: …)",
+        lambda tmp: varlen_window(2**63 + 5)),
     Row("range-top-k", "argument range", "`top_k=0`", "InvalidInputError",
         "sample.top_k: top_k must be a positive int or None, got 0 (inputs: …)",
         lambda tmp: lz.sample(X, temperature=1.0, top_k=0)),

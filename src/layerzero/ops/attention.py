@@ -35,7 +35,8 @@ import torch
 from layerzero.accel import attention_hit
 from layerzero.context import SelectionContext
 from layerzero.ops.base import (FLOAT_MAX, OpDef, default_generator, finite_number, kind, largest,
-                                layout_problem, number_guard, option_flag, option_number, pick, shown)
+                                layout_problem, number_guard, option_flag, option_number, pick, shown,
+                                window_problem)
 from layerzero.ops.contract import CallContract
 from layerzero.ops.names import OPERATIONS, operation_problem
 from layerzero.policy.scope import LIVE
@@ -149,8 +150,9 @@ class AttentionOp(OpDef):
         if scale is not None and scale <= 0 and (is_causal or window is not None):
             raise self.invalid(operation, f"scale={scale!r} with a causal mask or window: PyTorch's flash kernels "
                                           "return NaN there (-inf * 0); a scale must be > 0 with them", args)
-        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-            raise self.invalid(operation, f"window must be a positive int or None, got {shown(window)}", args)
+        problem = window_problem(window)
+        if problem is not None:
+            raise self.invalid(operation, problem, args)
         problem = variant_problem(q, *variants)
         if problem is not None:
             raise self.invalid(operation, problem, args)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from layerzero.ops.base import finite_number, kind, shown, tensor_problem
+from layerzero.ops.base import finite_number, kind, shown, tensor_problem, window_problem
 
 __all__ = ["option_problem", "index_problem", "float_problem", "positive_int", "heads_problem"]
 
@@ -26,8 +26,9 @@ def option_problem(is_causal: Any, scale: Any, window: Any, softcap: Any) -> str
         return f"is_causal must be a bool, got {kind(is_causal)}"
     if scale is not None and not finite_number(scale):
         return f"scale must be a finite number or None, got {shown(scale)}"
-    if window is not None and not positive_int(window):
-        return f"window must be a positive int or None, got {shown(window)}"
+    problem = window_problem(window)
+    if problem is not None:
+        return problem
     if softcap is not None and (not finite_number(softcap) or softcap <= 0):
         return f"softcap must be a positive finite number or None, got {shown(softcap)}"
     return None

@@ -24,7 +24,7 @@ from layerzero.ops.contract import CallContract, ContractFunctions, build
 
 __all__ = ["OpDef", "describe_tensor", "describe_args", "describe_inputs", "require_tensor", "pick", "layout_problem",
            "tensor_problem", "default_generator", "finite_number", "shown", "kind", "option_flag", "option_number",
-           "largest", "FLOAT_MAX", "dense_guard", "number_guard", "GUARD_NAMES"]
+           "largest", "FLOAT_MAX", "dense_guard", "number_guard", "GUARD_NAMES", "MAX_WINDOW", "window_problem"]
 
 #: The largest finite float: a contract guard's ``-FLOAT_MAX <= x <= FLOAT_MAX`` holds for a finite float and for
 #: an int a float holds (not for NaN, inf or ``10**400``, which ``float()`` cannot convert).
@@ -107,6 +107,23 @@ def number_guard(name: str, optional: bool = False) -> str:
 
 #: The names :func:`dense_guard` and :func:`number_guard` texts read (a contract's ``namespace`` includes them).
 GUARD_NAMES: dict[str, Any] = {"STRIDED": torch.strided, "JAGGED": torch.jagged, "finite_number": finite_number}
+
+
+#: The longest sliding window an attention call may ask for: FlashAttention's window is an int32, and the masks'
+#: int64 arithmetic (``j > i - window``) wraps past 2**63 (every key masked, silently).
+MAX_WINDOW = 2**31 - 1
+
+
+def window_problem(window: Any) -> str | None:
+    """Why ``window`` is not a sliding window attention takes (a positive int up to :data:`MAX_WINDOW`), or None."""
+    if window is None:
+        return None
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        return f"window must be a positive int or None, got {shown(window)}"
+    if window > MAX_WINDOW:
+        return (f"window={shown(window)} is beyond {MAX_WINDOW}, the longest window the kernels take; a window "
+                f"longer than every sequence is no window at all: pass None")
+    return None
 
 
 def describe_tensor(t: Any) -> str:
