@@ -189,3 +189,34 @@ def test_register_kernel_call_and_decorator_on_the_global_registry() -> None:
         assert "custom_gelu_global" in get_global_kernel_registry()
     finally:
         get_global_kernel_registry().unregister("custom_gelu_global")
+
+
+def test_a_health_change_during_a_probe_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe (an import: slow) that read the health before ``mark_unhealthy`` / ``mark_healthy`` must not store
+    its answer after the change: it stayed until the next change, and selection memoized it (found by a
+    threaded probe: about 30% of flips)."""
+    import threading
+
+    backends = BackendRegistry()
+    backends.register("custom")
+    reading, release = threading.Event(), threading.Event()
+    probe = backends._probe
+
+    def slow_probe(name: str):  # type: ignore[no-untyped-def]
+        got = probe(name)  # reads the health now ...
+        reading.set()
+        release.wait(5)  # ... and answers after the change below
+        return got
+
+    monkeypatch.setattr(backends, "_probe", slow_probe)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(backends.info("custom").healthy))
+    t.start()
+    assert reading.wait(5)
+    backends.mark_unhealthy("custom", "failed its self-test")
+    release.set()
+    t.join(5)
+    assert seen == [True]  # that call's own answer, read before the change
+    monkeypatch.setattr(backends, "_probe", probe)
+    assert backends.info("custom").healthy is False
+    assert backends.unavailable_reason("custom").code == ReasonCode.BACKEND_UNHEALTHY  # type: ignore[union-attr]

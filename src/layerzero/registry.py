@@ -211,11 +211,17 @@ class BackendRegistry:
             self._changed()
 
     def info(self, name: str) -> BackendInfo:
-        """Availability, version and health of ``name`` (probed once, then cached)."""
+        """Availability, version and health of ``name`` (probed once, then cached).
+
+        A probe is slow (an import); a change made meanwhile (``mark_healthy``, ``register``) has dropped what it
+        read, so its answer is kept only when no change came between (it is still this call's answer)."""
         info = self._infos.get(name)
         if info is None:
+            version = self.version
             info = self._probe(name)
-            self._infos[name] = info
+            with self._lock:
+                if self.version == version:
+                    self._infos[name] = info
         return info
 
     def is_available(self, name: str) -> bool:
