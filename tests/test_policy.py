@@ -171,6 +171,36 @@ def test_locks_with_different_conditions_are_different_rules() -> None:
     assert len(get_runtime().policy.api_rules) == 2
 
 
+@pytest.mark.parametrize("order", ["first-first", "last-first"])
+def test_undoing_stacked_locks_in_either_order_leaves_none(order: str) -> None:
+    """Three process-wide locks on one operation, each replacing the last, undone in either order: a lock whose
+    own change was undone never comes back (undoing the first, then the others, brought it back), and undoing
+    the last one only puts back the lock before it."""
+    x, w = rows()
+    a = lz.lock("rms_norm", "torch_rms_norm_composed")
+    b = lz.lock("rms_norm", "torch_rms_norm")
+    c = lz.lock("rms_norm", "torch_rms_norm_composed")
+    if order == "first-first":
+        a.undo()
+        b.undo()
+        assert lz.which("rms_norm", x, w) == "torch_rms_norm_composed"  # c is still in force
+        c.undo()
+    else:
+        c.undo()
+        assert lz.which("rms_norm", x, w) == "torch_rms_norm"  # b comes back
+        a.undo()
+        assert lz.which("rms_norm", x, w) == "torch_rms_norm"  # b stays; a, undone, never comes back
+        b.undo()
+    assert get_runtime().policy.api_rules == ()
+    assert lz.which("rms_norm", x, w) == "torch_rms_norm"
+    d = lz.lock("rms_norm", "torch_rms_norm_composed")
+    e = lz.lock("rms_norm", "torch_rms_norm")
+    lz.unlock("rms_norm")
+    e.undo()  # what an unlocked lock replaced stays gone
+    d.undo()
+    assert get_runtime().policy.api_rules == ()
+
+
 def test_one_change_object_entered_again_nested_and_from_two_threads() -> None:
     """A PolicyChange closes the block it opened in this thread: entered twice nested, or by a second thread
     while the first is inside, every block ends with the policy it started with."""

@@ -120,14 +120,12 @@ def _check_backend(call: str, backend: Any) -> str:
 
 def _change(rule: Rule, describe: str) -> PolicyChange:
     state = _rt().policy
-    replaced: list[tuple[int, Rule]] = []
 
     def apply() -> None:
-        replaced[:] = state.add(rule)
+        state.add(rule)
 
     def undo() -> None:  # the lock this one replaced comes back (`c = lz.lock(...); with c:` undoes it)
-        state.remove(lambda r: r is rule)
-        state.reinstate(replaced)
+        state.withdraw(rule)
 
     return PolicyChange(describe, apply, undo, lambda base: Policy((rule,) + base.rules),
                         in_with=_in_with_statement(3))

@@ -20,6 +20,9 @@ class PolicyState:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._api: list[Rule] = []
+        # id(rule) -> the rules it replaced, with their places: they come back when it is withdrawn, unless their
+        # own change was withdrawn first (a rule replaced twice over is held by the one that replaced it)
+        self._held: dict[int, list[tuple[int, Rule]]] = {}
         self._document: Policy = EMPTY_POLICY
         self.document_source: str | None = None
         self.policy: Policy = EMPTY_POLICY
@@ -44,29 +47,42 @@ class PolicyState:
     def add(self, rule: Rule, *, replace_same_target: bool = True) -> list[tuple[int, Rule]]:
         """Add a programmatic rule (newest first). A lock replaces an earlier lock of the same operation
         under the same condition (prefer / deny / allow: the same targets too).
-        Returns the rules it replaced, with their places (:meth:`reinstate` puts them back)."""
+        Returns the rules it replaced, with their places (:meth:`withdraw` puts them back)."""
         with self._lock:
             replaced = [(i, r) for i, r in enumerate(self._api) if _same_slot(r, rule)] if replace_same_target else []
             if replaced:
                 self._api = [r for r in self._api if not _same_slot(r, rule)]
+                self._held[id(rule)] = list(replaced)
             self._api.insert(0, rule)
             self._rebuild()
             return replaced
 
-    def reinstate(self, replaced: list[tuple[int, Rule]]) -> None:
-        """Put back rules :meth:`add` replaced, at their places (an undone change leaves the policy as it was)."""
-        if not replaced:
-            return
+    def withdraw(self, rule: Rule) -> None:
+        """Undo :meth:`add` of ``rule``: remove it and put back, at their places, the rules it replaced that are
+        still in force. When a later rule replaced ``rule`` already, that one holds ``rule``'s replaced rules
+        instead (undoing two locks in either order leaves neither)."""
         with self._lock:
-            for at, rule in replaced:
-                if not any(r is rule for r in self._api):
-                    self._api.insert(min(at, len(self._api)), rule)
+            mine = self._held.pop(id(rule), [])
+            if any(r is rule for r in self._api):
+                self._api = [r for r in self._api if r is not rule]
+                for at, back in mine:
+                    if not any(r is back for r in self._api):
+                        self._api.insert(min(at, len(self._api)), back)
+            else:
+                for held in self._held.values():
+                    for n, (at, r) in enumerate(held):
+                        if r is rule:
+                            held[n:n + 1] = mine
+                            break
             self._rebuild()
 
     def remove(self, predicate: Callable[[Rule], bool]) -> int:
         with self._lock:
             before = len(self._api)
+            gone = [r for r in self._api if predicate(r)]
             self._api = [r for r in self._api if not predicate(r)]
+            for r in gone:  # removed for good (``lz.unlock``): what they replaced does not come back either
+                self._held.pop(id(r), None)
             removed = before - len(self._api)
             if removed:
                 self._rebuild()
@@ -81,6 +97,7 @@ class PolicyState:
     def clear(self) -> None:
         with self._lock:
             self._api = []
+            self._held = {}
             self._document = EMPTY_POLICY
             self.document_source = None
             self._rebuild()
