@@ -33,13 +33,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from layerzero import forksafe
 from layerzero.context import SelectionContext
 from layerzero.errors import LayerZeroError, SelectionDivergenceError
 from layerzero.policy.model import Policy, Rule
@@ -108,7 +108,7 @@ class DecisionLog:
         self.capacity = capacity
         self.always = always
         self._seen: dict[tuple[str, SelectionContext], None] = {}
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock(self)
 
     def __call__(self, operation: str, ctx: SelectionContext) -> None:  # a Runtime.on_miss hook
         if not self.always and not _group_active():

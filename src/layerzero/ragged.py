@@ -9,11 +9,12 @@ that sees no key (``sk == 0``, or causal with ``i + sk - sq < 0``) gives zeros, 
 from __future__ import annotations
 
 import math
-import threading
 from collections import OrderedDict
 from typing import Any
 
 import torch
+
+from layerzero import forksafe
 
 __all__ = ["zeros_from", "keep_mask", "softcapped_scores", "attend_math", "varlen_problem", "checked_offsets",
            "paged_problem", "gather_pages", "lengths", "LayoutCache", "interval_blocks"]
@@ -144,7 +145,7 @@ class LayoutCache:
     def __init__(self, size: int) -> None:
         self.size = size
         self._entries: OrderedDict[tuple[Any, ...], tuple[tuple[torch.Tensor, ...], Any]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock(self)
 
     @staticmethod
     def key(tensors: tuple[torch.Tensor, ...], extra: tuple[Any, ...]) -> tuple[Any, ...]:

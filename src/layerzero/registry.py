@@ -16,11 +16,11 @@ from __future__ import annotations
 import fnmatch
 import importlib.metadata
 import importlib.util
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from layerzero import forksafe
 from layerzero.errors import KernelNotFoundError
 from layerzero.spec import KernelSpec, Reason, ReasonCode
 
@@ -48,7 +48,7 @@ class KernelRegistry:
     """Kernels by id. Thread-safe for writers; readers see immutable snapshots."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock(self)
         self._specs: dict[str, KernelSpec] = {}
         self._by_op: dict[str, tuple[KernelSpec, ...]] = {}
         self._listeners: list[Listener] = []
@@ -188,7 +188,7 @@ class BackendRegistry:
     """Backends by name, probed lazily: a missing library is a reason, never an import error."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock(self)
         self._probes: dict[str, tuple[str | None, str | None, Callable[[], str | None] | None]] = {}
         self._infos: dict[str, BackendInfo] = {}
         self._health: dict[str, str | None] = {}

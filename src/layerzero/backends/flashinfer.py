@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-import threading
 from collections import OrderedDict
 from typing import Any
 
 import torch
 
+from layerzero import forksafe
 from layerzero.context import SelectionContext
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
@@ -54,7 +54,7 @@ HEAD_DIMS = frozenset({64, 128, 256})
 _WORKSPACE_BYTES = 128 * 1024 * 1024
 _MAX_WRAPPERS = 32
 
-_lock = threading.Lock()
+_lock = forksafe.module_lock()
 _workspaces: dict[tuple[str, int | None], torch.Tensor] = {}
 _wrappers: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 

@@ -23,12 +23,12 @@ is applied to the scaled logits (``logits_soft_cap``). Head dims 64/128/256, fp1
 from __future__ import annotations
 
 import functools
-import threading
 from collections import OrderedDict
 from typing import Any
 
 import torch
 
+from layerzero import forksafe
 from layerzero.backends.flashinfer import HEAD_DIMS, load_library, workspace
 from layerzero.context import SelectionContext
 from layerzero.registry import BackendRegistry, KernelRegistry
@@ -39,7 +39,7 @@ __all__ = ["register", "BACKENDS", "KERNEL_IDS", "flashinfer_varlen", "flashinfe
 
 _MAX_WRAPPERS = 64
 
-_lock = threading.Lock()
+_lock = forksafe.module_lock()
 _wrappers: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 
 

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import threading
 import types
 from collections import OrderedDict
 from typing import Any
 
 import torch
 
+from layerzero import forksafe
 from layerzero.context import SelectionContext
 from layerzero.errors import KernelDeclinedError
 from layerzero.registry import BackendRegistry, KernelRegistry
@@ -59,7 +59,7 @@ _declined: dict[tuple[Any, ...], str] = {}  # (family, size class) Inductor foun
 #: shares a KV head in one block of at most DECODE_ROWS rows; more (group x query length) and Inductor finds no
 #: kernel (NoValidChoicesError; measured on an H100 with torch 2.11: 8 x 32 and 2 x 100 fail, 8 x 16 and 4 x 32 run).
 DECODE_BELOW, DECODE_ROWS = 128, 128
-_lock = threading.Lock()
+_lock = forksafe.module_lock()
 #: The torch.compile backend of the family functions ("inductor"; tests on a CPU may use another).
 COMPILE_BACKEND: list[str] = ["inductor"]
 

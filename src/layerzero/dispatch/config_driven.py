@@ -24,11 +24,11 @@ Example::
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
+from layerzero import forksafe
 from layerzero.config_file.schema import CompiledConfig, load_config
 from layerzero.context import SelectionContext
 from layerzero.environment import env_text
@@ -73,7 +73,7 @@ class ConfigDrivenDispatcher(Dispatcher):
         self._compiled = compiled
         # Swapping the config and storing a new plan both happen under this lock (slow path only), so a
         # plan made from a config that was just replaced is never cached after the replacement.
-        self._swap_lock = threading.Lock()
+        self._swap_lock = forksafe.lock(self, "_swap_lock")
         self._policy_memo: tuple[Any, Policy] | None = None
 
     # -- the config ---------------------------------------------------------------------------------

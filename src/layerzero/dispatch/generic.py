@@ -18,12 +18,12 @@ arguments, and its key is the inputs' names, shapes, dtypes and devices.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
 
+from layerzero import forksafe
 from layerzero.accel import dispatch_method
 from layerzero.context import SelectionContext
 from layerzero.dispatch.result import NOT_TIMED, DispatchResult
@@ -481,7 +481,7 @@ def _attention_entry(op: OpDef, operation: str, inputs: dict[str, Any], options:
 
 
 _wrapped: dict[tuple[int, str], tuple[KernelSpec, KernelSpec]] = {}
-_wrapped_lock = threading.Lock()
+_wrapped_lock = forksafe.module_lock()
 
 
 def kwargs_kernel(spec: KernelSpec) -> KernelSpec:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from layerzero import forksafe
 from layerzero.config_file.load import parse_text, read_file_bounded
 from layerzero.config_file.problems import raise_problems
 from layerzero.config_file.schema import CompiledConfig, validate_config
@@ -294,7 +295,7 @@ class HotReloadDispatcher(ConfigDrivenDispatcher):
         self.debounce_seconds = float(debounce_seconds)
         self.unknown_kernels = unknown_kernels
         self._use_watchdog = bool(use_watchdog)
-        self._reload_lock = threading.Lock()  # one reload at a time
+        self._reload_lock = forksafe.lock(self, "_reload_lock")  # one reload at a time
         self._watcher: _Watcher | None = None
         self._on_reload: list[Callable[[CompiledConfig], None]] = []
         self._on_error: list[Callable[[Exception], None]] = []
@@ -417,7 +418,7 @@ class HotReloadDispatcher(ConfigDrivenDispatcher):
     def _after_fork_in_child(self) -> None:
         """The child of a fork has only the forking thread: no watcher runs, and a lock another thread held at the
         fork stays held. Fresh lock, fresh watcher (a preloaded server forking its workers keeps hot reload)."""
-        self._reload_lock = threading.Lock()
+        self._reload_lock = forksafe.lock(self, "_reload_lock")
         if self._watcher is not None:
             self._watcher = None
             self.watch()

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from layerzero import forksafe
 from layerzero.context import SelectionContext
 from layerzero.runtime.config import DispatchConfig, DispatchMode
 from layerzero.dispatch.dispatcher import Dispatcher
@@ -59,7 +59,7 @@ class DispatchOrchestrator(Dispatcher):
 
     def __init__(self, runtime: Runtime, *, use_mvcc_cache: bool = False) -> None:
         super().__init__(runtime)
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock(self)
         self.dynamic = DynamicDispatcher(runtime, use_mvcc_cache=use_mvcc_cache)
         self.static: StaticDispatcher = create_static_dispatcher(runtime.config, runtime=runtime)
         self._config_dispatcher: Dispatcher | None = None
@@ -264,7 +264,7 @@ def create_orchestrator(config: DispatchConfig | None = None, kernel_registry: K
 
 
 _global: DispatchOrchestrator | None = None
-_global_lock = threading.Lock()
+_global_lock = forksafe.module_lock()
 
 
 def get_global_dispatcher() -> DispatchOrchestrator:

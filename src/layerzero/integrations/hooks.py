@@ -23,17 +23,18 @@ import importlib.abc
 import importlib.machinery
 import logging
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
+
+from layerzero import forksafe
 
 __all__ = ["when_imported", "pending"]
 
 log = logging.getLogger("layerzero")
 
 _callbacks: dict[str, list[Callable[[ModuleType], None]]] = {}
-_lock = threading.RLock()
+_lock = forksafe.module_lock(reentrant=True)
 
 
 def _run(name: str, module: ModuleType, callbacks: Sequence[Callable[[ModuleType], None]]) -> None:

@@ -13,11 +13,11 @@ copied the context inside a ``with`` block and outlives it.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
+from layerzero import forksafe
 from layerzero.policy.model import Policy, Rule
 
 __all__ = ["Scope", "current_scope", "SCOPE", "LIVE"]
@@ -36,7 +36,8 @@ class _Live:
 
 
 LIVE = _Live()
-_live_lock = threading.RLock()  # re-entrant: a Scope freed while this thread counts one must not deadlock
+# re-entrant: a Scope freed while this thread counts one must not deadlock
+_live_lock = forksafe.module_lock(reentrant=True)
 
 
 class Scope:

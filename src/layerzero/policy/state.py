@@ -8,9 +8,9 @@ cached plans).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
+from layerzero import forksafe
 from layerzero.policy.model import EMPTY_POLICY, Policy, Rule
 
 __all__ = ["PolicyState"]
@@ -18,7 +18,7 @@ __all__ = ["PolicyState"]
 
 class PolicyState:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock(self)
         self._api: list[Rule] = []
         # id(rule) -> the rules it replaced, with their places: they come back when it is withdrawn, unless their
         # own change was withdrawn first (a rule replaced twice over is held by the one that replaced it)

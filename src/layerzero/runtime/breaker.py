@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import enum
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from layerzero import forksafe
 from layerzero.telemetry.logs import log_event
 
 __all__ = ["CircuitState", "CircuitBreakerConfig", "CircuitBreaker", "CircuitStats", "BreakerBoard"]
@@ -77,7 +77,7 @@ class CircuitBreaker:
 
     __slots__ = ("kernel_id", "config", "clock", "blocked", "state", "_lock", "failures", "successes",
                  "consecutive_failures", "_half_open_successes", "last_failure", "last_failure_time",
-                 "opened_at", "state_transitions", "_transitions", "_listeners", "_probing")
+                 "opened_at", "state_transitions", "_transitions", "_listeners", "_probing", "__weakref__")
 
     def __init__(self, kernel_id: str, config: CircuitBreakerConfig | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -86,7 +86,7 @@ class CircuitBreaker:
         self.clock = clock
         self.blocked = False
         self.state = CircuitState.CLOSED
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock(self)
         self.failures = 0
         self.successes = 0
         self.consecutive_failures = 0
@@ -236,7 +236,7 @@ class BreakerBoard:
         self.config = config or CircuitBreakerConfig()
         self.clock = clock
         self._breakers: dict[str, CircuitBreaker] = {}
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock(self)
         self._listeners: list[Callable[[CircuitBreaker, CircuitState, CircuitState], None]] = []
 
     def get(self, kernel_id: str) -> CircuitBreaker:

@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from layerzero import forksafe
 from layerzero.context import SelectionContext
 from layerzero.errors import CaptureError
 from layerzero.ops.base import OpDef
@@ -88,7 +89,7 @@ class Runtime:
         self._scoped: dict[str, dict[Hashable, ExecutionPlan]] = {}
         self._interned: dict[tuple[Any, ...], ExecutionPlan] = {}
         self._family_keys: dict[Hashable, Hashable] = {}  # one tuple per call family, shared by its exact keys
-        self._lock = threading.RLock()
+        self._lock = forksafe.lock(self, reentrant=True)
         self.version = 0
         self.on_miss: list[Callable[[str, SelectionContext], None]] = []
         self.baked: Any = None  # a layerzero.solve.PlanTable in force, or None
@@ -504,7 +505,7 @@ def _restoring_generator(fn: Callable[..., Any], op: OpDef, operation: str) -> C
 
 
 _runtime: Runtime | None = None
-_runtime_lock = threading.Lock()
+_runtime_lock = forksafe.module_lock()
 
 
 def _outside_layerzero() -> int:

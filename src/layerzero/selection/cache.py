@@ -16,11 +16,12 @@ bumps one version number and every shard is replaced lazily.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
+
+from layerzero import forksafe
 
 __all__ = ["PlanCache", "MVCCPlanCache"]
 
@@ -46,7 +47,7 @@ class PlanCache:
         self.on_evict = on_evict
         self.data: OrderedDict[Hashable, Any] = OrderedDict()
         self._born: dict[Hashable, float] = {}
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock(self)
         self.version = 0
         self.evictions = 0
         self._next_sweep = 0.0
@@ -150,13 +151,13 @@ class PlanCache:
 
 
 class _Shard:
-    __slots__ = ("version", "data", "born", "lock")
+    __slots__ = ("version", "data", "born", "lock", "__weakref__")
 
     def __init__(self, version: int) -> None:
         self.version = version
         self.data: OrderedDict[Hashable, Any] = OrderedDict()
         self.born: dict[Hashable, float] = {}
-        self.lock = threading.Lock()
+        self.lock = forksafe.lock(self, "lock")
 
 
 class MVCCPlanCache:

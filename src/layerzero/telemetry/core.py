@@ -9,11 +9,11 @@ With telemetry disabled the runtime builds plan runners that touch none of it.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from layerzero import forksafe
 from layerzero.telemetry.logs import log_event
 
 __all__ = ["Telemetry", "KernelStats", "CacheStats", "LATENCY_BUCKETS_US"]
@@ -79,7 +79,7 @@ class Telemetry:
 
     def __init__(self) -> None:
         self.enabled = True
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock(self)
         # kernel id -> operation -> counters; the hot path holds one KernelStats and bumps it.
         self._kernel_ops: dict[str, dict[str, KernelStats]] = {}
         self.selections: dict[tuple[str, str], int] = {}

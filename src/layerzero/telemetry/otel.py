@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from layerzero import forksafe
 from layerzero.telemetry.families import Family, read_families
 from layerzero.telemetry.logs import logger
 
@@ -93,7 +94,7 @@ def _family(families: list[Family], name: str) -> Family:
 
 
 _bindings: dict[int, tuple[Any, _Binding]] = {}
-_bindings_lock = threading.Lock()
+_bindings_lock = forksafe.module_lock()
 _current: OTelHandle | None = None
 
 
@@ -167,7 +168,7 @@ class _Spans:
             span.end()
 
 
-_lock = threading.Lock()
+_lock = forksafe.module_lock()
 _current: OTelHandle | None = None
 
 

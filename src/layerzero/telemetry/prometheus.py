@@ -24,6 +24,7 @@ from prometheus_client import start_http_server as _start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from layerzero import forksafe
 from layerzero.telemetry.families import CIRCUIT_STATE_VALUES, LATENCY_BUCKETS_S, Family, Histogram, read_families
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def _cumulative(h: Histogram) -> list[tuple[str, float]]:
 
 
 _default: CollectorRegistry | None = None
-_default_lock = threading.Lock()
+_default_lock = forksafe.module_lock()
 
 
 def default_registry() -> CollectorRegistry:

@@ -22,11 +22,12 @@ import importlib.metadata
 import importlib.util
 import json
 import platform
-import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+
+from layerzero import forksafe
 
 __all__ = ["HardwareFingerprint", "hardware_fingerprint", "library_versions", "TRITON_BACKENDS"]
 
@@ -86,7 +87,7 @@ def _nvidia_driver() -> str | None:
 
 
 _hw_cache: dict[tuple[str, int | None], HardwareFingerprint] = {}
-_hw_lock = threading.Lock()
+_hw_lock = forksafe.module_lock()
 
 
 def hardware_fingerprint(device: str | torch.device | None = None) -> HardwareFingerprint:

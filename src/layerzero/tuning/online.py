@@ -23,6 +23,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from layerzero import forksafe
 from layerzero.context import SelectionContext
 from layerzero.tuning.buckets import bucket_of
 
@@ -50,7 +51,7 @@ class OnlineTuner:
         self.buckets_tuned = 0
         self.kernels_measured = 0
         self._seen: set[tuple[object, ...]] = set()
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock(self)
         self._local = threading.local()
 
     def __call__(self, operation: str, ctx: SelectionContext) -> None:

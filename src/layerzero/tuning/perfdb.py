@@ -32,12 +32,12 @@ import logging
 import math
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from layerzero import forksafe
 from layerzero.environment import env_text
 from layerzero.errors import PerfDBError
 from layerzero.selection.engine import Measurement
@@ -152,7 +152,7 @@ class PerfDB:
         self.refresh_s = float(refresh_s)
         self.recoveries = 0
         self.generation = 0
-        self._lock = threading.RLock()
+        self._lock = forksafe.lock(self, reentrant=True)
         self._conn: sqlite3.Connection | None = None
         self._memo: dict[tuple[str, str, str, str], Any] = {}  # lookup: kernel -> [(libraries, Measurement)]
         self._listeners: list[Callable[[], None]] = []

@@ -24,11 +24,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from layerzero import forksafe
 from layerzero.selection.engine import Measurement
 from layerzero.tuning.records import ID_RE, MAX_SAMPLES, MAX_TEXT, MAX_US
 
@@ -142,7 +142,7 @@ def load_table(path: str | Path) -> ShippedTable | None:
 
 
 _tables: dict[str, ShippedTable] | None = None
-_lock = threading.Lock()
+_lock = forksafe.module_lock()
 
 
 def tables() -> dict[str, ShippedTable]:

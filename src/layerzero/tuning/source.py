@@ -20,10 +20,10 @@ creates files.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from typing import TYPE_CHECKING
 
+from layerzero import forksafe
 from layerzero.context import SelectionContext
 from layerzero.selection.engine import Measurement
 from layerzero.spec import KernelSpec
@@ -61,7 +61,7 @@ class PerfDBSource:
         self._db = db
         self._lazy = db is None
         self._next_probe = 0.0
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock(self)
         if db is not None:
             db.add_listener(self._changed)
 
