@@ -54,6 +54,13 @@ def test_format_event_is_logfmt():
     assert line == 'event=fallback operation=rms_norm message="out of \\"memory\\"" next=none ok=true ms=1.23457 empty=""'
 
 
+def test_every_line_break_in_a_value_stays_on_one_line():
+    line = format_event("config_reload", {"error": "line one\r line two", "note": "a\rb", "other": "p\u2028q",
+                                          "more": "x\r\ny\x0bz"})
+    assert len(line.splitlines()) == 1
+    assert 'error="line one  line two"' in line and 'note="a b"' in line
+
+
 def test_log_event_carries_fields_on_the_record(logs):
     log_event("config_reload", result="success", source="/etc/lz.yaml")
     (rec,) = logs.events("config_reload")

@@ -179,6 +179,68 @@ def test_telemetry_disabled_counts_nothing(tel, runtime):
         or value(found, "layerzero_dispatch_total", operation="silu", kernel="torch_silu") == 0
 
 
+def test_telemetry_disabled_counts_no_breaker_reload_tuning_or_policy_event(tel, runtime, broken_rms_norm):
+    """``enable_telemetry=False`` records nothing: breaker transitions, reloads, tuning runs, policy changes and
+    invalidations were still counted and exported (beside ``layerzero_telemetry_enabled 0``)."""
+    old = runtime.config
+    runtime.configure(DispatchConfig(enable_telemetry=False, failure_threshold=2))
+    tel.reset()
+    try:
+        x, w = torch.randn(2, 8), torch.rand(8) + 0.5
+        for _ in range(3):
+            lz.rms_norm(x, w)
+        assert str(runtime.breakers.get("custom_broken_rms").state) != "CLOSED"
+        tel.record_reload(True, source="a.yaml")
+        tel.record_tuning_run(operation="rms_norm", winner="torch_rms_norm")
+        lz.lock("rms_norm", "torch_rms_norm").undo()
+        found = samples(telemetry.metrics_text())
+        assert not tel.breaker_transitions and tel.reloads == tel.tuning_runs == tel.policy_changes == 0
+        assert tel.cache_invalidations == 0
+    finally:
+        runtime.configure(old)
+    assert not [k for k, v in found.items() if k[0].startswith(("layerzero_breaker", "layerzero_config_reloads",
+                                                                 "layerzero_tuning", "layerzero_policy")) and v]
+
+
+def test_a_kernel_that_declines_is_no_cache_hit(tel, runtime):
+    """A kernel raising ``KernelDeclinedError`` hands each cached call to the next kernel: two kernel calls, one
+    cache hit (hits were derived as calls - fallbacks - misses and counted the handoff as a hit)."""
+    from layerzero.errors import KernelDeclinedError
+
+    def declining(x, approximate):  # type: ignore[no-untyped-def]
+        raise KernelDeclinedError("too big for me")
+
+    lz.register_kernel(KernelSpec("custom_declining_gelu", "gelu", "custom", declining, priority=1000))
+    try:
+        x = torch.randn(2, 8)
+        for _ in range(10):
+            lz.gelu(x)
+        stats = tel.cache_stats
+    finally:
+        get_global_kernel_registry().unregister("custom_declining_gelu")
+    assert (stats.hits, stats.misses) == (9, 1)
+    found = samples(telemetry.metrics_text())
+    assert value(found, "layerzero_cache_hits_total") == 9
+
+
+def test_a_kernel_error_whose_message_cannot_be_read_still_falls_back(tel, runtime):
+    class Unprintable(RuntimeError):
+        def __str__(self) -> str:
+            raise ValueError("cannot render")
+
+    def broken(x, approximate):  # type: ignore[no-untyped-def]
+        raise Unprintable()
+
+    lz.register_kernel(KernelSpec("custom_unprintable_gelu", "gelu", "custom", broken, priority=1000))
+    try:
+        x = torch.randn(2, 8)
+        for _ in range(runtime.config.failure_threshold + 1):
+            torch.testing.assert_close(lz.gelu(x), torch.nn.functional.gelu(x))
+        assert "message could not be read" in str(runtime.breakers.get("custom_unprintable_gelu").stats().last_failure)
+    finally:
+        get_global_kernel_registry().unregister("custom_unprintable_gelu")
+
+
 def test_reload_and_tuning_counters(tel):
     tel.record_reload(True, source="a.yaml")
     tel.record_reload(False, source="b.yaml", error="dispatch_rules[0].priority: must be between 0 and 1000")

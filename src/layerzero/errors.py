@@ -116,13 +116,28 @@ class OutOfMemoryError(LayerZeroError, _TORCH_OOM):  # type: ignore[misc, valid-
         self.kernel_id = kernel_id
 
 
+def message_of(exc: BaseException) -> str:
+    """``str(exc)``, which never raises here (a kernel's exception whose ``__str__`` fails must not turn a
+    fallback into a crash)."""
+    try:
+        return str(exc)
+    except Exception:
+        return f"<the {type(exc).__name__}'s message could not be read>"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message ("" for none); never raises."""
+    text = message_of(exc)
+    return text.splitlines()[0] if text else ""
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` says an allocation failed (CUDA's or the CPU allocator's out-of-memory error)."""
     if isinstance(exc, (_TORCH_OOM, MemoryError)):
         return True
     if not isinstance(exc, RuntimeError):
         return False
-    text = str(exc)
+    text = message_of(exc)
     return "out of memory" in text.lower() or "can't allocate memory" in text or "not enough memory" in text
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from layerzero import forksafe
+from layerzero.errors import first_line
 from layerzero.telemetry.logs import log_event
 
 __all__ = ["CircuitState", "CircuitBreakerConfig", "CircuitBreaker", "CircuitStats", "BreakerBoard"]
@@ -225,7 +226,7 @@ class CircuitBreaker:
 def _describe(error: BaseException | str | None) -> str | None:
     if error is None or isinstance(error, str):
         return error
-    text = str(error).splitlines()[0] if str(error) else ""
+    text = first_line(error)
     return f"{type(error).__name__}: {text[:300]}"
 
 

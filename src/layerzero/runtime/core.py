@@ -22,7 +22,7 @@ from typing import Any
 
 from layerzero import forksafe
 from layerzero.context import SelectionContext
-from layerzero.errors import CaptureError
+from layerzero.errors import CaptureError, message_of
 from layerzero.ops.base import OpDef
 from layerzero.policy.model import Policy
 from layerzero.policy.scope import SCOPE
@@ -251,7 +251,7 @@ class Runtime:
         try:
             return src(operation, ctx, specs)
         except Exception as exc:  # measurements are advisory: never fail a call over them
-            log_event("perf_lookup_failed", operation=operation, error=type(exc).__name__, message=str(exc),
+            log_event("perf_lookup_failed", operation=operation, error=type(exc).__name__, message=message_of(exc),
                       action="using priorities")
             return {}
 

@@ -35,6 +35,7 @@ from layerzero.errors import (
     KernelExecutionError,
     KernelNotSupportedError,
     OutOfMemoryError,
+    first_line,
     is_out_of_memory,
 )
 from layerzero.runtime.breaker import CircuitBreaker
@@ -65,9 +66,6 @@ def _meta(args: tuple[Any, ...]) -> bool:
     return any(valueless(a) for a in args)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return text.splitlines()[0] if text else ""
 
 
 class Executor:
@@ -112,7 +110,7 @@ class Executor:
     def _oom(self, plan: ExecutionPlan, args: tuple[Any, ...], kid: str, exc: BaseException) -> OutOfMemoryError:
         return OutOfMemoryError(f"{plan.operation}: kernel {kid} ran out of memory; no kernel is blamed and no "
                                 f"other is tried (a smaller batch or sequence is the fix) (inputs: "
-                                f"{plan.op.describe(args)})\n  {type(exc).__name__}: {_first_line(exc)}",
+                                f"{plan.op.describe(args)})\n  {type(exc).__name__}: {first_line(exc)}",
                                 operation=plan.operation, kernel_id=kid)
 
     # -- running -------------------------------------------------------------------------------------------
@@ -166,6 +164,7 @@ class Executor:
             except KernelDeclinedError as exc:  # a limit the kernel sees only now: the next one runs, uncounted
                 if breaker is not None:
                     breaker.release()
+                rt.telemetry.record_handoff(operation, kid)
                 skipped.append((kid, exc))
                 continue
             except Exception as exc:
@@ -173,6 +172,7 @@ class Executor:
                 if outside is not None:  # a call the kernel declares it cannot serve reached it: not its fault
                     if breaker is not None:
                         breaker.release()
+                    rt.telemetry.record_handoff(operation, kid)
                     skipped.append((kid, outside))
                     continue
                 failures.append(Failure(kid, exc, breaker, problem is not None))
@@ -223,6 +223,7 @@ class Executor:
         may serve it, or runs through its own exact-shape plan.
         """
         if isinstance(exc, KernelDeclinedError):  # not this call's kernel; the plan stays as it is
+            self.rt.telemetry.record_handoff(plan.operation, plan.kernels[index].kernel_id)
             return self.run(plan, args, index + 1)
         self.screen(plan, args, exc, plan.kernels[index].kernel_id)
         rt = self.rt
@@ -245,6 +246,7 @@ class Executor:
         kid = spec.kernel_id
         outside = self.outside_spec(plan, spec, args)
         if outside is not None:  # a hot path handed it a call its declaration excludes: next kernel, uncounted
+            rt.telemetry.record_handoff(plan.operation, kid)
             return self.run(plan, args, index + 1, check_output=True, refused=[(kid, outside)])
         breaker = rt.breakers.get(kid) if rt.config.circuit_breaker_enabled else None
         return self.run(plan, args, index + 1, failed=Failure(kid, exc, breaker), check_output=True)
@@ -289,7 +291,7 @@ class Executor:
             if cfg.log_fallbacks:
                 log_event("fallback" if served_by is not None else "kernel_failed", operation=plan.operation,
                           from_kernel=f.kernel_id, to_kernel=nxt, error=type(f.error).__name__,
-                          message=_first_line(f.error))
+                          message=first_line(f.error))
 
     @staticmethod
     def _release(failures: list[Failure]) -> None:
@@ -302,7 +304,7 @@ class Executor:
                    skipped: list[tuple[str, BaseException]]) -> Exception:
         """The error for a call no kernel answered: the kernels are blamed only if the reference computes it."""
         attempts = [(f.kernel_id, f.error) for f in failures] + skipped
-        lines = [f"  {kid}: {type(err).__name__}: {_first_line(err)}" for kid, err in attempts]
+        lines = [f"  {kid}: {type(err).__name__}: {first_line(err)}" for kid, err in attempts]
         if not failures and skipped and all(isinstance(err, KernelNotSupportedError) for _, err in skipped):
             return KernelNotSupportedError(f"{plan.operation}: no kernel of the plan can run this call (inputs: "
                                            f"{plan.op.describe(args)}):\n" + "\n".join(lines),
@@ -345,5 +347,5 @@ class Executor:
         except NotImplementedError:
             return False, "the operation has no reference"
         except Exception as exc:  # noqa: BLE001 - any failure of the reference is the verdict
-            return (None if is_out_of_memory(exc) else False), f"{type(exc).__name__}: {_first_line(exc)}"
+            return (None if is_out_of_memory(exc) else False), f"{type(exc).__name__}: {first_line(exc)}"
         return True, ""

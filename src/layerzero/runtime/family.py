@@ -15,6 +15,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 from layerzero.context import SelectionContext
+from layerzero.errors import first_line
 from layerzero.policy.model import Policy
 from layerzero.runtime.gates import NEVER_SLOW
 from layerzero.selection.engine import CandidateDecision, Selection
@@ -191,7 +192,7 @@ class FamilyPlans:
             self.exact_only.add(family)
         rt.forget(family)
         log_event("shape_free_plan_dropped", operation=plan.operation, kernel=plan.kernel_id,
-                  error=type(exc).__name__, message=str(exc).splitlines()[0] if str(exc) else "",
+                  error=type(exc).__name__, message=first_line(exc),
                   action="select again with this call (a kernel covering this one may serve the family)" if widen
                   else "exact-shape plans for this call family")
         return widen

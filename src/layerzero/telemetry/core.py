@@ -92,6 +92,7 @@ class Telemetry:
         self.failed_reloads = 0
         self.tuning_runs = 0
         self.policy_changes = 0
+        self.handoffs = 0  # kernel calls that handed the call on without failing (record_handoff)
         self.errors: dict[str, int] = {}
         self._cache_size: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -163,36 +164,51 @@ class Telemetry:
         self._emit("failure", {"operation": operation, "kernel": kernel_id, "error": name})
 
     def record_breaker(self, kernel_id: str, old: str, new: str) -> None:
+        if not self.enabled:
+            return
         key = (kernel_id, old, new)
         with self._lock:
             self.breaker_transitions[key] = self.breaker_transitions.get(key, 0) + 1
         self._emit("breaker", {"kernel": kernel_id, "from": old, "to": new})
+
+    def record_handoff(self, operation: str, kernel_id: str) -> None:
+        """``kernel_id`` ran and handed the call on without failing (it declined it, or the call was outside what
+        it declares): one more kernel call within the same user call, as a fallback is."""
+        if self.enabled:
+            self.handoffs += 1
 
     def record_eviction(self, n: int = 1) -> None:
         if self.enabled:
             self.cache_evictions += n
 
     def record_invalidation(self) -> None:
-        self.cache_invalidations += 1
+        if self.enabled:
+            self.cache_invalidations += 1
 
     def record_reload(self, ok: bool, **fields: Any) -> None:
-        """Count a config reload and log its one line (``fields``: source, duration_ms, error, ...)."""
+        """Count a config reload (when enabled) and log its one line (``fields``: source, duration_ms, error,
+        ...)."""
+        log_event("config_reload", logging.INFO if ok else logging.WARNING,
+                  result="success" if ok else "failure", **fields)
+        if not self.enabled:
+            return
         if ok:
             self.reloads += 1
         else:
             self.failed_reloads += 1
-        log_event("config_reload", logging.INFO if ok else logging.WARNING,
-                  result="success" if ok else "failure", **fields)
         self._emit("reload", {"ok": ok, **fields})
 
     def record_tuning_run(self, **fields: Any) -> None:
-        """Count a tuning run or decision and log its one line (``fields``: operation, bucket, winner, ...)."""
-        self.tuning_runs += 1
+        """Count a tuning run or decision (when enabled) and log its one line (``fields``: operation, bucket,
+        winner, ...)."""
         log_event("tuning", **fields)
-        self._emit("tuning", dict(fields))
+        if self.enabled:
+            self.tuning_runs += 1
+            self._emit("tuning", dict(fields))
 
     def record_policy_change(self) -> None:
-        self.policy_changes += 1
+        if self.enabled:
+            self.policy_changes += 1
 
     # -- reading ------------------------------------------------------------------
     def bind_cache(self, size_fn: Callable[[], tuple[int, int]]) -> None:
@@ -212,7 +228,7 @@ class Telemetry:
     def cache_stats(self) -> CacheStats:
         size, capacity = self._cache_size()
         # Each fallback is one extra kernel invocation within the same user call.
-        hits = max(self.total_calls - self.total_fallbacks - self.misses, 0)
+        hits = max(self.total_calls - self.total_fallbacks - self.handoffs - self.misses, 0)
         return CacheStats(hits, self.misses, size, capacity, self.cache_evictions, self.cache_invalidations)
 
     def add_listener(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
@@ -244,7 +260,7 @@ class Telemetry:
             self.breaker_transitions.clear()
             self.errors.clear()
             self.misses = self.cache_evictions = self.cache_invalidations = 0
-            self.reloads = self.failed_reloads = self.tuning_runs = self.policy_changes = 0
+            self.reloads = self.failed_reloads = self.tuning_runs = self.policy_changes = self.handoffs = 0
 
     def snapshot(self) -> dict[str, Any]:
         cs = self.cache_stats

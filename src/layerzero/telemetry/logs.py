@@ -49,7 +49,7 @@ def _value(v: Any) -> str:
         return f"{v:.6g}"
     if isinstance(v, (list, tuple)):
         v = ",".join(str(x) for x in v)
-    text = str(v).replace("\n", " ")
+    text = " ".join(str(v).splitlines())  # every line break (\r, \u2028, ...): one record, one line
     if len(text) > _MAX_VALUE:
         text = text[: _MAX_VALUE - 3] + "..."
     if text == "" or any(c in text for c in ' "=\t'):
