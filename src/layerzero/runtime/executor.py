@@ -162,18 +162,12 @@ class Executor:
                 if problem is not None:
                     raise KernelExecutionError(f"kernel {kid} for {operation} {problem}")
             except KernelDeclinedError as exc:  # a limit the kernel sees only now: the next one runs, uncounted
-                if breaker is not None:
-                    breaker.release()
-                rt.telemetry.record_handoff(operation, kid)
-                skipped.append((kid, exc))
+                self._hand_on(operation, kid, breaker, exc, skipped)
                 continue
             except Exception as exc:
                 outside = self.outside_spec(plan, spec, args) if problem is None else None
                 if outside is not None:  # a call the kernel declares it cannot serve reached it: not its fault
-                    if breaker is not None:
-                        breaker.release()
-                    rt.telemetry.record_handoff(operation, kid)
-                    skipped.append((kid, outside))
+                    self._hand_on(operation, kid, breaker, outside, skipped)
                     continue
                 failures.append(Failure(kid, exc, breaker, problem is not None))
                 self._screen_during_run(plan, args, failures, exc, generator, state)
@@ -196,6 +190,15 @@ class Executor:
         if state is not None:
             generator.set_state(state)  # type: ignore[union-attr]
         raise self._no_result(plan, args, failures, skipped)
+
+    def _hand_on(self, operation: str, kid: str, breaker: CircuitBreaker | None, why: BaseException,
+                 skipped: list[tuple[str, BaseException]]) -> None:
+        """``kid`` passed the call on without failing (it declined it, or was handed one outside its declaration):
+        its breaker probe is released, nothing counts against it, and the next kernel runs."""
+        if breaker is not None:
+            breaker.release()
+        self.rt.telemetry.record_handoff(operation, kid)
+        skipped.append((kid, why))
 
     def _screen_during_run(self, plan: ExecutionPlan, args: tuple[Any, ...], failures: list[Failure],
                            exc: BaseException, generator: Any, state: Any) -> None:
