@@ -289,3 +289,25 @@ def test_dispatch_and_ops_share_one_registry(tel):
     found = samples(telemetry.metrics_text())
     assert value(found, "layerzero_dispatch_total", operation="rms_norm", kernel=result.kernel_id) == 5
     assert value(found, "layerzero_cache_hits_total") + value(found, "layerzero_cache_misses_total") == 5
+
+
+def test_an_unregistered_kernel_leaves_no_breaker_or_counters_behind(tel, runtime):
+    """An open breaker of a removed kernel was exported as fenced off for good (the documented alert never
+    cleared), and kernels churned through the registry grew the counters without bound."""
+    def broken(x, approximate):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no")
+
+    x = torch.randn(2, 8)
+    for n in range(3):
+        kid = f"custom_churned_gelu_{n}"
+        lz.register_kernel(KernelSpec(kid, "gelu", "custom", broken, priority=1000))
+        for _ in range(runtime.config.failure_threshold + 1):
+            lz.gelu(x)
+        assert value(samples(telemetry.metrics_text()), "layerzero_circuit_state", kernel=kid) == 2
+        calls = tel.total_calls
+        get_global_kernel_registry().unregister(kid)
+        assert tel.total_calls == calls  # the totals keep what the kernel ran
+        found = samples(telemetry.metrics_text())
+        assert not [k for k in found if ("kernel", kid) in k[1] and k[0] in (
+            "layerzero_circuit_state", "layerzero_dispatch_total", "layerzero_selections_total")]
+        assert kid not in runtime.breakers.all() and kid not in tel.kernels

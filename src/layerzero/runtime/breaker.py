@@ -268,6 +268,12 @@ class BreakerBoard:
             for b in self._breakers.values():
                 b.config = config
 
+    def forget(self, kernel_ids: set[str]) -> None:
+        """Drop the breakers of ``kernel_ids`` (kernels no longer registered)."""
+        with self._lock:
+            for kid in kernel_ids:
+                self._breakers.pop(kid, None)
+
     def clear(self) -> None:
         """Forget every breaker (fresh ones, CLOSED, with no counts, are made on next use)."""
         with self._lock:

@@ -93,6 +93,7 @@ class Runtime:
         self.version = 0
         self.on_miss: list[Callable[[str, SelectionContext], None]] = []
         self.baked: Any = None  # a layerzero.solve.PlanTable in force, or None
+        self._registered = {s.kernel_id for s in self.kernels}  # what forget_unregistered compares with
         me = weakref.ref(self)  # listeners on shared objects must not keep a derived runtime alive
 
         def on(reason: str) -> Callable[[], None]:
@@ -100,6 +101,8 @@ class Runtime:
                 rt = me()
                 if rt is None:
                     return
+                if reason == "kernel registry changed":
+                    rt.forget_unregistered()
                 if rt.parent is not None:  # a derived runtime: its parent logs the change, it only drops plans
                     rt.invalidate()
                 elif reason == "policy":
@@ -114,6 +117,16 @@ class Runtime:
             source.add_listener(listener)
         # a runtime that goes away (a dispatcher's derived one) takes its listeners off the shared objects
         weakref.finalize(self, _stop_listening, listening)
+
+    def forget_unregistered(self) -> None:
+        """Drop the breakers and per-kernel counters of kernels unregistered since the last change: an open
+        breaker of a removed kernel was exported as fenced off for good (its alert never cleared), and kernels
+        churned through the registry grew both without bound."""
+        now = {s.kernel_id for s in self.kernels}
+        gone, self._registered = self._registered - now, now
+        if gone:
+            self.breakers.forget(gone)
+            self.telemetry.forget_kernels(gone)
 
     def derive(self, config: DispatchConfig) -> Runtime:
         """A runtime for a dispatcher with a config of its own on this runtime's registries: the same

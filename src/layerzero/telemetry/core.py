@@ -93,6 +93,7 @@ class Telemetry:
         self.tuning_runs = 0
         self.policy_changes = 0
         self.handoffs = 0  # kernel calls that handed the call on without failing (record_handoff)
+        self._retired_calls = 0  # the calls of kernels forgotten since (forget_kernels): totals stay monotone
         self.errors: dict[str, int] = {}
         self._cache_size: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -218,7 +219,17 @@ class Telemetry:
     @property
     def total_calls(self) -> int:
         """Kernel invocations, fallback attempts included."""
-        return sum(s.calls for s in self.kernel_operations())
+        return sum(s.calls for s in self.kernel_operations()) + self._retired_calls
+
+    def forget_kernels(self, kernel_ids: set[str]) -> None:
+        """Drop the per-kernel counters and selection counts of ``kernel_ids`` (kernels no longer registered);
+        their calls still count in the totals."""
+        with self._lock:
+            for kid in kernel_ids:
+                ops = self._kernel_ops.pop(kid, None)
+                if ops:
+                    self._retired_calls += sum(s.calls for s in ops.values())
+            self.selections = {k: n for k, n in self.selections.items() if k[1] not in kernel_ids}
 
     @property
     def total_fallbacks(self) -> int:
@@ -261,6 +272,7 @@ class Telemetry:
             self.errors.clear()
             self.misses = self.cache_evictions = self.cache_invalidations = 0
             self.reloads = self.failed_reloads = self.tuning_runs = self.policy_changes = self.handoffs = 0
+            self._retired_calls = 0
 
     def snapshot(self) -> dict[str, Any]:
         cs = self.cache_stats
