@@ -311,3 +311,39 @@ def test_an_unregistered_kernel_leaves_no_breaker_or_counters_behind(tel, runtim
         assert not [k for k in found if ("kernel", kid) in k[1] and k[0] in (
             "layerzero_circuit_state", "layerzero_dispatch_total", "layerzero_selections_total")]
         assert kid not in runtime.breakers.all() and kid not in tel.kernels
+
+
+def test_a_dispatcher_with_its_own_config_is_exported_beside_the_global_runtime(tel):
+    """A dispatcher with a config of its own counts in its own runtime; registered with a label of its own it is
+    exported beside the global runtime in one registry (without a label the two collide)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from layerzero.dispatch import create_dynamic_dispatcher
+
+    d = create_dynamic_dispatcher(config=DispatchConfig(cache_size=50000))
+    x, w = torch.randn(4, 64), torch.rand(64) + 0.5
+    for _ in range(5):
+        d.dispatch("rms_norm", {"x": x, "weight": w})
+    lz.rms_norm(x, w)
+    reg = CollectorRegistry()
+    collector = telemetry.register_collectors(reg)
+    collector.add(d.runtime, {"dispatcher": "serving"})
+    found = samples(generate_latest(reg).decode())
+    assert value(found, "layerzero_dispatch_total", operation="rms_norm", kernel="torch_rms_norm",
+                 dispatcher="serving") == 5
+    assert value(found, "layerzero_dispatch_total", operation="rms_norm", kernel="torch_rms_norm",
+                 dispatcher="") >= 1
+    with pytest.raises(ValueError, match="Duplicated timeseries"):  # a second collector of the same names
+        telemetry.register_collectors(reg, d.runtime)
+    del collector
+    # layerzero's own registry (metrics_text, the metrics server): add_runtime
+    telemetry.add_runtime(d.runtime, {"dispatcher": "serving"})
+    try:
+        found = samples(telemetry.metrics_text())
+    finally:
+        telemetry.remove_runtime(d.runtime)
+    assert value(found, "layerzero_dispatch_total", operation="rms_norm", kernel="torch_rms_norm",
+                 dispatcher="serving") == 5
+    assert "dispatcher=" not in telemetry.metrics_text()
+    with pytest.raises(ValueError, match="labels must tell"):
+        telemetry.add_runtime(d.runtime, {})

@@ -22,8 +22,8 @@ from layerzero.telemetry.logs import format_event, log_event
 __all__ = [
     "Telemetry", "KernelStats", "CacheStats", "LATENCY_BUCKETS_US", "format_event", "log_event",
     # Prometheus (layerzero.telemetry.prometheus)
-    "LayerZeroCollector", "metrics_text", "start_metrics_server", "register_collectors", "MetricsServer",
-    "CIRCUIT_STATE_VALUES",
+    "LayerZeroCollector", "metrics_text", "start_metrics_server", "register_collectors", "add_runtime",
+    "remove_runtime", "MetricsServer", "CIRCUIT_STATE_VALUES",
     # OpenTelemetry (layerzero.telemetry.otel)
     "enable_otel", "OTelHandle",
 ]
@@ -33,6 +33,8 @@ _LAZY = {
     "metrics_text": "layerzero.telemetry.prometheus",
     "start_metrics_server": "layerzero.telemetry.prometheus",
     "register_collectors": "layerzero.telemetry.prometheus",
+    "add_runtime": "layerzero.telemetry.prometheus",
+    "remove_runtime": "layerzero.telemetry.prometheus",
     "MetricsServer": "layerzero.telemetry.prometheus",
     "CIRCUIT_STATE_VALUES": "layerzero.telemetry.families",
     "enable_otel": "layerzero.telemetry.otel",

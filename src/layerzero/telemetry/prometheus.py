@@ -15,7 +15,8 @@ scrapes, so the call path never touches ``prometheus_client``. Three ways in:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +31,8 @@ from layerzero.telemetry.families import CIRCUIT_STATE_VALUES, LATENCY_BUCKETS_S
 if TYPE_CHECKING:
     from layerzero.runtime import Runtime
 
-__all__ = ["LayerZeroCollector", "metrics_text", "start_metrics_server", "register_collectors", "MetricsServer",
-           "default_registry", "CIRCUIT_STATE_VALUES"]
+__all__ = ["LayerZeroCollector", "metrics_text", "start_metrics_server", "register_collectors", "add_runtime",
+           "remove_runtime", "MetricsServer", "default_registry", "CIRCUIT_STATE_VALUES"]
 
 _LE = tuple(floatToGoString(b) for b in LATENCY_BUCKETS_S) + ("+Inf",)
 
@@ -43,41 +44,74 @@ def _global_runtime() -> Runtime:
 
 
 class LayerZeroCollector:
-    """A ``prometheus_client`` collector for one runtime (the global one by default).
+    """A ``prometheus_client`` collector for one runtime (the global one by default), and any more added.
 
     Args:
         runtime: the runtime to read; ``None`` reads :func:`layerzero.runtime.get_runtime` at each scrape.
+        labels: constant labels added to every sample of that runtime.
+
+    A dispatcher with a config of its own counts in a runtime of its own (``dispatcher.runtime``): :meth:`add` it
+    with a label that tells it apart (``collector.add(serving.runtime, {"dispatcher": "serving"})``), so both are
+    one set of metric families (a registry refuses two collectors of the same names).
     """
 
-    def __init__(self, runtime: Runtime | None = None) -> None:
-        self._runtime: Callable[[], Runtime] = (lambda: runtime) if runtime is not None else _global_runtime
+    def __init__(self, runtime: Runtime | None = None, labels: Mapping[str, str] | None = None) -> None:
+        self._sources: list[tuple[Callable[[], Runtime | None], tuple[tuple[str, str], ...]]] = []
+        self.add(runtime, labels)
+
+    def add(self, runtime: Runtime | None, labels: Mapping[str, str] | None = None) -> None:
+        """Read ``runtime`` too, its samples labelled with ``labels`` (held weakly: a dispatcher that goes away
+        leaves the scrape)."""
+        const = tuple((str(k), str(v)) for k, v in sorted((labels or {}).items()))
+        if runtime is None:
+            self._sources.append((_global_runtime, const))
+        else:
+            ref = weakref.ref(runtime)
+            self._sources.append((ref, const))
+
+    def remove(self, runtime: Runtime) -> None:
+        """Stop reading ``runtime``."""
+        self._sources = [(src, const) for src, const in self._sources
+                         if src is _global_runtime or src() is not runtime]
+
+    def _families(self) -> list[tuple[Family, tuple[tuple[str, str], ...]]]:
+        out = []
+        for source, const in list(self._sources):
+            rt = source()
+            if rt is not None:
+                out += [(fam, const) for fam in read_families(rt)]
+        self._sources = [(src, const) for src, const in self._sources
+                         if src is _global_runtime or src() is not None]
+        return out
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples (lets a registry detect name clashes without a scrape)."""
-        for fam in read_families(self._runtime()):
-            fam.samples.clear()
-            yield _render(fam)
+        for metric in _render(self._families()):
+            metric.samples.clear()
+            yield metric
 
     def collect(self) -> Iterator[Metric]:
-        for fam in read_families(self._runtime()):
-            yield _render(fam)
+        yield from _render(self._families())
 
 
-def _render(fam: Family) -> Metric:
-    labels = list(fam.labels)
-    if fam.kind == "counter":
-        metric: Any = CounterMetricFamily(fam.prom, fam.help, labels=labels)
+def _render(fams: list[tuple[Family, tuple[tuple[str, str], ...]]]) -> list[Metric]:
+    """One metric per family name, every source's samples in it; a constant label a source lacks reads ""."""
+    keys = sorted({k for _, const in fams for k, _ in const})
+    merged: dict[str, Any] = {}
+    for fam, const in fams:
+        labels = list(fam.labels) + keys
+        extra = [dict(const).get(k, "") for k in keys]
+        metric = merged.get(fam.prom)
+        if metric is None:
+            kind = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}.get(fam.kind)
+            metric = merged[fam.prom] = (kind(fam.prom, fam.help, labels=labels) if kind is not None else
+                                         HistogramMetricFamily(fam.prom, fam.help, labels=labels, unit=""))
         for values, v in fam.samples:
-            metric.add_metric(list(values), v)
-    elif fam.kind == "gauge":
-        metric = GaugeMetricFamily(fam.prom, fam.help, labels=labels)
-        for values, v in fam.samples:
-            metric.add_metric(list(values), v)
-    else:
-        metric = HistogramMetricFamily(fam.prom, fam.help, labels=labels, unit="")
-        for values, h in fam.samples:
-            metric.add_metric(list(values), _cumulative(h), h.sum)
-    return metric
+            if fam.kind in ("counter", "gauge"):
+                metric.add_metric([*values, *extra], v)
+            else:
+                metric.add_metric([*values, *extra], _cumulative(v), v.sum)
+    return list(merged.values())
 
 
 def _cumulative(h: Histogram) -> list[tuple[str, float]]:
@@ -92,13 +126,34 @@ _default: CollectorRegistry | None = None
 _default_lock = forksafe.module_lock()
 
 
+_default_collector = LayerZeroCollector()
+
+
+def add_runtime(runtime: Runtime, labels: Mapping[str, str]) -> None:
+    """Export ``runtime`` too (a dispatcher with a config of its own: ``dispatcher.runtime``) from layerzero's own
+    registry (:func:`metrics_text`, :func:`start_metrics_server`), its samples labelled with ``labels``.
+
+    Example:
+        >>> layerzero.telemetry.add_runtime(serving.runtime, {"dispatcher": "serving"})
+    """
+    if not labels:
+        raise ValueError("add_runtime(): labels must tell this runtime's samples apart, "
+                         "e.g. {'dispatcher': 'serving'}")
+    _default_collector.add(runtime, labels)
+
+
+def remove_runtime(runtime: Runtime) -> None:
+    """Undo :func:`add_runtime` (a runtime that is garbage-collected leaves on its own)."""
+    _default_collector.remove(runtime)
+
+
 def default_registry() -> CollectorRegistry:
     """layerzero's own registry: its collector plus the process, platform and GC collectors."""
     global _default
     with _default_lock:
         if _default is None:
             reg = CollectorRegistry()
-            reg.register(LayerZeroCollector())
+            reg.register(_default_collector)
             for make in (ProcessCollector, PlatformCollector, GCCollector):
                 try:
                     make(registry=reg)
@@ -108,14 +163,19 @@ def default_registry() -> CollectorRegistry:
         return _default
 
 
-def register_collectors(registry: CollectorRegistry, runtime: Runtime | None = None) -> LayerZeroCollector:
+def register_collectors(registry: CollectorRegistry, runtime: Runtime | None = None,
+                        labels: Mapping[str, str] | None = None) -> LayerZeroCollector:
     """Add layerzero's collector to ``registry`` and return it (``registry.unregister(c)`` removes it).
+
+    ``runtime`` and ``labels``: see :class:`LayerZeroCollector`; a dispatcher with a config of its own counts in
+    its own runtime, which the returned collector's ``add`` exports beside the global one.
 
     Example:
         >>> from prometheus_client import REGISTRY
-        >>> layerzero.telemetry.register_collectors(REGISTRY)   # now served by your own /metrics
+        >>> collector = layerzero.telemetry.register_collectors(REGISTRY)   # now served by your own /metrics
+        >>> collector.add(serving.runtime, {"dispatcher": "serving"})      # a dispatcher with its own config
     """
-    collector = LayerZeroCollector(runtime)
+    collector = LayerZeroCollector(runtime, labels)
     registry.register(collector)
     return collector
 
