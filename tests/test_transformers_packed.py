@@ -116,6 +116,34 @@ def test_a_padding_mask_keeps_the_dense_path(operations: list[str]) -> None:
     assert operations == ["attention"] * _CONFIG["num_hidden_layers"]
 
 
+@pytest.mark.parametrize("opt", [False, True])
+def test_left_padding_with_position_ids_from_the_mask_matches_sdpa(opt: bool, operations: list[str]) -> None:
+    """Left padding with ``position_ids = mask.cumsum(-1) - 1`` (OPT builds exactly these itself): the pads read
+    -1, -1, -1 then 0, so the last pad stepped into the first real token's sequence and the real tokens attended
+    to it (logits off by 0.28 on OPT). A pad before a real token of its sequence keeps the dense path."""
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    if opt:
+        cfg: Any = OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                             word_embed_proj_dim=64, max_position_embeddings=64, pad_token_id=1)
+        extra: dict[str, Any] = {}
+    else:
+        cfg, extra = LlamaConfig(**_CONFIG), {"position_ids": mask.cumsum(-1) - 1}
+    models = {}
+    for impl in ("sdpa", "layerzero"):
+        torch.manual_seed(0)
+        models[impl] = AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+    models["layerzero"].load_state_dict(models["sdpa"].state_dict())
+    with torch.no_grad():
+        got = models["layerzero"](input_ids=ids, attention_mask=mask, **extra).logits
+        want = models["sdpa"](input_ids=ids, attention_mask=mask, **extra).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()])
+    assert "attention_varlen" not in operations
+
+
 def test_training_with_dropout_masks_the_sequences_apart() -> None:
     model = _model(attention_dropout=0.5, attn_implementation="layerzero").train()
     seqs = _sequences()

@@ -108,6 +108,20 @@ def _padding_free(mask: torch.Tensor, length: int) -> bool:
     return bool(visible.all().item())
 
 
+def _no_padding_inside(mask: torch.Tensor, cu: torch.Tensor, rows: int, length: int) -> bool:
+    """Whether no padded token (one the 4-D mask hides from itself) comes before a real token of its own detected
+    sequence: attention per sequence would let that token see it. Left padding with ``position_ids`` of
+    ``mask.cumsum(-1) - 1`` (OPT's own, a common idiom) reads as pads -1, -1, -1 then 0, 1, ...: the last pad
+    steps +1 into the first real token and joins its sequence. Padding after a sequence is never seen (causal)."""
+    diag = torch.diagonal(mask[:, 0, :length, :length], dim1=-2, dim2=-1)
+    visible = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+    visible = visible.expand(rows, length).reshape(-1)
+    start = torch.zeros(rows * length + 1, dtype=torch.bool, device=visible.device)
+    start[cu.long().clamp(max=rows * length)] = True
+    pad_then_real = ~visible[:-1] & ~start[1:-1] & visible[1:]
+    return not bool(pad_then_real.any().item())
+
+
 _SERVED = LayoutCache(8)
 
 
@@ -154,7 +168,8 @@ def packed_layout(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.
         return None
     layout = _cached_from_position_ids(position_ids, rows, query.device)
     if layout is None or (attention_mask is not None and (attention_mask.dim() != 4 or not (
-            _separates(attention_mask, layout[0], length) or _padding_free(attention_mask, length)))):
+            _separates(attention_mask, layout[0], length) or _padding_free(attention_mask, length))
+            or not _no_padding_inside(attention_mask, layout[0], rows, length))):
         return None
     return layout
 
