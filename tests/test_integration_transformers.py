@@ -351,6 +351,22 @@ def test_a_model_that_would_never_call_layerzero_fails_at_construction(
     monkeypatch.delitem(sys.modules, name)
 
 
+@pytest.mark.skipif(not hasattr(transformers.PreTrainedModel, "set_attn_implementation"),
+                    reason="transformers without set_attn_implementation")
+def test_switching_a_built_model_to_layerzero_is_checked_too() -> None:
+    """``model.set_attn_implementation("layerzero")`` on a built model of a class that chooses its attention
+    itself: transformers only logged that it cannot switch and the model stayed on eager; it now raises as
+    construction does. A model that can switch does, and runs layerzero."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=128, hidden_size=64, n_layer=1, n_head=4))
+    with pytest.raises(UnsupportedModelError, match="BloomForCausalLM .*Use attn_implementation="):
+        bloom.set_attn_implementation("layerzero")
+    llama = LlamaForCausalLM._from_config(LlamaConfig(**_COMMON), attn_implementation="sdpa")
+    llama.set_attn_implementation("layerzero")
+    assert llama.config._attn_implementation == "layerzero"
+
+
 def test_output_attentions_warns_once_that_no_weights_come_back(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lzt, "_WARNED", set())
     torch.manual_seed(0)

@@ -259,6 +259,18 @@ def _install_model_check() -> None:
 
     setattr(checked, _CHECKED, True)
     setattr(PreTrainedModel, method, checked)
+    setter = PreTrainedModel.__dict__.get("set_attn_implementation")
+    if setter is not None and not getattr(setter, _CHECKED, False):
+        # On a built model of a class that chooses its attention itself, transformers only logs that it cannot
+        # switch (the check above never runs) and the model stays as it was: refuse "layerzero" out loud there.
+        @functools.wraps(setter)
+        def set_checked(self: Any, attn_implementation: Any, *args: Any, **kwargs: Any) -> Any:
+            if attn_implementation == ATTN_NAME:
+                check_model_class(type(self))
+            return setter(self, attn_implementation, *args, **kwargs)
+
+        setattr(set_checked, _CHECKED, True)
+        setattr(PreTrainedModel, "set_attn_implementation", set_checked)
 
 
 def register(name: str = ATTN_NAME) -> None:
