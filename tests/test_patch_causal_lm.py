@@ -114,8 +114,13 @@ def test_patched_loss_and_gradients_match_and_unpatch_restores(name: str, op_cal
         evaluated = ours(ids, labels=labels)  # eval mode: logits come back, as in Liger
         torch.testing.assert_close(evaluated.logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
         skipped = ours(ids, labels=labels, skip_logits=True, return_dict=False)
-        assert isinstance(skipped, tuple)
-        torch.testing.assert_close(skipped[0], ref(ids, labels=labels).loss, atol=1e-5, rtol=1e-5)
+        plain = ref(ids, labels=labels, return_dict=False)
+        assert isinstance(skipped, tuple) and len(skipped) == len(plain) and skipped[1] is None  # logits' place
+        torch.testing.assert_close(skipped[0], plain[0], atol=1e-5, rtol=1e-5)
+        ours.train(), ref.train()
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        alone = ours(ids, shift_labels=shifted)  # shift_labels alone: no loss, as without the patch
+        assert alone.loss is None and ref(ids, shift_labels=shifted).loss is None and alone.logits is not None
     assert lzt.unpatch(ours) == report.count
     assert module.apply_rotary_pos_emb is original_rope
     assert "forward" not in ours.__dict__

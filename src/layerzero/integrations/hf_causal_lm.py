@@ -149,13 +149,13 @@ def _loss_forward(self: nn.Module, *args: Any, skip_logits: bool | None = None, 
     extra = dict(bound.pop("kwargs", {}))
     bound.pop("self")
     labels, shift_labels = bound.pop("labels", None), extra.get("shift_labels")
-    wants_loss = labels is not None or shift_labels is not None
+    wants_loss = labels is not None  # as transformers: shift_labels alone give no loss
     skip = (self.training and wants_loss) if skip_logits is None else bool(skip_logits)
     if not skip:
         return original(self, *args, **kwargs)
     if not wants_loss:
-        raise InvalidInputError(f"{type(self).__name__} (layerzero.patch): skip_logits=True needs labels or "
-                                "shift_labels (without them there is nothing to return)")
+        raise InvalidInputError(f"{type(self).__name__} (layerzero.patch): skip_logits=True needs labels "
+                                "(without them there is no loss, and nothing to return)")
     return_dict = getattr(self.config, "return_dict", True)
     passed = extra.pop("return_dict", return_dict)
     return_dict = return_dict if passed is None else passed
@@ -172,7 +172,8 @@ def _loss_forward(self: nn.Module, *args: Any, skip_logits: bool | None = None, 
     fields = {f for f in CausalLMOutputWithPast.__dataclass_fields__}
     rest = {k: v for k, v in outputs.items() if k != "last_hidden_state" and k in fields}
     out = CausalLMOutputWithPast(loss=loss, logits=None, **rest)
-    return out if return_dict else out.to_tuple()
+    # a tuple keeps the logits' place (None), so out[2] is the cache as without the patch
+    return out if return_dict else (loss, None, *out.to_tuple()[1:])
 
 
 def _verify_loss(model: nn.Module, softcap: float | None) -> str | None:
