@@ -13,11 +13,7 @@ import torch
 
 from layerzero.ops.base import finite_number, kind, shown, tensor_problem, window_problem
 
-__all__ = ["option_problem", "index_problem", "float_problem", "positive_int", "heads_problem"]
-
-
-def positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+__all__ = ["option_problem", "index_problem", "float_problem", "heads_problem"]
 
 
 def option_problem(is_causal: Any, scale: Any, window: Any, softcap: Any) -> str | None:
