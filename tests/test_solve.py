@@ -241,3 +241,83 @@ def test_explain_reports_a_baked_tables_choice(runtime):
     assert f"selected: {exp.selected_kernel} (from the baked plan table" in text
     assert "the table's kernels, in order: " in text and exp.candidates
     assert exp.to_dict()["candidates"][0]["kernel_id"] == exp.selected_kernel
+
+
+@pytest.mark.parametrize(("operation", "shape", "call"), [
+    ("rope", {"batch_size": 2, "seq_len": 32, "num_heads": 4, "head_dim": 16},
+     lambda: lz.rope(torch.randn(2, 4, 32, 16), torch.randn(32, 16), torch.randn(32, 16))),
+    ("sample.greedy", {"batch_size": 8, "hidden_size": 100}, lambda: lz.sample(torch.randn(8, 100), 0.0)),
+])
+def test_a_solved_entry_is_the_one_its_real_call_looks_up(runtime, operation, shape, call):
+    """A shape's fields need not be what the call's context reads (rope counts rows as batch x heads x sequence):
+    the entry is keyed by the context the real call builds, so the call runs from the table."""
+    lz.solve({operation: [shape]}, dtype="float32").install()
+    call()
+    assert [p.locked_by for p in runtime.plans.data.values()] == ["baked plan table"]
+
+
+def test_a_broken_table_file_is_a_config_error(tmp_path):
+    cases = {"binary.json": b"\xff\xfe\x00{", "nested.json": b"[" * 200_000 + b"]" * 200_000,
+             "digits.json": b'{"format": ' + b"9" * 5000 + b"}"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(lz.ConfigError, match="plan table"):
+            lz.PlanTable.load(tmp_path / name)
+
+
+def test_entries_that_no_call_can_look_up_are_refused(tmp_path):
+    table = lz.solve({"rms_norm": [{"hidden_size": 64, "num_tokens": 8}]}, dtype="float32")
+    data = table.to_dict()
+    entry = data["entries"][0]
+    data["format"] = True  # True == 1
+    data["entries"] = [entry, dict(entry), {**entry, "dtype": "floatX"}, {**entry, "platform": "tpu"},
+                       {**entry, "bucket": "garbage"}, {**entry, "operation": "attention.causal.bogus"}]
+    with pytest.raises(lz.ConfigError) as info:
+        lz.PlanTable.from_dict(data)
+    text = str(info.value)
+    for said in ("format: must be 1, got True", "entries[1]: a second entry", "entries[2]: unknown dtype 'floatX'",
+                 "entries[3]: platform must be one of", "entries[4]: bucket 'garbage' is not a bucket",
+                 "entries[5]:"):
+        assert said in text, said
+
+
+def test_a_table_for_other_hardware_is_ignored_with_dynamic_even_naming_its_kernels(tmp_path, runtime):
+    table = lz.solve({"rms_norm": [{"hidden_size": 64, "num_tokens": 8}]}, dtype="float32")
+    data = table.to_dict()
+    data["environment"]["hardware"] = None  # accepted by the schema: no fingerprint recorded
+    assert lz.PlanTable.from_dict(data).mismatch() != []
+    data["environment"]["hardware"] = {"device_name": "NVIDIA H100 80GB HBM3", "platform": "cuda"}
+    data["entries"] = [{**e, "platform": "cuda", "kernels": ["liger_rms_norm_on_that_box"]} for e in data["entries"]]
+    foreign = lz.PlanTable.from_dict(data)
+    assert foreign.install(on_mismatch="dynamic") is False and runtime.baked is None
+    with pytest.raises(lz.errors.PlanMismatchError, match="this machine has no CUDA device"):
+        foreign.install()
+
+
+def test_a_table_entry_keeps_the_other_kernels_as_fallbacks(runtime):
+    """An entry ranking one kernel that raises: the other eligible kernels serve the call behind it, as behind a
+    lock (the first calls failed until the kernel's breaker opened)."""
+    def broken(x, weight, eps):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+    lz.register_kernel(lz.KernelSpec("custom_raising_rms", "rms_norm", "custom", broken, priority=1))
+    try:
+        table = lz.solve({"rms_norm": [{"hidden_size": 64, "num_tokens": 8}]}, dtype="float32")
+        table.entries = {k: ["custom_raising_rms"] for k in table.entries}
+        table.install()
+        x, w = torch.randn(8, 64), torch.rand(64) + 0.5
+        for _ in range(3):
+            torch.testing.assert_close(lz.rms_norm(x, w), torch.rms_norm(x, (64,), w, 1e-6))
+    finally:
+        runtime.kernels.unregister("custom_raising_rms")
+
+
+def test_warmup_errors_and_count_match_solve(runtime):
+    with pytest.raises(lz.NoKernelError):
+        lz.warmup("rms_norm", [{"hidden_size": 64, "num_tokens": 8, "dtype": torch.int64}], progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(lz.InvalidInputError, match="device cuda, which this machine does not have"):
+            lz.warmup("rms_norm", [{"hidden_size": 64, "num_tokens": 8, "dtype": "float32"}], device="cuda",
+                      progress=False)
+    with lz.lock("rms_norm", "torch_rms_norm_composed"):  # a scope's plans count too
+        assert lz.warmup("rms_norm", [{"hidden_size": 64, "num_tokens": 8, "dtype": "float32"}], progress=False) == 1

@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 
-from layerzero.context import SelectionContext
+from layerzero.context import SelectionContext, dtype_from_name
 from layerzero.errors import ConfigError, InvalidInputError, PlanMismatchError
 from layerzero.ops import canonical_operation, op_for
+from layerzero.ops.names import operation_problem
 from layerzero.registry import operation_matches
 from layerzero.runtime import Runtime, get_runtime
 
@@ -93,7 +94,7 @@ class PlanTable:
         errors: list[str] = []
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: a plan table must be a JSON object, got {type(data).__name__}")
-        if data.get("format") != FORMAT_VERSION:
+        if type(data.get("format")) is not int or data.get("format") != FORMAT_VERSION:  # True == 1 == 1.0
             errors.append(f"format: must be {FORMAT_VERSION}, got {data.get('format')!r}")
         env = data.get("environment")
         if not isinstance(env, Mapping):
@@ -123,6 +124,13 @@ class PlanTable:
             if not isinstance(kernels, list) or not kernels or not all(isinstance(k, str) for k in kernels):
                 errors.append(f"entries[{i}].kernels: must be a non-empty list of kernel ids")
                 continue
+            problem = _entry_problem(*fields)
+            if problem is not None:
+                errors.append(f"entries[{i}]: {problem}")
+                continue
+            if tuple(fields) in entries:
+                errors.append(f"entries[{i}]: a second entry for ({', '.join(fields)}); each key may appear once")
+                continue
             entries[tuple(fields)] = list(kernels)  # type: ignore[index]
         if errors:
             raise ConfigError(f"{source}: invalid plan table:\n  " + "\n  ".join(errors), errors=errors, source=source)
@@ -132,23 +140,28 @@ class PlanTable:
     def load(cls, path: str | Path) -> PlanTable:
         p = Path(path)
         try:
-            text = p.read_text()
+            text = p.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read plan table {p}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"plan table {p} is not UTF-8 text: {exc}") from None
         if len(text) > 64 * 2**20:
             raise ConfigError(f"plan table {p} is larger than 64 MiB")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"plan table {p} is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, an integer beyond Python's digit limit, nesting
+            raise ConfigError(f"plan table {p} is not valid JSON: {type(exc).__name__}: {exc}") from None
         return cls.from_dict(data, str(p))
 
     def mismatch(self, device: str | None = None) -> list[str]:
         """How this machine differs from the one the table was made for (empty: it matches)."""
         platform = next((p for (_, _, p, _) in self.entries), "cpu")
-        here = _environment(device or ("cuda" if platform == "cuda" and torch.cuda.is_available() else platform))
+        want = self.environment.get("hardware") or {}
+        if device is None and platform == "cuda" and not torch.cuda.is_available():
+            return [f"platform: table made for cuda ({want.get('device_name')!r}), this machine has no CUDA device"]
+        here = _environment(device or platform)
         out = []
-        want, have = self.environment.get("hardware", {}), here["hardware"]
+        have = here["hardware"]
         for k in ("platform", "device_name", "compute_capability", "driver_version", "cuda_version", "cpu_model"):
             if want.get(k) != have.get(k):
                 out.append(f"{k}: table made for {want.get(k)!r}, this machine has {have.get(k)!r}")
@@ -163,6 +176,32 @@ class PlanTable:
     def install(self, *, on_mismatch: str = "error", runtime: Runtime | None = None) -> bool:
         """Put the table in force; see :func:`install_plan_table`."""
         return install_plan_table(self, on_mismatch=on_mismatch, runtime=runtime)
+
+
+_PLATFORMS = ("cpu", "cuda", "mps", "xpu", "hip", "meta")
+
+
+def _entry_problem(operation: str, dtype: str, platform: str, bucket: str) -> str | None:
+    """Why an entry's key can never be looked up by a real call (an unknown operation, dtype or platform, a bucket
+    that is no bucket), or None."""
+    try:
+        if canonical_operation(operation) != operation:
+            return f"operation {operation!r} is not a canonical operation name ({canonical_operation(operation)!r})"
+    except Exception:
+        return f"unknown operation {operation!r}"
+    problem = operation_problem(operation, (s.operation for s in get_runtime().kernels))
+    if problem is not None:
+        return problem
+    if dtype != "-":
+        try:
+            dtype_from_name(dtype)
+        except ValueError:
+            return f"unknown dtype {dtype!r}"
+    if platform not in _PLATFORMS:
+        return f"platform must be one of {', '.join(_PLATFORMS)}, got {platform!r}"
+    if bucket != "-" and not all("=" in part for part in bucket.split(";")):
+        return f"bucket {bucket!r} is not a bucket (name=value;...)"
+    return None
 
 
 def _shape_fields(operation: str, shape: Mapping[str, Any], device: str | None, dtype: Any) -> dict[str, Any]:
@@ -196,6 +235,21 @@ def _contexts(operation: str, shapes: Iterable[ShapeSpec], device: str | None, d
     return out
 
 
+def call_context(operation: str, ctx: SelectionContext) -> SelectionContext:
+    """The context a real call of the shape ``ctx`` describes builds, which its table entry must be keyed by: a
+    shape's fields need not be the ones the call's context reads (a rope call counts rows as batch x heads x
+    sequence, a sample call its rows as tokens), so the call's inputs are made, on the meta device, and read.
+    The device, capability and mode flags stay ``ctx``'s."""
+    op = op_for(operation)
+    try:
+        real = op.context(operation, op.make_inputs(operation, ctx.replace(device="meta")))
+    except Exception:  # no meta form of this call: the shape as given
+        return ctx
+    return real.replace(device=ctx.device, compute_capability=ctx.compute_capability,
+                        requires_grad=ctx.requires_grad, deterministic=ctx.deterministic, compiling=ctx.compiling,
+                        cuda_graph_capturing=ctx.cuda_graph_capturing)
+
+
 def solve(plan: Mapping[str, Sequence[ShapeSpec]], *, device: str | None = None, dtype: Any = None,
           path: str | Path | None = None) -> PlanTable:
     """Bake selection for a fixed deployment.
@@ -217,10 +271,11 @@ def solve(plan: Mapping[str, Sequence[ShapeSpec]], *, device: str | None = None,
     for operation, shapes in plan.items():
         op_for(operation)
         operation = canonical_operation(operation)  # the name real calls look the table up by
-        for ctx in _contexts(operation, shapes, device, dtype):
-            if ctx.dtype is None:  # keyed under dtype "-", which no call looks up: the entry would never apply
+        for shape_ctx in _contexts(operation, shapes, device, dtype):
+            if shape_ctx.dtype is None:  # keyed under dtype "-", which no call looks up: the entry would never apply
                 raise InvalidInputError(f"solve(): a shape of {operation} has no dtype; pass dtype= (or the "
                                         f"shape's 'dtype') so that its entry applies to real calls")
+            ctx = call_context(operation, shape_ctx)
             sel = rt.select(operation, ctx)
             entries[table_key(operation, ctx)] = [k.kernel_id for k in sel.ranked]
             platforms.add(ctx.platform)
@@ -252,8 +307,9 @@ def install_plan_table(table: PlanTable | str | Path, *, on_mismatch: str = "err
     if not isinstance(table, PlanTable):
         table = PlanTable.load(table)
     rt = runtime or get_runtime()
-    _check_kernels(table, rt)
     problems = table.mismatch()
+    if not problems:
+        _check_kernels(table, rt)  # a table made here: every kernel it names must exist here
     if problems:
         msg = "baked plan table does not match this machine:\n  " + "\n  ".join(problems)
         if on_mismatch == "error":
@@ -313,13 +369,26 @@ def warmup(operation: str | Sequence[str], shapes: Sequence[ShapeSpec], *, devic
     try:
         for o, ctx in jobs:
             op = op_for(o)
-            args = op.make_inputs(o, ctx)
+            args = _warmup_inputs(rt, op, o, ctx)
             key = cache_key(o, args)
             rt.miss(op, o, key, args)
-            done += key is not None and key in rt.plans.data
+            done += key is not None and key in rt.visible_plans()
             if bar is not None:
                 bar.advance(task)
     finally:
         if bar is not None:
             bar.stop()
     return done
+
+
+def _warmup_inputs(rt: Runtime, op: Any, operation: str, ctx: SelectionContext) -> tuple[Any, ...]:
+    """Inputs of the call ``ctx`` describes, made on its device; what cannot run here raises as ``solve`` does
+    (``NoKernelError`` for a dtype no kernel takes), or ``InvalidInputError`` naming the shape."""
+    if ctx.platform == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"warmup(): {operation} on device cuda, which this machine does not have")
+    rt.select(operation, call_context(operation, ctx))
+    try:
+        return op.make_inputs(operation, ctx)  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise InvalidInputError(f"warmup(): cannot make inputs of {operation} for {ctx.to_dict()}: "
+                                f"{type(exc).__name__}: {exc}") from exc

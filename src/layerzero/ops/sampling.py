@@ -122,7 +122,7 @@ class SampleOp(OpDef):
 
     def make_inputs(self, operation: str, ctx: SelectionContext, generator: torch.Generator | None = None
                     ) -> tuple[Any, ...]:
-        logits = torch.randn(ctx.num_tokens or 4, ctx.hidden_size or 32000, device=ctx.device,
+        logits = torch.randn(ctx.num_tokens or ctx.batch_size or 4, ctx.hidden_size or 32000, device=ctx.device,
                              dtype=ctx.dtype or torch.float32, generator=generator) * 3
         temperature = 0.0 if operation == "sample.greedy" else 0.8
         top_k = 50 if operation in ("sample.top_k", "sample.top_p") else None

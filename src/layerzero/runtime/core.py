@@ -299,6 +299,10 @@ class Runtime:
             ranked.append(spec)
         if not ranked:
             return None
+        # the table's kernels first; every other eligible kernel stays a fallback behind them, as behind a lock
+        rest = self.engine.select(operation, ctx, policy=pol, raise_on_empty=False, use_measurements=False,
+                                  breaker_open=self.breakers.is_open if self.config.circuit_breaker_enabled else None)
+        ranked += [s for s in rest.ranked if all(s is not r for r in ranked)]
         return Selection(operation, ctx, tuple(ranked), (), "baked plan table", pol.digest)
 
     # -- plans -------------------------------------------------------------------
