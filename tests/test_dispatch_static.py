@@ -243,3 +243,45 @@ def test_calls_the_table_kernel_cannot_take_never_open_its_breaker():
     r = d.dispatch("attention.full", {"q": q, "k": k, "v": k})
     assert r.kernel_id == "torch_sdpa"
     torch.testing.assert_close(r.output, torch.nn.functional.scaled_dot_product_attention(q, k, k))
+
+
+@pytest.mark.parametrize(("operation", "inputs", "said"), [
+    ("rms_norm", {"x": torch.randn(4, 8), "weight": torch.ones(8), "eps": -1.0}, "eps must be a positive number"),
+    ("rms_norm", {"x": torch.randn(4, 8), "weight": torch.ones(8, dtype=torch.float64)}, "weight"),
+    ("rms_norm", {"x": torch.randn(4, 0), "weight": torch.ones(0)}, "non-empty last dimension"),
+    ("silu", {"x": torch.ones(4, 8, dtype=torch.int64)}, "silu"),
+])
+def test_static_dispatch_validates_as_every_other_path(operation: str, inputs: dict, said: str) -> None:
+    """The static table has no plan cache, so no miss ever validated: eps=-1, a float64 weight or an empty row
+    ran the kernel. The first call of each exact key validates now, cold and after valid calls, with
+    lz.*'s error."""
+    static = create_static_dispatcher(config=DispatchConfig(
+        mode=DispatchMode.STATIC, static_kernel_map={"rms_norm": "torch_rms_norm", "silu": "torch_silu"}))
+    for warm in (False, True):
+        if warm:
+            static.dispatch("rms_norm", {"x": torch.randn(4, 8), "weight": torch.ones(8)})
+            static.dispatch("silu", {"x": torch.randn(4, 8)})
+        with pytest.raises(InvalidInputError, match=said):
+            static.dispatch(operation, inputs)
+
+
+def test_a_static_kernel_declaring_limits_is_checked_on_every_call() -> None:
+    """A kernel declaring float16 only and sequences of at most 16: after a valid call the hot path (shape
+    relations only) served float32 and longer calls too; such a kernel is served by the full path, whose memo
+    checks its declared limits per exact key."""
+    from layerzero.errors import KernelNotSupportedError
+
+    seen = []
+
+    def fp16_attn(q, k, v, mask, is_causal, dropout_p, scale, window):  # type: ignore[no-untyped-def]
+        seen.append((q.dtype, q.shape[2]))
+        return flash_attn(q, k, v, mask, is_causal, dropout_p, scale, window)
+
+    spec = KernelSpec("fp16_attn", "attention", "custom", fp16_attn, dtypes={torch.float16}, max_seq_len=16)
+    static = StaticDispatcherBuilder().with_kernel(spec, operation="attention.causal", default=True).build()
+    q = torch.randn(1, 2, 8, 16, dtype=torch.float16)
+    static.dispatch("attention.causal", {"q": q, "k": q, "v": q})
+    for bad in (q.float(), torch.randn(1, 2, 64, 16, dtype=torch.float16)):
+        with pytest.raises(KernelNotSupportedError, match="fp16_attn"):
+            static.dispatch("attention.causal", {"q": bad, "k": bad, "v": bad})
+    assert seen == [(torch.float16, 8)]

@@ -199,7 +199,7 @@ class StaticDispatcher(Dispatcher):
         t4 = perf_ns() if t0 else 0
         if bshd:
             out = out.transpose(1, 2)
-        if hot is None and not start and plan.op.family == "attention":
+        if hot is None and not start and plan.op.family == "attention" and _hot_safe(plan.kernels[0]):
             self._remember(plan, operation, inputs, kwargs)
         return self._result(out, plan, ran, operation, _timing(t0, t1, t4, perf_ns() if t0 else 0), True)
 
@@ -219,7 +219,8 @@ class StaticDispatcher(Dispatcher):
             found = self._serving.get(key)
         except LOOKUP_ERRORS:
             key, found = None, None
-        if found is None:
+        if found is None:  # the first call of this exact key: validated, as a plan-cache miss is
+            plan.op.validate(operation, args)
             ctx = plan.op.context(operation, args)
             refusals = [(spec, spec.check(ctx)) for spec in plan.kernels]
             found = next((i for i, (_, reasons) in enumerate(refusals) if not reasons), None)
@@ -252,6 +253,24 @@ class StaticDispatcher(Dispatcher):
 
 
 compile_dispatch(StaticDispatcher, "static")
+
+_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+_SHAPE_LIMITS = ("head_dim_min", "head_dim_max", "head_dim_multiple", "max_seq_len", "max_batch_size",
+                 "max_hidden_size", "extra_check")
+
+
+def _hot_safe(spec: KernelSpec) -> bool:
+    """Whether calls may reach ``spec`` through the hot path, which checks the contract's shape relations only
+    (no key: no dtype, no validation, no declared limit): it takes every float dtype, and either declares itself
+    shape-free (it runs every shape its operation accepts, or raises) or declares no shape limit at all (a plain
+    callable). A kernel declaring limits (a dtype, a longest sequence) is served by the full path, whose memo
+    checks them per exact key."""
+    if spec.dtypes is not None and not _FLOATS <= spec.dtypes:
+        return False
+    return spec.shape_free or (all(getattr(spec, name) is None for name in _SHAPE_LIMITS)
+                               and spec.supports_gqa and spec.supports_mqa and not spec.head_dim_v_equal)
 
 
 def _timing(t0: int, t1: int, t4: int, t5: int) -> DispatchTiming:
