@@ -218,3 +218,69 @@ def test_inspection_calls_name_a_wrong_argument_type() -> None:
         lz.list_kernels(5)  # type: ignore[arg-type]
     with pytest.raises(lz.InvalidInputError, match="context must be a SelectionContext, got int"):
         lz.validate("torch_sdpa", 5)  # type: ignore[arg-type]
+
+
+def _packed() -> tuple[torch.Tensor, ...]:
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    return torch.randn(8, 2, 16), torch.randn(8, 2, 16), torch.randn(8, 2, 16), cu, cu, 5, 5
+
+
+def test_aliases_name_the_kernels_of_the_operation_they_stand_for() -> None:
+    """``attention.varlen`` / ``attention.paged`` (documented aliases) reached selection unresolved and matched
+    the dense attention kernels by prefix: which/explain_context/select/list_kernels named dense kernels."""
+    args = _packed()
+    assert lz.which("attention.varlen", *args, is_causal=True) == lz.which("attention_varlen", *args, is_causal=True)
+    assert {s.operation for s in lz.list_kernels("attention.paged")} == {"attention_paged"}
+    varlen = lz.explain(*args, operation="attention_varlen", is_causal=True).context
+    assert lz.select("attention.varlen", varlen).selected.operation == "attention_varlen"
+    assert lz.explain_context("attention.varlen", varlen).selected_kernel == \
+        lz.explain_context("attention_varlen", varlen).selected_kernel
+
+
+def test_explain_refuses_what_the_call_refuses_and_takes_what_it_takes(qkv: tuple[torch.Tensor, ...]) -> None:
+    q, k, v = qkv
+    for operation, said in (("attention.causl", "unknown operation 'attention.causl'"),
+                            ("rms_norm.foo", "unknown operation 'rms_norm.foo'")):
+        with pytest.raises(InvalidInputError, match=said):
+            lz.which(operation, q, k, v)
+    with pytest.raises(InvalidInputError, match="layout must be one of"):
+        lz.which("attention.full", q, k, v, layout="bshd")
+    with pytest.raises(InvalidInputError, match="positional inputs"):
+        lz.which("silu", q, q)
+    gqa_k = k[:, :2]
+    assert lz.which("attention.full", q, gqa_k, gqa_k.clone(), enable_gqa=True) == "torch_sdpa_gqa"
+    with pytest.raises(InvalidInputError, match="enable_gqa"):
+        lz.which("attention.full", q, gqa_k, gqa_k.clone(), enable_gqa=False)
+    with pytest.raises(InvalidInputError, match="enable_gqa"):
+        lz.attention(q, gqa_k, gqa_k.clone(), enable_gqa=False)
+
+
+def test_explain_reports_the_plan_a_call_will_run(runtime) -> None:
+    """A plan cached under grad mode keeps serving no-grad calls (the key does not carry grad): explain named a
+    fresh selection's kernel; it names the cached plan's, and says what selection would choose now. Inside a
+    policy scope the scope's own plans count as cached."""
+    def custom_silu(x):  # type: ignore[no-untyped-def]
+        return x * torch.sigmoid(x)
+
+    lz.register_kernel(lz.KernelSpec("custom_nograd_silu", "silu", "custom", custom_silu, priority=99,
+                                     supports_autograd=False))
+    try:
+        x = torch.randn(4, 8, requires_grad=True)
+        lz.silu(x)
+        with torch.no_grad():
+            exp = lz.explain(x, operation="silu")
+            assert exp.cached and exp.selected_kernel == "torch_silu"
+            assert any("selection now would choose custom_nograd_silu" in r for r in exp.rules_fired)
+    finally:
+        runtime.kernels.unregister("custom_nograd_silu")
+    y, w = torch.randn(4, 8), torch.rand(8) + 0.5
+    with lz.lock("rms_norm", "torch_rms_norm_composed"):
+        lz.rms_norm(y, w)
+        assert lz.explain(y, w, operation="rms_norm").cached
+
+
+def test_explain_names_samplings_operation_from_its_options() -> None:
+    logits = torch.randn(4, 50)
+    assert lz.which("sample", logits, temperature=0.0) == "torch_sample_greedy"
+    lz.sample(logits, temperature=0.0)
+    assert lz.explain(logits, operation="sample", temperature=0.0).cached

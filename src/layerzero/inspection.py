@@ -16,7 +16,10 @@ import torch
 
 from layerzero.context import SelectionContext
 from layerzero.errors import InvalidInputError, LayerZeroError, NoKernelError
-from layerzero.ops import op_for
+from layerzero.ops import canonical_operation, op_for
+from layerzero.ops.attention import gqa_refused, names_and_layout
+from layerzero.ops.names import operation_problem
+from layerzero.ops.sampling import sampling_operation
 from layerzero.runtime import get_runtime
 from layerzero.selection.engine import CandidateDecision, Selection, format_context
 from layerzero.spec import KernelSpec, Reason
@@ -88,18 +91,41 @@ class Explanation:
         return "\n".join(lines)
 
 
+def operation_name(operation: Any) -> str:
+    """``operation`` as the real call names it: an alias replaced (``attention.varlen`` -> ``attention_varlen``),
+    a name no kernel serves refused as the call refuses it (``attention.causl``)."""
+    if not isinstance(operation, str):
+        raise InvalidInputError(f"operation must be a string such as 'attention.causal', "
+                                f"got {type(operation).__name__}")
+    op_for(operation)
+    name = canonical_operation(operation)
+    problem = operation_problem(name, (s.operation for s in get_runtime().kernels))
+    if problem is not None:
+        raise InvalidInputError(problem)
+    return name
+
+
 def args_for(operation: str, tensors: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """Canonical kernel arguments for ``operation`` from positional tensors and keyword options."""
+    """Canonical kernel arguments for ``operation`` from positional tensors and keyword options, read as the
+    public call reads them (the layout and ``enable_gqa`` of attention checked as ``lz.attention`` checks them)."""
     op = op_for(operation)
     kw = dict(kwargs)
-    layout = kw.pop("layout", "BHSD")
+    if len(tensors) > len(op.arg_names):
+        raise InvalidInputError(f"{operation}: {len(tensors)} positional inputs, the call takes at most "
+                                f"{len(op.arg_names)} ({', '.join(op.arg_names)})")
     inputs = dict(zip(op.arg_names, tensors, strict=False))
-    if op.family == "attention" and layout == "BSHD":
-        inputs = {k: (v.transpose(1, 2) if isinstance(v, torch.Tensor) and k in ("q", "k", "v") else v)
-                  for k, v in inputs.items()}
+    if op.family == "attention":
+        layout, enable_gqa = kw.pop("layout", "BHSD"), kw.pop("enable_gqa", None)
+        q, k, v = (inputs.get(n) for n in ("q", "k", "v"))
+        operation, causal = names_and_layout(operation, kw.get("is_causal", False), layout, q, k, v)
+        if causal:
+            kw["is_causal"] = True
+        if layout == "BSHD":
+            inputs = {n: (t.transpose(1, 2) if isinstance(t, torch.Tensor) and n in ("q", "k", "v") else t)
+                      for n, t in inputs.items()}
+        if enable_gqa is not None and enable_gqa is not True:
+            gqa_refused(operation, enable_gqa, *(inputs.get(n) for n in ("q", "k", "v")))
     op.check_names(operation, inputs, kw)
-    if operation == "attention.causal":
-        kw["is_causal"] = True
     return op.args_from_inputs(operation, inputs, kw)
 
 
@@ -154,22 +180,30 @@ def explain(*tensors: Any, operation: str, **kwargs: Any) -> Explanation:
         >>> print(lz.explain(q, k, v, operation="attention.causal"))
         >>> lz.explain(x, w, operation="rms_norm").selected_kernel
     """
+    operation = operation_name(operation)
     args = args_for(operation, tensors, kwargs)
     op = op_for(operation)
+    if op.family == "sample" and operation == "sample":  # lz.sample names its operation from its options
+        operation = sampling_operation(*args[1:4])
     op.validate(operation, args)
     ctx = op.context(operation, args)
     rt = get_runtime()
     family, key = cache_keys(operation, args) or (None, None)
-    scope_plans = rt.current_policy() is not rt.policy.policy
-    data = rt.plans.data
-    cached = not scope_plans and ((key is not None and key in data) or (family is not None and family in data))
-    return _explanation(operation, ctx, cached, family)
+    data = rt.visible_plans()  # a policy scope's own plans inside one
+    plan = (data.get(family) if family is not None else None) or (data.get(key) if key is not None else None)
+    exp = _explanation(operation, ctx, plan is not None, family)
+    if plan is not None and plan.kernel_id != exp.selected_kernel:
+        # the call runs its cached plan, chosen when it was made (grad mode, a policy condition the key does not
+        # carry): say so, with what selection would choose now
+        exp.rules_fired = [f"the cached plan runs {plan.kernel_id} (selection now would choose "
+                           f"{exp.selected_kernel})", *exp.rules_fired]
+        exp.selected_kernel, exp.locked_by = plan.kernel_id, plan.locked_by
+    return exp
 
 
 def explain_context(operation: str, context: SelectionContext) -> Explanation:
     """Explain the decision for an explicit context (for example a CUDA context on a CPU machine)."""
-    op_for(operation)
-    return _explanation(operation, context, False)
+    return _explanation(operation_name(operation), context, False)
 
 
 def which(operation: str, *tensors: Any, **kwargs: Any) -> str:
@@ -190,7 +224,7 @@ def select(operation: str, context: SelectionContext) -> Selection:
     """Run selection for an explicit context: ``.selected``, ``.ranked``, ``.trace``, ``.rejections``."""
     if not isinstance(context, SelectionContext):
         raise InvalidInputError(f"select(): context must be a SelectionContext, got {type(context).__name__}")
-    return get_runtime().select(operation, context)
+    return get_runtime().select(operation_name(operation), context)
 
 
 def list_kernels(pattern: str = "*") -> list[KernelSpec]:
@@ -198,7 +232,7 @@ def list_kernels(pattern: str = "*") -> list[KernelSpec]:
     if not isinstance(pattern, str):
         raise InvalidInputError(f"list_kernels(): pattern must be a glob string such as 'attention*', got "
                                 f"{type(pattern).__name__} {pattern!r}")
-    return get_runtime().kernels.match(pattern)
+    return get_runtime().kernels.match(canonical_operation(pattern))
 
 
 def validate(kernel_id: str, context: SelectionContext) -> tuple[bool, list[Reason]]:
