@@ -62,6 +62,13 @@ def test_list_plain_word_matches_as_substring(capsys):
     assert "torch_rms_norm" not in stdout and "torch_sdpa_math" not in stdout
 
 
+def test_list_an_operation_name_lists_its_kernels_as_the_python_api(capsys):
+    for name in ("attention.causal", "sample.greedy", "attention.paged"):
+        assert main(["list", name, "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)["kernels"]
+        assert {r["kernel_id"] for r in rows} >= {s.kernel_id for s in lz.list_kernels(name)}, name
+
+
 def test_list_without_match_exits_1(capsys):
     assert main(["list", "no_such_kernel_xyz"]) == 1
     stdout, stderr = capsys.readouterr()
@@ -119,6 +126,12 @@ def test_explain_bad_shape_is_a_usage_error(runs):
     (["explain", "--op", "rms_norm", "--shape", "x=2,8", "--dtype", "float7"], "unknown dtype 'float7'"),
     (["explain", "--op", "rms_norm", "--shape", "x=2,8", "--device", "cuda", "--sm", "nine"],
      "expected a compute capability"),
+    # shapes lz.attention refuses are refused here too (they explained a kernel and exited 0)
+    (["explain", "--op", "attention.causal", "--shape", "q=1,8,16,64", "--shape", "k=1,8,16,32"],
+     "q and k head dims differ: 64 vs 32"),
+    (["explain", "--op", "attention.full", "--shape", "q=1,8,16,64", "--shape", "k=1,3,16,64"], "divisible"),
+    (["explain", "--op", "attention.full", "--shape", "q=1,8,16,64", "--mask", "bool", "--causal"], "mask"),
+    (["explain", "--op", "attention.full", "--shape", "q=1,8,16,64", "--shape", "k=2,8,16,64"], "batch sizes differ"),
 ])
 def test_explain_usage_errors_exit_2(args, message, capsys):
     assert main(args) == 2

@@ -159,6 +159,8 @@ def context_from_shapes(operation: str, shapes: dict[str, tuple[int, ...]], *, d
             sq = q_shape[1] if layout == "BSHD" else q_shape[2]
             sk = k_shape[1] if layout == "BSHD" else k_shape[2]
             mask_t = torch.empty((sq, sk), dtype=torch.bool if mask == "bool" else dt, device="meta")
+        _validate_attention(operation, [meta(s) for s in (q_shape, k_shape, v_shape)], mask_t,
+                            causal or operation == "attention.causal", dropout, layout, window)
         ctx = SelectionContext.from_attention(
             meta(q_shape), meta(k_shape), meta(v_shape), attn_mask=mask_t,
             is_causal=causal or operation == "attention.causal", dropout_p=dropout, layout=layout, window=window)
@@ -182,6 +184,20 @@ def context_from_shapes(operation: str, shapes: dict[str, tuple[int, ...]], *, d
     return ctx.replace(**changes)
 
 
+def _validate_attention(operation: str, qkv: list[torch.Tensor], mask: torch.Tensor | None, causal: bool,
+                        dropout: float, layout: str, window: int | None) -> None:
+    """The real call's validation of these shapes (meta tensors): what ``lz.attention`` refuses (head dims that
+    differ, heads that do not divide, a mask with causal) is a usage error here too."""
+    from layerzero.errors import InvalidInputError
+    from layerzero.ops import op_for
+
+    q, k, v = (t.transpose(1, 2) for t in qkv) if layout == "BSHD" else qkv
+    try:
+        op_for(operation).validate(operation, (q, k, v, mask, causal, dropout, None, window))
+    except InvalidInputError as exc:
+        raise click.BadParameter(str(exc).split(" (inputs:")[0], param_hint="--shape") from None
+
+
 def _usage(exc: Exception) -> click.UsageError:
     return click.UsageError(str(exc))
 
@@ -196,8 +212,15 @@ def list_command(pattern: str, as_json: bool) -> None:
     """
     from layerzero.doctor import kernel_rows
 
-    glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"  # a plain word matches as a substring
-    rows = kernel_rows(glob)
+    if any(c in pattern for c in "*?["):
+        rows = kernel_rows(pattern)
+    else:  # a plain word matches as a substring, and as an operation name (attention.causal: its kernels)
+        from layerzero.ops import canonical_operation
+
+        rows = kernel_rows(canonical_operation(pattern))
+        seen = {r["kernel_id"] for r in rows}
+        rows = sorted(rows + [r for r in kernel_rows(f"*{pattern}*") if r["kernel_id"] not in seen],
+                      key=lambda r: r["kernel_id"])
     if as_json:
         _json({"pattern": pattern, "kernels": rows})
     else:
