@@ -833,3 +833,19 @@ def test_a_plan_selected_before_an_invalidation_is_never_stored_after_it() -> No
     rt.invalidate("test")
     rt.plans.put("stale", plan, version=cache_version)
     assert "stale" not in rt.plans.data
+
+
+def test_a_lock_reapplied_without_undo_keeps_a_bounded_history() -> None:
+    """A server re-applying its process-wide lock at every request: each lock kept the one it replaced (to put
+    back on undo), for good. The history is capped at UNDO_DEPTH; undo within it still works."""
+    from layerzero.policy.state import UNDO_DEPTH
+
+    kernels = ("torch_rms_norm", "torch_rms_norm_composed")
+    changes = [lz.lock("rms_norm", kernels[i % 2]) for i in range(5 * UNDO_DEPTH)]
+    state = get_runtime().policy
+    assert len(state.api_rules) == 1 and len(state._held) <= UNDO_DEPTH
+    x, w = rows()
+    changes[-1].undo()
+    assert lz.which("rms_norm", x, w) == kernels[(5 * UNDO_DEPTH - 2) % 2]  # the one before comes back
+    lz.unlock("rms_norm")
+    assert state.api_rules == () and state._held == {}

@@ -347,3 +347,33 @@ def test_a_dispatcher_with_its_own_config_is_exported_beside_the_global_runtime(
     assert "dispatcher=" not in telemetry.metrics_text()
     with pytest.raises(ValueError, match="labels must tell"):
         telemetry.add_runtime(d.runtime, {})
+
+
+def test_churned_kernels_and_unbounded_operation_names_keep_telemetry_bounded(tel, runtime):
+    """A failing kernel churned through the registry left its fallback pairs and breaker transitions behind;
+    a custom operation's sub-names (``my.op.<tag>``) each made counters: both are bounded now, the totals kept."""
+    from layerzero.dispatch import dispatch
+    from layerzero.telemetry.core import MAX_OPERATIONS
+
+    def broken(x, approximate):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no")
+
+    x = torch.randn(2, 8)
+    for n in range(5):
+        lz.register_kernel(KernelSpec(f"custom_gone_gelu_{n}", "gelu", "custom", broken, priority=1000))
+        for _ in range(runtime.config.failure_threshold + 1):
+            lz.gelu(x)
+        get_global_kernel_registry().unregister(f"custom_gone_gelu_{n}")
+    assert not tel.fallback_pairs and not tel.breaker_transitions
+    assert tel.total_fallbacks == 5 * runtime.config.failure_threshold  # the totals keep them
+
+    def my_op(x):  # type: ignore[no-untyped-def]
+        return x + 1
+
+    lz.register_kernel(KernelSpec("user_tagged_op", "my.op", "custom", my_op))
+    try:
+        for i in range(MAX_OPERATIONS + 50):
+            dispatch(f"my.op.v{i}", {"x": x})
+        assert len(tel._kernel_ops["user_tagged_op"]) <= MAX_OPERATIONS + 1
+    finally:
+        get_global_kernel_registry().unregister("user_tagged_op")

@@ -13,7 +13,10 @@ from collections.abc import Callable
 from layerzero import forksafe
 from layerzero.policy.model import EMPTY_POLICY, Policy, Rule
 
-__all__ = ["PolicyState"]
+__all__ = ["PolicyState", "UNDO_DEPTH"]
+
+#: How many process-wide rules one rule keeps behind it, to put back when it is undone (newest first).
+UNDO_DEPTH = 16
 
 
 class PolicyState:
@@ -53,9 +56,31 @@ class PolicyState:
             if replaced:
                 self._api = [r for r in self._api if not _same_slot(r, rule)]
                 self._held[id(rule)] = list(replaced)
+                self._trim_history(rule)
             self._api.insert(0, rule)
             self._rebuild()
             return replaced
+
+    def _trim_history(self, rule: Rule) -> None:
+        """Keep at most :data:`UNDO_DEPTH` rules behind ``rule``: a lock re-applied without undo (a server setting
+        it at every request) would hold every earlier one for good."""
+        chain, at = [], rule
+        while True:
+            held = self._held.get(id(at))
+            if not held:
+                break
+            at = held[0][1]
+            chain.append(at)
+            if len(chain) >= UNDO_DEPTH:
+                self._drop(at)
+                break
+
+    def _drop(self, rule: Rule) -> None:
+        """Forget what ``rule`` replaced, and what those replaced, for good."""
+        todo = [rule]
+        while todo:
+            for _, r in self._held.pop(id(todo.pop()), []):
+                todo.append(r)
 
     def withdraw(self, rule: Rule) -> None:
         """Undo :meth:`add` of ``rule``: remove it and put back, at their places, the rules it replaced that are
@@ -82,7 +107,7 @@ class PolicyState:
             gone = [r for r in self._api if predicate(r)]
             self._api = [r for r in self._api if not predicate(r)]
             for r in gone:  # removed for good (``lz.unlock``): what they replaced does not come back either
-                self._held.pop(id(r), None)
+                self._drop(r)
             removed = before - len(self._api)
             if removed:
                 self._rebuild()

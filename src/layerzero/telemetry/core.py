@@ -74,6 +74,11 @@ class CacheStats:
         return self.hits / total if total else 0.0
 
 
+#: The operation names one kernel's counters keep apart (then ``OTHER``); selections keep four times as many.
+MAX_OPERATIONS = 256
+OTHER = "(other)"
+
+
 class Telemetry:
     """Counters shared by one runtime. Read through :meth:`snapshot` or the properties."""
 
@@ -94,17 +99,22 @@ class Telemetry:
         self.policy_changes = 0
         self.handoffs = 0  # kernel calls that handed the call on without failing (record_handoff)
         self._retired_calls = 0  # the calls of kernels forgotten since (forget_kernels): totals stay monotone
+        self._retired_fallbacks = 0
         self.errors: dict[str, int] = {}
         self._cache_size: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     def kernel(self, kernel_id: str, operation: str = "") -> KernelStats:
-        """The counters of ``kernel_id`` serving ``operation`` (created on first use)."""
+        """The counters of ``kernel_id`` serving ``operation`` (created on first use; past
+        :data:`MAX_OPERATIONS` operation names for one kernel, the rest count under ``OTHER``: a custom operation's
+        sub-names may be unbounded, ``my.op.<request tag>``)."""
         ops = self._kernel_ops.get(kernel_id)
         s = ops.get(operation) if ops is not None else None
         if s is None:
             with self._lock:
                 ops = self._kernel_ops.setdefault(kernel_id, {})
+                if operation not in ops and len(ops) >= MAX_OPERATIONS:
+                    operation = OTHER
                 s = ops.get(operation)
                 if s is None:
                     s = KernelStats(kernel_id, operation)
@@ -138,6 +148,8 @@ class Telemetry:
             return
         key = (operation, kernel_id)
         with self._lock:
+            if key not in self.selections and len(self.selections) >= MAX_OPERATIONS * 4:
+                key = (OTHER, kernel_id)
             self.selections[key] = self.selections.get(key, 0) + 1
         self._emit("selection", {"operation": operation, "kernel": kernel_id})
 
@@ -230,10 +242,13 @@ class Telemetry:
                 if ops:
                     self._retired_calls += sum(s.calls for s in ops.values())
             self.selections = {k: n for k, n in self.selections.items() if k[1] not in kernel_ids}
+            gone = [k for k in self.fallback_pairs if k[1] in kernel_ids or k[2] in kernel_ids]
+            self._retired_fallbacks += sum(self.fallback_pairs.pop(k) for k in gone)
+            self.breaker_transitions = {k: n for k, n in self.breaker_transitions.items() if k[0] not in kernel_ids}
 
     @property
     def total_fallbacks(self) -> int:
-        return sum(list(self.fallback_pairs.values()))
+        return sum(list(self.fallback_pairs.values())) + self._retired_fallbacks
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -272,7 +287,7 @@ class Telemetry:
             self.errors.clear()
             self.misses = self.cache_evictions = self.cache_invalidations = 0
             self.reloads = self.failed_reloads = self.tuning_runs = self.policy_changes = self.handoffs = 0
-            self._retired_calls = 0
+            self._retired_calls = self._retired_fallbacks = 0
 
     def snapshot(self) -> dict[str, Any]:
         cs = self.cache_stats
