@@ -21,6 +21,7 @@ from layerzero.ops.attention import gqa_refused, names_and_layout
 from layerzero.ops.names import operation_problem
 from layerzero.ops.sampling import sampling_operation
 from layerzero.runtime import get_runtime
+from layerzero.runtime.gates import guard_trips
 from layerzero.selection.engine import CandidateDecision, Selection, format_context
 from layerzero.spec import KernelSpec, Reason
 
@@ -191,14 +192,28 @@ def explain(*tensors: Any, operation: str, **kwargs: Any) -> Explanation:
     family, key = cache_keys(operation, args) or (None, None)
     data = rt.visible_plans()  # a policy scope's own plans inside one
     plan = (data.get(family) if family is not None else None) or (data.get(key) if key is not None else None)
+    if plan is not None:
+        first = plan.kernels[0]
+        if guard_trips(args, not first.supports_autograd, not first.cuda_graph_safe, not first.deterministic):
+            plan = None  # a flag the key does not carry sends this call past the plan, to a fresh selection
     exp = _explanation(operation, ctx, plan is not None, family)
-    if plan is not None and plan.kernel_id != exp.selected_kernel:
+    runs = _cached_kernel(rt, plan)
+    if runs is not None and runs != exp.selected_kernel:
         # the call runs its cached plan, chosen when it was made (grad mode, a policy condition the key does not
         # carry): say so, with what selection would choose now
-        exp.rules_fired = [f"the cached plan runs {plan.kernel_id} (selection now would choose "
+        exp.rules_fired = [f"the cached plan runs {runs} (selection now would choose "
                            f"{exp.selected_kernel})", *exp.rules_fired]
-        exp.selected_kernel, exp.locked_by = plan.kernel_id, plan.locked_by
+        exp.selected_kernel, exp.locked_by = runs, plan.locked_by  # type: ignore[union-attr]
     return exp
+
+
+def _cached_kernel(rt: Any, plan: Any) -> str | None:
+    """The kernel a cached plan runs: its first whose breaker lets calls through (None: no plan, or none does)."""
+    if plan is None:
+        return None
+    if not rt.config.circuit_breaker_enabled:
+        return plan.kernel_id  # type: ignore[no-any-return]
+    return next((k.kernel_id for k in plan.kernels if not rt.breakers.is_open(k.kernel_id)), None)
 
 
 def explain_context(operation: str, context: SelectionContext) -> Explanation:
