@@ -171,3 +171,16 @@ def test_explain_refuses_a_shape_past_torch_sizes_in_one_line(shape: str) -> Non
     from layerzero.cli import main
 
     assert main(["explain", "--op", "rms_norm", "--shape", shape]) == 2
+
+
+def test_explain_linear_cross_entropy_takes_the_lm_heads_weight(capsys):
+    """The vocabulary is the logits' width (the weight's rows): with one x= shape the CLI took the model's width
+    for it and named the naive kernel where the call runs the chunked one."""
+    args = ["explain", "--op", "linear_cross_entropy", "--shape", "x=4096,2048", "--shape", "weight=32000,2048",
+            "--dtype", "bfloat16", "--json"]
+    assert main(args) == 0
+    got = json.loads(capsys.readouterr().out)["selected_kernel"]
+    h, w = torch.empty(4096, 2048, dtype=torch.bfloat16), torch.empty(32000, 2048, dtype=torch.bfloat16)
+    assert got == lz.which("linear_cross_entropy", h, w, torch.zeros(4096, dtype=torch.long))
+    assert main(["explain", "--op", "linear_cross_entropy", "--shape", "x=8,64"]) == 2
+    assert "weight=V,H" in capsys.readouterr().err

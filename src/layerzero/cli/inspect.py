@@ -164,6 +164,8 @@ def context_from_shapes(operation: str, shapes: dict[str, tuple[int, ...]], *, d
         ctx = SelectionContext.from_attention(
             meta(q_shape), meta(k_shape), meta(v_shape), attn_mask=mask_t,
             is_causal=causal or operation == "attention.causal", dropout_p=dropout, layout=layout, window=window)
+    elif family == "linear_cross_entropy":  # the LM head's weight sets the vocabulary: the logits' width
+        ctx = _lce_context(operation, shapes, meta)
     else:
         if len(shapes) != 1:
             raise click.BadParameter(f"{operation} takes one input shape (x=D1,...,H); got {sorted(shapes) or 'none'}",
@@ -182,6 +184,27 @@ def context_from_shapes(operation: str, shapes: dict[str, tuple[int, ...]], *, d
     if dev.type == "cuda" and sm is not None:
         changes["compute_capability"] = sm  # else: looked up for the real device (a cpu has none)
     return ctx.replace(**changes)
+
+
+def _lce_context(operation: str, shapes: dict[str, tuple[int, ...]], meta: Any) -> Any:
+    """linear_cross_entropy's context from ``x=N,H`` (or ``hidden=``) and ``weight=V,H``, as the call builds it
+    (the vocabulary is the logits' width; the model's width the matmul's)."""
+    from layerzero.errors import InvalidInputError
+    from layerzero.ops import op_for
+
+    hidden = shapes.get("x") or shapes.get("hidden") or shapes.get("hidden_states")
+    weight = shapes.get("weight") or shapes.get("w")
+    if hidden is None or weight is None or len(shapes) != 2:
+        raise click.BadParameter(f"{operation} takes the shapes x=N,H and weight=V,H (the LM head's); got "
+                                 f"{sorted(shapes)}", param_hint="--shape")
+    h, w = meta(hidden), meta(weight)
+    args = (h, w, torch.empty(hidden[:1], dtype=torch.int64, device="meta"), None, -100, 0.0, "mean", None)
+    op = op_for(operation)
+    try:
+        op.validate(operation, args)
+    except InvalidInputError as exc:
+        raise click.BadParameter(str(exc).split(" (inputs:")[0], param_hint="--shape") from None
+    return op.context(operation, args)
 
 
 def _validate_attention(operation: str, qkv: list[torch.Tensor], mask: torch.Tensor | None, causal: bool,
