@@ -201,3 +201,18 @@ def test_the_names_module_lists_every_family() -> None:
     from layerzero.ops.names import FAMILIES
 
     assert FAMILIES == tuple(OPS)
+
+
+def test_dispatch_takes_sdpas_enable_gqa_as_lz_attention_does() -> None:
+    import pytest as _pytest
+
+    import layerzero as lz
+    from layerzero.dispatch import dispatch
+    from layerzero.errors import InvalidInputError
+
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+    want = lz.attention(q, k, k.clone(), enable_gqa=True)
+    got = dispatch("attention.full", {"q": q, "k": k, "v": k.clone()}, enable_gqa=True).output
+    torch.testing.assert_close(got, want)
+    with _pytest.raises(InvalidInputError, match="enable_gqa=False"):
+        dispatch("attention.full", {"q": q, "k": k, "v": k.clone(), "enable_gqa": False})

@@ -84,7 +84,7 @@ class AttentionOp(OpDef):
     family = "attention"
     arg_names = ("q", "k", "v", "attn_mask", "is_causal", "dropout_p", "scale", "window", "softcap", "sinks",
                  "alibi_slopes")
-    input_aliases = ("query", "key", "value", "mask", "layout")
+    input_aliases = ("query", "key", "value", "mask", "layout", "enable_gqa")
     grad_inputs = ("q", "k", "v")
 
     def validate(self, operation: str, args: tuple[Any, ...]) -> None:
@@ -226,6 +226,9 @@ class AttentionOp(OpDef):
             raise self.invalid(operation, f"is_causal=False contradicts the operation ({operation} is causal; "
                                           "'attention.full' is not)", (q, k, v))
         is_causal = is_causal or operation.endswith(".causal")
+        enable_gqa = merged.get("enable_gqa")
+        if enable_gqa is not None and enable_gqa is not True:  # SDPA's spelling, as lz.attention reads it
+            gqa_refused(operation, enable_gqa, q, k, v)
         args = (q, k, v, mask, is_causal, option_number(merged, "dropout_p", 0.0, operation), merged.get("scale"),
                 merged.get("window"))
         variants = (merged.get("softcap"), merged.get("sinks"), merged.get("alibi_slopes"))
