@@ -14,7 +14,8 @@ def torch_rms_norm(x, weight, eps):  # type: ignore[no-untyped-def]
 
 
 def _wide(x: torch.Tensor) -> torch.dtype:
-    # Half types are computed in float32 (as HF's LlamaRMSNorm does); float64 stays float64.
+    # Half types are computed in float32 and rounded once, after the weight (as torch.rms_norm; HF's LlamaRMSNorm
+    # rounds before the weight too, one bf16 step apart on a quarter of the elements); float64 stays float64.
     return torch.promote_types(x.dtype, torch.float32)
 
 
