@@ -288,6 +288,11 @@ ROWS: list[Row] = [
     Row("dtype-mask", "dtype", "int64 `attn_mask`", "InvalidInputError",
         "attention.full: attn_mask must be bool or torch.float32, got torch.int64 (inputs: …)",
         lambda tmp: attn(attn_mask=t(4, 4, dtype=torch.int64))),
+    Row("dtype-mask-float32", "dtype", "a float32 `attn_mask` for bfloat16 `q`/`k`/`v` (SDPA accepts it; every "
+        "kernel here takes q's dtype: cast the mask)", "InvalidInputError",
+        "attention.full: attn_mask must be bool or torch.bfloat16, got torch.float32 (inputs: …)",
+        lambda tmp: attn(q=t(1, 2, 4, 8, dtype=torch.bfloat16), k=t(1, 2, 4, 8, dtype=torch.bfloat16),
+                         v=t(1, 2, 4, 8, dtype=torch.bfloat16), attn_mask=t(4, 4))),
     Row("dtype-complex", "dtype", "complex64 `x` for `silu`", "InvalidInputError",
         "silu: x must be floating point, got torch.complex64 (inputs: …)",
         lambda tmp: lz.silu(t(3, 8, dtype=torch.complex64))),
