@@ -184,3 +184,11 @@ def test_explain_linear_cross_entropy_takes_the_lm_heads_weight(capsys):
     assert got == lz.which("linear_cross_entropy", h, w, torch.zeros(4096, dtype=torch.long))
     assert main(["explain", "--op", "linear_cross_entropy", "--shape", "x=8,64"]) == 2
     assert "weight=V,H" in capsys.readouterr().err
+
+
+def test_explain_rope_describes_the_call_as_lz_rope_does(capsys):
+    assert main(["explain", "--op", "rope", "--shape", "x=2,4,32,16", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["context"]
+    x = torch.empty(2, 4, 32, 16)
+    want = lz.explain(x, torch.empty(32, 16), torch.empty(32, 16), operation="rope").context
+    assert got["head_dim"] == want.head_dim == 16 and got["num_tokens"] == want.num_tokens

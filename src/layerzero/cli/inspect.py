@@ -175,8 +175,9 @@ def context_from_shapes(operation: str, shapes: dict[str, tuple[int, ...]], *, d
             raise click.BadParameter(f"{operation} takes a shape named one of {', '.join(_ROW_NAMES)}; got {name!r}",
                                      param_hint="--shape")
         extra: dict[str, Any] = {}
-        if family == "rope":
+        if family == "rope":  # as RopeOp.context reads the call: the head dim is x's last
             extra["interleaved"] = interleaved
+            extra["head_dim"] = shape[-1]
         if family == "gelu":
             extra["approximate"] = approximate
         ctx = SelectionContext.from_rows(meta(shape), requires_grad=False, **extra)
