@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["window_mask", "half_cos_sin", "alibi_bias", "softcapped", "masked_softmax", "holds_in_dtype", "valueless",
-           "unsaveable_inference"]
+           "unsaveable_inference", "differentiable_grads"]
 
 
 def valueless(t: object) -> bool:
@@ -32,6 +32,16 @@ def unsaveable_inference(args: tuple[object, ...]) -> list[int]:
     if not any(a.requires_grad for _, a in tensors):
         return []
     return [i for i, a in tensors if a.is_inference()]
+
+
+def differentiable_grads(out: torch.Tensor, inputs: tuple[torch.Tensor | None, ...], need: tuple[bool, ...],
+                         grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of ``out`` (with ``grad_out``) for the ``inputs`` that ``need`` marks, None for the others,
+    each with a graph of its own: what a hand-written backward returns under ``create_graph=True`` (a gradient
+    penalty, a Hessian-vector product) after recomputing ``out`` from plain PyTorch ops."""
+    wanted = [t for t, n in zip(inputs, need, strict=True) if n]
+    got = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+    return tuple(next(got) if n else None for n in need)
 
 
 def holds_in_dtype(bound: float, dtype: torch.dtype) -> bool:

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from layerzero.backends.first_order import first_order
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec
+from layerzero.tensor_helpers import differentiable_grads
 
 __all__ = ["register", "BACKENDS", "KERNEL_IDS", "LIGER_KERNEL_IDS", "liger_rms_norm", "liger_layer_norm",
            "liger_rope", "liger_swiglu", "liger_geglu", "liger_cross_entropy",
@@ -169,10 +170,7 @@ class _Gated(torch.autograd.Function):
         a, b = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain op (Liger's pass has no derivative)
             act = F.silu(a) if ctx.name == "swiglu" else F.gelu(a, approximate="tanh")
-            need = ctx.needs_input_grad[:2]
-            got = iter(torch.autograd.grad(act * b, [t for t, n in zip((a, b), need, strict=True) if n], grad,
-                                           create_graph=True))
-            return (next(got) if need[0] else None), (next(got) if need[1] else None), None
+            return (*differentiable_grads(act * b, (a, b), ctx.needs_input_grad[:2], grad), None)
         da, db = _gated_kernels(ctx.name)[1](a.clone(), b.clone(), grad.contiguous())
         return da, db, None
 

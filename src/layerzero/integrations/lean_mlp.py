@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import layerzero.ops as lz_ops
+from layerzero.tensor_helpers import differentiable_grads
 
 __all__ = ["LeanSwiGLUMLP", "lean_applies"]
 
@@ -76,9 +77,7 @@ def _twice_differentiable(need: tuple[bool, ...], dout: torch.Tensor, x: torch.T
     their gradients' own derivative would be missing. This differentiates the plain MLP instead (what autograd
     would have kept, for this backward only)."""
     out = F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
-    wanted = [t for t, n in zip((x, wg, wu, wd), need, strict=True) if n]
-    got = iter(torch.autograd.grad(out, wanted, dout, create_graph=True))
-    return tuple(next(got) if n else None for n in need)
+    return differentiable_grads(out, (x, wg, wu, wd), need, dout)
 
 
 def _plain_linear(m: nn.Module, dtype: torch.dtype) -> bool:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from layerzero.context import SelectionContext
 from layerzero.spec import Reason, ReasonCode
+from layerzero.tensor_helpers import differentiable_grads
 
 __all__ = ["torch_linear_cross_entropy_chunked", "torch_linear_cross_entropy_naive", "chunk_rows",
            "naive_logits_limit", "NAIVE_MAX_LOGITS"]
@@ -212,10 +213,7 @@ def _twice_differentiable(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     ignore_index, smoothing, softcap = ctx.opts
     loss = torch_linear_cross_entropy_naive(hidden, weight, target, bias, ignore_index, smoothing, ctx.reduction,
                                             softcap)
-    wanted = [t for t, n in zip((hidden, weight, bias), ctx.need, strict=True) if n]
-    got = iter(torch.autograd.grad(loss, wanted, grad_out, create_graph=True))
-    g_h, g_w, g_b = (next(got) if n else None for n in ctx.need)
-    return g_h, g_w, g_b, None, None, None, None
+    return (*differentiable_grads(loss, (hidden, weight, bias), ctx.need, grad_out), None, None, None, None)
 
 
 def torch_linear_cross_entropy_chunked(hidden, weight, target, bias, ignore_index, label_smoothing,  # type: ignore[no-untyped-def]
