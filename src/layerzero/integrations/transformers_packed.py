@@ -93,9 +93,7 @@ def _separates(mask: torch.Tensor, cu: torch.Tensor, length: int) -> bool:
         return True
     if mask.shape[0] == 1:
         row = torch.zeros_like(row)
-    seen = mask[row, 0, col, col - 1]
-    hidden = ~seen if seen.dtype == torch.bool else seen <= torch.finfo(seen.dtype).min / 2
-    return bool(hidden.all().item())
+    return not bool(_visible(mask[row, 0, col, col - 1]).any().item())
 
 
 def _padding_free(mask: torch.Tensor, length: int) -> bool:
@@ -103,9 +101,18 @@ def _padding_free(mask: torch.Tensor, length: int) -> bool:
     key from every query, itself included). transformers builds such a mask for a sliding-window layer of a
     packed row without keeping the sequences apart (its packed-sequence detection serves the full causal
     masks only); the flash path attends per sequence there, and so does layerzero. O(length) to read."""
-    diag = torch.diagonal(mask[:, 0, :length, :length], dim1=-2, dim2=-1)
-    visible = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
-    return bool(visible.all().item())
+    return bool(_self_visible(mask, length).all().item())
+
+
+def _visible(values: torch.Tensor) -> torch.Tensor:
+    """Where a mask's ``values`` let a query see a key: True in a bool mask, above half the dtype's lowest
+    value in an additive one."""
+    return values if values.dtype == torch.bool else values > torch.finfo(values.dtype).min / 2
+
+
+def _self_visible(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """``(rows or 1, length)``: whether each token sees itself (a padded one does not)."""
+    return _visible(torch.diagonal(mask[:, 0, :length, :length], dim1=-2, dim2=-1))
 
 
 def _no_padding_inside(mask: torch.Tensor, cu: torch.Tensor, rows: int, length: int) -> bool:
@@ -113,9 +120,7 @@ def _no_padding_inside(mask: torch.Tensor, cu: torch.Tensor, rows: int, length: 
     sequence: attention per sequence would let that token see it. Left padding with ``position_ids`` of
     ``mask.cumsum(-1) - 1`` (OPT's own, a common idiom) reads as pads -1, -1, -1 then 0, 1, ...: the last pad
     steps +1 into the first real token and joins its sequence. Padding after a sequence is never seen (causal)."""
-    diag = torch.diagonal(mask[:, 0, :length, :length], dim1=-2, dim2=-1)
-    visible = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
-    visible = visible.expand(rows, length).reshape(-1)
+    visible = _self_visible(mask, length).expand(rows, length).reshape(-1)
     start = torch.zeros(rows * length + 1, dtype=torch.bool, device=visible.device)
     start[cu.long().clamp(max=rows * length)] = True
     pad_then_real = ~visible[:-1] & ~start[1:-1] & visible[1:]
