@@ -190,36 +190,36 @@ def context_from_shapes(operation: str, shapes: dict[str, tuple[int, ...]], *, d
 def _lce_context(operation: str, shapes: dict[str, tuple[int, ...]], meta: Any) -> Any:
     """linear_cross_entropy's context from ``x=N,H`` (or ``hidden=``) and ``weight=V,H``, as the call builds it
     (the vocabulary is the logits' width; the model's width the matmul's)."""
-    from layerzero.errors import InvalidInputError
-    from layerzero.ops import op_for
-
     hidden = shapes.get("x") or shapes.get("hidden") or shapes.get("hidden_states")
     weight = shapes.get("weight") or shapes.get("w")
     if hidden is None or weight is None or len(shapes) != 2:
         raise click.BadParameter(f"{operation} takes the shapes x=N,H and weight=V,H (the LM head's); got "
                                  f"{sorted(shapes)}", param_hint="--shape")
-    h, w = meta(hidden), meta(weight)
-    args = (h, w, torch.empty(hidden[:1], dtype=torch.int64, device="meta"), None, -100, 0.0, "mean", None)
+    args = (meta(hidden), meta(weight), torch.empty(hidden[:1], dtype=torch.int64, device="meta"), None, -100,
+            0.0, "mean", None)
+    return _validated(operation, args).context(operation, args)
+
+
+def _validate_attention(operation: str, qkv: list[torch.Tensor], mask: torch.Tensor | None, causal: bool,
+                        dropout: float, layout: str, window: int | None) -> None:
+    """The real call's validation of these shapes: what ``lz.attention`` refuses (head dims that differ, heads
+    that do not divide, a mask with causal) is a usage error here too."""
+    q, k, v = (t.transpose(1, 2) for t in qkv) if layout == "BSHD" else qkv
+    _validated(operation, (q, k, v, mask, causal, dropout, None, window))
+
+
+def _validated(operation: str, args: tuple[Any, ...]) -> Any:
+    """``operation``'s op, once its validation passed ``args`` (meta tensors of the shapes given); what the real
+    call refuses is a usage error (exit 2), its message without the inputs' description."""
+    from layerzero.errors import InvalidInputError
+    from layerzero.ops import op_for
+
     op = op_for(operation)
     try:
         op.validate(operation, args)
     except InvalidInputError as exc:
         raise click.BadParameter(str(exc).split(" (inputs:")[0], param_hint="--shape") from None
-    return op.context(operation, args)
-
-
-def _validate_attention(operation: str, qkv: list[torch.Tensor], mask: torch.Tensor | None, causal: bool,
-                        dropout: float, layout: str, window: int | None) -> None:
-    """The real call's validation of these shapes (meta tensors): what ``lz.attention`` refuses (head dims that
-    differ, heads that do not divide, a mask with causal) is a usage error here too."""
-    from layerzero.errors import InvalidInputError
-    from layerzero.ops import op_for
-
-    q, k, v = (t.transpose(1, 2) for t in qkv) if layout == "BSHD" else qkv
-    try:
-        op_for(operation).validate(operation, (q, k, v, mask, causal, dropout, None, window))
-    except InvalidInputError as exc:
-        raise click.BadParameter(str(exc).split(" (inputs:")[0], param_hint="--shape") from None
+    return op
 
 
 def _usage(exc: Exception) -> click.UsageError:
