@@ -56,18 +56,15 @@ class LayerZeroCollector:
     """
 
     def __init__(self, runtime: Runtime | None = None, labels: Mapping[str, str] | None = None) -> None:
-        self._sources: list[tuple[Callable[[], Runtime | None], tuple[tuple[str, str], ...]]] = []
-        self.add(runtime, labels)
+        # the collector's own runtime is held (as before ``add``); an added one weakly
+        first: Callable[[], Runtime | None] = (lambda: runtime) if runtime is not None else _global_runtime
+        self._sources: list[tuple[Callable[[], Runtime | None], tuple[tuple[str, str], ...]]] = [
+            (first, _constant(labels))]
 
-    def add(self, runtime: Runtime | None, labels: Mapping[str, str] | None = None) -> None:
+    def add(self, runtime: Runtime, labels: Mapping[str, str] | None = None) -> None:
         """Read ``runtime`` too, its samples labelled with ``labels`` (held weakly: a dispatcher that goes away
         leaves the scrape)."""
-        const = tuple((str(k), str(v)) for k, v in sorted((labels or {}).items()))
-        if runtime is None:
-            self._sources.append((_global_runtime, const))
-        else:
-            ref = weakref.ref(runtime)
-            self._sources.append((ref, const))
+        self._sources.append((weakref.ref(runtime), _constant(labels)))
 
     def remove(self, runtime: Runtime) -> None:
         """Stop reading ``runtime``."""
@@ -92,6 +89,10 @@ class LayerZeroCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield from _render(self._families())
+
+
+def _constant(labels: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    return tuple((str(k), str(v)) for k, v in sorted((labels or {}).items()))
 
 
 def _render(fams: list[tuple[Family, tuple[tuple[str, str], ...]]]) -> list[Metric]:
