@@ -32,7 +32,6 @@ from layerzero.registry import (
     KernelRegistry,
     get_global_backend_registry,
     get_global_kernel_registry,
-    operation_matches,
 )
 from layerzero.runtime.breaker import BreakerBoard, CircuitBreaker, CircuitBreakerConfig, CircuitState
 from layerzero.runtime.config import DispatchConfig
@@ -280,29 +279,25 @@ class Runtime:
         """A selection straight from the baked plan table (no scoring), or None when it has no usable entry.
 
         Policy rules for the operation win over the table (the table is ignored for it)."""
-        if self.baked is None:
+        table = self.baked  # read once: another thread may uninstall it meanwhile
+        if table is None:
             return None
         pol = policy if policy is not None else self.current_policy()
         if pol.rules and pol.for_operation(operation):
             return None
-        ids = self.baked.lookup(operation, ctx)
+        ids = table.lookup(operation, ctx)
         if not ids:
             return None
-        ranked = []
-        for kid in ids:
-            spec = self.kernels.find(kid)
-            if spec is None or not operation_matches(spec.operation, operation) or \
-                    self.backends.unavailable_reason(spec.backend) is not None or spec.check(ctx):
-                continue
-            if self.config.circuit_breaker_enabled and self.breakers.is_open(kid):
-                continue
-            ranked.append(spec)
+        # what may run this call (available, within its declared constraints, breaker closed), unscored: the
+        # table's kernels first, every other one a fallback behind them, as behind a lock
+        eligible = self.engine.select(operation, ctx, policy=pol, raise_on_empty=False, use_measurements=False,
+                                      breaker_open=self.breakers.is_open if self.config.circuit_breaker_enabled
+                                      else None).ranked
+        by_id = {s.kernel_id: s for s in eligible}
+        ranked = [by_id[kid] for kid in ids if kid in by_id]
         if not ranked:
             return None
-        # the table's kernels first; every other eligible kernel stays a fallback behind them, as behind a lock
-        rest = self.engine.select(operation, ctx, policy=pol, raise_on_empty=False, use_measurements=False,
-                                  breaker_open=self.breakers.is_open if self.config.circuit_breaker_enabled else None)
-        ranked += [s for s in rest.ranked if all(s is not r for r in ranked)]
+        ranked += [s for s in eligible if s.kernel_id not in ids]
         return Selection(operation, ctx, tuple(ranked), (), "baked plan table", pol.digest)
 
     # -- plans -------------------------------------------------------------------
