@@ -184,11 +184,8 @@ _PLATFORMS = ("cpu", "cuda", "mps", "xpu", "hip", "meta")
 def _entry_problem(operation: str, dtype: str, platform: str, bucket: str) -> str | None:
     """Why an entry's key can never be looked up by a real call (an unknown operation, dtype or platform, a bucket
     that is no bucket), or None."""
-    try:
-        if canonical_operation(operation) != operation:
-            return f"operation {operation!r} is not a canonical operation name ({canonical_operation(operation)!r})"
-    except Exception:
-        return f"unknown operation {operation!r}"
+    if canonical_operation(operation) != operation:
+        return f"operation {operation!r} is not a canonical operation name ({canonical_operation(operation)!r})"
     problem = operation_problem(operation, (s.operation for s in get_runtime().kernels))
     if problem is not None:
         return problem
@@ -308,14 +305,13 @@ def install_plan_table(table: PlanTable | str | Path, *, on_mismatch: str = "err
         table = PlanTable.load(table)
     rt = runtime or get_runtime()
     problems = table.mismatch()
-    if not problems:
-        _check_kernels(table, rt)  # a table made here: every kernel it names must exist here
     if problems:
         msg = "baked plan table does not match this machine:\n  " + "\n  ".join(problems)
         if on_mismatch == "error":
             raise PlanMismatchError(msg + "\n(re-run lz.solve here, or install with on_mismatch='dynamic')")
         log.warning("%s; using dynamic selection instead", msg.replace("\n", " "))
         return False
+    _check_kernels(table, rt)  # a table made here: every kernel it names must exist here
     rt.baked = table
     rt.invalidate("baked plan table installed")
     return True
@@ -386,9 +382,9 @@ def _warmup_inputs(rt: Runtime, op: Any, operation: str, ctx: SelectionContext) 
     (``NoKernelError`` for a dtype no kernel takes), or ``InvalidInputError`` naming the shape."""
     if ctx.platform == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(f"warmup(): {operation} on device cuda, which this machine does not have")
-    rt.select(operation, call_context(operation, ctx))
     try:
         return op.make_inputs(operation, ctx)  # type: ignore[no-any-return]
     except Exception as exc:
+        rt.select(operation, call_context(operation, ctx))  # no kernel at all for it: NoKernelError, as solve's
         raise InvalidInputError(f"warmup(): cannot make inputs of {operation} for {ctx.to_dict()}: "
                                 f"{type(exc).__name__}: {exc}") from exc
