@@ -61,11 +61,9 @@ class Failure:
     invalid_output: bool = False
 
 
-def _meta(args: tuple[Any, ...]) -> bool:
+def _valueless(args: tuple[Any, ...]) -> bool:
     """Whether a tensor argument has shapes but no values (the meta device, a FakeTensor)."""
     return any(valueless(a) for a in args)
-
-
 
 
 class Executor:
@@ -101,11 +99,11 @@ class Executor:
         if inference:  # PyTorch refuses these too; the float64 reference, on copies, would not
             names = op.arg_names or ()
             shown = ", ".join(names[i] if i < len(names) else f"argument {i}" for i in inference)
+            what, it = ("is an inference tensor", "it") if len(inference) == 1 else ("are inference tensors", "them")
             raise InvalidInputError(
-                f"{plan.operation}: {shown} {'is an inference tensor' if len(inference) == 1 else 'are inference tensors'}"
-                f" (made under torch.inference_mode) and another argument requires grad: autograd cannot save "
-                f"{'it' if len(inference) == 1 else 'them'} for the backward (clone {'it' if len(inference) == 1 else 'them'}"
-                f" outside inference_mode, or run the call under torch.no_grad) (inputs: {op.describe(args)})") from exc
+                f"{plan.operation}: {shown} {what} (made under torch.inference_mode) and another argument requires "
+                f"grad: autograd cannot save {it} for the backward (clone {it} outside inference_mode, or run the "
+                f"call under torch.no_grad) (inputs: {op.describe(args)})") from exc
 
     def _oom(self, plan: ExecutionPlan, args: tuple[Any, ...], kid: str, exc: BaseException) -> OutOfMemoryError:
         return OutOfMemoryError(f"{plan.operation}: kernel {kid} ran out of memory; no kernel is blamed and no "
@@ -172,7 +170,7 @@ class Executor:
                 failures.append(Failure(kid, exc, breaker, problem is not None))
                 self._screen_during_run(plan, args, failures, exc, generator, state)
                 continue
-            if failures and _meta(args):  # shapes without values: a kernel that reads values is not at fault
+            if failures and _valueless(args):  # shapes without values: a kernel that reads values is not at fault
                 self._release(failures)
             else:
                 self._blame(plan, failures, kid)  # the inputs are shown valid: every kernel that failed on them is at fault
@@ -343,7 +341,7 @@ class Executor:
         """``(True, "")`` when the operation's float64 reference computes this call (its inputs are valid);
         ``(False, why)`` when it cannot (an operation without a reference gives no proof of validity either);
         ``(None, why)`` when it ran out of memory (no verdict)."""
-        if _meta(args):
+        if _valueless(args):
             return None, "meta tensors carry no values, so a kernel that needs them fails on valid shapes"
         try:
             plan.op.reference(plan.operation, args)
