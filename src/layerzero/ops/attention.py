@@ -34,7 +34,7 @@ import torch
 
 from layerzero.accel import attention_hit
 from layerzero.context import SelectionContext
-from layerzero.ops.base import (FLOAT_MAX, OpDef, default_generator, finite_number, kind, largest,
+from layerzero.ops.base import (FLOAT_MAX, GUARD_NAMES, OpDef, default_generator, finite_number, kind, largest,
                                 layout_problem, number_guard, option_flag, option_number, pick, shown,
                                 window_problem)
 from layerzero.ops.contract import CallContract
@@ -388,7 +388,7 @@ variants = () if softcap is None and sinks is None and alibi_slopes is None else
     result="out.transpose(1, 2) if bshd else out",
     namespace={"FLOAT_MAX": FLOAT_MAX, "OP_CAUSAL": _OP_CAUSAL, "OP_FULL": _OP_FULL, "names_and_layout": names_and_layout,
                "bhsd": _bhsd, "variant_key": variant_key,
-               "variants_admitted": variants_admitted, "gqa_refused": gqa_refused, "finite_number": finite_number},
+               "variants_admitted": variants_admitted, "gqa_refused": gqa_refused, **GUARD_NAMES},
     doc=_DOC,
     compiled=lambda runtime: attention_hit(runtime, LIVE, _OP_FULL, _OP_CAUSAL),
 )

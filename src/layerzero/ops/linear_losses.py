@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import GUARD_NAMES, OpDef, dense_guard, finite_number, largest, number_guard, pick, shown, tensor_problem
+from layerzero.ops.base import (GUARD_NAMES, OpDef, dense_guard, finite_number, largest, number_guard, pick, shown,
+                                tensor_problem)
 from layerzero.ops.contract import CallContract
 from layerzero.ops.losses import ignore_index_problem, target_range_problem
 from layerzero.runtime import get_runtime

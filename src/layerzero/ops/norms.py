@@ -13,7 +13,8 @@ import torch
 
 from layerzero.accel import norm_hit
 from layerzero.context import SelectionContext
-from layerzero.ops.base import GUARD_NAMES, OpDef, dense_guard, largest, layout_problem, number_guard, option_number, pick, shown
+from layerzero.ops.base import (GUARD_NAMES, OpDef, dense_guard, largest, layout_problem, number_guard, option_number,
+                                pick, shown)
 from layerzero.ops.contract import CallContract
 from layerzero.policy.scope import LIVE
 from layerzero.runtime import get_runtime

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from layerzero.context import SelectionContext
-from layerzero.ops.base import FLOAT_MAX, GUARD_NAMES, OpDef, dense_guard, default_generator, finite_number, layout_problem, option_number, pick, shown
+from layerzero.ops.base import (FLOAT_MAX, GUARD_NAMES, OpDef, default_generator, dense_guard, finite_number,
+                                layout_problem, option_number, pick, shown)
 from layerzero.ops.contract import CallContract
 from layerzero.runtime import get_runtime
 from layerzero.tensor_helpers import valueless

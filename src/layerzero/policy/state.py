@@ -64,16 +64,13 @@ class PolicyState:
     def _trim_history(self, rule: Rule) -> None:
         """Keep at most :data:`UNDO_DEPTH` rules behind ``rule``: a lock re-applied without undo (a server setting
         it at every request) would hold every earlier one for good."""
-        chain, at = [], rule
-        while True:
+        at = rule
+        for _ in range(UNDO_DEPTH):
             held = self._held.get(id(at))
             if not held:
-                break
+                return
             at = held[0][1]
-            chain.append(at)
-            if len(chain) >= UNDO_DEPTH:
-                self._drop(at)
-                break
+        self._drop(at)
 
     def _drop(self, rule: Rule) -> None:
         """Forget what ``rule`` replaced, and what those replaced, for good."""

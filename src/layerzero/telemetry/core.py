@@ -234,8 +234,8 @@ class Telemetry:
         return sum(s.calls for s in self.kernel_operations()) + self._retired_calls
 
     def forget_kernels(self, kernel_ids: set[str]) -> None:
-        """Drop the per-kernel counters and selection counts of ``kernel_ids`` (kernels no longer registered);
-        their calls still count in the totals."""
+        """Drop the per-kernel counters, selection counts, fallback pairs and breaker transitions of ``kernel_ids``
+        (kernels no longer registered); their calls and fallbacks still count in the totals."""
         with self._lock:
             for kid in kernel_ids:
                 ops = self._kernel_ops.pop(kid, None)
