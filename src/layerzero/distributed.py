@@ -41,7 +41,7 @@ import torch
 
 from layerzero import forksafe
 from layerzero.context import SelectionContext
-from layerzero.errors import LayerZeroError, SelectionDivergenceError
+from layerzero.errors import LayerZeroError, SelectionDivergenceError, first_line
 from layerzero.policy.model import Policy, Rule
 from layerzero.environment import env_flag
 from layerzero.runtime import Runtime, get_runtime
@@ -171,8 +171,7 @@ def _decide(rt: Runtime, operation: str, ctx: SelectionContext, policy: Policy |
             sel = rt.select(operation, ctx, policy=policy)
         return tuple(k.kernel_id for k in sel.ranked)
     except LayerZeroError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        return f"error: {type(exc).__name__}: {first}"
+        return f"error: {type(exc).__name__}: {first_line(exc)}"
 
 
 def _primary(decision: tuple[str, ...] | str) -> str:

@@ -40,7 +40,7 @@ import torch
 
 from layerzero import forksafe
 from layerzero.context import SelectionContext
-from layerzero.errors import KernelDeclinedError
+from layerzero.errors import KernelDeclinedError, first_line
 from layerzero.registry import BackendRegistry, KernelRegistry
 from layerzero.spec import KernelSpec, Reason, ReasonCode
 
@@ -375,7 +375,7 @@ def built(fn: Any, *args: Any) -> Any:
     except Exception as exc:  # an Inductor limitation: the eager builder computes the same tensors
         _builders[fn] = fn
         log.warning("block-mask builder %s runs eagerly: %s: %s", fn.__name__, type(exc).__name__,
-                    str(exc).splitlines()[0] if str(exc) else "")
+                    first_line(exc))
         return fn(*args)
 
 
